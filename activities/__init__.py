@@ -1,0 +1,1 @@
+"""One module per service; a service's activities are the methods of its class."""

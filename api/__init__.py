@@ -1,0 +1,1 @@
+"""The FastAPI app: routers per resource, JWT auth, OpenAPI at /docs."""

@@ -1,0 +1,49 @@
+"""The FastAPI application and its lifespan (one client, one pool, one HTTP client per process)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from fastapi import FastAPI
+from temporalio.client import Client
+
+from activities.devices import DeviceService
+from api.routers import devices, health, onboardings
+from api.state import AppState
+from fleetflow.db import create_pool, migrate
+from fleetflow.embedded_pg import database_url
+from fleetflow.settings import Settings
+from fleetflow.temporal import connect
+
+OUTBOUND_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+
+
+def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
+    """The API; pass a connected client to share one (tests), else it connects at start."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = temporal or await connect(settings)
+        pool = await create_pool(database_url(settings), size=settings.db_pool_size)
+        await migrate(pool)
+        async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
+            app.state.fleetflow = AppState(
+                settings=settings, temporal=client, pool=pool, http=http,
+                devices=DeviceService(pool, settings),
+            )  # fmt: skip
+            try:
+                yield
+            finally:
+                await pool.close()
+
+    app = FastAPI(
+        title="fleetflow",
+        version="0.1.0",
+        description="IoT device platform: every device operation is a durable Temporal workflow.",
+        lifespan=lifespan,
+    )
+    for router in (health.router, devices.router, onboardings.router):
+        app.include_router(router)
+    return app

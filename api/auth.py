@@ -1,0 +1,65 @@
+"""Bearer-token dependencies: operator tokens with scopes, and device credentials."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from api.state import AppState, get_state
+from fleetflow.contracts.common import Actor
+from fleetflow.security import (
+    AuthError,
+    DeviceClaims,
+    TokenClaims,
+    verify_device_credential,
+    verify_token,
+)
+
+_bearer = HTTPBearer(auto_error=False, description="an API token (fleetflow token issue)")
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+State = Annotated[AppState, Depends(get_state)]
+
+
+def _unauthorized(reason: str) -> HTTPException:
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=reason, headers={"WWW-Authenticate": "Bearer"})
+
+
+def _token_of(credentials: HTTPAuthorizationCredentials | None) -> str:
+    if credentials is None or not credentials.credentials:
+        raise _unauthorized("missing bearer token")
+    return credentials.credentials
+
+
+def require(scope: str) -> Callable[..., Awaitable[TokenClaims]]:
+    """Dependency: a valid API token holding scope (or admin); 401 or 403 otherwise."""
+
+    async def dependency(state: State, credentials: Bearer) -> TokenClaims:
+        try:
+            claims = verify_token(state.settings.secret(), _token_of(credentials), state.settings.jwt_issuer)
+        except AuthError as exc:
+            raise _unauthorized(str(exc)) from None
+        if scope not in claims.scopes and "admin" not in claims.scopes:
+            raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this needs the {scope!r} scope")
+        return claims
+
+    return dependency
+
+
+def actor_of(claims: TokenClaims) -> Actor:
+    """The identity that travels into workflows."""
+    return Actor(subject=claims.subject, tenant=claims.tenant, scopes=list(claims.scopes))
+
+
+async def require_device(state: State, credentials: Bearer) -> tuple[DeviceClaims, str]:
+    """Dependency: a device credential that is valid and not revoked (checked every request)."""
+    token = _token_of(credentials)
+    try:
+        claims = verify_device_credential(state.settings.secret(), token, state.settings.jwt_issuer)
+    except AuthError as exc:
+        raise _unauthorized(str(exc)) from None
+    if not await state.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token):
+        raise _unauthorized("credential revoked or unknown")
+    return claims, token

@@ -1,0 +1,35 @@
+"""What the API process holds open: one Temporal client, one pool, one HTTP client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import httpx
+from fastapi import Request
+from temporalio.client import Client
+
+from activities.devices import DeviceService
+from fleetflow.db import Pool
+from fleetflow.settings import Settings
+
+
+@dataclass
+class AppState:
+    """Resources shared by every request of the process."""
+
+    settings: Settings
+    temporal: Client
+    pool: Pool
+    http: httpx.AsyncClient
+    devices: DeviceService
+
+    def ui_url(self, workflow_id: str, run_id: str | None = None) -> str:
+        """The Temporal Web UI page of a workflow run."""
+        base = f"{self.settings.temporal_ui_url}/namespaces/{self.temporal.namespace}/workflows"
+        return f"{base}/{workflow_id}/{run_id}/history" if run_id else f"{base}/{workflow_id}"
+
+
+def get_state(request: Request) -> AppState:
+    """FastAPI dependency: the process's AppState."""
+    state: AppState = request.app.state.fleetflow
+    return state

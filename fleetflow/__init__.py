@@ -1,0 +1,1 @@
+"""fleetflow kernel: settings, contracts, database, security, observability, Temporal client."""

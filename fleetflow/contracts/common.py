@@ -1,0 +1,70 @@
+"""Contracts shared by every service: identifiers, task queues, actors and domain events."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
+DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
+
+TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
+DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+
+
+def is_device_id(value: str) -> bool:
+    """True when value is a well-formed device id."""
+    return re.fullmatch(DEVICE_ID_PATTERN, value) is not None
+
+
+class TaskQueue(StrEnum):
+    """Every task queue; a service is its queue, its worker processes and its schema."""
+
+    ORCHESTRATION = "orchestration"
+    DEVICE = "device"
+    DATA = "data"
+    ANALYTICS = "analytics"
+    NOTIFICATION = "notification"
+
+
+SERVICE_QUEUES: tuple[TaskQueue, ...] = (
+    TaskQueue.DEVICE,
+    TaskQueue.DATA,
+    TaskQueue.ANALYTICS,
+    TaskQueue.NOTIFICATION,
+)
+
+
+class Strict(BaseModel):
+    """Base of every contract: unknown fields are an error, not silently dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Actor(Strict):
+    """Who asked for an operation; travels into workflows for audit and checks."""
+
+    subject: str
+    tenant: TenantId
+    scopes: list[str] = Field(default_factory=list)
+
+    def can(self, scope: str) -> bool:
+        """True when the actor holds scope (or admin)."""
+        return scope in self.scopes or "admin" in self.scopes
+
+
+class DomainEvent(Strict):
+    """A fact the platform records durably and delivers to subscribers."""
+
+    event_id: str
+    tenant: TenantId
+    device_id: str | None = None
+    type: str
+    occurred_at: datetime
+    actor: str
+    source_workflow: str | None = None
+    data: dict[str, Any] = Field(default_factory=dict)

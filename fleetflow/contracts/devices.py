@@ -1,0 +1,332 @@
+"""Contracts of the device service and of onboarding (single and bulk)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field, StringConstraints, field_validator
+
+from fleetflow.contracts.common import Actor, DeviceId, Strict, TenantId
+
+MAX_METADATA_BYTES = 8192
+MAX_CONFIG_BYTES = 16384
+MAX_BULK_DEVICES = 10_000
+
+DeviceTypeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+FirmwareVersion = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
+Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:=/-]{1,64}$")]
+
+
+def _json_size(value: dict[str, Any]) -> int:
+    return len(json.dumps(value, separators=(",", ":")).encode())
+
+
+class DeviceStatus(StrEnum):
+    """Lifecycle: pending → provisioned → active → decommissioned (or failed)."""
+
+    PENDING = "pending"
+    PROVISIONED = "provisioned"
+    ACTIVE = "active"
+    DECOMMISSIONED = "decommissioned"
+    FAILED = "failed"
+
+
+class DeviceSpec(Strict):
+    """A device as an operator describes it for onboarding."""
+
+    device_id: DeviceId
+    device_type: DeviceTypeName
+    firmware_version: FirmwareVersion = "0.0.0"
+    tags: Annotated[list[Tag], Field(max_length=32)] = Field(default_factory=list)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    config: dict[str, Any] | None = None
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _json_size(value) > MAX_METADATA_BYTES:
+            raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
+        return value
+
+    @field_validator("config")
+    @classmethod
+    def _config_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _json_size(value) > MAX_CONFIG_BYTES:
+            raise ValueError(f"must be at most {MAX_CONFIG_BYTES} bytes as JSON")
+        return value
+
+
+class OnboardDeviceRequest(DeviceSpec):
+    """Body of `POST /v1/devices`."""
+
+    first_contact_timeout_s: Annotated[int, Field(ge=1, le=7 * 86400)] = 600
+    approval_timeout_s: Annotated[int, Field(ge=1, le=30 * 86400)] = 86400
+
+
+class DeviceTypeView(Strict):
+    """A device type: its configuration schema and whether onboarding needs approval."""
+
+    name: DeviceTypeName
+    config_schema: dict[str, Any]
+    default_config: dict[str, Any] = Field(default_factory=dict)
+    requires_approval: bool = False
+
+
+class OnboardingStep(StrEnum):
+    """The steps of the onboarding saga, in order."""
+
+    VALIDATE = "validate"
+    REGISTER = "register"
+    AWAIT_APPROVAL = "await_approval"
+    ISSUE_CREDENTIAL = "issue_credential"
+    STORE_CONFIG = "store_config"
+    AWAIT_FIRST_CONTACT = "await_first_contact"
+    ACTIVATE = "activate"
+    RECORD_EVENT = "record_event"
+
+
+class OnboardingInput(Strict):
+    """Input of the DeviceOnboarding workflow."""
+
+    tenant: TenantId
+    actor: Actor
+    request: OnboardDeviceRequest
+    request_hash: str
+
+
+class OnboardingProgress(Strict):
+    """The `progress` query of DeviceOnboarding."""
+
+    workflow_id: str
+    tenant: str
+    device_id: str
+    status: str
+    current_step: OnboardingStep | None
+    completed_steps: list[OnboardingStep]
+    compensations: list[str]
+    reason: str | None = None
+    decided_by: str | None = None
+    credential: str | None = None
+
+
+class OnboardingResult(Strict):
+    """Output of a DeviceOnboarding that completed."""
+
+    tenant: str
+    device_id: str
+    status: DeviceStatus
+    credential_jti: str
+
+
+class ApprovalDecision(Strict):
+    """Argument of the `approve` and `reject` updates."""
+
+    actor: Actor
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class FirstContact(Strict):
+    """Signal `first_contact`: the device called in with its new credential."""
+
+    jti: str
+    at: datetime
+    firmware_version: FirmwareVersion | None = None
+
+
+class ValidateOnboarding(Strict):
+    """Input of `device.validate_onboarding`."""
+
+    tenant: TenantId
+    spec: DeviceSpec
+
+
+class ValidatedOnboarding(Strict):
+    """The configuration to apply (type defaults merged) and whether approval is needed."""
+
+    config: dict[str, Any]
+    requires_approval: bool
+
+
+class RegisterDevice(Strict):
+    """Input of `device.register`."""
+
+    tenant: TenantId
+    spec: DeviceSpec
+    onboarding_id: str
+    actor: str
+
+
+class DeviceTransition(Strict):
+    """Input of the status-changing activities; only touches the given onboarding's device."""
+
+    tenant: TenantId
+    device_id: str
+    onboarding_id: str
+    actor: str
+    reason: str | None = None
+    firmware_version: FirmwareVersion | None = None
+
+
+class IssueCredential(Strict):
+    """Input of `device.issue_credential`; the same input gives the same credential."""
+
+    tenant: TenantId
+    device_id: str
+    onboarding_id: str
+    jti: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+class IssuedCredential(Strict):
+    """A credential, returned once to whoever onboards the device."""
+
+    jti: str
+    token: str
+    expires_at: datetime
+
+
+class RevokeCredential(Strict):
+    """Input of `device.revoke_credential`."""
+
+    tenant: TenantId
+    device_id: str
+    jti: str
+    reason: str
+
+
+class StoreConfig(Strict):
+    """Input of `device.store_config`."""
+
+    tenant: TenantId
+    device_id: str
+    onboarding_id: str
+    config: dict[str, Any]
+    actor: str
+
+
+class DeviceView(Strict):
+    """A device as the API shows it."""
+
+    tenant: str
+    device_id: str
+    device_type: str
+    firmware_version: str
+    tags: list[str]
+    metadata: dict[str, Any]
+    status: DeviceStatus
+    status_reason: str | None
+    onboarding_id: str
+    created_at: datetime
+    updated_at: datetime
+
+
+class DevicePage(Strict):
+    """One page of `GET /v1/devices`."""
+
+    items: list[DeviceView]
+    next_cursor: str | None
+
+
+class OnboardingAccepted(Strict):
+    """Answer of `POST /v1/devices` (202)."""
+
+    workflow_id: str
+    run_id: str | None
+    status_url: str
+    temporal_ui_url: str
+    existing: bool = False
+
+
+class ContactAccepted(Strict):
+    """Answer of `POST /v1/device-contact`."""
+
+    device_id: str
+    status: str
+
+
+# --- bulk onboarding ---------------------------------------------------------
+
+
+class BulkOnboardRequest(Strict):
+    """Body of `POST /v1/devices:bulk` (JSON form; CSV rows become the same)."""
+
+    devices: Annotated[list[DeviceSpec], Field(min_length=1, max_length=MAX_BULK_DEVICES)]
+
+
+class BulkOnboardingInput(Strict):
+    """Input of BulkOnboarding: a claim check on the stored device list, never the list."""
+
+    tenant: TenantId
+    actor: Actor
+    bulk_id: str
+    claim_id: str
+    total: int
+    chunk_size: Annotated[int, Field(ge=1, le=5000)] = 1000
+
+
+class BulkChunk(Strict):
+    """Input of `device.provision_batch`: rows [offset, offset+limit) of the claim."""
+
+    tenant: TenantId
+    bulk_id: str
+    claim_id: str
+    offset: int
+    limit: int
+    actor: str
+    issued_at: datetime
+    expires_at: datetime
+
+
+class DeviceFailure(Strict):
+    """A device of a bulk onboarding that did not make it, and why."""
+
+    index: int
+    device_id: str
+    reason: str
+
+
+class BulkChunkResult(Strict):
+    """What one batch did: the devices onboarded (with their credential jti) and the failures."""
+
+    onboarded: list[str]
+    failed: list[DeviceFailure]
+
+
+class DeviceBatch(Strict):
+    """Devices of one bulk onboarding, for batch compensation."""
+
+    tenant: TenantId
+    bulk_id: str
+    device_ids: list[str] | None = Field(
+        default=None, description="None: every device this bulk import registered"
+    )
+    reason: str
+    actor: str
+
+
+class BulkProgress(Strict):
+    """The `progress` query of BulkOnboarding."""
+
+    bulk_id: str
+    status: str
+    total: int
+    processed: int
+    onboarded: int
+    failed: int
+    failures: list[DeviceFailure]
+    reason: str | None = None
+
+
+class BulkAccepted(Strict):
+    """Answer of `POST /v1/devices:bulk` (202)."""
+
+    bulk_id: str
+    workflow_id: str
+    total: int
+    status_url: str
+    temporal_ui_url: str
+    existing: bool = False

@@ -1,0 +1,78 @@
+"""The one asyncpg pool of a process, and the idempotent schema migrations."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import asyncpg
+
+from fleetflow.errors import StartupError
+from fleetflow.migrations import MIGRATIONS
+from fleetflow.settings import redact_dsn
+
+Pool = asyncpg.Pool[asyncpg.Record]
+
+# any constant shared by every process: serialises concurrent migrators
+_MIGRATION_LOCK = 7_001_337
+
+
+async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
+
+
+async def create_pool(dsn: str, *, size: int = 10, timeout: float = 10.0) -> Pool:
+    """Open the process's pool; StartupError (without the password) when unreachable."""
+    try:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=size,
+            timeout=timeout,
+            init=_init_connection,
+            command_timeout=60,
+        )
+    except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:
+        reason = str(exc) or type(exc).__name__
+        raise StartupError(f"cannot reach PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
+
+
+async def migrate(pool: Pool) -> list[str]:
+    """Apply pending migrations (one schema per service); safe to call from many processes."""
+    applied: list[str] = []
+    async with pool.acquire() as conn:
+        await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+        try:
+            await conn.execute(
+                """CREATE SCHEMA IF NOT EXISTS fleetflow;
+                CREATE TABLE IF NOT EXISTS fleetflow.schema_migrations (
+                    name text PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            done = {r["name"] for r in await conn.fetch("SELECT name FROM fleetflow.schema_migrations")}
+            for name, sql in MIGRATIONS:
+                if name in done:
+                    continue
+                async with conn.transaction():
+                    await conn.execute(sql)
+                    await conn.execute("INSERT INTO fleetflow.schema_migrations(name) VALUES ($1)", name)
+                applied.append(name)
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+async def ping(pool: Pool) -> str | None:
+    """None when the database answers, else the reason it does not."""
+    try:
+        async with asyncio.timeout(3):
+            await pool.fetchval("SELECT 1")
+        return None
+    except Exception as exc:  # any failure is the answer here
+        return f"{type(exc).__name__}: {exc}"
+
+
+def record_to_dict(record: asyncpg.Record | None) -> dict[str, Any] | None:
+    """A row as a plain dict (None stays None)."""
+    return None if record is None else dict(record.items())

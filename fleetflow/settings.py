@@ -1,0 +1,125 @@
+"""Process settings, read from environment variables and validated at start.
+
+Every setting has a documented default so `fleetflow up` works on a fresh machine;
+the README's configuration table mirrors `ENVIRONMENT`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Annotated
+from urllib.parse import urlsplit, urlunsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fleetflow.errors import StartupError
+
+# env var -> (settings field, default shown in docs)
+ENVIRONMENT: dict[str, tuple[str, str]] = {
+    "FLEETFLOW_DATA_DIR": ("data_dir", ".fleetflow"),
+    "DATABASE_URL": ("database_url", "embedded PostgreSQL in $FLEETFLOW_DATA_DIR/postgres"),
+    "TEMPORAL_ADDRESS": ("temporal_address", "127.0.0.1:7233"),
+    "TEMPORAL_NAMESPACE": ("temporal_namespace", "default"),
+    "TEMPORAL_UI_URL": ("temporal_ui_url", "http://127.0.0.1:8233"),
+    "FLEETFLOW_API_HOST": ("api_host", "127.0.0.1"),
+    "FLEETFLOW_API_PORT": ("api_port", "8000"),
+    "FLEETFLOW_PUBLIC_URL": ("public_url", "http://{api_host}:{api_port}"),
+    "FLEETFLOW_JWT_SECRET": ("jwt_secret", "random, kept in $FLEETFLOW_DATA_DIR/jwt-secret"),
+    "FLEETFLOW_JWT_ISSUER": ("jwt_issuer", "fleetflow"),
+    "FLEETFLOW_DB_POOL_SIZE": ("db_pool_size", "10"),
+    "FLEETFLOW_LOG_LEVEL": ("log_level", "INFO"),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("otlp_endpoint", "unset: tracing export off"),
+}
+
+_ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+class Settings(BaseModel):
+    """Validated settings of one fleetflow process."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data_dir: Path = Path(".fleetflow")
+    database_url: str | None = None
+    temporal_address: str = "127.0.0.1:7233"
+    temporal_namespace: str = "default"
+    temporal_ui_url: str = "http://127.0.0.1:8233"
+    api_host: str = "127.0.0.1"
+    api_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    public_url: str | None = None
+    jwt_secret: Annotated[str, Field(min_length=32)] | None = None
+    jwt_issuer: str = "fleetflow"
+    db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
+    log_level: str = "INFO"
+    otlp_endpoint: str | None = None
+
+    @field_validator("temporal_address")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        if not _ADDRESS.match(value):
+            raise ValueError("must be host:port")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _dsn(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("postgres", "postgresql"):
+            raise ValueError("must be a postgresql:// URL")
+        return value or None
+
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+            raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
+        return value.upper()
+
+    @property
+    def api_url(self) -> str:
+        """Where clients reach the API."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
+        return f"http://{host}:{self.api_port}"
+
+    def secret(self) -> str:
+        """The JWT signing secret; generated once into the data directory when unset."""
+        if self.jwt_secret:
+            return self.jwt_secret
+        path = self.data_dir / "jwt-secret"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(secrets.token_urlsafe(48))
+            tmp.chmod(0o600)
+            try:
+                os.link(tmp, path)  # first writer wins when processes race
+            except FileExistsError:
+                pass
+            tmp.unlink()
+        return path.read_text().strip()
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    """Read settings from the environment; raise StartupError naming the bad variable."""
+    source = os.environ if env is None else env
+    values = {field: source[name] for name, (field, _) in ENVIRONMENT.items() if source.get(name)}
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        names = {field: name for name, (field, _) in ENVIRONMENT.items()}
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else "?"
+        raise StartupError(f"{names.get(field, field)}: {first['msg']}") from None
+
+
+def redact_dsn(dsn: str) -> str:
+    """A DSN safe to print: the password replaced by ***."""
+    parts = urlsplit(dsn)
+    if parts.password is None:
+        return dsn
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))

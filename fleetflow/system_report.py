@@ -1,0 +1,90 @@
+"""Run the SystemCheck workflow and combine it with what Temporal says of each queue."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.taskqueue.v1 import TaskQueue as TaskQueueRef
+from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
+from temporalio.client import Client
+
+from fleetflow.contracts.common import SERVICE_QUEUES, TaskQueue
+from fleetflow.contracts.system import (
+    ServiceProbe,
+    ServiceStatus,
+    SystemCheckRequest,
+    SystemCheckResult,
+    SystemReport,
+)
+
+
+async def pollers(client: Client, queue: str, *, workflows: bool = False) -> int:
+    """How many workers poll queue (activity pollers, or workflow pollers)."""
+    kind = TaskQueueType.TASK_QUEUE_TYPE_WORKFLOW if workflows else TaskQueueType.TASK_QUEUE_TYPE_ACTIVITY
+    response = await client.workflow_service.describe_task_queue(
+        DescribeTaskQueueRequest(
+            namespace=client.namespace, task_queue=TaskQueueRef(name=queue), task_queue_type=kind
+        )
+    )
+    return len(response.pollers)
+
+
+async def _pollers_or_none(client: Client, queue: TaskQueue) -> int | None:
+    try:
+        return await pollers(client, queue.value, workflows=queue is TaskQueue.ORCHESTRATION)
+    except Exception:  # reported as unknown, the check goes on
+        return None
+
+
+async def run_system_check(client: Client, request: SystemCheckRequest | None = None) -> SystemReport:
+    """Probe every service through Temporal; a missing service is named, never waited for."""
+    request = request or SystemCheckRequest()
+    checked_at = datetime.now(UTC)
+    try:
+        await asyncio.wait_for(client.service_client.check_health(), 3)
+        temporal_error = None
+    except Exception as exc:  # any failure is the answer
+        temporal_error = f"{type(exc).__name__}: {exc}"
+    queues = (TaskQueue.ORCHESTRATION, *SERVICE_QUEUES)
+    counts = await asyncio.gather(*(_pollers_or_none(client, q) for q in queues))
+    by_queue = dict(zip(queues, counts, strict=True))
+
+    orchestration = ServiceProbe(service=TaskQueue.ORCHESTRATION.value, answered=False)
+    probes = [ServiceProbe(service=q.value, answered=False, error="not checked") for q in SERVICE_QUEUES]
+    if by_queue[TaskQueue.ORCHESTRATION] == 0:
+        orchestration.error = "no worker polls the orchestration queue"
+        for probe in probes:
+            probe.error = "not checked: no orchestration worker to run the check"
+    elif temporal_error is None:
+        started = asyncio.get_running_loop().time()
+        try:
+            result: SystemCheckResult = await client.execute_workflow(
+                "SystemCheck", request, id=f"system-check-{uuid.uuid4()}",
+                task_queue=TaskQueue.ORCHESTRATION.value, result_type=SystemCheckResult,
+                execution_timeout=timedelta(seconds=request.timeout_s + 5),
+                rpc_timeout=timedelta(seconds=request.timeout_s + 10),
+            )  # fmt: skip
+            probes = result.services
+            latency = (asyncio.get_running_loop().time() - started) * 1000
+            orchestration = ServiceProbe(
+                service=TaskQueue.ORCHESTRATION.value, answered=True, latency_ms=round(latency, 1)
+            )
+        except Exception as exc:  # the workflow never ran: no orchestration worker
+            orchestration.error = f"no answer: {type(exc).__name__}: {exc}"
+            for probe in probes:
+                probe.error = "not checked: the orchestration worker did not run the check"
+    services = [
+        ServiceStatus(**p.model_dump(), pollers=by_queue[TaskQueue(p.service)])
+        for p in (orchestration, *probes)
+    ]
+    database_ok = all(s.database_ok for s in services if s.database_ok is not None) and any(
+        s.database_ok is not None for s in services
+    )
+    ok = temporal_error is None and all(s.answered and s.database_ok is not False for s in services)
+    return SystemReport(
+        ok=ok, checked_at=checked_at, temporal_ok=temporal_error is None,
+        temporal_error=temporal_error, database_ok=database_ok, services=services,
+    )  # fmt: skip

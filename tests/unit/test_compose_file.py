@@ -1,0 +1,277 @@
+"""Checks on docker-compose.temporal.yml, the production-shaped stack.
+
+PyYAML is not a dependency, so the file is never parsed here directly: docker-compose
+itself validates and normalises it. The structural checks read the normalised
+configuration as JSON, from `docker-compose config --format json` (Compose v2) or,
+with the Python Compose v1 (Debian's `docker-compose` 1.29), by handing the
+`config` output to the YAML loader of docker-compose's own interpreter. Without
+either, the structural checks are skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO / "docker-compose.temporal.yml"
+TIMEOUT_S = 60
+
+WORKER_QUEUES = ("orchestration", "device", "data", "analytics", "notification")
+SEARCH_ATTRIBUTES = ("DeviceId", "TenantId", "Operation")
+APP_ENV = {
+    "DATABASE_URL": "postgresql://fleetflow:fleetflow@postgresql:5432/fleetflow",
+    "TEMPORAL_ADDRESS": "temporal:7233",
+    "TEMPORAL_NAMESPACE": "default",
+    "TEMPORAL_UI_URL": "http://localhost:8080",
+}
+TEST_JWT_SECRET = "compose-file-test-secret-0123456789abcdef"
+
+# `temporalio/<name>:<tag>` or `postgres:<tag>`, optionally with a digest.
+_IMAGE = re.compile(
+    r"^(?:docker\.io/)?(?:library/)?(?P<repo>temporalio/[a-z0-9._-]+|postgres)"
+    r":(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(?:@sha256:[0-9a-f]{64})?$"
+)
+
+_JSON_FROM_YAML = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
+
+
+def _docker_compose() -> str:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip(
+            "the docker-compose command is not installed "
+            "(e.g. `apt-get install docker-compose`); cannot validate the compose file"
+        )
+    return exe
+
+
+def _run_config(exe: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, FLEETFLOW_JWT_SECRET=TEST_JWT_SECRET)
+    return subprocess.run(
+        [exe, "-f", str(COMPOSE_FILE), "config", *extra],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+
+
+def _python_shebang(exe: str) -> list[str] | None:
+    """The interpreter command of a Python `docker-compose` script, if it is one."""
+    try:
+        with open(exe, "rb") as fh:
+            first = fh.readline(512).decode("utf-8", "replace").strip()
+    except OSError:
+        return None
+    if not first.startswith("#!") or "python" not in first:
+        return None
+    return shlex.split(first[2:])
+
+
+def _normalised_config() -> dict[str, Any]:
+    """The compose file as docker-compose normalises it, as a JSON object."""
+    exe = _docker_compose()
+    as_json = _run_config(exe, "--format", "json")
+    if as_json.returncode == 0:
+        try:
+            loaded: Any = json.loads(as_json.stdout)
+        except json.JSONDecodeError:
+            loaded = None
+        if isinstance(loaded, dict):
+            return loaded
+
+    # Compose v1 has no `--format json`: let its own YAML loader do the parsing.
+    interpreter = _python_shebang(exe)
+    if interpreter is None:
+        pytest.skip("`docker-compose config --format json` is not supported by this docker-compose")
+    as_yaml = _run_config(exe)
+    assert as_yaml.returncode == 0, as_yaml.stderr
+    converted = subprocess.run(
+        [*interpreter, "-c", _JSON_FROM_YAML],
+        input=as_yaml.stdout,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    if converted.returncode != 0:
+        pytest.skip(
+            "`docker-compose config --format json` is not supported and docker-compose's "
+            f"interpreter cannot load YAML: {converted.stderr.strip()[-300:]}"
+        )
+    result: Any = json.loads(converted.stdout)
+    assert isinstance(result, dict), "docker-compose config did not yield a mapping"
+    return result
+
+
+def _command(service: dict[str, Any]) -> list[str]:
+    command = service.get("command")
+    if isinstance(command, str):
+        return shlex.split(command)
+    if isinstance(command, list):
+        return [str(part) for part in command]
+    return []
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        pairs = (str(item).partition("=") for item in env)
+        return {key: value for key, _, value in pairs}
+    return {str(key): "" if value is None else str(value) for key, value in env.items()}
+
+
+def _published_ports(service: dict[str, Any]) -> list[str]:
+    published: list[str] = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            if port.get("published") not in (None, "", 0, "0"):
+                published.append(str(port["published"]))
+        elif ":" in str(port):
+            published.append(str(port))
+    return published
+
+
+def _problems(config: dict[str, Any]) -> list[str]:
+    """Everything wrong with a normalised compose configuration (empty when fine)."""
+    problems: list[str] = []
+    services: dict[str, Any] = config.get("services") or {}
+
+    for name, service in sorted(services.items()):
+        image = service.get("image")
+        if image is None:
+            if "build" not in service:
+                problems.append(f"{name}: neither image nor build")
+            continue
+        match = _IMAGE.match(str(image))
+        if match is None:
+            problems.append(f"{name}: image {image!r} is not temporalio/* or postgres with a tag")
+        elif match["tag"] == "latest":
+            problems.append(f"{name}: image {image!r} uses the moving 'latest' tag")
+
+    for queue in WORKER_QUEUES:
+        name = f"worker-{queue}"
+        worker = services.get(name)
+        if worker is None:
+            problems.append(f"{name}: missing")
+            continue
+        expected = ["fleetflow", "worker", "--queue", queue]
+        if _command(worker) != expected:
+            problems.append(f"{name}: command {_command(worker)} != {expected}")
+        if "build" not in worker:
+            problems.append(f"{name}: not built from the project's Dockerfile")
+        if "container_name" in worker:
+            problems.append(f"{name}: container_name prevents --scale")
+        if _published_ports(worker):
+            problems.append(f"{name}: publishes host ports {_published_ports(worker)}")
+
+    api = services.get("api")
+    if api is None:
+        problems.append("api: missing")
+    else:
+        if _command(api) != ["fleetflow", "api"]:
+            problems.append(f"api: command {_command(api)} != ['fleetflow', 'api']")
+        if "8000" not in _published_ports(api) and not any(
+            p.endswith(":8000") or p.startswith("8000:") for p in _published_ports(api)
+        ):
+            problems.append("api: port 8000 is not published")
+        if _environment(api).get("FLEETFLOW_API_HOST") != "0.0.0.0":
+            problems.append("api: FLEETFLOW_API_HOST is not 0.0.0.0")
+
+    for name in ["api", *(f"worker-{queue}" for queue in WORKER_QUEUES)]:
+        if name not in services:
+            continue
+        env = _environment(services[name])
+        for key, value in APP_ENV.items():
+            if env.get(key) != value:
+                problems.append(f"{name}: {key}={env.get(key)!r}, expected {value!r}")
+        if env.get("FLEETFLOW_JWT_SECRET") != TEST_JWT_SECRET:
+            problems.append(f"{name}: FLEETFLOW_JWT_SECRET is not taken from the environment")
+
+    images = {name: str(service.get("image", "")) for name, service in services.items()}
+    if not any(image.startswith("postgres:") for image in images.values()):
+        problems.append("no postgres service")
+    if not any(image.startswith("temporalio/ui:") for image in images.values()):
+        problems.append("no temporalio/ui service")
+    registrars = [
+        " ".join(_command(services[name]) + [str(part) for part in _as_list(services[name])])
+        for name, image in images.items()
+        if image.startswith("temporalio/admin-tools:")
+    ]
+    for attribute in SEARCH_ATTRIBUTES:
+        if not any("search-attribute create" in script and attribute in script for script in registrars):
+            problems.append(f"no admin-tools service registers search attribute {attribute}")
+    return problems
+
+
+def _as_list(service: dict[str, Any]) -> list[Any]:
+    entrypoint = service.get("entrypoint")
+    if isinstance(entrypoint, list):
+        return entrypoint
+    return [] if entrypoint is None else [entrypoint]
+
+
+def test_compose_config_validates() -> None:
+    exe = _docker_compose()
+    result = _run_config(exe, "--quiet")
+    assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+
+
+def test_compose_config_requires_jwt_secret() -> None:
+    exe = _docker_compose()
+    env = {k: v for k, v in os.environ.items() if k != "FLEETFLOW_JWT_SECRET"}
+    result = subprocess.run(
+        [exe, "-f", str(COMPOSE_FILE), "config", "--quiet"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        check=False,
+    )
+    assert result.returncode != 0
+    assert "FLEETFLOW_JWT_SECRET" in result.stderr
+
+
+def test_compose_services_are_well_formed() -> None:
+    problems = _problems(_normalised_config())
+    assert problems == [], "\n".join(problems)
+
+
+def test_problem_detection_catches_broken_files() -> None:
+    """The structural checks do fail on a broken configuration."""
+    config = _normalised_config()
+    broken = copy.deepcopy(config)
+    services = broken["services"]
+    services["worker-data"]["container_name"] = "fleetflow-worker-data"
+    services["worker-data"]["ports"] = [{"published": 9000, "target": 9000}]
+    services["worker-device"]["command"] = ["fleetflow", "worker", "--queue", "data"]
+    del services["worker-analytics"]
+    temporal_images = [
+        name
+        for name, service in services.items()
+        if str(service.get("image", "")).startswith("temporalio/server")
+    ]
+    assert temporal_images, "expected a temporalio/server service"
+    services[temporal_images[0]]["image"] = "temporalio/server:latest"
+    services["postgresql"]["image"] = "postgres"
+
+    problems = "\n".join(_problems(broken))
+    assert "worker-data: container_name" in problems
+    assert "worker-data: publishes host ports" in problems
+    assert "worker-device: command" in problems
+    assert "worker-analytics: missing" in problems
+    assert "'latest'" in problems
+    assert "postgresql: image 'postgres' is not" in problems

@@ -1,0 +1,160 @@
+"""The `fleetflow` command line: up, api, worker, check, migrate, token, devices."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import timedelta
+from typing import Any, NoReturn
+
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.errors import StartupError
+from fleetflow.settings import Settings, load_settings
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line, with exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _duration(text: str) -> timedelta:
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    try:
+        return timedelta(seconds=float(text[:-1]) * units[text[-1]])
+    except (KeyError, ValueError, IndexError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a duration like 30m, 1h or 7d") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _positive(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError("must be a port number (1-65535)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full command line."""
+    parser = _Parser(prog="fleetflow", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    up = commands.add_parser("up", help="run the whole platform on this machine")
+    up.add_argument("--workers", type=_positive, default=1, help="worker processes per queue")
+    up.add_argument("--data-dir", help="data directory (FLEETFLOW_DATA_DIR)")
+    up.add_argument("--api-port", type=_port, help="API port (FLEETFLOW_API_PORT)")
+    up.add_argument("--temporal-port", type=_port, default=7233, help="Temporal gRPC port")
+    up.add_argument("--ui-port", type=_port, default=8233, help="Temporal Web UI port")
+    up.add_argument(
+        "--external-temporal", action="store_true",
+        help="use TEMPORAL_ADDRESS instead of starting the dev server",
+    )  # fmt: skip
+
+    api = commands.add_parser("api", help="run the HTTP API")
+    api.add_argument("--host", help="bind address (FLEETFLOW_API_HOST)")
+    api.add_argument("--port", type=_port, help="port (FLEETFLOW_API_PORT)")
+
+    worker = commands.add_parser("worker", help="run workers for one task queue")
+    worker.add_argument("--queue", required=True, choices=[q.value for q in TaskQueue])
+    worker.add_argument("--processes", type=_positive, default=1, help="worker processes")
+
+    check = commands.add_parser("check", help="run the system check")
+    check.add_argument("--timeout", type=float, default=5.0, help="seconds per service")
+
+    commands.add_parser("migrate", help="apply database migrations")
+
+    token = commands.add_parser("token", help="API tokens")
+    token_cmd = token.add_subparsers(dest="token_command", required=True, parser_class=_Parser)
+    issue = token_cmd.add_parser("issue", help="issue an API token")
+    issue.add_argument("--tenant", required=True)
+    issue.add_argument("--scopes", required=True, help="comma-separated, e.g. devices:read,admin")
+    issue.add_argument("--subject", default="operator")
+    issue.add_argument("--ttl", type=_duration, default=timedelta(hours=1))
+
+    devices = commands.add_parser("devices", help="device operations")
+    devices_cmd = devices.add_subparsers(dest="devices_command", required=True, parser_class=_Parser)
+    imp = devices_cmd.add_parser("import", help="bulk-onboard devices from a CSV file")
+    imp.add_argument("file", help="CSV with device_id,device_type[,firmware_version,tags,config]")
+    imp.add_argument("--token", help="API token (default: FLEETFLOW_TOKEN or the dev admin token)")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings()
+    update: dict[str, Any] = {}
+    if getattr(args, "data_dir", None):
+        update["data_dir"] = args.data_dir
+    if getattr(args, "api_port", None):
+        update["api_port"] = args.api_port
+    if getattr(args, "port", None):
+        update["api_port"] = args.port
+    if getattr(args, "host", None):
+        update["api_host"] = args.host
+    return Settings.model_validate({**settings.model_dump(), **update}) if update else settings
+
+
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the chosen command; returns its exit status."""
+    settings = _settings(args)
+    command: str = args.command
+    if command == "up":
+        from workers.devstack import UpOptions, up
+
+        return up(
+            settings,
+            UpOptions(args.workers, args.temporal_port, args.ui_port, args.external_temporal),
+        )
+    if command == "api":
+        from api.server import serve
+
+        return _run(serve(settings))
+    if command == "worker":
+        from workers.commands import run_workers
+
+        return run_workers(settings, TaskQueue(args.queue), args.processes)
+    handlers: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {}
+    from workers import commands
+
+    handlers = {
+        "check": lambda: commands.check(settings, args.timeout),
+        "migrate": lambda: commands.migrate_database(settings),
+        "token": lambda: commands.issue_token_command(settings, args),
+        "devices": lambda: commands.import_devices(settings, args),
+    }
+    return _run(handlers[command]())
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Entry point; ends with os._exit so the Temporal runtime cannot abort at exit."""
+    args = build_parser().parse_args(argv)
+    try:
+        code = dispatch(args)
+    except StartupError as exc:
+        print(f"fleetflow: {exc}", file=sys.stderr)
+        code = 2
+    except KeyboardInterrupt:
+        code = 130
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

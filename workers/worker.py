@@ -1,0 +1,57 @@
+"""One worker process for one task queue."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from datetime import timedelta
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from fleetflow import observability
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.db import Pool, create_pool, migrate
+from fleetflow.embedded_pg import database_url
+from fleetflow.settings import Settings
+from fleetflow.temporal import connect
+from workers.registry import WORKFLOWS, activities_for
+
+log = logging.getLogger(__name__)
+
+
+def build_worker(client: Client, queue: TaskQueue, pool: Pool | None, settings: Settings) -> Worker:
+    """A worker for queue: workflows on `orchestration`, the owning service's activities elsewhere."""
+    if queue is TaskQueue.ORCHESTRATION:
+        return Worker(
+            client, task_queue=queue.value, workflows=list(WORKFLOWS),
+            graceful_shutdown_timeout=timedelta(seconds=5),
+        )  # fmt: skip
+    assert pool is not None
+    return Worker(
+        client, task_queue=queue.value, activities=activities_for(queue, pool, settings),
+        max_concurrent_activities=max(4, settings.db_pool_size * 2),
+        graceful_shutdown_timeout=timedelta(seconds=10),
+    )  # fmt: skip
+
+
+async def run_worker(queue: TaskQueue, settings: Settings) -> None:
+    """Poll queue until SIGINT/SIGTERM, then finish in-flight work and close."""
+    observability.setup(f"fleetflow-worker-{queue.value}", settings.log_level)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    client = await connect(settings)
+    pool = None
+    if queue is not TaskQueue.ORCHESTRATION:
+        pool = await create_pool(database_url(settings), size=settings.db_pool_size)
+        await migrate(pool)
+    try:
+        async with build_worker(client, queue, pool, settings):
+            log.info("worker for %s started", queue.value)
+            await stop.wait()
+    finally:
+        if pool is not None:
+            await pool.close()

@@ -1,0 +1,271 @@
+"""DeviceOnboarding: the onboarding saga of one device (id `onboard-{tenant}-{device_id}`).
+
+validate → register → [approval] → issue credential → store configuration →
+wait for first contact → activate → record `DeviceOnboarded`. Any failure,
+rejection, timeout or cancellation undoes what was done, in reverse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ActivityError, ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from fleetflow.contracts.common import DomainEvent, TaskQueue
+    from fleetflow.contracts.devices import (
+        ApprovalDecision,
+        DeviceStatus,
+        DeviceTransition,
+        FirstContact,
+        IssueCredential,
+        IssuedCredential,
+        OnboardingInput,
+        OnboardingProgress,
+        OnboardingResult,
+        OnboardingStep,
+        RegisterDevice,
+        RevokeCredential,
+        StoreConfig,
+        ValidatedOnboarding,
+        ValidateOnboarding,
+    )
+    from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvent
+    from workflows.options import (
+        COMPENSATION_START_TO_CLOSE,
+        STEP_RETRY,
+        STEP_SCHEDULE_TO_CLOSE,
+        STEP_START_TO_CLOSE,
+    )
+    from workflows.saga import COMPENSATION_RETRY, Saga
+
+CREDENTIAL_LIFETIME = timedelta(days=365)
+APPROVE_SCOPE = "devices:approve"
+
+
+class OnboardingAborted(Exception):
+    """Ends the forward path with a reason a user can read."""
+
+
+def onboarding_id(tenant: str, device_id: str) -> str:
+    """The business id of a device's onboarding workflow."""
+    return f"onboard-{tenant}-{device_id}"
+
+
+@workflow.defn
+class DeviceOnboarding:
+    """The onboarding saga; query `progress`, updates `approve`/`reject`, signal `first_contact`."""
+
+    def __init__(self) -> None:
+        self._tenant = ""
+        self._device_id = ""
+        self._status = "running"
+        self._step: OnboardingStep | None = None
+        self._completed: list[OnboardingStep] = []
+        self._saga = Saga()
+        self._reason: str | None = None
+        self._approved: bool | None = None
+        self._decided_by: str | None = None
+        self._contact: FirstContact | None = None
+        self._credential: IssuedCredential | None = None
+
+    @workflow.run
+    async def run(self, inp: OnboardingInput) -> OnboardingResult:
+        """Run the saga; fails with a clear reason after compensating."""
+        self._tenant, self._device_id = inp.tenant, inp.request.device_id
+        try:
+            return await self._forward(inp)
+        except asyncio.CancelledError:
+            await self._compensate("cancelled", "onboarding cancelled by an operator", inp)
+            raise
+        except (ActivityError, ApplicationError, OnboardingAborted, TimeoutError) as exc:
+            reason = self._reason_of(exc)
+            await self._compensate("failed", reason, inp)
+            raise ApplicationError(reason, type="OnboardingFailed", non_retryable=True) from None
+
+    async def _forward(self, inp: OnboardingInput) -> OnboardingResult:
+        req, actor = inp.request, inp.actor.subject
+        wid = workflow.info().workflow_id
+        change = DeviceTransition(tenant=inp.tenant, device_id=req.device_id, onboarding_id=wid, actor=actor)
+
+        validated = await self._run_step(
+            OnboardingStep.VALIDATE, "device.validate_onboarding",
+            ValidateOnboarding(tenant=inp.tenant, spec=req), ValidatedOnboarding,
+        )  # fmt: skip
+
+        self._saga.add(
+            "mark_registration_failed",
+            lambda: self._undo("device.mark_failed", change.model_copy(update={"reason": self._reason})),
+        )
+        await self._run_step(
+            OnboardingStep.REGISTER, "device.register",
+            RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=wid, actor=actor),
+        )  # fmt: skip
+
+        if validated.requires_approval:
+            self._begin(OnboardingStep.AWAIT_APPROVAL, "awaiting_approval")
+            await self._wait(lambda: self._approved is not None, req.approval_timeout_s, "approval")
+            if not self._approved:
+                raise OnboardingAborted(
+                    f"rejected by {self._decided_by}: {self._reason or 'no reason given'}"
+                )
+            self._finish(OnboardingStep.AWAIT_APPROVAL)
+
+        issued = workflow.now()
+        jti = str(workflow.uuid4())
+        revoke = RevokeCredential(
+            tenant=inp.tenant, device_id=req.device_id, jti=jti, reason="onboarding undone"
+        )
+        self._saga.add("revoke_credential", lambda: self._undo("device.revoke_credential", revoke))
+        self._credential = await self._run_step(
+            OnboardingStep.ISSUE_CREDENTIAL, "device.issue_credential",
+            IssueCredential(tenant=inp.tenant, device_id=req.device_id, onboarding_id=wid, jti=jti,
+                            issued_at=issued, expires_at=issued + CREDENTIAL_LIFETIME),
+            IssuedCredential,
+        )  # fmt: skip
+
+        self._saga.add("remove_config", lambda: self._undo("device.remove_config", change))
+        await self._run_step(
+            OnboardingStep.STORE_CONFIG, "device.store_config",
+            StoreConfig(tenant=inp.tenant, device_id=req.device_id, onboarding_id=wid,
+                        config=validated.config, actor=actor),
+        )  # fmt: skip
+
+        self._begin(OnboardingStep.AWAIT_FIRST_CONTACT, "awaiting_first_contact")
+        await self._wait(lambda: self._contact is not None, req.first_contact_timeout_s, "first contact")
+        self._finish(OnboardingStep.AWAIT_FIRST_CONTACT)
+        contact = self._contact
+        assert contact is not None
+
+        await self._run_step(
+            OnboardingStep.ACTIVATE, "device.activate",
+            change.model_copy(update={"firmware_version": contact.firmware_version}),
+        )  # fmt: skip
+
+        event = DomainEvent(
+            event_id=f"{wid}/{workflow.info().run_id}/{DEVICE_ONBOARDED}",
+            tenant=inp.tenant, device_id=req.device_id, type=DEVICE_ONBOARDED,
+            occurred_at=workflow.now(), actor=actor, source_workflow=wid,
+            data={"device_type": req.device_type, "credential_jti": jti},
+        )  # fmt: skip
+        self._saga.add(
+            "retract_event",
+            lambda: self._undo(
+                "notification.retract_event",
+                RetractEvent(event_id=event.event_id),
+                TaskQueue.NOTIFICATION,
+            ),
+        )
+        await self._run_step(
+            OnboardingStep.RECORD_EVENT, "notification.record_events",
+            EventBatch(events=[event]), queue=TaskQueue.NOTIFICATION,
+        )  # fmt: skip
+
+        self._status, self._step, self._credential = "completed", None, None
+        return OnboardingResult(
+            tenant=inp.tenant,
+            device_id=req.device_id,
+            status=DeviceStatus.ACTIVE,
+            credential_jti=jti,
+        )
+
+    # --- steps and compensation ------------------------------------------------
+
+    def _begin(self, step: OnboardingStep, status: str = "running") -> None:
+        self._step, self._status = step, status
+
+    def _finish(self, step: OnboardingStep) -> None:
+        self._completed.append(step)
+        self._step, self._status = None, "running"
+
+    async def _run_step(
+        self,
+        step: OnboardingStep,
+        activity: str,
+        arg: Any,
+        result_type: type | None = None,
+        queue: TaskQueue = TaskQueue.DEVICE,
+    ) -> Any:
+        self._begin(step)
+        result = await workflow.execute_activity(
+            activity, arg, task_queue=queue.value, result_type=result_type,
+            start_to_close_timeout=STEP_START_TO_CLOSE,
+            schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+        )  # fmt: skip
+        self._finish(step)
+        return result
+
+    async def _wait(self, done: Any, timeout_s: int, what: str) -> None:
+        try:
+            await workflow.wait_condition(done, timeout=timedelta(seconds=timeout_s))
+        except TimeoutError:
+            raise OnboardingAborted(f"no {what} within {timeout_s} s") from None
+
+    async def _undo(self, activity: str, arg: Any, queue: TaskQueue = TaskQueue.DEVICE) -> None:
+        await workflow.execute_activity(
+            activity, arg, task_queue=queue.value,
+            start_to_close_timeout=COMPENSATION_START_TO_CLOSE, retry_policy=COMPENSATION_RETRY,
+        )  # fmt: skip
+
+    async def _compensate(self, final_status: str, reason: str, inp: OnboardingInput) -> None:
+        self._status, self._reason, self._credential = "compensating", reason, None
+        workflow.logger.info("onboarding of %s undone: %s", inp.request.device_id, reason)
+        await self._saga.compensate()
+        self._status, self._step = final_status, None
+
+    def _reason_of(self, exc: BaseException) -> str:
+        step = self._step.value if self._step else "onboarding"
+        if isinstance(exc, OnboardingAborted):
+            return str(exc)
+        if isinstance(exc, ActivityError) and exc.cause is not None:
+            return f"{step} failed: {exc.cause}"
+        return f"{step} failed: {exc}"
+
+    # --- messages --------------------------------------------------------------
+
+    @workflow.query
+    def progress(self) -> OnboardingProgress:
+        """Current step, completed steps, compensations and (until first contact) the credential."""
+        return OnboardingProgress(
+            workflow_id=workflow.info().workflow_id, tenant=self._tenant,
+            device_id=self._device_id, status=self._status, current_step=self._step,
+            completed_steps=list(self._completed), compensations=list(self._saga.done),
+            reason=self._reason, decided_by=self._decided_by,
+            credential=self._credential.token if self._credential else None,
+        )  # fmt: skip
+
+    @workflow.signal
+    def first_contact(self, contact: FirstContact) -> None:
+        """The device called in with the credential this onboarding issued."""
+        if self._credential is not None and contact.jti == self._credential.jti:
+            self._contact = self._contact or contact
+
+    @workflow.update
+    def approve(self, decision: ApprovalDecision) -> OnboardingProgress:
+        """An operator approves the device; onboarding goes on to its credential."""
+        self._approved, self._decided_by = True, decision.actor.subject
+        return self.progress()
+
+    @workflow.update
+    def reject(self, decision: ApprovalDecision) -> OnboardingProgress:
+        """An operator rejects the device; onboarding compensates."""
+        self._approved, self._decided_by = False, decision.actor.subject
+        self._reason = decision.reason
+        return self.progress()
+
+    @approve.validator
+    def _check_approve(self, decision: ApprovalDecision) -> None:
+        self._check_decision(decision)
+
+    @reject.validator
+    def _check_reject(self, decision: ApprovalDecision) -> None:
+        self._check_decision(decision)
+
+    def _check_decision(self, decision: ApprovalDecision) -> None:
+        if not decision.actor.can(APPROVE_SCOPE) or decision.actor.tenant != self._tenant:
+            raise ApplicationError(f"the {APPROVE_SCOPE} scope of this tenant is required", type="Forbidden")
+        if self._step != OnboardingStep.AWAIT_APPROVAL or self._approved is not None:
+            raise ApplicationError("this onboarding is not awaiting approval", type="NotAwaitingApproval")

@@ -1,0 +1,62 @@
+"""SystemCheck: one `ping` activity on every service's task queue, in parallel."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from temporalio import workflow
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
+
+with workflow.unsafe.imports_passed_through():
+    from fleetflow.contracts.common import SERVICE_QUEUES, TaskQueue
+    from fleetflow.contracts.system import (
+        ProbeRequest,
+        ProbeResult,
+        ServiceProbe,
+        SystemCheckRequest,
+        SystemCheckResult,
+    )
+
+
+@workflow.defn
+class SystemCheck:
+    """Reports, per service, whether it answered within the timeout; never hangs."""
+
+    @workflow.run
+    async def run(self, request: SystemCheckRequest) -> SystemCheckResult:
+        """Probe every service queue at once."""
+        probes = await asyncio.gather(*(self._probe(q, request) for q in SERVICE_QUEUES))
+        return SystemCheckResult(services=list(probes))
+
+    async def _probe(self, queue: TaskQueue, request: SystemCheckRequest) -> ServiceProbe:
+        started = workflow.now()
+        try:
+            result = await workflow.execute_activity(
+                f"{queue.value}.ping",
+                ProbeRequest(hold_ms=request.hold_ms),
+                task_queue=queue.value,
+                result_type=ProbeResult,
+                # the overall deadline names a missing service; heartbeats notice a dead worker
+                schedule_to_close_timeout=timedelta(seconds=request.timeout_s),
+                start_to_close_timeout=timedelta(seconds=request.timeout_s),
+                heartbeat_timeout=timedelta(seconds=2),
+                retry_policy=RetryPolicy(
+                    initial_interval=timedelta(milliseconds=200),
+                    maximum_interval=timedelta(seconds=1),
+                ),
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            reason = str(cause) if cause is not None else str(exc)
+            return ServiceProbe(service=queue.value, answered=False, error=f"no answer: {reason}")
+        latency = (workflow.now() - started).total_seconds() * 1000
+        return ServiceProbe(
+            service=queue.value,
+            answered=True,
+            latency_ms=round(latency, 1),
+            worker=result.worker,
+            database_ok=result.database_ok,
+            error=result.database_error,
+        )
