@@ -35,8 +35,9 @@ def build_worker(
             graceful_shutdown_timeout=timedelta(seconds=5),
         )  # fmt: skip
     assert pool is not None
+    service = service or service_for(queue, pool, settings)
     return Worker(
-        client, task_queue=queue.value, activities=activities_of(service or service_for(queue, pool, settings)),
+        client, task_queue=queue.value, activities=activities_of(service),
         max_concurrent_activities=max(4, settings.db_pool_size * 2),
         graceful_shutdown_timeout=timedelta(seconds=10),
     )  # fmt: skip
