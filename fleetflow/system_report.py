@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from temporalio.api.enums.v1 import TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue as TaskQueueRef
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowHandle
 
 from fleetflow.contracts.common import SERVICE_QUEUES, TaskQueue
 from fleetflow.contracts.system import (
@@ -39,6 +40,21 @@ async def _pollers_or_none(client: Client, queue: TaskQueue) -> int | None:
         return None
 
 
+PICKUP_S = 3.0
+
+
+async def _picked_up(handle: WorkflowHandle[Any, SystemCheckResult], within_s: float) -> bool:
+    """True once a worker has started the workflow's first task (its history grows past 2)."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        description = await handle.describe()
+        if description.raw_description.workflow_execution_info.history_length > 2:
+            return True
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.05)
+
+
 async def run_system_check(client: Client, request: SystemCheckRequest | None = None) -> SystemReport:
     """Probe every service through Temporal; a missing service is named, never waited for."""
     request = request or SystemCheckRequest()
@@ -48,34 +64,48 @@ async def run_system_check(client: Client, request: SystemCheckRequest | None = 
         temporal_error = None
     except Exception as exc:  # any failure is the answer
         temporal_error = f"{type(exc).__name__}: {exc}"
-    queues = (TaskQueue.ORCHESTRATION, *SERVICE_QUEUES)
-    counts = await asyncio.gather(*(_pollers_or_none(client, q) for q in queues))
-    by_queue = dict(zip(queues, counts, strict=True))
+    # a worker that has just started may not have polled yet: give it a moment
+    grace_until = asyncio.get_running_loop().time() + min(request.timeout_s, 3.0)
+    orchestrators = await _pollers_or_none(client, TaskQueue.ORCHESTRATION)
+    while orchestrators == 0 and asyncio.get_running_loop().time() < grace_until:
+        await asyncio.sleep(0.25)
+        orchestrators = await _pollers_or_none(client, TaskQueue.ORCHESTRATION)
 
     orchestration = ServiceProbe(service=TaskQueue.ORCHESTRATION.value, answered=False)
     probes = [ServiceProbe(service=q.value, answered=False, error="not checked") for q in SERVICE_QUEUES]
-    if by_queue[TaskQueue.ORCHESTRATION] == 0:
+    if orchestrators == 0:
         orchestration.error = "no worker polls the orchestration queue"
         for probe in probes:
             probe.error = "not checked: no orchestration worker to run the check"
     elif temporal_error is None:
         started = asyncio.get_running_loop().time()
         try:
-            result: SystemCheckResult = await client.execute_workflow(
+            handle = await client.start_workflow(
                 "SystemCheck", request, id=f"system-check-{uuid.uuid4()}",
                 task_queue=TaskQueue.ORCHESTRATION.value, result_type=SystemCheckResult,
                 execution_timeout=timedelta(seconds=request.timeout_s + 5),
-                rpc_timeout=timedelta(seconds=request.timeout_s + 10),
             )  # fmt: skip
-            probes = result.services
-            latency = (asyncio.get_running_loop().time() - started) * 1000
-            orchestration = ServiceProbe(
-                service=TaskQueue.ORCHESTRATION.value, answered=True, latency_ms=round(latency, 1)
-            )
-        except Exception as exc:  # the workflow never ran: no orchestration worker
+            if await _picked_up(handle, within_s=min(request.timeout_s, PICKUP_S)):
+                result = await handle.result(rpc_timeout=timedelta(seconds=request.timeout_s + 10))
+                probes = result.services
+                latency = (asyncio.get_running_loop().time() - started) * 1000
+                orchestration = ServiceProbe(
+                    service=TaskQueue.ORCHESTRATION.value, answered=True, latency_ms=round(latency, 1)
+                )
+            else:
+                await handle.terminate("no orchestration worker picked up the check")
+                orchestration.error = (
+                    f"no answer: no orchestration worker took the check within {PICKUP_S:g} s"
+                )
+        except Exception as exc:  # reported, never raised: the report is the answer
             orchestration.error = f"no answer: {type(exc).__name__}: {exc}"
+        if not orchestration.answered:
             for probe in probes:
                 probe.error = "not checked: the orchestration worker did not run the check"
+    # counted after the probes, so workers that just answered are sure to show
+    queues = (TaskQueue.ORCHESTRATION, *SERVICE_QUEUES)
+    counts = await asyncio.gather(*(_pollers_or_none(client, q) for q in queues))
+    by_queue = dict(zip(queues, counts, strict=True))
     services = [
         ServiceStatus(**p.model_dump(), pollers=by_queue[TaskQueue(p.service)])
         for p in (orchestration, *probes)

@@ -47,7 +47,8 @@ async def temporal_env(ui_port: int) -> AsyncIterator[WorkflowEnvironment]:
         interceptors=[TracingInterceptor()],
         ui=True,
         ui_port=ui_port,
-        dev_server_extra_args=["--ui-disable-news-fetch"],
+        # "lonely": a namespace no session worker polls, for checks that find services missing
+        dev_server_extra_args=["--ui-disable-news-fetch", "--namespace", "lonely"],
     )
     yield env
     await env.shutdown()
