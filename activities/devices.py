@@ -322,9 +322,10 @@ class DeviceService:
         nothing behind, and the others go on. A retry finds its own earlier work.
         """
         rows = await self.pool.fetchval(
-            """SELECT jsonb_path_query_array(body, ('$[' || $2 || ' to ' || $3 || ']')::jsonpath)
-               FROM fleetflow.claim_checks WHERE claim_id = $1 AND tenant = $4""",
-            chunk.claim_id, chunk.offset, chunk.offset + chunk.limit - 1, chunk.tenant,
+            """SELECT jsonb_agg(e ORDER BY i) FROM fleetflow.claim_checks c,
+                   jsonb_array_elements(c.body) WITH ORDINALITY AS t(e, i)
+               WHERE c.claim_id = $1 AND c.tenant = $2 AND i > $3 AND i <= $3 + $4""",
+            chunk.claim_id, chunk.tenant, chunk.offset, chunk.limit,
         )  # fmt: skip
         if rows is None:
             raise _refuse(f"claim {chunk.claim_id} not found", "ClaimMissing")

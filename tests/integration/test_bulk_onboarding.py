@@ -1,0 +1,110 @@
+"""Bulk onboarding: one workflow, batched activities, a per-device outcome."""
+
+from __future__ import annotations
+
+import csv
+import io
+import uuid
+from typing import Any
+
+import httpx
+
+from fleetflow.db import Pool
+from tests.support import bearer, eventually
+
+AUTH = bearer("acme")
+
+
+def devices(prefix: str, count: int) -> list[dict[str, Any]]:
+    return [
+        {"device_id": f"{prefix}-{i:04d}", "device_type": "sensor", "tags": ["bulk"]} for i in range(count)
+    ]
+
+
+async def finished(api: httpx.AsyncClient, bulk_id: str) -> dict[str, Any]:
+    async def probe() -> dict[str, Any]:
+        body: dict[str, Any] = (await api.get(f"/v1/bulk-onboardings/{bulk_id}", headers=AUTH)).json()
+        return body
+
+    return await eventually(probe, lambda p: p.get("status") in ("completed", "failed"), 60)
+
+
+async def test_bulk_reports_each_device_and_only_live_ones_get_credentials(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    prefix = f"blk-{uuid.uuid4().hex[:6]}"
+    first = await api.post("/v1/devices:bulk", json={"devices": devices(prefix, 3)}, headers=AUTH)
+    assert first.status_code == 202, first.text
+    assert (await finished(api, first.json()["bulk_id"]))["onboarded"] == 3
+
+    batch = devices(prefix, 25)  # the first 3 are already active: they must fail, not be touched
+    accepted = await api.post("/v1/devices:bulk", json={"devices": batch}, headers=AUTH)
+    assert accepted.status_code == 202
+    again = await api.post("/v1/devices:bulk", json={"devices": batch}, headers=AUTH)
+    assert again.status_code == 200 and again.json()["bulk_id"] == accepted.json()["bulk_id"]
+
+    bulk_id = accepted.json()["bulk_id"]
+    result = await finished(api, bulk_id)
+    assert result["status"] == "completed"
+    assert (result["total"], result["onboarded"], result["failed"]) == (25, 22, 3)
+    assert sorted(f["index"] for f in result["failures"]) == [0, 1, 2]
+    assert all("already registered (active)" in f["reason"] for f in result["failures"])
+
+    untouched = await pool.fetchval(
+        "SELECT onboarding_id FROM device.devices WHERE tenant = 'acme' AND device_id = $1",
+        f"{prefix}-0000",
+    )
+    assert untouched == first.json()["bulk_id"]
+    active = await pool.fetchval(
+        "SELECT count(*) FROM device.devices WHERE onboarding_id = $1 AND status = 'active'", bulk_id
+    )
+    events = await pool.fetchval(
+        "SELECT count(*) FROM notification.events WHERE source_workflow = $1", accepted.json()["workflow_id"]
+    )
+    assert (active, events) == (22, 22)
+
+    exported = await api.get(f"/v1/bulk-onboardings/{bulk_id}/credentials", headers=AUTH)
+    rows = list(csv.DictReader(io.StringIO(exported.text)))
+    assert len(rows) == 22
+    answer = await api.post(
+        "/v1/device-contact", json={}, headers={"Authorization": f"Bearer {rows[0]['credential']}"}
+    )
+    assert answer.status_code == 202 and answer.json()["status"] == "active"
+
+
+async def test_csv_import_and_its_bad_rows(api: httpx.AsyncClient, pool: Pool) -> None:
+    prefix = f"csv-{uuid.uuid4().hex[:6]}"
+    good = "device_id,device_type,firmware_version,tags,config\n" + "".join(
+        f'{prefix}-{i},thermostat,1.0.{i},a;b,"{{""target_c"": {18 + i}}}"\n' for i in range(4)
+    )
+    headers = {**AUTH, "Content-Type": "text/csv"}
+    accepted = await api.post("/v1/devices:bulk", content=good, headers=headers)
+    assert accepted.status_code == 202, accepted.text
+    assert (await finished(api, accepted.json()["bulk_id"]))["onboarded"] == 4
+    tags = await pool.fetchval(
+        "SELECT tags FROM device.devices WHERE tenant = 'acme' AND device_id = $1", f"{prefix}-2"
+    )
+    assert tags == ["a", "b"]
+
+    bad_config = f'device_id,device_type,config\n{prefix}-x,thermostat,"{{""target_c"": 80}}"\n'
+    refused = await api.post("/v1/devices:bulk", content=bad_config, headers=headers)
+    assert refused.status_code == 422
+    assert refused.json()["detail"][0]["loc"] == ["body", "devices", 0, "config", "target_c"]
+    bad_column = f"device_id,device_type,colour\n{prefix}-y,thermostat,red\n"
+    refused = await api.post("/v1/devices:bulk", content=bad_column, headers=headers)
+    assert refused.status_code == 422 and "colour" in refused.json()["detail"][0]["msg"]
+    twice = f"device_id,device_type\n{prefix}-z,sensor\n{prefix}-z,sensor\n"
+    refused = await api.post("/v1/devices:bulk", content=twice, headers=headers)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][2] == 1
+    stored = await pool.fetchval(
+        "SELECT count(*) FROM device.devices WHERE device_id IN ($1, $2, $3)",
+        f"{prefix}-x", f"{prefix}-y", f"{prefix}-z",
+    )  # fmt: skip
+    assert stored == 0
+
+
+async def test_bulk_limits(api: httpx.AsyncClient) -> None:
+    empty = await api.post("/v1/devices:bulk", json={"devices": []}, headers=AUTH)
+    assert empty.status_code == 422 and empty.json()["detail"][0]["loc"] == ["body", "devices"]
+    too_many = await api.post("/v1/devices:bulk", json={"devices": devices("big", 10_001)}, headers=AUTH)
+    assert too_many.status_code == 422
