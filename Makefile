@@ -33,6 +33,9 @@ test: lint typecheck
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
 
+record-histories: install
+	$(BIN)/python -m tests.replay.record $(SCENARIOS)
+
 bench: install
 	$(BIN)/python -m bench.onboarding
 

@@ -1,0 +1,34 @@
+"""Every recorded history replays against the current workflow code.
+
+A failure here means a change would break determinism for runs in flight:
+guard the change with `workflow.patched(...)` instead of re-recording.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from temporalio.client import WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import Replayer
+
+from workers.registry import WORKFLOWS
+
+HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
+
+
+def test_every_workflow_type_has_a_recorded_history() -> None:
+    recorded = set()
+    for path in HISTORIES:
+        events = json.loads(path.read_text())["events"]
+        recorded.add(events[0]["workflowExecutionStartedEventAttributes"]["workflowType"]["name"])
+    assert recorded >= {w.__name__ for w in WORKFLOWS}
+
+
+@pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
+async def test_history_replays(path: Path) -> None:
+    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=pydantic_data_converter)
+    history = WorkflowHistory.from_json(path.stem, path.read_text())
+    await replayer.replay_workflow(history)
