@@ -1,0 +1,287 @@
+"""The whole platform from `fleetflow up`, as a user runs it: health, crashes, restart on the same data.
+
+One stack is started for the module and shared by the tests, in order; the last one stops it
+with SIGINT, checks that nothing survives, and starts it again on the same data directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import asyncpg
+import httpx
+import psutil
+import pytest
+from temporalio.api.enums.v1 import PendingActivityState
+from temporalio.client import Client, WorkflowExecutionStatus
+from temporalio.contrib.pydantic import pydantic_data_converter
+
+from fleetflow.contracts.system import SystemCheckRequest, SystemCheckResult
+from tests.e2e.stack import (
+    FLEETFLOW,
+    Stack,
+    alive,
+    clean_env,
+    cmdline,
+    postmaster,
+    survivors,
+    wait_gone_async,
+)
+
+pytestmark = pytest.mark.e2e
+
+QUEUES = ("orchestration", "device", "data", "analytics", "notification")
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """`fleetflow up` on free ports with its own data directory (embedded PostgreSQL, no JWT secret)."""
+    root = tmp_path_factory.mktemp("e2e")
+    data_dir = root / "data"
+    stack = Stack(data_dir=data_dir, log_dir=root)
+    stack.start()
+    try:
+        yield stack
+    finally:
+        stack.shutdown()
+
+
+@pytest.fixture(scope="module")
+def shared() -> dict[str, Any]:
+    """What one test leaves for a later one (the onboarded device)."""
+    return {}
+
+
+@pytest.fixture
+async def temporal(stack: Stack) -> AsyncIterator[Client]:
+    """A Temporal client on the stack's dev server."""
+    client = await Client.connect(stack.temporal_address, data_converter=pydantic_data_converter)
+    yield client
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], deadline_s: float, what: str
+) -> T:
+    """Poll probe until done(result); fails naming what and the last result after deadline_s."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline_s
+    while True:
+        result = await probe()
+        if done(result):
+            return result
+        if loop.time() > until:
+            raise AssertionError(f"{what}: not reached within {deadline_s}s; last: {result!r}")
+        await asyncio.sleep(0.25)
+
+
+def pid_of(worker: str | None) -> int:
+    """The pid in a ProbeResult's `host:pid`."""
+    assert worker and ":" in worker, worker
+    return int(worker.rsplit(":", 1)[1])
+
+
+async def replaced(stack: Stack, queue: str, dead: psutil.Process) -> psutil.Process:
+    """The worker of queue that the supervisor started in place of dead."""
+
+    async def probe() -> list[psutil.Process]:
+        return [w for w in stack.workers(queue) if w.pid != dead.pid]
+
+    found = await eventually(probe, lambda ws: len(ws) == 1, 60, f"a new {queue} worker")
+    return found[0]
+
+
+async def json_of(http: httpx.AsyncClient, path: str, headers: dict[str, str]) -> dict[str, Any]:
+    """GET path as JSON; transport errors and non-200 become {"_status": ...} so polling goes on."""
+    try:
+        response = await http.get(path, headers=headers)
+    except httpx.HTTPError as exc:
+        return {"_status": repr(exc)}
+    if response.status_code != 200:
+        return {"_status": response.status_code, "_body": response.text}
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# --- 1 -------------------------------------------------------------------------------------------
+
+
+async def test_up_becomes_healthy_and_check_passes(stack: Stack) -> None:
+    report = await stack.wait_healthy()
+    assert report["ok"] is True
+    assert report["temporal_ok"] is True and report["database_ok"] is True
+    by_service = {s["service"]: s for s in report["services"]}
+    assert sorted(by_service) == sorted(QUEUES)
+    for name, service in by_service.items():
+        assert service["answered"] is True, service
+        assert service["pollers"] and service["pollers"] >= 1, service
+        if name != "orchestration":
+            assert pid_of(service["worker"]) in {w.pid for w in stack.workers(name)}, service
+
+    check = await asyncio.to_thread(
+        subprocess.run,
+        [FLEETFLOW, "check", "--timeout", "30"],
+        env=clean_env(TEMPORAL_ADDRESS=stack.temporal_address),
+        capture_output=True, text=True, timeout=120, cwd=stack.log_dir,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert "Traceback" not in check.stderr
+    lines = check.stdout.splitlines()
+    assert lines[-1] == "all services answered", check.stdout
+    assert any(line.startswith("service") and "answered" in line for line in lines), check.stdout
+    for name in QUEUES:
+        row = next((line for line in lines if line.split()[:1] == [name]), None)
+        assert row is not None and row.split()[1] == "yes", check.stdout
+
+
+# --- 2 -------------------------------------------------------------------------------------------
+
+
+async def test_worker_killed_during_system_check_is_replaced(stack: Stack, temporal: Client) -> None:
+    await stack.wait_healthy()
+    victim = stack.worker("device")
+    handle = await temporal.start_workflow(
+        "SystemCheck", SystemCheckRequest(timeout_s=60, hold_ms=4000),
+        id=f"e2e-system-check-{uuid.uuid4()}", task_queue="orchestration",
+        result_type=SystemCheckResult, execution_timeout=timedelta(seconds=90),
+    )  # fmt: skip
+
+    async def device_ping_started() -> bool:
+        description = await handle.describe()
+        return any(
+            a.activity_type.name == "device.ping"
+            and a.state == PendingActivityState.PENDING_ACTIVITY_STATE_STARTED
+            for a in description.raw_description.pending_activities
+        )
+
+    await eventually(device_ping_started, bool, 30, "the device probe running")
+    victim.send_signal(signal.SIGKILL)
+    assert await wait_gone_async([victim]) == []
+
+    result = await asyncio.wait_for(handle.result(), 120)
+    device = next(s for s in result.services if s.service == "device")
+    assert device.answered, device
+    assert pid_of(device.worker) != victim.pid
+    successor = await replaced(stack, "device", victim)
+    assert alive(successor)
+    assert pid_of(device.worker) == successor.pid, (device.worker, successor)
+    assert all(s.answered for s in result.services), result
+
+
+# --- 3 -------------------------------------------------------------------------------------------
+
+
+async def test_onboarding_survives_killed_workers(stack: Stack, shared: dict[str, Any]) -> None:
+    await stack.wait_healthy()
+    device_id = f"e2e-{uuid.uuid4().hex[:10]}"
+    admin = stack.admin_headers()
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        accepted = await http.post(
+            "/v1/devices", json={"device_id": device_id, "device_type": "thermostat"}, headers=admin
+        )
+        assert accepted.status_code == 202, accepted.text
+        status_url = accepted.json()["status_url"]
+        assert status_url == f"/v1/onboardings/{device_id}"
+
+        waiting = await eventually(
+            lambda: json_of(http, status_url, admin),
+            lambda p: p.get("status") == "awaiting_first_contact", 60, "awaiting_first_contact",
+        )  # fmt: skip
+        credential = waiting["credential"]
+        assert credential
+
+        victims = [stack.worker("orchestration"), stack.worker("device")]
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+        assert await wait_gone_async(victims) == []
+
+        contact = await http.post(
+            "/v1/device-contact", json={}, headers={"Authorization": f"Bearer {credential}"}
+        )
+        assert contact.status_code == 202, contact.text
+        for queue, victim in zip(("orchestration", "device"), victims, strict=True):
+            await replaced(stack, queue, victim)
+
+        done = await eventually(
+            lambda: json_of(http, status_url, admin),
+            lambda p: p.get("status") in ("completed", "failed", "compensated"), 120, "completed",
+        )  # fmt: skip
+        assert done["status"] == "completed", done
+        assert done["compensations"] == [], done
+        device = await http.get(f"/v1/devices/{device_id}", headers=admin)
+        assert device.status_code == 200, device.text
+        assert device.json()["status"] == "active"
+
+    dsn = stack.environ_of_worker()["DATABASE_URL"]
+    conn = await asyncpg.connect(dsn)
+    try:
+        credentials = await conn.fetch(
+            "SELECT jti, revoked_at FROM device.credentials WHERE tenant = 'default' AND device_id = $1",
+            device_id,
+        )
+        events = await conn.fetchval(
+            """SELECT count(*) FROM notification.events
+               WHERE tenant = 'default' AND device_id = $1 AND type = 'DeviceOnboarded'""",
+            device_id,
+        )
+    finally:
+        await conn.close()
+    assert len(credentials) == 1 and credentials[0]["revoked_at"] is None, credentials
+    assert events == 1
+    shared["device_id"] = device_id
+
+
+# --- 4 -------------------------------------------------------------------------------------------
+
+
+async def stop_and_check_nothing_survives(stack: Stack) -> None:
+    """SIGINT the supervisor: exit 0, no descendant and no postmaster left, no traceback."""
+    before = stack.descendants()
+    lines = [cmdline(p) for p in before]
+    assert any("start-dev" in line for line in lines), lines
+    assert len([line for line in lines if "workers.cli" in line]) == len(QUEUES) + 1, lines
+    pm = postmaster(stack.pgdata)
+    assert pm is not None and alive(pm)
+    pm_children = pm.children(recursive=True)
+
+    assert stack.process is not None
+    stack.process.send_signal(signal.SIGINT)
+    assert await stack.wait_exit() == 0, stack.output()
+
+    left = survivors(before)
+    assert left == [], [cmdline(p) for p in left]
+    assert await wait_gone_async([pm, *pm_children], deadline_s=15) == []
+    assert not (stack.pgdata / "postmaster.pid").exists()
+    assert "Traceback" not in stack.output(), stack.output()
+
+
+@pytest.mark.timeout(600)
+async def test_sigint_stops_everything_and_restart_reuses_data(stack: Stack, shared: dict[str, Any]) -> None:
+    device_id = shared.get("device_id")
+    assert device_id, "needs the onboarding test to have run first"
+    await stop_and_check_nothing_survives(stack)
+
+    stack.start()
+    await stack.wait_healthy()
+    admin = stack.admin_headers()
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        device = await http.get(f"/v1/devices/{device_id}", headers=admin)
+        assert device.status_code == 200, device.text
+        assert device.json()["status"] == "active"
+        progress = await eventually(
+            lambda: json_of(http, f"/v1/onboardings/{device_id}", admin),
+            lambda p: "_status" not in p, 60, "onboarding progress",
+        )  # fmt: skip
+        assert progress["status"] == "completed", progress
+
+    client = await Client.connect(stack.temporal_address, data_converter=pydantic_data_converter)
+    description = await client.get_workflow_handle(progress["workflow_id"]).describe()
+    assert description.status == WorkflowExecutionStatus.COMPLETED
+
+    await stop_and_check_nothing_survives(stack)
