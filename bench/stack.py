@@ -62,7 +62,7 @@ async def stack() -> AsyncIterator[Stack]:
                 "journal_mode=wal",
                 "--sqlite-pragma",
                 "synchronous=normal",
-            ],  # fmt: skip
+            ],
             search_attributes=SEARCH_ATTRIBUTES,
             data_converter=pydantic_data_converter,
             interceptors=[TracingInterceptor()],
