@@ -126,7 +126,9 @@ class DeviceService:
         if kind is None:
             raise LookupError(f"unknown device type {spec.device_type!r}")
         config = config_schema.resolve(spec.config, kind.default_config, kind.config_schema)
-        return ValidatedOnboarding(config=config, requires_approval=kind.requires_approval)
+        return ValidatedOnboarding(
+            config=config, requires_approval=kind.requires_approval, config_schema=kind.config_schema
+        )
 
     async def get_device(self, tenant: str, device_id: str) -> DeviceView | None:
         """A device of tenant, or None."""

@@ -14,9 +14,10 @@ from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from workflows.bulk_onboarding import BulkOnboarding
 from workflows.device_onboarding import DeviceOnboarding
+from workflows.device_twin import DeviceTwin
 from workflows.system_check import SystemCheck
 
-WORKFLOWS: Sequence[type] = (SystemCheck, DeviceOnboarding, BulkOnboarding)
+WORKFLOWS: Sequence[type] = (SystemCheck, DeviceOnboarding, BulkOnboarding, DeviceTwin)
 
 
 def service_for(queue: TaskQueue, pool: Pool, settings: Settings) -> object:

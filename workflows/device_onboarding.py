@@ -12,7 +12,8 @@ from datetime import timedelta
 from typing import Any
 
 from temporalio import workflow
-from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import DomainEvent, TaskQueue
@@ -34,6 +35,9 @@ with workflow.unsafe.imports_passed_through():
         ValidateOnboarding,
     )
     from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvent
+    from fleetflow.contracts.twin import EndTwin, TwinInput
+    from fleetflow.temporal import device_search_attributes
+    from workflows.device_twin import DeviceTwin, twin_id
     from workflows.options import (
         COMPENSATION_START_TO_CLOSE,
         STEP_RETRY,
@@ -145,6 +149,10 @@ class DeviceOnboarding:
             change.model_copy(update={"firmware_version": contact.firmware_version}),
         )  # fmt: skip
 
+        if workflow.patched("start-device-twin"):
+            self._saga.add("end_twin", lambda: self._end_twin(inp))
+            await self._start_twin(inp, validated)
+
         event = DomainEvent(
             event_id=f"{wid}/{workflow.info().run_id}/{DEVICE_ONBOARDED}",
             tenant=inp.tenant, device_id=req.device_id, type=DEVICE_ONBOARDED,
@@ -173,6 +181,28 @@ class DeviceOnboarding:
         )
 
     # --- steps and compensation ------------------------------------------------
+
+    async def _start_twin(self, inp: OnboardingInput, validated: ValidatedOnboarding) -> None:
+        """Start the device's twin; it outlives this workflow (ABANDON)."""
+        device_id = inp.request.device_id
+        try:
+            await workflow.start_child_workflow(
+                DeviceTwin.run,
+                TwinInput(tenant=inp.tenant, device_id=device_id, config_schema=validated.config_schema,
+                          initial_desired=validated.config),
+                id=twin_id(inp.tenant, device_id), task_queue=workflow.info().task_queue,
+                parent_close_policy=ParentClosePolicy.ABANDON,
+                search_attributes=device_search_attributes(inp.tenant, "twin", device_id),
+            )  # fmt: skip
+        except WorkflowAlreadyStartedError:
+            pass  # a twin from an earlier attempt: keep it
+
+    async def _end_twin(self, inp: OnboardingInput) -> None:
+        twin = workflow.get_external_workflow_handle(twin_id(inp.tenant, inp.request.device_id))
+        try:
+            await twin.signal(DeviceTwin.end, EndTwin(reason="onboarding undone", actor=inp.actor.subject))
+        except ApplicationError:
+            pass  # no twin to end
 
     def _begin(self, step: OnboardingStep, status: str = "running") -> None:
         self._step, self._status = step, status

@@ -20,6 +20,7 @@ WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
     "SystemCheck": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
     "DeviceOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "BulkOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
+    "DeviceTwin": (),
 }
 
 

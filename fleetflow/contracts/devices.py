@@ -148,6 +148,8 @@ class ValidatedOnboarding(Strict):
 
     config: dict[str, Any]
     requires_approval: bool
+    # the device type's schema, for the twin; absent from results recorded before the twin existed
+    config_schema: dict[str, Any] = Field(default_factory=dict)
 
 
 class RegisterDevice(Strict):

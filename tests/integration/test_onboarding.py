@@ -11,31 +11,8 @@ from temporalio.client import Client
 
 from fleetflow.db import Pool
 from tests.integration.conftest import FAULTS
+from tests.integration.flows import AUTH, contact, new_id, onboard, progress_until
 from tests.support import bearer, eventually
-
-AUTH = bearer("acme")
-
-
-def new_id(prefix: str = "dev") -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-async def onboard(api: httpx.AsyncClient, device_id: str, **extra: Any) -> httpx.Response:
-    body = {"device_id": device_id, "device_type": "thermostat", **extra}
-    return await api.post("/v1/devices", json=body, headers=AUTH)
-
-
-async def progress_until(api: httpx.AsyncClient, device_id: str, *statuses: str) -> dict[str, Any]:
-    async def probe() -> dict[str, Any]:
-        response = await api.get(f"/v1/onboardings/{device_id}", headers=AUTH)
-        body: dict[str, Any] = response.json()
-        return body
-
-    return await eventually(probe, lambda p: p.get("status") in statuses)
-
-
-async def contact(api: httpx.AsyncClient, credential: str, **body: Any) -> httpx.Response:
-    return await api.post("/v1/device-contact", json=body, headers={"Authorization": f"Bearer {credential}"})
 
 
 async def leftovers(pool: Pool, device_id: str) -> dict[str, Any]:
@@ -116,7 +93,7 @@ EXPECTED_UNDO = {
     "store_config": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "activate": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "record_event": [
-        "retract_event", "remove_config", "revoke_credential", "mark_registration_failed",
+        "retract_event", "end_twin", "remove_config", "revoke_credential", "mark_registration_failed",
     ],
 }  # fmt: skip
 

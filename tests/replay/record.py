@@ -1,8 +1,9 @@
 """`make record-histories`: run every workflow type through its scenarios on a fresh stack and
 save the histories under tests/replay/histories/, for the replay test.
 
-Record again only to add scenarios; never re-record to make a failing replay pass:
-a failing replay means the change would break runs in flight (use `workflow.patched`).
+Recording again adds files (`name-2.json`, ...) and never replaces one: the code must
+keep replaying every history it ever produced. A failing replay means the change would
+break runs in flight: guard it with `workflow.patched`, never delete the history.
 """
 
 from __future__ import annotations
@@ -42,6 +43,22 @@ async def onboarding_completed(s: Stack) -> WorkflowHandle[Any, Any]:
     await s.api.post("/v1/device-contact", json={"firmware_version": "1.0.1"}, headers=auth)
     await _progress(s, device_id, "completed")
     return s.client.get_workflow_handle(accepted["workflow_id"])
+
+
+async def device_twin(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A twin that takes desired changes, reports, continues as new once, and ends."""
+    onboarding = await onboarding_completed(s)
+    device_id = onboarding.id.removeprefix("onboard-bench-")
+    handle = s.client.get_workflow_handle(f"twin-bench-{device_id}")
+    for version in range(2, 40):
+        url = f"/v1/devices/{device_id}/twin/desired"
+        await s.api.patch(url, json={"target_c": 10 + version % 20}, headers=s.headers)
+        if version % 10 == 0:
+            report = {"patch": {"target_c": 10 + version % 20}, "at": "2026-01-01T00:00:00Z"}
+            await handle.signal("report", report)
+    await handle.signal("end", {"reason": "recorded", "actor": "recorder"})
+    await handle.result()
+    return handle
 
 
 async def onboarding_rejected(s: Stack) -> WorkflowHandle[Any, Any]:
@@ -85,7 +102,17 @@ SCENARIOS: dict[str, Scenario] = {
     "onboarding_rejected": onboarding_rejected,
     "onboarding_cancelled": onboarding_cancelled,
     "bulk_onboarding": bulk_onboarding,
+    "device_twin": device_twin,
 }
+
+
+def _new_path(name: str) -> Path:
+    """Histories accumulate: an older one stays, so the code must keep replaying it."""
+    path, n = HISTORIES / f"{name}.json", 1
+    while path.exists():
+        n += 1
+        path = HISTORIES / f"{name}-{n}.json"
+    return path
 
 
 async def record(names: list[str]) -> None:
@@ -95,7 +122,7 @@ async def record(names: list[str]) -> None:
         for name in names or list(SCENARIOS):
             handle = await SCENARIOS[name](s)
             history = await handle.fetch_history()
-            path = HISTORIES / f"{name}.json"
+            path = _new_path(name)
             path.write_text(json.dumps(json.loads(history.to_json()), indent=1) + "\n")
             say(f"recorded {name}: {len(history.events)} events -> {path}")
 

@@ -1,0 +1,207 @@
+"""A device's past, read from Temporal: its domain events across workflows, and its twin's
+state at any past point, rebuilt by replaying the twin's history with the real workflow code."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from temporalio import workflow
+from temporalio.api.enums.v1 import EventType
+from temporalio.api.history.v1 import HistoryEvent
+from temporalio.client import Client, WorkflowHistory
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.worker import (
+    ExecuteWorkflowInput,
+    Interceptor,
+    Replayer,
+    UnsandboxedWorkflowRunner,
+    WorkflowInboundInterceptor,
+    WorkflowInterceptorClassInput,
+)
+
+from fleetflow.contracts.common import Strict
+from fleetflow.contracts.twin import TwinInput, TwinState
+from workflows.device_twin import DeviceTwin
+
+# activity → the domain event its completion records
+ACTIVITY_EVENTS = {
+    "device.register": "DeviceRegistered",
+    "device.issue_credential": "CredentialIssued",
+    "device.store_config": "ConfigurationStored",
+    "device.activate": "DeviceActivated",
+    "device.mark_failed": "RegistrationFailed",
+    "device.revoke_credential": "CredentialRevoked",
+    "device.remove_config": "ConfigurationRemoved",
+    "device.provision_batch": "DevicesProvisioned",
+    "device.deprovision_batch": "DevicesDeprovisioned",
+}
+MESSAGE_EVENTS = {
+    "first_contact": "FirstContact",
+    "report": "ReportedStateChanged",
+    "end": "TwinEnded",
+    "set_desired": "DesiredStateChanged",
+    "approve": "OnboardingApproved",
+    "reject": "OnboardingRejected",
+}
+CLOSE_EVENTS = {
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_COMPLETED: "Completed",
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_FAILED: "Failed",
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCELED: "Cancelled",
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TERMINATED: "Terminated",
+    EventType.EVENT_TYPE_WORKFLOW_EXECUTION_TIMED_OUT: "TimedOut",
+}
+
+
+class HistoryEntry(Strict):
+    """One domain event of a device, and the workflow run it came from."""
+
+    time: datetime
+    type: str
+    actor: str
+    workflow_type: str
+    workflow_id: str
+    run_id: str
+    event_id: int
+
+
+async def _first(payloads: Any) -> Any:
+    values = await pydantic_data_converter.decode(list(payloads.payloads)) if payloads.payloads else []
+    return values[0] if values else None
+
+
+def _actor_of(value: Any, default: str) -> str:
+    if isinstance(value, dict):
+        actor = value.get("actor")
+        if isinstance(actor, dict) and actor.get("subject"):
+            return str(actor["subject"])
+        if isinstance(actor, str):
+            return actor
+    return default
+
+
+async def _entries(
+    history: WorkflowHistory, workflow_type: str, run_id: str, device: str
+) -> list[HistoryEntry]:
+    scheduled: dict[int, str] = {}
+    accepted: dict[str, tuple[str, str]] = {}
+    actor = "system"
+    out: list[HistoryEntry] = []
+
+    def add(event: HistoryEvent, kind: str, who: str) -> None:
+        entry = HistoryEntry(
+            time=event.event_time.ToDatetime(tzinfo=UTC), type=kind, actor=who,
+            workflow_type=workflow_type, workflow_id=history.workflow_id, run_id=run_id,
+            event_id=event.event_id,
+        )  # fmt: skip
+        out.append(entry)
+
+    for event in history.events:
+        t = event.event_type
+        if t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
+            attrs = event.workflow_execution_started_event_attributes
+            actor = _actor_of(await _first(attrs.input), "system")
+            if not attrs.continued_execution_run_id:
+                add(event, f"{workflow_type}Started", actor)
+        elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            scheduled[event.event_id] = event.activity_task_scheduled_event_attributes.activity_type.name
+        elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_COMPLETED:
+            name = scheduled.get(event.activity_task_completed_event_attributes.scheduled_event_id, "")
+            if name in ACTIVITY_EVENTS:
+                add(event, ACTIVITY_EVENTS[name], actor)
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            signal = event.workflow_execution_signaled_event_attributes
+            if signal.signal_name in MESSAGE_EVENTS:
+                who = _actor_of(await _first(signal.input), f"device:{device}")
+                add(event, MESSAGE_EVENTS[signal.signal_name], who)
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
+            request = event.workflow_execution_update_accepted_event_attributes.accepted_request
+            who = _actor_of(await _first(request.input.args), "system")
+            accepted[request.meta.update_id] = (request.input.name, who)
+        elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
+            update_id = event.workflow_execution_update_completed_event_attributes.meta.update_id
+            name, who = accepted.get(update_id, ("", "system"))
+            if name in MESSAGE_EVENTS:
+                add(event, MESSAGE_EVENTS[name], who)
+        elif t in CLOSE_EVENTS:
+            add(event, f"{workflow_type}{CLOSE_EVENTS[t]}", actor)
+    return out
+
+
+async def device_history(client: Client, tenant: str, device_id: str) -> list[HistoryEntry]:
+    """Every domain event of the device, oldest first, across all its workflows and runs."""
+    query = f"DeviceId = '{device_id}' AND TenantId = '{tenant}'"
+    entries: list[HistoryEntry] = []
+    async for run in client.list_workflows(query):
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        entries.extend(await _entries(history, run.workflow_type, run.run_id, device_id))
+    entries.sort(key=lambda e: (e.time, e.workflow_id, e.event_id))
+    return entries
+
+
+# --- twin state as of a past point ----------------------------------------------
+
+_INSTANCES: dict[str, DeviceTwin] = {}
+
+
+class _CaptureInbound(WorkflowInboundInterceptor):
+    async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+        _INSTANCES[workflow.info().run_id] = workflow.instance()
+        return await super().execute_workflow(input)
+
+
+class _Capture(Interceptor):
+    """Keeps a reference to each replayed twin, to read its state when replay ends."""
+
+    def workflow_interceptor_class(
+        self, input: WorkflowInterceptorClassInput
+    ) -> type[WorkflowInboundInterceptor] | None:
+        return _CaptureInbound
+
+
+class NoTwinThen(LookupError):
+    """The twin did not exist at that point."""
+
+
+async def twin_as_of(
+    client: Client,
+    workflow_id: str,
+    *,
+    at: datetime | None = None,
+    run_id: str | None = None,
+    event_id: int | None = None,
+) -> tuple[TwinState, str, datetime]:
+    """The twin's state as of a time, or an event of a run (default: the latest run).
+
+    Returns the state, the run it came from and the time of the last event applied.
+    """  # fmt: skip
+    runs = sorted(
+        [r async for r in client.list_workflows(f"WorkflowId = '{workflow_id}'")],
+        key=lambda r: r.start_time,
+    )
+    if run_id is not None:
+        runs = [r for r in runs if r.run_id == run_id]
+    elif at is not None:
+        runs = [r for r in runs if r.start_time <= at]
+    if not runs:
+        raise NoTwinThen(f"no run of {workflow_id} at that point")
+    run = runs[-1]
+    history = await client.get_workflow_handle(workflow_id, run_id=run.run_id).fetch_history()
+    events = [
+        e for e in history.events
+        if (event_id is None or e.event_id <= event_id)
+        and (at is None or e.event_time.ToDatetime(tzinfo=at.tzinfo) <= at)
+    ]  # fmt: skip
+    last_time = events[-1].event_time.ToDatetime(tzinfo=run.start_time.tzinfo)
+    if not any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED for e in events):
+        # before the first workflow task the state is the input's: nothing to replay yet
+        inp = await _first(events[0].workflow_execution_started_event_attributes.input)
+        twin = DeviceTwin(TwinInput.model_validate(inp))
+        return twin.get(), run.run_id, last_time
+    replayer = Replayer(
+        workflows=[DeviceTwin], data_converter=pydantic_data_converter, interceptors=[_Capture()],
+        workflow_runner=UnsandboxedWorkflowRunner(),
+    )  # fmt: skip
+    await replayer.replay_workflow(WorkflowHistory(workflow_id, events), raise_on_replay_failure=True)
+    instance = _INSTANCES.pop(run.run_id)
+    return instance.get().model_copy(deep=True), run.run_id, last_time
