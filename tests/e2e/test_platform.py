@@ -237,6 +237,35 @@ async def test_onboarding_survives_killed_workers(stack: Stack, shared: dict[str
     shared["device_id"] = device_id
 
 
+async def test_twin_updates_survive_a_killed_orchestration_worker(
+    stack: Stack, shared: dict[str, Any]
+) -> None:
+    device_id = shared["device_id"]
+    admin = stack.admin_headers()
+    url = f"/v1/devices/{device_id}/twin/desired"
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=90) as http:
+        before = await json_of(http, f"/v1/devices/{device_id}/twin", admin)
+        accepted: list[int] = []
+
+        async def updates() -> None:
+            for target in range(10, 30):
+                response = await http.patch(url, json={"target_c": target}, headers=admin)
+                if response.status_code == 200:
+                    accepted.append(response.json()["version"])
+
+        sending = asyncio.create_task(updates())
+        await eventually(lambda: asyncio.sleep(0.05, len(accepted)), lambda n: n >= 5, 60, "five updates")
+        victim = stack.worker("orchestration")
+        victim.send_signal(signal.SIGKILL)
+        await sending
+        await replaced(stack, "orchestration", victim)
+        after = await json_of(http, f"/v1/devices/{device_id}/twin", admin)
+    # every update the API acknowledged is in the twin, once, in order
+    assert len(accepted) == 20
+    assert accepted == list(range(before["desired_version"] + 1, before["desired_version"] + 21))
+    assert after["desired_version"] == accepted[-1] and after["desired"]["target_c"] == 29
+
+
 # --- 4 -------------------------------------------------------------------------------------------
 
 
