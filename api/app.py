@@ -10,7 +10,7 @@ from fastapi import FastAPI
 from temporalio.client import Client
 
 from activities.devices import DeviceService
-from api.routers import devices, health, onboardings, twins
+from api.routers import devices, events, health, onboardings, telemetry, twins
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
@@ -44,6 +44,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         description="IoT device platform: every device operation is a durable Temporal workflow.",
         lifespan=lifespan,
     )
-    for router in (health.router, devices.router, onboardings.router, twins.router):
-        app.include_router(router)
+    routers = (health, devices, onboardings, twins, telemetry, events)
+    for module in routers:
+        app.include_router(module.router)
     return app

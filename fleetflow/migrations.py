@@ -128,4 +128,16 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX events_type ON notification.events (tenant, type, seq);
         """,
     ),
+    (
+        "0005_telemetry",
+        """
+        SELECT 1;  -- telemetry ingestion (filled in by the ingestion work)
+        """,
+    ),
+    (
+        "0006_event_bus",
+        """
+        SELECT 1;  -- webhook subscriptions, deliveries and dead letters (event bus work)
+        """,
+    ),
 ]

@@ -22,6 +22,11 @@ SCOPES: dict[str, str] = {
     "devices:write": "onboard, import and cancel devices",
     "devices:approve": "approve or reject onboardings that need approval",
     "system:read": "run the system check",
+    "telemetry:write": "send telemetry for any device of the tenant",
+    "telemetry:read": "read telemetry, quarantine counts and alerts",
+    "rules:write": "create and change analytics rules",
+    "events:read": "list domain events and dead letters",
+    "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",
     "admin": "everything, including device types",
 }
 
