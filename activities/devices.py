@@ -37,6 +37,7 @@ from fleetflow.contracts.devices import (
     ValidateOnboarding,
 )
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
+from fleetflow.contracts.telemetry import Unready, UnreadyDevices, WindowRef
 from fleetflow.db import Pool
 from fleetflow.security import issue_device_credential, token_hash
 from fleetflow.settings import Settings
@@ -313,6 +314,19 @@ class DeviceService:
                 )  # fmt: skip
                 if status != DeviceStatus.ACTIVE:
                     raise _refuse(f"device cannot be activated from {status!r}", "BadTransition")
+
+    @activity.defn(name="device.find_unready")
+    async def find_unready(self, ref: WindowRef) -> UnreadyDevices:
+        """The devices of a telemetry window that may not send (unknown, or not active)."""
+        rows = await self.pool.fetch(
+            """SELECT w.tenant, w.device_id, coalesce(d.status, 'unknown') AS reason
+               FROM (SELECT DISTINCT tenant, unnest(device_ids) AS device_id
+                     FROM data.ingest_batches WHERE window_id = $1) w
+               LEFT JOIN device.devices d USING (tenant, device_id)
+               WHERE d.status IS DISTINCT FROM 'active'""",
+            ref.window_id,
+        )
+        return UnreadyDevices(devices=[Unready(**dict(r.items())) for r in rows])
 
     # --- bulk ------------------------------------------------------------------
 

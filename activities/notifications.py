@@ -1,55 +1,151 @@
-"""The notification service: the durable event store; owns the `notification` schema."""
+"""The notification service: the durable event store and the event bus; owns the `notification` schema.
+
+`record_events` stores each event once (keyed by its id) and, in the same statement,
+enqueues a delivery for every subscription of the event's tenant whose event types
+match; it then nudges those subscriptions' `EventDelivery` workflows. Each workflow
+calls `deliver_pending`, which POSTs its subscription's deliveries in `seq` order,
+signed with the subscription's secret, through the process's one HTTP client.
+Subscriptions are written here directly (not through a workflow) so that their
+secrets never enter a Temporal history.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
+import asyncpg
+import httpx
 from temporalio import activity
+from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError
 
 from activities.probe import probe
-from fleetflow.contracts.common import DomainEvent, TaskQueue
-from fleetflow.contracts.events import EventBatch, RetractEvent
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.events import (
+    EVENT_DELIVERY_WORKFLOW,
+    DeliverPending,
+    DeliveryInput,
+    DeliveryProgress,
+    DeliveryView,
+    EventBatch,
+    RecordedEvent,
+    RetractEvent,
+    SubscriptionRequest,
+    SubscriptionView,
+    delivery_workflow_id,
+)
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.db import Pool
+from fleetflow.temporal import device_search_attributes
+
+log = logging.getLogger(__name__)
+
+WEBHOOK_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+# a hard cap on one POST whatever the receiver drips, well below the activity's heartbeat timeout
+POST_DEADLINE_S = 15.0
+# one deliver_pending stops taking new deliveries after this; the workflow calls it again
+BATCH_BUDGET_S = 60.0
+SIGNATURE_HEADER = "X-Fleetflow-Signature"
+_EVENT = "e.seq, e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data"
+_DELIVERY = f"d.delivery_id, d.subscription_id, d.status, d.attempts, d.last_error, d.updated_at, {_EVENT}"
+_SUBSCRIPTION = """s.subscription_id, s.tenant, s.url, s.event_types, s.max_attempts, s.backoff_s,
+    s.max_backoff_s, s.created_by, s.created_at,
+    (SELECT count(*) FROM notification.deliveries p
+     WHERE p.subscription_id = s.subscription_id AND p.status = 'pending') AS pending,
+    (SELECT count(*) FROM notification.deliveries p
+     WHERE p.subscription_id = s.subscription_id AND p.status = 'dead') AS dead_letters"""
+
+
+class NotDeadLettered(Exception):
+    """Redelivery asked for a delivery that is not a dead letter."""
+
+
+def sign(secret: str, body: bytes) -> str:
+    """The signature header value of a body: `sha256=<hex of HMAC-SHA256(secret, body)>`."""
+    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def _event(row: asyncpg.Record) -> RecordedEvent:
+    return RecordedEvent.model_validate({k: row[k] for k in RecordedEvent.model_fields})
+
+
+def _delivery(row: asyncpg.Record) -> DeliveryView:
+    fields = {k: row[k] for k in DeliveryView.model_fields if k != "event"}
+    return DeliveryView(**fields, event=_event(row))
+
+
+def _subscription(row: asyncpg.Record) -> SubscriptionView:
+    fields = {k: row[k] for k in SubscriptionView.model_fields if k != "workflow_id"}
+    return SubscriptionView(**fields, workflow_id=delivery_workflow_id(row["tenant"], row["subscription_id"]))
 
 
 class NotificationService:
-    """Activities of the `notification` task queue, and the event read model."""
+    """Activities of the `notification` task queue, the event read model and the subscriptions."""
 
     queue = TaskQueue.NOTIFICATION
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, temporal: Client | None = None, http: httpx.AsyncClient | None = None):
         self.pool = pool
+        self.temporal = temporal
+        self._http = http
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The process's outbound client; made on first use when the process gave none."""
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT)
+        return self._http
 
     @activity.defn(name="notification.ping")
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
 
+    # --- the event store -------------------------------------------------------
+
     @activity.defn(name="notification.record_events")
     async def record_events(self, batch: EventBatch) -> int:
-        """Record events once each (keyed by event id); returns how many were new."""
+        """Record events once each (keyed by event id) and enqueue their deliveries; returns how
+        many were new. A retry after the commit finds every event there and enqueues nothing more."""
         rows = [
             (e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow,
              e.data)
             for e in batch.events
         ]  # fmt: skip
         async with self.pool.acquire() as conn:
-            result = await conn.fetchval(
+            result = await conn.fetchrow(
                 """WITH ins AS (
                      INSERT INTO notification.events (event_id, tenant, device_id, type, occurred_at,
                          actor, source_workflow, data)
                      SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
                          $5::timestamptz[], $6::text[], $7::text[], $8::jsonb[])
-                     ON CONFLICT (event_id) DO NOTHING RETURNING 1)
-                   SELECT count(*) FROM ins""",
+                     ON CONFLICT (event_id) DO NOTHING RETURNING seq, tenant, type),
+                   queued AS (
+                     INSERT INTO notification.deliveries (subscription_id, event_seq)
+                     SELECT s.subscription_id, ins.seq FROM ins JOIN notification.subscriptions s
+                       ON s.tenant = ins.tenant
+                      AND (ins.type = ANY(s.event_types) OR '*' = ANY(s.event_types))
+                     ON CONFLICT DO NOTHING RETURNING subscription_id)
+                   SELECT (SELECT count(*) FROM ins) AS new,
+                          array(SELECT DISTINCT subscription_id FROM queued) AS subscriptions""",
                 *map(list, zip(*rows, strict=True)),
             )  # fmt: skip
-        return int(result or 0)
+        assert result is not None
+        await self._nudge(result["subscriptions"])
+        return int(result["new"])
 
     @activity.defn(name="notification.retract_event")
     async def retract_event(self, request: RetractEvent) -> None:
-        """Compensation of recording an event whose operation was undone."""
+        """Compensation of recording an event whose operation was undone (its deliveries go too)."""
         await self.pool.execute("DELETE FROM notification.events WHERE event_id = $1", request.event_id)
 
     async def list_events(
@@ -59,15 +155,218 @@ class NotificationService:
         device_id: str | None = None,
         event_type: str | None = None,
         since: datetime | None = None,
+        after: int | None = None,
         limit: int = 100,
-    ) -> list[DomainEvent]:
-        """Events of tenant in recorded order."""
+    ) -> list[RecordedEvent]:
+        """Events of tenant in recorded order (`after`: only those past that seq)."""
         rows = await self.pool.fetch(
-            """SELECT event_id, tenant, device_id, type, occurred_at, actor, source_workflow, data
-               FROM notification.events
+            f"""SELECT {_EVENT} FROM notification.events e
                WHERE tenant = $1 AND ($2::text IS NULL OR device_id = $2)
                  AND ($3::text IS NULL OR type = $3) AND ($4::timestamptz IS NULL OR occurred_at >= $4)
-               ORDER BY seq LIMIT $5""",
-            tenant, device_id, event_type, since, limit,
+                 AND ($5::bigint IS NULL OR seq > $5)
+               ORDER BY seq LIMIT $6""",
+            tenant, device_id, event_type, since, after, limit,
         )  # fmt: skip
-        return [DomainEvent.model_validate(dict(r.items())) for r in rows]
+        return [_event(r) for r in rows]
+
+    # --- delivery ----------------------------------------------------------------
+
+    @activity.defn(name="notification.deliver_pending")
+    async def deliver_pending(self, request: DeliverPending) -> DeliveryProgress:
+        """POST the subscription's pending deliveries in seq order, marking each once delivered.
+
+        A failed POST counts against that delivery's attempts. Below the subscription's
+        limit, the activity fails when it has delivered nothing yet (Temporal retries it
+        with backoff) or returns when it has (its progress counted; the next call starts
+        with fresh backoff). At the limit the delivery becomes a dead letter and the
+        activity returns, so the queue moves on. At least once: a crash between a POST
+        and its mark sends that event again.
+        """
+        sub = await self.pool.fetchrow(
+            "SELECT url, secret, max_attempts FROM notification.subscriptions WHERE subscription_id = $1",
+            request.subscription_id,
+        )
+        if sub is None:
+            return DeliveryProgress(gone=True)
+        rows = await self.pool.fetch(
+            f"""SELECT d.delivery_id, d.attempts, {_EVENT}
+               FROM notification.deliveries d JOIN notification.events e ON e.seq = d.event_seq
+               WHERE d.subscription_id = $1 AND d.status = 'pending' ORDER BY d.event_seq LIMIT $2""",
+            request.subscription_id, request.batch_limit,
+        )  # fmt: skip
+        progress = DeliveryProgress(more=len(rows) == request.batch_limit)
+        deadline = time.monotonic() + BATCH_BUDGET_S
+        for row in rows:
+            if time.monotonic() > deadline:
+                return progress.model_copy(update={"more": True})
+            if activity.in_activity():
+                activity.heartbeat(progress.delivered)
+            event = _event(row)
+            error = await self._post(sub["url"], sub["secret"], event)
+            status = await self._mark(row["delivery_id"], error, sub["max_attempts"])
+            if status == "delivered":
+                progress.delivered += 1
+            if status in ("delivered", "gone"):
+                continue
+            if status == "dead":
+                return progress.model_copy(update={"dead_lettered": 1, "more": True})
+            if progress.delivered:
+                return progress.model_copy(update={"more": True})
+            raise ApplicationError(
+                f"event {event.seq} to {sub['url']}: {error} (attempt {row['attempts'] + 1} "
+                f"of {sub['max_attempts']})",
+                type="DeliveryFailed",
+            )
+        return progress
+
+    async def _post(self, url: str, secret: str, event: RecordedEvent) -> str | None:
+        """POST one event; None when the receiver answered 2xx, else why not."""
+        body = event.model_dump_json().encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "fleetflow-webhooks/0.1",
+            "X-Fleetflow-Event-Id": event.event_id,
+            "X-Fleetflow-Event-Type": event.type,
+            SIGNATURE_HEADER: sign(secret, body),
+        }
+        try:
+            async with asyncio.timeout(POST_DEADLINE_S):
+                response = await self.http.post(url, content=body, headers=headers)
+        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as exc:
+            return f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
+        if response.is_success:
+            return None
+        return f"HTTP {response.status_code}: {response.text[:200]}"
+
+    async def _mark(self, delivery_id: int, error: str | None, max_attempts: int) -> str:
+        """Record one attempt; returns the delivery's status after it."""
+        status = await self.pool.fetchval(
+            """UPDATE notification.deliveries SET attempts = attempts + 1, updated_at = now(),
+                   last_error = coalesce($2, last_error),
+                   status = CASE WHEN $2::text IS NULL THEN 'delivered'
+                                 WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END
+               WHERE delivery_id = $1 AND status = 'pending' RETURNING status""",
+            delivery_id, error, max_attempts,
+        )  # fmt: skip
+        # gone meanwhile (event retracted, subscription deleted): nothing left to retry
+        return str(status or "gone")
+
+    async def _nudge(self, subscription_ids: Sequence[str]) -> None:
+        """Wake the delivery workflows, starting any that is not running. Best effort: each
+        workflow also polls on a timer, so a lost nudge only delays delivery."""
+        if not subscription_ids or self.temporal is None:
+            return
+        rows = await self.pool.fetch(
+            "SELECT * FROM notification.subscriptions WHERE subscription_id = ANY($1)", list(subscription_ids)
+        )
+        results = await asyncio.gather(*(self._signal_with_start(r) for r in rows), return_exceptions=True)
+        for row, result in zip(rows, results, strict=True):
+            if isinstance(result, BaseException):
+                log.warning("deliveries of %s not nudged: %s", row["subscription_id"], result)
+
+    async def _signal_with_start(self, row: asyncpg.Record) -> None:
+        if self.temporal is None:
+            raise RuntimeError("the notification service needs a Temporal client for subscriptions")
+        inp = DeliveryInput(
+            tenant=row["tenant"], subscription_id=row["subscription_id"], backoff_s=row["backoff_s"],
+            max_backoff_s=row["max_backoff_s"],
+        )  # fmt: skip
+        await self.temporal.start_workflow(
+            EVENT_DELIVERY_WORKFLOW, inp, id=delivery_workflow_id(inp.tenant, inp.subscription_id),
+            task_queue=TaskQueue.ORCHESTRATION.value, start_signal="nudge",
+            search_attributes=device_search_attributes(inp.tenant, "event-delivery"),
+        )  # fmt: skip
+
+    # --- subscriptions and dead letters (the API's side) ------------------------------
+
+    async def create_subscription(
+        self, tenant: str, created_by: str, request: SubscriptionRequest
+    ) -> SubscriptionView:
+        """Store the subscription and start its delivery workflow; it receives events recorded
+        from now on."""
+        row = await self.pool.fetchrow(
+            """INSERT INTO notification.subscriptions (subscription_id, tenant, url, event_types,
+                   secret, max_attempts, backoff_s, max_backoff_s, created_by)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *, 0 AS pending, 0 AS dead_letters""",
+            f"sub-{uuid.uuid4().hex[:20]}", tenant, str(request.url), request.event_types, request.secret,
+            request.max_attempts, request.backoff_s, request.max_backoff_s, created_by,
+        )  # fmt: skip
+        assert row is not None
+        try:
+            await self._signal_with_start(row)
+        except Exception:
+            # no workflow, no subscription: the caller may simply try again
+            await self.pool.execute(
+                "DELETE FROM notification.subscriptions WHERE subscription_id = $1", row["subscription_id"]
+            )
+            raise
+        return _subscription(row)
+
+    async def list_subscriptions(
+        self, tenant: str, subscription_id: str | None = None
+    ) -> list[SubscriptionView]:
+        """The tenant's subscriptions (or the one named), oldest first."""
+        rows = await self.pool.fetch(
+            f"""SELECT {_SUBSCRIPTION} FROM notification.subscriptions s
+               WHERE s.tenant = $1 AND ($2::text IS NULL OR s.subscription_id = $2)
+               ORDER BY s.created_at, s.subscription_id""",
+            tenant, subscription_id,
+        )  # fmt: skip
+        return [_subscription(r) for r in rows]
+
+    async def delete_subscription(self, tenant: str, subscription_id: str) -> bool:
+        """Delete it with its deliveries and dead letters, and stop its workflow; False if unknown."""
+        deleted = await self.pool.fetchval(
+            """DELETE FROM notification.subscriptions WHERE tenant = $1 AND subscription_id = $2
+               RETURNING subscription_id""",
+            tenant, subscription_id,
+        )  # fmt: skip
+        if deleted is None:
+            return False
+        if self.temporal is not None:
+            try:
+                workflow_id = delivery_workflow_id(tenant, subscription_id)
+                await self.temporal.get_workflow_handle(workflow_id).cancel()
+            except RPCError as exc:  # not running: nothing to stop (a late run ends by itself)
+                log.info("deliveries of %s not cancelled: %s", subscription_id, exc)
+        return True
+
+    async def dead_letters(
+        self, tenant: str, *, subscription_id: str | None = None, after: int | None = None, limit: int = 100
+    ) -> list[DeliveryView]:
+        """The tenant's dead letters by delivery id."""
+        return await self._deliveries(tenant, "d.status = 'dead'", subscription_id, after, limit)
+
+    async def redeliver(self, tenant: str, delivery_id: int) -> DeliveryView | None:
+        """Queue a dead letter again (in its seq place, with a fresh attempt budget) and wake its
+        workflow; None when the tenant has no such delivery, NotDeadLettered when it is not dead."""
+        subscription_id = await self.pool.fetchval(
+            """UPDATE notification.deliveries d SET status = 'pending', attempts = 0, updated_at = now()
+               FROM notification.subscriptions s
+               WHERE d.delivery_id = $2 AND d.status = 'dead'
+                 AND s.subscription_id = d.subscription_id AND s.tenant = $1
+               RETURNING d.subscription_id""",
+            tenant, delivery_id,
+        )  # fmt: skip
+        found = await self._deliveries(tenant, "d.delivery_id = $5", None, None, 1, delivery_id)
+        if not found:
+            return None
+        if subscription_id is None:
+            raise NotDeadLettered(f"delivery {delivery_id} is {found[0].status}, not a dead letter")
+        await self._nudge([subscription_id])
+        return found[0]
+
+    async def _deliveries(
+        self, tenant: str, where: str, subscription_id: str | None, after: int | None, limit: int,
+        *extra: Any,
+    ) -> list[DeliveryView]:  # fmt: skip
+        rows = await self.pool.fetch(
+            f"""SELECT {_DELIVERY} FROM notification.deliveries d
+               JOIN notification.subscriptions s ON s.subscription_id = d.subscription_id
+               JOIN notification.events e ON e.seq = d.event_seq
+               WHERE s.tenant = $1 AND {where} AND ($2::text IS NULL OR d.subscription_id = $2)
+                 AND ($3::bigint IS NULL OR d.delivery_id > $3)
+               ORDER BY d.delivery_id LIMIT $4""",
+            tenant, subscription_id, after, limit, *extra,
+        )  # fmt: skip
+        return [_delivery(r) for r in rows]

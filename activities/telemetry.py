@@ -1,17 +1,34 @@
-"""The data service: owns the `data` schema (telemetry readings)."""
+"""The data service: telemetry storage; owns the `data` schema.
+
+Acknowledged batches wait in `data.ingest_batches` (written by the API before it
+answers 202). A TelemetryIngestion workflow claims them in windows; storing a
+window moves its rows with COPY into the time-partitioned `data.readings`, puts
+readings of devices that may not send into quarantine, and writes per-series
+aggregates for the analytics service, all in one transaction: a retry finds the
+window stored and does nothing twice.
+"""
 
 from __future__ import annotations
+
+import asyncio
+import io
+from datetime import date, timedelta
+from typing import Any
 
 from temporalio import activity
 
 from activities.probe import probe
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
+from fleetflow.contracts.telemetry import ClaimWindow, Stored, StoreWindow, Window
 from fleetflow.db import Pool
+
+POLL_S = 0.025
+_PARTITION_LOCK = 7_001_338
 
 
 class DataService:
-    """Activities of the `data` task queue."""
+    """Activities of the `data` task queue, and the telemetry read model."""
 
     queue = TaskQueue.DATA
 
@@ -22,3 +39,150 @@ class DataService:
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
+
+    @activity.defn(name="data.claim_window")
+    async def claim_window(self, request: ClaimWindow) -> Window:
+        """Claim pending batches of this shard (oldest first, up to max_readings).
+
+        Returns as soon as there is something, or empty after max_wait_ms; a retry
+        returns what this window already claimed.
+        """
+        deadline = asyncio.get_running_loop().time() + request.max_wait_ms / 1000
+        while True:
+            row = await self.pool.fetchrow(
+                """WITH mine AS (
+                       SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings
+                       FROM data.ingest_batches WHERE window_id = $1),
+                   oldest AS (
+                       SELECT tenant, batch_id, readings, received_at FROM data.ingest_batches
+                       WHERE status = 'pending' AND bucket % $3 = $2
+                         AND NOT EXISTS (SELECT 1 FROM mine WHERE batches > 0)
+                       ORDER BY received_at, tenant, batch_id LIMIT 2000),
+                   candidates AS (
+                       SELECT tenant, batch_id,
+                              sum(readings) OVER (ORDER BY received_at, tenant, batch_id) AS running
+                       FROM oldest),
+                   picked AS (
+                       SELECT b.tenant, b.batch_id FROM data.ingest_batches b
+                       JOIN candidates c USING (tenant, batch_id)
+                       WHERE c.running <= $4 OR c.running = (SELECT min(running) FROM candidates)
+                       FOR UPDATE OF b SKIP LOCKED),
+                   claimed AS (
+                       UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
+                       FROM picked p WHERE b.tenant = p.tenant AND b.batch_id = p.batch_id
+                         AND b.status = 'pending'
+                       RETURNING b.readings)
+                   SELECT (SELECT batches FROM mine) + (SELECT count(*) FROM claimed) AS batches,
+                          (SELECT readings FROM mine) + (SELECT coalesce(sum(readings), 0) FROM claimed)
+                              AS readings""",
+                request.window_id, request.shard, request.shards, request.max_readings,
+            )  # fmt: skip
+            assert row is not None
+            if row["batches"] or asyncio.get_running_loop().time() >= deadline:
+                return Window(window_id=request.window_id, batches=row["batches"], readings=row["readings"])
+            activity.heartbeat()
+            await asyncio.sleep(POLL_S)
+
+    @activity.defn(name="data.store_window")
+    async def store_window(self, request: StoreWindow) -> Stored:
+        """COPY the window's readings into data.readings, quarantine the unready devices' ones."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchrow("SELECT * FROM data.windows WHERE window_id = $1", request.window_id)
+            if done is not None:
+                return Stored(
+                    window_id=request.window_id, stored=done["stored"],
+                    quarantined=done["quarantined"], by_tenant=done["by_tenant"],
+                )  # fmt: skip
+            await conn.execute(
+                """CREATE TEMP TABLE incoming (tenant text, batch_id text, device_id text, metric text,
+                       ts timestamptz, value double precision) ON COMMIT DROP"""
+            )
+            payloads = await conn.fetch(
+                "SELECT payload FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'",
+                request.window_id,
+            )
+            source = io.BytesIO(b"".join(r["payload"] for r in payloads))
+            await conn.copy_to_table("incoming", source=source, format="csv")
+            quarantined = await _quarantine(conn, request) if request.quarantine else {}
+            # one pass for the analytics aggregates; first/last values without sorting
+            await conn.execute(
+                """INSERT INTO data.window_stats
+                   SELECT $1, tenant, device_id, metric, count(*), avg(value),
+                          coalesce(var_pop(value), 0), min(value), max(value),
+                          min(ts), (min(ARRAY[extract(epoch FROM ts)::float8, value]))[2],
+                          max(ts), (max(ARRAY[extract(epoch FROM ts)::float8, value]))[2]
+                   FROM incoming GROUP BY tenant, device_id, metric""",
+                request.window_id,
+            )
+            span = await conn.fetchrow(
+                """SELECT min(first_ts)::date AS first, max(last_ts)::date AS last
+                   FROM data.window_stats WHERE window_id = $1""",
+                request.window_id,
+            )
+            if span is not None and span["first"] is not None:
+                await _ensure_partitions(conn, span["first"], span["last"])
+            await conn.execute(
+                """INSERT INTO data.readings (tenant, device_id, metric, ts, value)
+                   SELECT tenant, device_id, metric, ts, value FROM incoming"""
+            )
+            by_tenant: dict[str, dict[str, int]] = {
+                r["tenant"]: {"stored": int(r["stored"]), "quarantined": 0}
+                for r in await conn.fetch(
+                    """SELECT tenant, sum(n) AS stored FROM data.window_stats
+                       WHERE window_id = $1 GROUP BY tenant""",
+                    request.window_id,
+                )
+            }
+            for tenant, count in quarantined.items():
+                by_tenant.setdefault(tenant, {"stored": 0, "quarantined": 0})["quarantined"] = count
+            stored = sum(t["stored"] for t in by_tenant.values())
+            await conn.execute(
+                """UPDATE data.ingest_batches SET status = 'stored', stored_at = now(), payload = NULL
+                   WHERE window_id = $1""",
+                request.window_id,
+            )
+            await conn.execute(
+                """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
+                   VALUES ($1, $2, $3, $4)""",
+                request.window_id, stored, sum(quarantined.values()), by_tenant,
+            )  # fmt: skip
+        return Stored(
+            window_id=request.window_id, stored=stored, quarantined=sum(quarantined.values()),
+            by_tenant=by_tenant,
+        )  # fmt: skip
+
+
+async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
+    """Move the unready devices' rows out of `incoming` into quarantine; counts per tenant."""
+    q = request.quarantine
+    await conn.execute(
+        """CREATE TEMP TABLE unready ON COMMIT DROP AS
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, device_id, reason)""",
+        [u.tenant for u in q], [u.device_id for u in q], [u.reason for u in q],
+    )  # fmt: skip
+    rows = await conn.fetch(
+        """WITH moved AS (
+               DELETE FROM incoming i USING unready u
+               WHERE u.tenant = i.tenant AND u.device_id = i.device_id
+               RETURNING i.*, u.reason),
+           kept AS (
+               INSERT INTO data.quarantined_readings
+               SELECT tenant, device_id, metric, ts, value, reason, batch_id, $1 FROM moved
+               RETURNING tenant)
+           SELECT tenant, count(*) AS n FROM kept GROUP BY tenant""",
+        request.window_id,
+    )
+    return {r["tenant"]: int(r["n"]) for r in rows}
+
+
+async def _ensure_partitions(conn: Any, first: date, last: date) -> None:
+    """Daily partitions of data.readings for every day in [first, last]."""
+    await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
+    day = first
+    while day <= last:
+        name = f"readings_{day:%Y%m%d}"
+        await conn.execute(
+            f"""CREATE TABLE IF NOT EXISTS data.{name} PARTITION OF data.readings
+                FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')"""
+        )
+        day += timedelta(days=1)

@@ -9,7 +9,9 @@ import httpx
 from fastapi import FastAPI
 from temporalio.client import Client
 
+from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
+from api.ingestion import ensure_ingestion
 from api.routers import devices, events, health, onboardings, telemetry, twins
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
@@ -28,10 +30,11 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         client = temporal or await connect(settings)
         pool = await create_pool(database_url(settings), size=settings.db_pool_size)
         await migrate(pool)
+        await ensure_ingestion(client, settings.ingest_shards)
         async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
             app.state.fleetflow = AppState(
                 settings=settings, temporal=client, pool=pool, http=http,
-                devices=DeviceService(pool, settings),
+                devices=DeviceService(pool, settings), analytics=AnalyticsService(pool),
             )  # fmt: skip
             try:
                 yield

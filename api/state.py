@@ -8,6 +8,7 @@ import httpx
 from fastapi import Request
 from temporalio.client import Client
 
+from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
@@ -22,6 +23,7 @@ class AppState:
     pool: Pool
     http: httpx.AsyncClient
     devices: DeviceService
+    analytics: AnalyticsService
 
     def ui_url(self, workflow_id: str, run_id: str | None = None) -> str:
         """The Temporal Web UI page of a workflow run."""

@@ -131,13 +131,148 @@ MIGRATIONS: list[tuple[str, str]] = [
     (
         "0005_telemetry",
         """
-        SELECT 1;  -- telemetry ingestion (filled in by the ingestion work)
+        -- acknowledged batches: durable before the API answers 202, processed in windows
+        CREATE TABLE data.ingest_batches (
+            tenant      text NOT NULL,
+            batch_id    text NOT NULL,
+            bucket      integer NOT NULL,          -- 0..1023; shard = bucket % shards
+            readings    integer NOT NULL,
+            device_ids  text[] NOT NULL,
+            payload     bytea,                     -- CSV rows, dropped once stored
+            received_at timestamptz NOT NULL DEFAULT now(),
+            status      text NOT NULL DEFAULT 'pending'
+                        CHECK (status IN ('pending', 'claimed', 'stored')),
+            window_id   text,
+            stored_at   timestamptz,
+            PRIMARY KEY (tenant, batch_id)
+        );
+        CREATE INDEX ingest_batches_pending ON data.ingest_batches (received_at)
+            WHERE status = 'pending';
+        CREATE INDEX ingest_batches_window ON data.ingest_batches (window_id);
+        CREATE TABLE data.readings (
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            metric    text NOT NULL,
+            ts        timestamptz NOT NULL,
+            value     double precision NOT NULL
+        ) PARTITION BY RANGE (ts);
+        CREATE INDEX readings_series ON data.readings (tenant, device_id, metric, ts);
+        CREATE TABLE data.quarantined_readings (
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            metric    text NOT NULL,
+            ts        timestamptz NOT NULL,
+            value     double precision NOT NULL,
+            reason    text NOT NULL,
+            batch_id  text NOT NULL,
+            window_id text NOT NULL
+        );
+        CREATE INDEX quarantined_device ON data.quarantined_readings (tenant, device_id);
+        CREATE TABLE data.windows (
+            window_id   text PRIMARY KEY,
+            stored      bigint NOT NULL,
+            quarantined bigint NOT NULL,
+            by_tenant   jsonb NOT NULL,
+            stored_at   timestamptz NOT NULL DEFAULT now()
+        );
+        -- per-series aggregates of a window: the analytics service reads these, not the rows
+        CREATE TABLE data.window_stats (
+            window_id   text NOT NULL,
+            tenant      text NOT NULL,
+            device_id   text NOT NULL,
+            metric      text NOT NULL,
+            n           bigint NOT NULL,
+            mean        double precision NOT NULL,
+            var         double precision NOT NULL,
+            min_value   double precision NOT NULL,
+            max_value   double precision NOT NULL,
+            first_ts    timestamptz NOT NULL,
+            first_value double precision NOT NULL,
+            last_ts     timestamptz NOT NULL,
+            last_value  double precision NOT NULL,
+            PRIMARY KEY (window_id, tenant, device_id, metric)
+        );
+        CREATE TABLE analytics.rules (
+            tenant      text NOT NULL,
+            rule_id     text NOT NULL,
+            device_type text NOT NULL,
+            metric      text NOT NULL,
+            kind        text NOT NULL CHECK (kind IN ('threshold', 'rate', 'zscore')),
+            params      jsonb NOT NULL,
+            enabled     boolean NOT NULL DEFAULT true,
+            PRIMARY KEY (tenant, rule_id)
+        );
+        CREATE TABLE analytics.series (
+            tenant     text NOT NULL,
+            device_id  text NOT NULL,
+            metric     text NOT NULL,
+            n          bigint NOT NULL,
+            mean       double precision NOT NULL,
+            var        double precision NOT NULL,
+            last_ts    timestamptz NOT NULL,
+            last_value double precision NOT NULL,
+            PRIMARY KEY (tenant, device_id, metric)
+        );
+        CREATE TABLE analytics.alerts (
+            alert_id     bigserial PRIMARY KEY,
+            tenant       text NOT NULL,
+            device_id    text NOT NULL,
+            rule_id      text NOT NULL,
+            metric       text NOT NULL,
+            status       text NOT NULL CHECK (status IN ('open', 'cleared')),
+            raised_at    timestamptz NOT NULL,
+            raised_value double precision NOT NULL,
+            detail       text NOT NULL,
+            cleared_at   timestamptz,
+            cleared_value double precision
+        );
+        -- one open alert per device and rule: a flapping sensor cannot raise a storm
+        CREATE UNIQUE INDEX alerts_one_open ON analytics.alerts (tenant, device_id, rule_id)
+            WHERE status = 'open';
+        CREATE INDEX alerts_status ON analytics.alerts (tenant, status, alert_id);
+        CREATE TABLE analytics.windows (
+            window_id text PRIMARY KEY,
+            events    jsonb NOT NULL
+        );
         """,
     ),
     (
         "0006_event_bus",
         """
-        SELECT 1;  -- webhook subscriptions, deliveries and dead letters (event bus work)
+        -- webhook subscribers; the secret signs each delivery (HMAC), so it is kept
+        CREATE TABLE notification.subscriptions (
+            subscription_id text PRIMARY KEY,
+            tenant          text NOT NULL,
+            url             text NOT NULL,
+            event_types     text[] NOT NULL,
+            secret          text NOT NULL,
+            max_attempts    integer NOT NULL,
+            backoff_s       double precision NOT NULL,
+            max_backoff_s   double precision NOT NULL,
+            created_by      text NOT NULL,
+            created_at      timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX subscriptions_tenant ON notification.subscriptions (tenant);
+        -- one row per (subscription, event), enqueued in the transaction that records the event;
+        -- a dead letter is a delivery with status 'dead'
+        CREATE TABLE notification.deliveries (
+            delivery_id     bigserial PRIMARY KEY,
+            subscription_id text NOT NULL
+                            REFERENCES notification.subscriptions ON DELETE CASCADE,
+            event_seq       bigint NOT NULL REFERENCES notification.events (seq) ON DELETE CASCADE,
+            status          text NOT NULL DEFAULT 'pending'
+                            CHECK (status IN ('pending', 'delivered', 'dead')),
+            attempts        integer NOT NULL DEFAULT 0,
+            last_error      text,
+            created_at      timestamptz NOT NULL DEFAULT now(),
+            updated_at      timestamptz NOT NULL DEFAULT now(),
+            UNIQUE (subscription_id, event_seq)
+        );
+        CREATE INDEX deliveries_pending ON notification.deliveries (subscription_id, event_seq)
+            WHERE status = 'pending';
+        CREATE INDEX deliveries_dead ON notification.deliveries (subscription_id, delivery_id)
+            WHERE status = 'dead';
+        CREATE INDEX deliveries_event ON notification.deliveries (event_seq);
         """,
     ),
 ]

@@ -30,6 +30,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_JWT_SECRET": ("jwt_secret", "random, kept in $FLEETFLOW_DATA_DIR/jwt-secret"),
     "FLEETFLOW_JWT_ISSUER": ("jwt_issuer", "fleetflow"),
     "FLEETFLOW_DB_POOL_SIZE": ("db_pool_size", "10"),
+    "FLEETFLOW_INGEST_SHARDS": ("ingest_shards", "2"),
     "FLEETFLOW_LOG_LEVEL": ("log_level", "INFO"),
     "OTEL_EXPORTER_OTLP_ENDPOINT": ("otlp_endpoint", "unset: tracing export off"),
 }
@@ -53,6 +54,7 @@ class Settings(BaseModel):
     jwt_secret: Annotated[str, Field(min_length=32)] | None = None
     jwt_issuer: str = "fleetflow"
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
+    ingest_shards: Annotated[int, Field(ge=1, le=64)] = 2
     log_level: str = "INFO"
     otlp_endpoint: str | None = None
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import httpx
+from temporalio.client import Client
+
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
@@ -15,13 +18,29 @@ from fleetflow.settings import Settings
 from workflows.bulk_onboarding import BulkOnboarding
 from workflows.device_onboarding import DeviceOnboarding
 from workflows.device_twin import DeviceTwin
+from workflows.event_delivery import EventDelivery
 from workflows.system_check import SystemCheck
+from workflows.telemetry_ingestion import TelemetryIngestion
 
-WORKFLOWS: Sequence[type] = (SystemCheck, DeviceOnboarding, BulkOnboarding, DeviceTwin)
+WORKFLOWS: Sequence[type] = (
+    SystemCheck,
+    DeviceOnboarding,
+    BulkOnboarding,
+    DeviceTwin,
+    TelemetryIngestion,
+    EventDelivery,
+)
 
 
-def service_for(queue: TaskQueue, pool: Pool, settings: Settings) -> object:
-    """The service instance that owns queue."""
+def service_for(
+    queue: TaskQueue,
+    pool: Pool,
+    settings: Settings,
+    temporal: Client | None = None,
+    http: httpx.AsyncClient | None = None,
+) -> object:
+    """The service instance that owns queue; the notification service signals its delivery
+    workflows through temporal and calls webhooks through http (the process's client)."""
     if queue is TaskQueue.DEVICE:
         return DeviceService(pool, settings)
     if queue is TaskQueue.DATA:
@@ -29,7 +48,7 @@ def service_for(queue: TaskQueue, pool: Pool, settings: Settings) -> object:
     if queue is TaskQueue.ANALYTICS:
         return AnalyticsService(pool)
     if queue is TaskQueue.NOTIFICATION:
-        return NotificationService(pool)
+        return NotificationService(pool, temporal, http)
     raise ValueError(f"{queue.value} runs workflows, not a service")
 
 

@@ -7,9 +7,11 @@ import logging
 import signal
 from datetime import timedelta
 
+import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from activities.notifications import WEBHOOK_TIMEOUT
 from fleetflow import observability
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import Pool, create_pool, migrate
@@ -27,6 +29,7 @@ def build_worker(
     pool: Pool | None,
     settings: Settings,
     service: object | None = None,
+    http: httpx.AsyncClient | None = None,
 ) -> Worker:
     """A worker for queue: workflows on `orchestration`, the owning service's activities elsewhere."""
     if queue is TaskQueue.ORCHESTRATION:
@@ -35,7 +38,7 @@ def build_worker(
             graceful_shutdown_timeout=timedelta(seconds=5),
         )  # fmt: skip
     assert pool is not None
-    service = service or service_for(queue, pool, settings)
+    service = service or service_for(queue, pool, settings, client, http)
     return Worker(
         client, task_queue=queue.value, activities=activities_of(service),
         max_concurrent_activities=max(4, settings.db_pool_size * 2),
@@ -56,7 +59,11 @@ async def run_worker(queue: TaskQueue, settings: Settings) -> None:
         pool = await create_pool(database_url(settings), size=settings.db_pool_size)
         await migrate(pool)
     try:
-        async with build_worker(client, queue, pool, settings):
+        # the process's one outbound HTTP client (webhooks), closed with the worker
+        async with (
+            httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as http,
+            build_worker(client, queue, pool, settings, http=http),
+        ):
             log.info("worker for %s started", queue.value)
             await stop.wait()
     finally:

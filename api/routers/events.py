@@ -1,7 +1,114 @@
-"""Routes of the events resource."""
+"""The event bus: domain events, webhook subscriptions and dead letters."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from datetime import datetime
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Response, status
+
+from activities.notifications import NotDeadLettered, NotificationService
+from api.auth import State, require
+from api.problems import conflict, not_found
+from fleetflow.contracts.events import (
+    DeliveryPage,
+    DeliveryView,
+    EventPage,
+    EventTypeName,
+    SubscriptionRequest,
+    SubscriptionView,
+)
+from fleetflow.security import TokenClaims
 
 router = APIRouter(tags=["events"])
+Reader = Annotated[TokenClaims, Depends(require("events:read"))]
+Manager = Annotated[TokenClaims, Depends(require("subscriptions:write"))]
+Limit = Annotated[int, Query(ge=1, le=1000)]
+After = Annotated[int | None, Query(ge=0, description="the last seq (or id) of the previous page")]
+
+
+def _service(state: State) -> NotificationService:
+    # a thin view over the process's pool, Temporal client and HTTP client
+    return NotificationService(state.pool, state.temporal, state.http)
+
+
+Service = Annotated[NotificationService, Depends(_service)]
+
+
+@router.get("/v1/events", response_model=EventPage)
+async def list_events(
+    service: Service,
+    claims: Reader,
+    device_id: Annotated[str | None, Query(max_length=128)] = None,
+    event_type: Annotated[EventTypeName | None, Query(alias="type")] = None,
+    since: Annotated[datetime | None, Query(description="occurred at or after (RFC 3339)")] = None,
+    after: After = None,
+    limit: Limit = 100,
+) -> EventPage:
+    """The tenant's domain events in recorded order."""
+    items = await service.list_events(
+        claims.tenant, device_id=device_id, event_type=event_type, since=since, after=after, limit=limit
+    )
+    return EventPage(items=items, next_after=items[-1].seq if len(items) == limit else None)
+
+
+@router.post("/v1/subscriptions", status_code=status.HTTP_201_CREATED, response_model=SubscriptionView)
+async def create_subscription(
+    body: SubscriptionRequest, service: Service, claims: Manager
+) -> SubscriptionView:
+    """Subscribe a webhook to event types (or `["*"]`); it receives events recorded from now on."""
+    return await service.create_subscription(claims.tenant, claims.subject, body)
+
+
+@router.get("/v1/subscriptions", response_model=list[SubscriptionView])
+async def list_subscriptions(service: Service, claims: Manager) -> list[SubscriptionView]:
+    """The tenant's subscriptions with their pending and dead-lettered counts (never the secret)."""
+    return await service.list_subscriptions(claims.tenant)
+
+
+@router.get("/v1/subscriptions/{subscription_id}", response_model=SubscriptionView)
+async def get_subscription(subscription_id: str, service: Service, claims: Manager) -> SubscriptionView:
+    """One subscription of the tenant."""
+    found = await service.list_subscriptions(claims.tenant, subscription_id)
+    if not found:
+        raise not_found(f"subscription {subscription_id!r}")
+    return found[0]
+
+
+@router.delete("/v1/subscriptions/{subscription_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_subscription(subscription_id: str, service: Service, claims: Manager) -> Response:
+    """Stop delivering: the subscription, its pending deliveries and dead letters are removed."""
+    if not await service.delete_subscription(claims.tenant, subscription_id):
+        raise not_found(f"subscription {subscription_id!r}")
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+@router.get("/v1/dead-letters", response_model=DeliveryPage)
+async def dead_letters(
+    service: Service,
+    claims: Reader,
+    subscription_id: Annotated[str | None, Query(max_length=64)] = None,
+    after: After = None,
+    limit: Limit = 100,
+) -> DeliveryPage:
+    """Events that exhausted their subscription's attempts, with the last error."""
+    items = await service.dead_letters(
+        claims.tenant, subscription_id=subscription_id, after=after, limit=limit
+    )
+    return DeliveryPage(items=items, next_after=items[-1].delivery_id if len(items) == limit else None)
+
+
+@router.post(
+    "/v1/dead-letters/{delivery_id}/redeliver",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeliveryView,
+)
+async def redeliver(delivery_id: int, service: Service, claims: Manager) -> DeliveryView:
+    """Queue a dead letter again, in its seq place, with a fresh attempt budget."""
+    try:
+        delivery = await service.redeliver(claims.tenant, delivery_id)
+    except NotDeadLettered as exc:
+        raise conflict(str(exc)) from None
+    if delivery is None:
+        raise not_found(f"dead letter {delivery_id}")
+    return delivery

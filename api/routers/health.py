@@ -21,6 +21,8 @@ WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
     "DeviceOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "BulkOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "DeviceTwin": (),
+    "TelemetryIngestion": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
+    "EventDelivery": (TaskQueue.NOTIFICATION,),
 }
 
 

@@ -1,7 +1,211 @@
-"""Routes of the telemetry resource."""
+"""Telemetry: ingest (durable before 202), read back, quarantine, rules and alerts."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import zlib
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import TypeAdapter, ValidationError
+
+from api.auth import Bearer, State, require
+from api.problems import invalid, not_found
+from api.state import AppState
+from fleetflow.contracts.telemetry import (
+    BUCKETS,
+    FUTURE_TOLERANCE_S,
+    MAX_BATCH_BYTES,
+    AlertView,
+    QuarantineView,
+    Rule,
+    TelemetryAccepted,
+    TelemetryBatch,
+    TelemetryBatchDict,
+    TelemetryPoint,
+    TelemetrySeries,
+)
+from fleetflow.security import AuthError, TokenClaims, verify_device_credential, verify_token
 
 router = APIRouter(tags=["telemetry"])
+Reader = Annotated[TokenClaims, Depends(require("telemetry:read"))]
+RuleWriter = Annotated[TokenClaims, Depends(require("rules:write"))]
+_BATCH = TypeAdapter(TelemetryBatchDict)
+MAX_ERRORS = 50
+BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
+
+
+async def _sender(
+    state: AppState, credentials: HTTPAuthorizationCredentials | None
+) -> tuple[str, str | None]:
+    """(tenant, device id): a device credential may send for itself only, an operator for any."""
+    if credentials is None or not credentials.credentials:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED, "missing bearer token", {"WWW-Authenticate": "Bearer"}
+        )
+    token = credentials.credentials
+    secret, issuer = state.settings.secret(), state.settings.jwt_issuer
+    try:
+        claims = verify_token(secret, token, issuer)
+    except AuthError as api_error:
+        try:
+            device = verify_device_credential(secret, token, issuer)
+        except AuthError:
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, str(api_error), {"WWW-Authenticate": "Bearer"}
+            ) from None
+        if not await state.devices.credential_active(device.tenant, device.device_id, device.jti, token):
+            raise HTTPException(
+                status.HTTP_401_UNAUTHORIZED, "credential revoked or unknown", {"WWW-Authenticate": "Bearer"}
+            ) from None
+        return device.tenant, device.device_id
+    if "telemetry:write" not in claims.scopes and "admin" not in claims.scopes:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs the 'telemetry:write' scope")
+    return claims.tenant, None
+
+
+def _problems(exc: ValidationError) -> HTTPException:
+    errors = [
+        {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:MAX_ERRORS]
+    ]
+    return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
+
+
+@router.post("/v1/telemetry", status_code=status.HTTP_202_ACCEPTED, response_model=TelemetryAccepted,
+             openapi_extra={"requestBody": {"content": {"application/json": {
+                 "schema": TelemetryBatch.model_json_schema()}}, "required": True}})  # fmt: skip
+async def ingest(request: Request, state: State, credentials: Bearer) -> TelemetryAccepted:
+    """Accept a batch once it is durable; a repeated `batch_id` is acknowledged and stored once.
+
+    Limits: at most 10,000 readings and 2 MiB a batch; timestamps at most 5 minutes ahead.
+    """
+    tenant, device_id = await _sender(state, credentials)
+    raw = await request.body()
+    if len(raw) > MAX_BATCH_BYTES:
+        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a batch is at most {MAX_BATCH_BYTES} bytes")
+    try:
+        batch = _BATCH.validate_json(raw)
+    except ValidationError as exc:
+        raise _problems(exc) from None
+    latest = datetime.now(UTC) + timedelta(seconds=FUTURE_TOLERANCE_S)
+    errors: list[dict[str, Any]] = []
+    devices: set[str] = set()
+    lines = []
+    prefix = f"{tenant},{batch['batch_id']},"
+    for i, r in enumerate(batch["readings"]):
+        if r["ts"] > latest:
+            errors.append({"loc": ["body", "readings", i, "ts"], "msg": "more than 5 minutes in the future",
+                           "type": "value_error"})  # fmt: skip
+        if device_id is not None and r["device_id"] != device_id:
+            errors.append({"loc": ["body", "readings", i, "device_id"],
+                           "msg": "a device credential may only send its own readings",
+                           "type": "value_error"})  # fmt: skip
+        devices.add(r["device_id"])
+        lines.append(f"{prefix}{r['device_id']},{r['metric']},{r['ts'].isoformat()},{r['value']!r}\n")
+    if errors:
+        status_code = 403 if device_id is not None and any("own" in e["msg"] for e in errors) else 422
+        raise HTTPException(status_code, detail=errors[:MAX_ERRORS])
+    # a device's own batches always land in the same shard, so its windows stay in order
+    bucket = zlib.crc32(min(devices).encode()) % BUCKETS
+    try:
+        inserted = await state.pool.fetchval(
+            """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, batch_id) DO NOTHING RETURNING 1""",
+            tenant, batch["batch_id"], bucket, len(lines), sorted(devices), "".join(lines).encode(),
+        )  # fmt: skip
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"storage unavailable, nothing was accepted: {type(exc).__name__}",
+            {"Retry-After": "1"},
+        ) from None  # fmt: skip
+    return TelemetryAccepted(batch_id=batch["batch_id"], readings=len(lines), duplicate=inserted is None)
+
+
+@router.get("/v1/devices/{device_id}/telemetry", response_model=TelemetrySeries)
+async def read_telemetry(
+    device_id: str,
+    state: State,
+    claims: Reader,
+    metric: Annotated[str | None, Query(max_length=64)] = None,
+    from_: Annotated[datetime | None, Query(alias="from")] = None,
+    to: Annotated[datetime | None, Query()] = None,
+    bucket: Annotated[
+        str | None, Query(pattern=r"^[1-9][0-9]{0,3}[smhd]$", description="e.g. 10s, 5m, 1h")
+    ] = None,
+    limit: Annotated[int, Query(ge=1, le=10_000)] = 1000,
+) -> TelemetrySeries:
+    """Raw readings, or min/max/avg/count per time bucket, oldest first."""
+    if await state.devices.get_device(claims.tenant, device_id) is None:
+        raise not_found(f"device {device_id!r}")
+    for name, value in (("from", from_), ("to", to)):
+        if value is not None and value.tzinfo is None:
+            raise invalid(["query", name], "needs a time zone (e.g. Z)")
+    args = (claims.tenant, device_id, metric, from_, to, limit)
+    where = """tenant = $1 AND device_id = $2 AND ($3::text IS NULL OR metric = $3)
+               AND ($4::timestamptz IS NULL OR ts >= $4) AND ($5::timestamptz IS NULL OR ts < $5)"""
+    if bucket is None:
+        rows = await state.pool.fetch(
+            f"SELECT ts, metric, value FROM data.readings WHERE {where} ORDER BY ts, metric LIMIT $6", *args
+        )
+        points = [TelemetryPoint(ts=r["ts"], metric=r["metric"], value=r["value"]) for r in rows]
+    else:
+        interval = timedelta(**{BUCKET_UNITS[bucket[-1]]: int(bucket[:-1])})
+        rows = await state.pool.fetch(
+            f"""SELECT date_bin($7, ts, timestamptz '2000-01-01') AS ts, metric,
+                       min(value) AS min, max(value) AS max, avg(value) AS avg, count(*) AS count
+                FROM data.readings WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2 LIMIT $6""",
+            *args, interval,
+        )  # fmt: skip
+        points = [TelemetryPoint(**dict(r.items())) for r in rows]
+    return TelemetrySeries(device_id=device_id, bucket=bucket, points=points)
+
+
+@router.get("/v1/telemetry/quarantine", response_model=list[QuarantineView])
+async def quarantine(
+    state: State, claims: Reader, device_id: Annotated[str | None, Query(max_length=128)] = None
+) -> list[QuarantineView]:
+    """Readings kept aside because their device may not send (unknown, pending, decommissioned)."""
+    rows = await state.pool.fetch(
+        """SELECT device_id, reason, count(*) AS readings, max(ts) AS last_ts
+           FROM data.quarantined_readings WHERE tenant = $1 AND ($2::text IS NULL OR device_id = $2)
+           GROUP BY device_id, reason ORDER BY device_id, reason LIMIT 1000""",
+        claims.tenant, device_id,
+    )  # fmt: skip
+    return [QuarantineView(**dict(r.items())) for r in rows]
+
+
+@router.put("/v1/rules/{rule_id}", response_model=Rule)
+async def put_rule(rule_id: str, rule: Rule, state: State, claims: RuleWriter) -> Rule:
+    """Create or replace an analytics rule of the caller's tenant."""
+    if rule.rule_id != rule_id:
+        raise invalid(["body", "rule_id"], "must match the id in the path")
+    await state.analytics.put_rule(claims.tenant, rule)
+    return rule
+
+
+@router.get("/v1/rules", response_model=list[Rule])
+async def list_rules(state: State, claims: Reader) -> list[Rule]:
+    """The tenant's analytics rules."""
+    return await state.analytics.list_rules(claims.tenant)
+
+
+@router.delete("/v1/rules/{rule_id}", status_code=status.HTTP_204_NO_CONTENT)
+async def delete_rule(rule_id: str, state: State, claims: RuleWriter) -> None:
+    """Remove a rule; its open alerts stay until cleared by hand."""
+    if not await state.analytics.delete_rule(claims.tenant, rule_id):
+        raise not_found(f"rule {rule_id!r}")
+
+
+@router.get("/v1/alerts", response_model=list[AlertView])
+async def alerts(
+    state: State,
+    claims: Reader,
+    status_: Annotated[str | None, Query(alias="status", pattern="^(open|cleared)$")] = None,
+    device_id: Annotated[str | None, Query(max_length=128)] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> list[AlertView]:
+    """Alerts, newest first."""
+    return await state.analytics.list_alerts(claims.tenant, status=status_, device_id=device_id, limit=limit)

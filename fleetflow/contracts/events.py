@@ -1,15 +1,28 @@
-"""Contracts of the notification service's event store."""
+"""Contracts of the notification service: the event store and the event bus (webhooks)."""
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field
+from pydantic import Field, HttpUrl, StringConstraints, ValidationInfo, field_validator
 
-from fleetflow.contracts.common import DomainEvent, Strict
+from fleetflow.contracts.common import DomainEvent, Strict, TenantId
 
 DEVICE_ONBOARDED = "DeviceOnboarded"
 DEVICE_ONBOARDING_FAILED = "DeviceOnboardingFailed"
+
+EVENT_DELIVERY_WORKFLOW = "EventDelivery"
+ALL_EVENTS = "*"
+# well under Temporal's 10,240-event warning; the delivery loop continues as new past it
+DELIVERY_HISTORY_LIMIT = 2000
+
+EventTypeName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z][A-Za-z0-9_.:-]{0,63})$")]
+
+
+def delivery_workflow_id(tenant: str, subscription_id: str) -> str:
+    """The business id of a subscription's delivery workflow."""
+    return f"deliveries-{tenant}-{subscription_id}"
 
 
 class EventBatch(Strict):
@@ -22,3 +35,121 @@ class RetractEvent(Strict):
     """Input of `notification.retract_event` (saga compensation of a recorded event)."""
 
     event_id: str
+
+
+class RecordedEvent(DomainEvent):
+    """An event as stored: `seq` is its place in the tenant's recorded order."""
+
+    seq: int
+
+
+class EventPage(Strict):
+    """`GET /v1/events`: pass `next_after` back as `after` for the next page."""
+
+    items: list[RecordedEvent]
+    next_after: int | None = None
+
+
+# --- subscriptions -------------------------------------------------------------
+
+
+class SubscriptionRequest(Strict):
+    """Body of `POST /v1/subscriptions`; the retry fields bound how long a failing
+    webhook holds its queue before an event is dead-lettered."""
+
+    url: HttpUrl
+    event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=100)]
+    secret: Annotated[str, Field(min_length=16, max_length=256)]
+    max_attempts: Annotated[int, Field(ge=1, le=25)] = 5
+    backoff_s: Annotated[float, Field(ge=0.1, le=600)] = 2.0
+    max_backoff_s: Annotated[float, Field(ge=0.1, le=3600)] = 300.0
+
+    @field_validator("event_types")
+    @classmethod
+    def _types(cls, value: list[str]) -> list[str]:
+        if ALL_EVENTS in value and len(value) > 1:
+            raise ValueError(f"{ALL_EVENTS!r} means every event type and stands alone")
+        return sorted(set(value))
+
+    @field_validator("max_backoff_s")
+    @classmethod
+    def _cap(cls, value: float, info: ValidationInfo) -> float:
+        if value < info.data.get("backoff_s", 0):
+            raise ValueError("must be at least backoff_s")
+        return value
+
+
+class SubscriptionView(Strict):
+    """A subscription as the API shows it (never its secret)."""
+
+    subscription_id: str
+    tenant: TenantId
+    url: str
+    event_types: list[str]
+    max_attempts: int
+    backoff_s: float
+    max_backoff_s: float
+    created_at: datetime
+    created_by: str
+    workflow_id: str
+    pending: int = 0
+    dead_letters: int = 0
+
+
+class DeliveryView(Strict):
+    """One event for one subscription: `pending`, `delivered` or `dead` (a dead letter)."""
+
+    delivery_id: int
+    subscription_id: str
+    status: str
+    attempts: int
+    last_error: str | None
+    updated_at: datetime
+    event: RecordedEvent
+
+
+class DeliveryPage(Strict):
+    """`GET /v1/dead-letters`: pass `next_after` back as `after` for the next page."""
+
+    items: list[DeliveryView]
+    next_after: int | None = None
+
+
+# --- the delivery workflow and its activity -----------------------------------
+
+
+class DeliveryInput(Strict):
+    """Input of the `EventDelivery` workflow; the counters carry across continue-as-new."""
+
+    tenant: TenantId
+    subscription_id: str
+    backoff_s: float = 2.0
+    max_backoff_s: float = 300.0
+    idle_poll_s: Annotated[float, Field(ge=1, le=3600)] = 30.0
+    history_limit: Annotated[int, Field(ge=50, le=9000)] = DELIVERY_HISTORY_LIMIT
+    delivered: int = 0
+    dead_lettered: int = 0
+
+
+class DeliverPending(Strict):
+    """Input of `notification.deliver_pending`."""
+
+    subscription_id: str
+    batch_limit: Annotated[int, Field(ge=1, le=1000)] = 100
+
+
+class DeliveryProgress(Strict):
+    """Result of `notification.deliver_pending`."""
+
+    delivered: int = 0
+    dead_lettered: int = 0
+    more: bool = False  # stopped early: call again at once
+    gone: bool = False  # the subscription was deleted: the workflow ends
+
+
+class DeliverySummary(Strict):
+    """Result of `EventDelivery` once its subscription is deleted."""
+
+    subscription_id: str
+    delivered: int
+    dead_lettered: int

@@ -90,7 +90,7 @@ async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterat
     """One worker per queue, running for the whole session."""
     services: dict[TaskQueue, object] = {
         TaskQueue.DEVICE: FaultyDevices(pool, settings),
-        TaskQueue.NOTIFICATION: FaultyNotifications(pool),
+        TaskQueue.NOTIFICATION: FaultyNotifications(pool, client),
     }
     running = []
     for queue in TaskQueue:

@@ -14,6 +14,7 @@ import os
 import sys
 import uuid
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,32 @@ async def device_twin(s: Stack) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A shard that stores a window (with a quarantined device) and raises an alert."""
+    onboarding = await onboarding_completed(s)
+    device_id = onboarding.id.removeprefix("onboard-bench-")
+    rule = {"rule_id": "rec-hot", "device_type": "thermostat", "metric": "t", "kind": "threshold",
+            "params": {"above": 30}}  # fmt: skip
+    await s.api.put("/v1/rules/rec-hot", json=rule, headers=s.headers)
+    now = datetime.now(UTC)
+    rows = [{"device_id": d, "ts": now.isoformat(), "metric": "t", "value": v}
+            for d, v in ((device_id, 20.0), (device_id, 35.0), ("rec-ghost", 1.0))]  # fmt: skip
+    await s.api.post("/v1/telemetry", json={"batch_id": "rec-1", "readings": rows}, headers=s.headers)
+    for _ in range(300):
+        alerts = (await s.api.get("/v1/alerts", headers=s.headers)).json()
+        if alerts:
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1)  # let the window's events be recorded
+    runs = [w async for w in s.client.list_workflows("WorkflowType = 'TelemetryIngestion'")]
+    handles = [s.client.get_workflow_handle(r.id, run_id=r.run_id) for r in runs]
+    for handle in handles:
+        progress = await handle.query("progress")
+        if progress and progress["windows"]:
+            return handle
+    raise RuntimeError("no ingestion window was processed")
+
+
 async def onboarding_rejected(s: Stack) -> WorkflowHandle[Any, Any]:
     device_id = f"rec-{uuid.uuid4().hex[:8]}"
     body = {"device_id": device_id, "device_type": "gateway", "config": {"site": "rec"}}
@@ -89,6 +116,43 @@ async def bulk_onboarding(s: Stack) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def event_delivery(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A subscription's delivery loop: an onboarding event delivered, then the subscription deleted."""
+    received: list[bytes] = []
+    connections: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        try:
+            while True:  # one request after another on a keep-alive connection
+                head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+                length = int(head.partition("content-length:")[2].split("\r\n")[0] or 0)
+                received.append(await reader.readexactly(length))
+                writer.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = {"url": f"http://127.0.0.1:{port}/hook", "event_types": ["*"], "secret": "recorded-" + "s" * 16}
+    sub = (await s.api.post("/v1/subscriptions", json=body, headers=s.headers)).json()
+    await onboarding_completed(s)
+    for _ in range(300):
+        if received:
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError("the DeviceOnboarded event was never delivered")
+    await s.api.delete(f"/v1/subscriptions/{sub['subscription_id']}", headers=s.headers)
+    handle = s.client.get_workflow_handle(sub["workflow_id"])
+    await handle.result()
+    server.close()
+    for writer in connections:  # the sender's keep-alive connection ends its handler
+        writer.close()
+    await server.wait_closed()
+    return handle
+
+
 async def system_check(s: Stack) -> WorkflowHandle[Any, Any]:
     report = (await s.api.get("/health")).json()
     assert report["ok"], report
@@ -103,6 +167,8 @@ SCENARIOS: dict[str, Scenario] = {
     "onboarding_cancelled": onboarding_cancelled,
     "bulk_onboarding": bulk_onboarding,
     "device_twin": device_twin,
+    "telemetry_ingestion": telemetry_ingestion,
+    "event_delivery": event_delivery,
 }
 
 

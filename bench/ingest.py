@@ -1,0 +1,246 @@
+"""Ingestion speed end to end: HTTP acknowledged → stored → analysed, with ack latency,
+reading-to-webhook alert latency and peak RSS, beside the raw asyncpg COPY rate into the
+same PostgreSQL measured in the same run.
+
+    python -m bench.ingest [--seconds S] [--senders N] [--batch N] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+
+from bench.platform import Platform, platform
+from bench.stack import percentile, say
+
+TENANT = "default"
+DEVICES = 500
+
+
+async def raw_copy_rate(dsn: str, rows: int = 500_000) -> float:
+    """Rows/s of asyncpg COPY into a table shaped and indexed like data.readings."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(
+            """DROP TABLE IF EXISTS public.bench_copy;
+               CREATE TABLE public.bench_copy (tenant text, device_id text, metric text,
+                   ts timestamptz, value double precision);
+               CREATE INDEX ON public.bench_copy (tenant, device_id, metric, ts)"""
+        )
+        now = datetime.now(UTC)
+        records = [
+            (TENANT, f"d{i % DEVICES}", "bench", now + timedelta(microseconds=i), float(i))
+            for i in range(rows)
+        ]
+        started = time.perf_counter()
+        for start in range(0, rows, 50_000):
+            await conn.copy_records_to_table("bench_copy", records=records[start : start + 50_000])
+        rate = rows / (time.perf_counter() - started)
+        await conn.execute("DROP TABLE public.bench_copy")
+        return rate
+    finally:
+        await conn.close()
+
+
+def batch_body(batch_size: int, start: datetime) -> bytes:
+    """One batch spread over the bench devices; BATCHID is replaced per request."""
+    readings = [
+        {"device_id": f"bench-{i % DEVICES:04d}", "ts": (start + timedelta(milliseconds=i)).isoformat(),
+         "metric": "bench", "value": 20.0 + (i % 7)}
+        for i in range(batch_size)
+    ]  # fmt: skip
+    return json.dumps({"batch_id": "BATCHID", "readings": readings}).encode()
+
+
+class Webhooks:
+    """A tiny HTTP receiver that timestamps each event it is sent."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[float, dict[str, Any]]] = []
+        self.port = 0
+
+    async def start(self) -> None:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                body = await reader.readexactly(length)
+                self.received.append((time.perf_counter(), json.loads(body)))
+                writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+
+async def setup(p: Platform, http: httpx.AsyncClient, hooks: Webhooks) -> None:
+    devices = [{"device_id": f"bench-{i:04d}", "device_type": "sensor"} for i in range(DEVICES)]
+    devices.append({"device_id": "bench-alert", "device_type": "sensor"})
+    accepted = (await http.post("/v1/devices:bulk", json={"devices": devices}, headers=p.headers)).json()
+    status = "running"
+    while status == "running":
+        await asyncio.sleep(0.2)
+        status = (await http.get(accepted["status_url"], headers=p.headers)).json()["status"]
+    rule = {"rule_id": "bench-hot", "device_type": "sensor", "metric": "temp", "kind": "threshold",
+            "params": {"above": 100, "clear_above": 50}}  # fmt: skip
+    (await http.put("/v1/rules/bench-hot", json=rule, headers=p.headers)).raise_for_status()
+    hook = {"url": f"http://127.0.0.1:{hooks.port}/hook", "event_types": ["AlertRaised"],
+            "secret": "bench-secret-0123456789"}  # fmt: skip
+    (await http.post("/v1/subscriptions", json=hook, headers=p.headers)).raise_for_status()
+
+
+async def run(
+    seconds: float, senders: int, batch_size: int, workers: int, shards: int, rate: float
+) -> dict[str, Any]:
+    """Drive the platform for `seconds` and measure."""
+    hooks = Webhooks()
+    await hooks.start()
+    env = {"FLEETFLOW_INGEST_SHARDS": str(shards)} if shards else {}
+    async with platform(workers, env) as p, httpx.AsyncClient(base_url=p.api_url, timeout=30) as http:
+        dsn = p.database_url()
+        say("raw asyncpg COPY baseline ...")
+        copy_rate = await raw_copy_rate(dsn)
+        say(f"  {copy_rate:,.0f} rows/s")
+        await setup(p, http, hooks)
+        body = batch_body(batch_size, datetime.now(UTC) - timedelta(minutes=1))
+        latencies: list[float] = []
+        acked = 0
+        refused = 0
+        spikes: list[float] = []
+        deadline = time.perf_counter() + seconds
+        rss: dict[str, float] = {}
+
+        interval = batch_size * senders / rate if rate else 0.0
+
+        async def sender(k: int) -> None:
+            nonlocal acked, refused
+            due = time.perf_counter() + k * interval / senders
+            while time.perf_counter() < deadline:
+                # paced: the offered load is `rate`, so a backlog shows as drain time, not as speed
+                due += interval
+                await asyncio.sleep(max(0.0, due - interval - time.perf_counter()))
+                content = body.replace(b"BATCHID", uuid.uuid4().hex.encode(), 1)
+                started = time.perf_counter()
+                response = await http.post(
+                    "/v1/telemetry",
+                    content=content,
+                    headers={**p.headers, "Content-Type": "application/json"},
+                )
+                if response.status_code == 202:
+                    latencies.append((time.perf_counter() - started) * 1000)
+                    acked += batch_size
+                else:
+                    refused += 1
+
+        async def alerter() -> None:
+            value = 10.0
+            while time.perf_counter() < deadline:
+                value = 150.0 if value < 100 else 10.0
+                reading = {
+                    "device_id": "bench-alert",
+                    "ts": datetime.now(UTC).isoformat(),
+                    "metric": "temp",
+                    "value": value,
+                }
+                sent = time.perf_counter()
+                await http.post(
+                    "/v1/telemetry",
+                    json={"batch_id": uuid.uuid4().hex, "readings": [reading]},
+                    headers=p.headers,
+                )
+                if value > 100:
+                    spikes.append(sent)
+                await asyncio.sleep(1.0)
+
+        async def sampler() -> None:
+            procs = p.processes()
+            while time.perf_counter() < deadline + 5:
+                for name, proc in procs.items():
+                    try:
+                        rss[name] = max(rss.get(name, 0), proc.memory_info().rss / 2**20)
+                    except Exception:
+                        pass
+                await asyncio.sleep(0.5)
+
+        async def progress() -> None:
+            while time.perf_counter() < deadline:
+                await asyncio.sleep(2)
+                p50 = percentile(latencies, 50) if latencies else 0
+                say(f"  acked {acked:,} readings, ack p50 {p50:.0f} ms")
+
+        say(f"sending for {seconds:.0f} s: {senders} senders, {batch_size} readings a batch ...")
+        started = time.perf_counter()
+        await asyncio.gather(*(sender(k) for k in range(senders)), alerter(), sampler(), progress())
+        say("waiting for every acknowledged reading to be stored and analysed ...")
+        conn = await asyncpg.connect(dsn)
+        try:
+            while True:
+                done = await conn.fetchval(
+                    "SELECT count(*) FROM data.ingest_batches WHERE status <> 'stored'"
+                )
+                if done == 0:
+                    break
+                await asyncio.sleep(0.2)
+            wall = time.perf_counter() - started
+            stored = await conn.fetchval("SELECT count(*) FROM data.readings WHERE metric = 'bench'")
+        finally:
+            await conn.close()
+        await asyncio.sleep(2)  # last webhooks
+    alert_latencies = []
+    for received, event in hooks.received:
+        if event.get("type") == "AlertRaised":
+            before = [s for s in spikes if s <= received]
+            if before:
+                alert_latencies.append((received - before[-1]) * 1000)
+    sustained = stored / wall
+    return {
+        "readings_per_s": round(sustained),
+        "raw_copy_rows_per_s": round(copy_rate),
+        "ratio_vs_copy": round(sustained / copy_rate, 3),
+        "acked_readings": acked,
+        "stored_readings": stored,
+        "refused_batches": refused,
+        "ack_p50_ms": round(percentile(latencies, 50), 1),
+        "ack_p99_ms": round(percentile(latencies, 99), 1),
+        "alerts_seen": len(alert_latencies),
+        "alert_p99_ms": round(percentile(alert_latencies, 99), 1) if alert_latencies else None,
+        "offered_readings_per_s": round(rate),
+        "drain_s": round(wall - seconds, 1),
+        "wall_s": round(wall, 1),
+        **{f"rss_mb_{k}": round(v) for k, v in sorted(rss.items())},
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--seconds", type=float, default=30)
+    parser.add_argument("--senders", type=int, default=8)
+    parser.add_argument(
+        "--rate", type=float, default=100_000, help="offered readings/s (0: as fast as acked)"
+    )
+    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--workers", type=int, default=1, help="worker processes per queue")
+    parser.add_argument("--shards", type=int, default=0, help="FLEETFLOW_INGEST_SHARDS (0: default)")
+    args = parser.parse_args()
+    figures = asyncio.run(run(args.seconds, args.senders, args.batch, args.workers, args.shards, args.rate))
+    for name, value in figures.items():
+        say(f"  {name:<24} {value}")
+    print(json.dumps(figures), flush=True)
+    sys.stderr.flush()
+    os._exit(0)

@@ -1,0 +1,107 @@
+"""The real platform for benchmarks: `fleetflow up` as a subprocess on free ports and a
+temporary data directory, as a user runs it (separate API, worker and server processes)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import psutil
+
+from bench.stack import say
+
+
+def _free_port(above: int = 10000) -> int:
+    for candidate in range(above, 30000, 7):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", candidate))
+                sock2 = socket.socket()
+                sock2.bind(("127.0.0.1", candidate + 10000))  # the dev server's HTTP port
+                sock2.close()
+                return candidate
+            except OSError:
+                continue
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class Platform:
+    """A running `fleetflow up`."""
+
+    process: subprocess.Popen[bytes]
+    data_dir: Path
+    api_url: str
+    headers: dict[str, str]
+
+    def processes(self) -> dict[str, psutil.Process]:
+        """The API and worker processes, by role (`api`, `worker-data-1`, ...)."""
+        out: dict[str, psutil.Process] = {}
+        for child in psutil.Process(self.process.pid).children():
+            argv = child.cmdline()
+            if "api" in argv:
+                out["api"] = child
+            elif "--queue" in argv:
+                queue = argv[argv.index("--queue") + 1]
+                n = sum(1 for k in out if k.startswith(f"worker-{queue}"))
+                out[f"worker-{queue}-{n + 1}"] = child
+        return out
+
+    def database_url(self) -> str:
+        """The DSN the supervisor gave its workers."""
+        worker = next(p for name, p in self.processes().items() if name.startswith("worker-data"))
+        return str(worker.environ()["DATABASE_URL"])
+
+
+@asynccontextmanager
+async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) -> AsyncIterator[Platform]:
+    """Start `fleetflow up`, wait for /health, stop it with SIGINT afterwards."""
+    with tempfile.TemporaryDirectory(prefix="fleetflow-bench-") as tmp:
+        data = Path(tmp)
+        api_port, temporal_port, ui_port = _free_port(11000), _free_port(12000), _free_port(13000)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("FLEETFLOW_", "TEMPORAL_", "DATABASE_URL"))
+        }
+        env.update(extra_env or {})
+        argv = [
+            sys.executable, "-m", "workers.cli", "up", "--data-dir", str(data), "--workers", str(workers),
+            "--api-port", str(api_port), "--temporal-port", str(temporal_port), "--ui-port", str(ui_port),
+        ]  # fmt: skip
+        log = (data.parent / f"{data.name}.log").open("wb")
+        say(f"starting fleetflow up ({workers} worker process(es) per queue) ...")
+        process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: ASYNC220
+        api_url = f"http://127.0.0.1:{api_port}"
+        try:
+            async with httpx.AsyncClient(timeout=10) as http:
+                for _ in range(600):
+                    try:
+                        if (await http.get(f"{api_url}/health")).status_code == 200:
+                            break
+                    except httpx.HTTPError:
+                        pass
+                    if process.poll() is not None:
+                        raise RuntimeError(f"fleetflow up exited ({process.returncode}); see {log.name}")
+                    await asyncio.sleep(0.2)
+                else:
+                    raise RuntimeError("fleetflow up did not become healthy")
+            token = (data / "admin-token").read_text().strip()
+            yield Platform(process, data, api_url, {"Authorization": f"Bearer {token}"})
+        finally:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            log.close()
