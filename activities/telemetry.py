@@ -104,13 +104,13 @@ class DataService:
             source = io.BytesIO(b"".join(r["payload"] for r in payloads))
             await conn.copy_to_table("incoming", source=source, format="csv")
             quarantined = await _quarantine(conn, request) if request.quarantine else {}
-            # one pass for the analytics aggregates; first/last values without sorting
+            # one cheap pass for the analytics aggregates; first and last values are looked up
+            # by index once the rows are in data.readings (a sort per series would cost more)
             await conn.execute(
                 """INSERT INTO data.window_stats
                    SELECT $1, tenant, device_id, metric, count(*), avg(value),
                           coalesce(var_pop(value), 0), min(value), max(value),
-                          min(ts), (min(ARRAY[extract(epoch FROM ts)::float8, value]))[2],
-                          max(ts), (max(ARRAY[extract(epoch FROM ts)::float8, value]))[2]
+                          min(ts), 'NaN', max(ts), 'NaN'
                    FROM incoming GROUP BY tenant, device_id, metric""",
                 request.window_id,
             )
@@ -124,6 +124,17 @@ class DataService:
             await conn.execute(
                 """INSERT INTO data.readings (tenant, device_id, metric, ts, value)
                    SELECT tenant, device_id, metric, ts, value FROM incoming"""
+            )
+            await conn.execute(
+                """UPDATE data.window_stats w SET
+                       first_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
+                           AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.first_ts
+                           LIMIT 1),
+                       last_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
+                           AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.last_ts
+                           LIMIT 1)
+                   WHERE w.window_id = $1""",
+                request.window_id,
             )
             by_tenant: dict[str, dict[str, int]] = {
                 r["tenant"]: {"stored": int(r["stored"]), "quarantined": 0}

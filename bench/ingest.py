@@ -170,7 +170,7 @@ async def run(
 
         async def sampler() -> None:
             procs = p.processes()
-            while time.perf_counter() < deadline + 5:
+            while True:
                 for name, proc in procs.items():
                     try:
                         rss[name] = max(rss.get(name, 0), proc.memory_info().rss / 2**20)
@@ -186,7 +186,8 @@ async def run(
 
         say(f"sending for {seconds:.0f} s: {senders} senders, {batch_size} readings a batch ...")
         started = time.perf_counter()
-        await asyncio.gather(*(sender(k) for k in range(senders)), alerter(), sampler(), progress())
+        sampling = asyncio.create_task(sampler())
+        await asyncio.gather(*(sender(k) for k in range(senders)), alerter(), progress())
         say("waiting for every acknowledged reading to be stored and analysed ...")
         conn = await asyncpg.connect(dsn)
         try:
@@ -198,6 +199,7 @@ async def run(
                     break
                 await asyncio.sleep(0.2)
             wall = time.perf_counter() - started
+            sampling.cancel()
             stored = await conn.fetchval("SELECT count(*) FROM data.readings WHERE metric = 'bench'")
         finally:
             await conn.close()

@@ -275,4 +275,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX deliveries_event ON notification.deliveries (event_seq);
         """,
     ),
+    (
+        "0007_ingest_payload_uncompressed",
+        """
+        -- batch payloads are written once and read once: compressing them costs more CPU
+        -- on the ingest path than the disk it saves
+        ALTER TABLE data.ingest_batches ALTER COLUMN payload SET STORAGE EXTERNAL;
+        """,
+    ),
 ]

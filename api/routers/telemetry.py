@@ -107,8 +107,10 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     if errors:
         status_code = 403 if device_id is not None and any("own" in e["msg"] for e in errors) else 422
         raise HTTPException(status_code, detail=errors[:MAX_ERRORS])
-    # a device's own batches always land in the same shard, so its windows stay in order
-    bucket = zlib.crc32(min(devices).encode()) % BUCKETS
+    # a device's own batches always land in the same shard, so its windows stay in order;
+    # a batch of many devices is spread by its id, so one big sender does not load one shard
+    key = next(iter(devices)) if len(devices) == 1 else f"{tenant}/{batch['batch_id']}"
+    bucket = zlib.crc32(key.encode()) % BUCKETS
     try:
         inserted = await state.pool.fetchval(
             """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)

@@ -73,7 +73,7 @@ class IngestionInput(Strict):
 
     shard: Annotated[int, Field(ge=0)]
     shards: Annotated[int, Field(ge=1, le=BUCKETS)]
-    max_window_readings: Annotated[int, Field(ge=1)] = 200_000
+    max_window_readings: Annotated[int, Field(ge=1)] = 50_000
     max_wait_ms: Annotated[int, Field(ge=10, le=60_000)] = 10_000
     windows_per_run: Annotated[int, Field(ge=1, le=1000)] = 200
     windows_done: int = 0
