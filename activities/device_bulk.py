@@ -1,0 +1,174 @@
+"""Bulk provisioning of the device service: up to thousands of devices per activity.
+
+Part of the device service (the `device` task queue, the `device` schema): DeviceService
+inherits these activities. Each device of a slice is all-or-nothing (its own savepoint).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import TYPE_CHECKING
+
+import asyncpg
+from temporalio import activity
+
+from activities.device_reads import DeviceReadModel
+from activities.device_state import REUSABLE, refuse, set_status
+from fleetflow import config_schema
+from fleetflow.contracts.devices import (
+    BulkChunk,
+    BulkChunkResult,
+    DeviceBatch,
+    DeviceFailure,
+    DeviceSpec,
+    DeviceStatus,
+    DeviceTypeView,
+)
+from fleetflow.security import issue_device_credential, token_hash
+
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+
+class BulkProvisioning(DeviceReadModel):
+    """The bulk activities of DeviceService."""
+
+    secret: str
+    issuer: str
+
+    @activity.defn(name="device.provision_batch")
+    async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
+        """Register, credential, configure and activate one slice of a bulk import.
+
+        Each device is all-or-nothing (its own savepoint): a device that fails leaves
+        nothing behind, and the others go on. A retry finds its own earlier work.
+        """
+        rows = await self.pool.fetchval(
+            """SELECT jsonb_agg(e ORDER BY i) FROM fleetflow.claim_checks c,
+                   jsonb_array_elements(c.body) WITH ORDINALITY AS t(e, i)
+               WHERE c.claim_id = $1 AND c.tenant = $2 AND i > $3 AND i <= $3 + $4""",
+            chunk.claim_id, chunk.tenant, chunk.offset, chunk.limit,
+        )  # fmt: skip
+        if rows is None:
+            raise refuse(f"claim {chunk.claim_id} not found", "ClaimMissing")
+        types = {t.name: t for t in await self.device_types()}
+        ok: list[str] = []
+        failed: list[DeviceFailure] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for i, raw in enumerate(rows):
+                index = chunk.offset + i
+                spec = DeviceSpec.model_validate(raw)
+                reason = await self._provision_one(conn, chunk, spec, types)
+                if reason is None:
+                    ok.append(spec.device_id)
+                else:
+                    failed.append(DeviceFailure(index=index, device_id=spec.device_id, reason=reason))
+        return BulkChunkResult(onboarded=ok, failed=failed)
+
+    async def _provision_one(
+        self, conn: Conn, chunk: BulkChunk, spec: DeviceSpec, types: dict[str, DeviceTypeView]
+    ) -> str | None:
+        kind = types.get(spec.device_type)
+        if kind is None:
+            return f"unknown device type {spec.device_type!r}"
+        try:
+            config = config_schema.resolve(spec.config, kind.default_config, kind.config_schema)
+        except config_schema.ConfigError as exc:
+            return str(exc)
+        current = await conn.fetchrow(
+            "SELECT status, onboarding_id FROM device.devices WHERE tenant = $1 AND device_id = $2",
+            chunk.tenant, spec.device_id,
+        )  # fmt: skip
+        if current is not None and current["onboarding_id"] == chunk.bulk_id:
+            return None  # done by an earlier attempt of this batch
+        if current is not None and current["status"] not in REUSABLE:
+            return f"already registered ({current['status']})"
+        jti = f"{chunk.bulk_id}:{spec.device_id}"
+        token = issue_device_credential(
+            self.secret, tenant=chunk.tenant, device_id=spec.device_id, jti=jti,
+            issued_at=chunk.issued_at, expires_at=chunk.expires_at, issuer=self.issuer,
+        )  # fmt: skip
+        async with conn.transaction():
+            await conn.execute(
+                """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, tags,
+                       metadata, status, onboarding_id)
+                   VALUES ($1, $2, $3, $4, $5, $6, 'active', $7)
+                   ON CONFLICT (tenant, device_id) DO UPDATE SET device_type = $3,
+                       firmware_version = $4, tags = $5, metadata = $6, status = 'active',
+                       status_reason = NULL, onboarding_id = $7, updated_at = now()""",
+                chunk.tenant, spec.device_id, spec.device_type, spec.firmware_version,
+                spec.tags, spec.metadata, chunk.bulk_id,
+            )  # fmt: skip
+            await conn.execute(
+                """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status,
+                       reason, actor) VALUES ($1, $2, $3, 'active', 'bulk onboarding', $4)""",
+                chunk.tenant, spec.device_id, current["status"] if current else None, chunk.actor,
+            )  # fmt: skip
+            await conn.execute(
+                """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
+                       expires_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING""",
+                jti, chunk.tenant, spec.device_id, token_hash(token), chunk.issued_at,
+                chunk.expires_at,
+            )  # fmt: skip
+            await conn.execute(
+                """INSERT INTO device.configurations (tenant, device_id, config) VALUES ($1, $2, $3)
+                   ON CONFLICT (tenant, device_id) DO UPDATE SET config = $3, updated_at = now()""",
+                chunk.tenant, spec.device_id, config,
+            )  # fmt: skip
+        return None
+
+    @activity.defn(name="device.deprovision_batch")
+    async def deprovision_batch(self, batch: DeviceBatch) -> None:
+        """Compensation of `provision_batch` for the given devices of this bulk import."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            device_ids: list[str] = batch.device_ids or [
+                r["device_id"]
+                for r in await conn.fetch(
+                    """SELECT device_id FROM device.devices
+                       WHERE tenant = $1 AND onboarding_id = $2 AND status <> 'failed'""",
+                    batch.tenant,
+                    batch.bulk_id,
+                )
+            ]
+            await conn.execute(
+                """UPDATE device.credentials SET revoked_at = now()
+                   WHERE tenant = $1 AND device_id = ANY($2) AND jti LIKE $3 || ':%'
+                     AND revoked_at IS NULL""",
+                batch.tenant, device_ids, batch.bulk_id,
+            )  # fmt: skip
+            await conn.execute(
+                """DELETE FROM device.configurations c USING device.devices d
+                   WHERE c.tenant = $1 AND c.device_id = ANY($2) AND d.tenant = c.tenant
+                     AND d.device_id = c.device_id AND d.onboarding_id = $3""",
+                batch.tenant, device_ids, batch.bulk_id,
+            )  # fmt: skip
+            for device_id in device_ids:
+                await set_status(
+                    conn, batch.tenant, device_id, DeviceStatus.FAILED, actor=batch.actor,
+                    reason=batch.reason, onboarding_id=batch.bulk_id,
+                )  # fmt: skip
+
+    async def bulk_credentials(self, tenant: str, bulk_id: str) -> list[tuple[str, str]]:
+        """(device id, credential) of every live device of a bulk import, re-signed from its claims."""
+        rows = await self.pool.fetch(
+            """SELECT c.device_id, c.jti, c.issued_at, c.expires_at FROM device.credentials c
+               JOIN device.devices d USING (tenant, device_id)
+               WHERE c.tenant = $1 AND d.onboarding_id = $2 AND c.jti LIKE $2 || ':%'
+                 AND c.revoked_at IS NULL ORDER BY c.device_id""",
+            tenant, bulk_id,
+        )  # fmt: skip
+        return [
+            (
+                r["device_id"],
+                self._resign(tenant, r["device_id"], r["jti"], r["issued_at"], r["expires_at"]),
+            )
+            for r in rows
+        ]
+
+    def _resign(self, tenant: str, device_id: str, jti: str, issued: datetime, expires: datetime) -> str:
+        return issue_device_credential(
+            self.secret, tenant=tenant, device_id=device_id, jti=jti, issued_at=issued,
+            expires_at=expires, issuer=self.issuer,
+        )  # fmt: skip

@@ -1,0 +1,93 @@
+"""The device service's read model: what the API reads directly (never writes)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetflow import config_schema
+from fleetflow.contracts.devices import DeviceSpec, DeviceTypeView, DeviceView, ValidatedOnboarding
+from fleetflow.db import Pool
+from fleetflow.security import token_hash
+
+
+class DeviceReadModel:
+    """Reads of the `device` schema (and device types, which admins edit through the API)."""
+
+    pool: Pool
+
+    async def device_type(self, name: str) -> DeviceTypeView | None:
+        """A device type by name, or None."""
+        row = await self.pool.fetchrow("SELECT * FROM device.device_types WHERE name = $1", name)
+        return None if row is None else DeviceTypeView.model_validate(dict(row.items()))
+
+    async def device_types(self) -> list[DeviceTypeView]:
+        """Every device type."""
+        rows = await self.pool.fetch("SELECT * FROM device.device_types ORDER BY name")
+        return [DeviceTypeView.model_validate(dict(r.items())) for r in rows]
+
+    async def put_device_type(self, view: DeviceTypeView) -> None:
+        """Create or replace a device type."""
+        await self.pool.execute(
+            """INSERT INTO device.device_types (name, config_schema, default_config, requires_approval)
+               VALUES ($1, $2, $3, $4)
+               ON CONFLICT (name) DO UPDATE SET config_schema = $2, default_config = $3,
+                   requires_approval = $4""",
+            view.name, view.config_schema, view.default_config, view.requires_approval,
+        )  # fmt: skip
+
+    async def resolve_config(self, spec: DeviceSpec) -> ValidatedOnboarding:
+        """The configuration spec gets (type defaults merged) or ConfigError / LookupError."""
+        kind = await self.device_type(spec.device_type)
+        if kind is None:
+            raise LookupError(f"unknown device type {spec.device_type!r}")
+        config = config_schema.resolve(spec.config, kind.default_config, kind.config_schema)
+        return ValidatedOnboarding(
+            config=config, requires_approval=kind.requires_approval, config_schema=kind.config_schema
+        )
+
+    async def get_device(self, tenant: str, device_id: str) -> DeviceView | None:
+        """A device of tenant, or None."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM device.devices WHERE tenant = $1 AND device_id = $2", tenant, device_id
+        )
+        return None if row is None else DeviceView.model_validate(dict(row.items()))
+
+    async def list_devices(
+        self,
+        tenant: str,
+        *,
+        status: str | None,
+        device_type: str | None,
+        tag: str | None,
+        after: str | None,
+        limit: int,
+    ) -> list[DeviceView]:
+        """A page of tenant's devices ordered by id, after the given id."""
+        rows = await self.pool.fetch(
+            """SELECT * FROM device.devices
+               WHERE tenant = $1 AND ($2::text IS NULL OR status = $2)
+                 AND ($3::text IS NULL OR device_type = $3)
+                 AND ($4::text IS NULL OR tags @> ARRAY[$4])
+                 AND ($5::text IS NULL OR device_id > $5)
+               ORDER BY device_id LIMIT $6""",
+            tenant, status, device_type, tag, after, limit,
+        )  # fmt: skip
+        return [DeviceView.model_validate(dict(r.items())) for r in rows]
+
+    async def credential_active(self, tenant: str, device_id: str, jti: str, token: str) -> bool:
+        """True when the credential exists for that device, matches its hash and is not revoked."""
+        row = await self.pool.fetchrow(
+            """SELECT 1 FROM device.credentials
+               WHERE jti = $1 AND tenant = $2 AND device_id = $3 AND token_hash = $4
+                 AND revoked_at IS NULL AND expires_at > now()""",
+            jti, tenant, device_id, token_hash(token),
+        )  # fmt: skip
+        return row is not None
+
+    async def config_of(self, tenant: str, device_id: str) -> dict[str, Any] | None:
+        """The stored configuration of a device, or None."""
+        value = await self.pool.fetchval(
+            "SELECT config FROM device.configurations WHERE tenant = $1 AND device_id = $2",
+            tenant, device_id,
+        )  # fmt: skip
+        return None if value is None else dict(value)

@@ -1,0 +1,58 @@
+"""Status rules shared by the device service's activities."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import asyncpg
+from temporalio.exceptions import ApplicationError
+
+from fleetflow.contracts.devices import DeviceStatus
+
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+# statuses a new onboarding may take over; anything else belongs to a live device
+REUSABLE = (DeviceStatus.FAILED.value,)
+
+
+def refuse(message: str, kind: str) -> ApplicationError:
+    """A business error: retrying cannot help, so the saga compensates at once."""
+    return ApplicationError(message, type=kind, non_retryable=True)
+
+
+async def set_status(
+    conn: Conn,
+    tenant: str,
+    device_id: str,
+    to_status: DeviceStatus,
+    *,
+    actor: str,
+    reason: str | None = None,
+    only_from: tuple[str, ...] | None = None,
+    onboarding_id: str | None = None,
+    firmware_version: str | None = None,
+) -> bool:
+    """Move a device to to_status and record the change; False when nothing matched."""
+    row = await conn.fetchrow(
+        """UPDATE device.devices d SET status = $3, status_reason = $4, updated_at = now(),
+               firmware_version = coalesce($7, d.firmware_version)
+           FROM (SELECT status FROM device.devices WHERE tenant = $1 AND device_id = $2
+                 FOR UPDATE) old
+           WHERE d.tenant = $1 AND d.device_id = $2 AND d.status <> $3
+             AND ($5::text[] IS NULL OR d.status = ANY($5))
+             AND ($6::text IS NULL OR d.onboarding_id = $6)
+           RETURNING old.status AS from_status""",
+        tenant, device_id, to_status.value, reason, list(only_from) if only_from else None,
+        onboarding_id, firmware_version,
+    )  # fmt: skip
+    if row is None:
+        return False
+    await conn.execute(
+        """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status, reason, actor)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        tenant, device_id, row["from_status"], to_status.value, reason, actor,
+    )  # fmt: skip
+    return True
