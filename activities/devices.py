@@ -10,6 +10,7 @@ from __future__ import annotations
 from temporalio import activity
 
 from activities.device_bulk import BulkProvisioning
+from activities.device_rollouts import RolloutJobs
 from activities.device_state import REUSABLE, refuse, set_status
 from activities.probe import probe
 from fleetflow import config_schema
@@ -25,6 +26,7 @@ from fleetflow.contracts.devices import (
     ValidatedOnboarding,
     ValidateOnboarding,
 )
+from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import Unready, UnreadyDevices, WindowRef
 from fleetflow.db import Pool
@@ -32,7 +34,7 @@ from fleetflow.security import issue_device_credential, token_hash
 from fleetflow.settings import Settings
 
 
-class DeviceService(BulkProvisioning):
+class DeviceService(RolloutJobs, BulkProvisioning):
     """Activities of the `device` task queue, and the device read model."""
 
     queue = TaskQueue.DEVICE
@@ -41,6 +43,7 @@ class DeviceService(BulkProvisioning):
         self.pool = pool
         self.secret = settings.secret()
         self.issuer = settings.jwt_issuer
+        self.firmware_dir = settings.data_dir / "firmware"
 
     # --- activities ------------------------------------------------------------
 
@@ -191,3 +194,45 @@ class DeviceService(BulkProvisioning):
             ref.window_id,
         )
         return UnreadyDevices(devices=[Unready(**dict(r.items())) for r in rows])
+
+    # --- decommissioning --------------------------------------------------------------
+
+    @activity.defn(name="device.revoke_all_credentials")
+    async def revoke_all_credentials(self, step: DeviceStep) -> int:
+        """Revoke every credential of the device; refused from the next request on."""
+        result = await self.pool.execute(
+            """UPDATE device.credentials SET revoked_at = now()
+               WHERE tenant = $1 AND device_id = $2 AND revoked_at IS NULL""",
+            step.tenant, step.device_id,
+        )  # fmt: skip
+        return int(str(result).split()[-1])
+
+    @activity.defn(name="device.cancel_jobs")
+    async def cancel_jobs(self, step: DeviceStep) -> int:
+        """Cancel the device's pending rollout jobs."""
+        result = await self.pool.execute(
+            """UPDATE device.rollout_jobs SET state = 'cancelled', updated_at = now(),
+                   detail = 'device decommissioned', finished_seq = nextval('device.rollout_finished_seq')
+               WHERE tenant = $1 AND device_id = $2
+                 AND state IN ('queued', 'offered', 'downloading', 'installing')""",
+            step.tenant, step.device_id,
+        )  # fmt: skip
+        return int(str(result).split()[-1])
+
+    @activity.defn(name="device.mark_decommissioned")
+    async def mark_decommissioned(self, step: DeviceStep) -> None:
+        """The device is retired for good."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await set_status(
+                conn, step.tenant, step.device_id, DeviceStatus.DECOMMISSIONED, actor=step.actor,
+                reason=step.reason or "decommissioned",
+            )  # fmt: skip
+
+    @activity.defn(name="device.note_retirement_problem")
+    async def note_retirement_problem(self, step: DeviceStep) -> None:
+        """Say on the device itself that its retirement is stuck, and where."""
+        await self.pool.execute(
+            """UPDATE device.devices SET status_reason = $3, updated_at = now()
+               WHERE tenant = $1 AND device_id = $2""",
+            step.tenant, step.device_id, step.reason,
+        )  # fmt: skip

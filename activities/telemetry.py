@@ -19,6 +19,7 @@ from temporalio import activity
 
 from activities.probe import probe
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import ClaimWindow, Stored, StoreWindow, Window
 from fleetflow.db import Pool
@@ -39,6 +40,21 @@ class DataService:
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
+
+    @activity.defn(name="data.retire_telemetry")
+    async def retire_telemetry(self, step: DeviceStep) -> int:
+        """Archive (or, by policy, delete) a retired device's readings; idempotent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            if step.telemetry == "archive":
+                await conn.execute(
+                    """INSERT INTO data.archived_readings
+                       SELECT * FROM data.readings WHERE tenant = $1 AND device_id = $2""",
+                    step.tenant, step.device_id,
+                )  # fmt: skip
+            result = await conn.execute(
+                "DELETE FROM data.readings WHERE tenant = $1 AND device_id = $2", step.tenant, step.device_id
+            )
+        return int(str(result).split()[-1])
 
     @activity.defn(name="data.claim_window")
     async def claim_window(self, request: ClaimWindow) -> Window:

@@ -12,7 +12,7 @@ from temporalio.client import Client
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from api.ingestion import ensure_ingestion
-from api.routers import devices, events, health, onboardings, telemetry, twins
+from api.routers import devices, events, health, onboardings, rollouts, telemetry, twins
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
@@ -47,7 +47,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         description="IoT device platform: every device operation is a durable Temporal workflow.",
         lifespan=lifespan,
     )
-    routers = (health, devices, onboardings, twins, telemetry, events)
+    routers = (health, devices, onboardings, twins, telemetry, events, rollouts)
     for module in routers:
         app.include_router(module.router)
     return app

@@ -283,4 +283,57 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE data.ingest_batches ALTER COLUMN payload SET STORAGE EXTERNAL;
         """,
     ),
+    (
+        "0008_firmware_rollouts",
+        """
+        CREATE TABLE device.firmware (
+            tenant      text NOT NULL,
+            firmware_id text NOT NULL,
+            device_type text NOT NULL REFERENCES device.device_types(name),
+            version     text NOT NULL,
+            sha256      text NOT NULL,
+            size        bigint NOT NULL,
+            path        text NOT NULL,
+            uploaded_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, firmware_id),
+            UNIQUE (tenant, device_type, version)
+        );
+        CREATE TABLE device.rollouts (
+            tenant      text NOT NULL,
+            campaign_id text NOT NULL,
+            firmware_id text NOT NULL,
+            request     jsonb NOT NULL,
+            waves       integer[] NOT NULL,
+            created_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, campaign_id),
+            FOREIGN KEY (tenant, firmware_id) REFERENCES device.firmware(tenant, firmware_id)
+        );
+        -- per-device job state lives here, not in workflow history: a 10,000-device
+        -- campaign is a few hundred events, not 10,000 child workflows
+        CREATE TABLE device.rollout_jobs (
+            tenant           text NOT NULL,
+            campaign_id      text NOT NULL,
+            device_id        text NOT NULL,
+            kind             text NOT NULL CHECK (kind IN ('update', 'rollback')),
+            wave             integer NOT NULL,
+            state            text NOT NULL CHECK (state IN ('queued', 'offered', 'downloading',
+                                 'installing', 'succeeded', 'failed', 'timed_out', 'cancelled')),
+            attempts         integer NOT NULL DEFAULT 0,
+            target_version   text NOT NULL,
+            previous_version text NOT NULL,
+            offered_at       timestamptz,
+            updated_at       timestamptz NOT NULL DEFAULT now(),
+            finished_seq     bigint,
+            detail           text,
+            PRIMARY KEY (tenant, campaign_id, device_id, kind),
+            FOREIGN KEY (tenant, device_id) REFERENCES device.devices(tenant, device_id)
+        );
+        CREATE SEQUENCE device.rollout_finished_seq;
+        CREATE INDEX rollout_jobs_state ON device.rollout_jobs (tenant, campaign_id, kind, state, wave);
+        CREATE INDEX rollout_jobs_device ON device.rollout_jobs (tenant, device_id, state);
+        CREATE INDEX rollout_jobs_finished ON device.rollout_jobs (tenant, campaign_id, kind, finished_seq);
+        CREATE TABLE data.archived_readings (LIKE data.readings);
+        CREATE INDEX archived_device ON data.archived_readings (tenant, device_id, metric, ts);
+        """,
+    ),
 ]

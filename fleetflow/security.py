@@ -26,6 +26,7 @@ SCOPES: dict[str, str] = {
     "telemetry:read": "read telemetry, quarantine counts and alerts",
     "rules:write": "create and change analytics rules",
     "events:read": "list domain events and dead letters",
+    "rollouts:admin": "upload firmware, run, pause, resume and cancel rollouts, decommission devices",
     "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",
     "admin": "everything, including device types",
 }

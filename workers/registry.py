@@ -16,9 +16,11 @@ from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from workflows.bulk_onboarding import BulkOnboarding
+from workflows.device_decommission import DeviceDecommission
 from workflows.device_onboarding import DeviceOnboarding
 from workflows.device_twin import DeviceTwin
 from workflows.event_delivery import EventDelivery
+from workflows.firmware_rollout import FirmwareRollout
 from workflows.system_check import SystemCheck
 from workflows.telemetry_ingestion import TelemetryIngestion
 
@@ -29,6 +31,8 @@ WORKFLOWS: Sequence[type] = (
     DeviceTwin,
     TelemetryIngestion,
     EventDelivery,
+    FirmwareRollout,
+    DeviceDecommission,
 )
 
 

@@ -23,6 +23,8 @@ WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
     "DeviceTwin": (),
     "TelemetryIngestion": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
     "EventDelivery": (TaskQueue.NOTIFICATION,),
+    "FirmwareRollout": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
+    "DeviceDecommission": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.NOTIFICATION),
 }
 
 

@@ -1,0 +1,300 @@
+"""Firmware and rollout jobs of the device service: per-device job state in the `device`
+schema, driven in batches by the FirmwareRollout workflow and moved by the devices' reports."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from pathlib import Path
+
+from temporalio import activity
+from temporalio.exceptions import ApplicationError
+
+from activities.device_reads import DeviceReadModel
+from fleetflow.contracts.rollouts import (
+    ACTIVE_STATES,
+    FirmwareView,
+    JobOutcome,
+    JobView,
+    RolloutInput,
+    RolloutPlan,
+    RolloutPolicy,
+    RolloutTick,
+    StopRollout,
+    TickResult,
+)
+
+# what a device may report after each state
+_NEXT = {
+    "offered": {"downloading", "installing", "succeeded", "failed"},
+    "downloading": {"downloading", "installing", "succeeded", "failed"},
+    "installing": {"installing", "succeeded", "failed"},
+}
+
+
+class FirmwareConflict(Exception):
+    """The same version of a device type was uploaded before with other content."""
+
+
+def wave_sizes(total: int, policy: RolloutPolicy) -> list[int]:
+    """Canary first, then waves growing by `growth` until every device has one."""
+    if total == 0:
+        return []
+    canary = policy.canary
+    if policy.canary_percent is not None:
+        canary = max(1, math.ceil(total * policy.canary_percent / 100))
+    sizes, left, size = [], total, min(canary, total)
+    while left > 0:
+        size = min(size, left)
+        sizes.append(size)
+        left -= size
+        size = max(size + 1, math.ceil(size * policy.growth))
+    return sizes
+
+
+class RolloutJobs(DeviceReadModel):
+    """Firmware storage, rollout planning and the per-device jobs."""
+
+    firmware_dir: Path
+
+    # --- firmware ----------------------------------------------------------------
+
+    async def put_firmware(
+        self, tenant: str, device_type: str, version: str, image: bytes
+    ) -> tuple[FirmwareView, bool]:
+        """Store an image (idempotent for the same content); FirmwareConflict for other content."""
+        digest = hashlib.sha256(image).hexdigest()
+        firmware_id = f"{device_type}-{version}"
+        existing = await self.firmware(tenant, firmware_id)
+        if existing is not None:
+            if existing.sha256 != digest:
+                raise FirmwareConflict(f"{device_type} {version} was uploaded with other content")
+            return existing, False
+        self.firmware_dir.mkdir(parents=True, exist_ok=True)
+        path = self.firmware_dir / digest
+        if not path.exists():
+            tmp = path.with_suffix(".part")
+            tmp.write_bytes(image)
+            tmp.replace(path)
+        row = await self.pool.fetchrow(
+            """INSERT INTO device.firmware (tenant, firmware_id, device_type, version, sha256, size, path)
+               VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING *""",
+            tenant, firmware_id, device_type, version, digest, len(image), str(path),
+        )  # fmt: skip
+        if row is None:  # a concurrent upload won: same rules
+            return await self.put_firmware(tenant, device_type, version, image)
+        return FirmwareView.model_validate({k: row[k] for k in FirmwareView.model_fields}), True
+
+    async def firmware(self, tenant: str, firmware_id: str) -> FirmwareView | None:
+        """A firmware image's metadata."""
+        row = await self.pool.fetchrow(
+            "SELECT * FROM device.firmware WHERE tenant = $1 AND firmware_id = $2", tenant, firmware_id
+        )
+        return (
+            None
+            if row is None
+            else FirmwareView.model_validate({k: row[k] for k in FirmwareView.model_fields})
+        )
+
+    async def firmware_path(self, tenant: str, firmware_id: str) -> Path | None:
+        """Where the image of a firmware is kept."""
+        path = await self.pool.fetchval(
+            "SELECT path FROM device.firmware WHERE tenant = $1 AND firmware_id = $2", tenant, firmware_id
+        )
+        return None if path is None else Path(path)
+
+    # --- campaign activities --------------------------------------------------------
+
+    @activity.defn(name="device.plan_rollout")
+    async def plan_rollout(self, inp: RolloutInput) -> RolloutPlan:
+        """Fix the target list and its waves (once: a retry returns the recorded plan)."""
+        req, tenant = inp.request, inp.tenant
+        async with self.pool.acquire() as conn, conn.transaction():
+            fw = await conn.fetchrow(
+                "SELECT device_type, version FROM device.firmware WHERE tenant = $1 AND firmware_id = $2",
+                tenant, req.firmware_id,
+            )  # fmt: skip
+            if fw is None:
+                raise ApplicationError(
+                    f"no firmware {req.firmware_id!r}", type="NoFirmware", non_retryable=True
+                )
+            done = await conn.fetchval(
+                "SELECT waves FROM device.rollouts WHERE tenant = $1 AND campaign_id = $2",
+                tenant,
+                req.campaign_id,
+            )
+            if done is not None:
+                return RolloutPlan(
+                    total=sum(done), waves=list(done), device_type=fw["device_type"], version=fw["version"]
+                )
+            devices = await conn.fetch(
+                """SELECT device_id, firmware_version FROM device.devices
+                   WHERE tenant = $1 AND device_type = $2 AND status = 'active' AND firmware_version <> $3
+                     AND ($4::text[] IS NULL OR device_id = ANY($4)) AND tags @> $5
+                   ORDER BY device_id""",
+                tenant, fw["device_type"], fw["version"], req.target.device_ids, req.target.tags,
+            )  # fmt: skip
+            waves = wave_sizes(len(devices), req.policy)
+            numbers = [w for w, size in enumerate(waves) for _ in range(size)]
+            await conn.execute(
+                """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
+                   VALUES ($1, $2, $3, $4, $5)""",
+                tenant, req.campaign_id, req.firmware_id, req.model_dump(mode="json"), waves,
+            )  # fmt: skip
+            await conn.execute(
+                """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
+                       target_version, previous_version)
+                   SELECT $1, $2, d, 'update', w, 'queued', $3, p
+                   FROM unnest($4::text[], $5::int[], $6::text[]) AS t(d, w, p)""",
+                tenant, req.campaign_id, fw["version"], [d["device_id"] for d in devices], numbers,
+                [d["firmware_version"] for d in devices],
+            )  # fmt: skip
+        return RolloutPlan(
+            total=len(devices), waves=waves, device_type=fw["device_type"], version=fw["version"]
+        )
+
+    @activity.defn(name="device.rollout_tick")
+    async def rollout_tick(self, tick: RolloutTick) -> TickResult:
+        """Expire silent devices, check the abort criteria, offer new jobs, and count."""
+        key = (tick.tenant, tick.campaign_id, tick.kind)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE device.rollout_jobs SET
+                       state = CASE WHEN attempts <= $5 THEN 'queued' ELSE 'timed_out' END,
+                       finished_seq = CASE WHEN attempts <= $5 THEN NULL
+                                           ELSE nextval('device.rollout_finished_seq') END,
+                       detail = 'no report within the device timeout', updated_at = now()
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = ANY($6)
+                     AND updated_at < now() - make_interval(secs => $4)""",
+                *key, tick.device_timeout_s, tick.retry_limit, list(ACTIVE_STATES),
+            )  # fmt: skip
+            abort = False
+            if tick.abort_failure_percent is not None:
+                finished = await conn.fetchrow(
+                    """SELECT count(*) FILTER (WHERE state IN ('succeeded', 'failed', 'timed_out')) AS done,
+                              count(*) FILTER (WHERE state IN ('failed', 'timed_out')) AS bad
+                       FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2 AND kind = $3""",
+                    *key,
+                )
+                assert finished is not None
+                done, bad = finished["done"], finished["bad"]
+                abort = done >= tick.abort_min_finished and bad * 100 > tick.abort_failure_percent * done
+            offered = 0
+            if not abort and tick.offer > 0:
+                result = await conn.execute(
+                    """UPDATE device.rollout_jobs j SET state = 'offered', offered_at = now(),
+                           updated_at = now(), attempts = attempts + 1
+                       FROM (SELECT device_id FROM device.rollout_jobs
+                             WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = 'queued'
+                               AND wave <= $4
+                             ORDER BY wave, device_id LIMIT $5 FOR UPDATE SKIP LOCKED) pick
+                       WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = $3
+                         AND j.device_id = pick.device_id""",
+                    *key, tick.wave, tick.offer,
+                )  # fmt: skip
+                offered = int(str(result).split()[-1])
+            rows = await conn.fetch(
+                """SELECT state, wave = $4 AS in_wave, count(*) AS n FROM device.rollout_jobs
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 GROUP BY 1, 2""",
+                *key, tick.wave,
+            )  # fmt: skip
+            finished_rows = await conn.fetch(
+                """SELECT device_id, state, target_version AS version, finished_seq AS seq
+                   FROM device.rollout_jobs
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND finished_seq > $4
+                   ORDER BY finished_seq LIMIT 1000""",
+                *key, tick.finished_after,
+            )  # fmt: skip
+        counts: dict[str, int] = {}
+        wave_counts: dict[str, int] = {}
+        for r in rows:
+            counts[r["state"]] = counts.get(r["state"], 0) + r["n"]
+            if r["in_wave"]:
+                wave_counts[r["state"]] = r["n"]
+        return TickResult(
+            offered=offered, counts=counts, wave_counts=wave_counts, abort=abort,
+            finished=[JobOutcome(**dict(r.items())) for r in finished_rows if r["state"] != "cancelled"],
+        )  # fmt: skip
+
+    @activity.defn(name="device.stop_rollout")
+    async def stop_rollout(self, stop: StopRollout) -> int:
+        """Cancel the jobs not started yet; with `rollback`, queue a rollback for every device
+        that took the new firmware. Returns how many rollbacks are queued."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """UPDATE device.rollout_jobs SET state = 'cancelled', updated_at = now(),
+                       finished_seq = nextval('device.rollout_finished_seq')
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update'
+                     AND state IN ('queued', 'offered')""",
+                stop.tenant, stop.campaign_id,
+            )  # fmt: skip
+            if stop.rollback:
+                await conn.execute(
+                    """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
+                           target_version, previous_version)
+                       SELECT tenant, campaign_id, device_id, 'rollback', 0, 'queued', previous_version,
+                              target_version
+                       FROM device.rollout_jobs
+                       WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update' AND state = 'succeeded'
+                       ON CONFLICT DO NOTHING""",
+                    stop.tenant, stop.campaign_id,
+                )  # fmt: skip
+            count = await conn.fetchval(
+                """SELECT count(*) FROM device.rollout_jobs
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = 'rollback'""",
+                stop.tenant, stop.campaign_id,
+            )  # fmt: skip
+        return int(count)
+
+    # --- the device's side ------------------------------------------------------------
+
+    async def pending_job(self, tenant: str, device_id: str) -> JobView | None:
+        """The job a device should work on now (offered or in progress), if any."""
+        row = await self.pool.fetchrow(
+            """SELECT j.campaign_id, j.kind, j.state, j.target_version AS version,
+                      f.firmware_id, f.sha256, f.size
+               FROM device.rollout_jobs j
+               JOIN device.devices d USING (tenant, device_id)
+               LEFT JOIN device.firmware f ON f.tenant = j.tenant AND f.device_type = d.device_type
+                    AND f.version = j.target_version
+               WHERE j.tenant = $1 AND j.device_id = $2 AND j.state = ANY($3)
+               ORDER BY j.offered_at DESC LIMIT 1""",
+            tenant, device_id, list(ACTIVE_STATES),
+        )  # fmt: skip
+        if row is None:
+            return None
+        firmware_id = row["firmware_id"] or ""
+        return JobView(
+            campaign_id=row["campaign_id"], kind=row["kind"], state=row["state"], firmware_id=firmware_id,
+            version=row["version"], sha256=row["sha256"] or "", size=row["size"] or 0,
+            download_url=f"/v1/device/firmware/{firmware_id}" if firmware_id else "",
+        )  # fmt: skip
+
+    async def report_job(
+        self, tenant: str, device_id: str, campaign_id: str, kind: str, state: str, detail: str | None
+    ) -> str:
+        """Move a device's job as it reports; on success its firmware version changes."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            job = await conn.fetchrow(
+                """SELECT state, target_version FROM device.rollout_jobs
+                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4 FOR UPDATE""",
+                tenant, campaign_id, device_id, kind,
+            )  # fmt: skip
+            if job is None:
+                raise LookupError(f"no {kind} job of campaign {campaign_id!r} for this device")
+            if state not in _NEXT.get(job["state"], set()):
+                raise ValueError(f"the job is {job['state']}: {state!r} is not a valid report now")
+            final = state in ("succeeded", "failed")
+            await conn.execute(
+                """UPDATE device.rollout_jobs SET state = $5, detail = $6, updated_at = now(),
+                       finished_seq = CASE WHEN $7 THEN nextval('device.rollout_finished_seq') END
+                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4""",
+                tenant, campaign_id, device_id, kind, state, detail, final,
+            )  # fmt: skip
+            if state == "succeeded":
+                await conn.execute(
+                    """UPDATE device.devices SET firmware_version = $3, updated_at = now()
+                       WHERE tenant = $1 AND device_id = $2""",
+                    tenant, device_id, job["target_version"],
+                )  # fmt: skip
+        return state

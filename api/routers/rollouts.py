@@ -1,0 +1,258 @@
+"""Firmware, rollout campaigns, the devices' jobs, and decommissioning."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
+from fastapi.responses import FileResponse
+from temporalio.client import WorkflowUpdateFailedError
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
+
+from activities.device_rollouts import FirmwareConflict
+from api.auth import State, actor_of, require, require_device
+from api.problems import conflict, invalid, not_found
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.devices import DeviceStatus, DeviceTypeName, FirmwareVersion
+from fleetflow.contracts.rollouts import (
+    BulkDecommissionRequest,
+    DecommissionInput,
+    DecommissionProgress,
+    DecommissionRequest,
+    FirmwareView,
+    JobReport,
+    JobView,
+    RolloutDecision,
+    RolloutInput,
+    RolloutProgress,
+    RolloutRequest,
+)
+from fleetflow.security import DeviceClaims, TokenClaims
+from fleetflow.temporal import device_search_attributes
+from workflows.device_decommission import DeviceDecommission, decommission_id
+from workflows.firmware_rollout import FirmwareRollout, rollout_id
+
+router = APIRouter(tags=["rollouts"])
+Admin = Annotated[TokenClaims, Depends(require("rollouts:admin"))]
+Reader = Annotated[TokenClaims, Depends(require("devices:read"))]
+Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
+MAX_FIRMWARE_BYTES = 256 * 1024 * 1024
+
+
+@router.post("/v1/firmware", status_code=status.HTTP_201_CREATED, response_model=FirmwareView,
+             openapi_extra={"requestBody": {"content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}}, "required": True}})  # fmt: skip
+async def upload_firmware(
+    request: Request,
+    state: State,
+    claims: Admin,
+    response: Response,
+    device_type: Annotated[DeviceTypeName, Query()],
+    version: Annotated[FirmwareVersion, Query()],
+) -> FirmwareView:
+    """Upload an image (the raw body) for a device type; the same version with other content is 409."""
+    if await state.devices.device_type(device_type) is None:
+        raise invalid(["query", "device_type"], f"unknown device type {device_type!r}")
+    image = await request.body()
+    if not image:
+        raise invalid(["body"], "the image is empty")
+    if len(image) > MAX_FIRMWARE_BYTES:
+        raise HTTPException(
+            status.HTTP_413_CONTENT_TOO_LARGE, f"an image is at most {MAX_FIRMWARE_BYTES} bytes"
+        )
+    try:
+        view, created = await state.devices.put_firmware(claims.tenant, device_type, version, image)
+    except FirmwareConflict as exc:
+        raise conflict(str(exc)) from None
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return view
+
+
+@router.get("/v1/firmware/{firmware_id}", response_model=FirmwareView)
+async def firmware(firmware_id: str, state: State, claims: Reader) -> FirmwareView:
+    """A firmware image's metadata."""
+    view = await state.devices.firmware(claims.tenant, firmware_id)
+    if view is None:
+        raise not_found(f"firmware {firmware_id!r}")
+    return view
+
+
+@router.get("/v1/device/firmware/{firmware_id}", response_class=FileResponse)
+async def download_firmware(firmware_id: str, state: State, device: Device) -> FileResponse:
+    """The image for the calling device (HTTP range requests supported, for resumable downloads)."""
+    claims, _ = device
+    view = await state.devices.firmware(claims.tenant, firmware_id)
+    own = await state.devices.get_device(claims.tenant, claims.device_id)
+    path = await state.devices.firmware_path(claims.tenant, firmware_id)
+    if view is None or own is None or own.device_type != view.device_type or path is None:
+        raise not_found(f"firmware {firmware_id!r}")
+    return FileResponse(
+        path, media_type="application/octet-stream", headers={"X-Firmware-Sha256": view.sha256}
+    )
+
+
+def _fingerprint(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+@router.post("/v1/rollouts", status_code=status.HTTP_202_ACCEPTED)
+async def start_rollout(
+    body: RolloutRequest, state: State, claims: Admin, response: Response
+) -> dict[str, Any]:
+    """Start a campaign; the same request again is the same campaign, another one 409."""
+    view = await state.devices.firmware(claims.tenant, body.firmware_id)
+    if view is None:
+        raise invalid(["body", "firmware_id"], f"no firmware {body.firmware_id!r}")
+    wid = rollout_id(claims.tenant, body.campaign_id)
+    digest = _fingerprint(body.model_dump(mode="json"))
+    try:
+        await state.temporal.start_workflow(
+            FirmwareRollout.run, RolloutInput(tenant=claims.tenant, actor=actor_of(claims), request=body),
+            id=wid, task_queue=TaskQueue.ORCHESTRATION.value, memo={"request_hash": digest},
+            id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+            search_attributes=device_search_attributes(claims.tenant, "rollout"),
+        )  # fmt: skip
+    except WorkflowAlreadyStartedError:
+        described = await state.temporal.get_workflow_handle(wid).describe()
+        if await described.memo_value("request_hash", default=None) != digest:
+            raise conflict(f"campaign {body.campaign_id!r} exists with another request") from None
+        response.status_code = status.HTTP_200_OK
+    return {"workflow_id": wid, "status_url": f"/v1/rollouts/{body.campaign_id}",
+            "temporal_ui_url": state.ui_url(wid)}  # fmt: skip
+
+
+@router.get("/v1/rollouts/{campaign_id}", response_model=RolloutProgress)
+async def rollout_progress(campaign_id: str, state: State, claims: Reader) -> RolloutProgress:
+    """Counts per state, the current wave, and why it stopped if it did."""
+    handle = state.temporal.get_workflow_handle(rollout_id(claims.tenant, campaign_id))
+    try:
+        result: RolloutProgress = await handle.query(FirmwareRollout.progress)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise not_found(f"campaign {campaign_id!r}") from None
+        raise
+    return result
+
+
+async def _decide(
+    campaign_id: str, update: str, state: State, claims: TokenClaims, reason: str | None
+) -> RolloutProgress:
+    handle = state.temporal.get_workflow_handle(rollout_id(claims.tenant, campaign_id))
+    try:
+        result: RolloutProgress = await handle.execute_update(
+            update, RolloutDecision(actor=actor_of(claims), reason=reason), result_type=RolloutProgress
+        )
+    except WorkflowUpdateFailedError as exc:
+        raise conflict(str(exc.cause or exc)) from None
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise not_found(f"running campaign {campaign_id!r}") from None
+        raise conflict(exc.message) from None
+    return result
+
+
+@router.post("/v1/rollouts/{campaign_id}/pause", response_model=RolloutProgress)
+async def pause(campaign_id: str, state: State, claims: Admin) -> RolloutProgress:
+    """Offer no new device the update until resumed."""
+    return await _decide(campaign_id, "pause", state, claims, None)
+
+
+@router.post("/v1/rollouts/{campaign_id}/resume", response_model=RolloutProgress)
+async def resume(campaign_id: str, state: State, claims: Admin) -> RolloutProgress:
+    """Go on after a pause."""
+    return await _decide(campaign_id, "resume", state, claims, None)
+
+
+@router.post("/v1/rollouts/{campaign_id}/cancel", response_model=RolloutProgress)
+async def cancel(
+    campaign_id: str, state: State, claims: Admin, reason: Annotated[str | None, Body(embed=True)] = None
+) -> RolloutProgress:
+    """Stop the campaign and roll back the devices that took the new firmware."""
+    return await _decide(campaign_id, "cancel", state, claims, reason)
+
+
+@router.get("/v1/device/jobs", response_model=JobView, responses={204: {"description": "no job"}})
+async def device_job(state: State, device: Device) -> Any:
+    """The job the calling device should work on now; 204 when there is none."""
+    claims, _ = device
+    job = await state.devices.pending_job(claims.tenant, claims.device_id)
+    return Response(status_code=status.HTTP_204_NO_CONTENT) if job is None else job
+
+
+@router.post("/v1/device/jobs/{campaign_id}/progress", status_code=status.HTTP_202_ACCEPTED)
+async def device_job_progress(
+    campaign_id: str, body: JobReport, state: State, device: Device
+) -> dict[str, str]:
+    """The device reports downloading, installing, succeeded or failed."""
+    claims, _ = device
+    try:
+        new = await state.devices.report_job(
+            claims.tenant, claims.device_id, campaign_id, body.kind, body.state, body.detail
+        )
+    except LookupError as exc:
+        raise not_found(str(exc)) from None
+    except ValueError as exc:
+        raise conflict(str(exc)) from None
+    return {"state": new}
+
+
+async def _decommission(
+    state: State, claims: TokenClaims, device_id: str, body: DecommissionRequest
+) -> dict[str, str]:
+    device = await state.devices.get_device(claims.tenant, device_id)
+    if device is None:
+        raise not_found(f"device {device_id!r}")
+    wid = decommission_id(claims.tenant, device_id)
+    if device.status != DeviceStatus.DECOMMISSIONED:
+        try:
+            await state.temporal.start_workflow(
+                DeviceDecommission.run,
+                DecommissionInput(tenant=claims.tenant, device_id=device_id, actor=actor_of(claims),
+                                  telemetry=body.telemetry, reason=body.reason),
+                id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
+                id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
+                search_attributes=device_search_attributes(claims.tenant, "decommission", device_id),
+            )  # fmt: skip
+        except WorkflowAlreadyStartedError:
+            pass  # running or done: the same retirement
+    return {"device_id": device_id, "workflow_id": wid, "status_url": f"/v1/decommissions/{device_id}"}
+
+
+@router.post("/v1/devices/{device_id}:decommission", status_code=status.HTTP_202_ACCEPTED)
+async def decommission(
+    device_id: str,
+    state: State,
+    claims: Admin,
+    body: Annotated[DecommissionRequest, Body()] = DecommissionRequest(),
+) -> dict[str, str]:
+    """Retire a device: credentials revoked, twin ended, jobs cancelled, telemetry archived."""
+    return await _decommission(state, claims, device_id, body)
+
+
+@router.post("/v1/devices:decommission", status_code=status.HTTP_202_ACCEPTED)
+async def decommission_many(
+    body: BulkDecommissionRequest, state: State, claims: Admin
+) -> list[dict[str, str]]:
+    """Retire up to 1,000 devices, one DeviceDecommission run each."""
+    single = DecommissionRequest(telemetry=body.telemetry, reason=body.reason)
+    return [await _decommission(state, claims, d, single) for d in body.device_ids]
+
+
+@router.get("/v1/decommissions/{device_id}", response_model=DecommissionProgress)
+async def decommission_progress(device_id: str, state: State, claims: Reader) -> DecommissionProgress:
+    """Steps done, the current one, and the error if it is stuck."""
+    handle = state.temporal.get_workflow_handle(decommission_id(claims.tenant, device_id))
+    try:
+        result: DecommissionProgress = await handle.query(DeviceDecommission.progress)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise not_found(f"decommissioning of {device_id!r}") from None
+        raise
+    return result
+

@@ -1,0 +1,228 @@
+"""Contracts of firmware, rollout campaigns and decommissioning."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import Field, StringConstraints, model_validator
+
+from fleetflow.contracts.common import Actor, DeviceId, Strict, TenantId
+from fleetflow.contracts.devices import Tag
+
+CampaignId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
+JobKind = Literal["update", "rollback"]
+DeviceProgress = Literal["downloading", "installing", "succeeded", "failed"]
+# a job's life: queued → offered → downloading → installing → succeeded | failed | timed_out;
+# queued or offered jobs of a stopped campaign become cancelled
+ACTIVE_STATES = ("offered", "downloading", "installing")
+FINAL_STATES = ("succeeded", "failed", "timed_out", "cancelled")
+
+FIRMWARE_UPDATED = "FirmwareUpdated"
+FIRMWARE_UPDATE_FAILED = "FirmwareUpdateFailed"
+FIRMWARE_ROLLED_BACK = "FirmwareRolledBack"
+DEVICE_DECOMMISSIONED = "DeviceDecommissioned"
+
+
+class FirmwareView(Strict):
+    """A stored firmware image."""
+
+    firmware_id: str
+    device_type: str
+    version: str
+    sha256: str
+    size: int
+    uploaded_at: datetime
+
+
+class RolloutTarget(Strict):
+    """Which devices a campaign updates: explicit ids, or a device type with tags."""
+
+    device_ids: Annotated[list[DeviceId], Field(max_length=100_000)] | None = None
+    tags: Annotated[list[Tag], Field(max_length=16)] = Field(default_factory=list)
+
+
+class RolloutPolicy(Strict):
+    """Waves, pace and abort criteria of a campaign."""
+
+    canary: Annotated[int, Field(ge=1)] = 10
+    canary_percent: Annotated[float, Field(gt=0, le=100)] | None = None
+    growth: Annotated[float, Field(ge=1, le=100)] = 4.0
+    rate_per_minute: Annotated[float, Field(gt=0, le=1_000_000)] = 1000.0
+    wave_success_percent: Annotated[float, Field(ge=0, le=100)] = 90.0
+    abort_failure_percent: Annotated[float, Field(gt=0, le=100)] = 20.0
+    abort_min_finished: Annotated[int, Field(ge=1)] = 10
+    device_timeout_s: Annotated[int, Field(ge=1, le=7 * 86400)] = 600
+    retry_limit: Annotated[int, Field(ge=0, le=10)] = 1
+
+
+class RolloutRequest(Strict):
+    """Body of `POST /v1/rollouts`."""
+
+    campaign_id: CampaignId
+    firmware_id: str
+    target: RolloutTarget = Field(default_factory=RolloutTarget)
+    policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+
+    @model_validator(mode="after")
+    def _target(self) -> RolloutRequest:
+        if self.target.device_ids is not None and not self.target.device_ids:
+            raise ValueError("target.device_ids must not be empty when given")
+        return self
+
+
+class RolloutInput(Strict):
+    """Input of FirmwareRollout (and what it carries when it continues as new)."""
+
+    tenant: TenantId
+    actor: Actor
+    request: RolloutRequest
+    state: RolloutProgress | None = None
+
+
+class RolloutPlan(Strict):
+    """Output of `device.plan_rollout`: the fixed target list, split into waves."""
+
+    total: int
+    waves: list[int]
+    device_type: str
+    version: str
+
+
+class RolloutTick(Strict):
+    """Input of `device.rollout_tick`: offer up to `offer` jobs of waves ≤ `wave`, expire, count."""
+
+    tenant: TenantId
+    campaign_id: str
+    kind: JobKind
+    wave: int
+    offer: int
+    device_timeout_s: int
+    retry_limit: int
+    finished_after: int
+    abort_failure_percent: float | None = None
+    abort_min_finished: int = 1
+
+
+class JobOutcome(Strict):
+    """A job that reached a final state."""
+
+    device_id: str
+    state: str
+    version: str
+    seq: int
+
+
+class TickResult(Strict):
+    """Output of `device.rollout_tick`: counts by state and the newly finished jobs."""
+
+    offered: int
+    counts: dict[str, int]
+    wave_counts: dict[str, int]
+    finished: list[JobOutcome]
+    abort: bool = False
+
+
+class StopRollout(Strict):
+    """Input of `device.stop_rollout`: cancel what has not started, queue the rollbacks."""
+
+    tenant: TenantId
+    campaign_id: str
+    rollback: bool
+
+
+class RolloutDecision(Strict):
+    """Argument of the pause / resume / cancel updates."""
+
+    actor: Actor
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class RolloutProgress(Strict):
+    """Query `progress` of FirmwareRollout."""
+
+    campaign_id: str
+    status: Literal["planning", "running", "paused", "aborting", "cancelling", "rolling_back",
+                    "completed", "aborted", "cancelled"]  # fmt: skip
+    wave: int
+    waves: list[int]
+    total: int
+    counts: dict[str, int]
+    rollback_counts: dict[str, int] = Field(default_factory=dict)
+    reason: str | None = None
+    finished_seq: int = 0
+    rollback_seq: int = 0
+    offered_budget: float = 0.0
+    last_tick: datetime | None = None
+    abort_crossed_at: datetime | None = None
+    last_offer_at: datetime | None = None
+
+
+RolloutInput.model_rebuild()
+
+
+class JobView(Strict):
+    """A device's pending job, as `GET /v1/device/jobs` shows it."""
+
+    campaign_id: str
+    kind: JobKind
+    state: str
+    firmware_id: str
+    version: str
+    sha256: str
+    size: int
+    download_url: str
+
+
+class JobReport(Strict):
+    """Body of `POST /v1/device/jobs/{campaign_id}/progress`."""
+
+    kind: JobKind = "update"
+    state: DeviceProgress
+    detail: Annotated[str, Field(max_length=500)] | None = None
+
+
+class DecommissionRequest(Strict):
+    """Body of `POST /v1/devices/{id}:decommission` (and each item of the bulk form)."""
+
+    telemetry: Literal["archive", "delete"] = "archive"
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class BulkDecommissionRequest(Strict):
+    """Body of `POST /v1/devices:decommission`."""
+
+    device_ids: Annotated[list[DeviceId], Field(min_length=1, max_length=1000)]
+    telemetry: Literal["archive", "delete"] = "archive"
+    reason: Annotated[str, Field(max_length=500)] | None = None
+
+
+class DecommissionInput(Strict):
+    """Input of DeviceDecommission."""
+
+    tenant: TenantId
+    device_id: str
+    actor: Actor
+    telemetry: Literal["archive", "delete"] = "archive"
+    reason: str | None = None
+
+
+class DeviceStep(Strict):
+    """Input of the decommission activities."""
+
+    tenant: TenantId
+    device_id: str
+    actor: str
+    telemetry: Literal["archive", "delete"] = "archive"
+    reason: str | None = None
+
+
+class DecommissionProgress(Strict):
+    """Query `progress` of DeviceDecommission."""
+
+    device_id: str
+    status: Literal["running", "completed", "stuck"]
+    done: list[str]
+    current: str | None
+    error: str | None = None
+

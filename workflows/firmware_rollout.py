@@ -1,0 +1,238 @@
+"""FirmwareRollout: a campaign (id `rollout-{tenant}-{campaign_id}`).
+
+Canary wave first, then waves that grow, at a bounded rate; each wave must reach its
+success percentage before the next. Per-device job state lives in the device service's
+tables; the workflow drives it in batched ticks, so history stays small. On abort or
+cancel, nothing new is offered, queued jobs are cancelled and every device that took the
+new firmware is rolled back (saga compensation), each rollback tracked to its end.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from temporalio import workflow
+from temporalio.exceptions import ApplicationError
+
+with workflow.unsafe.imports_passed_through():
+    from fleetflow.contracts.common import DomainEvent, TaskQueue
+    from fleetflow.contracts.events import EventBatch
+    from fleetflow.contracts.rollouts import (
+        FINAL_STATES,
+        FIRMWARE_ROLLED_BACK,
+        FIRMWARE_UPDATE_FAILED,
+        FIRMWARE_UPDATED,
+        JobKind,
+        RolloutDecision,
+        RolloutInput,
+        RolloutPlan,
+        RolloutProgress,
+        RolloutTick,
+        StopRollout,
+        TickResult,
+    )
+    from workflows.options import STEP_RETRY
+
+TICK = timedelta(milliseconds=250)
+HISTORY_LIMIT = 4000
+ADMIN_SCOPE = "rollouts:admin"
+
+
+def rollout_id(tenant: str, campaign_id: str) -> str:
+    """The business id of a campaign's workflow."""
+    return f"rollout-{tenant}-{campaign_id}"
+
+
+@workflow.defn
+class FirmwareRollout:
+    """A campaign; query `progress`, updates `pause`, `resume`, `cancel`."""
+
+    @workflow.init
+    def __init__(self, inp: RolloutInput) -> None:
+        self._inp = inp
+        self._p = inp.state or RolloutProgress(
+            campaign_id=inp.request.campaign_id, status="planning", wave=0, waves=[], total=0, counts={}
+        )
+        self._paused = False
+        self._stop: str | None = None  # "cancel" once an operator cancels
+
+    @workflow.run
+    async def run(self, inp: RolloutInput) -> RolloutProgress:
+        """Plan, roll out wave by wave, and roll back if the campaign stops early."""
+        p = self._p
+        if p.status == "planning":
+            plan: RolloutPlan = await self._act("device.plan_rollout", inp, RolloutPlan)
+            p.waves, p.total, p.status = plan.waves, plan.total, "running"
+        if p.status in ("running", "paused"):
+            await self._roll_out()
+        if p.status in ("aborting", "cancelling", "rolling_back"):
+            await self._roll_back()
+        return p
+
+    async def _roll_out(self) -> None:
+        p, policy = self._p, self._inp.request.policy
+        while p.wave < len(p.waves):
+            if self._stop is not None:
+                self._begin_stop("cancelling", f"cancelled: {self._stop}")
+                return
+            paused = self._paused
+            offer = 0
+            if paused:  # still ticking: counts stay current and silent devices still expire
+                p.status, p.last_tick = "paused", None
+            else:
+                p.status = "running"
+                now = workflow.now()
+                if p.last_tick is not None:  # pace: rate_per_minute, carried as a fractional budget
+                    p.offered_budget += (now - p.last_tick).total_seconds() * policy.rate_per_minute / 60
+                else:
+                    p.offered_budget = max(1.0, policy.rate_per_minute * TICK.total_seconds() / 60)
+                p.last_tick = now
+                offer = int(p.offered_budget)
+            tick: TickResult = await self._tick("update", offer, p.finished_seq, abort=True)
+            p.offered_budget -= tick.offered
+            if tick.offered:
+                p.last_offer_at = workflow.now()
+            p.counts = tick.counts
+            p.finished_seq = await self._record(tick, "update", p.finished_seq)
+            if tick.abort:
+                p.abort_crossed_at = workflow.now()
+                self._begin_stop("aborting", "aborted: failures over the threshold")
+                return
+            wave_size = p.waves[p.wave]
+            done = sum(tick.wave_counts.get(s, 0) for s in FINAL_STATES)
+            if done >= wave_size and not paused:
+                ok = tick.wave_counts.get("succeeded", 0)
+                if ok * 100 < policy.wave_success_percent * wave_size:
+                    self._begin_stop("aborting", f"aborted: wave {p.wave} reached {ok} of {wave_size}")
+                    return
+                p.wave += 1
+                continue
+            if self._history_full():
+                workflow.continue_as_new(self._inp.model_copy(update={"state": p}))
+            await self._nap(paused)
+        p.status = "completed"
+
+    async def _nap(self, paused: bool) -> None:
+        """Wait one tick (longer while paused), or less if an operator pauses, resumes or cancels."""
+        try:
+            await workflow.wait_condition(
+                lambda: self._stop is not None or self._paused != paused, timeout=TICK * (4 if paused else 1)
+            )
+        except TimeoutError:
+            pass
+
+    def _begin_stop(self, status: Any, reason: str) -> None:
+        self._p.status, self._p.reason = status, reason
+
+    async def _roll_back(self) -> None:
+        p = self._p
+        if p.status != "rolling_back":
+            await self._act(
+                "device.stop_rollout",
+                StopRollout(tenant=self._inp.tenant, campaign_id=p.campaign_id, rollback=True), int,
+            )  # fmt: skip
+            final = "cancelled" if p.status == "cancelling" else "aborted"
+            p.status, p.reason = "rolling_back", f"{final}; {p.reason}"
+            stopped = await self._tick("update", 0, p.finished_seq, abort=False)  # counts after the stop
+            p.counts = stopped.counts
+            p.finished_seq = await self._record(stopped, "update", p.finished_seq)
+        while True:
+            tick = await self._tick("rollback", 1_000_000, p.rollback_seq, abort=False)
+            p.rollback_counts = tick.counts
+            p.rollback_seq = await self._record(tick, "rollback", p.rollback_seq)
+            if all(state in FINAL_STATES for state in tick.counts):
+                break
+            if self._history_full():
+                workflow.continue_as_new(self._inp.model_copy(update={"state": p}))
+            await workflow.sleep(TICK)
+        p.status = "cancelled" if (p.reason or "").startswith("cancelled") else "aborted"
+
+    async def _tick(self, kind: JobKind, offer: int, after: int, abort: bool) -> TickResult:
+        policy = self._inp.request.policy
+        result: TickResult = await self._act(
+            "device.rollout_tick",
+            RolloutTick(
+                tenant=self._inp.tenant, campaign_id=self._p.campaign_id, kind=kind, wave=self._p.wave,
+                offer=offer, device_timeout_s=policy.device_timeout_s, retry_limit=policy.retry_limit,
+                finished_after=after,
+                abort_failure_percent=policy.abort_failure_percent if abort else None,
+                abort_min_finished=policy.abort_min_finished,
+            ),
+            TickResult,
+        )  # fmt: skip
+        return result
+
+    async def _record(self, tick: TickResult, kind: JobKind, seq: int) -> int:
+        """Record the newly finished devices' events; returns the new cursor."""
+        if not tick.finished:
+            return seq
+        events = []
+        for job in tick.finished:
+            if kind == "rollback":
+                name = FIRMWARE_ROLLED_BACK if job.state == "succeeded" else FIRMWARE_UPDATE_FAILED
+            else:
+                name = FIRMWARE_UPDATED if job.state == "succeeded" else FIRMWARE_UPDATE_FAILED
+            events.append(DomainEvent(
+                event_id=f"{workflow.info().workflow_id}/{kind}/{job.device_id}/{job.seq}",
+                tenant=self._inp.tenant, device_id=job.device_id, type=name, occurred_at=workflow.now(),
+                actor=self._inp.actor.subject, source_workflow=workflow.info().workflow_id,
+                data={"campaign_id": self._p.campaign_id, "version": job.version, "state": job.state},
+            ))  # fmt: skip
+        await self._act("notification.record_events", EventBatch(events=events), int, TaskQueue.NOTIFICATION)
+        return tick.finished[-1].seq
+
+    async def _act(self, name: str, arg: Any, result_type: type, queue: TaskQueue = TaskQueue.DEVICE) -> Any:
+        return await workflow.execute_activity(
+            name, arg, task_queue=queue.value, result_type=result_type,
+            start_to_close_timeout=timedelta(minutes=1), retry_policy=STEP_RETRY,
+        )  # fmt: skip
+
+    def _history_full(self) -> bool:
+        info = workflow.info()
+        return info.get_current_history_length() > HISTORY_LIMIT or info.is_continue_as_new_suggested()
+
+    # --- operators ----------------------------------------------------------------
+
+    @workflow.query
+    def progress(self) -> RolloutProgress:
+        """Counts per state, the current wave, and why it stopped if it did."""
+        return self._p
+
+    @workflow.update
+    def pause(self, decision: RolloutDecision) -> RolloutProgress:
+        """No new device is offered the update until `resume`."""
+        self._paused = True
+        self._p.status = "paused"
+        return self._p
+
+    @workflow.update
+    def resume(self, decision: RolloutDecision) -> RolloutProgress:
+        """Go on offering after a pause."""
+        self._paused = False
+        self._p.status, self._p.last_tick = "running", None  # no burst for the time paused
+        return self._p
+
+    @workflow.update
+    def cancel(self, decision: RolloutDecision) -> RolloutProgress:
+        """Stop the campaign and roll back every device that took the new firmware."""
+        self._stop = decision.reason or f"by {decision.actor.subject}"
+        return self._p
+
+    @pause.validator
+    def _check_pause(self, decision: RolloutDecision) -> None:
+        self._check(decision, ("running",))
+
+    @resume.validator
+    def _check_resume(self, decision: RolloutDecision) -> None:
+        self._check(decision, ("paused",))
+
+    @cancel.validator
+    def _check_cancel(self, decision: RolloutDecision) -> None:
+        self._check(decision, ("planning", "running", "paused"))
+
+    def _check(self, decision: RolloutDecision, allowed: tuple[str, ...]) -> None:
+        if decision.actor.tenant != self._inp.tenant or not decision.actor.can(ADMIN_SCOPE):
+            raise ApplicationError(f"the {ADMIN_SCOPE} scope of this tenant is required", type="Forbidden")
+        if self._p.status not in allowed or self._stop is not None:
+            raise ApplicationError(f"the campaign is {self._p.status}", type="BadState")
