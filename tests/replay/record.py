@@ -9,6 +9,8 @@ break runs in flight: guard it with `workflow.patched`, never delete the history
 from __future__ import annotations
 
 import asyncio
+import csv
+import io
 import json
 import os
 import sys
@@ -86,6 +88,55 @@ async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
         if progress and progress["windows"]:
             return handle
     raise RuntimeError("no ingestion window was processed")
+
+
+async def _sensors(s: Stack, count: int) -> dict[str, str]:
+    devices = [
+        {"device_id": f"rec-fw-{uuid.uuid4().hex[:6]}-{i}", "device_type": "sensor"} for i in range(count)
+    ]
+    bulk = (await s.api.post("/v1/devices:bulk", json={"devices": devices}, headers=s.headers)).json()
+    await s.client.get_workflow_handle(bulk["workflow_id"]).result()
+    text = (await s.api.get(f"/v1/bulk-onboardings/{bulk['bulk_id']}/credentials", headers=s.headers)).text
+    return {r["device_id"]: r["credential"] for r in csv.DictReader(io.StringIO(text))}
+
+
+async def firmware_rollout(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A campaign of four devices: one fails, the campaign aborts and rolls the others back."""
+    creds = await _sensors(s, 4)
+    version = f"9.{uuid.uuid4().int % 10000}"
+    await s.api.post("/v1/firmware", params={"device_type": "sensor", "version": version}, content=b"fw",
+                     headers={**s.headers, "Content-Type": "application/octet-stream"})  # fmt: skip
+    campaign = f"rec-{uuid.uuid4().hex[:6]}"
+    policy = {"canary": 4, "abort_failure_percent": 20, "abort_min_finished": 4}
+    target = {"device_ids": list(creds)}
+    body = {"campaign_id": campaign, "firmware_id": f"sensor-{version}", "target": target, "policy": policy}
+    started = (await s.api.post("/v1/rollouts", json=body, headers=s.headers)).json()
+    handle = s.client.get_workflow_handle(started["workflow_id"])
+    first = sorted(creds)[0]
+    for _ in range(400):
+        for device_id, credential in creds.items():
+            auth = {"Authorization": f"Bearer {credential}"}
+            job = await s.api.get("/v1/device/jobs", headers=auth)
+            if job.status_code == 200:
+                kind = job.json()["kind"]
+                state = "failed" if device_id == first and kind == "update" else "succeeded"
+                url = f"/v1/device/jobs/{campaign}/progress"
+                await s.api.post(url, json={"kind": kind, "state": state}, headers=auth)
+        progress = (await s.api.get(f"/v1/rollouts/{campaign}", headers=s.headers)).json()
+        if progress["status"] in ("completed", "aborted", "cancelled"):
+            await handle.result()
+            return handle
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the campaign did not end")
+
+
+async def device_decommission(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A sensor retired with its telemetry archived."""
+    device_id = next(iter(await _sensors(s, 1)))
+    started = (await s.api.post(f"/v1/devices/{device_id}:decommission", json={}, headers=s.headers)).json()
+    handle = s.client.get_workflow_handle(started["workflow_id"])
+    await handle.result()
+    return handle
 
 
 async def onboarding_rejected(s: Stack) -> WorkflowHandle[Any, Any]:
@@ -168,6 +219,8 @@ SCENARIOS: dict[str, Scenario] = {
     "bulk_onboarding": bulk_onboarding,
     "device_twin": device_twin,
     "telemetry_ingestion": telemetry_ingestion,
+    "firmware_rollout": firmware_rollout,
+    "device_decommission": device_decommission,
     "event_delivery": event_delivery,
 }
 
