@@ -272,8 +272,8 @@ class RolloutJobs(DeviceReadModel):
 
     async def report_job(
         self, tenant: str, device_id: str, campaign_id: str, kind: str, state: str, detail: str | None
-    ) -> str:
-        """Move a device's job as it reports; on success its firmware version changes."""
+    ) -> str | None:
+        """Move a device's job as it reports; on success its firmware version changes (returned)."""
         async with self.pool.acquire() as conn, conn.transaction():
             job = await conn.fetchrow(
                 """SELECT state, target_version FROM device.rollout_jobs
@@ -297,4 +297,5 @@ class RolloutJobs(DeviceReadModel):
                        WHERE tenant = $1 AND device_id = $2""",
                     tenant, device_id, job["target_version"],
                 )  # fmt: skip
-        return state
+                return str(job["target_version"])
+        return None

@@ -34,6 +34,7 @@ class DeviceTwin:
         self._state: TwinState | None = inp.state or TwinState(
             tenant=inp.tenant, device_id=inp.device_id, desired=inp.initial_desired,
             desired_version=1 if inp.initial_desired else 0, offline_after_s=inp.offline_after_s,
+            reported=inp.initial_reported,
         )  # fmt: skip
 
     @workflow.run

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
@@ -31,9 +32,11 @@ from fleetflow.contracts.rollouts import (
     RolloutProgress,
     RolloutRequest,
 )
+from fleetflow.contracts.twin import ReportState
 from fleetflow.security import DeviceClaims, TokenClaims
 from fleetflow.temporal import device_search_attributes
 from workflows.device_decommission import DeviceDecommission, decommission_id
+from workflows.device_twin import DeviceTwin, twin_id
 from workflows.firmware_rollout import FirmwareRollout, rollout_id
 
 router = APIRouter(tags=["rollouts"])
@@ -192,14 +195,22 @@ async def device_job_progress(
     """The device reports downloading, installing, succeeded or failed."""
     claims, _ = device
     try:
-        new = await state.devices.report_job(
+        installed = await state.devices.report_job(
             claims.tenant, claims.device_id, campaign_id, body.kind, body.state, body.detail
         )
     except LookupError as exc:
         raise not_found(str(exc)) from None
     except ValueError as exc:
         raise conflict(str(exc)) from None
-    return {"state": new}
+    if installed is not None:  # the twin's reported state follows the firmware actually running
+        twin = state.temporal.get_workflow_handle(twin_id(claims.tenant, claims.device_id))
+        try:
+            await twin.signal(
+                DeviceTwin.report, ReportState(patch={"firmware_version": installed}, at=datetime.now(UTC))
+            )
+        except RPCError:
+            pass  # no twin yet: it will start from the registry, which has the new version
+    return {"state": body.state}
 
 
 async def _decommission(
@@ -255,4 +266,3 @@ async def decommission_progress(device_id: str, state: State, claims: Reader) ->
             raise not_found(f"decommissioning of {device_id!r}") from None
         raise
     return result
-

@@ -14,6 +14,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.notifications import NotificationService
 from api.auth import State, actor_of, require, require_device
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
@@ -36,6 +37,13 @@ from fleetflow.twin_state import delta, view
 from workflows.device_twin import DeviceTwin, twin_id
 
 router = APIRouter(tags=["twins"])
+FLEET_EVENTS = {
+    "FirmwareUpdated",
+    "FirmwareUpdateFailed",
+    "FirmwareRolledBack",
+    "AlertRaised",
+    "AlertCleared",
+}
 Reader = Annotated[TokenClaims, Depends(require("devices:read"))]
 Writer = Annotated[TokenClaims, Depends(require("devices:write"))]
 Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
@@ -57,7 +65,7 @@ async def _start_twin(state: AppState, tenant: str, device_id: str) -> None:
     await state.temporal.start_workflow(
         DeviceTwin.run,
         TwinInput(tenant=tenant, device_id=device_id, config_schema=kind.config_schema if kind else {},
-                  initial_desired=config),
+                  initial_desired=config, initial_reported={"firmware_version": device.firmware_version}),
         id=twin_id(tenant, device_id), task_queue=TaskQueue.ORCHESTRATION.value,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
@@ -216,4 +224,22 @@ async def history(device_id: str, state: State, claims: Reader) -> list[HistoryE
     """The device's domain events in order, read from all its workflows' Temporal histories."""
     if await state.devices.get_device(claims.tenant, device_id) is None:
         raise not_found(f"device {device_id!r}")
-    return await device_history(state.temporal, claims.tenant, device_id)
+    entries = await device_history(state.temporal, claims.tenant, device_id)
+    # campaigns and analytics span many devices, so their runs carry no DeviceId: their
+    # per-device facts come from the event store
+    stored = await NotificationService(state.pool).list_events(claims.tenant, device_id=device_id, limit=1000)
+    entries.extend(
+        HistoryEntry(
+            time=e.occurred_at,
+            type=e.type,
+            actor=e.actor,
+            workflow_type="",
+            workflow_id=e.source_workflow or "",
+            run_id="",
+            event_id=e.seq,
+        )
+        for e in stored
+        if e.type in FLEET_EVENTS
+    )
+    entries.sort(key=lambda e: e.time)
+    return entries

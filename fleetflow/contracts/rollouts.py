@@ -225,4 +225,3 @@ class DecommissionProgress(Strict):
     done: list[str]
     current: str | None
     error: str | None = None
-

@@ -35,6 +35,7 @@ class TwinInput(Strict):
     device_id: str
     config_schema: dict[str, Any]
     initial_desired: dict[str, Any] = Field(default_factory=dict)
+    initial_reported: dict[str, Any] = Field(default_factory=dict)
     offline_after_s: Annotated[int, Field(ge=1, le=30 * 86400)] = 300
     history_limit: Annotated[int, Field(ge=50, le=9000)] = TWIN_HISTORY_LIMIT
     state: TwinState | None = None

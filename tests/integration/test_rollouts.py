@@ -135,6 +135,11 @@ async def test_canary_then_waves_in_order_and_the_registry_follows(
             list(creds)))  # fmt: skip
 
     await eventually(updated, lambda n: n == 12)
+    some = sorted(creds)[0]
+    twin = (await api.get(f"/v1/devices/{some}/twin", headers=AUTH)).json()
+    assert twin["reported"]["firmware_version"] == version
+    history = (await api.get(f"/v1/devices/{some}/history", headers=AUTH)).json()
+    assert [e["type"] for e in history if e["type"].startswith("Firmware")] == ["FirmwareUpdated"]
 
 
 async def test_abort_rolls_back_exactly_the_devices_that_updated(api: httpx.AsyncClient, pool: Pool) -> None:
