@@ -168,7 +168,7 @@ class RolloutJobs(DeviceReadModel):
                      AND updated_at < now() - make_interval(secs => $4)""",
                 *key, tick.device_timeout_s, tick.retry_limit, list(ACTIVE_STATES),
             )  # fmt: skip
-            abort = False
+            abort, seen_at = False, None
             if tick.abort_failure_percent is not None:
                 finished = await conn.fetchrow(
                     """SELECT count(*) FILTER (WHERE state IN ('succeeded', 'failed', 'timed_out')) AS done,
@@ -179,6 +179,7 @@ class RolloutJobs(DeviceReadModel):
                 assert finished is not None
                 done, bad = finished["done"], finished["bad"]
                 abort = done >= tick.abort_min_finished and bad * 100 > tick.abort_failure_percent * done
+                seen_at = await conn.fetchval("SELECT clock_timestamp()") if abort else None
             offered = 0
             if not abort and tick.offer > 0:
                 result = await conn.execute(
@@ -212,7 +213,7 @@ class RolloutJobs(DeviceReadModel):
             if r["in_wave"]:
                 wave_counts[r["state"]] = r["n"]
         return TickResult(
-            offered=offered, counts=counts, wave_counts=wave_counts, abort=abort,
+            offered=offered, counts=counts, wave_counts=wave_counts, abort=abort, abort_seen_at=seen_at,
             finished=[JobOutcome(**dict(r.items())) for r in finished_rows if r["state"] != "cancelled"],
         )  # fmt: skip
 

@@ -94,11 +94,12 @@ class FirmwareRollout:
             if tick.offered:
                 p.last_offer_at = workflow.now()
             p.counts = tick.counts
+            # stop before recording the finished devices' events: the stop is what must be fast
+            if tick.abort and workflow.patched("abort-before-record"):
+                return self._abort(tick)
             p.finished_seq = await self._record(tick, "update", p.finished_seq)
             if tick.abort:
-                p.abort_crossed_at = workflow.now()
-                self._begin_stop("aborting", "aborted: failures over the threshold")
-                return
+                return self._abort(tick)
             wave_size = p.waves[p.wave]
             done = sum(tick.wave_counts.get(s, 0) for s in FINAL_STATES)
             if done >= wave_size and not paused:
@@ -112,6 +113,11 @@ class FirmwareRollout:
                 workflow.continue_as_new(self._inp.model_copy(update={"state": p}))
             await self._nap(paused)
         p.status = "completed"
+
+    def _abort(self, tick: TickResult) -> None:
+        """The tick found the abort threshold crossed and offered nothing: no offer follows."""
+        self._p.abort_crossed_at = tick.abort_seen_at
+        self._begin_stop("aborting", "aborted: failures over the threshold")
 
     async def _nap(self, paused: bool) -> None:
         """Wait one tick (longer while paused), or less if an operator pauses, resumes or cancels."""

@@ -121,6 +121,7 @@ class TickResult(Strict):
     wave_counts: dict[str, int]
     finished: list[JobOutcome]
     abort: bool = False
+    abort_seen_at: datetime | None = None  # when the tick found the threshold crossed (and offered nothing)
 
 
 class StopRollout(Strict):
