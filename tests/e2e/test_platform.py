@@ -266,6 +266,78 @@ async def test_twin_updates_survive_a_killed_orchestration_worker(
     assert after["desired_version"] == accepted[-1] and after["desired"]["target_c"] == 29
 
 
+async def test_campaign_survives_killed_workers_and_updates_each_device_once(stack: Stack) -> None:
+    admin = stack.admin_headers()
+    prefix = f"e2e-fw-{uuid.uuid4().hex[:6]}"
+    devices = [{"device_id": f"{prefix}-{i:02d}", "device_type": "sensor"} for i in range(16)]
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as http:
+        bulk = (await http.post("/v1/devices:bulk", json={"devices": devices}, headers=admin)).json()
+        await eventually(lambda: json_of(http, bulk["status_url"], admin),
+                         lambda p: p.get("status") == "completed", 60, "bulk onboarding")  # fmt: skip
+        rows = (await http.get(f"/v1/bulk-onboardings/{bulk['bulk_id']}/credentials", headers=admin)).text
+        creds = dict(line.split(",", 1) for line in rows.strip().splitlines()[1:])
+        upload = await http.post(
+            "/v1/firmware", params={"device_type": "sensor", "version": "7.0.0"}, content=b"e2e-image",
+            headers={**admin, "Content-Type": "application/octet-stream"},
+        )  # fmt: skip
+        assert upload.status_code in (200, 201), upload.text
+        campaign = f"{prefix}-c"
+        policy = {"canary": 2, "growth": 2, "rate_per_minute": 60, "abort_min_finished": 100}
+        target = {"device_ids": list(creds)}
+        body = {"campaign_id": campaign, "firmware_id": "sensor-7.0.0", "target": target, "policy": policy}
+        assert (await http.post("/v1/rollouts", json=body, headers=admin)).status_code == 202
+        stop = asyncio.Event()
+
+        async def devices_answer() -> None:
+            while not stop.is_set():
+                for credential in creds.values():
+                    auth = {"Authorization": f"Bearer {credential}"}
+                    try:
+                        job = await http.get("/v1/device/jobs", headers=auth)
+                        if job.status_code == 200:
+                            url = f"/v1/device/jobs/{job.json()['campaign_id']}/progress"
+                            await http.post(url, json={"state": "succeeded"}, headers=auth)
+                    except httpx.HTTPError:
+                        pass
+                await asyncio.sleep(0.1)
+
+        answering = asyncio.create_task(devices_answer())
+        status_url = f"/v1/rollouts/{campaign}"
+        await eventually(
+            lambda: json_of(http, status_url, admin),
+            lambda p: p.get("counts", {}).get("succeeded", 0) >= 3, 60, "three updated",
+        )  # fmt: skip
+        victims = [stack.worker("orchestration"), stack.worker("device")]
+        for victim in victims:
+            victim.send_signal(signal.SIGKILL)
+        for queue, victim in zip(("orchestration", "device"), victims, strict=True):
+            await replaced(stack, queue, victim)
+        done = await eventually(
+            lambda: json_of(http, status_url, admin), lambda p: p.get("status") == "completed", 120, "campaign",
+        )  # fmt: skip
+        stop.set()
+        await answering
+    assert done["counts"] == {"succeeded": 16}
+    conn = await asyncpg.connect(stack.environ_of_worker()["DATABASE_URL"])
+    try:
+        attempts = await conn.fetch(
+            "SELECT attempts FROM device.rollout_jobs WHERE campaign_id = $1 AND kind = 'update'", campaign
+        )
+        events = await conn.fetch(
+            """SELECT device_id, count(*) AS n FROM notification.events
+               WHERE type = 'FirmwareUpdated' AND source_workflow = $1 GROUP BY device_id""",
+            f"rollout-default-{campaign}",
+        )
+        versions = await conn.fetch(
+            "SELECT DISTINCT firmware_version FROM device.devices WHERE device_id = ANY($1)", list(creds)
+        )
+    finally:
+        await conn.close()
+    assert [a["attempts"] for a in attempts] == [1] * 16  # no device was offered the update twice
+    assert len(events) == 16 and all(e["n"] == 1 for e in events)
+    assert [v["firmware_version"] for v in versions] == ["7.0.0"]
+
+
 # --- 4 -------------------------------------------------------------------------------------------
 
 
