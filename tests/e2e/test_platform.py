@@ -313,7 +313,8 @@ async def test_campaign_survives_killed_workers_and_updates_each_device_once(sta
         for queue, victim in zip(("orchestration", "device"), victims, strict=True):
             await replaced(stack, queue, victim)
         done = await eventually(
-            lambda: json_of(http, status_url, admin), lambda p: p.get("status") == "completed", 120, "campaign",
+            lambda: json_of(http, status_url, admin),
+            lambda p: p.get("status") == "completed", 120, "campaign",
         )  # fmt: skip
         stop.set()
         await answering
