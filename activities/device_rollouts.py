@@ -3,6 +3,7 @@ schema, driven in batches by the FirmwareRollout workflow and moved by the devic
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import math
 from pathlib import Path
@@ -157,6 +158,7 @@ class RolloutJobs(DeviceReadModel):
     async def rollout_tick(self, tick: RolloutTick) -> TickResult:
         """Expire silent devices, check the abort criteria, offer new jobs, and count."""
         key = (tick.tenant, tick.campaign_id, tick.kind)
+        await self._wait_for_news(tick)
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 """UPDATE device.rollout_jobs SET
@@ -216,6 +218,22 @@ class RolloutJobs(DeviceReadModel):
             offered=offered, counts=counts, wave_counts=wave_counts, abort=abort, abort_seen_at=seen_at,
             finished=[JobOutcome(**dict(r.items())) for r in finished_rows if r["state"] != "cancelled"],
         )  # fmt: skip
+
+    async def _wait_for_news(self, tick: RolloutTick) -> None:
+        """Hold the tick until a job of the campaign finishes, or `wait_ms` passes."""
+        if tick.wait_ms <= 0:
+            return
+        deadline = asyncio.get_running_loop().time() + tick.wait_ms / 1000
+        while asyncio.get_running_loop().time() < deadline:
+            news = await self.pool.fetchval(
+                """SELECT 1 FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2 AND kind = $3
+                     AND finished_seq > $4 LIMIT 1""",
+                tick.tenant, tick.campaign_id, tick.kind, tick.finished_after,
+            )  # fmt: skip
+            if news:
+                return
+            activity.heartbeat()
+            await asyncio.sleep(0.025)
 
     @activity.defn(name="device.stop_rollout")
     async def stop_rollout(self, stop: StopRollout) -> int:

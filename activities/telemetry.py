@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import date, timedelta
 from typing import Any
 
@@ -25,6 +27,7 @@ from fleetflow.contracts.telemetry import ClaimWindow, Stored, StoreWindow, Wind
 from fleetflow.db import Pool
 
 POLL_S = 0.025
+HEARTBEAT_S = 1.0  # the SDK sends at most one per 0.8 x the step's heartbeat timeout
 _PARTITION_LOCK = 7_001_338
 
 
@@ -101,8 +104,12 @@ class DataService:
 
     @activity.defn(name="data.store_window")
     async def store_window(self, request: StoreWindow) -> Stored:
-        """COPY the window's readings into data.readings, quarantine the unready devices' ones."""
-        async with self.pool.acquire() as conn, conn.transaction():
+        """COPY the window's readings into data.readings, quarantine the unready devices' ones.
+
+        Heartbeats while it runs: the attempt of a killed worker is retried within the
+        heartbeat timeout, not after the whole start-to-close timeout.
+        """
+        async with _heartbeating(), self.pool.acquire() as conn, conn.transaction():
             done = await conn.fetchrow("SELECT * FROM data.windows WHERE window_id = $1", request.window_id)
             if done is not None:
                 return Stored(
@@ -177,6 +184,22 @@ class DataService:
             window_id=request.window_id, stored=stored, quarantined=sum(quarantined.values()),
             by_tenant=by_tenant,
         )  # fmt: skip
+
+
+@asynccontextmanager
+async def _heartbeating() -> AsyncIterator[None]:
+    """Heartbeat the current activity every HEARTBEAT_S until the block ends."""
+
+    async def beat() -> None:
+        while True:
+            activity.heartbeat()
+            await asyncio.sleep(HEARTBEAT_S)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:

@@ -10,7 +10,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -32,7 +32,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_DB_POOL_SIZE": ("db_pool_size", "10"),
     "FLEETFLOW_INGEST_SHARDS": ("ingest_shards", "2"),
     "FLEETFLOW_LOG_LEVEL": ("log_level", "INFO"),
-    "OTEL_EXPORTER_OTLP_ENDPOINT": ("otlp_endpoint", "unset: tracing export off"),
+    "FLEETFLOW_LOG_FORMAT": ("log_format", "json"),
+    "OTEL_EXPORTER_OTLP_ENDPOINT": ("otlp_endpoint", "unset: tracing off"),
+    "FLEETFLOW_TRACE_SAMPLE_RATIO": ("trace_sample_ratio", "1.0"),
+    "FLEETFLOW_METRICS_PORT": ("metrics_port", "9464"),
+    "FLEETFLOW_METRICS_HOST": ("metrics_host", "127.0.0.1"),
 }
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -56,7 +60,13 @@ class Settings(BaseModel):
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     ingest_shards: Annotated[int, Field(ge=1, le=64)] = 2
     log_level: str = "INFO"
+    log_format: Literal["json", "text"] = "json"
     otlp_endpoint: str | None = None
+    # fraction of new traces recorded; a sampled request keeps its whole tree (parent-based)
+    trace_sample_ratio: Annotated[float, Field(ge=0.0, le=1.0)] = 1.0
+    # a worker's /metrics port (the first of a range when one command starts several); 0: none
+    metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
+    metrics_host: str = "127.0.0.1"
 
     @field_validator("temporal_address")
     @classmethod
@@ -78,6 +88,11 @@ class Settings(BaseModel):
         if value.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
             raise ValueError("must be DEBUG, INFO, WARNING or ERROR")
         return value.upper()
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     @property
     def api_url(self) -> str:

@@ -89,7 +89,11 @@ class FirmwareRollout:
                     p.offered_budget = max(1.0, policy.rate_per_minute * TICK.total_seconds() / 60)
                 p.last_tick = now
                 offer = int(p.offered_budget)
-            tick: TickResult = await self._tick("update", offer, p.finished_seq, abort=True)
+            # new runs pace themselves inside the tick activity (sub-second timers fire late)
+            waits = workflow.patched("tick-waits-in-activity")
+            tick: TickResult = await self._tick(
+                "update", offer, p.finished_seq, abort=True, wait=TICK if waits and not paused else None
+            )
             p.offered_budget -= tick.offered
             if tick.offered:
                 p.last_offer_at = workflow.now()
@@ -111,7 +115,8 @@ class FirmwareRollout:
                 continue
             if self._history_full():
                 workflow.continue_as_new(self._inp.model_copy(update={"state": p}))
-            await self._nap(paused)
+            if paused or not waits:
+                await self._nap(paused)
         p.status = "completed"
 
     def _abort(self, tick: TickResult) -> None:
@@ -154,7 +159,9 @@ class FirmwareRollout:
             await workflow.sleep(TICK)
         p.status = "cancelled" if (p.reason or "").startswith("cancelled") else "aborted"
 
-    async def _tick(self, kind: JobKind, offer: int, after: int, abort: bool) -> TickResult:
+    async def _tick(
+        self, kind: JobKind, offer: int, after: int, abort: bool, wait: timedelta | None = None
+    ) -> TickResult:
         policy = self._inp.request.policy
         result: TickResult = await self._act(
             "device.rollout_tick",
@@ -164,6 +171,7 @@ class FirmwareRollout:
                 finished_after=after,
                 abort_failure_percent=policy.abort_failure_percent if abort else None,
                 abort_min_finished=policy.abort_min_finished,
+                wait_ms=int(wait.total_seconds() * 1000) if wait else 0,
             ),
             TickResult,
         )  # fmt: skip

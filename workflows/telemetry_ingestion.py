@@ -36,6 +36,8 @@ RETRY_FOREVER = RetryPolicy(
     maximum_interval=timedelta(seconds=10),
 )  # fmt: skip
 STEP_TIMEOUT = timedelta(minutes=2)
+# storing heartbeats: the attempt of a killed data worker is retried after this, not STEP_TIMEOUT
+STORE_HEARTBEAT = timedelta(seconds=10)
 
 
 def ingestion_id(shard: int) -> str:
@@ -83,7 +85,7 @@ class TelemetryIngestion:
         )
         stored: Stored = await self._step(
             "data.store_window", StoreWindow(window_id=window.window_id, quarantine=unready.devices),
-            TaskQueue.DATA, Stored,
+            TaskQueue.DATA, Stored, heartbeat_timeout=STORE_HEARTBEAT,
         )  # fmt: skip
         now = workflow.now()
         events = [
@@ -110,10 +112,14 @@ class TelemetryIngestion:
         self._progress.readings += stored.stored
         self._progress.last_window, self._progress.last_window_readings = window.window_id, window.readings
 
-    async def _step(self, activity: str, arg: object, queue: TaskQueue, result_type: type) -> Any:
+    async def _step(
+        self, activity: str, arg: object, queue: TaskQueue, result_type: type,
+        heartbeat_timeout: timedelta | None = None,
+    ) -> Any:  # fmt: skip
         return await workflow.execute_activity(
             activity, arg, task_queue=queue.value, result_type=result_type,
-            start_to_close_timeout=STEP_TIMEOUT, retry_policy=RETRY_FOREVER,
+            start_to_close_timeout=STEP_TIMEOUT, heartbeat_timeout=heartbeat_timeout,
+            retry_policy=RETRY_FOREVER,
         )  # fmt: skip
 
     @workflow.query

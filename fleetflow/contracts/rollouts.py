@@ -102,6 +102,9 @@ class RolloutTick(Strict):
     finished_after: int
     abort_failure_percent: float | None = None
     abort_min_finished: int = 1
+    # wait (in the activity) up to this long for a device to finish before acting: the
+    # pace of the campaign without sub-second workflow timers, which fire late here
+    wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 0
 
 
 class JobOutcome(Strict):
