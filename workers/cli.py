@@ -1,9 +1,10 @@
-"""The `fleetflow` command line: up, api, worker, check, migrate, token, devices."""
+"""The `fleetflow` command line: up, api, worker, check, migrate, token, devices, simulate."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 import os
 import sys
 from collections.abc import Callable, Coroutine
@@ -38,6 +39,22 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be at least 1")
     return value
+
+
+def _number(low: float, high: float = math.inf, *, strict: bool = True) -> Callable[[str], float]:
+    """An argparse type: a finite number above `low` (at least `low` when not strict), at most `high`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < low or (strict and value == low) or value > high:
+            upper = f" and at most {high:g}" if math.isfinite(high) else ""
+            raise argparse.ArgumentTypeError(f"must be {'above' if strict else 'at least'} {low:g}{upper}")
+        return value
+
+    return parse
 
 
 def _port(text: str) -> int:
@@ -89,6 +106,15 @@ def build_parser() -> argparse.ArgumentParser:
     imp = devices_cmd.add_parser("import", help="bulk-onboard devices from a CSV file")
     imp.add_argument("file", help="CSV with device_id,device_type[,firmware_version,tags,config]")
     imp.add_argument("--token", help="API token (default: FLEETFLOW_TOKEN or the dev admin token)")
+
+    sim = commands.add_parser("simulate", help="simulated devices sending telemetry, with anomalies")
+    sim.add_argument("--devices", type=_positive, required=True, help="devices to onboard (at most 10000)")
+    sim.add_argument("--rate", type=_number(0), required=True, help="readings/s, in total")
+    sim.add_argument("--duration", type=_number(0), required=True, help="seconds")
+    sim.add_argument("--anomaly-rate", type=_number(0, 1, strict=False), default=0.0,
+                     help="probability that a temperature reading is a spike (0-1)")  # fmt: skip
+    sim.add_argument("--device-type", default="sensor", help="device type of the simulated devices")
+    sim.add_argument("--token", help="API token (default: FLEETFLOW_TOKEN or the dev admin token)")
     return parser
 
 
@@ -138,6 +164,10 @@ def dispatch(args: argparse.Namespace) -> int:
         "token": lambda: commands.issue_token_command(settings, args),
         "devices": lambda: commands.import_devices(settings, args),
     }
+    if command == "simulate":
+        from workers.simulate import run_command
+
+        handlers["simulate"] = lambda: run_command(settings, args)
     return _run(handlers[command]())
 
 

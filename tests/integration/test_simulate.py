@@ -1,0 +1,76 @@
+"""`fleetflow simulate`: its core against the in-process API, workers and real servers."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pytest
+
+from fleetflow.db import Pool
+from fleetflow.errors import StartupError
+from tests.support import bearer, eventually, free_port
+from workers.cli import build_parser
+from workers.simulate import Options, simulate
+
+AUTH = bearer("acme")  # every scope
+
+
+async def test_simulated_devices_send_readings_that_are_stored_and_spikes_raise_alerts(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    options = Options(devices=5, rate=50, duration_s=2, anomaly_rate=1.0, settle_s=15, seed=7)
+    out = io.StringIO()
+    before = {s["subscription_id"] for s in (await api.get("/v1/subscriptions", headers=AUTH)).json()}
+    summary = await simulate(api, AUTH, options, out)
+
+    assert len(summary.devices) == 5 and all(d.startswith(f"{summary.run_id}-") for d in summary.devices)
+    for device_id in summary.devices:
+        device = (await api.get(f"/v1/devices/{device_id}", headers=AUTH)).json()
+        assert device["status"] == "active", device
+    assert summary.sent > 0 and summary.batches > 0
+    assert (summary.rejected, dict(summary.reasons)) == (0, {}), summary.render()
+    assert summary.acknowledged == summary.sent and summary.acknowledged_batches == summary.batches
+    assert summary.anomalies > 0 and summary.exit_code == 0
+
+    async def stored() -> int:
+        return int(
+            await pool.fetchval(
+                "SELECT count(*) FROM data.readings WHERE device_id = ANY($1)", summary.devices
+            )
+        )
+
+    await eventually(stored, lambda n: n == summary.acknowledged)
+    assert summary.alerts_raised >= 1, summary.render()
+    assert summary.bad_signatures == 0
+    assert f"{summary.run_id}: 5 sensor devices onboarded" in out.getvalue()
+    assert "alerts" in summary.render()
+
+    # the run removes its subscription and rules
+    after = {s["subscription_id"] for s in (await api.get("/v1/subscriptions", headers=AUTH)).json()}
+    assert after <= before
+    rules = (await api.get("/v1/rules", headers=AUTH)).json()
+    assert not [r for r in rules if r["rule_id"].startswith(summary.run_id)]
+
+
+async def test_an_unreachable_api_is_one_startup_error() -> None:
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{free_port()}", timeout=3) as http:
+        with pytest.raises(StartupError, match="cannot reach the API"):
+            await simulate(http, AUTH, Options(devices=1, rate=1, duration_s=1), io.StringIO())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--devices", "0", "--rate", "1", "--duration", "1"],
+        ["--devices", "2", "--rate", "-1", "--duration", "1"],
+        ["--devices", "2", "--rate", "1", "--duration", "0"],
+        ["--devices", "2", "--rate", "1", "--duration", "1", "--anomaly-rate", "1.5"],
+        ["--devices", "2", "--rate", "1", "--duration", "1", "--colour", "red"],
+    ],
+)
+def test_bad_options_are_one_line_and_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["simulate", *argv])
+    assert exited.value.code == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1

@@ -1,0 +1,408 @@
+"""`fleetflow simulate`: devices onboarded in bulk that send readings with their own credentials
+through the HTTP API, with injected anomalies and a webhook receiver that counts the alerts."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import csv
+import hmac
+import io
+import json
+import math
+import random
+import secrets
+import signal
+import sys
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TextIO
+
+import httpx
+
+from activities.notifications import SIGNATURE_HEADER, sign
+from fleetflow.errors import StartupError
+from fleetflow.settings import Settings
+
+TIMEOUT = httpx.Timeout(10.0, connect=3.0)
+IN_FLIGHT = 64  # telemetry requests at once
+ONBOARD_TIMEOUT_S = 600.0
+MAX_HOOK_BYTES = 1 << 20
+# metric -> (typical value, spread between devices, slow drift amplitude, noise)
+METRICS = {"temperature": (21.0, 1.5, 0.8, 0.15), "humidity": (45.0, 5.0, 3.0, 0.5),
+           "pressure": (1013.0, 3.0, 0.6, 0.2)}  # fmt: skip
+SPIKE_C = (25.0, 40.0)  # an anomaly adds this to a temperature reading: well past both rules
+ALERTS = ("AlertRaised", "AlertCleared")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What to simulate: N devices of a type sending `rate` readings/s in total for `duration_s`."""
+
+    devices: int
+    rate: float
+    duration_s: float
+    anomaly_rate: float = 0.0
+    device_type: str = "sensor"
+    webhook_host: str = "127.0.0.1"  # where the receiver listens; the platform must reach it
+    settle_s: float = 20.0  # at most this long after sending, for storage and alert delivery
+    seed: int | None = None
+
+
+@dataclass
+class Summary:
+    """The outcome of a run; readings are counted, rejection reasons per batch."""
+
+    run_id: str
+    devices: list[str] = field(default_factory=list)
+    sent: int = 0
+    batches: int = 0
+    acknowledged: int = 0
+    acknowledged_batches: int = 0
+    rejected: int = 0
+    reasons: Counter[str] = field(default_factory=Counter)
+    anomalies: int = 0
+    alerts_raised: int = 0
+    alerts_cleared: int = 0
+    bad_signatures: int = 0
+    elapsed_s: float = 0.0
+    interrupted: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        """0 when nothing was rejected, else 1."""
+        return 0 if self.rejected == 0 else 1
+
+    def render(self) -> str:
+        """The final summary, one fact a line."""
+        return "\n".join([
+            f"{self.run_id}: {len(self.devices)} devices, {self.elapsed_s:.1f} s"
+            f"{' (interrupted)' if self.interrupted else ''}",
+            f"  sent          {self.sent:,} readings in {self.batches:,} batches",
+            f"  acknowledged  {self.acknowledged:,} readings in {self.acknowledged_batches:,} batches",
+            f"  rejected      {self.rejected:,} readings",
+            *(f"    {n:,} batch(es): {reason}" for reason, n in self.reasons.most_common()),
+            f"  anomalies     {self.anomalies:,} injected (temperature spikes)",
+            f"  alerts        {self.alerts_raised:,} raised, {self.alerts_cleared:,} cleared (webhook)",
+            *([f"  bad webhook signatures {self.bad_signatures}"] * (self.bad_signatures > 0)),
+        ])  # fmt: skip
+
+
+class Receiver:
+    """A small HTTP server for webhook deliveries: checks each signature, deduplicates by event
+    id and keeps the alert events of the run's devices."""
+
+    def __init__(self, secret: str, prefix: str) -> None:
+        self.secret, self.prefix = secret, prefix
+        self.alerts: dict[str, str] = {}  # event id -> type
+        self.bad_signatures = 0
+        self.last = time.monotonic()
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self, host: str) -> str:
+        """Listen on a free port of host; the URL to subscribe."""
+        self._server = await asyncio.start_server(self._handle, host, 0)
+        return f"http://{host}:{self._server.sockets[0].getsockname()[1]}/hooks"
+
+    def count(self, kind: str) -> int:
+        """Distinct events of this type received."""
+        return sum(1 for t in self.alerts.values() if t == kind)
+
+    async def close(self) -> None:
+        """Stop listening and drop open connections."""
+        if self._server is not None:
+            self._server.close()
+            for writer in list(self._writers):
+                writer.close()
+            await self._server.wait_closed()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:  # keep-alive: one request after another until the sender closes
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[1:]
+                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head)}
+                length = int(headers.get("content-length", "0"))
+                if length > MAX_HOOK_BYTES:
+                    writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+                    return
+                body = await reader.readexactly(length)
+                if hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), ""), sign(self.secret, body)):
+                    self._record(body)
+                    writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+                else:
+                    self.bad_signatures += 1
+                    writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    def _record(self, body: bytes) -> None:
+        self.last = time.monotonic()
+        event = json.loads(body)
+        if event.get("type") in ALERTS and str(event.get("device_id", "")).startswith(self.prefix):
+            self.alerts[str(event["event_id"])] = str(event["type"])
+
+
+@dataclass
+class _Device:
+    device_id: str
+    credential: str
+    offsets: dict[str, float]
+    phase: float
+    batches: int = 0
+    acked: int = 0
+    turn: int = 0  # next metric, round robin
+
+    def batch(
+        self, n: int, start: datetime, elapsed: float, p: float, rng: random.Random
+    ) -> tuple[bytes, int]:
+        """A batch of n readings spread over the second from `start`; and its count of spikes."""
+        readings, spikes = [], 0
+        for i in range(n):
+            metric = list(METRICS)[self.turn % len(METRICS)]
+            self.turn += 1
+            base, _, drift, noise = METRICS[metric]
+            value = base + self.offsets[metric] + drift * math.sin(elapsed / 95.0 + self.phase)
+            value += rng.gauss(0.0, noise)
+            if metric == "temperature" and rng.random() < p:
+                value, spikes = value + rng.uniform(*SPIKE_C), spikes + 1
+            ts = start + timedelta(seconds=i / n)
+            readings.append({"device_id": self.device_id, "ts": ts.isoformat(), "metric": metric,
+                             "value": round(value, 2)})  # fmt: skip
+        self.batches += 1
+        body = {"batch_id": f"{self.device_id}-{self.batches:06d}", "readings": readings}
+        return json.dumps(body).encode(), spikes
+
+
+async def _pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, unless stop is set first."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(seconds, 0.0))
+
+
+def _reason(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        detail = f"{'.'.join(str(p) for p in detail[0].get('loc', []))}: {detail[0].get('msg')}"
+    return f"{response.status_code} {str(detail)[:200]}"
+
+
+async def _call(http: httpx.AsyncClient, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
+    """A setup request; a transport error or refusal ends the run with one line."""
+    try:
+        response = await http.request(method, url, **kw)
+    except httpx.TransportError as exc:
+        raise StartupError(f"cannot reach the API at {http.base_url}: {exc or type(exc).__name__}") from None
+    if response.status_code >= 400:
+        raise StartupError(f"{what} refused: {_reason(response)}")
+    return response
+
+
+async def _onboard(
+    http: httpx.AsyncClient, headers: dict[str, str], options: Options, run: str, stop: asyncio.Event
+) -> dict[str, str]:
+    """Bulk-onboard the devices; their credentials by id (empty when stopped meanwhile)."""
+    width = max(4, len(str(options.devices)))
+    ids = [f"{run}-{i:0{width}d}" for i in range(1, options.devices + 1)]
+    specs = [{"device_id": d, "device_type": options.device_type, "tags": ["simulated"]} for d in ids]
+    accepted = (await _call(http, "POST", "/v1/devices:bulk", "bulk onboarding", headers=headers,
+                            json={"devices": specs})).json()  # fmt: skip
+    deadline = time.monotonic() + ONBOARD_TIMEOUT_S
+    progress: dict[str, Any] = {"status": "running"}
+    while progress["status"] in ("running", "compensating") and time.monotonic() < deadline:
+        if stop.is_set():
+            return {}
+        await _pause(stop, 0.3)
+        progress = (await _call(http, "GET", accepted["status_url"], "progress", headers=headers)).json()
+    if progress["status"] != "completed" or progress.get("failed"):
+        why = progress.get("failures", [{}])[0].get("reason") if progress.get("failures") else None
+        raise StartupError(f"bulk onboarding {progress['status']}: {why or progress.get('reason')}")
+    url = f"/v1/bulk-onboardings/{accepted['bulk_id']}/credentials"
+    rows = csv.DictReader(io.StringIO((await _call(http, "GET", url, "credentials", headers=headers)).text))
+    credentials = {row["device_id"]: row["credential"] for row in rows}
+    if missing := [d for d in ids if d not in credentials]:
+        raise StartupError(f"no credential for {len(missing)} device(s), e.g. {missing[0]}")
+    return {d: credentials[d] for d in ids}
+
+
+async def _post(http: httpx.AsyncClient, device: _Device, body: bytes, n: int, summary: Summary) -> None:
+    """Send one batch as its device; a 503 or a transport error is retried with the same batch id."""
+    headers = {"Authorization": f"Bearer {device.credential}", "Content-Type": "application/json"}
+    reason = ""
+    for attempt in range(3):
+        try:
+            response = await http.post("/v1/telemetry", content=body, headers=headers)
+        except httpx.TransportError as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            if response.status_code == 202:
+                summary.acknowledged += n
+                summary.acknowledged_batches += 1
+                device.acked += n
+                return
+            reason = _reason(response)
+            if response.status_code != 503:
+                break
+        if attempt < 2:
+            await asyncio.sleep(0.25 * 2**attempt)
+    summary.rejected += n
+    summary.reasons[reason] += 1
+
+
+async def _progress(summary: Summary, receiver: Receiver, out: TextIO, started: float, total: float) -> None:
+    """Refresh the progress line in place (on a terminal; elsewhere a line every 5 s) until
+    cancelled; the rate is of acknowledged readings over the last few seconds."""
+    tty = out.isatty()
+    recent = deque([(started, 0)], maxlen=7 if tty else 2)
+    while True:
+        await asyncio.sleep(0.5 if tty else 5.0)
+        now = time.monotonic()
+        recent.append((now, summary.acknowledged))
+        rate = (summary.acknowledged - recent[0][1]) / max(now - recent[0][0], 1e-3)
+        alerts = receiver.count("AlertRaised")
+        line = (f"sent {summary.sent:,}  acked {summary.acknowledged:,}  rejected {summary.rejected:,}  "
+                f"alerts {alerts:,}  {rate:,.0f}/s  {now - started:.0f}/{total:.0f} s")  # fmt: skip
+        out.write(f"\r{line}\x1b[K" if tty else f"{line}\n")
+        out.flush()
+
+
+async def _drive(http: httpx.AsyncClient, devices: list[_Device], options: Options, summary: Summary,
+                 rng: random.Random, stop: asyncio.Event) -> None:  # fmt: skip
+    """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices."""
+    gate = asyncio.Semaphore(IN_FLIGHT)
+    started = time.monotonic()
+    n = len(devices)
+
+    async def send(device: _Device, count: int, start: datetime, elapsed: float) -> None:
+        async with gate:
+            body, spikes = device.batch(count, start, elapsed, options.anomaly_rate, rng)
+            summary.sent, summary.batches = summary.sent + count, summary.batches + 1
+            summary.anomalies += spikes
+            await _post(http, device, body, count, summary)
+
+    for tick in range(math.ceil(options.duration_s)):
+        if stop.is_set() or time.monotonic() - started >= options.duration_s:
+            break
+        due = round(options.rate * min(tick + 1, options.duration_s)) - round(options.rate * tick)
+        first = (tick * (due % n)) % n  # who gets the remainder rotates, so low rates reach everyone
+        start, elapsed = datetime.now(UTC), time.monotonic() - started
+        counts = [due // n + ((i - first) % n < due % n) for i in range(n)]
+        await asyncio.gather(*(send(d, c, start, elapsed) for d, c in zip(devices, counts, strict=True) if c))
+        await _pause(stop, started + tick + 1 - time.monotonic())
+
+
+async def _settle(http: httpx.AsyncClient, headers: dict[str, str], devices: list[_Device], summary: Summary,
+                  receiver: Receiver, options: Options, stop: asyncio.Event) -> None:  # fmt: skip
+    """Wait, at most `settle_s`, until a sample of devices has every acknowledged reading stored
+    and, when spikes were sent, an alert arrived and the deliveries went quiet."""
+    deadline = time.monotonic() + options.settle_s
+    for device in devices[:: max(1, len(devices) // 8)]:
+        while device.acked and time.monotonic() < deadline and not stop.is_set():
+            try:
+                response = await http.get(f"/v1/devices/{device.device_id}/telemetry",
+                                          params={"bucket": "1d"}, headers=headers)  # fmt: skip
+            except httpx.HTTPError:
+                return
+            if response.status_code != 200:  # e.g. a token without telemetry:read: cannot tell
+                return
+            if sum(int(p["count"]) for p in response.json()["points"]) >= device.acked:
+                break
+            await _pause(stop, 0.5)
+    while time.monotonic() < deadline and not stop.is_set():
+        alerted = receiver.count("AlertRaised") > 0 or summary.anomalies == 0
+        if alerted and time.monotonic() - receiver.last > 2.0:
+            return
+        await _pause(stop, 0.25)
+
+
+async def simulate(http: httpx.AsyncClient, headers: dict[str, str], options: Options, out: TextIO,
+                   stop: asyncio.Event | None = None) -> Summary:  # fmt: skip
+    """Onboard the devices, put the rules, subscribe the receiver, send for the duration, wait for
+    storage and alerts, then remove the rules and the subscription. `headers` authenticate the
+    operator (devices use their own credentials); a failed setup raises StartupError."""
+    stop = stop or asyncio.Event()
+    rng = random.Random(options.seed)
+    summary = Summary(run_id=f"sim-{secrets.token_hex(3)}")
+    receiver = Receiver(secrets.token_urlsafe(24), f"{summary.run_id}-")
+    hook = await receiver.start(options.webhook_host)
+    rules: list[str] = []
+    subscription: list[str] = []
+    ticker: asyncio.Task[None] | None = None
+    started = time.monotonic()
+    try:
+        credentials = await _onboard(http, headers, options, summary.run_id, stop)
+        summary.devices = list(credentials)
+        for kind, params in (("threshold", {"above": 40.0, "clear_above": 35.0}),
+                             ("zscore", {"z": 8.0, "clear_z": 3.0, "min_samples": 20})):  # fmt: skip
+            if stop.is_set():
+                return summary
+            rule = {"rule_id": f"{summary.run_id}-{kind}", "device_type": options.device_type,
+                    "metric": "temperature", "kind": kind, "params": params}  # fmt: skip
+            await _call(http, "PUT", f"/v1/rules/{rule['rule_id']}", "rule", headers=headers, json=rule)
+            rules.append(str(rule["rule_id"]))
+        hook_request = {"url": hook, "event_types": list(ALERTS), "secret": receiver.secret}
+        created = await _call(http, "POST", "/v1/subscriptions", "subscription", headers=headers,
+                              json=hook_request)  # fmt: skip
+        subscription.append(str(created.json()["subscription_id"]))
+        devices = [
+            _Device(d, c, {m: rng.uniform(-s, s) for m, (_, s, _, _) in METRICS.items()},
+                    rng.uniform(0, 2 * math.pi))
+            for d, c in credentials.items()
+        ]  # fmt: skip
+        out.write(f"{summary.run_id}: {len(devices)} {options.device_type} devices onboarded; sending "
+                  f"{options.rate:g} readings/s for {options.duration_s:g} s\n")  # fmt: skip
+        started = time.monotonic()
+        ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
+        if devices and not stop.is_set():
+            await _drive(http, devices, options, summary, rng, stop)
+            await _settle(http, headers, devices, summary, receiver, options, stop)
+    finally:
+        summary.elapsed_s, summary.interrupted = time.monotonic() - started, stop.is_set()
+        if ticker is not None:
+            ticker.cancel()
+            await asyncio.gather(ticker, return_exceptions=True)
+            out.write("\r\x1b[K" if out.isatty() else "")
+        for url in [f"/v1/subscriptions/{s}" for s in subscription] + [f"/v1/rules/{r}" for r in rules]:
+            with contextlib.suppress(httpx.HTTPError):
+                await http.delete(url, headers=headers)
+        await receiver.close()
+        summary.alerts_raised, summary.alerts_cleared = (receiver.count(k) for k in ALERTS)
+        summary.bad_signatures = receiver.bad_signatures
+    return summary
+
+
+async def run_command(settings: Settings, args: argparse.Namespace) -> int:
+    """`fleetflow simulate`: the live progress line, then the summary; exit 0 when nothing was
+    rejected, 1 otherwise. Ctrl-C ends the run early, with the summary."""
+    from fleetflow.contracts.devices import MAX_BULK_DEVICES
+    from fleetflow.contracts.telemetry import MAX_BATCH_READINGS
+    from workers.commands import _token
+
+    if args.devices > MAX_BULK_DEVICES:
+        raise StartupError(f"--devices must be at most {MAX_BULK_DEVICES} (one bulk onboarding)")
+    if args.rate / args.devices > MAX_BATCH_READINGS:
+        raise StartupError(f"--rate allows at most {MAX_BATCH_READINGS} readings/s per device")
+    options = Options(args.devices, args.rate, args.duration, args.anomaly_rate, args.device_type)
+    headers = {"Authorization": f"Bearer {_token(settings, args.token)}"}
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
+    try:
+        async with httpx.AsyncClient(base_url=settings.api_url, timeout=TIMEOUT, limits=limits) as http:
+            summary = await simulate(http, headers, options, sys.stdout, stop)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    print(summary.render())
+    return summary.exit_code
