@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--anomaly-rate", type=_number(0, 1, strict=False), default=0.0,
                      help="probability that a temperature reading is a spike (0-1)")  # fmt: skip
     sim.add_argument("--device-type", default="sensor", help="device type of the simulated devices")
+    sim.add_argument("--job-failure-rate", type=_number(0, 1, strict=False), default=0.0,
+                     help="probability that a device reports its rollout job failed (0-1)")  # fmt: skip
+    sim.add_argument("--job-timeout-rate", type=_number(0, 1, strict=False), default=0.0,
+                     help="probability that a device never answers its rollout job (0-1)")  # fmt: skip
     sim.add_argument("--token", help="API token (default: FLEETFLOW_TOKEN or the dev admin token)")
     return parser
 

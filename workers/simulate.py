@@ -26,6 +26,7 @@ import httpx
 from activities.notifications import SIGNATURE_HEADER, sign
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
+from workers.simulate_jobs import JobStats, work_jobs
 
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 IN_FLIGHT = 64  # telemetry requests at once
@@ -47,6 +48,8 @@ class Options:
     duration_s: float
     anomaly_rate: float = 0.0
     device_type: str = "sensor"
+    job_failure_rate: float = 0.0  # rollout jobs a device reports as failed
+    job_timeout_rate: float = 0.0  # rollout jobs a device never answers
     webhook_host: str = "127.0.0.1"  # where the receiver listens; the platform must reach it
     settle_s: float = 20.0  # at most this long after sending, for storage and alert delivery
     seed: int | None = None
@@ -68,6 +71,7 @@ class Summary:
     alerts_raised: int = 0
     alerts_cleared: int = 0
     bad_signatures: int = 0
+    jobs: JobStats = field(default_factory=JobStats)
     elapsed_s: float = 0.0
     interrupted: bool = False
 
@@ -88,6 +92,7 @@ class Summary:
             f"  anomalies     {self.anomalies:,} injected (temperature spikes)",
             f"  alerts        {self.alerts_raised:,} raised, {self.alerts_cleared:,} cleared (webhook)",
             *([f"  bad webhook signatures {self.bad_signatures}"] * (self.bad_signatures > 0)),
+            *([self.jobs.render()] * (self.jobs.offered > 0)),
         ])  # fmt: skip
 
 
@@ -365,8 +370,17 @@ async def simulate(http: httpx.AsyncClient, headers: dict[str, str], options: Op
         started = time.monotonic()
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
         if devices and not stop.is_set():
-            await _drive(http, devices, options, summary, rng, stop)
-            await _settle(http, headers, devices, summary, receiver, options, stop)
+            jobs_done = asyncio.Event()
+            jobs = asyncio.create_task(work_jobs(
+                http, [(d.device_id, d.credential) for d in devices], options.job_failure_rate,
+                options.job_timeout_rate, rng, summary.jobs, jobs_done,
+            ))  # fmt: skip
+            try:
+                await _drive(http, devices, options, summary, rng, stop)
+                await _settle(http, headers, devices, summary, receiver, options, stop)
+            finally:
+                jobs_done.set()
+                await jobs
     finally:
         summary.elapsed_s, summary.interrupted = time.monotonic() - started, stop.is_set()
         if ticker is not None:
@@ -393,7 +407,10 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
         raise StartupError(f"--devices must be at most {MAX_BULK_DEVICES} (one bulk onboarding)")
     if args.rate / args.devices > MAX_BATCH_READINGS:
         raise StartupError(f"--rate allows at most {MAX_BATCH_READINGS} readings/s per device")
-    options = Options(args.devices, args.rate, args.duration, args.anomaly_rate, args.device_type)
+    options = Options(
+        args.devices, args.rate, args.duration, args.anomaly_rate, args.device_type,
+        job_failure_rate=args.job_failure_rate, job_timeout_rate=args.job_timeout_rate,
+    )  # fmt: skip
     headers = {"Authorization": f"Bearer {_token(settings, args.token)}"}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

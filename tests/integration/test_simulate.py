@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 
 import httpx
@@ -74,3 +75,29 @@ def test_bad_options_are_one_line_and_exit_2(argv: list[str], capsys: pytest.Cap
         build_parser().parse_args(["simulate", *argv])
     assert exited.value.code == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+async def test_simulated_devices_take_part_in_a_rollout(api: httpx.AsyncClient, pool: Pool) -> None:
+    """The simulator's devices fetch their job, check the image and report; failures as asked."""
+    import random
+
+    from tests.integration.test_rollouts import campaign_body, fleet, progress, upload
+    from workers.simulate_jobs import JobStats, work_jobs
+
+    creds = await fleet(api, 6)
+    version = f"8.{random.randrange(10_000)}.0"
+    await upload(api, version)
+    campaign = f"sim-{random.randrange(10**6)}"
+    body = campaign_body(campaign, version, sorted(creds), canary=6)
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+    stats, stop = JobStats(), asyncio.Event()
+    working = asyncio.create_task(work_jobs(api, creds.items(), 0.5, 0.0, random.Random(7), stats, stop))
+    done = await eventually(
+        lambda: progress(api, campaign), lambda p: p["status"] in ("completed", "aborted"), 60
+    )
+    stop.set()
+    await working
+    assert stats.offered >= 6 and stats.bad_images == 0
+    assert stats.succeeded + stats.failed == stats.offered
+    update_failures = done["counts"].get("failed", 0)
+    assert 0 < update_failures <= stats.failed  # the simulator's failures are the campaign's

@@ -1,0 +1,90 @@
+"""Simulated devices taking part in firmware rollouts: fetch the job, download the image,
+check its sha256, report progress; some fail and some stay silent, at configurable rates."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import httpx
+
+POLL_S = 2.0
+
+
+@dataclass
+class JobStats:
+    """What the simulated devices did with the jobs they were offered."""
+
+    offered: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    silent: int = 0
+    bad_images: int = 0
+
+    def render(self) -> str:
+        """One line for the summary."""
+        return (
+            f"  jobs          {self.offered:,} offered: {self.succeeded:,} succeeded, "
+            f"{self.failed:,} failed, {self.silent:,} left silent, {self.bad_images:,} bad images"
+        )
+
+
+async def _work(
+    http: httpx.AsyncClient, device_id: str, credential: str, rates: tuple[float, float],
+    rng: random.Random, seen: set[tuple[str, str, str]], stats: JobStats,
+) -> None:  # fmt: skip
+    auth = {"Authorization": f"Bearer {credential}"}
+    response = await http.get("/v1/device/jobs", headers=auth)
+    if response.status_code != 200:
+        return
+    job = response.json()
+    key = (device_id, job["campaign_id"], job["kind"])
+    if key in seen:
+        return  # silent on purpose, or an answer already on its way
+    seen.add(key)
+    stats.offered += 1
+    failure_rate, timeout_rate = rates
+    if rng.random() < timeout_rate:
+        stats.silent += 1
+        return
+    url = f"/v1/device/jobs/{job['campaign_id']}/progress"
+    await http.post(url, json={"kind": job["kind"], "state": "downloading"}, headers=auth)
+    outcome, detail = ("failed", "simulated failure") if rng.random() < failure_rate else ("succeeded", None)
+    if job["download_url"]:
+        image = await http.get(job["download_url"], headers=auth)
+        if image.status_code != 200 or hashlib.sha256(image.content).hexdigest() != job["sha256"]:
+            stats.bad_images += 1
+            outcome, detail = "failed", "image checksum mismatch"
+    await http.post(url, json={"kind": job["kind"], "state": "installing"}, headers=auth)
+    await http.post(url, json={"kind": job["kind"], "state": outcome, "detail": detail}, headers=auth)
+    if outcome == "succeeded":
+        stats.succeeded += 1
+    else:
+        stats.failed += 1
+
+
+async def work_jobs(
+    http: httpx.AsyncClient, devices: Iterable[tuple[str, str]], failure_rate: float, timeout_rate: float,
+    rng: random.Random, stats: JobStats, stop: asyncio.Event, in_flight: int = 32,
+) -> None:  # fmt: skip
+    """Poll every device's job every few seconds until stop; devices is (id, credential) pairs."""
+    fleet = list(devices)
+    gate = asyncio.Semaphore(in_flight)
+    seen: set[tuple[str, str, str]] = set()
+
+    async def one(device_id: str, credential: str) -> None:
+        async with gate:
+            try:
+                await _work(http, device_id, credential, (failure_rate, timeout_rate), rng, seen, stats)
+            except httpx.HTTPError:
+                pass  # the next poll tries again
+
+    while not stop.is_set():
+        await asyncio.gather(*(one(d, c) for d, c in fleet))
+        try:
+            await asyncio.wait_for(stop.wait(), POLL_S)
+        except TimeoutError:
+            pass
