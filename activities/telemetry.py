@@ -189,6 +189,9 @@ class DataService:
 @asynccontextmanager
 async def _heartbeating() -> AsyncIterator[None]:
     """Heartbeat the current activity every HEARTBEAT_S until the block ends."""
+    if not activity.in_activity():
+        yield
+        return
 
     async def beat() -> None:
         while True:
