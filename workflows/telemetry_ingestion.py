@@ -35,7 +35,8 @@ RETRY_FOREVER = RetryPolicy(
     initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
 )  # fmt: skip
-STEP_TIMEOUT = timedelta(minutes=2)
+# short: a killed worker's activity is retried elsewhere after this long (store_window heartbeats)
+STEP_TIMEOUT = timedelta(seconds=30)
 # storing heartbeats: the attempt of a killed data worker is retried after this, not STEP_TIMEOUT
 STORE_HEARTBEAT = timedelta(seconds=10)
 
