@@ -12,6 +12,7 @@ from temporalio.client import Client
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from api.ingestion import ensure_ingestion
+from api.observability import instrument, untraced
 from api.routers import devices, events, health, onboardings, rollouts, telemetry, twins
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
@@ -46,8 +47,10 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         version="0.1.0",
         description="IoT device platform: every device operation is a durable Temporal workflow.",
         lifespan=lifespan,
+        telemetry={"exclude": untraced},  # native OpenTelemetry: spans and HTTP metrics
     )
     routers = (health, devices, onboardings, twins, telemetry, events, rollouts)
     for module in routers:
         app.include_router(module.router)
+    instrument(app)  # /metrics and the request's log context
     return app

@@ -13,14 +13,19 @@ from fleetflow.temporal import connect
 
 async def serve(settings: Settings) -> int:
     """Serve until a stop signal; StartupError when a dependency is unreachable."""
-    observability.setup("fleetflow-api", settings.log_level)
+    observability.setup("fleetflow-api", settings)
     client = await connect(settings)  # fail fast, with one line, before binding the port
     config = uvicorn.Config(
         create_app(settings, client), host=settings.api_host, port=settings.api_port,
         log_level=settings.log_level.lower(), access_log=False, lifespan="on",
+        log_config=None,  # uvicorn's records go through the process's (JSON) handler
     )  # fmt: skip
     server = uvicorn.Server(config)
-    await server.serve()
+    try:
+        async with observability.temporal_metrics():
+            await server.serve()
+    finally:
+        observability.shutdown()
     if not server.started:
         raise StartupError(f"the API could not start on {settings.api_host}:{settings.api_port}")
     return 0

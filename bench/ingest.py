@@ -1,8 +1,13 @@
 """Ingestion speed end to end: HTTP acknowledged → stored → analysed, with ack latency,
-reading-to-webhook alert latency and peak RSS, beside the raw asyncpg COPY rate into the
-same PostgreSQL measured in the same run.
+reading-to-webhook alert latency, peak RSS and CPU per reading, beside the raw asyncpg COPY
+rate into the same PostgreSQL measured in the same run.
 
     python -m bench.ingest [--seconds S] [--senders N] [--batch N] [--workers N]
+    python -m bench.ingest --tracing 0.01            # traced, 1% of traces sampled
+    python -m bench.ingest --tracing-overhead 0.01   # off, then on: tracing_overhead_ratio
+
+With tracing on, every process exports over OTLP/HTTP to a local sink that reads and drops
+each export (no collector here), so the export cost is paid as in production.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ import argparse
 import asyncio
 import json
 import os
+import statistics
 import sys
 import time
 import uuid
@@ -19,6 +25,7 @@ from typing import Any
 
 import asyncpg
 import httpx
+import psutil
 
 from bench.platform import Platform, platform
 from bench.stack import percentile, say
@@ -60,6 +67,49 @@ def batch_body(batch_size: int, start: datetime) -> bytes:
         for i in range(batch_size)
     ]  # fmt: skip
     return json.dumps({"batch_id": "BATCHID", "readings": readings}).encode()
+
+
+class OtlpSink:
+    """An OTLP/HTTP endpoint that reads every export and answers 200: the spans' whole cost
+    (sampling, recording, batching, protobuf, HTTP) is paid, and nothing is kept."""
+
+    def __init__(self) -> None:
+        self.exports = 0
+        self.bytes = 0
+        self.port = 0
+
+    async def start(self) -> None:
+        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                self.bytes += len(await reader.readexactly(length))
+                self.exports += 1
+                writer.write(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n"
+                )
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            writer.close()
+
+
+def _cpu_s(procs: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds each API and worker process has used so far."""
+    used = {}
+    for name, proc in procs.items():
+        try:
+            times = proc.cpu_times()
+            used[name] = times.user + times.system
+        except psutil.Error:
+            used[name] = 0.0
+    return used
 
 
 class Webhooks:
@@ -106,12 +156,23 @@ async def setup(p: Platform, http: httpx.AsyncClient, hooks: Webhooks) -> None:
 
 
 async def run(
-    seconds: float, senders: int, batch_size: int, workers: int, shards: int, rate: float
+    seconds: float,
+    senders: int,
+    batch_size: int,
+    workers: int,
+    shards: int,
+    rate: float,
+    tracing: float | None = None,
 ) -> dict[str, Any]:
-    """Drive the platform for `seconds` and measure."""
+    """Drive the platform for `seconds` and measure; `tracing` is the sample ratio (None: off)."""
     hooks = Webhooks()
     await hooks.start()
     env = {"FLEETFLOW_INGEST_SHARDS": str(shards)} if shards else {}
+    sink = OtlpSink()
+    if tracing is not None:
+        await sink.start()
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink.port}"
+        env["FLEETFLOW_TRACE_SAMPLE_RATIO"] = str(tracing)
     async with platform(workers, env) as p, httpx.AsyncClient(base_url=p.api_url, timeout=30) as http:
         dsn = p.database_url()
         say("raw asyncpg COPY baseline ...")
@@ -185,6 +246,8 @@ async def run(
                 say(f"  acked {acked:,} readings, ack p50 {p50:.0f} ms")
 
         say(f"sending for {seconds:.0f} s: {senders} senders, {batch_size} readings a batch ...")
+        procs = p.processes()
+        cpu_before = _cpu_s(procs)
         started = time.perf_counter()
         sampling = asyncio.create_task(sampler())
         await asyncio.gather(*(sender(k) for k in range(senders)), alerter(), progress())
@@ -199,6 +262,8 @@ async def run(
                     break
                 await asyncio.sleep(0.2)
             wall = time.perf_counter() - started
+            cpu_by_process = {k: v - cpu_before.get(k, 0.0) for k, v in _cpu_s(procs).items()}
+            cpu = sum(cpu_by_process.values())
             sampling.cancel()
             stored = await conn.fetchval("SELECT count(*) FROM data.readings WHERE metric = 'bench'")
         finally:
@@ -223,9 +288,42 @@ async def run(
         "alerts_seen": len(alert_latencies),
         "alert_p99_ms": round(percentile(alert_latencies, 99), 1) if alert_latencies else None,
         "offered_readings_per_s": round(rate),
+        "tracing": "off" if tracing is None else tracing,
+        # CPU of the API and worker processes from the first batch sent to the last stored
+        "cpu_ms_per_1k_readings": round(cpu * 1e6 / stored, 3) if stored else None,
+        **{f"cpu_s_{k}": round(v, 1) for k, v in sorted(cpu_by_process.items())},
+        "otlp_exports": sink.exports,
+        "otlp_export_kib": round(sink.bytes / 1024),
         "drain_s": round(wall - seconds, 1),
         "wall_s": round(wall, 1),
         **{f"rss_mb_{k}": round(v) for k, v in sorted(rss.items())},
+    }
+
+
+def tracing_overhead(
+    common: tuple[float, int, int, int, int, float], ratio: float, repeat: int
+) -> dict[str, Any]:
+    """Off/on pairs, each a fresh platform; a pair compares neighbours in time, and the
+    median pair resists the noise of a shared machine."""
+    pairs = []
+    for _ in range(repeat):
+        off = asyncio.run(run(*common, tracing=None))
+        on = asyncio.run(run(*common, tracing=ratio))
+        pairs.append((off, on))
+
+    def median(key: str) -> float:
+        return float(statistics.median(on[key] / off[key] for off, on in pairs))
+
+    return {
+        # extra CPU per reading that tracing costs the API and workers (0.05 = 5%)
+        "tracing_overhead_ratio": round(median("cpu_ms_per_1k_readings") - 1, 3),
+        "tracing_overhead_ratios": [
+            round(on["cpu_ms_per_1k_readings"] / off["cpu_ms_per_1k_readings"] - 1, 3) for off, on in pairs
+        ],
+        "throughput_ratio_on_vs_off": round(median("readings_per_s"), 3),
+        "ack_p99_ms_off": [off["ack_p99_ms"] for off, _ in pairs],
+        "ack_p99_ms_on": [on["ack_p99_ms"] for _, on in pairs],
+        "runs": [{"off": off, "on": on} for off, on in pairs],
     }
 
 
@@ -239,8 +337,18 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes per queue")
     parser.add_argument("--shards", type=int, default=0, help="FLEETFLOW_INGEST_SHARDS (0: default)")
+    parser.add_argument("--tracing", type=float, metavar="RATIO", help="trace, sampling RATIO (e.g. 0.01)")
+    parser.add_argument(
+        "--tracing-overhead", type=float, metavar="RATIO",
+        help="run with tracing off, then on at RATIO, and print tracing_overhead_ratio",
+    )  # fmt: skip
+    parser.add_argument("--repeat", type=int, default=1, help="off/on pairs for --tracing-overhead")
     args = parser.parse_args()
-    figures = asyncio.run(run(args.seconds, args.senders, args.batch, args.workers, args.shards, args.rate))
+    common = (args.seconds, args.senders, args.batch, args.workers, args.shards, args.rate)
+    if args.tracing_overhead is None:
+        figures = asyncio.run(run(*common, tracing=args.tracing))
+    else:
+        figures = tracing_overhead(common, args.tracing_overhead, args.repeat)
     for name, value in figures.items():
         say(f"  {name:<24} {value}")
     print(json.dumps(figures), flush=True)

@@ -19,6 +19,7 @@ import httpx
 import psutil
 
 from bench.stack import say
+from fleetflow.contracts.common import TaskQueue
 
 
 def _free_port(above: int = 10000) -> int:
@@ -33,6 +34,19 @@ def _free_port(above: int = 10000) -> int:
             except OSError:
                 continue
     raise RuntimeError("no free port")
+
+
+def _free_range(count: int, above: int) -> int:
+    """The first of count consecutive free ports (the workers' /metrics ports)."""
+    for first in range(above, 30000, count + 3):
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as sock:
+                    sock.bind(("127.0.0.1", port))
+            return first
+        except OSError:
+            continue
+    raise RuntimeError("no free port range")
 
 
 @dataclass
@@ -74,6 +88,8 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
             for k, v in os.environ.items()
             if not k.startswith(("FLEETFLOW_", "TEMPORAL_", "DATABASE_URL"))
         }
+        # one /metrics port per worker process, away from any other stack's defaults
+        env["FLEETFLOW_METRICS_PORT"] = str(_free_range(len(TaskQueue) * workers, 14000))
         env.update(extra_env or {})
         argv = [
             sys.executable, "-m", "workers.cli", "up", "--data-dir", str(data), "--workers", str(workers),

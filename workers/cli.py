@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser("check", help="run the system check")
     check.add_argument("--timeout", type=float, default=5.0, help="seconds per service")
 
+    status = commands.add_parser("status", help="services, workflows, ingestion, alerts and rollouts")
+    status.add_argument(
+        "--watch", nargs="?", const=2.0, type=_seconds, metavar="SECONDS",
+        help="redraw every SECONDS (default 2) until Ctrl-C",
+    )  # fmt: skip
+
     commands.add_parser("migrate", help="apply database migrations")
 
     token = commands.add_parser("token", help="API tokens")
@@ -136,6 +142,22 @@ def _settings(args: argparse.Namespace) -> Settings:
     return Settings.model_validate({**settings.model_dump(), **update}) if update else settings
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not 0.2 <= value <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0.2 and 3600 seconds")
+    return value
+
+
+async def _status(settings: Settings, watch_s: float | None) -> int:
+    from workers.status import status
+
+    return await status(settings, watch_s)
+
+
 def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
@@ -165,6 +187,7 @@ def dispatch(args: argparse.Namespace) -> int:
     handlers = {
         "check": lambda: commands.check(settings, args.timeout),
         "migrate": lambda: commands.migrate_database(settings),
+        "status": lambda: _status(settings, args.watch),
         "token": lambda: commands.issue_token_command(settings, args),
         "devices": lambda: commands.import_devices(settings, args),
     }

@@ -19,6 +19,7 @@ from fleetflow.security import issue_token
 from fleetflow.settings import Settings
 from fleetflow.system_report import run_system_check
 from fleetflow.temporal import connect
+from workers.devstack import metrics_port_of
 from workers.supervisor import Child, Supervisor, SupervisorFailed
 from workers.worker import run_worker
 
@@ -33,7 +34,9 @@ def run_workers(settings: Settings, queue: TaskQueue, processes: int) -> int:
     argv = [sys.executable, "-m", "workers.cli", "worker", "--queue", queue.value]
     try:
         for i in range(processes):
-            supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv))
+            # each process its own /metrics port: FLEETFLOW_METRICS_PORT + i
+            port = {"FLEETFLOW_METRICS_PORT": str(metrics_port_of(settings.metrics_port, i))}
+            supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv, port))
         supervisor.run()
         return 0
     except SupervisorFailed as exc:

@@ -54,6 +54,17 @@ def ensure_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
             raise StartupError(f"port {port} is already in use ({what})") from None
 
 
+def metrics_port_of(base: int, index: int) -> int:
+    """The /metrics port of the index-th (0-based) worker process a command starts: base +
+    index (0: no endpoint). `fleetflow up` numbers its workers queue by queue in TaskQueue
+    order (orchestration, device, data, analytics, notification), N per queue."""
+    if base == 0:
+        return 0
+    if base + index > 65535:
+        raise StartupError(f"metrics port {base + index} is out of range (FLEETFLOW_METRICS_PORT={base})")
+    return base + index
+
+
 def dev_server_argv(data_dir: Path, port: int, ui_port: int) -> list[str]:
     """The dev server with a persistent SQLite file and the pragmas that make it fast."""
     argv = [
@@ -100,6 +111,8 @@ def up(settings: Settings, options: UpOptions) -> int:
     if not options.external_temporal:
         ensure_port_free(options.temporal_port, "--temporal-port")
         ensure_port_free(options.ui_port, "--ui-port")
+    # a taken one is not fatal: that worker logs a warning and runs without /metrics
+    ports = [metrics_port_of(settings.metrics_port, k) for k in range(len(TaskQueue) * options.workers)]
 
     supervisor = Supervisor()
     supervisor.install_signal_handlers()
@@ -129,10 +142,11 @@ def up(settings: Settings, options: UpOptions) -> int:
             "FLEETFLOW_API_PORT": str(settings.api_port),
         }
         cli = [sys.executable, "-m", "workers.cli"]
-        for queue in TaskQueue:
+        for q, queue in enumerate(TaskQueue):
             for i in range(options.workers):
                 argv = [*cli, "worker", "--queue", queue.value]
-                supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv, env, tier=1))
+                port = {"FLEETFLOW_METRICS_PORT": str(ports[q * options.workers + i])}
+                supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv, {**env, **port}, tier=1))
         supervisor.add(Child("api", [*cli, "api"], env, tier=2))
         _banner(settings, options)
         supervisor.run()
@@ -144,6 +158,13 @@ def up(settings: Settings, options: UpOptions) -> int:
         supervisor.stop()
         if embedded:
             embedded_pg.stop(data_dir / "postgres")
+
+
+def _worker_metrics(settings: Settings, options: UpOptions) -> str:
+    if settings.metrics_port == 0:
+        return "workers: none (FLEETFLOW_METRICS_PORT=0)"
+    last = settings.metrics_port + len(TaskQueue) * options.workers - 1
+    return f"workers http://{settings.metrics_host}:{settings.metrics_port}-{last}/metrics"
 
 
 def _banner(settings: Settings, options: UpOptions) -> None:
@@ -158,6 +179,7 @@ def _banner(settings: Settings, options: UpOptions) -> None:
         f"  API docs     {api}/docs\n"
         f"  Temporal UI  {settings.temporal_ui_url}\n"
         f"  workers      {options.workers} per queue: {', '.join(q.value for q in TaskQueue)}\n"
+        f"  metrics      {api}/metrics; {_worker_metrics(settings, options)}\n"
         f"  data         {settings.data_dir}\n"
         f"\n  admin token (tenant 'default', 30 days; also in {settings.data_dir}/admin-token):"
         f"\n  {token}\n"

@@ -48,7 +48,8 @@ def build_worker(
 
 async def run_worker(queue: TaskQueue, settings: Settings) -> None:
     """Poll queue until SIGINT/SIGTERM, then finish in-flight work and close."""
-    observability.setup(f"fleetflow-worker-{queue.value}", settings.log_level)
+    observability.setup(f"fleetflow-worker-{queue.value}", settings)
+    metrics_server = observability.serve_metrics(settings.metrics_host, settings.metrics_port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,6 +62,7 @@ async def run_worker(queue: TaskQueue, settings: Settings) -> None:
     try:
         # the process's one outbound HTTP client (webhooks), closed with the worker
         async with (
+            observability.temporal_metrics(),
             httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as http,
             build_worker(client, queue, pool, settings, http=http),
         ):
@@ -69,3 +71,6 @@ async def run_worker(queue: TaskQueue, settings: Settings) -> None:
     finally:
         if pool is not None:
             await pool.close()
+        if metrics_server is not None:
+            metrics_server.shutdown()
+        observability.shutdown()

@@ -27,6 +27,7 @@ from fleetflow.contracts.telemetry import (
     TelemetryPoint,
     TelemetrySeries,
 )
+from fleetflow.metrics import READINGS_ACCEPTED
 from fleetflow.security import AuthError, TokenClaims, verify_device_credential, verify_token
 
 router = APIRouter(tags=["telemetry"])
@@ -111,18 +112,26 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     # a batch of many devices is spread by its id, so one big sender does not load one shard
     key = next(iter(devices)) if len(devices) == 1 else f"{tenant}/{batch['batch_id']}"
     bucket = zlib.crc32(key.encode()) % BUCKETS
+    committed = False
     try:
-        inserted = await state.pool.fetchval(
-            """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
-               VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, batch_id) DO NOTHING RETURNING 1""",
-            tenant, batch["batch_id"], bucket, len(lines), sorted(devices), "".join(lines).encode(),
-        )  # fmt: skip
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-        raise HTTPException(
-            status.HTTP_503_SERVICE_UNAVAILABLE,
-            f"storage unavailable, nothing was accepted: {type(exc).__name__}",
-            {"Retry-After": "1"},
-        ) from None  # fmt: skip
+        async with state.pool.acquire() as conn:
+            inserted = await conn.fetchval(
+                """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, batch_id) DO NOTHING RETURNING 1""",
+                tenant, batch["batch_id"], bucket, len(lines), sorted(devices), "".join(lines).encode(),
+            )  # fmt: skip
+            committed = True
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
+        # a connection the server dropped after the INSERT returned fails only on its way back
+        # to the pool (which discards it): the batch is committed, so it is acknowledged
+        if not committed:
+            raise HTTPException(
+                status.HTTP_503_SERVICE_UNAVAILABLE,
+                f"storage unavailable, nothing was accepted: {type(exc).__name__}",
+                {"Retry-After": "1"},
+            ) from None  # fmt: skip
+    if inserted is not None:
+        READINGS_ACCEPTED.add(len(lines))
     return TelemetryAccepted(batch_id=batch["batch_id"], readings=len(lines), duplicate=inserted is None)
 
 

@@ -36,11 +36,26 @@ APP_ENV = {
 }
 TEST_JWT_SECRET = "compose-file-test-secret-0123456789abcdef"
 
-# `temporalio/<name>:<tag>` or `postgres:<tag>`, optionally with a digest.
+# A published image with a tag (optionally a digest): `temporalio/<name>`, `postgres`, and the
+# monitoring stack's collector, Jaeger, Prometheus and Grafana.
 _IMAGE = re.compile(
-    r"^(?:docker\.io/)?(?:library/)?(?P<repo>temporalio/[a-z0-9._-]+|postgres)"
+    r"^(?:docker\.io/)?(?:library/)?(?P<repo>temporalio/[a-z0-9._-]+|postgres"
+    r"|otel/opentelemetry-collector-contrib|jaegertracing/all-in-one|prom/prometheus|grafana/grafana)"
     r":(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(?:@sha256:[0-9a-f]{64})?$"
 )
+# what the app containers need for traces and metrics (see deploy/prometheus/prometheus.yml)
+MONITORING_ENV = {
+    "OTEL_EXPORTER_OTLP_ENDPOINT": "http://otel-collector:4318",
+    "FLEETFLOW_METRICS_HOST": "0.0.0.0",
+    "FLEETFLOW_METRICS_PORT": "9464",
+}
+# service -> (image repository, files of deploy/ it mounts)
+MONITORING = {
+    "otel-collector": ("otel/opentelemetry-collector-contrib", ["deploy/otel-collector.yaml"]),
+    "jaeger": ("jaegertracing/all-in-one", []),
+    "prometheus": ("prom/prometheus", ["deploy/prometheus/prometheus.yml"]),
+    "grafana": ("grafana/grafana", ["deploy/grafana/provisioning", "deploy/grafana/dashboards"]),
+}
 
 _JSON_FROM_YAML = "import json, sys, yaml; json.dump(yaml.safe_load(sys.stdin), sys.stdout)"
 
@@ -157,7 +172,7 @@ def _problems(config: dict[str, Any]) -> list[str]:
             continue
         match = _IMAGE.match(str(image))
         if match is None:
-            problems.append(f"{name}: image {image!r} is not temporalio/* or postgres with a tag")
+            problems.append(f"{name}: image {image!r} is not a known published image with a tag")
         elif match["tag"] == "latest":
             problems.append(f"{name}: image {image!r} uses the moving 'latest' tag")
 
@@ -199,6 +214,21 @@ def _problems(config: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: {key}={env.get(key)!r}, expected {value!r}")
         if env.get("FLEETFLOW_JWT_SECRET") != TEST_JWT_SECRET:
             problems.append(f"{name}: FLEETFLOW_JWT_SECRET is not taken from the environment")
+        for key, value in MONITORING_ENV.items():
+            if env.get(key) != value:
+                problems.append(f"{name}: {key}={env.get(key)!r}, expected {value!r}")
+
+    for name, (repository, files) in MONITORING.items():
+        service = services.get(name)
+        if service is None:
+            problems.append(f"{name}: missing")
+            continue
+        if not str(service.get("image", "")).startswith(f"{repository}:"):
+            problems.append(f"{name}: image {service.get('image')!r} is not {repository}")
+        mounted = " ".join(_volume_sources(service))
+        for file in files:
+            if str(REPO / file) not in mounted:
+                problems.append(f"{name}: does not mount {file}")
 
     images = {name: str(service.get("image", "")) for name, service in services.items()}
     if not any(image.startswith("postgres:") for image in images.values()):
@@ -214,6 +244,15 @@ def _problems(config: dict[str, Any]) -> list[str]:
         if not any("search-attribute create" in script and attribute in script for script in registrars):
             problems.append(f"no admin-tools service registers search attribute {attribute}")
     return problems
+
+
+def _volume_sources(service: dict[str, Any]) -> list[str]:
+    sources = []
+    for volume in service.get("volumes") or []:
+        sources.append(
+            str(volume.get("source", "")) if isinstance(volume, dict) else str(volume).split(":")[0]
+        )
+    return sources
 
 
 def _as_list(service: dict[str, Any]) -> list[Any]:
@@ -267,6 +306,8 @@ def test_problem_detection_catches_broken_files() -> None:
     assert temporal_images, "expected a temporalio/server service"
     services[temporal_images[0]]["image"] = "temporalio/server:latest"
     services["postgresql"]["image"] = "postgres"
+    services["grafana"]["image"] = "grafana/grafana:latest"
+    del services["prometheus"]
 
     problems = "\n".join(_problems(broken))
     assert "worker-data: container_name" in problems
@@ -275,3 +316,27 @@ def test_problem_detection_catches_broken_files() -> None:
     assert "worker-analytics: missing" in problems
     assert "'latest'" in problems
     assert "postgresql: image 'postgres' is not" in problems
+    assert "grafana: image 'grafana/grafana:latest' uses the moving 'latest' tag" in problems
+    assert "prometheus: missing" in problems
+
+
+def test_monitoring_files_match_what_the_processes_export() -> None:
+    """Prometheus finds every worker service on its metrics port, every file the stack mounts
+    exists, and the dashboard asks only for metrics fleetflow exports."""
+    for _, files in MONITORING.values():
+        for file in files:
+            assert (REPO / file).exists(), file
+    scrape = (REPO / "deploy/prometheus/prometheus.yml").read_text()
+    assert "dns_sd_configs" in scrape and f"port: {MONITORING_ENV['FLEETFLOW_METRICS_PORT']}" in scrape
+    for queue in WORKER_QUEUES:
+        assert f"- worker-{queue}" in scrape, queue
+    dashboard = json.loads((REPO / "deploy/grafana/dashboards/fleetflow.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert exprs
+    defined = (REPO / "fleetflow/metrics.py").read_text()
+    for used in sorted({m for e in exprs for m in re.findall(r"\bfleetflow_[a-z_]+", e)}):
+        dotted = re.sub(r"_(total|bucket|count|sum)$", "", used).replace("_", ".")
+        candidates = {dotted, *(dotted[:i] + "_" + dotted[i + 1 :] for i, c in enumerate(dotted) if c == ".")}
+        assert any(f'"{c}"' in defined for c in candidates), (
+            f"the dashboard uses {used}, which is not exported"
+        )
