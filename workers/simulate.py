@@ -7,7 +7,6 @@ import argparse
 import asyncio
 import contextlib
 import csv
-import hmac
 import io
 import json
 import math
@@ -23,20 +22,18 @@ from typing import Any, TextIO
 
 import httpx
 
-from activities.notifications import SIGNATURE_HEADER, sign
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
 from workers.simulate_jobs import JobStats, work_jobs
+from workers.simulate_receiver import ALERTS, Receiver
 
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 IN_FLIGHT = 64  # telemetry requests at once
 ONBOARD_TIMEOUT_S = 600.0
-MAX_HOOK_BYTES = 1 << 20
 # metric -> (typical value, spread between devices, slow drift amplitude, noise)
 METRICS = {"temperature": (21.0, 1.5, 0.8, 0.15), "humidity": (45.0, 5.0, 3.0, 0.5),
            "pressure": (1013.0, 3.0, 0.6, 0.2)}  # fmt: skip
 SPIKE_C = (25.0, 40.0)  # an anomaly adds this to a temperature reading: well past both rules
-ALERTS = ("AlertRaised", "AlertCleared")
 
 
 @dataclass(frozen=True)
@@ -94,66 +91,6 @@ class Summary:
             *([f"  bad webhook signatures {self.bad_signatures}"] * (self.bad_signatures > 0)),
             *([self.jobs.render()] * (self.jobs.offered > 0)),
         ])  # fmt: skip
-
-
-class Receiver:
-    """A small HTTP server for webhook deliveries: checks each signature, deduplicates by event
-    id and keeps the alert events of the run's devices."""
-
-    def __init__(self, secret: str, prefix: str) -> None:
-        self.secret, self.prefix = secret, prefix
-        self.alerts: dict[str, str] = {}  # event id -> type
-        self.bad_signatures = 0
-        self.last = time.monotonic()
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self, host: str) -> str:
-        """Listen on a free port of host; the URL to subscribe."""
-        self._server = await asyncio.start_server(self._handle, host, 0)
-        return f"http://{host}:{self._server.sockets[0].getsockname()[1]}/hooks"
-
-    def count(self, kind: str) -> int:
-        """Distinct events of this type received."""
-        return sum(1 for t in self.alerts.values() if t == kind)
-
-    async def close(self) -> None:
-        """Stop listening and drop open connections."""
-        if self._server is not None:
-            self._server.close()
-            for writer in list(self._writers):
-                writer.close()
-            await self._server.wait_closed()
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while True:  # keep-alive: one request after another until the sender closes
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")[1:]
-                headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head)}
-                length = int(headers.get("content-length", "0"))
-                if length > MAX_HOOK_BYTES:
-                    writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
-                    return
-                body = await reader.readexactly(length)
-                if hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), ""), sign(self.secret, body)):
-                    self._record(body)
-                    writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-                else:
-                    self.bad_signatures += 1
-                    writer.write(b"HTTP/1.1 401 Unauthorized\r\nContent-Length: 0\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, ValueError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    def _record(self, body: bytes) -> None:
-        self.last = time.monotonic()
-        event = json.loads(body)
-        if event.get("type") in ALERTS and str(event.get("device_id", "")).startswith(self.prefix):
-            self.alerts[str(event["event_id"])] = str(event["type"])
 
 
 @dataclass

@@ -12,15 +12,17 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import psutil
 
 from fleetflow.settings import ENVIRONMENT
+
+T = TypeVar("T")
 
 BIN = Path(sys.executable).parent
 FLEETFLOW = str(BIN / "fleetflow")
@@ -292,3 +294,40 @@ async def wait_gone_async(
         if not pending or time.monotonic() > until:
             return pending
         await asyncio.sleep(0.1)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], deadline_s: float, what: str
+) -> T:
+    """Poll probe until done(result); fails naming what and the last result after deadline_s."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + deadline_s
+    while True:
+        result = await probe()
+        if done(result):
+            return result
+        if loop.time() > until:
+            raise AssertionError(f"{what}: not reached within {deadline_s}s; last: {result!r}")
+        await asyncio.sleep(0.25)
+
+
+async def replaced(stack: Stack, queue: str, dead: psutil.Process) -> psutil.Process:
+    """The worker of queue that the supervisor started in place of dead."""
+
+    async def probe() -> list[psutil.Process]:
+        return [w for w in stack.workers(queue) if w.pid != dead.pid]
+
+    found = await eventually(probe, lambda ws: len(ws) == 1, 60, f"a new {queue} worker")
+    return found[0]
+
+
+async def json_of(http: httpx.AsyncClient, path: str, headers: dict[str, str]) -> dict[str, Any]:
+    """GET path as JSON; transport errors and non-200 become {"_status": ...} so polling goes on."""
+    try:
+        response = await http.get(path, headers=headers)
+    except httpx.HTTPError as exc:
+        return {"_status": repr(exc)}
+    if response.status_code != 200:
+        return {"_status": response.status_code, "_body": response.text}
+    body: dict[str, Any] = response.json()
+    return body

