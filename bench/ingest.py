@@ -69,18 +69,20 @@ def batch_body(batch_size: int, start: datetime) -> bytes:
     return json.dumps({"batch_id": "BATCHID", "readings": readings}).encode()
 
 
-class OtlpSink:
-    """An OTLP/HTTP endpoint that reads every export and answers 200: the spans' whole cost
-    (sampling, recording, batching, protobuf, HTTP) is paid, and nothing is kept."""
+class _LoopbackServer:
+    """A minimal HTTP/1.1 server on 127.0.0.1: each request body goes to `receive`."""
+
+    reply = b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n"
 
     def __init__(self) -> None:
-        self.exports = 0
-        self.bytes = 0
         self.port = 0
 
     async def start(self) -> None:
         server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
         self.port = server.sockets[0].getsockname()[1]
+
+    def receive(self, body: bytes) -> None:
+        """Called with every request body."""
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -90,14 +92,38 @@ class OtlpSink:
                 for line in head.split(b"\r\n"):
                     if line.lower().startswith(b"content-length:"):
                         length = int(line.split(b":")[1])
-                self.bytes += len(await reader.readexactly(length))
-                self.exports += 1
-                writer.write(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n"
-                )
+                self.receive(await reader.readexactly(length))
+                writer.write(self.reply)
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
             writer.close()
+
+
+class OtlpSink(_LoopbackServer):
+    """An OTLP/HTTP endpoint that reads every export and answers 200: the spans' whole cost
+    (sampling, recording, batching, protobuf, HTTP) is paid, and nothing is kept."""
+
+    reply = b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exports = 0
+        self.bytes = 0
+
+    def receive(self, body: bytes) -> None:
+        self.bytes += len(body)
+        self.exports += 1
+
+
+class Webhooks(_LoopbackServer):
+    """A tiny HTTP receiver that timestamps each event it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.received: list[tuple[float, dict[str, Any]]] = []
+
+    def receive(self, body: bytes) -> None:
+        self.received.append((time.perf_counter(), json.loads(body)))
 
 
 def _cpu_s(procs: dict[str, psutil.Process]) -> dict[str, float]:
@@ -110,33 +136,6 @@ def _cpu_s(procs: dict[str, psutil.Process]) -> dict[str, float]:
         except psutil.Error:
             used[name] = 0.0
     return used
-
-
-class Webhooks:
-    """A tiny HTTP receiver that timestamps each event it is sent."""
-
-    def __init__(self) -> None:
-        self.received: list[tuple[float, dict[str, Any]]] = []
-        self.port = 0
-
-    async def start(self) -> None:
-        server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = server.sockets[0].getsockname()[1]
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                body = await reader.readexactly(length)
-                self.received.append((time.perf_counter(), json.loads(body)))
-                writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
-            writer.close()
 
 
 async def setup(p: Platform, http: httpx.AsyncClient, hooks: Webhooks) -> None:
