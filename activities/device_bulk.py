@@ -13,7 +13,7 @@ import asyncpg
 from temporalio import activity
 
 from activities.device_reads import DeviceReadModel
-from activities.device_state import REUSABLE, refuse, set_status
+from activities.device_state import REUSABLE, refuse, register_device, set_status
 from fleetflow import config_schema
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -91,20 +91,10 @@ class BulkProvisioning(DeviceReadModel):
             issued_at=chunk.issued_at, expires_at=chunk.expires_at, issuer=self.issuer,
         )  # fmt: skip
         async with conn.transaction():
-            await conn.execute(
-                """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, tags,
-                       metadata, status, onboarding_id)
-                   VALUES ($1, $2, $3, $4, $5, $6, 'active', $7)
-                   ON CONFLICT (tenant, device_id) DO UPDATE SET device_type = $3,
-                       firmware_version = $4, tags = $5, metadata = $6, status = 'active',
-                       status_reason = NULL, onboarding_id = $7, updated_at = now()""",
-                chunk.tenant, spec.device_id, spec.device_type, spec.firmware_version,
-                spec.tags, spec.metadata, chunk.bulk_id,
-            )  # fmt: skip
-            await conn.execute(
-                """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status,
-                       reason, actor) VALUES ($1, $2, $3, 'active', 'bulk onboarding', $4)""",
-                chunk.tenant, spec.device_id, current["status"] if current else None, chunk.actor,
+            await register_device(
+                conn, chunk.tenant, spec, DeviceStatus.ACTIVE, onboarding_id=chunk.bulk_id,
+                actor=chunk.actor, from_status=current["status"] if current else None,
+                reason="bulk onboarding",
             )  # fmt: skip
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import asyncpg
 from temporalio.exceptions import ApplicationError
 
-from fleetflow.contracts.devices import DeviceStatus
+from fleetflow.contracts.devices import DeviceSpec, DeviceStatus
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     from asyncpg.pool import PoolConnectionProxy
@@ -56,3 +56,32 @@ async def set_status(
         tenant, device_id, row["from_status"], to_status.value, reason, actor,
     )  # fmt: skip
     return True
+
+
+async def register_device(
+    conn: Conn,
+    tenant: str,
+    spec: DeviceSpec,
+    status: DeviceStatus,
+    *,
+    onboarding_id: str,
+    actor: str,
+    from_status: str | None,
+    reason: str | None = None,
+) -> None:
+    """Register the device (or take over a failed registration) in `status`, and record the change."""
+    await conn.execute(
+        """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, tags,
+               metadata, status, onboarding_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (tenant, device_id) DO UPDATE SET device_type = $3,
+               firmware_version = $4, tags = $5, metadata = $6, status = $7,
+               status_reason = NULL, onboarding_id = $8, updated_at = now()""",
+        tenant, spec.device_id, spec.device_type, spec.firmware_version, spec.tags, spec.metadata,
+        status.value, onboarding_id,
+    )  # fmt: skip
+    await conn.execute(
+        """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status, reason, actor)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        tenant, spec.device_id, from_status, status.value, reason, actor,
+    )  # fmt: skip

@@ -11,7 +11,7 @@ from temporalio import activity
 
 from activities.device_bulk import BulkProvisioning
 from activities.device_rollouts import RolloutJobs
-from activities.device_state import REUSABLE, refuse, set_status
+from activities.device_state import REUSABLE, refuse, register_device, set_status
 from activities.probe import probe
 from fleetflow import config_schema
 from fleetflow.contracts.common import TaskQueue
@@ -78,20 +78,9 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                     f"device {spec.device_id!r} is already registered ({current['status']})",
                     "DeviceExists",
                 )
-            await conn.execute(
-                """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, tags,
-                       metadata, status, onboarding_id)
-                   VALUES ($1, $2, $3, $4, $5, $6, 'pending', $7)
-                   ON CONFLICT (tenant, device_id) DO UPDATE SET device_type = $3,
-                       firmware_version = $4, tags = $5, metadata = $6, status = 'pending',
-                       status_reason = NULL, onboarding_id = $7, updated_at = now()""",
-                request.tenant, spec.device_id, spec.device_type, spec.firmware_version,
-                spec.tags, spec.metadata, request.onboarding_id,
-            )  # fmt: skip
-            await conn.execute(
-                """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status, actor)
-                   VALUES ($1, $2, $3, 'pending', $4)""",
-                request.tenant, spec.device_id, current["status"] if current else None, request.actor,
+            await register_device(
+                conn, request.tenant, spec, DeviceStatus.PENDING, onboarding_id=request.onboarding_id,
+                actor=request.actor, from_status=current["status"] if current else None,
             )  # fmt: skip
 
     @activity.defn(name="device.mark_failed")
