@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, TypeVar
 
 from fastapi import HTTPException, status
+from temporalio.client import WorkflowHandle
+from temporalio.service import RPCError, RPCStatusCode
+
+T = TypeVar("T")
 
 
 def invalid(loc: Sequence[str | int], msg: str, kind: str = "value_error") -> HTTPException:
@@ -22,3 +27,14 @@ def not_found(what: str) -> HTTPException:
 def conflict(msg: str) -> HTTPException:
     """A 409."""
     return HTTPException(status.HTTP_409_CONFLICT, detail=msg)
+
+
+async def progress_or_404(handle: WorkflowHandle[Any, Any], what: str, result_type: type[T]) -> T:
+    """The workflow's `progress` query; 404 naming `what` when there is no such workflow."""
+    try:
+        result: T = await handle.query("progress", result_type=result_type)
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.NOT_FOUND:
+            raise not_found(what) from None
+        raise
+    return result

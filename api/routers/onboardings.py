@@ -5,15 +5,15 @@ from __future__ import annotations
 import csv
 import io
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, status
 from fastapi.responses import PlainTextResponse
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import State, actor_of, require, require_device
-from api.problems import conflict, not_found
+from api.problems import conflict, not_found, progress_or_404
 from fleetflow.contracts.common import Strict
 from fleetflow.contracts.devices import (
     ApprovalDecision,
@@ -51,23 +51,13 @@ def _missing(exc: RPCError) -> bool:
     return exc.status == RPCStatusCode.NOT_FOUND
 
 
-async def _progress(handle: WorkflowHandle[Any, Any], what: str) -> Any:
-    try:
-        return await handle.query("progress")
-    except RPCError as exc:
-        if _missing(exc):
-            raise not_found(what) from None
-        raise
-
-
 @router.get("/v1/onboardings/{device_id}", response_model=OnboardingProgress)
 async def progress(device_id: str, state: State, claims: Reader) -> OnboardingProgress:
     """Current step, completed steps, compensations; the credential until first contact (write scope)."""
     handle = state.temporal.get_workflow_handle_for(
         DeviceOnboarding.run, onboarding_id(claims.tenant, device_id)
     )
-    raw = await _progress(handle, f"onboarding of {device_id!r}")
-    result = OnboardingProgress.model_validate(raw)
+    result = await progress_or_404(handle, f"onboarding of {device_id!r}", OnboardingProgress)
     if "devices:write" not in claims.scopes and "admin" not in claims.scopes:
         result.credential = None
     return result
@@ -156,7 +146,7 @@ async def bulk_progress(bulk_id: str, state: State, claims: Reader) -> BulkProgr
     handle = state.temporal.get_workflow_handle_for(
         BulkOnboarding.run, bulk_workflow_id(claims.tenant, bulk_id)
     )
-    return BulkProgress.model_validate(await _progress(handle, f"bulk onboarding {bulk_id!r}"))
+    return await progress_or_404(handle, f"bulk onboarding {bulk_id!r}", BulkProgress)
 
 
 @router.get("/v1/bulk-onboardings/{bulk_id}/credentials", response_class=PlainTextResponse)

@@ -16,7 +16,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.device_rollouts import FirmwareConflict
 from api.auth import State, actor_of, require, require_device
-from api.problems import conflict, invalid, not_found
+from api.problems import conflict, invalid, not_found, progress_or_404
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import DeviceStatus, DeviceTypeName, FirmwareVersion
 from fleetflow.contracts.rollouts import (
@@ -134,13 +134,7 @@ async def start_rollout(
 async def rollout_progress(campaign_id: str, state: State, claims: Reader) -> RolloutProgress:
     """Counts per state, the current wave, and why it stopped if it did."""
     handle = state.temporal.get_workflow_handle(rollout_id(claims.tenant, campaign_id))
-    try:
-        result: RolloutProgress = await handle.query(FirmwareRollout.progress)
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise not_found(f"campaign {campaign_id!r}") from None
-        raise
-    return result
+    return await progress_or_404(handle, f"campaign {campaign_id!r}", RolloutProgress)
 
 
 async def _decide(
@@ -259,10 +253,4 @@ async def decommission_many(
 async def decommission_progress(device_id: str, state: State, claims: Reader) -> DecommissionProgress:
     """Steps done, the current one, and the error if it is stuck."""
     handle = state.temporal.get_workflow_handle(decommission_id(claims.tenant, device_id))
-    try:
-        result: DecommissionProgress = await handle.query(DeviceDecommission.progress)
-    except RPCError as exc:
-        if exc.status == RPCStatusCode.NOT_FOUND:
-            raise not_found(f"decommissioning of {device_id!r}") from None
-        raise
-    return result
+    return await progress_or_404(handle, f"decommissioning of {device_id!r}", DecommissionProgress)
