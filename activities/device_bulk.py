@@ -6,7 +6,6 @@ inherits these activities. Each device of a slice is all-or-nothing (its own sav
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -24,7 +23,8 @@ from fleetflow.contracts.devices import (
     DeviceStatus,
     DeviceTypeView,
 )
-from fleetflow.security import issue_device_credential, token_hash
+from fleetflow.keys import KeyRing
+from fleetflow.security import issue_device_credential, kid_of, token_hash
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     from asyncpg.pool import PoolConnectionProxy
@@ -35,7 +35,7 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 class BulkProvisioning(DeviceReadModel):
     """The bulk activities of DeviceService."""
 
-    secret: str
+    keys: KeyRing
     issuer: str
 
     @activity.defn(name="device.provision_batch")
@@ -87,7 +87,7 @@ class BulkProvisioning(DeviceReadModel):
             return f"already registered ({current['status']})"
         jti = f"{chunk.bulk_id}:{spec.device_id}"
         token = issue_device_credential(
-            self.secret, tenant=chunk.tenant, device_id=spec.device_id, jti=jti,
+            self.keys, tenant=chunk.tenant, device_id=spec.device_id, jti=jti,
             issued_at=chunk.issued_at, expires_at=chunk.expires_at, issuer=self.issuer,
         )  # fmt: skip
         async with conn.transaction():
@@ -98,9 +98,9 @@ class BulkProvisioning(DeviceReadModel):
             )  # fmt: skip
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
-                       expires_at) VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING""",
+                       expires_at, kid) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (jti) DO NOTHING""",
                 jti, chunk.tenant, spec.device_id, token_hash(token), chunk.issued_at,
-                chunk.expires_at,
+                chunk.expires_at, kid_of(token),
             )  # fmt: skip
             await conn.execute(
                 """INSERT INTO device.configurations (tenant, device_id, config) VALUES ($1, $2, $3)
@@ -143,7 +143,7 @@ class BulkProvisioning(DeviceReadModel):
     async def bulk_credentials(self, tenant: str, bulk_id: str) -> list[tuple[str, str]]:
         """(device id, credential) of every live device of a bulk import, re-signed from its claims."""
         rows = await self.pool.fetch(
-            """SELECT c.device_id, c.jti, c.issued_at, c.expires_at FROM device.credentials c
+            """SELECT c.device_id, c.jti, c.issued_at, c.expires_at, c.kid FROM device.credentials c
                JOIN device.devices d USING (tenant, device_id)
                WHERE c.tenant = $1 AND d.onboarding_id = $2 AND c.jti LIKE $2 || ':%'
                  AND c.revoked_at IS NULL ORDER BY c.device_id""",
@@ -152,13 +152,16 @@ class BulkProvisioning(DeviceReadModel):
         return [
             (
                 r["device_id"],
-                self._resign(tenant, r["device_id"], r["jti"], r["issued_at"], r["expires_at"]),
+                issue_device_credential(
+                    self.keys,
+                    tenant=tenant,
+                    device_id=r["device_id"],
+                    jti=r["jti"],
+                    issued_at=r["issued_at"],
+                    expires_at=r["expires_at"],
+                    issuer=self.issuer,
+                    kid=r["kid"],
+                ),
             )
             for r in rows
         ]
-
-    def _resign(self, tenant: str, device_id: str, jti: str, issued: datetime, expires: datetime) -> str:
-        return issue_device_credential(
-            self.secret, tenant=tenant, device_id=device_id, jti=jti, issued_at=issued,
-            expires_at=expires, issuer=self.issuer,
-        )  # fmt: skip

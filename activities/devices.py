@@ -30,7 +30,8 @@ from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import Unready, UnreadyDevices, WindowRef
 from fleetflow.db import Pool
-from fleetflow.security import issue_device_credential, token_hash
+from fleetflow.keys import keyring
+from fleetflow.security import issue_device_credential, kid_of, token_hash
 from fleetflow.settings import Settings
 
 
@@ -41,7 +42,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
 
     def __init__(self, pool: Pool, settings: Settings) -> None:
         self.pool = pool
-        self.secret = settings.secret()
+        self.keys = keyring(settings)
         self.issuer = settings.jwt_issuer
         self.firmware_dir = settings.data_dir / "firmware"
 
@@ -96,11 +97,13 @@ class DeviceService(RolloutJobs, BulkProvisioning):
     @activity.defn(name="device.issue_credential")
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
         """Issue the device's credential; stored only as a hash, the token returned once."""
-        token = issue_device_credential(
-            self.secret, tenant=request.tenant, device_id=request.device_id, jti=request.jti,
-            issued_at=request.issued_at, expires_at=request.expires_at, issuer=self.issuer,
-        )  # fmt: skip
         async with self.pool.acquire() as conn, conn.transaction():
+            # a retry signs with the key the first attempt used: the same token, the same hash
+            kid = await conn.fetchval("SELECT kid FROM device.credentials WHERE jti = $1", request.jti)
+            token = issue_device_credential(
+                self.keys, tenant=request.tenant, device_id=request.device_id, jti=request.jti,
+                issued_at=request.issued_at, expires_at=request.expires_at, issuer=self.issuer, kid=kid,
+            )  # fmt: skip
             owner = await conn.fetchval(
                 """SELECT onboarding_id FROM device.devices
                    WHERE tenant = $1 AND device_id = $2 FOR SHARE""",
@@ -110,10 +113,10 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 raise refuse("device registration belongs to another onboarding", "DeviceExists")
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
-                       expires_at)
-                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (jti) DO NOTHING""",
+                       expires_at, kid)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (jti) DO NOTHING""",
                 request.jti, request.tenant, request.device_id, token_hash(token),
-                request.issued_at, request.expires_at,
+                request.issued_at, request.expires_at, kid_of(token),
             )  # fmt: skip
         return IssuedCredential(jti=request.jti, token=token, expires_at=request.expires_at)
 

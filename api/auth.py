@@ -38,7 +38,7 @@ def require(scope: str) -> Callable[..., Awaitable[TokenClaims]]:
 
     async def dependency(state: State, credentials: Bearer) -> TokenClaims:
         try:
-            claims = verify_token(state.settings.secret(), _token_of(credentials), state.settings.jwt_issuer)
+            claims = verify_token(state.keys, _token_of(credentials), state.settings.jwt_issuer)
         except AuthError as exc:
             raise _unauthorized(str(exc)) from None
         if scope not in claims.scopes and "admin" not in claims.scopes:
@@ -57,7 +57,7 @@ async def require_device(state: State, credentials: Bearer) -> tuple[DeviceClaim
     """Dependency: a device credential that is valid and not revoked (checked every request)."""
     token = _token_of(credentials)
     try:
-        claims = verify_device_credential(state.settings.secret(), token, state.settings.jwt_issuer)
+        claims = verify_device_credential(state.keys, token, state.settings.jwt_issuer)
     except AuthError as exc:
         raise _unauthorized(str(exc)) from None
     if not await state.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token):

@@ -11,6 +11,7 @@ from temporalio.client import Client
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from fleetflow.db import Pool
+from fleetflow.keys import KeyRing, keyring
 from fleetflow.settings import Settings
 
 
@@ -24,6 +25,11 @@ class AppState:
     http: httpx.AsyncClient
     devices: DeviceService
     analytics: AnalyticsService
+
+    @property
+    def keys(self) -> KeyRing:
+        """The platform's signing key set (a rotation shows on the next request)."""
+        return keyring(self.settings)
 
     def ui_url(self, workflow_id: str, run_id: str | None = None) -> str:
         """The Temporal Web UI page of a workflow run."""

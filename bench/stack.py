@@ -24,12 +24,11 @@ from bench.baseline import BASELINE_QUEUE, FiveActivities, noop
 from fleetflow import embedded_pg
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import create_pool, migrate
+from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES
 from workers.worker import build_worker
-
-SECRET = "bench-secret-" + "b" * 40
 
 
 def say(message: str) -> None:
@@ -68,7 +67,7 @@ async def stack() -> AsyncIterator[Stack]:
             interceptors=[TracingInterceptor()],
         )
         settings = Settings(
-            data_dir=data, database_url=dsn, jwt_secret=SECRET,
+            data_dir=data, database_url=dsn,
             temporal_address=env.client.service_client.config.target_host,
         )  # fmt: skip
         pool = await create_pool(dsn, size=10)
@@ -83,7 +82,7 @@ async def stack() -> AsyncIterator[Stack]:
         tasks = [asyncio.create_task(w.run()) for w in workers]
         app = create_app(settings, env.client)
         token = issue_token(
-            SECRET, subject="bench", tenant="bench", scopes=sorted(SCOPES), ttl=timedelta(hours=1)
+            keyring(settings), subject="bench", tenant="bench", scopes=sorted(SCOPES), ttl=timedelta(hours=1)
         )
         try:
             async with app.router.lifespan_context(app):

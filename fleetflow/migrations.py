@@ -336,4 +336,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX archived_device ON data.archived_readings (tenant, device_id, metric, ts);
         """,
     ),
+    (
+        "0009_credential_kid",
+        """
+        -- the signing key of each credential, so re-issuing it after a rotation gives the same
+        -- token (ES256 signatures are deterministic per key)
+        ALTER TABLE device.credentials ADD COLUMN kid text;
+        """,
+    ),
 ]

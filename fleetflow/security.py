@@ -1,21 +1,30 @@
-"""JWTs: operator/API tokens and per-device credentials (pyjwt).
+"""JWTs, ES256 with a kid from the key ring: API tokens, device credentials, service tokens.
 
 API tokens carry `tenant` and `scopes`; device credentials carry the device id and
-their own `jti`, and are stored by the device service only as a hash.
+their own `jti`, and are stored by the device service only as a hash; service tokens
+carry a process's identity and the actor it works for through Temporal headers.
+Anything but ES256 from a known, unretired key is refused (`none`, HS256 with the
+public key as secret, a forged kid).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import jwt
+from jwt.types import Options
 from pydantic import BaseModel, ConfigDict
+
+from fleetflow.keys import ALGORITHM, KeyRing
 
 API_AUDIENCE = "fleetflow-api"
 DEVICE_AUDIENCE = "fleetflow-device"
-ALGORITHM = "HS256"
+SERVICE_AUDIENCE = "fleetflow-service"
+SERVICE_TOKEN_TTL = timedelta(minutes=5)
 
 SCOPES: dict[str, str] = {
     "devices:read": "read devices, onboardings and their progress",
@@ -28,6 +37,7 @@ SCOPES: dict[str, str] = {
     "events:read": "list domain events and dead letters",
     "rollouts:admin": "upload firmware, run, pause, resume and cancel rollouts, decommission devices",
     "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",
+    "codec:decode": "decode workflow payloads through /codec (the Temporal Web UI's codec server)",
     "admin": "everything, including device types",
 }
 
@@ -57,8 +67,43 @@ class DeviceClaims(BaseModel):
     jti: str
 
 
+class ServiceActor(BaseModel):
+    """On whose behalf a service acts: a user's token subject, or the service itself."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    subject: str
+    tenant: str | None = None
+    scopes: tuple[str, ...] = ()
+
+
+class ServiceIdentity(BaseModel):
+    """The verified identity a Temporal call carried in its headers."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service: str
+    actor: ServiceActor
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _sign(ring: KeyRing, claims: dict[str, Any], kid: str | None = None) -> str:
+    """A compact JWS, ES256, with the signing key's kid (or the given one) in its header."""
+    key = ring.get(kid) if kid else ring.signing_key()
+    if key is None:
+        raise AuthError(f"signing key {kid!r} is unknown or retired")
+    header = {"alg": ALGORITHM, "kid": key.kid, "typ": "JWT"}
+    signing_input = ".".join(
+        _b64(json.dumps(part, separators=(",", ":"), sort_keys=True).encode()) for part in (header, claims)
+    )
+    return f"{signing_input}.{_b64(key.sign(signing_input.encode()))}"
+
+
 def issue_token(
-    secret: str,
+    ring: KeyRing,
     *,
     subject: str,
     tenant: str,
@@ -81,18 +126,43 @@ def issue_token(
         "iat": int(issued.timestamp()),
         "exp": int((issued + ttl).timestamp()),
     }
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    return _sign(ring, claims)
 
 
-def _decode(secret: str, token: str, audience: str, issuer: str) -> dict[str, Any]:
+def kid_of(token: str) -> str | None:
+    """The kid in a token's header, unverified (None when absent or malformed)."""
+    try:
+        kid = jwt.get_unverified_header(token).get("kid")
+    except jwt.InvalidTokenError:
+        return None
+    return kid if isinstance(kid, str) else None
+
+
+def _decode(
+    ring: KeyRing,
+    token: str,
+    audience: str,
+    issuer: str,
+    *,
+    at: datetime | None = None,
+    allow_retired: bool = False,
+) -> dict[str, Any]:
+    try:
+        header = jwt.get_unverified_header(token)
+    except jwt.InvalidTokenError:
+        raise AuthError("token is malformed") from None
+    if header.get("alg") != ALGORITHM:
+        # `none`, and HS256 "signed" with our public key, end here
+        raise AuthError(f"token algorithm {str(header.get('alg'))[:16]!r} is not accepted")
+    kid = header.get("kid")
+    key = ring.get(kid, allow_retired=allow_retired) if isinstance(kid, str) else None
+    if key is None:
+        raise AuthError("token is signed by an unknown or retired key")
+    # `at`: checked against that moment below instead of now (a workflow's start, for replay)
+    options: Options = {"require": ["exp", "iss", "aud", "sub"], "verify_exp": at is None}
     try:
         claims: dict[str, Any] = jwt.decode(
-            token,
-            secret,
-            algorithms=[ALGORITHM],
-            audience=audience,
-            issuer=issuer,
-            options={"require": ["exp", "iss", "aud", "sub"]},
+            token, key.public_key, algorithms=[ALGORITHM], audience=audience, issuer=issuer, options=options
         )
     except jwt.ExpiredSignatureError:
         raise AuthError("token expired") from None
@@ -106,12 +176,14 @@ def _decode(secret: str, token: str, audience: str, issuer: str) -> dict[str, An
         raise AuthError(f"token lacks the {exc.claim!r} claim") from None
     except jwt.InvalidTokenError:
         raise AuthError("token is malformed") from None
+    if at is not None and not (isinstance(claims["exp"], int) and at.timestamp() < claims["exp"]):
+        raise AuthError("token expired")
     return claims
 
 
-def verify_token(secret: str, token: str, issuer: str = "fleetflow") -> TokenClaims:
-    """Verify an API token's signature, expiry, issuer and audience."""
-    claims = _decode(secret, token, API_AUDIENCE, issuer)
+def verify_token(ring: KeyRing, token: str, issuer: str = "fleetflow") -> TokenClaims:
+    """Verify an API token's signature, key, expiry, issuer and audience."""
+    claims = _decode(ring, token, API_AUDIENCE, issuer)
     tenant, scopes = claims.get("tenant"), claims.get("scopes")
     if not isinstance(tenant, str) or not isinstance(scopes, list):
         raise AuthError("token lacks tenant or scopes")
@@ -124,7 +196,7 @@ def verify_token(secret: str, token: str, issuer: str = "fleetflow") -> TokenCla
 
 
 def issue_device_credential(
-    secret: str,
+    ring: KeyRing,
     *,
     tenant: str,
     device_id: str,
@@ -132,8 +204,10 @@ def issue_device_credential(
     issued_at: datetime,
     expires_at: datetime,
     issuer: str = "fleetflow",
+    kid: str | None = None,
 ) -> str:
-    """Sign a device credential; the same inputs give the same token, so issuing is idempotent."""
+    """Sign a device credential; the same inputs and key give the same token, so issuing is
+    idempotent (kid: the key that signed it first, when re-issuing)."""
     claims = {
         "iss": issuer,
         "aud": DEVICE_AUDIENCE,
@@ -143,15 +217,54 @@ def issue_device_credential(
         "iat": int(issued_at.timestamp()),
         "exp": int(expires_at.timestamp()),
     }
-    return jwt.encode(claims, secret, algorithm=ALGORITHM)
+    return _sign(ring, claims, kid)
 
 
-def verify_device_credential(secret: str, token: str, issuer: str = "fleetflow") -> DeviceClaims:
+def verify_device_credential(ring: KeyRing, token: str, issuer: str = "fleetflow") -> DeviceClaims:
     """Verify a device credential's signature and expiry (revocation is the device service's)."""
-    claims = _decode(secret, token, DEVICE_AUDIENCE, issuer)
+    claims = _decode(ring, token, DEVICE_AUDIENCE, issuer)
     if not isinstance(claims.get("jti"), str) or not isinstance(claims.get("tenant"), str):
         raise AuthError("credential lacks jti or tenant")
     return DeviceClaims(device_id=str(claims["sub"]), tenant=claims["tenant"], jti=claims["jti"])
+
+
+def issue_service_token(
+    ring: KeyRing,
+    *,
+    service: str,
+    actor: ServiceActor,
+    ttl: timedelta = SERVICE_TOKEN_TTL,
+    issuer: str = "fleetflow",
+    now: datetime | None = None,
+) -> str:
+    """Sign the short-lived identity a caller puts in Temporal headers."""
+    issued = now or datetime.now(UTC)
+    claims: dict[str, Any] = {
+        "iss": issuer,
+        "aud": SERVICE_AUDIENCE,
+        "sub": service,
+        "actor": actor.model_dump(),
+        "iat": int(issued.timestamp()),
+        "exp": int((issued + ttl).timestamp()),
+    }
+    return _sign(ring, claims)
+
+
+def verify_service_token(
+    ring: KeyRing,
+    token: str,
+    issuer: str = "fleetflow",
+    *,
+    at: datetime | None = None,
+    allow_retired: bool = False,
+) -> ServiceIdentity:
+    """Verify a service token, valid at `at` (now when None)."""
+    claims = _decode(ring, token, SERVICE_AUDIENCE, issuer, at=at, allow_retired=allow_retired)
+    try:
+        actor = ServiceActor.model_validate(claims.get("actor"))
+    except ValueError:
+        raise AuthError("service token lacks a valid actor") from None
+    return ServiceIdentity(service=str(claims["sub"]), actor=actor)
 
 
 def token_hash(token: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
@@ -27,7 +26,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_API_HOST": ("api_host", "127.0.0.1"),
     "FLEETFLOW_API_PORT": ("api_port", "8000"),
     "FLEETFLOW_PUBLIC_URL": ("public_url", "http://{api_host}:{api_port}"),
-    "FLEETFLOW_JWT_SECRET": ("jwt_secret", "random, kept in $FLEETFLOW_DATA_DIR/jwt-secret"),
+    "FLEETFLOW_KEYS_DIR": ("keys_dir", "$FLEETFLOW_DATA_DIR/keys"),
+    "FLEETFLOW_PAYLOAD_KEYS": ("payload_keys", "unset: generated into $FLEETFLOW_KEYS_DIR"),
     "FLEETFLOW_JWT_ISSUER": ("jwt_issuer", "fleetflow"),
     "FLEETFLOW_DB_POOL_SIZE": ("db_pool_size", "10"),
     "FLEETFLOW_INGEST_SHARDS": ("ingest_shards", "2"),
@@ -55,7 +55,10 @@ class Settings(BaseModel):
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     public_url: str | None = None
-    jwt_secret: Annotated[str, Field(min_length=32)] | None = None
+    # signing key set (ES256, with kid) and payload keys; shared by every process of a platform
+    keys_dir: Path | None = None
+    # "kid:base64key,kid:base64key": AES-256-GCM payload keys, the first one encrypts
+    payload_keys: str | None = None
     jwt_issuer: str = "fleetflow"
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     ingest_shards: Annotated[int, Field(ge=1, le=64)] = 2
@@ -102,22 +105,10 @@ class Settings(BaseModel):
         host = "127.0.0.1" if self.api_host in ("0.0.0.0", "::") else self.api_host
         return f"http://{host}:{self.api_port}"
 
-    def secret(self) -> str:
-        """The JWT signing secret; generated once into the data directory when unset."""
-        if self.jwt_secret:
-            return self.jwt_secret
-        path = self.data_dir / "jwt-secret"
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(secrets.token_urlsafe(48))
-            tmp.chmod(0o600)
-            try:
-                os.link(tmp, path)  # first writer wins when processes race
-            except FileExistsError:
-                pass
-            tmp.unlink()
-        return path.read_text().strip()
+    @property
+    def key_directory(self) -> Path:
+        """Where the signing and payload keys live."""
+        return self.keys_dir or self.data_dir / "keys"
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:

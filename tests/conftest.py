@@ -15,7 +15,7 @@ from fleetflow import embedded_pg, observability
 from fleetflow.db import Pool, create_pool, migrate
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, interceptors
-from tests.support import JWT_SECRET, TEMPORAL_CLI, SpanRecorder, free_port
+from tests.support import TEMPORAL_CLI, TEST_KEYS_DIR, SpanRecorder, free_port
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +79,7 @@ def settings(pg_dsn: str, client: Client, ui_port: int, tmp_path_factory: pytest
         database_url=pg_dsn,
         temporal_address=client.service_client.config.target_host,
         temporal_ui_url=f"http://127.0.0.1:{ui_port}",
-        jwt_secret=JWT_SECRET,
+        keys_dir=TEST_KEYS_DIR,
     )
 
 

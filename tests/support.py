@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import sys
+import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -14,12 +15,15 @@ from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExportResult
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
+from fleetflow.keys import KeyRing
 from fleetflow.security import SCOPES, issue_token
 
 BIN = Path(sys.executable).parent
 TEMPORAL_CLI = BIN / "temporal"
 TEST_SERVER = BIN / "temporal-test-server"
-JWT_SECRET = "test-secret-" + "x" * 40
+# the test session's signing keys: tokens made here verify in the session's API
+TEST_KEYS_DIR = Path(tempfile.mkdtemp(prefix="fleetflow-test-keys-"))
+TEST_KEYS = KeyRing(TEST_KEYS_DIR)
 T = TypeVar("T")
 
 
@@ -34,10 +38,10 @@ def bearer(
     tenant: str = "acme",
     scopes: list[str] | None = None,
     ttl: timedelta = timedelta(minutes=10),
-    secret: str = JWT_SECRET,
+    ring: KeyRing = TEST_KEYS,
 ) -> dict[str, str]:
     """Authorization header of an API token."""
-    token = issue_token(secret, subject="tester", tenant=tenant, scopes=scopes or sorted(SCOPES), ttl=ttl)
+    token = issue_token(ring, subject="tester", tenant=tenant, scopes=scopes or sorted(SCOPES), ttl=ttl)
     return {"Authorization": f"Bearer {token}"}
 
 

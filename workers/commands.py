@@ -15,6 +15,7 @@ from fleetflow.contracts.system import SystemCheckRequest, SystemReport
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
 from fleetflow.errors import StartupError
+from fleetflow.keys import keyring
 from fleetflow.security import issue_token
 from fleetflow.settings import Settings
 from fleetflow.system_report import run_system_check
@@ -86,7 +87,7 @@ async def issue_token_command(settings: Settings, args: argparse.Namespace) -> i
     scopes = [s.strip() for s in str(args.scopes).split(",") if s.strip()]
     try:
         token = issue_token(
-            settings.secret(), subject=args.subject, tenant=args.tenant, scopes=scopes,
+            keyring(settings), subject=args.subject, tenant=args.tenant, scopes=scopes,
             ttl=args.ttl, issuer=settings.jwt_issuer,
         )  # fmt: skip
     except ValueError as exc:

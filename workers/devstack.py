@@ -19,6 +19,7 @@ from fleetflow import embedded_pg
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import create_pool, migrate
 from fleetflow.errors import StartupError
+from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, connect, ensure_search_attributes
@@ -169,7 +170,7 @@ def _worker_metrics(settings: Settings, options: UpOptions) -> str:
 
 def _banner(settings: Settings, options: UpOptions) -> None:
     token = issue_token(
-        settings.secret(), subject="dev-admin", tenant="default", scopes=sorted(SCOPES),
+        keyring(settings), subject="dev-admin", tenant="default", scopes=sorted(SCOPES),
         ttl=timedelta(days=30), issuer=settings.jwt_issuer,
     )  # fmt: skip
     api = settings.api_url

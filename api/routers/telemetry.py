@@ -47,12 +47,12 @@ async def _sender(
             status.HTTP_401_UNAUTHORIZED, "missing bearer token", {"WWW-Authenticate": "Bearer"}
         )
     token = credentials.credentials
-    secret, issuer = state.settings.secret(), state.settings.jwt_issuer
+    ring, issuer = state.keys, state.settings.jwt_issuer
     try:
-        claims = verify_token(secret, token, issuer)
+        claims = verify_token(ring, token, issuer)
     except AuthError as api_error:
         try:
-            device = verify_device_credential(secret, token, issuer)
+            device = verify_device_credential(ring, token, issuer)
         except AuthError:
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, str(api_error), {"WWW-Authenticate": "Bearer"}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -10,6 +11,7 @@ import pytest
 from temporalio.client import Client
 
 from fleetflow.db import Pool
+from fleetflow.keys import KeyRing
 from tests.integration.conftest import FAULTS
 from tests.integration.flows import AUTH, contact, new_id, onboard, progress_until
 from tests.support import bearer, eventually
@@ -210,14 +212,14 @@ async def test_bad_input_names_the_field_and_starts_nothing(
     assert (await leftovers(pool, body["device_id"]))["status"] is None
 
 
-async def test_tokens_are_checked(api: httpx.AsyncClient, settings: Any) -> None:
+async def test_tokens_are_checked(api: httpx.AsyncClient, settings: Any, tmp_path: Path) -> None:
     from datetime import timedelta
 
     missing = await api.get("/v1/devices")
     assert missing.status_code == 401 and missing.json()["detail"] == "missing bearer token"
     expired = await api.get("/v1/devices", headers=bearer(ttl=timedelta(seconds=-5)))
     assert expired.status_code == 401 and "expired" in expired.json()["detail"]
-    forged = await api.get("/v1/devices", headers=bearer(secret="another-secret-" + "y" * 40))
+    forged = await api.get("/v1/devices", headers=bearer(ring=KeyRing(tmp_path)))
     assert forged.status_code == 401
     read_only = bearer("acme", ["devices:read"])
     assert (await onboard(api, new_id())).status_code == 202
