@@ -11,6 +11,7 @@ from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
+from api.credentials import CredentialCache
 from api.ingestion import ensure_ingestion
 from api.observability import instrument, untraced
 from api.routers import devices, events, health, onboardings, rollouts, telemetry, twins
@@ -28,18 +29,22 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = temporal or await connect(settings)
+        client = temporal or await connect(settings, service="api")
         pool = await create_pool(database_url(settings), size=settings.db_pool_size)
         await migrate(pool)
         await ensure_ingestion(client, settings.ingest_shards)
+        devices = DeviceService(pool, settings)
+        credentials = CredentialCache(database_url(settings), devices.credential_active)
+        await credentials.start()
         async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
             app.state.fleetflow = AppState(
-                settings=settings, temporal=client, pool=pool, http=http,
-                devices=DeviceService(pool, settings), analytics=AnalyticsService(pool),
+                settings=settings, temporal=client, pool=pool, http=http, devices=devices,
+                analytics=AnalyticsService(pool), credentials=credentials,
             )  # fmt: skip
             try:
                 yield
             finally:
+                await credentials.stop()
                 await pool.close()
 
     app = FastAPI(

@@ -10,9 +10,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from api.state import AppState, get_state
 from fleetflow.contracts.common import Actor
+from fleetflow.identity import act_for
 from fleetflow.security import (
     AuthError,
     DeviceClaims,
+    ServiceActor,
     TokenClaims,
     verify_device_credential,
     verify_token,
@@ -43,6 +45,8 @@ def require(scope: str) -> Callable[..., Awaitable[TokenClaims]]:
             raise _unauthorized(str(exc)) from None
         if scope not in claims.scopes and "admin" not in claims.scopes:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this needs the {scope!r} scope")
+        # the workflows this request starts or signals carry the caller, signed (fleetflow.identity)
+        act_for(ServiceActor(subject=claims.subject, tenant=claims.tenant, scopes=claims.scopes))
         return claims
 
     return dependency
@@ -60,6 +64,7 @@ async def require_device(state: State, credentials: Bearer) -> tuple[DeviceClaim
         claims = verify_device_credential(state.keys, token, state.settings.jwt_issuer)
     except AuthError as exc:
         raise _unauthorized(str(exc)) from None
-    if not await state.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token):
+    if not await state.credentials.active(claims.tenant, claims.device_id, claims.jti, token):
         raise _unauthorized("credential revoked or unknown")
+    act_for(ServiceActor(subject=f"device:{claims.device_id}", tenant=claims.tenant))
     return claims, token

@@ -14,7 +14,7 @@ from fleetflow.temporal import connect
 async def serve(settings: Settings) -> int:
     """Serve until a stop signal; StartupError when a dependency is unreachable."""
     observability.setup("fleetflow-api", settings)
-    client = await connect(settings)  # fail fast, with one line, before binding the port
+    client = await connect(settings, service="api")  # fail fast, with one line, before binding the port
     config = uvicorn.Config(
         create_app(settings, client), host=settings.api_host, port=settings.api_port,
         log_level=settings.log_level.lower(), access_log=False, lifespan="on",

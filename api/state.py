@@ -10,6 +10,7 @@ from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
+from api.credentials import CredentialCache
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing, keyring
 from fleetflow.settings import Settings
@@ -25,6 +26,7 @@ class AppState:
     http: httpx.AsyncClient
     devices: DeviceService
     analytics: AnalyticsService
+    credentials: CredentialCache
 
     @property
     def keys(self) -> KeyRing:

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 from temporalio.client import Client
-from temporalio.contrib.opentelemetry import TracingInterceptor
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -27,7 +26,7 @@ from fleetflow.db import create_pool, migrate
 from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
-from fleetflow.temporal import SEARCH_ATTRIBUTES
+from fleetflow.temporal import SEARCH_ATTRIBUTES, interceptors
 from workers.worker import build_worker
 
 
@@ -64,7 +63,8 @@ async def stack() -> AsyncIterator[Stack]:
             ],
             search_attributes=SEARCH_ATTRIBUTES,
             data_converter=pydantic_data_converter,
-            interceptors=[TracingInterceptor()],
+            # the platform's interceptors, so the bench pays for identity checks as a user does
+            interceptors=interceptors(keyring(Settings(data_dir=data)), "bench"),
         )
         settings = Settings(
             data_dir=data, database_url=dsn,

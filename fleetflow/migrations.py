@@ -344,4 +344,18 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE device.credentials ADD COLUMN kid text;
         """,
     ),
+    (
+        "0010_credential_revocation_notify",
+        """
+        -- API processes cache credential checks for seconds; every revocation (or removal)
+        -- tells them at once, whichever service or script made it
+        CREATE FUNCTION device.credential_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('device_credentials_revoked', OLD.jti);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER credential_changed AFTER UPDATE OR DELETE ON device.credentials
+            FOR EACH ROW EXECUTE FUNCTION device.credential_changed();
+        """,
+    ),
 ]

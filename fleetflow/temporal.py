@@ -18,6 +18,8 @@ from temporalio.contrib.pydantic import pydantic_data_converter
 
 from fleetflow import observability
 from fleetflow.errors import StartupError
+from fleetflow.identity import ServiceIdentityInterceptor
+from fleetflow.keys import KeyRing, keyring
 from fleetflow.logs import LogContext
 from fleetflow.metrics import ActivityOutcomes
 from fleetflow.settings import Settings
@@ -55,13 +57,20 @@ class _DetachedStart(temporal_client.OutboundInterceptor):
         return await super().start_workflow(input)
 
 
-def interceptors() -> list[Interceptor]:
+def interceptors(ring: KeyRing, service: str, issuer: str = "fleetflow") -> list[Interceptor]:
     """The client's interceptors; the ones that are also worker interceptors apply to every
-    worker built on the client: tracing, log context, business counters."""
-    return [TracingInterceptor(), DetachedTraces(), LogContext(), ActivityOutcomes()]
+    worker built on the client: tracing, service identity (signed as `service`), log context,
+    business counters."""
+    return [
+        TracingInterceptor(),
+        DetachedTraces(),
+        ServiceIdentityInterceptor(ring, service, issuer),
+        LogContext(),
+        ActivityOutcomes(),
+    ]
 
 
-async def connect(settings: Settings, *, timeout: float = 10.0) -> Client:
+async def connect(settings: Settings, *, service: str, timeout: float = 10.0) -> Client:
     """Connect with the pydantic converter and tracing; StartupError when unreachable."""
     try:
         async with asyncio.timeout(timeout):
@@ -69,7 +78,7 @@ async def connect(settings: Settings, *, timeout: float = 10.0) -> Client:
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
                 data_converter=pydantic_data_converter,
-                interceptors=interceptors(),
+                interceptors=interceptors(keyring(settings), service, settings.jwt_issuer),
                 # the process's runtime, whose metrics it exports (the SDK default before setup)
                 runtime=observability.temporal_runtime(),
             )

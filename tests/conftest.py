@@ -15,7 +15,7 @@ from fleetflow import embedded_pg, observability
 from fleetflow.db import Pool, create_pool, migrate
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, interceptors
-from tests.support import TEMPORAL_CLI, TEST_KEYS_DIR, SpanRecorder, free_port
+from tests.support import TEMPORAL_CLI, TEST_KEYS, TEST_KEYS_DIR, SpanRecorder, free_port
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +54,7 @@ async def temporal_env(ui_port: int, telemetry: SpanRecorder) -> AsyncIterator[W
         dev_server_existing_path=str(TEMPORAL_CLI),
         search_attributes=SEARCH_ATTRIBUTES,
         data_converter=pydantic_data_converter,
-        interceptors=interceptors(),
+        interceptors=interceptors(TEST_KEYS, "tests"),
         runtime=observability.temporal_runtime(),
         ui=True,
         ui_port=ui_port,

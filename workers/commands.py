@@ -65,7 +65,7 @@ def format_report(report: SystemReport) -> str:
 
 async def check(settings: Settings, timeout_s: float) -> int:
     """`fleetflow check`: exit 0 when every service answered."""
-    client = await connect(settings)
+    client = await connect(settings, service="cli")
     report = await run_system_check(client, SystemCheckRequest(timeout_s=timeout_s))
     print(format_report(report))
     return 0 if report.ok else 1

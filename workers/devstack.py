@@ -85,7 +85,7 @@ async def _wait_for_temporal(settings: Settings, server: Child | None, timeout_s
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            client = await connect(settings, timeout=2)
+            client = await connect(settings, service="cli", timeout=2)
             await ensure_search_attributes(client)
             return
         except StartupError:

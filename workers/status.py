@@ -229,7 +229,7 @@ def _dsn(settings: Settings) -> str:
 async def status(settings: Settings, watch_s: float | None) -> int:
     """`fleetflow status [--watch [S]]`; StartupError (one line, exit 2) when Temporal or
     PostgreSQL cannot be reached at start."""
-    client = await connect(settings, timeout=5)
+    client = await connect(settings, service="cli", timeout=5)
     pool = await create_pool(_dsn(settings), size=2, timeout=5)
     try:
         if watch_s is None:

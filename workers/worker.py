@@ -54,7 +54,7 @@ async def run_worker(queue: TaskQueue, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    client = await connect(settings)
+    client = await connect(settings, service=f"worker-{queue.value}")
     pool = None
     if queue is not TaskQueue.ORCHESTRATION:
         pool = await create_pool(database_url(settings), size=settings.db_pool_size)

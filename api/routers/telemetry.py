@@ -57,7 +57,7 @@ async def _sender(
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, str(api_error), {"WWW-Authenticate": "Bearer"}
             ) from None
-        if not await state.devices.credential_active(device.tenant, device.device_id, device.jti, token):
+        if not await state.credentials.active(device.tenant, device.device_id, device.jti, token):
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "credential revoked or unknown", {"WWW-Authenticate": "Bearer"}
             ) from None
