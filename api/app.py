@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
@@ -14,6 +15,7 @@ from activities.devices import DeviceService
 from api.credentials import CredentialCache
 from api.ingestion import ensure_ingestion
 from api.observability import instrument, untraced
+from api.problems import validation_problem
 from api.routers import devices, events, health, onboardings, rollouts, telemetry, twins
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
@@ -54,6 +56,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         lifespan=lifespan,
         telemetry={"exclude": untraced},  # native OpenTelemetry: spans and HTTP metrics
     )
+    app.add_exception_handler(RequestValidationError, validation_problem)
     routers = (health, devices, onboardings, twins, telemetry, events, rollouts)
     for module in routers:
         app.include_router(module.router)

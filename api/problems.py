@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
-from fastapi import HTTPException, status
+from fastapi import HTTPException, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from temporalio.client import WorkflowHandle
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -17,6 +19,14 @@ def invalid(loc: Sequence[str | int], msg: str, kind: str = "value_error") -> HT
     return HTTPException(
         status.HTTP_422_UNPROCESSABLE_CONTENT, detail=[{"loc": list(loc), "msg": msg, "type": kind}]
     )
+
+
+async def validation_problem(_: Request, exc: Exception) -> JSONResponse:
+    """FastAPI's 422, without echoing the submitted values back: a rejected body may hold a
+    secret (a webhook secret, a credential pasted in the wrong field)."""
+    assert isinstance(exc, RequestValidationError)
+    errors = [{k: v for k, v in e.items() if k in ("loc", "msg", "type")} for e in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=status.HTTP_422_UNPROCESSABLE_CONTENT)
 
 
 def not_found(what: str) -> HTTPException:

@@ -133,7 +133,7 @@ class KeyRing:
             self._stamp = stamp
 
     def _write(self, keys: list[SigningKey]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         tmp = self.path.with_name(f".{KEYS_FILE}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as out:
@@ -144,7 +144,7 @@ class KeyRing:
     @contextmanager
     def _locked(self) -> Iterator[None]:
         # processes that start together must agree on one first key
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         with open(self.path.with_name(".keys.lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -41,6 +42,19 @@ _SKIPPED_EXTRAS = frozenset(
     {"temporal_workflow", "workflow_info", "temporal_activity", "temporal_log", "color_message"}
 )
 _HANDLER_MARK = "_fleetflow_handler"
+# what must never reach a log line, whoever logged it (an exception text, a library's debug line)
+_SECRETS = (
+    (re.compile(r"eyJ[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]{4,}\.[A-Za-z0-9_-]*"), "[redacted token]"),
+    (re.compile(r"(?i)(bearer\s+)[^\s\"',;]+"), r"\1[redacted]"),
+    (re.compile(r"(postgres(?:ql)?://[^:/@\s]+:)[^@\s]+@"), r"\1***@"),
+)
+
+
+def redact(text: str) -> str:
+    """text with tokens, bearer credentials and DSN passwords replaced."""
+    for pattern, replacement in _SECRETS:
+        text = pattern.sub(replacement, text)
+    return text
 
 
 @contextmanager
@@ -121,7 +135,15 @@ class JsonFormatter(logging.Formatter):
             out["exc"] = self.formatException(record.exc_info)
         elif record.exc_text:
             out["exc"] = record.exc_text
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return redact(json.dumps(out, default=str, ensure_ascii=False))
+
+
+class TextFormatter(logging.Formatter):
+    """The one-line text format, redacted like the JSON one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one redacted line."""
+        return redact(super().format(record))
 
 
 def configure(service: str, level: str = "INFO", fmt: str = "json") -> None:
@@ -138,7 +160,7 @@ def configure(service: str, level: str = "INFO", fmt: str = "json") -> None:
         workflow.logger.full_workflow_info_on_extra = True
         activity.logger.activity_info_on_message = False
     else:
-        handler.setFormatter(logging.Formatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(TextFormatter(f"%(asctime)s {service} %(levelname)s %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
 

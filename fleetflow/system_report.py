@@ -98,7 +98,10 @@ async def run_system_check(client: Client, request: SystemCheckRequest | None = 
                     f"no answer: no orchestration worker took the check within {PICKUP_S:g} s"
                 )
         except Exception as exc:  # reported, never raised: the report is the answer
-            orchestration.error = f"no answer: {type(exc).__name__}: {exc}"
+            root: BaseException = exc
+            while root.__cause__ is not None:  # a failed workflow's reason is in its cause
+                root = root.__cause__
+            orchestration.error = f"no answer: {type(root).__name__}: {root}"
         if not orchestration.answered:
             for probe in probes:
                 probe.error = "not checked: the orchestration worker did not run the check"

@@ -1,4 +1,4 @@
-"""The `fleetflow` command line: up, api, worker, check, migrate, token, devices, simulate."""
+"""The `fleetflow` command line: up, api, worker, check, migrate, token, keys, devices, simulate."""
 
 from __future__ import annotations
 
@@ -107,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--subject", default="operator")
     issue.add_argument("--ttl", type=_duration, default=timedelta(hours=1))
 
+    keys = commands.add_parser("keys", help="signing and payload keys")
+    keys_cmd = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
+    keys_cmd.add_parser("list", help="the signing keys and which one signs")
+    rotate = keys_cmd.add_parser("rotate", help="a new key signs (or encrypts) from now on")
+    rotate.add_argument("--payload", action="store_true", help="rotate the payload encryption key")
+    retire = keys_cmd.add_parser("retire", help="refuse everything a signing key signed")
+    retire.add_argument("kid")
+
     devices = commands.add_parser("devices", help="device operations")
     devices_cmd = devices.add_subparsers(dest="devices_command", required=True, parser_class=_Parser)
     imp = devices_cmd.add_parser("import", help="bulk-onboard devices from a CSV file")
@@ -177,6 +185,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from api.server import serve
 
         return _run(serve(settings))
+    if command == "keys":
+        from workers.key_commands import keys_command
+
+        return keys_command(settings, args)
     if command == "worker":
         from workers.commands import run_workers
 

@@ -19,8 +19,10 @@ from typing import Any, TypeVar
 
 import httpx
 import psutil
+from temporalio.client import Client
 
-from fleetflow.settings import ENVIRONMENT
+from fleetflow.settings import ENVIRONMENT, Settings
+from fleetflow.temporal import connect
 
 T = TypeVar("T")
 
@@ -173,6 +175,11 @@ class Stack:
     def output(self) -> str:
         """Everything every run printed (stdout and stderr)."""
         return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
+
+    async def temporal_client(self) -> Client:
+        """A client on the stack's dev server, signed with the stack's keys as its CLI is."""
+        settings = Settings(data_dir=self.data_dir, temporal_address=self.temporal_address)
+        return await connect(settings, service="e2e-tests")
 
     def admin_headers(self) -> dict[str, str]:
         """The dev admin token that `up` wrote into the data directory."""

@@ -34,7 +34,6 @@ import httpx
 import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from fleetflow import embedded_pg
 from tests.e2e.stack import (
@@ -108,7 +107,7 @@ async def bench(stack: Stack) -> Bench:
 @pytest.fixture
 async def temporal(stack: Stack) -> Client:
     """A Temporal client on the stack's dev server."""
-    return await Client.connect(stack.temporal_address, data_converter=pydantic_data_converter)
+    return await stack.temporal_client()
 
 
 # --- helpers -------------------------------------------------------------------------------------

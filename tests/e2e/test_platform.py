@@ -19,7 +19,6 @@ import httpx
 import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from fleetflow.contracts.system import SystemCheckRequest, SystemCheckResult
 from tests.e2e.stack import (
@@ -64,7 +63,7 @@ def shared() -> dict[str, Any]:
 @pytest.fixture
 async def temporal(stack: Stack) -> AsyncIterator[Client]:
     """A Temporal client on the stack's dev server."""
-    client = await Client.connect(stack.temporal_address, data_converter=pydantic_data_converter)
+    client = await stack.temporal_client()
     yield client
 
 
@@ -92,7 +91,8 @@ async def test_up_becomes_healthy_and_check_passes(stack: Stack) -> None:
     check = await asyncio.to_thread(
         subprocess.run,
         [FLEETFLOW, "check", "--timeout", "30"],
-        env=clean_env(TEMPORAL_ADDRESS=stack.temporal_address),
+        # the platform's keys: a check signed with other keys is refused (tested below)
+        env=clean_env(TEMPORAL_ADDRESS=stack.temporal_address, FLEETFLOW_DATA_DIR=str(stack.data_dir)),
         capture_output=True, text=True, timeout=120, cwd=stack.log_dir,
     )  # fmt: skip
     assert check.returncode == 0, check.stdout + check.stderr
@@ -103,6 +103,16 @@ async def test_up_becomes_healthy_and_check_passes(stack: Stack) -> None:
     for name in QUEUES:
         row = next((line for line in lines if line.split()[:1] == [name]), None)
         assert row is not None and row.split()[1] == "yes", check.stdout
+
+    # a CLI with keys of its own (another data directory) is not the platform: refused, and says so
+    stranger = await asyncio.to_thread(
+        subprocess.run,
+        [FLEETFLOW, "check", "--timeout", "10"],
+        env=clean_env(TEMPORAL_ADDRESS=stack.temporal_address),
+        capture_output=True, text=True, timeout=120, cwd=stack.log_dir,
+    )  # fmt: skip
+    assert stranger.returncode == 1, stranger.stdout + stranger.stderr
+    assert "service identity refused" in stranger.stdout and "unknown or retired key" in stranger.stdout
 
 
 # --- 2 -------------------------------------------------------------------------------------------
@@ -328,6 +338,44 @@ async def stop_and_check_nothing_survives(stack: Stack) -> None:
     assert "Traceback" not in stack.output(), stack.output()
 
 
+def keys_cli(stack: Stack, *args: str) -> str:
+    """Run `fleetflow keys|token ...` on the stack's data directory, as an operator would."""
+    result = subprocess.run(
+        [FLEETFLOW, *args], env=clean_env(FLEETFLOW_DATA_DIR=str(stack.data_dir)),
+        capture_output=True, text=True, timeout=60, cwd=stack.log_dir,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+async def test_key_rotation_keeps_old_tokens_until_the_key_is_retired(stack: Stack) -> None:
+    """Rotation while the platform runs: old tokens keep working, new ones are signed by the new
+    key, workflows still run (their service tokens follow the new key); retiring the old key
+    refuses what it signed, at once, in the running API."""
+    old = stack.admin_headers()
+    old_kid = keys_cli(stack, "keys", "list").splitlines()[1].split()[0]
+    assert "signs from now on" in keys_cli(stack, "keys", "rotate")
+    token = keys_cli(stack, "token", "issue", "--tenant", "default", "--scopes", "admin").strip()
+    new = {"Authorization": f"Bearer {token}"}
+
+    async def onboarding_runs(http: httpx.AsyncClient, headers: dict[str, str]) -> None:
+        device_id = f"rot-{uuid.uuid4().hex[:8]}"
+        body = {"device_id": device_id, "device_type": "thermostat"}
+        assert (await http.post("/v1/devices", json=body, headers=headers)).status_code == 202
+        await eventually(
+            lambda: json_of(http, f"/v1/onboardings/{device_id}", headers),
+            lambda p: p.get("status") == "awaiting_first_contact", 60, "onboarding after rotation",
+        )  # fmt: skip
+
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        assert (await http.get("/v1/devices", headers=old)).status_code == 200
+        await onboarding_runs(http, new)
+        keys_cli(stack, "keys", "retire", old_kid)
+        refused = await http.get("/v1/devices", headers=old)
+        assert refused.status_code == 401 and "retired" in refused.json()["detail"], refused.text
+        await onboarding_runs(http, new)
+
+
 @pytest.mark.timeout(600)
 async def test_sigint_stops_everything_and_restart_reuses_data(stack: Stack, shared: dict[str, Any]) -> None:
     device_id = shared.get("device_id")
@@ -347,7 +395,7 @@ async def test_sigint_stops_everything_and_restart_reuses_data(stack: Stack, sha
         )  # fmt: skip
         assert progress["status"] == "completed", progress
 
-    client = await Client.connect(stack.temporal_address, data_converter=pydantic_data_converter)
+    client = await stack.temporal_client()
     description = await client.get_workflow_handle(progress["workflow_id"]).describe()
     assert description.status == WorkflowExecutionStatus.COMPLETED
 

@@ -15,7 +15,7 @@ from fleetflow.contracts.devices import DeviceTransition
 from fleetflow.contracts.events import DeliveryProgress
 from fleetflow.contracts.telemetry import Evaluated, Stored
 from fleetflow.errors import StartupError
-from fleetflow.logs import JsonFormatter, bind_request, bound, device_of, unbind_request
+from fleetflow.logs import JsonFormatter, bind_request, bound, device_of, redact, unbind_request
 from fleetflow.metrics import OUTCOMES
 from fleetflow.settings import load_settings
 from workers.devstack import metrics_port_of
@@ -143,3 +143,19 @@ def test_workflow_code_logs_only_through_workflow_logger() -> None:
                 assert "logging" not in names, f"{path.name}:{node.lineno} imports logging"
             if isinstance(node, ast.Call) and isinstance(node.func, ast.Name):
                 assert node.func.id != "print", f"{path.name}:{node.lineno} prints"
+
+
+def test_tokens_bearer_credentials_and_dsn_passwords_never_reach_a_log_line(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJkMSJ9.c2lnbmF0dXJl"
+    logger = logging.getLogger("fleetflow.test.redaction")
+    record = logger.makeRecord(
+        logger.name, logging.WARNING, __file__, 1,
+        "refused %s; Authorization: Bearer abc.def; db postgresql://u:s3cret@db/x", (token,), None,
+    )  # fmt: skip
+    line = JsonFormatter("tests").format(record)
+    assert token not in line and "abc.def" not in line and "s3cret" not in line
+    message = json.loads(line)["message"]
+    assert message == "refused [redacted token]; Authorization: Bearer [redacted]; db postgresql://u:***@db/x"
+    assert redact("no secret here") == "no secret here"
