@@ -128,9 +128,17 @@ async def _entries(
     return out
 
 
+def _literal(value: str) -> str:
+    """value as a quoted string of a Temporal list query; one that could end the quotes is refused,
+    so a query can never be widened past its tenant."""
+    if "'" in value or '"' in value or "\\" in value:
+        raise ValueError(f"{value!r} cannot be part of a list query")
+    return f"'{value}'"
+
+
 async def device_history(client: Client, tenant: str, device_id: str) -> list[HistoryEntry]:
     """Every domain event of the device, oldest first, across all its workflows and runs."""
-    query = f"DeviceId = '{device_id}' AND TenantId = '{tenant}'"
+    query = f"DeviceId = {_literal(device_id)} AND TenantId = {_literal(tenant)}"
     entries: list[HistoryEntry] = []
     async for run in client.list_workflows(query):
         history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
@@ -165,6 +173,7 @@ class NoTwinThen(LookupError):
 
 async def twin_as_of(
     client: Client,
+    tenant: str,
     workflow_id: str,
     *,
     at: datetime | None = None,
@@ -173,10 +182,12 @@ async def twin_as_of(
 ) -> tuple[TwinState, str, datetime]:
     """The twin's state as of a time, or an event of a run (default: the latest run).
 
-    Returns the state, the run it came from and the time of the last event applied.
+    Returns the state, the run it came from and the time of the last event applied; only runs
+    of `tenant` are considered.
     """  # fmt: skip
+    query = f"WorkflowId = {_literal(workflow_id)} AND TenantId = {_literal(tenant)}"
     runs = sorted(
-        [r async for r in client.list_workflows(f"WorkflowId = '{workflow_id}'")],
+        [r async for r in client.list_workflows(query)],
         key=lambda r: r.start_time,
     )
     if run_id is not None:

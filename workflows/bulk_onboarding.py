@@ -14,7 +14,7 @@ from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue
+    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
     from fleetflow.contracts.devices import (
         BulkChunk,
         BulkChunkResult,
@@ -37,7 +37,7 @@ PARALLEL_SLICES = 2
 
 def bulk_workflow_id(tenant: str, bulk_id: str) -> str:
     """The business id of a bulk onboarding workflow."""
-    return f"bulk-onboard-{tenant}-{bulk_id}"
+    return tenant_scoped_id("bulk-onboard", tenant, bulk_id)
 
 
 @workflow.defn

@@ -15,7 +15,7 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue
+    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.rollouts import (
         DEVICE_DECOMMISSIONED,
@@ -35,7 +35,7 @@ STEP_RETRY = RetryPolicy(
 
 def decommission_id(tenant: str, device_id: str) -> str:
     """The business id of a device's decommissioning."""
-    return f"decommission-{tenant}-{device_id}"
+    return tenant_scoped_id("decommission", tenant, device_id)
 
 
 @workflow.defn

@@ -16,7 +16,7 @@ from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlrea
 from temporalio.workflow import ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue
+    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
     from fleetflow.contracts.devices import (
         ApprovalDecision,
         DeviceStatus,
@@ -56,7 +56,7 @@ class OnboardingAborted(Exception):
 
 def onboarding_id(tenant: str, device_id: str) -> str:
     """The business id of a device's onboarding workflow."""
-    return f"onboard-{tenant}-{device_id}"
+    return tenant_scoped_id("onboard", tenant, device_id)
 
 
 @workflow.defn

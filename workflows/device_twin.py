@@ -12,6 +12,7 @@ from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
     from fleetflow import config_schema
+    from fleetflow.contracts.common import tenant_scoped_id
     from fleetflow.contracts.twin import DesiredSet, EndTwin, ReportState, SetDesired, TwinInput, TwinState
     from fleetflow.twin_state import delta, merge_patch
 
@@ -20,7 +21,7 @@ WRITE_SCOPE = "devices:write"
 
 def twin_id(tenant: str, device_id: str) -> str:
     """The business id of a device's twin."""
-    return f"twin-{tenant}-{device_id}"
+    return tenant_scoped_id("twin", tenant, device_id)
 
 
 @workflow.defn

@@ -16,7 +16,7 @@ from temporalio import workflow
 from temporalio.exceptions import ApplicationError
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue
+    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.rollouts import (
         FINAL_STATES,
@@ -41,7 +41,7 @@ ADMIN_SCOPE = "rollouts:admin"
 
 def rollout_id(tenant: str, campaign_id: str) -> str:
     """The business id of a campaign's workflow."""
-    return f"rollout-{tenant}-{campaign_id}"
+    return tenant_scoped_id("rollout", tenant, campaign_id)
 
 
 @workflow.defn

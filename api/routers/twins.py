@@ -123,7 +123,7 @@ async def get_twin(
     try:
         if ref:
             past, run_id, at = await twin_as_of(
-                state.temporal, wid, run_id=ref["run"], event_id=int(ref["event"])
+                state.temporal, claims.tenant, wid, run_id=ref["run"], event_id=int(ref["event"])
             )
         else:
             try:
@@ -132,7 +132,7 @@ async def get_twin(
                 raise invalid(["query", "as_of"], "must be an RFC 3339 time or an event id") from None
             if when.tzinfo is None:
                 raise invalid(["query", "as_of"], "needs a time zone (e.g. Z)")
-            past, run_id, _ = await twin_as_of(state.temporal, wid, at=when)
+            past, run_id, _ = await twin_as_of(state.temporal, claims.tenant, wid, at=when)
             at = when
     except NoTwinThen as exc:
         raise not_found(str(exc)) from None

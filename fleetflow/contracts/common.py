@@ -21,6 +21,21 @@ def is_device_id(value: str) -> bool:
     return re.fullmatch(DEVICE_ID_PATTERN, value) is not None
 
 
+def tenant_scoped_id(kind: str, tenant: str, key: str) -> str:
+    """The business id `<kind>-<tenant>-<key>` of one tenant's workflow, never another tenant's.
+
+    Tenants may contain '-', so `acme` + `eu-1` and `acme-eu` + `1` would both be
+    `<kind>-acme-eu-1`. Such a tenant (or a key with '~') is closed by '~', which no tenant
+    contains: `<kind>-acme-eu~1`. A '~' in the id means the tenant ends at the first '~',
+    else at the first '-', so no two (tenant, key) pairs share an id, and the ids of
+    tenants without '-' are the ones they always had.
+    """
+    if re.fullmatch(TENANT_PATTERN, tenant) is None:
+        raise ValueError(f"{tenant!r} is not a tenant id")
+    separator = "~" if "-" in tenant or "~" in key else "-"
+    return f"{kind}-{tenant}{separator}{key}"
+
+
 class TaskQueue(StrEnum):
     """Every task queue; a service is its queue, its worker processes and its schema."""
 

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
-import io
 import itertools
 import uuid
 from collections.abc import Callable
@@ -13,32 +11,8 @@ from typing import Any
 import httpx
 
 from fleetflow.db import Pool
-from tests.integration.flows import AUTH
+from tests.integration.flows import AUTH, IMAGE, campaign_body, fleet, upload
 from tests.support import eventually
-
-IMAGE = b"\x7fFW" + bytes(range(256)) * 40
-
-
-async def fleet(api: httpx.AsyncClient, count: int, tags: list[str] | None = None) -> dict[str, str]:
-    """Bulk-onboard `count` sensors; their credentials by device id."""
-    prefix = f"fw-{uuid.uuid4().hex[:6]}"
-    devices = [{"device_id": f"{prefix}-{i:03d}", "device_type": "sensor", "firmware_version": "1.0.0",
-                "tags": tags or []} for i in range(count)]  # fmt: skip
-    bulk = (await api.post("/v1/devices:bulk", json={"devices": devices}, headers=AUTH)).json()
-
-    async def done() -> str:
-        return str((await api.get(bulk["status_url"], headers=AUTH)).json()["status"])
-
-    await eventually(done, lambda s: s == "completed")
-    text = (await api.get(f"/v1/bulk-onboardings/{bulk['bulk_id']}/credentials", headers=AUTH)).text
-    return {r["device_id"]: r["credential"] for r in csv.DictReader(io.StringIO(text))}
-
-
-async def upload(api: httpx.AsyncClient, version: str, image: bytes = IMAGE) -> httpx.Response:
-    return await api.post(
-        "/v1/firmware", params={"device_type": "sensor", "version": version}, content=image,
-        headers={**AUTH, "Content-Type": "application/octet-stream"},
-    )  # fmt: skip
 
 
 async def devices_work(
@@ -71,13 +45,6 @@ async def devices_work(
             await api.post(url, json={"kind": body["kind"], "state": result}, headers=auth)
         await asyncio.sleep(0.05)
     return seen
-
-
-def campaign_body(campaign: str, version: str, ids: list[str], **policy: Any) -> dict[str, Any]:
-    policy.setdefault("rate_per_minute", 60000)
-    policy.setdefault("abort_min_finished", 100)
-    return {"campaign_id": campaign, "firmware_id": f"sensor-{version}", "target": {"device_ids": ids},
-            "policy": policy}  # fmt: skip
 
 
 async def progress(api: httpx.AsyncClient, campaign: str) -> dict[str, Any]:

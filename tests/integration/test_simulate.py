@@ -81,7 +81,8 @@ async def test_simulated_devices_take_part_in_a_rollout(api: httpx.AsyncClient, 
     """The simulator's devices fetch their job, check the image and report; failures as asked."""
     import random
 
-    from tests.integration.test_rollouts import campaign_body, fleet, progress, upload
+    from tests.integration.flows import campaign_body, fleet, upload
+    from tests.integration.test_rollouts import progress
     from workers.simulate_jobs import JobStats, work_jobs
 
     creds = await fleet(api, 6)
