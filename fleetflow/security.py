@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ import jwt
 from jwt.types import Options
 from pydantic import BaseModel, ConfigDict
 
+from fleetflow.contracts.common import TENANT_PATTERN
 from fleetflow.keys import ALGORITHM, KeyRing
 
 API_AUDIENCE = "fleetflow-api"
@@ -113,6 +115,8 @@ def issue_token(
     now: datetime | None = None,
 ) -> str:
     """Sign an API token."""
+    if re.fullmatch(TENANT_PATTERN, tenant) is None:
+        raise ValueError(f"tenant {tenant!r} must match {TENANT_PATTERN}")
     unknown = sorted(set(scopes) - set(SCOPES))
     if unknown:
         raise ValueError(f"unknown scope(s): {', '.join(unknown)}")
@@ -187,6 +191,8 @@ def verify_token(ring: KeyRing, token: str, issuer: str = "fleetflow") -> TokenC
     tenant, scopes = claims.get("tenant"), claims.get("scopes")
     if not isinstance(tenant, str) or not isinstance(scopes, list):
         raise AuthError("token lacks tenant or scopes")
+    if re.fullmatch(TENANT_PATTERN, tenant) is None:
+        raise AuthError("token's tenant is not a valid tenant id")
     return TokenClaims(
         subject=str(claims["sub"]),
         tenant=tenant,
@@ -225,6 +231,8 @@ def verify_device_credential(ring: KeyRing, token: str, issuer: str = "fleetflow
     claims = _decode(ring, token, DEVICE_AUDIENCE, issuer)
     if not isinstance(claims.get("jti"), str) or not isinstance(claims.get("tenant"), str):
         raise AuthError("credential lacks jti or tenant")
+    if re.fullmatch(TENANT_PATTERN, claims["tenant"]) is None:
+        raise AuthError("credential's tenant is not a valid tenant id")
     return DeviceClaims(device_id=str(claims["sub"]), tenant=claims["tenant"], jti=claims["jti"])
 
 

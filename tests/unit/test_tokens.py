@@ -17,6 +17,7 @@ from fleetflow.keys import KeyRing, KeySetError
 from fleetflow.security import (
     AuthError,
     ServiceActor,
+    _sign,
     issue_device_credential,
     issue_service_token,
     issue_token,
@@ -109,9 +110,17 @@ def test_a_tampered_claim_breaks_the_signature(ring: KeyRing) -> None:
         verify_token(ring, f"{header}.{_b64(claims)}.{signature}")
 
 
-def test_unknown_scopes_cannot_be_issued(ring: KeyRing) -> None:
+def test_unknown_scopes_and_malformed_tenants_cannot_be_issued(ring: KeyRing) -> None:
     with pytest.raises(ValueError, match="unknown scope"):
         _token(ring, scopes=["root"])
+    with pytest.raises(ValueError, match="tenant"):
+        _token(ring, tenant="Acme Corp")
+
+
+def test_a_signed_token_with_a_malformed_tenant_is_refused(ring: KeyRing) -> None:
+    claims = jwt.decode(_token(ring), options={"verify_signature": False}) | {"tenant": "x'; DROP"}
+    with pytest.raises(AuthError, match="tenant"):
+        verify_token(ring, _sign(ring, claims))
 
 
 def test_rotation_keeps_old_tokens_until_their_key_is_retired(ring: KeyRing) -> None:
