@@ -244,7 +244,10 @@ async def decommission(
 async def decommission_many(
     body: BulkDecommissionRequest, state: State, claims: Admin
 ) -> list[dict[str, str]]:
-    """Retire up to 1,000 devices, one DeviceDecommission run each."""
+    """Retire up to 1,000 devices, one DeviceDecommission run each; none when any id is unknown."""
+    unknown = [d for d in body.device_ids if await state.devices.get_device(claims.tenant, d) is None]
+    if unknown:
+        raise not_found(f"device(s) {', '.join(map(repr, unknown[:20]))}")
     single = DecommissionRequest(telemetry=body.telemetry, reason=body.reason)
     return [await _decommission(state, claims, d, single) for d in body.device_ids]
 

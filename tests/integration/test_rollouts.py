@@ -225,3 +225,13 @@ async def test_decommission_revokes_access_at_once_and_archives(api: httpx.Async
     )
     twin = await api.get(f"/v1/devices/{device_id}/twin", headers=AUTH)
     assert twin.status_code == 409 or twin.json()["ended"] is True
+
+
+async def test_bulk_decommission_with_an_unknown_id_starts_nothing(api: httpx.AsyncClient) -> None:
+    creds = await fleet(api, 1)
+    known = next(iter(creds))
+    body = {"device_ids": [known, "no-such-device"]}
+    refused = await api.post("/v1/devices:decommission", json=body, headers=AUTH)
+    assert refused.status_code == 404 and "no-such-device" in refused.text
+    assert (await api.get(f"/v1/decommissions/{known}", headers=AUTH)).status_code == 404
+    assert (await api.get(f"/v1/devices/{known}", headers=AUTH)).json()["status"] == "active"
