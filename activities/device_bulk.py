@@ -53,7 +53,7 @@ class BulkProvisioning(DeviceReadModel):
         )  # fmt: skip
         if rows is None:
             raise refuse(f"claim {chunk.claim_id} not found", "ClaimMissing")
-        types = {t.name: t for t in await self.device_types()}
+        types = {t.name: t for t in await self.device_types(chunk.tenant)}
         ok: list[str] = []
         failed: list[DeviceFailure] = []
         async with self.pool.acquire() as conn, conn.transaction():

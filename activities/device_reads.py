@@ -15,29 +15,38 @@ class DeviceReadModel:
 
     pool: Pool
 
-    async def device_type(self, name: str) -> DeviceTypeView | None:
-        """A device type by name, or None."""
-        row = await self.pool.fetchrow("SELECT * FROM device.device_types WHERE name = $1", name)
+    # a tenant's own device type of a name hides the platform's built-in one ('' tenant)
+    async def device_type(self, tenant: str, name: str) -> DeviceTypeView | None:
+        """The tenant's device type of that name (its own, else the built-in one), or None."""
+        row = await self.pool.fetchrow(
+            """SELECT name, config_schema, default_config, requires_approval FROM device.device_types
+               WHERE name = $2 AND tenant IN ('', $1) ORDER BY tenant DESC LIMIT 1""",
+            tenant, name,
+        )  # fmt: skip
         return None if row is None else DeviceTypeView.model_validate(dict(row.items()))
 
-    async def device_types(self) -> list[DeviceTypeView]:
-        """Every device type."""
-        rows = await self.pool.fetch("SELECT * FROM device.device_types ORDER BY name")
+    async def device_types(self, tenant: str) -> list[DeviceTypeView]:
+        """Every device type the tenant sees: its own and the built-in ones it has not replaced."""
+        rows = await self.pool.fetch(
+            """SELECT DISTINCT ON (name) name, config_schema, default_config, requires_approval
+               FROM device.device_types WHERE tenant IN ('', $1) ORDER BY name, tenant DESC""",
+            tenant,
+        )  # fmt: skip
         return [DeviceTypeView.model_validate(dict(r.items())) for r in rows]
 
-    async def put_device_type(self, view: DeviceTypeView) -> None:
-        """Create or replace a device type."""
+    async def put_device_type(self, tenant: str, view: DeviceTypeView) -> None:
+        """Create or replace the tenant's own device type (never another tenant's)."""
         await self.pool.execute(
-            """INSERT INTO device.device_types (name, config_schema, default_config, requires_approval)
-               VALUES ($1, $2, $3, $4)
-               ON CONFLICT (name) DO UPDATE SET config_schema = $2, default_config = $3,
-                   requires_approval = $4""",
-            view.name, view.config_schema, view.default_config, view.requires_approval,
+            """INSERT INTO device.device_types (tenant, name, config_schema, default_config,
+                   requires_approval) VALUES ($1, $2, $3, $4, $5)
+               ON CONFLICT (tenant, name) DO UPDATE SET config_schema = $3, default_config = $4,
+                   requires_approval = $5""",
+            tenant, view.name, view.config_schema, view.default_config, view.requires_approval,
         )  # fmt: skip
 
-    async def resolve_config(self, spec: DeviceSpec) -> ValidatedOnboarding:
+    async def resolve_config(self, tenant: str, spec: DeviceSpec) -> ValidatedOnboarding:
         """The configuration spec gets (type defaults merged) or ConfigError / LookupError."""
-        kind = await self.device_type(spec.device_type)
+        kind = await self.device_type(tenant, spec.device_type)
         if kind is None:
             raise LookupError(f"unknown device type {spec.device_type!r}")
         config = config_schema.resolve(spec.config, kind.default_config, kind.config_schema)

@@ -57,7 +57,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
     async def validate_onboarding(self, request: ValidateOnboarding) -> ValidatedOnboarding:
         """Check the device type and configuration, and that the id is free."""
         try:
-            validated = await self.resolve_config(request.spec)
+            validated = await self.resolve_config(request.tenant, request.spec)
         except (LookupError, config_schema.ConfigError) as exc:
             raise refuse(str(exc), "InvalidDevice") from None
         return validated

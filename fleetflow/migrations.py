@@ -358,4 +358,17 @@ MIGRATIONS: list[tuple[str, str]] = [
             FOR EACH ROW EXECUTE FUNCTION device.credential_changed();
         """,
     ),
+    (
+        "0011_tenant_device_types",
+        """
+        -- device types become per tenant: '' holds the built-in ones every tenant sees, a
+        -- tenant's own type of the same name hides the built-in one for that tenant only (a
+        -- tenant admin used to change the types of every tenant)
+        ALTER TABLE device.devices DROP CONSTRAINT devices_device_type_fkey;
+        ALTER TABLE device.firmware DROP CONSTRAINT firmware_device_type_fkey;
+        ALTER TABLE device.device_types ADD COLUMN tenant text NOT NULL DEFAULT '';
+        ALTER TABLE device.device_types DROP CONSTRAINT device_types_pkey;
+        ALTER TABLE device.device_types ADD PRIMARY KEY (tenant, name);
+        """,
+    ),
 ]

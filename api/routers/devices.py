@@ -56,9 +56,9 @@ async def _memo_hash(handle: WorkflowHandle[Any, Any]) -> str | None:
     return str(value) if value is not None else None
 
 
-async def _check_config(state: AppState, spec: DeviceSpec, loc: list[str | int]) -> None:
+async def _check_config(state: AppState, tenant: str, spec: DeviceSpec, loc: list[str | int]) -> None:
     try:
-        await state.devices.resolve_config(spec)
+        await state.devices.resolve_config(tenant, spec)
     except LookupError as exc:
         raise invalid([*loc, "device_type"], str(exc)) from None
     except config_schema.ConfigError as exc:
@@ -70,7 +70,7 @@ async def onboard(
     body: OnboardDeviceRequest, state: State, claims: Writer, response: Response
 ) -> OnboardingAccepted:
     """Start the onboarding saga; the same request again returns the same run, another one 409."""
-    await _check_config(state, body, ["body"])
+    await _check_config(state, claims.tenant, body, ["body"])
     tenant = claims.tenant
     wid = onboarding_id(tenant, body.device_id)
     existing = await state.devices.get_device(tenant, body.device_id)
@@ -138,14 +138,18 @@ def _csv_devices(raw: bytes) -> list[dict[str, Any]]:
     except UnicodeDecodeError:
         raise invalid(["body"], "CSV must be UTF-8") from None
     reader = csv.DictReader(io.StringIO(text))
-    columns = set(reader.fieldnames or [])
+    try:
+        columns = set(reader.fieldnames or [])
+        rows = list(reader)
+    except csv.Error as exc:  # a stray carriage return, a NUL byte, an oversized field
+        raise invalid(["body", f"line {reader.line_num}"], f"is not valid CSV: {exc}") from None
     allowed = {"device_id", "device_type", "firmware_version", "tags", "metadata", "config"}
     if not {"device_id", "device_type"} <= columns:
         raise invalid(["body", "header"], "CSV needs the columns device_id and device_type")
     if columns - allowed:
         raise invalid(["body", "header"], f"unknown CSV column(s): {', '.join(sorted(columns - allowed))}")
     devices = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in enumerate(rows, start=2):
         item: dict[str, Any] = {k: v for k, v in row.items() if v not in (None, "")}
         if "tags" in item:
             item["tags"] = [t for t in item["tags"].split(";") if t]
@@ -186,7 +190,7 @@ async def bulk_onboard(request: Request, state: State, claims: Writer, response:
         if spec.device_id in seen:
             raise invalid(["body", "devices", i, "device_id"], f"{spec.device_id!r} appears twice")
         seen.add(spec.device_id)
-        await _check_config(state, spec, ["body", "devices", i])
+        await _check_config(state, claims.tenant, spec, ["body", "devices", i])
     devices = [d.model_dump(mode="json") for d in body.devices]
     bulk_id = _fingerprint([claims.tenant, devices])[:20]
     wid = bulk_workflow_id(claims.tenant, bulk_id)
@@ -216,14 +220,15 @@ async def bulk_onboard(request: Request, state: State, claims: Writer, response:
 
 
 @router.get("/v1/device-types", response_model=list[DeviceTypeView])
-async def device_types(state: State, _: Reader) -> list[DeviceTypeView]:
-    """Every device type with its configuration schema."""
-    return await state.devices.device_types()
+async def device_types(state: State, claims: Reader) -> list[DeviceTypeView]:
+    """The tenant's device types (its own and the built-in ones) with their configuration schema."""
+    return await state.devices.device_types(claims.tenant)
 
 
 @router.put("/v1/device-types/{name}", response_model=DeviceTypeView)
-async def put_device_type(name: str, body: DeviceTypeView, state: State, _: Admin) -> DeviceTypeView:
-    """Create or replace a device type (admin); its default config must pass its schema."""
+async def put_device_type(name: str, body: DeviceTypeView, state: State, claims: Admin) -> DeviceTypeView:
+    """Create or replace the tenant's own device type (admin; a built-in one of the same name is
+    hidden for this tenant only); its default config must pass its schema."""
     if body.name != name:
         raise invalid(["body", "name"], "must match the name in the path")
     try:
@@ -232,7 +237,7 @@ async def put_device_type(name: str, body: DeviceTypeView, state: State, _: Admi
         raise invalid(["body", *exc.path.split(".")], exc.reason) from None
     except KeyError as exc:
         raise invalid(["body", "config_schema"], f"unsupported type {exc}") from None
-    await state.devices.put_device_type(body)
+    await state.devices.put_device_type(claims.tenant, body)
     return body
 
 

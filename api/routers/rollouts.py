@@ -58,7 +58,7 @@ async def upload_firmware(
     version: Annotated[FirmwareVersion, Query()],
 ) -> FirmwareView:
     """Upload an image (the raw body) for a device type; the same version with other content is 409."""
-    if await state.devices.device_type(device_type) is None:
+    if await state.devices.device_type(claims.tenant, device_type) is None:
         raise invalid(["query", "device_type"], f"unknown device type {device_type!r}")
     image = await request.body()
     if not image:

@@ -60,7 +60,7 @@ async def _start_twin(state: AppState, tenant: str, device_id: str) -> None:
         raise not_found(f"device {device_id!r}")
     if device.status != DeviceStatus.ACTIVE:
         raise conflict(f"device {device_id!r} is {device.status.value}: it has no twin")
-    kind = await state.devices.device_type(device.device_type)
+    kind = await state.devices.device_type(tenant, device.device_type)
     config = await state.devices.config_of(tenant, device_id) or {}
     await state.temporal.start_workflow(
         DeviceTwin.run,

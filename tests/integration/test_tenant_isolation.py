@@ -555,3 +555,24 @@ async def test_a_device_downloads_no_other_tenants_firmware(api: httpx.AsyncClie
     assert foreign.status_code == missing.status_code == 404
     assert foreign.text.replace(world.ids["firmware"], "<id>") == missing.text.replace(nobodys, "<id>")
     assert (await api.get("/v1/device/jobs", headers=stranger)).status_code == 204
+
+
+async def test_a_tenants_device_type_changes_nothing_for_another_tenant(api: httpx.AsyncClient) -> None:
+    """A tenant admin replacing a built-in type (or adding one) changes it for that tenant only."""
+    tenant = f"types{uuid.uuid4().hex[:6]}"
+    own = bearer(tenant)
+    strict = {
+        "name": "thermostat", "requires_approval": True, "default_config": {"target_c": 20},
+        "config_schema": {"type": "object", "additionalProperties": False,
+                          "properties": {"target_c": {"type": "number", "minimum": 18, "maximum": 22}}},
+    }  # fmt: skip
+    assert (await api.put("/v1/device-types/thermostat", json=strict, headers=own)).status_code == 200
+    mine = {t["name"]: t for t in (await api.get("/v1/device-types", headers=own)).json()}
+    theirs = {t["name"]: t for t in (await api.get("/v1/device-types", headers=GLOBEX)).json()}
+    assert mine["thermostat"]["requires_approval"] is True and "sensor" in mine
+    assert theirs["thermostat"]["requires_approval"] is False  # still the built-in one
+    # the same body is checked against each tenant's own type
+    body = {"device_id": new_id(), "device_type": "thermostat", "config": {"target_c": 30}}
+    refused = await api.post("/v1/devices", json=body, headers=own)
+    assert refused.status_code == 422 and "target_c" in refused.text
+    assert (await api.post("/v1/devices", json=body, headers=GLOBEX)).status_code == 202
