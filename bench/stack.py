@@ -26,7 +26,7 @@ from fleetflow.db import create_pool, migrate
 from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
-from fleetflow.temporal import SEARCH_ATTRIBUTES, interceptors
+from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors
 from workers.worker import build_worker
 
 
@@ -60,6 +60,7 @@ async def stack() -> AsyncIterator[Stack]:
                 "journal_mode=wal",
                 "--sqlite-pragma",
                 "synchronous=normal",
+                *dev_server_args(),
             ],
             search_attributes=SEARCH_ATTRIBUTES,
             data_converter=pydantic_data_converter,

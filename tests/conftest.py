@@ -14,7 +14,7 @@ from temporalio.testing import WorkflowEnvironment
 from fleetflow import embedded_pg, observability
 from fleetflow.db import Pool, create_pool, migrate
 from fleetflow.settings import Settings
-from fleetflow.temporal import SEARCH_ATTRIBUTES, interceptors
+from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors
 from tests.support import TEMPORAL_CLI, TEST_KEYS, TEST_KEYS_DIR, SpanRecorder, free_port
 
 
@@ -59,7 +59,7 @@ async def temporal_env(ui_port: int, telemetry: SpanRecorder) -> AsyncIterator[W
         ui=True,
         ui_port=ui_port,
         # "lonely": a namespace no session worker polls, for checks that find services missing
-        dev_server_extra_args=["--ui-disable-news-fetch", "--namespace", "lonely"],
+        dev_server_extra_args=["--ui-disable-news-fetch", "--namespace", "lonely", *dev_server_args()],
     )
     yield env
     await env.shutdown()

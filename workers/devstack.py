@@ -22,7 +22,7 @@ from fleetflow.errors import StartupError
 from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
-from fleetflow.temporal import SEARCH_ATTRIBUTES, connect, ensure_search_attributes
+from fleetflow.temporal import SEARCH_ATTRIBUTES, connect, dev_server_args, ensure_search_attributes
 from workers.supervisor import Child, Supervisor, SupervisorFailed
 
 
@@ -74,7 +74,7 @@ def dev_server_argv(data_dir: Path, port: int, ui_port: int) -> list[str]:
         "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
         "--http-port", str(port + 10000 if port + 10000 < 65536 else 0),
         "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
-        "--log-level", "error", "--ui-disable-news-fetch",
+        "--log-level", "error", "--ui-disable-news-fetch", *dev_server_args(),
     ]  # fmt: skip
     for key in SEARCH_ATTRIBUTES:
         argv += ["--search-attribute", f"{key.name}=Keyword"]

@@ -22,6 +22,8 @@ from typing import Any
 
 import pytest
 
+from fleetflow.temporal import DYNAMIC_CONFIG
+
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.temporal.yml"
 TIMEOUT_S = 60
@@ -330,3 +332,13 @@ def test_monitoring_files_match_what_the_processes_export() -> None:
         assert any(f'"{c}"' in defined for c in candidates), (
             f"the dashboard uses {used}, which is not exported"
         )
+
+
+def test_compose_temporal_gets_the_platform_dynamic_config() -> None:
+    """The compose stack's Temporal server loads tasks as fast as the dev server does."""
+    text = (REPO / "deploy" / "temporal-dynamicconfig.yaml").read_text()
+    for key, value in DYNAMIC_CONFIG.items():
+        assert re.search(rf"^{re.escape(key)}:\n  - value: {value}$", text, re.MULTILINE), key
+    temporal = _normalised_config()["services"]["temporal"]
+    mounted = _volume_sources(temporal)
+    assert str(REPO / "deploy" / "temporal-dynamicconfig.yaml") in mounted, mounted
