@@ -10,7 +10,7 @@ from temporalio import workflow
 from temporalio.api.enums.v1 import EventType
 from temporalio.api.history.v1 import HistoryEvent
 from temporalio.client import Client, WorkflowHistory
-from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter
 from temporalio.worker import (
     ExecuteWorkflowInput,
     Interceptor,
@@ -65,8 +65,9 @@ class HistoryEntry(Strict):
     event_id: int
 
 
-async def _first(payloads: Any) -> Any:
-    values = await pydantic_data_converter.decode(list(payloads.payloads)) if payloads.payloads else []
+async def _first(converter: DataConverter, payloads: Any) -> Any:
+    # the client's converter: recorded payloads are encrypted
+    values = await converter.decode(list(payloads.payloads)) if payloads.payloads else []
     return values[0] if values else None
 
 
@@ -81,7 +82,7 @@ def _actor_of(value: Any, default: str) -> str:
 
 
 async def _entries(
-    history: WorkflowHistory, workflow_type: str, run_id: str, device: str
+    converter: DataConverter, history: WorkflowHistory, workflow_type: str, run_id: str, device: str
 ) -> list[HistoryEntry]:
     scheduled: dict[int, str] = {}
     accepted: dict[str, tuple[str, str]] = {}
@@ -100,7 +101,7 @@ async def _entries(
         t = event.event_type
         if t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED:
             attrs = event.workflow_execution_started_event_attributes
-            actor = _actor_of(await _first(attrs.input), "system")
+            actor = _actor_of(await _first(converter, attrs.input), "system")
             if not attrs.continued_execution_run_id:
                 add(event, f"{workflow_type}Started", actor)
         elif t == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
@@ -112,11 +113,11 @@ async def _entries(
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
             signal = event.workflow_execution_signaled_event_attributes
             if signal.signal_name in MESSAGE_EVENTS:
-                who = _actor_of(await _first(signal.input), f"device:{device}")
+                who = _actor_of(await _first(converter, signal.input), f"device:{device}")
                 add(event, MESSAGE_EVENTS[signal.signal_name], who)
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_ACCEPTED:
             request = event.workflow_execution_update_accepted_event_attributes.accepted_request
-            who = _actor_of(await _first(request.input.args), "system")
+            who = _actor_of(await _first(converter, request.input.args), "system")
             accepted[request.meta.update_id] = (request.input.name, who)
         elif t == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_UPDATE_COMPLETED:
             update_id = event.workflow_execution_update_completed_event_attributes.meta.update_id
@@ -142,7 +143,9 @@ async def device_history(client: Client, tenant: str, device_id: str) -> list[Hi
     entries: list[HistoryEntry] = []
     async for run in client.list_workflows(query):
         history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
-        entries.extend(await _entries(history, run.workflow_type, run.run_id, device_id))
+        entries.extend(
+            await _entries(client.data_converter, history, run.workflow_type, run.run_id, device_id)
+        )
     entries.sort(key=lambda e: (e.time, e.workflow_id, e.event_id))
     return entries
 
@@ -206,11 +209,11 @@ async def twin_as_of(
     last_time = events[-1].event_time.ToDatetime(tzinfo=run.start_time.tzinfo)
     if not any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED for e in events):
         # before the first workflow task the state is the input's: nothing to replay yet
-        inp = await _first(events[0].workflow_execution_started_event_attributes.input)
+        inp = await _first(client.data_converter, events[0].workflow_execution_started_event_attributes.input)
         twin = DeviceTwin(TwinInput.model_validate(inp))
         return twin.get(), run.run_id, last_time
     replayer = Replayer(
-        workflows=[DeviceTwin], data_converter=pydantic_data_converter, interceptors=[_Capture()],
+        workflows=[DeviceTwin], data_converter=client.data_converter, interceptors=[_Capture()],
         workflow_runner=UnsandboxedWorkflowRunner(),
     )  # fmt: skip
     await replayer.replay_workflow(WorkflowHistory(workflow_id, events), raise_on_replay_failure=True)

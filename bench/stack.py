@@ -14,7 +14,6 @@ from pathlib import Path
 
 import httpx
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -24,6 +23,7 @@ from fleetflow import embedded_pg
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import create_pool, migrate
 from fleetflow.keys import keyring
+from fleetflow.payload_codec import data_converter
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors
@@ -46,8 +46,9 @@ class Stack:
 
 
 @asynccontextmanager
-async def stack() -> AsyncIterator[Stack]:
-    """Start everything in a temporary directory; stop and remove it after."""
+async def stack(payload_keys: str | None = None) -> AsyncIterator[Stack]:
+    """Start everything in a temporary directory; stop and remove it after. Payloads are
+    encrypted with payload_keys (FLEETFLOW_PAYLOAD_KEYS' format), else with a fresh key."""
     with tempfile.TemporaryDirectory(prefix="fleetflow-bench-") as tmp:
         data = Path(tmp)
         say("starting PostgreSQL and the Temporal dev server ...")
@@ -63,12 +64,13 @@ async def stack() -> AsyncIterator[Stack]:
                 *dev_server_args(),
             ],
             search_attributes=SEARCH_ATTRIBUTES,
-            data_converter=pydantic_data_converter,
-            # the platform's interceptors, so the bench pays for identity checks as a user does
+            # the platform's converter and interceptors, so the bench pays for payload encryption
+            # and identity checks as a user does
+            data_converter=data_converter(Settings(data_dir=data, payload_keys=payload_keys)),
             interceptors=interceptors(keyring(Settings(data_dir=data)), "bench"),
         )
         settings = Settings(
-            data_dir=data, database_url=dsn,
+            data_dir=data, database_url=dsn, payload_keys=payload_keys,
             temporal_address=env.client.service_client.config.target_host,
         )  # fmt: skip
         pool = await create_pool(dsn, size=10)

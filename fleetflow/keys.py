@@ -13,7 +13,7 @@ import json
 import os
 import secrets
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -121,36 +121,50 @@ class KeyRing:
     # --- storage ---------------------------------------------------------------
 
     def _refresh(self, force: bool = False) -> None:
-        try:
-            st = self.path.stat()
-        except FileNotFoundError:
+        stamp = file_stamp(self.path)
+        if stamp is None:
             self._keys, self._stamp = {}, None
-            return
-        stamp = (st.st_mtime_ns, st.st_size)
-        if force or stamp != self._stamp:
-            entries = json.loads(self.path.read_text())
-            self._keys = {e["kid"]: _from_json(e) for e in entries}
+        elif force or stamp != self._stamp:
+            self._keys = {e["kid"]: _from_json(e) for e in json.loads(self.path.read_text())}
             self._stamp = stamp
 
     def _write(self, keys: list[SigningKey]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        tmp = self.path.with_name(f".{KEYS_FILE}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump([_to_json(k) for k in keys], out, indent=1)
-        os.replace(tmp, self.path)
+        write_key_file(self.path, [_to_json(k) for k in keys])
         self._refresh(force=True)
 
-    @contextmanager
-    def _locked(self) -> Iterator[None]:
-        # processes that start together must agree on one first key
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path.with_name(".keys.lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> AbstractContextManager[None]:
+        return key_file_lock(self.path.parent)
+
+
+def file_stamp(path: Path) -> tuple[int, int] | None:
+    """What changes when a key file is rewritten (None: no file yet)."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_mtime_ns, st.st_size)
+
+
+def write_key_file(path: Path, entries: list[dict[str, Any]]) -> None:
+    """Replace a key file atomically, readable by its owner only (0600 in a 0700 directory)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as out:
+        json.dump(entries, out, indent=1)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def key_file_lock(directory: Path) -> Iterator[None]:
+    """Hold the key directory's lock: processes that start together must agree on one first key."""
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with open(directory / ".keys.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 _RINGS: dict[Path, KeyRing] = {}

@@ -39,7 +39,8 @@ SCOPES: dict[str, str] = {
     "events:read": "list domain events and dead letters",
     "rollouts:admin": "upload firmware, run, pause, resume and cancel rollouts, decommission devices",
     "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",
-    "codec:decode": "decode workflow payloads through /codec (the Temporal Web UI's codec server)",
+    # every tenant's payloads: for platform operators, so a tenant's admin does not include it
+    "codec:decode": "decode any workflow's payloads through /codec (the Web UI's codec server)",
     "admin": "everything, including device types",
 }
 

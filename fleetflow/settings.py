@@ -6,6 +6,8 @@ the README's configuration table mirrors `ENVIRONMENT`.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
 import re
 from pathlib import Path
@@ -85,6 +87,14 @@ class Settings(BaseModel):
             raise ValueError("must be a postgresql:// URL")
         return value or None
 
+    @field_validator("payload_keys")
+    @classmethod
+    def _payload_keys(cls, value: str | None) -> str | None:
+        if value and value.strip():
+            parse_payload_keys(value)
+            return value.strip()
+        return None
+
     @field_validator("log_level")
     @classmethod
     def _level(cls, value: str) -> str:
@@ -109,6 +119,29 @@ class Settings(BaseModel):
     def key_directory(self) -> Path:
         """Where the signing and payload keys live."""
         return self.keys_dir or self.data_dir / "keys"
+
+
+_KID = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+def parse_payload_keys(text: str) -> list[tuple[str, bytes]]:
+    """`kid:base64key,...` as (kid, 32-byte key) pairs, the encrypting one first. A bad entry is
+    a ValueError naming its position and kid, never the key."""
+    keys: list[tuple[str, bytes]] = []
+    for position, entry in enumerate(text.split(","), start=1):
+        kid, sep, encoded = entry.strip().partition(":")
+        if not sep or not _KID.match(kid):
+            raise ValueError(f"entry {position} must be kid:base64key (kid: letters, digits, _ . -)")
+        try:
+            secret = base64.b64decode(encoded.strip(), validate=True)
+        except binascii.Error:
+            raise ValueError(f"entry {position} ({kid}): the key is not base64") from None
+        if len(secret) != 32:
+            raise ValueError(f"entry {position} ({kid}): the key must be 32 bytes (AES-256)")
+        if any(kid == seen for seen, _ in keys):
+            raise ValueError(f"entry {position}: kid {kid} appears twice")
+        keys.append((kid, secret))
+    return keys
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:

@@ -14,7 +14,6 @@ from temporalio.api.operatorservice.v1 import (
 from temporalio.client import Client, Interceptor
 from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
 from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from fleetflow import observability
 from fleetflow.errors import StartupError
@@ -22,6 +21,7 @@ from fleetflow.identity import ServiceIdentityInterceptor
 from fleetflow.keys import KeyRing, keyring
 from fleetflow.logs import LogContext
 from fleetflow.metrics import ActivityOutcomes
+from fleetflow.payload_codec import data_converter
 from fleetflow.settings import Settings
 
 # The server loads each history shard's transfer and visibility tasks at most 20 times a second
@@ -92,13 +92,14 @@ def interceptors(ring: KeyRing, service: str, issuer: str = "fleetflow") -> list
 
 
 async def connect(settings: Settings, *, service: str, timeout: float = 10.0) -> Client:
-    """Connect with the pydantic converter and tracing; StartupError when unreachable."""
+    """Connect with the platform's converter (pydantic, encrypted payloads) and interceptors;
+    StartupError when unreachable."""
     try:
         async with asyncio.timeout(timeout):
             return await Client.connect(
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
-                data_converter=pydantic_data_converter,
+                data_converter=data_converter(settings),
                 interceptors=interceptors(keyring(settings), service, settings.jwt_issuer),
                 # the process's runtime, whose metrics it exports (the SDK default before setup)
                 runtime=observability.temporal_runtime(),

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from temporalio.client import Client
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.testing import WorkflowEnvironment
 
 from fleetflow import embedded_pg, observability
 from fleetflow.db import Pool, create_pool, migrate
+from fleetflow.payload_codec import data_converter
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors
 from tests.support import TEMPORAL_CLI, TEST_KEYS, TEST_KEYS_DIR, SpanRecorder, free_port
@@ -53,7 +53,7 @@ async def temporal_env(ui_port: int, telemetry: SpanRecorder) -> AsyncIterator[W
     env = await WorkflowEnvironment.start_local(
         dev_server_existing_path=str(TEMPORAL_CLI),
         search_attributes=SEARCH_ATTRIBUTES,
-        data_converter=pydantic_data_converter,
+        data_converter=data_converter(Settings(keys_dir=TEST_KEYS_DIR)),
         interceptors=interceptors(TEST_KEYS, "tests"),
         runtime=observability.temporal_runtime(),
         ui=True,

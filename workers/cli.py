@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     keys = commands.add_parser("keys", help="signing and payload keys")
     keys_cmd = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
-    keys_cmd.add_parser("list", help="the signing keys and which one signs")
+    keys_cmd.add_parser("list", help="the signing and payload keys, and which ones sign and encrypt")
     rotate = keys_cmd.add_parser("rotate", help="a new key signs (or encrypts) from now on")
     rotate.add_argument("--payload", action="store_true", help="rotate the payload encryption key")
     retire = keys_cmd.add_parser("retire", help="refuse everything a signing key signed")

@@ -66,15 +66,17 @@ def metrics_port_of(base: int, index: int) -> int:
     return base + index
 
 
-def dev_server_argv(data_dir: Path, port: int, ui_port: int) -> list[str]:
-    """The dev server with a persistent SQLite file and the pragmas that make it fast."""
+def dev_server_argv(data_dir: Path, port: int, ui_port: int, codec_endpoint: str) -> list[str]:
+    """The dev server with a persistent SQLite file and the pragmas that make it fast; its Web
+    UI decodes payloads through the API's /codec."""
     argv = [
         temporal_binary(), "server", "start-dev",
         "--db-filename", str(data_dir / "temporal.db"),
         "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
         "--http-port", str(port + 10000 if port + 10000 < 65536 else 0),
         "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
-        "--log-level", "error", "--ui-disable-news-fetch", *dev_server_args(),
+        "--log-level", "error", "--ui-disable-news-fetch", "--ui-codec-endpoint", codec_endpoint,
+        *dev_server_args(),
     ]  # fmt: skip
     for key in SEARCH_ATTRIBUTES:
         argv += ["--search-attribute", f"{key.name}=Keyword"]
@@ -125,7 +127,9 @@ def up(settings: Settings, options: UpOptions) -> int:
     try:
         server = None
         if not options.external_temporal:
-            argv = dev_server_argv(data_dir, options.temporal_port, options.ui_port)
+            argv = dev_server_argv(
+                data_dir, options.temporal_port, options.ui_port, f"{settings.api_url}/codec"
+            )
             server = supervisor.add(Child("temporal", argv, tier=0))
             settings = settings.model_copy(update={"temporal_ui_url": f"http://127.0.0.1:{options.ui_port}"})
         dsn = embedded_pg.database_url(settings)

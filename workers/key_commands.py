@@ -6,6 +6,7 @@ import argparse
 
 from fleetflow.errors import StartupError
 from fleetflow.keys import KeySetError, keyring
+from fleetflow.payload_codec import payload_keys, rotate_payload_key
 from fleetflow.settings import Settings
 
 
@@ -14,9 +15,10 @@ def keys_command(settings: Settings, args: argparse.Namespace) -> int:
     ring = keyring(settings)
     if args.keys_command == "rotate":
         if args.payload:
-            from fleetflow.payload_codec import rotate_payload_key
-
-            kid = rotate_payload_key(settings)
+            try:
+                kid = rotate_payload_key(settings)
+            except KeySetError as exc:
+                raise StartupError(str(exc)) from None
             print(f"payload key {kid} encrypts from now on; older payload keys keep decrypting")
             return 0
         old = ring.signing_key().kid
@@ -36,4 +38,9 @@ def keys_command(settings: Settings, args: argparse.Namespace) -> int:
     for key in ring.keys():
         state = "signing" if key.kid == signing else "retired" if key.retired_at else "verifying"
         print(f"{key.kid:<20}{key.created_at:%Y-%m-%d %H:%M:%SZ}  {state}")
+    payload = payload_keys(settings)
+    source = "FLEETFLOW_PAYLOAD_KEYS" if payload.configured else str(payload.path)
+    print(f"\npayload keys (AES-256-GCM, from {source}):")
+    for index, pkey in enumerate([payload.current(), *payload.keys()[1:]]):
+        print(f"{pkey.kid:<20}{'encrypting' if index == 0 else 'decrypting'}")
     return 0

@@ -7,7 +7,6 @@ import asyncio
 import httpx
 from temporalio.client import Client
 from temporalio.contrib.opentelemetry import TracingInterceptor
-from temporalio.contrib.pydantic import pydantic_data_converter
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.system import SystemCheckRequest
@@ -41,7 +40,7 @@ async def test_health_route_needs_no_token_and_services_route_does(api: httpx.As
 async def _lonely(client: Client) -> Client:
     return await Client.connect(
         client.service_client.config.target_host, namespace="lonely",
-        data_converter=pydantic_data_converter, interceptors=[TracingInterceptor()],
+        data_converter=client.data_converter, interceptors=[TracingInterceptor()],
     )  # fmt: skip
 
 

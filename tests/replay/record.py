@@ -23,6 +23,7 @@ from typing import Any
 from temporalio.client import WorkflowHandle
 
 from bench.stack import Stack, say, stack
+from tests.replay.keys import REPLAY_PAYLOAD_KEYS
 
 HISTORIES = Path(__file__).parent / "histories"
 Scenario = Callable[[Stack], Awaitable[WorkflowHandle[Any, Any]]]
@@ -237,7 +238,7 @@ def _new_path(name: str) -> Path:
 async def record(names: list[str]) -> None:
     """Run the named scenarios (all by default) and write their histories."""
     HISTORIES.mkdir(parents=True, exist_ok=True)
-    async with stack() as s:
+    async with stack(payload_keys=REPLAY_PAYLOAD_KEYS) as s:
         for name in names or list(SCENARIOS):
             handle = await SCENARIOS[name](s)
             history = await handle.fetch_history()

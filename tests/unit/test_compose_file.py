@@ -226,6 +226,17 @@ def _problems(config: dict[str, Any]) -> list[str]:
             if env.get(key) != value:
                 problems.append(f"{name}: {key}={env.get(key)!r}, expected {value!r}")
 
+    ui = services.get("temporal-ui")
+    if ui is None:
+        problems.append("temporal-ui: missing")
+    else:
+        # payloads are encrypted: without the API's codec the UI shows only ciphertext
+        ui_env = _environment(ui)
+        if ui_env.get("TEMPORAL_CODEC_ENDPOINT") != "http://localhost:8000/codec":
+            problems.append("temporal-ui: TEMPORAL_CODEC_ENDPOINT is not the API's /codec")
+        if str(ui_env.get("TEMPORAL_CODEC_INCLUDE_CREDENTIALS")).lower() != "true":
+            problems.append("temporal-ui: TEMPORAL_CODEC_INCLUDE_CREDENTIALS is not true (no codec cookie)")
+
     for name, (repository, files) in MONITORING.items():
         service = services.get(name)
         if service is None:
@@ -300,6 +311,7 @@ def test_problem_detection_catches_broken_files() -> None:
     services["postgresql"]["image"] = "postgres"
     services["grafana"]["image"] = "grafana/grafana:latest"
     del services["prometheus"]
+    del services["temporal-ui"]["environment"]["TEMPORAL_CODEC_ENDPOINT"]
 
     problems = "\n".join(_problems(broken))
     assert "worker-data: container_name" in problems
@@ -310,6 +322,7 @@ def test_problem_detection_catches_broken_files() -> None:
     assert "postgresql: image 'postgres' is not" in problems
     assert "grafana: image 'grafana/grafana:latest' uses the moving 'latest' tag" in problems
     assert "prometheus: missing" in problems
+    assert "temporal-ui: TEMPORAL_CODEC_ENDPOINT is not the API's /codec" in problems
 
 
 def test_monitoring_files_match_what_the_processes_export() -> None:

@@ -1,0 +1,198 @@
+"""Workflow and activity payloads encrypted with AES-256-GCM before they reach Temporal.
+
+Device credentials, configurations and everything else a workflow carries sit in Temporal's
+history only as ciphertext; the Web UI shows them to an operator through the API's /codec
+endpoint. Each payload names the key that sealed it (`encryption-key-id`), so a rotated key
+keeps decrypting what it sealed while the newest key seals from now on. Payloads written
+without encryption (older runs, recorded test histories) pass through decoding unchanged.
+
+Keys come from FLEETFLOW_PAYLOAD_KEYS (`kid:base64key,...`, the first one encrypts) or, when
+that is unset, from `payload-keys.json` in the key directory, made on first use and shared
+by every process of a platform like the signing keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from temporalio.api.common.v1 import Payload
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
+
+from fleetflow.keys import KeySetError, file_stamp, key_file_lock, write_key_file
+from fleetflow.settings import Settings, parse_payload_keys
+
+ENCODING = b"binary/encrypted"
+KEY_ID = "encryption-key-id"
+KEYS_FILE = "payload-keys.json"
+NONCE_BYTES = 12
+
+
+class PayloadKeyError(ValueError):
+    """A payload that cannot be decrypted: its key is unknown here, or it was tampered with."""
+
+
+@dataclass(frozen=True)
+class PayloadKey:
+    """One AES-256-GCM key."""
+
+    kid: str
+    secret: bytes = dataclasses.field(repr=False)
+
+    def seal(self, plain: bytes) -> bytes:
+        """nonce || ciphertext+tag; the kid is authenticated too, so a payload cannot be
+        relabelled to another key."""
+        nonce = os.urandom(NONCE_BYTES)
+        return nonce + AESGCM(self.secret).encrypt(nonce, plain, self.kid.encode())
+
+    def open(self, sealed: bytes) -> bytes:
+        """The plaintext of seal()'s output; PayloadKeyError when it does not authenticate."""
+        try:
+            return AESGCM(self.secret).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], self.kid.encode())
+        except InvalidTag:
+            raise PayloadKeyError(f"a payload sealed with key {self.kid!r} fails authentication") from None
+
+
+class PayloadKeys:
+    """The payload keys: configured ones, or the key directory's file (re-read when it changes)."""
+
+    def __init__(self, directory: Path, configured: str | None = None) -> None:
+        self.path = directory / KEYS_FILE
+        self.configured = configured is not None
+        self._keys: list[PayloadKey] = (
+            [PayloadKey(kid, secret) for kid, secret in parse_payload_keys(configured)]
+            if configured is not None
+            else []
+        )
+        self._stamp: tuple[int, int] | None = None
+
+    def keys(self) -> list[PayloadKey]:
+        """Every key, the encrypting one first."""
+        self._refresh()
+        return list(self._keys)
+
+    def current(self) -> PayloadKey:
+        """The key that encrypts; the first key is made when there is none."""
+        keys = self.keys()
+        if keys:
+            return keys[0]
+        with key_file_lock(self.path.parent):
+            self._refresh(force=True)
+            if not self._keys:
+                self._write([_new_key()])
+        return self.current()
+
+    def get(self, kid: str) -> PayloadKey | None:
+        """The key with that kid, if this process has it."""
+        for key in self.keys():
+            if key.kid == kid:
+                return key
+        if not self.configured:  # another process may have rotated a moment ago
+            self._refresh(force=True)
+            return next((k for k in self._keys if k.kid == kid), None)
+        return None
+
+    def rotate(self) -> PayloadKey:
+        """A new key that encrypts from now on; the older ones keep decrypting."""
+        if self.configured:
+            raise KeySetError(
+                "payload keys come from FLEETFLOW_PAYLOAD_KEYS: put a new kid:key first in it instead"
+            )
+        with key_file_lock(self.path.parent):
+            self._refresh(force=True)
+            key = _new_key()
+            self._write([key, *self._keys])
+        return key
+
+    def _refresh(self, force: bool = False) -> None:
+        if self.configured:
+            return
+        stamp = file_stamp(self.path)
+        if stamp is None:
+            self._keys, self._stamp = [], None
+        elif force or stamp != self._stamp:
+            entries = json.loads(self.path.read_text())
+            self._keys = [PayloadKey(e["kid"], base64.b64decode(e["key"])) for e in entries]
+            self._stamp = stamp
+
+    def _write(self, keys: list[PayloadKey]) -> None:
+        now = datetime.now(UTC).isoformat()
+        write_key_file(
+            self.path,
+            [{"kid": k.kid, "alg": "A256GCM", "key": base64.b64encode(k.secret).decode(), "saved_at": now}
+             for k in keys],
+        )  # fmt: skip
+        self._refresh(force=True)
+
+
+class EncryptionCodec(PayloadCodec):
+    """Seals every payload with the current key; opens what any known key sealed."""
+
+    def __init__(self, keys: PayloadKeys) -> None:
+        self.keys = keys
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Encrypt each payload (its metadata and data together)."""
+        key = self.keys.current()
+        kid = key.kid.encode()
+        return [
+            Payload(metadata={"encoding": ENCODING, KEY_ID: kid}, data=key.seal(p.SerializeToString()))
+            for p in payloads
+        ]
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        """Decrypt the encrypted payloads; others pass through as they are."""
+        out: list[Payload] = []
+        for payload in payloads:
+            if payload.metadata.get("encoding") != ENCODING:
+                out.append(payload)
+                continue
+            kid = payload.metadata.get(KEY_ID, b"").decode(errors="replace")
+            key = self.keys.get(kid)
+            if key is None:
+                raise PayloadKeyError(
+                    f"a payload is sealed with payload key {kid!r}, which this process does not have"
+                )
+            out.append(Payload.FromString(key.open(payload.data)))
+        return out
+
+
+_KEYS: dict[tuple[Path, str | None], PayloadKeys] = {}
+
+
+def payload_keys(settings: Settings) -> PayloadKeys:
+    """The process's payload keys for these settings (one set per key directory)."""
+    place = (settings.key_directory.resolve(), settings.payload_keys)
+    keys = _KEYS.get(place)
+    if keys is None:
+        keys = _KEYS[place] = PayloadKeys(*place)
+    return keys
+
+
+def data_converter(settings: Settings) -> DataConverter:
+    """The platform's converter: pydantic values, encrypted payloads, and failures whose
+    message and stack trace travel encrypted too."""
+    return dataclasses.replace(
+        pydantic_data_converter,
+        payload_codec=EncryptionCodec(payload_keys(settings)),
+        failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
+    )
+
+
+def rotate_payload_key(settings: Settings) -> str:
+    """Rotate the key directory's payload keys; the new key's id."""
+    return payload_keys(settings).rotate().kid
+
+
+def _new_key() -> PayloadKey:
+    return PayloadKey(f"{datetime.now(UTC):%Y%m%d}-{secrets.token_hex(4)}", AESGCM.generate_key(256))
