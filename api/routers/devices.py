@@ -15,6 +15,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from api.auth import State, actor_of, require
+from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
 from fleetflow import config_schema
@@ -166,7 +167,7 @@ def _csv_devices(raw: bytes) -> list[dict[str, Any]]:
 @router.post(
     "/v1/devices:bulk", status_code=status.HTTP_202_ACCEPTED, response_model=BulkAccepted,
     openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": BulkOnboardRequest.model_json_schema()},
+        "application/json": {"schema": body_schema(BulkOnboardRequest)},
         "text/csv": {"schema": {"type": "string"}}}, "required": True}},
 )  # fmt: skip
 async def bulk_onboard(request: Request, state: State, claims: Writer, response: Response) -> BulkAccepted:

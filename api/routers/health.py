@@ -37,8 +37,11 @@ class ServiceNode(Strict):
 
 
 @router.get("/health", response_model=SystemReport, responses={503: {"model": SystemReport}})
-async def health(state: State, timeout: Annotated[float, Query(gt=0, le=60)] = 5.0) -> JSONResponse:
-    """Run the SystemCheck workflow; 200 when every service answered, 503 otherwise."""
+async def health(state: State, timeout: Annotated[float, Query(ge=0.001, le=60)] = 5.0) -> JSONResponse:
+    """Run the SystemCheck workflow; 200 when every service answered, 503 otherwise.
+
+    `timeout` is at least 1 ms: a smaller one rounds to a zero activity timeout, which Temporal
+    reads as none, so the check's workflow would fail every task until its deadline."""
     report = await run_system_check(state.temporal, SystemCheckRequest(timeout_s=timeout))
     return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ok else 503)
 

@@ -12,6 +12,7 @@ from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import TypeAdapter, ValidationError
 
 from api.auth import Bearer, State, require
+from api.openapi import body_schema
 from api.problems import invalid, not_found
 from api.state import AppState
 from fleetflow.contracts.telemetry import (
@@ -76,7 +77,7 @@ def _problems(exc: ValidationError) -> HTTPException:
 
 @router.post("/v1/telemetry", status_code=status.HTTP_202_ACCEPTED, response_model=TelemetryAccepted,
              openapi_extra={"requestBody": {"content": {"application/json": {
-                 "schema": TelemetryBatch.model_json_schema()}}, "required": True}})  # fmt: skip
+                 "schema": body_schema(TelemetryBatch)}}, "required": True}})  # fmt: skip
 async def ingest(request: Request, state: State, credentials: Bearer) -> TelemetryAccepted:
     """Accept a batch once it is durable; a repeated `batch_id` is acknowledged and stored once.
 

@@ -28,7 +28,8 @@ class ProbeResult(Strict):
 class SystemCheckRequest(Strict):
     """Input of the SystemCheck workflow."""
 
-    timeout_s: Annotated[float, Field(gt=0, le=300)] = 5.0
+    # at least 1 ms: a smaller one rounds to a zero (that is: no) activity timeout
+    timeout_s: Annotated[float, Field(ge=0.001, le=300)] = 5.0
     hold_ms: Annotated[int, Field(ge=0, le=60_000)] = 0
 
 
