@@ -350,15 +350,16 @@ def keys_cli(stack: Stack, *args: str) -> str:
 
 async def test_key_rotation_keeps_old_tokens_until_the_key_is_retired(stack: Stack) -> None:
     """Rotation while the platform runs: old tokens keep working, new ones are signed by the new
-    key, workflows still run (their service tokens follow the new key); retiring the old key
-    refuses what it signed, at once, in the running API."""
+    key, workflows still run (their service tokens follow the new key); a payload key rotation
+    keeps older runs readable; retiring the old signing key refuses what it signed, at once, in
+    the running API."""
     old = stack.admin_headers()
     old_kid = keys_cli(stack, "keys", "list").splitlines()[1].split()[0]
     assert "signs from now on" in keys_cli(stack, "keys", "rotate")
     token = keys_cli(stack, "token", "issue", "--tenant", "default", "--scopes", "admin").strip()
     new = {"Authorization": f"Bearer {token}"}
 
-    async def onboarding_runs(http: httpx.AsyncClient, headers: dict[str, str]) -> None:
+    async def onboarding_runs(http: httpx.AsyncClient, headers: dict[str, str]) -> str:
         device_id = f"rot-{uuid.uuid4().hex[:8]}"
         body = {"device_id": device_id, "device_type": "thermostat"}
         assert (await http.post("/v1/devices", json=body, headers=headers)).status_code == 202
@@ -366,10 +367,18 @@ async def test_key_rotation_keeps_old_tokens_until_the_key_is_retired(stack: Sta
             lambda: json_of(http, f"/v1/onboardings/{device_id}", headers),
             lambda p: p.get("status") == "awaiting_first_contact", 60, "onboarding after rotation",
         )  # fmt: skip
+        return device_id
 
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
         assert (await http.get("/v1/devices", headers=old)).status_code == 200
+        sealed_before = await onboarding_runs(http, new)
+        # a new payload key while runs are in flight: every process seals with it from its
+        # next payload, and what the old key sealed still reads
+        assert "encrypts from now on" in keys_cli(stack, "keys", "rotate", "--payload")
         await onboarding_runs(http, new)
+        history = await http.get(f"/v1/devices/{sealed_before}/history", headers=new)
+        assert history.status_code == 200, history.text
+        assert "DeviceOnboardingStarted" in {e["type"] for e in history.json()}, history.text
         keys_cli(stack, "keys", "retire", old_kid)
         refused = await http.get("/v1/devices", headers=old)
         assert refused.status_code == 401 and "retired" in refused.json()["detail"], refused.text
