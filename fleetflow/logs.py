@@ -29,6 +29,8 @@ from typing import Any
 from opentelemetry import trace
 from temporalio import activity, client, worker, workflow
 
+from fleetflow.errors import Refusal
+
 _fields: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar("log_fields", default=None)
 # the ASGI scope of the request being served: routing fills in its path parameters later
 _scope: contextvars.ContextVar[MutableMapping[str, Any] | None] = contextvars.ContextVar(
@@ -146,6 +148,18 @@ class TextFormatter(logging.Formatter):
         return redact(super().format(record))
 
 
+class OneLineRefusals(logging.Filter):
+    """A record carrying a Refusal keeps its reason on the message line and drops the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always keeps the record; rewrites one that carries a Refusal."""
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, Refusal):
+            record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", None
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
 def configure(service: str, level: str = "INFO", fmt: str = "json") -> None:
     """Send the process's logs to stderr, as JSON (or text), at level; safe to call again."""
     root = logging.getLogger()
@@ -153,6 +167,7 @@ def configure(service: str, level: str = "INFO", fmt: str = "json") -> None:
         root.removeHandler(handler)
     handler = logging.StreamHandler(sys.stderr)
     setattr(handler, _HANDLER_MARK, True)
+    handler.addFilter(OneLineRefusals())
     if fmt == "json":
         handler.setFormatter(JsonFormatter(service))
         # the workflow's details become JSON fields instead of a dict appended to the message

@@ -29,6 +29,7 @@ from temporalio.api.common.v1 import Payload
 from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.converter import DataConverter, DefaultFailureConverterWithEncodedAttributes, PayloadCodec
 
+from fleetflow.errors import Refusal
 from fleetflow.keys import KeySetError, file_stamp, key_file_lock, write_key_file
 from fleetflow.settings import Settings, parse_payload_keys
 
@@ -38,7 +39,7 @@ KEYS_FILE = "payload-keys.json"
 NONCE_BYTES = 12
 
 
-class PayloadKeyError(ValueError):
+class PayloadKeyError(Refusal, ValueError):
     """A payload that cannot be decrypted: its key is unknown here, or it was tampered with."""
 
 

@@ -7,7 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from temporalio.api.enums.v1 import TaskQueueType
+from temporalio.api.enums.v1 import EventType, TaskQueueType
 from temporalio.api.taskqueue.v1 import TaskQueue as TaskQueueRef
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client, WorkflowHandle
@@ -55,6 +55,45 @@ async def _picked_up(handle: WorkflowHandle[Any, SystemCheckResult], within_s: f
         await asyncio.sleep(0.05)
 
 
+class CheckNotRun(Exception):
+    """A worker took the check but failed its workflow task (it would retry until the deadline)."""
+
+
+async def _task_failure(client: Client, handle: WorkflowHandle[Any, Any]) -> str | None:
+    """Why a worker failed the run's workflow task, if one did."""
+    async for event in handle.fetch_history_events():
+        if event.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_FAILED:
+            failure = event.workflow_task_failed_event_attributes.failure
+            try:
+                error = await client.data_converter.decode_failure(failure)
+            except ValueError:  # sealed with a payload key this process lacks: so were our payloads
+                return (
+                    "the workers cannot read this process's payloads and answer with a payload key "
+                    "it does not have: run it with the platform's keys (FLEETFLOW_KEYS_DIR, "
+                    "FLEETFLOW_PAYLOAD_KEYS)"
+                )
+            return f"a worker failed the check's workflow task: {error}"
+    return None
+
+
+async def _result(
+    client: Client, handle: WorkflowHandle[Any, SystemCheckResult], timeout_s: float
+) -> SystemCheckResult:
+    """The check's result; CheckNotRun as soon as a worker fails its workflow task."""
+    waiter = asyncio.ensure_future(handle.result(rpc_timeout=timedelta(seconds=timeout_s)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=0.5)
+            if done:
+                return waiter.result()
+            reason = await _task_failure(client, handle)
+            if reason is not None:
+                await handle.terminate(reason[:200])
+                raise CheckNotRun(reason)
+    finally:
+        waiter.cancel()
+
+
 async def run_system_check(client: Client, request: SystemCheckRequest | None = None) -> SystemReport:
     """Probe every service through Temporal; a missing service is named, never waited for."""
     request = request or SystemCheckRequest()
@@ -86,7 +125,7 @@ async def run_system_check(client: Client, request: SystemCheckRequest | None = 
                 execution_timeout=timedelta(seconds=request.timeout_s + 5),
             )  # fmt: skip
             if await _picked_up(handle, within_s=min(request.timeout_s, PICKUP_S)):
-                result = await handle.result(rpc_timeout=timedelta(seconds=request.timeout_s + 10))
+                result = await _result(client, handle, request.timeout_s + 10)
                 probes = result.services
                 latency = (asyncio.get_running_loop().time() - started) * 1000
                 orchestration = ServiceProbe(
@@ -101,7 +140,8 @@ async def run_system_check(client: Client, request: SystemCheckRequest | None = 
             root: BaseException = exc
             while root.__cause__ is not None:  # a failed workflow's reason is in its cause
                 root = root.__cause__
-            orchestration.error = f"no answer: {type(root).__name__}: {root}"
+            cause = str(root) if isinstance(root, CheckNotRun) else f"{type(root).__name__}: {root}"
+            orchestration.error = f"no answer: {cause}"
         if not orchestration.answered:
             for probe in probes:
                 probe.error = "not checked: the orchestration worker did not run the check"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 import httpx
 from temporalio.client import Client
@@ -11,9 +12,12 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.system import SystemCheckRequest
 from fleetflow.db import Pool
+from fleetflow.keys import keyring
+from fleetflow.payload_codec import data_converter
 from fleetflow.settings import Settings
 from fleetflow.system_report import run_system_check
-from tests.support import bearer
+from fleetflow.temporal import interceptors
+from tests.support import bearer, eventually
 from workers.worker import build_worker
 
 
@@ -78,3 +82,27 @@ async def test_without_orchestration_worker_the_check_says_so_at_once(client: Cl
     assert all(s.error and s.error.startswith("not checked") for s in report.services[1:])
     # a stale poller or none: the quick path answered, not the 30 s probe timeout
     assert "no worker polls" in orchestration.error or "within 3 s" in orchestration.error
+
+
+async def test_a_client_with_foreign_payload_keys_is_told_at_once(
+    client: Client, settings: Settings, tmp_path: Path
+) -> None:
+    """The platform's signing keys but payload keys of its own: the workers cannot read its
+    check, and the report says which keys to use instead of waiting for the deadline."""
+    stranger = await Client.connect(
+        client.service_client.config.target_host, namespace=client.namespace,
+        data_converter=data_converter(Settings(keys_dir=tmp_path)),
+        interceptors=interceptors(keyring(settings), "stranger"),
+    )  # fmt: skip
+    report = await run_system_check(stranger, SystemCheckRequest(timeout_s=60))
+    orchestration = report.services[0]
+    assert not report.ok and not orchestration.answered
+    assert orchestration.error and "payload key" in orchestration.error
+    assert "FLEETFLOW_KEYS_DIR" in orchestration.error
+    # the run is ended, not left failing its task until its 65 s deadline
+    query = "WorkflowType = 'SystemCheck' AND ExecutionStatus = 'Running'"
+
+    async def running() -> list[str]:
+        return [r.id async for r in client.list_workflows(query)]
+
+    await eventually(running, lambda ids: ids == [], timeout_s=10)

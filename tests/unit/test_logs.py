@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from datetime import UTC, datetime
 from typing import Any
 
@@ -15,8 +16,17 @@ from fleetflow.contracts.devices import DeviceTransition
 from fleetflow.contracts.events import DeliveryProgress
 from fleetflow.contracts.telemetry import Evaluated, Stored
 from fleetflow.errors import StartupError
-from fleetflow.logs import JsonFormatter, bind_request, bound, device_of, redact, unbind_request
+from fleetflow.logs import (
+    JsonFormatter,
+    OneLineRefusals,
+    bind_request,
+    bound,
+    device_of,
+    redact,
+    unbind_request,
+)
 from fleetflow.metrics import OUTCOMES
+from fleetflow.payload_codec import PayloadKeyError
 from fleetflow.settings import load_settings
 from workers.devstack import metrics_port_of
 
@@ -159,3 +169,22 @@ def test_tokens_bearer_credentials_and_dsn_passwords_never_reach_a_log_line(
     message = json.loads(line)["message"]
     assert message == "refused [redacted token]; Authorization: Bearer [redacted]; db postgresql://u:***@db/x"
     assert redact("no secret here") == "no secret here"
+
+
+def test_a_refusal_is_logged_as_one_line_without_its_traceback() -> None:
+    try:
+        raise PayloadKeyError("a payload is sealed with payload key 'k1', which this process does not have")
+    except PayloadKeyError:
+        rec = logging.LogRecord("sdk", logging.ERROR, __file__, 1, "Failed on %s", ("r1",), sys.exc_info())
+    assert OneLineRefusals().filter(rec)
+    out = line(rec)
+    assert out["message"] == (
+        "Failed on r1: PayloadKeyError: a payload is sealed with payload key 'k1', "
+        "which this process does not have"
+    )
+    assert "exc" not in out
+    try:
+        raise RuntimeError("a bug")
+    except RuntimeError:
+        other = logging.LogRecord("sdk", logging.ERROR, __file__, 1, "Failed", (), sys.exc_info())
+    assert OneLineRefusals().filter(other) and "Traceback" in line(other)["exc"]
