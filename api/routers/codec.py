@@ -83,40 +83,40 @@ def _cors(request: Request, state: State, response: Response) -> None:
 PAYLOADS_EXAMPLE = {"payloads": [{"metadata": {"encoding": "YmluYXJ5L2VuY3J5cHRlZA=="}, "data": ""}]}
 
 
-@router.post("/decode", summary="Decrypt payloads for the Temporal Web UI")
-async def decode(
-    request: Request,
-    response: Response,
-    state: State,
-    caller: Caller,
-    body: Annotated[dict[str, Any], Body(examples=[PAYLOADS_EXAMPLE])],
+async def _apply(
+    request: Request, response: Response, state: State, body: dict[str, Any], op: str
 ) -> dict[str, Any]:
-    """The payloads decrypted (ones that were not encrypted come back as they are)."""
+    """The client's codec's encode or decode (op) over the body's payloads, answered as JSON."""
     codec = state.temporal.data_converter.payload_codec
     payloads = list(_payloads(body).payloads)
     try:
-        decoded = await codec.decode(payloads) if codec else payloads
+        done = await getattr(codec, op)(payloads) if codec else payloads
     except ValueError as exc:  # unknown payload key, tampered payload: say which, never the data
         raise invalid(["body", "payloads"], str(exc)) from None
-    log.info("codec decode of %d payloads for %s", len(payloads), caller.subject)
     _cors(request, state, response)
-    return MessageToDict(Payloads(payloads=decoded))
+    answer: dict[str, Any] = MessageToDict(Payloads(payloads=done))
+    return answer
+
+
+PayloadsBody = Annotated[dict[str, Any], Body(examples=[PAYLOADS_EXAMPLE])]
+
+
+@router.post("/decode", summary="Decrypt payloads for the Temporal Web UI")
+async def decode(
+    request: Request, response: Response, state: State, caller: Caller, body: PayloadsBody
+) -> dict[str, Any]:
+    """The payloads decrypted (ones that were not encrypted come back as they are)."""
+    decoded = await _apply(request, response, state, body, "decode")
+    log.info("codec decode of %d payloads for %s", len(decoded.get("payloads", [])), caller.subject)
+    return decoded
 
 
 @router.post("/encode", summary="Encrypt payloads (the Temporal Web UI's signal and update inputs)")
 async def encode(
-    request: Request,
-    response: Response,
-    state: State,
-    caller: Caller,
-    body: Annotated[dict[str, Any], Body(examples=[PAYLOADS_EXAMPLE])],
+    request: Request, response: Response, state: State, caller: Caller, body: PayloadsBody
 ) -> dict[str, Any]:
     """The payloads encrypted with the current payload key."""
-    codec = state.temporal.data_converter.payload_codec
-    payloads = list(_payloads(body).payloads)
-    encoded = await codec.encode(payloads) if codec else payloads
-    _cors(request, state, response)
-    return MessageToDict(Payloads(payloads=encoded))
+    return await _apply(request, response, state, body, "encode")
 
 
 @router.options("/{operation}", include_in_schema=False)

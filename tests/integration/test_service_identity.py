@@ -134,6 +134,14 @@ FORGERIES: dict[str, tuple[Callable[[Path], str | None], str]] = {
 }
 
 
+def _activity_refusal(failed: WorkflowFailureError) -> ApplicationError:
+    """The identity check's refusal that failed the workflow's activity."""
+    assert isinstance(failed.cause, ActivityError)
+    refusal = failed.cause.cause
+    assert isinstance(refusal, ApplicationError) and refusal.type == identity.REFUSED
+    return refusal
+
+
 @pytest.mark.parametrize("case", list(FORGERIES))
 async def test_a_workflow_started_without_a_valid_identity_fails_clearly(
     client: Client, workers: None, tmp_path: Path, case: str
@@ -166,9 +174,7 @@ async def test_a_forged_activity_header_is_refused_by_the_worker(
                 CallActivity.run, call, id=f"forged-activity-{uuid.uuid4().hex[:8]}", task_queue=queue,
                 execution_timeout=timedelta(seconds=30),
             )  # fmt: skip
-    assert isinstance(failed.value.cause, ActivityError)
-    refusal = failed.value.cause.cause
-    assert isinstance(refusal, ApplicationError) and refusal.type == identity.REFUSED
+    refusal = _activity_refusal(failed.value)
     assert "activity device.ping" in refusal.message and reason in refusal.message
 
 
@@ -201,9 +207,7 @@ async def test_an_actor_of_one_tenant_cannot_act_on_another(
             CallActivity.run, call, id=f"cross-tenant-{uuid.uuid4().hex[:8]}", task_queue=QUEUE,
             execution_timeout=timedelta(seconds=30),
         )  # fmt: skip
-    assert isinstance(failed.value.cause, ActivityError)
-    refusal = failed.value.cause.cause
-    assert isinstance(refusal, ApplicationError) and refusal.type == identity.REFUSED
+    refusal = _activity_refusal(failed.value)
     assert "tenant 'globex' may not act on tenant 'acme'" in refusal.message
     revoked = await pool.fetchval("SELECT revoked_at FROM device.credentials WHERE jti = $1", jti)
     assert revoked is None
