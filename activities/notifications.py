@@ -6,7 +6,8 @@ match; it then nudges those subscriptions' `EventDelivery` workflows. Each workf
 calls `deliver_pending`, which POSTs its subscription's deliveries in `seq` order,
 signed with the subscription's secret, through the process's one HTTP client.
 Subscriptions are written here directly (not through a workflow) so that their
-secrets never enter a Temporal history.
+secrets never enter a Temporal history, and their secrets are stored sealed with the
+platform's payload key (`sealed:<kid>:...`), so a database dump does not hold them either.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from fleetflow.contracts.events import (
 )
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.db import Pool
+from fleetflow.payload_codec import SEALED, PayloadKeys, open_text, seal_text
 from fleetflow.temporal import device_search_attributes
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,7 @@ POST_DEADLINE_S = 15.0
 # one deliver_pending stops taking new deliveries after this; the workflow calls it again
 BATCH_BUDGET_S = 60.0
 SIGNATURE_HEADER = "X-Fleetflow-Signature"
+SECRET_PURPOSE = "webhook-secret"  # authenticated with each sealed secret
 _EVENT = "e.seq, e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data"
 _DELIVERY = f"d.delivery_id, d.subscription_id, d.status, d.attempts, d.last_error, d.updated_at, {_EVENT}"
 _SUBSCRIPTION = """s.subscription_id, s.tenant, s.url, s.event_types, s.max_attempts, s.backoff_s,
@@ -93,10 +96,39 @@ class NotificationService:
 
     queue = TaskQueue.NOTIFICATION
 
-    def __init__(self, pool: Pool, temporal: Client | None = None, http: httpx.AsyncClient | None = None):
+    def __init__(
+        self,
+        pool: Pool,
+        temporal: Client | None = None,
+        http: httpx.AsyncClient | None = None,
+        keys: PayloadKeys | None = None,
+    ):
         self.pool = pool
         self.temporal = temporal
         self._http = http
+        self._keys = keys
+
+    @property
+    def keys(self) -> PayloadKeys:
+        """The payload keys that seal subscription secrets at rest."""
+        if self._keys is None:
+            raise RuntimeError("this NotificationService was built without the payload keys")
+        return self._keys
+
+    async def seal_stored_secrets(self) -> int:
+        """Seal the secrets stored before sealing existed; how many there were."""
+        rows = await self.pool.fetch(
+            "SELECT subscription_id, secret FROM notification.subscriptions WHERE secret NOT LIKE $1",
+            f"{SEALED}%",
+        )
+        for row in rows:
+            sealed = seal_text(self.keys, row["secret"], SECRET_PURPOSE)
+            await self.pool.execute(
+                """UPDATE notification.subscriptions SET secret = $3
+                   WHERE subscription_id = $1 AND secret = $2""",
+                row["subscription_id"], row["secret"], sealed,
+            )  # fmt: skip
+        return len(rows)
 
     @property
     def http(self) -> httpx.AsyncClient:
@@ -188,6 +220,7 @@ class NotificationService:
         )
         if sub is None:
             return DeliveryProgress(gone=True)
+        secret = open_text(self.keys, sub["secret"], SECRET_PURPOSE)
         rows = await self.pool.fetch(
             f"""SELECT d.delivery_id, d.attempts, {_EVENT}
                FROM notification.deliveries d JOIN notification.events e ON e.seq = d.event_seq
@@ -202,7 +235,7 @@ class NotificationService:
             if activity.in_activity():
                 activity.heartbeat(progress.delivered)
             event = _event(row)
-            error = await self._post(sub["url"], sub["secret"], event)
+            error = await self._post(sub["url"], secret, event)
             status = await self._mark(row["delivery_id"], error, sub["max_attempts"])
             if status == "delivered":
                 progress.delivered += 1
@@ -288,7 +321,8 @@ class NotificationService:
             """INSERT INTO notification.subscriptions (subscription_id, tenant, url, event_types,
                    secret, max_attempts, backoff_s, max_backoff_s, created_by)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *, 0 AS pending, 0 AS dead_letters""",
-            f"sub-{uuid.uuid4().hex[:20]}", tenant, str(request.url), request.event_types, request.secret,
+            f"sub-{uuid.uuid4().hex[:20]}", tenant, str(request.url), request.event_types,
+            seal_text(self.keys, request.secret, SECRET_PURPOSE),
             request.max_attempts, request.backoff_s, request.max_backoff_s, created_by,
         )  # fmt: skip
         assert row is not None

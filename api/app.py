@@ -12,6 +12,7 @@ from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
+from activities.notifications import NotificationService
 from api.credentials import CredentialCache
 from api.ingestion import ensure_ingestion
 from api.observability import instrument, untraced
@@ -20,6 +21,7 @@ from api.routers import codec, devices, events, health, onboardings, rollouts, t
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
+from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
 
@@ -34,6 +36,8 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         client = temporal or await connect(settings, service="api")
         pool = await create_pool(database_url(settings), size=settings.db_pool_size)
         await migrate(pool)
+        # subscription secrets stored before they were sealed at rest (idempotent, usually none)
+        await NotificationService(pool, keys=payload_keys(settings)).seal_stored_secrets()
         await ensure_ingestion(client, settings.ingest_shards)
         devices = DeviceService(pool, settings)
         credentials = CredentialCache(database_url(settings), devices.credential_active)

@@ -50,16 +50,17 @@ class PayloadKey:
     kid: str
     secret: bytes = dataclasses.field(repr=False)
 
-    def seal(self, plain: bytes) -> bytes:
-        """nonce || ciphertext+tag; the kid is authenticated too, so a payload cannot be
-        relabelled to another key."""
+    def seal(self, plain: bytes, purpose: str = "") -> bytes:
+        """nonce || ciphertext+tag; the kid (and purpose) are authenticated too, so a payload
+        cannot be relabelled to another key, nor a sealed value moved to another use."""
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + AESGCM(self.secret).encrypt(nonce, plain, self.kid.encode())
+        return nonce + AESGCM(self.secret).encrypt(nonce, plain, (self.kid + purpose).encode())
 
-    def open(self, sealed: bytes) -> bytes:
+    def open(self, sealed: bytes, purpose: str = "") -> bytes:
         """The plaintext of seal()'s output; PayloadKeyError when it does not authenticate."""
         try:
-            return AESGCM(self.secret).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], self.kid.encode())
+            aad = (self.kid + purpose).encode()
+            return AESGCM(self.secret).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
         except InvalidTag:
             raise PayloadKeyError(f"a payload sealed with key {self.kid!r} fails authentication") from None
 
@@ -166,6 +167,27 @@ class EncryptionCodec(PayloadCodec):
                 )
             out.append(Payload.FromString(key.open(payload.data)))
         return out
+
+
+SEALED = "sealed:"
+
+
+def seal_text(keys: PayloadKeys, plain: str, purpose: str) -> str:
+    """plain sealed for storage at rest, as `sealed:<kid>:<base64>`; purpose (say
+    "webhook-secret") is authenticated with it."""
+    key = keys.current()
+    return f"{SEALED}{key.kid}:{base64.b64encode(key.seal(plain.encode(), purpose)).decode()}"
+
+
+def open_text(keys: PayloadKeys, stored: str, purpose: str) -> str:
+    """What seal_text sealed; a value stored before sealing comes back as it is."""
+    if not stored.startswith(SEALED):
+        return stored
+    kid, _, data = stored.removeprefix(SEALED).partition(":")
+    key = keys.get(kid)
+    if key is None:
+        raise PayloadKeyError(f"a stored value is sealed with payload key {kid!r}, which this process lacks")
+    return key.open(base64.b64decode(data), purpose).decode()
 
 
 _KEYS: dict[tuple[Path, str | None], PayloadKeys] = {}

@@ -14,6 +14,7 @@ from activities.notifications import NotificationService
 from activities.telemetry import DataService
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import Pool
+from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from workflows.bulk_onboarding import BulkOnboarding
 from workflows.device_decommission import DeviceDecommission
@@ -52,7 +53,7 @@ def service_for(
     if queue is TaskQueue.ANALYTICS:
         return AnalyticsService(pool)
     if queue is TaskQueue.NOTIFICATION:
-        return NotificationService(pool, temporal, http)
+        return NotificationService(pool, temporal, http, payload_keys(settings))
     raise ValueError(f"{queue.value} runs workflows, not a service")
 
 

@@ -18,6 +18,7 @@ from fleetflow.contracts.events import (
     SubscriptionRequest,
     SubscriptionView,
 )
+from fleetflow.payload_codec import payload_keys
 from fleetflow.security import TokenClaims
 
 router = APIRouter(tags=["events"])
@@ -29,7 +30,7 @@ After = Annotated[int | None, Query(ge=0, description="the last seq (or id) of t
 
 def _service(state: State) -> NotificationService:
     # a thin view over the process's pool, Temporal client and HTTP client
-    return NotificationService(state.pool, state.temporal, state.http)
+    return NotificationService(state.pool, state.temporal, state.http, payload_keys(state.settings))
 
 
 Service = Annotated[NotificationService, Depends(_service)]

@@ -31,6 +31,7 @@ from fleetflow.contracts.devices import (
 )
 from fleetflow.contracts.events import EventBatch
 from fleetflow.db import Pool
+from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from workers.registry import service_for
 from workers.worker import build_worker
@@ -90,7 +91,7 @@ async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterat
     """One worker per queue, running for the whole session."""
     services: dict[TaskQueue, object] = {
         TaskQueue.DEVICE: FaultyDevices(pool, settings),
-        TaskQueue.NOTIFICATION: FaultyNotifications(pool, client),
+        TaskQueue.NOTIFICATION: FaultyNotifications(pool, client, keys=payload_keys(settings)),
     }
     running = []
     for queue in TaskQueue:

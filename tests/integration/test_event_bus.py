@@ -22,6 +22,8 @@ from activities.notifications import NotificationService
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliveryInput, DeliverySummary, EventBatch, delivery_workflow_id
 from fleetflow.db import Pool
+from fleetflow.payload_codec import SEALED, payload_keys
+from fleetflow.settings import Settings
 from tests.support import bearer, eventually, free_port
 from workflows.event_delivery import EventDelivery
 
@@ -299,3 +301,33 @@ async def test_subscriptions_are_tenant_scoped(api: httpx.AsyncClient, client: C
     assert (await api.delete(path, headers=auth)).status_code == 404
     handle = client.get_workflow_handle_for(EventDelivery.run, sub["workflow_id"])
     assert (await handle.result()).subscription_id == sub["subscription_id"]
+
+
+async def test_secrets_are_sealed_at_rest_and_older_plain_ones_are_sealed_at_start(
+    api: httpx.AsyncClient, client: Client, pool: Pool, settings: Settings
+) -> None:
+    """A database dump holds no webhook secret; deliveries are still signed with it, including
+    a subscription stored before sealing existed (sealed when a process starts)."""
+    tenant, auth = new_tenant()
+    async with Receiver() as hook:
+        sub = await subscribe(api, auth, hook.url, event_types=["Probe"])
+        sid = sub["subscription_id"]
+        stored = await pool.fetchval(
+            "SELECT secret FROM notification.subscriptions WHERE subscription_id = $1", sid
+        )
+        assert stored.startswith(SEALED) and SECRET not in stored
+        # as an upgraded platform finds it: the secret in clear
+        await pool.execute(
+            "UPDATE notification.subscriptions SET secret = $2 WHERE subscription_id = $1", sid, SECRET
+        )
+        keys = payload_keys(settings)
+        assert await NotificationService(pool, keys=keys).seal_stored_secrets() >= 1
+        resealed = await pool.fetchval(
+            "SELECT secret FROM notification.subscriptions WHERE subscription_id = $1", sid
+        )
+        assert resealed.startswith(SEALED) and SECRET not in resealed
+        assert await NotificationService(pool, keys=keys).seal_stored_secrets() == 0
+
+        await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 2))
+        await eventually(hook.received, has(2))
+    assert all(signature_ok(headers, body) for headers, body in hook.requests)

@@ -21,6 +21,8 @@ from fleetflow.payload_codec import (
     PayloadKeyError,
     PayloadKeys,
     data_converter,
+    open_text,
+    seal_text,
 )
 from fleetflow.settings import Settings, load_settings
 
@@ -118,3 +120,15 @@ async def test_the_platform_converter_round_trips_contracts_through_ciphertext(t
     assert all(p.metadata["encoding"] == ENCODING for p in payloads)
     assert SECRET.encode() not in b"".join(p.SerializeToString() for p in payloads)
     assert await converter.decode(payloads, [Actor]) == [actor]
+
+
+def test_text_sealed_at_rest_opens_for_its_purpose_only(tmp_path: Path) -> None:
+    keys = PayloadKeys(tmp_path)
+    sealed = seal_text(keys, SECRET, "webhook-secret")
+    assert sealed.startswith(f"sealed:{keys.current().kid}:") and SECRET not in sealed
+    assert open_text(keys, sealed, "webhook-secret") == SECRET
+    with pytest.raises(PayloadKeyError, match="fails authentication"):
+        open_text(keys, sealed, "another-use")
+    assert open_text(keys, "stored-before-sealing", "webhook-secret") == "stored-before-sealing"
+    with pytest.raises(PayloadKeyError, match="lacks"):
+        open_text(PayloadKeys(tmp_path / "other"), sealed, "webhook-secret")
