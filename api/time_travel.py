@@ -22,6 +22,7 @@ from temporalio.worker import (
 
 from fleetflow.contracts.common import Strict
 from fleetflow.contracts.twin import TwinInput, TwinState
+from fleetflow.temporal import HEADER_CODEC
 from workflows.device_twin import DeviceTwin
 
 # activity → the domain event its completion records
@@ -214,6 +215,7 @@ async def twin_as_of(
         return twin.get(), run.run_id, last_time
     replayer = Replayer(
         workflows=[DeviceTwin], data_converter=client.data_converter, interceptors=[_Capture()],
+        header_codec_behavior=HEADER_CODEC,
         workflow_runner=UnsandboxedWorkflowRunner(),
     )  # fmt: skip
     await replayer.replay_workflow(WorkflowHistory(workflow_id, events), raise_on_replay_failure=True)

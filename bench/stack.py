@@ -26,7 +26,7 @@ from fleetflow.keys import keyring
 from fleetflow.payload_codec import data_converter
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
-from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors
+from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors, sealing_headers
 from workers.worker import build_worker
 
 
@@ -69,21 +69,22 @@ async def stack(payload_keys: str | None = None) -> AsyncIterator[Stack]:
             data_converter=data_converter(Settings(data_dir=data, payload_keys=payload_keys)),
             interceptors=interceptors(keyring(Settings(data_dir=data)), "bench"),
         )
+        client = sealing_headers(env.client)
         settings = Settings(
             data_dir=data, database_url=dsn, payload_keys=payload_keys,
-            temporal_address=env.client.service_client.config.target_host,
+            temporal_address=client.service_client.config.target_host,
         )  # fmt: skip
         pool = await create_pool(dsn, size=10)
         await migrate(pool)
         workers = [
-            build_worker(env.client, queue, None if queue is TaskQueue.ORCHESTRATION else pool, settings)
+            build_worker(client, queue, None if queue is TaskQueue.ORCHESTRATION else pool, settings)
             for queue in TaskQueue
         ]
         workers.append(
-            Worker(env.client, task_queue=BASELINE_QUEUE, workflows=[FiveActivities], activities=[noop])
+            Worker(client, task_queue=BASELINE_QUEUE, workflows=[FiveActivities], activities=[noop])
         )
         tasks = [asyncio.create_task(w.run()) for w in workers]
-        app = create_app(settings, env.client)
+        app = create_app(settings, client)
         token = issue_token(
             keyring(settings), subject="bench", tenant="bench", scopes=sorted(SCOPES), ttl=timedelta(hours=1)
         )
@@ -91,7 +92,7 @@ async def stack(payload_keys: str | None = None) -> AsyncIterator[Stack]:
             async with app.router.lifespan_context(app):
                 transport = httpx.ASGITransport(app=app)
                 async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
-                    yield Stack(env.client, http, {"Authorization": f"Bearer {token}"}, settings)
+                    yield Stack(client, http, {"Authorization": f"Bearer {token}"}, settings)
         finally:
             await asyncio.gather(*(w.shutdown() for w in workers))
             await asyncio.gather(*tasks, return_exceptions=True)

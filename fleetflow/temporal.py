@@ -12,7 +12,12 @@ from temporalio.api.operatorservice.v1 import (
     ListSearchAttributesRequest,
 )
 from temporalio.client import Client, Interceptor
-from temporalio.common import SearchAttributeKey, SearchAttributePair, TypedSearchAttributes
+from temporalio.common import (
+    HeaderCodecBehavior,
+    SearchAttributeKey,
+    SearchAttributePair,
+    TypedSearchAttributes,
+)
 from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from fleetflow import observability
@@ -91,6 +96,19 @@ def interceptors(ring: KeyRing, service: str, issuer: str = "fleetflow") -> list
     ]
 
 
+# headers pass through the payload codec too: the service identity token is a (short-lived)
+# credential, and it must not be readable, nor usable, by whoever reads a history
+HEADER_CODEC = HeaderCodecBehavior.CODEC
+
+
+def sealing_headers(client: Client) -> Client:
+    """The same client, but with its headers sealed like its payloads (HEADER_CODEC); for
+    clients made by something other than connect(), such as a test environment's."""
+    config = client.config()
+    config["header_codec_behavior"] = HEADER_CODEC
+    return Client(**config)
+
+
 async def connect(settings: Settings, *, service: str, timeout: float = 10.0) -> Client:
     """Connect with the platform's converter (pydantic, encrypted payloads) and interceptors;
     StartupError when unreachable."""
@@ -101,6 +119,7 @@ async def connect(settings: Settings, *, service: str, timeout: float = 10.0) ->
                 namespace=settings.temporal_namespace,
                 data_converter=data_converter(settings),
                 interceptors=interceptors(keyring(settings), service, settings.jwt_issuer),
+                header_codec_behavior=HEADER_CODEC,
                 # the process's runtime, whose metrics it exports (the SDK default before setup)
                 runtime=observability.temporal_runtime(),
             )

@@ -14,7 +14,7 @@ from fleetflow import embedded_pg, observability
 from fleetflow.db import Pool, create_pool, migrate
 from fleetflow.payload_codec import data_converter
 from fleetflow.settings import Settings
-from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors
+from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors, sealing_headers
 from tests.support import TEMPORAL_CLI, TEST_KEYS, TEST_KEYS_DIR, SpanRecorder, free_port
 
 
@@ -67,8 +67,8 @@ async def temporal_env(ui_port: int, telemetry: SpanRecorder) -> AsyncIterator[W
 
 @pytest.fixture(scope="session")
 def client(temporal_env: WorkflowEnvironment) -> Client:
-    """The session's Temporal client (pydantic converter, the platform's interceptors)."""
-    return temporal_env.client
+    """The session's Temporal client: the platform's converter and interceptors, headers sealed."""
+    return sealing_headers(temporal_env.client)
 
 
 @pytest.fixture(scope="session")

@@ -22,9 +22,9 @@ from tests.support import bearer
 CODEC = bearer("ops", ["codec:decode"])
 
 
-# search attributes stay in clear (the Web UI finds runs by them); headers carry the signed
-# service identity and the trace context, neither of them secret
-CLEAR = {"header", "search_attributes"}
+# search attributes stay in clear: the Web UI finds runs by them
+CLEAR = {"search_attributes"}
+SERVICE_TOKEN = b"eyJhbGciOiJFUzI1NiIs"  # '{"alg":"ES256",' of every platform JWT, base64url
 
 
 def _payloads(message: Any) -> list[Payload]:
@@ -53,7 +53,7 @@ async def _onboarded(api: httpx.AsyncClient, client: Client) -> tuple[str, str, 
     return device_id, credential, marker, list(history.events)
 
 
-async def test_onboarding_history_holds_no_credential_or_configuration_in_clear(
+async def test_onboarding_history_holds_no_credential_configuration_or_token_in_clear(
     api: httpx.AsyncClient, client: Client
 ) -> None:
     _, credential, marker, events = await _onboarded(api, client)
@@ -61,6 +61,8 @@ async def test_onboarding_history_holds_no_credential_or_configuration_in_clear(
     assert marker.encode() not in stored
     assert credential.encode() not in stored
     assert b"target_c" not in stored
+    # nor the service identity tokens of its headers: whoever reads a history cannot use them
+    assert SERVICE_TOKEN not in stored and b"traceparent" not in stored
     # the SDK writes workflow.patched markers itself, naming the patch in clear
     patches = {e.event_id for e in events if e.marker_recorded_event_attributes.marker_name == "core_patch"}
     payloads = [p for event in events if event.event_id not in patches for p in _payloads(event)]

@@ -15,6 +15,7 @@ from temporalio.worker import Replayer
 
 from fleetflow.payload_codec import data_converter
 from fleetflow.settings import Settings
+from fleetflow.temporal import HEADER_CODEC
 from tests.replay.keys import REPLAY_PAYLOAD_KEYS
 from workers.registry import WORKFLOWS
 
@@ -34,6 +35,8 @@ def test_every_workflow_type_has_a_recorded_history() -> None:
 
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
-    replayer = Replayer(workflows=list(WORKFLOWS), data_converter=CONVERTER)
+    replayer = Replayer(
+        workflows=list(WORKFLOWS), data_converter=CONVERTER, header_codec_behavior=HEADER_CODEC
+    )
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     await replayer.replay_workflow(history)
