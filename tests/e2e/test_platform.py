@@ -115,6 +115,17 @@ async def test_up_becomes_healthy_and_check_passes(stack: Stack) -> None:
     # its payloads are sealed with its own key: the workers cannot read them, and it is told so
     assert "payload key" in stranger.stdout and "FLEETFLOW_KEYS_DIR" in stranger.stdout, stranger.stdout
 
+    # the Web UI decodes payloads through the API's /codec, which answers the UI's origin
+    ui = f"http://127.0.0.1:{stack.ui_port}"
+    async with httpx.AsyncClient(timeout=30) as http:
+        codec = (await http.get(f"{ui}/api/v1/settings")).json()["Codec"]
+        assert codec["Endpoint"] == f"{stack.api_url}/codec", codec
+        preflight = await http.options(
+            f"{stack.api_url}/codec/decode",
+            headers={"Origin": ui, "Access-Control-Request-Method": "POST"},
+        )
+        assert preflight.headers.get("access-control-allow-origin") == ui, preflight.headers
+
 
 # --- 2 -------------------------------------------------------------------------------------------
 
