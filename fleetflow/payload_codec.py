@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import json
 import os
 import secrets
@@ -50,17 +51,22 @@ class PayloadKey:
     kid: str
     secret: bytes = dataclasses.field(repr=False)
 
+    @functools.cached_property
+    def _aead(self) -> AESGCM:
+        # made once per key: a history replay opens thousands of payloads
+        return AESGCM(self.secret)
+
     def seal(self, plain: bytes, purpose: str = "") -> bytes:
         """nonce || ciphertext+tag; the kid (and purpose) are authenticated too, so a payload
         cannot be relabelled to another key, nor a sealed value moved to another use."""
         nonce = os.urandom(NONCE_BYTES)
-        return nonce + AESGCM(self.secret).encrypt(nonce, plain, (self.kid + purpose).encode())
+        return nonce + self._aead.encrypt(nonce, plain, (self.kid + purpose).encode())
 
     def open(self, sealed: bytes, purpose: str = "") -> bytes:
         """The plaintext of seal()'s output; PayloadKeyError when it does not authenticate."""
         try:
             aad = (self.kid + purpose).encode()
-            return AESGCM(self.secret).decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
+            return self._aead.decrypt(sealed[:NONCE_BYTES], sealed[NONCE_BYTES:], aad)
         except InvalidTag:
             raise PayloadKeyError(f"a payload sealed with key {self.kid!r} fails authentication") from None
 
@@ -76,6 +82,7 @@ class PayloadKeys:
             if configured is not None
             else []
         )
+        self._by_kid = {k.kid: k for k in self._keys}
         self._stamp: tuple[int, int] | None = None
 
     def keys(self) -> list[PayloadKey]:
@@ -95,14 +102,13 @@ class PayloadKeys:
         return self.current()
 
     def get(self, kid: str) -> PayloadKey | None:
-        """The key with that kid, if this process has it."""
-        for key in self.keys():
-            if key.kid == kid:
-                return key
-        if not self.configured:  # another process may have rotated a moment ago
+        """The key with that kid, if this process has it. Payload keys are never withdrawn, so
+        a key once read needs no look at the file (a replay opens thousands of payloads)."""
+        key = self._by_kid.get(kid)
+        if key is None and not self.configured:  # another process may have rotated a moment ago
             self._refresh(force=True)
-            return next((k for k in self._keys if k.kid == kid), None)
-        return None
+            key = self._by_kid.get(kid)
+        return key
 
     def rotate(self) -> PayloadKey:
         """A new key that encrypts from now on; the older ones keep decrypting."""
@@ -125,6 +131,7 @@ class PayloadKeys:
         elif force or stamp != self._stamp:
             entries = json.loads(self.path.read_text())
             self._keys = [PayloadKey(e["kid"], base64.b64decode(e["key"])) for e in entries]
+            self._by_kid = {k.kid: k for k in self._keys}
             self._stamp = stamp
 
     def _write(self, keys: list[PayloadKey]) -> None:
