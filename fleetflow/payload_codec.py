@@ -8,7 +8,8 @@ without encryption (older runs, recorded test histories) pass through decoding u
 
 Keys come from FLEETFLOW_PAYLOAD_KEYS (`kid:base64key,...`, the first one encrypts) or, when
 that is unset, from `payload-keys.json` in the key directory, made on first use and shared
-by every process of a platform like the signing keys.
+by every process of a platform like the signing keys. The same keys seal secrets a service
+must keep at rest (`seal_text`, e.g. webhook secrets).
 """
 
 from __future__ import annotations
