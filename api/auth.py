@@ -25,24 +25,31 @@ Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 State = Annotated[AppState, Depends(get_state)]
 
 
-def _unauthorized(reason: str) -> HTTPException:
+def unauthorized(reason: str) -> HTTPException:
+    """401 with the reason, asking for a bearer token."""
     return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=reason, headers={"WWW-Authenticate": "Bearer"})
 
 
-def _token_of(credentials: HTTPAuthorizationCredentials | None) -> str:
+def token_of(credentials: HTTPAuthorizationCredentials | None) -> str:
+    """The bearer token; 401 when there is none."""
     if credentials is None or not credentials.credentials:
-        raise _unauthorized("missing bearer token")
+        raise unauthorized("missing bearer token")
     return credentials.credentials
+
+
+def api_claims(state: AppState, token: str) -> TokenClaims:
+    """The verified claims of an API token; 401 with the reason otherwise."""
+    try:
+        return verify_token(state.keys, token, state.settings.jwt_issuer)
+    except AuthError as exc:
+        raise unauthorized(str(exc)) from None
 
 
 def require(scope: str) -> Callable[..., Awaitable[TokenClaims]]:
     """Dependency: a valid API token holding scope (or admin); 401 or 403 otherwise."""
 
     async def dependency(state: State, credentials: Bearer) -> TokenClaims:
-        try:
-            claims = verify_token(state.keys, _token_of(credentials), state.settings.jwt_issuer)
-        except AuthError as exc:
-            raise _unauthorized(str(exc)) from None
+        claims = api_claims(state, token_of(credentials))
         if scope not in claims.scopes and "admin" not in claims.scopes:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this needs the {scope!r} scope")
         # the workflows this request starts or signals carry the caller, signed (fleetflow.identity)
@@ -59,12 +66,12 @@ def actor_of(claims: TokenClaims) -> Actor:
 
 async def require_device(state: State, credentials: Bearer) -> tuple[DeviceClaims, str]:
     """Dependency: a device credential that is valid and not revoked (checked every request)."""
-    token = _token_of(credentials)
+    token = token_of(credentials)
     try:
         claims = verify_device_credential(state.keys, token, state.settings.jwt_issuer)
     except AuthError as exc:
-        raise _unauthorized(str(exc)) from None
+        raise unauthorized(str(exc)) from None
     if not await state.credentials.active(claims.tenant, claims.device_id, claims.jti, token):
-        raise _unauthorized("credential revoked or unknown")
+        raise unauthorized("credential revoked or unknown")
     act_for(ServiceActor(subject=f"device:{claims.device_id}", tenant=claims.tenant))
     return claims, token

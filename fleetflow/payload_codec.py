@@ -93,9 +93,9 @@ class PayloadKeys:
 
     def current(self) -> PayloadKey:
         """The key that encrypts; the first key is made when there is none."""
-        keys = self.keys()
-        if keys:
-            return keys[0]
+        self._refresh()
+        if self._keys:
+            return self._keys[0]
         with key_file_lock(self.path.parent):
             self._refresh(force=True)
             if not self._keys:
@@ -218,11 +218,6 @@ def data_converter(settings: Settings) -> DataConverter:
         payload_codec=EncryptionCodec(payload_keys(settings)),
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )
-
-
-def rotate_payload_key(settings: Settings) -> str:
-    """Rotate the key directory's payload keys; the new key's id."""
-    return payload_keys(settings).rotate().kid
 
 
 def _new_key() -> PayloadKey:

@@ -6,7 +6,7 @@ import argparse
 
 from fleetflow.errors import StartupError
 from fleetflow.keys import KeySetError, keyring
-from fleetflow.payload_codec import payload_keys, rotate_payload_key
+from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 
 
@@ -16,7 +16,7 @@ def keys_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.keys_command == "rotate":
         if args.payload:
             try:
-                kid = rotate_payload_key(settings)
+                kid = payload_keys(settings).rotate().kid
             except KeySetError as exc:
                 raise StartupError(str(exc)) from None
             print(f"payload key {kid} encrypts from now on; older payload keys keep decrypting")
@@ -41,6 +41,7 @@ def keys_command(settings: Settings, args: argparse.Namespace) -> int:
     payload = payload_keys(settings)
     source = "FLEETFLOW_PAYLOAD_KEYS" if payload.configured else str(payload.path)
     print(f"\npayload keys (AES-256-GCM, from {source}):")
-    for index, pkey in enumerate([payload.current(), *payload.keys()[1:]]):
+    payload.current()  # made on first use, like the signing key
+    for index, pkey in enumerate(payload.keys()):
         print(f"{pkey.kid:<20}{'encrypting' if index == 0 else 'decrypting'}")
     return 0

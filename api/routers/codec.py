@@ -19,9 +19,9 @@ from fastapi.responses import HTMLResponse
 from google.protobuf.json_format import MessageToDict, ParseDict, ParseError
 from temporalio.api.common.v1 import Payloads
 
-from api.auth import Bearer, State
+from api.auth import Bearer, State, api_claims, token_of, unauthorized
 from api.problems import invalid
-from fleetflow.security import AuthError, TokenClaims, verify_token
+from fleetflow.security import TokenClaims
 
 router = APIRouter(prefix="/codec", tags=["codec"])
 log = logging.getLogger("fleetflow.codec")
@@ -31,15 +31,8 @@ COOKIE = "fleetflow_codec"
 ALLOWED_HEADERS = "Authorization, Content-Type, X-Namespace"
 
 
-def _unauthorized(reason: str) -> HTTPException:
-    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail=reason, headers={"WWW-Authenticate": "Bearer"})
-
-
 def _verified(state: State, token: str) -> TokenClaims:
-    try:
-        claims = verify_token(state.keys, token, state.settings.jwt_issuer)
-    except AuthError as exc:
-        raise _unauthorized(str(exc)) from None
+    claims = api_claims(state, token)
     if SCOPE not in claims.scopes:
         raise HTTPException(
             status.HTTP_403_FORBIDDEN,
@@ -54,7 +47,7 @@ async def codec_caller(
     """Dependency: a token with codec:decode, from the Authorization header or the session cookie."""
     token = credentials.credentials if credentials is not None and credentials.credentials else session
     if not token:
-        raise _unauthorized("missing bearer token (or open /codec/login in this browser)")
+        raise unauthorized("missing bearer token (or open /codec/login in this browser)")
     return _verified(state, token)
 
 
@@ -66,10 +59,7 @@ def _payloads(body: dict[str, Any]) -> Payloads:
     try:
         return ParseDict(body, Payloads())
     except ParseError as exc:
-        detail = [
-            {"loc": ["body", "payloads"], "msg": f"not Temporal payloads JSON: {exc}", "type": "value_error"}
-        ]
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=detail) from None
+        raise invalid(["body", "payloads"], f"not Temporal payloads JSON: {exc}") from None
 
 
 def _cors(request: Request, state: State, response: Response) -> None:
@@ -136,13 +126,12 @@ async def preflight(operation: str, request: Request, state: State) -> Response:
 async def open_session(state: State, credentials: Bearer) -> Response:
     """Checks the bearer token (it must hold codec:decode) and keeps it in an HttpOnly cookie
     for /codec until it expires, so the Web UI can decode from this browser."""
-    if credentials is None or not credentials.credentials:
-        raise _unauthorized("missing bearer token")
-    claims = _verified(state, credentials.credentials)
+    token = token_of(credentials)
+    claims = _verified(state, token)
     response = Response(status_code=status.HTTP_204_NO_CONTENT)
     ttl = int((claims.expires_at - datetime.now(UTC)).total_seconds())
     response.set_cookie(
-        COOKIE, credentials.credentials, max_age=max(ttl, 0), path="/codec",
+        COOKIE, token, max_age=max(ttl, 0), path="/codec",
         httponly=True, samesite="lax", secure=state.settings.api_url.startswith("https://"),
     )  # fmt: skip
     return response
