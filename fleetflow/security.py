@@ -41,6 +41,8 @@ SCOPES: dict[str, str] = {
     "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",
     # every tenant's payloads: for platform operators, so a tenant's admin does not include it
     "codec:decode": "decode any workflow's payloads through /codec (the Web UI's codec server)",
+    # every tenant's limits: for platform operators, so a tenant's admin does not include it
+    "tenants:admin": "set any tenant's profile (its rate limits and quotas)",
     "admin": "everything, including device types",
 }
 
