@@ -17,7 +17,6 @@ Limits are the platform defaults (`FLEETFLOW_QUOTAS`) under the tenant's profile
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import math
 import time
@@ -30,6 +29,7 @@ from fastapi import HTTPException, status
 from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.metrics import REQUESTS_THROTTLED
+from fleetflow.tenant_profiles import read_profile, write_profile
 
 log = logging.getLogger("fleetflow.quotas")
 
@@ -37,7 +37,7 @@ PROFILE_TTL_S = 5.0
 # device buckets past this are dropped, idle (full) ones first: a full bucket is a new one. The
 # tenants' own buckets are kept apart, so no sender can evict its tenant's debt by sending for
 # many made-up device ids
-MAX_BUCKETS = 200_000
+MAX_BUCKETS = 100_000  # about 40 MB at most
 
 # a count quota -> (the SQL counting what the tenant has, what it counts)
 COUNTS: dict[str, tuple[str, str]] = {
@@ -116,19 +116,11 @@ class Quotas:
 
     async def profile(self, tenant: str) -> TenantProfile:
         """The tenant's stored overrides (empty when it has none)."""
-        stored = await self.pool.fetchval(
-            "SELECT profile FROM fleetflow.tenant_profiles WHERE tenant = $1", tenant
-        )
-        # the pool decodes jsonb (fleetflow.db); a bare connection would give text
-        return TenantProfile.model_validate(json.loads(stored) if isinstance(stored, str) else stored or {})
+        return await read_profile(self.pool, tenant)
 
     async def set_profile(self, tenant: str, profile: TenantProfile, by: str) -> TenantLimits:
         """Store the tenant's overrides; this process applies them at once, others within the TTL."""
-        await self.pool.execute(
-            """INSERT INTO fleetflow.tenant_profiles (tenant, profile, updated_by) VALUES ($1, $2, $3)
-               ON CONFLICT (tenant) DO UPDATE SET profile = $2, updated_by = $3, updated_at = now()""",
-            tenant, profile.model_dump(exclude_none=True), by,
-        )  # fmt: skip
+        await write_profile(self.pool, tenant, profile, by)
         self._profiles.pop(tenant, None)
         return await self.limits(tenant)
 

@@ -9,12 +9,18 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 
+from fleetflow.contracts.tenants import TenantProfile
 from fleetflow.db import Pool
+from fleetflow.errors import StartupError
+from fleetflow.settings import Settings
 from tests.integration.flows import active_device, new_id, onboard, progress_until
 from tests.integration.test_observability import value
 from tests.integration.test_telemetry import readings, send
 from tests.support import bearer
+from workers.cli import build_parser
+from workers.tenant_commands import tenant_profile_command
 
 PLATFORM = bearer("platform", ["tenants:admin"])
 CALM_BATCHES = 40
@@ -163,3 +169,23 @@ async def test_only_a_platform_operator_sets_a_tenant_profile(api: httpx.AsyncCl
     assert mine["limits"]["max_rules"] == 7
     reset = await set_profile(api, tenant)
     assert reset["limits"]["max_rules"] == 1000
+
+
+async def test_the_cli_sets_a_profile_that_the_api_applies(
+    api: httpx.AsyncClient, settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tenant = tenant_id("cli")
+    args = build_parser().parse_args(["tenants", "profile", tenant, "max_rules=1", "requests_per_s=0"])
+    assert await tenant_profile_command(settings, args) == 0
+    assert "max_rules               1             profile" in capsys.readouterr().out
+    limits = (await api.get("/v1/quotas", headers=bearer(tenant))).json()["limits"]
+    assert (limits["max_rules"], limits["requests_per_s"], limits["max_devices"]) == (1, 0, 100_000)
+
+    again = build_parser().parse_args(["tenants", "profile", tenant, "max_rules=default"])
+    assert await tenant_profile_command(settings, again) == 0
+    assert (await api.get(f"/v1/tenants/{tenant}/profile", headers=PLATFORM)).json()["profile"] == {
+        **{name: None for name in TenantProfile.model_fields}, "requests_per_s": 0}  # fmt: skip
+    for bad in ("max_rule=1", "max_rules=-1", "burst_s=x"):
+        wrong = build_parser().parse_args(["tenants", "profile", tenant, bad])
+        with pytest.raises(StartupError, match=bad.split("=")[0]):
+            await tenant_profile_command(settings, wrong)
