@@ -109,7 +109,9 @@ class Quotas:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # the limits must not take the API down with the database: last known, else defaults
             log.warning("tenant profile of %s unreadable (%s); using the last known limits", tenant, exc)
-            return cached[1] if cached is not None else self.defaults
+            limits = cached[1] if cached is not None else self.defaults
+            self._profiles[tenant] = (now + PROFILE_TTL_S, limits)  # tried again after the TTL
+            return limits
         limits = profile.over(self.defaults)
         self._profiles[tenant] = (now + PROFILE_TTL_S, limits)
         return limits

@@ -132,3 +132,25 @@ def test_fleetflow_quotas_sets_the_defaults_and_names_a_bad_entry() -> None:
         with pytest.raises(Exception, match="FLEETFLOW_QUOTAS") as caught:
             load_settings({"FLEETFLOW_QUOTAS": bad})
         assert named in str(caught.value)
+
+
+async def test_an_unreadable_profile_keeps_the_last_known_limits_and_is_tried_again_after_the_ttl() -> None:
+    clock = Clock()
+    q = make(clock, requests_per_s=5)
+    q.profiles["acme"] = TenantProfile(requests_per_s=7)
+    assert (await q.limits("acme")).requests_per_s == 7
+    reads = 0
+
+    async def down(tenant: str) -> TenantProfile:
+        nonlocal reads
+        reads += 1
+        raise OSError("connection refused")
+
+    q.profile = down  # type: ignore[method-assign]
+    clock.now += quotas_module.PROFILE_TTL_S + 1
+    assert (await q.limits("acme")).requests_per_s == 7  # last known
+    assert (await q.limits("globex")).requests_per_s == 5  # never known: the defaults
+    assert (await q.limits("acme")).requests_per_s == 7 and reads == 2  # not every request
+    clock.now += quotas_module.PROFILE_TTL_S + 1
+    await q.limits("acme")
+    assert reads == 3
