@@ -32,7 +32,7 @@ SCOPES: dict[str, str] = {
     "devices:read": "read devices, onboardings and their progress",
     "devices:write": "onboard, import and cancel devices",
     "devices:approve": "approve or reject onboardings that need approval",
-    "system:read": "run the system check",
+    "system:read": "run the system check, read the tenant's limits (/v1/quotas)",
     "telemetry:write": "send telemetry for any device of the tenant",
     "telemetry:read": "read telemetry, quarantine counts and alerts",
     "rules:write": "create and change analytics rules",

@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 
-from api.auth import Bearer, State, api_claims, token_of
+from api.auth import Bearer, State, api_claims, require, token_of
 from fleetflow.contracts.common import TENANT_PATTERN
 from fleetflow.contracts.tenants import TenantProfile, TenantProfileView
 from fleetflow.security import TokenClaims
@@ -15,13 +15,6 @@ from fleetflow.security import TokenClaims
 router = APIRouter(tags=["tenants"])
 SCOPE = "tenants:admin"
 TenantPath = Annotated[str, Path(pattern=TENANT_PATTERN)]
-
-
-async def _caller(state: State, credentials: Bearer) -> TokenClaims:
-    """Any valid API token of a tenant (its requests count against the tenant's rate)."""
-    claims = api_claims(state, token_of(credentials))
-    await state.quotas.admit_request(claims.tenant)
-    return claims
 
 
 async def _operator(state: State, credentials: Bearer) -> TokenClaims:
@@ -32,7 +25,7 @@ async def _operator(state: State, credentials: Bearer) -> TokenClaims:
     return claims
 
 
-Caller = Annotated[TokenClaims, Depends(_caller)]
+Caller = Annotated[TokenClaims, Depends(require("system:read"))]
 Operator = Annotated[TokenClaims, Depends(_operator)]
 
 

@@ -162,7 +162,7 @@ async def test_only_a_platform_operator_sets_a_tenant_profile(api: httpx.AsyncCl
     assert unknown.status_code == 422 and "rps" in unknown.text
 
     await set_profile(api, tenant, max_rules=7)
-    mine = (await api.get("/v1/quotas", headers=bearer(tenant, ["telemetry:read"]))).json()
+    mine = (await api.get("/v1/quotas", headers=bearer(tenant, ["system:read"]))).json()
     assert mine["tenant"] == tenant and mine["profile"] == {
         "max_rules": 7, **dict.fromkeys(("readings_per_s", "requests_per_s", "device_readings_per_s",
         "device_requests_per_s", "burst_s", "max_devices", "max_subscriptions"))}  # fmt: skip
