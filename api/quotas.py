@@ -5,7 +5,7 @@ times its rates; the README says so): per tenant, requests/s and readings/s; per
 requests/s and readings/s. A bucket holds `rate * burst_s` tokens; a request that costs more
 than the bucket holds (a 10,000-reading batch of a device allowed 100/s) waits for a full
 bucket and then leaves it in debt, so the average rate holds for any batch size. A refused
-request costs nothing and is answered 429 with `Retry-After`.
+request takes nothing from the buckets that refused it and is answered 429 with `Retry-After`.
 
 Counts (devices, subscriptions, rules) are checked when one is created: 403 naming the quota,
 as Kubernetes' ResourceQuota and ThingsBoard's tenant profiles answer; waiting does not help.

@@ -21,7 +21,8 @@ async def _operator(state: State, credentials: Bearer) -> TokenClaims:
     """A token holding tenants:admin itself (a tenant's own admin may not raise its limits)."""
     claims = api_claims(state, token_of(credentials))
     if SCOPE not in claims.scopes:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this needs the {SCOPE!r} scope")
+        detail = f"this needs the {SCOPE!r} scope itself (admin does not include it)"
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=detail)
     return claims
 
 
