@@ -22,6 +22,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import asyncpg
 from fastapi import HTTPException, status
@@ -74,8 +75,7 @@ class TokenBucket:
         return 0.0 if self.level >= need else (need - self.level) / self.rate
 
 
-@dataclass(frozen=True)
-class _Charge:
+class _Charge(NamedTuple):
     reason: str
     bucket: TokenBucket
     cost: float
@@ -131,51 +131,58 @@ class Quotas:
     async def admit_request(self, tenant: str, device_id: str | None = None) -> None:
         """One request of the tenant (of one of its devices); 429 when over a rate."""
         limits = await self.limits(tenant)
-        charges = [self._charge("tenant_requests", tenant, "", limits, 1)]
+        now = self.clock()
+        charges = self._charges("tenant_requests", tenant, {"": 1}, limits, now)
         if device_id is not None:
-            charges.append(self._charge("device_requests", tenant, device_id, limits, 1))
+            charges += self._charges("device_requests", tenant, {device_id: 1}, limits, now)
         self._take(tenant, charges)
 
     async def admit_readings(self, tenant: str, per_device: Mapping[str, int]) -> None:
         """A batch's readings (count by device); 429 when over the tenant's or a device's rate."""
         limits = await self.limits(tenant)
-        total = sum(per_device.values())
-        charges = [self._charge("tenant_readings", tenant, "", limits, total)]
-        if limits.device_readings_per_s:
-            charges += [self._charge("device_readings", tenant, d, limits, n) for d, n in per_device.items()]
+        now = self.clock()
+        charges = self._charges("tenant_readings", tenant, {"": sum(per_device.values())}, limits, now)
+        charges += self._charges("device_readings", tenant, per_device, limits, now)
         self._take(tenant, charges)
 
-    def _charge(
-        self, reason: str, tenant: str, device: str, limits: TenantLimits, cost: int
-    ) -> _Charge | None:
+    def _charges(
+        self, reason: str, tenant: str, costs: Mapping[str, int], limits: TenantLimits, now: float
+    ) -> list[_Charge]:
+        """The buckets (refilled to now) that `costs` (by device, '' for the tenant) would take
+        from; none when the rate is unlimited. (A batch may name 10,000 devices: kept lean.)"""
         rate = int(getattr(limits, RATE_OF[reason]))
         if rate <= 0:  # unlimited
-            return None
-        now = self.clock()
-        key = (reason, tenant, device)
+            return []
         capacity = max(1.0, rate * limits.burst_s)
-        buckets = self._buckets if device else self._tenant_buckets
-        bucket = buckets.get(key)
-        if bucket is None:
-            if device and len(buckets) >= MAX_BUCKETS:
-                self._sweep(now)
-            bucket = buckets[key] = TokenBucket(rate, capacity, capacity, now)
-        else:
-            bucket.refill(now)
-            if bucket.rate != rate or bucket.capacity != capacity:  # the profile changed
-                bucket.rate, bucket.capacity, bucket.level = rate, capacity, min(bucket.level, capacity)
-        return _Charge(reason, bucket, cost, rate)
+        per_device = reason.startswith("device")
+        buckets = self._buckets if per_device else self._tenant_buckets
+        charges = []
+        for device, cost in costs.items():
+            key = (reason, tenant, device)
+            bucket = buckets.get(key)
+            if bucket is None:
+                if per_device and len(buckets) >= MAX_BUCKETS:
+                    self._sweep(now)
+                bucket = buckets[key] = TokenBucket(rate, capacity, capacity, now)
+            else:
+                bucket.refill(now)
+                if bucket.rate != rate or bucket.capacity != capacity:  # the profile changed
+                    bucket.rate, bucket.capacity, bucket.level = rate, capacity, min(bucket.level, capacity)
+            charges.append(_Charge(reason, bucket, cost, rate))
+        return charges
 
-    def _take(self, tenant: str, charges: list[_Charge | None]) -> None:
+    def _take(self, tenant: str, charges: list[_Charge]) -> None:
         """All or nothing: nothing awaits between the checks and the takes, so this is atomic."""
-        live = [c for c in charges if c is not None]
-        waits = [(c.bucket.wait_s(c.cost), c) for c in live]
-        wait, worst = max(waits, key=lambda w: w[0], default=(0.0, None))
-        if worst is not None and wait > 0:
+        wait, worst = 0.0, None
+        for charge in charges:
+            charge_wait = charge.bucket.wait_s(charge.cost)
+            if charge_wait > wait:
+                wait, worst = charge_wait, charge
+        if worst is not None:
             REQUESTS_THROTTLED.add(1, {"tenant": tenant, "reason": worst.reason})
             raise too_many_requests(worst.reason, worst.limit, wait)
-        for c in live:
-            c.bucket.level -= c.cost
+        for charge in charges:
+            charge.bucket.level -= charge.cost
 
     def _sweep(self, now: float) -> None:
         """Drop full device buckets (the same as new ones); if not enough, the oldest ones."""
