@@ -73,22 +73,23 @@ class DataService:
                        SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings
                        FROM data.ingest_batches WHERE window_id = $1),
                    oldest AS (
-                       SELECT tenant, batch_id, readings, received_at FROM data.ingest_batches
+                       SELECT tenant, writer, batch_id, readings, received_at FROM data.ingest_batches
                        WHERE status = 'pending' AND bucket % $3 = $2
                          AND NOT EXISTS (SELECT 1 FROM mine WHERE batches > 0)
-                       ORDER BY received_at, tenant, batch_id LIMIT 2000),
+                       ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
                    candidates AS (
-                       SELECT tenant, batch_id,
-                              sum(readings) OVER (ORDER BY received_at, tenant, batch_id) AS running
+                       SELECT tenant, writer, batch_id,
+                              sum(readings) OVER (ORDER BY received_at, tenant, writer, batch_id) AS running
                        FROM oldest),
                    picked AS (
-                       SELECT b.tenant, b.batch_id FROM data.ingest_batches b
-                       JOIN candidates c USING (tenant, batch_id)
+                       SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
+                       JOIN candidates c USING (tenant, writer, batch_id)
                        WHERE c.running <= $4 OR c.running = (SELECT min(running) FROM candidates)
                        FOR UPDATE OF b SKIP LOCKED),
                    claimed AS (
                        UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
-                       FROM picked p WHERE b.tenant = p.tenant AND b.batch_id = p.batch_id
+                       FROM picked p WHERE b.tenant = p.tenant AND b.writer = p.writer
+                         AND b.batch_id = p.batch_id
                          AND b.status = 'pending'
                        RETURNING b.readings)
                    SELECT (SELECT batches FROM mine) + (SELECT count(*) FROM claimed) AS batches,

@@ -17,7 +17,7 @@ from api.credentials import CredentialCache
 from api.ingestion import ensure_ingestion
 from api.observability import instrument, untraced
 from api.problems import validation_problem
-from api.routers import codec, devices, events, health, onboardings, rollouts, telemetry, twins
+from api.routers import codec, devices, events, health, onboardings, rollouts, telemetry, tenants, twins
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
@@ -61,7 +61,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         telemetry={"exclude": untraced},  # native OpenTelemetry: spans and HTTP metrics
     )
     app.add_exception_handler(RequestValidationError, validation_problem)
-    routers = (health, devices, onboardings, twins, telemetry, events, rollouts, codec)
+    routers = (health, devices, onboardings, twins, telemetry, events, rollouts, codec, tenants)
     for module in routers:
         app.include_router(module.router)
     instrument(app)  # /metrics and the request's log context

@@ -52,6 +52,7 @@ def require(scope: str) -> Callable[..., Awaitable[TokenClaims]]:
         claims = api_claims(state, token_of(credentials))
         if scope not in claims.scopes and "admin" not in claims.scopes:
             raise HTTPException(status.HTTP_403_FORBIDDEN, detail=f"this needs the {scope!r} scope")
+        await state.quotas.admit_request(claims.tenant)  # 429 over the tenant's requests/s
         # the workflows this request starts or signals carry the caller, signed (fleetflow.identity)
         act_for(ServiceActor(subject=claims.subject, tenant=claims.tenant, scopes=claims.scopes))
         return claims
@@ -73,5 +74,6 @@ async def require_device(state: State, credentials: Bearer) -> tuple[DeviceClaim
         raise unauthorized(str(exc)) from None
     if not await state.credentials.active(claims.tenant, claims.device_id, claims.jti, token):
         raise unauthorized("credential revoked or unknown")
+    await state.quotas.admit_request(claims.tenant, claims.device_id)  # 429 over a requests/s
     act_for(ServiceActor(subject=f"device:{claims.device_id}", tenant=claims.tenant))
     return claims, token

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import Request
@@ -11,6 +11,7 @@ from temporalio.client import Client
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from api.credentials import CredentialCache
+from api.quotas import Quotas
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing, keyring
 from fleetflow.settings import Settings
@@ -27,6 +28,10 @@ class AppState:
     devices: DeviceService
     analytics: AnalyticsService
     credentials: CredentialCache
+    quotas: Quotas = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.quotas = Quotas(self.pool, self.settings.quotas)
 
     @property
     def keys(self) -> KeyRing:

@@ -167,6 +167,8 @@ async def run(
     hooks = Webhooks()
     await hooks.start()
     env = {"FLEETFLOW_INGEST_SHARDS": str(shards)} if shards else {}
+    # one tenant offers the whole load: it measures the pipeline, so the tenant rates are off
+    env["FLEETFLOW_QUOTAS"] = "readings_per_s=0,requests_per_s=0,device_readings_per_s=0"
     sink = OtlpSink()
     if tracing is not None:
         await sink.start()

@@ -64,6 +64,10 @@ WEBHOOKS_DEAD_LETTERED = meter.create_counter(
     "fleetflow.webhooks.dead_lettered", unit="{delivery}",
     description="Webhook deliveries given up after their last attempt (now dead letters)",
 )  # fmt: skip
+REQUESTS_THROTTLED = meter.create_counter(
+    "fleetflow.requests.throttled", unit="{request}",
+    description="Requests refused by a tenant's limits (429 a rate, 403 a count), by tenant and reason",
+)  # fmt: skip
 
 
 def _stored(result: Any) -> None:

@@ -371,4 +371,29 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE device.device_types ADD PRIMARY KEY (tenant, name);
         """,
     ),
+    (
+        "0080_ingest_batch_writer",
+        """
+        -- a batch id is the sender's own: the key names who wrote the batch ('device:<id>' for a
+        -- device credential, 'token:<subject>' for an API token), so one device's ids never block
+        -- another's; digest (sha256 of the batch's rows) tells a retry (same content: duplicate)
+        -- from a reuse of the id for other content (409). Rows from before: writer '', no digest.
+        ALTER TABLE data.ingest_batches ADD COLUMN writer text NOT NULL DEFAULT '';
+        ALTER TABLE data.ingest_batches ADD COLUMN digest bytea;
+        ALTER TABLE data.ingest_batches DROP CONSTRAINT ingest_batches_pkey;
+        ALTER TABLE data.ingest_batches ADD PRIMARY KEY (tenant, writer, batch_id);
+        """,
+    ),
+    (
+        "0081_tenant_profiles",
+        """
+        -- a tenant's overrides of the platform's default limits (fleetflow.contracts.tenants)
+        CREATE TABLE fleetflow.tenant_profiles (
+            tenant     text PRIMARY KEY,
+            profile    jsonb NOT NULL DEFAULT '{}',
+            updated_at timestamptz NOT NULL DEFAULT now(),
+            updated_by text NOT NULL
+        );
+        """,
+    ),
 ]

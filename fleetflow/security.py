@@ -32,7 +32,7 @@ SCOPES: dict[str, str] = {
     "devices:read": "read devices, onboardings and their progress",
     "devices:write": "onboard, import and cancel devices",
     "devices:approve": "approve or reject onboardings that need approval",
-    "system:read": "run the system check",
+    "system:read": "run the system check, read the tenant's limits (/v1/quotas)",
     "telemetry:write": "send telemetry for any device of the tenant",
     "telemetry:read": "read telemetry, quarantine counts and alerts",
     "rules:write": "create and change analytics rules",
@@ -41,6 +41,8 @@ SCOPES: dict[str, str] = {
     "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",
     # every tenant's payloads: for platform operators, so a tenant's admin does not include it
     "codec:decode": "decode any workflow's payloads through /codec (the Web UI's codec server)",
+    # every tenant's limits: for platform operators, so a tenant's admin does not include it
+    "tenants:admin": "set any tenant's profile (its rate limits and quotas)",
     "admin": "everything, including device types",
 }
 

@@ -16,6 +16,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from fleetflow.contracts.tenants import TenantLimits, parse_limits
 from fleetflow.errors import StartupError
 
 # env var -> (settings field, default shown in docs)
@@ -39,6 +40,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_TRACE_SAMPLE_RATIO": ("trace_sample_ratio", "1.0"),
     "FLEETFLOW_METRICS_PORT": ("metrics_port", "9464"),
     "FLEETFLOW_METRICS_HOST": ("metrics_host", "127.0.0.1"),
+    "FLEETFLOW_QUOTAS": ("quotas", "the built-in tenant limits (README: Quotas)"),
 }
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -72,6 +74,8 @@ class Settings(BaseModel):
     # a worker's /metrics port (the first of a range when one command starts several); 0: none
     metrics_port: Annotated[int, Field(ge=0, le=65535)] = 9464
     metrics_host: str = "127.0.0.1"
+    # every tenant's limits unless its profile overrides them; "name=value,..." in the environment
+    quotas: TenantLimits = TenantLimits()
 
     @field_validator("temporal_address")
     @classmethod
@@ -94,6 +98,17 @@ class Settings(BaseModel):
             parse_payload_keys(value)
             return value.strip()
         return None
+
+    @field_validator("quotas", mode="before")
+    @classmethod
+    def _quotas(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        try:
+            return parse_limits(value)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
     @field_validator("log_level")
     @classmethod

@@ -1,4 +1,4 @@
-"""The `fleetflow` command line: up, api, worker, check, migrate, token, keys, devices, simulate."""
+"""The `fleetflow` command line: up, api, worker, check, migrate, token, keys, tenants, devices, simulate."""
 
 from __future__ import annotations
 
@@ -115,6 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     retire = keys_cmd.add_parser("retire", help="refuse everything a signing key signed")
     retire.add_argument("kid")
 
+    tenants = commands.add_parser("tenants", help="tenant profiles: rate limits and quotas")
+    tenants_cmd = tenants.add_subparsers(dest="tenants_command", required=True, parser_class=_Parser)
+    profile = tenants_cmd.add_parser("profile", help="show a tenant's limits; name=value changes them")
+    profile.add_argument("tenant")
+    profile.add_argument(
+        "assignments", nargs="*", metavar="name=value",
+        help="e.g. readings_per_s=20000 max_rules=0 (0: unlimited; default: drop)",
+    )  # fmt: skip
+    profile.add_argument("--reset", action="store_true", help="drop every override first")
+
     devices = commands.add_parser("devices", help="device operations")
     devices_cmd = devices.add_subparsers(dest="devices_command", required=True, parser_class=_Parser)
     imp = devices_cmd.add_parser("import", help="bulk-onboard devices from a CSV file")
@@ -203,6 +213,10 @@ def dispatch(args: argparse.Namespace) -> int:
         "token": lambda: commands.issue_token_command(settings, args),
         "devices": lambda: commands.import_devices(settings, args),
     }
+    if command == "tenants":
+        from workers.tenant_commands import tenant_profile_command
+
+        handlers["tenants"] = lambda: tenant_profile_command(settings, args)
     if command == "simulate":
         from workers.simulate import run_command
 

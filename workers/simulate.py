@@ -179,10 +179,12 @@ async def _onboard(
 
 
 async def _post(http: httpx.AsyncClient, device: _Device, body: bytes, n: int, summary: Summary) -> None:
-    """Send one batch as its device; a 503 or a transport error is retried with the same batch id."""
+    """Send one batch as its device; a 503, a 429 or a transport error is retried with the same
+    batch id (after the 429's Retry-After)."""
     headers = {"Authorization": f"Bearer {device.credential}", "Content-Type": "application/json"}
     reason = ""
     for attempt in range(3):
+        wait_s = 0.25 * 2**attempt
         try:
             response = await http.post("/v1/telemetry", content=body, headers=headers)
         except httpx.TransportError as exc:
@@ -194,10 +196,13 @@ async def _post(http: httpx.AsyncClient, device: _Device, body: bytes, n: int, s
                 device.acked += n
                 return
             reason = _reason(response)
-            if response.status_code != 503:
+            if response.status_code not in (429, 503):
                 break
+            # over a tenant or device rate (429): wait as long as the API says, as a device would
+            retry_after = response.headers.get("Retry-After", "")
+            wait_s = max(wait_s, min(float(retry_after), 30.0)) if retry_after.isdigit() else wait_s
         if attempt < 2:
-            await asyncio.sleep(0.25 * 2**attempt)
+            await asyncio.sleep(wait_s)
     summary.rejected += n
     summary.reasons[reason] += 1
 

@@ -77,6 +77,8 @@ async def onboard(
     existing = await state.devices.get_device(tenant, body.device_id)
     if existing is not None and existing.status != DeviceStatus.FAILED and existing.onboarding_id != wid:
         raise conflict(f"device {body.device_id!r} is already registered ({existing.status.value})")
+    if existing is None or existing.status == DeviceStatus.FAILED:
+        await state.quotas.check_count(tenant, "max_devices")  # 403 at the tenant's device quota
     request_hash = _fingerprint(body.model_dump(mode="json"))
     try:
         handle = await state.temporal.start_workflow(
@@ -192,6 +194,12 @@ async def bulk_onboard(request: Request, state: State, claims: Writer, response:
             raise invalid(["body", "devices", i, "device_id"], f"{spec.device_id!r} appears twice")
         seen.add(spec.device_id)
         await _check_config(state, claims.tenant, spec, ["body", "devices", i])
+    registered = await state.pool.fetchval(
+        """SELECT count(*) FROM device.devices WHERE tenant = $1 AND device_id = ANY($2)
+           AND status NOT IN ('decommissioned', 'failed')""",
+        claims.tenant, sorted(seen),
+    )  # fmt: skip
+    await state.quotas.check_count(claims.tenant, "max_devices", len(seen) - int(registered))
     devices = [d.model_dump(mode="json") for d in body.devices]
     bulk_id = _fingerprint([claims.tenant, devices])[:20]
     wid = bulk_workflow_id(claims.tenant, bulk_id)

@@ -55,10 +55,13 @@ async def list_events(
 
 @router.post("/v1/subscriptions", status_code=status.HTTP_201_CREATED, response_model=SubscriptionView)
 async def create_subscription(
-    body: SubscriptionRequest, service: Service, claims: Manager
+    body: SubscriptionRequest, service: Service, claims: Manager, state: State
 ) -> SubscriptionView:
-    """Subscribe a webhook to event types (or `["*"]`); it receives events recorded from now on."""
-    return await service.create_subscription(claims.tenant, claims.subject, body)
+    """Subscribe a webhook to event types (or `["*"]`); it receives events recorded from now on.
+    403 at the tenant's subscription quota (`max_subscriptions`)."""
+    async with state.quotas.count_lock(claims.tenant, "max_subscriptions"):
+        await state.quotas.check_count(claims.tenant, "max_subscriptions")
+        return await service.create_subscription(claims.tenant, claims.subject, body)
 
 
 @router.get("/v1/subscriptions", response_model=list[SubscriptionView])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import zlib
+from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -13,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from api.auth import Bearer, State, require
 from api.openapi import body_schema
-from api.problems import invalid, not_found
+from api.problems import conflict, invalid, not_found
 from api.state import AppState
 from fleetflow.contracts.telemetry import (
     BUCKETS,
@@ -41,8 +43,10 @@ BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 async def _sender(
     state: AppState, credentials: HTTPAuthorizationCredentials | None
-) -> tuple[str, str | None]:
-    """(tenant, device id): a device credential may send for itself only, an operator for any."""
+) -> tuple[str, str | None, str]:
+    """(tenant, device id, writer): a device credential may send for itself only, an operator
+    for any device. The writer names the batch ids' owner: `device:<id>` for a device
+    credential, `token:<subject>` for an API token. 429 over the request rates."""
     if credentials is None or not credentials.credentials:
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED, "missing bearer token", {"WWW-Authenticate": "Bearer"}
@@ -62,10 +66,12 @@ async def _sender(
             raise HTTPException(
                 status.HTTP_401_UNAUTHORIZED, "credential revoked or unknown", {"WWW-Authenticate": "Bearer"}
             ) from None
-        return device.tenant, device.device_id
+        await state.quotas.admit_request(device.tenant, device.device_id)
+        return device.tenant, device.device_id, f"device:{device.device_id}"
     if "telemetry:write" not in claims.scopes and "admin" not in claims.scopes:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "this needs the 'telemetry:write' scope")
-    return claims.tenant, None
+    await state.quotas.admit_request(claims.tenant)
+    return claims.tenant, None, f"token:{claims.subject}"
 
 
 def _problems(exc: ValidationError) -> HTTPException:
@@ -81,9 +87,12 @@ def _problems(exc: ValidationError) -> HTTPException:
 async def ingest(request: Request, state: State, credentials: Bearer) -> TelemetryAccepted:
     """Accept a batch once it is durable; a repeated `batch_id` is acknowledged and stored once.
 
-    Limits: at most 10,000 readings and 2 MiB a batch; timestamps at most 5 minutes ahead.
+    A batch id belongs to its sender (the device of a device credential, else the API token's
+    subject): the same id with the same readings again is `duplicate`, with other readings 409.
+    Limits: at most 10,000 readings and 2 MiB a batch; timestamps at most 5 minutes ahead;
+    the tenant's and each device's readings/s and requests/s (429 with Retry-After).
     """
-    tenant, device_id = await _sender(state, credentials)
+    tenant, device_id, writer = await _sender(state, credentials)
     raw = await request.body()
     if len(raw) > MAX_BATCH_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a batch is at most {MAX_BATCH_BYTES} bytes")
@@ -93,7 +102,7 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
         raise _problems(exc) from None
     latest = datetime.now(UTC) + timedelta(seconds=FUTURE_TOLERANCE_S)
     errors: list[dict[str, Any]] = []
-    devices: set[str] = set()
+    devices: Counter[str] = Counter()
     lines = []
     prefix = f"{tenant},{batch['batch_id']},"
     for i, r in enumerate(batch["readings"]):
@@ -104,7 +113,7 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
             errors.append({"loc": ["body", "readings", i, "device_id"],
                            "msg": "a device credential may only send its own readings",
                            "type": "value_error"})  # fmt: skip
-        devices.add(r["device_id"])
+        devices[r["device_id"]] += 1
         lines.append(f"{prefix}{r['device_id']},{r['metric']},{r['ts'].isoformat()},{r['value']!r}\n")
     if errors:
         status_code = 403 if device_id is not None and any("own" in e["msg"] for e in errors) else 422
@@ -113,14 +122,26 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     # a batch of many devices is spread by its id, so one big sender does not load one shard
     key = next(iter(devices)) if len(devices) == 1 else f"{tenant}/{batch['batch_id']}"
     bucket = zlib.crc32(key.encode()) % BUCKETS
+    await state.quotas.admit_readings(tenant, devices)  # 429 over the tenant's or a device's rate
+    payload = "".join(lines).encode()
+    digest = hashlib.sha256(payload).digest()
+    stored: bytes | None = None  # the digest of the batch already there under this key
     committed = False
     try:
         async with state.pool.acquire() as conn:
             inserted = await conn.fetchval(
-                """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
-                   VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (tenant, batch_id) DO NOTHING RETURNING 1""",
-                tenant, batch["batch_id"], bucket, len(lines), sorted(devices), "".join(lines).encode(),
+                """INSERT INTO data.ingest_batches
+                       (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
+                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                   ON CONFLICT (tenant, writer, batch_id) DO NOTHING RETURNING 1""",
+                tenant, writer, batch["batch_id"], bucket, len(lines), sorted(devices), payload, digest,
             )  # fmt: skip
+            if inserted is None:
+                stored = await conn.fetchval(
+                    """SELECT digest FROM data.ingest_batches
+                       WHERE tenant = $1 AND writer = $2 AND batch_id = $3""",
+                    tenant, writer, batch["batch_id"],
+                )  # fmt: skip
             committed = True
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         # a connection the server dropped after the INSERT returned fails only on its way back
@@ -131,6 +152,12 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
                 f"storage unavailable, nothing was accepted: {type(exc).__name__}",
                 {"Retry-After": "1"},
             ) from None  # fmt: skip
+    if inserted is None and stored is not None and stored != digest:
+        # an id reused for other readings: dropping them silently would lose data
+        raise conflict(
+            f"batch_id {batch['batch_id']!r} was already accepted from this sender with other "
+            "readings; send new readings under a new batch_id"
+        )
     if inserted is not None:
         READINGS_ACCEPTED.add(len(lines))
     return TelemetryAccepted(batch_id=batch["batch_id"], readings=len(lines), duplicate=inserted is None)
@@ -194,7 +221,14 @@ async def put_rule(rule_id: str, rule: Rule, state: State, claims: RuleWriter) -
     """Create or replace an analytics rule of the caller's tenant."""
     if rule.rule_id != rule_id:
         raise invalid(["body", "rule_id"], "must match the id in the path")
-    await state.analytics.put_rule(claims.tenant, rule)
+    async with state.quotas.count_lock(claims.tenant, "max_rules"):
+        exists = await state.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM analytics.rules WHERE tenant = $1 AND rule_id = $2)",
+            claims.tenant, rule_id,
+        )  # fmt: skip
+        if not exists:
+            await state.quotas.check_count(claims.tenant, "max_rules")  # 403 at the rule quota
+        await state.analytics.put_rule(claims.tenant, rule)
     return rule
 
 

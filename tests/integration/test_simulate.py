@@ -102,3 +102,17 @@ async def test_simulated_devices_take_part_in_a_rollout(api: httpx.AsyncClient, 
     assert stats.succeeded + stats.failed == stats.offered
     update_failures = done["counts"].get("failed", 0)
     assert 0 < update_failures <= stats.failed  # the simulator's failures are the campaign's
+
+
+async def test_a_simulated_device_over_its_rate_waits_as_the_429_says_and_loses_nothing(
+    api: httpx.AsyncClient,
+) -> None:
+    tenant = f"simq-{free_port()}"
+    profile = {"device_readings_per_s": 20, "burst_s": 1}
+    platform = bearer("platform", ["tenants:admin"])
+    assert (await api.put(f"/v1/tenants/{tenant}/profile", json=profile, headers=platform)).status_code == 200
+    # one device, 60 readings a second against 20/s allowed: the second batch is answered 429
+    options = Options(devices=1, rate=60, duration_s=2, settle_s=5, seed=3)
+    summary = await simulate(api, bearer(tenant), options, io.StringIO())
+    assert (summary.rejected, dict(summary.reasons)) == (0, {}), summary.render()
+    assert summary.acknowledged == summary.sent == 120

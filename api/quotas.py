@@ -1,0 +1,249 @@
+"""Tenant and device limits, enforced in the API process before anything is accepted.
+
+Rates are token buckets held in this process (so with N API processes a tenant gets up to N
+times its rates; the README says so): per tenant, requests/s and readings/s; per device,
+requests/s and readings/s. A bucket holds `rate * burst_s` tokens; a request that costs more
+than the bucket holds (a 10,000-reading batch of a device allowed 100/s) waits for a full
+bucket and then leaves it in debt, so the average rate holds for any batch size. A refused
+request takes nothing from the buckets that refused it and is answered 429 with `Retry-After`.
+
+Counts (devices, subscriptions, rules) are checked when one is created: 403 naming the quota,
+as Kubernetes' ResourceQuota and ThingsBoard's tenant profiles answer; waiting does not help.
+
+Limits are the platform defaults (`FLEETFLOW_QUOTAS`) under the tenant's profile
+(fleetflow.tenant_profiles), read at most every PROFILE_TTL_S per tenant.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import asyncpg
+from fastapi import HTTPException, status
+
+from fleetflow.contracts.tenants import TenantLimits, TenantProfile
+from fleetflow.db import Pool
+from fleetflow.metrics import REQUESTS_THROTTLED
+from fleetflow.tenant_profiles import read_profile, write_profile
+
+log = logging.getLogger("fleetflow.quotas")
+
+PROFILE_TTL_S = 5.0
+# device buckets past this are dropped, idle (full) ones first: a full bucket is a new one. The
+# tenants' own buckets are kept apart, so no sender can evict its tenant's debt by sending for
+# many made-up device ids
+MAX_BUCKETS = 100_000  # about 40 MB at most
+
+# a count quota -> (the SQL counting what the tenant has, what it counts)
+COUNTS: dict[str, tuple[str, str]] = {
+    "max_devices": (
+        """SELECT count(*) FROM device.devices
+           WHERE tenant = $1 AND status NOT IN ('decommissioned', 'failed')""",
+        "devices",
+    ),
+    "max_subscriptions": (
+        "SELECT count(*) FROM notification.subscriptions WHERE tenant = $1",
+        "subscriptions",
+    ),
+    "max_rules": ("SELECT count(*) FROM analytics.rules WHERE tenant = $1", "rules"),
+}
+
+
+@dataclass(slots=True)
+class TokenBucket:
+    """`rate` tokens a second up to `capacity`; may go into debt (see the module docstring)."""
+
+    rate: float
+    capacity: float
+    level: float
+    stamp: float
+
+    def refill(self, now: float) -> None:
+        """Add what accrued since the last look."""
+        self.level = min(self.capacity, self.level + (now - self.stamp) * self.rate)
+        self.stamp = now
+
+    def wait_s(self, cost: float) -> float:
+        """Seconds until `cost` may be taken (0: now); call refill first."""
+        need = min(cost, self.capacity)
+        return 0.0 if self.level >= need else (need - self.level) / self.rate
+
+
+class _Charge(NamedTuple):
+    reason: str
+    bucket: TokenBucket
+    cost: float
+    limit: int
+
+
+class Quotas:
+    """The limits of every tenant as this API process enforces them."""
+
+    def __init__(
+        self, pool: Pool, defaults: TenantLimits, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.pool = pool
+        self.defaults = defaults
+        self.clock = clock
+        self._profiles: dict[str, tuple[float, TenantLimits]] = {}
+        self._tenant_buckets: dict[tuple[str, str, str], TokenBucket] = {}
+        self._buckets: dict[tuple[str, str, str], TokenBucket] = {}  # per device
+        self._count_locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    # --- limits -----------------------------------------------------------------------------
+
+    async def limits(self, tenant: str) -> TenantLimits:
+        """The tenant's limits in force (cached for PROFILE_TTL_S)."""
+        now = self.clock()
+        cached = self._profiles.get(tenant)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        try:
+            profile = await self.profile(tenant)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # the limits must not take the API down with the database: last known, else defaults
+            log.warning("tenant profile of %s unreadable (%s); using the last known limits", tenant, exc)
+            limits = cached[1] if cached is not None else self.defaults
+            self._profiles[tenant] = (now + PROFILE_TTL_S, limits)  # tried again after the TTL
+            return limits
+        limits = profile.over(self.defaults)
+        self._profiles[tenant] = (now + PROFILE_TTL_S, limits)
+        return limits
+
+    async def profile(self, tenant: str) -> TenantProfile:
+        """The tenant's stored overrides (empty when it has none)."""
+        return await read_profile(self.pool, tenant)
+
+    async def set_profile(self, tenant: str, profile: TenantProfile, by: str) -> TenantLimits:
+        """Store the tenant's overrides; this process applies them at once, others within the TTL."""
+        await write_profile(self.pool, tenant, profile, by)
+        self._profiles.pop(tenant, None)
+        return await self.limits(tenant)
+
+    # --- rates ------------------------------------------------------------------------------
+
+    async def admit_request(self, tenant: str, device_id: str | None = None) -> None:
+        """One request of the tenant (of one of its devices); 429 when over a rate."""
+        limits = await self.limits(tenant)
+        now = self.clock()
+        charges = self._charges("tenant_requests", tenant, {"": 1}, limits, now)
+        if device_id is not None:
+            charges += self._charges("device_requests", tenant, {device_id: 1}, limits, now)
+        self._take(tenant, charges)
+
+    async def admit_readings(self, tenant: str, per_device: Mapping[str, int]) -> None:
+        """A batch's readings (count by device); 429 when over the tenant's or a device's rate."""
+        limits = await self.limits(tenant)
+        now = self.clock()
+        charges = self._charges("tenant_readings", tenant, {"": sum(per_device.values())}, limits, now)
+        charges += self._charges("device_readings", tenant, per_device, limits, now)
+        self._take(tenant, charges)
+
+    def _charges(
+        self, reason: str, tenant: str, costs: Mapping[str, int], limits: TenantLimits, now: float
+    ) -> list[_Charge]:
+        """The buckets (refilled to now) that `costs` (by device, '' for the tenant) would take
+        from; none when the rate is unlimited. (A batch may name 10,000 devices: kept lean.)"""
+        rate = int(getattr(limits, RATE_OF[reason]))
+        if rate <= 0:  # unlimited
+            return []
+        capacity = max(1.0, rate * limits.burst_s)
+        per_device = reason.startswith("device")
+        buckets = self._buckets if per_device else self._tenant_buckets
+        charges = []
+        for device, cost in costs.items():
+            key = (reason, tenant, device)
+            bucket = buckets.get(key)
+            if bucket is None:
+                if per_device and len(buckets) >= MAX_BUCKETS:
+                    self._sweep(now)
+                bucket = buckets[key] = TokenBucket(rate, capacity, capacity, now)
+            else:
+                bucket.refill(now)
+                if bucket.rate != rate or bucket.capacity != capacity:  # the profile changed
+                    bucket.rate, bucket.capacity, bucket.level = rate, capacity, min(bucket.level, capacity)
+            charges.append(_Charge(reason, bucket, cost, rate))
+        return charges
+
+    def _take(self, tenant: str, charges: list[_Charge]) -> None:
+        """All or nothing: nothing awaits between the checks and the takes, so this is atomic."""
+        wait, worst = 0.0, None
+        for charge in charges:
+            charge_wait = charge.bucket.wait_s(charge.cost)
+            if charge_wait > wait:
+                wait, worst = charge_wait, charge
+        if worst is not None:
+            REQUESTS_THROTTLED.add(1, {"tenant": tenant, "reason": worst.reason})
+            raise too_many_requests(worst.reason, worst.limit, wait)
+        for charge in charges:
+            charge.bucket.level -= charge.cost
+
+    def _sweep(self, now: float) -> None:
+        """Drop full device buckets (the same as new ones); if not enough, the oldest ones."""
+        for key, bucket in list(self._buckets.items()):
+            bucket.refill(now)
+            if bucket.level >= bucket.capacity:
+                del self._buckets[key]
+        excess = len(self._buckets) - MAX_BUCKETS * 3 // 4
+        for key in list(self._buckets)[: max(0, excess)]:
+            del self._buckets[key]
+
+    # --- counts -----------------------------------------------------------------------------
+
+    def count_lock(self, tenant: str, quota: str) -> asyncio.Lock:
+        """Held from the count check to the creation, so this process's concurrent creations of
+        one tenant cannot all pass the check."""
+        return self._count_locks.setdefault((tenant, quota), asyncio.Lock())
+
+    async def check_count(self, tenant: str, quota: str, adding: int = 1) -> None:
+        """403 when the tenant's `quota` (max_devices, max_subscriptions, max_rules) does not
+        leave room for `adding` more."""
+        limit = int(getattr(await self.limits(tenant), quota))
+        if limit <= 0 or adding <= 0:
+            return
+        sql, what = COUNTS[quota]
+        current = int(await self.pool.fetchval(sql, tenant))
+        if current + adding > limit:
+            REQUESTS_THROTTLED.add(1, {"tenant": tenant, "reason": quota})
+            raise quota_exceeded(quota, what, limit, current, adding)
+
+
+RATE_OF = {
+    "tenant_requests": "requests_per_s",
+    "device_requests": "device_requests_per_s",
+    "tenant_readings": "readings_per_s",
+    "device_readings": "device_readings_per_s",
+}
+REASONS = {
+    "tenant_requests": "the tenant's requests/s",
+    "device_requests": "the device's requests/s",
+    "tenant_readings": "the tenant's readings/s",
+    "device_readings": "a device's readings/s",
+}
+
+
+def too_many_requests(reason: str, limit: int, wait_s: float) -> HTTPException:
+    """429 naming the limit, with Retry-After in whole seconds (at least 1)."""
+    retry = max(1, math.ceil(wait_s))
+    return HTTPException(
+        status.HTTP_429_TOO_MANY_REQUESTS,
+        detail=f"over {REASONS[reason]} limit ({limit}/s, quota {reason}); retry after {retry} s",
+        headers={"Retry-After": str(retry)},
+    )
+
+
+def quota_exceeded(quota: str, what: str, limit: int, current: int, adding: int) -> HTTPException:
+    """403 naming the count quota, its limit and what the tenant has."""
+    return HTTPException(
+        status.HTTP_403_FORBIDDEN,
+        detail=(
+            f"quota {quota} exceeded: the tenant has {current} {what} of at most {limit}; "
+            f"{adding} more would pass it (remove some, or ask for a larger tenant profile)"
+        ),
+    )

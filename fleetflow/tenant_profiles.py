@@ -1,0 +1,25 @@
+"""Tenant profiles in PostgreSQL (fleetflow.tenant_profiles): read by the API's limits, written
+by `PUT /v1/tenants/{tenant}/profile` and `fleetflow tenants profile`."""
+
+from __future__ import annotations
+
+import json
+
+from fleetflow.contracts.tenants import TenantProfile
+from fleetflow.db import Pool
+
+
+async def read_profile(pool: Pool, tenant: str) -> TenantProfile:
+    """The tenant's stored overrides (empty when it has none)."""
+    stored = await pool.fetchval("SELECT profile FROM fleetflow.tenant_profiles WHERE tenant = $1", tenant)
+    # the platform's pool decodes jsonb (fleetflow.db); a bare connection gives text
+    return TenantProfile.model_validate(json.loads(stored) if isinstance(stored, str) else stored or {})
+
+
+async def write_profile(pool: Pool, tenant: str, profile: TenantProfile, by: str) -> None:
+    """Replace the tenant's overrides (an empty profile: the platform defaults)."""
+    await pool.execute(
+        """INSERT INTO fleetflow.tenant_profiles (tenant, profile, updated_by) VALUES ($1, $2, $3)
+           ON CONFLICT (tenant) DO UPDATE SET profile = $2, updated_by = $3, updated_at = now()""",
+        tenant, profile.model_dump(exclude_none=True), by,
+    )  # fmt: skip

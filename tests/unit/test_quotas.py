@@ -1,0 +1,156 @@
+"""The API's token buckets on a fake clock: rates, bursts, debt, all-or-nothing, eviction."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi import HTTPException
+
+import api.quotas as quotas_module
+from api.quotas import Quotas
+from fleetflow.contracts.tenants import TenantLimits, TenantProfile, parse_limits
+from fleetflow.settings import Settings, load_settings
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StoredProfiles(Quotas):
+    """Quotas whose profiles come from a dict instead of PostgreSQL."""
+
+    def __init__(self, defaults: TenantLimits, clock: Clock, profiles: dict[str, TenantProfile]) -> None:
+        super().__init__(pool=None, defaults=defaults, clock=clock)  # type: ignore[arg-type]
+        self.profiles = profiles
+
+    async def profile(self, tenant: str) -> TenantProfile:
+        return self.profiles.get(tenant, TenantProfile())
+
+
+def make(clock: Clock, **limits: float) -> StoredProfiles:
+    return StoredProfiles(TenantLimits(**limits), clock, {})
+
+
+async def refused(call: object) -> HTTPException:
+    with pytest.raises(HTTPException) as caught:
+        await call  # type: ignore[misc]
+    return caught.value
+
+
+async def test_requests_pass_up_to_the_burst_then_429_with_retry_after_until_refilled() -> None:
+    clock = Clock()
+    q = make(clock, requests_per_s=10, burst_s=2)
+    for _ in range(20):
+        await q.admit_request("acme")
+    error = await refused(q.admit_request("acme"))
+    assert error.status_code == 429 and error.headers == {"Retry-After": "1"}
+    assert "requests/s" in str(error.detail)
+    clock.now += 0.1  # one token back
+    await q.admit_request("acme")
+    await refused(q.admit_request("acme"))
+    await q.admit_request("globex")  # another tenant's bucket is its own
+
+
+async def test_a_batch_larger_than_the_bucket_waits_for_a_full_bucket_then_leaves_it_in_debt() -> None:
+    clock = Clock()
+    q = make(clock, device_readings_per_s=100, burst_s=2)  # a device bucket holds 200
+    await q.admit_readings("acme", {"d1": 1000})  # full bucket: admitted, 800 in debt
+    error = await refused(q.admit_readings("acme", {"d1": 1}))
+    assert error.headers == {"Retry-After": "9"}  # 801 tokens at 100/s
+    assert "a device's readings/s" in str(error.detail)
+    clock.now += 8.0
+    await refused(q.admit_readings("acme", {"d1": 1}))
+    clock.now += 1.0
+    await q.admit_readings("acme", {"d1": 1})
+    await q.admit_readings("acme", {"d2": 150})  # the device next door was never held back
+
+
+async def test_a_refused_batch_takes_nothing_from_any_bucket() -> None:
+    clock = Clock()
+    q = make(clock, readings_per_s=1000, device_readings_per_s=10, burst_s=1)
+    await q.admit_readings("acme", {"d1": 10})  # d1 empty now, the tenant holds 990
+    for _ in range(5):
+        await refused(q.admit_readings("acme", {"d1": 5, "d2": 5}))
+    await q.admit_readings("acme", {"d2": 10, "d3": 10, "d4": 10})  # 960 left: nothing was taken
+    await q.admit_readings("acme", {f"x{i}": 10 for i in range(96)})
+    assert (await refused(q.admit_readings("acme", {"d9": 1}))).status_code == 429
+
+
+async def test_zero_is_unlimited_and_a_profile_overrides_the_defaults() -> None:
+    clock = Clock()
+    q = make(clock, readings_per_s=0, device_readings_per_s=0, requests_per_s=1, burst_s=1)
+    q.profiles["big"] = TenantProfile(requests_per_s=0)
+    for _ in range(100):
+        await q.admit_readings("acme", {"d1": 10_000})
+        await q.admit_request("big")
+    await q.admit_request("acme")
+    await refused(q.admit_request("acme"))
+    assert (await q.limits("big")).requests_per_s == 0 and (await q.limits("acme")).requests_per_s == 1
+
+
+async def test_a_profile_change_is_seen_within_the_cache_time() -> None:
+    clock = Clock()
+    q = make(clock, requests_per_s=1, burst_s=1)
+    await q.admit_request("acme")
+    await refused(q.admit_request("acme"))
+    q.profiles["acme"] = TenantProfile(requests_per_s=1000)
+    clock.now += quotas_module.PROFILE_TTL_S + 0.01
+    await q.admit_request("acme")  # the bucket takes its new rate and size, and fills at that rate
+    clock.now += 1.0
+    for _ in range(1000):
+        await q.admit_request("acme")
+    await refused(q.admit_request("acme"))
+
+
+async def test_made_up_device_ids_neither_grow_memory_nor_evict_the_tenants_debt(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(quotas_module, "MAX_BUCKETS", 100)
+    clock = Clock()
+    q = make(clock, readings_per_s=1000, device_readings_per_s=10, burst_s=1)
+    await q.admit_readings("acme", {"real": 5})
+    await q.admit_readings("acme", {f"fake-{i}": 1 for i in range(990)})  # tenant bucket now empty
+    for round_ in range(20):
+        clock.now += 0.001
+        with pytest.raises(HTTPException):
+            await q.admit_readings("acme", {f"new-{round_}-{i}": 1 for i in range(50)})
+    assert len(q._buckets) <= 100
+    # the tenant's bucket (about 25 tokens now) was not evicted, so not refilled to 1000
+    error = await refused(q.admit_readings("acme", {"fresh": 30}))
+    assert "the tenant's readings/s" in str(error.detail)
+
+
+def test_fleetflow_quotas_sets_the_defaults_and_names_a_bad_entry() -> None:
+    assert parse_limits("readings_per_s=10,max_rules=0 burst_s=0.5") == TenantLimits(
+        readings_per_s=10, max_rules=0, burst_s=0.5
+    )
+    assert load_settings({"FLEETFLOW_QUOTAS": str(Settings().quotas)}).quotas == TenantLimits()
+    for bad, named in (("rules=3", "rules=3"), ("max_rules=-1", "max_rules")):
+        with pytest.raises(Exception, match="FLEETFLOW_QUOTAS") as caught:
+            load_settings({"FLEETFLOW_QUOTAS": bad})
+        assert named in str(caught.value)
+
+
+async def test_an_unreadable_profile_keeps_the_last_known_limits_and_is_tried_again_after_the_ttl() -> None:
+    clock = Clock()
+    q = make(clock, requests_per_s=5)
+    q.profiles["acme"] = TenantProfile(requests_per_s=7)
+    assert (await q.limits("acme")).requests_per_s == 7
+    reads = 0
+
+    async def down(tenant: str) -> TenantProfile:
+        nonlocal reads
+        reads += 1
+        raise OSError("connection refused")
+
+    q.profile = down  # type: ignore[method-assign]
+    clock.now += quotas_module.PROFILE_TTL_S + 1
+    assert (await q.limits("acme")).requests_per_s == 7  # last known
+    assert (await q.limits("globex")).requests_per_s == 5  # never known: the defaults
+    assert (await q.limits("acme")).requests_per_s == 7 and reads == 2  # not every request
+    clock.now += quotas_module.PROFILE_TTL_S + 1
+    await q.limits("acme")
+    assert reads == 3
