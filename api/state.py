@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 from fastapi import Request
@@ -27,6 +27,8 @@ class AppState:
     devices: DeviceService
     analytics: AnalyticsService
     credentials: CredentialCache
+    # (tenant, device id) of the twin long-polls this process holds: one per device
+    twin_waiters: set[tuple[str, str]] = field(default_factory=set)
 
     @property
     def keys(self) -> KeyRing:
