@@ -225,7 +225,7 @@ async def set_desired(
     """Change desired state (a Temporal update); 412 when If-Match names a stale version.
 
     Limits: the patch and the resulting desired document at most 64 KiB of JSON, 10 levels deep
-    and 1,000 keys; desired + reported at most 128 KiB (413 for bytes, 422 for depth or keys).
+    and 1,000 keys; desired + reported at most 96 KiB (413 for bytes, 422 for depth or keys).
     """
     patch = await _document(request_, "patch")
     request = SetDesired(actor=actor_of(claims), patch=patch, expected_version=_version(if_match))

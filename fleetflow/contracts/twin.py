@@ -15,7 +15,7 @@ TWIN_HISTORY_LIMIT = 2000
 # Twin document limits (compact UTF-8 JSON), so no history event of the twin nears Temporal's
 # limits: an update or signal carries at most one document, continue-as-new the whole state
 MAX_DOCUMENT_BYTES = 64 * 1024  # desired, reported, and a patch of either
-MAX_TWIN_BYTES = 128 * 1024  # desired + reported
+MAX_TWIN_BYTES = 96 * 1024  # desired + reported
 MAX_DOCUMENT_DEPTH = 10  # nesting of objects and arrays; {"a": 1} is 1 deep
 MAX_DOCUMENT_KEYS = 1000  # object members of a document, at every level
 
