@@ -335,7 +335,9 @@ async def _held(state: AppState, tenant: str, device_id: str, wait: int, answer:
     """Wait on the twin's `wait_for_delta` until there is a delta or the wait is over."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
-    while (left := deadline - loop.time()) >= MIN_REWAIT_S:
+    tries = 0
+    while (left := deadline - loop.time()) > 0 and (tries == 0 or left >= MIN_REWAIT_S):
+        tries += 1
         request = WaitForDelta(tenant=tenant, device_id=device_id, timeout_s=left)
 
         async def hold(handle: WorkflowHandle[Any, Any], request: WaitForDelta = request) -> DeltaView:
