@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
 
@@ -30,6 +31,10 @@ from fleetflow.twin_state import document_breach
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 MAX_SCHEMA_BYTES = 32 * 1024
 MAX_SCHEMA_DEPTH = 32
+# subschemas once every $ref is expanded: bounds the work of one validation (schema x document)
+MAX_EXPANDED_SUBSCHEMAS = 2000
+# keyword evaluations of one validation (a device config needs hundreds): bounds its CPU time
+MAX_VALIDATION_STEPS = 20_000
 _INSTANCE_DATA = {"const", "enum", "default", "examples"}  # values in a schema that are not schemas
 _RE2_OPTIONS = re2.Options()
 _RE2_OPTIONS.log_errors = False
@@ -65,8 +70,32 @@ def _pattern(validator: Any, pattern: str, instance: Any, _: dict[str, Any]) -> 
 
 
 # Draft 2020-12 with `pattern` on RE2
+class _TooCostly(Exception):
+    """A validation ran past MAX_VALIDATION_STEPS."""
+
+
+_STEPS: ContextVar[list[int]] = ContextVar("config_schema_steps")
+
+
+def _counted(keyword: Any) -> Any:
+    """keyword, counting each use against the running validation's budget (a count, not a clock:
+    the twin's update validator runs it in workflow code, which must stay deterministic)."""
+
+    def run(validator: Any, value: Any, instance: Any, schema: Any) -> Any:
+        steps = _STEPS.get(None)
+        if steps is not None:
+            steps[0] += 1
+            if steps[0] > MAX_VALIDATION_STEPS:
+                raise _TooCostly
+        return keyword(validator, value, instance, schema)
+
+    return run
+
+
+# Draft 2020-12, `pattern` on RE2, every keyword counted
 _Validator: Any = validators.extend(  # type: ignore[no-untyped-call]
-    Draft202012Validator, {"pattern": _pattern}
+    Draft202012Validator,
+    {name: _counted(fn) for name, fn in {**Draft202012Validator.VALIDATORS, "pattern": _pattern}.items()},
 )
 
 
@@ -93,7 +122,9 @@ def _walk(node: Any, loc: list[str | int], depth: int) -> Iterator[SchemaProblem
                 _compile(value)
             except re2.error:
                 yield SchemaProblem(here, "must be an RE2 pattern (no backreferences or lookaround)")
-        elif key == "$schema" and value not in (DIALECT, DIALECT + "#"):
+        elif key in ("$dynamicRef", "$recursiveRef"):
+            yield SchemaProblem(here, "is not supported: use $ref")
+        elif key == "$schema" and isinstance(value, str) and value not in (DIALECT, DIALECT + "#"):
             yield SchemaProblem(here, f"only {DIALECT} is supported")
         else:
             yield from _walk(value, here, depth + 1)
@@ -125,27 +156,52 @@ def _validator(text: str) -> Any:
     return _Validator(schema)
 
 
+def _pointer(ref: str) -> list[str | int]:
+    """The place a '#/a/b' reference names, as a loc."""
+    parts = ref.removeprefix("#").removeprefix("/")
+    return [p.replace("~1", "/").replace("~0", "~") for p in parts.split("/")] if parts else []
+
+
 def _check_refs(schema: dict[str, Any]) -> None:
-    """Every `$ref` ('#...', checked by _walk) points at something inside the schema."""
+    """Every `$ref` ('#...', checked by _walk) points at something inside the schema, none is
+    recursive, and the schema expands to at most MAX_EXPANDED_SUBSCHEMAS subschemas (a few
+    kilobytes of nested `anyOf` with `$ref`s could otherwise mean 2^30 steps per validation)."""
     base = "urn:fleetflow:config-schema"
     resolver = Registry().with_resource(base, DRAFT202012.create_resource(schema)).resolver(base_uri=base)
+    expanded: dict[str, int] = {}
+    expanding: set[str] = set()
 
-    def refs(node: Any, loc: list[str | int]) -> Iterator[tuple[list[str | int], str]]:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                if key == "$ref" and isinstance(value, str):
-                    yield [*loc, key], value
-                elif key not in _INSTANCE_DATA:
-                    yield from refs(value, [*loc, key])
-        elif isinstance(node, list):
-            for i, item in enumerate(node):
-                yield from refs(item, [*loc, i])
+    def size(node: Any, loc: list[str | int]) -> int:
+        if isinstance(node, list):
+            return sum(size(item, [*loc, i]) for i, item in enumerate(node))
+        if not isinstance(node, dict):
+            return 0
+        total = 1
+        for key, value in node.items():
+            if key in _INSTANCE_DATA:
+                continue
+            if key == "$ref" and isinstance(value, str):
+                if value in expanding:
+                    raise SchemaProblem([*loc, key], "a recursive $ref is not supported")
+                if value not in expanded:
+                    try:
+                        target = resolver.lookup(value).contents
+                    except Unresolvable:
+                        raise SchemaProblem([*loc, key], "points at nothing inside the schema") from None
+                    expanding.add(value)
+                    expanded[value] = size(target, _pointer(value))
+                    expanding.discard(value)
+                total += expanded[value]
+            else:
+                total += size(value, [*loc, key])
+            if total > MAX_EXPANDED_SUBSCHEMAS:
+                raise SchemaProblem([], f"expands to more than {MAX_EXPANDED_SUBSCHEMAS} subschemas ($ref)")
+        return total
 
-    for loc, ref in refs(schema, []):
-        try:
-            resolver.lookup(ref)
-        except Unresolvable:
-            raise SchemaProblem(loc, "points at nothing inside the schema") from None
+    try:
+        size(schema, [])
+    except RecursionError:
+        raise SchemaProblem([], "its $refs nest too deep") from None
 
 
 _REASONS = {
@@ -199,14 +255,20 @@ def _located(error: ValidationError, document: Any) -> tuple[list[str | int], st
 def validate(document: Any, schema: dict[str, Any], path: str = "config") -> None:
     """Raise ConfigError at the place document breaks schema (also when the schema is unusable)."""
     base: list[str | int] = list(path.split("."))
+    budget = _STEPS.set([0])
     try:
         # a type stored before schemas were checked must not crash its caller
         error = best_match(_validator(_text(schema)).iter_errors(document))
+    except _TooCostly:
+        reason = f"takes more than {MAX_VALIDATION_STEPS} schema steps to check: simplify it or its schema"
+        raise ConfigError(path, reason, base) from None
     except SchemaProblem as exc:
         raise ConfigError(path, f"the device type's schema is unusable ({exc})", base) from None
     except (Unresolvable, RecursionError) as exc:
         reason = f"the device type's schema cannot be applied ({type(exc).__name__})"
         raise ConfigError(path, reason, base) from None
+    finally:
+        _STEPS.reset(budget)
     if error is None:
         return
     loc, reason = _located(error, document)

@@ -55,6 +55,16 @@ def test_a_refusal_does_not_echo_the_value() -> None:
     assert "hunter2" not in str(error.value)
 
 
+# 2^30 paths through 30 small definitions: a few hundred bytes that would take forever to apply
+EXPONENTIAL: dict[str, Any] = {
+    "$defs": {
+        **{f"a{i}": {"anyOf": [{"$ref": f"#/$defs/a{i + 1}"}] * 2} for i in range(30)},
+        "a30": {"type": "string"},
+    },
+    "$ref": "#/$defs/a0",
+}
+
+
 @pytest.mark.parametrize(
     ("schema", "loc"),
     [
@@ -67,6 +77,9 @@ def test_a_refusal_does_not_echo_the_value() -> None:
         ({"$ref": "#/$defs/missing"}, ["$ref"]),
         ({"$schema": "http://json-schema.org/draft-07/schema#"}, ["$schema"]),
         ({"description": "x" * config_schema.MAX_SCHEMA_BYTES}, []),
+        ({"$defs": {"a": {"items": {"$ref": "#/$defs/a"}}}}, ["$defs", "a", "items", "$ref"]),
+        ({"$dynamicRef": "#meta"}, ["$dynamicRef"]),
+        (EXPONENTIAL, []),
     ],
 )
 def test_unusable_schemas_are_refused_with_their_place(schema: dict[str, Any], loc: list[str | int]) -> None:
@@ -95,3 +108,12 @@ def test_a_stored_schema_that_is_unusable_is_a_config_error_not_a_crash() -> Non
     # stored before schemas were checked: onboarding must refuse, not answer 500
     with pytest.raises(config_schema.ConfigError, match="unusable"):
         config_schema.validate({"a": 1}, {"properties": {"a": {"type": "strin"}}})
+
+
+def test_a_validation_that_would_take_too_long_is_refused_by_its_step_count() -> None:
+    # 1,900 alternatives for each of 1,000 items: 1.9 million steps, refused after the budget
+    schema = {"type": "array", "items": {"anyOf": [{"const": i} for i in range(1900)]}}
+    config_schema.check_schema(schema)
+    with pytest.raises(config_schema.ConfigError, match="schema steps"):
+        config_schema.validate([1899] * 1000, schema)
+    config_schema.validate([1899] * 5, schema)  # a small document of the same type passes
