@@ -238,6 +238,10 @@ async def set_desired(
         result = await _on_twin(state, claims.tenant, device_id, update)
     except WorkflowUpdateFailedError as exc:
         raise _refusal(exc) from None
+    except RPCError as exc:
+        if exc.status == RPCStatusCode.RESOURCE_EXHAUSTED:  # the twin's limit of updates in flight
+            raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=exc.message) from None
+        raise
     response.headers["ETag"] = f'"{result.version}"'
     return result
 
