@@ -56,6 +56,7 @@ class DeviceTwin:
             reported=inp.initial_reported,
         )  # fmt: skip
         self._waiting = False  # a wait_for_delta is in flight
+        self._released: str | None = None  # the waiter_id of a wait whose device hung up
         self._closing = False  # the run is about to end or continue as new
 
     @workflow.run
@@ -122,7 +123,12 @@ class DeviceTwin:
         self._waiting = True
         try:
             await workflow.wait_condition(
-                lambda: bool(delta(state.desired, state.reported)) or state.ended or self._closing,
+                lambda: (
+                    bool(delta(state.desired, state.reported))
+                    or state.ended
+                    or self._closing
+                    or (bool(request.waiter_id) and self._released == request.waiter_id)
+                ),
                 timeout=request.timeout_s,
             )
         except TimeoutError:
@@ -143,6 +149,11 @@ class DeviceTwin:
             raise ApplicationError("the twin is continuing as new: ask again", type="Restarting")
         if self._waiting:
             raise ApplicationError("this device already has a long-poll waiting", type="WaiterBusy")
+
+    @workflow.signal
+    def release_wait(self, waiter_id: str) -> None:
+        """The device of a waiting long-poll hung up: its wait ends, so the device may wait again."""
+        self._released = waiter_id
 
     @workflow.signal
     def report(self, report: ReportState) -> None:

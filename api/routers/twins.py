@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import re
+import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -310,6 +311,7 @@ def _busy(wait: int) -> HTTPException:
 
 @router.get("/v1/device/twin/delta", response_model=DeltaView)
 async def wait_for_delta(
+    http: Request,
     state: State,
     device: Device,
     wait: Annotated[int, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a delta")] = 0,
@@ -317,7 +319,8 @@ async def wait_for_delta(
     """What the device must still apply; with `wait`, holds the request until there is some.
 
     The twin itself holds the wait (its `wait_for_delta` update completes on a change), so a
-    waiting device costs no polling. One waiter per device: a second concurrent one gets 429.
+    waiting device costs no polling of Temporal. One waiter per device: a second concurrent one
+    gets 429; a waiter whose client hangs up is released at once.
     """
     claims, _ = device
     current = await _twin_state(state, claims.tenant, claims.device_id)
@@ -329,20 +332,52 @@ async def wait_for_delta(
     if key in state.twin_waiters:
         raise _busy(wait)  # this process already holds one: no need to ask the twin
     state.twin_waiters.add(key)
+    waiter_id = uuid.uuid4().hex
     try:
-        return await _held(state, claims.tenant, claims.device_id, wait, answer)
+        return await _held(http, state, claims.tenant, claims.device_id, wait, answer, waiter_id)
+    except (asyncio.CancelledError, _HungUp):
+        # the device is gone: end its wait in the twin too, or its next request would get 429
+        release = state.temporal.get_workflow_handle(twin_id(claims.tenant, claims.device_id))
+        await asyncio.shield(release.signal(DeviceTwin.release_wait, waiter_id))
+        raise
     finally:
         state.twin_waiters.discard(key)
 
 
-async def _held(state: AppState, tenant: str, device_id: str, wait: int, answer: DeltaView) -> DeltaView:
+class _HungUp(Exception):
+    """The client of a long-poll disconnected."""
+
+
+async def _unless_hung_up(http: Request, work: Awaitable[T]) -> T:
+    """work's result; _HungUp (and work cancelled) when the client disconnects first."""
+    task = asyncio.ensure_future(work)
+
+    async def gone() -> None:
+        # the server delivers http.disconnect when the client hangs up (the body is read by then)
+        while (await http.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.create_task(gone())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            raise _HungUp
+        return task.result()
+    finally:
+        task.cancel()
+        watcher.cancel()
+
+
+async def _held(
+    http: Request, state: AppState, tenant: str, device_id: str, wait: int, answer: DeltaView, waiter_id: str
+) -> DeltaView:
     """Wait on the twin's `wait_for_delta` until there is a delta or the wait is over."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
     tries = 0
     while (left := deadline - loop.time()) > 0 and (tries == 0 or left >= MIN_REWAIT_S):
         tries += 1
-        request = WaitForDelta(tenant=tenant, device_id=device_id, timeout_s=left)
+        request = WaitForDelta(tenant=tenant, device_id=device_id, timeout_s=left, waiter_id=waiter_id)
 
         async def hold(handle: WorkflowHandle[Any, Any], request: WaitForDelta = request) -> DeltaView:
             result: DeltaView = await handle.execute_update(DeviceTwin.wait_for_delta, request)
@@ -350,7 +385,7 @@ async def _held(state: AppState, tenant: str, device_id: str, wait: int, answer:
 
         try:
             async with asyncio.timeout(left + WAIT_GRACE_S):
-                answer = await _on_twin(state, tenant, device_id, hold)
+                answer = await _unless_hung_up(http, _on_twin(state, tenant, device_id, hold))
         except TimeoutError:
             break  # the twin did not answer (its worker is down): answer what we know
         except WorkflowUpdateFailedError as exc:

@@ -112,3 +112,5 @@ class WaitForDelta(Strict):
     tenant: TenantId
     device_id: str
     timeout_s: Annotated[float, Field(gt=0, le=120)]
+    # names this wait, so the `release_wait` signal of a device that hung up ends it (and no other)
+    waiter_id: str = ""

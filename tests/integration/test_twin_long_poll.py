@@ -116,3 +116,23 @@ async def test_a_long_poll_survives_the_twin_continuing_as_new(
     assert changed.status_code == 200, changed.text
     answer: dict[str, Any] = (await waiting).json()
     assert answer == {"delta": {"report_interval_s": 20}, "desired_version": 2}
+
+
+async def test_a_device_that_hangs_up_may_wait_again_at_once(api: httpx.AsyncClient, client: Client) -> None:
+    device_id, credential = await active_device(api)
+    wid = twin_id("acme", device_id)
+    await api.post(
+        "/v1/device/twin/reported", json={"reported": THERMOSTAT_DEFAULT}, headers=device_auth(credential)
+    )
+    hung_up = asyncio.create_task(
+        api.get("/v1/device/twin/delta", params={"wait": 60}, headers=device_auth(credential))
+    )
+    await eventually(lambda: waits_held(client, wid), lambda n: n == 1)
+    hung_up.cancel()  # the device's connection drops while the twin holds its wait
+
+    async def wait_again() -> int:
+        response = await api.get("/v1/device/twin/delta", params={"wait": 1}, headers=device_auth(credential))
+        return response.status_code
+
+    # released by the hang-up, not by its 60 s running out
+    assert await eventually(wait_again, lambda status: status == 200) == 200
