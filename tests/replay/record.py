@@ -67,8 +67,8 @@ async def device_twin(s: Stack) -> WorkflowHandle[Any, Any]:
 
 
 async def device_twin_waits(s: Stack) -> WorkflowHandle[Any, Any]:
-    """A twin run that holds the device's long-polls (answered by a change, and by the timeout),
-    takes an oversize patch it refuses, and continues as new."""
+    """A twin run that holds the device's long-polls (answered by a change, by the timeout, and
+    released when the device hangs up), refuses an oversize patch, and continues as new."""
     device_id = f"rec-{uuid.uuid4().hex[:8]}"
     body = {"device_id": device_id, "device_type": "sensor"}
     await s.api.post("/v1/devices", json=body, headers=s.headers)
@@ -93,6 +93,10 @@ async def device_twin_waits(s: Stack) -> WorkflowHandle[Any, Any]:
     await poll
     await s.api.post("/v1/device/twin/reported", json={"reported": {"report_interval_s": 20}}, headers=auth)
     await s.api.get("/v1/device/twin/delta", params={"wait": 1}, headers=auth)  # ends at its timeout
+    hung_up = asyncio.create_task(s.api.get("/v1/device/twin/delta", params={"wait": 30}, headers=auth))
+    await asyncio.sleep(1)
+    hung_up.cancel()  # the device hangs up: the API releases its wait (signal release_wait)
+    await asyncio.sleep(1)
     await s.api.patch(url, json={"blob": "x" * 70_000}, headers=s.headers)  # refused: 413
     for rssi in range(60):
         await s.api.post("/v1/device/twin/reported", json={"reported": {"rssi": -rssi}}, headers=auth)
