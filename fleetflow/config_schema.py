@@ -237,8 +237,11 @@ def _located(error: ValidationError, document: Any) -> tuple[list[str | int], st
     keyword = str(error.validator)
     value: Any = error.validator_value
     at: Any = document
-    for part in loc:
-        at = at[part]
+    try:
+        for part in loc:
+            at = at[part]
+    except (KeyError, IndexError, TypeError):
+        at = None
     # required / additionalProperties are reported on the object: name the field instead
     if keyword == "required" and isinstance(at, dict):
         missing = [name for name in value if name not in at]

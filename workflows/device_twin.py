@@ -35,6 +35,8 @@ with workflow.unsafe.imports_passed_through():
 WRITE_SCOPE = "devices:write"
 # the continue-as-new input carries the state only (not the initial documents it replaced)
 LEAN_CONTINUE_AS_NEW = "twin-continue-as-new-state-only"
+# a report that would take the twin past its limits is dropped (the API refuses it first)
+REPORT_LIMITS = "twin-report-limits"
 
 
 def twin_id(tenant: str, device_id: str) -> str:
@@ -162,7 +164,8 @@ class DeviceTwin:
         if state.ended:
             return
         reported = merge_patch(state.reported, report.patch)
-        breach = change_breach(state, state.desired, reported)
+        # runs that took reports before the limits existed replay them as they were
+        breach = change_breach(state, state.desired, reported) if workflow.patched(REPORT_LIMITS) else None
         if breach is not None:
             # the API refuses such a report; this one raced another change past the limit
             workflow.logger.warning("report dropped: %s %s", breach.what, breach.reason)
