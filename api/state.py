@@ -28,6 +28,8 @@ class AppState:
     devices: DeviceService
     analytics: AnalyticsService
     credentials: CredentialCache
+    # (tenant, device id) of the twin long-polls this process holds: one per device
+    twin_waiters: set[tuple[str, str]] = field(default_factory=set)
     quotas: Quotas = field(init=False)
 
     def __post_init__(self) -> None:

@@ -153,21 +153,26 @@ async def device_history(client: Client, tenant: str, device_id: str) -> list[Hi
 
 # --- twin state as of a past point ----------------------------------------------
 
-_INSTANCES: dict[str, DeviceTwin] = {}
-
-
-class _CaptureInbound(WorkflowInboundInterceptor):
-    async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
-        _INSTANCES[workflow.info().run_id] = workflow.instance()
-        return await super().execute_workflow(input)
-
 
 class _Capture(Interceptor):
-    """Keeps a reference to each replayed twin, to read its state when replay ends."""
+    """Keeps a reference to the twin one replay rebuilds, to read its state when replay ends.
+
+    One per replay: concurrent requests on the same run each read their own instance.
+    """
+
+    def __init__(self) -> None:
+        self.instances: list[DeviceTwin] = []
 
     def workflow_interceptor_class(
         self, input: WorkflowInterceptorClassInput
     ) -> type[WorkflowInboundInterceptor] | None:
+        instances = self.instances
+
+        class _CaptureInbound(WorkflowInboundInterceptor):
+            async def execute_workflow(self, input: ExecuteWorkflowInput) -> Any:
+                instances.append(workflow.instance())
+                return await super().execute_workflow(input)
+
         return _CaptureInbound
 
 
@@ -213,11 +218,12 @@ async def twin_as_of(
         inp = await _first(client.data_converter, events[0].workflow_execution_started_event_attributes.input)
         twin = DeviceTwin(TwinInput.model_validate(inp))
         return twin.get(), run.run_id, last_time
+    capture = _Capture()
     replayer = Replayer(
-        workflows=[DeviceTwin], data_converter=client.data_converter, interceptors=[_Capture()],
+        workflows=[DeviceTwin], data_converter=client.data_converter, interceptors=[capture],
         header_codec_behavior=HEADER_CODEC,
         workflow_runner=UnsandboxedWorkflowRunner(),
     )  # fmt: skip
     await replayer.replay_workflow(WorkflowHistory(workflow_id, events), raise_on_replay_failure=True)
-    instance = _INSTANCES.pop(run.run_id)
+    (instance,) = capture.instances
     return instance.get().model_copy(deep=True), run.run_id, last_time

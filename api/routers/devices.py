@@ -36,6 +36,7 @@ from fleetflow.contracts.devices import (
 )
 from fleetflow.security import TokenClaims
 from fleetflow.temporal import device_search_attributes
+from fleetflow.twin_state import document_breach
 from workflows.bulk_onboarding import BulkOnboarding, bulk_workflow_id
 from workflows.device_onboarding import DeviceOnboarding, onboarding_id
 
@@ -63,7 +64,7 @@ async def _check_config(state: AppState, tenant: str, spec: DeviceSpec, loc: lis
     except LookupError as exc:
         raise invalid([*loc, "device_type"], str(exc)) from None
     except config_schema.ConfigError as exc:
-        raise invalid([*loc, *exc.path.split(".")], exc.reason) from None
+        raise invalid([*loc, *exc.loc], exc.reason) from None
 
 
 @router.post("/v1/devices", status_code=status.HTTP_202_ACCEPTED, response_model=OnboardingAccepted)
@@ -237,15 +238,21 @@ async def device_types(state: State, claims: Reader) -> list[DeviceTypeView]:
 @router.put("/v1/device-types/{name}", response_model=DeviceTypeView)
 async def put_device_type(name: str, body: DeviceTypeView, state: State, claims: Admin) -> DeviceTypeView:
     """Create or replace the tenant's own device type (admin; a built-in one of the same name is
-    hidden for this tenant only); its default config must pass its schema."""
+    hidden for this tenant only). `config_schema` is JSON Schema Draft 2020-12 (at most 32 KiB,
+    self-contained, RE2 patterns); the default config must pass it and the twin's document limits."""
     if body.name != name:
         raise invalid(["body", "name"], "must match the name in the path")
     try:
+        config_schema.check_schema(body.config_schema)
+    except config_schema.SchemaProblem as exc:
+        raise invalid(["body", "config_schema", *exc.loc], exc.reason) from None
+    breach = document_breach(body.default_config, "default_config")
+    if breach is not None:
+        raise invalid(["body", "default_config"], breach.reason)
+    try:
         config_schema.validate(body.default_config, body.config_schema, "default_config")
     except config_schema.ConfigError as exc:
-        raise invalid(["body", *exc.path.split(".")], exc.reason) from None
-    except KeyError as exc:
-        raise invalid(["body", "config_schema"], f"unsupported type {exc}") from None
+        raise invalid(["body", *exc.loc], exc.reason) from None
     await state.devices.put_device_type(claims.tenant, body)
     return body
 

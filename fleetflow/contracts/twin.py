@@ -12,6 +12,13 @@ from fleetflow.contracts.common import Actor, Strict, TenantId
 # well under Temporal's 10,240-event warning; the twin continues as new past it
 TWIN_HISTORY_LIMIT = 2000
 
+# Twin document limits (compact UTF-8 JSON), so no history event of the twin nears Temporal's
+# limits: an update or signal carries at most one document, continue-as-new the whole state
+MAX_DOCUMENT_BYTES = 64 * 1024  # desired, reported, and a patch of either
+MAX_TWIN_BYTES = 96 * 1024  # desired + reported
+MAX_DOCUMENT_DEPTH = 10  # nesting of objects and arrays; {"a": 1} is 1 deep
+MAX_DOCUMENT_KEYS = 1000  # object members of a document, at every level
+
 
 class TwinState(Strict):
     """Everything the twin knows; carried across continue-as-new."""
@@ -97,3 +104,13 @@ class DeltaView(Strict):
 
     delta: dict[str, Any]
     desired_version: int
+
+
+class WaitForDelta(Strict):
+    """Argument of the `wait_for_delta` update: the device's long-poll, held by the twin itself."""
+
+    tenant: TenantId
+    device_id: str
+    timeout_s: Annotated[float, Field(gt=0, le=120)]
+    # names this wait, so the `release_wait` signal of a device that hung up ends it (and no other)
+    waiter_id: str = ""

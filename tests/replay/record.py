@@ -23,6 +23,7 @@ from typing import Any
 from temporalio.client import WorkflowHandle
 
 from bench.stack import Stack, say, stack
+from fleetflow.temporal import device_search_attributes
 from tests.replay.keys import REPLAY_PAYLOAD_KEYS
 
 HISTORIES = Path(__file__).parent / "histories"
@@ -63,6 +64,45 @@ async def device_twin(s: Stack) -> WorkflowHandle[Any, Any]:
     await handle.signal("end", {"reason": "recorded", "actor": "recorder"})
     await handle.result()
     return handle
+
+
+async def device_twin_waits(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A twin run that holds the device's long-polls (answered by a change, by the timeout, and
+    released when the device hangs up), refuses an oversize patch, and continues as new."""
+    device_id = f"rec-{uuid.uuid4().hex[:8]}"
+    body = {"device_id": device_id, "device_type": "sensor"}
+    await s.api.post("/v1/devices", json=body, headers=s.headers)
+    waiting = await _progress(s, device_id, "awaiting_first_contact")
+    auth = {"Authorization": f"Bearer {waiting['credential']}"}
+    await s.api.post("/v1/device-contact", json={"firmware_version": "1.0.1"}, headers=auth)
+    await _progress(s, device_id, "completed")
+    wid = f"twin-bench-{device_id}"
+    await s.client.get_workflow_handle(wid).terminate("recording: a small history limit")
+    config = {"report_interval_s": 10}
+    first = await s.client.start_workflow(
+        "DeviceTwin",
+        {"tenant": "bench", "device_id": device_id, "config_schema": {}, "initial_desired": config,
+         "initial_reported": config, "history_limit": 50},
+        id=wid, task_queue="orchestration",
+        search_attributes=device_search_attributes("bench", "twin", device_id),
+    )  # fmt: skip
+    poll = asyncio.create_task(s.api.get("/v1/device/twin/delta", params={"wait": 30}, headers=auth))
+    await asyncio.sleep(1)
+    url = f"/v1/devices/{device_id}/twin/desired"
+    await s.api.patch(url, json={"report_interval_s": 20}, headers=s.headers)
+    await poll
+    await s.api.post("/v1/device/twin/reported", json={"reported": {"report_interval_s": 20}}, headers=auth)
+    await s.api.get("/v1/device/twin/delta", params={"wait": 1}, headers=auth)  # ends at its timeout
+    hung_up = asyncio.create_task(s.api.get("/v1/device/twin/delta", params={"wait": 30}, headers=auth))
+    await asyncio.sleep(1)
+    hung_up.cancel()  # the device hangs up: the API releases its wait (signal release_wait)
+    await asyncio.sleep(1)
+    await s.api.patch(url, json={"blob": "x" * 70_000}, headers=s.headers)  # refused: 413
+    for rssi in range(60):
+        await s.api.post("/v1/device/twin/reported", json={"reported": {"rssi": -rssi}}, headers=auth)
+        if (await s.client.get_workflow_handle(wid).describe()).run_id != first.first_execution_run_id:
+            break
+    return s.client.get_workflow_handle(wid, run_id=first.first_execution_run_id)
 
 
 async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
@@ -219,6 +259,7 @@ SCENARIOS: dict[str, Scenario] = {
     "onboarding_cancelled": onboarding_cancelled,
     "bulk_onboarding": bulk_onboarding,
     "device_twin": device_twin,
+    "device_twin_waits": device_twin_waits,
     "telemetry_ingestion": telemetry_ingestion,
     "firmware_rollout": firmware_rollout,
     "device_decommission": device_decommission,

@@ -1,0 +1,76 @@
+"""Tenant-defined device types: Draft 2020-12 schemas checked on PUT, applied at onboarding and
+by the twin."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.integration.flows import AUTH, active_device, new_id
+
+PROBE_SCHEMA = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "label": {"type": ["string", "null"], "pattern": "^[a-z]+$"},
+        "channels": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
+        "gain": {"type": "number", "exclusiveMinimum": 0},
+        "mode": {"oneOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}]},
+    },
+}
+
+
+async def put_type(api: httpx.AsyncClient, name: str, schema: dict[str, Any], **extra: Any) -> httpx.Response:
+    body = {"name": name, "config_schema": schema, **extra}
+    return await api.put(f"/v1/device-types/{name}", json=body, headers=AUTH)
+
+
+async def test_a_nullable_type_onboards_and_every_keyword_is_enforced(api: httpx.AsyncClient) -> None:
+    name = f"probe-{uuid.uuid4().hex[:6]}"
+    assert (await put_type(api, name, PROBE_SCHEMA)).status_code == 200
+    device_id, _ = await active_device(api, device_type=name, config={"label": None, "channels": [1]})
+
+    for config, field in [
+        ({"label": "ABC"}, "label"), ({"label": 5}, "label"), ({"channels": []}, "channels"),
+        ({"gain": 0}, "gain"), ({"mode": "manual"}, "mode"),
+    ]:  # fmt: skip
+        body = {"device_id": new_id(), "device_type": name, "config": config}
+        refused = await api.post("/v1/devices", json=body, headers=AUTH)
+        assert refused.status_code == 422, (config, refused.text)
+        assert refused.json()["detail"][0]["loc"] == ["body", "config", field]
+
+    url = f"/v1/devices/{device_id}/twin/desired"
+    bad = await api.patch(url, json={"gain": -1}, headers=AUTH)
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "gain"], bad.text
+    good = await api.patch(url, json={"gain": 0.5, "label": "probe", "mode": 2}, headers=AUTH)
+    assert good.status_code == 200, good.text
+
+
+@pytest.mark.parametrize(
+    ("schema", "loc"),
+    [
+        ({"type": "object", "properties": {"x": {"type": ["string", "nul"]}}}, ["properties", "x", "type"]),
+        ({"properties": {"n": {"minItems": -1}}}, ["properties", "n", "minItems"]),
+        ({"properties": {"s": {"pattern": "^(?=a)"}}}, ["properties", "s", "pattern"]),
+        ({"$ref": "https://example.com/schema.json"}, ["$ref"]),
+        ({"$schema": "http://json-schema.org/draft-07/schema#"}, ["$schema"]),
+    ],
+)
+async def test_an_unusable_schema_is_422_at_its_place_and_not_stored(
+    api: httpx.AsyncClient, schema: dict[str, Any], loc: list[str | int]
+) -> None:
+    name = f"bad-{uuid.uuid4().hex[:6]}"
+    refused = await put_type(api, name, schema)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["body", "config_schema", *loc]
+    stored = {t["name"] for t in (await api.get("/v1/device-types", headers=AUTH)).json()}
+    assert name not in stored
+
+
+async def test_a_default_config_is_checked_against_its_schema(api: httpx.AsyncClient) -> None:
+    refused = await put_type(api, f"def-{uuid.uuid4().hex[:6]}", PROBE_SCHEMA, default_config={"gain": 0})
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["detail"][0]["loc"] == ["body", "default_config", "gain"]
