@@ -275,7 +275,7 @@ async def test_telemetry_naming_another_device_is_refused_whole(
         rows = [{"device_id": d, "ts": now, "metric": "t", "value": 1.0} for d in names]
         answer = await send(api, world.credential("idle_device"), rows, batch_id=batch_id)
         assert answer.status_code == 403, answer.text
-        assert answer.json()["detail"][0]["loc"] == ["body", "readings", len(names) - 1, "device_id"]
+        assert answer.json()["errors"][0]["loc"] == ["body", "readings", len(names) - 1, "device_id"]
         stored = await pool.fetchval("SELECT count(*) FROM data.ingest_batches WHERE batch_id = $1", batch_id)
         assert stored == 0
 
