@@ -1,7 +1,9 @@
 """Request body limits, enforced on the raw bytes before authentication and parsing.
 
 One table says how large a body each route takes; every other route takes at most
-`DEFAULT_MAX_BODY_BYTES`. `BodyLimit`, a pure ASGI middleware, refuses a declared
+`DEFAULT_MAX_BODY_BYTES`, and so does a request without a validly signed bearer token (the
+route would refuse it anyway; this way nobody anonymous makes the API take more than that).
+`BodyLimit`, a pure ASGI middleware, refuses a declared
 `Content-Length` over the limit before the application runs (so nothing is read), and counts
 the bytes of a body without one (chunked) as they arrive, answering 413 at the first byte
 over. Routes keep their own, finer checks (readings per batch, twin document depth and size).
@@ -16,6 +18,8 @@ from typing import Any
 
 from api.problems import PROBLEM_JSON, problem_body
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
+from fleetflow.keys import keyring
+from fleetflow.security import AuthError, verify_device_credential, verify_token
 
 KIB = 1024
 MIB = 1024 * KIB
@@ -55,6 +59,35 @@ def body_limit(path: str) -> int:
         if pattern.fullmatch(path):
             return limit
     return DEFAULT_MAX_BODY_BYTES
+
+
+def bearer_of(scope: Scope) -> str | None:
+    """The request's bearer token, if it has one."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = bytes(value).decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                return token.strip()
+    return None
+
+
+def _signed(scope: Scope) -> bool:
+    """True when the bearer token is an API token or device credential that our keys signed
+    and that has not expired (scopes and revocation are the route's and RevokedTokens')."""
+    token = bearer_of(scope)
+    settings = (
+        getattr(getattr(scope["app"].state, "fleetflow", None), "settings", None) if "app" in scope else None
+    )
+    if token is None or settings is None:
+        return False
+    ring = keyring(settings)
+    for verify in (verify_token, verify_device_credential):
+        try:
+            verify(ring, token, settings.jwt_issuer)
+        except AuthError:
+            continue
+        return True
+    return False
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -99,6 +132,8 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_of(scope["path"])
+        if limit > DEFAULT_MAX_BODY_BYTES and not _signed(scope):
+            limit = DEFAULT_MAX_BODY_BYTES
         declared = _content_length(scope)
         if declared is not None and declared > limit:
             await _too_large(scope, send, limit)

@@ -16,6 +16,8 @@ from __future__ import annotations
 import json
 from http.cookies import CookieError, SimpleCookie
 
+import asyncpg
+
 from api.credentials import CredentialCache
 from api.limits import ASGIApp, Receive, Scope, Send
 from api.problems import PROBLEM_JSON, problem_body
@@ -63,7 +65,7 @@ class TokenRevocations:
 
 
 def _tokens(scope: Scope) -> list[str]:
-    """The request's bearer token and codec session cookie, when present."""
+    """The request's bearer tokens and codec session cookie, when present."""
     found = []
     for name, value in scope.get("headers", ()):
         if name == b"authorization":
@@ -80,15 +82,10 @@ def _tokens(scope: Scope) -> list[str]:
     return found
 
 
-async def _refuse(scope: Scope, send: Send) -> None:
-    payload = problem_body(401, "token revoked", scope["path"])
-    body = json.dumps(payload).encode()
-    headers = [
-        (b"content-type", PROBLEM_JSON.encode()),
-        (b"content-length", str(len(body)).encode()),
-        (b"www-authenticate", b"Bearer"),
-    ]
-    await send({"type": "http.response.start", "status": 401, "headers": headers})
+async def _refuse(scope: Scope, send: Send, code: int, detail: str, header: tuple[bytes, bytes]) -> None:
+    body = json.dumps(problem_body(code, detail, scope["path"])).encode()
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode()), header]
+    await send({"type": "http.response.start", "status": code, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
@@ -111,7 +108,14 @@ class RevokedTokens:
                         claims = verify_token(keyring(settings), token, settings.jwt_issuer)
                     except AuthError:
                         continue  # not a valid API token: the route refuses it (or it is a device's)
-                    if await revocations.revoked(claims, token):
-                        await _refuse(scope, send)
+                    try:
+                        revoked = await revocations.revoked(claims, token)
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                        # not knowing is not "not revoked"
+                        detail = "cannot check whether the token is revoked; try again"
+                        await _refuse(scope, send, 503, detail, (b"retry-after", b"1"))
+                        return
+                    if revoked:
+                        await _refuse(scope, send, 401, "token revoked", (b"www-authenticate", b"Bearer"))
                         return
         await self.app(scope, receive, send)

@@ -174,8 +174,12 @@ async def test_readiness_says_which_dependency_is_down_without_its_error(
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
             app.state.fleetflow.pool.terminate()  # the database is gone for this process
             ready = await http.get("/readyz")
+            # nor can a token's revocation be checked: that is not taken as "not revoked"
+            unknown = await http.get("/v1/devices", headers=bearer())
     assert ready.status_code == 503
     assert ready.json() == {"ready": False, "database": "unreachable", "temporal": "ok"}
+    assert unknown.status_code == 503 and unknown.headers["content-type"] == "application/problem+json"
+    assert "revoked" in unknown.json()["detail"]
 
 
 async def test_the_full_system_check_needs_system_read(api: httpx.AsyncClient) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import MutableMapping
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -12,8 +14,15 @@ import pytest
 from api import limits
 from api.limits import BodyLimit, body_limit
 from api.routers import devices, rollouts
+from fleetflow.security import issue_device_credential
+from fleetflow.settings import Settings
+from tests.support import TEST_KEYS, TEST_KEYS_DIR, bearer
 
 MIB = 1024 * 1024
+# what BodyLimit reads of the application: its settings, for the key set that signs tokens
+_APP = SimpleNamespace(
+    state=SimpleNamespace(fleetflow=SimpleNamespace(settings=Settings(keys_dir=TEST_KEYS_DIR)))
+)
 Message = MutableMapping[str, Any]
 
 
@@ -28,11 +37,13 @@ class Recorder:
         self.app_saw_disconnect = False
         self.responses: list[Message] = []
 
-    def scope(self, path: str = "/v1/devices") -> dict[str, Any]:
+    def scope(self, path: str = "/v1/devices", token: str | None = None) -> dict[str, Any]:
         headers = [(b"content-type", b"application/json")]
         if self.content_length is not None:
             headers.append((b"content-length", str(self.content_length).encode()))
-        return {"type": "http", "method": "POST", "path": path, "headers": headers}
+        if token is not None:
+            headers.append((b"authorization", f"Bearer {token}".encode()))
+        return {"type": "http", "method": "POST", "path": path, "headers": headers, "app": _APP}
 
     async def receive(self) -> Message:
         self.read_calls += 1
@@ -98,13 +109,38 @@ async def test_a_body_within_the_limit_reaches_the_application() -> None:
     assert client.status() == 202 and client.sent_bytes == limits.DEFAULT_MAX_BODY_BYTES
 
 
-async def test_a_route_of_the_table_takes_its_own_limit() -> None:
+def _device_credential() -> str:
+    now = datetime.now(UTC)
+    return issue_device_credential(
+        TEST_KEYS,
+        tenant="acme",
+        device_id="th-1",
+        jti="j-1",
+        issued_at=now,
+        expires_at=now + timedelta(hours=1),
+    )
+
+
+@pytest.mark.parametrize("kind", ["api token", "device credential"])
+async def test_a_route_of_the_table_takes_its_own_limit(kind: str) -> None:
+    token = bearer()["Authorization"].removeprefix("Bearer ") if kind == "api token" else _device_credential()
     big = Recorder(chunks=1, chunk_bytes=2 * MIB, content_length=2 * MIB)
-    await BodyLimit(big.app)(big.scope("/v1/telemetry"), big.receive, big.send)
+    await BodyLimit(big.app)(big.scope("/v1/telemetry", token), big.receive, big.send)
     assert big.status() == 202
     over = Recorder(chunks=1, chunk_bytes=0, content_length=2 * MIB + 1)
-    await BodyLimit(over.app)(over.scope("/v1/telemetry"), over.receive, over.send)
+    await BodyLimit(over.app)(over.scope("/v1/telemetry", token), over.receive, over.send)
     assert over.status() == 413
+
+
+@pytest.mark.parametrize("token", [None, "not.a.token", "forged"])
+async def test_without_a_signed_token_a_body_is_at_most_the_default(token: str | None) -> None:
+    """A larger route limit is for callers our keys signed: the route refuses anyone else anyway."""
+    if token == "forged":
+        header, claims, _ = _device_credential().split(".")
+        token = f"{header}.{claims}.AAAA"
+    client = Recorder(chunks=1, chunk_bytes=0, content_length=limits.DEFAULT_MAX_BODY_BYTES + 1)
+    await BodyLimit(client.app)(client.scope("/v1/telemetry", token), client.receive, client.send)
+    assert client.status() == 413 and not client.app_called
 
 
 @pytest.mark.parametrize(
