@@ -106,6 +106,11 @@ async def http_problem(request: Request, exc: Exception) -> Response:
     detail = exc.detail
     if isinstance(detail, list) and all(isinstance(e, dict) for e in detail):
         return problem(exc.status_code, _summary(detail), request.url.path, errors=detail, headers=headers)
+    if isinstance(detail, dict):  # its members go along (RFC 9457 extension members)
+        text = str(detail.get("detail") or detail.get("msg") or title_of(exc.status_code))
+        body = problem_body(exc.status_code, text, request.url.path, detail.get("errors"))
+        extra = {k: v for k, v in detail.items() if k not in body and k not in ("msg", "type", "title")}
+        return ProblemResponse(extra | body, status_code=exc.status_code, headers=headers)
     return problem(exc.status_code, str(detail), request.url.path, headers=headers)
 
 
