@@ -11,6 +11,7 @@ on its next request.
 from __future__ import annotations
 
 import itertools
+import json
 import uuid
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime
@@ -65,6 +66,15 @@ def _view(response: httpx.Response, keys: tuple[str, ...]) -> Any:
     return {k: body[k] for k in keys} if keys else body
 
 
+def _said(response: httpx.Response, ids: dict[str, str], used: set[str]) -> str:
+    """What an answer says, its ids scrubbed; a problem's `instance` (the path the caller sent,
+    where a short numeric id would also match inside `/v1`) left out."""
+    if response.headers.get("content-type") != "application/problem+json":
+        return scrub(response.text, ids, used)
+    body = {k: v for k, v in response.json().items() if k != "instance"}
+    return scrub(json.dumps(body, sort_keys=True), ids, used)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 async def test_another_tenants_resource_is_not_found(name: str, api: httpx.AsyncClient, world: World) -> None:
     case = CASES[name]
@@ -78,7 +88,7 @@ async def test_another_tenants_resource_is_not_found(name: str, api: httpx.Async
     assert foreign.status_code == 404, foreign.text
     assert missing.status_code == 404, missing.text
     used = names_in(case.path) | names_in(case.body)
-    assert scrub(foreign.text, world.ids, used) == scrub(missing.text, nowhere, used)
+    assert _said(foreign, world.ids, used) == _said(missing, nowhere, used)
     for secret in world.credentials.values():
         assert secret not in foreign.text
     assert _view(await api.get(witness, headers=AUTH), case.keys) == before
