@@ -7,16 +7,19 @@ from contextlib import asynccontextmanager
 
 import httpx
 from fastapi import FastAPI
-from fastapi.exceptions import RequestValidationError
 from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from api.credentials import CredentialCache
+from api.docs import self_hosted_docs
 from api.ingestion import ensure_ingestion
+from api.limits import BodyLimit
 from api.observability import instrument, untraced
-from api.problems import validation_problem
+from api.openapi import document_problems
+from api.problems import install_problem_handlers
+from api.revocations import RevokedTokens, TokenRevocations
 from api.routers import codec, devices, events, health, onboardings, rollouts, telemetry, tenants, twins
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
@@ -42,6 +45,8 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         devices = DeviceService(pool, settings)
         credentials = CredentialCache(database_url(settings), devices.credential_active)
         await credentials.start()
+        app.state.revocations = revocations = TokenRevocations(pool, database_url(settings))
+        await revocations.start()
         async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
             app.state.fleetflow = AppState(
                 settings=settings, temporal=client, pool=pool, http=http, devices=devices,
@@ -50,6 +55,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
             try:
                 yield
             finally:
+                await revocations.stop()
                 await credentials.stop()
                 await pool.close()
 
@@ -59,10 +65,16 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         description="IoT device platform: every device operation is a durable Temporal workflow.",
         lifespan=lifespan,
         telemetry={"exclude": untraced},  # native OpenTelemetry: spans and HTTP metrics
+        docs_url=None,  # self_hosted_docs: no CDN
+        redoc_url=None,
     )
-    app.add_exception_handler(RequestValidationError, validation_problem)
+    install_problem_handlers(app)  # every error is RFC 9457 problem+json
     routers = (health, devices, onboardings, twins, telemetry, events, rollouts, codec, tenants)
     for module in routers:
         app.include_router(module.router)
     instrument(app)  # /metrics and the request's log context
+    self_hosted_docs(app)
+    document_problems(app)
+    app.add_middleware(RevokedTokens)
+    app.add_middleware(BodyLimit)  # added last: outermost, before any token or body is looked at
     return app

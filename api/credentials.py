@@ -34,10 +34,11 @@ Check = Callable[[str, str, str, str], Awaitable[bool]]
 class CredentialCache:
     """Positive credential checks of one API process."""
 
-    def __init__(self, dsn: str, check: Check, ttl_s: float = TTL_S) -> None:
+    def __init__(self, dsn: str, check: Check, ttl_s: float = TTL_S, channel: str = CHANNEL) -> None:
         self.dsn = dsn
         self.check = check
         self.ttl_s = ttl_s
+        self.channel = channel  # its NOTIFY payload is the key to drop (`active`'s jti)
         self._entries: dict[str, tuple[str, float]] = {}  # jti -> (token hash, valid until)
         self._generation = 0  # bumped by every revocation and every loss of the listener
         self._conn: asyncpg.Connection[asyncpg.Record] | None = None
@@ -98,7 +99,7 @@ class CredentialCache:
     async def _listen(self) -> None:
         conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
         conn.add_termination_listener(self._on_lost)
-        await conn.add_listener(CHANNEL, self._on_revoked)
+        await conn.add_listener(self.channel, self._on_revoked)
         self._conn = conn
         self._forget()  # whatever was revoked while nobody listened
 

@@ -102,10 +102,12 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
         try:
             async with httpx.AsyncClient(timeout=10) as http:
                 for _ in range(600):
+                    token_file = data / "admin-token"  # written just before the API starts
                     try:
-                        if (await http.get(f"{api_url}/health")).status_code == 200:
+                        auth = {"Authorization": f"Bearer {token_file.read_text().strip()}"}
+                        if (await http.get(f"{api_url}/health", headers=auth)).status_code == 200:
                             break
-                    except httpx.HTTPError:
+                    except (FileNotFoundError, httpx.HTTPError):
                         pass
                     if process.poll() is not None:
                         raise RuntimeError(f"fleetflow up exited ({process.returncode}); see {log.name}")

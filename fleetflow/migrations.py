@@ -372,6 +372,28 @@ MIGRATIONS: list[tuple[str, str]] = [
         """,
     ),
     (
+        "0070_api_token_revocations",
+        """
+        -- revoked API tokens by tenant and jti (`fleetflow token revoke`); expires_at (when
+        -- known) lets rows of expired tokens go; every API process hears of a revocation at once
+        CREATE TABLE fleetflow.revoked_tokens (
+            tenant     text NOT NULL,
+            jti        text NOT NULL,
+            expires_at timestamptz,
+            reason     text,
+            revoked_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, jti)
+        );
+        CREATE FUNCTION fleetflow.token_revoked() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('api_tokens_revoked', NEW.tenant || '/' || NEW.jti);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER token_revoked AFTER INSERT OR UPDATE ON fleetflow.revoked_tokens
+            FOR EACH ROW EXECUTE FUNCTION fleetflow.token_revoked();
+        """,
+    ),
+    (
         "0080_ingest_batch_writer",
         """
         -- a batch id is the sender's own: the key names who wrote the batch ('device:<id>' for a

@@ -1,6 +1,7 @@
 """JWTs, ES256 with a kid from the key ring: API tokens, device credentials, service tokens.
 
-API tokens carry `tenant` and `scopes`; device credentials carry the device id and
+API tokens carry `tenant`, `scopes` and a `jti` (their id, by which they are revoked:
+`fleetflow token revoke`); device credentials carry the device id and
 their own `jti`, and are stored by the device service only as a hash; service tokens
 carry a process's identity and the actor it works for through Temporal headers.
 Anything but ES256 from a known, unretired key is refused (`none`, HS256 with the
@@ -13,6 +14,7 @@ import base64
 import hashlib
 import json
 import re
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -60,6 +62,7 @@ class TokenClaims(BaseModel):
     tenant: str
     scopes: tuple[str, ...]
     expires_at: datetime
+    jti: str
 
 
 class DeviceClaims(BaseModel):
@@ -116,8 +119,9 @@ def issue_token(
     ttl: timedelta,
     issuer: str = "fleetflow",
     now: datetime | None = None,
+    jti: str | None = None,
 ) -> str:
-    """Sign an API token."""
+    """Sign an API token, with its own `jti` (a new random one unless given)."""
     if re.fullmatch(TENANT_PATTERN, tenant) is None:
         raise ValueError(f"tenant {tenant!r} must match {TENANT_PATTERN}")
     unknown = sorted(set(scopes) - set(SCOPES))
@@ -132,6 +136,7 @@ def issue_token(
         "scopes": sorted(set(scopes)),
         "iat": int(issued.timestamp()),
         "exp": int((issued + ttl).timestamp()),
+        "jti": jti or uuid.uuid4().hex,
     }
     return _sign(ring, claims)
 
@@ -189,11 +194,15 @@ def _decode(
 
 
 def verify_token(ring: KeyRing, token: str, issuer: str = "fleetflow") -> TokenClaims:
-    """Verify an API token's signature, key, expiry, issuer and audience."""
+    """Verify an API token's signature, key, expiry, issuer and audience (whether its `jti` is
+    revoked is the API's to check: api/revocations.py)."""
     claims = _decode(ring, token, API_AUDIENCE, issuer)
-    tenant, scopes = claims.get("tenant"), claims.get("scopes")
+    tenant, scopes, jti = claims.get("tenant"), claims.get("scopes"), claims.get("jti")
     if not isinstance(tenant, str) or not isinstance(scopes, list):
         raise AuthError("token lacks tenant or scopes")
+    if not isinstance(jti, str) or not jti:
+        # a token without an id could not be revoked
+        raise AuthError("token lacks the 'jti' claim")
     if re.fullmatch(TENANT_PATTERN, tenant) is None:
         raise AuthError("token's tenant is not a valid tenant id")
     return TokenClaims(
@@ -201,6 +210,7 @@ def verify_token(ring: KeyRing, token: str, issuer: str = "fleetflow") -> TokenC
         tenant=tenant,
         scopes=tuple(str(s) for s in scopes),
         expires_at=datetime.fromtimestamp(claims["exp"], UTC),
+        jti=jti,
     )
 
 

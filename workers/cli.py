@@ -106,6 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
     issue.add_argument("--scopes", required=True, help="comma-separated, e.g. devices:read,admin")
     issue.add_argument("--subject", default="operator")
     issue.add_argument("--ttl", type=_duration, default=timedelta(hours=1))
+    revoke = token_cmd.add_parser("revoke", help="refuse an API token from now on, in every API process")
+    revoke.add_argument("token", help="the token, or its jti (with --tenant)")
+    revoke.add_argument("--tenant", help="the token's tenant (needed with a jti)")
+    revoke.add_argument("--reason", help="why (kept with the revocation)")
 
     keys = commands.add_parser("keys", help="signing and payload keys")
     keys_cmd = keys.add_subparsers(dest="keys_command", required=True, parser_class=_Parser)
@@ -199,6 +203,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from workers.key_commands import keys_command
 
         return keys_command(settings, args)
+    if command == "token" and args.token_command == "revoke":
+        from workers.key_commands import revoke_token_command
+
+        return _run(revoke_token_command(settings, args))
     if command == "worker":
         from workers.commands import run_workers
 

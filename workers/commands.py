@@ -16,7 +16,7 @@ from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
 from fleetflow.errors import StartupError
 from fleetflow.keys import keyring
-from fleetflow.security import issue_token
+from fleetflow.security import issue_token, verify_token
 from fleetflow.settings import Settings
 from fleetflow.system_report import run_system_check
 from fleetflow.temporal import connect
@@ -93,6 +93,9 @@ async def issue_token_command(settings: Settings, args: argparse.Namespace) -> i
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     print(token)
+    # stderr, so `TOKEN=$(fleetflow token issue ...)` keeps the token alone
+    jti = verify_token(keyring(settings), token, settings.jwt_issuer).jti
+    print(f"jti {jti} (fleetflow token revoke {jti} --tenant {args.tenant})", file=sys.stderr)
     return 0
 
 
@@ -152,7 +155,7 @@ def _problems(response: httpx.Response) -> list[str]:
         body = response.json()
     except ValueError:
         return [response.text[:500]]
-    detail = body.get("detail", body)
+    detail = body.get("errors") or body.get("detail", body)  # a problem: errors name the fields
     if isinstance(detail, list):
         return [f"{'.'.join(str(p) for p in d.get('loc', []))}: {d.get('msg')}" for d in detail[:50]]
     return [str(detail)]

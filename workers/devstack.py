@@ -7,6 +7,8 @@ Temporal dev server (SQLite file in the data directory) → embedded PostgreSQL
 from __future__ import annotations
 
 import asyncio
+import os
+import shlex
 import shutil
 import socket
 import sys
@@ -172,28 +174,51 @@ def _worker_metrics(settings: Settings, options: UpOptions) -> str:
     return f"workers http://{settings.metrics_host}:{settings.metrics_port}-{last}/metrics"
 
 
-def _banner(settings: Settings, options: UpOptions) -> None:
-    token = issue_token(
-        keyring(settings), subject="dev-admin", tenant="default", scopes=sorted(SCOPES),
-        ttl=timedelta(days=30), issuer=settings.jwt_issuer,
-    )  # fmt: skip
+# every scope but codec:decode, which reads every tenant's payloads: issued on purpose, short-lived
+DEV_ADMIN_SCOPES = sorted(set(SCOPES) - {"codec:decode"})
+
+
+def write_secret(path: Path, text: str) -> None:
+    """Write text to path, readable by its owner only from the first byte: a new file made 0600
+    beside it, then renamed over path (an existing file's wider mode never applies)."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.unlink(missing_ok=True)
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # whatever the umask
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temporary, path)
+
+
+def banner(settings: Settings, options: UpOptions, token_file: Path) -> str:
+    """What `fleetflow up` prints once everything is started."""
     api = settings.api_url
-    print(
+    return (
         "\nfleetflow is up\n"
         f"  API          {api}\n"
         f"  API docs     {api}/docs\n"
         f"  Temporal UI  {settings.temporal_ui_url} (payloads are encrypted: to read them there, paste\n"
-        f"               the admin token at {api}/codec/login and turn on the UI codec setting\n"
-        f"               'include cross-origin credentials')\n"
+        f"               a codec token at {api}/codec/login and turn on the UI codec setting\n"
+        f"               'include cross-origin credentials'; a codec token:\n"
+        f"               fleetflow token issue --tenant default --scopes codec:decode --ttl 8h)\n"
         f"  workers      {options.workers} per queue: {', '.join(q.value for q in TaskQueue)}\n"
         f"  metrics      {api}/metrics; {_worker_metrics(settings, options)}\n"
         f"  data         {settings.data_dir}\n"
-        f"\n  admin token (tenant 'default', 30 days; also in {settings.data_dir}/admin-token):"
-        f"\n  {token}\n"
-        f"\n  try: curl -H 'Authorization: Bearer $TOKEN' {api}/v1/services\n"
-        "  Ctrl-C stops everything.\n",
-        flush=True,
+        f"\n  admin token (tenant 'default', 30 days, every scope but codec:decode): {token_file}\n"
+        f"\n  try:  TOKEN=$(cat {shlex.quote(str(token_file))})"
+        f'\n        curl -H "Authorization: Bearer $TOKEN" {api}/v1/services\n'
+        "  Ctrl-C stops everything.\n"
     )
+
+
+def _banner(settings: Settings, options: UpOptions) -> None:
+    token = issue_token(
+        keyring(settings), subject="dev-admin", tenant="default", scopes=DEV_ADMIN_SCOPES,
+        ttl=timedelta(days=30), issuer=settings.jwt_issuer,
+    )  # fmt: skip
     token_file = settings.data_dir / "admin-token"
-    token_file.write_text(token + "\n")
-    token_file.chmod(0o600)
+    write_secret(token_file, token + "\n")
+    print(banner(settings, options, token_file), flush=True)

@@ -132,7 +132,9 @@ async def _pause(stop: asyncio.Event, seconds: float) -> None:
 
 def _reason(response: httpx.Response) -> str:
     try:
-        detail = response.json().get("detail", response.text)
+        body = response.json()
+        # a problem (RFC 9457): `errors` names the fields, `detail` says it for a person
+        detail = body.get("errors") or body.get("detail", response.text)
     except ValueError:
         detail = response.text
     if isinstance(detail, list) and detail and isinstance(detail[0], dict):

@@ -1,8 +1,20 @@
-"""`/health` (no auth) and `/v1/services`: the system check and the service graph."""
+"""Probes and the system check: `/livez` and `/readyz` (anonymous, cheap), `/health` and
+`/v1/services` (`system:read`).
+
+`/livez` answers while the process serves; `/readyz` checks that PostgreSQL and Temporal are
+reachable (a `SELECT 1` and Temporal's gRPC health check, no workflow), its answer shared for a
+second so a flood of probes costs one check a second. `/health` runs the SystemCheck workflow
+(one run a service of every queue answers) and reports worker hosts and database errors, so it
+needs a token; concurrent calls share one run.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+from typing import Annotated, Generic, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
@@ -14,6 +26,10 @@ from fleetflow.security import TokenClaims
 from fleetflow.system_report import pollers, run_system_check
 
 router = APIRouter(tags=["system"])
+T = TypeVar("T")
+
+READY_TTL_S = 1.0
+READY_TIMEOUT_S = 2.0
 
 # which workflow calls which service queue: the edges of the service dependency graph
 WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
@@ -36,13 +52,97 @@ class ServiceNode(Strict):
     called_by: list[str]
 
 
+class Shared(Generic[T]):
+    """One computation per key at a time, its result kept ttl_s seconds: concurrent and
+    repeated callers share it."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._running: dict[object, asyncio.Future[T]] = {}
+        self._done: dict[object, tuple[float, T]] = {}
+
+    async def get(self, key: object, compute: Callable[[], Awaitable[T]]) -> T:
+        """compute()'s result for key, computed at most once per ttl_s."""
+        kept = self._done.get(key)
+        if kept is not None and kept[0] > time.monotonic():
+            return kept[1]
+        running = self._running.get(key)
+        if running is None:
+            running = self._running[key] = asyncio.ensure_future(compute())
+            running.add_done_callback(lambda done: self._finished(key, done))
+        return await asyncio.shield(running)
+
+    def _finished(self, key: object, done: asyncio.Future[T]) -> None:
+        self._running.pop(key, None)
+        if not done.cancelled() and done.exception() is None:
+            if len(self._done) > 100:  # keys are a handful of timeouts; bound them anyway
+                self._done.clear()
+            self._done[key] = (time.monotonic() + self.ttl_s, done.result())
+
+
+class Liveness(Strict):
+    """The process serves."""
+
+    status: Literal["alive"] = "alive"
+
+
+class Readiness(Strict):
+    """Whether the API's dependencies answer (`ok` or `unreachable`, never the error)."""
+
+    ready: bool
+    database: Literal["ok", "unreachable"]
+    temporal: Literal["ok", "unreachable"]
+
+
+_readiness: Shared[Readiness] = Shared(READY_TTL_S)
+_reports: Shared[SystemReport] = Shared(0.0)
+
+
+async def _reachable(probe: Awaitable[object]) -> Literal["ok", "unreachable"]:
+    try:
+        await asyncio.wait_for(probe, READY_TIMEOUT_S)
+    except Exception:  # any failure to answer in time is "unreachable"; the reason is not shown
+        return "unreachable"
+    return "ok"
+
+
+@router.get("/livez", response_model=Liveness)
+async def livez() -> Liveness:
+    """200 while the process serves requests; touches nothing else."""
+    return Liveness()
+
+
+@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+async def readyz(state: State) -> JSONResponse:
+    """200 when PostgreSQL and Temporal answer (no workflow is started), 503 otherwise."""
+
+    async def check() -> Readiness:
+        database, temporal = await asyncio.gather(
+            _reachable(state.pool.fetchval("SELECT 1")),
+            _reachable(
+                state.temporal.service_client.check_health(timeout=timedelta(seconds=READY_TIMEOUT_S))
+            ),
+        )
+        return Readiness(ready=database == temporal == "ok", database=database, temporal=temporal)
+
+    readiness = await _readiness.get(id(state), check)
+    return JSONResponse(readiness.model_dump(mode="json"), status_code=200 if readiness.ready else 503)
+
+
 @router.get("/health", response_model=SystemReport, responses={503: {"model": SystemReport}})
-async def health(state: State, timeout: Annotated[float, Query(ge=0.001, le=60)] = 5.0) -> JSONResponse:
-    """Run the SystemCheck workflow; 200 when every service answered, 503 otherwise.
+async def health(
+    state: State,
+    _: Annotated[TokenClaims, Depends(require("system:read"))],
+    timeout: Annotated[float, Query(ge=0.001, le=60)] = 5.0,
+) -> JSONResponse:
+    """Run the SystemCheck workflow; 200 when every service answered, 503 otherwise. Calls
+    made while one runs (with the same timeout) get its report.
 
     `timeout` is at least 1 ms: a smaller one rounds to a zero activity timeout, which Temporal
     reads as none, so the check's workflow would fail every task until its deadline."""
-    report = await run_system_check(state.temporal, SystemCheckRequest(timeout_s=timeout))
+    report = await _reports.get(
+        (id(state), timeout), lambda: run_system_check(state.temporal, SystemCheckRequest(timeout_s=timeout))
+    )
     return JSONResponse(report.model_dump(mode="json"), status_code=200 if report.ok else 503)
 
 

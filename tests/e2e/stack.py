@@ -219,7 +219,7 @@ class Stack:
         return {str(k): str(v) for k, v in env.items()}
 
     async def wait_healthy(self, deadline_s: float = START_DEADLINE_S) -> dict[str, Any]:
-        """Poll GET /health until 200; its report."""
+        """Poll GET /health (with the dev admin token) until 200; its report."""
         loop = asyncio.get_running_loop()
         until = loop.time() + deadline_s
         last: str = "no answer yet"
@@ -230,8 +230,11 @@ class Stack:
                     raise AssertionError(
                         f"`fleetflow up` exited with {self.process.returncode}:\n{self.output()}"
                     )
+                if not (self.data_dir / "admin-token").exists():  # written just before the API starts
+                    await asyncio.sleep(0.5)
+                    continue
                 try:
-                    response = await http.get("/health")
+                    response = await http.get("/health", headers=self.admin_headers())
                     if response.status_code == 200:
                         report: dict[str, Any] = response.json()
                         return report

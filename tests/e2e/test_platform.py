@@ -397,6 +397,21 @@ async def test_key_rotation_keeps_old_tokens_until_the_key_is_retired(stack: Sta
         await onboarding_runs(http, new)
 
 
+async def test_a_revoked_token_is_refused_by_the_running_api(stack: Stack) -> None:
+    """`fleetflow token revoke`, run as an operator would, reaches the running API at once (and
+    no one but its owner may read the dev admin token's file)."""
+    assert oct((stack.data_dir / "admin-token").stat().st_mode & 0o777) == "0o600"
+    token = keys_cli(stack, "token", "issue", "--tenant", "default", "--scopes", "devices:read").strip()
+    headers = {"Authorization": f"Bearer {token}"}
+    async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
+        assert (await http.get("/v1/devices", headers=headers)).status_code == 200
+        assert "revoked" in keys_cli(stack, "token", "revoke", token, "--reason", "e2e")
+        refused = await eventually(
+            lambda: http.get("/v1/devices", headers=headers), lambda r: r.status_code == 401, 5, "refusal"
+        )
+        assert refused.json()["detail"] == "token revoked", refused.text
+
+
 @pytest.mark.timeout(600)
 async def test_sigint_stops_everything_and_restart_reuses_data(stack: Stack, shared: dict[str, Any]) -> None:
     device_id = shared.get("device_id")

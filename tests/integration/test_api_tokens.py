@@ -23,7 +23,7 @@ from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from tests.support import TEST_KEYS
 
-PUBLIC = {"/health", "/metrics"}
+PUBLIC = {"/livez", "/readyz", "/metrics"}
 DEVICE_ROUTES = {"/v1/device-contact"}  # besides /v1/device/...: device credentials, not API tokens
 
 
@@ -120,7 +120,7 @@ def _is_device_route(path: str) -> bool:
     return path.startswith("/v1/device/") or path in DEVICE_ROUTES
 
 
-async def test_every_route_but_health_and_metrics_needs_a_token(
+async def test_every_route_but_the_probes_and_metrics_needs_a_token(
     api: httpx.AsyncClient, settings: Settings
 ) -> None:
     open_routes = []
@@ -165,5 +165,5 @@ async def test_a_rejected_body_is_not_echoed_back(api: httpx.AsyncClient) -> Non
     body = {"url": "https://example.com/hook", "event_types": ["*"], "secret": secret}
     response = await api.post("/v1/subscriptions", json=body, headers={"Authorization": f"Bearer {_token()}"})
     assert response.status_code == 422, response.text
-    assert response.json()["detail"][0]["loc"] == ["body", "secret"]
+    assert response.json()["errors"][0]["loc"] == ["body", "secret"]
     assert secret not in response.text

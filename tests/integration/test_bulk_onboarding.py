@@ -89,13 +89,13 @@ async def test_csv_import_and_its_bad_rows(api: httpx.AsyncClient, pool: Pool) -
     bad_config = f'device_id,device_type,config\n{prefix}-x,thermostat,"{{""target_c"": 80}}"\n'
     refused = await api.post("/v1/devices:bulk", content=bad_config, headers=headers)
     assert refused.status_code == 422
-    assert refused.json()["detail"][0]["loc"] == ["body", "devices", 0, "config", "target_c"]
+    assert refused.json()["errors"][0]["loc"] == ["body", "devices", 0, "config", "target_c"]
     bad_column = f"device_id,device_type,colour\n{prefix}-y,thermostat,red\n"
     refused = await api.post("/v1/devices:bulk", content=bad_column, headers=headers)
-    assert refused.status_code == 422 and "colour" in refused.json()["detail"][0]["msg"]
+    assert refused.status_code == 422 and "colour" in refused.json()["errors"][0]["msg"]
     twice = f"device_id,device_type\n{prefix}-z,sensor\n{prefix}-z,sensor\n"
     refused = await api.post("/v1/devices:bulk", content=twice, headers=headers)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][2] == 1
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"][2] == 1
     stored = await pool.fetchval(
         "SELECT count(*) FROM device.devices WHERE device_id IN ($1, $2, $3)",
         f"{prefix}-x", f"{prefix}-y", f"{prefix}-z",
@@ -105,6 +105,6 @@ async def test_csv_import_and_its_bad_rows(api: httpx.AsyncClient, pool: Pool) -
 
 async def test_bulk_limits(api: httpx.AsyncClient) -> None:
     empty = await api.post("/v1/devices:bulk", json={"devices": []}, headers=AUTH)
-    assert empty.status_code == 422 and empty.json()["detail"][0]["loc"] == ["body", "devices"]
+    assert empty.status_code == 422 and empty.json()["errors"][0]["loc"] == ["body", "devices"]
     too_many = await api.post("/v1/devices:bulk", json={"devices": devices("big", 10_001)}, headers=AUTH)
     assert too_many.status_code == 422

@@ -278,7 +278,7 @@ async def test_bad_subscriptions_get_422_naming_the_field(
     body = {"url": "https://example.com/hook", "event_types": ["*"], "secret": SECRET, **change}
     response = await api.post("/v1/subscriptions", json=body, headers=auth)
     assert response.status_code == 422, response.text
-    assert any(error["loc"] == loc for error in response.json()["detail"]), response.text
+    assert any(error["loc"] == loc for error in response.json()["errors"]), response.text
     assert (await api.get("/v1/subscriptions", headers=auth)).json() == []
 
 

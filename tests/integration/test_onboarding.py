@@ -205,7 +205,7 @@ async def test_bad_input_names_the_field_and_starts_nothing(
     )
     response = await api.post("/v1/devices", json=body, headers=AUTH)
     assert response.status_code == 422, response.text
-    problems = response.json()["detail"]
+    problems = response.json()["errors"]
     assert any(p["loc"][: len(loc)] == loc for p in problems), problems
     runs = [w async for w in client.list_workflows(f"WorkflowId = 'onboard-acme-{body['device_id']}'")]
     assert runs == []

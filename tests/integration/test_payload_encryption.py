@@ -92,7 +92,7 @@ async def test_codec_endpoint_decodes_for_codec_scope_only(api: httpx.AsyncClien
     refused = await api.post("/codec/decode", json=body, headers=bearer("acme", ["admin"]))
     assert refused.status_code == 403 and "codec:decode" in refused.json()["detail"]
     bad = await api.post("/codec/decode", json={"payloads": [{"nope": 1}]}, headers=CODEC)
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "payloads"]
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["body", "payloads"]
 
     # encode then decode is the identity (the UI encodes signal and update inputs)
     plain = {"payloads": [{"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},

@@ -30,8 +30,9 @@ async def test_every_service_answers(client: Client, workers: None) -> None:
     assert all(s.database_ok for s in report.services[1:])
 
 
-async def test_health_route_needs_no_token_and_services_route_does(api: httpx.AsyncClient) -> None:
-    health = await api.get("/health")
+async def test_health_and_services_routes_need_system_read(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/health")).status_code == 401
+    health = await api.get("/health", headers=bearer(scopes=["system:read"]))
     assert health.status_code == 200 and health.json()["ok"] is True
     assert (await api.get("/v1/services")).status_code == 401
     services = (await api.get("/v1/services", headers=bearer())).json()

@@ -123,7 +123,7 @@ async def test_a_bad_batch_names_the_reading_and_stores_nothing(
     batch_id = uuid.uuid4().hex
     response = await send(api, device_auth(credential), rows(device_id), batch_id)
     assert response.status_code == code, response.text
-    assert any(p["loc"] == loc for p in response.json()["detail"]), response.json()
+    assert any(p["loc"] == loc for p in response.json()["errors"]), response.json()
     assert await pool.fetchval("SELECT count(*) FROM data.ingest_batches WHERE batch_id = $1", batch_id) == 0
 
 

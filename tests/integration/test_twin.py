@@ -70,9 +70,9 @@ async def test_stale_version_invalid_document_and_other_tenants_are_refused(api:
     stale = await patch(api, device_id, {"target_c": 22}, version=1)
     assert stale.status_code == 412 and "version 2" in stale.json()["detail"]
     bad = await patch(api, device_id, {"target_c": 99})
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "target_c"]
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["body", "target_c"]
     unknown = await patch(api, device_id, {"fan": "on"})
-    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "fan"]
+    assert unknown.status_code == 422 and unknown.json()["errors"][0]["loc"] == ["body", "fan"]
     assert (await twin(api, device_id))["desired"]["target_c"] == 20  # nothing refused was applied
     foreign = await api.get(f"/v1/devices/{device_id}/twin", headers=bearer("globex"))
     assert foreign.status_code == 404
@@ -158,7 +158,7 @@ async def test_as_of_an_event_id_and_before_the_twin_existed(api: httpx.AsyncCli
     )
     assert too_early.status_code == 404
     nonsense = await api.get(f"/v1/devices/{device_id}/twin", params={"as_of": "yesterday"}, headers=AUTH)
-    assert nonsense.status_code == 422 and nonsense.json()["detail"][0]["loc"] == ["query", "as_of"]
+    assert nonsense.status_code == 422 and nonsense.json()["errors"][0]["loc"] == ["query", "as_of"]
 
 
 async def test_bulk_devices_get_a_twin_on_first_use(api: httpx.AsyncClient) -> None:

@@ -246,7 +246,7 @@ async def event_delivery(s: Stack) -> WorkflowHandle[Any, Any]:
 
 
 async def system_check(s: Stack) -> WorkflowHandle[Any, Any]:
-    report = (await s.api.get("/health")).json()
+    report = (await s.api.get("/health", headers=s.headers)).json()
     assert report["ok"], report
     runs = [w async for w in s.client.list_workflows("WorkflowType = 'SystemCheck'")]
     return s.client.get_workflow_handle(runs[0].id)

@@ -1,0 +1,121 @@
+"""Revoked API tokens: refused on every request, whichever route verifies the token.
+
+`fleetflow token revoke` adds the token's `(tenant, jti)` to `fleetflow.revoked_tokens`; a
+trigger NOTIFYs every API process (migration 0070). Each process keeps "not revoked" answers
+for a few seconds, exactly like device credential checks (api/credentials.py: dropped at once
+by the NOTIFY, not kept while the listener is down).
+
+`RevokedTokens`, an ASGI middleware, checks the API token of every request (the bearer token,
+or the codec session cookie) once its signature verifies, and answers 401 when it is revoked:
+the routes verify tokens in several places (auth dependencies, telemetry, codec), and none of
+them can forget the check.
+"""
+
+from __future__ import annotations
+
+import json
+from http.cookies import CookieError, SimpleCookie
+
+import asyncpg
+
+from api.credentials import CredentialCache
+from api.limits import ASGIApp, Receive, Scope, Send
+from api.problems import PROBLEM_JSON, problem_body
+from fleetflow.db import Pool
+from fleetflow.keys import keyring
+from fleetflow.security import AuthError, TokenClaims, verify_token
+from fleetflow.settings import Settings
+
+CHANNEL = "api_tokens_revoked"
+CODEC_COOKIE = "fleetflow_codec"  # api/routers/codec.py's session cookie
+
+
+def revocation_key(tenant: str, jti: str) -> str:
+    """The cache key and NOTIFY payload of a token: its tenant and jti."""
+    return f"{tenant}/{jti}"
+
+
+class TokenRevocations:
+    """Whether an API token is revoked, cached briefly per (tenant, jti)."""
+
+    def __init__(self, pool: Pool, dsn: str) -> None:
+        self.pool = pool
+        self.cache = CredentialCache(dsn, self._not_revoked, channel=CHANNEL)
+
+    async def start(self) -> None:
+        """Listen for revocations."""
+        await self.cache.start()
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        await self.cache.stop()
+
+    async def _not_revoked(self, tenant: str, _subject: str, key: str, _token: str) -> bool:
+        jti = key.partition("/")[2]
+        revoked = await self.pool.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM fleetflow.revoked_tokens WHERE tenant = $1 AND jti = $2)",
+            tenant, jti,
+        )  # fmt: skip
+        return not revoked
+
+    async def revoked(self, claims: TokenClaims, token: str) -> bool:
+        """True when the (verified) token has been revoked."""
+        key = revocation_key(claims.tenant, claims.jti)
+        return not await self.cache.active(claims.tenant, claims.subject, key, token)
+
+
+def _tokens(scope: Scope) -> list[str]:
+    """The request's bearer tokens and codec session cookie, when present."""
+    found = []
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                found.append(token.strip())
+        elif name == b"cookie":
+            try:
+                morsel = SimpleCookie(value.decode("latin-1")).get(CODEC_COOKIE)
+            except CookieError:
+                continue
+            if morsel is not None and morsel.value:
+                found.append(morsel.value)
+    return found
+
+
+async def _refuse(scope: Scope, send: Send, code: int, detail: str, header: tuple[bytes, bytes]) -> None:
+    body = json.dumps(problem_body(code, detail, scope["path"])).encode()
+    headers = [(b"content-type", PROBLEM_JSON.encode()), (b"content-length", str(len(body)).encode()), header]
+    await send({"type": "http.response.start", "status": code, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+class RevokedTokens:
+    """ASGI middleware: 401 for a request carrying a revoked API token."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuse a revoked token, or serve the request."""
+        if scope["type"] == "http":
+            app_state = scope["app"].state if "app" in scope else None
+            revocations: TokenRevocations | None = getattr(app_state, "revocations", None)
+            fleet = getattr(app_state, "fleetflow", None)  # AppState, once the lifespan started
+            settings: Settings | None = getattr(fleet, "settings", None)
+            if revocations is not None and settings is not None:
+                for token in _tokens(scope):
+                    try:
+                        claims = verify_token(keyring(settings), token, settings.jwt_issuer)
+                    except AuthError:
+                        continue  # not a valid API token: the route refuses it (or it is a device's)
+                    try:
+                        revoked = await revocations.revoked(claims, token)
+                    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                        # not knowing is not "not revoked"
+                        detail = "cannot check whether the token is revoked; try again"
+                        await _refuse(scope, send, 503, detail, (b"retry-after", b"1"))
+                        return
+                    if revoked:
+                        await _refuse(scope, send, 401, "token revoked", (b"www-authenticate", b"Bearer"))
+                        return
+        await self.app(scope, receive, send)
