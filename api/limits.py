@@ -20,6 +20,7 @@ import jwt
 
 from api.problems import PROBLEM_JSON, problem_body
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
+from fleetflow.contracts.twin import MAX_DOCUMENT_BYTES
 from fleetflow.keys import keyring
 from fleetflow.security import DEVICE_AUDIENCE, AuthError, verify_device_credential, verify_token
 
@@ -27,9 +28,10 @@ KIB = 1024
 MIB = 1024 * KIB
 
 DEFAULT_MAX_BODY_BYTES = 1 * MIB
-# a twin document as sent: a desired-state merge patch or a reported document (the twin
-# route checks the document's own size and depth once it is parsed)
-TWIN_DOCUMENT_MAX_BYTES = 64 * KIB
+# a twin document as sent: a desired-state merge patch or a reported document of up to
+# MAX_DOCUMENT_BYTES with whitespace around it (the twin route checks the document's own size,
+# depth and keys once it is parsed)
+TWIN_DOCUMENT_MAX_BYTES = 2 * MAX_DOCUMENT_BYTES
 TELEMETRY_MAX_BODY_BYTES = MAX_BATCH_BYTES  # 2 MiB
 BULK_MAX_BODY_BYTES = 8 * MIB  # up to 10,000 devices, JSON or CSV
 ROLLOUT_MAX_BODY_BYTES = 8 * MIB  # up to 100,000 device ids

@@ -20,6 +20,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.notifications import NotificationService
 from api.auth import State, actor_of, require, require_device
+from api.limits import TWIN_DOCUMENT_MAX_BYTES
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
@@ -27,7 +28,6 @@ from api.time_travel import HistoryEntry, NoTwinThen, device_history, twin_as_of
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import DeviceStatus
 from fleetflow.contracts.twin import (
-    MAX_DOCUMENT_BYTES,
     MAX_DOCUMENT_DEPTH,
     DeltaView,
     DesiredSet,
@@ -58,8 +58,7 @@ Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
 T = TypeVar("T")
 
 MAX_WAIT_S = 60
-# a body may hold a document of MAX_DOCUMENT_BYTES (compact JSON) with some whitespace around it
-MAX_BODY_BYTES = 2 * MAX_DOCUMENT_BYTES
+MAX_BODY_BYTES = TWIN_DOCUMENT_MAX_BYTES  # BodyLimit refuses a larger body before it is read
 RESTART_PAUSE_S = 0.2  # while the twin continues as new, before asking the next run
 WAIT_GRACE_S = 10  # how long past its wait a long-poll waits for the twin's answer
 MIN_REWAIT_S = 1.0  # less time left than this: answer rather than wait again

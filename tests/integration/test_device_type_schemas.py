@@ -40,11 +40,11 @@ async def test_a_nullable_type_onboards_and_every_keyword_is_enforced(api: httpx
         body = {"device_id": new_id(), "device_type": name, "config": config}
         refused = await api.post("/v1/devices", json=body, headers=AUTH)
         assert refused.status_code == 422, (config, refused.text)
-        assert refused.json()["detail"][0]["loc"] == ["body", "config", field]
+        assert refused.json()["errors"][0]["loc"] == ["body", "config", field]
 
     url = f"/v1/devices/{device_id}/twin/desired"
     bad = await api.patch(url, json={"gain": -1}, headers=AUTH)
-    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "gain"], bad.text
+    assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["body", "gain"], bad.text
     good = await api.patch(url, json={"gain": 0.5, "label": "probe", "mode": 2}, headers=AUTH)
     assert good.status_code == 200, good.text
 
@@ -65,7 +65,7 @@ async def test_an_unusable_schema_is_422_at_its_place_and_not_stored(
     name = f"bad-{uuid.uuid4().hex[:6]}"
     refused = await put_type(api, name, schema)
     assert refused.status_code == 422, refused.text
-    assert refused.json()["detail"][0]["loc"] == ["body", "config_schema", *loc]
+    assert refused.json()["errors"][0]["loc"] == ["body", "config_schema", *loc]
     stored = {t["name"] for t in (await api.get("/v1/device-types", headers=AUTH)).json()}
     assert name not in stored
 
@@ -73,4 +73,4 @@ async def test_an_unusable_schema_is_422_at_its_place_and_not_stored(
 async def test_a_default_config_is_checked_against_its_schema(api: httpx.AsyncClient) -> None:
     refused = await put_type(api, f"def-{uuid.uuid4().hex[:6]}", PROBE_SCHEMA, default_config={"gain": 0})
     assert refused.status_code == 422, refused.text
-    assert refused.json()["detail"][0]["loc"] == ["body", "default_config", "gain"]
+    assert refused.json()["errors"][0]["loc"] == ["body", "default_config", "gain"]

@@ -11,6 +11,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from api.limits import TWIN_DOCUMENT_MAX_BYTES
 from fleetflow.contracts.twin import MAX_DOCUMENT_BYTES, MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_KEYS, TwinInput
 from fleetflow.temporal import device_search_attributes
 from fleetflow.twin_state import size_of
@@ -55,7 +56,7 @@ async def test_a_3_mib_report_is_413_and_the_twin_keeps_working(api: httpx.Async
         headers=device_auth(credential),
     )  # fmt: skip
     assert huge.status_code == 413, huge.text
-    assert huge.json()["detail"][0]["type"] == "limit.bytes" and "bytes" in huge.json()["detail"][0]["msg"]
+    assert f"at most {TWIN_DOCUMENT_MAX_BYTES} bytes" in huge.json()["detail"], huge.text
 
     fine = await api.post(
         "/v1/device/twin/reported", json={"reported": {"rssi": -60}}, headers=device_auth(credential)
@@ -71,32 +72,32 @@ async def test_too_deep_too_wide_and_too_large_documents_name_the_limit(api: htt
     device_id, credential = await active_device(api, device_type=await open_type(api))
     url = f"/v1/devices/{device_id}/twin/desired"
     deep = await api.patch(url, json=nested(MAX_DOCUMENT_DEPTH + 1), headers=AUTH)
-    assert deep.status_code == 422 and deep.json()["detail"][0]["type"] == "limit.depth", deep.text
-    assert f"{MAX_DOCUMENT_DEPTH} levels" in deep.json()["detail"][0]["msg"]
+    assert deep.status_code == 422 and deep.json()["errors"][0]["type"] == "limit.depth", deep.text
+    assert f"{MAX_DOCUMENT_DEPTH} levels" in deep.json()["errors"][0]["msg"]
     # deeper than Python's JSON parser recurses: still a 422, not a 500
     abyss = await api.patch(url, content=b"[" * 40_000 + b"]" * 40_000, headers=AUTH)
     assert abyss.status_code in (413, 422), abyss.text
     wide = await api.patch(url, json={f"k{i}": i for i in range(MAX_DOCUMENT_KEYS + 1)}, headers=AUTH)
-    assert wide.status_code == 422 and wide.json()["detail"][0]["type"] == "limit.keys", wide.text
+    assert wide.status_code == 422 and wide.json()["errors"][0]["type"] == "limit.keys", wide.text
     large = await api.patch(url, json=blob("big", MAX_DOCUMENT_BYTES + 1), headers=AUTH)
-    assert large.status_code == 413 and large.json()["detail"][0]["type"] == "limit.bytes", large.text
+    assert large.status_code == 413 and large.json()["errors"][0]["type"] == "limit.bytes", large.text
     # two patches each within the limit, whose merge is not: the twin's validator refuses the second
     half = MAX_DOCUMENT_BYTES // 2 + 100
     assert (await api.patch(url, json=blob("a", half), headers=AUTH)).status_code == 200
     merged = await api.patch(url, json=blob("b", half), headers=AUTH)
-    assert merged.status_code == 413 and "desired" in merged.json()["detail"][0]["msg"], merged.text
+    assert merged.status_code == 413 and "desired" in merged.json()["errors"][0]["msg"], merged.text
     # desired + reported together: the device's report is refused before it is signalled
     report = await api.post(
         "/v1/device/twin/reported", json={"reported": blob("r", MAX_DOCUMENT_BYTES - 10)},
         headers=device_auth(credential),
     )  # fmt: skip
     assert report.status_code == 413, report.text
-    assert "desired + reported" in report.json()["detail"][0]["msg"]
+    assert "desired + reported" in report.json()["errors"][0]["msg"]
     deep_report = await api.post(
         "/v1/device/twin/reported", json={"reported": nested(MAX_DOCUMENT_DEPTH + 1)},
         headers=device_auth(credential),
     )  # fmt: skip
-    assert deep_report.status_code == 422 and deep_report.json()["detail"][0]["loc"] == ["body", "reported"]
+    assert deep_report.status_code == 422 and deep_report.json()["errors"][0]["loc"] == ["body", "reported"]
     now = (await api.get(f"/v1/devices/{device_id}/twin", headers=AUTH)).json()
     assert set(now["desired"]) == {"a"} and now["reported_version"] == 0  # nothing refused was applied
 
