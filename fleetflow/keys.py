@@ -4,8 +4,9 @@ The newest key that is not retired signs; every key that is not retired verifies
 rotation never breaks tokens already handed out, and retiring a key refuses at once
 everything it signed that is presented from then on. A Temporal call the server took before
 the retirement (an activity's retry, a history's replay) is judged at the moment the server
-took it, when the key was still good (`get(..., active_at=)`). The set lives in one JSON file (mode 0600) that every process of a
-platform shares; processes notice a rotation or retirement on their next verification.
+took it, when the key was still good (`get(..., active_at=)`). The set lives in one JSON
+file (mode 0600) that every process of a platform shares; processes notice a rotation or
+retirement on their next verification.
 """
 
 from __future__ import annotations
