@@ -3,8 +3,9 @@ by the workers before anything runs; a valid one reaches the activity, tenant an
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ from pydantic import BaseModel
 from temporalio import activity, workflow
 from temporalio import client as temporal_client
 from temporalio import worker as temporal_worker
+from temporalio.api.common.v1 import Payload
 from temporalio.client import (
     Client,
     WorkflowFailureError,
@@ -21,6 +23,7 @@ from temporalio.client import (
     WorkflowUpdateFailedError,
 )
 from temporalio.common import RetryPolicy
+from temporalio.converter import PayloadCodec
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import Worker
 
@@ -554,3 +557,38 @@ async def test_an_actor_cannot_retract_another_tenants_event(
     with identity.acting_for(ServiceActor(subject="owner", tenant="globex")):
         await _call(client, "notification.retract_event", RetractEvent(event_id=theirs.event_id))
     assert await pool.fetchval(exists, theirs.event_id) == 0
+
+
+# --- unsealed payloads (issue 18.6) ---------------------------------------------------------
+
+
+class _SealsOnlyTheIdentity(PayloadCodec):
+    """A client's codec that seals its identity header but sends its payloads in clear: a
+    client with a valid identity but without the platform's codec."""
+
+    def __init__(self, sealing: PayloadCodec) -> None:
+        self.sealing = sealing
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return [(await self.sealing.encode([p]))[0] if p.data.startswith(b'"ey') else p for p in payloads]
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return await self.sealing.decode(payloads)
+
+
+async def test_unsealed_signal_and_update_payloads_never_reach_the_workflow(
+    client: Client, checked_worker: None
+) -> None:
+    handle = await _tally(client)
+    config = client.config()
+    assert client.data_converter.payload_codec is not None
+    config["data_converter"] = dataclasses.replace(
+        client.data_converter, payload_codec=_SealsOnlyTheIdentity(client.data_converter.payload_codec)
+    )
+    in_clear = Client(**config).get_workflow_handle(handle.id)
+    await in_clear.signal(Tally.add, Bump(amount=1000))
+    with pytest.raises(WorkflowUpdateFailedError):
+        await in_clear.execute_update(Tally.add_unchecked, Bump(amount=1000))
+    await handle.signal(Tally.add, Bump(amount=1))
+    assert await _total_once_counted(handle) == 1
+    await handle.signal(Tally.stop)
