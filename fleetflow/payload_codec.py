@@ -164,6 +164,11 @@ class EncryptionCodec(PayloadCodec):
         self.keys = keys
         self.accept_plain = accept_plain
 
+    def for_reading(self) -> EncryptionCodec:
+        """The same keys, letting unsealed payloads through as they are: for showing
+        payloads to an operator (the Web UI's /codec), never for a worker's input."""
+        return EncryptionCodec(self.keys, accept_plain=True)
+
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         """Encrypt each payload (its metadata and data together)."""
         key = self.keys.current()
