@@ -30,6 +30,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
 from activities.probe import probe
+from fleetflow import identity
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.events import (
     EVENT_DELIVERY_WORKFLOW,
@@ -177,8 +178,14 @@ class NotificationService:
 
     @activity.defn(name="notification.retract_event")
     async def retract_event(self, request: RetractEvent) -> None:
-        """Compensation of recording an event whose operation was undone (its deliveries go too)."""
-        await self.pool.execute("DELETE FROM notification.events WHERE event_id = $1", request.event_id)
+        """Compensation of recording an event whose operation was undone (its deliveries go too).
+        Only within a tenant: the request's, else the verified caller's (a platform actor, who
+        has none, may retract any)."""
+        tenant = request.tenant or identity.acting_tenant()
+        await self.pool.execute(
+            "DELETE FROM notification.events WHERE event_id = $1 AND ($2::text IS NULL OR tenant = $2)",
+            request.event_id, tenant,
+        )  # fmt: skip
 
     async def list_events(
         self,

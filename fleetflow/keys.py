@@ -2,8 +2,11 @@
 
 The newest key that is not retired signs; every key that is not retired verifies, so a
 rotation never breaks tokens already handed out, and retiring a key refuses at once
-everything it signed. The set lives in one JSON file (mode 0600) that every process of a
-platform shares; processes notice a rotation or retirement on their next verification.
+everything it signed that is presented from then on. A Temporal call the server took before
+the retirement (an activity's retry, a history's replay) is judged at the moment the server
+took it, when the key was still good (`get(..., active_at=)`). The set lives in one JSON
+file (mode 0600) that every process of a platform shares; processes notice a rotation or
+retirement on their next verification.
 """
 
 from __future__ import annotations
@@ -81,13 +84,19 @@ class KeyRing:
                 self._write([*self._keys.values(), _new_key()])
         return self.signing_key()
 
-    def get(self, kid: str, *, allow_retired: bool = False) -> SigningKey | None:
-        """The key with that kid when it may verify."""
+    def get(
+        self, kid: str, *, allow_retired: bool = False, active_at: datetime | None = None
+    ) -> SigningKey | None:
+        """The key with that kid when it may verify: not retired (or, with `active_at`, not
+        retired before that moment; a retirement time never changes, so the answer for a
+        given moment is the same every time it is asked)."""
         self._refresh()
         key = self._keys.get(kid)
-        if key is None or (key.retired_at is not None and not allow_retired):
-            return None
-        return key
+        if key is None or key.retired_at is None or allow_retired:
+            return key
+        if active_at is not None and active_at < key.retired_at:
+            return key
+        return None
 
     # --- changing --------------------------------------------------------------
 

@@ -3,8 +3,15 @@
 Device credentials, configurations and everything else a workflow carries sit in Temporal's
 history only as ciphertext; the Web UI shows them to an operator through the API's /codec
 endpoint. Each payload names the key that sealed it (`encryption-key-id`), so a rotated key
-keeps decrypting what it sealed while the newest key seals from now on. Payloads written
-without encryption (older runs, recorded test histories) pass through decoding unchanged.
+keeps decrypting what it sealed while the newest key seals from now on.
+
+An unsealed payload is refused: whoever reaches Temporal without the platform's codec (its
+CLI, the Web UI's start and signal forms, a client of its own) cannot hand a worker input.
+Decoding turns it into a payload no converter reads (`REFUSED_ENCODING`), so the SDK drops
+such a signal, rejects such an update and fails such a start or activity, and nothing it
+carried reaches workflow code. Runs begun before encryption carry unsealed payloads in their
+histories: FLEETFLOW_ACCEPT_PLAIN_PAYLOADS=true lets them pass while those runs finish (a
+migration setting; off by default).
 
 Keys come from FLEETFLOW_PAYLOAD_KEYS (`kid:base64key,...`, the first one encrypts) or, when
 that is unset, from `payload-keys.json` in the key directory, made on first use and shared
@@ -18,6 +25,7 @@ import base64
 import dataclasses
 import functools
 import json
+import logging
 import os
 import secrets
 from collections.abc import Sequence
@@ -39,6 +47,9 @@ ENCODING = b"binary/encrypted"
 KEY_ID = "encryption-key-id"
 KEYS_FILE = "payload-keys.json"
 NONCE_BYTES = 12
+log = logging.getLogger(__name__)
+REFUSED_ENCODING = b"binary/unsealed-refused"
+REFUSED_NOTE = "fleetflow-refused"
 
 
 class PayloadKeyError(Refusal, ValueError):
@@ -146,10 +157,17 @@ class PayloadKeys:
 
 
 class EncryptionCodec(PayloadCodec):
-    """Seals every payload with the current key; opens what any known key sealed."""
+    """Seals every payload with the current key; opens what any known key sealed; refuses
+    unsealed payloads unless `accept_plain` (the migration setting)."""
 
-    def __init__(self, keys: PayloadKeys) -> None:
+    def __init__(self, keys: PayloadKeys, *, accept_plain: bool = False) -> None:
         self.keys = keys
+        self.accept_plain = accept_plain
+
+    def for_reading(self) -> EncryptionCodec:
+        """The same keys, letting unsealed payloads through as they are: for showing
+        payloads to an operator (the Web UI's /codec), never for a worker's input."""
+        return EncryptionCodec(self.keys, accept_plain=True)
 
     async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
         """Encrypt each payload (its metadata and data together)."""
@@ -161,11 +179,12 @@ class EncryptionCodec(PayloadCodec):
         ]
 
     async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
-        """Decrypt the encrypted payloads; others pass through as they are."""
+        """Decrypt the encrypted payloads; others come back refused (unreadable), or as they
+        are when plain payloads are accepted."""
         out: list[Payload] = []
         for payload in payloads:
             if payload.metadata.get("encoding") != ENCODING:
-                out.append(payload)
+                out.append(payload if self.accept_plain else _refused(payload))
                 continue
             kid = payload.metadata.get(KEY_ID, b"").decode(errors="replace")
             key = self.keys.get(kid)
@@ -175,6 +194,16 @@ class EncryptionCodec(PayloadCodec):
                 )
             out.append(Payload.FromString(key.open(payload.data)))
         return out
+
+
+def _refused(payload: Payload) -> Payload:
+    """An unsealed payload made unreadable: no payload converter knows REFUSED_ENCODING, so
+    converting it fails where its value would have been used. Not raised here: a decode
+    error fails the whole workflow task, again on every retry, and one unsealed signal would
+    then stop its workflow for good."""
+    log.warning("an unsealed payload was refused (FLEETFLOW_ACCEPT_PLAIN_PAYLOADS is off)")
+    note = b"unsealed payload refused: only the platform's clients may send input"
+    return Payload(metadata={"encoding": REFUSED_ENCODING, REFUSED_NOTE: note}, data=payload.data)
 
 
 SEALED = "sealed:"
@@ -215,7 +244,7 @@ def data_converter(settings: Settings) -> DataConverter:
     message and stack trace travel encrypted too."""
     return dataclasses.replace(
         pydantic_data_converter,
-        payload_codec=EncryptionCodec(payload_keys(settings)),
+        payload_codec=EncryptionCodec(payload_keys(settings), accept_plain=settings.accept_plain_payloads),
         failure_converter_class=DefaultFailureConverterWithEncodedAttributes,
     )
 

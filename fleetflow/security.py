@@ -85,6 +85,20 @@ class ServiceActor(BaseModel):
     scopes: tuple[str, ...] = ()
 
 
+class ServiceCall(BaseModel):
+    """The one Temporal call a service token is good for: an operation (`start:<type>`,
+    `signal:<name>`, `update:<name>`, `query:<name>`, `activity:<type>`) on one workflow id,
+    and, where the signer knows them, one run and one update id. A header copied out of a
+    history is then worthless for any other workflow, run, operation or update."""
+
+    model_config = ConfigDict(frozen=True)
+
+    workflow_id: str
+    ops: tuple[str, ...]
+    run_id: str | None = None
+    update_id: str | None = None
+
+
 class ServiceIdentity(BaseModel):
     """The verified identity a Temporal call carried in its headers."""
 
@@ -157,7 +171,7 @@ def _decode(
     issuer: str,
     *,
     at: datetime | None = None,
-    allow_retired: bool = False,
+    grace: timedelta = timedelta(0),
 ) -> dict[str, Any]:
     try:
         header = jwt.get_unverified_header(token)
@@ -167,11 +181,15 @@ def _decode(
         # `none`, and HS256 "signed" with our public key, end here
         raise AuthError(f"token algorithm {str(header.get('alg'))[:16]!r} is not accepted")
     kid = header.get("kid")
-    key = ring.get(kid, allow_retired=allow_retired) if isinstance(kid, str) else None
+    # `at` (a moment the Temporal server recorded: a workflow's start, an activity's schedule):
+    # the key must not have been retired before it, and expiry is checked against it below
+    # instead of now, so a replay or a retry reaches the verdict the first check reached
+    key = ring.get(kid, active_at=at) if isinstance(kid, str) else None
     if key is None:
         raise AuthError("token is signed by an unknown or retired key")
-    # `at`: checked against that moment below instead of now (a workflow's start, for replay)
-    options: Options = {"require": ["exp", "iss", "aud", "sub"], "verify_exp": at is None}
+    options: Options = {
+        "require": ["exp", "iss", "aud", "sub"], "verify_exp": at is None, "verify_iat": at is None,
+    }  # fmt: skip
     try:
         claims: dict[str, Any] = jwt.decode(
             token, key.public_key, algorithms=[ALGORITHM], audience=audience, issuer=issuer, options=options
@@ -188,7 +206,7 @@ def _decode(
         raise AuthError(f"token lacks the {exc.claim!r} claim") from None
     except jwt.InvalidTokenError:
         raise AuthError("token is malformed") from None
-    if at is not None and not (isinstance(claims["exp"], int) and at.timestamp() < claims["exp"]):
+    if at is not None and not (isinstance(claims["exp"], int) and (at - grace).timestamp() < claims["exp"]):
         raise AuthError("token expired")
     return claims
 
@@ -254,11 +272,12 @@ def issue_service_token(
     *,
     service: str,
     actor: ServiceActor,
+    call: ServiceCall | None = None,
     ttl: timedelta = SERVICE_TOKEN_TTL,
     issuer: str = "fleetflow",
     now: datetime | None = None,
 ) -> str:
-    """Sign the short-lived identity a caller puts in Temporal headers."""
+    """Sign the short-lived identity a caller puts in Temporal headers, for `call`."""
     issued = now or datetime.now(UTC)
     claims: dict[str, Any] = {
         "iss": issuer,
@@ -268,6 +287,8 @@ def issue_service_token(
         "iat": int(issued.timestamp()),
         "exp": int((issued + ttl).timestamp()),
     }
+    if call is not None:
+        claims["call"] = call.model_dump(exclude_none=True)
     return _sign(ring, claims)
 
 
@@ -277,15 +298,43 @@ def verify_service_token(
     issuer: str = "fleetflow",
     *,
     at: datetime | None = None,
-    allow_retired: bool = False,
+    grace: timedelta = timedelta(0),
+    call: ServiceCall | None = None,
 ) -> ServiceIdentity:
-    """Verify a service token, valid at `at` (now when None)."""
-    claims = _decode(ring, token, SERVICE_AUDIENCE, issuer, at=at, allow_retired=allow_retired)
+    """Verify a service token, valid at `at` (now when None; `grace`: how long after its
+    expiry it is still taken, for a message that waited for a worker), and made for `call`
+    (its workflow id, one of its operations, and its run and update id where the token names
+    them)."""
+    claims = _decode(ring, token, SERVICE_AUDIENCE, issuer, at=at, grace=grace)
     try:
         actor = ServiceActor.model_validate(claims.get("actor"))
     except ValueError:
         raise AuthError("service token lacks a valid actor") from None
+    if call is not None:
+        _check_call(claims, call, at)
     return ServiceIdentity(service=str(claims["sub"]), actor=actor)
+
+
+def _check_call(claims: dict[str, Any], call: ServiceCall, at: datetime | None) -> None:
+    if "call" not in claims:
+        # signed by the release before calls were bound: taken until it expires, without
+        # grace, so it only serves a rolling upgrade and the retries and replays of runs
+        # already in flight (their `at` is when the server first took them)
+        if at is not None and at.timestamp() >= claims["exp"]:
+            raise AuthError("token expired")
+        return
+    try:
+        bound = ServiceCall.model_validate(claims["call"])
+    except ValueError:
+        raise AuthError("service token names no valid call") from None
+    if bound.workflow_id != call.workflow_id:
+        raise AuthError(f"service token was made for another workflow, not {call.workflow_id!r}")
+    if not set(call.ops) & set(bound.ops):
+        raise AuthError(f"service token was made for {', '.join(bound.ops)}, not {', '.join(call.ops)}")
+    if bound.run_id is not None and bound.run_id != call.run_id:
+        raise AuthError("service token was made for another run")
+    if bound.update_id is not None and bound.update_id != call.update_id:
+        raise AuthError("service token was made for another update")
 
 
 def token_hash(token: str) -> str:

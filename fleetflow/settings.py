@@ -31,6 +31,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_PUBLIC_URL": ("public_url", "http://{api_host}:{api_port}"),
     "FLEETFLOW_KEYS_DIR": ("keys_dir", "$FLEETFLOW_DATA_DIR/keys"),
     "FLEETFLOW_PAYLOAD_KEYS": ("payload_keys", "unset: generated into $FLEETFLOW_KEYS_DIR"),
+    "FLEETFLOW_ACCEPT_PLAIN_PAYLOADS": ("accept_plain_payloads", "false"),
     "FLEETFLOW_JWT_ISSUER": ("jwt_issuer", "fleetflow"),
     "FLEETFLOW_DB_POOL_SIZE": ("db_pool_size", "10"),
     "FLEETFLOW_INGEST_SHARDS": ("ingest_shards", "2"),
@@ -63,6 +64,8 @@ class Settings(BaseModel):
     keys_dir: Path | None = None
     # "kid:base64key,kid:base64key": AES-256-GCM payload keys, the first one encrypts
     payload_keys: str | None = None
+    # migration only: let unsealed payloads (runs begun before payload encryption) through
+    accept_plain_payloads: bool = False
     jwt_issuer: str = "fleetflow"
     db_pool_size: Annotated[int, Field(ge=1, le=200)] = 10
     ingest_shards: Annotated[int, Field(ge=1, le=64)] = 2

@@ -54,6 +54,11 @@ async def run_worker(queue: TaskQueue, settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    if settings.accept_plain_payloads:
+        log.warning(
+            "FLEETFLOW_ACCEPT_PLAIN_PAYLOADS is on: this worker takes unsealed payloads, from anyone who "
+            "reaches Temporal; turn it off once the runs begun before payload encryption have finished"
+        )
     client = await connect(settings, service=f"worker-{queue.value}")
     pool = None
     if queue is not TaskQueue.ORCHESTRATION:

@@ -35,6 +35,8 @@ class RetractEvent(Strict):
     """Input of `notification.retract_event` (saga compensation of a recorded event)."""
 
     event_id: str
+    # the event's tenant; when absent, the verified actor's tenant scopes the retraction
+    tenant: TenantId | None = None
 
 
 class RecordedEvent(DomainEvent):

@@ -100,6 +100,8 @@ async def test_codec_endpoint_decodes_for_codec_scope_only(api: httpx.AsyncClien
     encoded = (await api.post("/codec/encode", json=plain, headers=CODEC)).json()
     assert base64.b64decode(encoded["payloads"][0]["metadata"]["encoding"]) == ENCODING
     assert (await api.post("/codec/decode", json=encoded, headers=CODEC)).json() == plain
+    # an unsealed payload (an older run's) is shown as it is: only a worker refuses it
+    assert (await api.post("/codec/decode", json=plain, headers=CODEC)).json() == plain
 
 
 async def test_codec_answers_the_web_ui_origin_only(api: httpx.AsyncClient, settings: Settings) -> None:

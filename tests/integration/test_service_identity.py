@@ -3,8 +3,9 @@ by the workers before anything runs; a valid one reaches the activity, tenant an
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -14,20 +15,29 @@ from pydantic import BaseModel
 from temporalio import activity, workflow
 from temporalio import client as temporal_client
 from temporalio import worker as temporal_worker
-from temporalio.client import Client, WorkflowFailureError
+from temporalio.api.common.v1 import Payload
+from temporalio.client import (
+    Client,
+    WorkflowFailureError,
+    WorkflowQueryFailedError,
+    WorkflowUpdateFailedError,
+)
 from temporalio.common import RetryPolicy
+from temporalio.converter import PayloadCodec
 from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.worker import Worker
 
 from fleetflow import identity
-from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.common import Actor, DomainEvent, TaskQueue
 from fleetflow.contracts.devices import RevokeCredential
+from fleetflow.contracts.events import EventBatch, RetractEvent
 from fleetflow.contracts.system import ProbeRequest, SystemCheckRequest
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing
-from fleetflow.security import ServiceActor, issue_service_token, issue_token
+from fleetflow.security import ServiceActor, ServiceCall, issue_service_token, issue_token
+from fleetflow.temporal import interceptors
 from tests.integration.flows import active_device
-from tests.support import TEST_KEYS
+from tests.support import TEST_KEYS, eventually
 
 QUEUE = "identity-tests"
 
@@ -53,6 +63,20 @@ class _Forge(temporal_client.Interceptor, temporal_worker.Interceptor):
             ) -> temporal_client.WorkflowHandle[Any, Any]:
                 input.headers = forge._headers(input.headers)
                 return await super().start_workflow(input)
+
+            async def signal_workflow(self, input: temporal_client.SignalWorkflowInput) -> None:
+                input.headers = forge._headers(input.headers)
+                await super().signal_workflow(input)
+
+            async def query_workflow(self, input: temporal_client.QueryWorkflowInput) -> Any:
+                input.headers = forge._headers(input.headers)
+                return await super().query_workflow(input)
+
+            async def start_workflow_update(
+                self, input: temporal_client.StartWorkflowUpdateInput
+            ) -> temporal_client.WorkflowUpdateHandle[Any]:
+                input.headers = forge._headers(input.headers)
+                return await super().start_workflow_update(input)
 
         return Outbound(next)
 
@@ -93,6 +117,58 @@ class CallActivity:
         )  # fmt: skip
 
 
+class Bump(BaseModel):
+    amount: int
+    actor: str | None = None
+
+
+class SetTotal(BaseModel):
+    total: int
+    actor: Actor | None = None
+
+
+@workflow.defn(sandboxed=False)
+class Tally:
+    """A counter that signals, updates (with and without a validator) and a query reach."""
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.stopped = False
+
+    @workflow.run
+    async def run(self) -> int:
+        await workflow.wait_condition(lambda: self.stopped)
+        return self.total
+
+    @workflow.signal
+    def add(self, bump: Bump) -> None:
+        self.total += bump.amount
+
+    @workflow.signal
+    def stop(self) -> None:
+        self.stopped = True
+
+    @workflow.update
+    def set_total(self, request: SetTotal) -> int:
+        self.total = request.total
+        return self.total
+
+    @set_total.validator
+    def _check_total(self, request: SetTotal) -> None:
+        if request.total < 0:
+            raise ApplicationError("negative", type="BadTotal")
+
+    @workflow.update
+    def add_unchecked(self, bump: Bump) -> int:
+        """An update without a validator: the identity is checked before its handler."""
+        self.total += bump.amount
+        return self.total
+
+    @workflow.query
+    def get(self) -> int:
+        return self.total
+
+
 @activity.defn(name="identity.whoami")
 async def whoami(_: dict[str, Any]) -> dict[str, Any]:
     """What the activity sees of its caller."""
@@ -108,7 +184,7 @@ def _with_interceptors(client: Client, interceptors: list[Any]) -> Client:
 @pytest.fixture(scope="module")
 async def checked_worker(client: Client) -> AsyncIterator[None]:
     """A worker built on the session's client: it signs and checks like every platform worker."""
-    async with Worker(client, task_queue=QUEUE, workflows=[CallActivity], activities=[whoami]):
+    async with Worker(client, task_queue=QUEUE, workflows=[CallActivity, Tally], activities=[whoami]):
         yield
 
 
@@ -211,3 +287,308 @@ async def test_an_actor_of_one_tenant_cannot_act_on_another(
     assert "tenant 'globex' may not act on tenant 'acme'" in refusal.message
     revoked = await pool.fetchval("SELECT revoked_at FROM device.credentials WHERE jti = $1", jti)
     assert revoked is None
+
+
+# --- signals, updates and queries --------------------------------------------------------
+
+
+async def _tally(client: Client) -> temporal_client.WorkflowHandle[Any, Any]:
+    return await client.start_workflow(
+        Tally.run,
+        id=f"tally-{uuid.uuid4().hex[:8]}",
+        task_queue=QUEUE,
+        execution_timeout=timedelta(seconds=60),
+    )
+
+
+def _bound(workflow_id: str, op: str, update_id: str | None = None) -> str:
+    """A valid token, as a history holds one, made for `op` on `workflow_id`."""
+    call = ServiceCall(workflow_id=workflow_id, ops=(op,), update_id=update_id)
+    return issue_service_token(TEST_KEYS, service="api", actor=ServiceActor(subject="op"), call=call)
+
+
+def _ignoring_workflow(make: Callable[[Path], str | None]) -> Callable[[Path, str], str | None]:
+    return lambda tmp, wid: make(tmp)
+
+
+# the forgeries of FORGERIES, plus valid headers copied from another workflow or operation
+MESSAGE_FORGERIES: dict[str, tuple[Callable[[Path, str], str | None], str]] = {
+    **{name: (_ignoring_workflow(make), reason) for name, (make, reason) in FORGERIES.items()},
+    "copied-from-another-workflow": (
+        lambda tmp, wid: _bound("tally-elsewhere", "signal:add"),
+        "another workflow",
+    ),
+    "copied-from-another-operation": (lambda tmp, wid: _bound(wid, "signal:stop"), "not signal:add"),
+}
+
+
+async def _total_once_counted(handle: temporal_client.WorkflowHandle[Any, Any]) -> int:
+    total: int = await eventually(lambda: handle.query(Tally.get), lambda t: t != 0)
+    return total
+
+
+@pytest.mark.parametrize("case", list(MESSAGE_FORGERIES))
+async def test_a_signal_without_a_valid_identity_changes_nothing(
+    client: Client, checked_worker: None, tmp_path: Path, case: str
+) -> None:
+    handle = await _tally(client)
+    make, _ = MESSAGE_FORGERIES[case]
+    forger = _with_interceptors(client, [_Forge(make(tmp_path, handle.id))])
+    await forger.get_workflow_handle(handle.id).signal(Tally.add, Bump(amount=1000))
+    await handle.signal(Tally.add, Bump(amount=1))  # handled after the forged one
+    assert await _total_once_counted(handle) == 1
+    await handle.signal(Tally.stop)
+    assert await handle.result() == 1
+    # the closed run replays from its history to answer: the checks reach the same verdicts
+    assert await handle.query(Tally.get) == 1
+
+
+async def test_a_signal_whose_payload_names_another_actor_is_dropped(
+    client: Client, checked_worker: None
+) -> None:
+    handle = await _tally(client)
+    with identity.acting_for(ServiceActor(subject="op-1", tenant="acme")):
+        await handle.signal(Tally.add, Bump(amount=1000, actor="admin"))
+        await handle.signal(Tally.add, Bump(amount=1, actor="op-1"))
+    assert await _total_once_counted(handle) == 1
+    await handle.signal(Tally.stop)
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign-key", "expired", "api-token"])
+async def test_an_update_without_a_valid_identity_is_rejected(
+    client: Client, checked_worker: None, tmp_path: Path, case: str
+) -> None:
+    handle = await _tally(client)
+    make, reason = FORGERIES[case]
+    forged = _with_interceptors(client, [_Forge(make(tmp_path))]).get_workflow_handle(handle.id)
+    with pytest.raises(WorkflowUpdateFailedError) as validated:
+        await forged.execute_update(Tally.set_total, SetTotal(total=1000))
+    with pytest.raises(WorkflowUpdateFailedError) as handled:  # no validator: refused before the handler
+        await forged.execute_update(Tally.add_unchecked, Bump(amount=1000))
+    for failed in (validated.value, handled.value):
+        assert isinstance(failed.cause, ApplicationError) and failed.cause.type == identity.REFUSED
+        assert reason in failed.cause.message
+    assert await handle.query(Tally.get) == 0
+    await handle.signal(Tally.stop)
+
+
+async def test_an_update_header_copied_from_another_update_is_rejected(
+    client: Client, checked_worker: None
+) -> None:
+    """A token names its update id: copied into an update with another id it is refused (the
+    same id again is the same update, which Temporal never runs twice)."""
+    handle = await _tally(client)
+    copied = _bound(handle.id, "update:set_total", update_id="the-first-update")
+    forged = _with_interceptors(client, [_Forge(copied)]).get_workflow_handle(handle.id)
+    with pytest.raises(WorkflowUpdateFailedError) as failed:
+        await forged.execute_update(Tally.set_total, SetTotal(total=1000), id="another-update")
+    assert isinstance(failed.value.cause, ApplicationError) and "another update" in failed.value.cause.message
+    assert await handle.execute_update(Tally.set_total, SetTotal(total=7)) == 7
+    await handle.signal(Tally.stop)
+    assert await handle.result() == 7
+    assert await handle.query(Tally.get) == 7  # replayed: the update's handler check passes again
+
+
+async def test_an_update_payload_actor_must_be_the_verified_one(client: Client, checked_worker: None) -> None:
+    handle = await _tally(client)
+    claimed = Actor(subject="op-1", tenant="acme", scopes=["admin"])
+    with identity.acting_for(ServiceActor(subject="op-1", tenant="acme", scopes=("devices:read",))):
+        with pytest.raises(WorkflowUpdateFailedError) as failed:
+            await handle.execute_update(Tally.set_total, SetTotal(total=1000, actor=claimed))
+        assert isinstance(failed.value.cause, ApplicationError)
+        assert "scopes its identity lacks: admin" in failed.value.cause.message
+        honest = claimed.model_copy(update={"scopes": ["devices:read"]})
+        assert await handle.execute_update(Tally.set_total, SetTotal(total=5, actor=honest)) == 5
+    await handle.signal(Tally.stop)
+
+
+@pytest.mark.parametrize("case", ["missing", "foreign-key", "api-token"])
+async def test_a_query_without_a_valid_identity_fails(
+    client: Client, checked_worker: None, tmp_path: Path, case: str
+) -> None:
+    handle = await _tally(client)
+    make, _ = FORGERIES[case]
+    forged = _with_interceptors(client, [_Forge(make(tmp_path))]).get_workflow_handle(handle.id)
+    # (the reason travels encrypted, like every failure: the client sees "Encoded failure")
+    with pytest.raises(WorkflowQueryFailedError):
+        await forged.query(Tally.get)
+    with pytest.raises(WorkflowQueryFailedError):
+        await (
+            _with_interceptors(client, [_Forge(_bound("tally-elsewhere", "query:get"))])
+            .get_workflow_handle(handle.id)
+            .query(Tally.get)
+        )
+    assert await handle.query(Tally.get) == 0
+    await handle.signal(Tally.stop)
+
+
+async def test_a_start_header_copied_from_another_workflow_is_refused(client: Client, workers: None) -> None:
+    wid = f"forged-{uuid.uuid4().hex[:8]}"
+    copied = _bound("system-check-elsewhere", "start:SystemCheck")
+    with pytest.raises(WorkflowFailureError) as failed:
+        await _with_interceptors(client, [_Forge(copied)]).execute_workflow(
+            "SystemCheck", SystemCheckRequest(timeout_s=5), id=wid,
+            task_queue=TaskQueue.ORCHESTRATION.value, execution_timeout=timedelta(seconds=30),
+        )  # fmt: skip
+    cause = failed.value.cause
+    assert isinstance(cause, ApplicationError) and "another workflow" in cause.message
+
+
+# --- retiring a key while runs are in flight (issue 12.10) ---------------------------------
+
+
+@workflow.defn(sandboxed=False)
+class RetiringSaga:
+    """A step that fails once, a step that fails for good, and the compensation, which fails
+    once too: every first attempt retires the key that signed it."""
+
+    def __init__(self) -> None:
+        self.done: list[str] = []
+
+    @workflow.run
+    async def run(self) -> list[str]:
+        retry = RetryPolicy(initial_interval=timedelta(milliseconds=100), maximum_attempts=3)
+        timeout = timedelta(seconds=10)
+        self.done.append(
+            await workflow.execute_activity("saga.step", start_to_close_timeout=timeout, retry_policy=retry)
+        )
+        try:
+            await workflow.execute_activity("saga.fail", start_to_close_timeout=timeout, retry_policy=retry)
+        except ActivityError:
+            self.done.append(
+                await workflow.execute_activity(
+                    "saga.undo", start_to_close_timeout=timeout, retry_policy=retry
+                )
+            )
+        return self.done
+
+    @workflow.query
+    def steps(self) -> list[str]:
+        return self.done
+
+
+async def test_retiring_the_signing_key_does_not_fail_retries_in_flight(
+    client: Client, tmp_path: Path
+) -> None:
+    """An activity's retry and a compensation's retry that were scheduled before their signing
+    key was retired complete after it; a replay of the run (a query after it closed) too."""
+    ring = KeyRing(tmp_path / "keys")
+    ours = _with_interceptors(client, interceptors(ring, "tests"))
+    retired: list[str] = []
+
+    def retire_on_first_attempt(name: str) -> str:
+        if activity.info().attempt == 1:
+            kid = ring.signing_key().kid  # the key that signed this activity's token
+            ring.rotate()
+            ring.retire(kid)
+            retired.append(kid)
+            raise ApplicationError(f"{name}: a transient failure")
+        return name
+
+    @activity.defn(name="saga.step")
+    async def step() -> str:
+        return retire_on_first_attempt("step")
+
+    @activity.defn(name="saga.fail")
+    async def fail() -> str:
+        raise ApplicationError("the operation fails for good", non_retryable=True)
+
+    @activity.defn(name="saga.undo")
+    async def undo() -> str:
+        return retire_on_first_attempt("undo")
+
+    queue = f"saga-{uuid.uuid4().hex[:6]}"
+    async with Worker(ours, task_queue=queue, workflows=[RetiringSaga], activities=[step, fail, undo]):
+        handle = await ours.start_workflow(
+            RetiringSaga.run, id=f"saga-{uuid.uuid4().hex[:8]}", task_queue=queue,
+            execution_timeout=timedelta(seconds=60),
+        )  # fmt: skip
+        assert await handle.result() == ["step", "undo"]
+        assert len(retired) == 2 and all(ring.get(kid) is None for kid in retired)
+        # the closed run replays (its start was signed by a key retired since) to answer
+        assert await handle.query(RetiringSaga.steps) == ["step", "undo"]
+
+
+# --- the tenant guard looks inside what an activity is given (issue 18.11) -----------------
+
+
+def _event(tenant: str) -> DomainEvent:
+    return DomainEvent(
+        event_id=f"{tenant}/guard-{uuid.uuid4().hex[:8]}", tenant=tenant, type="test.guard",
+        occurred_at=datetime.now(UTC), actor="tester",
+    )  # fmt: skip
+
+
+async def _call(client: Client, activity_name: str, arg: BaseModel) -> Any:
+    call = Call(activity=activity_name, queue=TaskQueue.NOTIFICATION.value, arg=arg.model_dump(mode="json"))
+    return await client.execute_workflow(
+        CallActivity.run, call, id=f"guard-{uuid.uuid4().hex[:8]}", task_queue=QUEUE,
+        execution_timeout=timedelta(seconds=30),
+    )  # fmt: skip
+
+
+async def test_an_actor_cannot_record_events_for_another_tenant_inside_a_batch(
+    client: Client, pool: Pool, workers: None, checked_worker: None
+) -> None:
+    ours, theirs = _event("acme"), _event("globex")
+    with identity.acting_for(ServiceActor(subject="intruder", tenant="acme")):
+        with pytest.raises(WorkflowFailureError) as failed:
+            await _call(client, "notification.record_events", EventBatch(events=[ours, theirs]))
+    assert "tenant 'acme' may not act on tenant 'globex'" in _activity_refusal(failed.value).message
+    ids = [ours.event_id, theirs.event_id]
+    assert await pool.fetchval("SELECT count(*) FROM notification.events WHERE event_id = ANY($1)", ids) == 0
+
+
+async def test_an_actor_cannot_retract_another_tenants_event(
+    client: Client, pool: Pool, workers: None, checked_worker: None
+) -> None:
+    theirs = _event("globex")
+    with identity.acting_for(ServiceActor(subject="service:ingestion")):  # a platform actor
+        assert await _call(client, "notification.record_events", EventBatch(events=[theirs])) == 1
+    with identity.acting_for(ServiceActor(subject="intruder", tenant="acme")):
+        await _call(client, "notification.retract_event", RetractEvent(event_id=theirs.event_id))
+        with pytest.raises(WorkflowFailureError) as failed:
+            await _call(
+                client, "notification.retract_event", RetractEvent(event_id=theirs.event_id, tenant="globex")
+            )
+    assert "may not act on tenant 'globex'" in _activity_refusal(failed.value).message
+    exists = "SELECT count(*) FROM notification.events WHERE event_id = $1"
+    assert await pool.fetchval(exists, theirs.event_id) == 1
+    with identity.acting_for(ServiceActor(subject="owner", tenant="globex")):
+        await _call(client, "notification.retract_event", RetractEvent(event_id=theirs.event_id))
+    assert await pool.fetchval(exists, theirs.event_id) == 0
+
+
+# --- unsealed payloads (issue 18.6) ---------------------------------------------------------
+
+
+class _SealsOnlyTheIdentity(PayloadCodec):
+    """A client's codec that seals its identity header but sends its payloads in clear: a
+    client with a valid identity but without the platform's codec."""
+
+    def __init__(self, sealing: PayloadCodec) -> None:
+        self.sealing = sealing
+
+    async def encode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return [(await self.sealing.encode([p]))[0] if p.data.startswith(b'"ey') else p for p in payloads]
+
+    async def decode(self, payloads: Sequence[Payload]) -> list[Payload]:
+        return await self.sealing.decode(payloads)
+
+
+async def test_unsealed_signal_and_update_payloads_never_reach_the_workflow(
+    client: Client, checked_worker: None
+) -> None:
+    handle = await _tally(client)
+    config = client.config()
+    assert client.data_converter.payload_codec is not None
+    config["data_converter"] = dataclasses.replace(
+        client.data_converter, payload_codec=_SealsOnlyTheIdentity(client.data_converter.payload_codec)
+    )
+    in_clear = Client(**config).get_workflow_handle(handle.id)
+    await in_clear.signal(Tally.add, Bump(amount=1000))
+    with pytest.raises(WorkflowUpdateFailedError):
+        await in_clear.execute_update(Tally.add_unchecked, Bump(amount=1000))
+    await handle.signal(Tally.add, Bump(amount=1))
+    assert await _total_once_counted(handle) == 1
+    await handle.signal(Tally.stop)

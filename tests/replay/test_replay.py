@@ -21,8 +21,8 @@ from workers.registry import WORKFLOWS
 
 HISTORIES = sorted((Path(__file__).parent / "histories").glob("*.json"))
 # histories recorded before payload encryption carry plain payloads; later ones are sealed
-# with the replay key, so both kinds must decode
-CONVERTER = data_converter(Settings(payload_keys=REPLAY_PAYLOAD_KEYS))
+# with the replay key, so both kinds must decode (the migration setting lets the plain ones in)
+CONVERTER = data_converter(Settings(payload_keys=REPLAY_PAYLOAD_KEYS, accept_plain_payloads=True))
 
 
 def test_every_workflow_type_has_a_recorded_history() -> None:

@@ -161,6 +161,40 @@ def _published_ports(service: dict[str, Any]) -> list[str]:
     return published
 
 
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def _open_ports(service: dict[str, Any]) -> list[str]:
+    """The host ports a service publishes on every interface (not only on loopback)."""
+    open_ports: list[str] = []
+    for port in service.get("ports") or []:
+        if isinstance(port, dict):
+            if port.get("published") in (None, "", 0, "0"):
+                continue
+            if str(port.get("host_ip") or "") not in _LOOPBACK:
+                open_ports.append(str(port["published"]))
+        elif ":" in str(port) and not str(port).startswith(tuple(f"{h}:" for h in _LOOPBACK)):
+            open_ports.append(str(port))
+    return open_ports
+
+
+def _exposure_problems(services: dict[str, Any]) -> list[str]:
+    """Temporal's frontend has no authentication (whoever reaches it can start, signal,
+    terminate and read any workflow), nor do the Web UI, Prometheus and Jaeger here: only
+    the API, which checks a token on every request, may listen on every interface."""
+    problems: list[str] = []
+    for name, service in sorted(services.items()):
+        image = str(service.get("image", ""))
+        if image.startswith(("temporalio/server:", "temporalio/auto-setup:")) and _published_ports(service):
+            problems.append(f"{name}: publishes the Temporal frontend {_published_ports(service)}")
+        elif name != "api" and _open_ports(service):
+            problems.append(f"{name}: publishes {_open_ports(service)} on every interface, without login")
+    ui = services.get("temporal-ui")
+    if ui is not None and str(_environment(ui).get("TEMPORAL_DISABLE_WRITE_ACTIONS")).lower() != "true":
+        problems.append("temporal-ui: write actions (start, signal, terminate) are not disabled")
+    return problems
+
+
 def _problems(config: dict[str, Any]) -> list[str]:
     """Everything wrong with a normalised compose configuration (empty when fine)."""
     problems: list[str] = []
@@ -249,6 +283,8 @@ def _problems(config: dict[str, Any]) -> list[str]:
             if str(REPO / file) not in mounted:
                 problems.append(f"{name}: does not mount {file}")
 
+    problems += _exposure_problems(services)
+
     images = {name: str(service.get("image", "")) for name, service in services.items()}
     if not any(image.startswith("postgres:") for image in images.values()):
         problems.append("no postgres service")
@@ -323,6 +359,21 @@ def test_problem_detection_catches_broken_files() -> None:
     assert "grafana: image 'grafana/grafana:latest' uses the moving 'latest' tag" in problems
     assert "prometheus: missing" in problems
     assert "temporal-ui: TEMPORAL_CODEC_ENDPOINT is not the API's /codec" in problems
+
+
+def test_exposure_detection_catches_published_temporal_and_open_uis() -> None:
+    """What the compose file used to do: publish the frontend, and the UI on every interface."""
+    services = copy.deepcopy(_normalised_config()["services"])
+    assert _exposure_problems(services) == []
+    services["temporal"]["ports"] = [{"published": 7233, "target": 7233}]
+    services["temporal-ui"]["ports"] = [{"published": 8080, "target": 8080}]
+    services["jaeger"]["ports"] = ["0.0.0.0:16686:16686/tcp"]
+    del services["temporal-ui"]["environment"]["TEMPORAL_DISABLE_WRITE_ACTIONS"]
+    problems = "\n".join(_exposure_problems(services))
+    assert "temporal: publishes the Temporal frontend" in problems
+    assert "temporal-ui: publishes ['8080'] on every interface" in problems
+    assert "jaeger: publishes ['0.0.0.0:16686:16686/tcp'] on every interface" in problems
+    assert "temporal-ui: write actions" in problems
 
 
 def test_monitoring_files_match_what_the_processes_export() -> None:

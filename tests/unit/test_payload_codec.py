@@ -17,6 +17,7 @@ from fleetflow.keys import KeySetError
 from fleetflow.payload_codec import (
     ENCODING,
     KEY_ID,
+    REFUSED_ENCODING,
     EncryptionCodec,
     PayloadKeyError,
     PayloadKeys,
@@ -46,9 +47,26 @@ async def test_encoded_payloads_are_ciphertext_naming_their_key(tmp_path: Path) 
     assert (await codec.encode([_plain()]))[0].data != sealed.data
 
 
-async def test_payloads_written_before_encryption_pass_through(tmp_path: Path) -> None:
-    codec = EncryptionCodec(PayloadKeys(tmp_path))
-    assert await codec.decode([_plain()]) == [_plain()]
+async def test_unsealed_payloads_are_refused_unless_the_migration_setting_allows_them(
+    tmp_path: Path,
+) -> None:
+    """Whoever reaches Temporal without the platform's codec (its CLI, the Web UI's forms)
+    cannot hand a worker a value: the payload comes out of decoding unreadable, so the SDK
+    drops such a signal, rejects such an update and fails such a start or activity."""
+    converter = data_converter(Settings(keys_dir=tmp_path))
+    assert converter.payload_codec is not None
+    [refused] = await converter.payload_codec.decode([_plain()])
+    assert refused.metadata["encoding"] == REFUSED_ENCODING
+    with pytest.raises(KeyError, match="Unknown payload encoding"):
+        converter.payload_converter.from_payloads([refused])
+    with pytest.raises(KeyError):
+        await converter.decode([_plain()])
+    # runs begun before encryption: FLEETFLOW_ACCEPT_PLAIN_PAYLOADS lets them finish
+    migrating = load_settings(
+        {"FLEETFLOW_KEYS_DIR": str(tmp_path), "FLEETFLOW_ACCEPT_PLAIN_PAYLOADS": "true"}
+    )
+    assert await data_converter(migrating).decode([_plain()]) == [SECRET]
+    assert await EncryptionCodec(PayloadKeys(tmp_path), accept_plain=True).decode([_plain()]) == [_plain()]
 
 
 async def test_rotation_encrypts_with_the_new_key_and_old_payloads_still_decode(tmp_path: Path) -> None:

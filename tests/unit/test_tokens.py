@@ -17,6 +17,7 @@ from fleetflow.keys import KeyRing, KeySetError
 from fleetflow.security import (
     AuthError,
     ServiceActor,
+    ServiceCall,
     _sign,
     issue_device_credential,
     issue_service_token,
@@ -178,3 +179,62 @@ def test_service_tokens_are_checked_at_a_given_time(ring: KeyRing) -> None:
         verify_service_token(ring, token, at=start + timedelta(hours=1))
     with pytest.raises(AuthError, match="audience"):
         verify_service_token(ring, _token(ring))
+
+
+def _call(**overrides: object) -> ServiceCall:
+    args: dict[str, object] = {"workflow_id": "twin-acme-d1", "ops": ("signal:report",)}
+    return ServiceCall.model_validate(args | overrides)
+
+
+def test_a_service_token_is_good_only_for_the_call_it_was_made_for(ring: KeyRing) -> None:
+    """A header copied out of one history is refused for another workflow, operation, run
+    or update."""
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    actor = ServiceActor(subject="op", tenant="acme")
+    made_for = _call(run_id="run-1", update_id="u-1", ops=("update:set_desired",))
+    token = issue_service_token(ring, service="api", actor=actor, call=made_for, now=start)
+    assert verify_service_token(ring, token, at=start, call=made_for).actor == actor
+    for other, reason in [
+        (made_for.model_copy(update={"workflow_id": "twin-acme-d2"}), "another workflow"),
+        (made_for.model_copy(update={"ops": ("update:cancel",)}), "not update:cancel"),
+        (made_for.model_copy(update={"run_id": "run-2"}), "another run"),
+        (made_for.model_copy(update={"update_id": "u-2"}), "another update"),
+    ]:
+        with pytest.raises(AuthError, match=reason):
+            verify_service_token(ring, token, at=start, call=other)
+    # signal-with-start: one header, good for both of its operations
+    both = _call(ops=("start:EventDelivery", "signal:nudge"))
+    token = issue_service_token(ring, service="api", actor=actor, call=both, now=start)
+    verify_service_token(ring, token, at=start, call=_call(ops=("signal:nudge",)))
+
+
+def test_a_late_message_gets_the_delivery_grace_but_an_unbound_token_does_not(ring: KeyRing) -> None:
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    actor = ServiceActor(subject="op")
+    late, grace = start + timedelta(hours=2), timedelta(hours=24)
+    bound = issue_service_token(ring, service="api", actor=actor, call=_call(), now=start)
+    verify_service_token(ring, bound, at=late, grace=grace, call=_call())
+    with pytest.raises(AuthError, match="expired"):
+        verify_service_token(ring, bound, at=start + grace + timedelta(hours=1), grace=grace, call=_call())
+    # a token of the release before calls were bound: taken until it expires, never after
+    legacy = issue_service_token(ring, service="api", actor=actor, now=start)
+    verify_service_token(ring, legacy, at=start + MINUTE, call=_call())
+    with pytest.raises(AuthError, match="expired"):
+        verify_service_token(ring, legacy, at=late, grace=grace, call=_call())
+
+
+def test_a_retired_key_still_verifies_what_the_server_took_before_its_retirement(ring: KeyRing) -> None:
+    """An activity retry or a replay is judged at the moment the server first took the call:
+    a key retired after that moment does not fail it; anything taken after is refused."""
+    old = ring.signing_key()
+    scheduled = datetime.now(UTC) - MINUTE
+    token = issue_service_token(
+        ring, service="wf", actor=ServiceActor(subject="op"), call=_call(), now=scheduled
+    )
+    ring.rotate()
+    ring.retire(old.kid)
+    assert verify_service_token(ring, token, at=scheduled, call=_call()).service == "wf"
+    with pytest.raises(AuthError, match="retired"):
+        verify_service_token(ring, token, at=datetime.now(UTC) + timedelta(seconds=1), call=_call())
+    with pytest.raises(AuthError, match="retired"):
+        verify_service_token(ring, token, call=_call())  # now
