@@ -371,4 +371,19 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE device.device_types ADD PRIMARY KEY (tenant, name);
         """,
     ),
+    (
+        "0060_events_keyed_by_tenant",
+        """
+        -- an event id is unique within its tenant only: two tenants' events with the same id
+        -- (same device and rule ids in one window) are both kept; `digest` tells a retry of
+        -- the same event from a different event that reuses an id, which is kept too
+        ALTER TABLE notification.events ADD COLUMN digest text;
+        ALTER TABLE notification.events DROP CONSTRAINT events_event_id_key;
+        ALTER TABLE notification.events ADD CONSTRAINT events_tenant_event_id_key
+            UNIQUE (tenant, event_id);
+        -- a rotated webhook secret signs deliveries beside the new one until it expires
+        ALTER TABLE notification.subscriptions ADD COLUMN previous_secret text,
+            ADD COLUMN previous_secret_expires_at timestamptz;
+        """,
+    ),
 ]
