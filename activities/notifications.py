@@ -56,7 +56,7 @@ _DELIVERY = f"d.delivery_id, d.subscription_id, d.status, d.attempts, d.last_err
 _SUBSCRIPTION = """s.subscription_id, s.tenant, s.url, s.event_types, s.max_attempts, s.backoff_s,
     s.max_backoff_s, s.created_by, s.created_at,
     CASE WHEN s.previous_secret_expires_at > now() THEN s.previous_secret_expires_at END
-        AS previous_secret_expires_at,
+        AS rotation_overlap_until,
     (SELECT count(*) FROM notification.deliveries p
      WHERE p.subscription_id = s.subscription_id AND p.status = 'pending') AS pending,
     (SELECT count(*) FROM notification.deliveries p
@@ -283,7 +283,7 @@ class NotificationService:
                    secret, max_attempts, backoff_s, max_backoff_s, created_by)
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                RETURNING *, 0 AS pending, 0 AS dead_letters,
-                   NULL::timestamptz AS previous_secret_expires_at""",
+                   NULL::timestamptz AS rotation_overlap_until""",
             f"sub-{uuid.uuid4().hex[:20]}", tenant, str(request.url), request.event_types,
             seal_text(self.keys, request.secret, SECRET_PURPOSE),
             request.max_attempts, request.backoff_s, request.max_backoff_s, created_by,

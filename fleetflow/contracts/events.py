@@ -110,8 +110,8 @@ class SubscriptionView(Strict):
     workflow_id: str
     pending: int = 0
     dead_letters: int = 0
-    # while set, deliveries are signed with the replaced secret too
-    previous_secret_expires_at: datetime | None = None
+    # until then, deliveries are signed with the replaced secret too (after a rotation)
+    rotation_overlap_until: datetime | None = None
 
 
 class SecretRotation(Strict):

@@ -17,9 +17,7 @@ PLAIN = "plain-secret-of-some-length"
 WHSEC = "whsec_" + base64.b64encode(b"k" * 32).decode()
 
 
-@pytest.mark.parametrize(
-    ("secret", "verifier"), [(WHSEC, Webhook(WHSEC)), (PLAIN, Webhook(PLAIN.encode()))]
-)
+@pytest.mark.parametrize(("secret", "verifier"), [(WHSEC, Webhook(WHSEC)), (PLAIN, Webhook(PLAIN.encode()))])
 def test_the_reference_verifier_accepts_our_signature(secret: str, verifier: Webhook) -> None:
     headers = signed_headers([secret], "acme/e-1", BODY)
     assert verifier.verify(BODY, headers) == {"event_id": "e-1", "type": "AlertRaised"}
