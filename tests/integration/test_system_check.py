@@ -67,7 +67,7 @@ async def test_missing_services_are_named_within_the_timeout(
     answered = {s.service: s.answered for s in report.services}
     assert answered == {
         "orchestration": True, "device": True, "data": False, "analytics": False,
-        "notification": False,
+        "notification": False, "webhook": False,
     }  # fmt: skip
     missing = next(s for s in report.services if s.service == "data")
     assert missing.pollers == 0 and missing.error and "no answer" in missing.error
