@@ -228,6 +228,7 @@ async def test_a_rotated_secret_signs_beside_the_new_one_until_the_overlap_ends(
             "SELECT secret, previous_secret FROM notification.subscriptions WHERE subscription_id = $1",
             sub["subscription_id"],
         )
+        assert stored is not None
         assert all(v.startswith("sealed:") and "whsec" not in v and SECRET not in v for v in stored.values())
         await service.record_events(probe_events(tenant, "dev-1", 1))
         await eventually(hook.received, has(1))
