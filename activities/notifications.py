@@ -318,7 +318,8 @@ class NotificationService:
         `overlap_s`. A secret replaced earlier stops signing now. None if the tenant has no such
         subscription."""
         found = await self.pool.fetchval(
-            """UPDATE notification.subscriptions SET previous_secret = secret, secret = $3,
+            """UPDATE notification.subscriptions SET secret = $3,
+                   previous_secret = CASE WHEN $4::float8 > 0 THEN secret END,
                    previous_secret_expires_at = CASE WHEN $4::float8 > 0
                        THEN now() + make_interval(secs => $4::float8) END
                WHERE tenant = $1 AND subscription_id = $2 RETURNING subscription_id""",

@@ -65,6 +65,19 @@ def service_for(
     raise ValueError(f"{queue.value} runs workflows, not a service")
 
 
+def carried_over(
+    queue: TaskQueue, pool: Pool, settings: Settings, http: httpx.AsyncClient | None = None
+) -> list[Callable[..., Any]]:
+    """Activities a queue still runs for workflow runs started by older code: `EventDelivery`
+    runs from before the webhook queue schedule `notification.deliver_pending` on the
+    notification queue until they continue as new (their recorded commands say so)."""
+    if queue is TaskQueue.NOTIFICATION:
+        delivery = service_for(TaskQueue.WEBHOOK, pool, settings, http=http)
+        assert isinstance(delivery, WebhookDeliveryService)
+        return [delivery.deliver_pending]
+    return []
+
+
 def activities_of(service: object) -> list[Callable[..., Any]]:
     """The bound `@activity.defn` methods of a service instance."""
     return [

@@ -18,7 +18,7 @@ from fleetflow.embedded_pg import database_url
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
 from fleetflow.webhook_network import AddressPolicy, webhook_client
-from workers.registry import WORKFLOWS, activities_of, service_for
+from workers.registry import WORKFLOWS, activities_of, carried_over, service_for
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,8 @@ def build_worker(
     # a delivery holds the database only between POSTs: its slots are bounded by receivers
     slots = settings.webhook_slots if queue is TaskQueue.WEBHOOK else max(4, settings.db_pool_size * 2)
     return Worker(
-        client, task_queue=queue.value, activities=activities_of(service),
+        client, task_queue=queue.value,
+        activities=activities_of(service) + carried_over(queue, pool, settings, http),
         max_concurrent_activities=slots,
         graceful_shutdown_timeout=timedelta(seconds=10),
     )  # fmt: skip

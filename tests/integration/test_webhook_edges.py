@@ -5,18 +5,21 @@ stall another tenant, and secrets rotate with an overlap."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import uuid
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
 import httpx
 import pytest
 from standardwebhooks import Webhook
+from temporalio import workflow
 from temporalio.client import Client
+from temporalio.worker import Worker
 
 from activities.notifications import NotificationService
-from fleetflow.contracts.common import DomainEvent
-from fleetflow.contracts.events import EventBatch
+from fleetflow.contracts.common import DomainEvent, TaskQueue
+from fleetflow.contracts.events import DeliverPending, DeliveryProgress, EventBatch
 from fleetflow.db import Pool
 from tests.integration.test_event_bus import SECRET, Receiver, has, new_tenant, probe_events, subscribe
 from tests.support import eventually, free_port
@@ -243,3 +246,37 @@ async def test_a_rotated_secret_signs_beside_the_new_one_until_the_overlap_ends(
     headers, body = hook.requests[1]
     assert len(headers["webhook-signature"].split(" ")) == 1
     Webhook(new_secret).verify(body, headers)
+
+
+@workflow.defn(name="PreWebhookQueueDeliveryLoop", sandboxed=False)
+class PreWebhookQueueDeliveryLoop:
+    """What an `EventDelivery` run started before the webhook queue schedules (its recorded
+    commands keep it): `notification.deliver_pending` on the notification queue."""
+
+    @workflow.run
+    async def run(self, subscription_id: str) -> DeliveryProgress:
+        progress: DeliveryProgress = await workflow.execute_activity(
+            "notification.deliver_pending", DeliverPending(subscription_id=subscription_id),
+            task_queue=TaskQueue.NOTIFICATION.value, result_type=DeliveryProgress,
+            start_to_close_timeout=timedelta(minutes=1),
+        )  # fmt: skip
+        return progress
+
+
+async def test_runs_started_before_the_webhook_queue_still_deliver(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    tenant, auth = new_tenant()
+    async with Receiver() as hook:
+        sub = await subscribe(api, auth, hook.url, event_types=["Probe"])
+        await client.get_workflow_handle(sub["workflow_id"]).terminate("the old run stands in for it")
+        # the event is queued for the subscription, as an upgraded platform finds it
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 1))
+        queue = f"old-loop-{uuid.uuid4().hex[:8]}"
+        async with Worker(client, task_queue=queue, workflows=[PreWebhookQueueDeliveryLoop]):
+            progress = await client.execute_workflow(
+                PreWebhookQueueDeliveryLoop.run, sub["subscription_id"], id=queue, task_queue=queue,
+                execution_timeout=timedelta(minutes=1),
+            )  # fmt: skip
+        assert progress.delivered == 1
+    assert hook.events()[0]["type"] == "Probe"
