@@ -23,7 +23,7 @@ from datetime import timedelta
 import asyncpg
 import httpx
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.notifications import SECRET_PURPOSE, recorded_event
 from activities.probe import probe
@@ -107,6 +107,7 @@ class WebhookDeliveryService:
             raise ApplicationError(
                 f"tenant {tenant} has {self._running[tenant]} deliveries running here; retried shortly",
                 type="TenantBusy",
+                category=ApplicationErrorCategory.BENIGN,  # expected under load: logged at DEBUG
                 next_retry_delay=timedelta(seconds=BUSY_RETRY_S * random.uniform(0.5, 1.5)),
             )
         self._running[tenant] += 1

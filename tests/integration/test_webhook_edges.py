@@ -5,6 +5,7 @@ stall another tenant, and secrets rotate with an overlap."""
 from __future__ import annotations
 
 import asyncio
+import io
 import uuid
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
@@ -22,7 +23,8 @@ from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliverPending, DeliveryProgress, EventBatch
 from fleetflow.db import Pool
 from tests.integration.test_event_bus import SECRET, Receiver, has, new_tenant, probe_events, subscribe
-from tests.support import eventually, free_port
+from tests.support import bearer, eventually, free_port
+from workers.simulate import Options, simulate
 
 
 class Answering:
@@ -280,3 +282,14 @@ async def test_runs_started_before_the_webhook_queue_still_deliver(
             )  # fmt: skip
         assert progress.delivered == 1
     assert hook.events()[0]["type"] == "Probe"
+
+
+async def test_the_simulator_runs_on_when_the_platform_refuses_its_receiver(api: httpx.AsyncClient) -> None:
+    """The receiver on an address the platform does not allow (the tests allow 127.0.0.1
+    only): the run says so and goes on, and nothing counts as rejected."""
+    out = io.StringIO()
+    options = Options(devices=2, rate=4, duration_s=1, webhook_host="127.0.0.2", settle_s=10, seed=3)
+    summary = await simulate(api, bearer("acme"), options, out)
+    assert summary.webhook_refused and summary.exit_code == 0, summary.render()
+    assert "refuses webhooks to 127.0.0.2" in out.getvalue()
+    assert "not counted" in summary.render()
