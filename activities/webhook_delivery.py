@@ -172,7 +172,8 @@ class WebhookDeliveryService:
                     read += len(chunk)
                     if read >= MAX_ANSWER_BYTES:
                         break  # the rest is dropped with the connection
-        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, OSError, ValueError) as exc:
+            # counted against the delivery: an error that escaped would hold the queue for ever
             return f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
         if response.is_success:
             return None

@@ -111,11 +111,18 @@ class AddressPolicy:
         """Subscribe-time check of a webhook URL: RefusedAddress when its host is, or now
         resolves to, a refused address. A name that does not resolve yet is accepted; every
         connection checks again."""
-        parsed = httpx.URL(url)
+        try:
+            parsed = httpx.URL(url)
+        except httpx.InvalidURL as exc:
+            raise RefusedAddress(f"not a URL webhooks can reach: {exc}") from None
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
         try:
             async with asyncio.timeout(SUBSCRIBE_RESOLVE_S):
                 await self.vetted(parsed.host, port)
+        except RefusedAddress:
+            raise
+        except ValueError:  # e.g. a label too long for DNS: no connection could ever be made
+            raise RefusedAddress(f"{parsed.host!r} is not a host name DNS can resolve") from None
         except (OSError, TimeoutError):
             return
 
@@ -141,7 +148,7 @@ class VettedBackend(httpcore.AsyncNetworkBackend):
             addresses = await self.policy.vetted(host, port)
         except RefusedAddress as exc:
             raise httpcore.ConnectError(str(exc)) from None
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # no such name; a name DNS cannot encode
             raise httpcore.ConnectError(f"{host}: {exc}") from None
         error: Exception | None = None
         for address in addresses:

@@ -45,6 +45,12 @@ async def test_public_addresses_pass_and_named_networks_are_allowed() -> None:
         await allowed.check_url("http://127.0.0.2:9000/hook")  # only the network named
 
 
+@pytest.mark.parametrize("url", ["http://" + "a" * 70 + ".com/", "http://a..b/"])
+async def test_a_host_dns_cannot_encode_is_refused_not_an_error(url: str) -> None:
+    with pytest.raises(RefusedAddress, match="not a host name"):
+        await AddressPolicy().check_url(url)
+
+
 async def test_a_name_with_any_refused_address_is_refused() -> None:
     async def mixed(host: str, port: int) -> list[str]:
         return ["93.184.216.34", "10.1.2.3"]
