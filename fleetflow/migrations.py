@@ -384,6 +384,10 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- a rotated webhook secret signs deliveries beside the new one until it expires
         ALTER TABLE notification.subscriptions ADD COLUMN previous_secret text,
             ADD COLUMN previous_secret_expires_at timestamptz;
+        -- dead letters keep the status a receiver answered, never what it said: older rows
+        -- held up to 200 characters of the answer (an internal service's, via a forged URL)
+        UPDATE notification.deliveries SET last_error = substring(last_error from '^HTTP [0-9]+')
+            WHERE last_error ~ '^HTTP [0-9]+: ';
         """,
     ),
 ]
