@@ -1,7 +1,7 @@
 """The notification service: the durable event store and the event bus; owns the `notification` schema.
 
-`record_events` stores each event once (keyed by its id) and, in the same statement,
-enqueues a delivery for every subscription of the event's tenant whose event types
+`record_events` stores each event once (keyed by its tenant and id) and, in the same
+transaction, enqueues a delivery for every subscription of the event's tenant whose event types
 match; it then nudges those subscriptions' `EventDelivery` workflows. Each workflow
 calls `deliver_pending` (activities/webhook_delivery.py, on the `webhook` task queue), which
 POSTs its subscription's deliveries in `seq` order.
