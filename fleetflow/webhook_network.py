@@ -77,8 +77,9 @@ class AddressPolicy:
         if any(ip in network for network in self.allowed):
             return None
         if isinstance(ip, ipaddress.IPv6Address) and (v4 := _embedded_v4(ip)) is not None:
-            if (why := self.refusal(str(v4))) is not None:
-                return f"{ip} embeds {v4}: {why}"
+            # it reaches what the IPv4 address reaches, and is judged as that address
+            why = self.refusal(str(v4))
+            return None if why is None else f"{ip} embeds {v4}: {why}"
         if ip.is_unspecified:
             return f"{ip} is an unspecified address"
         if ip.is_loopback:

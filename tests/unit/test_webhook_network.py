@@ -43,6 +43,9 @@ async def test_public_addresses_pass_and_named_networks_are_allowed() -> None:
     await allowed.check_url("http://127.0.0.1:9000/hook")
     with pytest.raises(RefusedAddress):
         await allowed.check_url("http://127.0.0.2:9000/hook")  # only the network named
+    await allowed.check_url("http://[::ffff:127.0.0.1]:9000/hook")  # the same address, in IPv6
+    with pytest.raises(RefusedAddress, match=r"embeds 127\.0\.0\.2"):
+        await allowed.check_url("http://[::ffff:127.0.0.2]:9000/hook")
 
 
 @pytest.mark.parametrize("url", ["http://" + "a" * 70 + ".com/", "http://a..b/"])
