@@ -39,6 +39,7 @@ async def test_health_route_needs_no_token_and_services_route_does(api: httpx.As
     assert "DeviceOnboarding" in by_queue["device"]["called_by"]
     assert by_queue["data"]["called_by"] == ["DeviceDecommission", "SystemCheck", "TelemetryIngestion"]
     assert by_queue["notification"]["called_by"][0] == "BulkOnboarding"
+    assert by_queue["webhook"]["called_by"] == ["EventDelivery", "SystemCheck"]
 
 
 async def _lonely(client: Client) -> Client:
