@@ -139,8 +139,8 @@ class AnalyticsService:
         if alert_id is None:
             return None
         return DomainEvent(
-            event_id=f"{window_id}/{device_id}/{rule.rule_id}/{kind}", tenant=tenant, device_id=device_id,
-            type=kind, occurred_at=row["last_ts"], actor="analytics",
+            event_id=f"{window_id}/{tenant}/{device_id}/{rule.rule_id}/{kind}", tenant=tenant,
+            device_id=device_id, type=kind, occurred_at=row["last_ts"], actor="analytics",
             data={"alert_id": alert_id, "rule_id": rule.rule_id, "metric": rule.metric,
                   "value": verdict.value, "detail": verdict.detail},
         )  # fmt: skip

@@ -1,10 +1,10 @@
 """The notification service: the durable event store and the event bus; owns the `notification` schema.
 
-`record_events` stores each event once (keyed by its id) and, in the same statement,
-enqueues a delivery for every subscription of the event's tenant whose event types
+`record_events` stores each event once (keyed by its tenant and id) and, in the same
+transaction, enqueues a delivery for every subscription of the event's tenant whose event types
 match; it then nudges those subscriptions' `EventDelivery` workflows. Each workflow
-calls `deliver_pending`, which POSTs its subscription's deliveries in `seq` order,
-signed with the subscription's secret, through the process's one HTTP client.
+calls `deliver_pending` (activities/webhook_delivery.py, on the `webhook` task queue), which
+POSTs its subscription's deliveries in `seq` order.
 Subscriptions are written here directly (not through a workflow) so that their
 secrets never enter a Temporal history, and their secrets are stored sealed with the
 platform's payload key (`sealed:<kid>:...`), so a database dump does not hold them either.
@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import hmac
+import json
 import logging
-import time
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 import asyncpg
-import httpx
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
@@ -31,38 +29,35 @@ from temporalio.service import RPCError
 
 from activities.probe import probe
 from fleetflow import identity
-from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import (
     EVENT_DELIVERY_WORKFLOW,
-    DeliverPending,
+    MIN_BACKOFF_S,
     DeliveryInput,
-    DeliveryProgress,
     DeliveryView,
     EventBatch,
     RecordedEvent,
     RetractEvent,
+    SecretRotation,
     SubscriptionRequest,
     SubscriptionView,
     delivery_workflow_id,
 )
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.db import Pool
-from fleetflow.payload_codec import SEALED, PayloadKeys, open_text, seal_text
+from fleetflow.payload_codec import SEALED, PayloadKeys, seal_text
 from fleetflow.temporal import device_search_attributes
+from fleetflow.webhook_network import AddressPolicy
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_TIMEOUT = httpx.Timeout(10.0, connect=3.0)
-# a hard cap on one POST whatever the receiver drips, well below the activity's heartbeat timeout
-POST_DEADLINE_S = 15.0
-# one deliver_pending stops taking new deliveries after this; the workflow calls it again
-BATCH_BUDGET_S = 60.0
-SIGNATURE_HEADER = "X-Fleetflow-Signature"
 SECRET_PURPOSE = "webhook-secret"  # authenticated with each sealed secret
 _EVENT = "e.seq, e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data"
 _DELIVERY = f"d.delivery_id, d.subscription_id, d.status, d.attempts, d.last_error, d.updated_at, {_EVENT}"
 _SUBSCRIPTION = """s.subscription_id, s.tenant, s.url, s.event_types, s.max_attempts, s.backoff_s,
     s.max_backoff_s, s.created_by, s.created_at,
+    CASE WHEN s.previous_secret_expires_at > now() THEN s.previous_secret_expires_at END
+        AS rotation_overlap_until,
     (SELECT count(*) FROM notification.deliveries p
      WHERE p.subscription_id = s.subscription_id AND p.status = 'pending') AS pending,
     (SELECT count(*) FROM notification.deliveries p
@@ -73,18 +68,30 @@ class NotDeadLettered(Exception):
     """Redelivery asked for a delivery that is not a dead letter."""
 
 
-def sign(secret: str, body: bytes) -> str:
-    """The signature header value of a body: `sha256=<hex of HMAC-SHA256(secret, body)>`."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+# rounds of renaming an event whose id another event of its tenant already holds
+_RENAME_ROUNDS = 3
 
 
-def _event(row: asyncpg.Record) -> RecordedEvent:
+def event_digest(event: DomainEvent) -> str:
+    """What tells a retry of an event (same digest) from another event reusing its id."""
+    canonical = json.dumps(event.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def recorded_event(row: asyncpg.Record) -> RecordedEvent:
+    """An event row as the contract."""
     return RecordedEvent.model_validate({k: row[k] for k in RecordedEvent.model_fields})
+
+
+def _row(event: DomainEvent, digest: str) -> tuple[Any, ...]:
+    e = event
+    return (e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data,
+            digest)  # fmt: skip
 
 
 def _delivery(row: asyncpg.Record) -> DeliveryView:
     fields = {k: row[k] for k in DeliveryView.model_fields if k != "event"}
-    return DeliveryView(**fields, event=_event(row))
+    return DeliveryView(**fields, event=recorded_event(row))
 
 
 def _subscription(row: asyncpg.Record) -> SubscriptionView:
@@ -101,13 +108,14 @@ class NotificationService:
         self,
         pool: Pool,
         temporal: Client | None = None,
-        http: httpx.AsyncClient | None = None,
+        *,
         keys: PayloadKeys | None = None,
+        policy: AddressPolicy | None = None,
     ):
         self.pool = pool
         self.temporal = temporal
-        self._http = http
         self._keys = keys
+        self.policy = policy or AddressPolicy()
 
     @property
     def keys(self) -> PayloadKeys:
@@ -131,13 +139,6 @@ class NotificationService:
             )  # fmt: skip
         return len(rows)
 
-    @property
-    def http(self) -> httpx.AsyncClient:
-        """The process's outbound client; made on first use when the process gave none."""
-        if self._http is None:
-            self._http = httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT)
-        return self._http
-
     @activity.defn(name="notification.ping")
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
@@ -147,34 +148,69 @@ class NotificationService:
 
     @activity.defn(name="notification.record_events")
     async def record_events(self, batch: EventBatch) -> int:
-        """Record events once each (keyed by event id) and enqueue their deliveries; returns how
-        many were new. A retry after the commit finds every event there and enqueues nothing more."""
-        rows = [
-            (e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow,
-             e.data)
-            for e in batch.events
-        ]  # fmt: skip
-        async with self.pool.acquire() as conn:
-            result = await conn.fetchrow(
-                """WITH ins AS (
-                     INSERT INTO notification.events (event_id, tenant, device_id, type, occurred_at,
-                         actor, source_workflow, data)
-                     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                         $5::timestamptz[], $6::text[], $7::text[], $8::jsonb[])
-                     ON CONFLICT (event_id) DO NOTHING RETURNING seq, tenant, type),
-                   queued AS (
+        """Record events once each (keyed by tenant and event id) and enqueue their deliveries;
+        returns how many were new. A retry after the commit finds every event there and enqueues
+        nothing more. An event whose id its tenant already holds for a *different* event is not
+        dropped: it is recorded as `<event_id>#<digest>` (and logged)."""
+        if not batch.events:
+            return 0
+        todo = [(e, event_digest(e)) for e in batch.events]
+        seqs: list[int] = []
+        async with self.pool.acquire() as conn, conn.transaction():
+            for _ in range(_RENAME_ROUNDS):
+                inserted = await conn.fetch(
+                    """INSERT INTO notification.events (event_id, tenant, device_id, type, occurred_at,
+                           actor, source_workflow, data, digest)
+                       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                           $5::timestamptz[], $6::text[], $7::text[], $8::jsonb[], $9::text[])
+                       ON CONFLICT (tenant, event_id) DO NOTHING RETURNING seq, tenant, event_id""",
+                    *map(list, zip(*(_row(e, d) for e, d in todo), strict=True)),
+                )  # fmt: skip
+                seqs += [r["seq"] for r in inserted]
+                new = {(r["tenant"], r["event_id"]) for r in inserted}
+                skipped = [(e, d) for e, d in todo if (e.tenant, e.event_id) not in new]
+                todo = await self._reused_ids(conn, skipped)
+                if not todo:
+                    break
+            else:
+                raise ApplicationError(f"event ids still taken after renaming: {todo[0][0].event_id}")
+            queued = await conn.fetchval(
+                """WITH queued AS (
                      INSERT INTO notification.deliveries (subscription_id, event_seq)
-                     SELECT s.subscription_id, ins.seq FROM ins JOIN notification.subscriptions s
-                       ON s.tenant = ins.tenant
-                      AND (ins.type = ANY(s.event_types) OR '*' = ANY(s.event_types))
+                     SELECT s.subscription_id, e.seq FROM notification.events e
+                       JOIN notification.subscriptions s ON s.tenant = e.tenant
+                        AND (e.type = ANY(s.event_types) OR '*' = ANY(s.event_types))
+                     WHERE e.seq = ANY($1::bigint[])
                      ON CONFLICT DO NOTHING RETURNING subscription_id)
-                   SELECT (SELECT count(*) FROM ins) AS new,
-                          array(SELECT DISTINCT subscription_id FROM queued) AS subscriptions""",
-                *map(list, zip(*rows, strict=True)),
+                   SELECT array(SELECT DISTINCT subscription_id FROM queued)""",
+                seqs,
             )  # fmt: skip
-        assert result is not None
-        await self._nudge(result["subscriptions"])
-        return int(result["new"])
+        await self._nudge(queued)
+        return len(seqs)
+
+    @staticmethod
+    async def _reused_ids(conn: Any, skipped: list[tuple[DomainEvent, str]]) -> list[tuple[DomainEvent, str]]:
+        """Of the events not inserted, those whose id holds a different event, renamed
+        `<event_id>#<digest>`; the others were recorded before (a retry) and are done."""
+        if not skipped:
+            return []
+        rows = await conn.fetch(
+            """SELECT tenant, event_id, digest FROM notification.events
+               WHERE (tenant, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
+            [e.tenant for e, _ in skipped], [e.event_id for e, _ in skipped],
+        )  # fmt: skip
+        stored = {(r["tenant"], r["event_id"]): r["digest"] for r in rows}
+        renamed = []
+        for event, digest in skipped:
+            held = stored.get((event.tenant, event.event_id))
+            if held is None or held == digest:  # a retry (or recorded before digests existed)
+                continue
+            log.warning(
+                "event id %s of tenant %s holds another event: this one is recorded as %s#%s",
+                event.event_id, event.tenant, event.event_id, digest[:16],
+            )  # fmt: skip
+            renamed.append((event.model_copy(update={"event_id": f"{event.event_id}#{digest[:16]}"}), digest))
+        return renamed
 
     @activity.defn(name="notification.retract_event")
     async def retract_event(self, request: RetractEvent) -> None:
@@ -206,90 +242,9 @@ class NotificationService:
                ORDER BY seq LIMIT $6""",
             tenant, device_id, event_type, since, after, limit,
         )  # fmt: skip
-        return [_event(r) for r in rows]
+        return [recorded_event(r) for r in rows]
 
-    # --- delivery ----------------------------------------------------------------
-
-    @activity.defn(name="notification.deliver_pending")
-    async def deliver_pending(self, request: DeliverPending) -> DeliveryProgress:
-        """POST the subscription's pending deliveries in seq order, marking each once delivered.
-
-        A failed POST counts against that delivery's attempts. Below the subscription's
-        limit, the activity fails when it has delivered nothing yet (Temporal retries it
-        with backoff) or returns when it has (its progress counted; the next call starts
-        with fresh backoff). At the limit the delivery becomes a dead letter and the
-        activity returns, so the queue moves on. At least once: a crash between a POST
-        and its mark sends that event again.
-        """
-        sub = await self.pool.fetchrow(
-            "SELECT url, secret, max_attempts FROM notification.subscriptions WHERE subscription_id = $1",
-            request.subscription_id,
-        )
-        if sub is None:
-            return DeliveryProgress(gone=True)
-        secret = open_text(self.keys, sub["secret"], SECRET_PURPOSE)
-        rows = await self.pool.fetch(
-            f"""SELECT d.delivery_id, d.attempts, {_EVENT}
-               FROM notification.deliveries d JOIN notification.events e ON e.seq = d.event_seq
-               WHERE d.subscription_id = $1 AND d.status = 'pending' ORDER BY d.event_seq LIMIT $2""",
-            request.subscription_id, request.batch_limit,
-        )  # fmt: skip
-        progress = DeliveryProgress(more=len(rows) == request.batch_limit)
-        deadline = time.monotonic() + BATCH_BUDGET_S
-        for row in rows:
-            if time.monotonic() > deadline:
-                return progress.model_copy(update={"more": True})
-            if activity.in_activity():
-                activity.heartbeat(progress.delivered)
-            event = _event(row)
-            error = await self._post(sub["url"], secret, event)
-            status = await self._mark(row["delivery_id"], error, sub["max_attempts"])
-            if status == "delivered":
-                progress.delivered += 1
-            if status in ("delivered", "gone"):
-                continue
-            if status == "dead":
-                return progress.model_copy(update={"dead_lettered": 1, "more": True})
-            if progress.delivered:
-                return progress.model_copy(update={"more": True})
-            raise ApplicationError(
-                f"event {event.seq} to {sub['url']}: {error} (attempt {row['attempts'] + 1} "
-                f"of {sub['max_attempts']})",
-                type="DeliveryFailed",
-            )
-        return progress
-
-    async def _post(self, url: str, secret: str, event: RecordedEvent) -> str | None:
-        """POST one event; None when the receiver answered 2xx, else why not."""
-        body = event.model_dump_json().encode()
-        headers = {
-            "Content-Type": "application/json",
-            "User-Agent": "fleetflow-webhooks/0.1",
-            "X-Fleetflow-Event-Id": event.event_id,
-            "X-Fleetflow-Event-Type": event.type,
-            SIGNATURE_HEADER: sign(secret, body),
-        }
-        try:
-            async with asyncio.timeout(POST_DEADLINE_S):
-                response = await self.http.post(url, content=body, headers=headers)
-        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError) as exc:
-            return f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
-        if response.is_success:
-            return None
-        return f"HTTP {response.status_code}: {response.text[:200]}"
-
-    async def _mark(self, delivery_id: int, error: str | None, max_attempts: int) -> str:
-        """Record one attempt; returns the delivery's status after it."""
-        status = await self.pool.fetchval(
-            """UPDATE notification.deliveries SET attempts = attempts + 1, updated_at = now(),
-                   last_error = coalesce($2, last_error),
-                   status = CASE WHEN $2::text IS NULL THEN 'delivered'
-                                 WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END
-               WHERE delivery_id = $1 AND status = 'pending' RETURNING status""",
-            delivery_id, error, max_attempts,
-        )  # fmt: skip
-        # gone meanwhile (event retracted, subscription deleted): nothing left to retry
-        return str(status or "gone")
+    # --- waking the delivery workflows --------------------------------------------
 
     async def _nudge(self, subscription_ids: Sequence[str]) -> None:
         """Wake the delivery workflows, starting any that is not running. Best effort: each
@@ -307,9 +262,11 @@ class NotificationService:
     async def _signal_with_start(self, row: asyncpg.Record) -> None:
         if self.temporal is None:
             raise RuntimeError("the notification service needs a Temporal client for subscriptions")
+        # subscriptions made before the floor keep their rows; their loops get the floor
         inp = DeliveryInput(
-            tenant=row["tenant"], subscription_id=row["subscription_id"], backoff_s=row["backoff_s"],
-            max_backoff_s=row["max_backoff_s"],
+            tenant=row["tenant"], subscription_id=row["subscription_id"],
+            backoff_s=max(row["backoff_s"], MIN_BACKOFF_S),
+            max_backoff_s=max(row["max_backoff_s"], MIN_BACKOFF_S),
         )  # fmt: skip
         await self.temporal.start_workflow(
             EVENT_DELIVERY_WORKFLOW, inp, id=delivery_workflow_id(inp.tenant, inp.subscription_id),
@@ -323,11 +280,14 @@ class NotificationService:
         self, tenant: str, created_by: str, request: SubscriptionRequest
     ) -> SubscriptionView:
         """Store the subscription and start its delivery workflow; it receives events recorded
-        from now on."""
+        from now on. RefusedAddress when the URL's host is one webhooks may not reach."""
+        await self.policy.check_url(str(request.url))
         row = await self.pool.fetchrow(
             """INSERT INTO notification.subscriptions (subscription_id, tenant, url, event_types,
                    secret, max_attempts, backoff_s, max_backoff_s, created_by)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9) RETURNING *, 0 AS pending, 0 AS dead_letters""",
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+               RETURNING *, 0 AS pending, 0 AS dead_letters,
+                   NULL::timestamptz AS rotation_overlap_until""",
             f"sub-{uuid.uuid4().hex[:20]}", tenant, str(request.url), request.event_types,
             seal_text(self.keys, request.secret, SECRET_PURPOSE),
             request.max_attempts, request.backoff_s, request.max_backoff_s, created_by,
@@ -354,6 +314,25 @@ class NotificationService:
             tenant, subscription_id,
         )  # fmt: skip
         return [_subscription(r) for r in rows]
+
+    async def rotate_secret(
+        self, tenant: str, subscription_id: str, rotation: SecretRotation
+    ) -> SubscriptionView | None:
+        """Make rotation's secret the signing one; the replaced one still signs (beside it) for
+        `overlap_s`. A secret replaced earlier stops signing now. None if the tenant has no such
+        subscription."""
+        found = await self.pool.fetchval(
+            """UPDATE notification.subscriptions SET secret = $3,
+                   previous_secret = CASE WHEN $4::float8 > 0 THEN secret END,
+                   previous_secret_expires_at = CASE WHEN $4::float8 > 0
+                       THEN now() + make_interval(secs => $4::float8) END
+               WHERE tenant = $1 AND subscription_id = $2 RETURNING subscription_id""",
+            tenant, subscription_id, seal_text(self.keys, rotation.secret, SECRET_PURPOSE),
+            float(rotation.overlap_s),
+        )  # fmt: skip
+        if found is None:
+            return None
+        return (await self.list_subscriptions(tenant, subscription_id))[0]
 
     async def delete_subscription(self, tenant: str, subscription_id: str) -> bool:
         """Delete it with its deliveries and dead letters, and stop its workflow; False if unknown."""

@@ -89,6 +89,7 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
             if not k.startswith(("FLEETFLOW_", "TEMPORAL_", "DATABASE_URL"))
         }
         # one /metrics port per worker process, away from any other stack's defaults
+        env["FLEETFLOW_WEBHOOK_ALLOW_NETWORKS"] = "127.0.0.1/32"  # the benchmark's own receiver
         env["FLEETFLOW_METRICS_PORT"] = str(_free_range(len(TaskQueue) * workers, 14000))
         env.update(extra_env or {})
         argv = [

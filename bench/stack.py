@@ -73,6 +73,7 @@ async def stack(payload_keys: str | None = None) -> AsyncIterator[Stack]:
         settings = Settings(
             data_dir=data, database_url=dsn, payload_keys=payload_keys,
             temporal_address=client.service_client.config.target_host,
+            webhook_allow_networks="127.0.0.1/32",  # the recorder's and benchmarks' receivers
         )  # fmt: skip
         pool = await create_pool(dsn, size=10)
         await migrate(pool)

@@ -418,4 +418,23 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0060_events_keyed_by_tenant",
+        """
+        -- an event id is unique within its tenant only: two tenants' events with the same id
+        -- (same device and rule ids in one window) are both kept; `digest` tells a retry of
+        -- the same event from a different event that reuses an id, which is kept too
+        ALTER TABLE notification.events ADD COLUMN digest text;
+        ALTER TABLE notification.events DROP CONSTRAINT events_event_id_key;
+        ALTER TABLE notification.events ADD CONSTRAINT events_tenant_event_id_key
+            UNIQUE (tenant, event_id);
+        -- a rotated webhook secret signs deliveries beside the new one until it expires
+        ALTER TABLE notification.subscriptions ADD COLUMN previous_secret text,
+            ADD COLUMN previous_secret_expires_at timestamptz;
+        -- dead letters keep the status a receiver answered, never what it said: older rows
+        -- held up to 200 characters of the answer (an internal service's, via a forged URL)
+        UPDATE notification.deliveries SET last_error = substring(last_error from '^HTTP [0-9]+')
+            WHERE last_error ~ '^HTTP [0-9]+: ';
+        """,
+    ),
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import ipaddress
 import os
 import re
 from pathlib import Path
@@ -42,6 +43,9 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_METRICS_PORT": ("metrics_port", "9464"),
     "FLEETFLOW_METRICS_HOST": ("metrics_host", "127.0.0.1"),
     "FLEETFLOW_QUOTAS": ("quotas", "the built-in tenant limits (README: Quotas)"),
+    "FLEETFLOW_WEBHOOK_ALLOW_NETWORKS": ("webhook_allow_networks", "unset: public addresses only"),
+    "FLEETFLOW_WEBHOOK_SLOTS": ("webhook_slots", "32"),
+    "FLEETFLOW_WEBHOOK_TENANT_SLOTS": ("webhook_tenant_slots", "4"),
 }
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -79,6 +83,12 @@ class Settings(BaseModel):
     metrics_host: str = "127.0.0.1"
     # every tenant's limits unless its profile overrides them; "name=value,..." in the environment
     quotas: TenantLimits = TenantLimits()
+    # "cidr,cidr": networks webhooks may reach besides public addresses (loopback, private,
+    # link-local, multicast and unspecified ones are refused unless named here)
+    webhook_allow_networks: str | None = None
+    # concurrent deliveries of one webhook worker process, and of one tenant within it
+    webhook_slots: Annotated[int, Field(ge=1, le=1000)] = 32
+    webhook_tenant_slots: Annotated[int, Field(ge=1, le=1000)] = 4
 
     @field_validator("temporal_address")
     @classmethod
@@ -112,6 +122,14 @@ class Settings(BaseModel):
         except ValidationError as exc:
             first = exc.errors()[0]
             raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks(cls, value: str | None) -> str | None:
+        if value and value.strip():
+            parse_networks(value)
+            return value.strip()
+        return None
 
     @field_validator("log_level")
     @classmethod
@@ -160,6 +178,17 @@ def parse_payload_keys(text: str) -> list[tuple[str, bytes]]:
             raise ValueError(f"entry {position}: kid {kid} appears twice")
         keys.append((kid, secret))
     return keys
+
+
+def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """`cidr,cidr,...` as networks; a bad entry is a ValueError naming its position."""
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for position, entry in enumerate(text.split(","), start=1):
+        try:
+            networks.append(ipaddress.ip_network(entry.strip(), strict=False))
+        except ValueError:
+            raise ValueError(f"entry {position} ({entry.strip()!r}) is not an address or network") from None
+    return networks
 
 
 def load_settings(env: dict[str, str] | None = None) -> Settings:

@@ -80,6 +80,8 @@ def settings(pg_dsn: str, client: Client, ui_port: int, tmp_path_factory: pytest
         temporal_address=client.service_client.config.target_host,
         temporal_ui_url=f"http://127.0.0.1:{ui_port}",
         keys_dir=TEST_KEYS_DIR,
+        # the tests' webhook receivers listen here; every other loopback address stays refused
+        webhook_allow_networks="127.0.0.1/32",
     )
 
 

@@ -60,7 +60,7 @@ def ensure_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
 def metrics_port_of(base: int, index: int) -> int:
     """The /metrics port of the index-th (0-based) worker process a command starts: base +
     index (0: no endpoint). `fleetflow up` numbers its workers queue by queue in TaskQueue
-    order (orchestration, device, data, analytics, notification), N per queue."""
+    order (orchestration, device, data, analytics, notification, webhook), N per queue."""
     if base == 0:
         return 0
     if base + index > 65535:

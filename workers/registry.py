@@ -12,10 +12,12 @@ from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from activities.telemetry import DataService
+from activities.webhook_delivery import WebhookDeliveryService
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import Pool
 from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
+from fleetflow.webhook_network import AddressPolicy
 from workflows.bulk_onboarding import BulkOnboarding
 from workflows.device_decommission import DeviceDecommission
 from workflows.device_onboarding import DeviceOnboarding
@@ -45,7 +47,8 @@ def service_for(
     http: httpx.AsyncClient | None = None,
 ) -> object:
     """The service instance that owns queue; the notification service signals its delivery
-    workflows through temporal and calls webhooks through http (the process's client)."""
+    workflows through temporal; webhook deliveries go out through http (a vetted client from
+    `webhook_client`; one is made when none is given)."""
     if queue is TaskQueue.DEVICE:
         return DeviceService(pool, settings)
     if queue is TaskQueue.DATA:
@@ -53,8 +56,26 @@ def service_for(
     if queue is TaskQueue.ANALYTICS:
         return AnalyticsService(pool)
     if queue is TaskQueue.NOTIFICATION:
-        return NotificationService(pool, temporal, http, payload_keys(settings))
+        return NotificationService(pool, temporal, keys=payload_keys(settings))
+    if queue is TaskQueue.WEBHOOK:
+        return WebhookDeliveryService(
+            pool, payload_keys(settings), AddressPolicy.from_settings(settings), http,
+            tenant_slots=settings.webhook_tenant_slots,
+        )  # fmt: skip
     raise ValueError(f"{queue.value} runs workflows, not a service")
+
+
+def carried_over(
+    queue: TaskQueue, pool: Pool, settings: Settings, http: httpx.AsyncClient | None = None
+) -> list[Callable[..., Any]]:
+    """Activities a queue still runs for workflow runs started by older code: `EventDelivery`
+    runs from before the webhook queue schedule `notification.deliver_pending` on the
+    notification queue until they continue as new (their recorded commands say so)."""
+    if queue is TaskQueue.NOTIFICATION:
+        delivery = service_for(TaskQueue.WEBHOOK, pool, settings, http=http)
+        assert isinstance(delivery, WebhookDeliveryService)
+        return [delivery.deliver_pending]
+    return []
 
 
 def activities_of(service: object) -> list[Callable[..., Any]]:

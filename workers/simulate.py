@@ -68,6 +68,7 @@ class Summary:
     alerts_raised: int = 0
     alerts_cleared: int = 0
     bad_signatures: int = 0
+    webhook_refused: bool = False  # the platform's network policy refused the receiver
     jobs: JobStats = field(default_factory=JobStats)
     elapsed_s: float = 0.0
     interrupted: bool = False
@@ -87,7 +88,8 @@ class Summary:
             f"  rejected      {self.rejected:,} readings",
             *(f"    {n:,} batch(es): {reason}" for reason, n in self.reasons.most_common()),
             f"  anomalies     {self.anomalies:,} injected (temperature spikes)",
-            f"  alerts        {self.alerts_raised:,} raised, {self.alerts_cleared:,} cleared (webhook)",
+            f"  alerts        {self.alerts_raised:,} raised, {self.alerts_cleared:,} cleared (webhook)"
+            f"{' (not counted: the platform refused the webhook)' if self.webhook_refused else ''}",
             *([f"  bad webhook signatures {self.bad_signatures}"] * (self.bad_signatures > 0)),
             *([self.jobs.render()] * (self.jobs.offered > 0)),
         ])  # fmt: skip
@@ -269,7 +271,7 @@ async def _settle(http: httpx.AsyncClient, headers: dict[str, str], devices: lis
                 break
             await _pause(stop, 0.5)
     while time.monotonic() < deadline and not stop.is_set():
-        alerted = receiver.count("AlertRaised") > 0 or summary.anomalies == 0
+        alerted = receiver.count("AlertRaised") > 0 or summary.anomalies == 0 or summary.webhook_refused
         if alerted and time.monotonic() - receiver.last > 2.0:
             return
         await _pause(stop, 0.25)
@@ -301,9 +303,20 @@ async def simulate(http: httpx.AsyncClient, headers: dict[str, str], options: Op
             await _call(http, "PUT", f"/v1/rules/{rule['rule_id']}", "rule", headers=headers, json=rule)
             rules.append(str(rule["rule_id"]))
         hook_request = {"url": hook, "event_types": list(ALERTS), "secret": receiver.secret}
-        created = await _call(http, "POST", "/v1/subscriptions", "subscription", headers=headers,
-                              json=hook_request)  # fmt: skip
-        subscription.append(str(created.json()["subscription_id"]))
+        try:
+            created = await http.post("/v1/subscriptions", headers=headers, json=hook_request)
+        except httpx.TransportError as exc:
+            reason = exc or type(exc).__name__
+            raise StartupError(f"cannot reach the API at {http.base_url}: {reason}") from None
+        if created.status_code == 422 and '"url"' in created.text:
+            # the platform's network policy keeps webhooks off loopback: run without alerts
+            summary.webhook_refused = True
+            out.write(f"{summary.run_id}: the platform refuses webhooks to {options.webhook_host} (allow "
+                      "it with FLEETFLOW_WEBHOOK_ALLOW_NETWORKS); alerts are not counted\n")  # fmt: skip
+        elif created.status_code >= 400:
+            raise StartupError(f"subscription refused: {_reason(created)}")
+        else:
+            subscription.append(str(created.json()["subscription_id"]))
         devices = [
             _Device(d, c, {m: rng.uniform(-s, s) for m, (_, s, _, _) in METRICS.items()},
                     rng.uniform(0, 2 * math.pi))

@@ -1,14 +1,16 @@
-"""The simulator's webhook receiver: a small HTTP server that checks each delivery's signature
-and counts the alert events of the run's devices."""
+"""The simulator's webhook receiver: a small HTTP server that checks each delivery's Standard
+Webhooks signature and counts the alert events of the run's devices.
+
+It listens on a loopback address, which the platform refuses to deliver to unless its operator
+allows that network (`FLEETFLOW_WEBHOOK_ALLOW_NETWORKS=127.0.0.1/32`)."""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 
-from activities.notifications import SIGNATURE_HEADER, sign
+from fleetflow.webhook_signing import verify
 
 MAX_HOOK_BYTES = 1 << 20
 ALERTS = ("AlertRaised", "AlertCleared")
@@ -54,7 +56,7 @@ class Receiver:
                     writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
                     return
                 body = await reader.readexactly(length)
-                if hmac.compare_digest(headers.get(SIGNATURE_HEADER.lower(), ""), sign(self.secret, body)):
+                if verify(self.secret, headers, body):
                     self._record(body)
                     writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
                 else:

@@ -11,14 +11,14 @@ import httpx
 from temporalio.client import Client
 from temporalio.worker import Worker
 
-from activities.notifications import WEBHOOK_TIMEOUT
 from fleetflow import observability
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import Pool, create_pool, migrate
 from fleetflow.embedded_pg import database_url
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
-from workers.registry import WORKFLOWS, activities_of, service_for
+from fleetflow.webhook_network import AddressPolicy, webhook_client
+from workers.registry import WORKFLOWS, activities_of, carried_over, service_for
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,12 @@ def build_worker(
         )  # fmt: skip
     assert pool is not None
     service = service or service_for(queue, pool, settings, client, http)
+    # a delivery holds the database only between POSTs: its slots are bounded by receivers
+    slots = settings.webhook_slots if queue is TaskQueue.WEBHOOK else max(4, settings.db_pool_size * 2)
     return Worker(
-        client, task_queue=queue.value, activities=activities_of(service),
-        max_concurrent_activities=max(4, settings.db_pool_size * 2),
+        client, task_queue=queue.value,
+        activities=activities_of(service) + carried_over(queue, pool, settings, http),
+        max_concurrent_activities=slots,
         graceful_shutdown_timeout=timedelta(seconds=10),
     )  # fmt: skip
 
@@ -65,10 +68,11 @@ async def run_worker(queue: TaskQueue, settings: Settings) -> None:
         pool = await create_pool(database_url(settings), size=settings.db_pool_size)
         await migrate(pool)
     try:
-        # the process's one outbound HTTP client (webhooks), closed with the worker
+        # the process's one outbound HTTP client (webhooks, every connection vetted), closed
+        # with the worker
         async with (
             observability.temporal_metrics(),
-            httpx.AsyncClient(timeout=WEBHOOK_TIMEOUT) as http,
+            webhook_client(AddressPolicy.from_settings(settings)) as http,
             build_worker(client, queue, pool, settings, http=http),
         ):
             log.info("worker for %s started", queue.value)

@@ -1,7 +1,8 @@
 """EventDelivery: the delivery loop of one webhook subscription, an entity workflow for the
 subscription's life (id `deliveries-{tenant}-{subscription_id}`).
 
-It calls `notification.deliver_pending` until nothing is pending, then sleeps until a
+It calls `notification.deliver_pending` (on the `webhook` task queue, so slow receivers never
+hold the notification service's own slots) until nothing is pending, then sleeps until a
 `nudge` (sent when events are enqueued or a dead letter is redelivered) or a fallback
 timer, and continues as new before its history grows large. One loop per subscription
 is what keeps its deliveries in `seq` order; the activity's retry policy is the backoff
@@ -21,6 +22,7 @@ with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import TaskQueue
     from fleetflow.contracts.events import (
         EVENT_DELIVERY_WORKFLOW,
+        MIN_BACKOFF_S,
         DeliverPending,
         DeliveryInput,
         DeliveryProgress,
@@ -34,6 +36,8 @@ __all__ = ["EventDelivery", "delivery_workflow_id"]
 DELIVER_START_TO_CLOSE = timedelta(minutes=2)
 # the activity heartbeats before every POST: a dead worker is noticed within this
 DELIVER_HEARTBEAT = timedelta(seconds=30)
+# runs started before deliveries had their own queue keep theirs (the recorded commands)
+WEBHOOK_QUEUE_PATCH = "deliveries-on-webhook-queue"
 
 
 @workflow.defn(name=EVENT_DELIVERY_WORKFLOW)
@@ -52,16 +56,19 @@ class EventDelivery:
         # a failing webhook holds its queue (order) while Temporal retries with backoff;
         # there is no attempt limit here: the activity dead-letters by the delivery's own count,
         # so a database outage never turns into dead letters
+        queue, floor = TaskQueue.NOTIFICATION, 0.0
+        if workflow.patched(WEBHOOK_QUEUE_PATCH):
+            queue, floor = TaskQueue.WEBHOOK, MIN_BACKOFF_S
         retry = RetryPolicy(
-            initial_interval=timedelta(seconds=inp.backoff_s), backoff_coefficient=2.0,
-            maximum_interval=timedelta(seconds=inp.max_backoff_s), maximum_attempts=0,
+            initial_interval=timedelta(seconds=max(inp.backoff_s, floor)), backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=max(inp.max_backoff_s, floor)), maximum_attempts=0,
         )  # fmt: skip
         try:
             while not self._history_full(inp):
                 self._nudged = False  # a nudge from now on means "look again"
                 progress: DeliveryProgress = await workflow.execute_activity(
                     "notification.deliver_pending", DeliverPending(subscription_id=inp.subscription_id),
-                    task_queue=TaskQueue.NOTIFICATION.value, result_type=DeliveryProgress,
+                    task_queue=queue.value, result_type=DeliveryProgress,
                     start_to_close_timeout=DELIVER_START_TO_CLOSE, heartbeat_timeout=DELIVER_HEARTBEAT,
                     retry_policy=retry,
                 )  # fmt: skip

@@ -20,6 +20,9 @@ with workflow.unsafe.imports_passed_through():
     )
 
 
+WEBHOOK_PROBE_PATCH = "probe-webhook-queue"
+
+
 @workflow.defn
 class SystemCheck:
     """Reports, per service, whether it answered within the timeout; never hangs."""
@@ -27,7 +30,10 @@ class SystemCheck:
     @workflow.run
     async def run(self, request: SystemCheckRequest) -> SystemCheckResult:
         """Probe every service queue at once."""
-        probes = await asyncio.gather(*(self._probe(q, request) for q in SERVICE_QUEUES))
+        queues = SERVICE_QUEUES
+        if not workflow.patched(WEBHOOK_PROBE_PATCH):  # checks started before the webhook queue
+            queues = tuple(q for q in SERVICE_QUEUES if q is not TaskQueue.WEBHOOK)
+        probes = await asyncio.gather(*(self._probe(q, request) for q in queues))
         return SystemCheckResult(services=list(probes))
 
     async def _probe(self, queue: TaskQueue, request: SystemCheckRequest) -> ServiceProbe:

@@ -9,17 +9,19 @@ from fastapi import APIRouter, Depends, Query, Response, status
 
 from activities.notifications import NotDeadLettered, NotificationService
 from api.auth import State, require
-from api.problems import conflict, not_found
+from api.problems import conflict, invalid, not_found
 from fleetflow.contracts.events import (
     DeliveryPage,
     DeliveryView,
     EventPage,
     EventTypeName,
+    SecretRotation,
     SubscriptionRequest,
     SubscriptionView,
 )
 from fleetflow.payload_codec import payload_keys
 from fleetflow.security import TokenClaims
+from fleetflow.webhook_network import AddressPolicy, RefusedAddress
 
 router = APIRouter(tags=["events"])
 Reader = Annotated[TokenClaims, Depends(require("events:read"))]
@@ -29,8 +31,11 @@ After = Annotated[int | None, Query(ge=0, description="the last seq (or id) of t
 
 
 def _service(state: State) -> NotificationService:
-    # a thin view over the process's pool, Temporal client and HTTP client
-    return NotificationService(state.pool, state.temporal, state.http, payload_keys(state.settings))
+    # a thin view over the process's pool and Temporal client, with its keys and webhook policy
+    return NotificationService(
+        state.pool, state.temporal, keys=payload_keys(state.settings),
+        policy=AddressPolicy.from_settings(state.settings),
+    )  # fmt: skip
 
 
 Service = Annotated[NotificationService, Depends(_service)]
@@ -58,10 +63,15 @@ async def create_subscription(
     body: SubscriptionRequest, service: Service, claims: Manager, state: State
 ) -> SubscriptionView:
     """Subscribe a webhook to event types (or `["*"]`); it receives events recorded from now on.
-    403 at the tenant's subscription quota (`max_subscriptions`)."""
+    A URL whose host is (or resolves to) a loopback, private, link-local, multicast or
+    unspecified address is refused (422) unless the operator allows its network; 403 at the
+    tenant's subscription quota (`max_subscriptions`)."""
     async with state.quotas.count_lock(claims.tenant, "max_subscriptions"):
         await state.quotas.check_count(claims.tenant, "max_subscriptions")
-        return await service.create_subscription(claims.tenant, claims.subject, body)
+        try:
+            return await service.create_subscription(claims.tenant, claims.subject, body)
+        except RefusedAddress as exc:
+            raise invalid(["body", "url"], str(exc)) from None
 
 
 @router.get("/v1/subscriptions", response_model=list[SubscriptionView])
@@ -77,6 +87,18 @@ async def get_subscription(subscription_id: str, service: Service, claims: Manag
     if not found:
         raise not_found(f"subscription {subscription_id!r}")
     return found[0]
+
+
+@router.post("/v1/subscriptions/{subscription_id}/rotate-secret", response_model=SubscriptionView)
+async def rotate_secret(
+    subscription_id: str, body: SecretRotation, service: Service, claims: Manager
+) -> SubscriptionView:
+    """Replace the signing secret; the replaced one still signs beside it for `overlap_s`, so
+    receivers can switch without losing a delivery."""
+    rotated = await service.rotate_secret(claims.tenant, subscription_id, body)
+    if rotated is None:
+        raise not_found(f"subscription {subscription_id!r}")
+    return rotated
 
 
 @router.delete("/v1/subscriptions/{subscription_id}", status_code=status.HTTP_204_NO_CONTENT)

@@ -20,7 +20,7 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from api.auth import State, require
-from fleetflow.contracts.common import Strict, TaskQueue
+from fleetflow.contracts.common import SERVICE_QUEUES, Strict, TaskQueue
 from fleetflow.contracts.system import SystemCheckRequest, SystemReport
 from fleetflow.security import TokenClaims
 from fleetflow.system_report import pollers, run_system_check
@@ -33,12 +33,12 @@ READY_TIMEOUT_S = 2.0
 
 # which workflow calls which service queue: the edges of the service dependency graph
 WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
-    "SystemCheck": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
+    "SystemCheck": SERVICE_QUEUES,
     "DeviceOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "BulkOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "DeviceTwin": (),
     "TelemetryIngestion": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
-    "EventDelivery": (TaskQueue.NOTIFICATION,),
+    "EventDelivery": (TaskQueue.WEBHOOK,),
     "FirmwareRollout": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "DeviceDecommission": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.NOTIFICATION),
 }

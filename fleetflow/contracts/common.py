@@ -44,6 +44,9 @@ class TaskQueue(StrEnum):
     DATA = "data"
     ANALYTICS = "analytics"
     NOTIFICATION = "notification"
+    # the notification service's webhook deliveries: slow receivers wait here, never in front
+    # of `notification.record_events`
+    WEBHOOK = "webhook"
 
 
 SERVICE_QUEUES: tuple[TaskQueue, ...] = (
@@ -51,6 +54,7 @@ SERVICE_QUEUES: tuple[TaskQueue, ...] = (
     TaskQueue.DATA,
     TaskQueue.ANALYTICS,
     TaskQueue.NOTIFICATION,
+    TaskQueue.WEBHOOK,
 )
 
 

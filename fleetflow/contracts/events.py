@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import Field, HttpUrl, StringConstraints, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, HttpUrl, StringConstraints, ValidationInfo, field_validator
 
 from fleetflow.contracts.common import DomainEvent, Strict, TenantId
+from fleetflow.webhook_signing import secret_key
 
 DEVICE_ONBOARDED = "DeviceOnboarded"
 DEVICE_ONBOARDING_FAILED = "DeviceOnboardingFailed"
@@ -16,6 +17,11 @@ EVENT_DELIVERY_WORKFLOW = "EventDelivery"
 ALL_EVENTS = "*"
 # well under Temporal's 10,240-event warning; the delivery loop continues as new past it
 DELIVERY_HISTORY_LIMIT = 2000
+
+# the shortest retry interval of a failing webhook: below it, one dead receiver keeps a worker busy
+MIN_BACKOFF_S = 1.0
+# how long a replaced secret still signs deliveries, by default and at most
+SECRET_OVERLAP_S, MAX_SECRET_OVERLAP_S = 86400, 7 * 86400
 
 EventTypeName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z][A-Za-z0-9_.:-]{0,63})$")]
 
@@ -32,7 +38,8 @@ class EventBatch(Strict):
 
 
 class RetractEvent(Strict):
-    """Input of `notification.retract_event` (saga compensation of a recorded event)."""
+    """Input of `notification.retract_event` (saga compensation of a recorded event); with the
+    tenant, only that tenant's event of this id is retracted."""
 
     event_id: str
     # the event's tenant; when absent, the verified actor's tenant scopes the retraction
@@ -55,16 +62,24 @@ class EventPage(Strict):
 # --- subscriptions -------------------------------------------------------------
 
 
+def _key_of(secret: str) -> str:
+    secret_key(secret)  # a whsec_ secret must decode
+    return secret
+
+
+WebhookSecret = Annotated[str, Field(min_length=16, max_length=256), AfterValidator(_key_of)]
+
+
 class SubscriptionRequest(Strict):
     """Body of `POST /v1/subscriptions`; the retry fields bound how long a failing
     webhook holds its queue before an event is dead-lettered."""
 
     url: HttpUrl
     event_types: Annotated[list[EventTypeName], Field(min_length=1, max_length=100)]
-    secret: Annotated[str, Field(min_length=16, max_length=256)]
+    secret: WebhookSecret
     max_attempts: Annotated[int, Field(ge=1, le=25)] = 5
-    backoff_s: Annotated[float, Field(ge=0.1, le=600)] = 2.0
-    max_backoff_s: Annotated[float, Field(ge=0.1, le=3600)] = 300.0
+    backoff_s: Annotated[float, Field(ge=MIN_BACKOFF_S, le=600)] = 2.0
+    max_backoff_s: Annotated[float, Field(ge=MIN_BACKOFF_S, le=3600)] = 300.0
 
     @field_validator("event_types")
     @classmethod
@@ -96,6 +111,16 @@ class SubscriptionView(Strict):
     workflow_id: str
     pending: int = 0
     dead_letters: int = 0
+    # until then, deliveries are signed with the replaced secret too (after a rotation)
+    rotation_overlap_until: datetime | None = None
+
+
+class SecretRotation(Strict):
+    """Body of `POST /v1/subscriptions/{id}/rotate-secret`: deliveries are signed with both the
+    new and the replaced secret for `overlap_s`, then with the new one only."""
+
+    secret: WebhookSecret
+    overlap_s: Annotated[int, Field(ge=0, le=MAX_SECRET_OVERLAP_S)] = SECRET_OVERLAP_S
 
 
 class DeliveryView(Strict):

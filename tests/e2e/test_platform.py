@@ -20,6 +20,7 @@ import pytest
 from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.system import SystemCheckRequest, SystemCheckResult
 from tests.e2e.stack import (
     FLEETFLOW,
@@ -37,7 +38,7 @@ from tests.e2e.stack import (
 
 pytestmark = pytest.mark.e2e
 
-QUEUES = ("orchestration", "device", "data", "analytics", "notification")
+QUEUES = tuple(q.value for q in TaskQueue)  # fleetflow up runs a worker for each
 T = TypeVar("T")
 
 

@@ -255,7 +255,7 @@ async def acme_world(api: httpx.AsyncClient, pool: Pool, client: Client) -> Asyn
     # a webhook nobody answers, and its dead letter
     sub = await subscribe(
         api, AUTH, f"http://127.0.0.1:{free_port()}/hook", event_types=[PROBE], max_attempts=1,
-        backoff_s=0.1, max_backoff_s=0.1,
+        backoff_s=1, max_backoff_s=1,
     )  # fmt: skip
     ids["subscription"] = sub["subscription_id"]
     await NotificationService(pool, client).record_events(probe_events("acme", device, 1, kind=PROBE))

@@ -40,6 +40,7 @@ async def test_health_and_services_routes_need_system_read(api: httpx.AsyncClien
     assert "DeviceOnboarding" in by_queue["device"]["called_by"]
     assert by_queue["data"]["called_by"] == ["DeviceDecommission", "SystemCheck", "TelemetryIngestion"]
     assert by_queue["notification"]["called_by"][0] == "BulkOnboarding"
+    assert by_queue["webhook"]["called_by"] == ["EventDelivery", "SystemCheck"]
 
 
 async def _lonely(client: Client) -> Client:
@@ -68,7 +69,7 @@ async def test_missing_services_are_named_within_the_timeout(
     answered = {s.service: s.answered for s in report.services}
     assert answered == {
         "orchestration": True, "device": True, "data": False, "analytics": False,
-        "notification": False,
+        "notification": False, "webhook": False,
     }  # fmt: skip
     missing = next(s for s in report.services if s.service == "data")
     assert missing.pollers == 0 and missing.error and "no answer" in missing.error

@@ -22,13 +22,15 @@ from typing import Any
 
 import pytest
 
+from fleetflow.contracts.common import TaskQueue
 from fleetflow.temporal import DYNAMIC_CONFIG
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE_FILE = REPO / "docker-compose.temporal.yml"
 TIMEOUT_S = 60
 
-WORKER_QUEUES = ("orchestration", "device", "data", "analytics", "notification")
+# every task queue has its worker service: a queue added without one fails here
+WORKER_QUEUES = tuple(q.value for q in TaskQueue)
 SEARCH_ATTRIBUTES = ("DeviceId", "TenantId", "Operation")
 APP_ENV = {
     "DATABASE_URL": "postgresql://fleetflow:fleetflow@postgresql:5432/fleetflow",

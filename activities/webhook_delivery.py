@@ -1,0 +1,193 @@
+"""The notification service's webhook deliveries, on their own task queue (`webhook`).
+
+`deliver_pending` POSTs one subscription's pending deliveries in `seq` order. It runs on the
+`webhook` queue, so receivers that answer slowly hold webhook slots only, never the slots of
+`notification.record_events` that ingestion and onboarding wait on; and one tenant holds at
+most `webhook_tenant_slots` of a worker's slots: past that its deliveries are turned away at
+once (retried a moment later), so another tenant's deliveries find a free slot.
+
+Every connection goes through the address policy (fleetflow/webhook_network.py), redirects
+are not followed, at most a few KB of an answer are read and none of it is stored: a
+subscription cannot be used to read what an internal service answers. Deliveries are signed
+per Standard Webhooks (fleetflow/webhook_signing.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import Counter
+from datetime import timedelta
+
+import asyncpg
+import httpx
+from temporalio import activity
+from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
+
+from activities.notifications import SECRET_PURPOSE, recorded_event
+from activities.probe import probe
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.events import DeliverPending, DeliveryProgress, RecordedEvent
+from fleetflow.contracts.system import ProbeRequest, ProbeResult
+from fleetflow.db import Pool
+from fleetflow.payload_codec import PayloadKeys, open_text
+from fleetflow.webhook_network import AddressPolicy, webhook_client
+from fleetflow.webhook_signing import signed_headers
+
+# a hard cap on one POST whatever the receiver drips, well below the activity's heartbeat timeout
+POST_DEADLINE_S = 15.0
+# one deliver_pending stops taking new deliveries after this; the workflow calls it again
+BATCH_BUDGET_S = 60.0
+# read at most this much of an answer (to reuse the connection); it is never stored
+MAX_ANSWER_BYTES = 4096
+# a tenant at its slot limit is retried after about this long, whatever its backoff
+BUSY_RETRY_S = 2.0
+_EVENT = "e.seq, e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data"
+
+
+def message_id(event: RecordedEvent) -> str:
+    """The `webhook-id` of an event: unique across tenants, the same on every retry."""
+    return f"{event.tenant}/{event.event_id}"
+
+
+class WebhookDeliveryService:
+    """Activities of the `webhook` task queue (part of the notification service and its schema)."""
+
+    queue = TaskQueue.WEBHOOK
+
+    def __init__(
+        self,
+        pool: Pool,
+        keys: PayloadKeys,
+        policy: AddressPolicy | None = None,
+        http: httpx.AsyncClient | None = None,
+        tenant_slots: int = 4,
+    ) -> None:
+        self.pool = pool
+        self.keys = keys
+        self.policy = policy or AddressPolicy()
+        self._http = http
+        self.tenant_slots = tenant_slots
+        self._running: Counter[str] = Counter()  # tenant -> deliveries running in this process
+
+    @property
+    def http(self) -> httpx.AsyncClient:
+        """The vetted outbound client; made on first use when the process gave none."""
+        if self._http is None:
+            self._http = webhook_client(self.policy)
+        return self._http
+
+    @activity.defn(name="webhook.ping")
+    async def ping(self, request: ProbeRequest) -> ProbeResult:
+        """Answer the system check."""
+        return await probe(self.queue, self.pool, request)
+
+    @activity.defn(name="notification.deliver_pending")
+    async def deliver_pending(self, request: DeliverPending) -> DeliveryProgress:
+        """POST the subscription's pending deliveries in seq order, marking each once delivered.
+
+        A failed POST counts against that delivery's attempts. Below the subscription's
+        limit, the activity fails when it has delivered nothing yet (Temporal retries it
+        with backoff) or returns when it has (its progress counted; the next call starts
+        with fresh backoff). At the limit the delivery becomes a dead letter and the
+        activity returns, so the queue moves on. At least once: a crash between a POST
+        and its mark sends that event again.
+        """
+        sub = await self.pool.fetchrow(
+            """SELECT tenant, url, secret, max_attempts,
+                   CASE WHEN previous_secret_expires_at > now() THEN previous_secret END AS previous
+               FROM notification.subscriptions WHERE subscription_id = $1""",
+            request.subscription_id,
+        )
+        if sub is None:
+            return DeliveryProgress(gone=True)
+        tenant = sub["tenant"]
+        if self._running[tenant] >= self.tenant_slots:
+            raise ApplicationError(
+                f"tenant {tenant} has {self._running[tenant]} deliveries running here; retried shortly",
+                type="TenantBusy",
+                category=ApplicationErrorCategory.BENIGN,  # expected under load: logged at DEBUG
+                next_retry_delay=timedelta(seconds=BUSY_RETRY_S * random.uniform(0.5, 1.5)),
+            )
+        self._running[tenant] += 1
+        try:
+            return await self._deliver(request, sub)
+        finally:
+            self._running[tenant] -= 1
+            if self._running[tenant] <= 0:
+                del self._running[tenant]
+
+    async def _deliver(self, request: DeliverPending, sub: asyncpg.Record) -> DeliveryProgress:
+        secrets = [open_text(self.keys, sub["secret"], SECRET_PURPOSE)]
+        if sub["previous"] is not None:
+            secrets.append(open_text(self.keys, sub["previous"], SECRET_PURPOSE))
+        rows = await self.pool.fetch(
+            f"""SELECT d.delivery_id, d.attempts, {_EVENT}
+               FROM notification.deliveries d JOIN notification.events e ON e.seq = d.event_seq
+               WHERE d.subscription_id = $1 AND d.status = 'pending' ORDER BY d.event_seq LIMIT $2""",
+            request.subscription_id, request.batch_limit,
+        )  # fmt: skip
+        progress = DeliveryProgress(more=len(rows) == request.batch_limit)
+        deadline = time.monotonic() + BATCH_BUDGET_S
+        for row in rows:
+            if time.monotonic() > deadline:
+                return progress.model_copy(update={"more": True})
+            if activity.in_activity():
+                activity.heartbeat(progress.delivered)
+            event = recorded_event(row)
+            error = await self._post(sub["url"], secrets, event)
+            status = await self._mark(row["delivery_id"], error, sub["max_attempts"])
+            if status == "delivered":
+                progress.delivered += 1
+            if status in ("delivered", "gone"):
+                continue
+            if status == "dead":
+                return progress.model_copy(update={"dead_lettered": 1, "more": True})
+            if progress.delivered:
+                return progress.model_copy(update={"more": True})
+            raise ApplicationError(
+                f"event {event.seq} to {sub['url']}: {error} (attempt {row['attempts'] + 1} "
+                f"of {sub['max_attempts']})",
+                type="DeliveryFailed",
+            )
+        return progress
+
+    async def _post(self, url: str, secrets: list[str], event: RecordedEvent) -> str | None:
+        """POST one event; None when the receiver answered 2xx, else why not (never what it said)."""
+        body = event.model_dump_json().encode()
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "fleetflow-webhooks/0.2",
+            "X-Fleetflow-Event-Type": event.type,
+            **signed_headers(secrets, message_id(event), body),
+        }
+        try:
+            async with (
+                asyncio.timeout(POST_DEADLINE_S),
+                self.http.stream("POST", url, content=body, headers=headers) as response,
+            ):
+                read = 0
+                async for chunk in response.aiter_raw():
+                    read += len(chunk)
+                    if read >= MAX_ANSWER_BYTES:
+                        break  # the rest is dropped with the connection
+        except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, OSError, ValueError) as exc:
+            # counted against the delivery: an error that escaped would hold the queue for ever
+            return f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
+        if response.is_success:
+            return None
+        return f"HTTP {response.status_code}"
+
+    async def _mark(self, delivery_id: int, error: str | None, max_attempts: int) -> str:
+        """Record one attempt; returns the delivery's status after it."""
+        status = await self.pool.fetchval(
+            """UPDATE notification.deliveries SET attempts = attempts + 1, updated_at = now(),
+                   last_error = coalesce($2, last_error),
+                   status = CASE WHEN $2::text IS NULL THEN 'delivered'
+                                 WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END
+               WHERE delivery_id = $1 AND status = 'pending' RETURNING status""",
+            delivery_id, error, max_attempts,
+        )  # fmt: skip
+        # gone meanwhile (event retracted, subscription deleted): nothing left to retry
+        return str(status or "gone")

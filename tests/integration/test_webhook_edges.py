@@ -1,0 +1,303 @@
+"""Abuse-proof webhook edges on the real servers: no request forgery into the platform's own
+network, no answer read back, tenants never share event ids, a tenant's slow receivers never
+stall another tenant, and secrets rotate with an overlap."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import uuid
+from datetime import UTC, datetime, timedelta
+from types import TracebackType
+from typing import Any
+
+import httpx
+import pytest
+from standardwebhooks import Webhook
+from temporalio import workflow
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from activities.notifications import NotificationService
+from fleetflow.contracts.common import DomainEvent, TaskQueue
+from fleetflow.contracts.events import DeliverPending, DeliveryProgress, EventBatch
+from fleetflow.db import Pool
+from tests.integration.test_event_bus import SECRET, Receiver, has, new_tenant, probe_events, subscribe
+from tests.support import bearer, eventually, free_port
+from workers.simulate import Options, simulate
+
+
+class Answering:
+    """A receiver that answers every request with a fixed response, or holds it unanswered
+    (`hang`) and counts the connections the sender closed meanwhile."""
+
+    def __init__(self, host: str = "127.0.0.1", answer: bytes = b"", hang: bool = False) -> None:
+        self.host, self.port, self.answer, self.hang = host, free_port(), answer, hang
+        self.requests = 0
+        self.closed_by_sender = 0
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        """Where a subscription points."""
+        return f"http://{self.host}:{self.port}/hook"
+
+    async def __aenter__(self) -> Answering:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        assert self._server is not None
+        self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+        await self._server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                length = next(
+                    (int(h.split(":", 1)[1]) for h in head if h.lower().startswith("content-length:")), 0
+                )
+                await reader.readexactly(length)
+                self.requests += 1
+                if self.hang:
+                    if await reader.read(1) == b"":
+                        self.closed_by_sender += 1
+                    return
+                writer.write(self.answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+
+async def dead_letters(api: httpx.AsyncClient, auth: dict[str, str]) -> list[dict[str, Any]]:
+    """The tenant's dead letters."""
+    body: dict[str, Any] = (await api.get("/v1/dead-letters", headers=auth)).json()
+    return list(body["items"])
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.2:8233/api/v1/namespaces",  # loopback (the tests allow 127.0.0.1 only)
+        "http://169.254.169.254/latest/meta-data/",
+        "http://10.0.0.1/",
+        "http://[::1]:7233/",
+        "http://0.0.0.0:5432/",
+        "http://224.0.0.251/",
+    ],
+)
+async def test_internal_addresses_are_refused_with_422_naming_the_url(
+    api: httpx.AsyncClient, url: str
+) -> None:
+    _, auth = new_tenant()
+    body = {"url": url, "event_types": ["*"], "secret": SECRET}
+    response = await api.post("/v1/subscriptions", json=body, headers=auth)
+    assert response.status_code == 422, response.text
+    [error] = response.json()["detail"]
+    assert error["loc"] == ["body", "url"] and "public addresses only" in error["msg"]
+    assert (await api.get("/v1/subscriptions", headers=auth)).json() == []
+
+
+async def test_a_host_name_dns_cannot_encode_is_422_not_500(api: httpx.AsyncClient) -> None:
+    _, auth = new_tenant()
+    body = {"url": f"https://{'a' * 70}.example.com/hook", "event_types": ["*"], "secret": SECRET}
+    response = await api.post("/v1/subscriptions", json=body, headers=auth)
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["body", "url"]
+
+
+async def test_connect_time_check_refuses_an_address_that_changed_after_subscribing(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    """What DNS rebinding does: the host checked at subscribe time later leads to an address the
+    policy refuses. The delivery never connects there."""
+    tenant, auth = new_tenant()
+    async with Answering("127.0.0.2", b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok") as inside:
+        sub = await subscribe(
+            api, auth, f"http://127.0.0.1:{inside.port}/hook", max_attempts=1, event_types=["Probe"]
+        )
+        await pool.execute(
+            "UPDATE notification.subscriptions SET url = $2 WHERE subscription_id = $1",
+            sub["subscription_id"], inside.url,
+        )  # fmt: skip
+        await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 1))
+        [letter] = await eventually(lambda: dead_letters(api, auth), lambda items: len(items) == 1)
+    assert inside.requests == 0
+    assert "127.0.0.2 is a loopback address" in letter["last_error"]
+
+
+async def test_answers_are_not_stored_and_redirects_are_not_followed(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    tenant, auth = new_tenant()
+    leak = b"postgres password=hunter2 " * 1000
+    teller = b"HTTP/1.1 500 Oops\r\ncontent-length: %d\r\n\r\n%s" % (len(leak), leak)
+    async with Receiver() as target, Answering(answer=teller) as talker:
+        redirect = f"HTTP/1.1 302 Found\r\nlocation: {target.url}\r\ncontent-length: 0\r\n\r\n".encode()
+        async with Answering(answer=redirect) as redirector:
+            for url in (talker.url, redirector.url):
+                await subscribe(api, auth, url, max_attempts=1, event_types=["Probe"])
+            await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 1))
+            letters = await eventually(lambda: dead_letters(api, auth), lambda items: len(items) == 2)
+    assert sorted(letter["last_error"] for letter in letters) == ["HTTP 302", "HTTP 500"]
+    assert "hunter2" not in (await api.get("/v1/dead-letters", headers=auth)).text
+    assert target.requests == []  # the redirect was not followed
+
+
+def same_ids(tenant: str, value: float) -> EventBatch:
+    """The alert event two tenants' analytics produce for the same device and rule id in one
+    window (its id does not name the tenant)."""
+    event = DomainEvent(
+        event_id="w-1/th-1/hot/AlertRaised", tenant=tenant, device_id="th-1", type="AlertRaised",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC), actor="analytics",
+        data={"rule_id": "hot", "value": value},
+    )  # fmt: skip
+    return EventBatch(events=[event])
+
+
+async def test_two_tenants_with_the_same_event_ids_each_keep_and_receive_their_event(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    (one, auth_one), (two, auth_two) = new_tenant(), new_tenant()
+    service = NotificationService(pool, client)
+    async with Receiver() as hook_one, Receiver() as hook_two:
+        await subscribe(api, auth_one, hook_one.url, event_types=["AlertRaised"])
+        await subscribe(api, auth_two, hook_two.url, event_types=["AlertRaised"])
+        assert await service.record_events(same_ids(one, 41.0)) == 1
+        assert await service.record_events(same_ids(two, 42.0)) == 1
+        assert await service.record_events(same_ids(two, 42.0)) == 0  # a retry: already there
+        await eventually(hook_one.received, has(1))
+        await eventually(hook_two.received, has(1))
+    assert hook_one.events()[0]["data"]["value"] == 41.0 and hook_two.events()[0]["data"]["value"] == 42.0
+    ids = {hook_one.requests[0][0]["webhook-id"], hook_two.requests[0][0]["webhook-id"]}
+    assert ids == {f"{one}/w-1/th-1/hot/AlertRaised", f"{two}/w-1/th-1/hot/AlertRaised"}
+    for auth in (auth_one, auth_two):
+        events = (await api.get("/v1/events", headers=auth)).json()["items"]
+        assert [e["event_id"] for e in events] == ["w-1/th-1/hot/AlertRaised"]
+
+
+async def test_another_event_reusing_an_id_is_kept_not_dropped(client: Client, pool: Pool) -> None:
+    tenant, _ = new_tenant()
+    service = NotificationService(pool, client)
+    assert await service.record_events(same_ids(tenant, 41.0)) == 1
+    assert await service.record_events(same_ids(tenant, 50.0)) == 1
+    assert await service.record_events(same_ids(tenant, 50.0)) == 0  # its retry is recognised
+    stored = await service.list_events(tenant)
+    assert [e.data["value"] for e in stored] == [41.0, 50.0]
+    assert stored[0].event_id == "w-1/th-1/hot/AlertRaised"
+    assert stored[1].event_id.startswith("w-1/th-1/hot/AlertRaised#")
+
+
+async def test_a_tenant_with_slow_receivers_does_not_stall_another_tenant(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    """20 subscriptions of one tenant whose receiver never answers: another tenant's event is
+    still delivered while every one of those connections is still held open (so not because
+    they timed out and gave their worker slots back)."""
+    (slow, slow_auth), (quick, quick_auth) = new_tenant(), new_tenant()
+    service = NotificationService(pool, client)
+    async with Answering(hang=True) as sink, Receiver() as hook:
+        subs = [await subscribe(api, slow_auth, sink.url, event_types=["Probe"]) for _ in range(20)]
+        await service.record_events(probe_events(slow, "dev-1", 1))
+
+        async def held() -> int:
+            return sink.requests
+
+        await eventually(held, lambda n: n >= 4)
+        await subscribe(api, quick_auth, hook.url, event_types=["Probe"])
+        await service.record_events(probe_events(quick, "dev-1", 1))
+        await eventually(hook.received, has(1))
+        assert sink.closed_by_sender == 0, "the quick tenant waited for the slow one's timeouts"
+        for sub in subs:
+            await api.delete(f"/v1/subscriptions/{sub['subscription_id']}", headers=slow_auth)
+
+
+async def test_a_rotated_secret_signs_beside_the_new_one_until_the_overlap_ends(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    tenant, auth = new_tenant()
+    new_secret = "whsec_" + "bmV3LXNlY3JldC1vZi0zMi1ieXRlcy1sb25nLi4uLg=="
+    service = NotificationService(pool, client)
+    async with Receiver() as hook:
+        sub = await subscribe(api, auth, hook.url, event_types=["Probe"])
+        path = f"/v1/subscriptions/{sub['subscription_id']}/rotate-secret"
+        assert (await api.post(path, json={"secret": "short"}, headers=auth)).status_code == 422
+        _, other = new_tenant()
+        assert (await api.post(path, json={"secret": new_secret}, headers=other)).status_code == 404
+        rotated = await api.post(path, json={"secret": new_secret, "overlap_s": 3600}, headers=auth)
+        assert rotated.status_code == 200, rotated.text
+        assert rotated.json()["rotation_overlap_until"] is not None and "whsec" not in rotated.text
+        stored = await pool.fetchrow(
+            "SELECT secret, previous_secret FROM notification.subscriptions WHERE subscription_id = $1",
+            sub["subscription_id"],
+        )
+        assert stored is not None
+        assert all(v.startswith("sealed:") and "whsec" not in v and SECRET not in v for v in stored.values())
+        await service.record_events(probe_events(tenant, "dev-1", 1))
+        await eventually(hook.received, has(1))
+        headers, body = hook.requests[0]
+        Webhook(SECRET.encode()).verify(body, headers)  # receivers not switched yet
+        Webhook(new_secret).verify(body, headers)  # receivers already switched
+
+        ended = await api.post(path, json={"secret": new_secret, "overlap_s": 0}, headers=auth)
+        assert ended.json()["rotation_overlap_until"] is None
+        await service.record_events(probe_events(tenant, "dev-1", 1))
+        await eventually(hook.received, has(2))
+    headers, body = hook.requests[1]
+    assert len(headers["webhook-signature"].split(" ")) == 1
+    Webhook(new_secret).verify(body, headers)
+
+
+@workflow.defn(name="PreWebhookQueueDeliveryLoop", sandboxed=False)
+class PreWebhookQueueDeliveryLoop:
+    """What an `EventDelivery` run started before the webhook queue schedules (its recorded
+    commands keep it): `notification.deliver_pending` on the notification queue."""
+
+    @workflow.run
+    async def run(self, subscription_id: str) -> DeliveryProgress:
+        progress: DeliveryProgress = await workflow.execute_activity(
+            "notification.deliver_pending", DeliverPending(subscription_id=subscription_id),
+            task_queue=TaskQueue.NOTIFICATION.value, result_type=DeliveryProgress,
+            start_to_close_timeout=timedelta(minutes=1),
+        )  # fmt: skip
+        return progress
+
+
+async def test_runs_started_before_the_webhook_queue_still_deliver(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    tenant, auth = new_tenant()
+    async with Receiver() as hook:
+        sub = await subscribe(api, auth, hook.url, event_types=["Probe"])
+        await client.get_workflow_handle(sub["workflow_id"]).terminate("the old run stands in for it")
+        # the event is queued for the subscription, as an upgraded platform finds it
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 1))
+        queue = f"old-loop-{uuid.uuid4().hex[:8]}"
+        async with Worker(client, task_queue=queue, workflows=[PreWebhookQueueDeliveryLoop]):
+            progress = await client.execute_workflow(
+                PreWebhookQueueDeliveryLoop.run, sub["subscription_id"], id=queue, task_queue=queue,
+                execution_timeout=timedelta(minutes=1),
+            )  # fmt: skip
+        assert progress.delivered == 1
+    assert hook.events()[0]["type"] == "Probe"
+
+
+async def test_the_simulator_runs_on_when_the_platform_refuses_its_receiver(api: httpx.AsyncClient) -> None:
+    """The receiver on an address the platform does not allow (the tests allow 127.0.0.1
+    only): the run says so and goes on, and nothing counts as rejected."""
+    out = io.StringIO()
+    options = Options(devices=2, rate=4, duration_s=1, webhook_host="127.0.0.2", settle_s=10, seed=3)
+    summary = await simulate(api, bearer("acme"), options, out)
+    assert summary.webhook_refused and summary.exit_code == 0, summary.render()
+    assert "refuses webhooks to 127.0.0.2" in out.getvalue()
+    assert "not counted" in summary.render()

@@ -1,0 +1,97 @@
+"""The webhook address policy: what a subscription may point at, and the connect-time check
+that resolves the host itself and connects to the address it checked (DNS rebinding)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+
+import httpcore
+import pytest
+
+from fleetflow.webhook_network import AddressPolicy, RefusedAddress, VettedBackend
+
+# the issue's examples: the Temporal UI, cloud metadata, a private host, the Temporal frontend
+# over IPv6 loopback, PostgreSQL by name
+REFUSED = [
+    "http://127.0.0.1:8233/api/v1/namespaces",
+    "http://169.254.169.254/latest/meta-data/",
+    "http://10.0.0.1/",
+    "http://[::1]:7233/",
+    "http://localhost:5432/",
+    # the same places written otherwise
+    "http://2130706433/",
+    "http://127.1/",
+    "http://[::ffff:127.0.0.1]/",
+    "http://0.0.0.0:8000/",
+    "http://224.0.0.1/",
+    "http://[fe80::1]/",
+    "http://192.168.1.1/",
+    "http://100.64.0.1/",
+]
+
+
+@pytest.mark.parametrize("url", REFUSED)
+async def test_loopback_private_link_local_multicast_and_unspecified_are_refused(url: str) -> None:
+    with pytest.raises(RefusedAddress):
+        await AddressPolicy().check_url(url)
+
+
+async def test_public_addresses_pass_and_named_networks_are_allowed() -> None:
+    await AddressPolicy().check_url("https://93.184.216.34/hook")
+    allowed = AddressPolicy([ipaddress.ip_network("127.0.0.1/32")])
+    await allowed.check_url("http://127.0.0.1:9000/hook")
+    with pytest.raises(RefusedAddress):
+        await allowed.check_url("http://127.0.0.2:9000/hook")  # only the network named
+    await allowed.check_url("http://[::ffff:127.0.0.1]:9000/hook")  # the same address, in IPv6
+    with pytest.raises(RefusedAddress, match=r"embeds 127\.0\.0\.2"):
+        await allowed.check_url("http://[::ffff:127.0.0.2]:9000/hook")
+
+
+@pytest.mark.parametrize("url", ["http://" + "a" * 70 + ".com/", "http://a..b/"])
+async def test_a_host_dns_cannot_encode_is_refused_not_an_error(url: str) -> None:
+    with pytest.raises(RefusedAddress, match="not a host name"):
+        await AddressPolicy().check_url(url)
+
+
+async def test_a_name_with_any_refused_address_is_refused() -> None:
+    async def mixed(host: str, port: int) -> list[str]:
+        return ["93.184.216.34", "10.1.2.3"]
+
+    with pytest.raises(RefusedAddress, match=r"10\.1\.2\.3"):
+        await AddressPolicy(resolver=mixed).check_url("https://hooks.example.com/x")
+
+
+class Inner(httpcore.AsyncNetworkBackend):
+    """Records where it was asked to connect, and connects nowhere."""
+
+    def __init__(self) -> None:
+        self.connected: list[tuple[str, int]] = []
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[httpcore.SOCKET_OPTION] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        self.connected.append((host, port))
+        return httpcore.AsyncNetworkStream()
+
+
+async def test_connection_goes_to_the_checked_address_and_rebinding_is_refused() -> None:
+    """A name that was public when subscribed and now resolves to loopback is refused at connect
+    time; a public one is connected to by its checked address, never looked up again."""
+    answers = [["93.184.216.34"], ["127.0.0.1"]]
+
+    async def rebinding(host: str, port: int) -> list[str]:
+        return answers.pop(0)
+
+    inner = Inner()
+    backend = VettedBackend(AddressPolicy(resolver=rebinding), inner)
+    await backend.connect_tcp("hooks.example.com", 443)
+    assert inner.connected == [("93.184.216.34", 443)]
+    with pytest.raises(httpcore.ConnectError, match=r"127\.0\.0\.1 is a loopback address"):
+        await backend.connect_tcp("hooks.example.com", 443)
+    assert inner.connected == [("93.184.216.34", 443)]
