@@ -264,13 +264,17 @@ class RolloutJobs(DeviceReadModel):
     @staticmethod
     async def _offer(conn: Conn, tick: RolloutTick) -> int:
         """Offer up to `tick.offer` queued jobs of waves up to `tick.wave`; how many were."""
+        # the pick is materialized: as a joined subquery it was rescanned per row, and each
+        # rescan skipped the rows just offered and picked the next, offering the whole wave
         result = await conn.execute(
-            """UPDATE device.rollout_jobs j SET state = 'offered', offered_at = now(),
+            """WITH pick AS MATERIALIZED (
+                   SELECT device_id FROM device.rollout_jobs
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = 'queued'
+                     AND wave <= $4
+                   ORDER BY wave, device_id LIMIT $5 FOR UPDATE SKIP LOCKED)
+               UPDATE device.rollout_jobs j SET state = 'offered', offered_at = now(),
                    updated_at = now(), attempts = attempts + 1
-               FROM (SELECT device_id FROM device.rollout_jobs
-                     WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = 'queued'
-                       AND wave <= $4
-                     ORDER BY wave, device_id LIMIT $5 FOR UPDATE SKIP LOCKED) pick
+               FROM pick
                WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = $3
                  AND j.device_id = pick.device_id""",
             tick.tenant, tick.campaign_id, tick.kind, tick.wave, tick.offer,
