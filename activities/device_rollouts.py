@@ -33,6 +33,9 @@ from fleetflow.contracts.rollouts import (
     TickResult,
 )
 
+# finished jobs returned per tick: their events travel as one activity input, which stays
+# under 256 KiB even with 128-character device ids and the longest tenant and campaign ids
+FINISHED_WINDOW = 200
 # what a device may report after each state
 _NEXT = {
     "offered": {"downloading", "installing", "succeeded", "failed"},
@@ -227,8 +230,8 @@ class RolloutJobs(DeviceReadModel):
                 """SELECT device_id, state, target_version AS version, finished_seq AS seq
                    FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND finished_seq > $4
-                   ORDER BY finished_seq LIMIT 1000""",
-                *key, tick.finished_after,
+                   ORDER BY finished_seq LIMIT $5""",
+                *key, tick.finished_after, FINISHED_WINDOW,
             )  # fmt: skip
         counts: dict[str, int] = {}
         wave_counts: dict[str, int] = {}

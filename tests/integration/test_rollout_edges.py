@@ -17,7 +17,7 @@ from fleetflow.settings import Settings
 from tests.integration.conftest import TICK_FAULTS
 from tests.integration.flows import AUTH, campaign_body, fleet, upload
 from tests.integration.test_rollouts import progress
-from tests.support import eventually
+from tests.support import bearer, eventually
 from workflows.firmware_rollout import rollout_id
 
 MAX_EVENT_BYTES = 256 * 1024
@@ -162,3 +162,39 @@ async def test_the_largest_target_list_stays_out_of_history(
     assert 0 < largest <= MAX_EVENT_BYTES
     again = await api.post("/v1/rollouts", json=campaign_body(campaign, version, ids, canary=2), headers=AUTH)
     assert again.status_code == 200  # the same request is the same campaign
+
+
+async def test_two_tenants_with_the_same_campaign_and_ids_each_update_their_own(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    ids = [f"twin-id-{uuid.uuid4().hex[:6]}-{i}" for i in range(2)]
+    version = f"10.{uuid.uuid4().int % 1000}.0"
+    campaign = f"c-{uuid.uuid4().hex[:6]}"
+    tenants = {f"ro-{uuid.uuid4().hex[:6]}": None, f"ro-{uuid.uuid4().hex[:6]}-x": None}
+    for tenant in tenants:
+        auth = bearer(tenant)
+        devices = [{"device_id": d, "device_type": "sensor", "firmware_version": "1.0.0"} for d in ids]
+        bulk = (await api.post("/v1/devices:bulk", json={"devices": devices}, headers=auth)).json()
+        await eventually(
+            partial(api.get, bulk["status_url"], headers=auth), lambda r: r.json()["status"] == "completed"
+        )
+        await upload(api, version, auth=auth)
+        # the same campaign id and the very same body in both tenants: the same list digest
+        started = await api.post(
+            "/v1/rollouts", json=campaign_body(campaign, version, ids, canary=2), headers=auth
+        )
+        assert started.status_code == 202, started.text
+    for tenant in tenants:
+        auth = bearer(tenant)
+        running = await eventually(
+            partial(api.get, f"/v1/rollouts/{campaign}", headers=auth),
+            lambda r: r.json()["counts"].get("offered") == 2,
+        )
+        assert running.json()["total"] == 2
+        await api.post(f"/v1/rollouts/{campaign}/cancel", headers=auth)
+    claims = await pool.fetch(
+        """SELECT claim_id, tenant FROM fleetflow.claim_checks
+           WHERE kind = 'rollout-targets' AND tenant = ANY($1)""",
+        list(tenants),
+    )
+    assert sorted(r["tenant"] for r in claims) == sorted(tenants)  # one list each, each its own
