@@ -13,12 +13,6 @@ from typing import TYPE_CHECKING
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
-    import asyncpg
-    from asyncpg.pool import PoolConnectionProxy
-
-    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
-
 from activities.device_reads import DeviceReadModel
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
@@ -32,6 +26,12 @@ from fleetflow.contracts.rollouts import (
     StopRollout,
     TickResult,
 )
+
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 # finished jobs returned per tick: their events travel as one activity input, which stays
 # under 256 KiB even with 128-character device ids and the longest tenant and campaign ids
