@@ -157,11 +157,14 @@ class RolloutJobs(DeviceReadModel):
                 tenant, fw["device_type"], fw["version"], req.target.device_ids, req.target.tags, claim_id,
             )  # fmt: skip
             waves = wave_sizes(len(devices), req.policy)
+            recorded = req.model_dump(mode="json")
+            if inp.targets is not None:  # where the explicit list is kept
+                recorded["target"]["claim"] = inp.targets.model_dump()
             numbers = [w for w, size in enumerate(waves) for _ in range(size)]
             await conn.execute(
                 """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
                    VALUES ($1, $2, $3, $4, $5)""",
-                tenant, req.campaign_id, req.firmware_id, req.model_dump(mode="json"), waves,
+                tenant, req.campaign_id, req.firmware_id, recorded, waves,
             )  # fmt: skip
             await conn.execute(
                 """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
