@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
@@ -25,6 +27,15 @@ from fleetflow.contracts.rollouts import (
     TickResult,
 )
 
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    import asyncpg
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
+
+# finished jobs returned per tick: their events travel as one activity input, which stays
+# under 256 KiB even with 128-character device ids and the longest tenant and campaign ids
+FINISHED_WINDOW = 200
 # what a device may report after each state
 _NEXT = {
     "offered": {"downloading", "installing", "succeeded", "failed"},
@@ -128,19 +139,32 @@ class RolloutJobs(DeviceReadModel):
                 return RolloutPlan(
                     total=sum(done), waves=list(done), device_type=fw["device_type"], version=fw["version"]
                 )
+            claim_id = None if inp.targets is None else inp.targets.claim_id
+            if claim_id is not None and not await conn.fetchval(
+                "SELECT 1 FROM fleetflow.claim_checks WHERE claim_id = $1 AND tenant = $2", claim_id, tenant
+            ):  # never read a missing list as "no list", which would mean every device
+                raise ApplicationError(
+                    f"the target list {claim_id} is missing", type="ClaimMissing", non_retryable=True
+                )
             devices = await conn.fetch(
                 """SELECT device_id, firmware_version FROM device.devices
                    WHERE tenant = $1 AND device_type = $2 AND status = 'active' AND firmware_version <> $3
                      AND ($4::text[] IS NULL OR device_id = ANY($4)) AND tags @> $5
+                     AND ($6::text IS NULL OR device_id IN (
+                         SELECT jsonb_array_elements_text(c.body) FROM fleetflow.claim_checks c
+                         WHERE c.claim_id = $6 AND c.tenant = $1))
                    ORDER BY device_id""",
-                tenant, fw["device_type"], fw["version"], req.target.device_ids, req.target.tags,
+                tenant, fw["device_type"], fw["version"], req.target.device_ids, req.target.tags, claim_id,
             )  # fmt: skip
             waves = wave_sizes(len(devices), req.policy)
+            recorded = req.model_dump(mode="json")
+            if inp.targets is not None:  # where the explicit list is kept
+                recorded["target"]["claim"] = inp.targets.model_dump()
             numbers = [w for w, size in enumerate(waves) for _ in range(size)]
             await conn.execute(
                 """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
                    VALUES ($1, $2, $3, $4, $5)""",
-                tenant, req.campaign_id, req.firmware_id, req.model_dump(mode="json"), waves,
+                tenant, req.campaign_id, req.firmware_id, recorded, waves,
             )  # fmt: skip
             await conn.execute(
                 """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
@@ -156,46 +180,50 @@ class RolloutJobs(DeviceReadModel):
 
     @activity.defn(name="device.rollout_tick")
     async def rollout_tick(self, tick: RolloutTick) -> TickResult:
-        """Expire silent devices, check the abort criteria, offer new jobs, and count."""
+        """Expire silent devices, check the abort criteria, offer new jobs, and count.
+
+        Retry-safe: the campaign's row keeps the key of its last tick (run id and activity id,
+        the same on every attempt) and what it decided, so a retry after the offer committed
+        offers nothing more and returns the same offer and abort decision.
+        """
         key = (tick.tenant, tick.campaign_id, tick.kind)
+        info = activity.info()
+        tick_key = f"{info.workflow_run_id}/{info.activity_id}"
         await self._wait_for_news(tick)
         async with self.pool.acquire() as conn, conn.transaction():
+            last = await conn.fetchrow(
+                """SELECT last_tick_key, last_tick_offered, last_tick_abort_at FROM device.rollouts
+                   WHERE tenant = $1 AND campaign_id = $2 FOR UPDATE""",
+                tick.tenant, tick.campaign_id,
+            )  # fmt: skip
+            repeat = last is not None and last["last_tick_key"] == tick_key
             await conn.execute(
                 """UPDATE device.rollout_jobs SET
-                       state = CASE WHEN attempts <= $5 THEN 'queued' ELSE 'timed_out' END,
-                       finished_seq = CASE WHEN attempts <= $5 THEN NULL
+                       state = CASE WHEN attempts <= $5 AND NOT $7 THEN 'queued' ELSE 'timed_out' END,
+                       finished_seq = CASE WHEN attempts <= $5 AND NOT $7 THEN NULL
                                            ELSE nextval('device.rollout_finished_seq') END,
                        detail = 'no report within the device timeout', updated_at = now()
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = ANY($6)
                      AND updated_at < now() - make_interval(secs => $4)""",
-                *key, tick.device_timeout_s, tick.retry_limit, list(ACTIVE_STATES),
+                *key, tick.device_timeout_s, tick.retry_limit, list(ACTIVE_STATES), tick.stopped,
             )  # fmt: skip
-            abort, seen_at = False, None
-            if tick.abort_failure_percent is not None:
-                finished = await conn.fetchrow(
-                    """SELECT count(*) FILTER (WHERE state IN ('succeeded', 'failed', 'timed_out')) AS done,
-                              count(*) FILTER (WHERE state IN ('failed', 'timed_out')) AS bad
-                       FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2 AND kind = $3""",
-                    *key,
-                )
-                assert finished is not None
-                done, bad = finished["done"], finished["bad"]
-                abort = done >= tick.abort_min_finished and bad * 100 > tick.abort_failure_percent * done
-                seen_at = await conn.fetchval("SELECT clock_timestamp()") if abort else None
-            offered = 0
-            if not abort and tick.offer > 0:
-                result = await conn.execute(
-                    """UPDATE device.rollout_jobs j SET state = 'offered', offered_at = now(),
-                           updated_at = now(), attempts = attempts + 1
-                       FROM (SELECT device_id FROM device.rollout_jobs
-                             WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = 'queued'
-                               AND wave <= $4
-                             ORDER BY wave, device_id LIMIT $5 FOR UPDATE SKIP LOCKED) pick
-                       WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = $3
-                         AND j.device_id = pick.device_id""",
-                    *key, tick.wave, tick.offer,
+            if tick.stopped and tick.kind == "update":
+                await self._stop_jobs(conn, tick.tenant, tick.campaign_id, rollback=True)
+            abort, seen_at, offered = False, None, 0
+            if repeat:
+                assert last is not None
+                offered, seen_at = last["last_tick_offered"], last["last_tick_abort_at"]
+                abort = seen_at is not None
+            else:
+                abort, seen_at = await self._abort_crossed(conn, tick)
+                if not abort and tick.offer > 0:
+                    offered = await self._offer(conn, tick)
+                await conn.execute(
+                    """UPDATE device.rollouts SET last_tick_key = $3, last_tick_offered = $4,
+                           last_tick_abort_at = $5
+                       WHERE tenant = $1 AND campaign_id = $2""",
+                    tick.tenant, tick.campaign_id, tick_key, offered, seen_at,
                 )  # fmt: skip
-                offered = int(str(result).split()[-1])
             rows = await conn.fetch(
                 """SELECT state, wave = $4 AS in_wave, count(*) AS n FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 GROUP BY 1, 2""",
@@ -205,8 +233,8 @@ class RolloutJobs(DeviceReadModel):
                 """SELECT device_id, state, target_version AS version, finished_seq AS seq
                    FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND finished_seq > $4
-                   ORDER BY finished_seq LIMIT 1000""",
-                *key, tick.finished_after,
+                   ORDER BY finished_seq LIMIT $5""",
+                *key, tick.finished_after, FINISHED_WINDOW,
             )  # fmt: skip
         counts: dict[str, int] = {}
         wave_counts: dict[str, int] = {}
@@ -217,7 +245,47 @@ class RolloutJobs(DeviceReadModel):
         return TickResult(
             offered=offered, counts=counts, wave_counts=wave_counts, abort=abort, abort_seen_at=seen_at,
             finished=[JobOutcome(**dict(r.items())) for r in finished_rows if r["state"] != "cancelled"],
+            # past the cancelled rows too: a window of only cancelled jobs (a bulk decommission)
+            # must not hold the cursor back
+            finished_through=finished_rows[-1]["seq"] if finished_rows else tick.finished_after,
         )  # fmt: skip
+
+    @staticmethod
+    async def _abort_crossed(conn: Conn, tick: RolloutTick) -> tuple[bool, datetime | None]:
+        """Whether the failures crossed the abort threshold, and when this tick saw it."""
+        if tick.abort_failure_percent is None:
+            return False, None
+        finished = await conn.fetchrow(
+            """SELECT count(*) FILTER (WHERE state IN ('succeeded', 'failed', 'timed_out')) AS done,
+                      count(*) FILTER (WHERE state IN ('failed', 'timed_out')) AS bad
+               FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2 AND kind = $3""",
+            tick.tenant, tick.campaign_id, tick.kind,
+        )  # fmt: skip
+        assert finished is not None
+        done, bad = finished["done"], finished["bad"]
+        if done >= tick.abort_min_finished and bad * 100 > tick.abort_failure_percent * done:
+            return True, await conn.fetchval("SELECT clock_timestamp()")
+        return False, None
+
+    @staticmethod
+    async def _offer(conn: Conn, tick: RolloutTick) -> int:
+        """Offer up to `tick.offer` queued jobs of waves up to `tick.wave`; how many were."""
+        # the pick is materialized: as a joined subquery it was rescanned per row, and each
+        # rescan skipped the rows just offered and picked the next, offering the whole wave
+        result = await conn.execute(
+            """WITH pick AS MATERIALIZED (
+                   SELECT device_id FROM device.rollout_jobs
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = 'queued'
+                     AND wave <= $4
+                   ORDER BY wave, device_id LIMIT $5 FOR UPDATE SKIP LOCKED)
+               UPDATE device.rollout_jobs j SET state = 'offered', offered_at = now(),
+                   updated_at = now(), attempts = attempts + 1
+               FROM pick
+               WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = $3
+                 AND j.device_id = pick.device_id""",
+            tick.tenant, tick.campaign_id, tick.kind, tick.wave, tick.offer,
+        )  # fmt: skip
+        return int(str(result).split()[-1])
 
     async def _wait_for_news(self, tick: RolloutTick) -> None:
         """Hold the tick until a job of the campaign finishes, or `wait_ms` passes."""
@@ -240,30 +308,36 @@ class RolloutJobs(DeviceReadModel):
         """Cancel the jobs not started yet; with `rollback`, queue a rollback for every device
         that took the new firmware. Returns how many rollbacks are queued."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """UPDATE device.rollout_jobs SET state = 'cancelled', updated_at = now(),
-                       finished_seq = nextval('device.rollout_finished_seq')
-                   WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update'
-                     AND state IN ('queued', 'offered')""",
-                stop.tenant, stop.campaign_id,
-            )  # fmt: skip
-            if stop.rollback:
-                await conn.execute(
-                    """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
-                           target_version, previous_version)
-                       SELECT tenant, campaign_id, device_id, 'rollback', 0, 'queued', previous_version,
-                              target_version
-                       FROM device.rollout_jobs
-                       WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update' AND state = 'succeeded'
-                       ON CONFLICT DO NOTHING""",
-                    stop.tenant, stop.campaign_id,
-                )  # fmt: skip
+            await self._stop_jobs(conn, stop.tenant, stop.campaign_id, stop.rollback)
             count = await conn.fetchval(
                 """SELECT count(*) FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = 'rollback'""",
                 stop.tenant, stop.campaign_id,
             )  # fmt: skip
         return int(count)
+
+    @staticmethod
+    async def _stop_jobs(conn: Conn, tenant: str, campaign_id: str, rollback: bool) -> None:
+        """Cancel the update jobs not started yet; with `rollback`, queue a rollback for every
+        device whose update succeeded (once each: a late success gets its rollback later)."""
+        await conn.execute(
+            """UPDATE device.rollout_jobs SET state = 'cancelled', updated_at = now(),
+                   finished_seq = nextval('device.rollout_finished_seq')
+               WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update'
+                 AND state IN ('queued', 'offered')""",
+            tenant, campaign_id,
+        )  # fmt: skip
+        if rollback:
+            await conn.execute(
+                """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
+                       target_version, previous_version)
+                   SELECT tenant, campaign_id, device_id, 'rollback', 0, 'queued', previous_version,
+                          target_version
+                   FROM device.rollout_jobs
+                   WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update' AND state = 'succeeded'
+                   ON CONFLICT DO NOTHING""",
+                tenant, campaign_id,
+            )  # fmt: skip
 
     # --- the device's side ------------------------------------------------------------
 

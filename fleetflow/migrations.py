@@ -437,4 +437,14 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE last_error ~ '^HTTP [0-9]+: ';
         """,
     ),
+    (
+        "0050_rollout_tick_key",
+        """
+        -- a rollout tick's retry must not offer a second batch: the campaign keeps the key of
+        -- its last tick (workflow run id / activity id) and what that tick decided
+        ALTER TABLE device.rollouts ADD COLUMN last_tick_key text,
+            ADD COLUMN last_tick_offered integer NOT NULL DEFAULT 0,
+            ADD COLUMN last_tick_abort_at timestamptz;
+        """,
+    ),
 ]

@@ -4,13 +4,17 @@ Canary wave first, then waves that grow, at a bounded rate; each wave must reach
 success percentage before the next. Per-device job state lives in the device service's
 tables; the workflow drives it in batched ticks, so history stays small. On abort or
 cancel, nothing new is offered, queued jobs are cancelled and every device that took the
-new firmware is rolled back (saga compensation), each rollback tracked to its end.
+new firmware is rolled back (saga compensation), each rollback tracked to its end; devices
+that were installing when the campaign stopped are followed until they finish, and each that
+succeeds late is rolled back too. Explicit target lists travel as a claim check (their id and
+size), and every piece of state, the operator's pause and cancel included, goes through
+continue-as-new.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
@@ -19,6 +23,7 @@ with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.rollouts import (
+        ACTIVE_STATES,
         FINAL_STATES,
         FIRMWARE_ROLLED_BACK,
         FIRMWARE_UPDATE_FAILED,
@@ -35,7 +40,6 @@ with workflow.unsafe.imports_passed_through():
     from workflows.options import STEP_RETRY
 
 TICK = timedelta(milliseconds=250)
-HISTORY_LIMIT = 4000
 ADMIN_SCOPE = "rollouts:admin"
 
 
@@ -54,8 +58,9 @@ class FirmwareRollout:
         self._p = inp.state or RolloutProgress(
             campaign_id=inp.request.campaign_id, status="planning", wave=0, waves=[], total=0, counts={}
         )
-        self._paused = False
-        self._stop: str | None = None  # "cancel" once an operator cancels
+        # an operator's pause and cancel are state too: they go through continue-as-new
+        self._paused = inp.paused
+        self._stop: str | None = inp.stop  # the reason, once an operator cancels
 
     @workflow.run
     async def run(self, inp: RolloutInput) -> RolloutProgress:
@@ -114,7 +119,7 @@ class FirmwareRollout:
                 p.wave += 1
                 continue
             if self._history_full():
-                workflow.continue_as_new(self._inp.model_copy(update={"state": p}))
+                await self._continue_as_new()
             if paused or not waits:
                 await self._nap(paused)
         p.status = "completed"
@@ -145,22 +150,38 @@ class FirmwareRollout:
             )  # fmt: skip
             final = "cancelled" if p.status == "cancelling" else "aborted"
             p.status, p.reason = "rolling_back", f"{final}; {p.reason}"
-            stopped = await self._tick("update", 0, p.finished_seq, abort=False)  # counts after the stop
+            # the counts after the stop
+            stopped = await self._tick("update", 0, p.finished_seq, abort=False, stopped=True)
             p.counts = stopped.counts
             p.finished_seq = await self._record(stopped, "update", p.finished_seq)
+        # new runs follow the update jobs still in progress at the stop: a late success is
+        # recorded and rolled back, and the campaign ends once none is left in progress
+        following = workflow.patched("rollback-follows-updates")
         while True:
+            updates_settled = True
+            if following:
+                late = await self._tick("update", 0, p.finished_seq, abort=False, stopped=True)
+                p.counts = late.counts
+                p.finished_seq = await self._record(late, "update", p.finished_seq)
+                updates_settled = not any(state in ACTIVE_STATES for state in late.counts)
             tick = await self._tick("rollback", 1_000_000, p.rollback_seq, abort=False)
             p.rollback_counts = tick.counts
             p.rollback_seq = await self._record(tick, "rollback", p.rollback_seq)
-            if all(state in FINAL_STATES for state in tick.counts):
+            if updates_settled and all(state in FINAL_STATES for state in tick.counts):
                 break
             if self._history_full():
-                workflow.continue_as_new(self._inp.model_copy(update={"state": p}))
+                await self._continue_as_new()
             await workflow.sleep(TICK)
         p.status = "cancelled" if (p.reason or "").startswith("cancelled") else "aborted"
 
     async def _tick(
-        self, kind: JobKind, offer: int, after: int, abort: bool, wait: timedelta | None = None
+        self,
+        kind: JobKind,
+        offer: int,
+        after: int,
+        abort: bool,
+        wait: timedelta | None = None,
+        stopped: bool = False,
     ) -> TickResult:
         policy = self._inp.request.policy
         result: TickResult = await self._act(
@@ -171,7 +192,7 @@ class FirmwareRollout:
                 finished_after=after,
                 abort_failure_percent=policy.abort_failure_percent if abort else None,
                 abort_min_finished=policy.abort_min_finished,
-                wait_ms=int(wait.total_seconds() * 1000) if wait else 0,
+                wait_ms=int(wait.total_seconds() * 1000) if wait else 0, stopped=stopped,
             ),
             TickResult,
         )  # fmt: skip
@@ -179,8 +200,13 @@ class FirmwareRollout:
 
     async def _record(self, tick: TickResult, kind: JobKind, seq: int) -> int:
         """Record the newly finished devices' events; returns the new cursor."""
+        # the cursor moves past every row the tick read, cancelled ones included (results
+        # recorded before `finished_through` existed move it to the last event only)
+        through = tick.finished_through
+        if through is None:
+            through = tick.finished[-1].seq if tick.finished else seq
         if not tick.finished:
-            return seq
+            return max(seq, through)
         events = []
         for job in tick.finished:
             if kind == "rollback":
@@ -194,7 +220,7 @@ class FirmwareRollout:
                 data={"campaign_id": self._p.campaign_id, "version": job.version, "state": job.state},
             ))  # fmt: skip
         await self._act("notification.record_events", EventBatch(events=events), int, TaskQueue.NOTIFICATION)
-        return tick.finished[-1].seq
+        return max(seq, through)
 
     async def _act(self, name: str, arg: Any, result_type: type, queue: TaskQueue = TaskQueue.DEVICE) -> Any:
         return await workflow.execute_activity(
@@ -204,7 +230,16 @@ class FirmwareRollout:
 
     def _history_full(self) -> bool:
         info = workflow.info()
-        return info.get_current_history_length() > HISTORY_LIMIT or info.is_continue_as_new_suggested()
+        limit = self._inp.history_limit
+        return info.get_current_history_length() > limit or info.is_continue_as_new_suggested()
+
+    async def _continue_as_new(self) -> NoReturn:
+        """Continue as new with all of the state: progress, the pause and the cancel request."""
+        if not workflow.all_handlers_finished():  # an update in progress finishes in this run
+            await workflow.wait_condition(workflow.all_handlers_finished)
+        workflow.continue_as_new(
+            self._inp.model_copy(update={"state": self._p, "paused": self._paused, "stop": self._stop})
+        )
 
     # --- operators ----------------------------------------------------------------
 

@@ -17,7 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.device_rollouts import FirmwareConflict
 from api.auth import State, actor_of, require, require_device
 from api.problems import conflict, invalid, not_found, progress_or_404
-from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.common import TaskQueue, tenant_scoped_id
 from fleetflow.contracts.devices import DeviceStatus, DeviceTypeName, FirmwareVersion
 from fleetflow.contracts.rollouts import (
     BulkDecommissionRequest,
@@ -31,6 +31,7 @@ from fleetflow.contracts.rollouts import (
     RolloutInput,
     RolloutProgress,
     RolloutRequest,
+    TargetClaim,
 )
 from fleetflow.contracts.twin import ReportState
 from fleetflow.security import DeviceClaims, TokenClaims
@@ -113,9 +114,20 @@ async def start_rollout(
         raise invalid(["body", "firmware_id"], f"no firmware {body.firmware_id!r}")
     wid = rollout_id(claims.tenant, body.campaign_id)
     digest = _fingerprint(body.model_dump(mode="json"))
+    inp = RolloutInput(tenant=claims.tenant, actor=actor_of(claims), request=body)
+    stored = False
+    if body.target.device_ids is not None:  # up to 100,000 ids: a claim check, not history
+        claim_id = tenant_scoped_id("rollout-targets", claims.tenant, f"{body.campaign_id}/{digest[:32]}")
+        stored = "INSERT 0 1" == await state.pool.execute(
+            """INSERT INTO fleetflow.claim_checks (claim_id, tenant, kind, body)
+               VALUES ($1, $2, 'rollout-targets', $3) ON CONFLICT (claim_id) DO NOTHING""",
+            claim_id, claims.tenant, body.target.device_ids,
+        )  # fmt: skip
+        inp.targets = TargetClaim(claim_id=claim_id, count=len(body.target.device_ids))
+        inp.request = body.model_copy(update={"target": body.target.model_copy(update={"device_ids": None})})
     try:
         await state.temporal.start_workflow(
-            FirmwareRollout.run, RolloutInput(tenant=claims.tenant, actor=actor_of(claims), request=body),
+            FirmwareRollout.run, inp,
             id=wid, task_queue=TaskQueue.ORCHESTRATION.value, memo={"request_hash": digest},
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
@@ -124,6 +136,11 @@ async def start_rollout(
     except WorkflowAlreadyStartedError:
         described = await state.temporal.get_workflow_handle(wid).describe()
         if await described.memo_value("request_hash", default=None) != digest:
+            if stored and inp.targets is not None:  # this request's list belongs to no campaign
+                await state.pool.execute(
+                    "DELETE FROM fleetflow.claim_checks WHERE claim_id = $1 AND tenant = $2",
+                    inp.targets.claim_id, claims.tenant,
+                )  # fmt: skip
             raise conflict(f"campaign {body.campaign_id!r} exists with another request") from None
         response.status_code = status.HTTP_200_OK
     return {"workflow_id": wid, "status_url": f"/v1/rollouts/{body.campaign_id}",

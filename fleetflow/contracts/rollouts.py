@@ -22,6 +22,7 @@ FIRMWARE_UPDATED = "FirmwareUpdated"
 FIRMWARE_UPDATE_FAILED = "FirmwareUpdateFailed"
 FIRMWARE_ROLLED_BACK = "FirmwareRolledBack"
 DEVICE_DECOMMISSIONED = "DeviceDecommissioned"
+ROLLOUT_HISTORY_LIMIT = 4000
 
 
 class FirmwareView(Strict):
@@ -71,13 +72,25 @@ class RolloutRequest(Strict):
         return self
 
 
+class TargetClaim(Strict):
+    """An explicit target list stored in `fleetflow.claim_checks`: workflows carry its id and size."""
+
+    claim_id: str
+    count: int
+
+
 class RolloutInput(Strict):
-    """Input of FirmwareRollout (and what it carries when it continues as new)."""
+    """Input of FirmwareRollout (and what it carries when it continues as new: all of its state)."""
 
     tenant: TenantId
     actor: Actor
-    request: RolloutRequest
+    request: RolloutRequest  # its target.device_ids travel as `targets`, never in history
     state: RolloutProgress | None = None
+    targets: TargetClaim | None = None
+    paused: bool = False  # an operator paused the campaign
+    stop: str | None = None  # an operator cancelled it (the reason): the run must stop
+    # continue as new past this many history events; tests lower it
+    history_limit: Annotated[int, Field(ge=1, le=9000)] = ROLLOUT_HISTORY_LIMIT
 
 
 class RolloutPlan(Strict):
@@ -105,6 +118,9 @@ class RolloutTick(Strict):
     # wait (in the activity) up to this long for a device to finish before acting: the
     # pace of the campaign without sub-second workflow timers, which fire late here
     wait_ms: Annotated[int, Field(ge=0, le=10_000)] = 0
+    # the campaign stopped: queued and offered jobs are cancelled, silent ones time out (never
+    # offered again), and every update that succeeded, even after the stop, gets its rollback
+    stopped: bool = False
 
 
 class JobOutcome(Strict):
@@ -125,6 +141,8 @@ class TickResult(Strict):
     finished: list[JobOutcome]
     abort: bool = False
     abort_seen_at: datetime | None = None  # when the tick found the threshold crossed (and offered nothing)
+    # the last finished_seq this tick read, cancelled jobs included: the caller's next cursor
+    finished_through: int | None = None
 
 
 class StopRollout(Strict):

@@ -30,6 +30,7 @@ from fleetflow.contracts.devices import (
     ValidateOnboarding,
 )
 from fleetflow.contracts.events import EventBatch
+from fleetflow.contracts.rollouts import RolloutTick, TickResult
 from fleetflow.db import Pool
 from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
@@ -37,6 +38,7 @@ from workers.registry import service_for
 from workers.worker import build_worker
 
 FAULTS: dict[str, str] = {}  # device id -> step that fails after doing its work
+TICK_FAULTS: set[str] = set()  # campaign ids whose next offering tick fails after committing
 
 
 def _crash(step: str, device_id: str | None) -> None:
@@ -73,6 +75,14 @@ class FaultyDevices(DeviceService):
     async def activate(self, request: DeviceTransition) -> None:
         await super().activate(request)
         _crash("activate", request.device_id)
+
+    @activity.defn(name="device.rollout_tick")
+    async def rollout_tick(self, tick: RolloutTick) -> TickResult:
+        result = await super().rollout_tick(tick)
+        if result.offered and tick.campaign_id in TICK_FAULTS:  # lost after the offer committed
+            TICK_FAULTS.discard(tick.campaign_id)
+            raise ApplicationError("injected failure after the offer committed")
+        return result
 
 
 class FaultyNotifications(NotificationService):

@@ -113,7 +113,7 @@ async def test_a_host_name_dns_cannot_encode_is_422_not_500(api: httpx.AsyncClie
     body = {"url": f"https://{'a' * 70}.example.com/hook", "event_types": ["*"], "secret": SECRET}
     response = await api.post("/v1/subscriptions", json=body, headers=auth)
     assert response.status_code == 422, response.text
-    assert response.json()["detail"][0]["loc"] == ["body", "url"]
+    assert response.json()["errors"][0]["loc"] == ["body", "url"]
 
 
 async def test_connect_time_check_refuses_an_address_that_changed_after_subscribing(

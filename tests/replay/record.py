@@ -23,8 +23,11 @@ from typing import Any
 from temporalio.client import WorkflowHandle
 
 from bench.stack import Stack, say, stack
+from fleetflow.contracts.common import Actor, TaskQueue
+from fleetflow.contracts.rollouts import RolloutInput, RolloutPolicy, RolloutRequest, RolloutTarget
 from fleetflow.temporal import device_search_attributes
 from tests.replay.keys import REPLAY_PAYLOAD_KEYS
+from workflows.firmware_rollout import rollout_id
 
 HISTORIES = Path(__file__).parent / "histories"
 Scenario = Callable[[Stack], Awaitable[WorkflowHandle[Any, Any]]]
@@ -171,6 +174,66 @@ async def firmware_rollout(s: Stack) -> WorkflowHandle[Any, Any]:
     raise RuntimeError("the campaign did not end")
 
 
+async def firmware_rollout_cancelled(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A campaign paused across continue-as-new (a lowered history limit), resumed, then
+    cancelled while a device installs; its late success is followed and rolled back."""
+    creds = await _sensors(s, 3)
+    version = f"9.{uuid.uuid4().int % 10000}"
+    await s.api.post("/v1/firmware", params={"device_type": "sensor", "version": version}, content=b"fw",
+                     headers={**s.headers, "Content-Type": "application/octet-stream"})  # fmt: skip
+    campaign = f"rec-{uuid.uuid4().hex[:6]}"
+    request = RolloutRequest(
+        campaign_id=campaign, firmware_id=f"sensor-{version}", target=RolloutTarget(device_ids=list(creds)),
+        policy=RolloutPolicy(canary=3, rate_per_minute=60_000),
+    )  # fmt: skip
+    actor = Actor(subject="recorder", tenant="bench", scopes=["rollouts:admin"])
+    wid = rollout_id("bench", campaign)
+    await s.client.start_workflow(
+        "FirmwareRollout", RolloutInput(tenant="bench", actor=actor, request=request, history_limit=40),
+        id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
+    )  # fmt: skip
+    late = sorted(creds)[0]
+    auth = {"Authorization": f"Bearer {creds[late]}"}
+    url = f"/v1/device/jobs/{campaign}/progress"
+
+    async def offered(kind: str) -> None:
+        for _ in range(600):
+            job = await s.api.get("/v1/device/jobs", headers=auth)
+            if job.status_code == 200 and job.json()["kind"] == kind:
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"{late} was offered no {kind} job")
+
+    async def status(wanted: str) -> None:
+        for _ in range(600):
+            body = (await s.api.get(f"/v1/rollouts/{campaign}", headers=s.headers)).json()
+            if body["status"] == wanted:
+                return
+            await asyncio.sleep(0.05)
+        raise RuntimeError(f"the campaign never became {wanted}")
+
+    await offered("update")
+    for state in ("downloading", "installing"):
+        await s.api.post(url, json={"kind": "update", "state": state}, headers=auth)
+    await s.api.post(f"/v1/rollouts/{campaign}/pause", headers=s.headers)
+    for _ in range(600):  # paused through two continue-as-new
+        if len([r async for r in s.client.list_workflows(f"WorkflowId = '{wid}'")]) >= 3:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise RuntimeError("the paused campaign did not continue as new")
+    await status("paused")
+    await s.api.post(f"/v1/rollouts/{campaign}/resume", headers=s.headers)
+    await s.api.post(f"/v1/rollouts/{campaign}/cancel", json={"reason": "recorded"}, headers=s.headers)
+    await status("rolling_back")
+    await s.api.post(url, json={"kind": "update", "state": "succeeded"}, headers=auth)
+    await offered("rollback")
+    await s.api.post(url, json={"kind": "rollback", "state": "succeeded"}, headers=auth)
+    handle = s.client.get_workflow_handle(wid)
+    await handle.result()
+    return handle
+
+
 async def device_decommission(s: Stack) -> WorkflowHandle[Any, Any]:
     """A sensor retired with its telemetry archived."""
     device_id = next(iter(await _sensors(s, 1)))
@@ -262,6 +325,7 @@ SCENARIOS: dict[str, Scenario] = {
     "device_twin_waits": device_twin_waits,
     "telemetry_ingestion": telemetry_ingestion,
     "firmware_rollout": firmware_rollout,
+    "firmware_rollout_cancelled": firmware_rollout_cancelled,
     "device_decommission": device_decommission,
     "event_delivery": event_delivery,
 }
