@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 
+# a failure's reason travels in the slice's result (workflow history): bounded
+MAX_REASON = 200
+
+
 class BulkProvisioning(DeviceReadModel):
     """The bulk activities of DeviceService."""
 
@@ -43,7 +47,8 @@ class BulkProvisioning(DeviceReadModel):
         """Register, credential, configure and activate one slice of a bulk import.
 
         Each device is all-or-nothing (its own savepoint): a device that fails leaves
-        nothing behind, and the others go on. A retry finds its own earlier work.
+        nothing behind, and the others go on. A retry finds its own earlier work. It heartbeats
+        per device: a cancelled slice rolls back and commits nothing.
         """
         rows = await self.pool.fetchval(
             """SELECT jsonb_agg(e ORDER BY i) FROM fleetflow.claim_checks c,
@@ -58,13 +63,16 @@ class BulkProvisioning(DeviceReadModel):
         failed: list[DeviceFailure] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for i, raw in enumerate(rows):
+                activity.heartbeat(i)
                 index = chunk.offset + i
                 spec = DeviceSpec.model_validate(raw)
                 reason = await self._provision_one(conn, chunk, spec, types)
                 if reason is None:
                     ok.append(spec.device_id)
                 else:
-                    failed.append(DeviceFailure(index=index, device_id=spec.device_id, reason=reason))
+                    failed.append(
+                        DeviceFailure(index=index, device_id=spec.device_id, reason=reason[:MAX_REASON])
+                    )
         return BulkChunkResult(onboarded=ok, failed=failed)
 
     async def _provision_one(
@@ -143,9 +151,11 @@ class BulkProvisioning(DeviceReadModel):
     async def bulk_credentials(self, tenant: str, bulk_id: str) -> list[tuple[str, str]]:
         """(device id, credential) of every live device of a bulk import, re-signed from its claims."""
         rows = await self.pool.fetch(
+            # owner: `<bulk id>` (before attempts) or `<bulk id>/<run>`; jti: `<owner>:<device>`
             """SELECT c.device_id, c.jti, c.issued_at, c.expires_at, c.kid FROM device.credentials c
                JOIN device.devices d USING (tenant, device_id)
-               WHERE c.tenant = $1 AND d.onboarding_id = $2 AND c.jti LIKE $2 || ':%'
+               WHERE c.tenant = $1 AND split_part(d.onboarding_id, '/', 1) = $2
+                 AND c.jti LIKE d.onboarding_id || ':%'
                  AND c.revoked_at IS NULL ORDER BY c.device_id""",
             tenant, bulk_id,
         )  # fmt: skip

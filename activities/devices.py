@@ -104,13 +104,15 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 self.keys, tenant=request.tenant, device_id=request.device_id, jti=request.jti,
                 issued_at=request.issued_at, expires_at=request.expires_at, issuer=self.issuer, kid=kid,
             )  # fmt: skip
-            owner = await conn.fetchval(
-                """SELECT onboarding_id FROM device.devices
+            owner = await conn.fetchrow(
+                """SELECT onboarding_id, status FROM device.devices
                    WHERE tenant = $1 AND device_id = $2 FOR SHARE""",
                 request.tenant, request.device_id,
             )  # fmt: skip
-            if owner != request.onboarding_id:
+            if owner is None or owner["onboarding_id"] != request.onboarding_id:
                 raise refuse("device registration belongs to another onboarding", "DeviceExists")
+            if owner["status"] == DeviceStatus.FAILED:  # this attempt was undone already
+                raise refuse("device registration was undone", "BadTransition")
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
                        expires_at, kid)
