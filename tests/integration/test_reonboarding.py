@@ -79,6 +79,8 @@ async def test_a_rejected_device_is_onboarded_again(api: httpx.AsyncClient, pool
     body = {"device_id": device_id, "device_type": "gateway", "config": {"site": "berlin"}}
     first = await api.post("/v1/devices", json=body, headers=AUTH)
     await progress_until(api, device_id, "awaiting_approval")
+    too_long = await api.post(f"/v1/onboardings/{device_id}/reject", json={"reason": "r" * 501}, headers=AUTH)
+    assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["body", "reason"]
     await api.post(f"/v1/onboardings/{device_id}/reject", json={"reason": "not yet"}, headers=AUTH)
     await progress_until(api, device_id, "failed")
 
