@@ -25,6 +25,7 @@ from fleetflow.contracts.devices import (
     StoreConfig,
     ValidatedOnboarding,
     ValidateOnboarding,
+    business_id_of,
 )
 from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
@@ -74,7 +75,16 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             )  # fmt: skip
             if current is not None and current["onboarding_id"] == request.onboarding_id:
                 return  # a retry of this very step
-            if current is not None and current["status"] not in REUSABLE:
+            if (
+                current is not None
+                and current["status"] not in REUSABLE
+                and not (
+                    # an earlier attempt of this same onboarding: its run is closed (two runs of one
+                    # workflow id never overlap), e.g. terminated before it could compensate
+                    business_id_of(current["onboarding_id"]) == business_id_of(request.onboarding_id)
+                    and current["status"] in (DeviceStatus.PENDING, DeviceStatus.PROVISIONED)
+                )
+            ):
                 raise refuse(
                     f"device {spec.device_id!r} is already registered ({current['status']})",
                     "DeviceExists",

@@ -124,6 +124,22 @@ async def test_a_device_whose_first_contact_timed_out_is_onboarded_again(
     await assert_active_with_one_live_credential(api, pool, device_id)
 
 
+async def test_a_device_whose_run_was_terminated_is_onboarded_again(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    device_id = new_id()
+    accepted = await onboard(api, device_id)
+    old = await progress_until(api, device_id, "awaiting_first_contact")
+    await client.get_workflow_handle(accepted.json()["workflow_id"]).terminate("operator")
+    # the terminated run could not compensate: its registration stays `provisioned`
+    assert (await leftovers(pool, device_id))["status"] == "provisioned"
+
+    assert (await onboard(api, device_id)).status_code == 202
+    await activate(api, device_id)
+    await assert_active_with_one_live_credential(api, pool, device_id)
+    assert (await contact(api, old["credential"])).status_code == 401  # taken over: revoked
+
+
 # --- a cancel while a step is in flight (item 6) ---------------------------------------
 
 
