@@ -65,6 +65,7 @@ class BulkOnboarding:
         self._reason: str | None = None
         self._attempts = False  # ATTEMPTS_PATCH
         self._owner = ""
+        self._event_key = ""
         self._stopping = False
 
     @workflow.run
@@ -74,8 +75,11 @@ class BulkOnboarding:
         self._attempts = workflow.patched(ATTEMPTS_PATCH)
         # devices and credentials are owned by this attempt: a new run of the same bulk id (after
         # a failure or cancel) must not take the earlier run's undone devices for its own
-        run = workflow.info().first_execution_run_id
+        info = workflow.info()
+        run = info.first_execution_run_id
         self._owner = attempt_owner(inp.bulk_id, run) if self._attempts else inp.bulk_id
+        # event ids name the tenant (the workflow id does) and the attempt
+        self._event_key = attempt_owner(info.workflow_id, run) if self._attempts else inp.bulk_id
         issued = workflow.now()
         offsets = list(range(0, inp.total, inp.chunk_size))
         gate = asyncio.Semaphore(PARALLEL_SLICES)
@@ -109,6 +113,8 @@ class BulkOnboarding:
             result = self.progress()
             result.failures = result.failures[:RESULT_FAILURES]  # all of them: the progress query
             return result
+        if failure is not None and not isinstance(failure, ActivityError):
+            raise failure  # a bug in this code: the task fails and retries, nothing is undone
         # stop: no slice starts any more, the running ones stop (or finish) before the undo
         self._stopping, self._status = True, "compensating"
         for s in slices:
@@ -120,8 +126,7 @@ class BulkOnboarding:
         if failure is None:
             await self._undo_all(inp, "bulk onboarding cancelled by an operator", "cancelled")
             raise asyncio.CancelledError
-        cause = failure.cause if isinstance(failure, ActivityError) and failure.cause else failure
-        reason = f"bulk onboarding failed: {cause}"
+        reason = f"bulk onboarding failed: {failure.cause or failure}"
         await self._undo_all(inp, reason, "failed")
         raise ApplicationError(reason, type="BulkOnboardingFailed", non_retryable=True)
 
@@ -165,7 +170,7 @@ class BulkOnboarding:
     async def _record_events(self, inp: BulkOnboardingInput, device_ids: list[str], at: datetime) -> None:
         events = [
             DomainEvent(
-                event_id=f"{self._owner}/{device_id}/{DEVICE_ONBOARDED}",
+                event_id=f"{self._event_key}/{device_id}/{DEVICE_ONBOARDED}",
                 tenant=inp.tenant,
                 device_id=device_id,
                 type=DEVICE_ONBOARDED,
