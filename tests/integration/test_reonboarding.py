@@ -287,3 +287,32 @@ async def test_a_failed_bulk_slice_stops_the_others_before_the_undo(
     await eventually(lambda: handle.describe(), lambda d: d.close_time is not None)
     await until_finished(f"provision_batch:{bulk_id}:500")
     assert await bulk_state(pool, prefix) == (0, 0)
+
+
+async def test_a_bulk_slice_whose_events_are_not_recorded_is_undone(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    prefix = new_id("be")
+    devices = sensors(prefix, 3)
+    FAULTS[devices[1]["device_id"]] = "record_event"
+    accepted = await api.post("/v1/devices:bulk", json={"devices": devices}, headers=AUTH)
+    progress = await eventually(
+        lambda: api.get(accepted.json()["status_url"], headers=AUTH),
+        lambda r: r.json()["status"] in ("completed", "failed"),
+    )
+    assert (progress.json()["status"], progress.json()["onboarded"], progress.json()["failed"]) == (
+        "completed", 0, 3,
+    )  # fmt: skip
+    assert all("event not recorded" in f["reason"] for f in progress.json()["failures"])
+    assert await bulk_state(pool, prefix) == (0, 0)
+    changes = await pool.fetch(
+        """SELECT from_status, to_status FROM device.status_changes
+           WHERE tenant = 'acme' AND device_id = $1 ORDER BY id""",
+        devices[0]["device_id"],
+    )
+    assert [(r["from_status"], r["to_status"]) for r in changes] == [(None, "active"), ("active", "failed")]
+    configs = await pool.fetchval(
+        "SELECT count(*) FROM device.configurations WHERE tenant = 'acme' AND device_id LIKE $1",
+        f"{prefix}-%",
+    )
+    assert configs == 0
