@@ -17,6 +17,7 @@ from temporalio.client import Client
 
 from api.routers.devices import MAX_BULK_BYTES
 from fleetflow.contracts.devices import MAX_BULK_DEVICES
+from fleetflow.db import Pool
 from tests.integration.flows import AUTH
 from tests.support import eventually
 
@@ -71,3 +72,37 @@ async def test_the_largest_bulk_import_keeps_every_history_event_under_256_kib(
     assert (refused["status"], refused["onboarded"], refused["failed"]) == ("completed", 0, 10_000)
     assert all("already registered (active)" in f["reason"] for f in refused["failures"])
     assert largest <= EVENT_LIMIT, f"an event of {largest} bytes"
+
+
+async def test_cancelling_the_largest_import_undoes_every_device_it_onboarded(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    prefix = f"big-{uuid.uuid4().hex[:8]}"
+    headers = {**AUTH, "Content-Type": "application/json"}
+    body = largest_body(prefix, "3." + "0" * 62)
+    accepted = await api.post("/v1/devices:bulk", content=body, headers=headers, timeout=300)
+    assert accepted.status_code == 202, accepted.text
+    url = accepted.json()["status_url"]
+
+    async def progress() -> dict[str, Any]:
+        answer: dict[str, Any] = (await api.get(url, headers=AUTH, timeout=60)).json()
+        return answer
+
+    await eventually(progress, lambda p: p["onboarded"] >= 2000, 600)  # some slices done, others running
+    handle = client.get_workflow_handle(accepted.json()["workflow_id"])
+    await handle.cancel()
+    cancelled = await eventually(progress, lambda p: p["status"] in ("cancelled", "failed"), 600)
+    assert (cancelled["status"], cancelled["onboarded"]) == ("cancelled", 0)
+    undone = await pool.fetchval(
+        "SELECT count(*) FROM device.devices WHERE tenant = 'acme' AND device_id LIKE $1 AND status = 'failed'",
+        f"{prefix}-%",
+    )
+    live = await pool.fetchval(
+        """SELECT count(*) FROM device.devices d LEFT JOIN device.credentials c USING (tenant, device_id)
+           WHERE d.tenant = 'acme' AND d.device_id LIKE $1
+             AND (d.status <> 'failed' OR c.revoked_at IS NULL)""",
+        f"{prefix}-%",
+    )
+    assert undone >= 2000 and live == 0
+    history = await handle.fetch_history()
+    assert max(len(event.SerializeToString()) for event in history.events) <= EVENT_LIMIT
