@@ -94,7 +94,8 @@ async def test_cancelling_the_largest_import_undoes_every_device_it_onboarded(
     cancelled = await eventually(progress, lambda p: p["status"] in ("cancelled", "failed"), 600)
     assert (cancelled["status"], cancelled["onboarded"]) == ("cancelled", 0)
     undone = await pool.fetchval(
-        "SELECT count(*) FROM device.devices WHERE tenant = 'acme' AND device_id LIKE $1 AND status = 'failed'",
+        """SELECT count(*) FROM device.devices
+           WHERE tenant = 'acme' AND device_id LIKE $1 AND status = 'failed'""",
         f"{prefix}-%",
     )
     live = await pool.fetchval(
