@@ -3,6 +3,10 @@
 validate → register → [approval] → issue credential → store configuration →
 wait for first contact → activate → record `DeviceOnboarded`. Any failure,
 rejection, timeout or cancellation undoes what was done, in reverse.
+
+Each run is one attempt and owns what it writes (`<workflow id>/<first run id>`), so a
+device can be onboarded again after a failed attempt. A cancel waits for the step in
+flight to end before the undo, and the undo finishes whatever arrives meanwhile.
 """
 
 from __future__ import annotations
