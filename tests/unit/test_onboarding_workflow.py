@@ -131,7 +131,13 @@ async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
         validate, register, issue, store, mark_failed, revoke, remove, activate,
     ]  # fmt: skip
     async with (
-        Worker(env.client, task_queue=TaskQueue.ORCHESTRATION.value, workflows=[DeviceOnboarding]),
+        # no cache: every activation replays the history, evictions included (the shielded steps)
+        Worker(
+            env.client,
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            workflows=[DeviceOnboarding],
+            max_cached_workflows=0,
+        ),  # fmt: skip
         Worker(env.client, task_queue=TaskQueue.DEVICE.value, activities=device_activities),
         Worker(env.client, task_queue=TaskQueue.NOTIFICATION.value, activities=[record, retract]),
     ):
