@@ -12,7 +12,7 @@ import asyncpg
 from temporalio import activity
 
 from activities.device_reads import DeviceReadModel
-from activities.device_state import REUSABLE, refuse, register_device, set_status
+from activities.device_state import REUSABLE, refuse, register_device
 from fleetflow import config_schema
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -32,6 +32,10 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 
+# a failure's reason travels in the slice's result (workflow history): bounded
+MAX_REASON = 200
+
+
 class BulkProvisioning(DeviceReadModel):
     """The bulk activities of DeviceService."""
 
@@ -43,7 +47,8 @@ class BulkProvisioning(DeviceReadModel):
         """Register, credential, configure and activate one slice of a bulk import.
 
         Each device is all-or-nothing (its own savepoint): a device that fails leaves
-        nothing behind, and the others go on. A retry finds its own earlier work.
+        nothing behind, and the others go on. A retry finds its own earlier work. It heartbeats
+        per device: a cancelled slice rolls back and commits nothing.
         """
         rows = await self.pool.fetchval(
             """SELECT jsonb_agg(e ORDER BY i) FROM fleetflow.claim_checks c,
@@ -58,13 +63,16 @@ class BulkProvisioning(DeviceReadModel):
         failed: list[DeviceFailure] = []
         async with self.pool.acquire() as conn, conn.transaction():
             for i, raw in enumerate(rows):
+                activity.heartbeat(i)
                 index = chunk.offset + i
                 spec = DeviceSpec.model_validate(raw)
                 reason = await self._provision_one(conn, chunk, spec, types)
                 if reason is None:
                     ok.append(spec.device_id)
                 else:
-                    failed.append(DeviceFailure(index=index, device_id=spec.device_id, reason=reason))
+                    failed.append(
+                        DeviceFailure(index=index, device_id=spec.device_id, reason=reason[:MAX_REASON])
+                    )
         return BulkChunkResult(onboarded=ok, failed=failed)
 
     async def _provision_one(
@@ -111,41 +119,50 @@ class BulkProvisioning(DeviceReadModel):
 
     @activity.defn(name="device.deprovision_batch")
     async def deprovision_batch(self, batch: DeviceBatch) -> None:
-        """Compensation of `provision_batch` for the given devices of this bulk import."""
+        """Compensation of `provision_batch` for the given devices of this bulk import (None: all).
+
+        Set-based, a few statements whatever the count: undoing 10,000 devices one statement
+        pair each could outlast the compensation's start-to-close timeout and retry for ever.
+        """
+        owner, ids = batch.bulk_id, batch.device_ids
         async with self.pool.acquire() as conn, conn.transaction():
-            device_ids: list[str] = batch.device_ids or [
-                r["device_id"]
-                for r in await conn.fetch(
-                    """SELECT device_id FROM device.devices
-                       WHERE tenant = $1 AND onboarding_id = $2 AND status <> 'failed'""",
-                    batch.tenant,
-                    batch.bulk_id,
-                )
-            ]
             await conn.execute(
                 """UPDATE device.credentials SET revoked_at = now()
-                   WHERE tenant = $1 AND device_id = ANY($2) AND jti LIKE $3 || ':%'
-                     AND revoked_at IS NULL""",
-                batch.tenant, device_ids, batch.bulk_id,
+                   WHERE tenant = $1 AND jti LIKE $2 || ':%' AND revoked_at IS NULL
+                     AND ($3::text[] IS NULL OR device_id = ANY($3))""",
+                batch.tenant, owner, ids,
             )  # fmt: skip
             await conn.execute(
                 """DELETE FROM device.configurations c USING device.devices d
-                   WHERE c.tenant = $1 AND c.device_id = ANY($2) AND d.tenant = c.tenant
-                     AND d.device_id = c.device_id AND d.onboarding_id = $3""",
-                batch.tenant, device_ids, batch.bulk_id,
+                   WHERE c.tenant = $1 AND d.tenant = c.tenant AND d.device_id = c.device_id
+                     AND d.onboarding_id = $2 AND ($3::text[] IS NULL OR c.device_id = ANY($3))""",
+                batch.tenant, owner, ids,
             )  # fmt: skip
-            for device_id in device_ids:
-                await set_status(
-                    conn, batch.tenant, device_id, DeviceStatus.FAILED, actor=batch.actor,
-                    reason=batch.reason, onboarding_id=batch.bulk_id,
-                )  # fmt: skip
+            await conn.execute(
+                """WITH old AS (
+                       SELECT device_id, status FROM device.devices
+                       WHERE tenant = $1 AND onboarding_id = $2 AND status <> 'failed'
+                         AND ($3::text[] IS NULL OR device_id = ANY($3))
+                       FOR UPDATE),
+                   moved AS (
+                       UPDATE device.devices d SET status = 'failed', status_reason = $4,
+                           updated_at = now()
+                       FROM old WHERE d.tenant = $1 AND d.device_id = old.device_id
+                       RETURNING d.device_id, old.status AS from_status)
+                   INSERT INTO device.status_changes
+                       (tenant, device_id, from_status, to_status, reason, actor)
+                   SELECT $1, device_id, from_status, 'failed', $4, $5 FROM moved""",
+                batch.tenant, owner, ids, batch.reason, batch.actor,
+            )  # fmt: skip
 
     async def bulk_credentials(self, tenant: str, bulk_id: str) -> list[tuple[str, str]]:
         """(device id, credential) of every live device of a bulk import, re-signed from its claims."""
         rows = await self.pool.fetch(
+            # owner: `<bulk id>` (before attempts) or `<bulk id>/<run>`; jti: `<owner>:<device>`
             """SELECT c.device_id, c.jti, c.issued_at, c.expires_at, c.kid FROM device.credentials c
                JOIN device.devices d USING (tenant, device_id)
-               WHERE c.tenant = $1 AND d.onboarding_id = $2 AND c.jti LIKE $2 || ':%'
+               WHERE c.tenant = $1 AND split_part(d.onboarding_id, '/', 1) = $2
+                 AND c.jti LIKE d.onboarding_id || ':%'
                  AND c.revoked_at IS NULL ORDER BY c.device_id""",
             tenant, bulk_id,
         )  # fmt: skip

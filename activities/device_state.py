@@ -69,7 +69,17 @@ async def register_device(
     from_status: str | None,
     reason: str | None = None,
 ) -> None:
-    """Register the device (or take over a failed registration) in `status`, and record the change."""
+    """Register the device (or take over a failed registration) in `status`, and record the change.
+
+    Taking over revokes every credential an earlier attempt left live: a failed device holds
+    none by rights, and the new attempt issues its own.
+    """
+    if from_status is not None:
+        await conn.execute(
+            """UPDATE device.credentials SET revoked_at = now()
+               WHERE tenant = $1 AND device_id = $2 AND revoked_at IS NULL""",
+            tenant, spec.device_id,
+        )  # fmt: skip
     await conn.execute(
         """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, tags,
                metadata, status, onboarding_id)

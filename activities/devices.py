@@ -25,6 +25,7 @@ from fleetflow.contracts.devices import (
     StoreConfig,
     ValidatedOnboarding,
     ValidateOnboarding,
+    business_id_of,
 )
 from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
@@ -74,7 +75,16 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             )  # fmt: skip
             if current is not None and current["onboarding_id"] == request.onboarding_id:
                 return  # a retry of this very step
-            if current is not None and current["status"] not in REUSABLE:
+            if (
+                current is not None
+                and current["status"] not in REUSABLE
+                and not (
+                    # an earlier attempt of this same onboarding: its run is closed (two runs of one
+                    # workflow id never overlap), e.g. terminated before it could compensate
+                    business_id_of(current["onboarding_id"]) == business_id_of(request.onboarding_id)
+                    and current["status"] in (DeviceStatus.PENDING, DeviceStatus.PROVISIONED)
+                )
+            ):
                 raise refuse(
                     f"device {spec.device_id!r} is already registered ({current['status']})",
                     "DeviceExists",
@@ -104,13 +114,15 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 self.keys, tenant=request.tenant, device_id=request.device_id, jti=request.jti,
                 issued_at=request.issued_at, expires_at=request.expires_at, issuer=self.issuer, kid=kid,
             )  # fmt: skip
-            owner = await conn.fetchval(
-                """SELECT onboarding_id FROM device.devices
+            owner = await conn.fetchrow(
+                """SELECT onboarding_id, status FROM device.devices
                    WHERE tenant = $1 AND device_id = $2 FOR SHARE""",
                 request.tenant, request.device_id,
             )  # fmt: skip
-            if owner != request.onboarding_id:
+            if owner is None or owner["onboarding_id"] != request.onboarding_id:
                 raise refuse("device registration belongs to another onboarding", "DeviceExists")
+            if owner["status"] == DeviceStatus.FAILED:  # this attempt was undone already
+                raise refuse("device registration was undone", "BadTransition")
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
                        expires_at, kid)

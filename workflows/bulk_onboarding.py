@@ -2,7 +2,10 @@
 
 The device list travels as a claim check; each slice is provisioned in one activity
 (per-device all-or-nothing), then its `DeviceOnboarded` events are recorded. A slice
-whose events cannot be recorded is deprovisioned; cancellation deprovisions all.
+whose events cannot be recorded is deprovisioned. When a slice fails or the run is
+cancelled, no slice starts any more, the running ones are asked to stop (the activity
+heartbeats and rolls back) and waited for, and only then is everything deprovisioned,
+shielded from a further cancel.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from datetime import datetime, timedelta
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
@@ -22,6 +26,7 @@ with workflow.unsafe.imports_passed_through():
         BulkProgress,
         DeviceBatch,
         DeviceFailure,
+        attempt_owner,
     )
     from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch
     from workflows.options import (
@@ -29,10 +34,17 @@ with workflow.unsafe.imports_passed_through():
         STEP_RETRY,
         STEP_SCHEDULE_TO_CLOSE,
     )
-    from workflows.saga import COMPENSATION_RETRY
+    from workflows.saga import COMPENSATION_RETRY, run_to_end
 
 CREDENTIAL_LIFETIME = timedelta(days=365)
 PARALLEL_SLICES = 2
+# runs started before it: the bulk id owned the devices, and a failure or cancel deprovisioned
+# while other slices were still provisioning
+ATTEMPTS_PATCH = "bulk-onboarding-attempts"
+# the largest payloads of a history event stay far below 256 KiB with 128-character device ids
+EVENTS_PER_ACTIVITY = 200
+RESULT_FAILURES = 200
+PROVISION_HEARTBEAT = timedelta(seconds=20)
 
 
 def bulk_workflow_id(tenant: str, bulk_id: str) -> str:
@@ -51,14 +63,28 @@ class BulkOnboarding:
         self._onboarded: list[str] = []
         self._failures: list[DeviceFailure] = []
         self._reason: str | None = None
+        self._attempts = False  # ATTEMPTS_PATCH
+        self._owner = ""
+        self._event_key = ""
+        self._stopping = False
 
     @workflow.run
     async def run(self, inp: BulkOnboardingInput) -> BulkProgress:
-        """Provision every slice; returns the final counts and every failure."""
+        """Provision every slice; returns the final counts and the first failures."""
         self._input = inp
+        self._attempts = workflow.patched(ATTEMPTS_PATCH)
+        # devices and credentials are owned by this attempt: a new run of the same bulk id (after
+        # a failure or cancel) must not take the earlier run's undone devices for its own
+        info = workflow.info()
+        run = info.first_execution_run_id
+        self._owner = attempt_owner(inp.bulk_id, run) if self._attempts else inp.bulk_id
+        # event ids name the tenant (the workflow id does) and the attempt
+        self._event_key = attempt_owner(info.workflow_id, run) if self._attempts else inp.bulk_id
         issued = workflow.now()
         offsets = list(range(0, inp.total, inp.chunk_size))
         gate = asyncio.Semaphore(PARALLEL_SLICES)
+        if self._attempts:
+            return await self._run_slices(inp, offsets, issued, gate)
         try:
             await asyncio.gather(*(self._slice(inp, o, issued, gate) for o in offsets))
         except asyncio.CancelledError:
@@ -71,31 +97,80 @@ class BulkOnboarding:
         self._status = "completed"
         return self.progress()
 
+    async def _run_slices(
+        self, inp: BulkOnboardingInput, offsets: list[int], issued: datetime, gate: asyncio.Semaphore
+    ) -> BulkProgress:
+        slices = [asyncio.ensure_future(self._slice(inp, o, issued, gate)) for o in offsets]
+        cancelled = False
+        try:
+            await workflow.wait(slices, return_when=asyncio.FIRST_EXCEPTION)
+        except asyncio.CancelledError:
+            cancelled = True
+        failures = [s.exception() for s in slices if s.done() and not s.cancelled()]
+        failure = next((f for f in failures if f is not None), None)
+        if not cancelled and failure is None:
+            self._status = "completed"
+            result = self.progress()
+            result.failures = result.failures[:RESULT_FAILURES]  # all of them: the progress query
+            return result
+        if failure is not None and not isinstance(failure, ActivityError):
+            raise failure  # a bug in this code: the task fails and retries, nothing is undone
+        # stop: no slice starts any more, the running ones stop (or finish) before the undo
+        self._stopping, self._status = True, "compensating"
+        for s in slices:
+            s.cancel()
+        await run_to_end(asyncio.ensure_future(workflow.wait(slices)))
+        for s in slices:  # every outcome is retrieved: the undo below covers them all
+            if not s.cancelled():
+                s.exception()
+        if failure is None:
+            await self._undo_all(inp, "bulk onboarding cancelled by an operator", "cancelled")
+            raise asyncio.CancelledError
+        reason = f"bulk onboarding failed: {failure.cause or failure}"
+        await self._undo_all(inp, reason, "failed")
+        raise ApplicationError(reason, type="BulkOnboardingFailed", non_retryable=True)
+
     async def _slice(
         self, inp: BulkOnboardingInput, offset: int, issued: datetime, gate: asyncio.Semaphore
     ) -> None:
         async with gate:
+            if self._stopping:
+                return
             now = workflow.now()
             chunk = BulkChunk(
-                tenant=inp.tenant, bulk_id=inp.bulk_id, claim_id=inp.claim_id, offset=offset,
+                tenant=inp.tenant, bulk_id=self._owner, claim_id=inp.claim_id, offset=offset,
                 limit=min(inp.chunk_size, inp.total - offset), actor=inp.actor.subject,
                 issued_at=issued, expires_at=issued + CREDENTIAL_LIFETIME,
             )  # fmt: skip
-            result: BulkChunkResult = await workflow.execute_activity(
-                "device.provision_batch", chunk, task_queue=TaskQueue.DEVICE.value,
-                result_type=BulkChunkResult, start_to_close_timeout=timedelta(minutes=2),
-                schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
-            )  # fmt: skip
+            if self._attempts:  # a stop asks the slice to roll back, and waits until it has
+                result: BulkChunkResult = await workflow.execute_activity(
+                    "device.provision_batch", chunk, task_queue=TaskQueue.DEVICE.value,
+                    result_type=BulkChunkResult, start_to_close_timeout=timedelta(minutes=2),
+                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+                    heartbeat_timeout=PROVISION_HEARTBEAT,
+                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                )  # fmt: skip
+            else:
+                result = await workflow.execute_activity(
+                    "device.provision_batch", chunk, task_queue=TaskQueue.DEVICE.value,
+                    result_type=BulkChunkResult, start_to_close_timeout=timedelta(minutes=2),
+                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+                )  # fmt: skip
             self._onboarded.extend(result.onboarded)
             self._failures.extend(result.failed)
-            if result.onboarded:
+            if self._stopping:
+                return  # finished despite the stop: undone with the rest
+            if result.onboarded and self._attempts:
+                for i in range(0, len(result.onboarded), EVENTS_PER_ACTIVITY):
+                    await self._record_events(inp, result.onboarded[i : i + EVENTS_PER_ACTIVITY], now)
+            elif result.onboarded:
                 await self._record_events(inp, result.onboarded, now)
             self._processed += chunk.limit
 
     async def _record_events(self, inp: BulkOnboardingInput, device_ids: list[str], at: datetime) -> None:
         events = [
             DomainEvent(
-                event_id=f"{inp.bulk_id}/{device_id}/{DEVICE_ONBOARDED}",
+                event_id=f"{self._event_key}/{device_id}/{DEVICE_ONBOARDED}",
                 tenant=inp.tenant,
                 device_id=device_id,
                 type=DEVICE_ONBOARDED,
@@ -106,13 +181,21 @@ class BulkOnboarding:
             )
             for device_id in device_ids
         ]
+        cancellation = (
+            ActivityCancellationType.WAIT_CANCELLATION_COMPLETED
+            if self._attempts
+            else ActivityCancellationType.TRY_CANCEL
+        )
         try:
             await workflow.execute_activity(
                 "notification.record_events", EventBatch(events=events),
                 task_queue=TaskQueue.NOTIFICATION.value, start_to_close_timeout=timedelta(minutes=1),
                 schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+                cancellation_type=cancellation,
             )  # fmt: skip
         except ActivityError as exc:
+            if self._stopping:
+                raise  # the whole import is undone
             # the devices of this slice are undone one by one and reported as failed
             reason = f"event not recorded: {exc.cause or exc}"
             await self._deprovision(inp, device_ids, reason)
@@ -123,7 +206,7 @@ class BulkOnboarding:
     async def _deprovision(self, inp: BulkOnboardingInput, device_ids: list[str] | None, reason: str) -> None:
         await workflow.execute_activity(
             "device.deprovision_batch",
-            DeviceBatch(tenant=inp.tenant, bulk_id=inp.bulk_id, device_ids=device_ids,
+            DeviceBatch(tenant=inp.tenant, bulk_id=self._owner, device_ids=device_ids,
                         reason=reason, actor=inp.actor.subject),
             task_queue=TaskQueue.DEVICE.value, start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
             retry_policy=COMPENSATION_RETRY,
@@ -132,7 +215,12 @@ class BulkOnboarding:
     async def _undo_all(self, inp: BulkOnboardingInput, reason: str, status: str) -> None:
         self._status, self._reason = "compensating", reason
         # None: every device of this import, including a slice cut short mid-flight
-        await self._deprovision(inp, None, reason)
+        if self._attempts:  # shielded: a further cancel does not leave live credentials behind
+            undo = asyncio.ensure_future(self._deprovision(inp, None, reason))
+            await run_to_end(undo)
+            undo.result()
+        else:
+            await self._deprovision(inp, None, reason)
         self._onboarded = []
         self._status = status
 

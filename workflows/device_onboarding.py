@@ -3,6 +3,10 @@
 validate → register → [approval] → issue credential → store configuration →
 wait for first contact → activate → record `DeviceOnboarded`. Any failure,
 rejection, timeout or cancellation undoes what was done, in reverse.
+
+Each run is one attempt and owns what it writes (`<workflow id>/<first run id>`), so a
+device can be onboarded again after a failed attempt. A cancel waits for the step in
+flight to end before the undo, and the undo finishes whatever arrives meanwhile.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
-from temporalio.workflow import ParentClosePolicy
+from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
@@ -33,6 +37,7 @@ with workflow.unsafe.imports_passed_through():
         StoreConfig,
         ValidatedOnboarding,
         ValidateOnboarding,
+        attempt_owner,
     )
     from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvent
     from fleetflow.contracts.twin import EndTwin, TwinInput
@@ -44,10 +49,13 @@ with workflow.unsafe.imports_passed_through():
         STEP_SCHEDULE_TO_CLOSE,
         STEP_START_TO_CLOSE,
     )
-    from workflows.saga import COMPENSATION_RETRY, Saga
+    from workflows.saga import COMPENSATION_RETRY, Saga, finish_then_cancel
 
 CREDENTIAL_LIFETIME = timedelta(days=365)
 APPROVE_SCOPE = "devices:approve"
+# runs started before it: the workflow id owned the device (a failed device could never be
+# onboarded again), a cancel cut a step short and could interrupt compensation
+ATTEMPTS_PATCH = "onboarding-attempts"
 
 
 class OnboardingAborted(Exception):
@@ -75,11 +83,19 @@ class DeviceOnboarding:
         self._decided_by: str | None = None
         self._contact: FirstContact | None = None
         self._credential: IssuedCredential | None = None
+        self._attempts = False  # ATTEMPTS_PATCH
+        self._owner = ""
 
     @workflow.run
     async def run(self, inp: OnboardingInput) -> OnboardingResult:
         """Run the saga; fails with a clear reason after compensating."""
         self._tenant, self._device_id = inp.tenant, inp.request.device_id
+        info = workflow.info()
+        self._attempts = workflow.patched(ATTEMPTS_PATCH)
+        # the device rows this run writes are owned by this attempt, not by the device's workflow
+        # id: a later attempt (after a failure, rejection or cancel) must not take them for its own
+        wid, first_run = info.workflow_id, info.first_execution_run_id
+        self._owner = attempt_owner(wid, first_run) if self._attempts else wid
         try:
             return await self._forward(inp)
         except asyncio.CancelledError:
@@ -92,8 +108,10 @@ class DeviceOnboarding:
 
     async def _forward(self, inp: OnboardingInput) -> OnboardingResult:
         req, actor = inp.request, inp.actor.subject
-        wid = workflow.info().workflow_id
-        change = DeviceTransition(tenant=inp.tenant, device_id=req.device_id, onboarding_id=wid, actor=actor)
+        wid, owner = workflow.info().workflow_id, self._owner
+        change = DeviceTransition(
+            tenant=inp.tenant, device_id=req.device_id, onboarding_id=owner, actor=actor
+        )
 
         validated = await self._run_step(
             OnboardingStep.VALIDATE, "device.validate_onboarding",
@@ -106,7 +124,7 @@ class DeviceOnboarding:
         )
         await self._run_step(
             OnboardingStep.REGISTER, "device.register",
-            RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=wid, actor=actor),
+            RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=owner, actor=actor),
         )  # fmt: skip
 
         if validated.requires_approval:
@@ -126,7 +144,7 @@ class DeviceOnboarding:
         self._saga.add("revoke_credential", lambda: self._undo("device.revoke_credential", revoke))
         self._credential = await self._run_step(
             OnboardingStep.ISSUE_CREDENTIAL, "device.issue_credential",
-            IssueCredential(tenant=inp.tenant, device_id=req.device_id, onboarding_id=wid, jti=jti,
+            IssueCredential(tenant=inp.tenant, device_id=req.device_id, onboarding_id=owner, jti=jti,
                             issued_at=issued, expires_at=issued + CREDENTIAL_LIFETIME),
             IssuedCredential,
         )  # fmt: skip
@@ -134,7 +152,7 @@ class DeviceOnboarding:
         self._saga.add("remove_config", lambda: self._undo("device.remove_config", change))
         await self._run_step(
             OnboardingStep.STORE_CONFIG, "device.store_config",
-            StoreConfig(tenant=inp.tenant, device_id=req.device_id, onboarding_id=wid,
+            StoreConfig(tenant=inp.tenant, device_id=req.device_id, onboarding_id=owner,
                         config=validated.config, actor=actor),
         )  # fmt: skip
 
@@ -151,7 +169,10 @@ class DeviceOnboarding:
 
         if workflow.patched("start-device-twin"):
             self._saga.add("end_twin", lambda: self._end_twin(inp))
-            await self._start_twin(inp, validated)
+            if self._attempts:  # a cancel waits for the start, so end_twin finds the twin
+                await finish_then_cancel(self._start_twin(inp, validated), forward=False)
+            else:
+                await self._start_twin(inp, validated)
 
         event = DomainEvent(
             event_id=f"{wid}/{workflow.info().run_id}/{DEVICE_ONBOARDED}",
@@ -220,11 +241,23 @@ class DeviceOnboarding:
         queue: TaskQueue = TaskQueue.DEVICE,
     ) -> Any:
         self._begin(step)
-        result = await workflow.execute_activity(
-            activity, arg, task_queue=queue.value, result_type=result_type,
-            start_to_close_timeout=STEP_START_TO_CLOSE,
-            schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
-        )  # fmt: skip
+        if self._attempts:
+            # a cancel asks the step to stop and waits for its outcome: a commit that lands
+            # after the undo ran would leave a registration or a live credential behind
+            result = await finish_then_cancel(
+                workflow.start_activity(
+                    activity, arg, task_queue=queue.value, result_type=result_type,
+                    start_to_close_timeout=STEP_START_TO_CLOSE,
+                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                )
+            )  # fmt: skip
+        else:
+            result = await workflow.execute_activity(
+                activity, arg, task_queue=queue.value, result_type=result_type,
+                start_to_close_timeout=STEP_START_TO_CLOSE,
+                schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+            )  # fmt: skip
         self._finish(step)
         return result
 
@@ -232,6 +265,8 @@ class DeviceOnboarding:
         try:
             await workflow.wait_condition(done, timeout=timedelta(seconds=timeout_s))
         except TimeoutError:
+            if self._attempts and done():
+                return  # the decision or contact came in the same task as the timeout: it counts
             raise OnboardingAborted(f"no {what} within {timeout_s} s") from None
 
     async def _undo(self, activity: str, arg: Any, queue: TaskQueue = TaskQueue.DEVICE) -> None:
@@ -243,7 +278,7 @@ class DeviceOnboarding:
     async def _compensate(self, final_status: str, reason: str, inp: OnboardingInput) -> None:
         self._status, self._reason, self._credential = "compensating", reason, None
         workflow.logger.info("onboarding of %s undone: %s", inp.request.device_id, reason)
-        await self._saga.compensate()
+        await self._saga.compensate(shielded=self._attempts)
         self._status, self._step = final_status, None
 
     def _reason_of(self, exc: BaseException) -> str:
@@ -297,5 +332,6 @@ class DeviceOnboarding:
     def _check_decision(self, decision: ApprovalDecision) -> None:
         if not decision.actor.can(APPROVE_SCOPE) or decision.actor.tenant != self._tenant:
             raise ApplicationError(f"the {APPROVE_SCOPE} scope of this tenant is required", type="Forbidden")
-        if self._step != OnboardingStep.AWAIT_APPROVAL or self._approved is not None:
+        waiting = self._step == OnboardingStep.AWAIT_APPROVAL and self._status == "awaiting_approval"
+        if not waiting or self._approved is not None:  # a timed-out approval is compensating
             raise ApplicationError("this onboarding is not awaiting approval", type="NotAwaitingApproval")

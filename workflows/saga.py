@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from typing import Any, TypeVar
 
+from temporalio import workflow
 from temporalio.common import RetryPolicy
 
 # compensations must eventually succeed: retried without limit, backing off to a minute
@@ -14,6 +17,42 @@ COMPENSATION_RETRY = RetryPolicy(
 )  # fmt: skip
 
 Undo = Callable[[], Awaitable[object]]
+T = TypeVar("T")
+
+
+async def run_to_end(task: asyncio.Future[Any], on_cancel: Callable[[], object] | None = None) -> bool:
+    """Wait until task is done, whatever cancels the caller meanwhile; True when a cancel arrived.
+
+    The caller's cancellation is not passed to task (on_cancel is called instead, once), so a
+    step or an undo in flight finishes and its outcome is known before anything else runs.
+    """
+    cancelled = False
+    while not task.done():
+        try:
+            await workflow.wait([task])
+        except asyncio.CancelledError:
+            if not cancelled and on_cancel is not None:
+                on_cancel()
+            cancelled = True
+            current = asyncio.current_task()
+            if current is not None:  # the cancel is handled here: later awaits must not see it again
+                current.uncancel()
+    return cancelled
+
+
+async def finish_then_cancel(step: Awaitable[T], *, forward: bool = True) -> T:
+    """Run step to its end; if the caller was cancelled meanwhile, raise CancelledError after it.
+
+    For a step whose effect must be known before compensating: an activity started with
+    `WAIT_CANCELLATION_COMPLETED` is asked to stop (forward, the default), and its commit (if
+    it made one) is in the database before the caller's undo runs.
+    """
+    task = asyncio.ensure_future(step)
+    if await run_to_end(task, on_cancel=task.cancel if forward else None):
+        if not task.cancelled():
+            task.exception()  # retrieved: the cancel decides the outcome
+        raise asyncio.CancelledError
+    return task.result()
 
 
 class Saga:
@@ -31,8 +70,20 @@ class Saga:
         """Register the undo of the step about to run."""
         self._undo.append((name, undo))
 
-    async def compensate(self) -> list[str]:
-        """Run every registered undo, last first; returns their names in run order."""
+    async def compensate(self, *, shielded: bool = True) -> list[str]:
+        """Run every registered undo, last first; returns their names in run order.
+
+        Shielded (the default), a cancel that arrives meanwhile neither interrupts the undo in
+        flight nor skips the rest: compensation always finishes. `shielded=False` is the old
+        behaviour, for runs recorded before it.
+        """
+        if shielded:
+            task = asyncio.ensure_future(self._run_all())
+            await run_to_end(task)
+            return task.result()
+        return await self._run_all()
+
+    async def _run_all(self) -> list[str]:
         while self._undo:
             name, undo = self._undo.pop()
             await undo()

@@ -33,6 +33,7 @@ from fleetflow.contracts.devices import (
     OnboardDeviceRequest,
     OnboardingAccepted,
     OnboardingInput,
+    business_id_of,
 )
 from fleetflow.security import TokenClaims
 from fleetflow.temporal import device_search_attributes
@@ -76,7 +77,8 @@ async def onboard(
     tenant = claims.tenant
     wid = onboarding_id(tenant, body.device_id)
     existing = await state.devices.get_device(tenant, body.device_id)
-    if existing is not None and existing.status != DeviceStatus.FAILED and existing.onboarding_id != wid:
+    owned = existing is not None and business_id_of(existing.onboarding_id) == wid
+    if existing is not None and existing.status != DeviceStatus.FAILED and not owned:
         raise conflict(f"device {body.device_id!r} is already registered ({existing.status.value})")
     if existing is None or existing.status == DeviceStatus.FAILED:
         await state.quotas.check_count(tenant, "max_devices")  # 403 at the tenant's device quota

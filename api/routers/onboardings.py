@@ -9,6 +9,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, status
 from fastapi.responses import PlainTextResponse
+from pydantic import Field
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
@@ -38,7 +39,7 @@ Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
 class Decision(Strict):
     """Body of approve / reject."""
 
-    reason: str | None = None
+    reason: Annotated[str, Field(max_length=500)] | None = None  # as ApprovalDecision: 422, not 500
 
 
 class Contact(Strict):

@@ -223,7 +223,9 @@ async def acme_world(api: httpx.AsyncClient, pool: Pool, client: Client) -> Asyn
     sensors = await fleet(api, 3, tags=[tag])
     ids["job_device"], ids["idle_device"], ids["retired"] = sorted(sensors)
     ids["bulk"] = await pool.fetchval(
-        "SELECT onboarding_id FROM device.devices WHERE tenant = 'acme' AND device_id = $1", ids["retired"]
+        """SELECT split_part(onboarding_id, '/', 1) FROM device.devices
+           WHERE tenant = 'acme' AND device_id = $1""",
+        ids["retired"],
     )
     version = f"7.{uuid.uuid4().int % 100_000}.0"
     uploaded = await upload(api, version)

@@ -8,7 +8,8 @@ hardest case for the saga: the step happened, yet the workflow sees a failure.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
+from typing import TypeVar
 
 import httpx
 import pytest
@@ -21,6 +22,8 @@ from activities.notifications import NotificationService
 from api.app import create_app
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
+    BulkChunk,
+    BulkChunkResult,
     DeviceTransition,
     IssueCredential,
     IssuedCredential,
@@ -39,6 +42,25 @@ from workers.worker import build_worker
 
 FAULTS: dict[str, str] = {}  # device id -> step that fails after doing its work
 TICK_FAULTS: set[str] = set()  # campaign ids whose next offering tick fails after committing
+# "<step>:<device id>" (bulk: "provision_batch:<claim id>:<offset>") -> the step waits for it
+# before doing anything; ENTERED says which steps are waiting
+HOLDS: dict[str, asyncio.Event] = {}
+ENTERED: set[str] = set()
+FINISHED: set[str] = set()  # held steps that have ended since (committed, failed or cancelled)
+T = TypeVar("T")
+
+
+async def _held(key: str, work: Awaitable[T]) -> T:
+    """Do work, first waiting for HOLDS[key] if the test holds this step."""
+    gate = HOLDS.get(key)
+    if gate is None:
+        return await work
+    ENTERED.add(key)
+    await gate.wait()
+    try:
+        return await work
+    finally:
+        FINISHED.add(key)
 
 
 def _crash(step: str, device_id: str | None) -> None:
@@ -57,12 +79,12 @@ class FaultyDevices(DeviceService):
 
     @activity.defn(name="device.register")
     async def register(self, request: RegisterDevice) -> None:
-        await super().register(request)
+        await _held(f"register:{request.spec.device_id}", super().register(request))
         _crash("register", request.spec.device_id)
 
     @activity.defn(name="device.issue_credential")
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
-        result = await super().issue_credential(request)
+        result = await _held(f"issue_credential:{request.device_id}", super().issue_credential(request))
         _crash("issue_credential", request.device_id)
         return result
 
@@ -70,6 +92,17 @@ class FaultyDevices(DeviceService):
     async def store_config(self, request: StoreConfig) -> None:
         await super().store_config(request)
         _crash("store_config", request.device_id)
+
+    @activity.defn(name="device.mark_failed")
+    async def mark_failed(self, request: DeviceTransition) -> None:
+        await _held(f"mark_failed:{request.device_id}", super().mark_failed(request))
+
+    @activity.defn(name="device.provision_batch")
+    async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
+        slice_id = f"{chunk.claim_id}:{chunk.offset}"
+        result = await _held(f"provision_batch:{slice_id}", super().provision_batch(chunk))
+        _crash("provision_batch", slice_id)
+        return result
 
     @activity.defn(name="device.activate")
     async def activate(self, request: DeviceTransition) -> None:

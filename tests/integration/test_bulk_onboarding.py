@@ -50,13 +50,16 @@ async def test_bulk_reports_each_device_and_only_live_ones_get_credentials(
     assert sorted(f["index"] for f in result["failures"]) == [0, 1, 2]
     assert all("already registered (active)" in f["reason"] for f in result["failures"])
 
-    untouched = await pool.fetchval(
-        "SELECT onboarding_id FROM device.devices WHERE tenant = 'acme' AND device_id = $1",
+    untouched = await pool.fetchval(  # owned by the first import's attempt `<bulk id>/<run>`
+        """SELECT split_part(onboarding_id, '/', 1) FROM device.devices
+           WHERE tenant = 'acme' AND device_id = $1""",
         f"{prefix}-0000",
     )
     assert untouched == first.json()["bulk_id"]
     active = await pool.fetchval(
-        "SELECT count(*) FROM device.devices WHERE onboarding_id = $1 AND status = 'active'", bulk_id
+        """SELECT count(*) FROM device.devices
+           WHERE split_part(onboarding_id, '/', 1) = $1 AND status = 'active'""",
+        bulk_id,
     )
     events = await pool.fetchval(
         "SELECT count(*) FROM notification.events WHERE source_workflow = $1", accepted.json()["workflow_id"]

@@ -9,6 +9,7 @@ break runs in flight: guard it with `workflow.patched`, never delete the history
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
 import io
 import json
@@ -20,7 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from temporalio.client import WorkflowHandle
+from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from bench.stack import Stack, say, stack
 from fleetflow.contracts.common import Actor, TaskQueue
@@ -271,6 +272,41 @@ async def bulk_onboarding(s: Stack) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def onboarding_again(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A gateway rejected, onboarded again with the same body, approved and activated."""
+    device_id = f"rec-{uuid.uuid4().hex[:8]}"
+    body = {"device_id": device_id, "device_type": "gateway", "config": {"site": "rec"}}
+    await s.api.post("/v1/devices", json=body, headers=s.headers)
+    await _progress(s, device_id, "awaiting_approval")
+    await s.api.post(f"/v1/onboardings/{device_id}/reject", json={"reason": "no"}, headers=s.headers)
+    await _progress(s, device_id, "failed")
+    accepted = (await s.api.post("/v1/devices", json=body, headers=s.headers)).json()
+    await _progress(s, device_id, "awaiting_approval")
+    await s.api.post(f"/v1/onboardings/{device_id}/approve", json={}, headers=s.headers)
+    waiting = await _progress(s, device_id, "awaiting_first_contact")
+    auth = {"Authorization": f"Bearer {waiting['credential']}"}
+    await s.api.post("/v1/device-contact", json={}, headers=auth)
+    await _progress(s, device_id, "completed")
+    return s.client.get_workflow_handle(accepted["workflow_id"], run_id=accepted["run_id"])
+
+
+async def bulk_onboarding_cancelled(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A three-slice import cancelled while its slices provision: they stop, then all is undone."""
+    tag = uuid.uuid4().hex[:6]
+    devices = [{"device_id": f"rec-bc-{tag}-{i}", "device_type": "sensor"} for i in range(1200)]
+    accepted = (await s.api.post("/v1/devices:bulk", json={"devices": devices}, headers=s.headers)).json()
+    handle = s.client.get_workflow_handle(accepted["workflow_id"])
+    for _ in range(300):  # cancel once a slice is provisioning
+        events = (await handle.fetch_history()).events
+        if any(e.HasField("activity_task_started_event_attributes") for e in events):
+            break
+        await asyncio.sleep(0.02)
+    await handle.cancel()
+    with contextlib.suppress(WorkflowFailureError):  # cancelled is the expected end
+        await handle.result()
+    return handle
+
+
 async def event_delivery(s: Stack) -> WorkflowHandle[Any, Any]:
     """A subscription's delivery loop: an onboarding event delivered, then the subscription deleted."""
     received: list[bytes] = []
@@ -321,6 +357,8 @@ SCENARIOS: dict[str, Scenario] = {
     "onboarding_rejected": onboarding_rejected,
     "onboarding_cancelled": onboarding_cancelled,
     "bulk_onboarding": bulk_onboarding,
+    "onboarding_again": onboarding_again,
+    "bulk_onboarding_cancelled": bulk_onboarding_cancelled,
     "device_twin": device_twin,
     "device_twin_waits": device_twin_waits,
     "telemetry_ingestion": telemetry_ingestion,

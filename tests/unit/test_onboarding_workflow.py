@@ -5,15 +5,18 @@ Activities are stubs that record what ran: this is the workflow's logic alone.
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
 from temporalio import activity
-from temporalio.client import WorkflowFailureError
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import WorkflowFailureError, WorkflowHandle
 from temporalio.contrib.pydantic import pydantic_data_converter
-from temporalio.exceptions import ApplicationError
+from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
@@ -36,6 +39,18 @@ from workflows.device_onboarding import DeviceOnboarding
 
 CALLS: list[str] = []
 NEEDS_APPROVAL = {"value": False}
+GATES: dict[str, asyncio.Event] = {}  # step -> released when set; the stub waits for it
+FAIL_AT: set[str] = set()
+
+
+async def step(name: str) -> None:
+    """Record a stub step; a gated one records its start, then waits for its gate."""
+    if name in GATES:
+        CALLS.append(f"{name}:start")
+        await GATES[name].wait()
+    CALLS.append(name)
+    if name in FAIL_AT:
+        raise ApplicationError(f"injected failure at {name}", non_retryable=True)
 
 
 @activity.defn(name="device.validate_onboarding")
@@ -46,7 +61,7 @@ async def validate(request: ValidateOnboarding) -> ValidatedOnboarding:
 
 @activity.defn(name="device.register")
 async def register(request: RegisterDevice) -> None:
-    CALLS.append("register")
+    await step("register")
 
 
 @activity.defn(name="device.issue_credential")
@@ -57,17 +72,18 @@ async def issue(request: IssueCredential) -> IssuedCredential:
 
 @activity.defn(name="device.store_config")
 async def store(request: StoreConfig) -> None:
-    CALLS.append("store_config")
+    await step("store_config")
 
 
 @activity.defn(name="device.mark_failed")
 async def mark_failed(request: DeviceTransition) -> None:
-    CALLS.append(f"undo:mark_failed:{request.reason}")
+    await step("undo:mark_failed")
+    CALLS[-1] = f"undo:mark_failed:{request.reason}"
 
 
 @activity.defn(name="device.revoke_credential")
 async def revoke(request: RevokeCredential) -> None:
-    CALLS.append("undo:revoke_credential")
+    await step("undo:revoke_credential")
 
 
 @activity.defn(name="device.remove_config")
@@ -99,37 +115,119 @@ async def env() -> AsyncIterator[WorkflowEnvironment]:
     await environment.shutdown()
 
 
-async def run_onboarding(env: WorkflowEnvironment, **request: int) -> str:
-    CALLS.clear()
-    device_activities: list[Callable[..., Any]] = [
-        validate,
-        register,
-        issue,
-        store,
-        mark_failed,
-        revoke,
-        remove,
-        activate,
-    ]
-    inp = OnboardingInput(
+def onboarding_input(**request: int) -> OnboardingInput:
+    return OnboardingInput(
         tenant="acme",
         actor=Actor(subject="op", tenant="acme", scopes=["admin"]),
         request=OnboardDeviceRequest(device_id="d1", device_type="thermostat", **request),
         request_hash="h",
     )
+
+
+@asynccontextmanager
+async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
+    CALLS.clear()
+    device_activities: list[Callable[..., Any]] = [
+        validate, register, issue, store, mark_failed, revoke, remove, activate,
+    ]  # fmt: skip
     async with (
-        Worker(env.client, task_queue=TaskQueue.ORCHESTRATION.value, workflows=[DeviceOnboarding]),
+        # no cache: every activation replays the history, evictions included (the shielded steps)
+        Worker(
+            env.client,
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            workflows=[DeviceOnboarding],
+            max_cached_workflows=0,
+        ),  # fmt: skip
         Worker(env.client, task_queue=TaskQueue.DEVICE.value, activities=device_activities),
         Worker(env.client, task_queue=TaskQueue.NOTIFICATION.value, activities=[record, retract]),
     ):
+        yield
+
+
+async def start(env: WorkflowEnvironment, **request: int) -> WorkflowHandle[Any, Any]:
+    return await env.client.start_workflow(
+        DeviceOnboarding.run, onboarding_input(**request), id=f"onboard-{uuid.uuid4()}",
+        task_queue=TaskQueue.ORCHESTRATION.value,
+    )  # fmt: skip
+
+
+async def run_onboarding(env: WorkflowEnvironment, **request: int) -> str:
+    async with workers(env):
         with pytest.raises(WorkflowFailureError) as failure:
-            await env.client.execute_workflow(
-                DeviceOnboarding.run, inp, id=f"onboard-{uuid.uuid4()}",
-                task_queue=TaskQueue.ORCHESTRATION.value,
-            )  # fmt: skip
+            await (await start(env, **request)).result()
     cause = failure.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "OnboardingFailed"
     return cause.message
+
+
+async def until_called(name: str) -> None:
+    for _ in range(600):
+        if name in CALLS:
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{name} never ran; calls: {CALLS}")
+
+
+async def cancel_and_settle(handle: WorkflowHandle[Any, Any]) -> None:
+    """Cancel the run and wait until a workflow task has handled the cancel request."""
+    await handle.cancel()
+    for _ in range(600):
+        kinds = [e.event_type for e in (await handle.fetch_history()).events]
+        if EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED in kinds:
+            after = kinds[kinds.index(EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED) :]
+            if EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED in after:
+                return
+        await asyncio.sleep(0.01)
+    raise AssertionError("the cancel was never handled")
+
+
+@pytest.fixture
+def gates() -> Iterator[dict[str, asyncio.Event]]:
+    yield GATES
+    for gate in GATES.values():
+        gate.set()
+    GATES.clear()
+    FAIL_AT.clear()
+    NEEDS_APPROVAL["value"] = False
+
+
+async def test_cancel_during_a_step_waits_for_it_then_undoes_it(
+    env: WorkflowEnvironment, gates: dict[str, asyncio.Event]
+) -> None:
+    gates["register"] = asyncio.Event()
+    async with workers(env):
+        handle = await start(env)
+        await until_called("register:start")
+        await cancel_and_settle(handle)
+        assert "undo:mark_failed:onboarding cancelled by an operator" not in CALLS  # register still runs
+        gates["register"].set()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert isinstance(failure.value.cause, CancelledError)
+    # the registration committed after the cancel is undone, not left pending
+    assert CALLS == [
+        "validate", "register:start", "register", "undo:mark_failed:onboarding cancelled by an operator",
+    ]  # fmt: skip
+
+
+async def test_a_cancel_does_not_interrupt_compensation(
+    env: WorkflowEnvironment, gates: dict[str, asyncio.Event]
+) -> None:
+    gates["undo:revoke_credential"] = asyncio.Event()
+    FAIL_AT.add("store_config")
+    async with workers(env):
+        handle = await start(env)
+        await until_called("undo:revoke_credential:start")
+        await cancel_and_settle(handle)
+        gates["undo:revoke_credential"].set()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError) and cause.type == "OnboardingFailed"
+    assert CALLS[-4:] == [
+        "undo:remove_config", "undo:revoke_credential:start", "undo:revoke_credential",
+        "undo:mark_failed:store_config failed: injected failure at store_config",
+    ]  # fmt: skip
 
 
 async def test_first_contact_timeout_undoes_everything_in_reverse(env: WorkflowEnvironment) -> None:
