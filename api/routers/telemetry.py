@@ -18,6 +18,7 @@ from api.state import AppState
 from fleetflow.contracts.telemetry import (
     BUCKETS,
     FUTURE_TOLERANCE_S,
+    MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
     AlertView,
     QuarantineView,
@@ -81,7 +82,8 @@ def _problems(exc: ValidationError) -> HTTPException:
 async def ingest(request: Request, state: State, credentials: Bearer) -> TelemetryAccepted:
     """Accept a batch once it is durable; a repeated `batch_id` is acknowledged and stored once.
 
-    Limits: at most 10,000 readings and 2 MiB a batch; timestamps at most 5 minutes ahead.
+    Limits: at most 10,000 readings and 2 MiB a batch; timestamps at most 366 days old and
+    5 minutes ahead; |value| at most 1e100.
     """
     tenant, device_id = await _sender(state, credentials)
     raw = await request.body()
@@ -92,6 +94,7 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     except ValidationError as exc:
         raise _problems(exc) from None
     latest = datetime.now(UTC) + timedelta(seconds=FUTURE_TOLERANCE_S)
+    oldest = latest - timedelta(days=MAX_AGE_DAYS, seconds=FUTURE_TOLERANCE_S)
     errors: list[dict[str, Any]] = []
     devices: set[str] = set()
     lines = []
@@ -100,6 +103,9 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
         if r["ts"] > latest:
             errors.append({"loc": ["body", "readings", i, "ts"], "msg": "more than 5 minutes in the future",
                            "type": "value_error"})  # fmt: skip
+        elif r["ts"] < oldest:
+            too_old = f"more than {MAX_AGE_DAYS} days old (oldest: {oldest.isoformat()})"
+            errors.append({"loc": ["body", "readings", i, "ts"], "msg": too_old, "type": "value_error"})
         if device_id is not None and r["device_id"] != device_id:
             errors.append({"loc": ["body", "readings", i, "device_id"],
                            "msg": "a device credential may only send its own readings",

@@ -37,7 +37,12 @@ async def test_health_route_needs_no_token_and_services_route_does(api: httpx.As
     services = (await api.get("/v1/services", headers=bearer())).json()
     by_queue = {s["queue"]: s for s in services}
     assert "DeviceOnboarding" in by_queue["device"]["called_by"]
-    assert by_queue["data"]["called_by"] == ["DeviceDecommission", "SystemCheck", "TelemetryIngestion"]
+    assert by_queue["data"]["called_by"] == [
+        "DeviceDecommission",
+        "IngestionSupervisor",
+        "SystemCheck",
+        "TelemetryIngestion",
+    ]
     assert by_queue["notification"]["called_by"][0] == "BulkOnboarding"
 
 
