@@ -1,0 +1,195 @@
+"""Ingestion at its edges, on the real servers: the largest inputs the API accepts, poison
+pills, and a shard workflow terminated under load."""
+
+from __future__ import annotations
+
+import json
+import uuid
+import zlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_BYTES, MAX_BATCH_READINGS
+from fleetflow.db import Pool
+from tests.integration.flows import AUTH, active_device
+from tests.integration.test_telemetry import device_auth, readings, send, stored
+from tests.support import eventually
+
+MAX_EVENT_BYTES = 256 * 1024
+SLOW = 180.0  # seconds a busy two-core machine may need to drain what these tests send
+
+
+async def quarantined(pool: Pool, pattern: str) -> int:
+    return int(
+        await pool.fetchval("SELECT count(*) FROM data.quarantined_readings WHERE device_id LIKE $1", pattern)
+    )
+
+
+async def test_a_flood_of_unknown_devices_stalls_nothing_and_no_history_event_passes_256_kib(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
+    for b in range(3):
+        rows = [
+            {"device_id": f"{tag}-{b}-{i:05d}-".ljust(110, "x"), "ts": now, "metric": "t", "value": i + 0.5}
+            for i in range(MAX_BATCH_READINGS)
+        ]
+        body = json.dumps({"batch_id": f"{tag}-{b}", "readings": rows}, separators=(",", ":")).encode()
+        assert len(body) <= MAX_BATCH_BYTES
+        headers = {**AUTH, "Content-Type": "application/json"}
+        accepted = await api.post("/v1/telemetry", content=body, headers=headers)
+        assert accepted.status_code == 202, accepted.text
+    device_id, credential = await active_device(api, device_type="sensor")
+    assert (await send(api, device_auth(credential), readings(device_id, [1.0]))).status_code == 202
+
+    await eventually(lambda: stored(pool, device_id), lambda n: n == 1, timeout_s=SLOW)
+    await eventually(
+        lambda: quarantined(pool, f"{tag}-%"), lambda n: n == 3 * MAX_BATCH_READINGS, timeout_s=SLOW
+    )
+    claimed = await pool.fetchval(
+        "SELECT count(*) FROM data.ingest_batches WHERE batch_id LIKE $1 AND status <> 'stored'", f"{tag}-%"
+    )
+    assert claimed == 0
+
+    # nothing that grows with the traffic travelled through any run's history
+    runs = [r async for r in client.list_workflows("WorkflowType = 'TelemetryIngestion'")]
+    assert runs
+    for run in runs:
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        biggest = max(history.events, key=lambda e: e.ByteSize())
+        assert biggest.ByteSize() <= MAX_EVENT_BYTES, (run.id, run.run_id, biggest.event_id)
+
+
+def _csv(tenant: str, batch_id: str, device_id: str, rows: list[tuple[str, str]]) -> bytes:
+    return "".join(f"{tenant},{batch_id},{device_id},p,{ts},{value}\n" for ts, value in rows).encode()
+
+
+async def _acknowledged(pool: Pool, batch_id: str, bucket: int, device_id: str, payload: bytes) -> None:
+    """A batch as the API stored it before the bounds existed (what is already in the table)."""
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+           VALUES ('acme', $1, $2, $3, $4, $5)""",
+        batch_id, bucket, payload.count(b"\n"), [device_id], payload,
+    )  # fmt: skip
+
+
+async def test_poison_pills_are_quarantined_with_their_reason_and_the_shard_goes_on(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    for kind, params in (("zscore", {"z": 3, "min_samples": 1}), ("rate", {"max_per_s": 10})):
+        rule = {
+            "rule_id": f"pill-{kind}",
+            "device_type": "sensor",
+            "metric": "p",
+            "kind": kind,
+            "params": params,
+        }
+        assert (await api.put(f"/v1/rules/pill-{kind}", json=rule, headers=AUTH)).status_code == 200
+    sick, sick_credential = await active_device(api, device_type="sensor")
+    healthy, healthy_credential = await active_device(api, device_type="sensor")
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    # batches acknowledged before the bounds existed, in the healthy device's shard: the two
+    # pills met so far, and a third kind, a row COPY cannot read
+    bucket = zlib.crc32(healthy.encode()) % BUCKETS
+    tag = uuid.uuid4().hex[:8]
+    ts = (now - timedelta(minutes=1)).isoformat()
+    warmup = [((now - timedelta(minutes=5, seconds=i)).isoformat(), "1.0") for i in range(3)]
+    pills = {
+        f"{tag}-warmup": warmup,  # gives the series a prior state, so the old ts is compared
+        f"{tag}-ts": [("0001-01-01T00:00:00+00:00", "1.0")],
+        f"{tag}-overflow": [
+            ((now - timedelta(seconds=i)).isoformat(), repr(1e308 * (-1) ** i)) for i in range(10)
+        ],
+        f"{tag}-unreadable": [(ts, "not-a-number")],
+    }
+    for batch_id, rows in pills.items():
+        await _acknowledged(pool, batch_id, bucket, sick, _csv("acme", batch_id, sick, rows))
+    assert (
+        await send(api, device_auth(healthy_credential), readings(healthy, [1.0, 2.0, 3.0]))
+    ).status_code == 202
+
+    await eventually(lambda: stored(pool, healthy), lambda n: n == 3, timeout_s=SLOW)
+
+    async def statuses() -> dict[str, tuple[str, str | None]]:
+        rows = await pool.fetch(
+            "SELECT batch_id, status, reason FROM data.ingest_batches WHERE batch_id LIKE $1", f"{tag}-%"
+        )
+        return {r["batch_id"]: (r["status"], r["reason"]) for r in rows}
+
+    done = await eventually(statuses, lambda s: all(v[0] in ("stored", "quarantined") for v in s.values()))
+    assert done[f"{tag}-unreadable"][0] == "quarantined"
+    assert "InvalidTextRepresentation" in str(done[f"{tag}-unreadable"][1])
+    assert {k: v[0] for k, v in done.items() if k != f"{tag}-unreadable"} == {
+        f"{tag}-warmup": "stored", f"{tag}-ts": "stored", f"{tag}-overflow": "stored"
+    }  # fmt: skip
+    assert await stored(pool, sick) == 3  # the warm-up; the out-of-bounds rows are set aside
+
+    view: list[dict[str, Any]] = (
+        await api.get("/v1/telemetry/quarantine", params={"device_id": sick}, headers=AUTH)
+    ).json()
+    reasons = {v["reason"].split(" (")[0]: v["readings"] for v in view}
+    assert reasons == {"ts out of bounds": 1, "value out of bounds": 10}, view
+
+    async def quarantine_events() -> list[dict[str, Any]]:
+        rows = await pool.fetch(
+            """SELECT data FROM notification.events
+               WHERE tenant = 'acme' AND type = 'BatchQuarantined' AND data->>'batch_id' = $1""",
+            f"{tag}-unreadable",
+        )
+        return [r["data"] for r in rows]
+
+    events = await eventually(quarantine_events, lambda e: len(e) == 1)
+    assert "InvalidTextRepresentation" in events[0]["reason"]
+
+    # the API refuses both known pills now, naming the field
+    old = [{"device_id": sick, "ts": "0001-01-01T00:00:00Z", "metric": "p", "value": 1.0}]
+    refused = await send(api, device_auth(sick_credential), old)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+    huge = readings(sick, [1e308, -1e308], metric="p")
+    refused = await send(api, device_auth(sick_credential), huge)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "value"
+
+
+async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is_stored(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    devices = [await active_device(api, device_type="sensor") for _ in range(4)]
+    expected = {device_id: 0 for device_id, _ in devices}
+
+    async def load(round_: int) -> None:
+        for device_id, credential in devices:
+            rows = readings(device_id, [float(round_)] * 50, start=round_ * 50)
+            assert (await send(api, device_auth(credential), rows)).status_code == 202
+            expected[device_id] += 50
+
+    await load(0)
+    shard = client.get_workflow_handle("ingest-0")
+    dead_run = (await shard.describe()).run_id
+    await shard.terminate("test: a shard dies under load")
+    await load(1)
+    # a batch the dead run had claimed when it died (acknowledged, never stored)
+    device_id = devices[0][0]
+    payload = "".join(
+        f"acme,dead-{dead_run},{device_id},temperature,{r['ts']},{r['value']}\n"
+        for r in readings(device_id, [7.0, 8.0], start=900)
+    ).encode()
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
+               window_id)
+           VALUES ('acme', $1, 0, 2, $2, $3, 'claimed', $4)""",
+        f"dead-{dead_run}", [device_id], payload, f"ingest-0/{dead_run}/999",
+    )  # fmt: skip
+    expected[device_id] += 2
+    await load(2)
+
+    async def counts() -> dict[str, int]:
+        return {d: await stored(pool, d) for d in expected}
+
+    await eventually(counts, lambda c: c == expected, timeout_s=SLOW)
+    described = await shard.describe()
+    assert described.run_id != dead_run and described.status == WorkflowExecutionStatus.RUNNING
