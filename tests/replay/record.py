@@ -20,6 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from temporalio.client import WorkflowHandle
 
 from bench.stack import Stack, say, stack
@@ -89,6 +90,52 @@ async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
         if progress and progress["windows"]:
             return handle
     raise RuntimeError("no ingestion window was processed")
+
+
+async def telemetry_poison(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A shard that splits a window around a batch COPY cannot read, quarantines that batch
+    and stores the others (the batches are written as an older API acknowledged them)."""
+    conn = await asyncpg.connect(s.settings.database_url)
+    try:
+        now = datetime.now(UTC).isoformat()
+        for n, value in enumerate(("1.0", "not-a-number", "2.0")):
+            payload = f"bench,rec-p{n},rec-ghost-p,t,{now},{value}\n".encode()
+            await conn.execute(
+                """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+                   VALUES ('bench', $1, 0, 1, ARRAY['rec-ghost-p'], $2)""",
+                f"rec-p{n}", payload,
+            )  # fmt: skip
+        for _ in range(600):
+            statuses = await conn.fetch("SELECT status FROM data.ingest_batches WHERE batch_id LIKE 'rec-p%'")
+            if {r["status"] for r in statuses} <= {"stored", "quarantined"}:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("the poison batch was never isolated")
+    finally:
+        await conn.close()
+    await asyncio.sleep(1)  # let the window's events be recorded
+    handle = s.client.get_workflow_handle("ingest-0")
+    progress = await handle.query("progress")
+    if not progress or not progress.get("batches_quarantined"):
+        raise RuntimeError(f"ingest-0 quarantined nothing: {progress}")
+    return s.client.get_workflow_handle("ingest-0", run_id=(await handle.describe()).run_id)
+
+
+async def ingestion_supervisor(s: Stack) -> WorkflowHandle[Any, Any]:
+    """The supervisor restarts a terminated shard."""
+    shard = s.client.get_workflow_handle("ingest-1")
+    dead = (await shard.describe()).run_id
+    await shard.terminate("recording: a shard dies")
+    for _ in range(600):
+        described = await shard.describe()
+        if described.run_id != dead:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise RuntimeError("the supervisor did not restart ingest-1")
+    supervisor = s.client.get_workflow_handle("ingest-supervisor")
+    return s.client.get_workflow_handle("ingest-supervisor", run_id=(await supervisor.describe()).run_id)
 
 
 async def _sensors(s: Stack, count: int) -> dict[str, str]:
@@ -220,6 +267,8 @@ SCENARIOS: dict[str, Scenario] = {
     "bulk_onboarding": bulk_onboarding,
     "device_twin": device_twin,
     "telemetry_ingestion": telemetry_ingestion,
+    "telemetry_poison": telemetry_poison,
+    "ingestion_supervisor": ingestion_supervisor,
     "firmware_rollout": firmware_rollout,
     "device_decommission": device_decommission,
     "event_delivery": event_delivery,
