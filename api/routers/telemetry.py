@@ -21,6 +21,7 @@ from fleetflow.contracts.telemetry import (
     MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
     AlertView,
+    QuarantinedBatch,
     QuarantineView,
     Rule,
     TelemetryAccepted,
@@ -193,6 +194,18 @@ async def quarantine(
         claims.tenant, device_id,
     )  # fmt: skip
     return [QuarantineView(**dict(r.items())) for r in rows]
+
+
+@router.get("/v1/telemetry/quarantined-batches", response_model=list[QuarantinedBatch])
+async def quarantined_batches(state: State, claims: Reader) -> list[QuarantinedBatch]:
+    """Batches set aside because checking or storing them failed the same way on every retry
+    (poison pills), newest first, with the error as the reason; their payload is kept."""
+    rows = await state.pool.fetch(
+        """SELECT batch_id, readings, reason, quarantined_at FROM data.ingest_batches
+           WHERE tenant = $1 AND status = 'quarantined' ORDER BY quarantined_at DESC LIMIT 1000""",
+        claims.tenant,
+    )
+    return [QuarantinedBatch(**dict(r.items())) for r in rows]
 
 
 @router.put("/v1/rules/{rule_id}", response_model=Rule)

@@ -16,7 +16,7 @@ from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_BYTES, MAX_BATCH_RE
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device
 from tests.integration.test_telemetry import device_auth, readings, send, stored
-from tests.support import eventually
+from tests.support import bearer, eventually
 
 MAX_EVENT_BYTES = 256 * 1024
 SLOW = 180.0  # seconds a busy two-core machine may need to drain what these tests send
@@ -145,6 +145,10 @@ async def test_poison_pills_are_quarantined_with_their_reason_and_the_shard_goes
 
     events = await eventually(quarantine_events, lambda e: len(e) == 1)
     assert "InvalidTextRepresentation" in events[0]["reason"]
+    listed = (await api.get("/v1/telemetry/quarantined-batches", headers=AUTH)).json()
+    assert [b["readings"] for b in listed if b["batch_id"] == f"{tag}-unreadable"] == [1]
+    foreign = await api.get("/v1/telemetry/quarantined-batches", headers=bearer("globex"))
+    assert foreign.status_code == 200 and tag not in foreign.text
 
     # the API refuses both known pills now, naming the field
     old = [{"device_id": sick, "ts": "0001-01-01T00:00:00Z", "metric": "p", "value": 1.0}]
