@@ -23,6 +23,8 @@ from temporalio.service import RPCError, RPCStatusCode
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.telemetry import (
     INGESTION_WORKFLOW,
+    MAX_ORPHANS,
+    TELEMETRY_STORED,
     IngestionInput,
     Supervised,
     SuperviseIngestion,
@@ -96,4 +98,31 @@ class IngestionSupervision:
             count = int(str(result).split()[-1])
             reclaimed += count
             log.warning("reclaimed %d batches of %s run %s (not running)", count, *claim.values())
-        return Supervised(started=started, reclaimed=reclaimed)
+        return Supervised(started=started, reclaimed=reclaimed, orphans=await self._orphans())
+
+    async def _orphans(self) -> list[str]:
+        """Windows of the last hour that were stored but whose events were never recorded, by
+        runs that are not running (a run killed between storing and recording)."""
+        rows = await self.pool.fetch(
+            """SELECT w.window_id, split_part(w.window_id, '/', 1) AS workflow_id,
+                      split_part(w.window_id, '/', 2) AS run_id
+               FROM data.windows w
+               CROSS JOIN LATERAL (SELECT min(k) AS tenant FROM jsonb_object_keys(w.by_tenant) k) t
+               WHERE w.stored_at > now() - interval '1 hour' AND t.tenant IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM notification.events e WHERE e.tenant = t.tenant
+                                 AND e.event_id = w.window_id || '/' || t.tenant || '/' || $1)
+               ORDER BY w.stored_at LIMIT 200""",
+            TELEMETRY_STORED,
+        )  # fmt: skip
+        orphans: list[str] = []
+        alive: dict[tuple[str, str], bool] = {}
+        assert self.temporal is not None
+        for row in rows:
+            run = (row["workflow_id"], row["run_id"])
+            if run not in alive:
+                alive[run] = await _running(self.temporal, *run)
+            if not alive[run]:
+                orphans.append(row["window_id"])
+            if len(orphans) == MAX_ORPHANS:
+                break
+        return orphans

@@ -22,7 +22,7 @@ WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
     "BulkOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "DeviceTwin": (),
     "TelemetryIngestion": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
-    "IngestionSupervisor": (TaskQueue.DATA,),
+    "IngestionSupervisor": (TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
     "EventDelivery": (TaskQueue.NOTIFICATION,),
     "FirmwareRollout": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "DeviceDecommission": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.NOTIFICATION),

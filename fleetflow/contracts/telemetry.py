@@ -209,11 +209,16 @@ class SuperviseIngestion(Strict):
     checks_per_run: Annotated[int, Field(ge=1, le=1000)] = 360
 
 
+MAX_ORPHANS = 20
+
+
 class Supervised(Strict):
-    """Output of `data.supervise_ingestion`: shard workflows (re)started, batches reclaimed."""
+    """Output of `data.supervise_ingestion`: shard workflows (re)started, batches reclaimed, and
+    windows a dead run stored but never finished (analysis, events), for the supervisor to finish."""
 
     started: int
     reclaimed: int
+    orphans: Annotated[list[str], Field(max_length=MAX_ORPHANS)] = []
 
 
 class QuarantinedBatch(Strict):

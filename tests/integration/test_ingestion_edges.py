@@ -189,6 +189,13 @@ async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is
         f"dead-{dead_run}", [device_id], payload, f"ingest-0/{dead_run}/999",
     )  # fmt: skip
     expected[device_id] += 2
+    # and a window it had stored but whose events it never recorded
+    orphan = f"ingest-0/{dead_run}/998"
+    await pool.execute(
+        """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
+           VALUES ($1, 0, 0, '{"acme": {"stored": 0, "quarantined": 0}}')""",
+        orphan,
+    )
     await load(2)
 
     async def counts() -> dict[str, int]:
@@ -197,3 +204,9 @@ async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is
     await eventually(counts, lambda c: c == expected, timeout_s=SLOW)
     described = await shard.describe()
     assert described.run_id != dead_run and described.status == WorkflowExecutionStatus.RUNNING
+    finished = await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM notification.events WHERE event_id = $1",
+                              f"{orphan}/acme/TelemetryStored"),
+        lambda n: n == 1, timeout_s=SLOW,
+    )  # fmt: skip
+    assert finished == 1

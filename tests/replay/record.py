@@ -123,10 +123,19 @@ async def telemetry_poison(s: Stack) -> WorkflowHandle[Any, Any]:
 
 
 async def ingestion_supervisor(s: Stack) -> WorkflowHandle[Any, Any]:
-    """The supervisor restarts a terminated shard."""
+    """The supervisor restarts a terminated shard and finishes a window its dead run stored."""
     shard = s.client.get_workflow_handle("ingest-1")
     dead = (await shard.describe()).run_id
     await shard.terminate("recording: a shard dies")
+    conn = await asyncpg.connect(s.settings.database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
+               VALUES ($1, 0, 0, '{"bench": {"stored": 0, "quarantined": 0}}')""",
+            f"ingest-1/{dead}/0",
+        )
+    finally:
+        await conn.close()
     for _ in range(600):
         described = await shard.describe()
         if described.run_id != dead:
@@ -134,6 +143,12 @@ async def ingestion_supervisor(s: Stack) -> WorkflowHandle[Any, Any]:
         await asyncio.sleep(0.1)
     else:
         raise RuntimeError("the supervisor did not restart ingest-1")
+    for _ in range(600):
+        check = await s.client.get_workflow_handle("ingest-supervisor").query("last_check")
+        if check and check.get("orphans"):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2)  # let it finish the orphan
     supervisor = s.client.get_workflow_handle("ingest-supervisor")
     return s.client.get_workflow_handle("ingest-supervisor", run_id=(await supervisor.describe()).run_id)
 
