@@ -12,7 +12,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_BYTES, MAX_BATCH_READINGS
+from fleetflow.contracts.telemetry import BUCKETS, MAX_AGE_DAYS, MAX_BATCH_BYTES, MAX_BATCH_READINGS
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device
 from tests.integration.test_telemetry import device_auth, readings, send, stored
@@ -210,3 +210,25 @@ async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is
         lambda n: n == 1, timeout_s=SLOW,
     )  # fmt: skip
     assert finished == 1
+
+
+async def test_a_batch_spanning_the_whole_accepted_range_is_stored_and_older_is_refused(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    device_id, credential = await active_device(api, device_type="sensor")
+    me = device_auth(credential)
+    now = datetime.now(UTC)
+    too_old = [{"device_id": device_id, "ts": (now - timedelta(days=MAX_AGE_DAYS + 1)).isoformat(),
+                "metric": "span", "value": 1.0}]  # fmt: skip
+    refused = await send(api, me, too_old)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+
+    # one reading in each of ~366 daily partitions that do not exist yet: stored, not a pill
+    oldest = now - timedelta(days=MAX_AGE_DAYS) + timedelta(minutes=10)
+    step = (now - oldest) / (MAX_BATCH_READINGS - 1)
+    rows = [
+        {"device_id": device_id, "ts": (oldest + step * i).isoformat(), "metric": "span", "value": float(i)}
+        for i in range(MAX_BATCH_READINGS)
+    ]
+    assert (await send(api, me, rows)).status_code == 202
+    await eventually(lambda: stored(pool, device_id), lambda n: n == MAX_BATCH_READINGS, timeout_s=SLOW)
