@@ -403,4 +403,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX ingest_batches_claimed ON data.ingest_batches (window_id) WHERE status = 'claimed';
         """,
     ),
+    (
+        "0021_windows_stored_at",
+        """
+        -- the ingestion supervisor looks at the last hour's windows every few seconds
+        CREATE INDEX windows_stored_at ON data.windows (stored_at);
+        """,
+    ),
 ]
