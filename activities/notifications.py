@@ -29,6 +29,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import (
@@ -182,6 +183,10 @@ class NotificationService:
         them (TelemetryStored per tenant from data.windows, BatchQuarantined from the batches
         set aside, alerts from analytics.window_events), a thousand at a time; how many were new.
         Idempotent: each event id names the window and the tenant."""
+        async with poison_guard():
+            return await self._record_window_events(ref)
+
+    async def _record_window_events(self, ref: WindowRef) -> int:
         source = activity.info().workflow_id if activity.in_activity() else None
         events: list[DomainEvent] = []
         stored = await self.pool.fetchrow(

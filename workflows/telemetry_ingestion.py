@@ -192,10 +192,16 @@ class TelemetryIngestion:
             await self._window(part)
 
     async def _record(self, window_id: str) -> None:
-        await self._step(
-            "notification.record_window_events", WindowRef(window_id=window_id), TaskQueue.NOTIFICATION, int,
-            heartbeat_timeout=STORE_HEARTBEAT,
-        )  # fmt: skip
+        """Record the window's events; events that cannot be recorded do not stop the shard."""
+        try:
+            await self._step(
+                "notification.record_window_events", WindowRef(window_id=window_id), TaskQueue.NOTIFICATION,
+                int, heartbeat_timeout=STORE_HEARTBEAT,
+            )  # fmt: skip
+        except ActivityError as err:
+            if poison_reason(err) is None:
+                raise
+            workflow.logger.warning("events of window %s not recorded: %s", window_id, poison_reason(err))
 
     async def _process(self, window: Window) -> None:
         """The window as runs recorded before WINDOW_TABLES processed it (replay only)."""
