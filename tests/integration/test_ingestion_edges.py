@@ -12,7 +12,14 @@ from typing import Any
 import httpx
 from temporalio.client import Client, WorkflowExecutionStatus
 
-from fleetflow.contracts.telemetry import BUCKETS, MAX_AGE_DAYS, MAX_BATCH_BYTES, MAX_BATCH_READINGS
+from activities.telemetry import DataService
+from fleetflow.contracts.telemetry import (
+    BUCKETS,
+    MAX_AGE_DAYS,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_READINGS,
+    ClaimWindow,
+)
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device
 from tests.integration.test_telemetry import device_auth, readings, send, stored
@@ -232,3 +239,26 @@ async def test_a_batch_spanning_the_whole_accepted_range_is_stored_and_older_is_
     ]
     assert (await send(api, me, rows)).status_code == 202
     await eventually(lambda: stored(pool, device_id), lambda n: n == MAX_BATCH_READINGS, timeout_s=SLOW)
+
+
+async def test_a_window_is_capped_in_bytes_as_well_as_readings(pool: Pool) -> None:
+    # bucket -1 belongs to no running shard (-1 % n is never a shard), so only this test claims it
+    tag = uuid.uuid4().hex[:8]
+    ts = datetime.now(UTC).isoformat()
+    big = "".join(f"acme,{tag},{'d' * 100},m,{ts},1.0\n" for _ in range(5000)).encode()  # ~0.6 MB
+    for n in range(3):
+        await pool.execute(
+            """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+               VALUES ('acme', $1, -1, 5000, ARRAY['x'], $2)""",
+            f"{tag}-{n}", big,
+        )  # fmt: skip
+    service = DataService(pool)
+    windows = []
+    for n in range(3):
+        request = ClaimWindow(
+            window_id=f"{tag}/{n}", shard=-1, shards=3, max_readings=1_000_000, max_wait_ms=10,
+            max_bytes=len(big) * 2 - 1,
+        )  # fmt: skip
+        windows.append(await service.claim_window(request))
+    assert [(w.batches, w.bytes) for w in windows] == [(1, len(big)), (1, len(big)), (1, len(big))]
+    await pool.execute("DELETE FROM data.ingest_batches WHERE batch_id LIKE $1", f"{tag}-%")
