@@ -10,15 +10,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
+import pytest
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from activities import analytics
 from activities.telemetry import DataService
+from fleetflow import rules
 from fleetflow.contracts.telemetry import (
     BUCKETS,
     MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
     MAX_BATCH_READINGS,
     ClaimWindow,
+    WindowRef,
 )
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device
@@ -262,3 +266,54 @@ async def test_a_window_is_capped_in_bytes_as_well_as_readings(pool: Pool) -> No
         windows.append(await service.claim_window(request))
     assert [(w.batches, w.bytes) for w in windows] == [(1, len(big)), (1, len(big)), (1, len(big))]
     await pool.execute("DELETE FROM data.ingest_batches WHERE batch_id LIKE $1", f"{tag}-%")
+
+
+async def test_a_series_the_rules_cannot_evaluate_is_skipped_with_an_event_at_the_last_resort(
+    api: httpx.AsyncClient, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rule = {"rule_id": "odd-hot", "device_type": "sensor", "metric": "odd", "kind": "threshold",
+            "params": {"above": 5}}  # fmt: skip
+    assert (await api.put("/v1/rules/odd-hot", json=rule, headers=AUTH)).status_code == 200
+    first, _ = await active_device(api, device_type="sensor")
+    second, _ = await active_device(api, device_type="sensor")
+    window_id = f"test-{uuid.uuid4().hex[:8]}/r/0"
+    now = datetime.now(UTC)
+    for device_id, value in ((first, 9.0), (second, 9.0)):
+        await pool.execute(
+            "INSERT INTO data.window_stats VALUES ($1, 'acme', $2, 'odd', 1, $3, 0, $3, $3, $4, $3, $4, $3)",
+            window_id, device_id, value, now,
+        )  # fmt: skip
+    real = rules.evaluate
+    service = analytics.AnalyticsService(pool)
+    # an attempt before the last resort fails the whole window, as before
+    monkeypatch.setattr(analytics, "in_last_resort", lambda: False)
+
+    def overflowing(rule: Any, w: Any, prior: Any) -> Any:
+        if rule.rule_id == "odd-hot":  # other tests' windows may still be analysed meanwhile
+            raise OverflowError("(34, 'Numerical result out of range')")
+        return real(rule, w, prior)
+
+    monkeypatch.setattr(rules, "evaluate", overflowing)
+    with pytest.raises(OverflowError):
+        await service.evaluate(WindowRef(window_id=window_id, counts_only=True))
+    # the last resort skips that series only, with an AnalysisFailed event, and raises the other's alert
+    monkeypatch.setattr(analytics, "in_last_resort", lambda: True)
+    calls: list[str] = []
+
+    def flaky(rule: Any, w: Any, prior: Any) -> Any:
+        if rule.rule_id == "odd-hot":
+            calls.append(rule.rule_id)
+            if len(calls) == 1:  # the first of the two series
+                raise OverflowError("(34, 'Numerical result out of range')")
+        return real(rule, w, prior)
+
+    monkeypatch.setattr(rules, "evaluate", flaky)
+    evaluated = await service.evaluate(WindowRef(window_id=window_id, counts_only=True))
+    assert (evaluated.failed, evaluated.raised, evaluated.events) == (1, 1, [])
+    rows = await pool.fetch(
+        "SELECT event FROM analytics.window_events WHERE window_id = $1 ORDER BY event_id", window_id
+    )
+    kinds = sorted(r["event"]["type"] for r in rows)
+    assert kinds == ["AlertRaised", "AnalysisFailed"]
+    failed = next(r["event"] for r in rows if r["event"]["type"] == "AnalysisFailed")
+    assert "OverflowError" in failed["data"]["reason"]
