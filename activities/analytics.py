@@ -6,23 +6,38 @@ device types (the device service's read model), never the raw readings.
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 
 from temporalio import activity
 
+from activities.poison import in_last_resort, poison_guard, reason_of
 from activities.probe import probe
 from fleetflow import rules
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
-from fleetflow.contracts.telemetry import ALERT_CLEARED, ALERT_RAISED, AlertView, Evaluated, Rule, WindowRef
+from fleetflow.contracts.telemetry import (
+    ALERT_CLEARED,
+    ALERT_RAISED,
+    ANALYSIS_FAILED,
+    AlertView,
+    Evaluated,
+    Rule,
+    WindowRef,
+)
 from fleetflow.db import Pool
+
+
+def _aware(ts: datetime) -> datetime:
+    """asyncpg answers a naive datetime.min/max for timestamps Python cannot hold."""
+    return ts if ts.tzinfo is not None else ts.replace(tzinfo=UTC)
 
 
 def _stats(row: Any) -> rules.WindowStats:
     return rules.WindowStats(
         n=row["n"], mean=row["mean"], var=row["var"], min_value=row["min_value"],
-        max_value=row["max_value"], first_ts=row["first_ts"], first_value=row["first_value"],
-        last_ts=row["last_ts"], last_value=row["last_value"],
+        max_value=row["max_value"], first_ts=_aware(row["first_ts"]), first_value=row["first_value"],
+        last_ts=_aware(row["last_ts"]), last_value=row["last_value"],
     )  # fmt: skip
 
 
@@ -30,8 +45,27 @@ def _prior(row: Any) -> rules.SeriesState | None:
     if row["s_n"] is None:
         return None
     return rules.SeriesState(
-        n=row["s_n"], mean=row["s_mean"], var=row["s_var"], last_ts=row["s_last_ts"],
+        n=row["s_n"], mean=row["s_mean"], var=row["s_var"], last_ts=_aware(row["s_last_ts"]),
         last_value=row["s_last_value"],
+    )  # fmt: skip
+
+
+def _evaluated(ref: WindowRef, events: list[DomainEvent]) -> Evaluated:
+    return Evaluated(
+        events=[] if ref.counts_only else events,
+        raised=sum(1 for e in events if e.type == ALERT_RAISED),
+        cleared=sum(1 for e in events if e.type == ALERT_CLEARED),
+        failed=sum(1 for e in events if e.type == ANALYSIS_FAILED),
+    )
+
+
+def _analysis_failed(window_id: str, row: Any, exc: BaseException) -> DomainEvent:
+    """The event of a series the rules could not evaluate in this window."""
+    tenant, device_id, metric = row["tenant"], row["device_id"], row["metric"]
+    return DomainEvent(
+        event_id=f"{window_id}/{tenant}/{device_id}/{metric}/{ANALYSIS_FAILED}", tenant=tenant,
+        device_id=device_id, type=ANALYSIS_FAILED, occurred_at=datetime.now(UTC), actor="analytics",
+        data={"window_id": window_id, "metric": metric, "reason": reason_of(exc)},
     )  # fmt: skip
 
 
@@ -50,13 +84,22 @@ class AnalyticsService:
 
     @activity.defn(name="analytics.evaluate")
     async def evaluate(self, ref: WindowRef) -> Evaluated:
-        """Run the tenants' rules over a stored window; raise and clear alerts once each."""
-        async with self.pool.acquire() as conn, conn.transaction():
-            done = await conn.fetchval(
-                "SELECT events FROM analytics.windows WHERE window_id = $1", ref.window_id
-            )
+        """Run the tenants' rules over a stored window; raise and clear alerts once each. The
+        window's events go to analytics.window_events (the notification service records them).
+
+        From the last-resort attempt on, a series whose rules fail (a value or time the rules
+        cannot compute with) is skipped with an `AnalysisFailed` event instead of failing the
+        whole window again.
+        """
+        async with poison_guard(), self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval("SELECT 1 FROM analytics.windows WHERE window_id = $1", ref.window_id)
             if done is not None:
-                return Evaluated(events=[DomainEvent.model_validate(e) for e in done])
+                stored = await conn.fetch(
+                    """SELECT event FROM analytics.window_events WHERE window_id = $1
+                       ORDER BY tenant, event_id""",
+                    ref.window_id,
+                )
+                return _evaluated(ref, [DomainEvent.model_validate(r["event"]) for r in stored])
             rows = await conn.fetch(
                 """SELECT w.*, d.device_type, s.n AS s_n, s.mean AS s_mean, s.var AS s_var,
                           s.last_ts AS s_last_ts, s.last_value AS s_last_value
@@ -83,15 +126,23 @@ class AnalyticsService:
             }
             events: list[DomainEvent] = []
             series_rows = []
+            isolate = in_last_resort()
             for row in rows:
                 window, prior = _stats(row), _prior(row)
-                for rule in by_series.get((row["tenant"], row["device_type"], row["metric"]), []):
-                    verdict = rules.evaluate(rule, window, prior)
+                series_rules = by_series.get((row["tenant"], row["device_type"], row["metric"]), [])
+                try:
+                    verdicts = [(rule, rules.evaluate(rule, window, prior)) for rule in series_rules]
+                    state = rules.update(prior, window)
+                except (ArithmeticError, TypeError, ValueError) as exc:
+                    if not isolate:
+                        raise
+                    events.append(_analysis_failed(ref.window_id, row, exc))
+                    continue
+                for rule, verdict in verdicts:
                     key = (row["tenant"], row["device_id"], rule.rule_id)
                     event = await self._apply(conn, ref.window_id, row, rule, verdict, open_alerts.get(key))
                     if event is not None:
                         events.append(event)
-                state = rules.update(prior, window)
                 series_rows.append(
                     (row["tenant"], row["device_id"], row["metric"], state.n, state.mean, state.var,
                      state.last_ts, state.last_value)
@@ -107,10 +158,15 @@ class AnalyticsService:
                     *map(list, zip(*series_rows, strict=True)),
                 )  # fmt: skip
             await conn.execute(
-                "INSERT INTO analytics.windows (window_id, events) VALUES ($1, $2)",
-                ref.window_id, [e.model_dump(mode="json") for e in events],
+                """INSERT INTO analytics.window_events (window_id, tenant, event_id, event)
+                   SELECT $1, * FROM unnest($2::text[], $3::text[], $4::jsonb[])""",
+                ref.window_id, [e.tenant for e in events], [e.event_id for e in events],
+                [e.model_dump(mode="json") for e in events],
             )  # fmt: skip
-        return Evaluated(events=events)
+            await conn.execute(
+                "INSERT INTO analytics.windows (window_id, events) VALUES ($1, '[]')", ref.window_id
+            )
+        return _evaluated(ref, events)
 
     async def _apply(
         self, conn: Any, window_id: str, row: Any, rule: Rule, verdict: rules.Verdict, open_id: int | None

@@ -12,6 +12,7 @@ from temporalio import activity
 from activities.device_bulk import BulkProvisioning
 from activities.device_rollouts import RolloutJobs
 from activities.device_state import REUSABLE, refuse, register_device, set_status
+from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow import config_schema
 from fleetflow.contracts.common import TaskQueue
@@ -29,7 +30,7 @@ from fleetflow.contracts.devices import (
 )
 from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
-from fleetflow.contracts.telemetry import Unready, UnreadyDevices, WindowRef
+from fleetflow.contracts.telemetry import UnreadyDevices, WindowRef
 from fleetflow.db import Pool
 from fleetflow.keys import keyring
 from fleetflow.security import issue_device_credential, kid_of, token_hash
@@ -188,16 +189,24 @@ class DeviceService(RolloutJobs, BulkProvisioning):
 
     @activity.defn(name="device.find_unready")
     async def find_unready(self, ref: WindowRef) -> UnreadyDevices:
-        """The devices of a telemetry window that may not send (unknown, or not active)."""
-        rows = await self.pool.fetch(
-            """SELECT w.tenant, w.device_id, coalesce(d.status, 'unknown') AS reason
-               FROM (SELECT DISTINCT tenant, unnest(device_ids) AS device_id
-                     FROM data.ingest_batches WHERE window_id = $1) w
-               LEFT JOIN device.devices d USING (tenant, device_id)
-               WHERE d.status IS DISTINCT FROM 'active'""",
-            ref.window_id,
-        )
-        return UnreadyDevices(devices=[Unready(**dict(r.items())) for r in rows])
+        """Note the devices of a telemetry window that may not send (unknown, or not active) in
+        device.window_unready, keyed by the window; answers how many. Idempotent."""
+        async with poison_guard():
+            count = await self.pool.fetchval(
+                """WITH noted AS (
+                       INSERT INTO device.window_unready (window_id, tenant, device_id, reason)
+                       SELECT $1, w.tenant, w.device_id, coalesce(d.status, 'unknown')
+                       FROM (SELECT DISTINCT tenant, unnest(device_ids) AS device_id
+                             FROM data.ingest_batches WHERE window_id = $1) w
+                       LEFT JOIN device.devices d USING (tenant, device_id)
+                       WHERE d.status IS DISTINCT FROM 'active'
+                       ON CONFLICT DO NOTHING RETURNING 1)
+                   -- one snapshot: the rows a first attempt inserted are not in the table yet
+                   SELECT (SELECT count(*) FROM noted)
+                        + (SELECT count(*) FROM device.window_unready WHERE window_id = $1)""",
+                ref.window_id,
+            )
+        return UnreadyDevices(count=count)
 
     # --- decommissioning --------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError
 
+from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow import identity
 from fleetflow.contracts.common import DomainEvent, TaskQueue
@@ -44,6 +45,7 @@ from fleetflow.contracts.events import (
     delivery_workflow_id,
 )
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
+from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, WindowRef
 from fleetflow.db import Pool
 from fleetflow.payload_codec import SEALED, PayloadKeys, seal_text
 from fleetflow.temporal import device_search_attributes
@@ -211,6 +213,56 @@ class NotificationService:
             )  # fmt: skip
             renamed.append((event.model_copy(update={"event_id": f"{event.event_id}#{digest[:16]}"}), digest))
         return renamed
+
+    @activity.defn(name="notification.record_window_events")
+    async def record_window_events(self, ref: WindowRef) -> int:
+        """Record a telemetry window's events, read from the tables of the services that made
+        them (TelemetryStored per tenant from data.windows, BatchQuarantined from the batches
+        set aside, alerts from analytics.window_events), a thousand at a time; how many were new.
+        Idempotent: each event id names the window and the tenant."""
+        async with poison_guard():
+            return await self._record_window_events(ref)
+
+    async def _record_window_events(self, ref: WindowRef) -> int:
+        source = activity.info().workflow_id if activity.in_activity() else None
+        events: list[DomainEvent] = []
+        stored = await self.pool.fetchrow(
+            "SELECT by_tenant, stored_at FROM data.windows WHERE window_id = $1", ref.window_id
+        )
+        if stored is not None:
+            for tenant, counts in sorted(stored["by_tenant"].items()):
+                events.append(DomainEvent(
+                    event_id=f"{ref.window_id}/{tenant}/{TELEMETRY_STORED}", tenant=tenant,
+                    type=TELEMETRY_STORED, occurred_at=stored["stored_at"], actor="ingestion",
+                    source_workflow=source, data={"window_id": ref.window_id, **counts},
+                ))  # fmt: skip
+        for b in await self.pool.fetch(
+            """SELECT tenant, batch_id, readings, reason, quarantined_at,
+                      CASE WHEN cardinality(device_ids) = 1 THEN device_ids[1] END AS device_id
+               FROM data.ingest_batches WHERE window_id = $1 AND status = 'quarantined'
+               ORDER BY tenant, batch_id""",
+            ref.window_id,
+        ):
+            events.append(DomainEvent(
+                event_id=f"{ref.window_id}/{b['tenant']}/{b['batch_id']}/{BATCH_QUARANTINED}",
+                tenant=b["tenant"], device_id=b["device_id"], type=BATCH_QUARANTINED,
+                occurred_at=b["quarantined_at"], actor="ingestion", source_workflow=source,
+                data={"window_id": ref.window_id, "batch_id": b["batch_id"], "readings": b["readings"],
+                      "reason": b["reason"]},
+            ))  # fmt: skip
+        events += [
+            DomainEvent.model_validate(r["event"])
+            for r in await self.pool.fetch(
+                "SELECT event FROM analytics.window_events WHERE window_id = $1 ORDER BY tenant, event_id",
+                ref.window_id,
+            )
+        ]
+        new = 0
+        for start in range(0, len(events), 1000):
+            new += await self.record_events(EventBatch(events=events[start : start + 1000]))
+            if activity.in_activity():
+                activity.heartbeat()
+        return new
 
     @activity.defn(name="notification.retract_event")
     async def retract_event(self, request: RetractEvent) -> None:

@@ -5,7 +5,8 @@ answers 202). A TelemetryIngestion workflow claims them in windows; storing a
 window moves its rows with COPY into the time-partitioned `data.readings`, puts
 readings of devices that may not send into quarantine, and writes per-series
 aggregates for the analytics service, all in one transaction: a retry finds the
-window stored and does nothing twice.
+window stored and does nothing twice. Readings outside the documented bounds (a batch
+acknowledged before they existed) are quarantined with the bound as the reason.
 """
 
 from __future__ import annotations
@@ -14,16 +15,28 @@ import asyncio
 import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from temporalio import activity
+from temporalio.client import Client
 
+from activities.ingest_supervision import IngestionSupervision
+from activities.ingest_windows import WindowIsolation
+from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
-from fleetflow.contracts.telemetry import ClaimWindow, Stored, StoreWindow, Window
+from fleetflow.contracts.telemetry import (
+    FUTURE_TOLERANCE_S,
+    MAX_ABS_VALUE,
+    MAX_AGE_DAYS,
+    ClaimWindow,
+    Stored,
+    StoreWindow,
+    Window,
+)
 from fleetflow.db import Pool
 
 POLL_S = 0.025
@@ -31,13 +44,15 @@ HEARTBEAT_S = 1.0  # the SDK sends at most one per 0.8 x the step's heartbeat ti
 _PARTITION_LOCK = 7_001_338
 
 
-class DataService:
-    """Activities of the `data` task queue, and the telemetry read model."""
+class DataService(WindowIsolation, IngestionSupervision):
+    """Activities of the `data` task queue, and the telemetry read model; temporal (the
+    process's client) lets the supervisor (re)start the shard workflows."""
 
     queue = TaskQueue.DATA
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool, temporal: Client | None = None) -> None:
         self.pool = pool
+        self.temporal = temporal
 
     @activity.defn(name="data.ping")
     async def ping(self, request: ProbeRequest) -> ProbeResult:
@@ -61,7 +76,8 @@ class DataService:
 
     @activity.defn(name="data.claim_window")
     async def claim_window(self, request: ClaimWindow) -> Window:
-        """Claim pending batches of this shard (oldest first, up to max_readings).
+        """Claim pending batches of this shard (oldest first, up to max_readings and max_bytes;
+        at least one batch whatever its size).
 
         Returns as soon as there is something, or empty after max_wait_ms; a retry
         returns what this window already claimed.
@@ -70,36 +86,45 @@ class DataService:
         while True:
             row = await self.pool.fetchrow(
                 """WITH mine AS (
-                       SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings
+                       SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings,
+                              coalesce(sum(octet_length(payload)), 0) AS bytes
                        FROM data.ingest_batches WHERE window_id = $1),
                    oldest AS (
-                       SELECT tenant, writer, batch_id, readings, received_at FROM data.ingest_batches
+                       SELECT tenant, writer, batch_id, readings, received_at,
+                              coalesce(octet_length(payload), 0) AS bytes FROM data.ingest_batches
                        WHERE status = 'pending' AND bucket % $3 = $2
                          AND NOT EXISTS (SELECT 1 FROM mine WHERE batches > 0)
                        ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
                    candidates AS (
                        SELECT tenant, writer, batch_id,
-                              sum(readings) OVER (ORDER BY received_at, tenant, writer, batch_id) AS running
+                              sum(readings) OVER (ORDER BY received_at, tenant, writer, batch_id) AS running,
+                              sum(bytes) OVER (ORDER BY received_at, tenant, writer, batch_id) AS running_bytes
                        FROM oldest),
                    picked AS (
                        SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
                        JOIN candidates c USING (tenant, writer, batch_id)
-                       WHERE c.running <= $4 OR c.running = (SELECT min(running) FROM candidates)
+                       WHERE (c.running <= $4 AND c.running_bytes <= $5)
+                          OR c.running = (SELECT min(running) FROM candidates)
                        FOR UPDATE OF b SKIP LOCKED),
                    claimed AS (
                        UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
                        FROM picked p WHERE b.tenant = p.tenant AND b.writer = p.writer
                          AND b.batch_id = p.batch_id
                          AND b.status = 'pending'
-                       RETURNING b.readings)
+                       RETURNING b.readings, coalesce(octet_length(b.payload), 0) AS bytes)
                    SELECT (SELECT batches FROM mine) + (SELECT count(*) FROM claimed) AS batches,
                           (SELECT readings FROM mine) + (SELECT coalesce(sum(readings), 0) FROM claimed)
-                              AS readings""",
-                request.window_id, request.shard, request.shards, request.max_readings,
+                              AS readings,
+                          (SELECT bytes FROM mine) + (SELECT coalesce(sum(bytes), 0) FROM claimed)
+                              AS bytes""",
+                request.window_id, request.shard, request.shards, request.max_readings, request.max_bytes,
             )  # fmt: skip
             assert row is not None
             if row["batches"] or asyncio.get_running_loop().time() >= deadline:
-                return Window(window_id=request.window_id, batches=row["batches"], readings=row["readings"])
+                return Window(
+                    window_id=request.window_id, batches=row["batches"], readings=row["readings"],
+                    bytes=row["bytes"],
+                )  # fmt: skip
             activity.heartbeat()
             await asyncio.sleep(POLL_S)
 
@@ -108,26 +133,26 @@ class DataService:
         """COPY the window's readings into data.readings, quarantine the unready devices' ones.
 
         Heartbeats while it runs: the attempt of a killed worker is retried within the
-        heartbeat timeout, not after the whole start-to-close timeout.
+        heartbeat timeout, not after the whole start-to-close timeout. The window's batches
+        are locked first, so a supervisor reclaiming them waits for this transaction (and then
+        finds them stored) instead of handing them to another window half-way.
         """
-        async with _heartbeating(), self.pool.acquire() as conn, conn.transaction():
+        async with poison_guard(), _heartbeating(), self.pool.acquire() as conn, conn.transaction():
             done = await conn.fetchrow("SELECT * FROM data.windows WHERE window_id = $1", request.window_id)
             if done is not None:
-                return Stored(
-                    window_id=request.window_id, stored=done["stored"],
-                    quarantined=done["quarantined"], by_tenant=done["by_tenant"],
-                )  # fmt: skip
+                return _stored(request, done["stored"], done["quarantined"], done["by_tenant"])
             await conn.execute(
                 """CREATE TEMP TABLE incoming (tenant text, batch_id text, device_id text, metric text,
                        ts timestamptz, value double precision) ON COMMIT DROP"""
             )
             payloads = await conn.fetch(
-                "SELECT payload FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'",
+                """SELECT payload FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'
+                   ORDER BY tenant, batch_id FOR UPDATE""",
                 request.window_id,
             )
             source = io.BytesIO(b"".join(r["payload"] for r in payloads))
             await conn.copy_to_table("incoming", source=source, format="csv")
-            quarantined = await _quarantine(conn, request) if request.quarantine else {}
+            quarantined = await _quarantine(conn, request)
             # one cheap pass for the analytics aggregates; first and last values are looked up
             # by index once the rows are in data.readings (a sort per series would cost more)
             await conn.execute(
@@ -181,10 +206,15 @@ class DataService:
                    VALUES ($1, $2, $3, $4)""",
                 request.window_id, stored, sum(quarantined.values()), by_tenant,
             )  # fmt: skip
-        return Stored(
-            window_id=request.window_id, stored=stored, quarantined=sum(quarantined.values()),
-            by_tenant=by_tenant,
-        )  # fmt: skip
+        return _stored(request, stored, sum(quarantined.values()), by_tenant)
+
+
+def _stored(request: StoreWindow, stored: int, quarantined: int, by_tenant: dict[str, Any]) -> Stored:
+    """The result; counts only unless the caller predates the window tables."""
+    return Stored(
+        window_id=request.window_id, stored=stored, quarantined=quarantined,
+        by_tenant={} if request.counts_only else by_tenant, tenants=len(by_tenant),
+    )  # fmt: skip
 
 
 @asynccontextmanager
@@ -207,26 +237,50 @@ async def _heartbeating() -> AsyncIterator[None]:
 
 
 async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
-    """Move the unready devices' rows out of `incoming` into quarantine; counts per tenant."""
+    """Move out of `incoming` into quarantine the rows of devices that may not send (listed
+    in device.window_unready by `device.find_unready`) and the rows outside the bounds;
+    counts per tenant."""
     q = request.quarantine
     await conn.execute(
         """CREATE TEMP TABLE unready ON COMMIT DROP AS
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, device_id, reason)""",
-        [u.tenant for u in q], [u.device_id for u in q], [u.reason for u in q],
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, device_id, reason)
+           UNION SELECT tenant, device_id, reason FROM device.window_unready WHERE window_id = $4""",
+        [u.tenant for u in q], [u.device_id for u in q], [u.reason for u in q], request.window_id,
     )  # fmt: skip
-    rows = await conn.fetch(
-        """WITH moved AS (
-               DELETE FROM incoming i USING unready u
-               WHERE u.tenant = i.tenant AND u.device_id = i.device_id
-               RETURNING i.*, u.reason),
-           kept AS (
-               INSERT INTO data.quarantined_readings
-               SELECT tenant, device_id, metric, ts, value, reason, batch_id, $1 FROM moved
-               RETURNING tenant)
-           SELECT tenant, count(*) AS n FROM kept GROUP BY tenant""",
-        request.window_id,
-    )
-    return {r["tenant"]: int(r["n"]) for r in rows}
+    now = datetime.now(UTC)
+    # a day of grace on the oldest: a batch may wait a little before it is stored
+    oldest = now - timedelta(days=MAX_AGE_DAYS + 1)
+    latest = now + timedelta(seconds=FUTURE_TOLERANCE_S)
+    counts: dict[str, int] = {}
+    for rows in (
+        await conn.fetch(
+            f"""WITH moved AS (
+                   DELETE FROM incoming i USING unready u
+                   WHERE u.tenant = i.tenant AND u.device_id = i.device_id
+                   RETURNING i.*, u.reason){_KEEP}""",
+            request.window_id,
+        ),
+        await conn.fetch(
+            f"""WITH moved AS (
+                   DELETE FROM incoming i
+                   WHERE NOT (i.ts BETWEEN $2 AND $3) OR i.value = 'NaN' OR abs(i.value) > $4
+                   RETURNING i.*, CASE WHEN i.ts BETWEEN $2 AND $3 THEN $6 ELSE $5 END AS reason){_KEEP}""",
+            request.window_id, oldest, latest, MAX_ABS_VALUE,
+            f"ts out of bounds (at most {MAX_AGE_DAYS} days old, {FUTURE_TOLERANCE_S} s ahead)",
+            f"value out of bounds (|value| at most {MAX_ABS_VALUE:g})",
+        ),
+    ):  # fmt: skip
+        for r in rows:
+            counts[r["tenant"]] = counts.get(r["tenant"], 0) + int(r["n"])
+    return counts
+
+
+_KEEP = """,
+   kept AS (
+       INSERT INTO data.quarantined_readings
+       SELECT tenant, device_id, metric, ts, value, reason, batch_id, $1 FROM moved
+       RETURNING tenant)
+   SELECT tenant, count(*) AS n FROM kept GROUP BY tenant"""
 
 
 async def _ensure_partitions(conn: Any, first: date, last: date) -> None:

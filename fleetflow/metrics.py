@@ -50,6 +50,10 @@ READINGS_QUARANTINED = meter.create_counter(
     "fleetflow.readings.quarantined", unit="{reading}",
     description="Readings kept aside because their device may not send",
 )  # fmt: skip
+BATCHES_QUARANTINED = meter.create_counter(
+    "fleetflow.batches.quarantined", unit="{batch}",
+    description="Batches set aside because a window step failed the same way on every retry (poison)",
+)  # fmt: skip
 ALERTS_RAISED = meter.create_counter("fleetflow.alerts.raised", unit="{alert}", description="Alerts raised")
 ALERTS_CLEARED = meter.create_counter(
     "fleetflow.alerts.cleared", unit="{alert}", description="Alerts cleared"
@@ -78,8 +82,8 @@ def _stored(result: Any) -> None:
 
 def _evaluated(result: Any) -> None:
     if isinstance(result, Evaluated):
-        raised = sum(1 for e in result.events if e.type == ALERT_RAISED)
-        cleared = sum(1 for e in result.events if e.type == ALERT_CLEARED)
+        raised = result.raised or sum(1 for e in result.events if e.type == ALERT_RAISED)
+        cleared = result.cleared or sum(1 for e in result.events if e.type == ALERT_CLEARED)
         ALERTS_RAISED.add(raised)
         ALERTS_CLEARED.add(cleared)
 
@@ -102,6 +106,7 @@ OUTCOMES: dict[str, Callable[[Any], None]] = {
     "data.store_window": _stored,
     "analytics.evaluate": _evaluated,
     "notification.record_events": _recorded,
+    "notification.record_window_events": _recorded,
     "notification.deliver_pending": _delivered,
 }
 

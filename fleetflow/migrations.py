@@ -447,4 +447,43 @@ MIGRATIONS: list[tuple[str, str]] = [
             ADD COLUMN last_tick_abort_at timestamptz;
         """,
     ),
+    (
+        "0020_ingest_windows_in_tables",
+        """
+        -- what grows with a window (unready devices, alert events) stays in tables keyed by
+        -- window id; the ingestion workflow carries the window id and counts
+        CREATE TABLE device.window_unready (
+            window_id text NOT NULL,
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            reason    text NOT NULL,
+            PRIMARY KEY (window_id, tenant, device_id)
+        );
+        CREATE TABLE analytics.window_events (
+            window_id text NOT NULL,
+            tenant    text NOT NULL,
+            event_id  text NOT NULL,
+            event     jsonb NOT NULL,
+            PRIMARY KEY (window_id, tenant, event_id)
+        );
+        -- a batch whose window step fails the same way on every retry (a poison pill) is set
+        -- aside with the error as its reason, payload kept, so its shard goes on
+        ALTER TABLE data.ingest_batches DROP CONSTRAINT ingest_batches_status_check;
+        ALTER TABLE data.ingest_batches ADD CONSTRAINT ingest_batches_status_check
+            CHECK (status IN ('pending', 'claimed', 'stored', 'quarantined'));
+        ALTER TABLE data.ingest_batches ADD COLUMN reason text;
+        ALTER TABLE data.ingest_batches ADD COLUMN quarantined_at timestamptz;
+        CREATE INDEX ingest_batches_quarantined ON data.ingest_batches (tenant, quarantined_at)
+            WHERE status = 'quarantined';
+        -- the supervisor finds claims of runs that are gone
+        CREATE INDEX ingest_batches_claimed ON data.ingest_batches (window_id) WHERE status = 'claimed';
+        """,
+    ),
+    (
+        "0021_windows_stored_at",
+        """
+        -- the ingestion supervisor looks at the last hour's windows every few seconds
+        CREATE INDEX windows_stored_at ON data.windows (stored_at);
+        """,
+    ),
 ]

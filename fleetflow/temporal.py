@@ -59,7 +59,7 @@ SEARCH_ATTRIBUTES = (DEVICE_ID, TENANT_ID, OPERATION)
 # deliveries) do not join the trace of whoever happened to start them: that trace would
 # grow for the workflow's whole life, and under ratio sampling a shard would be traced
 # always or never. Their activities each begin a trace of their own instead, sampled alone.
-DETACHED_FROM_CALLER = frozenset({"TelemetryIngestion", "EventDelivery"})
+DETACHED_FROM_CALLER = frozenset({"TelemetryIngestion", "IngestionSupervisor", "EventDelivery"})
 TRACE_HEADER = "_tracer-data"  # TracingInterceptor's header
 
 

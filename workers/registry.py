@@ -24,6 +24,7 @@ from workflows.device_onboarding import DeviceOnboarding
 from workflows.device_twin import DeviceTwin
 from workflows.event_delivery import EventDelivery
 from workflows.firmware_rollout import FirmwareRollout
+from workflows.ingestion_supervisor import IngestionSupervisor
 from workflows.system_check import SystemCheck
 from workflows.telemetry_ingestion import TelemetryIngestion
 
@@ -33,6 +34,7 @@ WORKFLOWS: Sequence[type] = (
     BulkOnboarding,
     DeviceTwin,
     TelemetryIngestion,
+    IngestionSupervisor,
     EventDelivery,
     FirmwareRollout,
     DeviceDecommission,
@@ -52,7 +54,7 @@ def service_for(
     if queue is TaskQueue.DEVICE:
         return DeviceService(pool, settings)
     if queue is TaskQueue.DATA:
-        return DataService(pool)
+        return DataService(pool, temporal)
     if queue is TaskQueue.ANALYTICS:
         return AnalyticsService(pool)
     if queue is TaskQueue.NOTIFICATION:

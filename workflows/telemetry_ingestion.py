@@ -1,9 +1,15 @@
 """TelemetryIngestion: drains one shard of acknowledged batches, a window at a time
-(id `ingest-{shard}`): claim → device check → store → TelemetryStored → analyse → alerts.
+(id `ingest-{shard}`): claim → device check → store → analyse → record the window's events.
 
-One workflow per shard runs for ever, continuing as new every few hundred windows. A
-window carries only a reference to its batches (claim check), never readings, so
-history stays small whatever the volume.
+One workflow per shard runs for ever, continuing as new every few hundred windows (or
+when the server suggests it). A window is capped in readings and bytes and the workflow
+carries only its id and counts: the unready devices, the alerts and the events live in
+tables keyed by the window id, so no event of the history grows with the traffic.
+
+A step that fails the same way on every retry (`PoisonWindow`, see activities/poison.py)
+splits its window in two and processes each half; a lone batch that still fails is
+quarantined with the error as its reason, and the shard goes on. A store that outgrows
+its time bound (which scales with the window's bytes) is split the same way.
 """
 
 from __future__ import annotations
@@ -13,21 +19,27 @@ from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError, TimeoutType
 
 with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import DomainEvent, TaskQueue
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.telemetry import (
+        POISON,
         TELEMETRY_STORED,
+        BatchesQuarantined,
         ClaimWindow,
         Evaluated,
         IngestionInput,
         IngestionProgress,
+        QuarantineBatches,
         Stored,
         StoreWindow,
         UnreadyDevices,
         Window,
         WindowRef,
+        WindowSplit,
+        ingestion_id,
     )
 
 # storage must not give up: an acknowledged batch is retried until it is stored
@@ -39,11 +51,35 @@ RETRY_FOREVER = RetryPolicy(
 STEP_TIMEOUT = timedelta(seconds=30)
 # storing heartbeats: the attempt of a killed data worker is retried after this, not STEP_TIMEOUT
 STORE_HEARTBEAT = timedelta(seconds=10)
+# a store's start-to-close grows with its window (generous: the heartbeat catches a dead worker)
+STORE_PER_MIB = timedelta(seconds=10)
+STORE_PER_1000_READINGS = timedelta(seconds=1)
+# attempts of a store before the workflow looks at why it fails (a timeout splits the window)
+STORE_ATTEMPTS = 4
+# patch: window lists in tables, counts in history, poison pills isolated
+WINDOW_TABLES = "window-tables"
+
+__all__ = ["TelemetryIngestion", "ingestion_id"]
 
 
-def ingestion_id(shard: int) -> str:
-    """The business id of a shard's ingestion workflow."""
-    return f"ingest-{shard}"
+def store_timeout(window: Window) -> timedelta:
+    """start-to-close of storing window: STEP_TIMEOUT plus a share per MiB and per reading."""
+    by_size = STORE_PER_MIB * (window.bytes / 2**20)
+    return STEP_TIMEOUT + by_size + STORE_PER_1000_READINGS * (window.readings / 1000)
+
+
+def poison_reason(err: ActivityError) -> str | None:
+    """The error of a step that failed the same way on every retry; None for any other failure."""
+    cause = err.cause
+    if isinstance(cause, ApplicationError) and cause.type == POISON:
+        return cause.message
+    return None
+
+
+def timed_out(err: ActivityError) -> bool:
+    """True when the step ran out of its start-to-close time (not a worker that vanished)."""
+    cause = err.cause
+    return isinstance(cause, TimeoutError) and cause.type == TimeoutType.START_TO_CLOSE
 
 
 @workflow.defn
@@ -58,7 +94,7 @@ class TelemetryIngestion:
         """Process windows until it is time to continue as new."""
         self._progress = IngestionProgress(
             shard=inp.shard, windows=inp.windows_done, readings=inp.readings_done, last_window=None,
-            last_window_readings=0,
+            last_window_readings=0, batches_quarantined=inp.batches_quarantined,
         )  # fmt: skip
         run_id = workflow.info().run_id
         for i in range(inp.windows_per_run):
@@ -66,20 +102,109 @@ class TelemetryIngestion:
             window: Window = await workflow.execute_activity(
                 "data.claim_window",
                 ClaimWindow(window_id=window_id, shard=inp.shard, shards=inp.shards,
-                            max_readings=inp.max_window_readings, max_wait_ms=inp.max_wait_ms),
+                            max_readings=inp.max_window_readings, max_wait_ms=inp.max_wait_ms,
+                            max_bytes=inp.max_window_bytes),
                 task_queue=TaskQueue.DATA.value, result_type=Window,
                 start_to_close_timeout=timedelta(milliseconds=inp.max_wait_ms) + timedelta(seconds=30),
                 heartbeat_timeout=timedelta(seconds=10), retry_policy=RETRY_FOREVER,
             )  # fmt: skip
             if window.batches:
-                await self._process(window)
+                if workflow.patched(WINDOW_TABLES):
+                    await self._window(window)
+                else:
+                    await self._process(window)
+            if workflow.info().is_continue_as_new_suggested():
+                break
         workflow.continue_as_new(
             inp.model_copy(
-                update={"windows_done": self._progress.windows, "readings_done": self._progress.readings}
+                update={"windows_done": self._progress.windows, "readings_done": self._progress.readings,
+                        "batches_quarantined": self._progress.batches_quarantined}
             )
+        )  # fmt: skip
+
+    async def _window(self, window: Window) -> None:
+        """Check, store, analyse a window and record its events; isolate a poison pill in it."""
+        ref = WindowRef(window_id=window.window_id, counts_only=True)
+        try:
+            await self._step("device.find_unready", ref, TaskQueue.DEVICE, UnreadyDevices)
+            stored: Stored | None = await self._store(window)
+        except ActivityError as err:
+            reason = poison_reason(err)
+            if reason is None:
+                raise
+            await self._isolate(window, reason)
+            return
+        if stored is None:  # too slow as a whole: split, each half with its own time bound
+            await self._isolate(window, None)
+            return
+        try:
+            await self._step("analytics.evaluate", ref, TaskQueue.ANALYTICS, Evaluated)
+        except ActivityError as err:
+            # the readings are stored; the window goes without analysis rather than stop the shard
+            if poison_reason(err) is None:
+                raise
+            workflow.logger.warning("window %s not analysed: %s", window.window_id, poison_reason(err))
+        await self._record(window.window_id)
+        assert self._progress is not None
+        self._progress.windows += 1
+        self._progress.readings += stored.stored
+        self._progress.last_window, self._progress.last_window_readings = window.window_id, window.readings
+
+    async def _store(self, window: Window) -> Stored | None:
+        """Store the window; None when it keeps running out of time (the caller splits it)."""
+        request = StoreWindow(window_id=window.window_id, counts_only=True)
+        while True:
+            try:
+                result: Stored = await workflow.execute_activity(
+                    "data.store_window", request, task_queue=TaskQueue.DATA.value, result_type=Stored,
+                    start_to_close_timeout=store_timeout(window), heartbeat_timeout=STORE_HEARTBEAT,
+                    retry_policy=RetryPolicy(
+                        initial_interval=RETRY_FOREVER.initial_interval, backoff_coefficient=2.0,
+                        maximum_interval=RETRY_FOREVER.maximum_interval, maximum_attempts=STORE_ATTEMPTS,
+                    ),
+                )  # fmt: skip
+                return result
+            except ActivityError as err:
+                cause = err.cause
+                final = isinstance(cause, ApplicationError) and cause.non_retryable
+                if final or poison_reason(err) is not None:
+                    raise
+                if timed_out(err) and window.batches > 1:
+                    return None
+            # anything else (the database away, workers killed): try again, for ever
+            await workflow.sleep(RETRY_FOREVER.maximum_interval or STEP_TIMEOUT)
+
+    async def _isolate(self, window: Window, reason: str | None) -> None:
+        """Split window in two and process each half; quarantine a lone batch that is poison."""
+        if window.batches <= 1 and reason is not None:
+            quarantined: BatchesQuarantined = await self._step(
+                "data.quarantine_batches", QuarantineBatches(window_id=window.window_id, reason=reason),
+                TaskQueue.DATA, BatchesQuarantined,
+            )  # fmt: skip
+            await self._record(window.window_id)
+            assert self._progress is not None
+            self._progress.batches_quarantined += quarantined.batches
+            return
+        split: WindowSplit = await self._step(
+            "data.split_window", WindowRef(window_id=window.window_id), TaskQueue.DATA, WindowSplit
         )
+        for part in split.parts:
+            await self._window(part)
+
+    async def _record(self, window_id: str) -> None:
+        """Record the window's events; events that cannot be recorded do not stop the shard."""
+        try:
+            await self._step(
+                "notification.record_window_events", WindowRef(window_id=window_id), TaskQueue.NOTIFICATION,
+                int, heartbeat_timeout=STORE_HEARTBEAT,
+            )  # fmt: skip
+        except ActivityError as err:
+            if poison_reason(err) is None:
+                raise
+            workflow.logger.warning("events of window %s not recorded: %s", window_id, poison_reason(err))
 
     async def _process(self, window: Window) -> None:
+        """The window as runs recorded before WINDOW_TABLES processed it (replay only)."""
         ref = WindowRef(window_id=window.window_id)
         unready: UnreadyDevices = await self._step(
             "device.find_unready", ref, TaskQueue.DEVICE, UnreadyDevices

@@ -38,6 +38,7 @@ WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
     "BulkOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "DeviceTwin": (),
     "TelemetryIngestion": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
+    "IngestionSupervisor": (TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
     "EventDelivery": (TaskQueue.WEBHOOK,),
     "FirmwareRollout": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
     "DeviceDecommission": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.NOTIFICATION),

@@ -20,8 +20,10 @@ from api.state import AppState
 from fleetflow.contracts.telemetry import (
     BUCKETS,
     FUTURE_TOLERANCE_S,
+    MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
     AlertView,
+    QuarantinedBatch,
     QuarantineView,
     Rule,
     TelemetryAccepted,
@@ -89,8 +91,9 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
 
     A batch id belongs to its sender (the device of a device credential, else the API token's
     subject): the same id with the same readings again is `duplicate`, with other readings 409.
-    Limits: at most 10,000 readings and 2 MiB a batch; timestamps at most 5 minutes ahead;
-    the tenant's and each device's readings/s and requests/s (429 with Retry-After).
+    Limits: at most 10,000 readings and 2 MiB a batch; timestamps at most 366 days old and
+    5 minutes ahead; |value| at most 1e100; the tenant's and each device's readings/s and
+    requests/s (429 with Retry-After).
     """
     tenant, device_id, writer = await _sender(state, credentials)
     raw = await request.body()
@@ -101,6 +104,7 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     except ValidationError as exc:
         raise _problems(exc) from None
     latest = datetime.now(UTC) + timedelta(seconds=FUTURE_TOLERANCE_S)
+    oldest = latest - timedelta(days=MAX_AGE_DAYS, seconds=FUTURE_TOLERANCE_S)
     errors: list[dict[str, Any]] = []
     devices: Counter[str] = Counter()
     lines = []
@@ -109,6 +113,9 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
         if r["ts"] > latest:
             errors.append({"loc": ["body", "readings", i, "ts"], "msg": "more than 5 minutes in the future",
                            "type": "value_error"})  # fmt: skip
+        elif r["ts"] < oldest:
+            too_old = f"more than {MAX_AGE_DAYS} days old (oldest: {oldest.isoformat()})"
+            errors.append({"loc": ["body", "readings", i, "ts"], "msg": too_old, "type": "value_error"})
         if device_id is not None and r["device_id"] != device_id:
             errors.append({"loc": ["body", "readings", i, "device_id"],
                            "msg": "a device credential may only send its own readings",
@@ -214,6 +221,18 @@ async def quarantine(
         claims.tenant, device_id,
     )  # fmt: skip
     return [QuarantineView(**dict(r.items())) for r in rows]
+
+
+@router.get("/v1/telemetry/quarantined-batches", response_model=list[QuarantinedBatch])
+async def quarantined_batches(state: State, claims: Reader) -> list[QuarantinedBatch]:
+    """Batches set aside because checking or storing them failed the same way on every retry
+    (poison pills), newest first, with the error as the reason; their payload is kept."""
+    rows = await state.pool.fetch(
+        """SELECT batch_id, readings, reason, quarantined_at FROM data.ingest_batches
+           WHERE tenant = $1 AND status = 'quarantined' ORDER BY quarantined_at DESC LIMIT 1000""",
+        claims.tenant,
+    )
+    return [QuarantinedBatch(**dict(r.items())) for r in rows]
 
 
 @router.put("/v1/rules/{rule_id}", response_model=Rule)

@@ -13,14 +13,26 @@ from fleetflow.contracts.common import DeviceId, DomainEvent, Strict
 MAX_BATCH_READINGS = 10_000
 MAX_BATCH_BYTES = 2 * 1024 * 1024
 FUTURE_TOLERANCE_S = 300
+# the oldest `ts` accepted: a year back keeps a window within ~370 daily partitions and every
+# timestamp far inside what Python and PostgreSQL both represent
+MAX_AGE_DAYS = 366
+# |value| bound: squares times any window's count stay finite, so no aggregate (sum, var_pop,
+# the EWMA variance, z-scores, rates) can overflow
+MAX_ABS_VALUE = 1e100
+# a window's payload bytes: what store_window holds in memory and its time bound scale with it
+MAX_WINDOW_BYTES = 16 * 1024 * 1024
+POISON = "PoisonWindow"  # ApplicationError type: a window step failing the same way on retry
 BUCKETS = 1024  # a batch's bucket; the shard that processes it is bucket % shards
 
 Metric = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")]
+Value = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 BatchId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 
 TELEMETRY_STORED = "TelemetryStored"
 ALERT_RAISED = "AlertRaised"
 ALERT_CLEARED = "AlertCleared"
+BATCH_QUARANTINED = "BatchQuarantined"
+ANALYSIS_FAILED = "AnalysisFailed"
 
 
 class Reading(Strict):
@@ -29,7 +41,7 @@ class Reading(Strict):
     device_id: DeviceId
     ts: AwareDatetime
     metric: Metric
-    value: Annotated[float, Field(allow_inf_nan=False)]
+    value: Value
 
 
 class TelemetryBatch(Strict):
@@ -48,7 +60,7 @@ class ReadingDict(TypedDict):
     device_id: DeviceId
     ts: AwareDatetime
     metric: Metric
-    value: Annotated[float, Field(allow_inf_nan=False)]
+    value: Value
 
 
 class TelemetryBatchDict(TypedDict):
@@ -75,9 +87,11 @@ class IngestionInput(Strict):
     shards: Annotated[int, Field(ge=1, le=BUCKETS)]
     max_window_readings: Annotated[int, Field(ge=1)] = 50_000
     max_wait_ms: Annotated[int, Field(ge=10, le=60_000)] = 10_000
+    max_window_bytes: Annotated[int, Field(ge=1)] = MAX_WINDOW_BYTES
     windows_per_run: Annotated[int, Field(ge=1, le=1000)] = 200
     windows_done: int = 0
     readings_done: int = 0
+    batches_quarantined: int = 0
 
 
 class ClaimWindow(Strict):
@@ -88,6 +102,7 @@ class ClaimWindow(Strict):
     shards: int
     max_readings: int
     max_wait_ms: int
+    max_bytes: int = MAX_WINDOW_BYTES
 
 
 class Window(Strict):
@@ -96,6 +111,7 @@ class Window(Strict):
     window_id: str
     batches: int
     readings: int
+    bytes: int = 0
 
 
 class Unready(Strict):
@@ -107,22 +123,31 @@ class Unready(Strict):
 
 
 class WindowRef(Strict):
-    """Input of the window activities that need nothing but the window."""
+    """Input of the window activities that need nothing but the window.
+
+    counts_only: the activity keeps its lists (alerts, events) in its tables and answers counts;
+    False only for runs recorded before that (their result carried the lists).
+    """
 
     window_id: str
+    counts_only: bool = False
 
 
 class UnreadyDevices(Strict):
-    """Output of `device.find_unready`."""
+    """Output of `device.find_unready`: how many devices of the window may not send. They are
+    kept in `device.window_unready` by window id; `devices` is only ever filled in histories
+    recorded before that (it grew with the window and passed the payload limit)."""
 
-    devices: list[Unready]
+    devices: list[Unready] = []
+    count: int = 0
 
 
 class StoreWindow(Strict):
     """Input of `data.store_window`."""
 
     window_id: str
-    quarantine: list[Unready]
+    quarantine: list[Unready] = []  # only in histories before `device.window_unready`
+    counts_only: bool = False
 
 
 class Stored(Strict):
@@ -131,13 +156,78 @@ class Stored(Strict):
     window_id: str
     stored: int
     quarantined: int
-    by_tenant: dict[str, dict[str, int]]
+    by_tenant: dict[str, dict[str, int]] = {}  # kept in data.windows; empty when counts_only
+    tenants: int = 0
 
 
 class Evaluated(Strict):
-    """Output of `analytics.evaluate`: the alerts raised and cleared by a window."""
+    """Output of `analytics.evaluate`: how many alerts a window raised and cleared, and how many
+    series could not be analysed. The events are in `analytics.window_events`; `events` is filled
+    only for callers that are not counts_only (histories recorded before that)."""
 
-    events: list[DomainEvent]
+    events: list[DomainEvent] = []
+    raised: int = 0
+    cleared: int = 0
+    failed: int = 0
+
+
+class WindowSplit(Strict):
+    """Output of `data.split_window`: the two halves a failing window's batches moved into."""
+
+    parts: Annotated[list[Window], Field(max_length=2)]
+
+
+class QuarantineBatches(Strict):
+    """Input of `data.quarantine_batches`: set a poison window's batches aside, with the reason."""
+
+    window_id: str
+    reason: Annotated[str, StringConstraints(max_length=2000)]
+
+
+class BatchesQuarantined(Strict):
+    """Output of `data.quarantine_batches`."""
+
+    window_id: str
+    batches: int
+    readings: int
+
+
+INGESTION_WORKFLOW = "TelemetryIngestion"
+SUPERVISOR_ID = "ingest-supervisor"
+
+
+def ingestion_id(shard: int) -> str:
+    """The business id of a shard's ingestion workflow."""
+    return f"ingest-{shard}"
+
+
+class SuperviseIngestion(Strict):
+    """Input of IngestionSupervisor (`ingest-supervisor`) and `data.supervise_ingestion`."""
+
+    shards: Annotated[int, Field(ge=1, le=BUCKETS)]
+    interval_s: Annotated[float, Field(ge=0.5, le=3600)] = 10.0
+    checks_per_run: Annotated[int, Field(ge=1, le=1000)] = 360
+
+
+MAX_ORPHANS = 20
+
+
+class Supervised(Strict):
+    """Output of `data.supervise_ingestion`: shard workflows (re)started, batches reclaimed, and
+    windows a dead run stored but never finished (analysis, events), for the supervisor to finish."""
+
+    started: int
+    reclaimed: int
+    orphans: Annotated[list[str], Field(max_length=MAX_ORPHANS)] = []
+
+
+class QuarantinedBatch(Strict):
+    """A batch set aside because storing or checking it failed the same way on every retry."""
+
+    batch_id: str
+    readings: int
+    reason: str
+    quarantined_at: datetime
 
 
 class IngestionProgress(Strict):
@@ -148,6 +238,7 @@ class IngestionProgress(Strict):
     readings: int
     last_window: str | None
     last_window_readings: int
+    batches_quarantined: int = 0
 
 
 class Rule(Strict):

@@ -140,7 +140,7 @@ async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterat
     for queue in TaskQueue:
         service = None
         if queue is not TaskQueue.ORCHESTRATION:
-            service = services.get(queue) or service_for(queue, pool, settings)
+            service = services.get(queue) or service_for(queue, pool, settings, client)
         running.append(build_worker(client, queue, pool, settings, service))
     tasks = [asyncio.create_task(w.run()) for w in running]
     yield

@@ -38,7 +38,12 @@ async def test_health_and_services_routes_need_system_read(api: httpx.AsyncClien
     services = (await api.get("/v1/services", headers=bearer())).json()
     by_queue = {s["queue"]: s for s in services}
     assert "DeviceOnboarding" in by_queue["device"]["called_by"]
-    assert by_queue["data"]["called_by"] == ["DeviceDecommission", "SystemCheck", "TelemetryIngestion"]
+    assert by_queue["data"]["called_by"] == [
+        "DeviceDecommission",
+        "IngestionSupervisor",
+        "SystemCheck",
+        "TelemetryIngestion",
+    ]
     assert by_queue["notification"]["called_by"][0] == "BulkOnboarding"
     assert by_queue["webhook"]["called_by"] == ["EventDelivery", "SystemCheck"]
 

@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 from temporalio.client import WorkflowFailureError, WorkflowHandle
 
 from bench.stack import Stack, say, stack
@@ -133,6 +134,67 @@ async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
         if progress and progress["windows"]:
             return handle
     raise RuntimeError("no ingestion window was processed")
+
+
+async def telemetry_poison(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A shard that splits a window around a batch COPY cannot read, quarantines that batch
+    and stores the others (the batches are written as an older API acknowledged them)."""
+    conn = await asyncpg.connect(s.settings.database_url)
+    try:
+        now = datetime.now(UTC).isoformat()
+        for n, value in enumerate(("1.0", "not-a-number", "2.0")):
+            payload = f"bench,rec-p{n},rec-ghost-p,t,{now},{value}\n".encode()
+            await conn.execute(
+                """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+                   VALUES ('bench', $1, 0, 1, ARRAY['rec-ghost-p'], $2)""",
+                f"rec-p{n}", payload,
+            )  # fmt: skip
+        for _ in range(600):
+            statuses = await conn.fetch("SELECT status FROM data.ingest_batches WHERE batch_id LIKE 'rec-p%'")
+            if {r["status"] for r in statuses} <= {"stored", "quarantined"}:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise RuntimeError("the poison batch was never isolated")
+    finally:
+        await conn.close()
+    await asyncio.sleep(1)  # let the window's events be recorded
+    handle = s.client.get_workflow_handle("ingest-0")
+    progress = await handle.query("progress")
+    if not progress or not progress.get("batches_quarantined"):
+        raise RuntimeError(f"ingest-0 quarantined nothing: {progress}")
+    return s.client.get_workflow_handle("ingest-0", run_id=(await handle.describe()).run_id)
+
+
+async def ingestion_supervisor(s: Stack) -> WorkflowHandle[Any, Any]:
+    """The supervisor restarts a terminated shard and finishes a window its dead run stored."""
+    shard = s.client.get_workflow_handle("ingest-1")
+    dead = (await shard.describe()).run_id
+    await shard.terminate("recording: a shard dies")
+    conn = await asyncpg.connect(s.settings.database_url)
+    try:
+        await conn.execute(
+            """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
+               VALUES ($1, 0, 0, '{"bench": {"stored": 0, "quarantined": 0}}')""",
+            f"ingest-1/{dead}/0",
+        )
+    finally:
+        await conn.close()
+    for _ in range(600):
+        described = await shard.describe()
+        if described.run_id != dead:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise RuntimeError("the supervisor did not restart ingest-1")
+    for _ in range(600):
+        check = await s.client.get_workflow_handle("ingest-supervisor").query("last_check")
+        if check and check.get("orphans"):
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(2)  # let it finish the orphan
+    supervisor = s.client.get_workflow_handle("ingest-supervisor")
+    return s.client.get_workflow_handle("ingest-supervisor", run_id=(await supervisor.describe()).run_id)
 
 
 async def _sensors(s: Stack, count: int) -> dict[str, str]:
@@ -362,6 +424,8 @@ SCENARIOS: dict[str, Scenario] = {
     "device_twin": device_twin,
     "device_twin_waits": device_twin_waits,
     "telemetry_ingestion": telemetry_ingestion,
+    "telemetry_poison": telemetry_poison,
+    "ingestion_supervisor": ingestion_supervisor,
     "firmware_rollout": firmware_rollout,
     "firmware_rollout_cancelled": firmware_rollout_cancelled,
     "device_decommission": device_decommission,

@@ -1,0 +1,128 @@
+"""Supervising ingestion: every shard's TelemetryIngestion runs, and no batch stays claimed
+by a run that is gone.
+
+A shard whose workflow failed or was terminated is started again (the id-reuse policy
+allows a new run once the previous one closed). Batches claimed by a run that is no
+longer running (the run id is the second part of every window id) go back to
+`pending` for the shard's new run; `data.store_window` locks a window's batches
+first, so a reclaim never interleaves with a store still running for a dead run.
+Part of the data service (it owns `data.ingest_batches`); mixed into `DataService`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from temporalio import activity
+from temporalio.client import Client
+from temporalio.client import WorkflowExecutionStatus as Status
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import ApplicationError
+from temporalio.service import RPCError, RPCStatusCode
+
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.telemetry import (
+    INGESTION_WORKFLOW,
+    MAX_ORPHANS,
+    TELEMETRY_STORED,
+    IngestionInput,
+    Supervised,
+    SuperviseIngestion,
+    ingestion_id,
+)
+from fleetflow.db import Pool
+from fleetflow.temporal import device_search_attributes
+
+log = logging.getLogger(__name__)
+
+
+async def start_shards(client: Client, shards: int) -> int:
+    """Start the shard workflows that are not running; how many were not."""
+    started = 0
+    for shard in range(shards):
+        if await _running(client, ingestion_id(shard)):
+            continue
+        # USE_EXISTING: a start racing this one (the API's, another supervisor's) is no error
+        await client.start_workflow(
+            INGESTION_WORKFLOW,
+            IngestionInput(shard=shard, shards=shards),
+            id=ingestion_id(shard),
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            search_attributes=device_search_attributes("system", "ingestion"),
+        )
+        started += 1
+    return started
+
+
+async def _running(client: Client, workflow_id: str, run_id: str | None = None) -> bool:
+    """True when the run (the latest when run_id is None) is running."""
+    try:
+        described = await client.get_workflow_handle(workflow_id, run_id=run_id).describe()
+    except RPCError as exc:
+        if exc.status in (RPCStatusCode.NOT_FOUND, RPCStatusCode.INVALID_ARGUMENT):
+            return False
+        raise
+    return described.status == Status.RUNNING
+
+
+class IngestionSupervision:
+    """The activity that keeps every shard running and reclaims the claims of dead runs."""
+
+    pool: Pool
+    temporal: Client | None
+
+    @activity.defn(name="data.supervise_ingestion")
+    async def supervise_ingestion(self, request: SuperviseIngestion) -> Supervised:
+        """(Re)start the shards that are not running; put the batches claimed by runs that are
+        not running back to pending. Idempotent."""
+        if self.temporal is None:
+            raise ApplicationError("the data service was built without a Temporal client", non_retryable=True)
+        started = await start_shards(self.temporal, request.shards)
+        claims = await self.pool.fetch(
+            """SELECT DISTINCT split_part(window_id, '/', 1) AS workflow_id,
+                      split_part(window_id, '/', 2) AS run_id
+               FROM data.ingest_batches WHERE status = 'claimed'"""
+        )
+        reclaimed = 0
+        for claim in claims:
+            if await _running(self.temporal, claim["workflow_id"], claim["run_id"]):
+                continue
+            result = await self.pool.execute(
+                """UPDATE data.ingest_batches SET status = 'pending', window_id = NULL
+                   WHERE status = 'claimed' AND split_part(window_id, '/', 1) = $1
+                     AND split_part(window_id, '/', 2) = $2""",
+                claim["workflow_id"], claim["run_id"],
+            )  # fmt: skip
+            count = int(str(result).split()[-1])
+            reclaimed += count
+            log.warning("reclaimed %d batches of %s run %s (not running)", count, *claim.values())
+        return Supervised(started=started, reclaimed=reclaimed, orphans=await self._orphans())
+
+    async def _orphans(self) -> list[str]:
+        """Windows of the last hour that were stored but whose events were never recorded, by
+        runs that are not running (a run killed between storing and recording)."""
+        rows = await self.pool.fetch(
+            """SELECT w.window_id, split_part(w.window_id, '/', 1) AS workflow_id,
+                      split_part(w.window_id, '/', 2) AS run_id
+               FROM data.windows w
+               CROSS JOIN LATERAL (SELECT min(k) AS tenant FROM jsonb_object_keys(w.by_tenant) k) t
+               WHERE w.stored_at > now() - interval '1 hour' AND t.tenant IS NOT NULL
+                 AND NOT EXISTS (SELECT 1 FROM notification.events e WHERE e.tenant = t.tenant
+                                 AND e.event_id = w.window_id || '/' || t.tenant || '/' || $1)
+               ORDER BY w.stored_at LIMIT 200""",
+            TELEMETRY_STORED,
+        )  # fmt: skip
+        orphans: list[str] = []
+        alive: dict[tuple[str, str], bool] = {}
+        assert self.temporal is not None
+        for row in rows:
+            run = (row["workflow_id"], row["run_id"])
+            if run not in alive:
+                alive[run] = await _running(self.temporal, *run)
+            if not alive[run]:
+                orphans.append(row["window_id"])
+            if len(orphans) == MAX_ORPHANS:
+                break
+        return orphans

@@ -1,0 +1,123 @@
+"""Isolating poison pills: a window whose step keeps failing is split in two, again and
+again, until the batch that fails is alone; that batch is set aside (status
+`quarantined`, the error as its reason, payload kept) and its shard goes on.
+
+Part of the data service (it owns `data.ingest_batches`); mixed into `DataService`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import asyncpg
+from temporalio import activity
+
+from activities.poison import is_transient
+from fleetflow.contracts.telemetry import (
+    BatchesQuarantined,
+    QuarantineBatches,
+    Window,
+    WindowRef,
+    WindowSplit,
+)
+from fleetflow.db import Pool
+from fleetflow.metrics import BATCHES_QUARANTINED
+
+log = logging.getLogger(__name__)
+
+
+def half_ids(window_id: str) -> tuple[str, str]:
+    """The ids of a window's two halves: they name the window they came from."""
+    return f"{window_id}/a", f"{window_id}/b"
+
+
+class WindowIsolation:
+    """The activities that split a failing window and quarantine its bad batch."""
+
+    pool: Pool
+
+    @activity.defn(name="data.split_window")
+    async def split_window(self, ref: WindowRef) -> WindowSplit:
+        """Move the window's claimed batches, oldest first, into two halves; a retry after the
+        commit finds the halves made and answers them again."""
+        first, second = half_ids(ref.window_id)
+        async with self.pool.acquire() as conn, conn.transaction():
+            # ctid: the rows stay locked until commit, and no assumption on the table's key
+            rows = await conn.fetch(
+                """SELECT ctid FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'
+                   ORDER BY received_at, tenant, batch_id FOR UPDATE""",
+                ref.window_id,
+            )
+            cut = (len(rows) + 1) // 2
+            for window_id, part in ((first, rows[:cut]), (second, rows[cut:])):
+                await conn.execute(
+                    "UPDATE data.ingest_batches SET window_id = $1 WHERE ctid = ANY($2::tid[])",
+                    window_id, [r["ctid"] for r in part],
+                )  # fmt: skip
+            counts = {
+                r["window_id"]: r
+                for r in await conn.fetch(
+                    """SELECT window_id, count(*) AS batches, sum(readings) AS readings,
+                              coalesce(sum(octet_length(payload)), 0) AS bytes
+                       FROM data.ingest_batches WHERE window_id = ANY($1) AND status = 'claimed'
+                       GROUP BY window_id""",
+                    [first, second],
+                )
+            }
+        return WindowSplit(
+            parts=[
+                Window(window_id=w, batches=c["batches"], readings=c["readings"], bytes=c["bytes"])
+                for w in (first, second)
+                if (c := counts.get(w)) is not None
+            ]
+        )
+
+    @activity.defn(name="data.quarantine_batches")
+    async def quarantine_batches(self, request: QuarantineBatches) -> BatchesQuarantined:
+        """Set the window's claimed batches aside with the reason; their readings that can be
+        read show in the quarantine view under that reason. Idempotent."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            batches = await conn.fetch(
+                """UPDATE data.ingest_batches SET status = 'quarantined', reason = $2, quarantined_at = now()
+                   WHERE window_id = $1 AND status = 'claimed' RETURNING tenant, batch_id, payload""",
+                request.window_id, request.reason,
+            )  # fmt: skip
+            for batch in batches:
+                await _keep_readable_rows(conn, request, batch)
+            total = await conn.fetchrow(
+                """SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings
+                   FROM data.ingest_batches WHERE window_id = $1 AND status = 'quarantined'""",
+                request.window_id,
+            )
+        assert total is not None
+        BATCHES_QUARANTINED.add(len(batches))
+        return BatchesQuarantined(
+            window_id=request.window_id, batches=total["batches"], readings=total["readings"]
+        )
+
+
+async def _keep_readable_rows(conn: Any, request: QuarantineBatches, batch: Any) -> None:
+    """Copy what COPY can read of a quarantined batch into data.quarantined_readings; a payload
+    it cannot read stays on the batch row only (a savepoint keeps the rest of the work)."""
+    if batch["payload"] is None:
+        return
+    try:
+        async with conn.transaction():
+            await conn.execute(
+                """CREATE TEMP TABLE IF NOT EXISTS poisoned (tenant text, batch_id text, device_id text,
+                       metric text, ts timestamptz, value double precision) ON COMMIT DROP"""
+            )
+            await conn.execute("TRUNCATE poisoned")
+            await conn.copy_to_table("poisoned", source=io.BytesIO(batch["payload"]), format="csv")
+            await conn.execute(
+                """INSERT INTO data.quarantined_readings
+                   SELECT tenant, device_id, metric, ts, value, $2, batch_id, $1 FROM poisoned
+                   WHERE tenant = $3""",
+                request.window_id, request.reason, batch["tenant"],
+            )  # fmt: skip
+    except asyncpg.PostgresError as exc:  # an unreadable payload is what a poison pill can be
+        if is_transient(exc):
+            raise
+        log.warning("quarantined batch %s is unreadable: %s", batch["batch_id"], exc)

@@ -1,0 +1,319 @@
+"""Ingestion at its edges, on the real servers: the largest inputs the API accepts, poison
+pills, and a shard workflow terminated under load."""
+
+from __future__ import annotations
+
+import json
+import uuid
+import zlib
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from temporalio.client import Client, WorkflowExecutionStatus
+
+from activities import analytics
+from activities.telemetry import DataService
+from fleetflow import rules
+from fleetflow.contracts.telemetry import (
+    BUCKETS,
+    MAX_AGE_DAYS,
+    MAX_BATCH_BYTES,
+    MAX_BATCH_READINGS,
+    ClaimWindow,
+    WindowRef,
+)
+from fleetflow.db import Pool
+from tests.integration.flows import AUTH, active_device
+from tests.integration.test_telemetry import device_auth, readings, send, stored
+from tests.support import bearer, eventually
+
+MAX_EVENT_BYTES = 256 * 1024
+SLOW = 180.0  # seconds a busy two-core machine may need to drain what these tests send
+
+
+async def quarantined(pool: Pool, pattern: str) -> int:
+    return int(
+        await pool.fetchval("SELECT count(*) FROM data.quarantined_readings WHERE device_id LIKE $1", pattern)
+    )
+
+
+async def test_a_flood_of_unknown_devices_stalls_nothing_and_no_history_event_passes_256_kib(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    now = datetime.now(UTC).replace(microsecond=0).isoformat()
+    for b in range(3):
+        rows = [
+            {"device_id": f"{tag}-{b}-{i:05d}-".ljust(110, "x"), "ts": now, "metric": "t", "value": i + 0.5}
+            for i in range(MAX_BATCH_READINGS)
+        ]
+        body = json.dumps({"batch_id": f"{tag}-{b}", "readings": rows}, separators=(",", ":")).encode()
+        assert len(body) <= MAX_BATCH_BYTES
+        headers = {**AUTH, "Content-Type": "application/json"}
+        accepted = await api.post("/v1/telemetry", content=body, headers=headers)
+        assert accepted.status_code == 202, accepted.text
+    device_id, credential = await active_device(api, device_type="sensor")
+    assert (await send(api, device_auth(credential), readings(device_id, [1.0]))).status_code == 202
+
+    await eventually(lambda: stored(pool, device_id), lambda n: n == 1, timeout_s=SLOW)
+    await eventually(
+        lambda: quarantined(pool, f"{tag}-%"), lambda n: n == 3 * MAX_BATCH_READINGS, timeout_s=SLOW
+    )
+    claimed = await pool.fetchval(
+        "SELECT count(*) FROM data.ingest_batches WHERE batch_id LIKE $1 AND status <> 'stored'", f"{tag}-%"
+    )
+    assert claimed == 0
+
+    # nothing that grows with the traffic travelled through any run's history
+    runs = [r async for r in client.list_workflows("WorkflowType = 'TelemetryIngestion'")]
+    assert runs
+    for run in runs:
+        history = await client.get_workflow_handle(run.id, run_id=run.run_id).fetch_history()
+        biggest = max(history.events, key=lambda e: e.ByteSize())
+        assert biggest.ByteSize() <= MAX_EVENT_BYTES, (run.id, run.run_id, biggest.event_id)
+
+
+def _csv(tenant: str, batch_id: str, device_id: str, rows: list[tuple[str, str]]) -> bytes:
+    return "".join(f"{tenant},{batch_id},{device_id},p,{ts},{value}\n" for ts, value in rows).encode()
+
+
+async def _acknowledged(pool: Pool, batch_id: str, bucket: int, device_id: str, payload: bytes) -> None:
+    """A batch as the API stored it before the bounds existed (what is already in the table)."""
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+           VALUES ('acme', $1, $2, $3, $4, $5)""",
+        batch_id, bucket, payload.count(b"\n"), [device_id], payload,
+    )  # fmt: skip
+
+
+async def test_poison_pills_are_quarantined_with_their_reason_and_the_shard_goes_on(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    for kind, params in (("zscore", {"z": 3, "min_samples": 1}), ("rate", {"max_per_s": 10})):
+        rule = {
+            "rule_id": f"pill-{kind}",
+            "device_type": "sensor",
+            "metric": "p",
+            "kind": kind,
+            "params": params,
+        }
+        assert (await api.put(f"/v1/rules/pill-{kind}", json=rule, headers=AUTH)).status_code == 200
+    sick, sick_credential = await active_device(api, device_type="sensor")
+    healthy, healthy_credential = await active_device(api, device_type="sensor")
+    now = datetime.now(UTC).replace(microsecond=0)
+
+    # batches acknowledged before the bounds existed, in the healthy device's shard: the two
+    # pills met so far, and a third kind, a row COPY cannot read
+    bucket = zlib.crc32(healthy.encode()) % BUCKETS
+    tag = uuid.uuid4().hex[:8]
+    ts = (now - timedelta(minutes=1)).isoformat()
+    warmup = [((now - timedelta(minutes=5, seconds=i)).isoformat(), "1.0") for i in range(3)]
+    pills = {
+        f"{tag}-warmup": warmup,  # gives the series a prior state, so the old ts is compared
+        f"{tag}-ts": [("0001-01-01T00:00:00+00:00", "1.0")],
+        f"{tag}-overflow": [
+            ((now - timedelta(seconds=i)).isoformat(), repr(1e308 * (-1) ** i)) for i in range(10)
+        ],
+        f"{tag}-unreadable": [(ts, "not-a-number")],
+    }
+    for batch_id, rows in pills.items():
+        await _acknowledged(pool, batch_id, bucket, sick, _csv("acme", batch_id, sick, rows))
+    assert (
+        await send(api, device_auth(healthy_credential), readings(healthy, [1.0, 2.0, 3.0]))
+    ).status_code == 202
+
+    await eventually(lambda: stored(pool, healthy), lambda n: n == 3, timeout_s=SLOW)
+
+    async def statuses() -> dict[str, tuple[str, str | None]]:
+        rows = await pool.fetch(
+            "SELECT batch_id, status, reason FROM data.ingest_batches WHERE batch_id LIKE $1", f"{tag}-%"
+        )
+        return {r["batch_id"]: (r["status"], r["reason"]) for r in rows}
+
+    done = await eventually(statuses, lambda s: all(v[0] in ("stored", "quarantined") for v in s.values()))
+    assert done[f"{tag}-unreadable"][0] == "quarantined"
+    assert "InvalidTextRepresentation" in str(done[f"{tag}-unreadable"][1])
+    assert {k: v[0] for k, v in done.items() if k != f"{tag}-unreadable"} == {
+        f"{tag}-warmup": "stored", f"{tag}-ts": "stored", f"{tag}-overflow": "stored"
+    }  # fmt: skip
+    assert await stored(pool, sick) == 3  # the warm-up; the out-of-bounds rows are set aside
+
+    view: list[dict[str, Any]] = (
+        await api.get("/v1/telemetry/quarantine", params={"device_id": sick}, headers=AUTH)
+    ).json()
+    reasons = {v["reason"].split(" (")[0]: v["readings"] for v in view}
+    assert reasons == {"ts out of bounds": 1, "value out of bounds": 10}, view
+
+    async def quarantine_events() -> list[dict[str, Any]]:
+        rows = await pool.fetch(
+            """SELECT data FROM notification.events
+               WHERE tenant = 'acme' AND type = 'BatchQuarantined' AND data->>'batch_id' = $1""",
+            f"{tag}-unreadable",
+        )
+        return [r["data"] for r in rows]
+
+    events = await eventually(quarantine_events, lambda e: len(e) == 1)
+    assert "InvalidTextRepresentation" in events[0]["reason"]
+    listed = (await api.get("/v1/telemetry/quarantined-batches", headers=AUTH)).json()
+    assert [b["readings"] for b in listed if b["batch_id"] == f"{tag}-unreadable"] == [1]
+    foreign = await api.get("/v1/telemetry/quarantined-batches", headers=bearer("globex"))
+    assert foreign.status_code == 200 and tag not in foreign.text
+
+    # the API refuses both known pills now, naming the field
+    old = [{"device_id": sick, "ts": "0001-01-01T00:00:00Z", "metric": "p", "value": 1.0}]
+    refused = await send(api, device_auth(sick_credential), old)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+    huge = readings(sick, [1e308, -1e308], metric="p")
+    refused = await send(api, device_auth(sick_credential), huge)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "value"
+
+
+async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is_stored(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    devices = [await active_device(api, device_type="sensor") for _ in range(4)]
+    expected = {device_id: 0 for device_id, _ in devices}
+
+    async def load(round_: int) -> None:
+        for device_id, credential in devices:
+            rows = readings(device_id, [float(round_)] * 50, start=round_ * 50)
+            assert (await send(api, device_auth(credential), rows)).status_code == 202
+            expected[device_id] += 50
+
+    await load(0)
+    shard = client.get_workflow_handle("ingest-0")
+    dead_run = (await shard.describe()).run_id
+    await shard.terminate("test: a shard dies under load")
+    await load(1)
+    # a batch the dead run had claimed when it died (acknowledged, never stored)
+    device_id = devices[0][0]
+    payload = "".join(
+        f"acme,dead-{dead_run},{device_id},temperature,{r['ts']},{r['value']}\n"
+        for r in readings(device_id, [7.0, 8.0], start=900)
+    ).encode()
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
+               window_id)
+           VALUES ('acme', $1, 0, 2, $2, $3, 'claimed', $4)""",
+        f"dead-{dead_run}", [device_id], payload, f"ingest-0/{dead_run}/999",
+    )  # fmt: skip
+    expected[device_id] += 2
+    # and a window it had stored but whose events it never recorded
+    orphan = f"ingest-0/{dead_run}/998"
+    await pool.execute(
+        """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
+           VALUES ($1, 0, 0, '{"acme": {"stored": 0, "quarantined": 0}}')""",
+        orphan,
+    )
+    await load(2)
+
+    async def counts() -> dict[str, int]:
+        return {d: await stored(pool, d) for d in expected}
+
+    await eventually(counts, lambda c: c == expected, timeout_s=SLOW)
+    described = await shard.describe()
+    assert described.run_id != dead_run and described.status == WorkflowExecutionStatus.RUNNING
+    finished = await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM notification.events WHERE event_id = $1",
+                              f"{orphan}/acme/TelemetryStored"),
+        lambda n: n == 1, timeout_s=SLOW,
+    )  # fmt: skip
+    assert finished == 1
+
+
+async def test_a_batch_spanning_the_whole_accepted_range_is_stored_and_older_is_refused(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    device_id, credential = await active_device(api, device_type="sensor")
+    me = device_auth(credential)
+    now = datetime.now(UTC)
+    too_old = [{"device_id": device_id, "ts": (now - timedelta(days=MAX_AGE_DAYS + 1)).isoformat(),
+                "metric": "span", "value": 1.0}]  # fmt: skip
+    refused = await send(api, me, too_old)
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+
+    # one reading in each of ~366 daily partitions that do not exist yet: stored, not a pill
+    oldest = now - timedelta(days=MAX_AGE_DAYS) + timedelta(minutes=10)
+    step = (now - oldest) / (MAX_BATCH_READINGS - 1)
+    rows = [
+        {"device_id": device_id, "ts": (oldest + step * i).isoformat(), "metric": "span", "value": float(i)}
+        for i in range(MAX_BATCH_READINGS)
+    ]
+    assert (await send(api, me, rows)).status_code == 202
+    await eventually(lambda: stored(pool, device_id), lambda n: n == MAX_BATCH_READINGS, timeout_s=SLOW)
+
+
+async def test_a_window_is_capped_in_bytes_as_well_as_readings(pool: Pool) -> None:
+    # bucket -1 belongs to no running shard (-1 % n is never a shard), so only this test claims it
+    tag = uuid.uuid4().hex[:8]
+    ts = datetime.now(UTC).isoformat()
+    big = "".join(f"acme,{tag},{'d' * 100},m,{ts},1.0\n" for _ in range(5000)).encode()  # ~0.6 MB
+    for n in range(3):
+        await pool.execute(
+            """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+               VALUES ('acme', $1, -1, 5000, ARRAY['x'], $2)""",
+            f"{tag}-{n}", big,
+        )  # fmt: skip
+    service = DataService(pool)
+    windows = []
+    for n in range(3):
+        request = ClaimWindow(
+            window_id=f"{tag}/{n}", shard=-1, shards=3, max_readings=1_000_000, max_wait_ms=10,
+            max_bytes=len(big) * 2 - 1,
+        )  # fmt: skip
+        windows.append(await service.claim_window(request))
+    assert [(w.batches, w.bytes) for w in windows] == [(1, len(big)), (1, len(big)), (1, len(big))]
+    await pool.execute("DELETE FROM data.ingest_batches WHERE batch_id LIKE $1", f"{tag}-%")
+
+
+async def test_a_series_the_rules_cannot_evaluate_is_skipped_with_an_event_at_the_last_resort(
+    api: httpx.AsyncClient, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rule = {"rule_id": "odd-hot", "device_type": "sensor", "metric": "odd", "kind": "threshold",
+            "params": {"above": 5}}  # fmt: skip
+    assert (await api.put("/v1/rules/odd-hot", json=rule, headers=AUTH)).status_code == 200
+    first, _ = await active_device(api, device_type="sensor")
+    second, _ = await active_device(api, device_type="sensor")
+    window_id = f"test-{uuid.uuid4().hex[:8]}/r/0"
+    now = datetime.now(UTC)
+    for device_id, value in ((first, 9.0), (second, 9.0)):
+        await pool.execute(
+            "INSERT INTO data.window_stats VALUES ($1, 'acme', $2, 'odd', 1, $3, 0, $3, $3, $4, $3, $4, $3)",
+            window_id, device_id, value, now,
+        )  # fmt: skip
+    real = rules.evaluate
+    service = analytics.AnalyticsService(pool)
+    # an attempt before the last resort fails the whole window, as before
+    monkeypatch.setattr(analytics, "in_last_resort", lambda: False)
+
+    def overflowing(rule: Any, w: Any, prior: Any) -> Any:
+        if rule.rule_id == "odd-hot":  # other tests' windows may still be analysed meanwhile
+            raise OverflowError("(34, 'Numerical result out of range')")
+        return real(rule, w, prior)
+
+    monkeypatch.setattr(rules, "evaluate", overflowing)
+    with pytest.raises(OverflowError):
+        await service.evaluate(WindowRef(window_id=window_id, counts_only=True))
+    # the last resort skips that series only, with an AnalysisFailed event, and raises the other's alert
+    monkeypatch.setattr(analytics, "in_last_resort", lambda: True)
+    calls: list[str] = []
+
+    def flaky(rule: Any, w: Any, prior: Any) -> Any:
+        if rule.rule_id == "odd-hot":
+            calls.append(rule.rule_id)
+            if len(calls) == 1:  # the first of the two series
+                raise OverflowError("(34, 'Numerical result out of range')")
+        return real(rule, w, prior)
+
+    monkeypatch.setattr(rules, "evaluate", flaky)
+    evaluated = await service.evaluate(WindowRef(window_id=window_id, counts_only=True))
+    assert (evaluated.failed, evaluated.raised, evaluated.events) == (1, 1, [])
+    rows = await pool.fetch(
+        "SELECT event FROM analytics.window_events WHERE window_id = $1 ORDER BY event_id", window_id
+    )
+    kinds = sorted(r["event"]["type"] for r in rows)
+    assert kinds == ["AlertRaised", "AnalysisFailed"]
+    failed = next(r["event"] for r in rows if r["event"]["type"] == "AnalysisFailed")
+    assert "OverflowError" in failed["data"]["reason"]

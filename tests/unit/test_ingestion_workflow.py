@@ -1,0 +1,181 @@
+"""TelemetryIngestion's isolation of poison pills and of windows too slow to store, with stub
+activities: the workflow's logic alone (time-skipping server; the dev server where an
+activity must really run out of time)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from temporalio import activity
+from temporalio.client import WorkflowFailureError
+from temporalio.contrib.pydantic import pydantic_data_converter
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import WorkflowEnvironment
+from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
+from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner
+
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.telemetry import (
+    POISON,
+    BatchesQuarantined,
+    ClaimWindow,
+    Evaluated,
+    IngestionInput,
+    QuarantineBatches,
+    Stored,
+    StoreWindow,
+    UnreadyDevices,
+    Window,
+    WindowRef,
+    WindowSplit,
+)
+from tests.support import TEMPORAL_CLI, TEST_SERVER
+from workflows import telemetry_ingestion as ingestion
+from workflows.telemetry_ingestion import TelemetryIngestion, store_timeout
+
+CALLS: list[str] = []
+# window id -> its batches (names); a batch named "bad" is a poison pill, "slow" makes any
+# window of more than one batch outlast its time bound
+WINDOWS: dict[str, list[str]] = {}
+CLAIMS: list[list[str]] = []
+
+
+def _window(window_id: str) -> Window:
+    batches = WINDOWS[window_id]
+    return Window(window_id=window_id, batches=len(batches), readings=len(batches), bytes=0)
+
+
+@activity.defn(name="data.claim_window")
+async def claim(request: ClaimWindow) -> Window:
+    if not CLAIMS:
+        raise ApplicationError("no more windows: end of the test", non_retryable=True)
+    WINDOWS[request.window_id] = CLAIMS.pop(0)
+    return _window(request.window_id)
+
+
+@activity.defn(name="device.find_unready")
+async def find_unready(ref: WindowRef) -> UnreadyDevices:
+    return UnreadyDevices(count=0)
+
+
+@activity.defn(name="data.store_window")
+async def store(request: StoreWindow) -> Stored:
+    batches = WINDOWS[request.window_id]
+    CALLS.append(f"store {'+'.join(batches)}")
+    if "bad" in batches:
+        raise ApplicationError("TypeError: can't compare", type=POISON, non_retryable=True)
+    if "slow" in batches and len(batches) > 1:
+        while True:  # heartbeating, so only the start-to-close bound ends it
+            activity.heartbeat()
+            await asyncio.sleep(0.1)
+    return Stored(window_id=request.window_id, stored=1000 * len(batches), quarantined=0)
+
+
+@activity.defn(name="data.split_window")
+async def split(ref: WindowRef) -> WindowSplit:
+    batches = WINDOWS[ref.window_id]
+    cut = (len(batches) + 1) // 2
+    WINDOWS[f"{ref.window_id}/a"], WINDOWS[f"{ref.window_id}/b"] = batches[:cut], batches[cut:]
+    return WindowSplit(parts=[_window(f"{ref.window_id}/a"), _window(f"{ref.window_id}/b")])
+
+
+@activity.defn(name="data.quarantine_batches")
+async def quarantine(request: QuarantineBatches) -> BatchesQuarantined:
+    CALLS.append(f"quarantine {'+'.join(WINDOWS[request.window_id])}: {request.reason}")
+    return BatchesQuarantined(window_id=request.window_id, batches=1, readings=1000)
+
+
+@activity.defn(name="analytics.evaluate")
+async def evaluate(ref: WindowRef) -> Evaluated:
+    return Evaluated()
+
+
+@activity.defn(name="notification.record_window_events")
+async def record(ref: WindowRef) -> int:
+    return 0
+
+
+@pytest.fixture(scope="module")
+async def env() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await WorkflowEnvironment.start_time_skipping(
+        test_server_existing_path=str(TEST_SERVER), data_converter=pydantic_data_converter
+    )
+    yield environment
+    await environment.shutdown()
+
+
+@pytest.fixture(scope="module")
+async def dev() -> AsyncIterator[WorkflowEnvironment]:
+    environment = await WorkflowEnvironment.start_local(
+        dev_server_existing_path=str(TEMPORAL_CLI), data_converter=pydantic_data_converter
+    )
+    yield environment
+    await environment.shutdown()
+
+
+async def run_windows(
+    env: WorkflowEnvironment, *windows: list[str], runner: WorkflowRunner | None = None
+) -> list[str]:
+    """Run a shard over the given windows (each a list of batch names); what it stored and
+    quarantined, in order."""
+    CALLS.clear()
+    CLAIMS[:] = [list(w) for w in windows]
+    queues: dict[TaskQueue, list[Any]] = {
+        TaskQueue.DATA: [claim, store, split, quarantine],
+        TaskQueue.DEVICE: [find_unready],
+        TaskQueue.ANALYTICS: [evaluate],
+        TaskQueue.NOTIFICATION: [record],
+    }
+    workers = [Worker(env.client, task_queue=q.value, activities=a) for q, a in queues.items()]
+    orchestration = TaskQueue.ORCHESTRATION.value
+    workers.append(
+        Worker(env.client, task_queue=orchestration, workflows=[TelemetryIngestion],
+               workflow_runner=runner or SandboxedWorkflowRunner())
+    )  # fmt: skip
+    async with workers[0], workers[1], workers[2], workers[3], workers[4]:
+        with pytest.raises(WorkflowFailureError):  # the stub's claim ends the run
+            await env.client.execute_workflow(
+                TelemetryIngestion.run, IngestionInput(shard=0, shards=1),
+                id=f"ingest-test-{uuid.uuid4()}", task_queue=TaskQueue.ORCHESTRATION.value,
+            )  # fmt: skip
+    return list(CALLS)
+
+
+async def test_a_poison_batch_is_split_off_and_quarantined_and_the_rest_is_stored(
+    env: WorkflowEnvironment,
+) -> None:
+    calls = await run_windows(env, ["b1", "b2", "bad", "b4"], ["b5"])
+    assert calls == [
+        "store b1+b2+bad+b4",
+        "store b1+b2",
+        "store bad+b4",
+        "store bad",
+        "quarantine bad: TypeError: can't compare",
+        "store b4",
+        "store b5",
+    ]
+
+
+async def test_a_window_that_outgrows_its_time_bound_is_split_until_it_fits(
+    dev: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a one-second bound, so the attempts really run out of time (unsandboxed: the patched
+    # module is the one the workflow runs)
+    monkeypatch.setattr(ingestion, "STEP_TIMEOUT", timedelta(seconds=1))
+    monkeypatch.setattr(ingestion, "STORE_PER_1000_READINGS", timedelta(0))
+    calls = await run_windows(dev, ["slow", "b2", "b3"], runner=UnsandboxedWorkflowRunner())
+    assert calls[0] == "store slow+b2+b3"
+    assert [c for c in calls if c in ("store slow", "store b2", "store b3")] == [
+        "store slow", "store b2", "store b3"
+    ]  # fmt: skip
+
+
+def test_the_store_bound_scales_with_the_window() -> None:
+    small = store_timeout(Window(window_id="w", batches=1, readings=10, bytes=1000))
+    large = store_timeout(Window(window_id="w", batches=100, readings=500_000, bytes=64 * 2**20))
+    assert large > small * 10
