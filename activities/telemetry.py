@@ -97,9 +97,8 @@ class DataService(WindowIsolation, IngestionSupervision):
                        ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
                    candidates AS (
                        SELECT tenant, writer, batch_id,
-                              sum(readings) OVER (ORDER BY received_at, tenant, writer, batch_id) AS running,
-                              sum(bytes) OVER (ORDER BY received_at, tenant, writer, batch_id) AS running_bytes
-                       FROM oldest),
+                              sum(readings) OVER w AS running, sum(bytes) OVER w AS running_bytes
+                       FROM oldest WINDOW w AS (ORDER BY received_at, tenant, writer, batch_id)),
                    picked AS (
                        SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
                        JOIN candidates c USING (tenant, writer, batch_id)
