@@ -158,7 +158,8 @@ async def _twin_state(state: AppState, tenant: str, device_id: str) -> TwinState
     return await _on_twin(state, tenant, device_id, get)
 
 
-_EVENT_REF = re.compile(r"^(?:(?P<run>[0-9a-f-]{36}):)?(?P<event>\d+)$")
+# an event id is an int64: more digits are no event id (and int() refuses thousands of them)
+_EVENT_REF = re.compile(r"^(?:(?P<run>[0-9a-f-]{36}):)?(?P<event>\d{1,18})$")
 
 
 @router.get("/v1/devices/{device_id}/twin", response_model=TwinView)
