@@ -12,7 +12,7 @@ import asyncpg
 from temporalio import activity
 
 from activities.device_reads import DeviceReadModel
-from activities.device_state import REUSABLE, refuse, register_device, set_status
+from activities.device_state import REUSABLE, DeviceRoom, device_room, refuse, register_device, set_status
 from fleetflow import config_schema
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -23,6 +23,7 @@ from fleetflow.contracts.devices import (
     DeviceStatus,
     DeviceTypeView,
 )
+from fleetflow.contracts.tenants import TenantLimits
 from fleetflow.keys import KeyRing
 from fleetflow.security import issue_device_credential, kid_of, token_hash
 
@@ -37,6 +38,7 @@ class BulkProvisioning(DeviceReadModel):
 
     keys: KeyRing
     issuer: str
+    quota_defaults: TenantLimits
 
     @activity.defn(name="device.provision_batch")
     async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
@@ -57,10 +59,11 @@ class BulkProvisioning(DeviceReadModel):
         ok: list[str] = []
         failed: list[DeviceFailure] = []
         async with self.pool.acquire() as conn, conn.transaction():
+            room = await device_room(conn, chunk.tenant, self.quota_defaults)
             for i, raw in enumerate(rows):
                 index = chunk.offset + i
                 spec = DeviceSpec.model_validate(raw)
-                reason = await self._provision_one(conn, chunk, spec, types)
+                reason = await self._provision_one(conn, chunk, spec, types, room)
                 if reason is None:
                     ok.append(spec.device_id)
                 else:
@@ -68,7 +71,12 @@ class BulkProvisioning(DeviceReadModel):
         return BulkChunkResult(onboarded=ok, failed=failed)
 
     async def _provision_one(
-        self, conn: Conn, chunk: BulkChunk, spec: DeviceSpec, types: dict[str, DeviceTypeView]
+        self,
+        conn: Conn,
+        chunk: BulkChunk,
+        spec: DeviceSpec,
+        types: dict[str, DeviceTypeView],
+        room: DeviceRoom,
     ) -> str | None:
         kind = types.get(spec.device_type)
         if kind is None:
@@ -85,6 +93,9 @@ class BulkProvisioning(DeviceReadModel):
             return None  # done by an earlier attempt of this batch
         if current is not None and current["status"] not in REUSABLE:
             return f"already registered ({current['status']})"
+        over = room.take()
+        if over is not None:
+            return over
         jti = f"{chunk.bulk_id}:{spec.device_id}"
         token = issue_device_credential(
             self.keys, tenant=chunk.tenant, device_id=spec.device_id, jti=jti,

@@ -30,7 +30,7 @@ from fastapi import HTTPException, status
 from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.metrics import REQUESTS_THROTTLED
-from fleetflow.tenant_profiles import read_profile, write_profile
+from fleetflow.tenant_profiles import COUNTED_DEVICES_SQL, read_profile, write_profile
 
 log = logging.getLogger("fleetflow.quotas")
 
@@ -42,11 +42,7 @@ MAX_BUCKETS = 100_000  # about 40 MB at most
 
 # a count quota -> (the SQL counting what the tenant has, what it counts)
 COUNTS: dict[str, tuple[str, str]] = {
-    "max_devices": (
-        """SELECT count(*) FROM device.devices
-           WHERE tenant = $1 AND status NOT IN ('decommissioned', 'failed')""",
-        "devices",
-    ),
+    "max_devices": (COUNTED_DEVICES_SQL, "devices"),
     "max_subscriptions": (
         "SELECT count(*) FROM notification.subscriptions WHERE tenant = $1",
         "subscriptions",
