@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from contextvars import ContextVar
 from functools import lru_cache
 from typing import Any
@@ -75,6 +76,23 @@ class _TooCostly(Exception):
 
 
 _STEPS: ContextVar[list[int]] = ContextVar("config_schema_steps")
+# [steps left] shared by the validations of one request (step_budget), on top of each one's own
+_SHARED: ContextVar[list[int] | None] = ContextVar("config_schema_shared_steps", default=None)
+
+
+class _SharedBudgetSpent(_TooCostly):
+    """The validations of one request together ran past their shared budget."""
+
+
+@contextmanager
+def step_budget(steps: int) -> Iterator[None]:
+    """The validations inside share `steps` on top of each one's MAX_VALIDATION_STEPS: a bulk
+    import of 10,000 devices is otherwise 10,000 full budgets of one request's CPU time."""
+    token = _SHARED.set([steps])
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
 
 
 def _charge(steps: int) -> None:
@@ -85,6 +103,11 @@ def _charge(steps: int) -> None:
         budget[0] += steps
         if budget[0] > MAX_VALIDATION_STEPS:
             raise _TooCostly
+        shared = _SHARED.get()
+        if shared is not None:
+            shared[0] -= steps
+            if shared[0] < 0:
+                raise _SharedBudgetSpent
 
 
 # keywords whose value's entries one evaluation goes through without descending into them (a
@@ -312,6 +335,9 @@ def validate(document: Any, schema: dict[str, Any], path: str = "config") -> Non
     try:
         # a type stored before schemas were checked must not crash its caller
         error = best_match(_validator(_text(schema)).iter_errors(document))
+    except _SharedBudgetSpent:
+        reason = "the request's documents together take too many schema steps to check: send fewer at once"
+        raise ConfigError(path, reason, base) from None
     except _TooCostly:
         reason = f"takes more than {MAX_VALIDATION_STEPS} schema steps to check: simplify it or its schema"
         raise ConfigError(path, reason, base) from None
