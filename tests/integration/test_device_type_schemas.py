@@ -9,7 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from fleetflow import config_schema
 from tests.integration.flows import AUTH, active_device, new_id
+from tests.support import eventually
 
 PROBE_SCHEMA = {
     "type": "object",
@@ -96,3 +98,28 @@ async def test_a_bulk_import_shares_one_schema_step_budget_and_checks_a_repeated
     same = {"l": list(range(2500))}  # the same config for 100 devices: checked once
     alike = [device(same) for _ in range(100)]
     assert (await api.post("/v1/devices:bulk", json={"devices": alike}, headers=AUTH)).status_code == 202
+
+
+async def test_a_config_shared_by_a_bulk_imports_devices_is_checked_once_per_slice(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the device service validated it again for every device of a slice: 1,000 validations of
+    # up to 20,000 steps each in one activity, however cheaply the API had accepted the import
+    resolve, calls = config_schema.resolve, []
+
+    def counted(*args: Any) -> dict[str, Any]:
+        calls.append(args)
+        return resolve(*args)
+
+    monkeypatch.setattr(config_schema, "resolve", counted)
+    devices = [
+        {"device_id": new_id(), "device_type": "thermostat", "config": {"target_c": 19}} for _ in range(50)
+    ]
+    accepted = await api.post("/v1/devices:bulk", json={"devices": devices}, headers=AUTH)
+    assert accepted.status_code == 202, accepted.text
+
+    async def status() -> str:
+        return str((await api.get(accepted.json()["status_url"], headers=AUTH)).json()["status"])
+
+    assert await eventually(status, lambda s: s == "completed") == "completed"
+    assert len(calls) == 2  # once by the API, once by the slice's activity
