@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import asyncpg
 from temporalio.exceptions import ApplicationError
 
 from fleetflow.contracts.devices import DeviceSpec, DeviceStatus
+from fleetflow.contracts.tenants import TenantLimits
+from fleetflow.tenant_profiles import COUNTED_DEVICES_SQL, read_profile
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     from asyncpg.pool import PoolConnectionProxy
@@ -16,6 +19,39 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 
 # statuses a new onboarding may take over; anything else belongs to a live device
 REUSABLE = (DeviceStatus.FAILED.value,)
+
+
+# first key of the advisory lock under which a tenant's devices are counted and registered
+DEVICE_QUOTA_LOCK = 0x0DE7
+
+
+@dataclass
+class DeviceRoom:
+    """The devices a tenant may still register in this transaction (`left` None: no limit)."""
+
+    limit: int
+    left: int | None
+
+    def take(self) -> str | None:
+        """Take the room for one more device; the refusal's reason when there is none."""
+        if self.left is None:
+            return None
+        if self.left <= 0:
+            return f"quota max_devices exceeded: the tenant may have at most {self.limit} devices"
+        self.left -= 1
+        return None
+
+
+async def device_room(conn: Conn, tenant: str, defaults: TenantLimits) -> DeviceRoom:
+    """The tenant's room under its max_devices, counted under a per-tenant lock held until the
+    caller's transaction ends. The API checks the count before it starts an onboarding, but its
+    devices are registered later by workflows: without this, requests sent before the earlier
+    ones registered their devices (bulk imports back to back) all passed the API's check."""
+    limit = (await read_profile(conn, tenant)).over(defaults).max_devices
+    if limit <= 0:
+        return DeviceRoom(limit, None)
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", DEVICE_QUOTA_LOCK, tenant)
+    return DeviceRoom(limit, limit - int(await conn.fetchval(COUNTED_DEVICES_SQL, tenant)))
 
 
 def refuse(message: str, kind: str) -> ApplicationError:

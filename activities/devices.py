@@ -11,7 +11,7 @@ from temporalio import activity
 
 from activities.device_bulk import BulkProvisioning
 from activities.device_rollouts import RolloutJobs
-from activities.device_state import REUSABLE, refuse, register_device, set_status
+from activities.device_state import REUSABLE, device_room, refuse, register_device, set_status
 from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow import config_schema
@@ -46,6 +46,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         self.pool = pool
         self.keys = keyring(settings)
         self.issuer = settings.jwt_issuer
+        self.quota_defaults = settings.quotas
         self.firmware_dir = settings.data_dir / "firmware"
 
     # --- activities ------------------------------------------------------------
@@ -90,6 +91,9 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                     f"device {spec.device_id!r} is already registered ({current['status']})",
                     "DeviceExists",
                 )
+            over = (await device_room(conn, request.tenant, self.quota_defaults)).take()
+            if over is not None:
+                raise refuse(over, "QuotaExceeded")
             await register_device(
                 conn, request.tenant, spec, DeviceStatus.PENDING, onboarding_id=request.onboarding_id,
                 actor=request.actor, from_status=current["status"] if current else None,

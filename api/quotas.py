@@ -30,7 +30,7 @@ from fastapi import HTTPException, status
 from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.metrics import REQUESTS_THROTTLED
-from fleetflow.tenant_profiles import read_profile, write_profile
+from fleetflow.tenant_profiles import COUNTED_DEVICES_SQL, read_profile, write_profile
 
 log = logging.getLogger("fleetflow.quotas")
 
@@ -42,11 +42,7 @@ MAX_BUCKETS = 100_000  # about 40 MB at most
 
 # a count quota -> (the SQL counting what the tenant has, what it counts)
 COUNTS: dict[str, tuple[str, str]] = {
-    "max_devices": (
-        """SELECT count(*) FROM device.devices
-           WHERE tenant = $1 AND status NOT IN ('decommissioned', 'failed')""",
-        "devices",
-    ),
+    "max_devices": (COUNTED_DEVICES_SQL, "devices"),
     "max_subscriptions": (
         "SELECT count(*) FROM notification.subscriptions WHERE tenant = $1",
         "subscriptions",
@@ -156,13 +152,16 @@ class Quotas:
         capacity = max(1.0, rate * limits.burst_s)
         per_device = reason.startswith("device")
         buckets = self._buckets if per_device else self._tenant_buckets
+        if per_device and len(buckets) + len(costs) > MAX_BUCKETS:
+            # before the lookups: a sweep among them dropped the buckets already looked up for
+            # this batch (full, nothing taken yet), and the batch was charged to buckets no
+            # longer held
+            self._sweep(now, room=len(costs))
         charges = []
         for device, cost in costs.items():
             key = (reason, tenant, device)
             bucket = buckets.get(key)
             if bucket is None:
-                if per_device and len(buckets) >= MAX_BUCKETS:
-                    self._sweep(now)
                 bucket = buckets[key] = TokenBucket(rate, capacity, capacity, now)
             else:
                 bucket.refill(now)
@@ -184,13 +183,14 @@ class Quotas:
         for charge in charges:
             charge.bucket.level -= charge.cost
 
-    def _sweep(self, now: float) -> None:
-        """Drop full device buckets (the same as new ones); if not enough, the oldest ones."""
+    def _sweep(self, now: float, room: int) -> None:
+        """Drop full device buckets (the same as new ones); if not enough, the oldest ones, until
+        there is room for `room` more."""
         for key, bucket in list(self._buckets.items()):
             bucket.refill(now)
             if bucket.level >= bucket.capacity:
                 del self._buckets[key]
-        excess = len(self._buckets) - MAX_BUCKETS * 3 // 4
+        excess = len(self._buckets) - max(0, MAX_BUCKETS * 3 // 4 - room)
         for key in list(self._buckets)[: max(0, excess)]:
             del self._buckets[key]
 

@@ -212,6 +212,8 @@ async def twin_as_of(
         if (event_id is None or e.event_id <= event_id)
         and (at is None or e.event_time.ToDatetime(tzinfo=at.tzinfo) <= at)
     ]  # fmt: skip
+    if not events:  # event 0, or a time before the run's first event
+        raise NoTwinThen(f"no event of {workflow_id} at that point")
     last_time = events[-1].event_time.ToDatetime(tzinfo=run.start_time.tzinfo)
     if not any(e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED for e in events):
         # before the first workflow task the state is the input's: nothing to replay yet

@@ -4,13 +4,18 @@ by `PUT /v1/tenants/{tenant}/profile` and `fleetflow tenants profile`."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from fleetflow.contracts.tenants import TenantProfile
 from fleetflow.db import Pool
 
+# the devices max_devices counts (the API's early check and the device service's registrations)
+COUNTED_DEVICES_SQL = """SELECT count(*) FROM device.devices
+   WHERE tenant = $1 AND status NOT IN ('decommissioned', 'failed')"""
 
-async def read_profile(pool: Pool, tenant: str) -> TenantProfile:
-    """The tenant's stored overrides (empty when it has none)."""
+
+async def read_profile(pool: Pool | Any, tenant: str) -> TenantProfile:
+    """The tenant's stored overrides (empty when it has none); pool may be a connection."""
     stored = await pool.fetchval("SELECT profile FROM fleetflow.tenant_profiles WHERE tenant = $1", tenant)
     # the platform's pool decodes jsonb (fleetflow.db); a bare connection gives text
     return TenantProfile.model_validate(json.loads(stored) if isinstance(stored, str) else stored or {})

@@ -62,6 +62,7 @@ MAX_BODY_BYTES = TWIN_DOCUMENT_MAX_BYTES  # BodyLimit refuses a larger body befo
 RESTART_PAUSE_S = 0.2  # while the twin continues as new, before asking the next run
 WAIT_GRACE_S = 10  # how long past its wait a long-poll waits for the twin's answer
 MIN_REWAIT_S = 1.0  # less time left than this: answer rather than wait again
+CLIENT_CLOSED_REQUEST = 499  # the status of a long-poll whose device hung up (as nginx logs it)
 
 
 def _limit_problem(loc: list[str | int], breach: Breach) -> HTTPException:
@@ -157,7 +158,8 @@ async def _twin_state(state: AppState, tenant: str, device_id: str) -> TwinState
     return await _on_twin(state, tenant, device_id, get)
 
 
-_EVENT_REF = re.compile(r"^(?:(?P<run>[0-9a-f-]{36}):)?(?P<event>\d+)$")
+# an event id is an int64: more digits are no event id (and int() refuses thousands of them)
+_EVENT_REF = re.compile(r"^(?:(?P<run>[0-9a-f-]{36}):)?(?P<event>\d{1,18})$")
 
 
 @router.get("/v1/devices/{device_id}/twin", response_model=TwinView)
@@ -314,7 +316,7 @@ async def wait_for_delta(
     state: State,
     device: Device,
     wait: Annotated[int, Query(ge=0, le=MAX_WAIT_S, description="seconds to wait for a delta")] = 0,
-) -> DeltaView:
+) -> DeltaView | Response:
     """What the device must still apply; with `wait`, holds the request until there is some.
 
     The twin itself holds the wait (its `wait_for_delta` update completes on a change), so a
@@ -332,13 +334,18 @@ async def wait_for_delta(
         raise _busy(wait)  # this process already holds one: no need to ask the twin
     state.twin_waiters.add(key)
     waiter_id = uuid.uuid4().hex
+    release = state.temporal.get_workflow_handle(twin_id(claims.tenant, claims.device_id))
     try:
         return await _held(http, state, claims.tenant, claims.device_id, wait, answer, waiter_id)
-    except (asyncio.CancelledError, _HungUp):
+    except asyncio.CancelledError:
         # the device is gone: end its wait in the twin too, or its next request would get 429
-        release = state.temporal.get_workflow_handle(twin_id(claims.tenant, claims.device_id))
         await asyncio.shield(release.signal(DeviceTwin.release_wait, waiter_id))
         raise
+    except _HungUp:
+        # as above; a device dropping its connection is routine, not a server error (an
+        # exception here was logged as one, with its traceback): answered for the access log
+        await asyncio.shield(release.signal(DeviceTwin.release_wait, waiter_id))
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     finally:
         state.twin_waiters.discard(key)
 
@@ -360,6 +367,9 @@ async def _unless_hung_up(http: Request, work: Awaitable[T]) -> T:
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
         if not task.done():
+            # the SDK ends a cancelled update call with an error of its own: retrieved here,
+            # or asyncio logs "Task exception was never retrieved" for every hang-up
+            task.add_done_callback(lambda done: done.cancelled() or done.exception())
             raise _HungUp
         return task.result()
     finally:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import statistics
 import uuid
+from functools import partial
 from typing import Any
 
 import httpx
@@ -18,7 +19,7 @@ from fleetflow.settings import Settings
 from tests.integration.flows import active_device, new_id, onboard, progress_until
 from tests.integration.test_observability import value
 from tests.integration.test_telemetry import readings, send
-from tests.support import bearer
+from tests.support import bearer, eventually
 from workers.cli import build_parser
 from workers.tenant_commands import tenant_profile_command
 
@@ -192,3 +193,43 @@ async def test_the_cli_sets_a_profile_that_the_api_applies(
         wrong = build_parser().parse_args(["tenants", "profile", tenant, bad])
         with pytest.raises(StartupError, match=bad.split("=")[0]):
             await tenant_profile_command(settings, wrong)
+
+
+async def test_bulk_imports_sent_back_to_back_stay_within_the_device_quota(api: httpx.AsyncClient) -> None:
+    # the API counts devices before a bulk's workflow has registered any: three imports sent
+    # back to back all passed that check (7 devices under max_devices=2); the device service
+    # counts again as it registers, under a per-tenant lock
+    tenant = tenant_id("bulkq")
+    auth = bearer(tenant, ["admin"])
+    await set_profile(api, tenant, max_devices=2)
+    bulk_ids = []
+    for _ in range(3):
+        devices = [{"device_id": new_id(), "device_type": "thermostat"} for _ in range(2)]
+        response = await api.post("/v1/devices:bulk", json={"devices": devices}, headers=auth)
+        assert response.status_code in (202, 403), response.text
+        if response.status_code == 202:
+            bulk_ids.append(response.json()["bulk_id"])
+
+    async def progress(bulk_id: str) -> dict[str, Any]:
+        body: dict[str, Any] = (await api.get(f"/v1/bulk-onboardings/{bulk_id}", headers=auth)).json()
+        return body
+
+    done = [await eventually(partial(progress, b), lambda p: p["status"] == "completed") for b in bulk_ids]
+    assert sum(p["onboarded"] for p in done) == 2
+    failures = [f["reason"] for p in done for f in p["failures"]]
+    assert len(failures) == 2 * len(bulk_ids) - 2 and all("max_devices" in f for f in failures), failures
+
+
+async def test_onboardings_sent_together_stay_within_the_device_quota(api: httpx.AsyncClient) -> None:
+    # each passes the API's count (nothing registered yet); one registers, the others fail
+    tenant = tenant_id("oneq")
+    auth = bearer(tenant, ["admin"])
+    await set_profile(api, tenant, max_devices=1)
+    device_ids = [new_id() for _ in range(3)]
+    sent = await asyncio.gather(*(onboard(api, d, auth=auth) for d in device_ids))
+    accepted = [d for d, r in zip(device_ids, sent, strict=True) if r.status_code == 202]
+    assert len(accepted) >= 1 and all(r.status_code in (202, 403) for r in sent)
+    ends = [await progress_until(api, d, "awaiting_first_contact", "failed", auth=auth) for d in accepted]
+    assert sum(p["status"] == "awaiting_first_contact" for p in ends) == 1
+    refused = [p for p in ends if p["status"] == "failed"]
+    assert all("max_devices" in str(p) for p in refused), refused

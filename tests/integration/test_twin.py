@@ -177,3 +177,14 @@ async def test_bulk_devices_get_a_twin_on_first_use(api: httpx.AsyncClient) -> N
     await eventually(state, lambda s: s == "completed")
     first = await twin(api, device_id)
     assert first["desired"] == {"report_interval_s": 10, "metrics": ["temperature"]}
+
+
+async def test_as_of_an_event_before_the_first_or_past_any_number_is_refused(api: httpx.AsyncClient) -> None:
+    # event 0 precedes every history (it was an empty replay: 500), and an id of thousands of
+    # digits is no event id (int() refuses it past 4,300 digits: 500)
+    device_id, _ = await active_device(api)
+    await twin(api, device_id)
+    none = await api.get(f"/v1/devices/{device_id}/twin", params={"as_of": "0"}, headers=AUTH)
+    assert none.status_code == 404, none.text
+    huge = await api.get(f"/v1/devices/{device_id}/twin", params={"as_of": "9" * 5000}, headers=AUTH)
+    assert huge.status_code == 422 and huge.json()["detail"][0]["loc"] == ["query", "as_of"], huge.text

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -12,9 +14,11 @@ from temporalio.client import Client, WorkflowUpdateFailedError
 from temporalio.exceptions import ApplicationError
 
 from fleetflow.contracts.twin import TwinInput, WaitForDelta
+from fleetflow.settings import Settings
 from fleetflow.temporal import device_search_attributes
 from tests.integration.flows import AUTH, active_device
-from tests.support import eventually
+from tests.integration.test_api_fuzz import start_api
+from tests.support import bearer, eventually, free_port
 from workflows.device_twin import DeviceTwin, twin_id
 
 THERMOSTAT_DEFAULT = {"target_c": 21, "mode": "auto", "report_interval_s": 60}
@@ -136,3 +140,45 @@ async def test_a_device_that_hangs_up_may_wait_again_at_once(api: httpx.AsyncCli
 
     # released by the hang-up, not by its 60 s running out
     assert await eventually(wait_again, lambda status: status == 200) == 200
+
+
+async def test_a_device_hanging_up_on_a_real_server_is_no_server_error(
+    settings: Settings, workers: None, client: Client, tmp_path: Path
+) -> None:
+    # uvicorn tells the route of a dropped connection (http.disconnect): the route raised, which
+    # logged every routine hang-up as an ERROR with a traceback ("Exception in ASGI application",
+    # and "Task exception was never retrieved" for the cancelled update call)
+    port, log = free_port(), tmp_path / "api.log"
+    process = start_api(settings, port, log)
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            await eventually(partial(_started, http), bool, timeout_s=60)
+            device_id, credential = await active_device(http, auth=bearer("hangup"))
+            device = device_auth(credential)
+            await http.post("/v1/device/twin/reported", json={"reported": THERMOSTAT_DEFAULT}, headers=device)
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(
+                f"GET /v1/device/twin/delta?wait=60 HTTP/1.1\r\nHost: api\r\n"
+                f"Authorization: Bearer {credential}\r\n\r\n".encode()
+            )
+            await writer.drain()
+            await eventually(lambda: waits_held(client, twin_id("hangup", device_id)), lambda n: n == 1)
+            writer.close()  # the device's connection drops while the twin holds its wait
+
+            async def wait_again() -> int:
+                response = await http.get("/v1/device/twin/delta", params={"wait": 1}, headers=device)
+                return response.status_code
+
+            assert await eventually(wait_again, lambda status: status == 200) == 200
+    finally:
+        process.terminate()
+        await asyncio.to_thread(process.wait, 30)
+    errors = [line for line in log.read_text(errors="replace").splitlines() if " ERROR " in line]
+    assert errors == [], errors
+
+
+async def _started(http: httpx.AsyncClient) -> bool:
+    try:
+        return (await http.get("/openapi.json")).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import jsonschema._keywords
+import jsonschema._utils
 import pytest
 
 from fleetflow import config_schema
@@ -117,3 +119,71 @@ def test_a_validation_that_would_take_too_long_is_refused_by_its_step_count() ->
     with pytest.raises(config_schema.ConfigError, match="schema steps"):
         config_schema.validate([1899] * 1000, schema)
     config_schema.validate([1899] * 5, schema)  # a small document of the same type passes
+
+
+class _Comparisons:
+    """jsonschema's deep equality, counted; past `limit` comparisons the validation is stopped
+    (the work the old code did for these documents was quadratic: millions of comparisons)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.count = limit, 0
+        self.equal = jsonschema._utils.equal
+
+    def __call__(self, one: Any, two: Any) -> bool:
+        self.count += 1
+        if self.count > self.limit:
+            raise AssertionError(f"more than {self.limit} comparisons")
+        return bool(self.equal(one, two))
+
+
+@pytest.fixture
+def comparisons(monkeypatch: pytest.MonkeyPatch) -> _Comparisons:
+    counted = _Comparisons(limit=100_000)
+    monkeypatch.setattr(jsonschema._utils, "equal", counted)
+    monkeypatch.setattr(jsonschema._keywords, "equal", counted)
+    return counted
+
+
+def test_unique_items_of_a_large_array_it_cannot_sort_take_one_pass(comparisons: _Comparisons) -> None:
+    # numbers and a string cannot be sorted: jsonschema compared every pair (72 million for the
+    # 12,000 items a 64 KiB document holds, minutes of a worker's or the API's CPU)
+    schema = {"type": "object", "properties": {"l": {"type": "array", "uniqueItems": True}}}
+    config_schema.check_schema(schema)
+    items: list[Any] = [*range(10_000, 22_000), "x"]
+    config_schema.validate({"l": items}, schema)
+    with pytest.raises(config_schema.ConfigError, match="must not repeat items") as refused:
+        config_schema.validate({"l": [*items, 12_345]}, schema)
+    assert refused.value.loc == ["config", "l"]
+
+
+@pytest.mark.parametrize(
+    ("items", "unique"),
+    [
+        ([1, 1.0], False),
+        ([True, 1], True),
+        ([False, 0, None], True),
+        ([{"a": 1, "b": [1, {}]}, {"b": [1.0, {}], "a": 1}], False),
+        ([{"a": 1}, {"a": True}], True),
+        ([[1, 2], [2, 1]], True),
+        (["1", 1], True),
+    ],
+)
+def test_unique_items_compare_as_json_schema_does(items: list[Any], unique: bool) -> None:
+    schema = {"type": "array", "uniqueItems": True}
+    if unique:
+        config_schema.validate(items, schema)
+    else:
+        with pytest.raises(config_schema.ConfigError, match="must not repeat items"):
+            config_schema.validate(items, schema)
+
+
+def test_a_long_enum_on_every_item_of_a_long_array_counts_each_comparison(
+    comparisons: _Comparisons,
+) -> None:
+    # 5,000 values (29 KiB of schema) for each of 10,000 items: 50 million comparisons were
+    # counted as 10,000 steps; each comparison is a step now
+    schema = {"type": "array", "items": {"enum": list(range(5000))}}
+    config_schema.check_schema(schema)
+    with pytest.raises(config_schema.ConfigError, match="schema steps"):
+        config_schema.validate(list(range(100_000, 110_000)), schema)
+    config_schema.validate(list(range(100)), {"type": "array", "items": {"enum": list(range(100))}})

@@ -108,7 +108,7 @@ async def test_a_profile_change_is_seen_within_the_cache_time() -> None:
 async def test_made_up_device_ids_neither_grow_memory_nor_evict_the_tenants_debt(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(quotas_module, "MAX_BUCKETS", 100)
+    monkeypatch.setattr(quotas_module, "MAX_BUCKETS", 1000)
     clock = Clock()
     q = make(clock, readings_per_s=1000, device_readings_per_s=10, burst_s=1)
     await q.admit_readings("acme", {"real": 5})
@@ -117,10 +117,24 @@ async def test_made_up_device_ids_neither_grow_memory_nor_evict_the_tenants_debt
         clock.now += 0.001
         with pytest.raises(HTTPException):
             await q.admit_readings("acme", {f"new-{round_}-{i}": 1 for i in range(50)})
-    assert len(q._buckets) <= 100
+    assert len(q._buckets) <= 1000
     # the tenant's bucket (about 25 tokens now) was not evicted, so not refilled to 1000
     error = await refused(q.admit_readings("acme", {"fresh": 30}))
     assert "the tenant's readings/s" in str(error.detail)
+
+
+async def test_a_batch_that_fills_the_bucket_table_is_charged_in_full(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the table was swept in the middle of a batch's lookups: the buckets already looked up for
+    # it (full, nothing taken yet) were dropped, and the batch charged to buckets no longer held
+    monkeypatch.setattr(quotas_module, "MAX_BUCKETS", 10)
+    clock = Clock()
+    q = make(clock, readings_per_s=0, device_readings_per_s=10, burst_s=1)
+    await q.admit_readings("acme", {"heavy": 10, **{f"d{i}": 1 for i in range(10)}})
+    clock.now += 0.1  # heavy's bucket holds 1 again (the others are full: swept next)
+    error = await refused(q.admit_readings("acme", {"heavy": 5}))
+    assert "a device's readings/s" in str(error.detail)
 
 
 def test_fleetflow_quotas_sets_the_defaults_and_names_a_bad_entry() -> None:
