@@ -14,9 +14,9 @@ them can forget the check.
 from __future__ import annotations
 
 import json
-from http.cookies import CookieError, SimpleCookie
 
 import asyncpg
+from starlette.requests import cookie_parser
 
 from api.credentials import CredentialCache
 from api.limits import ASGIApp, Receive, Scope, Send
@@ -73,12 +73,12 @@ def _tokens(scope: Scope) -> list[str]:
             if scheme.lower() == "bearer" and token.strip():
                 found.append(token.strip())
         elif name == b"cookie":
-            try:
-                morsel = SimpleCookie(value.decode("latin-1")).get(CODEC_COOKIE)
-            except CookieError:
-                continue
-            if morsel is not None and morsel.value:
-                found.append(morsel.value)
+            # the parser the codec route reads its cookie with (Starlette's): the stricter
+            # SimpleCookie stops at the first odd pair (`x=1;;`, `[x]=1`), and a revoked token
+            # after one passed here unseen while the route still read it
+            cookie = cookie_parser(value.decode("latin-1")).get(CODEC_COOKIE)
+            if cookie:
+                found.append(cookie)
     return found
 
 
