@@ -140,7 +140,10 @@ class BodyLimit:
         limit = self.limit_of(scope["path"])
         declared = _content_length(scope)
         small = declared is not None and declared <= DEFAULT_MAX_BODY_BYTES  # no need to look
-        if limit > DEFAULT_MAX_BODY_BYTES and not small and not _signed(scope):
+        # a small declared length skips the token check, and the count then keeps to the
+        # default too: a server may frame the body by its chunks and not by that length
+        # (h11 takes `Content-Length` with `Transfer-Encoding: chunked`)
+        if limit > DEFAULT_MAX_BODY_BYTES and (small or not _signed(scope)):
             limit = DEFAULT_MAX_BODY_BYTES
         if declared is not None and declared > limit:
             await _too_large(scope, send, limit)

@@ -158,3 +158,15 @@ async def test_without_a_signed_token_a_body_is_at_most_the_default(token: str |
 )
 def test_the_limit_table_matches_the_routes_own_limits(path: str, expected: int) -> None:
     assert body_limit(path) == expected
+
+
+async def test_a_small_declared_length_does_not_lift_the_limit_of_a_chunked_body() -> None:
+    """`Content-Length: 10` with `Transfer-Encoding: chunked`: h11 frames the body by the
+    chunks, so the length says nothing of what arrives. An anonymous caller still gets at most
+    the default (before: the route's 8 MiB, because a small length skipped the token check)."""
+    client = Recorder(chunks=16, chunk_bytes=256 * 1024, content_length=10)  # 4 MiB, chunked
+    scope = client.scope("/v1/rollouts")
+    scope["headers"].append((b"transfer-encoding", b"chunked"))
+    await BodyLimit(client.app)(scope, client.receive, client.send)
+    assert client.status() == 413
+    assert client.sent_bytes <= limits.DEFAULT_MAX_BODY_BYTES + 256 * 1024
