@@ -2,7 +2,8 @@
 
 One table says how large a body each route takes; every other route takes at most
 `DEFAULT_MAX_BODY_BYTES`, and so does a request without a validly signed bearer token (the
-route would refuse it anyway; this way nobody anonymous makes the API take more than that).
+route would refuse it anyway; this way nobody anonymous makes the API take more than that),
+and a device credential outside the routes devices send to.
 `BodyLimit`, a pure ASGI middleware, refuses a declared
 `Content-Length` over the limit before the application runs (so nothing is read), and counts
 the bytes of a body without one (chunked) as they arrive, answering 413 at the first byte
@@ -49,6 +50,9 @@ ROUTE_BODY_LIMITS: tuple[tuple[str, int], ...] = (
     (r"/v1/firmware", FIRMWARE_MAX_BODY_BYTES),
 )
 _COMPILED = tuple((re.compile(pattern), limit) for pattern, limit in ROUTE_BODY_LIMITS)
+# the routes of the table a device credential may send to; on the others (operator routes,
+# whose JSON body FastAPI reads and parses before their token check) it gets the default
+DEVICE_BODY_ROUTES = re.compile(r"/v1/telemetry|/v1/device/twin/reported")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -76,8 +80,9 @@ def bearer_of(scope: Scope) -> str | None:
 
 
 def _signed(scope: Scope) -> bool:
-    """True when the bearer token is an API token or device credential that our keys signed
-    and that has not expired (scopes and revocation are the route's and RevokedTokens')."""
+    """True when the bearer token is an API token, or a device credential on a route devices
+    send to, that our keys signed and that has not expired (scopes and revocation are the
+    route's and RevokedTokens')."""
     token = bearer_of(scope)
     settings = (
         getattr(getattr(scope["app"].state, "fleetflow", None), "settings", None) if "app" in scope else None
@@ -87,6 +92,8 @@ def _signed(scope: Scope) -> bool:
     try:  # which kind it claims to be, so only one signature is checked
         audience = jwt.decode(token, options={"verify_signature": False}).get("aud")
     except jwt.InvalidTokenError:
+        return False
+    if audience == DEVICE_AUDIENCE and not DEVICE_BODY_ROUTES.fullmatch(scope["path"]):
         return False
     verify = verify_device_credential if audience == DEVICE_AUDIENCE else verify_token
     try:

@@ -170,3 +170,13 @@ async def test_a_small_declared_length_does_not_lift_the_limit_of_a_chunked_body
     await BodyLimit(client.app)(scope, client.receive, client.send)
     assert client.status() == 413
     assert client.sent_bytes <= limits.DEFAULT_MAX_BODY_BYTES + 256 * 1024
+
+
+@pytest.mark.parametrize("path", ["/v1/rollouts", "/v1/devices:bulk", "/codec/decode", "/v1/firmware"])
+async def test_a_device_credential_gets_no_larger_limit_on_an_operator_route(path: str) -> None:
+    """A device's credential (the one most likely to leak, from hardware in the field) is
+    refused by these routes, which parse a JSON body before their token check: it may not
+    make the API read and parse 8 MiB (or take 256 MiB) first."""
+    client = Recorder(chunks=1, chunk_bytes=0, content_length=limits.DEFAULT_MAX_BODY_BYTES + 1)
+    await BodyLimit(client.app)(client.scope(path, _device_credential()), client.receive, client.send)
+    assert client.status() == 413 and not client.app_called
