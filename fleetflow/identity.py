@@ -7,7 +7,7 @@ operation, e.g. `signal:report`, plus the run and the update id where the signer
 them), so a header copied out of one history is refused anywhere else. The worker side
 checks every path in before any workflow or activity code runs:
 
-- a workflow checks the token of its start against its own start time;
+- a workflow checks the token of its start against the time the server took the start;
 - a signal, update or query is checked before its handler: a signal with no valid token, or
   whose payload names another actor than its token, is dropped with a warning (a signal
   cannot be refused; it must not change state); an update is rejected by its validator
@@ -67,6 +67,8 @@ _REUSE = timedelta(minutes=1)
 # token is bound to its workflow and signal name (an update's to its update id, which the
 # server never runs twice), so the allowance is no open door.
 DELIVERY_GRACE = timedelta(hours=24)
+# a run's start token is checked at the time the server took the start (see execute_workflow)
+START_TAKEN_PATCH = "identity-start-judged-when-taken"
 # how deep the tenant guard looks into an activity's input (models in models, lists of them)
 _NESTING = 8
 
@@ -372,7 +374,12 @@ class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
     async def execute_workflow(self, input: temporal_worker.ExecuteWorkflowInput) -> Any:
         info = workflow.info()
         call = ServiceCall(workflow_id=info.workflow_id, ops=(f"start:{info.workflow_type}",))
-        verdict = _verify_in_workflow(input.headers, info.start_time, call)
+        # judged when the server took the start (`workflow_start_time`), not at the first
+        # workflow task (`start_time`): a run accepted while no worker polled for longer than
+        # its token lives would otherwise be refused when the workers come back. Runs whose
+        # first task was judged the old way replay it that way (their verdict stands).
+        taken = info.workflow_start_time if workflow.patched(START_TAKEN_PATCH) else info.start_time
+        verdict = _verify_in_workflow(input.headers, taken, call)
         if isinstance(verdict, str):
             raise refused(f"workflow {info.workflow_type} started without a valid identity: {verdict}")
         self.identity = verdict

@@ -3,6 +3,7 @@ by the workers before anything runs; a valid one reaches the activity, tenant an
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -432,6 +433,30 @@ async def test_a_start_header_copied_from_another_workflow_is_refused(client: Cl
         )  # fmt: skip
     cause = failed.value.cause
     assert isinstance(cause, ApplicationError) and "another workflow" in cause.message
+
+
+async def test_a_workflow_started_while_no_worker_polls_runs_once_one_does(client: Client) -> None:
+    """The start is judged at the moment the server took it, not at the first workflow task:
+    a run accepted during a worker outage longer than its token's life (5 minutes; here a
+    few seconds) is not refused when the workers come back (before: failed, "token expired")."""
+    queue, wid = f"outage-{uuid.uuid4().hex[:8]}", f"outage-{uuid.uuid4().hex[:8]}"
+    issued = datetime.now(UTC)
+    short = issue_service_token(
+        TEST_KEYS, service="api", actor=ServiceActor(subject="op"), now=issued, ttl=timedelta(seconds=10),
+        call=ServiceCall(workflow_id=wid, ops=("start:Tally",)),
+    )  # fmt: skip
+    expires = issued + timedelta(seconds=10)
+    handle = await _with_interceptors(client, [_Forge(short)]).start_workflow(
+        Tally.run, id=wid, task_queue=queue, execution_timeout=timedelta(minutes=2)
+    )
+    taken = (await handle.describe()).start_time
+    assert taken is not None and taken < expires, "the server took the start after the token expired"
+    # the token has expired before any worker sees the run
+    past = expires + timedelta(seconds=1)
+    await eventually(lambda: asyncio.sleep(0.5, datetime.now(UTC)), lambda now: now > past)
+    async with Worker(client, task_queue=queue, workflows=[Tally]):
+        await client.get_workflow_handle(wid).signal(Tally.stop)
+        assert await client.get_workflow_handle(wid).result() == 0
 
 
 # --- retiring a key while runs are in flight (issue 12.10) ---------------------------------
