@@ -67,8 +67,6 @@ _REUSE = timedelta(minutes=1)
 # token is bound to its workflow and signal name (an update's to its update id, which the
 # server never runs twice), so the allowance is no open door.
 DELIVERY_GRACE = timedelta(hours=24)
-# a run's start token is checked at the time the server took the start (see execute_workflow)
-START_TAKEN_PATCH = "identity-start-judged-when-taken"
 # how deep the tenant guard looks into an activity's input (models in models, lists of them)
 _NESTING = 8
 
@@ -376,10 +374,10 @@ class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
         call = ServiceCall(workflow_id=info.workflow_id, ops=(f"start:{info.workflow_type}",))
         # judged when the server took the start (`workflow_start_time`), not at the first
         # workflow task (`start_time`): a run accepted while no worker polled for longer than
-        # its token lives would otherwise be refused when the workers come back. Runs whose
-        # first task was judged the old way replay it that way (their verdict stands).
-        taken = info.workflow_start_time if workflow.patched(START_TAKEN_PATCH) else info.start_time
-        verdict = _verify_in_workflow(input.headers, taken, call)
+        # its token lives would otherwise be refused when the workers come back. No patch
+        # marker: the two moments give the same verdict to every run but those refused that way
+        # (a marker before the workflow's own would also break replays without this interceptor)
+        verdict = _verify_in_workflow(input.headers, info.workflow_start_time, call)
         if isinstance(verdict, str):
             raise refused(f"workflow {info.workflow_type} started without a valid identity: {verdict}")
         self.identity = verdict
