@@ -390,6 +390,28 @@ async def test_an_update_header_copied_from_another_update_is_rejected(
     assert await handle.query(Tally.get) == 7  # replayed: the update's handler check passes again
 
 
+async def test_an_update_header_older_than_its_token_is_rejected(
+    client: Client, checked_worker: None
+) -> None:
+    """Temporal deduplicates an update id within one run only: the same update (header, sealed
+    payload and id) copied out of an earlier run's history reaches a later run as a new one.
+    An update's sender waits for its answer, so it has no reason to be taken after its token
+    expired (before: taken for 24 hours, the grace meant for signals)."""
+    handle = await _tally(client)
+    past = datetime.now(UTC) - timedelta(minutes=30)
+    call = ServiceCall(workflow_id=handle.id, ops=("update:set_total",), update_id="u-of-an-earlier-run")
+    copied = issue_service_token(
+        TEST_KEYS, service="api", actor=ServiceActor(subject="op"), now=past, call=call
+    )
+    forged = _with_interceptors(client, [_Forge(copied)]).get_workflow_handle(handle.id)
+    with pytest.raises(WorkflowUpdateFailedError) as failed:
+        await forged.execute_update(Tally.set_total, SetTotal(total=1000), id="u-of-an-earlier-run")
+    assert isinstance(failed.value.cause, ApplicationError) and "expired" in failed.value.cause.message
+    assert await handle.query(Tally.get) == 0
+    await handle.signal(Tally.stop)
+    assert await handle.result() == 0
+
+
 async def test_an_update_payload_actor_must_be_the_verified_one(client: Client, checked_worker: None) -> None:
     handle = await _tally(client)
     claimed = Actor(subject="op-1", tenant="acme", scopes=["admin"])
