@@ -2,7 +2,8 @@
 
 One table says how large a body each route takes; every other route takes at most
 `DEFAULT_MAX_BODY_BYTES`, and so does a request without a validly signed bearer token (the
-route would refuse it anyway; this way nobody anonymous makes the API take more than that).
+route would refuse it anyway; this way nobody anonymous makes the API take more than that),
+and a device credential outside the routes devices send to.
 `BodyLimit`, a pure ASGI middleware, refuses a declared
 `Content-Length` over the limit before the application runs (so nothing is read), and counts
 the bytes of a body without one (chunked) as they arrive, answering 413 at the first byte
@@ -49,6 +50,16 @@ ROUTE_BODY_LIMITS: tuple[tuple[str, int], ...] = (
     (r"/v1/firmware", FIRMWARE_MAX_BODY_BYTES),
 )
 _COMPILED = tuple((re.compile(pattern), limit) for pattern, limit in ROUTE_BODY_LIMITS)
+# the routes of the table whose JSON body FastAPI parses before their token's scope is
+# checked (a body parameter): their larger limit needs that scope (`admin` holds all but
+# codec:decode), or a token of any scope could make the API parse 8 MiB, then answer 403
+PARSED_BEFORE_SCOPE: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"/v1/rollouts"), "rollouts:admin"),
+    (re.compile(r"/codec/(decode|encode)"), "codec:decode"),
+)
+# the routes of the table a device credential may send to; on the others (operator routes,
+# whose JSON body FastAPI reads and parses before their token check) it gets the default
+DEVICE_BODY_ROUTES = re.compile(r"/v1/telemetry|/v1/device/twin/reported")
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -76,8 +87,10 @@ def bearer_of(scope: Scope) -> str | None:
 
 
 def _signed(scope: Scope) -> bool:
-    """True when the bearer token is an API token or device credential that our keys signed
-    and that has not expired (scopes and revocation are the route's and RevokedTokens')."""
+    """True when the bearer token is an API token, or a device credential on a route devices
+    send to, that our keys signed and that has not expired, and on a route whose body is
+    parsed before its scope check, holds that scope (the rest of the scopes, and revocation,
+    are the route's and RevokedTokens')."""
     token = bearer_of(scope)
     settings = (
         getattr(getattr(scope["app"].state, "fleetflow", None), "settings", None) if "app" in scope else None
@@ -88,12 +101,23 @@ def _signed(scope: Scope) -> bool:
         audience = jwt.decode(token, options={"verify_signature": False}).get("aud")
     except jwt.InvalidTokenError:
         return False
-    verify = verify_device_credential if audience == DEVICE_AUDIENCE else verify_token
+    path = scope["path"]
+    if audience == DEVICE_AUDIENCE and not DEVICE_BODY_ROUTES.fullmatch(path):
+        return False
     try:
-        verify(keyring(settings), token, settings.jwt_issuer)
+        if audience == DEVICE_AUDIENCE:
+            verify_device_credential(keyring(settings), token, settings.jwt_issuer)
+            return True
+        claims = verify_token(keyring(settings), token, settings.jwt_issuer)
     except AuthError:
         return False
-    return True
+    return all(
+        _holds(claims.scopes, needed) for pattern, needed in PARSED_BEFORE_SCOPE if pattern.fullmatch(path)
+    )
+
+
+def _holds(scopes: tuple[str, ...], scope: str) -> bool:
+    return scope in scopes or ("admin" in scopes and scope != "codec:decode")
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -140,7 +164,10 @@ class BodyLimit:
         limit = self.limit_of(scope["path"])
         declared = _content_length(scope)
         small = declared is not None and declared <= DEFAULT_MAX_BODY_BYTES  # no need to look
-        if limit > DEFAULT_MAX_BODY_BYTES and not small and not _signed(scope):
+        # a small declared length skips the token check, and the count then keeps to the
+        # default too: a server may frame the body by its chunks and not by that length
+        # (h11 takes `Content-Length` with `Transfer-Encoding: chunked`)
+        if limit > DEFAULT_MAX_BODY_BYTES and (small or not _signed(scope)):
             limit = DEFAULT_MAX_BODY_BYTES
         if declared is not None and declared > limit:
             await _too_large(scope, send, limit)

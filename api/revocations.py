@@ -14,9 +14,9 @@ them can forget the check.
 from __future__ import annotations
 
 import json
-from http.cookies import CookieError, SimpleCookie
 
 import asyncpg
+from starlette.requests import cookie_parser
 
 from api.credentials import CredentialCache
 from api.limits import ASGIApp, Receive, Scope, Send
@@ -65,20 +65,27 @@ class TokenRevocations:
 
 
 def _tokens(scope: Scope) -> list[str]:
-    """The request's bearer tokens and codec session cookie, when present."""
+    """The request's bearer token and codec session cookie, when present: from the first
+    Authorization and the first Cookie header, the ones the routes read (Starlette's
+    `headers.get`). Each token costs a signature check: a request repeating a header a
+    thousand times must not cost a thousand."""
     found = []
+    seen: set[bytes] = set()
     for name, value in scope.get("headers", ()):
+        if name not in (b"authorization", b"cookie") or name in seen:
+            continue
+        seen.add(name)
         if name == b"authorization":
             scheme, _, token = value.decode("latin-1").partition(" ")
             if scheme.lower() == "bearer" and token.strip():
                 found.append(token.strip())
-        elif name == b"cookie":
-            try:
-                morsel = SimpleCookie(value.decode("latin-1")).get(CODEC_COOKIE)
-            except CookieError:
-                continue
-            if morsel is not None and morsel.value:
-                found.append(morsel.value)
+        else:
+            # the parser the codec route reads its cookie with (Starlette's): the stricter
+            # SimpleCookie stops at the first odd pair (`x=1;;`, `[x]=1`), and a revoked token
+            # after one passed here unseen while the route still read it
+            cookie = cookie_parser(value.decode("latin-1")).get(CODEC_COOKIE)
+            if cookie:
+                found.append(cookie)
     return found
 
 

@@ -7,7 +7,7 @@ operation, e.g. `signal:report`, plus the run and the update id where the signer
 them), so a header copied out of one history is refused anywhere else. The worker side
 checks every path in before any workflow or activity code runs:
 
-- a workflow checks the token of its start against its own start time;
+- a workflow checks the token of its start against the time the server took the start;
 - a signal, update or query is checked before its handler: a signal with no valid token, or
   whose payload names another actor than its token, is dropped with a warning (a signal
   cannot be refused; it must not change state); an update is rejected by its validator
@@ -64,8 +64,8 @@ _REUSE = timedelta(minutes=1)
 # A signal (or update) can wait in history for a worker (an outage, a deploy), and the
 # workflow task's time, the only moment its handler can know deterministically, is later
 # than its sending by that wait: its token is still taken this long after it expired. The
-# token is bound to its workflow and signal name (an update's to its update id, which the
-# server never runs twice), so the allowance is no open door.
+# token is bound to its workflow and signal name, so the allowance is no open door. An
+# update's validator takes no grace (see handle_update_validator).
 DELIVERY_GRACE = timedelta(hours=24)
 # how deep the tenant guard looks into an activity's input (models in models, lists of them)
 _NESTING = 8
@@ -352,12 +352,16 @@ def _verify_in_workflow(
 
 
 def _message_refusal(
-    headers: Mapping[str, Payload], op: str, args: Sequence[Any], update_id: str | None = None
+    headers: Mapping[str, Payload],
+    op: str,
+    args: Sequence[Any],
+    update_id: str | None = None,
+    grace: timedelta = DELIVERY_GRACE,
 ) -> str | None:
     """Why a signal or update may not reach its handler (None: it may). Checked at the
     workflow task's time, which replay sees again, so replay gives the same answer."""
     call = ServiceCall(workflow_id=workflow.info().workflow_id, ops=(op,), update_id=update_id)
-    verdict = _verify_in_workflow(headers, workflow.now(), call, DELIVERY_GRACE)
+    verdict = _verify_in_workflow(headers, workflow.now(), call, grace)
     if isinstance(verdict, str):
         return verdict
     return actor_mismatch(args, verdict.actor)
@@ -372,7 +376,12 @@ class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
     async def execute_workflow(self, input: temporal_worker.ExecuteWorkflowInput) -> Any:
         info = workflow.info()
         call = ServiceCall(workflow_id=info.workflow_id, ops=(f"start:{info.workflow_type}",))
-        verdict = _verify_in_workflow(input.headers, info.start_time, call)
+        # judged when the server took the start (`workflow_start_time`), not at the first
+        # workflow task (`start_time`): a run accepted while no worker polled for longer than
+        # its token lives would otherwise be refused when the workers come back. No patch
+        # marker: the two moments give the same verdict to every run but those refused that way
+        # (a marker before the workflow's own would also break replays without this interceptor)
+        verdict = _verify_in_workflow(input.headers, info.workflow_start_time, call)
         if isinstance(verdict, str):
             raise refused(f"workflow {info.workflow_type} started without a valid identity: {verdict}")
         self.identity = verdict
@@ -387,7 +396,13 @@ class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
         await super().handle_signal(input)
 
     def handle_update_validator(self, input: temporal_worker.HandleUpdateInput) -> None:
-        reason = _message_refusal(input.headers, f"update:{input.update}", input.args, input.id)
+        # no delivery grace: the sender waits for the answer, and Temporal deduplicates an
+        # update id within one run only, so an update copied from an earlier run's history
+        # would be new to a later one. The validator never runs on replay: the handler's
+        # check below (with the grace, as before) keeps the verdicts recorded runs reached.
+        reason = _message_refusal(
+            input.headers, f"update:{input.update}", input.args, input.id, grace=timedelta(0)
+        )
         if reason is not None:
             raise refused(f"update {input.update}: {reason}")
         super().handle_update_validator(input)

@@ -219,6 +219,33 @@ async def test_a_revoked_token_is_refused_everywhere_at_once(
     assert (await api.get("/v1/devices", headers=sibling)).status_code == 200
 
 
+@pytest.mark.parametrize(
+    "cookie",
+    [
+        "fleetflow_codec={token}",
+        # headers Python's SimpleCookie stops parsing before the codec cookie, while the route's
+        # parser (Starlette's) reads it: the revocation check must read what the route reads
+        "x=1;;fleetflow_codec={token}",
+        "[x]=1; fleetflow_codec={token}",
+        'a="b; fleetflow_codec={token}',
+    ],
+)
+async def test_a_revoked_codec_token_is_refused_in_any_cookie_header(
+    api: httpx.AsyncClient, settings: Settings, cookie: str
+) -> None:
+    token = issue_token(
+        TEST_KEYS, subject="ops", tenant="ops", scopes=["codec:decode"], ttl=timedelta(hours=1)
+    )
+    headers = {"Cookie": cookie.format(token=token)}
+
+    async def decode() -> int:
+        return (await api.post("/codec/decode", json={"payloads": []}, headers=headers)).status_code
+
+    assert await decode() == 200  # the route reads the cookie from this header
+    assert await revoke_token_command(settings, _revoke_args(token)) == 0
+    await eventually(decode, lambda code: code == 401)  # before: 200 for as long as the token lived
+
+
 async def test_a_revocation_names_its_tenant(api: httpx.AsyncClient, settings: Settings) -> None:
     """Revoking acme's token by jti leaves a globex token with the same jti alone."""
     jti = "shared-jti-0001"

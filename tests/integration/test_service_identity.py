@@ -3,6 +3,7 @@ by the workers before anything runs; a valid one reaches the activity, tenant an
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -389,6 +390,28 @@ async def test_an_update_header_copied_from_another_update_is_rejected(
     assert await handle.query(Tally.get) == 7  # replayed: the update's handler check passes again
 
 
+async def test_an_update_header_older_than_its_token_is_rejected(
+    client: Client, checked_worker: None
+) -> None:
+    """Temporal deduplicates an update id within one run only: the same update (header, sealed
+    payload and id) copied out of an earlier run's history reaches a later run as a new one.
+    An update's sender waits for its answer, so it has no reason to be taken after its token
+    expired (before: taken for 24 hours, the grace meant for signals)."""
+    handle = await _tally(client)
+    past = datetime.now(UTC) - timedelta(minutes=30)
+    call = ServiceCall(workflow_id=handle.id, ops=("update:set_total",), update_id="u-of-an-earlier-run")
+    copied = issue_service_token(
+        TEST_KEYS, service="api", actor=ServiceActor(subject="op"), now=past, call=call
+    )
+    forged = _with_interceptors(client, [_Forge(copied)]).get_workflow_handle(handle.id)
+    with pytest.raises(WorkflowUpdateFailedError) as failed:
+        await forged.execute_update(Tally.set_total, SetTotal(total=1000), id="u-of-an-earlier-run")
+    assert isinstance(failed.value.cause, ApplicationError) and "expired" in failed.value.cause.message
+    assert await handle.query(Tally.get) == 0
+    await handle.signal(Tally.stop)
+    assert await handle.result() == 0
+
+
 async def test_an_update_payload_actor_must_be_the_verified_one(client: Client, checked_worker: None) -> None:
     handle = await _tally(client)
     claimed = Actor(subject="op-1", tenant="acme", scopes=["admin"])
@@ -432,6 +455,30 @@ async def test_a_start_header_copied_from_another_workflow_is_refused(client: Cl
         )  # fmt: skip
     cause = failed.value.cause
     assert isinstance(cause, ApplicationError) and "another workflow" in cause.message
+
+
+async def test_a_workflow_started_while_no_worker_polls_runs_once_one_does(client: Client) -> None:
+    """The start is judged at the moment the server took it, not at the first workflow task:
+    a run accepted during a worker outage longer than its token's life (5 minutes; here a
+    few seconds) is not refused when the workers come back (before: failed, "token expired")."""
+    queue, wid = f"outage-{uuid.uuid4().hex[:8]}", f"outage-{uuid.uuid4().hex[:8]}"
+    issued = datetime.now(UTC)
+    short = issue_service_token(
+        TEST_KEYS, service="api", actor=ServiceActor(subject="op"), now=issued, ttl=timedelta(seconds=10),
+        call=ServiceCall(workflow_id=wid, ops=("start:Tally",)),
+    )  # fmt: skip
+    expires = issued + timedelta(seconds=10)
+    handle = await _with_interceptors(client, [_Forge(short)]).start_workflow(
+        Tally.run, id=wid, task_queue=queue, execution_timeout=timedelta(minutes=2)
+    )
+    taken = (await handle.describe()).start_time
+    assert taken is not None and taken < expires, "the server took the start after the token expired"
+    # the token has expired before any worker sees the run
+    past = expires + timedelta(seconds=1)
+    await eventually(lambda: asyncio.sleep(0.5, datetime.now(UTC)), lambda now: now > past)
+    async with Worker(client, task_queue=queue, workflows=[Tally]):
+        await client.get_workflow_handle(wid).signal(Tally.stop)
+        assert await client.get_workflow_handle(wid).result() == 0
 
 
 # --- retiring a key while runs are in flight (issue 12.10) ---------------------------------

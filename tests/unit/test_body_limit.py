@@ -158,3 +158,48 @@ async def test_without_a_signed_token_a_body_is_at_most_the_default(token: str |
 )
 def test_the_limit_table_matches_the_routes_own_limits(path: str, expected: int) -> None:
     assert body_limit(path) == expected
+
+
+async def test_a_small_declared_length_does_not_lift_the_limit_of_a_chunked_body() -> None:
+    """`Content-Length: 10` with `Transfer-Encoding: chunked`: h11 frames the body by the
+    chunks, so the length says nothing of what arrives. An anonymous caller still gets at most
+    the default (before: the route's 8 MiB, because a small length skipped the token check)."""
+    client = Recorder(chunks=16, chunk_bytes=256 * 1024, content_length=10)  # 4 MiB, chunked
+    scope = client.scope("/v1/rollouts")
+    scope["headers"].append((b"transfer-encoding", b"chunked"))
+    await BodyLimit(client.app)(scope, client.receive, client.send)
+    assert client.status() == 413
+    assert client.sent_bytes <= limits.DEFAULT_MAX_BODY_BYTES + 256 * 1024
+
+
+@pytest.mark.parametrize("path", ["/v1/rollouts", "/v1/devices:bulk", "/codec/decode", "/v1/firmware"])
+async def test_a_device_credential_gets_no_larger_limit_on_an_operator_route(path: str) -> None:
+    """A device's credential (the one most likely to leak, from hardware in the field) is
+    refused by these routes, which parse a JSON body before their token check: it may not
+    make the API read and parse 8 MiB (or take 256 MiB) first."""
+    client = Recorder(chunks=1, chunk_bytes=0, content_length=limits.DEFAULT_MAX_BODY_BYTES + 1)
+    await BodyLimit(client.app)(client.scope(path, _device_credential()), client.receive, client.send)
+    assert client.status() == 413 and not client.app_called
+
+
+@pytest.mark.parametrize(
+    ("path", "scopes", "allowed"),
+    [
+        ("/v1/rollouts", ["events:read"], False),
+        ("/v1/rollouts", ["rollouts:admin"], True),
+        ("/v1/rollouts", ["admin"], True),
+        ("/codec/decode", ["admin"], False),  # admin does not include codec:decode
+        ("/codec/decode", ["codec:decode"], True),
+        ("/v1/telemetry", ["events:read"], True),  # read after the token is checked: no need
+    ],
+)
+async def test_a_body_parsed_before_the_token_check_needs_the_routes_scope(
+    path: str, scopes: list[str], allowed: bool
+) -> None:
+    """/v1/rollouts and /codec/* take a JSON body that FastAPI parses before their scope is
+    checked (7.3 MiB of device ids: ~140 ms of the event loop, then a 403 that costs no
+    quota): their larger limit is for tokens holding their scope; others get the default."""
+    token = bearer(scopes=scopes)["Authorization"].removeprefix("Bearer ")
+    client = Recorder(chunks=1, chunk_bytes=2 * MIB, content_length=2 * MIB)
+    await BodyLimit(client.app)(client.scope(path, token), client.receive, client.send)
+    assert client.status() == (202 if allowed else 413)
