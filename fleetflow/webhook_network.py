@@ -55,6 +55,11 @@ def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None
     return None
 
 
+def _kind_of(refusal: str) -> str:
+    """What a refusal says of an address, without the address ("a loopback address")."""
+    return refusal.rsplit(" is ", 1)[-1] if " is " in refusal else "an address webhooks may not reach"
+
+
 class AddressPolicy:
     """Public unicast addresses, plus the networks the operator allows."""
 
@@ -96,15 +101,18 @@ class AddressPolicy:
         """The addresses of host, when every one of them is allowed; RefusedAddress if any is not
         (a name with one private address among public ones is refused, not half-trusted)."""
         host = host.strip("[]")
+        literal = True
         try:
             addresses = [str(ipaddress.ip_address(host))]
         except ValueError:
-            addresses = await self.resolver(host, port)
+            literal, addresses = False, await self.resolver(host, port)
         if not addresses:
             raise RefusedAddress(f"{host} resolves to no address")
         for address in addresses:
             if (why := self.refusal(address)) is not None:
-                shown = why if address == host else f"{host} resolves to {address} ({why})"
+                # a name's address is not shown: the answer would tell a tenant what the
+                # platform's internal DNS holds (a map of its network, one name at a time)
+                shown = why if literal else f"{host} resolves to {_kind_of(why)}"
                 raise RefusedAddress(f"{shown}; webhooks go to public addresses only")
         return addresses
 
