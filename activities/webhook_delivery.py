@@ -28,7 +28,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from activities.notifications import SECRET_PURPOSE, recorded_event
 from activities.probe import probe
 from fleetflow.contracts.common import TaskQueue
-from fleetflow.contracts.events import DeliverPending, DeliveryProgress, RecordedEvent
+from fleetflow.contracts.events import MIN_BACKOFF_S, DeliverPending, DeliveryProgress, RecordedEvent
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.db import Pool
 from fleetflow.payload_codec import PayloadKeys, open_text
@@ -44,6 +44,15 @@ MAX_ANSWER_BYTES = 4096
 # a tenant at its slot limit is retried after about this long, whatever its backoff
 BUSY_RETRY_S = 2.0
 _EVENT = "e.seq, e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data"
+
+
+def retry_delay(sub: asyncpg.Record, failures: int) -> timedelta:
+    """How long a delivery waits after its `failures`-th failed attempt: the subscription's
+    backoff doubled per failure, floored and capped. It follows the delivery's own count, not
+    the activity's attempt number, which every turn away at the tenant's slot limit raises
+    (Temporal's own backoff, grown by those turns, reached `max_backoff_s` at once)."""
+    first, cap = max(sub["backoff_s"], MIN_BACKOFF_S), max(sub["max_backoff_s"], MIN_BACKOFF_S)
+    return timedelta(seconds=min(first * 2.0 ** min(failures - 1, 32), cap))
 
 
 def message_id(event: RecordedEvent) -> str:
@@ -95,7 +104,7 @@ class WebhookDeliveryService:
         and its mark sends that event again.
         """
         sub = await self.pool.fetchrow(
-            """SELECT tenant, url, secret, max_attempts,
+            """SELECT tenant, url, secret, max_attempts, backoff_s, max_backoff_s,
                    CASE WHEN previous_secret_expires_at > now() THEN previous_secret END AS previous
                FROM notification.subscriptions WHERE subscription_id = $1""",
             request.subscription_id,
@@ -150,6 +159,7 @@ class WebhookDeliveryService:
                 f"event {event.seq} to {sub['url']}: {error} (attempt {row['attempts'] + 1} "
                 f"of {sub['max_attempts']})",
                 type="DeliveryFailed",
+                next_retry_delay=retry_delay(sub, row["attempts"] + 1),
             )
         return progress
 

@@ -5,6 +5,7 @@ stall another tenant, and secrets rotate with an overlap."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,12 +17,18 @@ import pytest
 from standardwebhooks import Webhook
 from temporalio import workflow
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.notifications import NotificationService
+from activities.webhook_delivery import WebhookDeliveryService
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliverPending, DeliveryProgress, EventBatch
 from fleetflow.db import Pool
+from fleetflow.payload_codec import payload_keys
+from fleetflow.settings import Settings
+from fleetflow.webhook_network import AddressPolicy, webhook_client
 from tests.integration.test_event_bus import SECRET, Receiver, has, new_tenant, probe_events, subscribe
 from tests.support import bearer, eventually, free_port
 from workers.simulate import Options, simulate
@@ -301,3 +308,34 @@ async def test_the_simulator_runs_on_when_the_platform_refuses_its_receiver(api:
     assert summary.webhook_refused and summary.exit_code == 0, summary.render()
     assert "refuses webhooks to 127.0.0.2" in out.getvalue()
     assert "not counted" in summary.render()
+
+
+async def test_a_failing_delivery_waits_its_own_backoff_however_often_its_tenant_was_busy(
+    api: httpx.AsyncClient, pool: Pool, client: Client, settings: Settings
+) -> None:
+    """Each time a tenant is at its slot limit, its other subscriptions' activities are turned
+    away (TenantBusy), and each turn counts as an activity attempt. Temporal's backoff grows
+    with that count: after a busy spell, a webhook's first failure waited `max_backoff_s`
+    (here 10 minutes) instead of `backoff_s`. The wait follows the delivery's own attempts."""
+    tenant, auth = new_tenant()
+    failing = b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"
+    async with Answering(answer=failing) as hook:
+        sub = await subscribe(
+            api, auth, hook.url, event_types=["Probe"], max_attempts=10, backoff_s=2, max_backoff_s=600
+        )
+        await client.get_workflow_handle(sub["workflow_id"]).terminate("the test calls the activity")
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 1))
+        policy = AddressPolicy.from_settings(settings)
+        async with webhook_client(policy) as http:
+            service = WebhookDeliveryService(pool, payload_keys(settings), policy, http)
+            env = ActivityEnvironment()
+            # the 13th attempt: twelve turns away at the slot limit came before it
+            env.info = dataclasses.replace(env.info, attempt=13)
+            waits, pending = [], DeliverPending(subscription_id=sub["subscription_id"])
+            for _ in range(3):
+                with pytest.raises(ApplicationError) as failed:
+                    await env.run(service.deliver_pending, pending)
+                assert failed.value.type == "DeliveryFailed"
+                waits.append(failed.value.next_retry_delay)
+    assert waits == [timedelta(seconds=2), timedelta(seconds=4), timedelta(seconds=8)]
+    assert hook.requests == 3
