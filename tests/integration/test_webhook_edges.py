@@ -110,7 +110,7 @@ async def test_internal_addresses_are_refused_with_422_naming_the_url(
     body = {"url": url, "event_types": ["*"], "secret": SECRET}
     response = await api.post("/v1/subscriptions", json=body, headers=auth)
     assert response.status_code == 422, response.text
-    [error] = response.json()["detail"]
+    [error] = response.json()["errors"]
     assert error["loc"] == ["body", "url"] and "public addresses only" in error["msg"]
     assert (await api.get("/v1/subscriptions", headers=auth)).json() == []
 
