@@ -184,7 +184,12 @@ class WebhookDeliveryService:
                         break  # the rest is dropped with the connection
         except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, OSError, ValueError) as exc:
             # counted against the delivery: an error that escaped would hold the queue for ever
-            return f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
+            why = str(exc)
+            if isinstance(exc, httpx.ProtocolError):
+                # the parser quotes the answer after its reason ("illegal header line: b'...'"):
+                # the reason only, so no answer reaches the dead letter
+                why = why.split(":", 1)[0][:120]
+            return f"{type(exc).__name__}: {why}".rstrip(": ")[:500]
         if response.is_success:
             return None
         return f"HTTP {response.status_code}"

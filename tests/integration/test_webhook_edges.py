@@ -26,6 +26,7 @@ from activities.webhook_delivery import WebhookDeliveryService
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliverPending, DeliveryProgress, EventBatch
 from fleetflow.db import Pool
+from fleetflow.migrations import MIGRATIONS
 from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from fleetflow.webhook_network import AddressPolicy, webhook_client
@@ -339,3 +340,35 @@ async def test_a_failing_delivery_waits_its_own_backoff_however_often_its_tenant
                 waits.append(failed.value.next_retry_delay)
     assert waits == [timedelta(seconds=2), timedelta(seconds=4), timedelta(seconds=8)]
     assert hook.requests == 3
+
+
+async def test_an_answer_that_is_not_http_is_not_stored_either(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    """A service on a network the operator allows (here 127.0.0.1) that answers a POST with
+    something not quite HTTP: the parser's error quoted the answer, and the dead letter kept it
+    for the tenant to read."""
+    tenant, auth = new_tenant()
+    garbled = b"HTTP/1.1 200 OK\r\nX-Config: postgres password=hunter2\x00\r\n\r\n"
+    async with Answering(answer=garbled) as talker:
+        await subscribe(api, auth, talker.url, max_attempts=1, event_types=["Probe"])
+        await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 1))
+        [letter] = await eventually(lambda: dead_letters(api, auth), lambda items: len(items) == 1)
+    assert letter["last_error"].startswith("RemoteProtocolError")
+    assert "hunter2" not in (await api.get("/v1/dead-letters", headers=auth)).text
+
+
+async def test_dead_letters_kept_before_lose_their_quoted_answers(pool: Pool) -> None:
+    """Migration 0120 on the rows that held a quote: the parser's reason stays, the quote goes."""
+    [(_, scrub)] = [m for m in MIGRATIONS if m[0].startswith("0120_")]
+    kept = [
+        "RemoteProtocolError: illegal header line: bytearray(b'X: password=hunter2')",
+        "RemoteProtocolError: Server disconnected without sending a response.",
+        "HTTP 500",
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("CREATE TEMP TABLE old_letters (n int, last_error text) ON COMMIT DROP")
+        await conn.executemany("INSERT INTO old_letters VALUES ($1, $2)", list(enumerate(kept)))
+        await conn.execute(scrub.replace("notification.deliveries", "old_letters"))
+        after = [r["last_error"] for r in await conn.fetch("SELECT last_error FROM old_letters ORDER BY n")]
+    assert after == ["RemoteProtocolError: illegal header line", *kept[1:]]
