@@ -158,3 +158,15 @@ async def test_without_a_signed_token_a_body_is_at_most_the_default(token: str |
 )
 def test_the_limit_table_matches_the_routes_own_limits(path: str, expected: int) -> None:
     assert body_limit(path) == expected
+
+
+def test_the_largest_campaign_the_contract_accepts_fits_the_rollout_body_limit() -> None:
+    """100,000 explicit targets of the longest device id: the route's contract accepts them,
+    so its body limit must too (8 MiB answered 413 to a 13 MB list)."""
+    from fleetflow.contracts.rollouts import RolloutRequest
+
+    ids = [f"{i:06d}".ljust(128, "x") for i in range(100_000)]
+    body = {"campaign_id": "c" * 64, "firmware_id": "f" * 200, "target": {"device_ids": ids, "tags": []},
+            "policy": {"canary_percent": 1.5, "rate_per_minute": 60000.0}}  # fmt: skip
+    assert RolloutRequest.model_validate(body).target.device_ids == ids
+    assert len(json.dumps(body, indent=1).encode()) <= body_limit("/v1/rollouts")
