@@ -149,6 +149,10 @@ class WebhookDeliveryService:
             status = await self._mark(row["delivery_id"], error, sub["max_attempts"])
             if status == "delivered":
                 progress.delivered += 1
+            if status == "gone" and not await self._still_subscribed(request.subscription_id):
+                # deleted meanwhile: the rest of the batch is not posted to a URL its tenant
+                # gave up (nor retried: the workflow ends)
+                return progress.model_copy(update={"gone": True, "more": False})
             if status in ("delivered", "gone"):
                 continue
             if status == "dead":
@@ -193,6 +197,13 @@ class WebhookDeliveryService:
         if response.is_success:
             return None
         return f"HTTP {response.status_code}"
+
+    async def _still_subscribed(self, subscription_id: str) -> bool:
+        return bool(
+            await self.pool.fetchval(
+                "SELECT 1 FROM notification.subscriptions WHERE subscription_id = $1", subscription_id
+            )
+        )
 
     async def _mark(self, delivery_id: int, error: str | None, max_attempts: int) -> str:
         """Record one attempt; returns the delivery's status after it."""

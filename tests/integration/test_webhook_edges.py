@@ -372,3 +372,47 @@ async def test_dead_letters_kept_before_lose_their_quoted_answers(pool: Pool) ->
         await conn.execute(scrub.replace("notification.deliveries", "old_letters"))
         after = [r["last_error"] for r in await conn.fetch("SELECT last_error FROM old_letters ORDER BY n")]
     assert after == ["RemoteProtocolError: illegal header line", *kept[1:]]
+
+
+async def test_nothing_more_is_posted_once_the_subscription_is_deleted(
+    api: httpx.AsyncClient, pool: Pool, client: Client, settings: Settings
+) -> None:
+    """A tenant deletes a subscription (its URL is no longer theirs) while a batch of its
+    deliveries is being posted: the batch stops, instead of posting the rest of it."""
+    tenant, auth = new_tenant()
+    posts = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                length = next(
+                    int(h.split(":", 1)[1]) for h in head if h.lower().startswith("content-length:")
+                )
+                await reader.readexactly(length)
+                posts += 1
+                if posts == 1:  # the tenant deletes the subscription meanwhile
+                    assert (
+                        await api.delete(f"/v1/subscriptions/{sub['subscription_id']}", headers=auth)
+                    ).status_code == 204
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(answer, "127.0.0.1", port)
+    try:
+        sub = await subscribe(api, auth, f"http://127.0.0.1:{port}/hook", event_types=["Probe"])
+        await client.get_workflow_handle(sub["workflow_id"]).terminate("the test calls the activity")
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 3))
+        policy = AddressPolicy.from_settings(settings)
+        async with webhook_client(policy) as http:
+            service = WebhookDeliveryService(pool, payload_keys(settings), policy, http)
+            pending = DeliverPending(subscription_id=sub["subscription_id"])
+            progress = await ActivityEnvironment().run(service.deliver_pending, pending)
+    finally:
+        server.close()
+    assert posts == 1
+    assert progress.gone
