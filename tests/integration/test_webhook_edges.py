@@ -416,3 +416,31 @@ async def test_nothing_more_is_posted_once_the_subscription_is_deleted(
         server.close()
     assert posts == 1
     assert progress.gone
+
+
+async def test_another_tenant_cannot_rotate_read_redeliver_or_delete_a_subscription(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    """Tenant two knows tenant one's subscription and dead letter ids: every route answers 404
+    and nothing of tenant one's changes (its secret still signs alone)."""
+    (one, auth_one), (_, auth_two) = new_tenant(), new_tenant()
+    failing = b"HTTP/1.1 500 No\r\ncontent-length: 0\r\n\r\n"
+    async with Answering(answer=failing) as hook:
+        sub = await subscribe(api, auth_one, hook.url, max_attempts=1, event_types=["Probe"])
+        await NotificationService(pool, client).record_events(probe_events(one, "dev-1", 1))
+        [letter] = await eventually(lambda: dead_letters(api, auth_one), lambda items: len(items) == 1)
+    sid, did = sub["subscription_id"], letter["delivery_id"]
+    secret_of = "SELECT secret FROM notification.subscriptions WHERE subscription_id = $1"
+    before = await pool.fetchval(secret_of, sid)
+    rotation = {"secret": "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY", "overlap_s": 0}
+    answers = [
+        await api.post(f"/v1/subscriptions/{sid}/rotate-secret", json=rotation, headers=auth_two),
+        await api.get(f"/v1/subscriptions/{sid}", headers=auth_two),
+        await api.post(f"/v1/dead-letters/{did}/redeliver", headers=auth_two),
+        await api.delete(f"/v1/subscriptions/{sid}", headers=auth_two),
+    ]
+    assert [a.status_code for a in answers] == [404] * 4
+    assert (await api.get(f"/v1/dead-letters?subscription_id={sid}", headers=auth_two)).json()["items"] == []
+    mine = (await api.get(f"/v1/subscriptions/{sid}", headers=auth_one)).json()
+    assert mine["rotation_overlap_until"] is None and mine["dead_letters"] == 1
+    assert await pool.fetchval(secret_of, sid) == before
