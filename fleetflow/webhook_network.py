@@ -13,9 +13,12 @@ address at subscribe time and to a private one later (DNS rebinding) is still re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpcore
 import httpx
@@ -36,10 +39,32 @@ class RefusedAddress(ValueError):
     """A webhook URL whose host is, or resolves to, an address the policy refuses."""
 
 
+# lookups run in threads of their own, not the loop's default pool (cpu + 4 threads): twice
+# the default webhook slots (32), so a delivery's lookup does not wait for a thread
+_LOOKUPS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="webhook-dns")
+
+
 async def system_resolver(host: str, port: int) -> list[str]:
     """Every address host resolves to (the system resolver, off the event loop)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _LOOKUPS, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    )
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def _to_the_end(work: Awaitable[list[str]]) -> list[str]:
+    """Await work; when cancelled meanwhile, wait for it to end first, then be cancelled. A
+    lookup's thread cannot be stopped: a delivery whose POST deadline passed keeps its slot
+    until the thread is free again, so a tenant whose DNS never answers holds no more
+    lookup threads than it has slots."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # however often it is cancelled (a deadline, then the activity)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        raise
 
 
 def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -154,7 +179,7 @@ class VettedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         """Connect to the first reachable vetted address of host."""
         try:
-            addresses = await self.policy.vetted(host, port)
+            addresses = await _to_the_end(self.policy.vetted(host, port))
         except RefusedAddress as exc:
             raise httpcore.ConnectError(str(exc)) from None
         except (OSError, ValueError) as exc:  # no such name; a name DNS cannot encode

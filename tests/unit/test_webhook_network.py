@@ -3,7 +3,10 @@ that resolves the host itself and connects to the address it checked (DNS rebind
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
+import threading
 from collections.abc import Iterable
 
 import httpcore
@@ -115,3 +118,41 @@ async def test_a_refused_name_does_not_tell_the_tenant_its_internal_address() ->
     for refused in (at_subscribe.value, at_connect.value):
         assert "postgres resolves to a private or reserved address" in str(refused)
         assert "10.20.30.40" not in str(refused)
+
+
+async def test_a_tenant_whose_dns_never_answers_does_not_hold_up_other_lookups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lookup runs in a thread that cannot be stopped: when the POST deadline cancelled the
+    wait, the delivery gave its slot back while its thread still hung, so a tenant whose names'
+    DNS never answers took ever more threads (the loop's default pool has cpu + 4) until no
+    lookup of any tenant could run. A delivery's slot now stays taken until its lookup ends,
+    and lookups have their own pool, larger than the slots."""
+    hanging = threading.Event()
+    hung: list[str] = []
+
+    def lookup(host: str, port: int, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if host.startswith("hang"):
+            hung.append(host)
+            hanging.wait(60)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    backend = VettedBackend(AddressPolicy(), Inner())
+    slots: list[asyncio.Task[object]] = []
+    try:
+        for round_ in range(4):  # the attacker's 4 slots, each retried once its POST gave up
+            slots = [t for t in slots if not t.done()]
+            slots += [
+                asyncio.create_task(backend.connect_tcp(f"hang{round_}-{i}.example", 80))
+                for i in range(4 - len(slots))
+            ]
+            await asyncio.sleep(0.05)
+            for task in slots:
+                task.cancel()  # the POST deadline
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(backend.connect_tcp("hooks.example.com", 443), 20)
+        assert len(hung) == 4  # one hanging thread per slot, however often the POST gave up
+    finally:
+        hanging.set()
+        await asyncio.gather(*slots, return_exceptions=True)
