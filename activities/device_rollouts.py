@@ -367,7 +367,17 @@ class RolloutJobs(DeviceReadModel):
         self, tenant: str, device_id: str, campaign_id: str, kind: str, state: str, detail: str | None
     ) -> str | None:
         """Move a device's job as it reports; on success its firmware version changes (returned)."""
+        final = state in ("succeeded", "failed")
         async with self.pool.acquire() as conn, conn.transaction():
+            if final:
+                # a finish number is drawn before the commit: a tick (which locks this row for
+                # update) must not read a later number while this one is uncommitted, or its
+                # cursor passes this job and its event is never recorded. Locked first, before
+                # the job's row, in the order the tick takes them
+                await conn.execute(
+                    "SELECT 1 FROM device.rollouts WHERE tenant = $1 AND campaign_id = $2 FOR SHARE",
+                    tenant, campaign_id,
+                )  # fmt: skip
             job = await conn.fetchrow(
                 """SELECT state, target_version FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4 FOR UPDATE""",
@@ -377,7 +387,6 @@ class RolloutJobs(DeviceReadModel):
                 raise LookupError(f"no {kind} job of campaign {campaign_id!r} for this device")
             if state not in _NEXT.get(job["state"], set()):
                 raise ValueError(f"the job is {job['state']}: {state!r} is not a valid report now")
-            final = state in ("succeeded", "failed")
             await conn.execute(
                 """UPDATE device.rollout_jobs SET state = $5, detail = $6, updated_at = now(),
                        finished_seq = CASE WHEN $7 THEN nextval('device.rollout_finished_seq') END

@@ -28,7 +28,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 from activities.notifications import SECRET_PURPOSE, recorded_event
 from activities.probe import probe
 from fleetflow.contracts.common import TaskQueue
-from fleetflow.contracts.events import DeliverPending, DeliveryProgress, RecordedEvent
+from fleetflow.contracts.events import MIN_BACKOFF_S, DeliverPending, DeliveryProgress, RecordedEvent
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.db import Pool
 from fleetflow.payload_codec import PayloadKeys, open_text
@@ -44,6 +44,15 @@ MAX_ANSWER_BYTES = 4096
 # a tenant at its slot limit is retried after about this long, whatever its backoff
 BUSY_RETRY_S = 2.0
 _EVENT = "e.seq, e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data"
+
+
+def retry_delay(sub: asyncpg.Record, failures: int) -> timedelta:
+    """How long a delivery waits after its `failures`-th failed attempt: the subscription's
+    backoff doubled per failure, floored and capped. It follows the delivery's own count, not
+    the activity's attempt number, which every turn away at the tenant's slot limit raises
+    (Temporal's own backoff, grown by those turns, reached `max_backoff_s` at once)."""
+    first, cap = max(sub["backoff_s"], MIN_BACKOFF_S), max(sub["max_backoff_s"], MIN_BACKOFF_S)
+    return timedelta(seconds=min(first * 2.0 ** min(failures - 1, 32), cap))
 
 
 def message_id(event: RecordedEvent) -> str:
@@ -95,7 +104,7 @@ class WebhookDeliveryService:
         and its mark sends that event again.
         """
         sub = await self.pool.fetchrow(
-            """SELECT tenant, url, secret, max_attempts,
+            """SELECT tenant, url, secret, max_attempts, backoff_s, max_backoff_s,
                    CASE WHEN previous_secret_expires_at > now() THEN previous_secret END AS previous
                FROM notification.subscriptions WHERE subscription_id = $1""",
             request.subscription_id,
@@ -140,6 +149,10 @@ class WebhookDeliveryService:
             status = await self._mark(row["delivery_id"], error, sub["max_attempts"])
             if status == "delivered":
                 progress.delivered += 1
+            if status == "gone" and not await self._still_subscribed(request.subscription_id):
+                # deleted meanwhile: the rest of the batch is not posted to a URL its tenant
+                # gave up (nor retried: the workflow ends)
+                return progress.model_copy(update={"gone": True, "more": False})
             if status in ("delivered", "gone"):
                 continue
             if status == "dead":
@@ -150,6 +163,7 @@ class WebhookDeliveryService:
                 f"event {event.seq} to {sub['url']}: {error} (attempt {row['attempts'] + 1} "
                 f"of {sub['max_attempts']})",
                 type="DeliveryFailed",
+                next_retry_delay=retry_delay(sub, row["attempts"] + 1),
             )
         return progress
 
@@ -174,10 +188,22 @@ class WebhookDeliveryService:
                         break  # the rest is dropped with the connection
         except (httpx.HTTPError, httpx.InvalidURL, TimeoutError, OSError, ValueError) as exc:
             # counted against the delivery: an error that escaped would hold the queue for ever
-            return f"{type(exc).__name__}: {exc}".rstrip(": ")[:500]
+            why = str(exc)
+            if isinstance(exc, httpx.ProtocolError):
+                # the parser quotes the answer after its reason ("illegal header line: b'...'"):
+                # the reason only, so no answer reaches the dead letter
+                why = why.split(":", 1)[0][:120]
+            return f"{type(exc).__name__}: {why}".rstrip(": ")[:500]
         if response.is_success:
             return None
         return f"HTTP {response.status_code}"
+
+    async def _still_subscribed(self, subscription_id: str) -> bool:
+        return bool(
+            await self.pool.fetchval(
+                "SELECT 1 FROM notification.subscriptions WHERE subscription_id = $1", subscription_id
+            )
+        )
 
     async def _mark(self, delivery_id: int, error: str | None, max_attempts: int) -> str:
         """Record one attempt; returns the delivery's status after it."""

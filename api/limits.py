@@ -35,7 +35,8 @@ DEFAULT_MAX_BODY_BYTES = 1 * MIB
 TWIN_DOCUMENT_MAX_BYTES = 2 * MAX_DOCUMENT_BYTES
 TELEMETRY_MAX_BODY_BYTES = MAX_BATCH_BYTES  # 2 MiB
 BULK_MAX_BODY_BYTES = 8 * MIB  # up to 10,000 devices, JSON or CSV
-ROLLOUT_MAX_BODY_BYTES = 16 * MIB  # up to 100,000 device ids of up to 128 characters (~13 MB)
+# up to 100,000 device ids of up to 128 characters: 13.5 MB as pretty-printed JSON
+ROLLOUT_MAX_BODY_BYTES = 16 * MIB
 CODEC_MAX_BODY_BYTES = 8 * MIB  # the Web UI's payloads: Temporal allows 2 MB each, base64 adds a third
 FIRMWARE_MAX_BODY_BYTES = 256 * MIB  # a raw image, read only after the token is checked
 

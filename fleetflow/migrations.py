@@ -486,4 +486,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX windows_stored_at ON data.windows (stored_at);
         """,
     ),
+    (
+        "0120_dead_letters_without_protocol_quotes",
+        """
+        -- a webhook answer that was not valid HTTP was quoted by the parser's error, and dead
+        -- letters kept the quote: they keep the parser's reason only
+        UPDATE notification.deliveries
+            SET last_error = substring(last_error from '^[A-Za-z]*ProtocolError: [^:]*')
+            WHERE last_error ~ '^[A-Za-z]*ProtocolError: [^:]*:';
+        """,
+    ),
 ]

@@ -13,9 +13,12 @@ address at subscribe time and to a private one later (DNS rebinding) is still re
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import ipaddress
 import socket
 from collections.abc import Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import httpcore
 import httpx
@@ -36,10 +39,32 @@ class RefusedAddress(ValueError):
     """A webhook URL whose host is, or resolves to, an address the policy refuses."""
 
 
+# lookups run in threads of their own, not the loop's default pool (cpu + 4 threads): twice
+# the default webhook slots (32), so a delivery's lookup does not wait for a thread
+_LOOKUPS = ThreadPoolExecutor(max_workers=64, thread_name_prefix="webhook-dns")
+
+
 async def system_resolver(host: str, port: int) -> list[str]:
     """Every address host resolves to (the system resolver, off the event loop)."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    infos = await asyncio.get_running_loop().run_in_executor(
+        _LOOKUPS, functools.partial(socket.getaddrinfo, host, port, type=socket.SOCK_STREAM)
+    )
     return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+
+async def _to_the_end(work: Awaitable[list[str]]) -> list[str]:
+    """Await work; when cancelled meanwhile, wait for it to end first, then be cancelled. A
+    lookup's thread cannot be stopped: a delivery whose POST deadline passed keeps its slot
+    until the thread is free again, so a tenant whose DNS never answers holds no more
+    lookup threads than it has slots."""
+    task = asyncio.ensure_future(work)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        while not task.done():  # however often it is cancelled (a deadline, then the activity)
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait([task])
+        raise
 
 
 def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
@@ -53,6 +78,11 @@ def _embedded_v4(address: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None
     if address in _NAT64:
         return ipaddress.IPv4Address(int(address) & 0xFFFFFFFF)
     return None
+
+
+def _kind_of(refusal: str) -> str:
+    """What a refusal says of an address, without the address ("a loopback address")."""
+    return refusal.rsplit(" is ", 1)[-1] if " is " in refusal else "an address webhooks may not reach"
 
 
 class AddressPolicy:
@@ -96,15 +126,18 @@ class AddressPolicy:
         """The addresses of host, when every one of them is allowed; RefusedAddress if any is not
         (a name with one private address among public ones is refused, not half-trusted)."""
         host = host.strip("[]")
+        literal = True
         try:
             addresses = [str(ipaddress.ip_address(host))]
         except ValueError:
-            addresses = await self.resolver(host, port)
+            literal, addresses = False, await self.resolver(host, port)
         if not addresses:
             raise RefusedAddress(f"{host} resolves to no address")
         for address in addresses:
             if (why := self.refusal(address)) is not None:
-                shown = why if address == host else f"{host} resolves to {address} ({why})"
+                # a name's address is not shown: the answer would tell a tenant what the
+                # platform's internal DNS holds (a map of its network, one name at a time)
+                shown = why if literal else f"{host} resolves to {_kind_of(why)}"
                 raise RefusedAddress(f"{shown}; webhooks go to public addresses only")
         return addresses
 
@@ -146,7 +179,7 @@ class VettedBackend(httpcore.AsyncNetworkBackend):
     ) -> httpcore.AsyncNetworkStream:
         """Connect to the first reachable vetted address of host."""
         try:
-            addresses = await self.policy.vetted(host, port)
+            addresses = await _to_the_end(self.policy.vetted(host, port))
         except RefusedAddress as exc:
             raise httpcore.ConnectError(str(exc)) from None
         except (OSError, ValueError) as exc:  # no such name; a name DNS cannot encode

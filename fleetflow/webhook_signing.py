@@ -40,6 +40,17 @@ def secret_key(secret: str) -> bytes:
     return key
 
 
+def signing_key(secret: str) -> bytes:
+    """The key a stored secret signs with: its `secret_key`, or its UTF-8 bytes when it is a
+    `whsec_` secret that does not decode. Secrets stored before `whsec_` was checked at the API
+    (any 16 characters) signed with their UTF-8 bytes then, and must still sign: an error here
+    would hold the subscription's queue for ever, uncounted."""
+    try:
+        return secret_key(secret)
+    except ValueError:
+        return secret.encode()
+
+
 def signature(key: bytes, msg_id: str, timestamp: int, body: bytes) -> str:
     """One `v1,<base64>` signature."""
     digest = hmac.new(key, f"{msg_id}.{timestamp}.".encode() + body, hashlib.sha256).digest()
@@ -51,7 +62,7 @@ def signed_headers(
 ) -> dict[str, str]:
     """The three headers of a delivery signed with every secret given."""
     timestamp = int(time.time() if now is None else now)
-    signatures = " ".join(signature(secret_key(s), msg_id, timestamp, body) for s in secrets)
+    signatures = " ".join(signature(signing_key(s), msg_id, timestamp, body) for s in secrets)
     return {ID_HEADER: msg_id, TIMESTAMP_HEADER: str(timestamp), SIGNATURE_HEADER: signatures}
 
 
@@ -64,5 +75,5 @@ def verify(secret: str, headers: Mapping[str, str], body: bytes, now: float | No
         return False
     if abs((time.time() if now is None else now) - int(stamp)) > TOLERANCE_S:
         return False
-    expected = signature(secret_key(secret), msg_id, int(stamp), body)
+    expected = signature(signing_key(secret), msg_id, int(stamp), body)
     return any(hmac.compare_digest(expected, given) for given in signatures.split(" "))

@@ -41,6 +41,8 @@ with workflow.unsafe.imports_passed_through():
 
 TICK = timedelta(milliseconds=250)
 ADMIN_SCOPE = "rollouts:admin"
+# runs that completed with a cancel accepted in their last tick replay as they were
+CANCEL_AFTER_LAST_WAVE = "cancel-after-last-wave"
 
 
 def rollout_id(tenant: str, campaign_id: str) -> str:
@@ -122,6 +124,10 @@ class FirmwareRollout:
                 await self._continue_as_new()
             if paused or not waits:
                 await self._nap(paused)
+        # a cancel accepted while the last wave's final tick ran is honoured, not dropped
+        if self._stop is not None and workflow.patched(CANCEL_AFTER_LAST_WAVE):
+            self._begin_stop("cancelling", f"cancelled: {self._stop}")
+            return
         p.status = "completed"
 
     def _abort(self, tick: TickResult) -> None:

@@ -4,14 +4,16 @@ decommissioning, and the largest explicit target list the API accepts."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from functools import partial
 
 import httpx
 from temporalio.client import Client
+from temporalio.testing import ActivityEnvironment
 
 from activities.devices import DeviceService
-from fleetflow.contracts.rollouts import DeviceStep
+from fleetflow.contracts.rollouts import DeviceStep, RolloutTick, TickResult
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.integration.conftest import TICK_FAULTS
@@ -198,3 +200,69 @@ async def test_two_tenants_with_the_same_campaign_and_ids_each_update_their_own(
         list(tenants),
     )
     assert sorted(r["tenant"] for r in claims) == sorted(tenants)  # one list each, each its own
+
+
+async def waiting_on_a_lock(pool: Pool, statement: str) -> bool:
+    """Whether a session runs `statement` (a fragment) and waits for a lock."""
+    return bool(
+        await pool.fetchval(
+            """SELECT count(*) FROM pg_stat_activity
+               WHERE wait_event_type = 'Lock' AND query LIKE '%' || $1 || '%'""",
+            statement,
+        )
+    )
+
+
+async def test_a_report_committing_after_a_later_one_is_not_skipped_by_the_cursor(
+    api: httpx.AsyncClient, pool: Pool, settings: Settings
+) -> None:
+    """Two devices report success at once. The first one's finish number is drawn first but
+    its transaction commits last; a tick that read only the second moved the cursor past both,
+    and the first device's FirmwareUpdated event was never recorded."""
+    creds = await fleet(api, 2)
+    first, second = sorted(creds)
+    version = f"5.{uuid.uuid4().int % 1000}.0"
+    await upload(api, version)
+    campaign = f"c-{uuid.uuid4().hex[:6]}"
+    await pool.execute(
+        """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
+           VALUES ('acme', $1, $2, '{}', '{2}')""",
+        campaign, f"sensor-{version}",
+    )  # fmt: skip
+    await pool.execute(
+        """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state, attempts,
+               target_version, previous_version, offered_at)
+           SELECT 'acme', $1, d, 'update', 0, 'installing', 1, $2, '1.0.0', now()
+           FROM unnest($3::text[]) d""",
+        campaign, version, [first, second],
+    )  # fmt: skip
+    devices = DeviceService(pool, settings)
+    env = ActivityEnvironment()
+
+    def tick(after: int) -> RolloutTick:
+        return RolloutTick(
+            tenant="acme", campaign_id=campaign, kind="update", wave=0, offer=0, device_timeout_s=3600,
+            retry_limit=3, finished_after=after,
+        )  # fmt: skip
+
+    async with pool.acquire() as blocker:
+        held = blocker.transaction()
+        await held.start()
+        # the first report draws its finish number, then waits (here: for the device's row)
+        await blocker.execute(
+            "SELECT 1 FROM device.devices WHERE tenant = 'acme' AND device_id = $1 FOR UPDATE", first
+        )
+        slow = asyncio.create_task(devices.report_job("acme", first, campaign, "update", "succeeded", None))
+        await eventually(partial(waiting_on_a_lock, pool, "UPDATE device.devices SET firmware_version"), bool)
+        await devices.report_job("acme", second, campaign, "update", "succeeded", None)
+        reading = asyncio.create_task(env.run(devices.rollout_tick, tick(0)))
+
+        async def read_or_waiting() -> bool:
+            return reading.done() or await waiting_on_a_lock(pool, "FROM device.rollouts")
+
+        await eventually(read_or_waiting, bool)
+        await held.rollback()  # the first report commits now
+    await slow
+    one: TickResult = await reading
+    two: TickResult = await env.run(devices.rollout_tick, tick(one.finished_through or 0))
+    assert sorted(job.device_id for job in one.finished + two.finished) == [first, second]

@@ -5,6 +5,7 @@ stall another tenant, and secrets rotate with an overlap."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -16,12 +17,19 @@ import pytest
 from standardwebhooks import Webhook
 from temporalio import workflow
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
+from temporalio.testing import ActivityEnvironment
 from temporalio.worker import Worker
 
 from activities.notifications import NotificationService
+from activities.webhook_delivery import WebhookDeliveryService
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliverPending, DeliveryProgress, EventBatch
 from fleetflow.db import Pool
+from fleetflow.migrations import MIGRATIONS
+from fleetflow.payload_codec import payload_keys
+from fleetflow.settings import Settings
+from fleetflow.webhook_network import AddressPolicy, webhook_client
 from tests.integration.test_event_bus import SECRET, Receiver, has, new_tenant, probe_events, subscribe
 from tests.support import bearer, eventually, free_port
 from workers.simulate import Options, simulate
@@ -301,3 +309,138 @@ async def test_the_simulator_runs_on_when_the_platform_refuses_its_receiver(api:
     assert summary.webhook_refused and summary.exit_code == 0, summary.render()
     assert "refuses webhooks to 127.0.0.2" in out.getvalue()
     assert "not counted" in summary.render()
+
+
+async def test_a_failing_delivery_waits_its_own_backoff_however_often_its_tenant_was_busy(
+    api: httpx.AsyncClient, pool: Pool, client: Client, settings: Settings
+) -> None:
+    """Each time a tenant is at its slot limit, its other subscriptions' activities are turned
+    away (TenantBusy), and each turn counts as an activity attempt. Temporal's backoff grows
+    with that count: after a busy spell, a webhook's first failure waited `max_backoff_s`
+    (here 10 minutes) instead of `backoff_s`. The wait follows the delivery's own attempts."""
+    tenant, auth = new_tenant()
+    failing = b"HTTP/1.1 503 Busy\r\ncontent-length: 0\r\n\r\n"
+    async with Answering(answer=failing) as hook:
+        sub = await subscribe(
+            api, auth, hook.url, event_types=["Probe"], max_attempts=10, backoff_s=2, max_backoff_s=600
+        )
+        await client.get_workflow_handle(sub["workflow_id"]).terminate("the test calls the activity")
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 1))
+        policy = AddressPolicy.from_settings(settings)
+        async with webhook_client(policy) as http:
+            service = WebhookDeliveryService(pool, payload_keys(settings), policy, http)
+            env = ActivityEnvironment()
+            # the 13th attempt: twelve turns away at the slot limit came before it
+            env.info = dataclasses.replace(env.info, attempt=13)
+            waits, pending = [], DeliverPending(subscription_id=sub["subscription_id"])
+            for _ in range(3):
+                with pytest.raises(ApplicationError) as failed:
+                    await env.run(service.deliver_pending, pending)
+                assert failed.value.type == "DeliveryFailed"
+                waits.append(failed.value.next_retry_delay)
+    assert waits == [timedelta(seconds=2), timedelta(seconds=4), timedelta(seconds=8)]
+    assert hook.requests == 3
+
+
+async def test_an_answer_that_is_not_http_is_not_stored_either(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    """A service on a network the operator allows (here 127.0.0.1) that answers a POST with
+    something not quite HTTP: the parser's error quoted the answer, and the dead letter kept it
+    for the tenant to read."""
+    tenant, auth = new_tenant()
+    garbled = b"HTTP/1.1 200 OK\r\nX-Config: postgres password=hunter2\x00\r\n\r\n"
+    async with Answering(answer=garbled) as talker:
+        await subscribe(api, auth, talker.url, max_attempts=1, event_types=["Probe"])
+        await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 1))
+        [letter] = await eventually(lambda: dead_letters(api, auth), lambda items: len(items) == 1)
+    assert letter["last_error"].startswith("RemoteProtocolError")
+    assert "hunter2" not in (await api.get("/v1/dead-letters", headers=auth)).text
+
+
+async def test_dead_letters_kept_before_lose_their_quoted_answers(pool: Pool) -> None:
+    """Migration 0120 on the rows that held a quote: the parser's reason stays, the quote goes."""
+    [(_, scrub)] = [m for m in MIGRATIONS if m[0].startswith("0120_")]
+    kept = [
+        "RemoteProtocolError: illegal header line: bytearray(b'X: password=hunter2')",
+        "RemoteProtocolError: Server disconnected without sending a response.",
+        "HTTP 500",
+    ]
+    async with pool.acquire() as conn, conn.transaction():
+        await conn.execute("CREATE TEMP TABLE old_letters (n int, last_error text) ON COMMIT DROP")
+        await conn.executemany("INSERT INTO old_letters VALUES ($1, $2)", list(enumerate(kept)))
+        await conn.execute(scrub.replace("notification.deliveries", "old_letters"))
+        after = [r["last_error"] for r in await conn.fetch("SELECT last_error FROM old_letters ORDER BY n")]
+    assert after == ["RemoteProtocolError: illegal header line", *kept[1:]]
+
+
+async def test_nothing_more_is_posted_once_the_subscription_is_deleted(
+    api: httpx.AsyncClient, pool: Pool, client: Client, settings: Settings
+) -> None:
+    """A tenant deletes a subscription (its URL is no longer theirs) while a batch of its
+    deliveries is being posted: the batch stops, instead of posting the rest of it."""
+    tenant, auth = new_tenant()
+    posts = 0
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal posts
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
+                length = next(
+                    int(h.split(":", 1)[1]) for h in head if h.lower().startswith("content-length:")
+                )
+                await reader.readexactly(length)
+                posts += 1
+                if posts == 1:  # the tenant deletes the subscription meanwhile
+                    assert (
+                        await api.delete(f"/v1/subscriptions/{sub['subscription_id']}", headers=auth)
+                    ).status_code == 204
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    port = free_port()
+    server = await asyncio.start_server(answer, "127.0.0.1", port)
+    try:
+        sub = await subscribe(api, auth, f"http://127.0.0.1:{port}/hook", event_types=["Probe"])
+        await client.get_workflow_handle(sub["workflow_id"]).terminate("the test calls the activity")
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 3))
+        policy = AddressPolicy.from_settings(settings)
+        async with webhook_client(policy) as http:
+            service = WebhookDeliveryService(pool, payload_keys(settings), policy, http)
+            pending = DeliverPending(subscription_id=sub["subscription_id"])
+            progress = await ActivityEnvironment().run(service.deliver_pending, pending)
+    finally:
+        server.close()
+    assert posts == 1
+    assert progress.gone
+
+
+async def test_another_tenant_cannot_rotate_read_redeliver_or_delete_a_subscription(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    """Tenant two knows tenant one's subscription and dead letter ids: every route answers 404
+    and nothing of tenant one's changes (its secret still signs alone)."""
+    (one, auth_one), (_, auth_two) = new_tenant(), new_tenant()
+    failing = b"HTTP/1.1 500 No\r\ncontent-length: 0\r\n\r\n"
+    async with Answering(answer=failing) as hook:
+        sub = await subscribe(api, auth_one, hook.url, max_attempts=1, event_types=["Probe"])
+        await NotificationService(pool, client).record_events(probe_events(one, "dev-1", 1))
+        [letter] = await eventually(lambda: dead_letters(api, auth_one), lambda items: len(items) == 1)
+    sid, did = sub["subscription_id"], letter["delivery_id"]
+    secret_of = "SELECT secret FROM notification.subscriptions WHERE subscription_id = $1"
+    before = await pool.fetchval(secret_of, sid)
+    rotation = {"secret": "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVldY", "overlap_s": 0}
+    answers = [
+        await api.post(f"/v1/subscriptions/{sid}/rotate-secret", json=rotation, headers=auth_two),
+        await api.get(f"/v1/subscriptions/{sid}", headers=auth_two),
+        await api.post(f"/v1/dead-letters/{did}/redeliver", headers=auth_two),
+        await api.delete(f"/v1/subscriptions/{sid}", headers=auth_two),
+    ]
+    assert [a.status_code for a in answers] == [404] * 4
+    assert (await api.get(f"/v1/dead-letters?subscription_id={sid}", headers=auth_two)).json()["items"] == []
+    mine = (await api.get(f"/v1/subscriptions/{sid}", headers=auth_one)).json()
+    assert mine["rotation_overlap_until"] is None and mine["dead_letters"] == 1
+    assert await pool.fetchval(secret_of, sid) == before

@@ -22,11 +22,18 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from temporalio.client import WorkflowFailureError, WorkflowHandle
+from temporalio.client import WithStartWorkflowOperation, WorkflowFailureError, WorkflowHandle
+from temporalio.common import WorkflowIDConflictPolicy
 
 from bench.stack import Stack, say, stack
 from fleetflow.contracts.common import Actor, TaskQueue
-from fleetflow.contracts.rollouts import RolloutInput, RolloutPolicy, RolloutRequest, RolloutTarget
+from fleetflow.contracts.rollouts import (
+    RolloutDecision,
+    RolloutInput,
+    RolloutPolicy,
+    RolloutRequest,
+    RolloutTarget,
+)
 from fleetflow.temporal import device_search_attributes
 from tests.replay.keys import REPLAY_PAYLOAD_KEYS
 from workflows.firmware_rollout import rollout_id
@@ -297,6 +304,32 @@ async def firmware_rollout_cancelled(s: Stack) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def firmware_rollout_cancelled_at_start(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A campaign cancelled in its first workflow task (update-with-start), before its plan
+    finds no device to update: the accepted cancel is honoured after the (empty) last wave."""
+    version = f"9.{uuid.uuid4().int % 10000}"
+    await s.api.post("/v1/firmware", params={"device_type": "sensor", "version": version}, content=b"fw",
+                     headers={**s.headers, "Content-Type": "application/octet-stream"})  # fmt: skip
+    campaign = f"rec-{uuid.uuid4().hex[:6]}"
+    request = RolloutRequest(
+        campaign_id=campaign, firmware_id=f"sensor-{version}", target=RolloutTarget(tags=["no-such-tag"]),
+    )  # fmt: skip
+    actor = Actor(subject="bench", tenant="bench", scopes=["rollouts:admin"])  # the identity's own
+    wid = rollout_id("bench", campaign)
+    start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
+        "FirmwareRollout", RolloutInput(tenant="bench", actor=actor, request=request),
+        id=wid, task_queue=TaskQueue.ORCHESTRATION.value, id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+    )  # fmt: skip
+    await s.client.execute_update_with_start_workflow(
+        "cancel", RolloutDecision(actor=actor, reason="recorded"), start_workflow_operation=start
+    )
+    handle = await start.workflow_handle()
+    result = await handle.result()
+    if result["status"] != "cancelled":
+        raise RuntimeError(f"the campaign ended {result['status']}")
+    return handle
+
+
 async def device_decommission(s: Stack) -> WorkflowHandle[Any, Any]:
     """A sensor retired with its telemetry archived."""
     device_id = next(iter(await _sensors(s, 1)))
@@ -428,6 +461,7 @@ SCENARIOS: dict[str, Scenario] = {
     "ingestion_supervisor": ingestion_supervisor,
     "firmware_rollout": firmware_rollout,
     "firmware_rollout_cancelled": firmware_rollout_cancelled,
+    "firmware_rollout_cancelled_at_start": firmware_rollout_cancelled_at_start,
     "device_decommission": device_decommission,
     "event_delivery": event_delivery,
 }

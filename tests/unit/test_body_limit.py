@@ -203,3 +203,15 @@ async def test_a_body_parsed_before_the_token_check_needs_the_routes_scope(
     client = Recorder(chunks=1, chunk_bytes=2 * MIB, content_length=2 * MIB)
     await BodyLimit(client.app)(client.scope(path, token), client.receive, client.send)
     assert client.status() == (202 if allowed else 413)
+
+
+def test_the_largest_campaign_the_contract_accepts_fits_the_rollout_body_limit() -> None:
+    """100,000 explicit targets of the longest device id: the route's contract accepts them,
+    so its body limit must too (8 MiB answered 413 to a 13 MB list)."""
+    from fleetflow.contracts.rollouts import RolloutRequest
+
+    ids = [f"{i:06d}".ljust(128, "x") for i in range(100_000)]
+    body = {"campaign_id": "c" * 64, "firmware_id": "f" * 200, "target": {"device_ids": ids, "tags": []},
+            "policy": {"canary_percent": 1.5, "rate_per_minute": 60000.0}}  # fmt: skip
+    assert RolloutRequest.model_validate(body).target.device_ids == ids
+    assert len(json.dumps(body, indent=1).encode()) <= body_limit("/v1/rollouts")

@@ -47,8 +47,10 @@ class Fleet:
 
     queued: int = DEVICES
     stopped: bool = False
+    succeeded: bool = False
     ticks: list[tuple[str, RolloutTick]] = field(default_factory=list)
     hold_next: bool = False
+    succeed_on_release: bool = False  # the held tick returns with every device updated
     entered: asyncio.Event = field(default_factory=asyncio.Event)
     release: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -58,6 +60,8 @@ class Fleet:
     def counts(self) -> dict[str, int]:
         if self.stopped:
             return {"cancelled": DEVICES}
+        if self.succeeded:
+            return {"succeeded": DEVICES}
         return {k: v for k, v in {"queued": self.queued, "offered": DEVICES - self.queued}.items() if v}
 
 
@@ -80,6 +84,7 @@ async def tick(t: RolloutTick) -> TickResult:
         FLEET.hold_next = False
         FLEET.entered.set()
         await FLEET.release.wait()
+        FLEET.succeeded = FLEET.succeeded or FLEET.succeed_on_release
     counts = FLEET.counts() if t.kind == "update" else {}
     return TickResult(offered=offered, counts=counts, wave_counts=counts, finished=[])
 
@@ -198,3 +203,19 @@ async def test_a_cancel_accepted_in_the_last_tick_stops_the_next_run(
     assert all(t.offer == 0 for t in next_updates())  # no offer after the cancel
     assert FLEET.queued == before
     assert len({run for run, _ in FLEET.ticks}) >= 3
+
+
+async def test_a_cancel_accepted_in_the_tick_that_finishes_the_last_wave_still_rolls_back(
+    env: WorkflowEnvironment, workers: None
+) -> None:
+    """The operator's cancel is accepted (200) while the last wave's final tick runs; that tick
+    finds every device updated. The campaign ended `completed`, the accepted cancel ignored and
+    nothing rolled back."""
+    handle = await start(env, history_limit=4000)
+    await eventually(lambda: asyncio.sleep(0, FLEET.queued), lambda q: q < DEVICES, 30)
+    FLEET.succeed_on_release = True
+    accepted = await during_a_tick(handle, "cancel")
+    assert accepted.status == "running"
+    done = await asyncio.wait_for(handle.result(), 60)
+    assert done.status == "cancelled" and done.reason == "cancelled; cancelled: test"
+    assert FLEET.stopped  # the rollback was queued

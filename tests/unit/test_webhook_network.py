@@ -3,7 +3,10 @@ that resolves the host itself and connects to the address it checked (DNS rebind
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
+import socket
+import threading
 from collections.abc import Iterable
 
 import httpcore
@@ -58,8 +61,9 @@ async def test_a_name_with_any_refused_address_is_refused() -> None:
     async def mixed(host: str, port: int) -> list[str]:
         return ["93.184.216.34", "10.1.2.3"]
 
-    with pytest.raises(RefusedAddress, match=r"10\.1\.2\.3"):
+    with pytest.raises(RefusedAddress, match=r"hooks\.example\.com resolves to a private") as refused:
         await AddressPolicy(resolver=mixed).check_url("https://hooks.example.com/x")
+    assert "10.1.2.3" not in str(refused.value)
 
 
 class Inner(httpcore.AsyncNetworkBackend):
@@ -92,6 +96,63 @@ async def test_connection_goes_to_the_checked_address_and_rebinding_is_refused()
     backend = VettedBackend(AddressPolicy(resolver=rebinding), inner)
     await backend.connect_tcp("hooks.example.com", 443)
     assert inner.connected == [("93.184.216.34", 443)]
-    with pytest.raises(httpcore.ConnectError, match=r"127\.0\.0\.1 is a loopback address"):
+    with pytest.raises(httpcore.ConnectError, match="resolves to a loopback address") as refused:
         await backend.connect_tcp("hooks.example.com", 443)
+    assert "127.0.0.1" not in str(refused.value)
     assert inner.connected == [("93.184.216.34", 443)]
+
+
+async def test_a_refused_name_does_not_tell_the_tenant_its_internal_address() -> None:
+    """An attacker subscribing `http://postgres:5432/` (or reading the dead letter of a delivery
+    refused at connect time) learns that the name is refused, not what the platform's DNS says
+    it is: the answer is no map of the internal network."""
+
+    async def internal(host: str, port: int) -> list[str]:
+        return ["10.20.30.40"]
+
+    policy = AddressPolicy(resolver=internal)
+    with pytest.raises(RefusedAddress) as at_subscribe:
+        await policy.check_url("http://postgres:5432/")
+    with pytest.raises(httpcore.ConnectError) as at_connect:
+        await VettedBackend(policy, Inner()).connect_tcp("postgres", 5432)
+    for refused in (at_subscribe.value, at_connect.value):
+        assert "postgres resolves to a private or reserved address" in str(refused)
+        assert "10.20.30.40" not in str(refused)
+
+
+async def test_a_tenant_whose_dns_never_answers_does_not_hold_up_other_lookups(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A lookup runs in a thread that cannot be stopped: when the POST deadline cancelled the
+    wait, the delivery gave its slot back while its thread still hung, so a tenant whose names'
+    DNS never answers took ever more threads (the loop's default pool has cpu + 4) until no
+    lookup of any tenant could run. A delivery's slot now stays taken until its lookup ends,
+    and lookups have their own pool, larger than the slots."""
+    hanging = threading.Event()
+    hung: list[str] = []
+
+    def lookup(host: str, port: int, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if host.startswith("hang"):
+            hung.append(host)
+            hanging.wait(60)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.216.34", port))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", lookup)
+    backend = VettedBackend(AddressPolicy(), Inner())
+    slots: list[asyncio.Task[object]] = []
+    try:
+        for round_ in range(4):  # the attacker's 4 slots, each retried once its POST gave up
+            slots = [t for t in slots if not t.done()]
+            slots += [
+                asyncio.create_task(backend.connect_tcp(f"hang{round_}-{i}.example", 80))
+                for i in range(4 - len(slots))
+            ]
+            await asyncio.sleep(0.05)
+            for task in slots:
+                task.cancel()  # the POST deadline
+            await asyncio.sleep(0.05)
+        await asyncio.wait_for(backend.connect_tcp("hooks.example.com", 443), 20)
+        assert len(hung) == 4  # one hanging thread per slot, however often the POST gave up
+    finally:
+        hanging.set()
+        await asyncio.gather(*slots, return_exceptions=True)

@@ -54,3 +54,12 @@ def test_a_whsec_secret_must_decode() -> None:
         secret_key("whsec_not*base64!")
     with pytest.raises(ValueError, match="16 bytes"):
         secret_key("whsec_" + base64.b64encode(b"short").decode())
+
+
+@pytest.mark.parametrize("stored", ["whsec_not base64 at all!", "whsec_c2hvcnQta2V5"])
+def test_a_stored_whsec_secret_that_does_not_decode_still_signs_with_its_bytes(stored: str) -> None:
+    """Secrets stored before the API checked `whsec_` (any 16 characters) keep signing, as their
+    UTF-8 bytes (what they signed with before); an error would hold the queue, uncounted."""
+    headers = signed_headers([stored], "acme/e-1", BODY)
+    assert Webhook(stored.encode()).verify(BODY, headers) == {"event_id": "e-1", "type": "AlertRaised"}
+    assert verify(stored, headers, BODY)
