@@ -20,6 +20,7 @@ from fleetflow.contracts.telemetry import IngestionProgress
 from fleetflow.db import Pool, create_pool
 from fleetflow.embedded_pg import database_url
 from fleetflow.errors import StartupError
+from fleetflow.handles import handle_for
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
 from workers.registry import WORKFLOWS
@@ -89,7 +90,7 @@ async def _running(client: Client, workflow_type: str) -> int | None:
 
 async def _shard(client: Client, shard: int) -> IngestionProgress | None:
     try:
-        handle = client.get_workflow_handle_for(TelemetryIngestion.run, ingestion_id(shard))
+        handle = handle_for(client, TelemetryIngestion.run, ingestion_id(shard))
         async with asyncio.timeout(RPC_TIMEOUT.total_seconds()):
             return await handle.query(TelemetryIngestion.progress, rpc_timeout=RPC_TIMEOUT)
     except Exception:  # no orchestration worker to answer, or no such shard

@@ -25,6 +25,7 @@ from fleetflow.contracts.devices import (
     FirstContact,
     OnboardingProgress,
 )
+from fleetflow.handles import handle_for
 from fleetflow.security import DeviceClaims, TokenClaims
 from workflows.bulk_onboarding import BulkOnboarding, bulk_workflow_id
 from workflows.device_onboarding import DeviceOnboarding, onboarding_id
@@ -55,9 +56,7 @@ def _missing(exc: RPCError) -> bool:
 @router.get("/v1/onboardings/{device_id}", response_model=OnboardingProgress)
 async def progress(device_id: str, state: State, claims: Reader) -> OnboardingProgress:
     """Current step, completed steps, compensations; the credential until first contact (write scope)."""
-    handle = state.temporal.get_workflow_handle_for(
-        DeviceOnboarding.run, onboarding_id(claims.tenant, device_id)
-    )
+    handle = handle_for(state.temporal, DeviceOnboarding.run, onboarding_id(claims.tenant, device_id))
     result = await progress_or_404(handle, f"onboarding of {device_id!r}", OnboardingProgress)
     if "devices:write" not in claims.scopes and "admin" not in claims.scopes:
         result.credential = None
@@ -144,9 +143,7 @@ async def device_contact(
 @router.get("/v1/bulk-onboardings/{bulk_id}", response_model=BulkProgress)
 async def bulk_progress(bulk_id: str, state: State, claims: Reader) -> BulkProgress:
     """Counts of a bulk onboarding and every failure with its reason."""
-    handle = state.temporal.get_workflow_handle_for(
-        BulkOnboarding.run, bulk_workflow_id(claims.tenant, bulk_id)
-    )
+    handle = handle_for(state.temporal, BulkOnboarding.run, bulk_workflow_id(claims.tenant, bulk_id))
     return await progress_or_404(handle, f"bulk onboarding {bulk_id!r}", BulkProgress)
 
 

@@ -21,6 +21,7 @@ from activities.notifications import NotificationService
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliveryInput, DeliverySummary, EventBatch, delivery_workflow_id
 from fleetflow.db import Pool
+from fleetflow.handles import handle_for
 from fleetflow.payload_codec import SEALED, payload_keys
 from fleetflow.settings import Settings
 from tests.support import bearer, eventually, free_port
@@ -250,7 +251,7 @@ async def test_delivery_loop_continues_as_new_and_keeps_order(
             await service.record_events(probe_events(tenant, "dev-1", 1, kind=f"Step{n}"))
             await eventually(hook.received, has(n))
 
-        latest = client.get_workflow_handle_for(EventDelivery.run, wid)
+        latest = handle_for(client, EventDelivery.run, wid)
         assert (await latest.describe()).run_id != handle.result_run_id
         # the hook sees the 8th event while its activity still runs: the count follows it
         summary = await eventually(lambda: latest.query(EventDelivery.summary), lambda s: s.delivered >= 8)
@@ -306,7 +307,7 @@ async def test_subscriptions_are_tenant_scoped(api: httpx.AsyncClient, client: C
     assert (await api.delete(path, headers=auth)).status_code == 204
     assert (await api.get(path, headers=auth)).status_code == 404
     assert (await api.delete(path, headers=auth)).status_code == 404
-    handle = client.get_workflow_handle_for(EventDelivery.run, sub["workflow_id"])
+    handle = handle_for(client, EventDelivery.run, sub["workflow_id"])
     assert (await handle.result()).subscription_id == sub["subscription_id"]
 
 
