@@ -44,6 +44,10 @@ ATTEMPTS_PATCH = "bulk-onboarding-attempts"
 # the largest payloads of a history event stay far below 256 KiB with 128-character device ids
 EVENTS_PER_ACTIVITY = 200
 RESULT_FAILURES = 200
+# a query's answer is one payload, refused by the server past 2 MiB: 10,000 failures with
+# 128-character ids and 200-character reasons are ~3.7 MB, so the query pages them
+PROGRESS_FAILURES = 1000
+FAILURE_REASON = 200  # as device.provision_batch cuts its own
 PROVISION_HEARTBEAT = timedelta(seconds=20)
 
 
@@ -95,7 +99,7 @@ class BulkOnboarding:
             await self._undo_all(inp, reason, "failed")
             raise ApplicationError(reason, type="BulkOnboardingFailed", non_retryable=True) from None
         self._status = "completed"
-        return self.progress()
+        return self._snapshot()
 
     async def _run_slices(
         self, inp: BulkOnboardingInput, offsets: list[int], issued: datetime, gate: asyncio.Semaphore
@@ -110,7 +114,7 @@ class BulkOnboarding:
         failure = next((f for f in failures if f is not None), None)
         if not cancelled and failure is None:
             self._status = "completed"
-            result = self.progress()
+            result = self._snapshot()
             result.failures = result.failures[:RESULT_FAILURES]  # all of them: the progress query
             return result
         if failure is not None and not isinstance(failure, ActivityError):
@@ -201,7 +205,8 @@ class BulkOnboarding:
             await self._deprovision(inp, device_ids, reason)
             gone = set(device_ids)
             self._onboarded = [d for d in self._onboarded if d not in gone]
-            self._failures.extend(DeviceFailure(index=-1, device_id=d, reason=reason) for d in device_ids)
+            cut = reason[:FAILURE_REASON]  # the progress query pages failures of a bounded size
+            self._failures.extend(DeviceFailure(index=-1, device_id=d, reason=cut) for d in device_ids)
 
     async def _deprovision(self, inp: BulkOnboardingInput, device_ids: list[str] | None, reason: str) -> None:
         await workflow.execute_activity(
@@ -225,8 +230,14 @@ class BulkOnboarding:
         self._status = status
 
     @workflow.query
-    def progress(self) -> BulkProgress:
-        """Counts so far and every failure with its reason."""
+    def progress(self, failures_from: int = 0) -> BulkProgress:
+        """Counts so far and the failures from index failures_from on (at most PROGRESS_FAILURES)."""
+        result = self._snapshot()
+        start = max(failures_from, 0)
+        result.failures = result.failures[start : start + PROGRESS_FAILURES]
+        return result
+
+    def _snapshot(self) -> BulkProgress:
         inp = self._input
         return BulkProgress(
             bulk_id=inp.bulk_id if inp else "", status=self._status,
