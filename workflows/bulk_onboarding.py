@@ -28,7 +28,7 @@ with workflow.unsafe.imports_passed_through():
         DeviceFailure,
         attempt_owner,
     )
-    from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch
+    from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvents
     from workflows.options import (
         COMPENSATION_START_TO_CLOSE,
         STEP_RETRY,
@@ -49,6 +49,8 @@ RESULT_FAILURES = 200
 PROGRESS_FAILURES = 1000
 FAILURE_REASON = 200  # as device.provision_batch cuts its own
 PROVISION_HEARTBEAT = timedelta(seconds=20)
+# runs started before it: undoing devices left their DeviceOnboarded events recorded
+RETRACT_PATCH = "bulk-onboarding-retract-events"
 
 
 def bulk_workflow_id(tenant: str, bulk_id: str) -> str:
@@ -203,6 +205,8 @@ class BulkOnboarding:
             # the devices of this slice are undone one by one and reported as failed
             reason = f"event not recorded: {exc.cause or exc}"
             await self._deprovision(inp, device_ids, reason)
+            if self._attempts and workflow.patched(RETRACT_PATCH):  # some may have been recorded
+                await self._retract(inp, device_ids)
             gone = set(device_ids)
             self._onboarded = [d for d in self._onboarded if d not in gone]
             cut = reason[:FAILURE_REASON]  # the progress query pages failures of a bounded size
@@ -217,11 +221,26 @@ class BulkOnboarding:
             retry_policy=COMPENSATION_RETRY,
         )  # fmt: skip
 
+    async def _retract(self, inp: BulkOnboardingInput, device_ids: list[str] | None) -> None:
+        """Retract the DeviceOnboarded events this attempt recorded (of device_ids; None: all)."""
+        await workflow.execute_activity(
+            "notification.retract_events",
+            RetractEvents(tenant=inp.tenant, type=DEVICE_ONBOARDED, id_prefix=f"{self._event_key}/",
+                          device_ids=device_ids),
+            task_queue=TaskQueue.NOTIFICATION.value, start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
+            retry_policy=COMPENSATION_RETRY,
+        )  # fmt: skip
+
+    async def _undo_attempt(self, inp: BulkOnboardingInput, reason: str) -> None:
+        await self._deprovision(inp, None, reason)
+        if workflow.patched(RETRACT_PATCH):  # subscribers are not told of devices that are undone
+            await self._retract(inp, None)
+
     async def _undo_all(self, inp: BulkOnboardingInput, reason: str, status: str) -> None:
         self._status, self._reason = "compensating", reason
         # None: every device of this import, including a slice cut short mid-flight
         if self._attempts:  # shielded: a further cancel does not leave live credentials behind
-            undo = asyncio.ensure_future(self._deprovision(inp, None, reason))
+            undo = asyncio.ensure_future(self._undo_attempt(inp, reason))
             await run_to_end(undo)
             undo.result()
         else:
