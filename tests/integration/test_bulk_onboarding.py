@@ -126,3 +126,18 @@ async def test_malformed_bulk_bodies_are_refused_with_the_field(api: httpx.Async
     refused = await api.post("/v1/devices:bulk", content=extra.encode(), headers=headers)
     assert refused.status_code == 422, refused.text
     assert refused.json()["errors"][0]["loc"] == ["body", "line 3"]
+
+
+async def test_deeply_nested_metadata_or_config_is_refused_with_the_field(api: httpx.AsyncClient) -> None:
+    # 300 levels fit the 8 KiB metadata limit, yet pydantic cannot serialise them (it was a 500)
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    spec = {"device_id": f"deep-{uuid.uuid4().hex[:6]}", "device_type": "sensor"}
+    for field in ("metadata", "config"):
+        single = await api.post("/v1/devices", json={**spec, field: deep}, headers=AUTH)
+        assert single.status_code == 422, single.text
+        assert single.json()["errors"][0]["loc"] == ["body", field]
+        bulk = await api.post("/v1/devices:bulk", json={"devices": [{**spec, field: deep}]}, headers=AUTH)
+        assert bulk.status_code == 422, bulk.text
+        assert bulk.json()["errors"][0]["loc"] == ["body", "devices", 0, field]
