@@ -4,8 +4,9 @@ The device list travels as a claim check; each slice is provisioned in one activ
 (per-device all-or-nothing), then its `DeviceOnboarded` events are recorded. A slice
 whose events cannot be recorded is deprovisioned. When a slice fails or the run is
 cancelled, no slice starts any more, the running ones are asked to stop (the activity
-heartbeats and rolls back) and waited for, and only then is everything deprovisioned,
-shielded from a further cancel.
+heartbeats and rolls back) and waited for, and only then is everything deprovisioned and
+its `DeviceOnboarded` events retracted, shielded from a further cancel. The progress query
+lists the failures a page at a time (a query's answer is one payload of at most 2 MiB).
 """
 
 from __future__ import annotations
