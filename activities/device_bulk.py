@@ -120,11 +120,13 @@ class BulkProvisioning(DeviceReadModel):
             issued_at=chunk.issued_at, expires_at=chunk.expires_at, issuer=self.issuer,
         )  # fmt: skip
         async with conn.transaction():
-            await register_device(
+            taken = await register_device(
                 conn, chunk.tenant, spec, DeviceStatus.ACTIVE, onboarding_id=chunk.bulk_id,
                 actor=chunk.actor, from_status=current["status"] if current else None,
-                reason="bulk onboarding",
+                from_owner=current["onboarding_id"] if current else None, reason="bulk onboarding",
             )  # fmt: skip
+            if not taken:  # another onboarding registered it since it was read
+                return "already registered (by another onboarding)"
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
                        expires_at, kid) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (jti) DO NOTHING""",
@@ -144,6 +146,8 @@ class BulkProvisioning(DeviceReadModel):
 
         Set-based, a few statements whatever the count: undoing 10,000 devices one statement
         pair each could outlast the compensation's start-to-close timeout and retry for ever.
+        A device decommissioned meanwhile stays so (as `mark_failed` leaves it): `failed` would
+        let it be onboarded again.
         """
         owner, ids = batch.bulk_id, batch.device_ids
         async with self.pool.acquire() as conn, conn.transaction():
@@ -162,7 +166,8 @@ class BulkProvisioning(DeviceReadModel):
             await conn.execute(
                 """WITH old AS (
                        SELECT device_id, status FROM device.devices
-                       WHERE tenant = $1 AND onboarding_id = $2 AND status <> 'failed'
+                       WHERE tenant = $1 AND onboarding_id = $2
+                         AND status IN ('pending', 'provisioned', 'active')
                          AND ($3::text[] IS NULL OR device_id = ANY($3))
                        FOR UPDATE),
                    moved AS (

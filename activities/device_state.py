@@ -103,13 +103,31 @@ async def register_device(
     onboarding_id: str,
     actor: str,
     from_status: str | None,
+    from_owner: str | None = None,
     reason: str | None = None,
-) -> None:
-    """Register the device (or take over a failed registration) in `status`, and record the change.
+) -> bool:
+    """Register the device (or take over the registration read as from_status/from_owner) in
+    `status`, and record the change; False (nothing written) when the row is no longer what was
+    read: another onboarding registered the device meanwhile (a row that did not exist may be
+    inserted by a concurrent transaction, which no `FOR UPDATE` could lock).
 
     Taking over revokes every credential an earlier attempt left live: a failed device holds
     none by rights, and the new attempt issues its own.
     """
+    taken = await conn.fetchval(
+        """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, tags,
+               metadata, status, onboarding_id)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+           ON CONFLICT (tenant, device_id) DO UPDATE SET device_type = $3,
+               firmware_version = $4, tags = $5, metadata = $6, status = $7,
+               status_reason = NULL, onboarding_id = $8, updated_at = now()
+           WHERE device.devices.status = $9 AND device.devices.onboarding_id = $10
+           RETURNING true""",
+        tenant, spec.device_id, spec.device_type, spec.firmware_version, spec.tags, spec.metadata,
+        status.value, onboarding_id, from_status, from_owner,
+    )  # fmt: skip
+    if not taken:
+        return False
     if from_status is not None:
         await conn.execute(
             """UPDATE device.credentials SET revoked_at = now()
@@ -117,17 +135,8 @@ async def register_device(
             tenant, spec.device_id,
         )  # fmt: skip
     await conn.execute(
-        """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, tags,
-               metadata, status, onboarding_id)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-           ON CONFLICT (tenant, device_id) DO UPDATE SET device_type = $3,
-               firmware_version = $4, tags = $5, metadata = $6, status = $7,
-               status_reason = NULL, onboarding_id = $8, updated_at = now()""",
-        tenant, spec.device_id, spec.device_type, spec.firmware_version, spec.tags, spec.metadata,
-        status.value, onboarding_id,
-    )  # fmt: skip
-    await conn.execute(
         """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status, reason, actor)
            VALUES ($1, $2, $3, $4, $5, $6)""",
         tenant, spec.device_id, from_status, status.value, reason, actor,
     )  # fmt: skip
+    return True

@@ -94,10 +94,13 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             over = (await device_room(conn, request.tenant, self.quota_defaults)).take()
             if over is not None:
                 raise refuse(over, "QuotaExceeded")
-            await register_device(
+            taken = await register_device(
                 conn, request.tenant, spec, DeviceStatus.PENDING, onboarding_id=request.onboarding_id,
                 actor=request.actor, from_status=current["status"] if current else None,
+                from_owner=current["onboarding_id"] if current else None,
             )  # fmt: skip
+            if not taken:  # registered by a concurrent onboarding (a bulk import) since it was read
+                raise refuse(f"device {spec.device_id!r} is already registered", "DeviceExists")
 
     @activity.defn(name="device.mark_failed")
     async def mark_failed(self, request: DeviceTransition) -> None:

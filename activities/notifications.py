@@ -39,6 +39,7 @@ from fleetflow.contracts.events import (
     EventBatch,
     RecordedEvent,
     RetractEvent,
+    RetractEvents,
     SecretRotation,
     SubscriptionRequest,
     SubscriptionView,
@@ -274,6 +275,18 @@ class NotificationService:
             "DELETE FROM notification.events WHERE event_id = $1 AND ($2::text IS NULL OR tenant = $2)",
             request.event_id, tenant,
         )  # fmt: skip
+
+    @activity.defn(name="notification.retract_events")
+    async def retract_events(self, request: RetractEvents) -> int:
+        """Compensation of the events one undone attempt recorded (a bulk import's, thousands):
+        one statement, by their common id prefix."""
+        result = await self.pool.execute(
+            """DELETE FROM notification.events
+               WHERE tenant = $1 AND type = $2 AND starts_with(event_id, $3)
+                 AND ($4::text[] IS NULL OR device_id = ANY($4))""",
+            request.tenant, request.type, request.id_prefix, request.device_ids,
+        )  # fmt: skip
+        return int(str(result).split()[-1])
 
     async def list_events(
         self,

@@ -154,10 +154,10 @@ def conflict(msg: str) -> HTTPException:
     return HTTPException(status.HTTP_409_CONFLICT, detail=msg)
 
 
-async def progress_or_404(handle: WorkflowHandle[Any, Any], what: str, result_type: type[T]) -> T:
-    """The workflow's `progress` query; 404 naming `what` when there is no such workflow."""
+async def progress_or_404(handle: WorkflowHandle[Any, Any], what: str, result_type: type[T], *args: Any) -> T:
+    """The workflow's `progress` query (with args); 404 naming `what` when there is no such workflow."""
     try:
-        result: T = await handle.query("progress", result_type=result_type)
+        result: T = await handle.query("progress", args=list(args), result_type=result_type)
     except RPCError as exc:
         if exc.status == RPCStatusCode.NOT_FOUND:
             raise not_found(what) from None

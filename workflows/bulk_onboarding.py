@@ -4,8 +4,9 @@ The device list travels as a claim check; each slice is provisioned in one activ
 (per-device all-or-nothing), then its `DeviceOnboarded` events are recorded. A slice
 whose events cannot be recorded is deprovisioned. When a slice fails or the run is
 cancelled, no slice starts any more, the running ones are asked to stop (the activity
-heartbeats and rolls back) and waited for, and only then is everything deprovisioned,
-shielded from a further cancel.
+heartbeats and rolls back) and waited for, and only then is everything deprovisioned and
+its `DeviceOnboarded` events retracted, shielded from a further cancel. The progress query
+lists the failures a page at a time (a query's answer is one payload of at most 2 MiB).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         DeviceFailure,
         attempt_owner,
     )
-    from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch
+    from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvents
     from workflows.options import (
         COMPENSATION_START_TO_CLOSE,
         STEP_RETRY,
@@ -44,7 +45,13 @@ ATTEMPTS_PATCH = "bulk-onboarding-attempts"
 # the largest payloads of a history event stay far below 256 KiB with 128-character device ids
 EVENTS_PER_ACTIVITY = 200
 RESULT_FAILURES = 200
+# a query's answer is one payload, refused by the server past 2 MiB: 10,000 failures with
+# 128-character ids and 200-character reasons are ~3.7 MB, so the query pages them
+PROGRESS_FAILURES = 1000
+FAILURE_REASON = 200  # as device.provision_batch cuts its own
 PROVISION_HEARTBEAT = timedelta(seconds=20)
+# runs started before it: undoing devices left their DeviceOnboarded events recorded
+RETRACT_PATCH = "bulk-onboarding-retract-events"
 
 
 def bulk_workflow_id(tenant: str, bulk_id: str) -> str:
@@ -95,7 +102,7 @@ class BulkOnboarding:
             await self._undo_all(inp, reason, "failed")
             raise ApplicationError(reason, type="BulkOnboardingFailed", non_retryable=True) from None
         self._status = "completed"
-        return self.progress()
+        return self._snapshot()
 
     async def _run_slices(
         self, inp: BulkOnboardingInput, offsets: list[int], issued: datetime, gate: asyncio.Semaphore
@@ -110,7 +117,7 @@ class BulkOnboarding:
         failure = next((f for f in failures if f is not None), None)
         if not cancelled and failure is None:
             self._status = "completed"
-            result = self.progress()
+            result = self._snapshot()
             result.failures = result.failures[:RESULT_FAILURES]  # all of them: the progress query
             return result
         if failure is not None and not isinstance(failure, ActivityError):
@@ -199,9 +206,12 @@ class BulkOnboarding:
             # the devices of this slice are undone one by one and reported as failed
             reason = f"event not recorded: {exc.cause or exc}"
             await self._deprovision(inp, device_ids, reason)
+            if self._attempts and workflow.patched(RETRACT_PATCH):  # some may have been recorded
+                await self._retract(inp, device_ids)
             gone = set(device_ids)
             self._onboarded = [d for d in self._onboarded if d not in gone]
-            self._failures.extend(DeviceFailure(index=-1, device_id=d, reason=reason) for d in device_ids)
+            cut = reason[:FAILURE_REASON]  # the progress query pages failures of a bounded size
+            self._failures.extend(DeviceFailure(index=-1, device_id=d, reason=cut) for d in device_ids)
 
     async def _deprovision(self, inp: BulkOnboardingInput, device_ids: list[str] | None, reason: str) -> None:
         await workflow.execute_activity(
@@ -212,11 +222,26 @@ class BulkOnboarding:
             retry_policy=COMPENSATION_RETRY,
         )  # fmt: skip
 
+    async def _retract(self, inp: BulkOnboardingInput, device_ids: list[str] | None) -> None:
+        """Retract the DeviceOnboarded events this attempt recorded (of device_ids; None: all)."""
+        await workflow.execute_activity(
+            "notification.retract_events",
+            RetractEvents(tenant=inp.tenant, type=DEVICE_ONBOARDED, id_prefix=f"{self._event_key}/",
+                          device_ids=device_ids),
+            task_queue=TaskQueue.NOTIFICATION.value, start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
+            retry_policy=COMPENSATION_RETRY,
+        )  # fmt: skip
+
+    async def _undo_attempt(self, inp: BulkOnboardingInput, reason: str) -> None:
+        await self._deprovision(inp, None, reason)
+        if workflow.patched(RETRACT_PATCH):  # subscribers are not told of devices that are undone
+            await self._retract(inp, None)
+
     async def _undo_all(self, inp: BulkOnboardingInput, reason: str, status: str) -> None:
         self._status, self._reason = "compensating", reason
         # None: every device of this import, including a slice cut short mid-flight
         if self._attempts:  # shielded: a further cancel does not leave live credentials behind
-            undo = asyncio.ensure_future(self._deprovision(inp, None, reason))
+            undo = asyncio.ensure_future(self._undo_attempt(inp, reason))
             await run_to_end(undo)
             undo.result()
         else:
@@ -225,8 +250,14 @@ class BulkOnboarding:
         self._status = status
 
     @workflow.query
-    def progress(self) -> BulkProgress:
-        """Counts so far and every failure with its reason."""
+    def progress(self, failures_from: int = 0) -> BulkProgress:
+        """Counts so far and the failures from index failures_from on (at most PROGRESS_FAILURES)."""
+        result = self._snapshot()
+        start = max(failures_from, 0)
+        result.failures = result.failures[start : start + PROGRESS_FAILURES]
+        return result
+
+    def _snapshot(self) -> BulkProgress:
         inp = self._input
         return BulkProgress(
             bulk_id=inp.bulk_id if inp else "", status=self._status,

@@ -159,6 +159,8 @@ def _csv_devices(raw: bytes) -> list[dict[str, Any]]:
         raise invalid(["body", "header"], f"unknown CSV column(s): {', '.join(sorted(columns - allowed))}")
     devices = []
     for line, row in enumerate(rows, start=2):
+        if None in row:  # DictReader keeps fields past the header under None
+            raise invalid(["body", f"line {line}"], "has more fields than the header (quote a comma)")
         item: dict[str, Any] = {k: v for k, v in row.items() if v not in (None, "")}
         if "tags" in item:
             item["tags"] = [t for t in item["tags"].split(";") if t]
@@ -190,10 +192,14 @@ async def bulk_onboard(request: Request, state: State, claims: Writer, response:
             payload = json.loads(raw)
         except ValueError:
             raise invalid(["body"], "is not valid JSON") from None
+        except RecursionError:  # 8 MiB of brackets: the parser's recursion, not a 500
+            raise invalid(["body"], "is nested too deeply") from None
     try:
         body = BulkOnboardRequest.model_validate(payload)
     except ValidationError as exc:
         raise invalid(["body", *exc.errors()[0]["loc"]], exc.errors()[0]["msg"]) from None
+    except RecursionError:  # metadata nested past what its size check can serialise
+        raise invalid(["body"], "is nested too deeply") from None
     seen: set[str] = set()
     checked: set[str] = set()  # (type, config) pairs: the same config of many devices is checked once
     with config_schema.step_budget(BULK_VALIDATION_STEPS):

@@ -14,6 +14,9 @@ from fleetflow.contracts.common import Actor, DeviceId, Strict, TenantId
 MAX_METADATA_BYTES = 8192
 MAX_CONFIG_BYTES = 16384
 MAX_BULK_DEVICES = 10_000
+# nesting of metadata/config: a document deeper than ~250 levels cannot be serialised by
+# pydantic (the route answered 500), and one deeper than ~1,000 not even measured in bytes
+MAX_SPEC_DEPTH = 64
 
 DeviceTypeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
 FirmwareVersion = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
@@ -36,6 +39,18 @@ def business_id_of(owner: str) -> str:
 
 def _json_size(value: dict[str, Any]) -> int:
     return len(json.dumps(value, separators=(",", ":")).encode())
+
+
+def _too_deep(value: Any) -> bool:
+    """True when value nests objects/arrays more than MAX_SPEC_DEPTH deep (no recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            if level > MAX_SPEC_DEPTH:
+                return True
+            stack.extend((v, level + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return False
 
 
 class DeviceStatus(StrEnum):
@@ -61,6 +76,8 @@ class DeviceSpec(Strict):
     @field_validator("metadata")
     @classmethod
     def _metadata_size(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if _too_deep(value):
+            raise ValueError(f"must nest at most {MAX_SPEC_DEPTH} levels deep")
         if _json_size(value) > MAX_METADATA_BYTES:
             raise ValueError(f"must be at most {MAX_METADATA_BYTES} bytes as JSON")
         return value
@@ -68,6 +85,8 @@ class DeviceSpec(Strict):
     @field_validator("config")
     @classmethod
     def _config_size(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and _too_deep(value):
+            raise ValueError(f"must nest at most {MAX_SPEC_DEPTH} levels deep")
         if value is not None and _json_size(value) > MAX_CONFIG_BYTES:
             raise ValueError(f"must be at most {MAX_CONFIG_BYTES} bytes as JSON")
         return value

@@ -46,6 +46,16 @@ class RetractEvent(Strict):
     tenant: TenantId | None = None
 
 
+class RetractEvents(Strict):
+    """Input of `notification.retract_events`: the events of one type of a tenant whose ids
+    start with id_prefix (one undone attempt's), only those of device_ids when given."""
+
+    tenant: TenantId
+    type: str
+    id_prefix: Annotated[str, Field(min_length=1)]
+    device_ids: list[str] | None = None
+
+
 class RecordedEvent(DomainEvent):
     """An event as stored: `seq` is its place in the tenant's recorded order."""
 

@@ -13,11 +13,13 @@ import uuid
 from typing import Any
 
 import httpx
+import pytest
 from temporalio.client import Client
 
 from api.routers.devices import MAX_BULK_BYTES
 from fleetflow.contracts.devices import MAX_BULK_DEVICES
 from fleetflow.db import Pool
+from tests.integration.conftest import FAULTS
 from tests.integration.flows import AUTH
 from tests.support import eventually
 
@@ -107,3 +109,41 @@ async def test_cancelling_the_largest_import_undoes_every_device_it_onboarded(
     assert undone >= 2000 and live == 0
     history = await handle.fetch_history()
     assert max(len(event.SerializeToString()) for event in history.events) <= EVENT_LIMIT
+
+
+@pytest.mark.timeout(900)  # 10,000 devices, 60 undone slices of events, on a shared machine
+async def test_the_progress_of_10000_failures_is_answered_page_by_page(api: httpx.AsyncClient) -> None:
+    # every device fails with a reason of ~50 characters: all 10,000 failures in one query answer
+    # were ~2.2 MB, past the server's 2 MiB payload limit (the route answered 500 for good)
+    prefix = f"pg-{uuid.uuid4().hex[:8]}"
+    ids = [f"{prefix}-{i:05d}-".ljust(128, "x") for i in range(MAX_BULK_DEVICES)]
+    for offset in range(0, MAX_BULK_DEVICES, 500):  # one failing device in each batch of events
+        for first in (0, 200, 400):
+            FAULTS[ids[offset + first]] = "record_event"
+    try:
+        body = {"devices": [{"device_id": d, "device_type": "sensor"} for d in ids]}
+        accepted = await api.post("/v1/devices:bulk", json=body, headers=AUTH, timeout=300)
+        assert accepted.status_code == 202, accepted.text
+        url = accepted.json()["status_url"]
+
+        async def progress() -> httpx.Response:
+            return await api.get(url, headers=AUTH, timeout=60)
+
+        done = await eventually(
+            progress, lambda r: r.status_code != 200 or r.json()["status"] == "completed", 1200
+        )
+    finally:
+        for device_id in ids:
+            FAULTS.pop(device_id, None)
+    assert done.status_code == 200, done.text
+    first = done.json()
+    assert (first["onboarded"], first["failed"], len(first["failures"])) == (0, 10_000, 1000)
+    assert all(f["reason"].startswith("event not recorded") for f in first["failures"])
+    seen = [f["device_id"] for f in first["failures"]]
+    for start in range(1000, MAX_BULK_DEVICES, 1000):
+        page = await api.get(url, params={"failures_from": start}, headers=AUTH, timeout=60)
+        assert page.status_code == 200 and page.json()["failed"] == 10_000
+        seen += [f["device_id"] for f in page.json()["failures"]]
+    assert sorted(seen) == ids
+    past = await api.get(url, params={"failures_from": MAX_BULK_DEVICES}, headers=AUTH)
+    assert past.status_code == 200 and past.json()["failures"] == []

@@ -111,3 +111,33 @@ async def test_bulk_limits(api: httpx.AsyncClient) -> None:
     assert empty.status_code == 422 and empty.json()["errors"][0]["loc"] == ["body", "devices"]
     too_many = await api.post("/v1/devices:bulk", json={"devices": devices("big", 10_001)}, headers=AUTH)
     assert too_many.status_code == 422
+
+
+async def test_malformed_bulk_bodies_are_refused_with_the_field(api: httpx.AsyncClient) -> None:
+    # nested deeper than the JSON parser's recursion (8 MiB allows ~4 million levels)
+    deep = await api.post(
+        "/v1/devices:bulk", content="[" * 100_000, headers={**AUTH, "Content-Type": "application/json"}
+    )
+    assert deep.status_code == 422, deep.text
+    assert deep.json()["errors"][0]["loc"] == ["body"]
+    # a CSV row with more fields than its header (an unquoted comma): the line is named
+    headers = {**AUTH, "Content-Type": "text/csv"}
+    extra = "\ufeffdevice_id,device_type\nok-1,sensor\nbad-1,sensor,red\n"
+    refused = await api.post("/v1/devices:bulk", content=extra.encode(), headers=headers)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["errors"][0]["loc"] == ["body", "line 3"]
+
+
+async def test_deeply_nested_metadata_or_config_is_refused_with_the_field(api: httpx.AsyncClient) -> None:
+    # 300 levels fit the 8 KiB metadata limit, yet pydantic cannot serialise them (it was a 500)
+    deep: dict[str, Any] = {}
+    for _ in range(300):
+        deep = {"a": deep}
+    spec = {"device_id": f"deep-{uuid.uuid4().hex[:6]}", "device_type": "sensor"}
+    for field in ("metadata", "config"):
+        single = await api.post("/v1/devices", json={**spec, field: deep}, headers=AUTH)
+        assert single.status_code == 422, single.text
+        assert single.json()["errors"][0]["loc"] == ["body", field]
+        bulk = await api.post("/v1/devices:bulk", json={"devices": [{**spec, field: deep}]}, headers=AUTH)
+        assert bulk.status_code == 422, bulk.text
+        assert bulk.json()["errors"][0]["loc"] == ["body", "devices", 0, field]

@@ -80,7 +80,7 @@ async def test_a_rejected_device_is_onboarded_again(api: httpx.AsyncClient, pool
     first = await api.post("/v1/devices", json=body, headers=AUTH)
     await progress_until(api, device_id, "awaiting_approval")
     too_long = await api.post(f"/v1/onboardings/{device_id}/reject", json={"reason": "r" * 501}, headers=AUTH)
-    assert too_long.status_code == 422 and too_long.json()["detail"][0]["loc"] == ["body", "reason"]
+    assert too_long.status_code == 422 and too_long.json()["errors"][0]["loc"] == ["body", "reason"]
     await api.post(f"/v1/onboardings/{device_id}/reject", json={"reason": "not yet"}, headers=AUTH)
     await progress_until(api, device_id, "failed")
 
@@ -217,6 +217,16 @@ async def bulk_state(pool: Pool, prefix: str) -> tuple[int, int]:
     return int(active), int(live)
 
 
+async def onboarded_events(pool: Pool, prefix: str) -> int:
+    """DeviceOnboarded events recorded for devices whose id starts with prefix."""
+    count: int = await pool.fetchval(
+        """SELECT count(*) FROM notification.events
+           WHERE tenant = 'acme' AND type = 'DeviceOnboarded' AND device_id LIKE $1""",
+        f"{prefix}-%",
+    )
+    return count
+
+
 def sensors(prefix: str, count: int) -> list[dict[str, Any]]:
     return [{"device_id": f"{prefix}-{i:04d}", "device_type": "sensor"} for i in range(count)]
 
@@ -305,6 +315,7 @@ async def test_a_bulk_slice_whose_events_are_not_recorded_is_undone(
     )  # fmt: skip
     assert all("event not recorded" in f["reason"] for f in progress.json()["failures"])
     assert await bulk_state(pool, prefix) == (0, 0)
+    assert await onboarded_events(pool, prefix) == 0  # recorded before the failure: retracted
     changes = await pool.fetch(
         """SELECT from_status, to_status FROM device.status_changes
            WHERE tenant = 'acme' AND device_id = $1 ORDER BY id""",
@@ -316,3 +327,24 @@ async def test_a_bulk_slice_whose_events_are_not_recorded_is_undone(
         f"{prefix}-%",
     )
     assert configs == 0
+
+
+async def test_a_cancelled_bulk_import_retracts_the_events_of_its_finished_slices(
+    api: httpx.AsyncClient, client: Client, pool: Pool, holds: dict[str, asyncio.Event]
+) -> None:
+    prefix = new_id("br")
+    devices = sensors(prefix, 501)  # the first slice finishes, the second is held
+    bulk_id = bulk_id_of(devices)
+    gate = await hold(f"provision_batch:{bulk_id}:500")
+    accepted = await api.post("/v1/devices:bulk", json={"devices": devices}, headers=AUTH)
+    assert accepted.status_code == 202
+    await until_entered(f"provision_batch:{bulk_id}:500")
+    await eventually(lambda: onboarded_events(pool, prefix), lambda n: n == 500, 60)
+    handle = client.get_workflow_handle(accepted.json()["workflow_id"])
+    await handle.cancel()
+    await until_handled(handle, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CANCEL_REQUESTED)
+    gate.set()
+    await eventually(lambda: handle.describe(), lambda d: d.close_time is not None, 60)
+    assert await bulk_state(pool, prefix) == (0, 0)
+    # subscribers are not left with DeviceOnboarded for 500 devices that were undone
+    assert await onboarded_events(pool, prefix) == 0

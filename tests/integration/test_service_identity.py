@@ -31,7 +31,7 @@ from temporalio.worker import Worker
 from fleetflow import identity
 from fleetflow.contracts.common import Actor, DomainEvent, TaskQueue
 from fleetflow.contracts.devices import RevokeCredential
-from fleetflow.contracts.events import EventBatch, RetractEvent
+from fleetflow.contracts.events import EventBatch, RetractEvent, RetractEvents
 from fleetflow.contracts.system import ProbeRequest, SystemCheckRequest
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing
@@ -604,6 +604,23 @@ async def test_an_actor_cannot_retract_another_tenants_event(
     with identity.acting_for(ServiceActor(subject="owner", tenant="globex")):
         await _call(client, "notification.retract_event", RetractEvent(event_id=theirs.event_id))
     assert await pool.fetchval(exists, theirs.event_id) == 0
+
+
+async def test_an_actor_cannot_retract_another_tenants_bulk_events(
+    client: Client, pool: Pool, workers: None, checked_worker: None
+) -> None:
+    theirs = _event("globex")
+    with identity.acting_for(ServiceActor(subject="service:ingestion")):
+        assert await _call(client, "notification.record_events", EventBatch(events=[theirs])) == 1
+    retract = RetractEvents(tenant="globex", type=theirs.type, id_prefix=theirs.event_id)
+    with identity.acting_for(ServiceActor(subject="intruder", tenant="acme")):
+        with pytest.raises(WorkflowFailureError) as failed:
+            await _call(client, "notification.retract_events", retract)
+        mine = retract.model_copy(update={"tenant": "acme"})
+        assert await _call(client, "notification.retract_events", mine) == 0
+    assert "may not act on tenant 'globex'" in _activity_refusal(failed.value).message
+    exists = "SELECT count(*) FROM notification.events WHERE event_id = $1"
+    assert await pool.fetchval(exists, theirs.event_id) == 1
 
 
 # --- unsealed payloads (issue 18.6) ---------------------------------------------------------
