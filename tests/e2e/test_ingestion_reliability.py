@@ -36,6 +36,7 @@ from temporalio.api.enums.v1 import PendingActivityState
 from temporalio.client import Client
 
 from fleetflow import embedded_pg
+from fleetflow.contracts.common import TaskQueue
 from tests.e2e.stack import (
     Stack,
     alive,
@@ -369,7 +370,9 @@ async def test_data_worker_killed_loses_nothing_and_stores_nothing_twice(
 async def stop_and_check_nothing_survives(stack: Stack) -> None:
     """SIGINT the supervisor: exit 0, no descendant and no postmaster left, no traceback on the way."""
     before = stack.descendants()
-    assert len([p for p in before if "workers.cli" in cmdline(p)]) == 6, [cmdline(p) for p in before]
+    # one worker per task queue (the webhook queue included) and the API
+    workers = [p for p in before if "workers.cli" in cmdline(p)]
+    assert len(workers) == len(TaskQueue) + 1, [cmdline(p) for p in before]
     pm = postmaster(stack.pgdata)
     assert pm is not None and alive(pm)
     pm_children = pm.children(recursive=True)
