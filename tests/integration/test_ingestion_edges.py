@@ -21,6 +21,7 @@ from fleetflow.contracts.telemetry import (
     MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
     MAX_BATCH_READINGS,
+    SUPERVISOR_ID,
     ClaimWindow,
     WindowRef,
 )
@@ -317,3 +318,22 @@ async def test_a_series_the_rules_cannot_evaluate_is_skipped_with_an_event_at_th
     assert kinds == ["AlertRaised", "AnalysisFailed"]
     failed = next(r["event"] for r in rows if r["event"]["type"] == "AnalysisFailed")
     assert "OverflowError" in failed["data"]["reason"]
+
+
+async def test_a_terminated_supervisor_is_started_again_by_the_running_api(
+    api: httpx.AsyncClient, client: Client
+) -> None:
+    # the supervisor restarts the shards; before, nothing restarted the supervisor itself
+    # until an API process started again
+    supervisor = client.get_workflow_handle(SUPERVISOR_ID)
+    dead_run = (await supervisor.describe()).run_id
+    await supervisor.terminate("test: the supervisor dies")
+
+    async def latest() -> tuple[str | None, WorkflowExecutionStatus | None]:
+        described = await client.get_workflow_handle(SUPERVISOR_ID).describe()
+        return described.run_id, described.status
+
+    run_id, status = await eventually(
+        latest, lambda r: r[0] != dead_run and r[1] == WorkflowExecutionStatus.RUNNING, timeout_s=SLOW
+    )
+    assert run_id != dead_run and status == WorkflowExecutionStatus.RUNNING
