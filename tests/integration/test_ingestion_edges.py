@@ -3,6 +3,7 @@ pills, and a shard workflow terminated under load."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 import zlib
@@ -23,6 +24,7 @@ from fleetflow.contracts.telemetry import (
     MAX_BATCH_READINGS,
     SUPERVISOR_ID,
     ClaimWindow,
+    StoreWindow,
     WindowRef,
 )
 from fleetflow.db import Pool
@@ -165,10 +167,10 @@ async def test_poison_pills_are_quarantined_with_their_reason_and_the_shard_goes
     # the API refuses both known pills now, naming the field
     old = [{"device_id": sick, "ts": "0001-01-01T00:00:00Z", "metric": "p", "value": 1.0}]
     refused = await send(api, device_auth(sick_credential), old)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "readings", 0, "ts"]
     huge = readings(sick, [1e308, -1e308], metric="p")
     refused = await send(api, device_auth(sick_credential), huge)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "value"
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"][-1] == "value"
 
 
 async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is_stored(
@@ -233,7 +235,7 @@ async def test_a_batch_spanning_the_whole_accepted_range_is_stored_and_older_is_
     too_old = [{"device_id": device_id, "ts": (now - timedelta(days=MAX_AGE_DAYS + 1)).isoformat(),
                 "metric": "span", "value": 1.0}]  # fmt: skip
     refused = await send(api, me, too_old)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "readings", 0, "ts"]
 
     # one reading in each of ~366 daily partitions that do not exist yet: stored, not a pill
     oldest = now - timedelta(days=MAX_AGE_DAYS) + timedelta(minutes=10)
@@ -337,3 +339,49 @@ async def test_a_terminated_supervisor_is_started_again_by_the_running_api(
         latest, lambda r: r[0] != dead_run and r[1] == WorkflowExecutionStatus.RUNNING, timeout_s=SLOW
     )
     assert run_id != dead_run and status == WorkflowExecutionStatus.RUNNING
+
+
+async def _claimed(pool: Pool, tenant: str, window_id: str, ts: datetime) -> None:
+    """A claimed batch of one reading (bucket -1: no running shard's)."""
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
+               window_id)
+           VALUES ($1, 'same-id', -1, 1, ARRAY['same-device'], $2, 'claimed', $3)""",
+        tenant, f"{tenant},same-id,same-device,lock,{ts.isoformat()},1.0\n".encode(), window_id,
+    )  # fmt: skip
+
+
+async def test_a_store_held_up_in_one_shard_holds_up_no_other_shards_store(pool: Pool) -> None:
+    # storing took a lock for the daily partitions and held it to its commit, so every store
+    # of every shard (every tenant) waited for the slowest one in flight
+    tag = uuid.uuid4().hex[:8]
+    ts = datetime.now(UTC) - timedelta(minutes=1)
+    held, free = f"lock-{tag}/held/0", f"lock-{tag}/free/0"
+    await _claimed(pool, "acme", held, ts)
+    await _claimed(pool, "other", free, ts)
+    service = DataService(pool)
+    async with pool.acquire() as blocker:
+        hold = blocker.transaction()
+        await hold.start()
+        # the held window's store gets as far as recording it, and waits there for this transaction
+        await blocker.execute(
+            "INSERT INTO data.windows (window_id, stored, quarantined, by_tenant) VALUES ($1, 0, 0, '{}')",
+            held,
+        )
+        first = asyncio.create_task(service.store_window(StoreWindow(window_id=held, counts_only=True)))
+        await eventually(
+            lambda: pool.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                   WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO data.windows%'"""
+            ),
+            lambda n: n >= 1,
+        )
+        try:
+            # a store in another shard goes through meanwhile (the bound only guards against a hang)
+            other = await asyncio.wait_for(
+                service.store_window(StoreWindow(window_id=free, counts_only=True)), 120
+            )
+        finally:
+            await hold.rollback()
+    assert other.stored == 1
+    assert (await first).stored == 1
