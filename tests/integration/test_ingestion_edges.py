@@ -4,10 +4,11 @@ pills, and a shard workflow terminated under load."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import uuid
 import zlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -385,3 +386,50 @@ async def test_a_store_held_up_in_one_shard_holds_up_no_other_shards_store(pool:
             await hold.rollback()
     assert other.stored == 1
     assert (await first).stored == 1
+
+
+async def test_timestamps_with_any_accepted_utc_offset_are_stored_not_made_poison(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # ISO 8601 offsets up to ±23:59 pass validation, PostgreSQL reads only up to ±15:59: the
+    # batch was written as sent, failed every store of its window and was split off as poison
+    # (each such batch cost the other tenants' batches in its window three failed stores per split)
+    device_id, credential = await active_device(api, device_type="sensor")
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    rows = [
+        {"device_id": device_id, "ts": (now + timedelta(seconds=i)).astimezone(timezone(offset)).isoformat(),
+         "metric": "tz", "value": float(i)}
+        for i, offset in enumerate((timedelta(hours=20), -timedelta(hours=23, minutes=59), timedelta(0)))
+    ]  # fmt: skip
+    batch_id = f"tz-{uuid.uuid4().hex[:8]}"
+    assert (await send(api, device_auth(credential), rows, batch_id)).status_code == 202
+
+    async def status() -> str:
+        found = await pool.fetchval("SELECT status FROM data.ingest_batches WHERE batch_id = $1", batch_id)
+        return str(found)
+
+    assert await eventually(status, lambda s: s in ("stored", "quarantined"), timeout_s=SLOW) == "stored"
+    ts = await pool.fetch("SELECT ts FROM data.readings WHERE device_id = $1 ORDER BY ts", device_id)
+    assert [r["ts"] for r in ts] == [now + timedelta(seconds=i) for i in range(3)]
+
+
+async def test_a_batch_accepted_with_its_offsets_as_sent_is_a_duplicate_when_repeated(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # accepted before timestamps were written in UTC (its digest is of the offsets as sent):
+    # the device's retry after the upgrade is the same batch, not a 409
+    device_id, credential = await active_device(api, device_type="sensor")
+    ts = (datetime.now(UTC) - timedelta(minutes=1)).astimezone(timezone(timedelta(hours=2)))
+    batch_id = f"legacy-{uuid.uuid4().hex[:8]}"
+    payload = f"acme,{batch_id},{device_id},tz,{ts.isoformat()},{1.5!r}\n".encode()
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, writer, batch_id, bucket, readings, device_ids, payload,
+               digest, status)
+           VALUES ('acme', $1, $2, -1, 1, $3, $4, $5, 'stored')""",
+        f"device:{device_id}", batch_id, [device_id], payload, hashlib.sha256(payload).digest(),
+    )  # fmt: skip
+    rows = [{"device_id": device_id, "ts": ts.isoformat(), "metric": "tz", "value": 1.5}]
+    again = await send(api, device_auth(credential), rows, batch_id)
+    assert again.status_code == 202 and again.json()["duplicate"] is True, again.text
+    other = [{**rows[0], "value": 2.5}]
+    assert (await send(api, device_auth(credential), other, batch_id)).status_code == 409
