@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import math
 import uuid
 import zlib
 from datetime import UTC, datetime, timedelta, timezone
@@ -20,6 +21,7 @@ from activities.telemetry import DataService
 from fleetflow import rules
 from fleetflow.contracts.telemetry import (
     BUCKETS,
+    MAX_ABS_VALUE,
     MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
     MAX_BATCH_READINGS,
@@ -30,7 +32,7 @@ from fleetflow.contracts.telemetry import (
 )
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device
-from tests.integration.test_telemetry import device_auth, readings, send, stored
+from tests.integration.test_telemetry import alerts, device_auth, readings, send, stored
 from tests.support import bearer, eventually
 
 MAX_EVENT_BYTES = 256 * 1024
@@ -433,3 +435,49 @@ async def test_a_batch_accepted_with_its_offsets_as_sent_is_a_duplicate_when_rep
     assert again.status_code == 202 and again.json()["duplicate"] is True, again.text
     other = [{**rows[0], "value": 2.5}]
     assert (await send(api, device_auth(credential), other, batch_id)).status_code == 409
+
+
+async def test_the_most_extreme_accepted_values_are_stored_and_analysed_without_overflow(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # the largest batch of the largest values the API accepts, alternating in sign a microsecond
+    # apart (var_pop, the EWMA variance, z-scores and rates at their largest), and subnormals
+    for kind, params in (("zscore", {"z": 3, "min_samples": 1}), ("rate", {"max_per_s": 10})):
+        rule = {"rule_id": f"huge-{kind}", "device_type": "sensor", "metric": "huge", "kind": kind,
+                "params": params}  # fmt: skip
+        assert (await api.put(f"/v1/rules/huge-{kind}", json=rule, headers=AUTH)).status_code == 200
+    device_id, credential = await active_device(api, device_type="sensor")
+    start = datetime.now(UTC) - timedelta(minutes=2)
+    values = [MAX_ABS_VALUE * (-1) ** i for i in range(MAX_BATCH_READINGS - 2)] + [5e-324, -5e-324]
+    for n in range(2):  # the second batch meets the first one's series state
+        rows = [
+            {"device_id": device_id, "ts": (start + timedelta(seconds=n, microseconds=i)).isoformat(),
+             "metric": "huge", "value": v}
+            for i, v in enumerate(values)
+        ]  # fmt: skip
+        batch_id = uuid.uuid4().hex
+        answer = await send(api, device_auth(credential), rows, batch_id)
+        if answer.status_code == 429:  # the device's readings/s: once more after Retry-After
+            await asyncio.sleep(float(answer.headers["Retry-After"]))
+            answer = await send(api, device_auth(credential), rows, batch_id)
+        assert answer.status_code == 202, answer.text
+        await eventually(
+            lambda: stored(pool, device_id), lambda c, n=n: c == (n + 1) * len(values), timeout_s=SLOW
+        )
+    assert await quarantined(pool, device_id) == 0
+
+    async def raised() -> set[str]:
+        return {a["rule_id"] for a in await alerts(api, device_id)}
+
+    # changing 2e100 a microsecond raises the rate alert; against a standard deviation of 1e100
+    # the z-score of ±1e100 is 1, which holds
+    assert await eventually(raised, lambda r: r == {"huge-rate"}, timeout_s=SLOW)
+    state = await pool.fetchrow(
+        "SELECT n, mean, var FROM analytics.series WHERE device_id = $1 AND metric = 'huge'", device_id
+    )
+    assert state is not None and state["n"] == 2 * len(values) and math.isfinite(state["var"])
+    assert state["var"] == pytest.approx(MAX_ABS_VALUE**2, rel=1e-3)
+    failed = await pool.fetchval(
+        "SELECT count(*) FROM notification.events WHERE device_id = $1 AND type = 'AnalysisFailed'", device_id
+    )
+    assert failed == 0
