@@ -461,9 +461,8 @@ async def test_the_most_extreme_accepted_values_are_stored_and_analysed_without_
             await asyncio.sleep(float(answer.headers["Retry-After"]))
             answer = await send(api, device_auth(credential), rows, batch_id)
         assert answer.status_code == 202, answer.text
-        await eventually(
-            lambda: stored(pool, device_id), lambda c, n=n: c == (n + 1) * len(values), timeout_s=SLOW
-        )
+        expected = (n + 1) * len(values)
+        await eventually(lambda: stored(pool, device_id), lambda c: c == expected, timeout_s=SLOW)  # noqa: B023
     assert await quarantined(pool, device_id) == 0
 
     async def raised() -> set[str]:
