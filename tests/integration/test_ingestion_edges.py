@@ -480,3 +480,24 @@ async def test_the_most_extreme_accepted_values_are_stored_and_analysed_without_
         "SELECT count(*) FROM notification.events WHERE device_id = $1 AND type = 'AnalysisFailed'", device_id
     )
     assert failed == 0
+
+
+async def test_a_batch_quarantined_by_a_run_that_died_before_recording_gets_its_event(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # the supervisor finished the stored windows of dead runs, not the quarantined ones: the
+    # BatchQuarantined event of a shard terminated right after quarantining was never recorded
+    tag = uuid.uuid4().hex[:8]
+    window_id = f"ingest-0/{uuid.uuid4()}/7/a"  # a run that is not running
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
+               window_id, reason, quarantined_at)
+           VALUES ('acme', $1, -1, 1, ARRAY['ghost'], NULL, 'quarantined', $2, 'test: poison', now())""",
+        f"dead-{tag}", window_id,
+    )  # fmt: skip
+    event_id = f"{window_id}/acme/dead-{tag}/BatchQuarantined"
+    recorded = await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM notification.events WHERE event_id = $1", event_id),
+        lambda n: n == 1, timeout_s=SLOW,
+    )  # fmt: skip
+    assert recorded == 1
