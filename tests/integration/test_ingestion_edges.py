@@ -354,12 +354,17 @@ async def _claimed(pool: Pool, tenant: str, window_id: str, ts: datetime) -> Non
     )  # fmt: skip
 
 
-async def test_a_store_held_up_in_one_shard_holds_up_no_other_shards_store(pool: Pool) -> None:
+async def test_a_store_held_up_in_one_shard_holds_up_no_other_shards_store(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
     # storing took a lock for the daily partitions and held it to its commit, so every store
     # of every shard (every tenant) waited for the slowest one in flight
     tag = uuid.uuid4().hex[:8]
     ts = datetime.now(UTC) - timedelta(minutes=1)
-    held, free = f"lock-{tag}/held/0", f"lock-{tag}/free/0"
+    # windows of a running run (the supervisor's, which runs for an hour), so the supervisor
+    # does not take their claims back as those of a run that is gone
+    run = (await client.get_workflow_handle(SUPERVISOR_ID).describe()).run_id
+    held, free = f"{SUPERVISOR_ID}/{run}/lock-{tag}-held", f"{SUPERVISOR_ID}/{run}/lock-{tag}-free"
     await _claimed(pool, "acme", held, ts)
     await _claimed(pool, "other", free, ts)
     service = DataService(pool)
