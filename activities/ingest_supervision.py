@@ -22,6 +22,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.telemetry import (
+    BATCH_QUARANTINED,
     INGESTION_WORKFLOW,
     MAX_ORPHANS,
     TELEMETRY_STORED,
@@ -101,18 +102,26 @@ class IngestionSupervision:
         return Supervised(started=started, reclaimed=reclaimed, orphans=await self._orphans())
 
     async def _orphans(self) -> list[str]:
-        """Windows of the last hour that were stored but whose events were never recorded, by
-        runs that are not running (a run killed between storing and recording)."""
+        """Windows of the last hour that were stored, or whose batch was quarantined, but whose
+        events were never recorded, by runs that are not running (a run killed between storing
+        or quarantining and recording)."""
         rows = await self.pool.fetch(
-            """SELECT w.window_id, split_part(w.window_id, '/', 1) AS workflow_id,
-                      split_part(w.window_id, '/', 2) AS run_id
-               FROM data.windows w
-               CROSS JOIN LATERAL (SELECT min(k) AS tenant FROM jsonb_object_keys(w.by_tenant) k) t
-               WHERE w.stored_at > now() - interval '1 hour' AND t.tenant IS NOT NULL
-                 AND NOT EXISTS (SELECT 1 FROM notification.events e WHERE e.tenant = t.tenant
-                                 AND e.event_id = w.window_id || '/' || t.tenant || '/' || $1)
-               ORDER BY w.stored_at LIMIT 200""",
-            TELEMETRY_STORED,
+            """SELECT window_id, split_part(window_id, '/', 1) AS workflow_id,
+                      split_part(window_id, '/', 2) AS run_id
+               FROM (SELECT w.window_id, w.stored_at AS at
+                     FROM data.windows w
+                     CROSS JOIN LATERAL (SELECT min(k) AS tenant FROM jsonb_object_keys(w.by_tenant) k) t
+                     WHERE w.stored_at > now() - interval '1 hour' AND t.tenant IS NOT NULL
+                       AND NOT EXISTS (SELECT 1 FROM notification.events e WHERE e.tenant = t.tenant
+                                       AND e.event_id = w.window_id || '/' || t.tenant || '/' || $1)
+                     UNION
+                     SELECT b.window_id, b.quarantined_at FROM data.ingest_batches b
+                     WHERE b.status = 'quarantined' AND b.quarantined_at > now() - interval '1 hour'
+                       AND NOT EXISTS (SELECT 1 FROM notification.events e WHERE e.tenant = b.tenant
+                                       AND e.event_id = b.window_id || '/' || b.tenant || '/'
+                                                        || b.batch_id || '/' || $2)) unfinished
+               ORDER BY at LIMIT 200""",
+            TELEMETRY_STORED, BATCH_QUARANTINED,
         )  # fmt: skip
         orphans: list[str] = []
         alive: dict[tuple[str, str], bool] = {}

@@ -136,76 +136,89 @@ class DataService(WindowIsolation, IngestionSupervision):
         are locked first, so a supervisor reclaiming them waits for this transaction (and then
         finds them stored) instead of handing them to another window half-way.
         """
-        async with poison_guard(), _heartbeating(), self.pool.acquire() as conn, conn.transaction():
-            done = await conn.fetchrow("SELECT * FROM data.windows WHERE window_id = $1", request.window_id)
-            if done is not None:
-                return _stored(request, done["stored"], done["quarantined"], done["by_tenant"])
-            await conn.execute(
-                """CREATE TEMP TABLE incoming (tenant text, batch_id text, device_id text, metric text,
-                       ts timestamptz, value double precision) ON COMMIT DROP"""
-            )
-            payloads = await conn.fetch(
-                """SELECT payload FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'
-                   ORDER BY tenant, batch_id FOR UPDATE""",
-                request.window_id,
-            )
-            source = io.BytesIO(b"".join(r["payload"] for r in payloads))
-            await conn.copy_to_table("incoming", source=source, format="csv")
-            quarantined = await _quarantine(conn, request)
-            # one cheap pass for the analytics aggregates; first and last values are looked up
-            # by index once the rows are in data.readings (a sort per series would cost more)
-            await conn.execute(
-                """INSERT INTO data.window_stats
-                   SELECT $1, tenant, device_id, metric, count(*), avg(value),
-                          coalesce(var_pop(value), 0), min(value), max(value),
-                          min(ts), 'NaN', max(ts), 'NaN'
-                   FROM incoming GROUP BY tenant, device_id, metric""",
-                request.window_id,
-            )
-            span = await conn.fetchrow(
-                """SELECT min(first_ts)::date AS first, max(last_ts)::date AS last
-                   FROM data.window_stats WHERE window_id = $1""",
-                request.window_id,
-            )
-            if span is not None and span["first"] is not None:
-                await _ensure_partitions(conn, span["first"], span["last"])
-            await conn.execute(
-                """INSERT INTO data.readings (tenant, device_id, metric, ts, value)
-                   SELECT tenant, device_id, metric, ts, value FROM incoming"""
-            )
-            await conn.execute(
-                """UPDATE data.window_stats w SET
-                       first_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
-                           AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.first_ts
-                           LIMIT 1),
-                       last_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
-                           AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.last_ts
-                           LIMIT 1)
-                   WHERE w.window_id = $1""",
-                request.window_id,
-            )
-            by_tenant: dict[str, dict[str, int]] = {
-                r["tenant"]: {"stored": int(r["stored"]), "quarantined": 0}
-                for r in await conn.fetch(
-                    """SELECT tenant, sum(n) AS stored FROM data.window_stats
-                       WHERE window_id = $1 GROUP BY tenant""",
-                    request.window_id,
-                )
-            }
-            for tenant, count in quarantined.items():
-                by_tenant.setdefault(tenant, {"stored": 0, "quarantined": 0})["quarantined"] = count
-            stored = sum(t["stored"] for t in by_tenant.values())
-            await conn.execute(
-                """UPDATE data.ingest_batches SET status = 'stored', stored_at = now(), payload = NULL
-                   WHERE window_id = $1""",
-                request.window_id,
-            )
-            await conn.execute(
-                """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
-                   VALUES ($1, $2, $3, $4)""",
-                request.window_id, stored, sum(quarantined.values()), by_tenant,
-            )  # fmt: skip
-        return _stored(request, stored, sum(quarantined.values()), by_tenant)
+        async with poison_guard(), _heartbeating(), self.pool.acquire() as conn:
+            while True:
+                try:
+                    async with conn.transaction():
+                        return await _store(conn, request)
+                except _PartitionsMissing as missing:
+                    # made in a short transaction of their own, then the store starts again: the
+                    # lock that serialises their creation is not held to the end of the store,
+                    # which made every shard's store (every tenant's) wait for the slowest one
+                    await _create_partitions(conn, missing.days)
+
+
+async def _store(conn: Any, request: StoreWindow) -> Stored:
+    """store_window's transaction."""
+    done = await conn.fetchrow("SELECT * FROM data.windows WHERE window_id = $1", request.window_id)
+    if done is not None:
+        return _stored(request, done["stored"], done["quarantined"], done["by_tenant"])
+    await conn.execute(
+        """CREATE TEMP TABLE incoming (tenant text, batch_id text, device_id text, metric text,
+               ts timestamptz, value double precision) ON COMMIT DROP"""
+    )
+    payloads = await conn.fetch(
+        """SELECT payload FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'
+           ORDER BY tenant, batch_id FOR UPDATE""",
+        request.window_id,
+    )
+    source = io.BytesIO(b"".join(r["payload"] for r in payloads))
+    await conn.copy_to_table("incoming", source=source, format="csv")
+    quarantined = await _quarantine(conn, request)
+    # one cheap pass for the analytics aggregates; first and last values are looked up
+    # by index once the rows are in data.readings (a sort per series would cost more)
+    await conn.execute(
+        """INSERT INTO data.window_stats
+           SELECT $1, tenant, device_id, metric, count(*), avg(value),
+                  coalesce(var_pop(value), 0), min(value), max(value),
+                  min(ts), 'NaN', max(ts), 'NaN'
+           FROM incoming GROUP BY tenant, device_id, metric""",
+        request.window_id,
+    )
+    span = await conn.fetchrow(
+        """SELECT min(first_ts)::date AS first, max(last_ts)::date AS last
+           FROM data.window_stats WHERE window_id = $1""",
+        request.window_id,
+    )
+    if span is not None and span["first"] is not None:
+        await _check_partitions(conn, span["first"], span["last"])
+    await conn.execute(
+        """INSERT INTO data.readings (tenant, device_id, metric, ts, value)
+           SELECT tenant, device_id, metric, ts, value FROM incoming"""
+    )
+    await conn.execute(
+        """UPDATE data.window_stats w SET
+               first_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
+                   AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.first_ts
+                   LIMIT 1),
+               last_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
+                   AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.last_ts
+                   LIMIT 1)
+           WHERE w.window_id = $1""",
+        request.window_id,
+    )
+    by_tenant: dict[str, dict[str, int]] = {
+        r["tenant"]: {"stored": int(r["stored"]), "quarantined": 0}
+        for r in await conn.fetch(
+            """SELECT tenant, sum(n) AS stored FROM data.window_stats
+               WHERE window_id = $1 GROUP BY tenant""",
+            request.window_id,
+        )
+    }
+    for tenant, count in quarantined.items():
+        by_tenant.setdefault(tenant, {"stored": 0, "quarantined": 0})["quarantined"] = count
+    stored = sum(t["stored"] for t in by_tenant.values())
+    await conn.execute(
+        """UPDATE data.ingest_batches SET status = 'stored', stored_at = now(), payload = NULL
+           WHERE window_id = $1""",
+        request.window_id,
+    )
+    await conn.execute(
+        """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
+           VALUES ($1, $2, $3, $4)""",
+        request.window_id, stored, sum(quarantined.values()), by_tenant,
+    )  # fmt: skip
+    return _stored(request, stored, sum(quarantined.values()), by_tenant)
 
 
 def _stored(request: StoreWindow, stored: int, quarantined: int, by_tenant: dict[str, Any]) -> Stored:
@@ -282,14 +295,32 @@ _KEEP = """,
    SELECT tenant, count(*) AS n FROM kept GROUP BY tenant"""
 
 
-async def _ensure_partitions(conn: Any, first: date, last: date) -> None:
-    """Daily partitions of data.readings for every day in [first, last]."""
-    await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
-    day = first
-    while day <= last:
-        name = f"readings_{day:%Y%m%d}"
-        await conn.execute(
-            f"""CREATE TABLE IF NOT EXISTS data.{name} PARTITION OF data.readings
-                FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')"""
-        )
-        day += timedelta(days=1)
+class _PartitionsMissing(Exception):
+    """The window's readings need daily partitions that do not exist yet."""
+
+    def __init__(self, days: list[date]) -> None:
+        super().__init__(f"{len(days)} daily partitions missing")
+        self.days = days
+
+
+async def _check_partitions(conn: Any, first: date, last: date) -> None:
+    """Raise _PartitionsMissing unless data.readings has a partition for every day in [first, last]."""
+    days = [first + timedelta(days=n) for n in range((last - first).days + 1)]
+    missing = await conn.fetchval(
+        """SELECT coalesce(array_agg(d ORDER BY d), '{}') FROM unnest($1::date[]) d
+           WHERE to_regclass('data.readings_' || to_char(d, 'YYYYMMDD')) IS NULL""",
+        days,
+    )
+    if missing:
+        raise _PartitionsMissing(list(missing))
+
+
+async def _create_partitions(conn: Any, days: list[date]) -> None:
+    """Daily partitions of data.readings for days, in one short transaction."""
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", _PARTITION_LOCK)
+        for day in days:
+            await conn.execute(
+                f"""CREATE TABLE IF NOT EXISTS data.readings_{day:%Y%m%d} PARTITION OF data.readings
+                    FOR VALUES FROM ('{day.isoformat()}') TO ('{(day + timedelta(days=1)).isoformat()}')"""
+            )

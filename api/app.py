@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,7 +15,7 @@ from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from api.credentials import CredentialCache
 from api.docs import self_hosted_docs
-from api.ingestion import ensure_ingestion
+from api.ingestion import ensure_ingestion, watch_ingestion
 from api.limits import BodyLimit
 from api.observability import instrument, untraced
 from api.openapi import document_problems
@@ -52,9 +53,12 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
                 settings=settings, temporal=client, pool=pool, http=http, devices=devices,
                 analytics=AnalyticsService(pool), credentials=credentials,
             )  # fmt: skip
+            # the supervisor watches the shards; this watches the supervisor
+            watching = asyncio.create_task(watch_ingestion(client, settings.ingest_shards))
             try:
                 yield
             finally:
+                watching.cancel()
                 await revocations.stop()
                 await credentials.stop()
                 await pool.close()

@@ -9,7 +9,9 @@ tables keyed by the window id, so no event of the history grows with the traffic
 A step that fails the same way on every retry (`PoisonWindow`, see activities/poison.py)
 splits its window in two and processes each half; a lone batch that still fails is
 quarantined with the error as its reason, and the shard goes on. A store that outgrows
-its time bound (which scales with the window's bytes) is split the same way.
+its time bound (which scales with the window's bytes) is split the same way; a lone batch
+that keeps outliving its bound, doubled each round, is quarantined after LONE_STORE_ROUNDS
+rounds (a timeout is its reason) instead of holding up its shard for ever.
 """
 
 from __future__ import annotations
@@ -58,14 +60,20 @@ STORE_PER_1000_READINGS = timedelta(seconds=1)
 STORE_ATTEMPTS = 4
 # patch: window lists in tables, counts in history, poison pills isolated
 WINDOW_TABLES = "window-tables"
+# patch: a lone batch that keeps outliving its (doubling) store bound is quarantined, not retried
+# for ever while its shard, and every tenant on it, waits
+LONE_STORE_TIMEOUT = "lone-store-timeout"
+# rounds of STORE_ATTEMPTS a lone batch gets, its bound doubling each round, before quarantine
+LONE_STORE_ROUNDS = 3
 
 __all__ = ["TelemetryIngestion", "ingestion_id"]
 
 
-def store_timeout(window: Window) -> timedelta:
-    """start-to-close of storing window: STEP_TIMEOUT plus a share per MiB and per reading."""
+def store_timeout(window: Window, factor: int = 1) -> timedelta:
+    """start-to-close of storing window: STEP_TIMEOUT plus a share per MiB and per reading
+    (times factor: a lone batch's bound doubles each round it runs out of time)."""
     by_size = STORE_PER_MIB * (window.bytes / 2**20)
-    return STEP_TIMEOUT + by_size + STORE_PER_1000_READINGS * (window.readings / 1000)
+    return (STEP_TIMEOUT + by_size + STORE_PER_1000_READINGS * (window.readings / 1000)) * factor
 
 
 def poison_reason(err: ActivityError) -> str | None:
@@ -127,7 +135,7 @@ class TelemetryIngestion:
         ref = WindowRef(window_id=window.window_id, counts_only=True)
         try:
             await self._step("device.find_unready", ref, TaskQueue.DEVICE, UnreadyDevices)
-            stored: Stored | None = await self._store(window)
+            stored: Stored | str | None = await self._store(window)
         except ActivityError as err:
             reason = poison_reason(err)
             if reason is None:
@@ -136,6 +144,9 @@ class TelemetryIngestion:
             return
         if stored is None:  # too slow as a whole: split, each half with its own time bound
             await self._isolate(window, None)
+            return
+        if isinstance(stored, str):  # a lone batch too slow whatever its bound: set aside
+            await self._isolate(window, stored)
             return
         try:
             await self._step("analytics.evaluate", ref, TaskQueue.ANALYTICS, Evaluated)
@@ -150,14 +161,17 @@ class TelemetryIngestion:
         self._progress.readings += stored.stored
         self._progress.last_window, self._progress.last_window_readings = window.window_id, window.readings
 
-    async def _store(self, window: Window) -> Stored | None:
-        """Store the window; None when it keeps running out of time (the caller splits it)."""
+    async def _store(self, window: Window) -> Stored | str | None:
+        """Store the window; None when it keeps running out of time (the caller splits it); for
+        a lone batch that does, the reason to quarantine it (after LONE_STORE_ROUNDS rounds)."""
         request = StoreWindow(window_id=window.window_id, counts_only=True)
+        rounds = 0
         while True:
+            factor = 2**rounds if rounds and workflow.patched(LONE_STORE_TIMEOUT) else 1
             try:
                 result: Stored = await workflow.execute_activity(
                     "data.store_window", request, task_queue=TaskQueue.DATA.value, result_type=Stored,
-                    start_to_close_timeout=store_timeout(window), heartbeat_timeout=STORE_HEARTBEAT,
+                    start_to_close_timeout=store_timeout(window, factor), heartbeat_timeout=STORE_HEARTBEAT,
                     retry_policy=RetryPolicy(
                         initial_interval=RETRY_FOREVER.initial_interval, backoff_coefficient=2.0,
                         maximum_interval=RETRY_FOREVER.maximum_interval, maximum_attempts=STORE_ATTEMPTS,
@@ -171,6 +185,12 @@ class TelemetryIngestion:
                     raise
                 if timed_out(err) and window.batches > 1:
                     return None
+                if timed_out(err) and workflow.patched(LONE_STORE_TIMEOUT):
+                    rounds += 1
+                    if rounds >= LONE_STORE_ROUNDS:
+                        bound = store_timeout(window, factor).total_seconds()
+                        return f"store timed out {rounds * STORE_ATTEMPTS} times (last bound {bound:g} s)"
+                    continue  # at once, with twice the bound: the attempts took their time
             # anything else (the database away, workers killed): try again, for ever
             await workflow.sleep(RETRY_FOREVER.maximum_interval or STEP_TIMEOUT)
 

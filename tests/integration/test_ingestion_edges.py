@@ -3,10 +3,13 @@ pills, and a shard workflow terminated under load."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import json
+import math
 import uuid
 import zlib
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import httpx
@@ -18,15 +21,18 @@ from activities.telemetry import DataService
 from fleetflow import rules
 from fleetflow.contracts.telemetry import (
     BUCKETS,
+    MAX_ABS_VALUE,
     MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
     MAX_BATCH_READINGS,
+    SUPERVISOR_ID,
     ClaimWindow,
+    StoreWindow,
     WindowRef,
 )
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device
-from tests.integration.test_telemetry import device_auth, readings, send, stored
+from tests.integration.test_telemetry import alerts, device_auth, readings, send, stored
 from tests.support import bearer, eventually
 
 MAX_EVENT_BYTES = 256 * 1024
@@ -164,10 +170,10 @@ async def test_poison_pills_are_quarantined_with_their_reason_and_the_shard_goes
     # the API refuses both known pills now, naming the field
     old = [{"device_id": sick, "ts": "0001-01-01T00:00:00Z", "metric": "p", "value": 1.0}]
     refused = await send(api, device_auth(sick_credential), old)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "readings", 0, "ts"]
     huge = readings(sick, [1e308, -1e308], metric="p")
     refused = await send(api, device_auth(sick_credential), huge)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"][-1] == "value"
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"][-1] == "value"
 
 
 async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is_stored(
@@ -232,7 +238,7 @@ async def test_a_batch_spanning_the_whole_accepted_range_is_stored_and_older_is_
     too_old = [{"device_id": device_id, "ts": (now - timedelta(days=MAX_AGE_DAYS + 1)).isoformat(),
                 "metric": "span", "value": 1.0}]  # fmt: skip
     refused = await send(api, me, too_old)
-    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "readings", 0, "ts"]
+    assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "readings", 0, "ts"]
 
     # one reading in each of ~366 daily partitions that do not exist yet: stored, not a pill
     oldest = now - timedelta(days=MAX_AGE_DAYS) + timedelta(minutes=10)
@@ -317,3 +323,186 @@ async def test_a_series_the_rules_cannot_evaluate_is_skipped_with_an_event_at_th
     assert kinds == ["AlertRaised", "AnalysisFailed"]
     failed = next(r["event"] for r in rows if r["event"]["type"] == "AnalysisFailed")
     assert "OverflowError" in failed["data"]["reason"]
+
+
+async def test_a_terminated_supervisor_is_started_again_by_the_running_api(
+    api: httpx.AsyncClient, client: Client
+) -> None:
+    # the supervisor restarts the shards; before, nothing restarted the supervisor itself
+    # until an API process started again
+    supervisor = client.get_workflow_handle(SUPERVISOR_ID)
+    dead_run = (await supervisor.describe()).run_id
+    await supervisor.terminate("test: the supervisor dies")
+
+    async def latest() -> tuple[str | None, WorkflowExecutionStatus | None]:
+        described = await client.get_workflow_handle(SUPERVISOR_ID).describe()
+        return described.run_id, described.status
+
+    run_id, status = await eventually(
+        latest, lambda r: r[0] != dead_run and r[1] == WorkflowExecutionStatus.RUNNING, timeout_s=SLOW
+    )
+    assert run_id != dead_run and status == WorkflowExecutionStatus.RUNNING
+
+
+async def _claimed(pool: Pool, tenant: str, window_id: str, ts: datetime) -> None:
+    """A claimed batch of one reading (bucket -1: no running shard's)."""
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
+               window_id)
+           VALUES ($1, 'same-id', -1, 1, ARRAY['same-device'], $2, 'claimed', $3)""",
+        tenant, f"{tenant},same-id,same-device,lock,{ts.isoformat()},1.0\n".encode(), window_id,
+    )  # fmt: skip
+
+
+async def test_a_store_held_up_in_one_shard_holds_up_no_other_shards_store(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    # storing took a lock for the daily partitions and held it to its commit, so every store
+    # of every shard (every tenant) waited for the slowest one in flight
+    tag = uuid.uuid4().hex[:8]
+    ts = datetime.now(UTC) - timedelta(minutes=1)
+    # windows of a running run (the supervisor's, which runs for an hour), so the supervisor
+    # does not take their claims back as those of a run that is gone
+    run = (await client.get_workflow_handle(SUPERVISOR_ID).describe()).run_id
+    held, free = f"{SUPERVISOR_ID}/{run}/lock-{tag}-held", f"{SUPERVISOR_ID}/{run}/lock-{tag}-free"
+    await _claimed(pool, "acme", held, ts)
+    await _claimed(pool, "other", free, ts)
+    service = DataService(pool)
+    async with pool.acquire() as blocker:
+        hold = blocker.transaction()
+        await hold.start()
+        # the held window's store gets as far as recording it, and waits there for this transaction
+        await blocker.execute(
+            "INSERT INTO data.windows (window_id, stored, quarantined, by_tenant) VALUES ($1, 0, 0, '{}')",
+            held,
+        )
+        first = asyncio.create_task(service.store_window(StoreWindow(window_id=held, counts_only=True)))
+        await eventually(
+            lambda: pool.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                   WHERE wait_event_type = 'Lock' AND query LIKE '%INSERT INTO data.windows%'"""
+            ),
+            lambda n: n >= 1,
+        )
+        try:
+            # a store in another shard goes through meanwhile (the bound only guards against a hang)
+            other = await asyncio.wait_for(
+                service.store_window(StoreWindow(window_id=free, counts_only=True)), 120
+            )
+        finally:
+            await hold.rollback()
+    assert other.stored == 1
+    assert (await first).stored == 1
+
+
+async def test_timestamps_with_any_accepted_utc_offset_are_stored_not_made_poison(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # ISO 8601 offsets up to ±23:59 pass validation, PostgreSQL reads only up to ±15:59: the
+    # batch was written as sent, failed every store of its window and was split off as poison
+    # (each such batch cost the other tenants' batches in its window three failed stores per split)
+    device_id, credential = await active_device(api, device_type="sensor")
+    now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+    rows = [
+        {"device_id": device_id, "ts": (now + timedelta(seconds=i)).astimezone(timezone(offset)).isoformat(),
+         "metric": "tz", "value": float(i)}
+        for i, offset in enumerate((timedelta(hours=20), -timedelta(hours=23, minutes=59), timedelta(0)))
+    ]  # fmt: skip
+    batch_id = f"tz-{uuid.uuid4().hex[:8]}"
+    assert (await send(api, device_auth(credential), rows, batch_id)).status_code == 202
+
+    async def status() -> str:
+        found = await pool.fetchval("SELECT status FROM data.ingest_batches WHERE batch_id = $1", batch_id)
+        return str(found)
+
+    assert await eventually(status, lambda s: s in ("stored", "quarantined"), timeout_s=SLOW) == "stored"
+    ts = await pool.fetch("SELECT ts FROM data.readings WHERE device_id = $1 ORDER BY ts", device_id)
+    assert [r["ts"] for r in ts] == [now + timedelta(seconds=i) for i in range(3)]
+
+
+async def test_a_batch_accepted_with_its_offsets_as_sent_is_a_duplicate_when_repeated(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # accepted before timestamps were written in UTC (its digest is of the offsets as sent):
+    # the device's retry after the upgrade is the same batch, not a 409
+    device_id, credential = await active_device(api, device_type="sensor")
+    ts = (datetime.now(UTC) - timedelta(minutes=1)).astimezone(timezone(timedelta(hours=2)))
+    batch_id = f"legacy-{uuid.uuid4().hex[:8]}"
+    payload = f"acme,{batch_id},{device_id},tz,{ts.isoformat()},{1.5!r}\n".encode()
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, writer, batch_id, bucket, readings, device_ids, payload,
+               digest, status)
+           VALUES ('acme', $1, $2, -1, 1, $3, $4, $5, 'stored')""",
+        f"device:{device_id}", batch_id, [device_id], payload, hashlib.sha256(payload).digest(),
+    )  # fmt: skip
+    rows = [{"device_id": device_id, "ts": ts.isoformat(), "metric": "tz", "value": 1.5}]
+    again = await send(api, device_auth(credential), rows, batch_id)
+    assert again.status_code == 202 and again.json()["duplicate"] is True, again.text
+    other = [{**rows[0], "value": 2.5}]
+    assert (await send(api, device_auth(credential), other, batch_id)).status_code == 409
+
+
+async def test_the_most_extreme_accepted_values_are_stored_and_analysed_without_overflow(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # the largest batch of the largest values the API accepts, alternating in sign a microsecond
+    # apart (var_pop, the EWMA variance, z-scores and rates at their largest), and subnormals
+    for kind, params in (("zscore", {"z": 3, "min_samples": 1}), ("rate", {"max_per_s": 10})):
+        rule = {"rule_id": f"huge-{kind}", "device_type": "sensor", "metric": "huge", "kind": kind,
+                "params": params}  # fmt: skip
+        assert (await api.put(f"/v1/rules/huge-{kind}", json=rule, headers=AUTH)).status_code == 200
+    device_id, credential = await active_device(api, device_type="sensor")
+    start = datetime.now(UTC) - timedelta(minutes=2)
+    values = [MAX_ABS_VALUE * (-1) ** i for i in range(MAX_BATCH_READINGS - 2)] + [5e-324, -5e-324]
+    for n in range(2):  # the second batch meets the first one's series state
+        rows = [
+            {"device_id": device_id, "ts": (start + timedelta(seconds=n, microseconds=i)).isoformat(),
+             "metric": "huge", "value": v}
+            for i, v in enumerate(values)
+        ]  # fmt: skip
+        batch_id = uuid.uuid4().hex
+        answer = await send(api, device_auth(credential), rows, batch_id)
+        if answer.status_code == 429:  # the device's readings/s: once more after Retry-After
+            await asyncio.sleep(float(answer.headers["Retry-After"]))
+            answer = await send(api, device_auth(credential), rows, batch_id)
+        assert answer.status_code == 202, answer.text
+        expected = (n + 1) * len(values)
+        await eventually(lambda: stored(pool, device_id), lambda c: c == expected, timeout_s=SLOW)  # noqa: B023
+    assert await quarantined(pool, device_id) == 0
+
+    async def raised() -> set[str]:
+        return {a["rule_id"] for a in await alerts(api, device_id)}
+
+    # changing 2e100 a microsecond raises the rate alert; against a standard deviation of 1e100
+    # the z-score of ±1e100 is 1, which holds
+    assert await eventually(raised, lambda r: r == {"huge-rate"}, timeout_s=SLOW)
+    state = await pool.fetchrow(
+        "SELECT n, mean, var FROM analytics.series WHERE device_id = $1 AND metric = 'huge'", device_id
+    )
+    assert state is not None and state["n"] == 2 * len(values) and math.isfinite(state["var"])
+    assert state["var"] == pytest.approx(MAX_ABS_VALUE**2, rel=1e-3)
+    failed = await pool.fetchval(
+        "SELECT count(*) FROM notification.events WHERE device_id = $1 AND type = 'AnalysisFailed'", device_id
+    )
+    assert failed == 0
+
+
+async def test_a_batch_quarantined_by_a_run_that_died_before_recording_gets_its_event(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # the supervisor finished the stored windows of dead runs, not the quarantined ones: the
+    # BatchQuarantined event of a shard terminated right after quarantining was never recorded
+    tag = uuid.uuid4().hex[:8]
+    window_id = f"ingest-0/{uuid.uuid4()}/7/a"  # a run that is not running
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
+               window_id, reason, quarantined_at)
+           VALUES ('acme', $1, -1, 1, ARRAY['ghost'], NULL, 'quarantined', $2, 'test: poison', now())""",
+        f"dead-{tag}", window_id,
+    )  # fmt: skip
+    event_id = f"{window_id}/acme/dead-{tag}/BatchQuarantined"
+    recorded = await eventually(
+        lambda: pool.fetchval("SELECT count(*) FROM notification.events WHERE event_id = $1", event_id),
+        lambda n: n == 1, timeout_s=SLOW,
+    )  # fmt: skip
+    assert recorded == 1

@@ -40,7 +40,7 @@ from workflows.telemetry_ingestion import TelemetryIngestion, store_timeout
 
 CALLS: list[str] = []
 # window id -> its batches (names); a batch named "bad" is a poison pill, "slow" makes any
-# window of more than one batch outlast its time bound
+# window of more than one batch outlast its time bound, "stuck" any window at all
 WINDOWS: dict[str, list[str]] = {}
 CLAIMS: list[list[str]] = []
 
@@ -69,7 +69,7 @@ async def store(request: StoreWindow) -> Stored:
     CALLS.append(f"store {'+'.join(batches)}")
     if "bad" in batches:
         raise ApplicationError("TypeError: can't compare", type=POISON, non_retryable=True)
-    if "slow" in batches and len(batches) > 1:
+    if ("slow" in batches and len(batches) > 1) or "stuck" in batches:
         while True:  # heartbeating, so only the start-to-close bound ends it
             activity.heartbeat()
             await asyncio.sleep(0.1)
@@ -179,3 +179,19 @@ def test_the_store_bound_scales_with_the_window() -> None:
     small = store_timeout(Window(window_id="w", batches=1, readings=10, bytes=1000))
     large = store_timeout(Window(window_id="w", batches=100, readings=500_000, bytes=64 * 2**20))
     assert large > small * 10
+
+
+async def test_a_lone_batch_that_keeps_outliving_its_bound_is_quarantined_and_the_shard_goes_on(
+    dev: WorkflowEnvironment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # "stuck" outlives any bound, alone too: before, its shard retried it for ever and the
+    # batches behind it (other tenants' as well) were never stored
+    monkeypatch.setattr(ingestion, "STEP_TIMEOUT", timedelta(seconds=1))
+    monkeypatch.setattr(ingestion, "STORE_PER_1000_READINGS", timedelta(0))
+    calls = await asyncio.wait_for(  # only against a hang
+        run_windows(dev, ["stuck"], ["b2"], runner=UnsandboxedWorkflowRunner()), 300
+    )
+    stores = [c for c in calls if c == "store stuck"]
+    assert len(stores) == ingestion.STORE_ATTEMPTS * ingestion.LONE_STORE_ROUNDS
+    assert calls[len(stores)].startswith("quarantine stuck: store timed out")
+    assert calls[len(stores) + 1 :] == ["store b2"]
