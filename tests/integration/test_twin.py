@@ -187,4 +187,4 @@ async def test_as_of_an_event_before_the_first_or_past_any_number_is_refused(api
     none = await api.get(f"/v1/devices/{device_id}/twin", params={"as_of": "0"}, headers=AUTH)
     assert none.status_code == 404, none.text
     huge = await api.get(f"/v1/devices/{device_id}/twin", params={"as_of": "9" * 5000}, headers=AUTH)
-    assert huge.status_code == 422 and huge.json()["detail"][0]["loc"] == ["query", "as_of"], huge.text
+    assert huge.status_code == 422 and huge.json()["errors"][0]["loc"] == ["query", "as_of"], huge.text
