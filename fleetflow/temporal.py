@@ -22,7 +22,7 @@ from temporalio.contrib.opentelemetry import TracingInterceptor
 
 from fleetflow import observability
 from fleetflow.errors import StartupError
-from fleetflow.identity import ServiceIdentityInterceptor
+from fleetflow.identity_interceptors import ServiceIdentityInterceptor
 from fleetflow.keys import KeyRing, keyring
 from fleetflow.logs import LogContext
 from fleetflow.metrics import ActivityOutcomes
