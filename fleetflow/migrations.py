@@ -1,6 +1,8 @@
 """Schema migrations, in order; each service owns its own schema.
 
-Never edit an applied migration: append a new one.
+Never edit an applied migration: append a new one. They are applied in list order and
+recorded by name; the number in a name is a label (work merged from parallel branches took
+numbers out of sequence), so order never follows from it.
 """
 
 from __future__ import annotations
