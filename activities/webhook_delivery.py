@@ -25,8 +25,9 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from activities.notifications import SECRET_PURPOSE, recorded_event
+from activities.event_rows import recorded_event
 from activities.probe import probe
+from activities.subscriptions import SECRET_PURPOSE
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.events import MIN_BACKOFF_S, DeliverPending, DeliveryProgress, RecordedEvent
 from fleetflow.contracts.system import ProbeRequest, ProbeResult

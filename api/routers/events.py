@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Response, status
 
-from activities.notifications import NotDeadLettered, NotificationService
+from activities.notifications import NotificationService
+from activities.subscriptions import NotDeadLettered
 from api.auth import State, require
 from api.problems import conflict, invalid, not_found
 from fleetflow.contracts.events import (
