@@ -25,7 +25,7 @@ import httpx
 from temporalio import activity
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
-from activities.event_rows import recorded_event
+from activities.event_rows import EVENT_COLUMNS, recorded_event
 from activities.probe import probe
 from activities.subscriptions import SECRET_PURPOSE
 from fleetflow.contracts.common import TaskQueue
@@ -44,7 +44,6 @@ BATCH_BUDGET_S = 60.0
 MAX_ANSWER_BYTES = 4096
 # a tenant at its slot limit is retried after about this long, whatever its backoff
 BUSY_RETRY_S = 2.0
-_EVENT = "e.seq, e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data"
 
 
 def retry_delay(sub: asyncpg.Record, failures: int) -> timedelta:
@@ -133,7 +132,7 @@ class WebhookDeliveryService:
         if sub["previous"] is not None:
             secrets.append(open_text(self.keys, sub["previous"], SECRET_PURPOSE))
         rows = await self.pool.fetch(
-            f"""SELECT d.delivery_id, d.attempts, {_EVENT}
+            f"""SELECT d.delivery_id, d.attempts, {EVENT_COLUMNS}
                FROM notification.deliveries d JOIN notification.events e ON e.seq = d.event_seq
                WHERE d.subscription_id = $1 AND d.status = 'pending' ORDER BY d.event_seq LIMIT $2""",
             request.subscription_id, request.batch_limit,
