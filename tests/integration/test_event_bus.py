@@ -9,7 +9,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import pytest
@@ -31,10 +31,11 @@ SECRET = "s3cret-" + "k" * 20
 
 
 class Receiver:
-    """A webhook receiver on 127.0.0.1: keeps every POST (headers, body) and answers 200."""
+    """A webhook receiver (on 127.0.0.1 unless told): keeps every POST (headers, body) and
+    answers 200; a subclass answers otherwise by overriding `answer`."""
 
-    def __init__(self, port: int | None = None) -> None:
-        self.port = port or free_port()
+    def __init__(self, port: int | None = None, host: str = "127.0.0.1") -> None:
+        self.host, self.port = host, port or free_port()
         self.requests: list[tuple[dict[str, str], bytes]] = []
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
@@ -42,7 +43,7 @@ class Receiver:
     @property
     def url(self) -> str:
         """Where the subscription points."""
-        return f"http://127.0.0.1:{self.port}/hook"
+        return f"http://{self.host}:{self.port}/hook"
 
     def events(self) -> list[dict[str, Any]]:
         """The bodies received so far, in arrival order."""
@@ -52,8 +53,8 @@ class Receiver:
         """events(), as a probe for `eventually`."""
         return self.events()
 
-    async def __aenter__(self) -> Receiver:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
+    async def __aenter__(self) -> Self:
+        self._server = await asyncio.start_server(self._serve, self.host, self.port)
         return self
 
     async def __aexit__(
@@ -75,13 +76,19 @@ class Receiver:
                 }
                 body = await reader.readexactly(int(headers.get("content-length", "0")))
                 self.requests.append((headers, body))
-                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
-                await writer.drain()
+                if not await self.answer(reader, writer):
+                    return
         except (asyncio.IncompleteReadError, ConnectionError):
             pass  # the sender closed its connection
         finally:
             self._writers.discard(writer)
             writer.close()
+
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        """Answer the request just kept; False ends the connection."""
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+        await writer.drain()
+        return True
 
 
 def has(count: int) -> Callable[[list[dict[str, Any]]], bool]:

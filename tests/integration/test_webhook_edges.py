@@ -9,7 +9,6 @@ import dataclasses
 import io
 import uuid
 from datetime import UTC, datetime, timedelta
-from types import TracebackType
 from typing import Any
 
 import httpx
@@ -35,56 +34,23 @@ from tests.support import bearer, eventually, free_port
 from workers.simulate import Options, simulate
 
 
-class Answering:
+class Answering(Receiver):
     """A receiver that answers every request with a fixed response, or holds it unanswered
     (`hang`) and counts the connections the sender closed meanwhile."""
 
     def __init__(self, host: str = "127.0.0.1", answer: bytes = b"", hang: bool = False) -> None:
-        self.host, self.port, self.answer, self.hang = host, free_port(), answer, hang
-        self.requests = 0
+        super().__init__(host=host)
+        self.response, self.hang = answer, hang
         self.closed_by_sender = 0
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
-    @property
-    def url(self) -> str:
-        """Where a subscription points."""
-        return f"http://{self.host}:{self.port}/hook"
-
-    async def __aenter__(self) -> Answering:
-        self._server = await asyncio.start_server(self._serve, self.host, self.port)
-        return self
-
-    async def __aexit__(
-        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        await self._server.wait_closed()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
-                length = next(
-                    (int(h.split(":", 1)[1]) for h in head if h.lower().startswith("content-length:")), 0
-                )
-                await reader.readexactly(length)
-                self.requests += 1
-                if self.hang:
-                    if await reader.read(1) == b"":
-                        self.closed_by_sender += 1
-                    return
-                writer.write(self.answer)
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            self._writers.discard(writer)
-            writer.close()
+    async def answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> bool:
+        if self.hang:
+            if await reader.read(1) == b"":
+                self.closed_by_sender += 1
+            return False
+        writer.write(self.response)
+        await writer.drain()
+        return True
 
 
 async def dead_letters(api: httpx.AsyncClient, auth: dict[str, str]) -> list[dict[str, Any]]:
@@ -140,7 +106,7 @@ async def test_connect_time_check_refuses_an_address_that_changed_after_subscrib
         )  # fmt: skip
         await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 1))
         [letter] = await eventually(lambda: dead_letters(api, auth), lambda items: len(items) == 1)
-    assert inside.requests == 0
+    assert inside.requests == []
     assert "127.0.0.2 is a loopback address" in letter["last_error"]
 
 
@@ -219,7 +185,7 @@ async def test_a_tenant_with_slow_receivers_does_not_stall_another_tenant(
         await service.record_events(probe_events(slow, "dev-1", 1))
 
         async def held() -> int:
-            return sink.requests
+            return len(sink.requests)
 
         await eventually(held, lambda n: n >= 4)
         await subscribe(api, quick_auth, hook.url, event_types=["Probe"])
@@ -339,7 +305,7 @@ async def test_a_failing_delivery_waits_its_own_backoff_however_often_its_tenant
                 assert failed.value.type == "DeliveryFailed"
                 waits.append(failed.value.next_retry_delay)
     assert waits == [timedelta(seconds=2), timedelta(seconds=4), timedelta(seconds=8)]
-    assert hook.requests == 3
+    assert len(hook.requests) == 3
 
 
 async def test_an_answer_that_is_not_http_is_not_stored_either(
