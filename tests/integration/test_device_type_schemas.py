@@ -12,17 +12,7 @@ import pytest
 from fleetflow import config_schema
 from tests.integration.flows import AUTH, active_device, new_id
 from tests.support import eventually
-
-PROBE_SCHEMA = {
-    "type": "object",
-    "additionalProperties": False,
-    "properties": {
-        "label": {"type": ["string", "null"], "pattern": "^[a-z]+$"},
-        "channels": {"type": "array", "minItems": 1, "items": {"type": "integer"}},
-        "gain": {"type": "number", "exclusiveMinimum": 0},
-        "mode": {"oneOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}]},
-    },
-}
+from tests.unit.test_config_schema import PROBE as PROBE_SCHEMA  # the same keywords, end to end
 
 
 async def put_type(api: httpx.AsyncClient, name: str, schema: dict[str, Any], **extra: Any) -> httpx.Response:

@@ -6,14 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 from datetime import timedelta
 from typing import Any
 
 import pytest
 from temporalio import activity
 from temporalio.client import WorkflowFailureError
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker, WorkflowRunner
@@ -34,7 +32,6 @@ from fleetflow.contracts.telemetry import (
     WindowRef,
     WindowSplit,
 )
-from tests.support import TEMPORAL_CLI, TEST_SERVER
 from workflows import telemetry_ingestion as ingestion
 from workflows.telemetry_ingestion import TelemetryIngestion, store_timeout
 
@@ -98,24 +95,6 @@ async def evaluate(ref: WindowRef) -> Evaluated:
 @activity.defn(name="notification.record_window_events")
 async def record(ref: WindowRef) -> int:
     return 0
-
-
-@pytest.fixture(scope="module")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    environment = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(TEST_SERVER), data_converter=pydantic_data_converter
-    )
-    yield environment
-    await environment.shutdown()
-
-
-@pytest.fixture(scope="module")
-async def dev() -> AsyncIterator[WorkflowEnvironment]:
-    environment = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(TEMPORAL_CLI), data_converter=pydantic_data_converter
-    )
-    yield environment
-    await environment.shutdown()
 
 
 async def run_windows(

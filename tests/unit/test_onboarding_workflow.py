@@ -15,7 +15,6 @@ import pytest
 from temporalio import activity
 from temporalio.api.enums.v1 import EventType
 from temporalio.client import WorkflowFailureError, WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.exceptions import ApplicationError, CancelledError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -34,7 +33,6 @@ from fleetflow.contracts.devices import (
     ValidateOnboarding,
 )
 from fleetflow.contracts.events import EventBatch, RetractEvent
-from tests.support import TEST_SERVER
 from workflows.device_onboarding import DeviceOnboarding
 
 CALLS: list[str] = []
@@ -104,15 +102,6 @@ async def record(batch: EventBatch) -> int:
 @activity.defn(name="notification.retract_event")
 async def retract(request: RetractEvent) -> None:
     CALLS.append("undo:retract_event")
-
-
-@pytest.fixture(scope="module")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    environment = await WorkflowEnvironment.start_time_skipping(
-        test_server_existing_path=str(TEST_SERVER), data_converter=pydantic_data_converter
-    )
-    yield environment
-    await environment.shutdown()
 
 
 def onboarding_input(**request: int) -> OnboardingInput:

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 import pytest
 from temporalio import activity
 from temporalio.client import WorkflowHandle
-from temporalio.contrib.pydantic import pydantic_data_converter
 from temporalio.service import RPCError
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
@@ -34,7 +33,7 @@ from fleetflow.contracts.rollouts import (
     StopRollout,
     TickResult,
 )
-from tests.support import TEMPORAL_CLI, eventually
+from tests.support import eventually
 from workflows.firmware_rollout import FirmwareRollout, rollout_id
 
 ADMIN = Actor(subject="op", tenant="acme", scopes=["rollouts:admin"])
@@ -100,29 +99,19 @@ async def record(batch: EventBatch) -> int:
     return len(batch.events)
 
 
-@pytest.fixture(scope="module")
-async def env() -> AsyncIterator[WorkflowEnvironment]:
-    environment = await WorkflowEnvironment.start_local(
-        dev_server_existing_path=str(TEMPORAL_CLI), data_converter=pydantic_data_converter,
-        dev_server_extra_args=["--ui-disable-news-fetch"],
-    )  # fmt: skip
-    yield environment
-    await environment.shutdown()
-
-
 @pytest.fixture
-async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
+async def workers(dev: WorkflowEnvironment) -> AsyncIterator[None]:
     """A fresh fleet, and workers for the workflow and the stubs."""
     FLEET.__init__()  # type: ignore[misc]
     async with (
-        Worker(env.client, task_queue=TaskQueue.ORCHESTRATION.value, workflows=[FirmwareRollout]),
-        Worker(env.client, task_queue=TaskQueue.DEVICE.value, activities=[plan, tick, stop]),
-        Worker(env.client, task_queue=TaskQueue.NOTIFICATION.value, activities=[record]),
+        Worker(dev.client, task_queue=TaskQueue.ORCHESTRATION.value, workflows=[FirmwareRollout]),
+        Worker(dev.client, task_queue=TaskQueue.DEVICE.value, activities=[plan, tick, stop]),
+        Worker(dev.client, task_queue=TaskQueue.NOTIFICATION.value, activities=[record]),
     ):
         yield
-        async for run in env.client.list_workflows("ExecutionStatus = 'Running'"):
+        async for run in dev.client.list_workflows("ExecutionStatus = 'Running'"):
             try:  # no cross-talk with the next test
-                await env.client.get_workflow_handle(run.id).terminate("test over")
+                await dev.client.get_workflow_handle(run.id).terminate("test over")
             except RPCError:
                 pass  # completed meanwhile (the list lags behind)
 
@@ -130,7 +119,7 @@ async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
 Handle = WorkflowHandle[FirmwareRollout, RolloutProgress]
 
 
-async def start(env: WorkflowEnvironment, history_limit: int) -> Handle:
+async def start(dev: WorkflowEnvironment, history_limit: int) -> Handle:
     """A campaign offering one device a second, continuing as new past `history_limit` events."""
     campaign = f"c-{uuid.uuid4().hex[:6]}"
     request = RolloutRequest(
@@ -138,13 +127,13 @@ async def start(env: WorkflowEnvironment, history_limit: int) -> Handle:
         policy=RolloutPolicy(canary=DEVICES, rate_per_minute=60, device_timeout_s=3600),
     )  # fmt: skip
     wid = rollout_id("acme", campaign)
-    await env.client.start_workflow(
+    await dev.client.start_workflow(
         FirmwareRollout.run,
         RolloutInput(tenant="acme", actor=ADMIN, request=request, history_limit=history_limit),
         id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
     )  # fmt: skip
     # without a run id: the handle follows the runs that continue as new
-    return env.client.get_workflow_handle_for(FirmwareRollout.run, wid)
+    return dev.client.get_workflow_handle_for(FirmwareRollout.run, wid)
 
 
 async def during_a_tick(handle: Handle, update: str) -> RolloutProgress:
@@ -161,9 +150,9 @@ async def during_a_tick(handle: Handle, update: str) -> RolloutProgress:
 
 
 async def test_a_pause_accepted_in_the_last_tick_holds_across_continue_as_new(
-    env: WorkflowEnvironment, workers: None
+    dev: WorkflowEnvironment, workers: None
 ) -> None:
-    handle = await start(env, history_limit=12)  # the first run continues as new after its first tick
+    handle = await start(dev, history_limit=12)  # the first run continues as new after its first tick
     paused = await during_a_tick(handle, "pause")
     assert paused.status == "paused"
     first_run = FLEET.ticks[-1][0]
@@ -185,9 +174,9 @@ async def test_a_pause_accepted_in_the_last_tick_holds_across_continue_as_new(
 
 
 async def test_a_cancel_accepted_in_the_last_tick_stops_the_next_run(
-    env: WorkflowEnvironment, workers: None
+    dev: WorkflowEnvironment, workers: None
 ) -> None:
-    handle = await start(env, history_limit=1)  # every run continues as new after one tick
+    handle = await start(dev, history_limit=1)  # every run continues as new after one tick
     await eventually(lambda: asyncio.sleep(0, FLEET.queued), lambda q: q < DEVICES, 30)
     await during_a_tick(handle, "cancel")
     before = FLEET.queued
@@ -206,12 +195,12 @@ async def test_a_cancel_accepted_in_the_last_tick_stops_the_next_run(
 
 
 async def test_a_cancel_accepted_in_the_tick_that_finishes_the_last_wave_still_rolls_back(
-    env: WorkflowEnvironment, workers: None
+    dev: WorkflowEnvironment, workers: None
 ) -> None:
     """The operator's cancel is accepted (200) while the last wave's final tick runs; that tick
     finds every device updated. The campaign ended `completed`, the accepted cancel ignored and
     nothing rolled back."""
-    handle = await start(env, history_limit=4000)
+    handle = await start(dev, history_limit=4000)
     await eventually(lambda: asyncio.sleep(0, FLEET.queued), lambda q: q < DEVICES, 30)
     FLEET.succeed_on_release = True
     accepted = await during_a_tick(handle, "cancel")
