@@ -35,19 +35,28 @@ def _aware(ts: datetime) -> datetime:
 
 def _stats(row: Any) -> rules.WindowStats:
     return rules.WindowStats(
-        n=row["n"], mean=row["mean"], var=row["var"], min_value=row["min_value"],
-        max_value=row["max_value"], first_ts=_aware(row["first_ts"]), first_value=row["first_value"],
-        last_ts=_aware(row["last_ts"]), last_value=row["last_value"],
-    )  # fmt: skip
+        n=row["n"],
+        mean=row["mean"],
+        var=row["var"],
+        min_value=row["min_value"],
+        max_value=row["max_value"],
+        first_ts=_aware(row["first_ts"]),
+        first_value=row["first_value"],
+        last_ts=_aware(row["last_ts"]),
+        last_value=row["last_value"],
+    )
 
 
 def _prior(row: Any) -> rules.SeriesState | None:
     if row["s_n"] is None:
         return None
     return rules.SeriesState(
-        n=row["s_n"], mean=row["s_mean"], var=row["s_var"], last_ts=_aware(row["s_last_ts"]),
+        n=row["s_n"],
+        mean=row["s_mean"],
+        var=row["s_var"],
+        last_ts=_aware(row["s_last_ts"]),
         last_value=row["s_last_value"],
-    )  # fmt: skip
+    )
 
 
 def _evaluated(ref: WindowRef, events: list[DomainEvent]) -> Evaluated:
@@ -63,10 +72,14 @@ def _analysis_failed(window_id: str, row: Any, exc: BaseException) -> DomainEven
     """The event of a series the rules could not evaluate in this window."""
     tenant, device_id, metric = row["tenant"], row["device_id"], row["metric"]
     return DomainEvent(
-        event_id=f"{window_id}/{tenant}/{device_id}/{metric}/{ANALYSIS_FAILED}", tenant=tenant,
-        device_id=device_id, type=ANALYSIS_FAILED, occurred_at=datetime.now(UTC), actor="analytics",
+        event_id=f"{window_id}/{tenant}/{device_id}/{metric}/{ANALYSIS_FAILED}",
+        tenant=tenant,
+        device_id=device_id,
+        type=ANALYSIS_FAILED,
+        occurred_at=datetime.now(UTC),
+        actor="analytics",
         data={"window_id": window_id, "metric": metric, "reason": reason_of(exc)},
-    )  # fmt: skip
+    )
 
 
 class AnalyticsService:
@@ -144,9 +157,17 @@ class AnalyticsService:
                     if event is not None:
                         events.append(event)
                 series_rows.append(
-                    (row["tenant"], row["device_id"], row["metric"], state.n, state.mean, state.var,
-                     state.last_ts, state.last_value)
-                )  # fmt: skip
+                    (
+                        row["tenant"],
+                        row["device_id"],
+                        row["metric"],
+                        state.n,
+                        state.mean,
+                        state.var,
+                        state.last_ts,
+                        state.last_value,
+                    )
+                )
             if series_rows:
                 await conn.execute(
                     """INSERT INTO analytics.series AS s
@@ -156,13 +177,15 @@ class AnalyticsService:
                            mean = excluded.mean, var = excluded.var, last_ts = excluded.last_ts,
                            last_value = excluded.last_value""",
                     *map(list, zip(*series_rows, strict=True)),
-                )  # fmt: skip
+                )
             await conn.execute(
                 """INSERT INTO analytics.window_events (window_id, tenant, event_id, event)
                    SELECT $1, * FROM unnest($2::text[], $3::text[], $4::jsonb[])""",
-                ref.window_id, [e.tenant for e in events], [e.event_id for e in events],
+                ref.window_id,
+                [e.tenant for e in events],
+                [e.event_id for e in events],
                 [e.model_dump(mode="json") for e in events],
-            )  # fmt: skip
+            )
             await conn.execute(
                 "INSERT INTO analytics.windows (window_id, events) VALUES ($1, '[]')", ref.window_id
             )
@@ -180,26 +203,43 @@ class AnalyticsService:
                    VALUES ($1, $2, $3, $4, 'open', $5, $6, $7)
                    ON CONFLICT (tenant, device_id, rule_id) WHERE status = 'open' DO NOTHING
                    RETURNING alert_id""",
-                tenant, device_id, rule.rule_id, rule.metric, row["last_ts"], verdict.value, verdict.detail,
-            )  # fmt: skip
+                tenant,
+                device_id,
+                rule.rule_id,
+                rule.metric,
+                row["last_ts"],
+                verdict.value,
+                verdict.detail,
+            )
             kind = ALERT_RAISED
         elif verdict.decision == "clear" and open_id is not None:
             alert_id = await conn.fetchval(
                 """UPDATE analytics.alerts SET status = 'cleared', cleared_at = $2, cleared_value = $3
                    WHERE alert_id = $1 AND status = 'open' RETURNING alert_id""",
-                open_id, row["last_ts"], verdict.value,
-            )  # fmt: skip
+                open_id,
+                row["last_ts"],
+                verdict.value,
+            )
             kind = ALERT_CLEARED
         else:
             return None
         if alert_id is None:
             return None
         return DomainEvent(
-            event_id=f"{window_id}/{tenant}/{device_id}/{rule.rule_id}/{kind}", tenant=tenant,
-            device_id=device_id, type=kind, occurred_at=row["last_ts"], actor="analytics",
-            data={"alert_id": alert_id, "rule_id": rule.rule_id, "metric": rule.metric,
-                  "value": verdict.value, "detail": verdict.detail},
-        )  # fmt: skip
+            event_id=f"{window_id}/{tenant}/{device_id}/{rule.rule_id}/{kind}",
+            tenant=tenant,
+            device_id=device_id,
+            type=kind,
+            occurred_at=row["last_ts"],
+            actor="analytics",
+            data={
+                "alert_id": alert_id,
+                "rule_id": rule.rule_id,
+                "metric": rule.metric,
+                "value": verdict.value,
+                "detail": verdict.detail,
+            },
+        )
 
     # --- read model ------------------------------------------------------------
 
@@ -210,8 +250,14 @@ class AnalyticsService:
                VALUES ($1, $2, $3, $4, $5, $6, $7)
                ON CONFLICT (tenant, rule_id) DO UPDATE SET device_type = $3, metric = $4, kind = $5,
                    params = $6, enabled = $7""",
-            tenant, rule.rule_id, rule.device_type, rule.metric, rule.kind, rule.params, rule.enabled,
-        )  # fmt: skip
+            tenant,
+            rule.rule_id,
+            rule.device_type,
+            rule.metric,
+            rule.kind,
+            rule.params,
+            rule.enabled,
+        )
 
     async def list_rules(self, tenant: str) -> list[Rule]:
         """A tenant's rules."""
@@ -234,6 +280,9 @@ class AnalyticsService:
         rows = await self.pool.fetch(
             """SELECT * FROM analytics.alerts WHERE tenant = $1 AND ($2::text IS NULL OR status = $2)
                  AND ($3::text IS NULL OR device_id = $3) ORDER BY alert_id DESC LIMIT $4""",
-            tenant, status, device_id, limit,
-        )  # fmt: skip
+            tenant,
+            status,
+            device_id,
+            limit,
+        )
         return [AlertView.model_validate({k: r[k] for k in AlertView.model_fields}) for r in rows]

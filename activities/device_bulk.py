@@ -57,8 +57,11 @@ class BulkProvisioning(DeviceReadModel):
             """SELECT jsonb_agg(e ORDER BY i) FROM fleetflow.claim_checks c,
                    jsonb_array_elements(c.body) WITH ORDINALITY AS t(e, i)
                WHERE c.claim_id = $1 AND c.tenant = $2 AND i > $3 AND i <= $3 + $4""",
-            chunk.claim_id, chunk.tenant, chunk.offset, chunk.limit,
-        )  # fmt: skip
+            chunk.claim_id,
+            chunk.tenant,
+            chunk.offset,
+            chunk.limit,
+        )
         if rows is None:
             raise refuse(f"claim {chunk.claim_id} not found", "ClaimMissing")
         types = {t.name: t for t in await self.device_types(chunk.tenant)}
@@ -105,8 +108,9 @@ class BulkProvisioning(DeviceReadModel):
             return config
         current = await conn.fetchrow(
             "SELECT status, onboarding_id FROM device.devices WHERE tenant = $1 AND device_id = $2",
-            chunk.tenant, spec.device_id,
-        )  # fmt: skip
+            chunk.tenant,
+            spec.device_id,
+        )
         if current is not None and current["onboarding_id"] == chunk.bulk_id:
             return None  # done by an earlier attempt of this batch
         if current is not None and current["status"] not in REUSABLE:
@@ -116,28 +120,46 @@ class BulkProvisioning(DeviceReadModel):
             return over
         jti = f"{chunk.bulk_id}:{spec.device_id}"
         token = issue_device_credential(
-            self.keys, tenant=chunk.tenant, device_id=spec.device_id, jti=jti,
-            issued_at=chunk.issued_at, expires_at=chunk.expires_at, issuer=self.issuer,
-        )  # fmt: skip
+            self.keys,
+            tenant=chunk.tenant,
+            device_id=spec.device_id,
+            jti=jti,
+            issued_at=chunk.issued_at,
+            expires_at=chunk.expires_at,
+            issuer=self.issuer,
+        )
         async with conn.transaction():
             taken = await register_device(
-                conn, chunk.tenant, spec, DeviceStatus.ACTIVE, onboarding_id=chunk.bulk_id,
-                actor=chunk.actor, from_status=current["status"] if current else None,
-                from_owner=current["onboarding_id"] if current else None, reason="bulk onboarding",
-            )  # fmt: skip
+                conn,
+                chunk.tenant,
+                spec,
+                DeviceStatus.ACTIVE,
+                onboarding_id=chunk.bulk_id,
+                actor=chunk.actor,
+                from_status=current["status"] if current else None,
+                from_owner=current["onboarding_id"] if current else None,
+                reason="bulk onboarding",
+            )
             if not taken:  # another onboarding registered it since it was read
                 return "already registered (by another onboarding)"
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
                        expires_at, kid) VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (jti) DO NOTHING""",
-                jti, chunk.tenant, spec.device_id, token_hash(token), chunk.issued_at,
-                chunk.expires_at, kid_of(token),
-            )  # fmt: skip
+                jti,
+                chunk.tenant,
+                spec.device_id,
+                token_hash(token),
+                chunk.issued_at,
+                chunk.expires_at,
+                kid_of(token),
+            )
             await conn.execute(
                 """INSERT INTO device.configurations (tenant, device_id, config) VALUES ($1, $2, $3)
                    ON CONFLICT (tenant, device_id) DO UPDATE SET config = $3, updated_at = now()""",
-                chunk.tenant, spec.device_id, config,
-            )  # fmt: skip
+                chunk.tenant,
+                spec.device_id,
+                config,
+            )
         return None
 
     @activity.defn(name="device.deprovision_batch")
@@ -155,14 +177,18 @@ class BulkProvisioning(DeviceReadModel):
                 """UPDATE device.credentials SET revoked_at = now()
                    WHERE tenant = $1 AND jti LIKE $2 || ':%' AND revoked_at IS NULL
                      AND ($3::text[] IS NULL OR device_id = ANY($3))""",
-                batch.tenant, owner, ids,
-            )  # fmt: skip
+                batch.tenant,
+                owner,
+                ids,
+            )
             await conn.execute(
                 """DELETE FROM device.configurations c USING device.devices d
                    WHERE c.tenant = $1 AND d.tenant = c.tenant AND d.device_id = c.device_id
                      AND d.onboarding_id = $2 AND ($3::text[] IS NULL OR c.device_id = ANY($3))""",
-                batch.tenant, owner, ids,
-            )  # fmt: skip
+                batch.tenant,
+                owner,
+                ids,
+            )
             await conn.execute(
                 """WITH old AS (
                        SELECT device_id, status FROM device.devices
@@ -178,8 +204,12 @@ class BulkProvisioning(DeviceReadModel):
                    INSERT INTO device.status_changes
                        (tenant, device_id, from_status, to_status, reason, actor)
                    SELECT $1, device_id, from_status, 'failed', $4, $5 FROM moved""",
-                batch.tenant, owner, ids, batch.reason, batch.actor,
-            )  # fmt: skip
+                batch.tenant,
+                owner,
+                ids,
+                batch.reason,
+                batch.actor,
+            )
 
     async def bulk_credentials(self, tenant: str, bulk_id: str) -> list[tuple[str, str]]:
         """(device id, credential) of every live device of a bulk import, re-signed from its claims."""
@@ -190,8 +220,9 @@ class BulkProvisioning(DeviceReadModel):
                WHERE c.tenant = $1 AND split_part(d.onboarding_id, '/', 1) = $2
                  AND c.jti LIKE d.onboarding_id || ':%'
                  AND c.revoked_at IS NULL ORDER BY c.device_id""",
-            tenant, bulk_id,
-        )  # fmt: skip
+            tenant,
+            bulk_id,
+        )
         return [
             (
                 r["device_id"],

@@ -21,8 +21,9 @@ class DeviceReadModel:
         row = await self.pool.fetchrow(
             """SELECT name, config_schema, default_config, requires_approval FROM device.device_types
                WHERE name = $2 AND tenant IN ('', $1) ORDER BY tenant DESC LIMIT 1""",
-            tenant, name,
-        )  # fmt: skip
+            tenant,
+            name,
+        )
         return None if row is None else DeviceTypeView.model_validate(dict(row.items()))
 
     async def device_types(self, tenant: str) -> list[DeviceTypeView]:
@@ -31,7 +32,7 @@ class DeviceReadModel:
             """SELECT DISTINCT ON (name) name, config_schema, default_config, requires_approval
                FROM device.device_types WHERE tenant IN ('', $1) ORDER BY name, tenant DESC""",
             tenant,
-        )  # fmt: skip
+        )
         return [DeviceTypeView.model_validate(dict(r.items())) for r in rows]
 
     async def put_device_type(self, tenant: str, view: DeviceTypeView) -> None:
@@ -41,8 +42,12 @@ class DeviceReadModel:
                    requires_approval) VALUES ($1, $2, $3, $4, $5)
                ON CONFLICT (tenant, name) DO UPDATE SET config_schema = $3, default_config = $4,
                    requires_approval = $5""",
-            tenant, view.name, view.config_schema, view.default_config, view.requires_approval,
-        )  # fmt: skip
+            tenant,
+            view.name,
+            view.config_schema,
+            view.default_config,
+            view.requires_approval,
+        )
 
     async def resolve_config(self, tenant: str, spec: DeviceSpec) -> ValidatedOnboarding:
         """The configuration spec gets (type defaults merged) or ConfigError / LookupError."""
@@ -79,8 +84,13 @@ class DeviceReadModel:
                  AND ($4::text IS NULL OR tags @> ARRAY[$4])
                  AND ($5::text IS NULL OR device_id > $5)
                ORDER BY device_id LIMIT $6""",
-            tenant, status, device_type, tag, after, limit,
-        )  # fmt: skip
+            tenant,
+            status,
+            device_type,
+            tag,
+            after,
+            limit,
+        )
         return [DeviceView.model_validate(dict(r.items())) for r in rows]
 
     async def credential_active(self, tenant: str, device_id: str, jti: str, token: str) -> bool:
@@ -89,14 +99,18 @@ class DeviceReadModel:
             """SELECT 1 FROM device.credentials
                WHERE jti = $1 AND tenant = $2 AND device_id = $3 AND token_hash = $4
                  AND revoked_at IS NULL AND expires_at > now()""",
-            jti, tenant, device_id, token_hash(token),
-        )  # fmt: skip
+            jti,
+            tenant,
+            device_id,
+            token_hash(token),
+        )
         return row is not None
 
     async def config_of(self, tenant: str, device_id: str) -> dict[str, Any] | None:
         """The stored configuration of a device, or None."""
         value = await self.pool.fetchval(
             "SELECT config FROM device.configurations WHERE tenant = $1 AND device_id = $2",
-            tenant, device_id,
-        )  # fmt: skip
+            tenant,
+            device_id,
+        )
         return None if value is None else dict(value)

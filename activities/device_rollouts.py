@@ -91,8 +91,14 @@ class RolloutJobs(DeviceReadModel):
         row = await self.pool.fetchrow(
             """INSERT INTO device.firmware (tenant, firmware_id, device_type, version, sha256, size, path)
                VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING *""",
-            tenant, firmware_id, device_type, version, digest, len(image), str(path),
-        )  # fmt: skip
+            tenant,
+            firmware_id,
+            device_type,
+            version,
+            digest,
+            len(image),
+            str(path),
+        )
         if row is None:  # a concurrent upload won: same rules
             return await self.put_firmware(tenant, device_type, version, image)
         return FirmwareView.model_validate({k: row[k] for k in FirmwareView.model_fields}), True
@@ -124,8 +130,9 @@ class RolloutJobs(DeviceReadModel):
         async with self.pool.acquire() as conn, conn.transaction():
             fw = await conn.fetchrow(
                 "SELECT device_type, version FROM device.firmware WHERE tenant = $1 AND firmware_id = $2",
-                tenant, req.firmware_id,
-            )  # fmt: skip
+                tenant,
+                req.firmware_id,
+            )
             if fw is None:
                 raise ApplicationError(
                     f"no firmware {req.firmware_id!r}", type="NoFirmware", non_retryable=True
@@ -154,8 +161,13 @@ class RolloutJobs(DeviceReadModel):
                          SELECT jsonb_array_elements_text(c.body) FROM fleetflow.claim_checks c
                          WHERE c.claim_id = $6 AND c.tenant = $1))
                    ORDER BY device_id""",
-                tenant, fw["device_type"], fw["version"], req.target.device_ids, req.target.tags, claim_id,
-            )  # fmt: skip
+                tenant,
+                fw["device_type"],
+                fw["version"],
+                req.target.device_ids,
+                req.target.tags,
+                claim_id,
+            )
             waves = wave_sizes(len(devices), req.policy)
             recorded = req.model_dump(mode="json")
             if inp.targets is not None:  # where the explicit list is kept
@@ -164,16 +176,24 @@ class RolloutJobs(DeviceReadModel):
             await conn.execute(
                 """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
                    VALUES ($1, $2, $3, $4, $5)""",
-                tenant, req.campaign_id, req.firmware_id, recorded, waves,
-            )  # fmt: skip
+                tenant,
+                req.campaign_id,
+                req.firmware_id,
+                recorded,
+                waves,
+            )
             await conn.execute(
                 """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
                        target_version, previous_version)
                    SELECT $1, $2, d, 'update', w, 'queued', $3, p
                    FROM unnest($4::text[], $5::int[], $6::text[]) AS t(d, w, p)""",
-                tenant, req.campaign_id, fw["version"], [d["device_id"] for d in devices], numbers,
+                tenant,
+                req.campaign_id,
+                fw["version"],
+                [d["device_id"] for d in devices],
+                numbers,
                 [d["firmware_version"] for d in devices],
-            )  # fmt: skip
+            )
         return RolloutPlan(
             total=len(devices), waves=waves, device_type=fw["device_type"], version=fw["version"]
         )
@@ -194,8 +214,9 @@ class RolloutJobs(DeviceReadModel):
             last = await conn.fetchrow(
                 """SELECT last_tick_key, last_tick_offered, last_tick_abort_at FROM device.rollouts
                    WHERE tenant = $1 AND campaign_id = $2 FOR UPDATE""",
-                tick.tenant, tick.campaign_id,
-            )  # fmt: skip
+                tick.tenant,
+                tick.campaign_id,
+            )
             repeat = last is not None and last["last_tick_key"] == tick_key
             await conn.execute(
                 """UPDATE device.rollout_jobs SET
@@ -205,8 +226,12 @@ class RolloutJobs(DeviceReadModel):
                        detail = 'no report within the device timeout', updated_at = now()
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = ANY($6)
                      AND updated_at < now() - make_interval(secs => $4)""",
-                *key, tick.device_timeout_s, tick.retry_limit, list(ACTIVE_STATES), tick.stopped,
-            )  # fmt: skip
+                *key,
+                tick.device_timeout_s,
+                tick.retry_limit,
+                list(ACTIVE_STATES),
+                tick.stopped,
+            )
             if tick.stopped and tick.kind == "update":
                 await self._stop_jobs(conn, tick.tenant, tick.campaign_id, rollback=True)
             abort, seen_at, offered = False, None, 0
@@ -222,20 +247,27 @@ class RolloutJobs(DeviceReadModel):
                     """UPDATE device.rollouts SET last_tick_key = $3, last_tick_offered = $4,
                            last_tick_abort_at = $5
                        WHERE tenant = $1 AND campaign_id = $2""",
-                    tick.tenant, tick.campaign_id, tick_key, offered, seen_at,
-                )  # fmt: skip
+                    tick.tenant,
+                    tick.campaign_id,
+                    tick_key,
+                    offered,
+                    seen_at,
+                )
             rows = await conn.fetch(
                 """SELECT state, wave = $4 AS in_wave, count(*) AS n FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 GROUP BY 1, 2""",
-                *key, tick.wave,
-            )  # fmt: skip
+                *key,
+                tick.wave,
+            )
             finished_rows = await conn.fetch(
                 """SELECT device_id, state, target_version AS version, finished_seq AS seq
                    FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND finished_seq > $4
                    ORDER BY finished_seq LIMIT $5""",
-                *key, tick.finished_after, FINISHED_WINDOW,
-            )  # fmt: skip
+                *key,
+                tick.finished_after,
+                FINISHED_WINDOW,
+            )
         counts: dict[str, int] = {}
         wave_counts: dict[str, int] = {}
         for r in rows:
@@ -243,12 +275,16 @@ class RolloutJobs(DeviceReadModel):
             if r["in_wave"]:
                 wave_counts[r["state"]] = r["n"]
         return TickResult(
-            offered=offered, counts=counts, wave_counts=wave_counts, abort=abort, abort_seen_at=seen_at,
+            offered=offered,
+            counts=counts,
+            wave_counts=wave_counts,
+            abort=abort,
+            abort_seen_at=seen_at,
             finished=[JobOutcome(**dict(r.items())) for r in finished_rows if r["state"] != "cancelled"],
             # past the cancelled rows too: a window of only cancelled jobs (a bulk decommission)
             # must not hold the cursor back
             finished_through=finished_rows[-1]["seq"] if finished_rows else tick.finished_after,
-        )  # fmt: skip
+        )
 
     @staticmethod
     async def _abort_crossed(conn: Conn, tick: RolloutTick) -> tuple[bool, datetime | None]:
@@ -259,8 +295,10 @@ class RolloutJobs(DeviceReadModel):
             """SELECT count(*) FILTER (WHERE state IN ('succeeded', 'failed', 'timed_out')) AS done,
                       count(*) FILTER (WHERE state IN ('failed', 'timed_out')) AS bad
                FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2 AND kind = $3""",
-            tick.tenant, tick.campaign_id, tick.kind,
-        )  # fmt: skip
+            tick.tenant,
+            tick.campaign_id,
+            tick.kind,
+        )
         assert finished is not None
         done, bad = finished["done"], finished["bad"]
         if done >= tick.abort_min_finished and bad * 100 > tick.abort_failure_percent * done:
@@ -283,8 +321,12 @@ class RolloutJobs(DeviceReadModel):
                FROM pick
                WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = $3
                  AND j.device_id = pick.device_id""",
-            tick.tenant, tick.campaign_id, tick.kind, tick.wave, tick.offer,
-        )  # fmt: skip
+            tick.tenant,
+            tick.campaign_id,
+            tick.kind,
+            tick.wave,
+            tick.offer,
+        )
         return int(str(result).split()[-1])
 
     async def _wait_for_news(self, tick: RolloutTick) -> None:
@@ -296,8 +338,11 @@ class RolloutJobs(DeviceReadModel):
             news = await self.pool.fetchval(
                 """SELECT 1 FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2 AND kind = $3
                      AND finished_seq > $4 LIMIT 1""",
-                tick.tenant, tick.campaign_id, tick.kind, tick.finished_after,
-            )  # fmt: skip
+                tick.tenant,
+                tick.campaign_id,
+                tick.kind,
+                tick.finished_after,
+            )
             if news:
                 return
             activity.heartbeat()
@@ -312,8 +357,9 @@ class RolloutJobs(DeviceReadModel):
             count = await conn.fetchval(
                 """SELECT count(*) FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = 'rollback'""",
-                stop.tenant, stop.campaign_id,
-            )  # fmt: skip
+                stop.tenant,
+                stop.campaign_id,
+            )
         return int(count)
 
     @staticmethod
@@ -325,8 +371,9 @@ class RolloutJobs(DeviceReadModel):
                    finished_seq = nextval('device.rollout_finished_seq')
                WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update'
                  AND state IN ('queued', 'offered')""",
-            tenant, campaign_id,
-        )  # fmt: skip
+            tenant,
+            campaign_id,
+        )
         if rollback:
             await conn.execute(
                 """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
@@ -336,8 +383,9 @@ class RolloutJobs(DeviceReadModel):
                    FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update' AND state = 'succeeded'
                    ON CONFLICT DO NOTHING""",
-                tenant, campaign_id,
-            )  # fmt: skip
+                tenant,
+                campaign_id,
+            )
 
     # --- the device's side ------------------------------------------------------------
 
@@ -352,16 +400,23 @@ class RolloutJobs(DeviceReadModel):
                     AND f.version = j.target_version
                WHERE j.tenant = $1 AND j.device_id = $2 AND j.state = ANY($3)
                ORDER BY j.offered_at DESC LIMIT 1""",
-            tenant, device_id, list(ACTIVE_STATES),
-        )  # fmt: skip
+            tenant,
+            device_id,
+            list(ACTIVE_STATES),
+        )
         if row is None:
             return None
         firmware_id = row["firmware_id"] or ""
         return JobView(
-            campaign_id=row["campaign_id"], kind=row["kind"], state=row["state"], firmware_id=firmware_id,
-            version=row["version"], sha256=row["sha256"] or "", size=row["size"] or 0,
+            campaign_id=row["campaign_id"],
+            kind=row["kind"],
+            state=row["state"],
+            firmware_id=firmware_id,
+            version=row["version"],
+            sha256=row["sha256"] or "",
+            size=row["size"] or 0,
             download_url=f"/v1/device/firmware/{firmware_id}" if firmware_id else "",
-        )  # fmt: skip
+        )
 
     async def report_job(
         self, tenant: str, device_id: str, campaign_id: str, kind: str, state: str, detail: str | None
@@ -376,13 +431,17 @@ class RolloutJobs(DeviceReadModel):
                 # the job's row, in the order the tick takes them
                 await conn.execute(
                     "SELECT 1 FROM device.rollouts WHERE tenant = $1 AND campaign_id = $2 FOR SHARE",
-                    tenant, campaign_id,
-                )  # fmt: skip
+                    tenant,
+                    campaign_id,
+                )
             job = await conn.fetchrow(
                 """SELECT state, target_version FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4 FOR UPDATE""",
-                tenant, campaign_id, device_id, kind,
-            )  # fmt: skip
+                tenant,
+                campaign_id,
+                device_id,
+                kind,
+            )
             if job is None:
                 raise LookupError(f"no {kind} job of campaign {campaign_id!r} for this device")
             if state not in _NEXT.get(job["state"], set()):
@@ -391,13 +450,21 @@ class RolloutJobs(DeviceReadModel):
                 """UPDATE device.rollout_jobs SET state = $5, detail = $6, updated_at = now(),
                        finished_seq = CASE WHEN $7 THEN nextval('device.rollout_finished_seq') END
                    WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4""",
-                tenant, campaign_id, device_id, kind, state, detail, final,
-            )  # fmt: skip
+                tenant,
+                campaign_id,
+                device_id,
+                kind,
+                state,
+                detail,
+                final,
+            )
             if state == "succeeded":
                 await conn.execute(
                     """UPDATE device.devices SET firmware_version = $3, updated_at = now()
                        WHERE tenant = $1 AND device_id = $2""",
-                    tenant, device_id, job["target_version"],
-                )  # fmt: skip
+                    tenant,
+                    device_id,
+                    job["target_version"],
+                )
                 return str(job["target_version"])
         return None

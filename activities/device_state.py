@@ -81,16 +81,26 @@ async def set_status(
              AND ($5::text[] IS NULL OR d.status = ANY($5))
              AND ($6::text IS NULL OR d.onboarding_id = $6)
            RETURNING old.status AS from_status""",
-        tenant, device_id, to_status.value, reason, list(only_from) if only_from else None,
-        onboarding_id, firmware_version,
-    )  # fmt: skip
+        tenant,
+        device_id,
+        to_status.value,
+        reason,
+        list(only_from) if only_from else None,
+        onboarding_id,
+        firmware_version,
+    )
     if row is None:
         return False
     await conn.execute(
         """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status, reason, actor)
            VALUES ($1, $2, $3, $4, $5, $6)""",
-        tenant, device_id, row["from_status"], to_status.value, reason, actor,
-    )  # fmt: skip
+        tenant,
+        device_id,
+        row["from_status"],
+        to_status.value,
+        reason,
+        actor,
+    )
     return True
 
 
@@ -123,20 +133,34 @@ async def register_device(
                status_reason = NULL, onboarding_id = $8, updated_at = now()
            WHERE device.devices.status = $9 AND device.devices.onboarding_id = $10
            RETURNING true""",
-        tenant, spec.device_id, spec.device_type, spec.firmware_version, spec.tags, spec.metadata,
-        status.value, onboarding_id, from_status, from_owner,
-    )  # fmt: skip
+        tenant,
+        spec.device_id,
+        spec.device_type,
+        spec.firmware_version,
+        spec.tags,
+        spec.metadata,
+        status.value,
+        onboarding_id,
+        from_status,
+        from_owner,
+    )
     if not taken:
         return False
     if from_status is not None:
         await conn.execute(
             """UPDATE device.credentials SET revoked_at = now()
                WHERE tenant = $1 AND device_id = $2 AND revoked_at IS NULL""",
-            tenant, spec.device_id,
-        )  # fmt: skip
+            tenant,
+            spec.device_id,
+        )
     await conn.execute(
         """INSERT INTO device.status_changes (tenant, device_id, from_status, to_status, reason, actor)
            VALUES ($1, $2, $3, $4, $5, $6)""",
-        tenant, spec.device_id, from_status, status.value, reason, actor,
-    )  # fmt: skip
+        tenant,
+        spec.device_id,
+        from_status,
+        status.value,
+        reason,
+        actor,
+    )
     return True

@@ -73,8 +73,9 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             current = await conn.fetchrow(
                 """SELECT status, onboarding_id FROM device.devices
                    WHERE tenant = $1 AND device_id = $2 FOR UPDATE""",
-                request.tenant, spec.device_id,
-            )  # fmt: skip
+                request.tenant,
+                spec.device_id,
+            )
             if current is not None and current["onboarding_id"] == request.onboarding_id:
                 return  # a retry of this very step
             if (
@@ -95,10 +96,15 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             if over is not None:
                 raise refuse(over, "QuotaExceeded")
             taken = await register_device(
-                conn, request.tenant, spec, DeviceStatus.PENDING, onboarding_id=request.onboarding_id,
-                actor=request.actor, from_status=current["status"] if current else None,
+                conn,
+                request.tenant,
+                spec,
+                DeviceStatus.PENDING,
+                onboarding_id=request.onboarding_id,
+                actor=request.actor,
+                from_status=current["status"] if current else None,
                 from_owner=current["onboarding_id"] if current else None,
-            )  # fmt: skip
+            )
             if not taken:  # registered by a concurrent onboarding (a bulk import) since it was read
                 raise refuse(f"device {spec.device_id!r} is already registered", "DeviceExists")
 
@@ -107,10 +113,15 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         """Compensation of `register`: this onboarding's registration becomes `failed`."""
         async with self.pool.acquire() as conn, conn.transaction():
             await set_status(
-                conn, request.tenant, request.device_id, DeviceStatus.FAILED,
-                actor=request.actor, reason=request.reason, onboarding_id=request.onboarding_id,
+                conn,
+                request.tenant,
+                request.device_id,
+                DeviceStatus.FAILED,
+                actor=request.actor,
+                reason=request.reason,
+                onboarding_id=request.onboarding_id,
                 only_from=(DeviceStatus.PENDING, DeviceStatus.PROVISIONED, DeviceStatus.ACTIVE),
-            )  # fmt: skip
+            )
 
     @activity.defn(name="device.issue_credential")
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
@@ -119,14 +130,21 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             # a retry signs with the key the first attempt used: the same token, the same hash
             kid = await conn.fetchval("SELECT kid FROM device.credentials WHERE jti = $1", request.jti)
             token = issue_device_credential(
-                self.keys, tenant=request.tenant, device_id=request.device_id, jti=request.jti,
-                issued_at=request.issued_at, expires_at=request.expires_at, issuer=self.issuer, kid=kid,
-            )  # fmt: skip
+                self.keys,
+                tenant=request.tenant,
+                device_id=request.device_id,
+                jti=request.jti,
+                issued_at=request.issued_at,
+                expires_at=request.expires_at,
+                issuer=self.issuer,
+                kid=kid,
+            )
             owner = await conn.fetchrow(
                 """SELECT onboarding_id, status FROM device.devices
                    WHERE tenant = $1 AND device_id = $2 FOR SHARE""",
-                request.tenant, request.device_id,
-            )  # fmt: skip
+                request.tenant,
+                request.device_id,
+            )
             if owner is None or owner["onboarding_id"] != request.onboarding_id:
                 raise refuse("device registration belongs to another onboarding", "DeviceExists")
             if owner["status"] == DeviceStatus.FAILED:  # this attempt was undone already
@@ -135,9 +153,14 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
                        expires_at, kid)
                    VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (jti) DO NOTHING""",
-                request.jti, request.tenant, request.device_id, token_hash(token),
-                request.issued_at, request.expires_at, kid_of(token),
-            )  # fmt: skip
+                request.jti,
+                request.tenant,
+                request.device_id,
+                token_hash(token),
+                request.issued_at,
+                request.expires_at,
+                kid_of(token),
+            )
         return IssuedCredential(jti=request.jti, token=token, expires_at=request.expires_at)
 
     @activity.defn(name="device.revoke_credential")
@@ -146,8 +169,10 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         await self.pool.execute(
             """UPDATE device.credentials SET revoked_at = now()
                WHERE jti = $1 AND tenant = $2 AND device_id = $3 AND revoked_at IS NULL""",
-            request.jti, request.tenant, request.device_id,
-        )  # fmt: skip
+            request.jti,
+            request.tenant,
+            request.device_id,
+        )
 
     @activity.defn(name="device.store_config")
     async def store_config(self, request: StoreConfig) -> None:
@@ -157,13 +182,19 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 """INSERT INTO device.configurations (tenant, device_id, config)
                    VALUES ($1, $2, $3)
                    ON CONFLICT (tenant, device_id) DO UPDATE SET config = $3, updated_at = now()""",
-                request.tenant, request.device_id, request.config,
-            )  # fmt: skip
+                request.tenant,
+                request.device_id,
+                request.config,
+            )
             await set_status(
-                conn, request.tenant, request.device_id, DeviceStatus.PROVISIONED,
-                actor=request.actor, onboarding_id=request.onboarding_id,
+                conn,
+                request.tenant,
+                request.device_id,
+                DeviceStatus.PROVISIONED,
+                actor=request.actor,
+                onboarding_id=request.onboarding_id,
                 only_from=(DeviceStatus.PENDING,),
-            )  # fmt: skip
+            )
 
     @activity.defn(name="device.remove_config")
     async def remove_config(self, request: DeviceTransition) -> None:
@@ -172,25 +203,33 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             """DELETE FROM device.configurations c USING device.devices d
                WHERE c.tenant = $1 AND c.device_id = $2 AND d.tenant = c.tenant
                  AND d.device_id = c.device_id AND d.onboarding_id = $3""",
-            request.tenant, request.device_id, request.onboarding_id,
-        )  # fmt: skip
+            request.tenant,
+            request.device_id,
+            request.onboarding_id,
+        )
 
     @activity.defn(name="device.activate")
     async def activate(self, request: DeviceTransition) -> None:
         """The device made first contact: it becomes `active`."""
         async with self.pool.acquire() as conn, conn.transaction():
             moved = await set_status(
-                conn, request.tenant, request.device_id, DeviceStatus.ACTIVE,
-                actor=request.actor, onboarding_id=request.onboarding_id,
+                conn,
+                request.tenant,
+                request.device_id,
+                DeviceStatus.ACTIVE,
+                actor=request.actor,
+                onboarding_id=request.onboarding_id,
                 only_from=(DeviceStatus.PROVISIONED,),
                 firmware_version=request.firmware_version,
-            )  # fmt: skip
+            )
             if not moved:
                 status = await conn.fetchval(
                     """SELECT status FROM device.devices
                        WHERE tenant = $1 AND device_id = $2 AND onboarding_id = $3""",
-                    request.tenant, request.device_id, request.onboarding_id,
-                )  # fmt: skip
+                    request.tenant,
+                    request.device_id,
+                    request.onboarding_id,
+                )
                 if status != DeviceStatus.ACTIVE:
                     raise refuse(f"device cannot be activated from {status!r}", "BadTransition")
 
@@ -223,8 +262,9 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         result = await self.pool.execute(
             """UPDATE device.credentials SET revoked_at = now()
                WHERE tenant = $1 AND device_id = $2 AND revoked_at IS NULL""",
-            step.tenant, step.device_id,
-        )  # fmt: skip
+            step.tenant,
+            step.device_id,
+        )
         return int(str(result).split()[-1])
 
     @activity.defn(name="device.cancel_jobs")
@@ -235,8 +275,9 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                    detail = 'device decommissioned', finished_seq = nextval('device.rollout_finished_seq')
                WHERE tenant = $1 AND device_id = $2
                  AND state IN ('queued', 'offered', 'downloading', 'installing')""",
-            step.tenant, step.device_id,
-        )  # fmt: skip
+            step.tenant,
+            step.device_id,
+        )
         return int(str(result).split()[-1])
 
     @activity.defn(name="device.mark_decommissioned")
@@ -244,9 +285,13 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         """The device is retired for good."""
         async with self.pool.acquire() as conn, conn.transaction():
             await set_status(
-                conn, step.tenant, step.device_id, DeviceStatus.DECOMMISSIONED, actor=step.actor,
+                conn,
+                step.tenant,
+                step.device_id,
+                DeviceStatus.DECOMMISSIONED,
+                actor=step.actor,
                 reason=step.reason or "decommissioned",
-            )  # fmt: skip
+            )
 
     @activity.defn(name="device.note_retirement_problem")
     async def note_retirement_problem(self, step: DeviceStep) -> None:
@@ -254,5 +299,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         await self.pool.execute(
             """UPDATE device.devices SET status_reason = $3, updated_at = now()
                WHERE tenant = $1 AND device_id = $2""",
-            step.tenant, step.device_id, step.reason,
-        )  # fmt: skip
+            step.tenant,
+            step.device_id,
+            step.reason,
+        )

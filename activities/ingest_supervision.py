@@ -94,8 +94,9 @@ class IngestionSupervision:
                 """UPDATE data.ingest_batches SET status = 'pending', window_id = NULL
                    WHERE status = 'claimed' AND split_part(window_id, '/', 1) = $1
                      AND split_part(window_id, '/', 2) = $2""",
-                claim["workflow_id"], claim["run_id"],
-            )  # fmt: skip
+                claim["workflow_id"],
+                claim["run_id"],
+            )
             count = int(str(result).split()[-1])
             reclaimed += count
             log.warning("reclaimed %d batches of %s run %s (not running)", count, *claim.values())
@@ -121,8 +122,9 @@ class IngestionSupervision:
                                        AND e.event_id = b.window_id || '/' || b.tenant || '/'
                                                         || b.batch_id || '/' || $2)) unfinished
                ORDER BY at LIMIT 200""",
-            TELEMETRY_STORED, BATCH_QUARANTINED,
-        )  # fmt: skip
+            TELEMETRY_STORED,
+            BATCH_QUARANTINED,
+        )
         orphans: list[str] = []
         alive: dict[tuple[str, str], bool] = {}
         assert self.temporal is not None

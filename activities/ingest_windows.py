@@ -54,8 +54,9 @@ class WindowIsolation:
             for window_id, part in ((first, rows[:cut]), (second, rows[cut:])):
                 await conn.execute(
                     "UPDATE data.ingest_batches SET window_id = $1 WHERE ctid = ANY($2::tid[])",
-                    window_id, [r["ctid"] for r in part],
-                )  # fmt: skip
+                    window_id,
+                    [r["ctid"] for r in part],
+                )
             counts = {
                 r["window_id"]: r
                 for r in await conn.fetch(
@@ -82,8 +83,9 @@ class WindowIsolation:
             batches = await conn.fetch(
                 """UPDATE data.ingest_batches SET status = 'quarantined', reason = $2, quarantined_at = now()
                    WHERE window_id = $1 AND status = 'claimed' RETURNING tenant, batch_id, payload""",
-                request.window_id, request.reason,
-            )  # fmt: skip
+                request.window_id,
+                request.reason,
+            )
             for batch in batches:
                 await _keep_readable_rows(conn, request, batch)
             total = await conn.fetchrow(
@@ -115,8 +117,10 @@ async def _keep_readable_rows(conn: Any, request: QuarantineBatches, batch: Any)
                 """INSERT INTO data.quarantined_readings
                    SELECT tenant, device_id, metric, ts, value, $2, batch_id, $1 FROM poisoned
                    WHERE tenant = $3""",
-                request.window_id, request.reason, batch["tenant"],
-            )  # fmt: skip
+                request.window_id,
+                request.reason,
+                batch["tenant"],
+            )
     except asyncpg.PostgresError as exc:  # an unreadable payload is what a poison pill can be
         if is_transient(exc):
             raise

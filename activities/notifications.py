@@ -47,8 +47,17 @@ def event_digest(event: DomainEvent) -> str:
 
 def _row(event: DomainEvent, digest: str) -> tuple[Any, ...]:
     e = event
-    return (e.event_id, e.tenant, e.device_id, e.type, e.occurred_at, e.actor, e.source_workflow, e.data,
-            digest)  # fmt: skip
+    return (
+        e.event_id,
+        e.tenant,
+        e.device_id,
+        e.type,
+        e.occurred_at,
+        e.actor,
+        e.source_workflow,
+        e.data,
+        digest,
+    )
 
 
 class NotificationService(Subscriptions):
@@ -96,7 +105,7 @@ class NotificationService(Subscriptions):
                            $5::timestamptz[], $6::text[], $7::text[], $8::jsonb[], $9::text[])
                        ON CONFLICT (tenant, event_id) DO NOTHING RETURNING seq, tenant, event_id""",
                     *map(list, zip(*(_row(e, d) for e, d in todo), strict=True)),
-                )  # fmt: skip
+                )
                 seqs += [r["seq"] for r in inserted]
                 new = {(r["tenant"], r["event_id"]) for r in inserted}
                 skipped = [(e, d) for e, d in todo if (e.tenant, e.event_id) not in new]
@@ -115,7 +124,7 @@ class NotificationService(Subscriptions):
                      ON CONFLICT DO NOTHING RETURNING subscription_id)
                    SELECT array(SELECT DISTINCT subscription_id FROM queued)""",
                 seqs,
-            )  # fmt: skip
+            )
         await self._nudge(queued)
         return len(seqs)
 
@@ -128,8 +137,9 @@ class NotificationService(Subscriptions):
         rows = await conn.fetch(
             """SELECT tenant, event_id, digest FROM notification.events
                WHERE (tenant, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
-            [e.tenant for e, _ in skipped], [e.event_id for e, _ in skipped],
-        )  # fmt: skip
+            [e.tenant for e, _ in skipped],
+            [e.event_id for e, _ in skipped],
+        )
         stored = {(r["tenant"], r["event_id"]): r["digest"] for r in rows}
         renamed = []
         for event, digest in skipped:
@@ -138,8 +148,11 @@ class NotificationService(Subscriptions):
                 continue
             log.warning(
                 "event id %s of tenant %s holds another event: this one is recorded as %s#%s",
-                event.event_id, event.tenant, event.event_id, digest[:16],
-            )  # fmt: skip
+                event.event_id,
+                event.tenant,
+                event.event_id,
+                digest[:16],
+            )
             renamed.append((event.model_copy(update={"event_id": f"{event.event_id}#{digest[:16]}"}), digest))
         return renamed
 
@@ -160,11 +173,17 @@ class NotificationService(Subscriptions):
         )
         if stored is not None:
             for tenant, counts in sorted(stored["by_tenant"].items()):
-                events.append(DomainEvent(
-                    event_id=f"{ref.window_id}/{tenant}/{TELEMETRY_STORED}", tenant=tenant,
-                    type=TELEMETRY_STORED, occurred_at=stored["stored_at"], actor="ingestion",
-                    source_workflow=source, data={"window_id": ref.window_id, **counts},
-                ))  # fmt: skip
+                events.append(
+                    DomainEvent(
+                        event_id=f"{ref.window_id}/{tenant}/{TELEMETRY_STORED}",
+                        tenant=tenant,
+                        type=TELEMETRY_STORED,
+                        occurred_at=stored["stored_at"],
+                        actor="ingestion",
+                        source_workflow=source,
+                        data={"window_id": ref.window_id, **counts},
+                    )
+                )
         for b in await self.pool.fetch(
             """SELECT tenant, batch_id, readings, reason, quarantined_at,
                       CASE WHEN cardinality(device_ids) = 1 THEN device_ids[1] END AS device_id
@@ -172,13 +191,23 @@ class NotificationService(Subscriptions):
                ORDER BY tenant, batch_id""",
             ref.window_id,
         ):
-            events.append(DomainEvent(
-                event_id=f"{ref.window_id}/{b['tenant']}/{b['batch_id']}/{BATCH_QUARANTINED}",
-                tenant=b["tenant"], device_id=b["device_id"], type=BATCH_QUARANTINED,
-                occurred_at=b["quarantined_at"], actor="ingestion", source_workflow=source,
-                data={"window_id": ref.window_id, "batch_id": b["batch_id"], "readings": b["readings"],
-                      "reason": b["reason"]},
-            ))  # fmt: skip
+            events.append(
+                DomainEvent(
+                    event_id=f"{ref.window_id}/{b['tenant']}/{b['batch_id']}/{BATCH_QUARANTINED}",
+                    tenant=b["tenant"],
+                    device_id=b["device_id"],
+                    type=BATCH_QUARANTINED,
+                    occurred_at=b["quarantined_at"],
+                    actor="ingestion",
+                    source_workflow=source,
+                    data={
+                        "window_id": ref.window_id,
+                        "batch_id": b["batch_id"],
+                        "readings": b["readings"],
+                        "reason": b["reason"],
+                    },
+                )
+            )
         events += [
             DomainEvent.model_validate(r["event"])
             for r in await self.pool.fetch(
@@ -201,8 +230,9 @@ class NotificationService(Subscriptions):
         tenant = request.tenant or identity.acting_tenant()
         await self.pool.execute(
             "DELETE FROM notification.events WHERE event_id = $1 AND ($2::text IS NULL OR tenant = $2)",
-            request.event_id, tenant,
-        )  # fmt: skip
+            request.event_id,
+            tenant,
+        )
 
     @activity.defn(name="notification.retract_events")
     async def retract_events(self, request: RetractEvents) -> int:
@@ -212,8 +242,11 @@ class NotificationService(Subscriptions):
             """DELETE FROM notification.events
                WHERE tenant = $1 AND type = $2 AND starts_with(event_id, $3)
                  AND ($4::text[] IS NULL OR device_id = ANY($4))""",
-            request.tenant, request.type, request.id_prefix, request.device_ids,
-        )  # fmt: skip
+            request.tenant,
+            request.type,
+            request.id_prefix,
+            request.device_ids,
+        )
         return int(str(result).split()[-1])
 
     async def list_events(
@@ -233,6 +266,11 @@ class NotificationService(Subscriptions):
                  AND ($3::text IS NULL OR type = $3) AND ($4::timestamptz IS NULL OR occurred_at >= $4)
                  AND ($5::bigint IS NULL OR seq > $5)
                ORDER BY seq LIMIT $6""",
-            tenant, device_id, event_type, since, after, limit,
-        )  # fmt: skip
+            tenant,
+            device_id,
+            event_type,
+            since,
+            after,
+            limit,
+        )
         return [recorded_event(r) for r in rows]

@@ -92,8 +92,10 @@ class Subscriptions:
             await self.pool.execute(
                 """UPDATE notification.subscriptions SET secret = $3
                    WHERE subscription_id = $1 AND secret = $2""",
-                row["subscription_id"], row["secret"], sealed,
-            )  # fmt: skip
+                row["subscription_id"],
+                row["secret"],
+                sealed,
+            )
         return len(rows)
 
     # --- waking the delivery workflows --------------------------------------------
@@ -116,15 +118,19 @@ class Subscriptions:
             raise RuntimeError("the notification service needs a Temporal client for subscriptions")
         # subscriptions made before the floor keep their rows; their loops get the floor
         inp = DeliveryInput(
-            tenant=row["tenant"], subscription_id=row["subscription_id"],
+            tenant=row["tenant"],
+            subscription_id=row["subscription_id"],
             backoff_s=max(row["backoff_s"], MIN_BACKOFF_S),
             max_backoff_s=max(row["max_backoff_s"], MIN_BACKOFF_S),
-        )  # fmt: skip
+        )
         await self.temporal.start_workflow(
-            EVENT_DELIVERY_WORKFLOW, inp, id=delivery_workflow_id(inp.tenant, inp.subscription_id),
-            task_queue=TaskQueue.ORCHESTRATION.value, start_signal="nudge",
+            EVENT_DELIVERY_WORKFLOW,
+            inp,
+            id=delivery_workflow_id(inp.tenant, inp.subscription_id),
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            start_signal="nudge",
             search_attributes=device_search_attributes(inp.tenant, "event-delivery"),
-        )  # fmt: skip
+        )
 
     # --- subscriptions and dead letters (the API's side) ------------------------------
 
@@ -140,10 +146,16 @@ class Subscriptions:
                VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
                RETURNING *, 0 AS pending, 0 AS dead_letters,
                    NULL::timestamptz AS rotation_overlap_until""",
-            f"sub-{uuid.uuid4().hex[:20]}", tenant, str(request.url), request.event_types,
+            f"sub-{uuid.uuid4().hex[:20]}",
+            tenant,
+            str(request.url),
+            request.event_types,
             seal_text(self.keys, request.secret, SECRET_PURPOSE),
-            request.max_attempts, request.backoff_s, request.max_backoff_s, created_by,
-        )  # fmt: skip
+            request.max_attempts,
+            request.backoff_s,
+            request.max_backoff_s,
+            created_by,
+        )
         assert row is not None
         try:
             await self._signal_with_start(row)
@@ -163,8 +175,9 @@ class Subscriptions:
             f"""SELECT {_SUBSCRIPTION} FROM notification.subscriptions s
                WHERE s.tenant = $1 AND ($2::text IS NULL OR s.subscription_id = $2)
                ORDER BY s.created_at, s.subscription_id""",
-            tenant, subscription_id,
-        )  # fmt: skip
+            tenant,
+            subscription_id,
+        )
         return [_subscription(r) for r in rows]
 
     async def rotate_secret(
@@ -179,9 +192,11 @@ class Subscriptions:
                    previous_secret_expires_at = CASE WHEN $4::float8 > 0
                        THEN now() + make_interval(secs => $4::float8) END
                WHERE tenant = $1 AND subscription_id = $2 RETURNING subscription_id""",
-            tenant, subscription_id, seal_text(self.keys, rotation.secret, SECRET_PURPOSE),
+            tenant,
+            subscription_id,
+            seal_text(self.keys, rotation.secret, SECRET_PURPOSE),
             float(rotation.overlap_s),
-        )  # fmt: skip
+        )
         if found is None:
             return None
         return (await self.list_subscriptions(tenant, subscription_id))[0]
@@ -191,8 +206,9 @@ class Subscriptions:
         deleted = await self.pool.fetchval(
             """DELETE FROM notification.subscriptions WHERE tenant = $1 AND subscription_id = $2
                RETURNING subscription_id""",
-            tenant, subscription_id,
-        )  # fmt: skip
+            tenant,
+            subscription_id,
+        )
         if deleted is None:
             return False
         if self.temporal is not None:
@@ -218,8 +234,9 @@ class Subscriptions:
                WHERE d.delivery_id = $2 AND d.status = 'dead'
                  AND s.subscription_id = d.subscription_id AND s.tenant = $1
                RETURNING d.subscription_id""",
-            tenant, delivery_id,
-        )  # fmt: skip
+            tenant,
+            delivery_id,
+        )
         found = await self._deliveries(tenant, "d.delivery_id = $5", None, None, 1, delivery_id)
         if not found:
             return None
@@ -229,9 +246,14 @@ class Subscriptions:
         return found[0]
 
     async def _deliveries(
-        self, tenant: str, where: str, subscription_id: str | None, after: int | None, limit: int,
+        self,
+        tenant: str,
+        where: str,
+        subscription_id: str | None,
+        after: int | None,
+        limit: int,
         *extra: Any,
-    ) -> list[DeliveryView]:  # fmt: skip
+    ) -> list[DeliveryView]:
         rows = await self.pool.fetch(
             f"""SELECT {_DELIVERY} FROM notification.deliveries d
                JOIN notification.subscriptions s ON s.subscription_id = d.subscription_id
@@ -239,6 +261,10 @@ class Subscriptions:
                WHERE s.tenant = $1 AND {where} AND ($2::text IS NULL OR d.subscription_id = $2)
                  AND ($3::bigint IS NULL OR d.delivery_id > $3)
                ORDER BY d.delivery_id LIMIT $4""",
-            tenant, subscription_id, after, limit, *extra,
-        )  # fmt: skip
+            tenant,
+            subscription_id,
+            after,
+            limit,
+            *extra,
+        )
         return [_delivery(r) for r in rows]

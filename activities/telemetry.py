@@ -67,8 +67,9 @@ class DataService(WindowIsolation, IngestionSupervision):
                 await conn.execute(
                     """INSERT INTO data.archived_readings
                        SELECT * FROM data.readings WHERE tenant = $1 AND device_id = $2""",
-                    step.tenant, step.device_id,
-                )  # fmt: skip
+                    step.tenant,
+                    step.device_id,
+                )
             result = await conn.execute(
                 "DELETE FROM data.readings WHERE tenant = $1 AND device_id = $2", step.tenant, step.device_id
             )
@@ -116,14 +117,20 @@ class DataService(WindowIsolation, IngestionSupervision):
                               AS readings,
                           (SELECT bytes FROM mine) + (SELECT coalesce(sum(bytes), 0) FROM claimed)
                               AS bytes""",
-                request.window_id, request.shard, request.shards, request.max_readings, request.max_bytes,
-            )  # fmt: skip
+                request.window_id,
+                request.shard,
+                request.shards,
+                request.max_readings,
+                request.max_bytes,
+            )
             assert row is not None
             if row["batches"] or asyncio.get_running_loop().time() >= deadline:
                 return Window(
-                    window_id=request.window_id, batches=row["batches"], readings=row["readings"],
+                    window_id=request.window_id,
+                    batches=row["batches"],
+                    readings=row["readings"],
                     bytes=row["bytes"],
-                )  # fmt: skip
+                )
             activity.heartbeat()
             await asyncio.sleep(POLL_S)
 
@@ -216,17 +223,23 @@ async def _store(conn: Any, request: StoreWindow) -> Stored:
     await conn.execute(
         """INSERT INTO data.windows (window_id, stored, quarantined, by_tenant)
            VALUES ($1, $2, $3, $4)""",
-        request.window_id, stored, sum(quarantined.values()), by_tenant,
-    )  # fmt: skip
+        request.window_id,
+        stored,
+        sum(quarantined.values()),
+        by_tenant,
+    )
     return _stored(request, stored, sum(quarantined.values()), by_tenant)
 
 
 def _stored(request: StoreWindow, stored: int, quarantined: int, by_tenant: dict[str, Any]) -> Stored:
     """The result; counts only unless the caller predates the window tables."""
     return Stored(
-        window_id=request.window_id, stored=stored, quarantined=quarantined,
-        by_tenant={} if request.counts_only else by_tenant, tenants=len(by_tenant),
-    )  # fmt: skip
+        window_id=request.window_id,
+        stored=stored,
+        quarantined=quarantined,
+        by_tenant={} if request.counts_only else by_tenant,
+        tenants=len(by_tenant),
+    )
 
 
 @asynccontextmanager
@@ -257,8 +270,11 @@ async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
         """CREATE TEMP TABLE unready ON COMMIT DROP AS
            SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, device_id, reason)
            UNION SELECT tenant, device_id, reason FROM device.window_unready WHERE window_id = $4""",
-        [u.tenant for u in q], [u.device_id for u in q], [u.reason for u in q], request.window_id,
-    )  # fmt: skip
+        [u.tenant for u in q],
+        [u.device_id for u in q],
+        [u.reason for u in q],
+        request.window_id,
+    )
     now = datetime.now(UTC)
     # a day of grace on the oldest: a batch may wait a little before it is stored
     oldest = now - timedelta(days=MAX_AGE_DAYS + 1)
@@ -277,11 +293,14 @@ async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
                    DELETE FROM incoming i
                    WHERE NOT (i.ts BETWEEN $2 AND $3) OR i.value = 'NaN' OR abs(i.value) > $4
                    RETURNING i.*, CASE WHEN i.ts BETWEEN $2 AND $3 THEN $6 ELSE $5 END AS reason){_KEEP}""",
-            request.window_id, oldest, latest, MAX_ABS_VALUE,
+            request.window_id,
+            oldest,
+            latest,
+            MAX_ABS_VALUE,
             f"ts out of bounds (at most {MAX_AGE_DAYS} days old, {FUTURE_TOLERANCE_S} s ahead)",
             f"value out of bounds (|value| at most {MAX_ABS_VALUE:g})",
         ),
-    ):  # fmt: skip
+    ):
         for r in rows:
             counts[r["tenant"]] = counts.get(r["tenant"], 0) + int(r["n"])
     return counts

@@ -135,8 +135,9 @@ class WebhookDeliveryService:
             f"""SELECT d.delivery_id, d.attempts, {EVENT_COLUMNS}
                FROM notification.deliveries d JOIN notification.events e ON e.seq = d.event_seq
                WHERE d.subscription_id = $1 AND d.status = 'pending' ORDER BY d.event_seq LIMIT $2""",
-            request.subscription_id, request.batch_limit,
-        )  # fmt: skip
+            request.subscription_id,
+            request.batch_limit,
+        )
         progress = DeliveryProgress(more=len(rows) == request.batch_limit)
         deadline = time.monotonic() + BATCH_BUDGET_S
         for row in rows:
@@ -213,7 +214,9 @@ class WebhookDeliveryService:
                    status = CASE WHEN $2::text IS NULL THEN 'delivered'
                                  WHEN attempts + 1 >= $3 THEN 'dead' ELSE 'pending' END
                WHERE delivery_id = $1 AND status = 'pending' RETURNING status""",
-            delivery_id, error, max_attempts,
-        )  # fmt: skip
+            delivery_id,
+            error,
+            max_attempts,
+        )
         # gone meanwhile (event retracted, subscription deleted): nothing left to retry
         return str(status or "gone")

@@ -50,9 +50,14 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         await revocations.start()
         async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
             app.state.fleetflow = AppState(
-                settings=settings, temporal=client, pool=pool, http=http, devices=devices,
-                analytics=AnalyticsService(pool), credentials=credentials,
-            )  # fmt: skip
+                settings=settings,
+                temporal=client,
+                pool=pool,
+                http=http,
+                devices=devices,
+                analytics=AnalyticsService(pool),
+                credentials=credentials,
+            )
             # the supervisor watches the shards; this watches the supervisor
             watching = asyncio.create_task(watch_ingestion(client, settings.ingest_shards))
             try:

@@ -54,8 +54,9 @@ class TokenRevocations:
         jti = key.partition("/")[2]
         revoked = await self.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM fleetflow.revoked_tokens WHERE tenant = $1 AND jti = $2)",
-            tenant, jti,
-        )  # fmt: skip
+            tenant,
+            jti,
+        )
         return not revoked
 
     async def revoked(self, claims: TokenClaims, token: str) -> bool:

@@ -16,10 +16,14 @@ async def serve(settings: Settings) -> int:
     observability.setup("fleetflow-api", settings)
     client = await connect(settings, service="api")  # fail fast, with one line, before binding the port
     config = uvicorn.Config(
-        create_app(settings, client), host=settings.api_host, port=settings.api_port,
-        log_level=settings.log_level.lower(), access_log=False, lifespan="on",
+        create_app(settings, client),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level=settings.log_level.lower(),
+        access_log=False,
+        lifespan="on",
         log_config=None,  # uvicorn's records go through the process's (JSON) handler
-    )  # fmt: skip
+    )
     server = uvicorn.Server(config)
     try:
         async with observability.temporal_metrics():

@@ -92,10 +92,14 @@ async def _entries(
 
     def add(event: HistoryEvent, kind: str, who: str) -> None:
         entry = HistoryEntry(
-            time=event.event_time.ToDatetime(tzinfo=UTC), type=kind, actor=who,
-            workflow_type=workflow_type, workflow_id=history.workflow_id, run_id=run_id,
+            time=event.event_time.ToDatetime(tzinfo=UTC),
+            type=kind,
+            actor=who,
+            workflow_type=workflow_type,
+            workflow_id=history.workflow_id,
+            run_id=run_id,
             event_id=event.event_id,
-        )  # fmt: skip
+        )
         out.append(entry)
 
     for event in history.events:
@@ -193,7 +197,7 @@ async def twin_as_of(
 
     Returns the state, the run it came from and the time of the last event applied; only runs
     of `tenant` are considered.
-    """  # fmt: skip
+    """
     query = f"WorkflowId = {_literal(workflow_id)} AND TenantId = {_literal(tenant)}"
     runs = sorted(
         [r async for r in client.list_workflows(query)],
@@ -208,10 +212,11 @@ async def twin_as_of(
     run = runs[-1]
     history = await client.get_workflow_handle(workflow_id, run_id=run.run_id).fetch_history()
     events = [
-        e for e in history.events
+        e
+        for e in history.events
         if (event_id is None or e.event_id <= event_id)
         and (at is None or e.event_time.ToDatetime(tzinfo=at.tzinfo) <= at)
-    ]  # fmt: skip
+    ]
     if not events:  # event 0, or a time before the run's first event
         raise NoTwinThen(f"no event of {workflow_id} at that point")
     last_time = events[-1].event_time.ToDatetime(tzinfo=run.start_time.tzinfo)
@@ -222,10 +227,12 @@ async def twin_as_of(
         return twin.get(), run.run_id, last_time
     capture = _Capture()
     replayer = Replayer(
-        workflows=[DeviceTwin], data_converter=client.data_converter, interceptors=[capture],
+        workflows=[DeviceTwin],
+        data_converter=client.data_converter,
+        interceptors=[capture],
         header_codec_behavior=HEADER_CODEC,
         workflow_runner=UnsandboxedWorkflowRunner(),
-    )  # fmt: skip
+    )
     await replayer.replay_workflow(WorkflowHistory(workflow_id, events), raise_on_replay_failure=True)
     (instance,) = capture.instances
     return instance.get().model_copy(deep=True), run.run_id, last_time

@@ -35,13 +35,19 @@ async def start_twin(state: AppState, tenant: str, device_id: str) -> None:
     config = await state.devices.config_of(tenant, device_id) or {}
     await state.temporal.start_workflow(
         DeviceTwin.run,
-        TwinInput(tenant=tenant, device_id=device_id, config_schema=kind.config_schema if kind else {},
-                  initial_desired=config, initial_reported={"firmware_version": device.firmware_version}),
-        id=twin_id(tenant, device_id), task_queue=TaskQueue.ORCHESTRATION.value,
+        TwinInput(
+            tenant=tenant,
+            device_id=device_id,
+            config_schema=kind.config_schema if kind else {},
+            initial_desired=config,
+            initial_reported={"firmware_version": device.firmware_version},
+        ),
+        id=twin_id(tenant, device_id),
+        task_queue=TaskQueue.ORCHESTRATION.value,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
         id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
         search_attributes=device_search_attributes(tenant, "twin", device_id),
-    )  # fmt: skip
+    )
 
 
 async def on_twin(

@@ -62,10 +62,14 @@ async def raw_copy_rate(dsn: str, rows: int = 500_000) -> float:
 def batch_body(batch_size: int, start: datetime) -> bytes:
     """One batch spread over the bench devices; BATCHID is replaced per request."""
     readings = [
-        {"device_id": f"bench-{i % DEVICES:04d}", "ts": (start + timedelta(milliseconds=i)).isoformat(),
-         "metric": "bench", "value": 20.0 + (i % 7)}
+        {
+            "device_id": f"bench-{i % DEVICES:04d}",
+            "ts": (start + timedelta(milliseconds=i)).isoformat(),
+            "metric": "bench",
+            "value": 20.0 + (i % 7),
+        }
         for i in range(batch_size)
-    ]  # fmt: skip
+    ]
     return json.dumps({"batch_id": "BATCHID", "readings": readings}).encode()
 
 
@@ -146,11 +150,19 @@ async def setup(p: Platform, http: httpx.AsyncClient, hooks: Webhooks) -> None:
     while status == "running":
         await asyncio.sleep(0.2)
         status = (await http.get(accepted["status_url"], headers=p.headers)).json()["status"]
-    rule = {"rule_id": "bench-hot", "device_type": "sensor", "metric": "temp", "kind": "threshold",
-            "params": {"above": 100, "clear_above": 50}}  # fmt: skip
+    rule = {
+        "rule_id": "bench-hot",
+        "device_type": "sensor",
+        "metric": "temp",
+        "kind": "threshold",
+        "params": {"above": 100, "clear_above": 50},
+    }
     (await http.put("/v1/rules/bench-hot", json=rule, headers=p.headers)).raise_for_status()
-    hook = {"url": f"http://127.0.0.1:{hooks.port}/hook", "event_types": ["AlertRaised"],
-            "secret": "bench-secret-0123456789"}  # fmt: skip
+    hook = {
+        "url": f"http://127.0.0.1:{hooks.port}/hook",
+        "event_types": ["AlertRaised"],
+        "secret": "bench-secret-0123456789",
+    }
     (await http.post("/v1/subscriptions", json=hook, headers=p.headers)).raise_for_status()
 
 
@@ -340,9 +352,11 @@ if __name__ == "__main__":
     parser.add_argument("--shards", type=int, default=0, help="FLEETFLOW_INGEST_SHARDS (0: default)")
     parser.add_argument("--tracing", type=float, metavar="RATIO", help="trace, sampling RATIO (e.g. 0.01)")
     parser.add_argument(
-        "--tracing-overhead", type=float, metavar="RATIO",
+        "--tracing-overhead",
+        type=float,
+        metavar="RATIO",
         help="run with tracing off, then on at RATIO, and print tracing_overhead_ratio",
-    )  # fmt: skip
+    )
     parser.add_argument("--repeat", type=int, default=1, help="off/on pairs for --tracing-overhead")
     args = parser.parse_args()
     common = (args.seconds, args.senders, args.batch, args.workers, args.shards, args.rate)

@@ -93,9 +93,21 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
         env["FLEETFLOW_METRICS_PORT"] = str(_free_range(len(TaskQueue) * workers, 14000))
         env.update(extra_env or {})
         argv = [
-            sys.executable, "-m", "workers.cli", "up", "--data-dir", str(data), "--workers", str(workers),
-            "--api-port", str(api_port), "--temporal-port", str(temporal_port), "--ui-port", str(ui_port),
-        ]  # fmt: skip
+            sys.executable,
+            "-m",
+            "workers.cli",
+            "up",
+            "--data-dir",
+            str(data),
+            "--workers",
+            str(workers),
+            "--api-port",
+            str(api_port),
+            "--temporal-port",
+            str(temporal_port),
+            "--ui-port",
+            str(ui_port),
+        ]
         log = (data.parent / f"{data.name}.log").open("wb")
         say(f"starting fleetflow up ({workers} worker process(es) per queue) ...")
         process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env)  # noqa: ASYNC220

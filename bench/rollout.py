@@ -23,18 +23,21 @@ from fleetflow.db import Pool
 
 
 async def onboard(s: Stack, count: int) -> None:
-    devices = [{"device_id": f"fleet-{i:05d}", "device_type": "sensor", "firmware_version": "1.0.0"}
-               for i in range(count)]  # fmt: skip
+    devices = [
+        {"device_id": f"fleet-{i:05d}", "device_type": "sensor", "firmware_version": "1.0.0"}
+        for i in range(count)
+    ]
     accepted = (await s.api.post("/v1/devices:bulk", json={"devices": devices}, headers=s.headers)).json()
     await s.client.get_workflow_handle(accepted["workflow_id"]).result()
 
 
 async def upload(s: Stack, version: str) -> str:
     response = await s.api.post(
-        "/v1/firmware", params={"device_type": "sensor", "version": version},
+        "/v1/firmware",
+        params={"device_type": "sensor", "version": version},
         content=b"image-" + version.encode(),
         headers={**s.headers, "Content-Type": "application/octet-stream"},
-    )  # fmt: skip
+    )
     response.raise_for_status()
     return str(response.json()["firmware_id"])
 
@@ -53,8 +56,9 @@ async def respond(pool: Pool, campaign: str, outcome: str, done: asyncio.Event) 
                    UPDATE device.devices d SET firmware_version = m.target_version
                    FROM moved m WHERE $2 = 'succeeded' AND d.tenant = 'bench' AND d.device_id = m.device_id)
                SELECT count(*) AS n, clock_timestamp() AS at FROM moved""",
-            campaign, outcome,
-        )  # fmt: skip
+            campaign,
+            outcome,
+        )
         if row and row["n"]:
             answered.append(row["at"])
         await asyncio.sleep(0.02)
@@ -93,8 +97,14 @@ async def main(devices: int) -> dict[str, Any]:
         say(f"  {progress['status']} in {wall:.1f} s: {progress['counts']}")
         failing = await upload(s, "2.0.1")
         say("campaign whose devices all fail, to time the abort ...")
-        abort_policy = {"canary": 500, "growth": 4, "rate_per_minute": 1_000_000, "abort_failure_percent": 10,
-                        "abort_min_finished": 50, "device_timeout_s": 600}  # fmt: skip
+        abort_policy = {
+            "canary": 500,
+            "growth": 4,
+            "rate_per_minute": 1_000_000,
+            "abort_failure_percent": 10,
+            "abort_min_finished": 50,
+            "device_timeout_s": 600,
+        }
         _, aborted, answered = await campaign(s, pool, "bench-abort", failing, abort_policy, "failed")
         last_offer = await pool.fetchval(
             """SELECT max(offered_at) FROM device.rollout_jobs

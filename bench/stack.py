@@ -71,10 +71,12 @@ async def stack(payload_keys: str | None = None) -> AsyncIterator[Stack]:
         )
         client = sealing_headers(env.client)
         settings = Settings(
-            data_dir=data, database_url=dsn, payload_keys=payload_keys,
+            data_dir=data,
+            database_url=dsn,
+            payload_keys=payload_keys,
             temporal_address=client.service_client.config.target_host,
             webhook_allow_networks="127.0.0.1/32",  # the recorder's and benchmarks' receivers
-        )  # fmt: skip
+        )
         pool = await create_pool(dsn, size=10)
         await migrate(pool)
         workers = [

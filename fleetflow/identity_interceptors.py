@@ -91,9 +91,13 @@ class ServiceIdentityInterceptor(temporal_client.Interceptor, temporal_worker.In
         self, service: str, actor: dict[str, Any], at: datetime, call: dict[str, Any]
     ) -> str:
         return issue_service_token(
-            self.ring, service=service, actor=ServiceActor.model_validate(actor),
-            call=ServiceCall.model_validate(call), issuer=self.issuer, now=at,
-        )  # fmt: skip
+            self.ring,
+            service=service,
+            actor=ServiceActor.model_validate(actor),
+            call=ServiceCall.model_validate(call),
+            issuer=self.issuer,
+            now=at,
+        )
 
     def _verify_for_workflow(
         self, token: str | None, at: datetime | None, call: dict[str, Any], grace_s: float = 0.0
@@ -189,9 +193,10 @@ class _CheckedActivity(temporal_worker.ActivityInboundInterceptor):
     async def execute_activity(self, input: temporal_worker.ExecuteActivityInput) -> Any:
         info = activity.info()
         call = ServiceCall(
-            workflow_id=info.workflow_id or "", ops=(f"activity:{info.activity_type}",),
+            workflow_id=info.workflow_id or "",
+            ops=(f"activity:{info.activity_type}",),
             run_id=info.workflow_run_id,
-        )  # fmt: skip
+        )
         try:
             # checked at the first schedule (the server's time), so a retry hours later, or
             # after the signing key was retired, gets the verdict the first attempt got

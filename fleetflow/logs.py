@@ -97,9 +97,12 @@ def _activity_fields(out: dict[str, Any]) -> None:
         return
     info = activity.info()
     out.update(
-        workflow_id=info.workflow_id, run_id=info.workflow_run_id, activity_type=info.activity_type,
-        task_queue=info.task_queue, attempt=info.attempt,
-    )  # fmt: skip
+        workflow_id=info.workflow_id,
+        run_id=info.workflow_run_id,
+        activity_type=info.activity_type,
+        task_queue=info.task_queue,
+        attempt=info.attempt,
+    )
 
 
 class JsonFormatter(logging.Formatter):

@@ -40,20 +40,23 @@ meter = metrics.get_meter("fleetflow")
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 30, 60)
 
 READINGS_ACCEPTED = meter.create_counter(
-    "fleetflow.readings.accepted", unit="{reading}",
+    "fleetflow.readings.accepted",
+    unit="{reading}",
     description="Readings acknowledged (202) by the API; a repeated batch is not counted again",
-)  # fmt: skip
+)
 READINGS_STORED = meter.create_counter(
     "fleetflow.readings.stored", unit="{reading}", description="Readings stored into data.readings"
 )
 READINGS_QUARANTINED = meter.create_counter(
-    "fleetflow.readings.quarantined", unit="{reading}",
+    "fleetflow.readings.quarantined",
+    unit="{reading}",
     description="Readings kept aside because their device may not send",
-)  # fmt: skip
+)
 BATCHES_QUARANTINED = meter.create_counter(
-    "fleetflow.batches.quarantined", unit="{batch}",
+    "fleetflow.batches.quarantined",
+    unit="{batch}",
     description="Batches set aside because a window step failed the same way on every retry (poison)",
-)  # fmt: skip
+)
 ALERTS_RAISED = meter.create_counter("fleetflow.alerts.raised", unit="{alert}", description="Alerts raised")
 ALERTS_CLEARED = meter.create_counter(
     "fleetflow.alerts.cleared", unit="{alert}", description="Alerts cleared"
@@ -65,13 +68,15 @@ WEBHOOKS_DELIVERED = meter.create_counter(
     "fleetflow.webhooks.delivered", unit="{delivery}", description="Webhook deliveries answered with 2xx"
 )
 WEBHOOKS_DEAD_LETTERED = meter.create_counter(
-    "fleetflow.webhooks.dead_lettered", unit="{delivery}",
+    "fleetflow.webhooks.dead_lettered",
+    unit="{delivery}",
     description="Webhook deliveries given up after their last attempt (now dead letters)",
-)  # fmt: skip
+)
 REQUESTS_THROTTLED = meter.create_counter(
-    "fleetflow.requests.throttled", unit="{request}",
+    "fleetflow.requests.throttled",
+    unit="{request}",
     description="Requests refused by a tenant's limits (429 a rate, 403 a count), by tenant and reason",
-)  # fmt: skip
+)
 
 
 def _stored(result: Any) -> None:
@@ -150,23 +155,37 @@ class StateGauge:
 # of the API, at most every MIN_REFRESH_S).
 STATE_GAUGES: tuple[StateGauge, ...] = (
     StateGauge(
-        "fleetflow.devices", "{device}", "Devices by status", "status",
+        "fleetflow.devices",
+        "{device}",
+        "Devices by status",
+        "status",
         "SELECT status, count(*) FROM device.devices GROUP BY status",
     ),
     StateGauge(
-        "fleetflow.alerts.open", "{alert}", "Open alerts", None,
+        "fleetflow.alerts.open",
+        "{alert}",
+        "Open alerts",
+        None,
         "SELECT count(*) FROM analytics.alerts WHERE status = 'open'",
     ),
     StateGauge(
-        "fleetflow.ingest.backlog", "{reading}", "Acknowledged readings waiting to be claimed", None,
+        "fleetflow.ingest.backlog",
+        "{reading}",
+        "Acknowledged readings waiting to be claimed",
+        None,
         "SELECT coalesce(sum(readings), 0) FROM data.ingest_batches WHERE status = 'pending'",
     ),
     StateGauge(
-        "fleetflow.webhooks.dead_letters", "{delivery}", "Dead letters waiting for redelivery", None,
+        "fleetflow.webhooks.dead_letters",
+        "{delivery}",
+        "Dead letters waiting for redelivery",
+        None,
         "SELECT count(*) FROM notification.deliveries WHERE status = 'dead'",
     ),
     StateGauge(
-        "fleetflow.rollout.devices", "{device}", "Devices of rollouts still in progress, by job state",
+        "fleetflow.rollout.devices",
+        "{device}",
+        "Devices of rollouts still in progress, by job state",
         "state",
         """SELECT state, count(*) FROM device.rollout_jobs j
            WHERE EXISTS (SELECT 1 FROM device.rollout_jobs a
@@ -174,7 +193,7 @@ STATE_GAUGES: tuple[StateGauge, ...] = (
                            AND a.state IN ('queued', 'offered', 'downloading', 'installing'))
            GROUP BY state""",
     ),
-)  # fmt: skip
+)
 
 
 class StateGauges:

@@ -91,9 +91,14 @@ def setup(
             resource=resource,
             metric_readers=[PrometheusMetricReader(scope_info_enabled=False)],
             # the SDK's durations are seconds: the default buckets (0 … 10,000) suit milliseconds
-            views=[View(meter_name="temporalio", instrument_type=Histogram,
-                        aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS))],
-        )  # fmt: skip
+            views=[
+                View(
+                    meter_name="temporalio",
+                    instrument_type=Histogram,
+                    aggregation=ExplicitBucketHistogramAggregation(SECONDS_BUCKETS),
+                )
+            ],
+        )
         metrics.set_meter_provider(meter_provider)
         buffer = MetricBuffer(TEMPORAL_METRIC_BUFFER, duration_format=MetricBufferDurationFormat.SECONDS)
         runtime = Runtime(

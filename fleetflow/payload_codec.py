@@ -150,9 +150,11 @@ class PayloadKeys:
         now = datetime.now(UTC).isoformat()
         write_key_file(
             self.path,
-            [{"kid": k.kid, "alg": "A256GCM", "key": base64.b64encode(k.secret).decode(), "saved_at": now}
-             for k in keys],
-        )  # fmt: skip
+            [
+                {"kid": k.kid, "alg": "A256GCM", "key": base64.b64encode(k.secret).decode(), "saved_at": now}
+                for k in keys
+            ],
+        )
         self._refresh(force=True)
 
 

@@ -113,7 +113,9 @@ def update(prior: SeriesState | None, w: WindowStats, alpha: float = EWMA_ALPHA)
     var = (1 - a) * (prior.var + a * (w.mean - prior.mean) ** 2) + a * w.var
     newer = w.last_ts >= prior.last_ts
     return SeriesState(
-        n=prior.n + w.n, mean=mean, var=var,
+        n=prior.n + w.n,
+        mean=mean,
+        var=var,
         last_ts=w.last_ts if newer else prior.last_ts,
         last_value=w.last_value if newer else prior.last_value,
-    )  # fmt: skip
+    )

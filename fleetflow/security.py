@@ -188,8 +188,10 @@ def _decode(
     if key is None:
         raise AuthError("token is signed by an unknown or retired key")
     options: Options = {
-        "require": ["exp", "iss", "aud", "sub"], "verify_exp": at is None, "verify_iat": at is None,
-    }  # fmt: skip
+        "require": ["exp", "iss", "aud", "sub"],
+        "verify_exp": at is None,
+        "verify_iat": at is None,
+    }
     try:
         claims: dict[str, Any] = jwt.decode(
             token, key.public_key, algorithms=[ALGORITHM], audience=audience, issuer=issuer, options=options

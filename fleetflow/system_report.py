@@ -120,10 +120,13 @@ async def run_system_check(client: Client, request: SystemCheckRequest | None = 
         started = asyncio.get_running_loop().time()
         try:
             handle = await client.start_workflow(
-                "SystemCheck", request, id=f"system-check-{uuid.uuid4()}",
-                task_queue=TaskQueue.ORCHESTRATION.value, result_type=SystemCheckResult,
+                "SystemCheck",
+                request,
+                id=f"system-check-{uuid.uuid4()}",
+                task_queue=TaskQueue.ORCHESTRATION.value,
+                result_type=SystemCheckResult,
                 execution_timeout=timedelta(seconds=request.timeout_s + 5),
-            )  # fmt: skip
+            )
             if await _picked_up(handle, within_s=min(request.timeout_s, PICKUP_S)):
                 result = await _result(client, handle, request.timeout_s + 10)
                 probes = result.services
@@ -158,6 +161,10 @@ async def run_system_check(client: Client, request: SystemCheckRequest | None = 
     )
     ok = temporal_error is None and all(s.answered and s.database_ok is not False for s in services)
     return SystemReport(
-        ok=ok, checked_at=checked_at, temporal_ok=temporal_error is None,
-        temporal_error=temporal_error, database_ok=database_ok, services=services,
-    )  # fmt: skip
+        ok=ok,
+        checked_at=checked_at,
+        temporal_ok=temporal_error is None,
+        temporal_error=temporal_error,
+        database_ok=database_ok,
+        services=services,
+    )

@@ -26,5 +26,7 @@ async def write_profile(pool: Pool, tenant: str, profile: TenantProfile, by: str
     await pool.execute(
         """INSERT INTO fleetflow.tenant_profiles (tenant, profile, updated_by) VALUES ($1, $2, $3)
            ON CONFLICT (tenant) DO UPDATE SET profile = $2, updated_by = $3, updated_at = now()""",
-        tenant, profile.model_dump(exclude_none=True), by,
-    )  # fmt: skip
+        tenant,
+        profile.model_dump(exclude_none=True),
+        by,
+    )

@@ -120,8 +120,15 @@ def view(
 ) -> TwinView:
     """The API's view of a state at time now."""
     return TwinView(
-        device_id=state.device_id, desired=state.desired, desired_version=state.desired_version,
-        reported=state.reported, reported_version=state.reported_version,
-        delta=delta(state.desired, state.reported), last_seen=state.last_seen,
-        connection=connection(state, now), ended=state.ended, as_of=as_of, run_id=run_id,
-    )  # fmt: skip
+        device_id=state.device_id,
+        desired=state.desired,
+        desired_version=state.desired_version,
+        reported=state.reported,
+        reported_version=state.reported_version,
+        delta=delta(state.desired, state.reported),
+        last_seen=state.last_seen,
+        connection=connection(state, now),
+        ended=state.ended,
+        as_of=as_of,
+        run_id=run_id,
+    )

@@ -228,6 +228,8 @@ def webhook_client(policy: AddressPolicy, limits: httpx.Limits | None = None) ->
     """The outbound client of webhook deliveries: every connection vetted, no redirects
     followed, no environment proxies."""
     return httpx.AsyncClient(
-        transport=VettedTransport(policy, limits), timeout=WEBHOOK_TIMEOUT, follow_redirects=False,
+        transport=VettedTransport(policy, limits),
+        timeout=WEBHOOK_TIMEOUT,
+        follow_redirects=False,
         trust_env=False,
-    )  # fmt: skip
+    )

@@ -76,9 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--temporal-port", type=_port, default=7233, help="Temporal gRPC port")
     up.add_argument("--ui-port", type=_port, default=8233, help="Temporal Web UI port")
     up.add_argument(
-        "--external-temporal", action="store_true",
+        "--external-temporal",
+        action="store_true",
         help="use TEMPORAL_ADDRESS instead of starting the dev server",
-    )  # fmt: skip
+    )
 
     api = commands.add_parser("api", help="run the HTTP API")
     api.add_argument("--host", help="bind address (FLEETFLOW_API_HOST)")
@@ -93,9 +94,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = commands.add_parser("status", help="services, workflows, ingestion, alerts and rollouts")
     status.add_argument(
-        "--watch", nargs="?", const=2.0, type=_seconds, metavar="SECONDS",
+        "--watch",
+        nargs="?",
+        const=2.0,
+        type=_seconds,
+        metavar="SECONDS",
         help="redraw every SECONDS (default 2) until Ctrl-C",
-    )  # fmt: skip
+    )
 
     commands.add_parser("migrate", help="apply database migrations")
 
@@ -124,9 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     profile = tenants_cmd.add_parser("profile", help="show a tenant's limits; name=value changes them")
     profile.add_argument("tenant")
     profile.add_argument(
-        "assignments", nargs="*", metavar="name=value",
+        "assignments",
+        nargs="*",
+        metavar="name=value",
         help="e.g. readings_per_s=20000 max_rules=0 (0: unlimited; default: drop)",
-    )  # fmt: skip
+    )
     profile.add_argument("--reset", action="store_true", help="drop every override first")
 
     devices = commands.add_parser("devices", help="device operations")
@@ -139,13 +146,25 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--devices", type=_positive, required=True, help="devices to onboard (at most 10000)")
     sim.add_argument("--rate", type=_number(0), required=True, help="readings/s, in total")
     sim.add_argument("--duration", type=_number(0), required=True, help="seconds")
-    sim.add_argument("--anomaly-rate", type=_number(0, 1, strict=False), default=0.0,
-                     help="probability that a temperature reading is a spike (0-1)")  # fmt: skip
+    sim.add_argument(
+        "--anomaly-rate",
+        type=_number(0, 1, strict=False),
+        default=0.0,
+        help="probability that a temperature reading is a spike (0-1)",
+    )
     sim.add_argument("--device-type", default="sensor", help="device type of the simulated devices")
-    sim.add_argument("--job-failure-rate", type=_number(0, 1, strict=False), default=0.0,
-                     help="probability that a device reports its rollout job failed (0-1)")  # fmt: skip
-    sim.add_argument("--job-timeout-rate", type=_number(0, 1, strict=False), default=0.0,
-                     help="probability that a device never answers its rollout job (0-1)")  # fmt: skip
+    sim.add_argument(
+        "--job-failure-rate",
+        type=_number(0, 1, strict=False),
+        default=0.0,
+        help="probability that a device reports its rollout job failed (0-1)",
+    )
+    sim.add_argument(
+        "--job-timeout-rate",
+        type=_number(0, 1, strict=False),
+        default=0.0,
+        help="probability that a device never answers its rollout job (0-1)",
+    )
     sim.add_argument("--token", help="API token (default: FLEETFLOW_TOKEN or the dev admin token)")
     return parser
 

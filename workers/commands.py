@@ -87,9 +87,13 @@ async def issue_token_command(settings: Settings, args: argparse.Namespace) -> i
     scopes = [s.strip() for s in str(args.scopes).split(",") if s.strip()]
     try:
         token = issue_token(
-            keyring(settings), subject=args.subject, tenant=args.tenant, scopes=scopes,
-            ttl=args.ttl, issuer=settings.jwt_issuer,
-        )  # fmt: skip
+            keyring(settings),
+            subject=args.subject,
+            tenant=args.tenant,
+            scopes=scopes,
+            ttl=args.ttl,
+            issuer=settings.jwt_issuer,
+        )
     except ValueError as exc:
         raise StartupError(str(exc)) from None
     print(token)

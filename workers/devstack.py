@@ -72,14 +72,30 @@ def dev_server_argv(data_dir: Path, port: int, ui_port: int, codec_endpoint: str
     """The dev server with a persistent SQLite file and the pragmas that make it fast; its Web
     UI decodes payloads through the API's /codec."""
     argv = [
-        temporal_binary(), "server", "start-dev",
-        "--db-filename", str(data_dir / "temporal.db"),
-        "--ip", "127.0.0.1", "--port", str(port), "--ui-port", str(ui_port),
-        "--http-port", str(port + 10000 if port + 10000 < 65536 else 0),
-        "--sqlite-pragma", "journal_mode=wal", "--sqlite-pragma", "synchronous=normal",
-        "--log-level", "error", "--ui-disable-news-fetch", "--ui-codec-endpoint", codec_endpoint,
+        temporal_binary(),
+        "server",
+        "start-dev",
+        "--db-filename",
+        str(data_dir / "temporal.db"),
+        "--ip",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--ui-port",
+        str(ui_port),
+        "--http-port",
+        str(port + 10000 if port + 10000 < 65536 else 0),
+        "--sqlite-pragma",
+        "journal_mode=wal",
+        "--sqlite-pragma",
+        "synchronous=normal",
+        "--log-level",
+        "error",
+        "--ui-disable-news-fetch",
+        "--ui-codec-endpoint",
+        codec_endpoint,
         *dev_server_args(),
-    ]  # fmt: skip
+    ]
     for key in SEARCH_ATTRIBUTES:
         argv += ["--search-attribute", f"{key.name}=Keyword"]
     return argv
@@ -216,9 +232,13 @@ def banner(settings: Settings, options: UpOptions, token_file: Path) -> str:
 
 def _banner(settings: Settings, options: UpOptions) -> None:
     token = issue_token(
-        keyring(settings), subject="dev-admin", tenant="default", scopes=DEV_ADMIN_SCOPES,
-        ttl=timedelta(days=30), issuer=settings.jwt_issuer,
-    )  # fmt: skip
+        keyring(settings),
+        subject="dev-admin",
+        tenant="default",
+        scopes=DEV_ADMIN_SCOPES,
+        ttl=timedelta(days=30),
+        issuer=settings.jwt_issuer,
+    )
     token_file = settings.data_dir / "admin-token"
     write_secret(token_file, token + "\n")
     print(banner(settings, options, token_file), flush=True)

@@ -87,8 +87,11 @@ async def revoke_token_command(settings: Settings, args: argparse.Namespace) -> 
                VALUES ($1, $2, $3, $4)
                ON CONFLICT (tenant, jti)
                DO UPDATE SET reason = coalesce(EXCLUDED.reason, revoked_tokens.reason)""",
-            tenant, jti, expires, args.reason,
-        )  # fmt: skip
+            tenant,
+            jti,
+            expires,
+            args.reason,
+        )
         # rows of tokens that expired a day ago refuse nothing any more
         await pool.execute("DELETE FROM fleetflow.revoked_tokens WHERE expires_at < now() - interval '1 day'")
     finally:

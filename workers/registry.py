@@ -61,9 +61,12 @@ def service_for(
         return NotificationService(pool, temporal, keys=payload_keys(settings))
     if queue is TaskQueue.WEBHOOK:
         return WebhookDeliveryService(
-            pool, payload_keys(settings), AddressPolicy.from_settings(settings), http,
+            pool,
+            payload_keys(settings),
+            AddressPolicy.from_settings(settings),
+            http,
             tenant_slots=settings.webhook_tenant_slots,
-        )  # fmt: skip
+        )
     raise ValueError(f"{queue.value} runs workflows, not a service")
 
 

@@ -31,8 +31,11 @@ TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 IN_FLIGHT = 64  # telemetry requests at once
 ONBOARD_TIMEOUT_S = 600.0
 # metric -> (typical value, spread between devices, slow drift amplitude, noise)
-METRICS = {"temperature": (21.0, 1.5, 0.8, 0.15), "humidity": (45.0, 5.0, 3.0, 0.5),
-           "pressure": (1013.0, 3.0, 0.6, 0.2)}  # fmt: skip
+METRICS = {
+    "temperature": (21.0, 1.5, 0.8, 0.15),
+    "humidity": (45.0, 5.0, 3.0, 0.5),
+    "pressure": (1013.0, 3.0, 0.6, 0.2),
+}
 SPIKE_C = (25.0, 40.0)  # an anomaly adds this to a temperature reading: well past both rules
 
 
@@ -80,19 +83,21 @@ class Summary:
 
     def render(self) -> str:
         """The final summary, one fact a line."""
-        return "\n".join([
-            f"{self.run_id}: {len(self.devices)} devices, {self.elapsed_s:.1f} s"
-            f"{' (interrupted)' if self.interrupted else ''}",
-            f"  sent          {self.sent:,} readings in {self.batches:,} batches",
-            f"  acknowledged  {self.acknowledged:,} readings in {self.acknowledged_batches:,} batches",
-            f"  rejected      {self.rejected:,} readings",
-            *(f"    {n:,} batch(es): {reason}" for reason, n in self.reasons.most_common()),
-            f"  anomalies     {self.anomalies:,} injected (temperature spikes)",
-            f"  alerts        {self.alerts_raised:,} raised, {self.alerts_cleared:,} cleared (webhook)"
-            f"{' (not counted: the platform refused the webhook)' if self.webhook_refused else ''}",
-            *([f"  bad webhook signatures {self.bad_signatures}"] * (self.bad_signatures > 0)),
-            *([self.jobs.render()] * (self.jobs.offered > 0)),
-        ])  # fmt: skip
+        return "\n".join(
+            [
+                f"{self.run_id}: {len(self.devices)} devices, {self.elapsed_s:.1f} s"
+                f"{' (interrupted)' if self.interrupted else ''}",
+                f"  sent          {self.sent:,} readings in {self.batches:,} batches",
+                f"  acknowledged  {self.acknowledged:,} readings in {self.acknowledged_batches:,} batches",
+                f"  rejected      {self.rejected:,} readings",
+                *(f"    {n:,} batch(es): {reason}" for reason, n in self.reasons.most_common()),
+                f"  anomalies     {self.anomalies:,} injected (temperature spikes)",
+                f"  alerts        {self.alerts_raised:,} raised, {self.alerts_cleared:,} cleared (webhook)"
+                f"{' (not counted: the platform refused the webhook)' if self.webhook_refused else ''}",
+                *([f"  bad webhook signatures {self.bad_signatures}"] * (self.bad_signatures > 0)),
+                *([self.jobs.render()] * (self.jobs.offered > 0)),
+            ]
+        )
 
 
 @dataclass
@@ -119,8 +124,14 @@ class _Device:
             if metric == "temperature" and rng.random() < p:
                 value, spikes = value + rng.uniform(*SPIKE_C), spikes + 1
             ts = start + timedelta(seconds=i / n)
-            readings.append({"device_id": self.device_id, "ts": ts.isoformat(), "metric": metric,
-                             "value": round(value, 2)})  # fmt: skip
+            readings.append(
+                {
+                    "device_id": self.device_id,
+                    "ts": ts.isoformat(),
+                    "metric": metric,
+                    "value": round(value, 2),
+                }
+            )
         self.batches += 1
         body = {"batch_id": f"{self.device_id}-{self.batches:06d}", "readings": readings}
         return json.dumps(body).encode(), spikes
@@ -162,8 +173,11 @@ async def _onboard(
     width = max(4, len(str(options.devices)))
     ids = [f"{run}-{i:0{width}d}" for i in range(1, options.devices + 1)]
     specs = [{"device_id": d, "device_type": options.device_type, "tags": ["simulated"]} for d in ids]
-    accepted = (await _call(http, "POST", "/v1/devices:bulk", "bulk onboarding", headers=headers,
-                            json={"devices": specs})).json()  # fmt: skip
+    accepted = (
+        await _call(
+            http, "POST", "/v1/devices:bulk", "bulk onboarding", headers=headers, json={"devices": specs}
+        )
+    ).json()
     deadline = time.monotonic() + ONBOARD_TIMEOUT_S
     progress: dict[str, Any] = {"status": "running"}
     while progress["status"] in ("running", "compensating") and time.monotonic() < deadline:
@@ -222,14 +236,22 @@ async def _progress(summary: Summary, receiver: Receiver, out: TextIO, started: 
         recent.append((now, summary.acknowledged))
         rate = (summary.acknowledged - recent[0][1]) / max(now - recent[0][0], 1e-3)
         alerts = receiver.count("AlertRaised")
-        line = (f"sent {summary.sent:,}  acked {summary.acknowledged:,}  rejected {summary.rejected:,}  "
-                f"alerts {alerts:,}  {rate:,.0f}/s  {now - started:.0f}/{total:.0f} s")  # fmt: skip
+        line = (
+            f"sent {summary.sent:,}  acked {summary.acknowledged:,}  rejected {summary.rejected:,}  "
+            f"alerts {alerts:,}  {rate:,.0f}/s  {now - started:.0f}/{total:.0f} s"
+        )
         out.write(f"\r{line}\x1b[K" if tty else f"{line}\n")
         out.flush()
 
 
-async def _drive(http: httpx.AsyncClient, devices: list[_Device], options: Options, summary: Summary,
-                 rng: random.Random, stop: asyncio.Event) -> None:  # fmt: skip
+async def _drive(
+    http: httpx.AsyncClient,
+    devices: list[_Device],
+    options: Options,
+    summary: Summary,
+    rng: random.Random,
+    stop: asyncio.Event,
+) -> None:
     """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices."""
     gate = asyncio.Semaphore(IN_FLIGHT)
     started = time.monotonic()
@@ -253,16 +275,24 @@ async def _drive(http: httpx.AsyncClient, devices: list[_Device], options: Optio
         await _pause(stop, started + tick + 1 - time.monotonic())
 
 
-async def _settle(http: httpx.AsyncClient, headers: dict[str, str], devices: list[_Device], summary: Summary,
-                  receiver: Receiver, options: Options, stop: asyncio.Event) -> None:  # fmt: skip
+async def _settle(
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    devices: list[_Device],
+    summary: Summary,
+    receiver: Receiver,
+    options: Options,
+    stop: asyncio.Event,
+) -> None:
     """Wait, at most `settle_s`, until a sample of devices has every acknowledged reading stored
     and, when spikes were sent, an alert arrived and the deliveries went quiet."""
     deadline = time.monotonic() + options.settle_s
     for device in devices[:: max(1, len(devices) // 8)]:
         while device.acked and time.monotonic() < deadline and not stop.is_set():
             try:
-                response = await http.get(f"/v1/devices/{device.device_id}/telemetry",
-                                          params={"bucket": "1d"}, headers=headers)  # fmt: skip
+                response = await http.get(
+                    f"/v1/devices/{device.device_id}/telemetry", params={"bucket": "1d"}, headers=headers
+                )
             except httpx.HTTPError:
                 return
             if response.status_code != 200:  # e.g. a token without telemetry:read: cannot tell
@@ -277,8 +307,13 @@ async def _settle(http: httpx.AsyncClient, headers: dict[str, str], devices: lis
         await _pause(stop, 0.25)
 
 
-async def simulate(http: httpx.AsyncClient, headers: dict[str, str], options: Options, out: TextIO,
-                   stop: asyncio.Event | None = None) -> Summary:  # fmt: skip
+async def simulate(
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    options: Options,
+    out: TextIO,
+    stop: asyncio.Event | None = None,
+) -> Summary:
     """Onboard the devices, put the rules, subscribe the receiver, send for the duration, wait for
     storage and alerts, then remove the rules and the subscription. `headers` authenticate the
     operator (devices use their own credentials); a failed setup raises StartupError."""
@@ -294,12 +329,19 @@ async def simulate(http: httpx.AsyncClient, headers: dict[str, str], options: Op
     try:
         credentials = await _onboard(http, headers, options, summary.run_id, stop)
         summary.devices = list(credentials)
-        for kind, params in (("threshold", {"above": 40.0, "clear_above": 35.0}),
-                             ("zscore", {"z": 8.0, "clear_z": 3.0, "min_samples": 20})):  # fmt: skip
+        for kind, params in (
+            ("threshold", {"above": 40.0, "clear_above": 35.0}),
+            ("zscore", {"z": 8.0, "clear_z": 3.0, "min_samples": 20}),
+        ):
             if stop.is_set():
                 return summary
-            rule = {"rule_id": f"{summary.run_id}-{kind}", "device_type": options.device_type,
-                    "metric": "temperature", "kind": kind, "params": params}  # fmt: skip
+            rule = {
+                "rule_id": f"{summary.run_id}-{kind}",
+                "device_type": options.device_type,
+                "metric": "temperature",
+                "kind": kind,
+                "params": params,
+            }
             await _call(http, "PUT", f"/v1/rules/{rule['rule_id']}", "rule", headers=headers, json=rule)
             rules.append(str(rule["rule_id"]))
         hook_request = {"url": hook, "event_types": list(ALERTS), "secret": receiver.secret}
@@ -311,27 +353,42 @@ async def simulate(http: httpx.AsyncClient, headers: dict[str, str], options: Op
         if created.status_code == 422 and '"url"' in created.text:
             # the platform's network policy keeps webhooks off loopback: run without alerts
             summary.webhook_refused = True
-            out.write(f"{summary.run_id}: the platform refuses webhooks to {options.webhook_host} (allow "
-                      "it with FLEETFLOW_WEBHOOK_ALLOW_NETWORKS); alerts are not counted\n")  # fmt: skip
+            out.write(
+                f"{summary.run_id}: the platform refuses webhooks to {options.webhook_host} (allow "
+                "it with FLEETFLOW_WEBHOOK_ALLOW_NETWORKS); alerts are not counted\n"
+            )
         elif created.status_code >= 400:
             raise StartupError(f"subscription refused: {_reason(created)}")
         else:
             subscription.append(str(created.json()["subscription_id"]))
         devices = [
-            _Device(d, c, {m: rng.uniform(-s, s) for m, (_, s, _, _) in METRICS.items()},
-                    rng.uniform(0, 2 * math.pi))
+            _Device(
+                d,
+                c,
+                {m: rng.uniform(-s, s) for m, (_, s, _, _) in METRICS.items()},
+                rng.uniform(0, 2 * math.pi),
+            )
             for d, c in credentials.items()
-        ]  # fmt: skip
-        out.write(f"{summary.run_id}: {len(devices)} {options.device_type} devices onboarded; sending "
-                  f"{options.rate:g} readings/s for {options.duration_s:g} s\n")  # fmt: skip
+        ]
+        out.write(
+            f"{summary.run_id}: {len(devices)} {options.device_type} devices onboarded; sending "
+            f"{options.rate:g} readings/s for {options.duration_s:g} s\n"
+        )
         started = time.monotonic()
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
         if devices and not stop.is_set():
             jobs_done = asyncio.Event()
-            jobs = asyncio.create_task(work_jobs(
-                http, [(d.device_id, d.credential) for d in devices], options.job_failure_rate,
-                options.job_timeout_rate, rng, summary.jobs, jobs_done,
-            ))  # fmt: skip
+            jobs = asyncio.create_task(
+                work_jobs(
+                    http,
+                    [(d.device_id, d.credential) for d in devices],
+                    options.job_failure_rate,
+                    options.job_timeout_rate,
+                    rng,
+                    summary.jobs,
+                    jobs_done,
+                )
+            )
             try:
                 await _drive(http, devices, options, summary, rng, stop)
                 await _settle(http, headers, devices, summary, receiver, options, stop)
@@ -365,9 +422,14 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     if args.rate / args.devices > MAX_BATCH_READINGS:
         raise StartupError(f"--rate allows at most {MAX_BATCH_READINGS} readings/s per device")
     options = Options(
-        args.devices, args.rate, args.duration, args.anomaly_rate, args.device_type,
-        job_failure_rate=args.job_failure_rate, job_timeout_rate=args.job_timeout_rate,
-    )  # fmt: skip
+        args.devices,
+        args.rate,
+        args.duration,
+        args.anomaly_rate,
+        args.device_type,
+        job_failure_rate=args.job_failure_rate,
+        job_timeout_rate=args.job_timeout_rate,
+    )
     headers = {"Authorization": f"Bearer {_token(settings, args.token)}"}
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -33,9 +33,14 @@ class JobStats:
 
 
 async def _work(
-    http: httpx.AsyncClient, device_id: str, credential: str, rates: tuple[float, float],
-    rng: random.Random, seen: set[tuple[str, str, str]], stats: JobStats,
-) -> None:  # fmt: skip
+    http: httpx.AsyncClient,
+    device_id: str,
+    credential: str,
+    rates: tuple[float, float],
+    rng: random.Random,
+    seen: set[tuple[str, str, str]],
+    stats: JobStats,
+) -> None:
     auth = {"Authorization": f"Bearer {credential}"}
     response = await http.get("/v1/device/jobs", headers=auth)
     if response.status_code != 200:
@@ -67,9 +72,15 @@ async def _work(
 
 
 async def work_jobs(
-    http: httpx.AsyncClient, devices: Iterable[tuple[str, str]], failure_rate: float, timeout_rate: float,
-    rng: random.Random, stats: JobStats, stop: asyncio.Event, in_flight: int = 32,
-) -> None:  # fmt: skip
+    http: httpx.AsyncClient,
+    devices: Iterable[tuple[str, str]],
+    failure_rate: float,
+    timeout_rate: float,
+    rng: random.Random,
+    stats: JobStats,
+    stop: asyncio.Event,
+    in_flight: int = 32,
+) -> None:
     """Poll every device's job every few seconds until stop; devices is (id, credential) pairs."""
     fleet = list(devices)
     gate = asyncio.Semaphore(in_flight)

@@ -64,11 +64,13 @@ async def queue_status(client: Client, queue: TaskQueue) -> QueueStatus:
     try:
         described = await client.workflow_service.describe_task_queue(
             DescribeTaskQueueRequest(
-                namespace=client.namespace, task_queue=TaskQueueRef(name=queue.value),
-                task_queue_type=kind, report_stats=True,
+                namespace=client.namespace,
+                task_queue=TaskQueueRef(name=queue.value),
+                task_queue_type=kind,
+                report_stats=True,
             ),
             timeout=RPC_TIMEOUT,
-        )  # fmt: skip
+        )
     except Exception as exc:  # shown in its row; the rest of the screen still helps
         return QueueStatus(queue.value, None, error=f"{type(exc).__name__}: {exc}".splitlines()[0])
     status = QueueStatus(queue.value, len(described.pollers))
@@ -139,9 +141,12 @@ async def gather(client: Client, pool: Pool, shards: int) -> Status:
         asyncio.gather(*(_section(pool, name) for name in _SECTIONS)),
     )
     return Status(
-        checked_at=datetime.now(UTC), queues=list(queues), running=dict(zip(types, running, strict=True)),
-        shards=list(enumerate(progress)), sections=dict(zip(_SECTIONS, sections, strict=True)),
-    )  # fmt: skip
+        checked_at=datetime.now(UTC),
+        queues=list(queues),
+        running=dict(zip(types, running, strict=True)),
+        shards=list(enumerate(progress)),
+        sections=dict(zip(_SECTIONS, sections, strict=True)),
+    )
 
 
 def _num(value: float | None, fmt: str = ",.0f") -> str:

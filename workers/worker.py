@@ -34,19 +34,22 @@ def build_worker(
     """A worker for queue: workflows on `orchestration`, the owning service's activities elsewhere."""
     if queue is TaskQueue.ORCHESTRATION:
         return Worker(
-            client, task_queue=queue.value, workflows=list(WORKFLOWS),
+            client,
+            task_queue=queue.value,
+            workflows=list(WORKFLOWS),
             graceful_shutdown_timeout=timedelta(seconds=5),
-        )  # fmt: skip
+        )
     assert pool is not None
     service = service or service_for(queue, pool, settings, client, http)
     # a delivery holds the database only between POSTs: its slots are bounded by receivers
     slots = settings.webhook_slots if queue is TaskQueue.WEBHOOK else max(4, settings.db_pool_size * 2)
     return Worker(
-        client, task_queue=queue.value,
+        client,
+        task_queue=queue.value,
         activities=activities_of(service) + carried_over(queue, pool, settings, http),
         max_concurrent_activities=slots,
         graceful_shutdown_timeout=timedelta(seconds=10),
-    )  # fmt: skip
+    )
 
 
 async def run_worker(queue: TaskQueue, settings: Settings) -> None:

@@ -145,24 +145,37 @@ class BulkOnboarding:
                 return
             now = workflow.now()
             chunk = BulkChunk(
-                tenant=inp.tenant, bulk_id=self._owner, claim_id=inp.claim_id, offset=offset,
-                limit=min(inp.chunk_size, inp.total - offset), actor=inp.actor.subject,
-                issued_at=issued, expires_at=issued + CREDENTIAL_LIFETIME,
-            )  # fmt: skip
+                tenant=inp.tenant,
+                bulk_id=self._owner,
+                claim_id=inp.claim_id,
+                offset=offset,
+                limit=min(inp.chunk_size, inp.total - offset),
+                actor=inp.actor.subject,
+                issued_at=issued,
+                expires_at=issued + CREDENTIAL_LIFETIME,
+            )
             if self._attempts:  # a stop asks the slice to roll back, and waits until it has
                 result: BulkChunkResult = await workflow.execute_activity(
-                    "device.provision_batch", chunk, task_queue=TaskQueue.DEVICE.value,
-                    result_type=BulkChunkResult, start_to_close_timeout=timedelta(minutes=2),
-                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+                    "device.provision_batch",
+                    chunk,
+                    task_queue=TaskQueue.DEVICE.value,
+                    result_type=BulkChunkResult,
+                    start_to_close_timeout=timedelta(minutes=2),
+                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+                    retry_policy=STEP_RETRY,
                     heartbeat_timeout=PROVISION_HEARTBEAT,
                     cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                )  # fmt: skip
+                )
             else:
                 result = await workflow.execute_activity(
-                    "device.provision_batch", chunk, task_queue=TaskQueue.DEVICE.value,
-                    result_type=BulkChunkResult, start_to_close_timeout=timedelta(minutes=2),
-                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
-                )  # fmt: skip
+                    "device.provision_batch",
+                    chunk,
+                    task_queue=TaskQueue.DEVICE.value,
+                    result_type=BulkChunkResult,
+                    start_to_close_timeout=timedelta(minutes=2),
+                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+                    retry_policy=STEP_RETRY,
+                )
             self._onboarded.extend(result.onboarded)
             self._failures.extend(result.failed)
             if self._stopping:
@@ -195,11 +208,14 @@ class BulkOnboarding:
         )
         try:
             await workflow.execute_activity(
-                "notification.record_events", EventBatch(events=events),
-                task_queue=TaskQueue.NOTIFICATION.value, start_to_close_timeout=timedelta(minutes=1),
-                schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+                "notification.record_events",
+                EventBatch(events=events),
+                task_queue=TaskQueue.NOTIFICATION.value,
+                start_to_close_timeout=timedelta(minutes=1),
+                schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+                retry_policy=STEP_RETRY,
                 cancellation_type=cancellation,
-            )  # fmt: skip
+            )
         except ActivityError as exc:
             if self._stopping:
                 raise  # the whole import is undone
@@ -216,21 +232,32 @@ class BulkOnboarding:
     async def _deprovision(self, inp: BulkOnboardingInput, device_ids: list[str] | None, reason: str) -> None:
         await workflow.execute_activity(
             "device.deprovision_batch",
-            DeviceBatch(tenant=inp.tenant, bulk_id=self._owner, device_ids=device_ids,
-                        reason=reason, actor=inp.actor.subject),
-            task_queue=TaskQueue.DEVICE.value, start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
+            DeviceBatch(
+                tenant=inp.tenant,
+                bulk_id=self._owner,
+                device_ids=device_ids,
+                reason=reason,
+                actor=inp.actor.subject,
+            ),
+            task_queue=TaskQueue.DEVICE.value,
+            start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
             retry_policy=COMPENSATION_RETRY,
-        )  # fmt: skip
+        )
 
     async def _retract(self, inp: BulkOnboardingInput, device_ids: list[str] | None) -> None:
         """Retract the DeviceOnboarded events this attempt recorded (of device_ids; None: all)."""
         await workflow.execute_activity(
             "notification.retract_events",
-            RetractEvents(tenant=inp.tenant, type=DEVICE_ONBOARDED, id_prefix=f"{self._event_key}/",
-                          device_ids=device_ids),
-            task_queue=TaskQueue.NOTIFICATION.value, start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
+            RetractEvents(
+                tenant=inp.tenant,
+                type=DEVICE_ONBOARDED,
+                id_prefix=f"{self._event_key}/",
+                device_ids=device_ids,
+            ),
+            task_queue=TaskQueue.NOTIFICATION.value,
+            start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
             retry_policy=COMPENSATION_RETRY,
-        )  # fmt: skip
+        )
 
     async def _undo_attempt(self, inp: BulkOnboardingInput, reason: str) -> None:
         await self._deprovision(inp, None, reason)
@@ -260,8 +287,12 @@ class BulkOnboarding:
     def _snapshot(self) -> BulkProgress:
         inp = self._input
         return BulkProgress(
-            bulk_id=inp.bulk_id if inp else "", status=self._status,
-            total=inp.total if inp else 0, processed=self._processed,
-            onboarded=len(self._onboarded), failed=len(self._failures),
-            failures=list(self._failures), reason=self._reason,
-        )  # fmt: skip
+            bulk_id=inp.bulk_id if inp else "",
+            status=self._status,
+            total=inp.total if inp else 0,
+            processed=self._processed,
+            onboarded=len(self._onboarded),
+            failed=len(self._failures),
+            failures=list(self._failures),
+            reason=self._reason,
+        )

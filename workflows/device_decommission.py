@@ -28,9 +28,11 @@ with workflow.unsafe.imports_passed_through():
     from workflows.saga import COMPENSATION_RETRY
 
 STEP_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=500), backoff_coefficient=2.0,
-    maximum_interval=timedelta(seconds=30), maximum_attempts=10,
-)  # fmt: skip
+    initial_interval=timedelta(milliseconds=500),
+    backoff_coefficient=2.0,
+    maximum_interval=timedelta(seconds=30),
+    maximum_attempts=10,
+)
 
 
 def decommission_id(tenant: str, device_id: str) -> str:
@@ -50,9 +52,12 @@ class DeviceDecommission:
     async def run(self, inp: DecommissionInput) -> DecommissionProgress:
         """Run every step in order."""
         step = DeviceStep(
-            tenant=inp.tenant, device_id=inp.device_id, actor=inp.actor.subject,
-            telemetry=inp.telemetry, reason=inp.reason,
-        )  # fmt: skip
+            tenant=inp.tenant,
+            device_id=inp.device_id,
+            actor=inp.actor.subject,
+            telemetry=inp.telemetry,
+            reason=inp.reason,
+        )
         steps = [
             ("revoke_credentials", "device.revoke_all_credentials", TaskQueue.DEVICE),
             ("end_twin", "", TaskQueue.ORCHESTRATION),
@@ -67,23 +72,33 @@ class DeviceDecommission:
                     await self._end_twin(inp)
                 else:
                     await workflow.execute_activity(
-                        activity, step, task_queue=queue.value, start_to_close_timeout=timedelta(minutes=2),
+                        activity,
+                        step,
+                        task_queue=queue.value,
+                        start_to_close_timeout=timedelta(minutes=2),
                         retry_policy=STEP_RETRY,
-                    )  # fmt: skip
+                    )
             except ActivityError as exc:
                 await self._stuck(step, name, str(exc.cause or exc))
             self._p.done.append(name)
         self._p.current = "record_event"
         event = DomainEvent(
-            event_id=f"{workflow.info().workflow_id}/{DEVICE_DECOMMISSIONED}", tenant=inp.tenant,
-            device_id=inp.device_id, type=DEVICE_DECOMMISSIONED, occurred_at=workflow.now(),
-            actor=inp.actor.subject, source_workflow=workflow.info().workflow_id,
+            event_id=f"{workflow.info().workflow_id}/{DEVICE_DECOMMISSIONED}",
+            tenant=inp.tenant,
+            device_id=inp.device_id,
+            type=DEVICE_DECOMMISSIONED,
+            occurred_at=workflow.now(),
+            actor=inp.actor.subject,
+            source_workflow=workflow.info().workflow_id,
             data={"telemetry": inp.telemetry, "reason": inp.reason},
-        )  # fmt: skip
+        )
         await workflow.execute_activity(
-            "notification.record_events", EventBatch(events=[event]), task_queue=TaskQueue.NOTIFICATION.value,
-            start_to_close_timeout=timedelta(minutes=1), retry_policy=COMPENSATION_RETRY,
-        )  # fmt: skip
+            "notification.record_events",
+            EventBatch(events=[event]),
+            task_queue=TaskQueue.NOTIFICATION.value,
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=COMPENSATION_RETRY,
+        )
         self._p.done.append("record_event")
         self._p.current, self._p.status = None, "completed"
         return self._p
@@ -99,9 +114,12 @@ class DeviceDecommission:
         self._p.status, self._p.error = "stuck", f"{name} failed: {error}"
         note = step.model_copy(update={"reason": f"decommissioning stuck at {name}: {error}"[:500]})
         await workflow.execute_activity(
-            "device.note_retirement_problem", note, task_queue=TaskQueue.DEVICE.value,
-            start_to_close_timeout=timedelta(minutes=1), retry_policy=COMPENSATION_RETRY,
-        )  # fmt: skip
+            "device.note_retirement_problem",
+            note,
+            task_queue=TaskQueue.DEVICE.value,
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=COMPENSATION_RETRY,
+        )
         raise ApplicationError(self._p.error, type="DecommissionStuck", non_retryable=True)
 
     @workflow.query

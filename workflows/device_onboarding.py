@@ -114,18 +114,21 @@ class DeviceOnboarding:
         )
 
         validated = await self._run_step(
-            OnboardingStep.VALIDATE, "device.validate_onboarding",
-            ValidateOnboarding(tenant=inp.tenant, spec=req), ValidatedOnboarding,
-        )  # fmt: skip
+            OnboardingStep.VALIDATE,
+            "device.validate_onboarding",
+            ValidateOnboarding(tenant=inp.tenant, spec=req),
+            ValidatedOnboarding,
+        )
 
         self._saga.add(
             "mark_registration_failed",
             lambda: self._undo("device.mark_failed", change.model_copy(update={"reason": self._reason})),
         )
         await self._run_step(
-            OnboardingStep.REGISTER, "device.register",
+            OnboardingStep.REGISTER,
+            "device.register",
             RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=owner, actor=actor),
-        )  # fmt: skip
+        )
 
         if validated.requires_approval:
             self._begin(OnboardingStep.AWAIT_APPROVAL, "awaiting_approval")
@@ -143,18 +146,31 @@ class DeviceOnboarding:
         )
         self._saga.add("revoke_credential", lambda: self._undo("device.revoke_credential", revoke))
         self._credential = await self._run_step(
-            OnboardingStep.ISSUE_CREDENTIAL, "device.issue_credential",
-            IssueCredential(tenant=inp.tenant, device_id=req.device_id, onboarding_id=owner, jti=jti,
-                            issued_at=issued, expires_at=issued + CREDENTIAL_LIFETIME),
+            OnboardingStep.ISSUE_CREDENTIAL,
+            "device.issue_credential",
+            IssueCredential(
+                tenant=inp.tenant,
+                device_id=req.device_id,
+                onboarding_id=owner,
+                jti=jti,
+                issued_at=issued,
+                expires_at=issued + CREDENTIAL_LIFETIME,
+            ),
             IssuedCredential,
-        )  # fmt: skip
+        )
 
         self._saga.add("remove_config", lambda: self._undo("device.remove_config", change))
         await self._run_step(
-            OnboardingStep.STORE_CONFIG, "device.store_config",
-            StoreConfig(tenant=inp.tenant, device_id=req.device_id, onboarding_id=owner,
-                        config=validated.config, actor=actor),
-        )  # fmt: skip
+            OnboardingStep.STORE_CONFIG,
+            "device.store_config",
+            StoreConfig(
+                tenant=inp.tenant,
+                device_id=req.device_id,
+                onboarding_id=owner,
+                config=validated.config,
+                actor=actor,
+            ),
+        )
 
         self._begin(OnboardingStep.AWAIT_FIRST_CONTACT, "awaiting_first_contact")
         await self._wait(lambda: self._contact is not None, req.first_contact_timeout_s, "first contact")
@@ -163,9 +179,10 @@ class DeviceOnboarding:
         assert contact is not None
 
         await self._run_step(
-            OnboardingStep.ACTIVATE, "device.activate",
+            OnboardingStep.ACTIVATE,
+            "device.activate",
             change.model_copy(update={"firmware_version": contact.firmware_version}),
-        )  # fmt: skip
+        )
 
         if workflow.patched("start-device-twin"):
             self._saga.add("end_twin", lambda: self._end_twin(inp))
@@ -176,10 +193,14 @@ class DeviceOnboarding:
 
         event = DomainEvent(
             event_id=f"{wid}/{workflow.info().run_id}/{DEVICE_ONBOARDED}",
-            tenant=inp.tenant, device_id=req.device_id, type=DEVICE_ONBOARDED,
-            occurred_at=workflow.now(), actor=actor, source_workflow=wid,
+            tenant=inp.tenant,
+            device_id=req.device_id,
+            type=DEVICE_ONBOARDED,
+            occurred_at=workflow.now(),
+            actor=actor,
+            source_workflow=wid,
             data={"device_type": req.device_type, "credential_jti": jti},
-        )  # fmt: skip
+        )
         self._saga.add(
             "retract_event",
             lambda: self._undo(
@@ -189,9 +210,11 @@ class DeviceOnboarding:
             ),
         )
         await self._run_step(
-            OnboardingStep.RECORD_EVENT, "notification.record_events",
-            EventBatch(events=[event]), queue=TaskQueue.NOTIFICATION,
-        )  # fmt: skip
+            OnboardingStep.RECORD_EVENT,
+            "notification.record_events",
+            EventBatch(events=[event]),
+            queue=TaskQueue.NOTIFICATION,
+        )
 
         self._status, self._step, self._credential = "completed", None, None
         return OnboardingResult(
@@ -209,12 +232,17 @@ class DeviceOnboarding:
         try:
             await workflow.start_child_workflow(
                 DeviceTwin.run,
-                TwinInput(tenant=inp.tenant, device_id=device_id, config_schema=validated.config_schema,
-                          initial_desired=validated.config),
-                id=twin_id(inp.tenant, device_id), task_queue=workflow.info().task_queue,
+                TwinInput(
+                    tenant=inp.tenant,
+                    device_id=device_id,
+                    config_schema=validated.config_schema,
+                    initial_desired=validated.config,
+                ),
+                id=twin_id(inp.tenant, device_id),
+                task_queue=workflow.info().task_queue,
                 parent_close_policy=ParentClosePolicy.ABANDON,
                 search_attributes=device_search_attributes(inp.tenant, "twin", device_id),
-            )  # fmt: skip
+            )
         except WorkflowAlreadyStartedError:
             pass  # a twin from an earlier attempt: keep it
 
@@ -246,18 +274,26 @@ class DeviceOnboarding:
             # after the undo ran would leave a registration or a live credential behind
             result = await finish_then_cancel(
                 workflow.start_activity(
-                    activity, arg, task_queue=queue.value, result_type=result_type,
+                    activity,
+                    arg,
+                    task_queue=queue.value,
+                    result_type=result_type,
                     start_to_close_timeout=STEP_START_TO_CLOSE,
-                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
+                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+                    retry_policy=STEP_RETRY,
                     cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 )
-            )  # fmt: skip
+            )
         else:
             result = await workflow.execute_activity(
-                activity, arg, task_queue=queue.value, result_type=result_type,
+                activity,
+                arg,
+                task_queue=queue.value,
+                result_type=result_type,
                 start_to_close_timeout=STEP_START_TO_CLOSE,
-                schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE, retry_policy=STEP_RETRY,
-            )  # fmt: skip
+                schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+                retry_policy=STEP_RETRY,
+            )
         self._finish(step)
         return result
 
@@ -271,9 +307,12 @@ class DeviceOnboarding:
 
     async def _undo(self, activity: str, arg: Any, queue: TaskQueue = TaskQueue.DEVICE) -> None:
         await workflow.execute_activity(
-            activity, arg, task_queue=queue.value,
-            start_to_close_timeout=COMPENSATION_START_TO_CLOSE, retry_policy=COMPENSATION_RETRY,
-        )  # fmt: skip
+            activity,
+            arg,
+            task_queue=queue.value,
+            start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
+            retry_policy=COMPENSATION_RETRY,
+        )
 
     async def _compensate(self, final_status: str, reason: str, inp: OnboardingInput) -> None:
         self._status, self._reason, self._credential = "compensating", reason, None
@@ -295,12 +334,17 @@ class DeviceOnboarding:
     def progress(self) -> OnboardingProgress:
         """Current step, completed steps, compensations and (until first contact) the credential."""
         return OnboardingProgress(
-            workflow_id=workflow.info().workflow_id, tenant=self._tenant,
-            device_id=self._device_id, status=self._status, current_step=self._step,
-            completed_steps=list(self._completed), compensations=list(self._saga.done),
-            reason=self._reason, decided_by=self._decided_by,
+            workflow_id=workflow.info().workflow_id,
+            tenant=self._tenant,
+            device_id=self._device_id,
+            status=self._status,
+            current_step=self._step,
+            completed_steps=list(self._completed),
+            compensations=list(self._saga.done),
+            reason=self._reason,
+            decided_by=self._decided_by,
             credential=self._credential.token if self._credential else None,
-        )  # fmt: skip
+        )
 
     @workflow.signal
     def first_contact(self, contact: FirstContact) -> None:

@@ -53,10 +53,13 @@ class DeviceTwin:
         # set before any handler runs, so an update delivered with the start sees the state
         self._schema = inp.config_schema
         self._state: TwinState | None = inp.state or TwinState(
-            tenant=inp.tenant, device_id=inp.device_id, desired=inp.initial_desired,
-            desired_version=1 if inp.initial_desired else 0, offline_after_s=inp.offline_after_s,
+            tenant=inp.tenant,
+            device_id=inp.device_id,
+            desired=inp.initial_desired,
+            desired_version=1 if inp.initial_desired else 0,
+            offline_after_s=inp.offline_after_s,
             reported=inp.initial_reported,
-        )  # fmt: skip
+        )
         self._waiting = False  # a wait_for_delta is in flight
         self._released: str | None = None  # the waiter_id of a wait whose device hung up
         self._closing = False  # the run is about to end or continue as new

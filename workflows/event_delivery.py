@@ -60,18 +60,23 @@ class EventDelivery:
         if workflow.patched(WEBHOOK_QUEUE_PATCH):
             queue, floor = TaskQueue.WEBHOOK, MIN_BACKOFF_S
         retry = RetryPolicy(
-            initial_interval=timedelta(seconds=max(inp.backoff_s, floor)), backoff_coefficient=2.0,
-            maximum_interval=timedelta(seconds=max(inp.max_backoff_s, floor)), maximum_attempts=0,
-        )  # fmt: skip
+            initial_interval=timedelta(seconds=max(inp.backoff_s, floor)),
+            backoff_coefficient=2.0,
+            maximum_interval=timedelta(seconds=max(inp.max_backoff_s, floor)),
+            maximum_attempts=0,
+        )
         try:
             while not self._history_full(inp):
                 self._nudged = False  # a nudge from now on means "look again"
                 progress: DeliveryProgress = await workflow.execute_activity(
-                    "notification.deliver_pending", DeliverPending(subscription_id=inp.subscription_id),
-                    task_queue=queue.value, result_type=DeliveryProgress,
-                    start_to_close_timeout=DELIVER_START_TO_CLOSE, heartbeat_timeout=DELIVER_HEARTBEAT,
+                    "notification.deliver_pending",
+                    DeliverPending(subscription_id=inp.subscription_id),
+                    task_queue=queue.value,
+                    result_type=DeliveryProgress,
+                    start_to_close_timeout=DELIVER_START_TO_CLOSE,
+                    heartbeat_timeout=DELIVER_HEARTBEAT,
                     retry_policy=retry,
-                )  # fmt: skip
+                )
                 self._delivered += progress.delivered
                 self._dead_lettered += progress.dead_lettered
                 if progress.gone:
@@ -100,9 +105,10 @@ class EventDelivery:
     def summary(self) -> DeliverySummary:
         """Deliveries made and events dead-lettered so far, across continue-as-new."""
         return DeliverySummary(
-            subscription_id=self._subscription_id, delivered=self._delivered,
+            subscription_id=self._subscription_id,
+            delivered=self._delivered,
             dead_lettered=self._dead_lettered,
-        )  # fmt: skip
+        )
 
     @workflow.signal
     def nudge(self) -> None:

@@ -152,8 +152,9 @@ class FirmwareRollout:
         if p.status != "rolling_back":
             await self._act(
                 "device.stop_rollout",
-                StopRollout(tenant=self._inp.tenant, campaign_id=p.campaign_id, rollback=True), int,
-            )  # fmt: skip
+                StopRollout(tenant=self._inp.tenant, campaign_id=p.campaign_id, rollback=True),
+                int,
+            )
             final = "cancelled" if p.status == "cancelling" else "aborted"
             p.status, p.reason = "rolling_back", f"{final}; {p.reason}"
             # the counts after the stop
@@ -193,15 +194,21 @@ class FirmwareRollout:
         result: TickResult = await self._act(
             "device.rollout_tick",
             RolloutTick(
-                tenant=self._inp.tenant, campaign_id=self._p.campaign_id, kind=kind, wave=self._p.wave,
-                offer=offer, device_timeout_s=policy.device_timeout_s, retry_limit=policy.retry_limit,
+                tenant=self._inp.tenant,
+                campaign_id=self._p.campaign_id,
+                kind=kind,
+                wave=self._p.wave,
+                offer=offer,
+                device_timeout_s=policy.device_timeout_s,
+                retry_limit=policy.retry_limit,
                 finished_after=after,
                 abort_failure_percent=policy.abort_failure_percent if abort else None,
                 abort_min_finished=policy.abort_min_finished,
-                wait_ms=int(wait.total_seconds() * 1000) if wait else 0, stopped=stopped,
+                wait_ms=int(wait.total_seconds() * 1000) if wait else 0,
+                stopped=stopped,
             ),
             TickResult,
-        )  # fmt: skip
+        )
         return result
 
     async def _record(self, tick: TickResult, kind: JobKind, seq: int) -> int:
@@ -219,20 +226,30 @@ class FirmwareRollout:
                 name = FIRMWARE_ROLLED_BACK if job.state == "succeeded" else FIRMWARE_UPDATE_FAILED
             else:
                 name = FIRMWARE_UPDATED if job.state == "succeeded" else FIRMWARE_UPDATE_FAILED
-            events.append(DomainEvent(
-                event_id=f"{workflow.info().workflow_id}/{kind}/{job.device_id}/{job.seq}",
-                tenant=self._inp.tenant, device_id=job.device_id, type=name, occurred_at=workflow.now(),
-                actor=self._inp.actor.subject, source_workflow=workflow.info().workflow_id,
-                data={"campaign_id": self._p.campaign_id, "version": job.version, "state": job.state},
-            ))  # fmt: skip
+            events.append(
+                DomainEvent(
+                    event_id=f"{workflow.info().workflow_id}/{kind}/{job.device_id}/{job.seq}",
+                    tenant=self._inp.tenant,
+                    device_id=job.device_id,
+                    type=name,
+                    occurred_at=workflow.now(),
+                    actor=self._inp.actor.subject,
+                    source_workflow=workflow.info().workflow_id,
+                    data={"campaign_id": self._p.campaign_id, "version": job.version, "state": job.state},
+                )
+            )
         await self._act("notification.record_events", EventBatch(events=events), int, TaskQueue.NOTIFICATION)
         return max(seq, through)
 
     async def _act(self, name: str, arg: Any, result_type: type, queue: TaskQueue = TaskQueue.DEVICE) -> Any:
         return await workflow.execute_activity(
-            name, arg, task_queue=queue.value, result_type=result_type,
-            start_to_close_timeout=timedelta(minutes=1), retry_policy=STEP_RETRY,
-        )  # fmt: skip
+            name,
+            arg,
+            task_queue=queue.value,
+            result_type=result_type,
+            start_to_close_timeout=timedelta(minutes=1),
+            retry_policy=STEP_RETRY,
+        )
 
     def _history_full(self) -> bool:
         info = workflow.info()

@@ -36,9 +36,13 @@ class IngestionSupervisor:
         """Check, sleep, repeat; continue as new after checks_per_run checks."""
         for _ in range(inp.checks_per_run):
             self._last = await workflow.execute_activity(
-                "data.supervise_ingestion", inp, task_queue=TaskQueue.DATA.value, result_type=Supervised,
-                start_to_close_timeout=CHECK_TIMEOUT, retry_policy=CHECK_RETRY,
-            )  # fmt: skip
+                "data.supervise_ingestion",
+                inp,
+                task_queue=TaskQueue.DATA.value,
+                result_type=Supervised,
+                start_to_close_timeout=CHECK_TIMEOUT,
+                retry_policy=CHECK_RETRY,
+            )
             for window_id in self._last.orphans:
                 try:
                     await self._finish(window_id)
@@ -53,14 +57,22 @@ class IngestionSupervisor:
         """Analyse a stored window and record its events, as its dead shard run would have."""
         ref = WindowRef(window_id=window_id, counts_only=True)
         await workflow.execute_activity(
-            "analytics.evaluate", ref, task_queue=TaskQueue.ANALYTICS.value, result_type=Evaluated,
-            start_to_close_timeout=CHECK_TIMEOUT, retry_policy=CHECK_RETRY,
-        )  # fmt: skip
-        await workflow.execute_activity(
-            "notification.record_window_events", ref, task_queue=TaskQueue.NOTIFICATION.value,
-            result_type=int, start_to_close_timeout=CHECK_TIMEOUT, heartbeat_timeout=timedelta(seconds=10),
+            "analytics.evaluate",
+            ref,
+            task_queue=TaskQueue.ANALYTICS.value,
+            result_type=Evaluated,
+            start_to_close_timeout=CHECK_TIMEOUT,
             retry_policy=CHECK_RETRY,
-        )  # fmt: skip
+        )
+        await workflow.execute_activity(
+            "notification.record_window_events",
+            ref,
+            task_queue=TaskQueue.NOTIFICATION.value,
+            result_type=int,
+            start_to_close_timeout=CHECK_TIMEOUT,
+            heartbeat_timeout=timedelta(seconds=10),
+            retry_policy=CHECK_RETRY,
+        )
 
     @workflow.query
     def last_check(self) -> Supervised | None:

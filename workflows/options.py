@@ -8,9 +8,10 @@ from temporalio.common import RetryPolicy
 
 # forward steps: transient failures retry with backoff for a while, then the saga compensates
 STEP_RETRY = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
-)  # fmt: skip
+)
 STEP_START_TO_CLOSE = timedelta(seconds=30)
 STEP_SCHEDULE_TO_CLOSE = timedelta(minutes=5)
 COMPENSATION_START_TO_CLOSE = timedelta(seconds=30)

@@ -12,9 +12,10 @@ from temporalio.common import RetryPolicy
 
 # compensations must eventually succeed: retried without limit, backing off to a minute
 COMPENSATION_RETRY = RetryPolicy(
-    initial_interval=timedelta(seconds=1), backoff_coefficient=2.0,
+    initial_interval=timedelta(seconds=1),
+    backoff_coefficient=2.0,
     maximum_interval=timedelta(minutes=1),
-)  # fmt: skip
+)
 
 Undo = Callable[[], Awaitable[object]]
 T = TypeVar("T")

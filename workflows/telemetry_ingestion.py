@@ -46,9 +46,10 @@ with workflow.unsafe.imports_passed_through():
 
 # storage must not give up: an acknowledged batch is retried until it is stored
 RETRY_FOREVER = RetryPolicy(
-    initial_interval=timedelta(milliseconds=200), backoff_coefficient=2.0,
+    initial_interval=timedelta(milliseconds=200),
+    backoff_coefficient=2.0,
     maximum_interval=timedelta(seconds=10),
-)  # fmt: skip
+)
 # short: a killed worker's activity is retried elsewhere after this long (store_window heartbeats)
 STEP_TIMEOUT = timedelta(seconds=30)
 # storing heartbeats: the attempt of a killed data worker is retried after this, not STEP_TIMEOUT
@@ -101,21 +102,32 @@ class TelemetryIngestion:
     async def run(self, inp: IngestionInput) -> None:
         """Process windows until it is time to continue as new."""
         self._progress = IngestionProgress(
-            shard=inp.shard, windows=inp.windows_done, readings=inp.readings_done, last_window=None,
-            last_window_readings=0, batches_quarantined=inp.batches_quarantined,
-        )  # fmt: skip
+            shard=inp.shard,
+            windows=inp.windows_done,
+            readings=inp.readings_done,
+            last_window=None,
+            last_window_readings=0,
+            batches_quarantined=inp.batches_quarantined,
+        )
         run_id = workflow.info().run_id
         for i in range(inp.windows_per_run):
             window_id = f"{workflow.info().workflow_id}/{run_id}/{i}"
             window: Window = await workflow.execute_activity(
                 "data.claim_window",
-                ClaimWindow(window_id=window_id, shard=inp.shard, shards=inp.shards,
-                            max_readings=inp.max_window_readings, max_wait_ms=inp.max_wait_ms,
-                            max_bytes=inp.max_window_bytes),
-                task_queue=TaskQueue.DATA.value, result_type=Window,
+                ClaimWindow(
+                    window_id=window_id,
+                    shard=inp.shard,
+                    shards=inp.shards,
+                    max_readings=inp.max_window_readings,
+                    max_wait_ms=inp.max_wait_ms,
+                    max_bytes=inp.max_window_bytes,
+                ),
+                task_queue=TaskQueue.DATA.value,
+                result_type=Window,
                 start_to_close_timeout=timedelta(milliseconds=inp.max_wait_ms) + timedelta(seconds=30),
-                heartbeat_timeout=timedelta(seconds=10), retry_policy=RETRY_FOREVER,
-            )  # fmt: skip
+                heartbeat_timeout=timedelta(seconds=10),
+                retry_policy=RETRY_FOREVER,
+            )
             if window.batches:
                 if workflow.patched(WINDOW_TABLES):
                     await self._window(window)
@@ -125,10 +137,13 @@ class TelemetryIngestion:
                 break
         workflow.continue_as_new(
             inp.model_copy(
-                update={"windows_done": self._progress.windows, "readings_done": self._progress.readings,
-                        "batches_quarantined": self._progress.batches_quarantined}
+                update={
+                    "windows_done": self._progress.windows,
+                    "readings_done": self._progress.readings,
+                    "batches_quarantined": self._progress.batches_quarantined,
+                }
             )
-        )  # fmt: skip
+        )
 
     async def _window(self, window: Window) -> None:
         """Check, store, analyse a window and record its events; isolate a poison pill in it."""
@@ -170,13 +185,19 @@ class TelemetryIngestion:
             factor = 2**rounds if rounds and workflow.patched(LONE_STORE_TIMEOUT) else 1
             try:
                 result: Stored = await workflow.execute_activity(
-                    "data.store_window", request, task_queue=TaskQueue.DATA.value, result_type=Stored,
-                    start_to_close_timeout=store_timeout(window, factor), heartbeat_timeout=STORE_HEARTBEAT,
+                    "data.store_window",
+                    request,
+                    task_queue=TaskQueue.DATA.value,
+                    result_type=Stored,
+                    start_to_close_timeout=store_timeout(window, factor),
+                    heartbeat_timeout=STORE_HEARTBEAT,
                     retry_policy=RetryPolicy(
-                        initial_interval=RETRY_FOREVER.initial_interval, backoff_coefficient=2.0,
-                        maximum_interval=RETRY_FOREVER.maximum_interval, maximum_attempts=STORE_ATTEMPTS,
+                        initial_interval=RETRY_FOREVER.initial_interval,
+                        backoff_coefficient=2.0,
+                        maximum_interval=RETRY_FOREVER.maximum_interval,
+                        maximum_attempts=STORE_ATTEMPTS,
                     ),
-                )  # fmt: skip
+                )
                 return result
             except ActivityError as err:
                 cause = err.cause
@@ -198,9 +219,11 @@ class TelemetryIngestion:
         """Split window in two and process each half; quarantine a lone batch that is poison."""
         if window.batches <= 1 and reason is not None:
             quarantined: BatchesQuarantined = await self._step(
-                "data.quarantine_batches", QuarantineBatches(window_id=window.window_id, reason=reason),
-                TaskQueue.DATA, BatchesQuarantined,
-            )  # fmt: skip
+                "data.quarantine_batches",
+                QuarantineBatches(window_id=window.window_id, reason=reason),
+                TaskQueue.DATA,
+                BatchesQuarantined,
+            )
             await self._record(window.window_id)
             assert self._progress is not None
             self._progress.batches_quarantined += quarantined.batches
@@ -215,9 +238,12 @@ class TelemetryIngestion:
         """Record the window's events; events that cannot be recorded do not stop the shard."""
         try:
             await self._step(
-                "notification.record_window_events", WindowRef(window_id=window_id), TaskQueue.NOTIFICATION,
-                int, heartbeat_timeout=STORE_HEARTBEAT,
-            )  # fmt: skip
+                "notification.record_window_events",
+                WindowRef(window_id=window_id),
+                TaskQueue.NOTIFICATION,
+                int,
+                heartbeat_timeout=STORE_HEARTBEAT,
+            )
         except ActivityError as err:
             if poison_reason(err) is None:
                 raise
@@ -230,9 +256,12 @@ class TelemetryIngestion:
             "device.find_unready", ref, TaskQueue.DEVICE, UnreadyDevices
         )
         stored: Stored = await self._step(
-            "data.store_window", StoreWindow(window_id=window.window_id, quarantine=unready.devices),
-            TaskQueue.DATA, Stored, heartbeat_timeout=STORE_HEARTBEAT,
-        )  # fmt: skip
+            "data.store_window",
+            StoreWindow(window_id=window.window_id, quarantine=unready.devices),
+            TaskQueue.DATA,
+            Stored,
+            heartbeat_timeout=STORE_HEARTBEAT,
+        )
         now = workflow.now()
         events = [
             DomainEvent(
@@ -250,23 +279,33 @@ class TelemetryIngestion:
         events.extend(evaluated.events)
         for start in range(0, len(events), 1000):
             await self._step(
-                "notification.record_events", EventBatch(events=events[start : start + 1000]),
-                TaskQueue.NOTIFICATION, int,
-            )  # fmt: skip
+                "notification.record_events",
+                EventBatch(events=events[start : start + 1000]),
+                TaskQueue.NOTIFICATION,
+                int,
+            )
         assert self._progress is not None
         self._progress.windows += 1
         self._progress.readings += stored.stored
         self._progress.last_window, self._progress.last_window_readings = window.window_id, window.readings
 
     async def _step(
-        self, activity: str, arg: object, queue: TaskQueue, result_type: type,
+        self,
+        activity: str,
+        arg: object,
+        queue: TaskQueue,
+        result_type: type,
         heartbeat_timeout: timedelta | None = None,
-    ) -> Any:  # fmt: skip
+    ) -> Any:
         return await workflow.execute_activity(
-            activity, arg, task_queue=queue.value, result_type=result_type,
-            start_to_close_timeout=STEP_TIMEOUT, heartbeat_timeout=heartbeat_timeout,
+            activity,
+            arg,
+            task_queue=queue.value,
+            result_type=result_type,
+            start_to_close_timeout=STEP_TIMEOUT,
+            heartbeat_timeout=heartbeat_timeout,
             retry_policy=RETRY_FOREVER,
-        )  # fmt: skip
+        )
 
     @workflow.query
     def progress(self) -> IngestionProgress | None:

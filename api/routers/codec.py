@@ -134,9 +134,14 @@ async def open_session(state: State, credentials: Bearer) -> Response:
     response = Response(status_code=status.HTTP_204_NO_CONTENT)
     ttl = int((claims.expires_at - datetime.now(UTC)).total_seconds())
     response.set_cookie(
-        COOKIE, token, max_age=max(ttl, 0), path="/codec",
-        httponly=True, samesite="lax", secure=state.settings.api_url.startswith("https://"),
-    )  # fmt: skip
+        COOKIE,
+        token,
+        max_age=max(ttl, 0),
+        path="/codec",
+        httponly=True,
+        samesite="lax",
+        secure=state.settings.api_url.startswith("https://"),
+    )
     return response
 
 

@@ -90,12 +90,13 @@ async def onboard(
         handle = await state.temporal.start_workflow(
             DeviceOnboarding.run,
             OnboardingInput(tenant=tenant, actor=actor_of(claims), request=body, request_hash=request_hash),
-            id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
+            id=wid,
+            task_queue=TaskQueue.ORCHESTRATION.value,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             memo={"request_hash": request_hash},
             search_attributes=device_search_attributes(tenant, "onboarding", body.device_id),
-        )  # fmt: skip
+        )
         run_id, is_new = handle.result_run_id, True
     except WorkflowAlreadyStartedError:
         handle = state.temporal.get_workflow_handle(wid)
@@ -107,9 +108,12 @@ async def onboard(
     if not is_new:
         response.status_code = status.HTTP_200_OK
     return OnboardingAccepted(
-        workflow_id=wid, run_id=run_id, status_url=f"/v1/onboardings/{body.device_id}",
-        temporal_ui_url=state.ui_url(wid, run_id), existing=not is_new,
-    )  # fmt: skip
+        workflow_id=wid,
+        run_id=run_id,
+        status_url=f"/v1/onboardings/{body.device_id}",
+        temporal_ui_url=state.ui_url(wid, run_id),
+        existing=not is_new,
+    )
 
 
 @router.get("/v1/devices/{device_id}", response_model=DeviceView)
@@ -133,9 +137,13 @@ async def list_devices(
 ) -> DevicePage:
     """The caller's devices by id; pass `next_cursor` back as `cursor` for the next page."""
     items = await state.devices.list_devices(
-        claims.tenant, status=status_.value if status_ else None, device_type=device_type,
-        tag=tag, after=cursor, limit=limit + 1,
-    )  # fmt: skip
+        claims.tenant,
+        status=status_.value if status_ else None,
+        device_type=device_type,
+        tag=tag,
+        after=cursor,
+        limit=limit + 1,
+    )
     more = len(items) > limit
     items = items[:limit]
     return DevicePage(items=items, next_cursor=items[-1].device_id if more else None)
@@ -175,11 +183,19 @@ def _csv_devices(raw: bytes) -> list[dict[str, Any]]:
 
 
 @router.post(
-    "/v1/devices:bulk", status_code=status.HTTP_202_ACCEPTED, response_model=BulkAccepted,
-    openapi_extra={"requestBody": {"content": {
-        "application/json": {"schema": body_schema(BulkOnboardRequest)},
-        "text/csv": {"schema": {"type": "string"}}}, "required": True}},
-)  # fmt: skip
+    "/v1/devices:bulk",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=BulkAccepted,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {"schema": body_schema(BulkOnboardRequest)},
+                "text/csv": {"schema": {"type": "string"}},
+            },
+            "required": True,
+        }
+    },
+)
 async def bulk_onboard(request: Request, state: State, claims: Writer, response: Response) -> BulkAccepted:
     """Onboard up to 10,000 devices (JSON `{devices: [...]}` or CSV) in one BulkOnboarding run."""
     raw = await request.body()
@@ -214,8 +230,9 @@ async def bulk_onboard(request: Request, state: State, claims: Writer, response:
     registered = await state.pool.fetchval(
         """SELECT count(*) FROM device.devices WHERE tenant = $1 AND device_id = ANY($2)
            AND status NOT IN ('decommissioned', 'failed')""",
-        claims.tenant, sorted(seen),
-    )  # fmt: skip
+        claims.tenant,
+        sorted(seen),
+    )
     await state.quotas.check_count(claims.tenant, "max_devices", len(seen) - int(registered))
     devices = [d.model_dump(mode="json") for d in body.devices]
     bulk_id = _fingerprint([claims.tenant, devices])[:20]
@@ -223,26 +240,37 @@ async def bulk_onboard(request: Request, state: State, claims: Writer, response:
     await state.pool.execute(
         """INSERT INTO fleetflow.claim_checks (claim_id, tenant, kind, body)
            VALUES ($1, $2, 'bulk-onboarding', $3) ON CONFLICT (claim_id) DO NOTHING""",
-        bulk_id, claims.tenant, devices,
-    )  # fmt: skip
+        bulk_id,
+        claims.tenant,
+        devices,
+    )
     try:
         await state.temporal.start_workflow(
             BulkOnboarding.run,
-            BulkOnboardingInput(tenant=claims.tenant, actor=actor_of(claims), bulk_id=bulk_id,
-                                claim_id=bulk_id, total=len(devices)),
-            id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
+            BulkOnboardingInput(
+                tenant=claims.tenant,
+                actor=actor_of(claims),
+                bulk_id=bulk_id,
+                claim_id=bulk_id,
+                total=len(devices),
+            ),
+            id=wid,
+            task_queue=TaskQueue.ORCHESTRATION.value,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
             search_attributes=device_search_attributes(claims.tenant, "bulk-onboarding"),
-        )  # fmt: skip
+        )
         existing = False
     except WorkflowAlreadyStartedError:
         existing = True
         response.status_code = status.HTTP_200_OK
     return BulkAccepted(
-        bulk_id=bulk_id, workflow_id=wid, total=len(devices),
-        status_url=f"/v1/bulk-onboardings/{bulk_id}", temporal_ui_url=state.ui_url(wid),
+        bulk_id=bulk_id,
+        workflow_id=wid,
+        total=len(devices),
+        status_url=f"/v1/bulk-onboardings/{bulk_id}",
+        temporal_ui_url=state.ui_url(wid),
         existing=existing,
-    )  # fmt: skip
+    )
 
 
 @router.get("/v1/device-types", response_model=list[DeviceTypeView])

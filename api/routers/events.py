@@ -34,9 +34,11 @@ After = Annotated[int | None, Query(ge=0, description="the last seq (or id) of t
 def _service(state: State) -> NotificationService:
     # a thin view over the process's pool and Temporal client, with its keys and webhook policy
     return NotificationService(
-        state.pool, state.temporal, keys=payload_keys(state.settings),
+        state.pool,
+        state.temporal,
+        keys=payload_keys(state.settings),
         policy=AddressPolicy.from_settings(state.settings),
-    )  # fmt: skip
+    )
 
 
 Service = Annotated[NotificationService, Depends(_service)]

@@ -47,9 +47,17 @@ Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
 MAX_FIRMWARE_BYTES = 256 * 1024 * 1024
 
 
-@router.post("/v1/firmware", status_code=status.HTTP_201_CREATED, response_model=FirmwareView,
-             openapi_extra={"requestBody": {"content": {"application/octet-stream": {
-                 "schema": {"type": "string", "format": "binary"}}}, "required": True}})  # fmt: skip
+@router.post(
+    "/v1/firmware",
+    status_code=status.HTTP_201_CREATED,
+    response_model=FirmwareView,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+            "required": True,
+        }
+    },
+)
 async def upload_firmware(
     request: Request,
     state: State,
@@ -121,30 +129,39 @@ async def start_rollout(
         stored = "INSERT 0 1" == await state.pool.execute(
             """INSERT INTO fleetflow.claim_checks (claim_id, tenant, kind, body)
                VALUES ($1, $2, 'rollout-targets', $3) ON CONFLICT (claim_id) DO NOTHING""",
-            claim_id, claims.tenant, body.target.device_ids,
-        )  # fmt: skip
+            claim_id,
+            claims.tenant,
+            body.target.device_ids,
+        )
         inp.targets = TargetClaim(claim_id=claim_id, count=len(body.target.device_ids))
         inp.request = body.model_copy(update={"target": body.target.model_copy(update={"device_ids": None})})
     try:
         await state.temporal.start_workflow(
-            FirmwareRollout.run, inp,
-            id=wid, task_queue=TaskQueue.ORCHESTRATION.value, memo={"request_hash": digest},
+            FirmwareRollout.run,
+            inp,
+            id=wid,
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            memo={"request_hash": digest},
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
             search_attributes=device_search_attributes(claims.tenant, "rollout"),
-        )  # fmt: skip
+        )
     except WorkflowAlreadyStartedError:
         described = await state.temporal.get_workflow_handle(wid).describe()
         if await described.memo_value("request_hash", default=None) != digest:
             if stored and inp.targets is not None:  # this request's list belongs to no campaign
                 await state.pool.execute(
                     "DELETE FROM fleetflow.claim_checks WHERE claim_id = $1 AND tenant = $2",
-                    inp.targets.claim_id, claims.tenant,
-                )  # fmt: skip
+                    inp.targets.claim_id,
+                    claims.tenant,
+                )
             raise conflict(f"campaign {body.campaign_id!r} exists with another request") from None
         response.status_code = status.HTTP_200_OK
-    return {"workflow_id": wid, "status_url": f"/v1/rollouts/{body.campaign_id}",
-            "temporal_ui_url": state.ui_url(wid)}  # fmt: skip
+    return {
+        "workflow_id": wid,
+        "status_url": f"/v1/rollouts/{body.campaign_id}",
+        "temporal_ui_url": state.ui_url(wid),
+    }
 
 
 @router.get("/v1/rollouts/{campaign_id}", response_model=RolloutProgress)
@@ -235,12 +252,18 @@ async def _decommission(
         try:
             await state.temporal.start_workflow(
                 DeviceDecommission.run,
-                DecommissionInput(tenant=claims.tenant, device_id=device_id, actor=actor_of(claims),
-                                  telemetry=body.telemetry, reason=body.reason),
-                id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
+                DecommissionInput(
+                    tenant=claims.tenant,
+                    device_id=device_id,
+                    actor=actor_of(claims),
+                    telemetry=body.telemetry,
+                    reason=body.reason,
+                ),
+                id=wid,
+                task_queue=TaskQueue.ORCHESTRATION.value,
                 id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
                 search_attributes=device_search_attributes(claims.tenant, "decommission", device_id),
-            )  # fmt: skip
+            )
         except WorkflowAlreadyStartedError:
             pass  # running or done: the same retirement
     return {"device_id": device_id, "workflow_id": wid, "status_url": f"/v1/decommissions/{device_id}"}

@@ -83,9 +83,17 @@ def _problems(exc: ValidationError) -> HTTPException:
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
 
 
-@router.post("/v1/telemetry", status_code=status.HTTP_202_ACCEPTED, response_model=TelemetryAccepted,
-             openapi_extra={"requestBody": {"content": {"application/json": {
-                 "schema": body_schema(TelemetryBatch)}}, "required": True}})  # fmt: skip
+@router.post(
+    "/v1/telemetry",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=TelemetryAccepted,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": body_schema(TelemetryBatch)}},
+            "required": True,
+        }
+    },
+)
 async def ingest(request: Request, state: State, credentials: Bearer) -> TelemetryAccepted:
     """Accept a batch once it is durable; a repeated `batch_id` is acknowledged and stored once.
 
@@ -111,15 +119,24 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     prefix = f"{tenant},{batch['batch_id']},"
     for i, r in enumerate(batch["readings"]):
         if r["ts"] > latest:
-            errors.append({"loc": ["body", "readings", i, "ts"], "msg": "more than 5 minutes in the future",
-                           "type": "value_error"})  # fmt: skip
+            errors.append(
+                {
+                    "loc": ["body", "readings", i, "ts"],
+                    "msg": "more than 5 minutes in the future",
+                    "type": "value_error",
+                }
+            )
         elif r["ts"] < oldest:
             too_old = f"more than {MAX_AGE_DAYS} days old (oldest: {oldest.isoformat()})"
             errors.append({"loc": ["body", "readings", i, "ts"], "msg": too_old, "type": "value_error"})
         if device_id is not None and r["device_id"] != device_id:
-            errors.append({"loc": ["body", "readings", i, "device_id"],
-                           "msg": "a device credential may only send its own readings",
-                           "type": "value_error"})  # fmt: skip
+            errors.append(
+                {
+                    "loc": ["body", "readings", i, "device_id"],
+                    "msg": "a device credential may only send its own readings",
+                    "type": "value_error",
+                }
+            )
         devices[r["device_id"]] += 1
         # in UTC: ISO 8601 offsets up to ±23:59 (and sub-minute ones) are valid, but PostgreSQL
         # reads only ±15:59, and a batch it cannot read is a poison pill for its whole window
@@ -144,14 +161,23 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
                        (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
                    VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                    ON CONFLICT (tenant, writer, batch_id) DO NOTHING RETURNING 1""",
-                tenant, writer, batch["batch_id"], bucket, len(lines), sorted(devices), payload, digest,
-            )  # fmt: skip
+                tenant,
+                writer,
+                batch["batch_id"],
+                bucket,
+                len(lines),
+                sorted(devices),
+                payload,
+                digest,
+            )
             if inserted is None:
                 stored = await conn.fetchval(
                     """SELECT digest FROM data.ingest_batches
                        WHERE tenant = $1 AND writer = $2 AND batch_id = $3""",
-                    tenant, writer, batch["batch_id"],
-                )  # fmt: skip
+                    tenant,
+                    writer,
+                    batch["batch_id"],
+                )
             committed = True
     except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
         # a connection the server dropped after the INSERT returned fails only on its way back
@@ -161,7 +187,7 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
                 status.HTTP_503_SERVICE_UNAVAILABLE,
                 f"storage unavailable, nothing was accepted: {type(exc).__name__}",
                 {"Retry-After": "1"},
-            ) from None  # fmt: skip
+            ) from None
     if inserted is None and stored is not None and stored not in (digest, _digest_as_sent(prefix, batch)):
         # an id reused for other readings: dropping them silently would lose data
         raise conflict(
@@ -216,8 +242,9 @@ async def read_telemetry(
             f"""SELECT date_bin($7, ts, timestamptz '2000-01-01') AS ts, metric,
                        min(value) AS min, max(value) AS max, avg(value) AS avg, count(*) AS count
                 FROM data.readings WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2 LIMIT $6""",
-            *args, interval,
-        )  # fmt: skip
+            *args,
+            interval,
+        )
         points = [TelemetryPoint(**dict(r.items())) for r in rows]
     return TelemetrySeries(device_id=device_id, bucket=bucket, points=points)
 
@@ -231,8 +258,9 @@ async def quarantine(
         """SELECT device_id, reason, count(*) AS readings, max(ts) AS last_ts
            FROM data.quarantined_readings WHERE tenant = $1 AND ($2::text IS NULL OR device_id = $2)
            GROUP BY device_id, reason ORDER BY device_id, reason LIMIT 1000""",
-        claims.tenant, device_id,
-    )  # fmt: skip
+        claims.tenant,
+        device_id,
+    )
     return [QuarantineView(**dict(r.items())) for r in rows]
 
 
@@ -256,8 +284,9 @@ async def put_rule(rule_id: str, rule: Rule, state: State, claims: RuleWriter) -
     async with state.quotas.count_lock(claims.tenant, "max_rules"):
         exists = await state.pool.fetchval(
             "SELECT EXISTS (SELECT 1 FROM analytics.rules WHERE tenant = $1 AND rule_id = $2)",
-            claims.tenant, rule_id,
-        )  # fmt: skip
+            claims.tenant,
+            rule_id,
+        )
         if not exists:
             await state.quotas.check_count(claims.tenant, "max_rules")  # 403 at the rule quota
         await state.analytics.put_rule(claims.tenant, rule)

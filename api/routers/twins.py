@@ -98,10 +98,20 @@ def _version(if_match: str | None) -> int | None:
 _DOCUMENT_BODY = {"type": "object", "description": "a JSON object (twin document limits apply)"}
 
 
-@router.patch("/v1/devices/{device_id}/twin/desired", response_model=DesiredSet,
-              openapi_extra={"requestBody": {"content": {"application/json": {"schema": {
-                  **_DOCUMENT_BODY, "description": "JSON merge patch of the desired document"}}},
-                  "required": True}})  # fmt: skip
+@router.patch(
+    "/v1/devices/{device_id}/twin/desired",
+    response_model=DesiredSet,
+    openapi_extra={
+        "requestBody": {
+            "content": {
+                "application/json": {
+                    "schema": {**_DOCUMENT_BODY, "description": "JSON merge patch of the desired document"}
+                }
+            },
+            "required": True,
+        }
+    },
+)
 async def set_desired(
     device_id: str,
     request_: Request,
@@ -134,9 +144,17 @@ async def set_desired(
     return result
 
 
-@router.post("/v1/device/twin/reported", status_code=status.HTTP_202_ACCEPTED, response_model=DeltaView,
-             openapi_extra={"requestBody": {"content": {"application/json": {
-                 "schema": body_schema(ReportedBody)}}, "required": True}})  # fmt: skip
+@router.post(
+    "/v1/device/twin/reported",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=DeltaView,
+    openapi_extra={
+        "requestBody": {
+            "content": {"application/json": {"schema": body_schema(ReportedBody)}},
+            "required": True,
+        }
+    },
+)
 async def report(request: Request, state: State, device: Device) -> DeltaView:
     """The device reports what it applied; answers with what is still to do.
 

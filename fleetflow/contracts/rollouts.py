@@ -164,8 +164,17 @@ class RolloutProgress(Strict):
     """Query `progress` of FirmwareRollout."""
 
     campaign_id: str
-    status: Literal["planning", "running", "paused", "aborting", "cancelling", "rolling_back",
-                    "completed", "aborted", "cancelled"]  # fmt: skip
+    status: Literal[
+        "planning",
+        "running",
+        "paused",
+        "aborting",
+        "cancelling",
+        "rolling_back",
+        "completed",
+        "aborted",
+        "cancelled",
+    ]
     wave: int
     waves: list[int]
     total: int

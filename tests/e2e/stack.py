@@ -162,15 +162,27 @@ class Stack:
         err = self.log_dir / f"up-{self.runs}.err"
         self.logs += [out, err]
         argv = [
-            *pdeathsig_prefix(), FLEETFLOW, "up", "--data-dir", str(self.data_dir),
-            "--api-port", str(self.api_port), "--temporal-port", str(self.temporal_port),
-            "--ui-port", str(self.ui_port),
-        ]  # fmt: skip
+            *pdeathsig_prefix(),
+            FLEETFLOW,
+            "up",
+            "--data-dir",
+            str(self.data_dir),
+            "--api-port",
+            str(self.api_port),
+            "--temporal-port",
+            str(self.temporal_port),
+            "--ui-port",
+            str(self.ui_port),
+        ]
         with out.open("wb") as stdout, err.open("wb") as stderr:
             self.process = subprocess.Popen(
-                argv, stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL,
-                env=clean_env(), cwd=self.log_dir,
-            )  # fmt: skip
+                argv,
+                stdout=stdout,
+                stderr=stderr,
+                stdin=subprocess.DEVNULL,
+                env=clean_env(),
+                cwd=self.log_dir,
+            )
 
     def output(self) -> str:
         """Everything every run printed (stdout and stderr)."""

@@ -26,9 +26,16 @@ class Run:
 
     def up_args(self, *, api_port: int | None = None) -> list[str]:
         return [
-            "up", "--data-dir", str(self.data_dir), "--api-port", str(api_port or self.api_port),
-            "--temporal-port", str(self.temporal_port), "--ui-port", str(self.ui_port),
-        ]  # fmt: skip
+            "up",
+            "--data-dir",
+            str(self.data_dir),
+            "--api-port",
+            str(api_port or self.api_port),
+            "--temporal-port",
+            str(self.temporal_port),
+            "--ui-port",
+            str(self.ui_port),
+        ]
 
     def marks(self) -> tuple[str, ...]:
         """Command-line fragments by which a process of this run is known."""
@@ -47,9 +54,13 @@ def run(tmp_path: Path) -> Iterator[Run]:
 def fleetflow(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
     """Run the CLI with a clean environment plus env."""
     return subprocess.run(
-        [FLEETFLOW, *args], env=clean_env(**env), cwd=cwd,
-        capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        [FLEETFLOW, *args],
+        env=clean_env(**env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess[str]) -> str:

@@ -99,8 +99,10 @@ async def bench(stack: Stack) -> Bench:
         status_url = accepted.json()["status_url"]
         done = await eventually(
             lambda: json_of(http, status_url, headers),
-            lambda p: p.get("status") not in (None, "running"), 120, "the bulk onboarding",
-        )  # fmt: skip
+            lambda p: p.get("status") not in (None, "running"),
+            120,
+            "the bulk onboarding",
+        )
     assert done["status"] == "completed" and done["onboarded"] == len(DEVICES), done
     return Bench(dsn=stack.environ_of_worker()["DATABASE_URL"], headers=headers)
 
@@ -126,9 +128,11 @@ async def fetch(dsn: str, sql: str, *args: object) -> list[asyncpg.Record]:
 async def statuses(dsn: str, batch_ids: list[str]) -> dict[str, str]:
     """The data.ingest_batches status of each of batch_ids that is there."""
     rows = await fetch(
-        dsn, "SELECT batch_id, status FROM data.ingest_batches WHERE tenant = $1 AND batch_id = ANY($2)",
-        TENANT, batch_ids,
-    )  # fmt: skip
+        dsn,
+        "SELECT batch_id, status FROM data.ingest_batches WHERE tenant = $1 AND batch_id = ANY($2)",
+        TENANT,
+        batch_ids,
+    )
     return {r["batch_id"]: r["status"] for r in rows}
 
 
@@ -187,10 +191,14 @@ class Sender:
         """Batch n: distinct timestamps, every value n."""
         batch_id = f"{self.metric}-{n:06d}"
         readings = [
-            {"device_id": DEVICES[(n + i) % len(DEVICES)], "metric": self.metric, "value": float(n),
-             "ts": (self.start + timedelta(microseconds=n * READINGS + i)).isoformat()}
+            {
+                "device_id": DEVICES[(n + i) % len(DEVICES)],
+                "metric": self.metric,
+                "value": float(n),
+                "ts": (self.start + timedelta(microseconds=n * READINGS + i)).isoformat(),
+            }
             for i in range(READINGS)
-        ]  # fmt: skip
+        ]
         return batch_id, json.dumps({"batch_id": batch_id, "readings": readings}).encode()
 
     async def post(self, batch_id: str, body: bytes) -> bool:
@@ -277,9 +285,11 @@ async def check_exactly_once(dsn: str, sender: Sender) -> None:
     missing = sorted(set(acked) - set(present))
     assert missing == [], f"{len(missing)} acknowledged batches missing: {missing[:5]}"
     extra = await fetch(
-        dsn, "SELECT batch_id FROM data.ingest_batches WHERE tenant = $1 AND batch_id LIKE $2",
-        TENANT, f"{sender.metric}-%",
-    )  # fmt: skip
+        dsn,
+        "SELECT batch_id FROM data.ingest_batches WHERE tenant = $1 AND batch_id LIKE $2",
+        TENANT,
+        f"{sender.metric}-%",
+    )
     assert sorted(r["batch_id"] for r in extra) == acked
 
     async def pending() -> dict[str, str]:
@@ -290,19 +300,23 @@ async def check_exactly_once(dsn: str, sender: Sender) -> None:
     assert left == {}
 
     rows = await fetch(
-        dsn, """SELECT value::bigint AS n, count(*) AS readings FROM data.readings
+        dsn,
+        """SELECT value::bigint AS n, count(*) AS readings FROM data.readings
                 WHERE tenant = $1 AND metric = $2 GROUP BY 1""",
-        TENANT, sender.metric,
-    )  # fmt: skip
+        TENANT,
+        sender.metric,
+    )
     stored = {f"{sender.metric}-{r['n']:06d}": int(r["readings"]) for r in rows}
     assert sum(stored.values()) == sum(sender.acked.values())
     wrong = {b: (stored.get(b, 0), n) for b, n in sender.acked.items() if stored.get(b, 0) != n}
     assert wrong == {}, f"(stored, acknowledged) readings of {len(wrong)} batches: {list(wrong.items())[:5]}"
     assert set(stored) == set(acked)
     quarantined = await fetch(
-        dsn, "SELECT count(*) AS n FROM data.quarantined_readings WHERE tenant = $1 AND metric = $2",
-        TENANT, sender.metric,
-    )  # fmt: skip
+        dsn,
+        "SELECT count(*) AS n FROM data.quarantined_readings WHERE tenant = $1 AND metric = $2",
+        TENANT,
+        sender.metric,
+    )
     assert quarantined[0]["n"] == 0
 
 

@@ -94,8 +94,11 @@ async def test_up_becomes_healthy_and_check_passes(stack: Stack) -> None:
         [FLEETFLOW, "check", "--timeout", "30"],
         # the platform's keys: a check signed with other keys is refused (tested below)
         env=clean_env(TEMPORAL_ADDRESS=stack.temporal_address, FLEETFLOW_DATA_DIR=str(stack.data_dir)),
-        capture_output=True, text=True, timeout=120, cwd=stack.log_dir,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=stack.log_dir,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
     assert "Traceback" not in check.stderr
     lines = check.stdout.splitlines()
@@ -110,8 +113,11 @@ async def test_up_becomes_healthy_and_check_passes(stack: Stack) -> None:
         subprocess.run,
         [FLEETFLOW, "check", "--timeout", "10"],
         env=clean_env(TEMPORAL_ADDRESS=stack.temporal_address),
-        capture_output=True, text=True, timeout=120, cwd=stack.log_dir,
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=stack.log_dir,
+    )
     assert stranger.returncode == 1, stranger.stdout + stranger.stderr
     # its payloads are sealed with its own key: the workers cannot read them, and it is told so
     assert "payload key" in stranger.stdout and "FLEETFLOW_KEYS_DIR" in stranger.stdout, stranger.stdout
@@ -135,10 +141,13 @@ async def test_worker_killed_during_system_check_is_replaced(stack: Stack, tempo
     await stack.wait_healthy()
     victim = stack.worker("device")
     handle = await temporal.start_workflow(
-        "SystemCheck", SystemCheckRequest(timeout_s=60, hold_ms=4000),
-        id=f"e2e-system-check-{uuid.uuid4()}", task_queue="orchestration",
-        result_type=SystemCheckResult, execution_timeout=timedelta(seconds=90),
-    )  # fmt: skip
+        "SystemCheck",
+        SystemCheckRequest(timeout_s=60, hold_ms=4000),
+        id=f"e2e-system-check-{uuid.uuid4()}",
+        task_queue="orchestration",
+        result_type=SystemCheckResult,
+        execution_timeout=timedelta(seconds=90),
+    )
 
     async def device_ping_started() -> bool:
         description = await handle.describe()
@@ -179,8 +188,10 @@ async def test_onboarding_survives_killed_workers(stack: Stack, shared: dict[str
 
         waiting = await eventually(
             lambda: json_of(http, status_url, admin),
-            lambda p: p.get("status") == "awaiting_first_contact", 60, "awaiting_first_contact",
-        )  # fmt: skip
+            lambda p: p.get("status") == "awaiting_first_contact",
+            60,
+            "awaiting_first_contact",
+        )
         credential = waiting["credential"]
         assert credential
 
@@ -198,8 +209,10 @@ async def test_onboarding_survives_killed_workers(stack: Stack, shared: dict[str
 
         done = await eventually(
             lambda: json_of(http, status_url, admin),
-            lambda p: p.get("status") in ("completed", "failed", "compensated"), 120, "completed",
-        )  # fmt: skip
+            lambda p: p.get("status") in ("completed", "failed", "compensated"),
+            120,
+            "completed",
+        )
         assert done["status"] == "completed", done
         assert done["compensations"] == [], done
         device = await http.get(f"/v1/devices/{device_id}", headers=admin)
@@ -260,14 +273,20 @@ async def test_campaign_survives_killed_workers_and_updates_each_device_once(sta
     devices = [{"device_id": f"{prefix}-{i:02d}", "device_type": "sensor"} for i in range(16)]
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=60) as http:
         bulk = (await http.post("/v1/devices:bulk", json={"devices": devices}, headers=admin)).json()
-        await eventually(lambda: json_of(http, bulk["status_url"], admin),
-                         lambda p: p.get("status") == "completed", 60, "bulk onboarding")  # fmt: skip
+        await eventually(
+            lambda: json_of(http, bulk["status_url"], admin),
+            lambda p: p.get("status") == "completed",
+            60,
+            "bulk onboarding",
+        )
         rows = (await http.get(f"/v1/bulk-onboardings/{bulk['bulk_id']}/credentials", headers=admin)).text
         creds = dict(line.split(",", 1) for line in rows.strip().splitlines()[1:])
         upload = await http.post(
-            "/v1/firmware", params={"device_type": "sensor", "version": "7.0.0"}, content=b"e2e-image",
+            "/v1/firmware",
+            params={"device_type": "sensor", "version": "7.0.0"},
+            content=b"e2e-image",
             headers={**admin, "Content-Type": "application/octet-stream"},
-        )  # fmt: skip
+        )
         assert upload.status_code in (200, 201), upload.text
         campaign = f"{prefix}-c"
         policy = {"canary": 2, "growth": 2, "rate_per_minute": 60, "abort_min_finished": 100}
@@ -293,8 +312,10 @@ async def test_campaign_survives_killed_workers_and_updates_each_device_once(sta
         status_url = f"/v1/rollouts/{campaign}"
         await eventually(
             lambda: json_of(http, status_url, admin),
-            lambda p: p.get("counts", {}).get("succeeded", 0) >= 3, 60, "three updated",
-        )  # fmt: skip
+            lambda p: p.get("counts", {}).get("succeeded", 0) >= 3,
+            60,
+            "three updated",
+        )
         victims = [stack.worker("orchestration"), stack.worker("device")]
         for victim in victims:
             victim.send_signal(signal.SIGKILL)
@@ -302,8 +323,10 @@ async def test_campaign_survives_killed_workers_and_updates_each_device_once(sta
             await replaced(stack, queue, victim)
         done = await eventually(
             lambda: json_of(http, status_url, admin),
-            lambda p: p.get("status") == "completed", 120, "campaign",
-        )  # fmt: skip
+            lambda p: p.get("status") == "completed",
+            120,
+            "campaign",
+        )
         stop.set()
         await answering
     assert done["counts"] == {"succeeded": 16}
@@ -354,9 +377,13 @@ async def stop_and_check_nothing_survives(stack: Stack) -> None:
 def keys_cli(stack: Stack, *args: str) -> str:
     """Run `fleetflow keys|token ...` on the stack's data directory, as an operator would."""
     result = subprocess.run(
-        [FLEETFLOW, *args], env=clean_env(FLEETFLOW_DATA_DIR=str(stack.data_dir)),
-        capture_output=True, text=True, timeout=60, cwd=stack.log_dir,
-    )  # fmt: skip
+        [FLEETFLOW, *args],
+        env=clean_env(FLEETFLOW_DATA_DIR=str(stack.data_dir)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=stack.log_dir,
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -378,8 +405,10 @@ async def test_key_rotation_keeps_old_tokens_until_the_key_is_retired(stack: Sta
         assert (await http.post("/v1/devices", json=body, headers=headers)).status_code == 202
         await eventually(
             lambda: json_of(http, f"/v1/onboardings/{device_id}", headers),
-            lambda p: p.get("status") == "awaiting_first_contact", 60, "onboarding after rotation",
-        )  # fmt: skip
+            lambda p: p.get("status") == "awaiting_first_contact",
+            60,
+            "onboarding after rotation",
+        )
         return device_id
 
     async with httpx.AsyncClient(base_url=stack.api_url, timeout=30) as http:
@@ -428,8 +457,10 @@ async def test_sigint_stops_everything_and_restart_reuses_data(stack: Stack, sha
         assert device.json()["status"] == "active"
         progress = await eventually(
             lambda: json_of(http, f"/v1/onboardings/{device_id}", admin),
-            lambda p: "_status" not in p, 60, "onboarding progress",
-        )  # fmt: skip
+            lambda p: "_status" not in p,
+            60,
+            "onboarding progress",
+        )
         assert progress["status"] == "completed", progress
 
     client = await stack.temporal_client()

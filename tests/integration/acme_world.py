@@ -177,8 +177,13 @@ async def acme_world(api: httpx.AsyncClient, pool: Pool, client: Client) -> Asyn
     device, credential = await active_device(api, tags=[tag])
     ids["device"] = device
     ids["rule"] = f"iso-{uuid.uuid4().hex[:8]}"
-    rule = {"rule_id": ids["rule"], "device_type": "thermostat", "metric": metric, "kind": "threshold",
-            "params": {"above": 30, "clear_above": 28}}  # fmt: skip
+    rule = {
+        "rule_id": ids["rule"],
+        "device_type": "thermostat",
+        "metric": metric,
+        "kind": "threshold",
+        "params": {"above": 30, "clear_above": 28},
+    }
     assert (await api.put(f"/v1/rules/{ids['rule']}", json=rule, headers=AUTH)).status_code == 200
     assert (
         await api.patch(f"/v1/devices/{device}/twin/desired", json={"target_c": 22}, headers=AUTH)
@@ -256,9 +261,14 @@ async def acme_world(api: httpx.AsyncClient, pool: Pool, client: Client) -> Asyn
 
     # a webhook nobody answers, and its dead letter
     sub = await subscribe(
-        api, AUTH, f"http://127.0.0.1:{free_port()}/hook", event_types=[PROBE], max_attempts=1,
-        backoff_s=1, max_backoff_s=1,
-    )  # fmt: skip
+        api,
+        AUTH,
+        f"http://127.0.0.1:{free_port()}/hook",
+        event_types=[PROBE],
+        max_attempts=1,
+        backoff_s=1,
+        max_backoff_s=1,
+    )
     ids["subscription"] = sub["subscription_id"]
     await NotificationService(pool, client).record_events(probe_events("acme", device, 1, kind=PROBE))
 

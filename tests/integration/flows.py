@@ -65,8 +65,15 @@ async def fleet(
 ) -> dict[str, str]:
     """Bulk-onboard `count` sensors (of auth's tenant); their credentials by device id."""
     prefix = f"fw-{uuid.uuid4().hex[:6]}"
-    devices = [{"device_id": f"{prefix}-{i:03d}", "device_type": "sensor", "firmware_version": "1.0.0",
-                "tags": tags or []} for i in range(count)]  # fmt: skip
+    devices = [
+        {
+            "device_id": f"{prefix}-{i:03d}",
+            "device_type": "sensor",
+            "firmware_version": "1.0.0",
+            "tags": tags or [],
+        }
+        for i in range(count)
+    ]
     bulk = (await api.post("/v1/devices:bulk", json={"devices": devices}, headers=auth)).json()
 
     async def done() -> str:
@@ -82,14 +89,20 @@ async def upload(
 ) -> httpx.Response:
     """Upload a sensor firmware image."""
     return await api.post(
-        "/v1/firmware", params={"device_type": "sensor", "version": version}, content=image,
+        "/v1/firmware",
+        params={"device_type": "sensor", "version": version},
+        content=image,
         headers={**auth, "Content-Type": "application/octet-stream"},
-    )  # fmt: skip
+    )
 
 
 def campaign_body(campaign: str, version: str, ids: list[str], **policy: Any) -> dict[str, Any]:
     """A rollout request of the sensor firmware `version` to the devices `ids`."""
     policy.setdefault("rate_per_minute", 60000)
     policy.setdefault("abort_min_finished", 100)
-    return {"campaign_id": campaign, "firmware_id": f"sensor-{version}", "target": {"device_ids": ids},
-            "policy": policy}  # fmt: skip
+    return {
+        "campaign_id": campaign,
+        "firmware_id": f"sensor-{version}",
+        "target": {"device_ids": ids},
+        "policy": policy,
+    }

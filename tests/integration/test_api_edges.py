@@ -36,9 +36,13 @@ async def server(settings: Settings, client: Client, workers: None) -> AsyncIter
     """The API under uvicorn (as `fleetflow api` runs it) on a free port; its base URL."""
     port = free_port()
     config = uvicorn.Config(
-        create_app(settings, client), host="127.0.0.1", port=port, lifespan="on", log_config=None,
+        create_app(settings, client),
+        host="127.0.0.1",
+        port=port,
+        lifespan="on",
+        log_config=None,
         access_log=False,
-    )  # fmt: skip
+    )
     uv = uvicorn.Server(config)
     task = asyncio.create_task(uv.serve())
     await eventually(lambda: asyncio.sleep(0, uv.started or task.done()), bool)
@@ -116,8 +120,14 @@ async def test_every_error_is_a_problem(api: httpx.AsyncClient) -> None:
         "bad field": await api.post("/v1/devices", json={"device_id": "bad id!"}, headers=bearer()),
         "too large": await api.post("/v1/devices", content=b" " * (MIB + 1), headers=bearer()),
     }
-    expected = {"unknown route": 404, "wrong method": 405, "no token": 401, "no scope": 403,
-                "bad field": 422, "too large": 413}  # fmt: skip
+    expected = {
+        "unknown route": 404,
+        "wrong method": 405,
+        "no token": 401,
+        "no scope": 403,
+        "bad field": 422,
+        "too large": 413,
+    }
     for name, response in cases.items():
         assert response.status_code == expected[name], (name, response.text)
         assert response.headers["content-type"] == "application/problem+json", name
@@ -201,8 +211,10 @@ async def test_a_revoked_token_is_refused_everywhere_at_once(
     )
     sibling = bearer()  # another token of the same tenant
     headers = {"Authorization": f"Bearer {token}"}
-    reading = {"batch_id": "b-revoked", "readings": [{"device_id": "nobody", "metric": "t", "value": 1,
-                                                      "ts": "2026-01-01T00:00:00Z"}]}  # fmt: skip
+    reading = {
+        "batch_id": "b-revoked",
+        "readings": [{"device_id": "nobody", "metric": "t", "value": 1, "ts": "2026-01-01T00:00:00Z"}],
+    }
 
     async def devices() -> int:
         return (await api.get("/v1/devices", headers=headers)).status_code
@@ -251,8 +263,9 @@ async def test_a_revocation_names_its_tenant(api: httpx.AsyncClient, settings: S
     jti = "shared-jti-0001"
 
     def token(tenant: str) -> dict[str, str]:
-        made = issue_token(TEST_KEYS, subject="ops", tenant=tenant, scopes=["devices:read"],
-                           ttl=timedelta(hours=1), jti=jti)  # fmt: skip
+        made = issue_token(
+            TEST_KEYS, subject="ops", tenant=tenant, scopes=["devices:read"], ttl=timedelta(hours=1), jti=jti
+        )
         return {"Authorization": f"Bearer {made}"}
 
     assert await revoke_token_command(settings, _revoke_args(jti, tenant="acme")) == 0
@@ -263,8 +276,14 @@ async def test_a_revocation_names_its_tenant(api: httpx.AsyncClient, settings: S
 async def test_a_token_without_an_id_is_refused(api: httpx.AsyncClient) -> None:
     """A token without a jti could never be revoked."""
     key = TEST_KEYS.signing_key()
-    claims = {"iss": "fleetflow", "aud": "fleetflow-api", "sub": "ops", "tenant": "acme",
-              "scopes": ["devices:read"], "exp": 4_000_000_000}  # fmt: skip
+    claims = {
+        "iss": "fleetflow",
+        "aud": "fleetflow-api",
+        "sub": "ops",
+        "tenant": "acme",
+        "scopes": ["devices:read"],
+        "exp": 4_000_000_000,
+    }
     pem = key.private_key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )

@@ -68,9 +68,12 @@ def start_api(settings: Settings, port: int, log: Path) -> subprocess.Popen[byte
     """A `fleetflow api` process with the session's settings on port, its output into log."""
     with log.open("wb") as out:
         return subprocess.Popen(
-            [*pdeathsig_prefix(), FLEETFLOW, "api"], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=api_environment(settings, port),
-        )  # fmt: skip
+            [*pdeathsig_prefix(), FLEETFLOW, "api"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=api_environment(settings, port),
+        )
 
 
 @pytest.fixture(scope="module")

@@ -33,8 +33,11 @@ def _b64(data: bytes) -> str:
 
 def _token(ring: KeyRing = TEST_KEYS, **overrides: object) -> str:
     args: dict[str, object] = {
-        "subject": "op", "tenant": "acme", "scopes": sorted(SCOPES), "ttl": timedelta(minutes=5),
-    }  # fmt: skip
+        "subject": "op",
+        "tenant": "acme",
+        "scopes": sorted(SCOPES),
+        "ttl": timedelta(minutes=5),
+    }
     return issue_token(ring, **(args | overrides))  # type: ignore[arg-type]
 
 

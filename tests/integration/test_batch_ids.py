@@ -30,9 +30,11 @@ async def test_a_device_cannot_squat_another_devices_batch_ids(api: httpx.AsyncC
 
     # B's three readings and the operator's one are stored; globex has no device B: quarantined
     async def quarantined() -> int:
-        return int(await pool.fetchval(
-            "SELECT count(*) FROM data.quarantined_readings WHERE tenant = 'globex' AND device_id = $1", b
-        ))  # fmt: skip
+        return int(
+            await pool.fetchval(
+                "SELECT count(*) FROM data.quarantined_readings WHERE tenant = 'globex' AND device_id = $1", b
+            )
+        )
 
     await eventually(quarantined, lambda n: n == 1)
     assert await eventually(lambda: stored(pool, b), lambda n: n >= 4) == 4

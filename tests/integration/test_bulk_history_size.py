@@ -31,8 +31,13 @@ def largest_body(prefix: str, firmware: str) -> bytes:
 
     def device(i: int, note: str) -> dict[str, Any]:
         device_id = f"{prefix}-{i:05d}-".ljust(128, "x")
-        return {"device_id": device_id, "device_type": "sensor", "firmware_version": firmware,
-                "tags": ["t" * 64], "metadata": {"note": note}}  # fmt: skip
+        return {
+            "device_id": device_id,
+            "device_type": "sensor",
+            "firmware_version": firmware,
+            "tags": ["t" * 64],
+            "metadata": {"note": note},
+        }
 
     bare = len(json.dumps({"devices": [device(i, "") for i in range(MAX_BULK_DEVICES)]}).encode())
     room = (MAX_BULK_BYTES - bare) // MAX_BULK_DEVICES

@@ -101,8 +101,10 @@ async def test_csv_import_and_its_bad_rows(api: httpx.AsyncClient, pool: Pool) -
     assert refused.status_code == 422 and refused.json()["errors"][0]["loc"][2] == 1
     stored = await pool.fetchval(
         "SELECT count(*) FROM device.devices WHERE device_id IN ($1, $2, $3)",
-        f"{prefix}-x", f"{prefix}-y", f"{prefix}-z",
-    )  # fmt: skip
+        f"{prefix}-x",
+        f"{prefix}-y",
+        f"{prefix}-z",
+    )
     assert stored == 0
 
 

@@ -27,8 +27,9 @@ class CountingCheck:
         self.calls += 1
         row = await self.pool.fetchval(
             "SELECT revoked_at IS NULL FROM device.credentials WHERE jti = $1 AND device_id = $2",
-            jti, device_id,
-        )  # fmt: skip
+            jti,
+            device_id,
+        )
         if self.gate is not None:
             await self.gate.wait()
         return bool(row)

@@ -26,9 +26,12 @@ async def test_a_nullable_type_onboards_and_every_keyword_is_enforced(api: httpx
     device_id, _ = await active_device(api, device_type=name, config={"label": None, "channels": [1]})
 
     for config, field in [
-        ({"label": "ABC"}, "label"), ({"label": 5}, "label"), ({"channels": []}, "channels"),
-        ({"gain": 0}, "gain"), ({"mode": "manual"}, "mode"),
-    ]:  # fmt: skip
+        ({"label": "ABC"}, "label"),
+        ({"label": 5}, "label"),
+        ({"channels": []}, "channels"),
+        ({"gain": 0}, "gain"),
+        ({"mode": "manual"}, "mode"),
+    ]:
         body = {"device_id": new_id(), "device_type": name, "config": config}
         refused = await api.post("/v1/devices", json=body, headers=AUTH)
         assert refused.status_code == 422, (config, refused.text)

@@ -199,9 +199,14 @@ async def test_unreachable_webhook_is_retried_dead_lettered_and_redelivered_when
     tenant, auth = new_tenant()
     port = free_port()  # nothing listens here yet
     sub = await subscribe(
-        api, auth, f"http://127.0.0.1:{port}/hook", event_types=["Probe"], max_attempts=3,
-        backoff_s=1, max_backoff_s=1,
-    )  # fmt: skip
+        api,
+        auth,
+        f"http://127.0.0.1:{port}/hook",
+        event_types=["Probe"],
+        max_attempts=3,
+        backoff_s=1,
+        max_backoff_s=1,
+    )
     service = NotificationService(pool, client)
     first = probe_events(tenant, "dev-1", 1)
     await service.record_events(first)
@@ -249,11 +254,13 @@ async def test_delivery_loop_continues_as_new_and_keeps_order(
         wid = delivery_workflow_id(tenant, sub["subscription_id"])
         handle = await client.start_workflow(
             EventDelivery.run,
-            DeliveryInput(tenant=tenant, subscription_id=sub["subscription_id"], idle_poll_s=1,
-                          history_limit=50),
-            id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
+            DeliveryInput(
+                tenant=tenant, subscription_id=sub["subscription_id"], idle_poll_s=1, history_limit=50
+            ),
+            id=wid,
+            task_queue=TaskQueue.ORCHESTRATION.value,
             id_conflict_policy=WorkflowIDConflictPolicy.TERMINATE_EXISTING,
-        )  # fmt: skip
+        )
         for n in range(1, 9):
             await service.record_events(probe_events(tenant, "dev-1", 1, kind=f"Step{n}"))
             await eventually(hook.received, has(n))

@@ -90,8 +90,12 @@ async def _acknowledged(pool: Pool, batch_id: str, bucket: int, device_id: str, 
     await pool.execute(
         """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
            VALUES ('acme', $1, $2, $3, $4, $5)""",
-        batch_id, bucket, payload.count(b"\n"), [device_id], payload,
-    )  # fmt: skip
+        batch_id,
+        bucket,
+        payload.count(b"\n"),
+        [device_id],
+        payload,
+    )
 
 
 async def test_poison_pills_are_quarantined_with_their_reason_and_the_shard_goes_on(
@@ -142,8 +146,10 @@ async def test_poison_pills_are_quarantined_with_their_reason_and_the_shard_goes
     assert done[f"{tag}-unreadable"][0] == "quarantined"
     assert "InvalidTextRepresentation" in str(done[f"{tag}-unreadable"][1])
     assert {k: v[0] for k, v in done.items() if k != f"{tag}-unreadable"} == {
-        f"{tag}-warmup": "stored", f"{tag}-ts": "stored", f"{tag}-overflow": "stored"
-    }  # fmt: skip
+        f"{tag}-warmup": "stored",
+        f"{tag}-ts": "stored",
+        f"{tag}-overflow": "stored",
+    }
     assert await stored(pool, sick) == 3  # the warm-up; the out-of-bounds rows are set aside
 
     view: list[dict[str, Any]] = (
@@ -203,8 +209,11 @@ async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is
         """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
                window_id)
            VALUES ('acme', $1, 0, 2, $2, $3, 'claimed', $4)""",
-        f"dead-{dead_run}", [device_id], payload, f"ingest-0/{dead_run}/999",
-    )  # fmt: skip
+        f"dead-{dead_run}",
+        [device_id],
+        payload,
+        f"ingest-0/{dead_run}/999",
+    )
     expected[device_id] += 2
     # and a window it had stored but whose events it never recorded
     orphan = f"ingest-0/{dead_run}/998"
@@ -222,10 +231,12 @@ async def test_a_terminated_shard_is_restarted_and_every_acknowledged_reading_is
     described = await shard.describe()
     assert described.run_id != dead_run and described.status == WorkflowExecutionStatus.RUNNING
     finished = await eventually(
-        lambda: pool.fetchval("SELECT count(*) FROM notification.events WHERE event_id = $1",
-                              f"{orphan}/acme/TelemetryStored"),
-        lambda n: n == 1, timeout_s=SLOW,
-    )  # fmt: skip
+        lambda: pool.fetchval(
+            "SELECT count(*) FROM notification.events WHERE event_id = $1", f"{orphan}/acme/TelemetryStored"
+        ),
+        lambda n: n == 1,
+        timeout_s=SLOW,
+    )
     assert finished == 1
 
 
@@ -235,8 +246,14 @@ async def test_a_batch_spanning_the_whole_accepted_range_is_stored_and_older_is_
     device_id, credential = await active_device(api, device_type="sensor")
     me = device_auth(credential)
     now = datetime.now(UTC)
-    too_old = [{"device_id": device_id, "ts": (now - timedelta(days=MAX_AGE_DAYS + 1)).isoformat(),
-                "metric": "span", "value": 1.0}]  # fmt: skip
+    too_old = [
+        {
+            "device_id": device_id,
+            "ts": (now - timedelta(days=MAX_AGE_DAYS + 1)).isoformat(),
+            "metric": "span",
+            "value": 1.0,
+        }
+    ]
     refused = await send(api, me, too_old)
     assert refused.status_code == 422 and refused.json()["errors"][0]["loc"] == ["body", "readings", 0, "ts"]
 
@@ -260,15 +277,20 @@ async def test_a_window_is_capped_in_bytes_as_well_as_readings(pool: Pool) -> No
         await pool.execute(
             """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
                VALUES ('acme', $1, -1, 5000, ARRAY['x'], $2)""",
-            f"{tag}-{n}", big,
-        )  # fmt: skip
+            f"{tag}-{n}",
+            big,
+        )
     service = DataService(pool)
     windows = []
     for n in range(3):
         request = ClaimWindow(
-            window_id=f"{tag}/{n}", shard=-1, shards=3, max_readings=1_000_000, max_wait_ms=10,
+            window_id=f"{tag}/{n}",
+            shard=-1,
+            shards=3,
+            max_readings=1_000_000,
+            max_wait_ms=10,
             max_bytes=len(big) * 2 - 1,
-        )  # fmt: skip
+        )
         windows.append(await service.claim_window(request))
     assert [(w.batches, w.bytes) for w in windows] == [(1, len(big)), (1, len(big)), (1, len(big))]
     await pool.execute("DELETE FROM data.ingest_batches WHERE batch_id LIKE $1", f"{tag}-%")
@@ -277,8 +299,13 @@ async def test_a_window_is_capped_in_bytes_as_well_as_readings(pool: Pool) -> No
 async def test_a_series_the_rules_cannot_evaluate_is_skipped_with_an_event_at_the_last_resort(
     api: httpx.AsyncClient, pool: Pool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    rule = {"rule_id": "odd-hot", "device_type": "sensor", "metric": "odd", "kind": "threshold",
-            "params": {"above": 5}}  # fmt: skip
+    rule = {
+        "rule_id": "odd-hot",
+        "device_type": "sensor",
+        "metric": "odd",
+        "kind": "threshold",
+        "params": {"above": 5},
+    }
     assert (await api.put("/v1/rules/odd-hot", json=rule, headers=AUTH)).status_code == 200
     first, _ = await active_device(api, device_type="sensor")
     second, _ = await active_device(api, device_type="sensor")
@@ -287,8 +314,11 @@ async def test_a_series_the_rules_cannot_evaluate_is_skipped_with_an_event_at_th
     for device_id, value in ((first, 9.0), (second, 9.0)):
         await pool.execute(
             "INSERT INTO data.window_stats VALUES ($1, 'acme', $2, 'odd', 1, $3, 0, $3, $3, $4, $3, $4, $3)",
-            window_id, device_id, value, now,
-        )  # fmt: skip
+            window_id,
+            device_id,
+            value,
+            now,
+        )
     real = rules.evaluate
     service = analytics.AnalyticsService(pool)
     # an attempt before the last resort fails the whole window, as before
@@ -350,8 +380,10 @@ async def _claimed(pool: Pool, tenant: str, window_id: str, ts: datetime) -> Non
         """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
                window_id)
            VALUES ($1, 'same-id', -1, 1, ARRAY['same-device'], $2, 'claimed', $3)""",
-        tenant, f"{tenant},same-id,same-device,lock,{ts.isoformat()},1.0\n".encode(), window_id,
-    )  # fmt: skip
+        tenant,
+        f"{tenant},same-id,same-device,lock,{ts.isoformat()},1.0\n".encode(),
+        window_id,
+    )
 
 
 async def test_a_store_held_up_in_one_shard_holds_up_no_other_shards_store(
@@ -404,10 +436,14 @@ async def test_timestamps_with_any_accepted_utc_offset_are_stored_not_made_poiso
     device_id, credential = await active_device(api, device_type="sensor")
     now = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
     rows = [
-        {"device_id": device_id, "ts": (now + timedelta(seconds=i)).astimezone(timezone(offset)).isoformat(),
-         "metric": "tz", "value": float(i)}
+        {
+            "device_id": device_id,
+            "ts": (now + timedelta(seconds=i)).astimezone(timezone(offset)).isoformat(),
+            "metric": "tz",
+            "value": float(i),
+        }
         for i, offset in enumerate((timedelta(hours=20), -timedelta(hours=23, minutes=59), timedelta(0)))
-    ]  # fmt: skip
+    ]
     batch_id = f"tz-{uuid.uuid4().hex[:8]}"
     assert (await send(api, device_auth(credential), rows, batch_id)).status_code == 202
 
@@ -433,8 +469,12 @@ async def test_a_batch_accepted_with_its_offsets_as_sent_is_a_duplicate_when_rep
         """INSERT INTO data.ingest_batches (tenant, writer, batch_id, bucket, readings, device_ids, payload,
                digest, status)
            VALUES ('acme', $1, $2, -1, 1, $3, $4, $5, 'stored')""",
-        f"device:{device_id}", batch_id, [device_id], payload, hashlib.sha256(payload).digest(),
-    )  # fmt: skip
+        f"device:{device_id}",
+        batch_id,
+        [device_id],
+        payload,
+        hashlib.sha256(payload).digest(),
+    )
     rows = [{"device_id": device_id, "ts": ts.isoformat(), "metric": "tz", "value": 1.5}]
     again = await send(api, device_auth(credential), rows, batch_id)
     assert again.status_code == 202 and again.json()["duplicate"] is True, again.text
@@ -448,18 +488,27 @@ async def test_the_most_extreme_accepted_values_are_stored_and_analysed_without_
     # the largest batch of the largest values the API accepts, alternating in sign a microsecond
     # apart (var_pop, the EWMA variance, z-scores and rates at their largest), and subnormals
     for kind, params in (("zscore", {"z": 3, "min_samples": 1}), ("rate", {"max_per_s": 10})):
-        rule = {"rule_id": f"huge-{kind}", "device_type": "sensor", "metric": "huge", "kind": kind,
-                "params": params}  # fmt: skip
+        rule = {
+            "rule_id": f"huge-{kind}",
+            "device_type": "sensor",
+            "metric": "huge",
+            "kind": kind,
+            "params": params,
+        }
         assert (await api.put(f"/v1/rules/huge-{kind}", json=rule, headers=AUTH)).status_code == 200
     device_id, credential = await active_device(api, device_type="sensor")
     start = datetime.now(UTC) - timedelta(minutes=2)
     values = [MAX_ABS_VALUE * (-1) ** i for i in range(MAX_BATCH_READINGS - 2)] + [5e-324, -5e-324]
     for n in range(2):  # the second batch meets the first one's series state
         rows = [
-            {"device_id": device_id, "ts": (start + timedelta(seconds=n, microseconds=i)).isoformat(),
-             "metric": "huge", "value": v}
+            {
+                "device_id": device_id,
+                "ts": (start + timedelta(seconds=n, microseconds=i)).isoformat(),
+                "metric": "huge",
+                "value": v,
+            }
             for i, v in enumerate(values)
-        ]  # fmt: skip
+        ]
         batch_id = uuid.uuid4().hex
         answer = await send(api, device_auth(credential), rows, batch_id)
         if answer.status_code == 429:  # the device's readings/s: once more after Retry-After
@@ -498,11 +547,13 @@ async def test_a_batch_quarantined_by_a_run_that_died_before_recording_gets_its_
         """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload, status,
                window_id, reason, quarantined_at)
            VALUES ('acme', $1, -1, 1, ARRAY['ghost'], NULL, 'quarantined', $2, 'test: poison', now())""",
-        f"dead-{tag}", window_id,
-    )  # fmt: skip
+        f"dead-{tag}",
+        window_id,
+    )
     event_id = f"{window_id}/acme/dead-{tag}/BatchQuarantined"
     recorded = await eventually(
         lambda: pool.fetchval("SELECT count(*) FROM notification.events WHERE event_id = $1", event_id),
-        lambda n: n == 1, timeout_s=SLOW,
-    )  # fmt: skip
+        lambda n: n == 1,
+        timeout_s=SLOW,
+    )
     assert recorded == 1

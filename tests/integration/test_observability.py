@@ -109,10 +109,14 @@ async def test_one_onboarding_is_one_trace_down_to_the_sql(
         async def finished() -> Tree:  # the delivery's spans end a moment after the POST
             return Tree(recorded.get_finished_spans())
 
-        tree = await eventually(finished, lambda t: any(
-            c.name == "POST" for s in t.named("RunActivity:notification.deliver_pending")
-            for c in t.children(s)
-        ))  # fmt: skip
+        tree = await eventually(
+            finished,
+            lambda t: any(
+                c.name == "POST"
+                for s in t.named("RunActivity:notification.deliver_pending")
+                for c in t.children(s)
+            ),
+        )
         (
             await api.delete(f"/v1/subscriptions/{subscription['subscription_id']}", headers=auth)
         ).raise_for_status()
@@ -141,9 +145,10 @@ async def test_one_onboarding_is_one_trace_down_to_the_sql(
     nudge = tree.one("SignalWithStartWorkflow:EventDelivery", trace_id)
     assert tree.parent(nudge) is recorded_events
     delivery = next(
-        s for s in tree.named("RunActivity:notification.deliver_pending")
+        s
+        for s in tree.named("RunActivity:notification.deliver_pending")
         if any(c.name == "POST" for c in tree.children(s))
-    )  # fmt: skip
+    )
     assert tree.parent(delivery) is None and trace_of(delivery) != trace_id
     post = next(c for c in tree.children(delivery) if c.name == "POST")
     assert (
@@ -177,9 +182,10 @@ async def test_ingestion_is_acknowledged_in_one_trace_and_stored_in_others(
     # not by children of a shard workflow whose trace would never end
     assert not tree.named("RunWorkflow:TelemetryIngestion")
     windows = [
-        s for s in tree.named("RunActivity:data.store_window")
+        s
+        for s in tree.named("RunActivity:data.store_window")
         if any(q.startswith("INSERT INTO data.readings") for q in tree.sql(s))
-    ]  # fmt: skip
+    ]
     assert windows, "no store_window span stored readings"
     for window in windows:
         assert window.parent is None
@@ -209,19 +215,27 @@ async def test_metrics_show_http_business_and_temporal_figures(api: httpx.AsyncC
     def complete(text: str) -> bool:
         return (
             value(text, "fleetflow_readings_stored_total") >= 2
-            and value(text, "temporal_activity_execution_latency_seconds_count",
-                      activity_type="data.store_window") >= 1
+            and value(
+                text, "temporal_activity_execution_latency_seconds_count", activity_type="data.store_window"
+            )
+            >= 1
             # (one worker a process in production; with five here, the SDK exporter keeps one's gauges)
             and "temporal_worker_task_slots_available" in text
             and value(text, "fleetflow_devices", status="active") >= 1
-        )  # fmt: skip
+        )
 
     text = await eventually(scrape, complete, timeout_s=20)
     assert value(text, "fleetflow_readings_accepted_total") >= 2
-    assert value(
-        text, "http_server_request_duration_seconds_count", http_route="/v1/telemetry",
-        http_request_method="POST", http_response_status_code="202",
-    ) >= 1  # fmt: skip
+    assert (
+        value(
+            text,
+            "http_server_request_duration_seconds_count",
+            http_route="/v1/telemetry",
+            http_request_method="POST",
+            http_response_status_code="202",
+        )
+        >= 1
+    )
     assert value(
         text,
         "http_server_request_duration_seconds_bucket",
@@ -294,8 +308,16 @@ async def test_status_shows_queues_workflows_ingestion_alerts_and_rollouts(
     assert status.running["TelemetryIngestion"] == settings.ingest_shards
     assert all(progress is not None for _, progress in status.shards)
     screen = render(status, settings)
-    for part in ("pollers", "backlog", "running workflows", "TelemetryIngestion", "ingestion: waiting",
-                 "shard 0:", "open alerts:", "rollouts in progress:"):  # fmt: skip
+    for part in (
+        "pollers",
+        "backlog",
+        "running workflows",
+        "TelemetryIngestion",
+        "ingestion: waiting",
+        "shard 0:",
+        "open alerts:",
+        "rollouts in progress:",
+    ):
         assert part in screen, part
 
 

@@ -62,8 +62,12 @@ async def test_happy_path_activates_device_with_one_credential(api: httpx.AsyncC
     assert device["firmware_version"] == "2.1.0"
     assert device["tags"] == ["lab", "floor-2"]
     assert await leftovers(pool, device_id) == {
-        "status": "active", "live_credentials": 1, "credentials": 1, "config": 1, "events": 1,
-    }  # fmt: skip
+        "status": "active",
+        "live_credentials": 1,
+        "credentials": 1,
+        "config": 1,
+        "events": 1,
+    }
     config = await pool.fetchval("SELECT config FROM device.configurations WHERE device_id = $1", device_id)
     assert config == {"target_c": 19, "mode": "auto", "report_interval_s": 60}
     history = await pool.fetch(
@@ -95,9 +99,13 @@ EXPECTED_UNDO = {
     "store_config": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "activate": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "record_event": [
-        "retract_event", "end_twin", "remove_config", "revoke_credential", "mark_registration_failed",
+        "retract_event",
+        "end_twin",
+        "remove_config",
+        "revoke_credential",
+        "mark_registration_failed",
     ],
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("step", list(EXPECTED_UNDO))
@@ -185,13 +193,17 @@ BAD_BODIES = [
     ({"device_id": "x1", "device_type": "thermostat", "colour": "red"}, ["body", "colour"]),
     ({"device_id": "bad id!", "device_type": "thermostat"}, ["body", "device_id"]),
     ({"device_id": "x2", "device_type": "toaster"}, ["body", "device_type"]),
-    ({"device_id": "x3", "device_type": "thermostat", "config": {"target_c": 99}},
-     ["body", "config", "target_c"]),
+    (
+        {"device_id": "x3", "device_type": "thermostat", "config": {"target_c": 99}},
+        ["body", "config", "target_c"],
+    ),
     ({"device_id": "x4", "device_type": "thermostat", "config": {"fan": 1}}, ["body", "config", "fan"]),
-    ({"device_id": "x5", "device_type": "thermostat", "metadata": {"blob": "z" * 9000}},
-     ["body", "metadata"]),
+    (
+        {"device_id": "x5", "device_type": "thermostat", "metadata": {"blob": "z" * 9000}},
+        ["body", "metadata"],
+    ),
     ({"device_id": "x6", "device_type": "gateway", "config": {"site": ""}}, ["body", "config", "site"]),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("body", "loc"), BAD_BODIES)

@@ -46,14 +46,18 @@ async def other_onboarding(pool: Pool) -> AsyncIterator[tuple[str, str, asyncio.
             await conn.execute(
                 """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version,
                        status, onboarding_id) VALUES ('acme', $1, 'sensor', '1.0.0', 'active', $2)""",
-                device_id, OTHER,
-            )  # fmt: skip
+                device_id,
+                OTHER,
+            )
             now = datetime.now(UTC)
             await conn.execute(
                 """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at, expires_at)
                    VALUES ($1, 'acme', $2, 'hash', $3, $4)""",
-                jti, device_id, now, now + timedelta(days=1),
-            )  # fmt: skip
+                jti,
+                device_id,
+                now,
+                now + timedelta(days=1),
+            )
             await commit.wait()
 
     holder = asyncio.create_task(hold())
@@ -72,8 +76,9 @@ async def assert_untouched(pool: Pool, device_id: str, jti: str) -> None:
     assert revoked is None
     mine = await pool.fetchval(
         "SELECT count(*) FROM device.credentials WHERE tenant = 'acme' AND device_id = $1 AND jti <> $2",
-        device_id, jti,
-    )  # fmt: skip
+        device_id,
+        jti,
+    )
     assert mine == 0  # no second live credential beside the other onboarding's
 
 
@@ -83,9 +88,11 @@ async def test_a_registration_racing_another_onboarding_does_not_take_its_device
     device_id, jti, commit = other_onboarding
     devices = DeviceService(pool, settings)
     request = RegisterDevice(
-        tenant="acme", spec=DeviceSpec(device_id=device_id, device_type="sensor"),
-        onboarding_id=f"onboard-acme-{device_id}/run-2", actor="test",
-    )  # fmt: skip
+        tenant="acme",
+        spec=DeviceSpec(device_id=device_id, device_type="sensor"),
+        onboarding_id=f"onboard-acme-{device_id}/run-2",
+        actor="test",
+    )
     before = await inserts_waiting(pool)
     register = asyncio.create_task(devices.register(request))
     await eventually(lambda: inserts_waiting(pool), lambda n: n > before)
@@ -105,13 +112,20 @@ async def test_a_bulk_slice_racing_another_onboarding_reports_the_device_failed(
     await pool.execute(
         """INSERT INTO fleetflow.claim_checks (claim_id, tenant, kind, body)
            VALUES ($1, 'acme', 'bulk-onboarding', $2)""",
-        claim, [{"device_id": device_id, "device_type": "sensor"}],
-    )  # fmt: skip
+        claim,
+        [{"device_id": device_id, "device_type": "sensor"}],
+    )
     now = datetime.now(UTC)
     chunk = BulkChunk(
-        tenant="acme", bulk_id=f"{claim}/run-1", claim_id=claim, offset=0, limit=1, actor="test",
-        issued_at=now, expires_at=now + timedelta(days=1),
-    )  # fmt: skip
+        tenant="acme",
+        bulk_id=f"{claim}/run-1",
+        claim_id=claim,
+        offset=0,
+        limit=1,
+        actor="test",
+        issued_at=now,
+        expires_at=now + timedelta(days=1),
+    )
     before = await inserts_waiting(pool)
     provision = asyncio.create_task(ActivityEnvironment().run(devices.provision_batch, chunk))
     await eventually(lambda: inserts_waiting(pool), lambda n: n > before)
@@ -129,8 +143,9 @@ async def test_undoing_a_bulk_import_leaves_a_device_decommissioned_meanwhile_re
     await pool.execute(
         """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, status,
                onboarding_id) VALUES ('acme', $1, 'sensor', '1.0.0', 'decommissioned', $2)""",
-        device_id, owner,
-    )  # fmt: skip
+        device_id,
+        owner,
+    )
     devices = DeviceService(pool, settings)
     await devices.deprovision_batch(
         DeviceBatch(tenant="acme", bulk_id=owner, reason="bulk onboarding cancelled", actor="test")

@@ -95,8 +95,14 @@ async def test_codec_endpoint_decodes_for_codec_scope_only(api: httpx.AsyncClien
     assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["body", "payloads"]
 
     # encode then decode is the identity (the UI encodes signal and update inputs)
-    plain = {"payloads": [{"metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
-                           "data": base64.b64encode(b'"hello"').decode()}]}  # fmt: skip
+    plain = {
+        "payloads": [
+            {
+                "metadata": {"encoding": base64.b64encode(b"json/plain").decode()},
+                "data": base64.b64encode(b'"hello"').decode(),
+            }
+        ]
+    }
     encoded = (await api.post("/codec/encode", json=plain, headers=CODEC)).json()
     assert base64.b64decode(encoded["payloads"][0]["metadata"]["encoding"]) == ENCODING
     assert (await api.post("/codec/decode", json=encoded, headers=CODEC)).json() == plain

@@ -93,9 +93,11 @@ async def test_a_flooding_tenant_gets_429s_and_another_tenant_none(api: httpx.As
     # the debt of the last batch it was let in with (200 - 100)
     assert sum(a.json()["readings"] for a in accepted) <= 200 + 100 * elapsed
     ratio = p99(flooded) / p99(base)
-    print(f"calm ack p99 alone {p99(base) * 1000:.1f} ms, beside the throttled flood "
-          f"{p99(flooded) * 1000:.1f} ms (ratio {ratio:.2f}); flood: {len(accepted)} accepted, "
-          f"{len(throttled)} throttled")  # fmt: skip
+    print(
+        f"calm ack p99 alone {p99(base) * 1000:.1f} ms, beside the throttled flood "
+        f"{p99(flooded) * 1000:.1f} ms (ratio {ratio:.2f}); flood: {len(accepted)} accepted, "
+        f"{len(throttled)} throttled"
+    )
 
     text = (await api.get("/metrics")).text
     assert value(text, "fleetflow_requests_throttled_total", tenant=flood) == len(throttled)
@@ -122,8 +124,13 @@ async def test_count_quotas_refuse_the_one_too_many_with_403_naming_the_quota(
     assert profile["limits"]["max_rules"] == 2 and profile["limits"]["requests_per_s"] == 1000
 
     def rule(rule_id: str, above: float = 30) -> dict[str, Any]:
-        return {"rule_id": rule_id, "device_type": "thermostat", "metric": "temperature",
-                "kind": "threshold", "params": {"above": above}}  # fmt: skip
+        return {
+            "rule_id": rule_id,
+            "device_type": "thermostat",
+            "metric": "temperature",
+            "kind": "threshold",
+            "params": {"above": above},
+        }
 
     for rule_id in ("r1", "r2"):
         assert (await api.put(f"/v1/rules/{rule_id}", json=rule(rule_id), headers=auth)).status_code == 200
@@ -139,8 +146,11 @@ async def test_count_quotas_refuse_the_one_too_many_with_403_naming_the_quota(
     await active_device(api, auth=auth)
     refused = await onboard(api, new_id(), auth=auth)
     assert refused.status_code == 403 and "max_devices" in refused.text, refused.text
-    bulk = await api.post("/v1/devices:bulk", json={"devices": [
-        {"device_id": new_id(), "device_type": "thermostat"}]}, headers=auth)  # fmt: skip
+    bulk = await api.post(
+        "/v1/devices:bulk",
+        json={"devices": [{"device_id": new_id(), "device_type": "thermostat"}]},
+        headers=auth,
+    )
     assert bulk.status_code == 403 and "max_devices" in bulk.text
 
     await set_profile(api, tenant, max_devices=2)  # raised: this process applies it at once
@@ -168,8 +178,19 @@ async def test_only_a_platform_operator_sets_a_tenant_profile(api: httpx.AsyncCl
     await set_profile(api, tenant, max_rules=7)
     mine = (await api.get("/v1/quotas", headers=bearer(tenant, ["system:read"]))).json()
     assert mine["tenant"] == tenant and mine["profile"] == {
-        "max_rules": 7, **dict.fromkeys(("readings_per_s", "requests_per_s", "device_readings_per_s",
-        "device_requests_per_s", "burst_s", "max_devices", "max_subscriptions"))}  # fmt: skip
+        "max_rules": 7,
+        **dict.fromkeys(
+            (
+                "readings_per_s",
+                "requests_per_s",
+                "device_readings_per_s",
+                "device_requests_per_s",
+                "burst_s",
+                "max_devices",
+                "max_subscriptions",
+            )
+        ),
+    }
     assert mine["limits"]["max_rules"] == 7
     reset = await set_profile(api, tenant)
     assert reset["limits"]["max_rules"] == 1000
@@ -188,7 +209,9 @@ async def test_the_cli_sets_a_profile_that_the_api_applies(
     again = build_parser().parse_args(["tenants", "profile", tenant, "max_rules=default"])
     assert await tenant_profile_command(settings, again) == 0
     assert (await api.get(f"/v1/tenants/{tenant}/profile", headers=PLATFORM)).json()["profile"] == {
-        **{name: None for name in TenantProfile.model_fields}, "requests_per_s": 0}  # fmt: skip
+        **{name: None for name in TenantProfile.model_fields},
+        "requests_per_s": 0,
+    }
     for bad in ("max_rule=1", "max_rules=-1", "burst_s=x"):
         wrong = build_parser().parse_args(["tenants", "profile", tenant, bad])
         with pytest.raises(StartupError, match=bad.split("=")[0]):

@@ -311,8 +311,10 @@ async def test_a_bulk_slice_whose_events_are_not_recorded_is_undone(
         lambda r: r.json()["status"] in ("completed", "failed"),
     )
     assert (progress.json()["status"], progress.json()["onboarded"], progress.json()["failed"]) == (
-        "completed", 0, 3,
-    )  # fmt: skip
+        "completed",
+        0,
+        3,
+    )
     assert all("event not recorded" in f["reason"] for f in progress.json()["failures"])
     assert await bulk_state(pool, prefix) == (0, 0)
     assert await onboarded_events(pool, prefix) == 0  # recorded before the failure: retracted

@@ -75,8 +75,9 @@ async def test_a_device_that_succeeds_after_the_cancel_is_rolled_back(
     device = (await api.get(f"/v1/devices/{late}", headers=AUTH)).json()
     assert device["firmware_version"] == "1.0.0"
     assert await eventually(lambda: event_types(pool, late), lambda t: len(t) == 2) == [
-        "FirmwareUpdated", "FirmwareRolledBack",
-    ]  # fmt: skip
+        "FirmwareUpdated",
+        "FirmwareRolledBack",
+    ]
 
 
 async def test_a_tick_retried_after_its_offer_committed_offers_nothing_more(
@@ -227,23 +228,32 @@ async def test_a_report_committing_after_a_later_one_is_not_skipped_by_the_curso
     await pool.execute(
         """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
            VALUES ('acme', $1, $2, '{}', '{2}')""",
-        campaign, f"sensor-{version}",
-    )  # fmt: skip
+        campaign,
+        f"sensor-{version}",
+    )
     await pool.execute(
         """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state, attempts,
                target_version, previous_version, offered_at)
            SELECT 'acme', $1, d, 'update', 0, 'installing', 1, $2, '1.0.0', now()
            FROM unnest($3::text[]) d""",
-        campaign, version, [first, second],
-    )  # fmt: skip
+        campaign,
+        version,
+        [first, second],
+    )
     devices = DeviceService(pool, settings)
     env = ActivityEnvironment()
 
     def tick(after: int) -> RolloutTick:
         return RolloutTick(
-            tenant="acme", campaign_id=campaign, kind="update", wave=0, offer=0, device_timeout_s=3600,
-            retry_limit=3, finished_after=after,
-        )  # fmt: skip
+            tenant="acme",
+            campaign_id=campaign,
+            kind="update",
+            wave=0,
+            offer=0,
+            device_timeout_s=3600,
+            retry_limit=3,
+            finished_after=after,
+        )
 
     async with pool.acquire() as blocker:
         held = blocker.transaction()

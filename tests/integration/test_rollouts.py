@@ -58,8 +58,11 @@ async def test_firmware_upload_download_and_range(api: httpx.AsyncClient) -> Non
     assert first.status_code == 201, first.text
     assert (await upload(api, version)).status_code == 200
     assert (await upload(api, version, IMAGE + b"x")).status_code == 409
-    assert (await api.post("/v1/firmware", params={"device_type": "toaster", "version": "1"}, content=b"x",
-                           headers=AUTH)).status_code == 422  # fmt: skip
+    assert (
+        await api.post(
+            "/v1/firmware", params={"device_type": "toaster", "version": "1"}, content=b"x", headers=AUTH
+        )
+    ).status_code == 422
     creds = await fleet(api, 1)
     credential = next(iter(creds.values()))
     url = f"/v1/device/firmware/{first.json()['firmware_id']}"
@@ -97,9 +100,13 @@ async def test_canary_then_waves_in_order_and_the_registry_follows(
     assert [v["firmware_version"] for v in versions] == [version]
 
     async def updated() -> int:
-        return int(await pool.fetchval(
-            "SELECT count(*) FROM notification.events WHERE type = 'FirmwareUpdated' AND device_id = ANY($1)",
-            list(creds)))  # fmt: skip
+        return int(
+            await pool.fetchval(
+                "SELECT count(*) FROM notification.events"
+                " WHERE type = 'FirmwareUpdated' AND device_id = ANY($1)",
+                list(creds),
+            )
+        )
 
     await eventually(updated, lambda n: n == 12)
     some = sorted(creds)[0]
@@ -198,8 +205,10 @@ async def test_decommission_revokes_access_at_once_and_archives(api: httpx.Async
     creds = await fleet(api, 1)
     device_id, credential = next(iter(creds.items()))
     auth = {"Authorization": f"Bearer {credential}"}
-    reading = {"batch_id": uuid.uuid4().hex, "readings": [
-        {"device_id": device_id, "ts": "2026-01-01T00:00:00Z", "metric": "t", "value": 1.0}]}  # fmt: skip
+    reading = {
+        "batch_id": uuid.uuid4().hex,
+        "readings": [{"device_id": device_id, "ts": "2026-01-01T00:00:00Z", "metric": "t", "value": 1.0}],
+    }
     assert (await api.post("/v1/telemetry", json=reading, headers=auth)).status_code == 202
 
     async def stored() -> int:

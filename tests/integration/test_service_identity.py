@@ -113,9 +113,12 @@ class CallActivity:
     @workflow.run
     async def run(self, call: Call) -> Any:
         return await workflow.execute_activity(
-            call.activity, call.arg, task_queue=call.queue,
-            start_to_close_timeout=timedelta(seconds=10), retry_policy=RetryPolicy(maximum_attempts=2),
-        )  # fmt: skip
+            call.activity,
+            call.arg,
+            task_queue=call.queue,
+            start_to_close_timeout=timedelta(seconds=10),
+            retry_policy=RetryPolicy(maximum_attempts=2),
+        )
 
 
 class Bump(BaseModel):
@@ -227,9 +230,12 @@ async def test_a_workflow_started_without_a_valid_identity_fails_clearly(
     forger = _with_interceptors(client, [_Forge(make(tmp_path))])
     with pytest.raises(WorkflowFailureError) as failed:
         await forger.execute_workflow(
-            "SystemCheck", SystemCheckRequest(timeout_s=5), id=f"forged-{uuid.uuid4().hex[:8]}",
-            task_queue=TaskQueue.ORCHESTRATION.value, execution_timeout=timedelta(seconds=30),
-        )  # fmt: skip
+            "SystemCheck",
+            SystemCheckRequest(timeout_s=5),
+            id=f"forged-{uuid.uuid4().hex[:8]}",
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            execution_timeout=timedelta(seconds=30),
+        )
     cause = failed.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == identity.REFUSED
     assert "SystemCheck started without a valid identity" in cause.message and reason in cause.message
@@ -248,9 +254,12 @@ async def test_a_forged_activity_header_is_refused_by_the_worker(
     async with Worker(forger, task_queue=queue, workflows=[CallActivity]):
         with pytest.raises(WorkflowFailureError) as failed:
             await forger.execute_workflow(
-                CallActivity.run, call, id=f"forged-activity-{uuid.uuid4().hex[:8]}", task_queue=queue,
+                CallActivity.run,
+                call,
+                id=f"forged-activity-{uuid.uuid4().hex[:8]}",
+                task_queue=queue,
                 execution_timeout=timedelta(seconds=30),
-            )  # fmt: skip
+            )
     refusal = _activity_refusal(failed.value)
     assert "activity device.ping" in refusal.message and reason in refusal.message
 
@@ -260,9 +269,12 @@ async def test_the_activity_sees_the_workflow_and_the_actor_it_runs_for(
 ) -> None:
     with identity.acting_for(ServiceActor(subject="op-1", tenant="acme", scopes=("devices:write",))):
         seen = await client.execute_workflow(
-            CallActivity.run, Call(activity="identity.whoami", queue=QUEUE, arg={}),
-            id=f"whoami-{uuid.uuid4().hex[:8]}", task_queue=QUEUE, execution_timeout=timedelta(seconds=30),
-        )  # fmt: skip
+            CallActivity.run,
+            Call(activity="identity.whoami", queue=QUEUE, arg={}),
+            id=f"whoami-{uuid.uuid4().hex[:8]}",
+            task_queue=QUEUE,
+            execution_timeout=timedelta(seconds=30),
+        )
     assert seen == {
         "service": "workflow:CallActivity",
         "actor": {"subject": "op-1", "tenant": "acme", "scopes": ["devices:write"]},
@@ -281,9 +293,12 @@ async def test_an_actor_of_one_tenant_cannot_act_on_another(
     intruder = ServiceActor(subject="intruder", tenant="globex")
     with identity.acting_for(intruder), pytest.raises(WorkflowFailureError) as failed:
         await client.execute_workflow(
-            CallActivity.run, call, id=f"cross-tenant-{uuid.uuid4().hex[:8]}", task_queue=QUEUE,
+            CallActivity.run,
+            call,
+            id=f"cross-tenant-{uuid.uuid4().hex[:8]}",
+            task_queue=QUEUE,
             execution_timeout=timedelta(seconds=30),
-        )  # fmt: skip
+        )
     refusal = _activity_refusal(failed.value)
     assert "tenant 'globex' may not act on tenant 'acme'" in refusal.message
     revoked = await pool.fetchval("SELECT revoked_at FROM device.credentials WHERE jti = $1", jti)
@@ -450,9 +465,12 @@ async def test_a_start_header_copied_from_another_workflow_is_refused(client: Cl
     copied = _bound("system-check-elsewhere", "start:SystemCheck")
     with pytest.raises(WorkflowFailureError) as failed:
         await _with_interceptors(client, [_Forge(copied)]).execute_workflow(
-            "SystemCheck", SystemCheckRequest(timeout_s=5), id=wid,
-            task_queue=TaskQueue.ORCHESTRATION.value, execution_timeout=timedelta(seconds=30),
-        )  # fmt: skip
+            "SystemCheck",
+            SystemCheckRequest(timeout_s=5),
+            id=wid,
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            execution_timeout=timedelta(seconds=30),
+        )
     cause = failed.value.cause
     assert isinstance(cause, ApplicationError) and "another workflow" in cause.message
 
@@ -464,9 +482,13 @@ async def test_a_workflow_started_while_no_worker_polls_runs_once_one_does(clien
     queue, wid = f"outage-{uuid.uuid4().hex[:8]}", f"outage-{uuid.uuid4().hex[:8]}"
     issued = datetime.now(UTC)
     short = issue_service_token(
-        TEST_KEYS, service="api", actor=ServiceActor(subject="op"), now=issued, ttl=timedelta(seconds=10),
+        TEST_KEYS,
+        service="api",
+        actor=ServiceActor(subject="op"),
+        now=issued,
+        ttl=timedelta(seconds=10),
         call=ServiceCall(workflow_id=wid, ops=("start:Tally",)),
-    )  # fmt: skip
+    )
     expires = issued + timedelta(seconds=10)
     handle = await _with_interceptors(client, [_Forge(short)]).start_workflow(
         Tally.run, id=wid, task_queue=queue, execution_timeout=timedelta(minutes=2)
@@ -547,9 +569,11 @@ async def test_retiring_the_signing_key_does_not_fail_retries_in_flight(
     queue = f"saga-{uuid.uuid4().hex[:6]}"
     async with Worker(ours, task_queue=queue, workflows=[RetiringSaga], activities=[step, fail, undo]):
         handle = await ours.start_workflow(
-            RetiringSaga.run, id=f"saga-{uuid.uuid4().hex[:8]}", task_queue=queue,
+            RetiringSaga.run,
+            id=f"saga-{uuid.uuid4().hex[:8]}",
+            task_queue=queue,
             execution_timeout=timedelta(seconds=60),
-        )  # fmt: skip
+        )
         assert await handle.result() == ["step", "undo"]
         assert len(retired) == 2 and all(ring.get(kid) is None for kid in retired)
         # the closed run replays (its start was signed by a key retired since) to answer
@@ -561,17 +585,23 @@ async def test_retiring_the_signing_key_does_not_fail_retries_in_flight(
 
 def _event(tenant: str) -> DomainEvent:
     return DomainEvent(
-        event_id=f"{tenant}/guard-{uuid.uuid4().hex[:8]}", tenant=tenant, type="test.guard",
-        occurred_at=datetime.now(UTC), actor="tester",
-    )  # fmt: skip
+        event_id=f"{tenant}/guard-{uuid.uuid4().hex[:8]}",
+        tenant=tenant,
+        type="test.guard",
+        occurred_at=datetime.now(UTC),
+        actor="tester",
+    )
 
 
 async def _call(client: Client, activity_name: str, arg: BaseModel) -> Any:
     call = Call(activity=activity_name, queue=TaskQueue.NOTIFICATION.value, arg=arg.model_dump(mode="json"))
     return await client.execute_workflow(
-        CallActivity.run, call, id=f"guard-{uuid.uuid4().hex[:8]}", task_queue=QUEUE,
+        CallActivity.run,
+        call,
+        id=f"guard-{uuid.uuid4().hex[:8]}",
+        task_queue=QUEUE,
         execution_timeout=timedelta(seconds=30),
-    )  # fmt: skip
+    )
 
 
 async def test_an_actor_cannot_record_events_for_another_tenant_inside_a_batch(

@@ -50,9 +50,11 @@ async def test_health_and_services_routes_need_system_read(api: httpx.AsyncClien
 
 async def _lonely(client: Client) -> Client:
     return await Client.connect(
-        client.service_client.config.target_host, namespace="lonely",
-        data_converter=client.data_converter, interceptors=[TracingInterceptor()],
-    )  # fmt: skip
+        client.service_client.config.target_host,
+        namespace="lonely",
+        data_converter=client.data_converter,
+        interceptors=[TracingInterceptor()],
+    )
 
 
 async def test_missing_services_are_named_within_the_timeout(
@@ -73,9 +75,13 @@ async def test_missing_services_are_named_within_the_timeout(
     assert not report.ok
     answered = {s.service: s.answered for s in report.services}
     assert answered == {
-        "orchestration": True, "device": True, "data": False, "analytics": False,
-        "notification": False, "webhook": False,
-    }  # fmt: skip
+        "orchestration": True,
+        "device": True,
+        "data": False,
+        "analytics": False,
+        "notification": False,
+        "webhook": False,
+    }
     missing = next(s for s in report.services if s.service == "data")
     assert missing.pollers == 0 and missing.error and "no answer" in missing.error
 
@@ -97,10 +103,11 @@ async def test_a_client_with_foreign_payload_keys_is_told_at_once(
     """The platform's signing keys but payload keys of its own: the workers cannot read its
     check, and the report says which keys to use instead of waiting for the deadline."""
     stranger = await Client.connect(
-        client.service_client.config.target_host, namespace=client.namespace,
+        client.service_client.config.target_host,
+        namespace=client.namespace,
         data_converter=data_converter(Settings(keys_dir=tmp_path)),
         interceptors=interceptors(keyring(settings), "stranger"),
-    )  # fmt: skip
+    )
     report = await run_system_check(stranger, SystemCheckRequest(timeout_s=60))
     orchestration = report.services[0]
     assert not report.ok and not orchestration.answered

@@ -60,8 +60,13 @@ async def alerts(api: httpx.AsyncClient, device_id: str) -> list[dict[str, Any]]
 async def test_readings_are_stored_once_and_alerts_raise_and_clear_with_hysteresis(
     api: httpx.AsyncClient, pool: Pool
 ) -> None:
-    rule = {"rule_id": "hot", "device_type": "thermostat", "metric": "temperature", "kind": "threshold",
-            "params": {"above": 30, "clear_above": 28}}  # fmt: skip
+    rule = {
+        "rule_id": "hot",
+        "device_type": "thermostat",
+        "metric": "temperature",
+        "kind": "threshold",
+        "params": {"above": 30, "clear_above": 28},
+    }
     assert (await api.put("/v1/rules/hot", json=rule, headers=AUTH)).status_code == 200
     device_id, credential = await active_device(api)
     me = device_auth(credential)
@@ -107,12 +112,15 @@ BAD = [
     (lambda d: readings(d, [1.0, float("nan")]), ["body", "readings", 1, "value"], 422),
     (lambda d: readings(d, [1.0, float("inf")]), ["body", "readings", 1, "value"], 422),
     (lambda d: [{**readings(d, [1.0])[0], "colour": "red"}], ["body", "readings", 0, "colour"], 422),
-    (lambda d: [{**readings(d, [1.0])[0], "ts": (datetime.now(UTC) + timedelta(minutes=10)).isoformat()}],
-     ["body", "readings", 0, "ts"], 422),
+    (
+        lambda d: [{**readings(d, [1.0])[0], "ts": (datetime.now(UTC) + timedelta(minutes=10)).isoformat()}],
+        ["body", "readings", 0, "ts"],
+        422,
+    ),
     (lambda d: [{**readings(d, [1.0])[0], "ts": "2026-01-01T00:00:00"}], ["body", "readings", 0, "ts"], 422),
     (lambda d: [], ["body", "readings"], 422),
     (lambda d: readings(d, [1.0]) + readings("other", [2.0]), ["body", "readings", 1, "device_id"], 403),
-]  # fmt: skip
+]
 
 
 @pytest.mark.parametrize(("rows", "loc", "code"), BAD)

@@ -147,8 +147,13 @@ async def test_every_page_of_the_registry_is_the_callers_own(api: httpx.AsyncCli
 async def test_a_rule_id_is_per_tenant(api: httpx.AsyncClient, world: World) -> None:
     rule_id = world.ids["rule"]
     acme_rules = (await api.get("/v1/rules", headers=AUTH)).json()
-    theirs = {"rule_id": rule_id, "device_type": "sensor", "metric": "humidity", "kind": "threshold",
-              "params": {"below": 1}}  # fmt: skip
+    theirs = {
+        "rule_id": rule_id,
+        "device_type": "sensor",
+        "metric": "humidity",
+        "kind": "threshold",
+        "params": {"below": 1},
+    }
     assert (await api.put(f"/v1/rules/{rule_id}", json=theirs, headers=GLOBEX)).status_code == 200
     assert (await api.get("/v1/rules", headers=AUTH)).json() == acme_rules
     [own] = [r for r in (await api.get("/v1/rules", headers=GLOBEX)).json() if r["rule_id"] == rule_id]
@@ -342,10 +347,15 @@ async def test_a_tenants_device_type_changes_nothing_for_another_tenant(api: htt
     tenant = f"types{uuid.uuid4().hex[:6]}"
     own = bearer(tenant)
     strict = {
-        "name": "thermostat", "requires_approval": True, "default_config": {"target_c": 20},
-        "config_schema": {"type": "object", "additionalProperties": False,
-                          "properties": {"target_c": {"type": "number", "minimum": 18, "maximum": 22}}},
-    }  # fmt: skip
+        "name": "thermostat",
+        "requires_approval": True,
+        "default_config": {"target_c": 20},
+        "config_schema": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"target_c": {"type": "number", "minimum": 18, "maximum": 22}},
+        },
+    }
     assert (await api.put("/v1/device-types/thermostat", json=strict, headers=own)).status_code == 200
     mine = {t["name"]: t for t in (await api.get("/v1/device-types", headers=own)).json()}
     theirs = {t["name"]: t for t in (await api.get("/v1/device-types", headers=GLOBEX)).json()}

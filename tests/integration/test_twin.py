@@ -55,9 +55,10 @@ async def test_desired_and_reported_converge(api: httpx.AsyncClient) -> None:
     )
     assert half.status_code == 202 and half.json()["delta"] == {"report_interval_s": 60}
     await api.post(
-        "/v1/device/twin/reported", json={"reported": {"report_interval_s": 60, "rssi": -70}},
+        "/v1/device/twin/reported",
+        json={"reported": {"report_interval_s": 60, "rssi": -70}},
         headers=device_auth(credential),
-    )  # fmt: skip
+    )
     done = await twin(api, device_id)
     assert done["delta"] == {} and done["reported_version"] == 2
     assert done["reported"] == {"target_c": 23.5, "report_interval_s": 60, "rssi": -70}
@@ -113,11 +114,17 @@ async def test_continued_as_new_twin_keeps_state_history_and_past(
     await client.get_workflow_handle(twin_id("acme", device_id)).terminate("test: small history limit")
     await client.start_workflow(
         DeviceTwin.run,
-        TwinInput(tenant="acme", device_id=device_id, config_schema={}, initial_desired={"rate": 0},
-                  history_limit=60),
-        id=twin_id("acme", device_id), task_queue="orchestration",
+        TwinInput(
+            tenant="acme",
+            device_id=device_id,
+            config_schema={},
+            initial_desired={"rate": 0},
+            history_limit=60,
+        ),
+        id=twin_id("acme", device_id),
+        task_queue="orchestration",
         search_attributes=device_search_attributes("acme", "twin", device_id),
-    )  # fmt: skip
+    )
     marks: dict[int, datetime] = {}
     for rate in range(1, 31):
         response = await patch(api, device_id, {"rate": rate})

@@ -52,9 +52,10 @@ def nested(depth: int) -> dict[str, Any]:
 async def test_a_3_mib_report_is_413_and_the_twin_keeps_working(api: httpx.AsyncClient) -> None:
     device_id, credential = await active_device(api, device_type=await open_type(api))
     huge = await api.post(
-        "/v1/device/twin/reported", json={"reported": blob("dump", 3 * 1024 * 1024)},
+        "/v1/device/twin/reported",
+        json={"reported": blob("dump", 3 * 1024 * 1024)},
         headers=device_auth(credential),
-    )  # fmt: skip
+    )
     assert huge.status_code == 413, huge.text
     assert f"at most {TWIN_DOCUMENT_MAX_BYTES} bytes" in huge.json()["detail"], huge.text
 
@@ -88,15 +89,17 @@ async def test_too_deep_too_wide_and_too_large_documents_name_the_limit(api: htt
     assert merged.status_code == 413 and "desired" in merged.json()["errors"][0]["msg"], merged.text
     # desired + reported together: the device's report is refused before it is signalled
     report = await api.post(
-        "/v1/device/twin/reported", json={"reported": blob("r", MAX_DOCUMENT_BYTES - 10)},
+        "/v1/device/twin/reported",
+        json={"reported": blob("r", MAX_DOCUMENT_BYTES - 10)},
         headers=device_auth(credential),
-    )  # fmt: skip
+    )
     assert report.status_code == 413, report.text
     assert "desired + reported" in report.json()["errors"][0]["msg"]
     deep_report = await api.post(
-        "/v1/device/twin/reported", json={"reported": nested(MAX_DOCUMENT_DEPTH + 1)},
+        "/v1/device/twin/reported",
+        json={"reported": nested(MAX_DOCUMENT_DEPTH + 1)},
         headers=device_auth(credential),
-    )  # fmt: skip
+    )
     assert deep_report.status_code == 422 and deep_report.json()["errors"][0]["loc"] == ["body", "reported"]
     now = (await api.get(f"/v1/devices/{device_id}/twin", headers=AUTH)).json()
     assert set(now["desired"]) == {"a"} and now["reported_version"] == 0  # nothing refused was applied
@@ -115,9 +118,10 @@ async def test_no_history_event_of_the_largest_twin_passes_256_kib(
     await client.start_workflow(
         DeviceTwin.run,
         TwinInput(tenant="acme", device_id=device_id, config_schema=schema, history_limit=50),
-        id=wid, task_queue="orchestration",
+        id=wid,
+        task_queue="orchestration",
         search_attributes=device_search_attributes("acme", "twin", device_id),
-    )  # fmt: skip
+    )
     url = f"/v1/devices/{device_id}/twin/desired"
     accepted: dict[int, int] = {}
     for size in (MAX_DOCUMENT_BYTES - 200, 256 * 1024, 1024 * 1024):

@@ -90,11 +90,18 @@ async def test_a_long_poll_survives_the_twin_continuing_as_new(
     config = {"report_interval_s": 10}
     await client.start_workflow(
         DeviceTwin.run,
-        TwinInput(tenant="acme", device_id=device_id, config_schema={}, initial_desired=config,
-                  initial_reported=config, history_limit=50),
-        id=wid, task_queue="orchestration",
+        TwinInput(
+            tenant="acme",
+            device_id=device_id,
+            config_schema={},
+            initial_desired=config,
+            initial_reported=config,
+            history_limit=50,
+        ),
+        id=wid,
+        task_queue="orchestration",
         search_attributes=device_search_attributes("acme", "twin", device_id),
-    )  # fmt: skip
+    )
     waiting = asyncio.create_task(
         api.get("/v1/device/twin/delta", params={"wait": 60}, headers=device_auth(credential))
     )

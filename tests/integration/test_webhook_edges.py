@@ -102,8 +102,9 @@ async def test_connect_time_check_refuses_an_address_that_changed_after_subscrib
         )
         await pool.execute(
             "UPDATE notification.subscriptions SET url = $2 WHERE subscription_id = $1",
-            sub["subscription_id"], inside.url,
-        )  # fmt: skip
+            sub["subscription_id"],
+            inside.url,
+        )
         await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 1))
         [letter] = await eventually(lambda: dead_letters(api, auth), lambda items: len(items) == 1)
     assert inside.requests == []
@@ -132,10 +133,14 @@ def same_ids(tenant: str, value: float) -> EventBatch:
     """The alert event two tenants' analytics produce for the same device and rule id in one
     window (its id does not name the tenant)."""
     event = DomainEvent(
-        event_id="w-1/th-1/hot/AlertRaised", tenant=tenant, device_id="th-1", type="AlertRaised",
-        occurred_at=datetime(2026, 1, 1, tzinfo=UTC), actor="analytics",
+        event_id="w-1/th-1/hot/AlertRaised",
+        tenant=tenant,
+        device_id="th-1",
+        type="AlertRaised",
+        occurred_at=datetime(2026, 1, 1, tzinfo=UTC),
+        actor="analytics",
         data={"rule_id": "hot", "value": value},
-    )  # fmt: skip
+    )
     return EventBatch(events=[event])
 
 
@@ -240,10 +245,12 @@ class PreWebhookQueueDeliveryLoop:
     @workflow.run
     async def run(self, subscription_id: str) -> DeliveryProgress:
         progress: DeliveryProgress = await workflow.execute_activity(
-            "notification.deliver_pending", DeliverPending(subscription_id=subscription_id),
-            task_queue=TaskQueue.NOTIFICATION.value, result_type=DeliveryProgress,
+            "notification.deliver_pending",
+            DeliverPending(subscription_id=subscription_id),
+            task_queue=TaskQueue.NOTIFICATION.value,
+            result_type=DeliveryProgress,
             start_to_close_timeout=timedelta(minutes=1),
-        )  # fmt: skip
+        )
         return progress
 
 
@@ -259,9 +266,12 @@ async def test_runs_started_before_the_webhook_queue_still_deliver(
         queue = f"old-loop-{uuid.uuid4().hex[:8]}"
         async with Worker(client, task_queue=queue, workflows=[PreWebhookQueueDeliveryLoop]):
             progress = await client.execute_workflow(
-                PreWebhookQueueDeliveryLoop.run, sub["subscription_id"], id=queue, task_queue=queue,
+                PreWebhookQueueDeliveryLoop.run,
+                sub["subscription_id"],
+                id=queue,
+                task_queue=queue,
                 execution_timeout=timedelta(minutes=1),
-            )  # fmt: skip
+            )
         assert progress.delivered == 1
     assert hook.events()[0]["type"] == "Probe"
 

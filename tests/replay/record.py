@@ -93,11 +93,18 @@ async def device_twin_waits(s: Stack) -> WorkflowHandle[Any, Any]:
     config = {"report_interval_s": 10}
     first = await s.client.start_workflow(
         "DeviceTwin",
-        {"tenant": "bench", "device_id": device_id, "config_schema": {}, "initial_desired": config,
-         "initial_reported": config, "history_limit": 50},
-        id=wid, task_queue="orchestration",
+        {
+            "tenant": "bench",
+            "device_id": device_id,
+            "config_schema": {},
+            "initial_desired": config,
+            "initial_reported": config,
+            "history_limit": 50,
+        },
+        id=wid,
+        task_queue="orchestration",
         search_attributes=device_search_attributes("bench", "twin", device_id),
-    )  # fmt: skip
+    )
     poll = asyncio.create_task(s.api.get("/v1/device/twin/delta", params={"wait": 30}, headers=auth))
     await asyncio.sleep(1)
     url = f"/v1/devices/{device_id}/twin/desired"
@@ -121,12 +128,19 @@ async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
     """A shard that stores a window (with a quarantined device) and raises an alert."""
     onboarding = await onboarding_completed(s)
     device_id = onboarding.id.removeprefix("onboard-bench-")
-    rule = {"rule_id": "rec-hot", "device_type": "thermostat", "metric": "t", "kind": "threshold",
-            "params": {"above": 30}}  # fmt: skip
+    rule = {
+        "rule_id": "rec-hot",
+        "device_type": "thermostat",
+        "metric": "t",
+        "kind": "threshold",
+        "params": {"above": 30},
+    }
     await s.api.put("/v1/rules/rec-hot", json=rule, headers=s.headers)
     now = datetime.now(UTC)
-    rows = [{"device_id": d, "ts": now.isoformat(), "metric": "t", "value": v}
-            for d, v in ((device_id, 20.0), (device_id, 35.0), ("rec-ghost", 1.0))]  # fmt: skip
+    rows = [
+        {"device_id": d, "ts": now.isoformat(), "metric": "t", "value": v}
+        for d, v in ((device_id, 20.0), (device_id, 35.0), ("rec-ghost", 1.0))
+    ]
     await s.api.post("/v1/telemetry", json={"batch_id": "rec-1", "readings": rows}, headers=s.headers)
     for _ in range(300):
         alerts = (await s.api.get("/v1/alerts", headers=s.headers)).json()
@@ -154,8 +168,9 @@ async def telemetry_poison(s: Stack) -> WorkflowHandle[Any, Any]:
             await conn.execute(
                 """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
                    VALUES ('bench', $1, 0, 1, ARRAY['rec-ghost-p'], $2)""",
-                f"rec-p{n}", payload,
-            )  # fmt: skip
+                f"rec-p{n}",
+                payload,
+            )
         for _ in range(600):
             statuses = await conn.fetch("SELECT status FROM data.ingest_batches WHERE batch_id LIKE 'rec-p%'")
             if {r["status"] for r in statuses} <= {"stored", "quarantined"}:
@@ -218,8 +233,12 @@ async def firmware_rollout(s: Stack) -> WorkflowHandle[Any, Any]:
     """A campaign of four devices: one fails, the campaign aborts and rolls the others back."""
     creds = await _sensors(s, 4)
     version = f"9.{uuid.uuid4().int % 10000}"
-    await s.api.post("/v1/firmware", params={"device_type": "sensor", "version": version}, content=b"fw",
-                     headers={**s.headers, "Content-Type": "application/octet-stream"})  # fmt: skip
+    await s.api.post(
+        "/v1/firmware",
+        params={"device_type": "sensor", "version": version},
+        content=b"fw",
+        headers={**s.headers, "Content-Type": "application/octet-stream"},
+    )
     campaign = f"rec-{uuid.uuid4().hex[:6]}"
     policy = {"canary": 4, "abort_failure_percent": 20, "abort_min_finished": 4}
     target = {"device_ids": list(creds)}
@@ -249,19 +268,27 @@ async def firmware_rollout_cancelled(s: Stack) -> WorkflowHandle[Any, Any]:
     cancelled while a device installs; its late success is followed and rolled back."""
     creds = await _sensors(s, 3)
     version = f"9.{uuid.uuid4().int % 10000}"
-    await s.api.post("/v1/firmware", params={"device_type": "sensor", "version": version}, content=b"fw",
-                     headers={**s.headers, "Content-Type": "application/octet-stream"})  # fmt: skip
+    await s.api.post(
+        "/v1/firmware",
+        params={"device_type": "sensor", "version": version},
+        content=b"fw",
+        headers={**s.headers, "Content-Type": "application/octet-stream"},
+    )
     campaign = f"rec-{uuid.uuid4().hex[:6]}"
     request = RolloutRequest(
-        campaign_id=campaign, firmware_id=f"sensor-{version}", target=RolloutTarget(device_ids=list(creds)),
+        campaign_id=campaign,
+        firmware_id=f"sensor-{version}",
+        target=RolloutTarget(device_ids=list(creds)),
         policy=RolloutPolicy(canary=3, rate_per_minute=60_000),
-    )  # fmt: skip
+    )
     actor = Actor(subject="recorder", tenant="bench", scopes=["rollouts:admin"])
     wid = rollout_id("bench", campaign)
     await s.client.start_workflow(
-        "FirmwareRollout", RolloutInput(tenant="bench", actor=actor, request=request, history_limit=40),
-        id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
-    )  # fmt: skip
+        "FirmwareRollout",
+        RolloutInput(tenant="bench", actor=actor, request=request, history_limit=40),
+        id=wid,
+        task_queue=TaskQueue.ORCHESTRATION.value,
+    )
     late = sorted(creds)[0]
     auth = {"Authorization": f"Bearer {creds[late]}"}
     url = f"/v1/device/jobs/{campaign}/progress"
@@ -308,18 +335,27 @@ async def firmware_rollout_cancelled_at_start(s: Stack) -> WorkflowHandle[Any, A
     """A campaign cancelled in its first workflow task (update-with-start), before its plan
     finds no device to update: the accepted cancel is honoured after the (empty) last wave."""
     version = f"9.{uuid.uuid4().int % 10000}"
-    await s.api.post("/v1/firmware", params={"device_type": "sensor", "version": version}, content=b"fw",
-                     headers={**s.headers, "Content-Type": "application/octet-stream"})  # fmt: skip
+    await s.api.post(
+        "/v1/firmware",
+        params={"device_type": "sensor", "version": version},
+        content=b"fw",
+        headers={**s.headers, "Content-Type": "application/octet-stream"},
+    )
     campaign = f"rec-{uuid.uuid4().hex[:6]}"
     request = RolloutRequest(
-        campaign_id=campaign, firmware_id=f"sensor-{version}", target=RolloutTarget(tags=["no-such-tag"]),
-    )  # fmt: skip
+        campaign_id=campaign,
+        firmware_id=f"sensor-{version}",
+        target=RolloutTarget(tags=["no-such-tag"]),
+    )
     actor = Actor(subject="bench", tenant="bench", scopes=["rollouts:admin"])  # the identity's own
     wid = rollout_id("bench", campaign)
     start: WithStartWorkflowOperation[Any, Any] = WithStartWorkflowOperation(
-        "FirmwareRollout", RolloutInput(tenant="bench", actor=actor, request=request),
-        id=wid, task_queue=TaskQueue.ORCHESTRATION.value, id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-    )  # fmt: skip
+        "FirmwareRollout",
+        RolloutInput(tenant="bench", actor=actor, request=request),
+        id=wid,
+        task_queue=TaskQueue.ORCHESTRATION.value,
+        id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+    )
     await s.client.execute_update_with_start_workflow(
         "cancel", RolloutDecision(actor=actor, reason="recorded"), start_workflow_operation=start
     )

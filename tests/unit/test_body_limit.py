@@ -211,7 +211,11 @@ def test_the_largest_campaign_the_contract_accepts_fits_the_rollout_body_limit()
     from fleetflow.contracts.rollouts import RolloutRequest
 
     ids = [f"{i:06d}".ljust(128, "x") for i in range(100_000)]
-    body = {"campaign_id": "c" * 64, "firmware_id": "f" * 200, "target": {"device_ids": ids, "tags": []},
-            "policy": {"canary_percent": 1.5, "rate_per_minute": 60000.0}}  # fmt: skip
+    body = {
+        "campaign_id": "c" * 64,
+        "firmware_id": "f" * 200,
+        "target": {"device_ids": ids, "tags": []},
+        "policy": {"canary_percent": 1.5, "rate_per_minute": 60000.0},
+    }
     assert RolloutRequest.model_validate(body).target.device_ids == ids
     assert len(json.dumps(body, indent=1).encode()) <= body_limit("/v1/rollouts")

@@ -113,15 +113,21 @@ async def run_windows(
     workers = [Worker(env.client, task_queue=q.value, activities=a) for q, a in queues.items()]
     orchestration = TaskQueue.ORCHESTRATION.value
     workers.append(
-        Worker(env.client, task_queue=orchestration, workflows=[TelemetryIngestion],
-               workflow_runner=runner or SandboxedWorkflowRunner())
-    )  # fmt: skip
+        Worker(
+            env.client,
+            task_queue=orchestration,
+            workflows=[TelemetryIngestion],
+            workflow_runner=runner or SandboxedWorkflowRunner(),
+        )
+    )
     async with workers[0], workers[1], workers[2], workers[3], workers[4]:
         with pytest.raises(WorkflowFailureError):  # the stub's claim ends the run
             await env.client.execute_workflow(
-                TelemetryIngestion.run, IngestionInput(shard=0, shards=1),
-                id=f"ingest-test-{uuid.uuid4()}", task_queue=TaskQueue.ORCHESTRATION.value,
-            )  # fmt: skip
+                TelemetryIngestion.run,
+                IngestionInput(shard=0, shards=1),
+                id=f"ingest-test-{uuid.uuid4()}",
+                task_queue=TaskQueue.ORCHESTRATION.value,
+            )
     return list(CALLS)
 
 
@@ -150,8 +156,10 @@ async def test_a_window_that_outgrows_its_time_bound_is_split_until_it_fits(
     calls = await run_windows(dev, ["slow", "b2", "b3"], runner=UnsandboxedWorkflowRunner())
     assert calls[0] == "store slow+b2+b3"
     assert [c for c in calls if c in ("store slow", "store b2", "store b3")] == [
-        "store slow", "store b2", "store b3"
-    ]  # fmt: skip
+        "store slow",
+        "store b2",
+        "store b3",
+    ]
 
 
 def test_the_store_bound_scales_with_the_window() -> None:

@@ -73,8 +73,14 @@ def test_bound_fields_extras_and_the_request_device_are_fields() -> None:
 
 
 def test_workflow_details_become_fields_not_message_text() -> None:
-    details = {"workflow_id": "onboard-acme-th-1", "run_id": "r1", "workflow_type": "DeviceOnboarding",
-               "task_queue": "orchestration", "attempt": 1, "namespace": "default"}  # fmt: skip
+    details = {
+        "workflow_id": "onboard-acme-th-1",
+        "run_id": "r1",
+        "workflow_type": "DeviceOnboarding",
+        "task_queue": "orchestration",
+        "attempt": 1,
+        "namespace": "default",
+    }
     out = line(record(temporal_workflow=details))
     assert out["workflow_id"] == "onboard-acme-th-1" and out["workflow_type"] == "DeviceOnboarding"
     assert "temporal_workflow" not in out and "namespace" not in out
@@ -124,20 +130,34 @@ def test_activity_outcomes_count_what_the_results_report(monkeypatch: pytest.Mon
 
     import fleetflow.metrics as m
 
-    for name in ("READINGS_STORED", "READINGS_QUARANTINED", "ALERTS_RAISED", "ALERTS_CLEARED",
-                 "WEBHOOKS_DELIVERED", "WEBHOOKS_DEAD_LETTERED", "EVENTS_RECORDED"):  # fmt: skip
+    for name in (
+        "READINGS_STORED",
+        "READINGS_QUARANTINED",
+        "ALERTS_RAISED",
+        "ALERTS_CLEARED",
+        "WEBHOOKS_DELIVERED",
+        "WEBHOOKS_DEAD_LETTERED",
+        "EVENTS_RECORDED",
+    ):
         monkeypatch.setattr(m, name, Counter(name))
     OUTCOMES["data.store_window"](Stored(window_id="w", stored=7, quarantined=2, by_tenant={}))
     now = datetime.now(UTC)
-    events = [DomainEvent(event_id=f"e{i}", tenant="acme", type=kind, occurred_at=now, actor="analytics")
-              for i, kind in enumerate(("AlertRaised", "AlertRaised", "AlertCleared"))]  # fmt: skip
+    events = [
+        DomainEvent(event_id=f"e{i}", tenant="acme", type=kind, occurred_at=now, actor="analytics")
+        for i, kind in enumerate(("AlertRaised", "AlertRaised", "AlertCleared"))
+    ]
     OUTCOMES["analytics.evaluate"](Evaluated(events=events))
     OUTCOMES["notification.deliver_pending"](DeliveryProgress(delivered=4, dead_lettered=1))
     OUTCOMES["notification.record_events"](3)
     assert counted == {
-        "READINGS_STORED": 7, "READINGS_QUARANTINED": 2, "ALERTS_RAISED": 2, "ALERTS_CLEARED": 1,
-        "WEBHOOKS_DELIVERED": 4, "WEBHOOKS_DEAD_LETTERED": 1, "EVENTS_RECORDED": 3,
-    }  # fmt: skip
+        "READINGS_STORED": 7,
+        "READINGS_QUARANTINED": 2,
+        "ALERTS_RAISED": 2,
+        "ALERTS_CLEARED": 1,
+        "WEBHOOKS_DELIVERED": 4,
+        "WEBHOOKS_DEAD_LETTERED": 1,
+        "EVENTS_RECORDED": 3,
+    }
 
 
 def test_workflow_code_logs_only_through_workflow_logger() -> None:
@@ -161,9 +181,14 @@ def test_tokens_bearer_credentials_and_dsn_passwords_never_reach_a_log_line(
     token = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJkMSJ9.c2lnbmF0dXJl"
     logger = logging.getLogger("fleetflow.test.redaction")
     record = logger.makeRecord(
-        logger.name, logging.WARNING, __file__, 1,
-        "refused %s; Authorization: Bearer abc.def; db postgresql://u:s3cret@db/x", (token,), None,
-    )  # fmt: skip
+        logger.name,
+        logging.WARNING,
+        __file__,
+        1,
+        "refused %s; Authorization: Bearer abc.def; db postgresql://u:s3cret@db/x",
+        (token,),
+        None,
+    )
     line = JsonFormatter("tests").format(record)
     assert token not in line and "abc.def" not in line and "s3cret" not in line
     message = json.loads(line)["message"]

@@ -117,8 +117,15 @@ def onboarding_input(**request: int) -> OnboardingInput:
 async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
     CALLS.clear()
     device_activities: list[Callable[..., Any]] = [
-        validate, register, issue, store, mark_failed, revoke, remove, activate,
-    ]  # fmt: skip
+        validate,
+        register,
+        issue,
+        store,
+        mark_failed,
+        revoke,
+        remove,
+        activate,
+    ]
     async with (
         # no cache: every activation replays the history, evictions included (the shielded steps)
         Worker(
@@ -126,7 +133,7 @@ async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
             task_queue=TaskQueue.ORCHESTRATION.value,
             workflows=[DeviceOnboarding],
             max_cached_workflows=0,
-        ),  # fmt: skip
+        ),
         Worker(env.client, task_queue=TaskQueue.DEVICE.value, activities=device_activities),
         Worker(env.client, task_queue=TaskQueue.NOTIFICATION.value, activities=[record, retract]),
     ):
@@ -135,9 +142,11 @@ async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
 
 async def start(env: WorkflowEnvironment, **request: int) -> WorkflowHandle[Any, Any]:
     return await env.client.start_workflow(
-        DeviceOnboarding.run, onboarding_input(**request), id=f"onboard-{uuid.uuid4()}",
+        DeviceOnboarding.run,
+        onboarding_input(**request),
+        id=f"onboard-{uuid.uuid4()}",
         task_queue=TaskQueue.ORCHESTRATION.value,
-    )  # fmt: skip
+    )
 
 
 async def run_onboarding(env: WorkflowEnvironment, **request: int) -> str:
@@ -195,8 +204,11 @@ async def test_cancel_during_a_step_waits_for_it_then_undoes_it(
     assert isinstance(failure.value.cause, CancelledError)
     # the registration committed after the cancel is undone, not left pending
     assert CALLS == [
-        "validate", "register:start", "register", "undo:mark_failed:onboarding cancelled by an operator",
-    ]  # fmt: skip
+        "validate",
+        "register:start",
+        "register",
+        "undo:mark_failed:onboarding cancelled by an operator",
+    ]
 
 
 async def test_a_cancel_does_not_interrupt_compensation(
@@ -214,19 +226,25 @@ async def test_a_cancel_does_not_interrupt_compensation(
     cause = failure.value.cause
     assert isinstance(cause, ApplicationError) and cause.type == "OnboardingFailed"
     assert CALLS[-4:] == [
-        "undo:remove_config", "undo:revoke_credential:start", "undo:revoke_credential",
+        "undo:remove_config",
+        "undo:revoke_credential:start",
+        "undo:revoke_credential",
         "undo:mark_failed:store_config failed: injected failure at store_config",
-    ]  # fmt: skip
+    ]
 
 
 async def test_first_contact_timeout_undoes_everything_in_reverse(env: WorkflowEnvironment) -> None:
     reason = await run_onboarding(env, first_contact_timeout_s=900)
     assert reason == "no first contact within 900 s"
     assert CALLS == [
-        "validate", "register", "issue_credential", "store_config",
-        "undo:remove_config", "undo:revoke_credential",
+        "validate",
+        "register",
+        "issue_credential",
+        "store_config",
+        "undo:remove_config",
+        "undo:revoke_credential",
         "undo:mark_failed:no first contact within 900 s",
-    ]  # fmt: skip
+    ]
 
 
 async def test_approval_timeout_issues_no_credential(env: WorkflowEnvironment) -> None:

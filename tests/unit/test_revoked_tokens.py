@@ -31,8 +31,9 @@ class _Revoked:
 
 
 def _token(jti: str) -> str:
-    return issue_token(TEST_KEYS, subject="op", tenant="acme", scopes=["devices:read"],
-                       ttl=timedelta(hours=1), jti=jti)  # fmt: skip
+    return issue_token(
+        TEST_KEYS, subject="op", tenant="acme", scopes=["devices:read"], ttl=timedelta(hours=1), jti=jti
+    )
 
 
 async def _status(headers: list[tuple[bytes, bytes]], revoked: _Revoked) -> int:

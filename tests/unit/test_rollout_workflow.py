@@ -123,15 +123,18 @@ async def start(dev: WorkflowEnvironment, history_limit: int) -> Handle:
     """A campaign offering one device a second, continuing as new past `history_limit` events."""
     campaign = f"c-{uuid.uuid4().hex[:6]}"
     request = RolloutRequest(
-        campaign_id=campaign, firmware_id="sensor-2.0.0", target=RolloutTarget(),
+        campaign_id=campaign,
+        firmware_id="sensor-2.0.0",
+        target=RolloutTarget(),
         policy=RolloutPolicy(canary=DEVICES, rate_per_minute=60, device_timeout_s=3600),
-    )  # fmt: skip
+    )
     wid = rollout_id("acme", campaign)
     await dev.client.start_workflow(
         FirmwareRollout.run,
         RolloutInput(tenant="acme", actor=ADMIN, request=request, history_limit=history_limit),
-        id=wid, task_queue=TaskQueue.ORCHESTRATION.value,
-    )  # fmt: skip
+        id=wid,
+        task_queue=TaskQueue.ORCHESTRATION.value,
+    )
     # without a run id: the handle follows the runs that continue as new
     return dev.client.get_workflow_handle_for(FirmwareRollout.run, wid)
 

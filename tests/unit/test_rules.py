@@ -14,10 +14,16 @@ def window(values: list[float], start_s: float = 0, step_s: float = 1) -> rules.
     n = len(values)
     mean = sum(values) / n
     return rules.WindowStats(
-        n=n, mean=mean, var=sum((v - mean) ** 2 for v in values) / n, min_value=min(values),
-        max_value=max(values), first_ts=T + timedelta(seconds=start_s), first_value=values[0],
-        last_ts=T + timedelta(seconds=start_s + step_s * (n - 1)), last_value=values[-1],
-    )  # fmt: skip
+        n=n,
+        mean=mean,
+        var=sum((v - mean) ** 2 for v in values) / n,
+        min_value=min(values),
+        max_value=max(values),
+        first_ts=T + timedelta(seconds=start_s),
+        first_value=values[0],
+        last_ts=T + timedelta(seconds=start_s + step_s * (n - 1)),
+        last_value=values[-1],
+    )
 
 
 def rule(kind: str, **params: float) -> Rule:

@@ -158,8 +158,13 @@ def test_the_signing_key_cannot_be_retired(ring: KeyRing) -> None:
 
 def test_device_credentials_are_deterministic_per_key(ring: KeyRing) -> None:
     now = datetime(2026, 1, 1, tzinfo=UTC)
-    args = {"tenant": "acme", "device_id": "d1", "jti": "j1", "issued_at": now,
-            "expires_at": now + timedelta(days=3650)}  # fmt: skip
+    args = {
+        "tenant": "acme",
+        "device_id": "d1",
+        "jti": "j1",
+        "issued_at": now,
+        "expires_at": now + timedelta(days=3650),
+    }
     credential = issue_device_credential(ring, **args)  # type: ignore[arg-type]
     first_kid = ring.signing_key().kid
     ring.rotate()
