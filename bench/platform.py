@@ -95,7 +95,7 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
         argv = [
             sys.executable,
             "-m",
-            "workers.cli",
+            "cli.main",
             "up",
             "--data-dir",
             str(data),

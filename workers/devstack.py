@@ -164,7 +164,7 @@ def up(settings: Settings, options: UpOptions) -> int:
             "FLEETFLOW_API_HOST": settings.api_host,
             "FLEETFLOW_API_PORT": str(settings.api_port),
         }
-        cli = [sys.executable, "-m", "workers.cli"]
+        cli = [sys.executable, "-m", "cli.main"]
         for q, queue in enumerate(TaskQueue):
             for i in range(options.workers):
                 argv = [*cli, "worker", "--queue", queue.value]

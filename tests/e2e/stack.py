@@ -288,7 +288,7 @@ class Stack:
 
 def _is_worker_of(argv: list[str], queue: str) -> bool:
     return (
-        "workers.cli" in argv
+        "cli.main" in argv
         and "worker" in argv
         and any(a == "--queue" and b == queue for a, b in itertools.pairwise(argv))
     )

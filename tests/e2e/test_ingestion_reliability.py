@@ -385,7 +385,7 @@ async def stop_and_check_nothing_survives(stack: Stack) -> None:
     """SIGINT the supervisor: exit 0, no descendant and no postmaster left, no traceback on the way."""
     before = stack.descendants()
     # one worker per task queue (the webhook queue included) and the API
-    workers = [p for p in before if "workers.cli" in cmdline(p)]
+    workers = [p for p in before if "cli.main" in cmdline(p)]
     assert len(workers) == len(TaskQueue) + 1, [cmdline(p) for p in before]
     pm = postmaster(stack.pgdata)
     assert pm is not None and alive(pm)

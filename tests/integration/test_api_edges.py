@@ -21,10 +21,10 @@ from temporalio.client import Client
 
 from api.app import create_app
 from api.credentials import TTL_S
+from cli.key_commands import revoke_token_command
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from tests.support import TEST_KEYS, bearer, eventually, free_port
-from workers.key_commands import revoke_token_command
 
 MIB = 1024 * 1024
 HANG_GUARD_S = 60  # only so that a server that waits for the whole body fails instead of hanging

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace import ReadableSpan
 from prometheus_client.parser import text_string_to_metric_families
 from temporalio.client import Client
 
+from cli.status import gather, render
 from fleetflow import observability
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import Pool
@@ -30,7 +31,6 @@ from tests.integration.test_event_bus import Receiver, subscribe
 from tests.integration.test_event_bus import onboard as onboard_to_the_end
 from tests.integration.test_telemetry import device_auth, readings, send, stored
 from tests.support import SpanRecorder, bearer, eventually, free_port
-from workers.status import gather, render
 
 DEVICE_STEPS = ("validate_onboarding", "register", "issue_credential", "store_config", "activate")
 
@@ -331,7 +331,7 @@ def test_status_says_in_one_line_what_it_cannot_reach(unreachable: str, settings
     else:
         env["DATABASE_URL"] = f"postgresql://nobody@127.0.0.1:{free_port()}/nothing"
     done = subprocess.run(
-        [sys.executable, "-m", "workers.cli", "status"], env=env, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "cli.main", "status"], env=env, capture_output=True, text=True, timeout=60
     )
     assert done.returncode == 2
     lines = done.stderr.strip().splitlines()

@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
+from cli.main import build_parser
+from cli.tenant_commands import tenant_profile_command
 from fleetflow.contracts.tenants import TenantProfile
 from fleetflow.db import Pool
 from fleetflow.errors import StartupError
@@ -20,8 +22,6 @@ from tests.integration.flows import active_device, new_id, onboard, progress_unt
 from tests.integration.test_observability import value
 from tests.integration.test_telemetry import readings, send
 from tests.support import bearer, eventually
-from workers.cli import build_parser
-from workers.tenant_commands import tenant_profile_command
 
 PLATFORM = bearer("platform", ["tenants:admin"])
 CALM_BATCHES = 40

@@ -8,11 +8,11 @@ import io
 import httpx
 import pytest
 
+from cli.main import build_parser
+from cli.simulate import Options, simulate
 from fleetflow.db import Pool
 from fleetflow.errors import StartupError
 from tests.support import bearer, eventually, free_port
-from workers.cli import build_parser
-from workers.simulate import Options, simulate
 
 AUTH = bearer("acme")  # every scope
 
@@ -81,9 +81,9 @@ async def test_simulated_devices_take_part_in_a_rollout(api: httpx.AsyncClient, 
     """The simulator's devices fetch their job, check the image and report; failures as asked."""
     import random
 
+    from cli.simulate_jobs import JobStats, work_jobs
     from tests.integration.flows import campaign_body, fleet, upload
     from tests.integration.test_rollouts import progress
-    from workers.simulate_jobs import JobStats, work_jobs
 
     creds = await fleet(api, 6)
     version = f"8.{random.randrange(10_000)}.0"

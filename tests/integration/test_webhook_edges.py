@@ -22,6 +22,7 @@ from temporalio.worker import Worker
 
 from activities.notifications import NotificationService
 from activities.webhook_delivery import WebhookDeliveryService
+from cli.simulate import Options, simulate
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliverPending, DeliveryProgress, EventBatch
 from fleetflow.db import Pool
@@ -31,7 +32,6 @@ from fleetflow.settings import Settings
 from fleetflow.webhook_network import AddressPolicy, webhook_client
 from tests.integration.test_event_bus import SECRET, Receiver, has, new_tenant, probe_events, subscribe
 from tests.support import bearer, eventually, free_port
-from workers.simulate import Options, simulate
 
 
 class Answering(Receiver):

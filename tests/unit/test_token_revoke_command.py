@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from cli.key_commands import _revocation_of
+from cli.main import build_parser
 from fleetflow.errors import StartupError
 from fleetflow.keys import KeyRing
 from fleetflow.security import issue_token, verify_token
-from workers.cli import build_parser
-from workers.key_commands import _revocation_of
 
 
 def _args(*argv: str) -> argparse.Namespace:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import httpx
 
-from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.system import SystemCheckRequest, SystemReport
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
@@ -20,31 +19,6 @@ from fleetflow.security import issue_token, verify_token
 from fleetflow.settings import Settings
 from fleetflow.system_report import run_system_check
 from fleetflow.temporal import connect
-from workers.devstack import metrics_port_of
-from workers.supervisor import Child, Supervisor, SupervisorFailed
-from workers.worker import run_worker
-
-
-def run_workers(settings: Settings, queue: TaskQueue, processes: int) -> int:
-    """One worker in this process, or `processes` supervised worker processes."""
-    if processes == 1:
-        asyncio.run(run_worker(queue, settings))
-        return 0
-    supervisor = Supervisor()
-    supervisor.install_signal_handlers()
-    argv = [sys.executable, "-m", "workers.cli", "worker", "--queue", queue.value]
-    try:
-        for i in range(processes):
-            # each process its own /metrics port: FLEETFLOW_METRICS_PORT + i
-            port = {"FLEETFLOW_METRICS_PORT": str(metrics_port_of(settings.metrics_port, i))}
-            supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv, port))
-        supervisor.run()
-        return 0
-    except SupervisorFailed as exc:
-        print(f"fleetflow: {exc}; stopping", file=sys.stderr)
-        return 1
-    finally:
-        supervisor.stop()
 
 
 def format_report(report: SystemReport) -> str:

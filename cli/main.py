@@ -194,7 +194,7 @@ def _seconds(text: str) -> float:
 
 
 async def _status(settings: Settings, watch_s: float | None) -> int:
-    from workers.status import status
+    from cli.status import status
 
     return await status(settings, watch_s)
 
@@ -219,19 +219,19 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return _run(serve(settings))
     if command == "keys":
-        from workers.key_commands import keys_command
+        from cli.key_commands import keys_command
 
         return keys_command(settings, args)
     if command == "token" and args.token_command == "revoke":
-        from workers.key_commands import revoke_token_command
+        from cli.key_commands import revoke_token_command
 
         return _run(revoke_token_command(settings, args))
     if command == "worker":
-        from workers.commands import run_workers
+        from workers.processes import run_workers
 
         return run_workers(settings, TaskQueue(args.queue), args.processes)
     handlers: dict[str, Callable[[], Coroutine[Any, Any, int]]] = {}
-    from workers import commands
+    from cli import commands
 
     handlers = {
         "check": lambda: commands.check(settings, args.timeout),
@@ -241,11 +241,11 @@ def dispatch(args: argparse.Namespace) -> int:
         "devices": lambda: commands.import_devices(settings, args),
     }
     if command == "tenants":
-        from workers.tenant_commands import tenant_profile_command
+        from cli.tenant_commands import tenant_profile_command
 
         handlers["tenants"] = lambda: tenant_profile_command(settings, args)
     if command == "simulate":
-        from workers.simulate import run_command
+        from cli.simulate import run_command
 
         handlers["simulate"] = lambda: run_command(settings, args)
     return _run(handlers[command]())

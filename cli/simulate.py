@@ -22,10 +22,10 @@ from typing import Any, TextIO
 
 import httpx
 
+from cli.simulate_jobs import JobStats, work_jobs
+from cli.simulate_receiver import ALERTS, Receiver
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
-from workers.simulate_jobs import JobStats, work_jobs
-from workers.simulate_receiver import ALERTS, Receiver
 
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
 IN_FLIGHT = 64  # telemetry requests at once
@@ -413,9 +413,9 @@ async def simulate(
 async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     """`fleetflow simulate`: the live progress line, then the summary; exit 0 when nothing was
     rejected, 1 otherwise. Ctrl-C ends the run early, with the summary."""
+    from cli.commands import _token
     from fleetflow.contracts.devices import MAX_BULK_DEVICES
     from fleetflow.contracts.telemetry import MAX_BATCH_READINGS
-    from workers.commands import _token
 
     if args.devices > MAX_BULK_DEVICES:
         raise StartupError(f"--devices must be at most {MAX_BULK_DEVICES} (one bulk onboarding)")
