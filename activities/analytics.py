@@ -9,8 +9,6 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from temporalio import activity
-
 from activities.poison import in_last_resort, poison_guard, reason_of
 from activities.probe import probe
 from fleetflow import rules
@@ -26,6 +24,8 @@ from fleetflow.contracts.telemetry import (
     WindowRef,
 )
 from fleetflow.db import Pool
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.analytics import AnalyticsActivities
 
 
 def _aware(ts: datetime) -> datetime:
@@ -82,7 +82,7 @@ def _analysis_failed(window_id: str, row: Any, exc: BaseException) -> DomainEven
     )
 
 
-class AnalyticsService:
+class AnalyticsService(AnalyticsActivities):
     """Activities of the `analytics` task queue, and the rules and alerts read model."""
 
     queue = TaskQueue.ANALYTICS
@@ -90,12 +90,12 @@ class AnalyticsService:
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
 
-    @activity.defn(name="analytics.ping")
+    @implements(AnalyticsActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
 
-    @activity.defn(name="analytics.evaluate")
+    @implements(AnalyticsActivities.evaluate)
     async def evaluate(self, ref: WindowRef) -> Evaluated:
         """Run the tenants' rules over a stored window; raise and clear alerts once each. The
         window's events go to analytics.window_events (the notification service records them).

@@ -25,6 +25,8 @@ from fleetflow.contracts.devices import (
     DeviceTypeView,
 )
 from fleetflow.contracts.tenants import TenantLimits
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.device import DeviceActivities
 from fleetflow.keys import KeyRing
 from fleetflow.security import issue_device_credential, kid_of, token_hash
 
@@ -45,7 +47,7 @@ class BulkProvisioning(DeviceReadModel):
     issuer: str
     quota_defaults: TenantLimits
 
-    @activity.defn(name="device.provision_batch")
+    @implements(DeviceActivities.provision_batch)
     async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
         """Register, credential, configure and activate one slice of a bulk import.
 
@@ -162,7 +164,7 @@ class BulkProvisioning(DeviceReadModel):
             )
         return None
 
-    @activity.defn(name="device.deprovision_batch")
+    @implements(DeviceActivities.deprovision_batch)
     async def deprovision_batch(self, batch: DeviceBatch) -> None:
         """Compensation of `provision_batch` for the given devices of this bulk import (None: all).
 

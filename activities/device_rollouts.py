@@ -26,6 +26,8 @@ from fleetflow.contracts.rollouts import (
     StopRollout,
     TickResult,
 )
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.device import DeviceActivities
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     import asyncpg
@@ -123,7 +125,7 @@ class RolloutJobs(DeviceReadModel):
 
     # --- campaign activities --------------------------------------------------------
 
-    @activity.defn(name="device.plan_rollout")
+    @implements(DeviceActivities.plan_rollout)
     async def plan_rollout(self, inp: RolloutInput) -> RolloutPlan:
         """Fix the target list and its waves (once: a retry returns the recorded plan)."""
         req, tenant = inp.request, inp.tenant
@@ -198,7 +200,7 @@ class RolloutJobs(DeviceReadModel):
             total=len(devices), waves=waves, device_type=fw["device_type"], version=fw["version"]
         )
 
-    @activity.defn(name="device.rollout_tick")
+    @implements(DeviceActivities.rollout_tick)
     async def rollout_tick(self, tick: RolloutTick) -> TickResult:
         """Expire silent devices, check the abort criteria, offer new jobs, and count.
 
@@ -348,7 +350,7 @@ class RolloutJobs(DeviceReadModel):
             activity.heartbeat()
             await asyncio.sleep(0.025)
 
-    @activity.defn(name="device.stop_rollout")
+    @implements(DeviceActivities.stop_rollout)
     async def stop_rollout(self, stop: StopRollout) -> int:
         """Cancel the jobs not started yet; with `rollback`, queue a rollback for every device
         that took the new firmware. Returns how many rollbacks are queued."""

@@ -7,8 +7,6 @@ methods (not activities) serve the API's read model.
 
 from __future__ import annotations
 
-from temporalio import activity
-
 from activities.device_bulk import BulkProvisioning
 from activities.device_rollouts import RolloutJobs
 from activities.device_state import REUSABLE, device_room, refuse, register_device, set_status
@@ -32,12 +30,14 @@ from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import UnreadyDevices, WindowRef
 from fleetflow.db import Pool
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.device import DeviceActivities
 from fleetflow.keys import keyring
 from fleetflow.security import issue_device_credential, kid_of, token_hash
 from fleetflow.settings import Settings
 
 
-class DeviceService(RolloutJobs, BulkProvisioning):
+class DeviceService(RolloutJobs, BulkProvisioning, DeviceActivities):
     """Activities of the `device` task queue, and the device read model."""
 
     queue = TaskQueue.DEVICE
@@ -51,12 +51,12 @@ class DeviceService(RolloutJobs, BulkProvisioning):
 
     # --- activities ------------------------------------------------------------
 
-    @activity.defn(name="device.ping")
+    @implements(DeviceActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
 
-    @activity.defn(name="device.validate_onboarding")
+    @implements(DeviceActivities.validate_onboarding)
     async def validate_onboarding(self, request: ValidateOnboarding) -> ValidatedOnboarding:
         """Check the device type and configuration, and that the id is free."""
         try:
@@ -65,7 +65,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             raise refuse(str(exc), "InvalidDevice") from None
         return validated
 
-    @activity.defn(name="device.register")
+    @implements(DeviceActivities.register)
     async def register(self, request: RegisterDevice) -> None:
         """Register the device as `pending` for this onboarding (or find it already so)."""
         spec = request.spec
@@ -108,7 +108,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             if not taken:  # registered by a concurrent onboarding (a bulk import) since it was read
                 raise refuse(f"device {spec.device_id!r} is already registered", "DeviceExists")
 
-    @activity.defn(name="device.mark_failed")
+    @implements(DeviceActivities.mark_failed)
     async def mark_failed(self, request: DeviceTransition) -> None:
         """Compensation of `register`: this onboarding's registration becomes `failed`."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -123,7 +123,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 only_from=(DeviceStatus.PENDING, DeviceStatus.PROVISIONED, DeviceStatus.ACTIVE),
             )
 
-    @activity.defn(name="device.issue_credential")
+    @implements(DeviceActivities.issue_credential)
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
         """Issue the device's credential; stored only as a hash, the token returned once."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -163,7 +163,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             )
         return IssuedCredential(jti=request.jti, token=token, expires_at=request.expires_at)
 
-    @activity.defn(name="device.revoke_credential")
+    @implements(DeviceActivities.revoke_credential)
     async def revoke_credential(self, request: RevokeCredential) -> None:
         """Revoke one credential (compensation of `issue_credential`); refused at once after."""
         await self.pool.execute(
@@ -174,7 +174,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             request.device_id,
         )
 
-    @activity.defn(name="device.store_config")
+    @implements(DeviceActivities.store_config)
     async def store_config(self, request: StoreConfig) -> None:
         """Store the initial configuration and mark the device `provisioned`."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -196,7 +196,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 only_from=(DeviceStatus.PENDING,),
             )
 
-    @activity.defn(name="device.remove_config")
+    @implements(DeviceActivities.remove_config)
     async def remove_config(self, request: DeviceTransition) -> None:
         """Compensation of `store_config`."""
         await self.pool.execute(
@@ -208,7 +208,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
             request.onboarding_id,
         )
 
-    @activity.defn(name="device.activate")
+    @implements(DeviceActivities.activate)
     async def activate(self, request: DeviceTransition) -> None:
         """The device made first contact: it becomes `active`."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -233,7 +233,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 if status != DeviceStatus.ACTIVE:
                     raise refuse(f"device cannot be activated from {status!r}", "BadTransition")
 
-    @activity.defn(name="device.find_unready")
+    @implements(DeviceActivities.find_unready)
     async def find_unready(self, ref: WindowRef) -> UnreadyDevices:
         """Note the devices of a telemetry window that may not send (unknown, or not active) in
         device.window_unready, keyed by the window; answers how many. Idempotent."""
@@ -256,7 +256,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
 
     # --- decommissioning --------------------------------------------------------------
 
-    @activity.defn(name="device.revoke_all_credentials")
+    @implements(DeviceActivities.revoke_all_credentials)
     async def revoke_all_credentials(self, step: DeviceStep) -> int:
         """Revoke every credential of the device; refused from the next request on."""
         result = await self.pool.execute(
@@ -267,7 +267,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         )
         return int(str(result).split()[-1])
 
-    @activity.defn(name="device.cancel_jobs")
+    @implements(DeviceActivities.cancel_jobs)
     async def cancel_jobs(self, step: DeviceStep) -> int:
         """Cancel the device's pending rollout jobs."""
         result = await self.pool.execute(
@@ -280,7 +280,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
         )
         return int(str(result).split()[-1])
 
-    @activity.defn(name="device.mark_decommissioned")
+    @implements(DeviceActivities.mark_decommissioned)
     async def mark_decommissioned(self, step: DeviceStep) -> None:
         """The device is retired for good."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -293,7 +293,7 @@ class DeviceService(RolloutJobs, BulkProvisioning):
                 reason=step.reason or "decommissioned",
             )
 
-    @activity.defn(name="device.note_retirement_problem")
+    @implements(DeviceActivities.note_retirement_problem)
     async def note_retirement_problem(self, step: DeviceStep) -> None:
         """Say on the device itself that its retirement is stuck, and where."""
         await self.pool.execute(

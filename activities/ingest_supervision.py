@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 
-from temporalio import activity
 from temporalio.client import Client
 from temporalio.client import WorkflowExecutionStatus as Status
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -32,6 +31,8 @@ from fleetflow.contracts.telemetry import (
     ingestion_id,
 )
 from fleetflow.db import Pool
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.data import DataActivities
 from fleetflow.temporal import device_search_attributes
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class IngestionSupervision:
     pool: Pool
     temporal: Client | None
 
-    @activity.defn(name="data.supervise_ingestion")
+    @implements(DataActivities.supervise_ingestion)
     async def supervise_ingestion(self, request: SuperviseIngestion) -> Supervised:
         """(Re)start the shards that are not running; put the batches claimed by runs that are
         not running back to pending. Idempotent."""

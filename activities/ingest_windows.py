@@ -12,7 +12,6 @@ import logging
 from typing import Any
 
 import asyncpg
-from temporalio import activity
 
 from activities.poison import is_transient
 from fleetflow.contracts.telemetry import (
@@ -23,6 +22,8 @@ from fleetflow.contracts.telemetry import (
     WindowSplit,
 )
 from fleetflow.db import Pool
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.data import DataActivities
 from fleetflow.metrics import BATCHES_QUARANTINED
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ class WindowIsolation:
 
     pool: Pool
 
-    @activity.defn(name="data.split_window")
+    @implements(DataActivities.split_window)
     async def split_window(self, ref: WindowRef) -> WindowSplit:
         """Move the window's claimed batches, oldest first, into two halves; a retry after the
         commit finds the halves made and answers them again."""
@@ -75,7 +76,7 @@ class WindowIsolation:
             ]
         )
 
-    @activity.defn(name="data.quarantine_batches")
+    @implements(DataActivities.quarantine_batches)
     async def quarantine_batches(self, request: QuarantineBatches) -> BatchesQuarantined:
         """Set the window's claimed batches aside with the reason; their readings that can be
         read show in the quarantine view under that reason. Idempotent."""

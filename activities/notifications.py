@@ -30,6 +30,8 @@ from fleetflow.contracts.events import EventBatch, RecordedEvent, RetractEvent, 
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, WindowRef
 from fleetflow.db import Pool
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.notification import NotificationActivities
 from fleetflow.payload_codec import PayloadKeys
 from fleetflow.webhook_network import AddressPolicy
 
@@ -60,7 +62,7 @@ def _row(event: DomainEvent, digest: str) -> tuple[Any, ...]:
     )
 
 
-class NotificationService(Subscriptions):
+class NotificationService(Subscriptions, NotificationActivities):
     """Activities of the `notification` task queue and the event read model; the subscriptions
     come from Subscriptions."""
 
@@ -79,14 +81,14 @@ class NotificationService(Subscriptions):
         self._keys = keys
         self.policy = policy or AddressPolicy()
 
-    @activity.defn(name="notification.ping")
+    @implements(NotificationActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
 
     # --- the event store -------------------------------------------------------
 
-    @activity.defn(name="notification.record_events")
+    @implements(NotificationActivities.record_events)
     async def record_events(self, batch: EventBatch) -> int:
         """Record events once each (keyed by tenant and event id) and enqueue their deliveries;
         returns how many were new. A retry after the commit finds every event there and enqueues
@@ -156,7 +158,7 @@ class NotificationService(Subscriptions):
             renamed.append((event.model_copy(update={"event_id": f"{event.event_id}#{digest[:16]}"}), digest))
         return renamed
 
-    @activity.defn(name="notification.record_window_events")
+    @implements(NotificationActivities.record_window_events)
     async def record_window_events(self, ref: WindowRef) -> int:
         """Record a telemetry window's events, read from the tables of the services that made
         them (TelemetryStored per tenant from data.windows, BatchQuarantined from the batches
@@ -222,7 +224,7 @@ class NotificationService(Subscriptions):
                 activity.heartbeat()
         return new
 
-    @activity.defn(name="notification.retract_event")
+    @implements(NotificationActivities.retract_event)
     async def retract_event(self, request: RetractEvent) -> None:
         """Compensation of recording an event whose operation was undone (its deliveries go too).
         Only within a tenant: the request's, else the verified caller's (a platform actor, who
@@ -234,7 +236,7 @@ class NotificationService(Subscriptions):
             tenant,
         )
 
-    @activity.defn(name="notification.retract_events")
+    @implements(NotificationActivities.retract_events)
     async def retract_events(self, request: RetractEvents) -> int:
         """Compensation of the events one undone attempt recorded (a bulk import's, thousands):
         one statement, by their common id prefix."""

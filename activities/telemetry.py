@@ -38,13 +38,15 @@ from fleetflow.contracts.telemetry import (
     Window,
 )
 from fleetflow.db import Pool
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.data import DataActivities
 
 POLL_S = 0.025
 HEARTBEAT_S = 1.0  # the SDK sends at most one per 0.8 x the step's heartbeat timeout
 _PARTITION_LOCK = 7_001_338
 
 
-class DataService(WindowIsolation, IngestionSupervision):
+class DataService(WindowIsolation, IngestionSupervision, DataActivities):
     """Activities of the `data` task queue, and the telemetry read model; temporal (the
     process's client) lets the supervisor (re)start the shard workflows."""
 
@@ -54,12 +56,12 @@ class DataService(WindowIsolation, IngestionSupervision):
         self.pool = pool
         self.temporal = temporal
 
-    @activity.defn(name="data.ping")
+    @implements(DataActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
 
-    @activity.defn(name="data.retire_telemetry")
+    @implements(DataActivities.retire_telemetry)
     async def retire_telemetry(self, step: DeviceStep) -> int:
         """Archive (or, by policy, delete) a retired device's readings; idempotent."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -75,7 +77,7 @@ class DataService(WindowIsolation, IngestionSupervision):
             )
         return int(str(result).split()[-1])
 
-    @activity.defn(name="data.claim_window")
+    @implements(DataActivities.claim_window)
     async def claim_window(self, request: ClaimWindow) -> Window:
         """Claim pending batches of this shard (oldest first, up to max_readings and max_bytes;
         at least one batch whatever its size).
@@ -134,7 +136,7 @@ class DataService(WindowIsolation, IngestionSupervision):
             activity.heartbeat()
             await asyncio.sleep(POLL_S)
 
-    @activity.defn(name="data.store_window")
+    @implements(DataActivities.store_window)
     async def store_window(self, request: StoreWindow) -> Stored:
         """COPY the window's readings into data.readings, quarantine the unready devices' ones.
 

@@ -32,6 +32,8 @@ from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.events import MIN_BACKOFF_S, DeliverPending, DeliveryProgress, RecordedEvent
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.db import Pool
+from fleetflow.interfaces import implements
+from fleetflow.interfaces.webhook import WebhookActivities
 from fleetflow.payload_codec import PayloadKeys, open_text
 from fleetflow.webhook_network import AddressPolicy, webhook_client
 from fleetflow.webhook_signing import signed_headers
@@ -60,7 +62,7 @@ def message_id(event: RecordedEvent) -> str:
     return f"{event.tenant}/{event.event_id}"
 
 
-class WebhookDeliveryService:
+class WebhookDeliveryService(WebhookActivities):
     """Activities of the `webhook` task queue (part of the notification service and its schema)."""
 
     queue = TaskQueue.WEBHOOK
@@ -87,12 +89,12 @@ class WebhookDeliveryService:
             self._http = webhook_client(self.policy)
         return self._http
 
-    @activity.defn(name="webhook.ping")
+    @implements(WebhookActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
 
-    @activity.defn(name="notification.deliver_pending")
+    @implements(WebhookActivities.deliver_pending)
     async def deliver_pending(self, request: DeliverPending) -> DeliveryProgress:
         """POST the subscription's pending deliveries in seq order, marking each once delivered.
 

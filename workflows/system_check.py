@@ -13,14 +13,16 @@ with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import SERVICE_QUEUES, TaskQueue
     from fleetflow.contracts.system import (
         ProbeRequest,
-        ProbeResult,
         ServiceProbe,
         SystemCheckRequest,
         SystemCheckResult,
     )
+    from fleetflow.interfaces import INTERFACES
 
 
 WEBHOOK_PROBE_PATCH = "probe-webhook-queue"
+# every service answers the same probe, each on its own queue
+PINGS = {i.queue: i.ping for i in INTERFACES}
 
 
 @workflow.defn
@@ -39,11 +41,10 @@ class SystemCheck:
     async def _probe(self, queue: TaskQueue, request: SystemCheckRequest) -> ServiceProbe:
         started = workflow.now()
         try:
-            result = await workflow.execute_activity(
-                f"{queue.value}.ping",
+            result = await workflow.execute_activity_method(
+                PINGS[queue],
                 ProbeRequest(hold_ms=request.hold_ms),
                 task_queue=queue.value,
-                result_type=ProbeResult,
                 # the overall deadline names a missing service; heartbeats notice a dead worker
                 schedule_to_close_timeout=timedelta(seconds=request.timeout_s),
                 start_to_close_timeout=timedelta(seconds=request.timeout_s),

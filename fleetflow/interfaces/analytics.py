@@ -1,0 +1,40 @@
+"""The analytics service: rules over stored windows, alerts; owns the `analytics` schema.
+
+The typed interface workflows call (`workflow.execute_activity_method`); the implementation
+is `activities/`, bound to these names by `fleetflow.interfaces.implements`. Importing this
+module pulls in nothing but contracts, so the workflow sandbox may.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from temporalio import activity
+
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.system import ProbeRequest, ProbeResult
+from fleetflow.contracts.telemetry import Evaluated, WindowRef
+from fleetflow.interfaces.base import ServiceInterface
+
+
+class AnalyticsActivities(ServiceInterface):
+    """Activities of the `analytics` task queue."""
+
+    service: ClassVar[str] = "analytics"
+    queue: ClassVar[TaskQueue] = TaskQueue.ANALYTICS
+
+    @activity.defn(name="analytics.ping")
+    async def ping(self, request: ProbeRequest) -> ProbeResult:
+        """Answer the system check."""
+        raise NotImplementedError
+
+    @activity.defn(name="analytics.evaluate")
+    async def evaluate(self, ref: WindowRef) -> Evaluated:
+        """Run the tenants' rules over a stored window; raise and clear alerts once each. The
+        window's events go to analytics.window_events (the notification service records them).
+
+        From the last-resort attempt on, a series whose rules fail (a value or time the rules
+        cannot compute with) is skipped with an `AnalysisFailed` event instead of failing the
+        whole window again.
+        """
+        raise NotImplementedError

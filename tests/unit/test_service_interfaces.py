@@ -1,0 +1,38 @@
+"""Each service implements its whole interface under the declared names, and nothing else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fleetflow.contracts.common import SERVICE_QUEUES, TaskQueue
+from fleetflow.interfaces import CATALOGUE, INTERFACES, activity_name
+from fleetflow.settings import load_settings
+from workers.registry import activities_of, service_for
+
+
+@pytest.mark.parametrize("interface", INTERFACES, ids=lambda i: i.service)
+def test_the_service_of_each_queue_implements_every_declared_activity(
+    interface: type, tmp_path: Path
+) -> None:
+    settings = load_settings({"FLEETFLOW_DATA_DIR": str(tmp_path)})
+    service = service_for(interface.queue, pool=None, settings=settings)  # type: ignore[arg-type,attr-defined]
+    registered = {activity_name(fn): fn for fn in activities_of(service)}
+    declared = {e.name for e in CATALOGUE if e.interface is interface}
+    assert set(registered) == declared
+    for entry in CATALOGUE:
+        if entry.interface is interface:
+            implementation = getattr(type(service), entry.method)
+            stub = vars(interface)[entry.method]
+            assert implementation is not stub, f"{entry.name} is declared but not implemented"
+
+
+def test_every_service_queue_has_one_interface() -> None:
+    assert sorted(i.queue for i in INTERFACES) == sorted(SERVICE_QUEUES)
+    assert TaskQueue.ORCHESTRATION not in {i.queue for i in INTERFACES}
+
+
+def test_activity_names_are_unique_in_the_catalogue() -> None:
+    names = [e.name for e in CATALOGUE]
+    assert len(names) == len(set(names))
