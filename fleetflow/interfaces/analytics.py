@@ -1,12 +1,11 @@
 """The analytics service: rules over stored windows, alerts; owns the `analytics` schema.
 
-The typed interface workflows call (`workflow.execute_activity_method`); the implementation
-is `activities/`, bound to these names by `fleetflow.interfaces.implements`. Importing this
-module pulls in nothing but contracts, so the workflow sandbox may.
+Declarations only (see `fleetflow.interfaces`): safe to import in the workflow sandbox.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 from temporalio import activity
@@ -24,11 +23,12 @@ class AnalyticsActivities(ServiceInterface):
     queue: ClassVar[TaskQueue] = TaskQueue.ANALYTICS
 
     @activity.defn(name="analytics.ping")
+    @abstractmethod
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
-        raise NotImplementedError
 
     @activity.defn(name="analytics.evaluate")
+    @abstractmethod
     async def evaluate(self, ref: WindowRef) -> Evaluated:
         """Run the tenants' rules over a stored window; raise and clear alerts once each. The
         window's events go to analytics.window_events (the notification service records them).
@@ -37,4 +37,3 @@ class AnalyticsActivities(ServiceInterface):
         cannot compute with) is skipped with an `AnalysisFailed` event instead of failing the
         whole window again.
         """
-        raise NotImplementedError

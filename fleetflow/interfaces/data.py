@@ -1,12 +1,11 @@
 """The data service: telemetry acceptance, ingestion windows and storage; owns the `data` schema.
 
-The typed interface workflows call (`workflow.execute_activity_method`); the implementation
-is `activities/`, bound to these names by `fleetflow.interfaces.implements`. Importing this
-module pulls in nothing but contracts, so the workflow sandbox may.
+Declarations only (see `fleetflow.interfaces`): safe to import in the workflow sandbox.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 from temporalio import activity
@@ -36,37 +35,38 @@ class DataActivities(ServiceInterface):
     queue: ClassVar[TaskQueue] = TaskQueue.DATA
 
     @activity.defn(name="data.supervise_ingestion")
+    @abstractmethod
     async def supervise_ingestion(self, request: SuperviseIngestion) -> Supervised:
         """(Re)start the shards that are not running; put the batches claimed by runs that are
         not running back to pending. Idempotent.
         """
-        raise NotImplementedError
 
     @activity.defn(name="data.split_window")
+    @abstractmethod
     async def split_window(self, ref: WindowRef) -> WindowSplit:
         """Move the window's claimed batches, oldest first, into two halves; a retry after the
         commit finds the halves made and answers them again.
         """
-        raise NotImplementedError
 
     @activity.defn(name="data.quarantine_batches")
+    @abstractmethod
     async def quarantine_batches(self, request: QuarantineBatches) -> BatchesQuarantined:
         """Set the window's claimed batches aside with the reason; their readings that can be
         read show in the quarantine view under that reason. Idempotent.
         """
-        raise NotImplementedError
 
     @activity.defn(name="data.ping")
+    @abstractmethod
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
-        raise NotImplementedError
 
     @activity.defn(name="data.retire_telemetry")
+    @abstractmethod
     async def retire_telemetry(self, step: DeviceStep) -> int:
         """Archive (or, by policy, delete) a retired device's readings; idempotent."""
-        raise NotImplementedError
 
     @activity.defn(name="data.claim_window")
+    @abstractmethod
     async def claim_window(self, request: ClaimWindow) -> Window:
         """Claim pending batches of this shard (oldest first, up to max_readings and max_bytes;
         at least one batch whatever its size).
@@ -74,9 +74,9 @@ class DataActivities(ServiceInterface):
         Returns as soon as there is something, or empty after max_wait_ms; a retry
         returns what this window already claimed.
         """
-        raise NotImplementedError
 
     @activity.defn(name="data.store_window")
+    @abstractmethod
     async def store_window(self, request: StoreWindow) -> Stored:
         """COPY the window's readings into data.readings, quarantine the unready devices' ones.
 
@@ -85,4 +85,3 @@ class DataActivities(ServiceInterface):
         are locked first, so a supervisor reclaiming them waits for this transaction (and then
         finds them stored) instead of handing them to another window half-way.
         """
-        raise NotImplementedError

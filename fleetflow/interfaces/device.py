@@ -1,12 +1,11 @@
 """The device service: registry, credentials, configuration and rollout jobs; owns the `device` schema.
 
-The typed interface workflows call (`workflow.execute_activity_method`); the implementation
-is `activities/`, bound to these names by `fleetflow.interfaces.implements`. Importing this
-module pulls in nothing but contracts, so the workflow sandbox may.
+Declarations only (see `fleetflow.interfaces`): safe to import in the workflow sandbox.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 from temporalio import activity
@@ -45,6 +44,7 @@ class DeviceActivities(ServiceInterface):
     queue: ClassVar[TaskQueue] = TaskQueue.DEVICE
 
     @activity.defn(name="device.provision_batch")
+    @abstractmethod
     async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
         """Register, credential, configure and activate one slice of a bulk import.
 
@@ -52,9 +52,9 @@ class DeviceActivities(ServiceInterface):
         nothing behind, and the others go on. A retry finds its own earlier work. It heartbeats
         per device: a cancelled slice rolls back and commits nothing.
         """
-        raise NotImplementedError
 
     @activity.defn(name="device.deprovision_batch")
+    @abstractmethod
     async def deprovision_batch(self, batch: DeviceBatch) -> None:
         """Compensation of `provision_batch` for the given devices of this bulk import (None: all).
 
@@ -63,14 +63,14 @@ class DeviceActivities(ServiceInterface):
         A device decommissioned meanwhile stays so (as `mark_failed` leaves it): `failed` would
         let it be onboarded again.
         """
-        raise NotImplementedError
 
     @activity.defn(name="device.plan_rollout")
+    @abstractmethod
     async def plan_rollout(self, inp: RolloutInput) -> RolloutPlan:
         """Fix the target list and its waves (once: a retry returns the recorded plan)."""
-        raise NotImplementedError
 
     @activity.defn(name="device.rollout_tick")
+    @abstractmethod
     async def rollout_tick(self, tick: RolloutTick) -> TickResult:
         """Expire silent devices, check the abort criteria, offer new jobs, and count.
 
@@ -78,83 +78,82 @@ class DeviceActivities(ServiceInterface):
         the same on every attempt) and what it decided, so a retry after the offer committed
         offers nothing more and returns the same offer and abort decision.
         """
-        raise NotImplementedError
 
     @activity.defn(name="device.stop_rollout")
+    @abstractmethod
     async def stop_rollout(self, stop: StopRollout) -> int:
         """Cancel the jobs not started yet; with `rollback`, queue a rollback for every device
         that took the new firmware. Returns how many rollbacks are queued.
         """
-        raise NotImplementedError
 
     @activity.defn(name="device.ping")
+    @abstractmethod
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
-        raise NotImplementedError
 
     @activity.defn(name="device.validate_onboarding")
+    @abstractmethod
     async def validate_onboarding(self, request: ValidateOnboarding) -> ValidatedOnboarding:
         """Check the device type and configuration, and that the id is free."""
-        raise NotImplementedError
 
     @activity.defn(name="device.register")
+    @abstractmethod
     async def register(self, request: RegisterDevice) -> None:
         """Register the device as `pending` for this onboarding (or find it already so)."""
-        raise NotImplementedError
 
     @activity.defn(name="device.mark_failed")
+    @abstractmethod
     async def mark_failed(self, request: DeviceTransition) -> None:
         """Compensation of `register`: this onboarding's registration becomes `failed`."""
-        raise NotImplementedError
 
     @activity.defn(name="device.issue_credential")
+    @abstractmethod
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
         """Issue the device's credential; stored only as a hash, the token returned once."""
-        raise NotImplementedError
 
     @activity.defn(name="device.revoke_credential")
+    @abstractmethod
     async def revoke_credential(self, request: RevokeCredential) -> None:
         """Revoke one credential (compensation of `issue_credential`); refused at once after."""
-        raise NotImplementedError
 
     @activity.defn(name="device.store_config")
+    @abstractmethod
     async def store_config(self, request: StoreConfig) -> None:
         """Store the initial configuration and mark the device `provisioned`."""
-        raise NotImplementedError
 
     @activity.defn(name="device.remove_config")
+    @abstractmethod
     async def remove_config(self, request: DeviceTransition) -> None:
         """Compensation of `store_config`."""
-        raise NotImplementedError
 
     @activity.defn(name="device.activate")
+    @abstractmethod
     async def activate(self, request: DeviceTransition) -> None:
         """The device made first contact: it becomes `active`."""
-        raise NotImplementedError
 
     @activity.defn(name="device.find_unready")
+    @abstractmethod
     async def find_unready(self, ref: WindowRef) -> UnreadyDevices:
         """Note the devices of a telemetry window that may not send (unknown, or not active) in
         device.window_unready, keyed by the window; answers how many. Idempotent.
         """
-        raise NotImplementedError
 
     @activity.defn(name="device.revoke_all_credentials")
+    @abstractmethod
     async def revoke_all_credentials(self, step: DeviceStep) -> int:
         """Revoke every credential of the device; refused from the next request on."""
-        raise NotImplementedError
 
     @activity.defn(name="device.cancel_jobs")
+    @abstractmethod
     async def cancel_jobs(self, step: DeviceStep) -> int:
         """Cancel the device's pending rollout jobs."""
-        raise NotImplementedError
 
     @activity.defn(name="device.mark_decommissioned")
+    @abstractmethod
     async def mark_decommissioned(self, step: DeviceStep) -> None:
         """The device is retired for good."""
-        raise NotImplementedError
 
     @activity.defn(name="device.note_retirement_problem")
+    @abstractmethod
     async def note_retirement_problem(self, step: DeviceStep) -> None:
         """Say on the device itself that its retirement is stuck, and where."""
-        raise NotImplementedError

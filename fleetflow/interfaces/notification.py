@@ -1,12 +1,11 @@
 """The notification service: the event store and webhook subscriptions; owns the `notification` schema.
 
-The typed interface workflows call (`workflow.execute_activity_method`); the implementation
-is `activities/`, bound to these names by `fleetflow.interfaces.implements`. Importing this
-module pulls in nothing but contracts, so the workflow sandbox may.
+Declarations only (see `fleetflow.interfaces`): safe to import in the workflow sandbox.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 from temporalio import activity
@@ -25,39 +24,39 @@ class NotificationActivities(ServiceInterface):
     queue: ClassVar[TaskQueue] = TaskQueue.NOTIFICATION
 
     @activity.defn(name="notification.ping")
+    @abstractmethod
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
-        raise NotImplementedError
 
     @activity.defn(name="notification.record_events")
+    @abstractmethod
     async def record_events(self, batch: EventBatch) -> int:
         """Record events once each (keyed by tenant and event id) and enqueue their deliveries;
         returns how many were new. A retry after the commit finds every event there and enqueues
         nothing more. An event whose id its tenant already holds for a *different* event is not
         dropped: it is recorded as `<event_id>#<digest>` (and logged).
         """
-        raise NotImplementedError
 
     @activity.defn(name="notification.record_window_events")
+    @abstractmethod
     async def record_window_events(self, ref: WindowRef) -> int:
         """Record a telemetry window's events, read from the tables of the services that made
         them (TelemetryStored per tenant from data.windows, BatchQuarantined from the batches
         set aside, alerts from analytics.window_events), a thousand at a time; how many were new.
         Idempotent: each event id names the window and the tenant.
         """
-        raise NotImplementedError
 
     @activity.defn(name="notification.retract_event")
+    @abstractmethod
     async def retract_event(self, request: RetractEvent) -> None:
         """Compensation of recording an event whose operation was undone (its deliveries go too).
         Only within a tenant: the request's, else the verified caller's (a platform actor, who
         has none, may retract any).
         """
-        raise NotImplementedError
 
     @activity.defn(name="notification.retract_events")
+    @abstractmethod
     async def retract_events(self, request: RetractEvents) -> int:
         """Compensation of the events one undone attempt recorded (a bulk import's, thousands):
         one statement, by their common id prefix.
         """
-        raise NotImplementedError

@@ -1,12 +1,11 @@
 """Webhook delivery: POSTs pending deliveries to subscribers (the `webhook` task queue).
 
-The typed interface workflows call (`workflow.execute_activity_method`); the implementation
-is `activities/`, bound to these names by `fleetflow.interfaces.implements`. Importing this
-module pulls in nothing but contracts, so the workflow sandbox may.
+Declarations only (see `fleetflow.interfaces`): safe to import in the workflow sandbox.
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from typing import ClassVar
 
 from temporalio import activity
@@ -24,11 +23,12 @@ class WebhookActivities(ServiceInterface):
     queue: ClassVar[TaskQueue] = TaskQueue.WEBHOOK
 
     @activity.defn(name="webhook.ping")
+    @abstractmethod
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
-        raise NotImplementedError
 
     @activity.defn(name="notification.deliver_pending")
+    @abstractmethod
     async def deliver_pending(self, request: DeliverPending) -> DeliveryProgress:
         """POST the subscription's pending deliveries in seq order, marking each once delivered.
 
@@ -39,4 +39,3 @@ class WebhookActivities(ServiceInterface):
         activity returns, so the queue moves on. At least once: a crash between a POST
         and its mark sends that event again.
         """
-        raise NotImplementedError
