@@ -175,7 +175,7 @@ def check(graph: Graph, allowed: Mapping[tuple[str, str], str] = ALLOWED) -> lis
     derived = graph.service_edges()
     for pair, edges in derived.items():
         if pair not in allowed:
-            vias = ", ".join(sorted({f"{e.source} {e.kind} {e.via}" for e in edges}))
+            vias = ", ".join(sorted({f"{e.source} {e.kind} {_called_name(e)}" for e in edges}))
             problems.append(
                 f"undeclared edge {pair[0]} -> {pair[1]} ({vias}): declare it in ALLOWED or remove it"
             )
@@ -187,6 +187,10 @@ def check(graph: Graph, allowed: Mapping[tuple[str, str], str] = ALLOWED) -> lis
     for module in graph.unattributed:
         problems.append(f"{module}: calls into workflows, but belongs to no service")
     return problems
+
+
+def _called_name(edge: Edge) -> str:
+    return edge.via if edge.kind == "activity" else f"{edge.target}.{edge.via}"
 
 
 # --- graph algorithms -------------------------------------------------------------------
