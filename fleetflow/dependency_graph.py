@@ -560,7 +560,8 @@ def mermaid(graph: Graph) -> str:
             pairs.setdefault((edge.source, edge.target, edge.kind), []).append(edge.via)
     for (source, target, kind), vias in sorted(pairs.items()):
         arrow = "-->" if kind in WAITING else "-.->"
-        label = "" if kind == "activity" else f"|{_LABELS.get(kind, kind)} {', '.join(sorted(set(vias)))}|"
+        text = f"{_LABELS.get(kind, kind)} {', '.join(sorted(set(vias)))}"
+        label = "" if kind == "activity" else f'|"{text}"|'
         lines.append(f"  {node(source)} {arrow}{label} {node(target)}")
     return "\n".join(lines) + "\n"
 

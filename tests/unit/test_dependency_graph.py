@@ -189,7 +189,7 @@ def test_graph_command_prints_the_mermaid_text(capsys: pytest.CaptureFixture[str
     out = capsys.readouterr().out
     assert out == mermaid(derive())
     assert out.startswith("flowchart LR\n")
-    assert "  svc_notification -.->|signal-with-start nudge| EventDelivery" in out.splitlines()
+    assert '  svc_notification -.->|"signal-with-start nudge"| EventDelivery' in out.splitlines()
 
 
 def test_graph_command_rewrites_only_the_block(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
