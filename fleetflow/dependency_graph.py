@@ -590,8 +590,14 @@ def owned_tables() -> dict[str, list[str]]:
 
 
 def services_table(graph: Graph) -> str:
-    """Per service: its queue's tables, who calls it, what it waits on and what it notifies."""
-    tables, callers, waits, notifies = owned_tables(), graph.callers(), graph.waits_on(), graph.notifies()
+    """Per service: its schema's tables, who calls it, what it waits on, what it signals or starts."""
+    tables, callers, waits = owned_tables(), graph.callers(), graph.waits_on()
+    sends: dict[str, dict[str, None]] = {s: {} for s in graph.services}
+    for (source, _target), edges in graph.service_edges().items():
+        for e in edges:
+            if not e.waits:
+                via = "" if e.via == "run" else f" `{e.via}`"
+                sends[source][f"`{e.target}` ({_LABELS.get(e.kind, e.kind)}{via})"] = None
 
     def names(items: Sequence[str]) -> str:
         return ", ".join(f"`{i}`" for i in items) or "—"
@@ -609,7 +615,7 @@ def services_table(graph: Graph) -> str:
             owns,
             names(callers[service]),
             names(waits[service]),
-            names(notifies[service]),
+            ", ".join(sends[service]) or "—",
         ]
         rows.append(f"| {' | '.join(cells)} |")
     order = " → ".join(f"`{s}`" for s in graph.topological_order())
