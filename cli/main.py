@@ -216,10 +216,10 @@ def _graph(readme: str | None) -> int:
         print(mermaid(graph), end="")
         return 0
     path = Path(readme)
-    text = path.read_text()
     try:
+        text = path.read_text()
         updated = rewrite_readme(text, graph)
-    except ValueError as exc:
+    except (OSError, ValueError) as exc:
         print(f"fleetflow graph: {path}: {exc}", file=sys.stderr)
         return 2
     if updated != text:

@@ -12,7 +12,8 @@ Nodes are the workflows (every one runs on the `orchestration` queue) and the se
   type name given to `start_child_workflow`/`execute_child_workflow`;
 - service -> workflow: `start_workflow`/`execute_workflow`/`signal_with_start_workflow` in a
   service's activities, by type name (a literal or a constant) or `Foo.run`; `start_signal=`
-  makes it a signal-with-start; `.signal("name")` by a signal name one workflow declares.
+  makes it a signal-with-start; `.signal("name")`/`.execute_update("name")` by a name only one
+  workflow declares.
 
 A reference counts wherever it stands in the owner's code (a step table, a helper's argument),
 so steps passed through helpers are found without following values. A workflow module's
@@ -378,12 +379,12 @@ class _Scanner:
         self.catalogue = catalogue
         self.by_class = {w.cls: w for w in workflows}
         self.by_type = {w.name: w for w in workflows}
-        signal_owners: dict[str, list[_Workflow]] = {}
+        # (signal|update, name) -> the workflow declaring it, when only one does
+        owners: dict[tuple[str, str], list[_Workflow]] = {}
         for w in workflows:
-            for signal, method in w.signals.items():
-                if w.methods[method] in ("signal", "update"):
-                    signal_owners.setdefault(signal, []).append(w)
-        self.by_signal = {s: ws[0] for s, ws in signal_owners.items() if len(ws) == 1}
+            for handler, method in w.signals.items():
+                owners.setdefault((w.methods[method], handler), []).append(w)
+        self.by_handler = {key: ws[0] for key, ws in owners.items() if len(ws) == 1}
 
     def references(self, module: _Module, node: ast.AST, in_workflow: bool) -> Iterator[tuple[str, str, str]]:
         """(target node, kind, via) of every reference under node."""
@@ -428,8 +429,11 @@ class _Scanner:
         if called in _WORKFLOW_STARTS and name in self.by_type:
             kind = self._kind("run", call, in_workflow)
             yield name, kind, _start_signal(module, call) if kind == "signal_with_start" else "run"
-        elif called in ("signal", "execute_update", "start_update") and name in self.by_signal:
-            yield self.by_signal[name].name, "signal" if called == "signal" else "update", name
+        elif called in ("signal", "execute_update", "start_update"):
+            kind = "signal" if called == "signal" else "update"
+            target = self.by_handler.get((kind, name))
+            if target is not None:
+                yield target.name, kind, name
 
     @staticmethod
     def _kind(method_kind: str, call: ast.Call | None, in_workflow: bool) -> str:

@@ -203,4 +203,5 @@ async def services(
         counts[queue.value] = await pollers(
             state.temporal, queue.value, workflows=queue is TaskQueue.ORCHESTRATION
         )
-    return service_nodes(derive(), counts)
+    # parsed once per process (about 0.1 s), off the event loop
+    return service_nodes(await asyncio.to_thread(derive), counts)

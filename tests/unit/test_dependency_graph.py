@@ -86,6 +86,9 @@ class Probe:
     @workflow.signal
     async def poke(self) -> None: ...
 
+    @workflow.update(name="bump")
+    async def bump_it(self) -> None: ...
+
 NAME = "ProbeFlow"
 """
 
@@ -143,6 +146,35 @@ def test_a_cycle_of_waiting_calls_fails_the_check_even_when_its_edges_are_declar
     with pytest.raises(CycleError) as raised:
         graph.topological_order()
     assert raised.value.cycle == ["device", ORCHESTRATION]
+
+
+def test_signals_and_updates_by_name_reach_the_workflow_that_declares_them() -> None:
+    source = """
+class Waker:
+    async def wake(self, client) -> None:
+        await client.get_workflow_handle("x").signal("poke")
+        await client.get_workflow_handle("x").execute_update("bump")
+        await client.get_workflow_handle("x").execute_update("poke")  # a signal: no update
+
+class DataService(Waker, DataActivities):
+    pass
+"""
+    graph = scan({"workflows.probe": WORKFLOW}, {"activities.telemetry": source})
+    assert Edge("data", "ProbeFlow", "signal", "poke") in graph.edges
+    assert Edge("data", "ProbeFlow", "update", "bump") in graph.edges
+    assert Edge("data", "ProbeFlow", "update", "poke") not in graph.edges
+    assert graph.waits_on()["data"] == (ORCHESTRATION,)  # an update waits for the workflow's answer
+
+
+def test_code_that_starts_workflows_but_belongs_to_no_service_fails_the_check() -> None:
+    source = """
+async def kick(client) -> None:
+    await client.start_workflow("ProbeFlow", None, id="x")
+"""
+    graph = scan({"workflows.probe": WORKFLOW}, {"activities.stray": source})
+    assert check(graph, {(ORCHESTRATION, "device"): "registers"}) == [
+        "activities.stray: calls into workflows, but belongs to no service"
+    ]
 
 
 def test_child_workflows_waiting_on_each_other_are_a_cycle() -> None:
@@ -204,6 +236,7 @@ def test_graph_command_rewrites_only_the_block(tmp_path: Path, capsys: pytest.Ca
     readme.write_text("# no markers\n")
     assert dispatch(build_parser().parse_args(["graph", "--readme", str(readme)])) == 2
     assert readme.read_text() == "# no markers\n"
+    assert dispatch(build_parser().parse_args(["graph", "--readme", str(tmp_path / "missing.md")])) == 2
     capsys.readouterr()
 
 
