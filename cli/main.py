@@ -1,4 +1,5 @@
-"""The `fleetflow` command line: up, api, worker, check, migrate, token, keys, tenants, devices, simulate."""
+"""The `fleetflow` command line: up, api, worker, check, migrate, token, keys, tenants, devices,
+simulate, graph."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, NoReturn
 
 from fleetflow.contracts.common import TaskQueue
@@ -166,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="probability that a device never answers its rollout job (0-1)",
     )
     sim.add_argument("--token", help="API token (default: FLEETFLOW_TOKEN or the dev admin token)")
+
+    graph = commands.add_parser("graph", help="the service dependency graph, derived from the code (Mermaid)")
+    graph.add_argument("--readme", metavar="PATH", help="rewrite the block between PATH's markers")
     return parser
 
 
@@ -203,10 +208,32 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
     return asyncio.run(coro)
 
 
+def _graph(readme: str | None) -> int:
+    from fleetflow.dependency_graph import derive, mermaid, rewrite_readme
+
+    graph = derive()
+    if readme is None:
+        print(mermaid(graph), end="")
+        return 0
+    path = Path(readme)
+    try:
+        text = path.read_text()
+        updated = rewrite_readme(text, graph)
+    except (OSError, ValueError) as exc:
+        print(f"fleetflow graph: {path}: {exc}", file=sys.stderr)
+        return 2
+    if updated != text:
+        path.write_text(updated)
+    print(f"{path}: graph block {'rewritten' if updated != text else 'unchanged'}")
+    return 0
+
+
 def dispatch(args: argparse.Namespace) -> int:
     """Run the chosen command; returns its exit status."""
-    settings = _settings(args)
     command: str = args.command
+    if command == "graph":  # reads the code only: no settings, no servers
+        return _graph(args.readme)
+    settings = _settings(args)
     if command == "up":
         from workers.devstack import UpOptions, up
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Annotated, Generic, Literal, TypeVar
 
@@ -20,8 +20,9 @@ from fastapi import APIRouter, Depends, Query
 from fastapi.responses import JSONResponse
 
 from api.auth import State, require
-from fleetflow.contracts.common import SERVICE_QUEUES, Strict, TaskQueue
+from fleetflow.contracts.common import Strict, TaskQueue
 from fleetflow.contracts.system import SystemCheckRequest, SystemReport
+from fleetflow.dependency_graph import CycleError, Graph, derive
 from fleetflow.security import TokenClaims
 from fleetflow.system_report import pollers, run_system_check
 
@@ -31,26 +32,71 @@ T = TypeVar("T")
 READY_TTL_S = 1.0
 READY_TIMEOUT_S = 2.0
 
-# which workflow calls which service queue: the edges of the service dependency graph
-WORKFLOW_QUEUES: dict[str, tuple[TaskQueue, ...]] = {
-    "SystemCheck": SERVICE_QUEUES,
-    "DeviceOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
-    "BulkOnboarding": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
-    "DeviceTwin": (),
-    "TelemetryIngestion": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
-    "IngestionSupervisor": (TaskQueue.DATA, TaskQueue.ANALYTICS, TaskQueue.NOTIFICATION),
-    "EventDelivery": (TaskQueue.WEBHOOK,),
-    "FirmwareRollout": (TaskQueue.DEVICE, TaskQueue.NOTIFICATION),
-    "DeviceDecommission": (TaskQueue.DEVICE, TaskQueue.DATA, TaskQueue.NOTIFICATION),
-}
+
+class GraphEdge(Strict):
+    """One derived dependency: `source` calls, signals or starts `target` (see `fleetflow graph`)."""
+
+    source: str
+    target: str
+    target_service: str
+    kind: str
+    via: str
+    waits: bool
 
 
 class ServiceNode(Strict):
-    """A service (task queue), its pollers, and the workflows that call it."""
+    """A service (task queue), its pollers, and its place in the dependency graph derived from
+    the code: who calls it, what it waits on (directly and through others), what it only
+    signals or starts, its position in the start order, and its outgoing edges."""
 
     queue: str
     pollers: int
     called_by: list[str]
+    callers: list[str]
+    waits_on: list[str]
+    waits_on_transitively: list[str]
+    signals_or_starts: list[str]
+    order: int
+    edges: list[GraphEdge]
+
+
+def service_nodes(graph: Graph, pollers: Mapping[str, int]) -> list[ServiceNode]:
+    """The graph's services in task-queue order; `called_by` keeps its meaning (the workflows
+    whose activities run on the queue; none for the workflows' own queue)."""
+    callers, waits, notifies, closure = graph.callers(), graph.waits_on(), graph.notifies(), graph.closure()
+    try:
+        order = graph.topological_order()
+    except CycleError:  # tests keep cycles out; a graph with one still serves, unordered (-1)
+        order = []
+    nodes = []
+    for queue in TaskQueue:
+        name = queue.value
+        edges = [
+            GraphEdge(
+                source=e.source,
+                target=e.target,
+                target_service=graph.service_of(e.target),
+                kind=e.kind,
+                via=e.via,
+                waits=e.waits,
+            )
+            for e in graph.edges
+            if graph.service_of(e.source) == name
+        ]
+        nodes.append(
+            ServiceNode(
+                queue=name,
+                pollers=pollers.get(name, 0),
+                called_by=[c for c in callers.get(name, ()) if c in graph.workflows],
+                callers=list(callers.get(name, ())),
+                waits_on=list(waits.get(name, ())),
+                waits_on_transitively=list(closure.get(name, ())),
+                signals_or_starts=list(notifies.get(name, ())),
+                order=order.index(name) if name in order else -1,
+                edges=edges,
+            )
+        )
+    return nodes
 
 
 class Shared(Generic[T]):
@@ -151,12 +197,11 @@ async def health(
 async def services(
     state: State, _: Annotated[TokenClaims, Depends(require("system:read"))]
 ) -> list[ServiceNode]:
-    """Every task queue with its pollers and the workflows that depend on it."""
-    nodes = []
+    """Every task queue with its pollers and its dependencies, derived from the code."""
+    counts: dict[str, int] = {}
     for queue in TaskQueue:
-        callers = sorted(w for w, queues in WORKFLOW_QUEUES.items() if queue in queues)
-        if queue is TaskQueue.ORCHESTRATION:
-            callers = []
-        count = await pollers(state.temporal, queue.value, workflows=queue is TaskQueue.ORCHESTRATION)
-        nodes.append(ServiceNode(queue=queue.value, pollers=count, called_by=callers))
-    return nodes
+        counts[queue.value] = await pollers(
+            state.temporal, queue.value, workflows=queue is TaskQueue.ORCHESTRATION
+        )
+    # parsed once per process (about 0.1 s), off the event loop
+    return service_nodes(await asyncio.to_thread(derive), counts)
