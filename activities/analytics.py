@@ -1,7 +1,8 @@
 """The analytics service: rules, rolling series state and alerts; owns the `analytics` schema.
 
-It reads a stored window's per-series aggregates (written by the data service) and the
-device types (the device service's read model), never the raw readings.
+It reads a stored window's per-series aggregates and the device types through the data and
+device services' read facades (activities/data_facade.py, device_facade.py), never their
+tables or the raw readings.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from activities import data_facade, device_facade
 from activities.poison import in_last_resort, poison_guard, reason_of
 from activities.probe import probe
 from fleetflow import rules
@@ -113,15 +115,7 @@ class AnalyticsService(AnalyticsActivities):
                     ref.window_id,
                 )
                 return _evaluated(ref, [DomainEvent.model_validate(r["event"]) for r in stored])
-            rows = await conn.fetch(
-                """SELECT w.*, d.device_type, s.n AS s_n, s.mean AS s_mean, s.var AS s_var,
-                          s.last_ts AS s_last_ts, s.last_value AS s_last_value
-                   FROM data.window_stats w
-                   JOIN device.devices d USING (tenant, device_id)
-                   LEFT JOIN analytics.series s USING (tenant, device_id, metric)
-                   WHERE w.window_id = $1""",
-                ref.window_id,
-            )
+            rows = await self._window_series(conn, ref.window_id)
             tenants = sorted({r["tenant"] for r in rows})
             by_series: dict[tuple[str, str, str], list[Rule]] = {}
             for r in await conn.fetch(
@@ -190,6 +184,38 @@ class AnalyticsService(AnalyticsActivities):
                 "INSERT INTO analytics.windows (window_id, events) VALUES ($1, '[]')", ref.window_id
             )
         return _evaluated(ref, events)
+
+    async def _window_series(self, conn: Any, window_id: str) -> list[dict[str, Any]]:
+        """The window's aggregates (data service) of registered devices, with their device type
+        (device service) and the series' prior state (`s_*`, None for a new series): three
+        queries whatever the number of series."""
+        stats = await data_facade.window_stats(conn, window_id)
+        types = await device_facade.device_types(conn, sorted({(w["tenant"], w["device_id"]) for w in stats}))
+        stats = [w for w in stats if (w["tenant"], w["device_id"]) in types]
+        prior = {
+            (r["tenant"], r["device_id"], r["metric"]): r
+            for r in await conn.fetch(
+                """SELECT s.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, device_id, metric)
+                   JOIN analytics.series s USING (tenant, device_id, metric)""",
+                [w["tenant"] for w in stats],
+                [w["device_id"] for w in stats],
+                [w["metric"] for w in stats],
+            )
+        }
+        rows = []
+        for w in stats:
+            s = prior.get((w["tenant"], w["device_id"], w["metric"]))
+            rows.append(
+                {
+                    **w,
+                    "device_type": types[(w["tenant"], w["device_id"])],
+                    **{
+                        f"s_{k}": None if s is None else s[k]
+                        for k in ("n", "mean", "var", "last_ts", "last_value")
+                    },
+                }
+            )
+        return rows
 
     async def _apply(
         self, conn: Any, window_id: str, row: Any, rule: Rule, verdict: rules.Verdict, open_id: int | None
