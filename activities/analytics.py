@@ -84,6 +84,23 @@ def _analysis_failed(window_id: str, row: Any, exc: BaseException) -> DomainEven
     )
 
 
+class _Series:
+    """A window's row of one series read as one mapping: the aggregates by their names, the
+    device type as `device_type`, the prior state as `s_<name>` (None for a new series)."""
+
+    __slots__ = ("device_type", "prior", "stats")
+
+    def __init__(self, stats: Any, device_type: str, prior: Any) -> None:
+        self.stats, self.device_type, self.prior = stats, device_type, prior
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "device_type":
+            return self.device_type
+        if key.startswith("s_"):
+            return None if self.prior is None else self.prior[key[2:]]
+        return self.stats[key]
+
+
 class AnalyticsService(AnalyticsActivities):
     """Activities of the `analytics` task queue, and the rules and alerts read model."""
 
@@ -185,12 +202,12 @@ class AnalyticsService(AnalyticsActivities):
             )
         return _evaluated(ref, events)
 
-    async def _window_series(self, conn: Any, window_id: str) -> list[dict[str, Any]]:
+    async def _window_series(self, conn: Any, window_id: str) -> list[_Series]:
         """The window's aggregates (data service) of registered devices, with their device type
-        (device service) and the series' prior state (`s_*`, None for a new series): three
-        queries whatever the number of series."""
+        (device service) and the series' prior state: three queries whatever the number of
+        series."""
         stats = await data_facade.window_stats(conn, window_id)
-        types = await device_facade.device_types(conn, sorted({(w["tenant"], w["device_id"]) for w in stats}))
+        types = await device_facade.device_types(conn, list({(w["tenant"], w["device_id"]) for w in stats}))
         stats = [w for w in stats if (w["tenant"], w["device_id"]) in types]
         prior = {
             (r["tenant"], r["device_id"], r["metric"]): r
@@ -202,20 +219,12 @@ class AnalyticsService(AnalyticsActivities):
                 [w["metric"] for w in stats],
             )
         }
-        rows = []
-        for w in stats:
-            s = prior.get((w["tenant"], w["device_id"], w["metric"]))
-            rows.append(
-                {
-                    **w,
-                    "device_type": types[(w["tenant"], w["device_id"])],
-                    **{
-                        f"s_{k}": None if s is None else s[k]
-                        for k in ("n", "mean", "var", "last_ts", "last_value")
-                    },
-                }
+        return [
+            _Series(
+                w, types[(w["tenant"], w["device_id"])], prior.get((w["tenant"], w["device_id"], w["metric"]))
             )
-        return rows
+            for w in stats
+        ]
 
     async def _apply(
         self, conn: Any, window_id: str, row: Any, rule: Rule, verdict: rules.Verdict, open_id: int | None

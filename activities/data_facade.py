@@ -12,12 +12,9 @@ from typing import Any
 from fleetflow.metrics import StateGauge
 
 
-async def window_stats(db: Any, window_id: str) -> list[dict[str, Any]]:
-    """A stored window's aggregates, one row per (tenant, device, metric)."""
-    return [
-        dict(r.items())
-        for r in await db.fetch("SELECT * FROM data.window_stats WHERE window_id = $1", window_id)
-    ]
+async def window_stats(db: Any, window_id: str) -> list[Any]:
+    """A stored window's aggregates, one row (a mapping) per (tenant, device, metric)."""
+    return list(await db.fetch("SELECT * FROM data.window_stats WHERE window_id = $1", window_id))
 
 
 async def window_devices(db: Any, window_id: str) -> list[tuple[str, str]]:
