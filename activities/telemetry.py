@@ -1,7 +1,7 @@
 """The data service: telemetry storage; owns the `data` schema.
 
-Acknowledged batches wait in `data.ingest_batches` (written by the API before it
-answers 202). A TelemetryIngestion workflow claims them in windows; storing a
+Acknowledged batches wait in `data.ingest_batches` (written by this service's accept
+path, activities/telemetry_accept.py, which the API calls before it answers 202). A TelemetryIngestion workflow claims them in windows; storing a
 window moves its rows with COPY into the time-partitioned `data.readings`, puts
 readings of devices that may not send into quarantine, and writes per-series
 aggregates for the analytics service, all in one transaction: a retry finds the
