@@ -4,14 +4,20 @@ cross-schema query must answer as the query did."""
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 
+import pytest
+from pydantic import TypeAdapter
 from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
 from activities.telemetry import DataService
+from activities.telemetry_accept import Accepted, ConflictingBatch, accept_batch
 from cli.status import _SECTIONS, _section
-from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED
+from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, TelemetryBatchDict
 from fleetflow.db import Pool
+
+_BATCH = TypeAdapter(TelemetryBatchDict)
 
 
 async def test_the_supervisor_finds_the_windows_whose_events_were_never_recorded(
@@ -115,3 +121,35 @@ async def test_a_windows_series_get_their_own_tenants_device_type_and_prior_stat
         await pool.execute("DELETE FROM data.window_stats WHERE window_id = $1", window)
         await pool.execute("DELETE FROM analytics.series WHERE tenant = $1", b)
         await pool.execute("DELETE FROM device.devices WHERE tenant = ANY($1)", [a, b])
+
+
+async def test_the_accept_path_stores_a_batch_once_per_tenant_and_sender(pool: Pool) -> None:
+    # the data service's accept path without HTTP: the same batch id of two tenants (and the
+    # same writer name) is two batches; repeated, a duplicate; with other readings, a conflict
+    tag = uuid.uuid4().hex[:10]
+    at = datetime.now(UTC)
+    batch = _BATCH.validate_python(
+        {"batch_id": f"b{tag}", "readings": [{"device_id": "d1", "ts": at, "metric": "temp", "value": 20.5}]}
+    )
+    tenants = (f"a{tag}", f"b{tag}")
+    try:
+        for tenant in tenants:
+            first = await accept_batch(pool, tenant, "device:d1", batch, ["d1"])
+            again = await accept_batch(pool, tenant, "device:d1", batch, ["d1"])
+            assert (first, again) == (Accepted(1, duplicate=False), Accepted(1, duplicate=True))
+        other = _BATCH.validate_python(
+            {
+                "batch_id": f"b{tag}",
+                "readings": [{"device_id": "d1", "ts": at, "metric": "temp", "value": 99.0}],
+            }
+        )
+        with pytest.raises(ConflictingBatch):
+            await accept_batch(pool, tenants[0], "device:d1", other, ["d1"])
+        rows = await pool.fetch(
+            "SELECT tenant, readings, payload FROM data.ingest_batches WHERE tenant = ANY($1) ORDER BY 1",
+            list(tenants),
+        )
+        assert [(r["tenant"], r["readings"]) for r in rows] == [(tenants[0], 1), (tenants[1], 1)]
+        assert rows[0]["payload"].decode().startswith(f"{tenants[0]},b{tag},d1,temp,")
+    finally:
+        await pool.execute("DELETE FROM data.ingest_batches WHERE tenant = ANY($1)", list(tenants))
