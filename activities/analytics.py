@@ -1,7 +1,8 @@
 """The analytics service: rules, rolling series state and alerts; owns the `analytics` schema.
 
-It reads a stored window's per-series aggregates (written by the data service) and the
-device types (the device service's read model), never the raw readings.
+It reads a stored window's per-series aggregates and the device types through the data and
+device services' read facades (activities/data_facade.py, device_facade.py), never their
+tables or the raw readings.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
+from activities import data_facade, device_facade
 from activities.poison import in_last_resort, poison_guard, reason_of
 from activities.probe import probe
 from fleetflow import rules
@@ -82,6 +84,23 @@ def _analysis_failed(window_id: str, row: Any, exc: BaseException) -> DomainEven
     )
 
 
+class _Series:
+    """A window's row of one series read as one mapping: the aggregates by their names, the
+    device type as `device_type`, the prior state as `s_<name>` (None for a new series)."""
+
+    __slots__ = ("device_type", "prior", "stats")
+
+    def __init__(self, stats: Any, device_type: str, prior: Any) -> None:
+        self.stats, self.device_type, self.prior = stats, device_type, prior
+
+    def __getitem__(self, key: str) -> Any:
+        if key == "device_type":
+            return self.device_type
+        if key.startswith("s_"):
+            return None if self.prior is None else self.prior[key[2:]]
+        return self.stats[key]
+
+
 class AnalyticsService(AnalyticsActivities):
     """Activities of the `analytics` task queue, and the rules and alerts read model."""
 
@@ -113,15 +132,7 @@ class AnalyticsService(AnalyticsActivities):
                     ref.window_id,
                 )
                 return _evaluated(ref, [DomainEvent.model_validate(r["event"]) for r in stored])
-            rows = await conn.fetch(
-                """SELECT w.*, d.device_type, s.n AS s_n, s.mean AS s_mean, s.var AS s_var,
-                          s.last_ts AS s_last_ts, s.last_value AS s_last_value
-                   FROM data.window_stats w
-                   JOIN device.devices d USING (tenant, device_id)
-                   LEFT JOIN analytics.series s USING (tenant, device_id, metric)
-                   WHERE w.window_id = $1""",
-                ref.window_id,
-            )
+            rows = await self._window_series(conn, ref.window_id)
             tenants = sorted({r["tenant"] for r in rows})
             by_series: dict[tuple[str, str, str], list[Rule]] = {}
             for r in await conn.fetch(
@@ -190,6 +201,30 @@ class AnalyticsService(AnalyticsActivities):
                 "INSERT INTO analytics.windows (window_id, events) VALUES ($1, '[]')", ref.window_id
             )
         return _evaluated(ref, events)
+
+    async def _window_series(self, conn: Any, window_id: str) -> list[_Series]:
+        """The window's aggregates (data service) of registered devices, with their device type
+        (device service) and the series' prior state: three queries whatever the number of
+        series."""
+        stats = await data_facade.window_stats(conn, window_id)
+        types = await device_facade.device_types(conn, list({(w["tenant"], w["device_id"]) for w in stats}))
+        stats = [w for w in stats if (w["tenant"], w["device_id"]) in types]
+        prior = {
+            (r["tenant"], r["device_id"], r["metric"]): r
+            for r in await conn.fetch(
+                """SELECT s.* FROM unnest($1::text[], $2::text[], $3::text[]) AS k(tenant, device_id, metric)
+                   JOIN analytics.series s USING (tenant, device_id, metric)""",
+                [w["tenant"] for w in stats],
+                [w["device_id"] for w in stats],
+                [w["metric"] for w in stats],
+            )
+        }
+        return [
+            _Series(
+                w, types[(w["tenant"], w["device_id"])], prior.get((w["tenant"], w["device_id"], w["metric"]))
+            )
+            for w in stats
+        ]
 
     async def _apply(
         self, conn: Any, window_id: str, row: Any, rule: Rule, verdict: rules.Verdict, open_id: int | None

@@ -14,7 +14,7 @@ from temporalio import activity
 
 from activities.device_reads import DeviceReadModel
 from activities.device_state import REUSABLE, DeviceRoom, device_room, refuse, register_device
-from fleetflow import config_schema
+from fleetflow import claim_checks, config_schema
 from fleetflow.contracts.devices import (
     BulkChunk,
     BulkChunkResult,
@@ -55,14 +55,8 @@ class BulkProvisioning(DeviceReadModel):
         nothing behind, and the others go on. A retry finds its own earlier work. It heartbeats
         per device: a cancelled slice rolls back and commits nothing.
         """
-        rows = await self.pool.fetchval(
-            """SELECT jsonb_agg(e ORDER BY i) FROM fleetflow.claim_checks c,
-                   jsonb_array_elements(c.body) WITH ORDINALITY AS t(e, i)
-               WHERE c.claim_id = $1 AND c.tenant = $2 AND i > $3 AND i <= $3 + $4""",
-            chunk.claim_id,
-            chunk.tenant,
-            chunk.offset,
-            chunk.limit,
+        rows = await claim_checks.array_slice(
+            self.pool, chunk.claim_id, chunk.tenant, chunk.offset, chunk.limit
         )
         if rows is None:
             raise refuse(f"claim {chunk.claim_id} not found", "ClaimMissing")

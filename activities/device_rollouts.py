@@ -14,6 +14,7 @@ from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
 from activities.device_reads import DeviceReadModel
+from fleetflow import claim_checks
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
     FirmwareView,
@@ -149,9 +150,9 @@ class RolloutJobs(DeviceReadModel):
                     total=sum(done), waves=list(done), device_type=fw["device_type"], version=fw["version"]
                 )
             claim_id = None if inp.targets is None else inp.targets.claim_id
-            if claim_id is not None and not await conn.fetchval(
-                "SELECT 1 FROM fleetflow.claim_checks WHERE claim_id = $1 AND tenant = $2", claim_id, tenant
-            ):  # never read a missing list as "no list", which would mean every device
+            listed = None if claim_id is None else await claim_checks.texts(conn, claim_id, tenant)
+            if claim_id is not None and listed is None:
+                # never read a missing list as "no list", which would mean every device
                 raise ApplicationError(
                     f"the target list {claim_id} is missing", type="ClaimMissing", non_retryable=True
                 )
@@ -159,16 +160,14 @@ class RolloutJobs(DeviceReadModel):
                 """SELECT device_id, firmware_version FROM device.devices
                    WHERE tenant = $1 AND device_type = $2 AND status = 'active' AND firmware_version <> $3
                      AND ($4::text[] IS NULL OR device_id = ANY($4)) AND tags @> $5
-                     AND ($6::text IS NULL OR device_id IN (
-                         SELECT jsonb_array_elements_text(c.body) FROM fleetflow.claim_checks c
-                         WHERE c.claim_id = $6 AND c.tenant = $1))
+                     AND ($6::text[] IS NULL OR device_id IN (SELECT unnest($6::text[])))
                    ORDER BY device_id""",
                 tenant,
                 fw["device_type"],
                 fw["version"],
                 req.target.device_ids,
                 req.target.tags,
-                claim_id,
+                listed,
             )
             waves = wave_sizes(len(devices), req.policy)
             recorded = req.model_dump(mode="json")

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 import asyncpg
 from temporalio.exceptions import ApplicationError
 
+from activities import device_facade
 from fleetflow.contracts.devices import DeviceSpec, DeviceStatus
 from fleetflow.contracts.tenants import TenantLimits
-from fleetflow.tenant_profiles import COUNTED_DEVICES_SQL, read_profile
+from fleetflow.tenant_profiles import read_profile
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     from asyncpg.pool import PoolConnectionProxy
@@ -51,7 +52,7 @@ async def device_room(conn: Conn, tenant: str, defaults: TenantLimits) -> Device
     if limit <= 0:
         return DeviceRoom(limit, None)
     await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", DEVICE_QUOTA_LOCK, tenant)
-    return DeviceRoom(limit, limit - int(await conn.fetchval(COUNTED_DEVICES_SQL, tenant)))
+    return DeviceRoom(limit, limit - await device_facade.count_devices(conn, tenant))
 
 
 def refuse(message: str, kind: str) -> ApplicationError:

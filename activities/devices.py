@@ -7,6 +7,7 @@ methods (not activities) serve the API's read model.
 
 from __future__ import annotations
 
+from activities import data_facade
 from activities.device_bulk import BulkProvisioning
 from activities.device_rollouts import RolloutJobs
 from activities.device_state import REUSABLE, device_room, refuse, register_device, set_status
@@ -238,12 +239,13 @@ class DeviceService(RolloutJobs, BulkProvisioning, DeviceActivities):
         """Note the devices of a telemetry window that may not send (unknown, or not active) in
         device.window_unready, keyed by the window; answers how many. Idempotent."""
         async with poison_guard():
+            # the window's devices from the data service's facade (one query), then one statement
+            senders = await data_facade.window_devices(self.pool, ref.window_id)
             count = await self.pool.fetchval(
                 """WITH noted AS (
                        INSERT INTO device.window_unready (window_id, tenant, device_id, reason)
                        SELECT $1, w.tenant, w.device_id, coalesce(d.status, 'unknown')
-                       FROM (SELECT DISTINCT tenant, unnest(device_ids) AS device_id
-                             FROM data.ingest_batches WHERE window_id = $1) w
+                       FROM unnest($2::text[], $3::text[]) AS w(tenant, device_id)
                        LEFT JOIN device.devices d USING (tenant, device_id)
                        WHERE d.status IS DISTINCT FROM 'active'
                        ON CONFLICT DO NOTHING RETURNING 1)
@@ -251,6 +253,8 @@ class DeviceService(RolloutJobs, BulkProvisioning, DeviceActivities):
                    SELECT (SELECT count(*) FROM noted)
                         + (SELECT count(*) FROM device.window_unready WHERE window_id = $1)""",
                 ref.window_id,
+                [tenant for tenant, _ in senders],
+                [device_id for _, device_id in senders],
             )
         return UnreadyDevices(count=count)
 

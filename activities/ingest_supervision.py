@@ -19,6 +19,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities import notification_facade
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.telemetry import (
     BATCH_QUARANTINED,
@@ -107,25 +108,30 @@ class IngestionSupervision:
         """Windows of the last hour that were stored, or whose batch was quarantined, but whose
         events were never recorded, by runs that are not running (a run killed between storing
         or quarantining and recording)."""
-        rows = await self.pool.fetch(
+        # the windows that should have their events (this service's tables), then which of
+        # those events the notification service recorded (its facade): two queries in all
+        candidates = await self.pool.fetch(
             """SELECT window_id, split_part(window_id, '/', 1) AS workflow_id,
-                      split_part(window_id, '/', 2) AS run_id
-               FROM (SELECT w.window_id, w.stored_at AS at
+                      split_part(window_id, '/', 2) AS run_id, tenant, event_id
+               FROM (SELECT w.window_id, w.stored_at AS at, t.tenant,
+                            w.window_id || '/' || t.tenant || '/' || $1 AS event_id
                      FROM data.windows w
                      CROSS JOIN LATERAL (SELECT min(k) AS tenant FROM jsonb_object_keys(w.by_tenant) k) t
                      WHERE w.stored_at > now() - interval '1 hour' AND t.tenant IS NOT NULL
-                       AND NOT EXISTS (SELECT 1 FROM notification.events e WHERE e.tenant = t.tenant
-                                       AND e.event_id = w.window_id || '/' || t.tenant || '/' || $1)
                      UNION
-                     SELECT b.window_id, b.quarantined_at FROM data.ingest_batches b
-                     WHERE b.status = 'quarantined' AND b.quarantined_at > now() - interval '1 hour'
-                       AND NOT EXISTS (SELECT 1 FROM notification.events e WHERE e.tenant = b.tenant
-                                       AND e.event_id = b.window_id || '/' || b.tenant || '/'
-                                                        || b.batch_id || '/' || $2)) unfinished
-               ORDER BY at LIMIT 200""",
+                     SELECT b.window_id, b.quarantined_at, b.tenant,
+                            b.window_id || '/' || b.tenant || '/' || b.batch_id || '/' || $2
+                     FROM data.ingest_batches b
+                     WHERE b.status = 'quarantined'
+                       AND b.quarantined_at > now() - interval '1 hour') unfinished
+               ORDER BY at""",
             TELEMETRY_STORED,
             BATCH_QUARANTINED,
         )
+        recorded = await notification_facade.recorded(
+            self.pool, [(c["tenant"], c["event_id"]) for c in candidates]
+        )
+        rows = [c for c in candidates if (c["tenant"], c["event_id"]) not in recorded][:200]
         orphans: list[str] = []
         alive: dict[tuple[str, str], bool] = {}
         assert self.temporal is not None
@@ -133,7 +139,7 @@ class IngestionSupervision:
             run = (row["workflow_id"], row["run_id"])
             if run not in alive:
                 alive[run] = await _running(self.temporal, *run)
-            if not alive[run]:
+            if not alive[run] and row["window_id"] not in orphans:  # a window may miss several
                 orphans.append(row["window_id"])
             if len(orphans) == MAX_ORPHANS:
                 break

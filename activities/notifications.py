@@ -20,6 +20,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
+from activities import analytics_facade, data_facade
 from activities.event_rows import EVENT_COLUMNS, recorded_event
 from activities.poison import poison_guard
 from activities.probe import probe
@@ -170,9 +171,8 @@ class NotificationService(Subscriptions, NotificationActivities):
     async def _record_window_events(self, ref: WindowRef) -> int:
         source = activity.info().workflow_id if activity.in_activity() else None
         events: list[DomainEvent] = []
-        stored = await self.pool.fetchrow(
-            "SELECT by_tenant, stored_at FROM data.windows WHERE window_id = $1", ref.window_id
-        )
+        # each from the service that made them, through its read facade
+        stored = await data_facade.stored_window(self.pool, ref.window_id)
         if stored is not None:
             for tenant, counts in sorted(stored["by_tenant"].items()):
                 events.append(
@@ -186,13 +186,7 @@ class NotificationService(Subscriptions, NotificationActivities):
                         data={"window_id": ref.window_id, **counts},
                     )
                 )
-        for b in await self.pool.fetch(
-            """SELECT tenant, batch_id, readings, reason, quarantined_at,
-                      CASE WHEN cardinality(device_ids) = 1 THEN device_ids[1] END AS device_id
-               FROM data.ingest_batches WHERE window_id = $1 AND status = 'quarantined'
-               ORDER BY tenant, batch_id""",
-            ref.window_id,
-        ):
+        for b in await data_facade.quarantined_in_window(self.pool, ref.window_id):
             events.append(
                 DomainEvent(
                     event_id=f"{ref.window_id}/{b['tenant']}/{b['batch_id']}/{BATCH_QUARANTINED}",
@@ -211,11 +205,8 @@ class NotificationService(Subscriptions, NotificationActivities):
                 )
             )
         events += [
-            DomainEvent.model_validate(r["event"])
-            for r in await self.pool.fetch(
-                "SELECT event FROM analytics.window_events WHERE window_id = $1 ORDER BY tenant, event_id",
-                ref.window_id,
-            )
+            DomainEvent.model_validate(event)
+            for event in await analytics_facade.window_events(self.pool, ref.window_id)
         ]
         new = 0
         for start in range(0, len(events), 1000):

@@ -1,8 +1,8 @@
 """The data service: telemetry storage; owns the `data` schema.
 
-Acknowledged batches wait in `data.ingest_batches` (written by the API before it
-answers 202). A TelemetryIngestion workflow claims them in windows; storing a
-window moves its rows with COPY into the time-partitioned `data.readings`, puts
+Acknowledged batches wait in `data.ingest_batches` (written by this service's accept
+path, activities/telemetry_accept.py, which the API calls before it answers 202). A
+TelemetryIngestion workflow claims them in windows; storing a window moves its rows with COPY into the time-partitioned `data.readings`, puts
 readings of devices that may not send into quarantine, and writes per-series
 aggregates for the analytics service, all in one transaction: a retry finds the
 window stored and does nothing twice. Readings outside the documented bounds (a batch
@@ -21,6 +21,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client
 
+from activities import device_facade
 from activities.ingest_supervision import IngestionSupervision
 from activities.ingest_windows import WindowIsolation
 from activities.poison import poison_guard
@@ -267,15 +268,16 @@ async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
     """Move out of `incoming` into quarantine the rows of devices that may not send (listed
     in device.window_unready by `device.find_unready`) and the rows outside the bounds;
     counts per tenant."""
-    q = request.quarantine
+    # the request's own list and what device.find_unready noted (the device service's facade)
+    unready = [(u.tenant, u.device_id, u.reason) for u in request.quarantine]
+    unready += await device_facade.window_unready(conn, request.window_id)
     await conn.execute(
         """CREATE TEMP TABLE unready ON COMMIT DROP AS
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[]) AS u(tenant, device_id, reason)
-           UNION SELECT tenant, device_id, reason FROM device.window_unready WHERE window_id = $4""",
-        [u.tenant for u in q],
-        [u.device_id for u in q],
-        [u.reason for u in q],
-        request.window_id,
+           SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])
+               AS u(tenant, device_id, reason)""",
+        [u[0] for u in unready],
+        [u[1] for u in unready],
+        [u[2] for u in unready],
     )
     now = datetime.now(UTC)
     # a day of grace on the oldest: a batch may wait a little before it is stored

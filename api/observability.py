@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
+from activities import analytics_facade, data_facade, device_facade, notification_facade
 from fleetflow import logs
 from fleetflow.metrics import StateGauges
 
@@ -66,6 +67,8 @@ def instrument(app: FastAPI) -> None:
     """Add the log context and /metrics (with the state gauges) to app."""
     global _state_gauges
     if _state_gauges is None:
-        _state_gauges = StateGauges()
+        _state_gauges = StateGauges(
+            device_facade.GAUGES + analytics_facade.GAUGES + data_facade.GAUGES + notification_facade.GAUGES
+        )
     app.add_middleware(RequestLogContext)
     app.include_router(router)

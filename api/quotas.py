@@ -20,17 +20,18 @@ import asyncio
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import asyncpg
 from fastapi import HTTPException, status
 
+from activities import analytics_facade, device_facade, notification_facade
 from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.metrics import REQUESTS_THROTTLED
-from fleetflow.tenant_profiles import COUNTED_DEVICES_SQL, read_profile, write_profile
+from fleetflow.tenant_profiles import read_profile, write_profile
 
 log = logging.getLogger("fleetflow.quotas")
 
@@ -40,14 +41,11 @@ PROFILE_TTL_S = 5.0
 # many made-up device ids
 MAX_BUCKETS = 100_000  # about 40 MB at most
 
-# a count quota -> (the SQL counting what the tenant has, what it counts)
-COUNTS: dict[str, tuple[str, str]] = {
-    "max_devices": (COUNTED_DEVICES_SQL, "devices"),
-    "max_subscriptions": (
-        "SELECT count(*) FROM notification.subscriptions WHERE tenant = $1",
-        "subscriptions",
-    ),
-    "max_rules": ("SELECT count(*) FROM analytics.rules WHERE tenant = $1", "rules"),
+# a count quota -> (what counts what the tenant has: the owning service's facade, what it counts)
+COUNTS: dict[str, tuple[Callable[[Pool, str], Awaitable[int]], str]] = {
+    "max_devices": (device_facade.count_devices, "devices"),
+    "max_subscriptions": (notification_facade.count_subscriptions, "subscriptions"),
+    "max_rules": (analytics_facade.count_rules, "rules"),
 }
 
 
@@ -207,8 +205,8 @@ class Quotas:
         limit = int(getattr(await self.limits(tenant), quota))
         if limit <= 0 or adding <= 0:
             return
-        sql, what = COUNTS[quota]
-        current = int(await self.pool.fetchval(sql, tenant))
+        count, what = COUNTS[quota]
+        current = await count(self.pool, tenant)
         if current + adding > limit:
             REQUESTS_THROTTLED.add(1, {"tenant": tenant, "reason": quota})
             raise quota_exceeded(quota, what, limit, current, adding)

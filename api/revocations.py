@@ -14,6 +14,7 @@ them can forget the check.
 from __future__ import annotations
 
 import json
+from datetime import datetime
 
 import asyncpg
 from starlette.requests import cookie_parser
@@ -33,6 +34,23 @@ CODEC_COOKIE = "fleetflow_codec"  # api/routers/codec.py's session cookie
 def revocation_key(tenant: str, jti: str) -> str:
     """The cache key and NOTIFY payload of a token: its tenant and jti."""
     return f"{tenant}/{jti}"
+
+
+async def revoke(pool: Pool, tenant: str, jti: str, expires: datetime | None, reason: str | None) -> None:
+    """Record the token as revoked (every API process refuses it from the next request on, see
+    the NOTIFY trigger), and drop the rows of tokens that expired a day ago: they refuse nothing
+    any more."""
+    await pool.execute(
+        """INSERT INTO fleetflow.revoked_tokens (tenant, jti, expires_at, reason)
+           VALUES ($1, $2, $3, $4)
+           ON CONFLICT (tenant, jti)
+           DO UPDATE SET reason = coalesce(EXCLUDED.reason, revoked_tokens.reason)""",
+        tenant,
+        jti,
+        expires,
+        reason,
+    )
+    await pool.execute("DELETE FROM fleetflow.revoked_tokens WHERE expires_at < now() - interval '1 day'")
 
 
 class TokenRevocations:

@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 
 import jwt
 
+from api.revocations import revoke
 from fleetflow.contracts.common import TENANT_PATTERN
 from fleetflow.db import create_pool
 from fleetflow.embedded_pg import database_url
@@ -82,18 +83,7 @@ async def revoke_token_command(settings: Settings, args: argparse.Namespace) -> 
         raise StartupError(f"tenant {tenant!r} must match {TENANT_PATTERN}")
     pool = await create_pool(database_url(settings), size=1)
     try:
-        await pool.execute(
-            """INSERT INTO fleetflow.revoked_tokens (tenant, jti, expires_at, reason)
-               VALUES ($1, $2, $3, $4)
-               ON CONFLICT (tenant, jti)
-               DO UPDATE SET reason = coalesce(EXCLUDED.reason, revoked_tokens.reason)""",
-            tenant,
-            jti,
-            expires,
-            args.reason,
-        )
-        # rows of tokens that expired a day ago refuse nothing any more
-        await pool.execute("DELETE FROM fleetflow.revoked_tokens WHERE expires_at < now() - interval '1 day'")
+        await revoke(pool, tenant, jti, expires, args.reason)
     finally:
         await pool.close()
     print(f"token {jti} of tenant {tenant} revoked: every API process refuses it from now on")

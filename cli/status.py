@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -15,6 +16,7 @@ from temporalio.api.taskqueue.v1 import TaskQueue as TaskQueueRef
 from temporalio.api.workflowservice.v1 import DescribeTaskQueueRequest
 from temporalio.client import Client
 
+from activities import analytics_facade, data_facade, device_facade
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.telemetry import IngestionProgress
 from fleetflow.db import Pool, create_pool
@@ -99,34 +101,17 @@ async def _shard(client: Client, shard: int) -> IngestionProgress | None:
         return None
 
 
-_SECTIONS = {
-    "ingestion": """SELECT
-        (SELECT count(*) FROM data.ingest_batches WHERE status = 'pending') AS pending_batches,
-        (SELECT coalesce(sum(readings), 0) FROM data.ingest_batches WHERE status = 'pending')
-            AS pending_readings,
-        (SELECT extract(epoch FROM now() - min(received_at)) FROM data.ingest_batches
-            WHERE status = 'pending') AS oldest_s,
-        (SELECT coalesce(sum(stored), 0) FROM data.windows WHERE stored_at > now() - interval '1 minute')
-            AS stored_last_minute,
-        (SELECT coalesce(sum(quarantined), 0) FROM data.windows
-            WHERE stored_at > now() - interval '1 minute') AS quarantined_last_minute""",
-    "alerts": """SELECT tenant, device_id, rule_id, metric, raised_value, raised_at,
-                        count(*) OVER () AS total
-                 FROM analytics.alerts WHERE status = 'open' ORDER BY alert_id DESC LIMIT 10""",
-    "rollouts": """SELECT tenant, campaign_id, kind, count(*) AS devices,
-                          count(*) FILTER (WHERE state = 'succeeded') AS succeeded,
-                          count(*) FILTER (WHERE state IN ('failed', 'timed_out')) AS failed,
-                          count(*) FILTER (WHERE state = ANY($1)) AS unfinished
-                   FROM device.rollout_jobs GROUP BY tenant, campaign_id, kind
-                   HAVING count(*) FILTER (WHERE state = ANY($1)) > 0
-                   ORDER BY tenant, campaign_id, kind LIMIT 20""",
+# each service answers for its own tables (its read facade)
+_SECTIONS: dict[str, Callable[[Pool], Awaitable[list[dict[str, Any]]]]] = {
+    "ingestion": data_facade.ingestion_status,
+    "alerts": analytics_facade.open_alerts_status,
+    "rollouts": lambda pool: device_facade.rollout_status(pool, UNFINISHED),
 }
 
 
 async def _section(pool: Pool, name: str) -> list[dict[str, Any]] | str:
-    args = [list(UNFINISHED)] if name == "rollouts" else []
     try:
-        return [dict(r.items()) for r in await pool.fetch(_SECTIONS[name], *args, timeout=5)]
+        return await _SECTIONS[name](pool)
     except Exception as exc:  # e.g. PostgreSQL gone since the start: shown in place
         return f"unavailable: {type(exc).__name__}: {exc}".splitlines()[0]
 

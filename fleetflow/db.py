@@ -77,6 +77,11 @@ async def migrate(pool: Pool) -> list[str]:
     return applied
 
 
+async def select_one(pool: Pool) -> Any:
+    """`SELECT 1`: whether the database answers (any failure is raised)."""
+    return await pool.fetchval("SELECT 1")
+
+
 async def ping(pool: Pool) -> str | None:
     """None when the database answers, else the reason it does not."""
     try:

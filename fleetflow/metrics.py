@@ -151,57 +151,14 @@ class StateGauge:
     sql: str
 
 
-# The place to add a figure of state: one entry, one query (cheap: they run at every scrape
-# of the API, at most every MIN_REFRESH_S).
-STATE_GAUGES: tuple[StateGauge, ...] = (
-    StateGauge(
-        "fleetflow.devices",
-        "{device}",
-        "Devices by status",
-        "status",
-        "SELECT status, count(*) FROM device.devices GROUP BY status",
-    ),
-    StateGauge(
-        "fleetflow.alerts.open",
-        "{alert}",
-        "Open alerts",
-        None,
-        "SELECT count(*) FROM analytics.alerts WHERE status = 'open'",
-    ),
-    StateGauge(
-        "fleetflow.ingest.backlog",
-        "{reading}",
-        "Acknowledged readings waiting to be claimed",
-        None,
-        "SELECT coalesce(sum(readings), 0) FROM data.ingest_batches WHERE status = 'pending'",
-    ),
-    StateGauge(
-        "fleetflow.webhooks.dead_letters",
-        "{delivery}",
-        "Dead letters waiting for redelivery",
-        None,
-        "SELECT count(*) FROM notification.deliveries WHERE status = 'dead'",
-    ),
-    StateGauge(
-        "fleetflow.rollout.devices",
-        "{device}",
-        "Devices of rollouts still in progress, by job state",
-        "state",
-        """SELECT state, count(*) FROM device.rollout_jobs j
-           WHERE EXISTS (SELECT 1 FROM device.rollout_jobs a
-                         WHERE a.tenant = j.tenant AND a.campaign_id = j.campaign_id
-                           AND a.state IN ('queued', 'offered', 'downloading', 'installing'))
-           GROUP BY state""",
-    ),
-)
-
-
 class StateGauges:
-    """The STATE_GAUGES of one process, refreshed from the database on demand."""
+    """Gauges of state of one process, refreshed from the database on demand; each service
+    declares its own (`GAUGES` of its read facade, cheap: they run at every scrape of the
+    API, at most every MIN_REFRESH_S)."""
 
     MIN_REFRESH_S = 5.0
 
-    def __init__(self, gauges: Iterable[StateGauge] = STATE_GAUGES) -> None:
+    def __init__(self, gauges: Iterable[StateGauge]) -> None:
         self._values: dict[str, list[tuple[dict[str, str], float]]] = {}
         self._gauges = tuple(gauges)
         self._refreshed = 0.0

@@ -9,10 +9,6 @@ from typing import Any
 from fleetflow.contracts.tenants import TenantProfile
 from fleetflow.db import Pool
 
-# the devices max_devices counts (the API's early check and the device service's registrations)
-COUNTED_DEVICES_SQL = """SELECT count(*) FROM device.devices
-   WHERE tenant = $1 AND status NOT IN ('decommissioned', 'failed')"""
-
 
 async def read_profile(pool: Pool | Any, tenant: str) -> TenantProfile:
     """The tenant's stored overrides (empty when it has none); pool may be a connection."""

@@ -14,11 +14,12 @@ from temporalio.client import WorkflowHandle
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from activities import device_facade
 from api.auth import State, actor_of, require
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
-from fleetflow import config_schema
+from fleetflow import claim_checks, config_schema
 from fleetflow.contracts.common import DEVICE_ID_PATTERN, TaskQueue
 from fleetflow.contracts.devices import (
     MAX_BULK_DEVICES,
@@ -227,23 +228,12 @@ async def bulk_onboard(request: Request, state: State, claims: Writer, response:
             if pair not in checked:
                 await _check_config(state, claims.tenant, spec, ["body", "devices", i])
                 checked.add(pair)
-    registered = await state.pool.fetchval(
-        """SELECT count(*) FROM device.devices WHERE tenant = $1 AND device_id = ANY($2)
-           AND status NOT IN ('decommissioned', 'failed')""",
-        claims.tenant,
-        sorted(seen),
-    )
-    await state.quotas.check_count(claims.tenant, "max_devices", len(seen) - int(registered))
+    registered = await device_facade.count_registered(state.pool, claims.tenant, sorted(seen))
+    await state.quotas.check_count(claims.tenant, "max_devices", len(seen) - registered)
     devices = [d.model_dump(mode="json") for d in body.devices]
     bulk_id = _fingerprint([claims.tenant, devices])[:20]
     wid = bulk_workflow_id(claims.tenant, bulk_id)
-    await state.pool.execute(
-        """INSERT INTO fleetflow.claim_checks (claim_id, tenant, kind, body)
-           VALUES ($1, $2, 'bulk-onboarding', $3) ON CONFLICT (claim_id) DO NOTHING""",
-        bulk_id,
-        claims.tenant,
-        devices,
-    )
+    await claim_checks.store(state.pool, bulk_id, claims.tenant, "bulk-onboarding", devices)
     try:
         await state.temporal.start_workflow(
             BulkOnboarding.run,

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse
 from api.auth import State, require
 from fleetflow.contracts.common import Strict, TaskQueue
 from fleetflow.contracts.system import SystemCheckRequest, SystemReport
+from fleetflow.db import select_one
 from fleetflow.dependency_graph import CycleError, Graph, derive
 from fleetflow.security import TokenClaims
 from fleetflow.system_report import pollers, run_system_check
@@ -165,7 +166,7 @@ async def readyz(state: State) -> JSONResponse:
 
     async def check() -> Readiness:
         database, temporal = await asyncio.gather(
-            _reachable(state.pool.fetchval("SELECT 1")),
+            _reachable(select_one(state.pool)),
             _reachable(
                 state.temporal.service_client.check_health(timeout=timedelta(seconds=READY_TIMEOUT_S))
             ),

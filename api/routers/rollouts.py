@@ -17,6 +17,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.device_rollouts import FirmwareConflict
 from api.auth import State, actor_of, require, require_device
 from api.problems import conflict, invalid, not_found, progress_or_404
+from fleetflow import claim_checks
 from fleetflow.contracts.common import TaskQueue, tenant_scoped_id
 from fleetflow.contracts.devices import DeviceStatus, DeviceTypeName, FirmwareVersion
 from fleetflow.contracts.rollouts import (
@@ -126,12 +127,8 @@ async def start_rollout(
     stored = False
     if body.target.device_ids is not None:  # up to 100,000 ids: a claim check, not history
         claim_id = tenant_scoped_id("rollout-targets", claims.tenant, f"{body.campaign_id}/{digest[:32]}")
-        stored = "INSERT 0 1" == await state.pool.execute(
-            """INSERT INTO fleetflow.claim_checks (claim_id, tenant, kind, body)
-               VALUES ($1, $2, 'rollout-targets', $3) ON CONFLICT (claim_id) DO NOTHING""",
-            claim_id,
-            claims.tenant,
-            body.target.device_ids,
+        stored = await claim_checks.store(
+            state.pool, claim_id, claims.tenant, "rollout-targets", body.target.device_ids
         )
         inp.targets = TargetClaim(claim_id=claim_id, count=len(body.target.device_ids))
         inp.request = body.model_copy(update={"target": body.target.model_copy(update={"device_ids": None})})
@@ -150,11 +147,7 @@ async def start_rollout(
         described = await state.temporal.get_workflow_handle(wid).describe()
         if await described.memo_value("request_hash", default=None) != digest:
             if stored and inp.targets is not None:  # this request's list belongs to no campaign
-                await state.pool.execute(
-                    "DELETE FROM fleetflow.claim_checks WHERE claim_id = $1 AND tenant = $2",
-                    inp.targets.claim_id,
-                    claims.tenant,
-                )
+                await claim_checks.discard(state.pool, inp.targets.claim_id, claims.tenant)
             raise conflict(f"campaign {body.campaign_id!r} exists with another request") from None
         response.status_code = status.HTTP_200_OK
     return {

@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import hashlib
-import zlib
 from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-import asyncpg
 from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import TypeAdapter, ValidationError
 
+from activities import analytics_facade, data_facade
+from activities.telemetry_accept import ConflictingBatch, StorageUnavailable, accept_batch
 from api.auth import Bearer, State, require
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
 from fleetflow.contracts.telemetry import (
-    BUCKETS,
     FUTURE_TOLERANCE_S,
     MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
@@ -32,7 +30,6 @@ from fleetflow.contracts.telemetry import (
     TelemetryPoint,
     TelemetrySeries,
 )
-from fleetflow.metrics import READINGS_ACCEPTED
 from fleetflow.security import AuthError, TokenClaims, verify_device_credential, verify_token
 
 router = APIRouter(tags=["telemetry"])
@@ -115,8 +112,6 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     oldest = latest - timedelta(days=MAX_AGE_DAYS, seconds=FUTURE_TOLERANCE_S)
     errors: list[dict[str, Any]] = []
     devices: Counter[str] = Counter()
-    lines = []
-    prefix = f"{tenant},{batch['batch_id']},"
     for i, r in enumerate(batch["readings"]):
         if r["ts"] > latest:
             errors.append(
@@ -138,75 +133,27 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
                 }
             )
         devices[r["device_id"]] += 1
-        # in UTC: ISO 8601 offsets up to ±23:59 (and sub-minute ones) are valid, but PostgreSQL
-        # reads only ±15:59, and a batch it cannot read is a poison pill for its whole window
-        ts = r["ts"].astimezone(UTC).isoformat()
-        lines.append(f"{prefix}{r['device_id']},{r['metric']},{ts},{r['value']!r}\n")
     if errors:
         status_code = 403 if device_id is not None and any("own" in e["msg"] for e in errors) else 422
         raise HTTPException(status_code, detail=errors[:MAX_ERRORS])
-    # a device's own batches always land in the same shard, so its windows stay in order;
-    # a batch of many devices is spread by its id, so one big sender does not load one shard
-    key = next(iter(devices)) if len(devices) == 1 else f"{tenant}/{batch['batch_id']}"
-    bucket = zlib.crc32(key.encode()) % BUCKETS
     await state.quotas.admit_readings(tenant, devices)  # 429 over the tenant's or a device's rate
-    payload = "".join(lines).encode()
-    digest = hashlib.sha256(payload).digest()
-    stored: bytes | None = None  # the digest of the batch already there under this key
-    committed = False
-    try:
-        async with state.pool.acquire() as conn:
-            inserted = await conn.fetchval(
-                """INSERT INTO data.ingest_batches
-                       (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
-                   ON CONFLICT (tenant, writer, batch_id) DO NOTHING RETURNING 1""",
-                tenant,
-                writer,
-                batch["batch_id"],
-                bucket,
-                len(lines),
-                sorted(devices),
-                payload,
-                digest,
-            )
-            if inserted is None:
-                stored = await conn.fetchval(
-                    """SELECT digest FROM data.ingest_batches
-                       WHERE tenant = $1 AND writer = $2 AND batch_id = $3""",
-                    tenant,
-                    writer,
-                    batch["batch_id"],
-                )
-            committed = True
-    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError) as exc:
-        # a connection the server dropped after the INSERT returned fails only on its way back
-        # to the pool (which discards it): the batch is committed, so it is acknowledged
-        if not committed:
-            raise HTTPException(
-                status.HTTP_503_SERVICE_UNAVAILABLE,
-                f"storage unavailable, nothing was accepted: {type(exc).__name__}",
-                {"Retry-After": "1"},
-            ) from None
-    if inserted is None and stored is not None and stored not in (digest, _digest_as_sent(prefix, batch)):
+    try:  # the data service's accept path: durable before the 202
+        accepted = await accept_batch(state.pool, tenant, writer, batch, devices)
+    except StorageUnavailable as exc:
+        raise HTTPException(
+            status.HTTP_503_SERVICE_UNAVAILABLE,
+            f"storage unavailable, nothing was accepted: {exc}",
+            {"Retry-After": "1"},
+        ) from None
+    except ConflictingBatch:
         # an id reused for other readings: dropping them silently would lose data
         raise conflict(
             f"batch_id {batch['batch_id']!r} was already accepted from this sender with other "
             "readings; send new readings under a new batch_id"
-        )
-    if inserted is not None:
-        READINGS_ACCEPTED.add(len(lines))
-    return TelemetryAccepted(batch_id=batch["batch_id"], readings=len(lines), duplicate=inserted is None)
-
-
-def _digest_as_sent(prefix: str, batch: TelemetryBatchDict) -> bytes:
-    """The digest of the batch as the API wrote it before timestamps were put in UTC (each with
-    the offset it was sent with): a batch accepted then and repeated now is a duplicate."""
-    payload = "".join(
-        f"{prefix}{r['device_id']},{r['metric']},{r['ts'].isoformat()},{r['value']!r}\n"
-        for r in batch["readings"]
+        ) from None
+    return TelemetryAccepted(
+        batch_id=batch["batch_id"], readings=accepted.readings, duplicate=accepted.duplicate
     )
-    return hashlib.sha256(payload.encode()).digest()
 
 
 @router.get("/v1/devices/{device_id}/telemetry", response_model=TelemetrySeries)
@@ -228,24 +175,14 @@ async def read_telemetry(
     for name, value in (("from", from_), ("to", to)):
         if value is not None and value.tzinfo is None:
             raise invalid(["query", name], "needs a time zone (e.g. Z)")
-    args = (claims.tenant, device_id, metric, from_, to, limit)
-    where = """tenant = $1 AND device_id = $2 AND ($3::text IS NULL OR metric = $3)
-               AND ($4::timestamptz IS NULL OR ts >= $4) AND ($5::timestamptz IS NULL OR ts < $5)"""
+    interval = None if bucket is None else timedelta(**{BUCKET_UNITS[bucket[-1]]: int(bucket[:-1])})
+    rows = await data_facade.readings(
+        state.pool, claims.tenant, device_id, metric=metric, from_=from_, to=to, limit=limit, bucket=interval
+    )
     if bucket is None:
-        rows = await state.pool.fetch(
-            f"SELECT ts, metric, value FROM data.readings WHERE {where} ORDER BY ts, metric LIMIT $6", *args
-        )
         points = [TelemetryPoint(ts=r["ts"], metric=r["metric"], value=r["value"]) for r in rows]
     else:
-        interval = timedelta(**{BUCKET_UNITS[bucket[-1]]: int(bucket[:-1])})
-        rows = await state.pool.fetch(
-            f"""SELECT date_bin($7, ts, timestamptz '2000-01-01') AS ts, metric,
-                       min(value) AS min, max(value) AS max, avg(value) AS avg, count(*) AS count
-                FROM data.readings WHERE {where} GROUP BY 1, 2 ORDER BY 1, 2 LIMIT $6""",
-            *args,
-            interval,
-        )
-        points = [TelemetryPoint(**dict(r.items())) for r in rows]
+        points = [TelemetryPoint(**r) for r in rows]
     return TelemetrySeries(device_id=device_id, bucket=bucket, points=points)
 
 
@@ -254,26 +191,16 @@ async def quarantine(
     state: State, claims: Reader, device_id: Annotated[str | None, Query(max_length=128)] = None
 ) -> list[QuarantineView]:
     """Readings kept aside because their device may not send (unknown, pending, decommissioned)."""
-    rows = await state.pool.fetch(
-        """SELECT device_id, reason, count(*) AS readings, max(ts) AS last_ts
-           FROM data.quarantined_readings WHERE tenant = $1 AND ($2::text IS NULL OR device_id = $2)
-           GROUP BY device_id, reason ORDER BY device_id, reason LIMIT 1000""",
-        claims.tenant,
-        device_id,
-    )
-    return [QuarantineView(**dict(r.items())) for r in rows]
+    rows = await data_facade.quarantined_readings(state.pool, claims.tenant, device_id)
+    return [QuarantineView(**r) for r in rows]
 
 
 @router.get("/v1/telemetry/quarantined-batches", response_model=list[QuarantinedBatch])
 async def quarantined_batches(state: State, claims: Reader) -> list[QuarantinedBatch]:
     """Batches set aside because checking or storing them failed the same way on every retry
     (poison pills), newest first, with the error as the reason; their payload is kept."""
-    rows = await state.pool.fetch(
-        """SELECT batch_id, readings, reason, quarantined_at FROM data.ingest_batches
-           WHERE tenant = $1 AND status = 'quarantined' ORDER BY quarantined_at DESC LIMIT 1000""",
-        claims.tenant,
-    )
-    return [QuarantinedBatch(**dict(r.items())) for r in rows]
+    rows = await data_facade.quarantined_batches(state.pool, claims.tenant)
+    return [QuarantinedBatch(**r) for r in rows]
 
 
 @router.put("/v1/rules/{rule_id}", response_model=Rule)
@@ -282,12 +209,7 @@ async def put_rule(rule_id: str, rule: Rule, state: State, claims: RuleWriter) -
     if rule.rule_id != rule_id:
         raise invalid(["body", "rule_id"], "must match the id in the path")
     async with state.quotas.count_lock(claims.tenant, "max_rules"):
-        exists = await state.pool.fetchval(
-            "SELECT EXISTS (SELECT 1 FROM analytics.rules WHERE tenant = $1 AND rule_id = $2)",
-            claims.tenant,
-            rule_id,
-        )
-        if not exists:
+        if not await analytics_facade.rule_exists(state.pool, claims.tenant, rule_id):
             await state.quotas.check_count(claims.tenant, "max_rules")  # 403 at the rule quota
         await state.analytics.put_rule(claims.tenant, rule)
     return rule

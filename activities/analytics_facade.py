@@ -1,0 +1,54 @@
+"""The analytics service's read facade: what other services and the API may ask of the
+`analytics` schema without an activity. `db` is a pool or a connection of the caller's.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleetflow.metrics import StateGauge
+
+
+async def count_rules(db: Any, tenant: str) -> int:
+    """The tenant's rules (the max_rules quota)."""
+    return int(await db.fetchval("SELECT count(*) FROM analytics.rules WHERE tenant = $1", tenant))
+
+
+async def rule_exists(db: Any, tenant: str, rule_id: str) -> bool:
+    """Whether the tenant has the rule (a replacement does not count against max_rules)."""
+    return bool(
+        await db.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM analytics.rules WHERE tenant = $1 AND rule_id = $2)",
+            tenant,
+            rule_id,
+        )
+    )
+
+
+async def window_events(db: Any, window_id: str) -> list[dict[str, Any]]:
+    """The events `analytics.evaluate` made of a window (as JSON), by tenant and event id."""
+    rows = await db.fetch(
+        "SELECT event FROM analytics.window_events WHERE window_id = $1 ORDER BY tenant, event_id", window_id
+    )
+    return [r["event"] for r in rows]
+
+
+async def open_alerts_status(db: Any) -> list[dict[str, Any]]:
+    """The ten newest open alerts of every tenant, with the total (the status screen)."""
+    rows = await db.fetch(
+        """SELECT tenant, device_id, rule_id, metric, raised_value, raised_at, count(*) OVER () AS total
+           FROM analytics.alerts WHERE status = 'open' ORDER BY alert_id DESC LIMIT 10""",
+        timeout=5,
+    )
+    return [dict(r.items()) for r in rows]
+
+
+GAUGES: tuple[StateGauge, ...] = (
+    StateGauge(
+        "fleetflow.alerts.open",
+        "{alert}",
+        "Open alerts",
+        None,
+        "SELECT count(*) FROM analytics.alerts WHERE status = 'open'",
+    ),
+)
