@@ -1,12 +1,13 @@
 """The data service: telemetry storage; owns the `data` schema.
 
-Acknowledged batches wait in `data.ingest_batches` (written by this service's accept
-path, activities/telemetry_accept.py, which the API calls before it answers 202). A
-TelemetryIngestion workflow claims them in windows; storing a window moves its rows with COPY into the time-partitioned `data.readings`, puts
-readings of devices that may not send into quarantine, and writes per-series
-aggregates for the analytics service, all in one transaction: a retry finds the
-window stored and does nothing twice. Readings outside the documented bounds (a batch
-acknowledged before they existed) are quarantined with the bound as the reason.
+Acknowledged batches wait in `data.ingest_batches` (written by this service's accept path,
+activities/telemetry_accept.py, which the API calls before it answers 202). A
+TelemetryIngestion workflow claims them in windows; storing a window moves its rows with
+COPY into the time-partitioned `data.readings`, puts readings of devices that may not send
+into quarantine, and writes per-series aggregates for the analytics service, all in one
+transaction: a retry finds the window stored and does nothing twice. Readings outside the
+documented bounds (a batch acknowledged before they existed) are quarantined with the bound
+as the reason.
 """
 
 from __future__ import annotations
