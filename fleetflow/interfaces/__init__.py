@@ -18,7 +18,7 @@ from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.interfaces.analytics import AnalyticsActivities
-from fleetflow.interfaces.base import ServiceInterface
+from fleetflow.interfaces.base import ServiceInterface, recorded_event
 from fleetflow.interfaces.data import DataActivities
 from fleetflow.interfaces.device import DeviceActivities
 from fleetflow.interfaces.notification import NotificationActivities
@@ -46,6 +46,7 @@ class ActivityEntry:
     interface: type[ServiceInterface]
     input: type | None
     result: type | None
+    records: str | None = None  # the domain event its completion records (`@records`)
 
 
 def _definition(stub: Callable[..., Any]) -> activity._Definition:
@@ -80,6 +81,7 @@ def _entries(interface: type[ServiceInterface]) -> list[ActivityEntry]:
                 interface=interface,
                 input=arg_types[0] if arg_types else None,
                 result=defn.ret_type,
+                records=recorded_event(vars(interface)[method]),
             )
         )
     return entries
