@@ -45,13 +45,13 @@ def test_no_workflow_calls_an_activity_by_name(path: Path) -> None:
 
 @pytest.mark.parametrize("path", MODULES, ids=[p.stem for p in MODULES])
 def test_every_interface_reference_in_a_workflow_is_a_declared_activity(path: Path) -> None:
-    """`DeviceActivities.<x>` in a workflow resolves statically to an activity of the catalogue
-    (or the interface's queue), so the dependency graph can be read off the source."""
+    """`DeviceActivities.<x>` in a workflow resolves statically to an activity of the catalogue,
+    so the dependency graph can be read off the source."""
     unknown = []
     for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name):
             methods = BY_INTERFACE.get(node.value.id)
-            if methods is not None and node.attr not in methods | {"queue", "service"}:
+            if methods is not None and node.attr not in methods:
                 unknown.append(f"line {node.lineno}: {node.value.id}.{node.attr}")
     assert not unknown, f"{path.name}: not activities of the interface: {unknown}"
 
