@@ -1,11 +1,13 @@
 """The typed interface of every service, and the catalogue derived from them.
 
 Each service's activities are the methods of one interface class (`fleetflow.interfaces.<service>`):
-the activity type name, the input and the result are declared there once. Workflows call a step
-through it (`workflow.execute_activity_method(DeviceActivities.register, ...)`), so "go to
-definition" from a workflow step lands on the declaration, and the implementation in `activities/`
-is bound to the same name with `@implements(DeviceActivities.register)`. Metrics, time travel,
-`/v1/services` and the dependency graph read the catalogue below; nothing else lists names.
+the activity type name, the input and the result are declared there once (and, with `@records`,
+the domain event its completion records). Workflows call a step through it
+(`workflows.calls.execute(DeviceActivities.register, ...)`, which takes the queue from here), so
+"go to definition" from a workflow step lands on the declaration, and the implementation in
+`activities/` is bound to the same name with `@implements(DeviceActivities.register)`. Metrics,
+time travel, `/v1/services` and the dependency graph read the catalogue below; nothing else lists
+names.
 """
 
 from __future__ import annotations
