@@ -1,7 +1,8 @@
 """Bulk provisioning of the device service: up to thousands of devices per activity.
 
 Part of the device service (the `device` task queue, the `device` schema): DeviceService
-inherits these activities. Each device of a slice is all-or-nothing (its own savepoint).
+holds one and serves `provision_batch` / `deprovision_batch` through it. Each device of a
+slice is all-or-nothing (its own savepoint).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from fleetflow.contracts.devices import (
     DeviceTypeView,
 )
 from fleetflow.contracts.tenants import TenantLimits
-from fleetflow.interfaces import implements
-from fleetflow.interfaces.device import DeviceActivities
+from fleetflow.db import Pool
 from fleetflow.keys import KeyRing
 from fleetflow.security import issue_device_credential, kid_of, token_hash
 
@@ -40,14 +40,18 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 MAX_REASON = 200
 
 
-class BulkProvisioning(DeviceReadModel):
-    """The bulk activities of DeviceService."""
+class BulkProvisioning:
+    """Bulk imports: a part of DeviceService, which serves the bulk activities through it."""
 
-    keys: KeyRing
-    issuer: str
-    quota_defaults: TenantLimits
+    def __init__(
+        self, pool: Pool, reads: DeviceReadModel, keys: KeyRing, issuer: str, quota_defaults: TenantLimits
+    ) -> None:
+        self.pool = pool
+        self.reads = reads
+        self.keys = keys
+        self.issuer = issuer
+        self.quota_defaults = quota_defaults
 
-    @implements(DeviceActivities.provision_batch)
     async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
         """Register, credential, configure and activate one slice of a bulk import.
 
@@ -60,7 +64,7 @@ class BulkProvisioning(DeviceReadModel):
         )
         if rows is None:
             raise refuse(f"claim {chunk.claim_id} not found", "ClaimMissing")
-        types = {t.name: t for t in await self.device_types(chunk.tenant)}
+        types = {t.name: t for t in await self.reads.device_types(chunk.tenant)}
         ok: list[str] = []
         failed: list[DeviceFailure] = []
         async with self.pool.acquire() as conn, conn.transaction():
@@ -158,7 +162,6 @@ class BulkProvisioning(DeviceReadModel):
             )
         return None
 
-    @implements(DeviceActivities.deprovision_batch)
     async def deprovision_batch(self, batch: DeviceBatch) -> None:
         """Compensation of `provision_batch` for the given devices of this bulk import (None: all).
 

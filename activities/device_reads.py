@@ -13,7 +13,8 @@ from fleetflow.security import token_hash
 class DeviceReadModel:
     """Reads of the `device` schema (and device types, which admins edit through the API)."""
 
-    pool: Pool
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
 
     # a tenant's own device type of a name hides the platform's built-in one ('' tenant)
     async def device_type(self, tenant: str, name: str) -> DeviceTypeView | None:

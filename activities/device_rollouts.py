@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from activities.device_reads import DeviceReadModel
 from fleetflow import claim_checks
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
@@ -27,8 +26,7 @@ from fleetflow.contracts.rollouts import (
     StopRollout,
     TickResult,
 )
-from fleetflow.interfaces import implements
-from fleetflow.interfaces.device import DeviceActivities
+from fleetflow.db import Pool
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     import asyncpg
@@ -67,10 +65,13 @@ def wave_sizes(total: int, policy: RolloutPolicy) -> list[int]:
     return sizes
 
 
-class RolloutJobs(DeviceReadModel):
-    """Firmware storage, rollout planning and the per-device jobs."""
+class RolloutJobs:
+    """Firmware storage, rollout planning and the per-device jobs (a part of DeviceService,
+    which serves the campaign activities through it)."""
 
-    firmware_dir: Path
+    def __init__(self, pool: Pool, firmware_dir: Path) -> None:
+        self.pool = pool
+        self.firmware_dir = firmware_dir
 
     # --- firmware ----------------------------------------------------------------
 
@@ -126,7 +127,6 @@ class RolloutJobs(DeviceReadModel):
 
     # --- campaign activities --------------------------------------------------------
 
-    @implements(DeviceActivities.plan_rollout)
     async def plan_rollout(self, inp: RolloutInput) -> RolloutPlan:
         """Fix the target list and its waves (once: a retry returns the recorded plan)."""
         req, tenant = inp.request, inp.tenant
@@ -199,7 +199,6 @@ class RolloutJobs(DeviceReadModel):
             total=len(devices), waves=waves, device_type=fw["device_type"], version=fw["version"]
         )
 
-    @implements(DeviceActivities.rollout_tick)
     async def rollout_tick(self, tick: RolloutTick) -> TickResult:
         """Expire silent devices, check the abort criteria, offer new jobs, and count.
 
@@ -349,7 +348,6 @@ class RolloutJobs(DeviceReadModel):
             activity.heartbeat()
             await asyncio.sleep(0.025)
 
-    @implements(DeviceActivities.stop_rollout)
     async def stop_rollout(self, stop: StopRollout) -> int:
         """Cancel the jobs not started yet; with `rollback`, queue a rollback for every device
         that took the new firmware. Returns how many rollbacks are queued."""

@@ -1,14 +1,17 @@
 """The device service: registry, credentials and configuration; owns the `device` schema.
 
 Every write is an activity keyed by tenant + device id (and onboarding id), safe to
-retry: a repeated call finds its own earlier work and does nothing more. The read
-methods (not activities) serve the API's read model.
+retry: a repeated call finds its own earlier work and does nothing more. `DeviceService`
+implements every activity of `DeviceActivities`: the registry's here, the bulk and rollout
+ones by delegating to its parts (`BulkProvisioning`, `RolloutJobs`); the API reads through
+its read model (`DeviceReadModel`), exposed below under the names the API calls.
 """
 
 from __future__ import annotations
 
 from activities import data_facade
 from activities.device_bulk import BulkProvisioning
+from activities.device_reads import DeviceReadModel
 from activities.device_rollouts import RolloutJobs
 from activities.device_state import REUSABLE, device_room, refuse, register_device, set_status
 from activities.poison import poison_guard
@@ -16,6 +19,9 @@ from activities.probe import probe
 from fleetflow import config_schema
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
+    BulkChunk,
+    BulkChunkResult,
+    DeviceBatch,
     DeviceStatus,
     DeviceTransition,
     IssueCredential,
@@ -27,7 +33,14 @@ from fleetflow.contracts.devices import (
     ValidateOnboarding,
     business_id_of,
 )
-from fleetflow.contracts.rollouts import DeviceStep
+from fleetflow.contracts.rollouts import (
+    DeviceStep,
+    RolloutInput,
+    RolloutPlan,
+    RolloutTick,
+    StopRollout,
+    TickResult,
+)
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import UnreadyDevices, WindowRef
 from fleetflow.db import Pool
@@ -38,8 +51,8 @@ from fleetflow.security import issue_device_credential, kid_of, token_hash
 from fleetflow.settings import Settings
 
 
-class DeviceService(RolloutJobs, BulkProvisioning, DeviceActivities):
-    """Activities of the `device` task queue, and the device read model."""
+class DeviceService(DeviceActivities):
+    """Activities of the `device` task queue, and what the API asks of the device service."""
 
     queue = TaskQueue.DEVICE
 
@@ -48,7 +61,24 @@ class DeviceService(RolloutJobs, BulkProvisioning, DeviceActivities):
         self.keys = keyring(settings)
         self.issuer = settings.jwt_issuer
         self.quota_defaults = settings.quotas
-        self.firmware_dir = settings.data_dir / "firmware"
+        self.reads = DeviceReadModel(pool)
+        self.rollouts = RolloutJobs(pool, settings.data_dir / "firmware")
+        self.bulk = BulkProvisioning(pool, self.reads, self.keys, self.issuer, self.quota_defaults)
+        # what the API asks of the device service, answered by its parts
+        self.device_type = self.reads.device_type
+        self.device_types = self.reads.device_types
+        self.put_device_type = self.reads.put_device_type
+        self.resolve_config = self.reads.resolve_config
+        self.get_device = self.reads.get_device
+        self.list_devices = self.reads.list_devices
+        self.credential_active = self.reads.credential_active
+        self.config_of = self.reads.config_of
+        self.put_firmware = self.rollouts.put_firmware
+        self.firmware = self.rollouts.firmware
+        self.firmware_path = self.rollouts.firmware_path
+        self.pending_job = self.rollouts.pending_job
+        self.report_job = self.rollouts.report_job
+        self.bulk_credentials = self.bulk.bulk_credentials
 
     # --- activities ------------------------------------------------------------
 
@@ -61,7 +91,7 @@ class DeviceService(RolloutJobs, BulkProvisioning, DeviceActivities):
     async def validate_onboarding(self, request: ValidateOnboarding) -> ValidatedOnboarding:
         """Check the device type and configuration, and that the id is free."""
         try:
-            validated = await self.resolve_config(request.tenant, request.spec)
+            validated = await self.reads.resolve_config(request.tenant, request.spec)
         except (LookupError, config_schema.ConfigError) as exc:
             raise refuse(str(exc), "InvalidDevice") from None
         return validated
@@ -257,6 +287,35 @@ class DeviceService(RolloutJobs, BulkProvisioning, DeviceActivities):
                 [device_id for _, device_id in senders],
             )
         return UnreadyDevices(count=count)
+
+    # --- bulk imports (BulkProvisioning) --------------------------------------------
+
+    @implements(DeviceActivities.provision_batch)
+    async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
+        """Register, credential, configure and activate one slice of a bulk import."""
+        return await self.bulk.provision_batch(chunk)
+
+    @implements(DeviceActivities.deprovision_batch)
+    async def deprovision_batch(self, batch: DeviceBatch) -> None:
+        """Compensation of `provision_batch` for the given devices of this bulk import (None: all)."""
+        await self.bulk.deprovision_batch(batch)
+
+    # --- firmware campaigns (RolloutJobs) ----------------------------------------------
+
+    @implements(DeviceActivities.plan_rollout)
+    async def plan_rollout(self, inp: RolloutInput) -> RolloutPlan:
+        """Fix the target list and its waves (once: a retry returns the recorded plan)."""
+        return await self.rollouts.plan_rollout(inp)
+
+    @implements(DeviceActivities.rollout_tick)
+    async def rollout_tick(self, tick: RolloutTick) -> TickResult:
+        """Expire silent devices, check the abort criteria, offer new jobs, and count."""
+        return await self.rollouts.rollout_tick(tick)
+
+    @implements(DeviceActivities.stop_rollout)
+    async def stop_rollout(self, stop: StopRollout) -> int:
+        """Cancel the jobs not started yet; with `rollback`, queue rollbacks. How many are queued."""
+        return await self.rollouts.stop_rollout(stop)
 
     # --- decommissioning --------------------------------------------------------------
 

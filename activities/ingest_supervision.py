@@ -6,7 +6,8 @@ allows a new run once the previous one closed). Batches claimed by a run that is
 longer running (the run id is the second part of every window id) go back to
 `pending` for the shard's new run; `data.store_window` locks a window's batches
 first, so a reclaim never interleaves with a store still running for a dead run.
-Part of the data service (it owns `data.ingest_batches`); mixed into `DataService`.
+Part of the data service (it owns `data.ingest_batches`): `DataService` holds one and serves
+`supervise_ingestion` through it.
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ from fleetflow.contracts.telemetry import (
     ingestion_id,
 )
 from fleetflow.db import Pool
-from fleetflow.interfaces import implements
-from fleetflow.interfaces.data import DataActivities
 from fleetflow.temporal import device_search_attributes
 
 log = logging.getLogger(__name__)
@@ -71,12 +70,13 @@ async def _running(client: Client, workflow_id: str, run_id: str | None = None) 
 
 
 class IngestionSupervision:
-    """The activity that keeps every shard running and reclaims the claims of dead runs."""
+    """Keeps every shard running and reclaims the claims of dead runs; temporal (the process's
+    client) lets it (re)start the shard workflows."""
 
-    pool: Pool
-    temporal: Client | None
+    def __init__(self, pool: Pool, temporal: Client | None) -> None:
+        self.pool = pool
+        self.temporal = temporal
 
-    @implements(DataActivities.supervise_ingestion)
     async def supervise_ingestion(self, request: SuperviseIngestion) -> Supervised:
         """(Re)start the shards that are not running; put the batches claimed by runs that are
         not running back to pending. Idempotent."""

@@ -2,7 +2,8 @@
 again, until the batch that fails is alone; that batch is set aside (status
 `quarantined`, the error as its reason, payload kept) and its shard goes on.
 
-Part of the data service (it owns `data.ingest_batches`); mixed into `DataService`.
+Part of the data service (it owns `data.ingest_batches`): `DataService` holds one and serves
+`split_window` / `quarantine_batches` through it.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ from fleetflow.contracts.telemetry import (
     WindowSplit,
 )
 from fleetflow.db import Pool
-from fleetflow.interfaces import implements
-from fleetflow.interfaces.data import DataActivities
 from fleetflow.metrics import BATCHES_QUARANTINED
 
 log = logging.getLogger(__name__)
@@ -35,11 +34,11 @@ def half_ids(window_id: str) -> tuple[str, str]:
 
 
 class WindowIsolation:
-    """The activities that split a failing window and quarantine its bad batch."""
+    """Splits a failing window and quarantines its bad batch."""
 
-    pool: Pool
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
 
-    @implements(DataActivities.split_window)
     async def split_window(self, ref: WindowRef) -> WindowSplit:
         """Move the window's claimed batches, oldest first, into two halves; a retry after the
         commit finds the halves made and answers them again."""
@@ -76,7 +75,6 @@ class WindowIsolation:
             ]
         )
 
-    @implements(DataActivities.quarantine_batches)
     async def quarantine_batches(self, request: QuarantineBatches) -> BatchesQuarantined:
         """Set the window's claimed batches aside with the reason; their readings that can be
         read show in the quarantine view under that reason. Idempotent."""

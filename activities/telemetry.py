@@ -34,10 +34,16 @@ from fleetflow.contracts.telemetry import (
     FUTURE_TOLERANCE_S,
     MAX_ABS_VALUE,
     MAX_AGE_DAYS,
+    BatchesQuarantined,
     ClaimWindow,
+    QuarantineBatches,
     Stored,
     StoreWindow,
+    Supervised,
+    SuperviseIngestion,
     Window,
+    WindowRef,
+    WindowSplit,
 )
 from fleetflow.db import Pool
 from fleetflow.interfaces import implements
@@ -48,15 +54,33 @@ HEARTBEAT_S = 1.0  # the SDK sends at most one per 0.8 x the step's heartbeat ti
 _PARTITION_LOCK = 7_001_338
 
 
-class DataService(WindowIsolation, IngestionSupervision, DataActivities):
+class DataService(DataActivities):
     """Activities of the `data` task queue, and the telemetry read model; temporal (the
-    process's client) lets the supervisor (re)start the shard workflows."""
+    process's client) lets the supervisor (re)start the shard workflows. Window isolation
+    and ingestion supervision are parts it delegates to."""
 
     queue = TaskQueue.DATA
 
     def __init__(self, pool: Pool, temporal: Client | None = None) -> None:
         self.pool = pool
         self.temporal = temporal
+        self.isolation = WindowIsolation(pool)
+        self.supervision = IngestionSupervision(pool, temporal)
+
+    @implements(DataActivities.supervise_ingestion)
+    async def supervise_ingestion(self, request: SuperviseIngestion) -> Supervised:
+        """(Re)start the shards that are not running; reclaim the batches of dead runs."""
+        return await self.supervision.supervise_ingestion(request)
+
+    @implements(DataActivities.split_window)
+    async def split_window(self, ref: WindowRef) -> WindowSplit:
+        """Move the window's claimed batches, oldest first, into two halves."""
+        return await self.isolation.split_window(ref)
+
+    @implements(DataActivities.quarantine_batches)
+    async def quarantine_batches(self, request: QuarantineBatches) -> BatchesQuarantined:
+        """Set the window's claimed batches aside with the reason."""
+        return await self.isolation.quarantine_batches(request)
 
     @implements(DataActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:

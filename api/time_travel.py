@@ -22,21 +22,12 @@ from temporalio.worker import (
 
 from fleetflow.contracts.common import Strict
 from fleetflow.contracts.twin import TwinInput, TwinState
+from fleetflow.interfaces import CATALOGUE
 from fleetflow.temporal import HEADER_CODEC
 from workflows.device_twin import DeviceTwin
 
-# activity → the domain event its completion records
-ACTIVITY_EVENTS = {
-    "device.register": "DeviceRegistered",
-    "device.issue_credential": "CredentialIssued",
-    "device.store_config": "ConfigurationStored",
-    "device.activate": "DeviceActivated",
-    "device.mark_failed": "RegistrationFailed",
-    "device.revoke_credential": "CredentialRevoked",
-    "device.remove_config": "ConfigurationRemoved",
-    "device.provision_batch": "DevicesProvisioned",
-    "device.deprovision_batch": "DevicesDeprovisioned",
-}
+# activity → the domain event its completion records, as its interface declares (`@records`)
+ACTIVITY_EVENTS: dict[str, str] = {e.name: e.records for e in CATALOGUE if e.records is not None}
 MESSAGE_EVENTS = {
     "first_contact": "FirstContact",
     "report": "ReportedStateChanged",

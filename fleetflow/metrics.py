@@ -31,6 +31,11 @@ from temporalio import activity, client, worker
 from fleetflow.contracts.events import DeliveryProgress
 from fleetflow.contracts.telemetry import ALERT_CLEARED, ALERT_RAISED, Evaluated, Stored
 from fleetflow.db import Pool
+from fleetflow.interfaces import activity_name
+from fleetflow.interfaces.analytics import AnalyticsActivities
+from fleetflow.interfaces.data import DataActivities
+from fleetflow.interfaces.notification import NotificationActivities
+from fleetflow.interfaces.webhook import WebhookActivities
 
 log = logging.getLogger(__name__)
 meter = metrics.get_meter("fleetflow")
@@ -104,15 +109,15 @@ def _delivered(result: Any) -> None:
         WEBHOOKS_DEAD_LETTERED.add(result.dead_lettered)
 
 
-# activity name -> what its result counts. A retry after a completion that never reached
-# the server returns the stored result again and counts it twice: rare, and the tables
-# (data.windows, analytics.windows) stay the exact ledger.
+# activity (named by its interface method) -> what its result counts. A retry after a completion
+# that never reached the server returns the stored result again and counts it twice: rare, and
+# the tables (data.windows, analytics.windows) stay the exact ledger.
 OUTCOMES: dict[str, Callable[[Any], None]] = {
-    "data.store_window": _stored,
-    "analytics.evaluate": _evaluated,
-    "notification.record_events": _recorded,
-    "notification.record_window_events": _recorded,
-    "notification.deliver_pending": _delivered,
+    activity_name(DataActivities.store_window): _stored,
+    activity_name(AnalyticsActivities.evaluate): _evaluated,
+    activity_name(NotificationActivities.record_events): _recorded,
+    activity_name(NotificationActivities.record_window_events): _recorded,
+    activity_name(WebhookActivities.deliver_pending): _delivered,
 }
 
 

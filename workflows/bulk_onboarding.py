@@ -19,10 +19,9 @@ from temporalio.exceptions import ActivityError, ApplicationError
 from temporalio.workflow import ActivityCancellationType
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
+    from fleetflow.contracts.common import DomainEvent, tenant_scoped_id
     from fleetflow.contracts.devices import (
         BulkChunk,
-        BulkChunkResult,
         BulkOnboardingInput,
         BulkProgress,
         DeviceBatch,
@@ -30,6 +29,9 @@ with workflow.unsafe.imports_passed_through():
         attempt_owner,
     )
     from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvents
+    from fleetflow.interfaces.device import DeviceActivities
+    from fleetflow.interfaces.notification import NotificationActivities
+    from workflows import calls
     from workflows.options import (
         COMPENSATION_START_TO_CLOSE,
         STEP_RETRY,
@@ -155,11 +157,9 @@ class BulkOnboarding:
                 expires_at=issued + CREDENTIAL_LIFETIME,
             )
             if self._attempts:  # a stop asks the slice to roll back, and waits until it has
-                result: BulkChunkResult = await workflow.execute_activity(
-                    "device.provision_batch",
+                result = await calls.execute(
+                    DeviceActivities.provision_batch,
                     chunk,
-                    task_queue=TaskQueue.DEVICE.value,
-                    result_type=BulkChunkResult,
                     start_to_close_timeout=timedelta(minutes=2),
                     schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
                     retry_policy=STEP_RETRY,
@@ -167,11 +167,9 @@ class BulkOnboarding:
                     cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
                 )
             else:
-                result = await workflow.execute_activity(
-                    "device.provision_batch",
+                result = await calls.execute(
+                    DeviceActivities.provision_batch,
                     chunk,
-                    task_queue=TaskQueue.DEVICE.value,
-                    result_type=BulkChunkResult,
                     start_to_close_timeout=timedelta(minutes=2),
                     schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
                     retry_policy=STEP_RETRY,
@@ -207,10 +205,9 @@ class BulkOnboarding:
             else ActivityCancellationType.TRY_CANCEL
         )
         try:
-            await workflow.execute_activity(
-                "notification.record_events",
+            await calls.execute(
+                NotificationActivities.record_events,
                 EventBatch(events=events),
-                task_queue=TaskQueue.NOTIFICATION.value,
                 start_to_close_timeout=timedelta(minutes=1),
                 schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
                 retry_policy=STEP_RETRY,
@@ -230,8 +227,8 @@ class BulkOnboarding:
             self._failures.extend(DeviceFailure(index=-1, device_id=d, reason=cut) for d in device_ids)
 
     async def _deprovision(self, inp: BulkOnboardingInput, device_ids: list[str] | None, reason: str) -> None:
-        await workflow.execute_activity(
-            "device.deprovision_batch",
+        await calls.execute(
+            DeviceActivities.deprovision_batch,
             DeviceBatch(
                 tenant=inp.tenant,
                 bulk_id=self._owner,
@@ -239,22 +236,20 @@ class BulkOnboarding:
                 reason=reason,
                 actor=inp.actor.subject,
             ),
-            task_queue=TaskQueue.DEVICE.value,
             start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
             retry_policy=COMPENSATION_RETRY,
         )
 
     async def _retract(self, inp: BulkOnboardingInput, device_ids: list[str] | None) -> None:
         """Retract the DeviceOnboarded events this attempt recorded (of device_ids; None: all)."""
-        await workflow.execute_activity(
-            "notification.retract_events",
+        await calls.execute(
+            NotificationActivities.retract_events,
             RetractEvents(
                 tenant=inp.tenant,
                 type=DEVICE_ONBOARDED,
                 id_prefix=f"{self._event_key}/",
                 device_ids=device_ids,
             ),
-            task_queue=TaskQueue.NOTIFICATION.value,
             start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
             retry_policy=COMPENSATION_RETRY,
         )

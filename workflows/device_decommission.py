@@ -9,13 +9,15 @@ Each step is retried; a step that still cannot succeed is written on the device 
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError
+from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
+    from fleetflow.contracts.common import DomainEvent, tenant_scoped_id
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.rollouts import (
         DEVICE_DECOMMISSIONED,
@@ -24,8 +26,15 @@ with workflow.unsafe.imports_passed_through():
         DeviceStep,
     )
     from fleetflow.contracts.twin import EndTwin
+    from fleetflow.interfaces.data import DataActivities
+    from fleetflow.interfaces.device import DeviceActivities
+    from fleetflow.interfaces.notification import NotificationActivities
+    from workflows import calls
     from workflows.device_twin import DeviceTwin, twin_id
     from workflows.saga import COMPENSATION_RETRY
+
+# an activity step of the retirement: takes the device, whatever it answers
+RetireStep = MethodAsyncSingleParam[Any, DeviceStep, object]
 
 STEP_RETRY = RetryPolicy(
     initial_interval=timedelta(milliseconds=500),
@@ -58,23 +67,23 @@ class DeviceDecommission:
             telemetry=inp.telemetry,
             reason=inp.reason,
         )
-        steps = [
-            ("revoke_credentials", "device.revoke_all_credentials", TaskQueue.DEVICE),
-            ("end_twin", "", TaskQueue.ORCHESTRATION),
-            ("cancel_jobs", "device.cancel_jobs", TaskQueue.DEVICE),
-            ("retire_telemetry", "data.retire_telemetry", TaskQueue.DATA),
-            ("mark_decommissioned", "device.mark_decommissioned", TaskQueue.DEVICE),
+        # None: a step of this workflow itself, on its own queue
+        steps: list[tuple[str, RetireStep | None]] = [
+            ("revoke_credentials", DeviceActivities.revoke_all_credentials),
+            ("end_twin", None),
+            ("cancel_jobs", DeviceActivities.cancel_jobs),
+            ("retire_telemetry", DataActivities.retire_telemetry),
+            ("mark_decommissioned", DeviceActivities.mark_decommissioned),
         ]
-        for name, activity, queue in steps:
+        for name, activity in steps:
             self._p.current = name
             try:
-                if name == "end_twin":
+                if activity is None:
                     await self._end_twin(inp)
                 else:
-                    await workflow.execute_activity(
+                    await calls.execute(
                         activity,
                         step,
-                        task_queue=queue.value,
                         start_to_close_timeout=timedelta(minutes=2),
                         retry_policy=STEP_RETRY,
                     )
@@ -92,10 +101,9 @@ class DeviceDecommission:
             source_workflow=workflow.info().workflow_id,
             data={"telemetry": inp.telemetry, "reason": inp.reason},
         )
-        await workflow.execute_activity(
-            "notification.record_events",
+        await calls.execute(
+            NotificationActivities.record_events,
             EventBatch(events=[event]),
-            task_queue=TaskQueue.NOTIFICATION.value,
             start_to_close_timeout=timedelta(minutes=1),
             retry_policy=COMPENSATION_RETRY,
         )
@@ -113,10 +121,9 @@ class DeviceDecommission:
     async def _stuck(self, step: DeviceStep, name: str, error: str) -> None:
         self._p.status, self._p.error = "stuck", f"{name} failed: {error}"
         note = step.model_copy(update={"reason": f"decommissioning stuck at {name}: {error}"[:500]})
-        await workflow.execute_activity(
-            "device.note_retirement_problem",
+        await calls.execute(
+            DeviceActivities.note_retirement_problem,
             note,
-            task_queue=TaskQueue.DEVICE.value,
             start_to_close_timeout=timedelta(minutes=1),
             retry_policy=COMPENSATION_RETRY,
         )

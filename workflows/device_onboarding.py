@@ -13,14 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ActivityError, ApplicationError, WorkflowAlreadyStartedError
+from temporalio.types import MethodAsyncSingleParam
 from temporalio.workflow import ActivityCancellationType, ParentClosePolicy
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
+    from fleetflow.contracts.common import DomainEvent, tenant_scoped_id
     from fleetflow.contracts.devices import (
         ApprovalDecision,
         DeviceStatus,
@@ -41,7 +42,10 @@ with workflow.unsafe.imports_passed_through():
     )
     from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvent
     from fleetflow.contracts.twin import EndTwin, TwinInput
+    from fleetflow.interfaces.device import DeviceActivities
+    from fleetflow.interfaces.notification import NotificationActivities
     from fleetflow.temporal import device_search_attributes
+    from workflows import calls
     from workflows.device_twin import DeviceTwin, twin_id
     from workflows.options import (
         COMPENSATION_START_TO_CLOSE,
@@ -50,6 +54,9 @@ with workflow.unsafe.imports_passed_through():
         STEP_START_TO_CLOSE,
     )
     from workflows.saga import COMPENSATION_RETRY, Saga, finish_then_cancel
+
+P = TypeVar("P")
+R = TypeVar("R")
 
 CREDENTIAL_LIFETIME = timedelta(days=365)
 APPROVE_SCOPE = "devices:approve"
@@ -115,18 +122,19 @@ class DeviceOnboarding:
 
         validated = await self._run_step(
             OnboardingStep.VALIDATE,
-            "device.validate_onboarding",
+            DeviceActivities.validate_onboarding,
             ValidateOnboarding(tenant=inp.tenant, spec=req),
-            ValidatedOnboarding,
         )
 
         self._saga.add(
             "mark_registration_failed",
-            lambda: self._undo("device.mark_failed", change.model_copy(update={"reason": self._reason})),
+            lambda: self._undo(
+                DeviceActivities.mark_failed, change.model_copy(update={"reason": self._reason})
+            ),
         )
         await self._run_step(
             OnboardingStep.REGISTER,
-            "device.register",
+            DeviceActivities.register,
             RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=owner, actor=actor),
         )
 
@@ -144,10 +152,10 @@ class DeviceOnboarding:
         revoke = RevokeCredential(
             tenant=inp.tenant, device_id=req.device_id, jti=jti, reason="onboarding undone"
         )
-        self._saga.add("revoke_credential", lambda: self._undo("device.revoke_credential", revoke))
+        self._saga.add("revoke_credential", lambda: self._undo(DeviceActivities.revoke_credential, revoke))
         self._credential = await self._run_step(
             OnboardingStep.ISSUE_CREDENTIAL,
-            "device.issue_credential",
+            DeviceActivities.issue_credential,
             IssueCredential(
                 tenant=inp.tenant,
                 device_id=req.device_id,
@@ -156,13 +164,12 @@ class DeviceOnboarding:
                 issued_at=issued,
                 expires_at=issued + CREDENTIAL_LIFETIME,
             ),
-            IssuedCredential,
         )
 
-        self._saga.add("remove_config", lambda: self._undo("device.remove_config", change))
+        self._saga.add("remove_config", lambda: self._undo(DeviceActivities.remove_config, change))
         await self._run_step(
             OnboardingStep.STORE_CONFIG,
-            "device.store_config",
+            DeviceActivities.store_config,
             StoreConfig(
                 tenant=inp.tenant,
                 device_id=req.device_id,
@@ -180,7 +187,7 @@ class DeviceOnboarding:
 
         await self._run_step(
             OnboardingStep.ACTIVATE,
-            "device.activate",
+            DeviceActivities.activate,
             change.model_copy(update={"firmware_version": contact.firmware_version}),
         )
 
@@ -203,17 +210,12 @@ class DeviceOnboarding:
         )
         self._saga.add(
             "retract_event",
-            lambda: self._undo(
-                "notification.retract_event",
-                RetractEvent(event_id=event.event_id),
-                TaskQueue.NOTIFICATION,
-            ),
+            lambda: self._undo(NotificationActivities.retract_event, RetractEvent(event_id=event.event_id)),
         )
         await self._run_step(
             OnboardingStep.RECORD_EVENT,
-            "notification.record_events",
+            NotificationActivities.record_events,
             EventBatch(events=[event]),
-            queue=TaskQueue.NOTIFICATION,
         )
 
         self._status, self._step, self._credential = "completed", None, None
@@ -260,24 +262,16 @@ class DeviceOnboarding:
         self._completed.append(step)
         self._step, self._status = None, "running"
 
-    async def _run_step(
-        self,
-        step: OnboardingStep,
-        activity: str,
-        arg: Any,
-        result_type: type | None = None,
-        queue: TaskQueue = TaskQueue.DEVICE,
-    ) -> Any:
+    async def _run_step(self, step: OnboardingStep, activity: MethodAsyncSingleParam[Any, P, R], arg: P) -> R:
+        """Run one forward step on its service's queue; the progress query shows it meanwhile."""
         self._begin(step)
         if self._attempts:
             # a cancel asks the step to stop and waits for its outcome: a commit that lands
             # after the undo ran would leave a registration or a live credential behind
             result = await finish_then_cancel(
-                workflow.start_activity(
+                calls.start(
                     activity,
                     arg,
-                    task_queue=queue.value,
-                    result_type=result_type,
                     start_to_close_timeout=STEP_START_TO_CLOSE,
                     schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
                     retry_policy=STEP_RETRY,
@@ -285,11 +279,9 @@ class DeviceOnboarding:
                 )
             )
         else:
-            result = await workflow.execute_activity(
+            result = await calls.execute(
                 activity,
                 arg,
-                task_queue=queue.value,
-                result_type=result_type,
                 start_to_close_timeout=STEP_START_TO_CLOSE,
                 schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
                 retry_policy=STEP_RETRY,
@@ -305,11 +297,11 @@ class DeviceOnboarding:
                 return  # the decision or contact came in the same task as the timeout: it counts
             raise OnboardingAborted(f"no {what} within {timeout_s} s") from None
 
-    async def _undo(self, activity: str, arg: Any, queue: TaskQueue = TaskQueue.DEVICE) -> None:
-        await workflow.execute_activity(
+    async def _undo(self, activity: MethodAsyncSingleParam[Any, P, object], arg: P) -> None:
+        """Run one compensation on its service's queue."""
+        await calls.execute(
             activity,
             arg,
-            task_queue=queue.value,
             start_to_close_timeout=COMPENSATION_START_TO_CLOSE,
             retry_policy=COMPENSATION_RETRY,
         )

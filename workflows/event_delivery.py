@@ -25,10 +25,11 @@ with workflow.unsafe.imports_passed_through():
         MIN_BACKOFF_S,
         DeliverPending,
         DeliveryInput,
-        DeliveryProgress,
         DeliverySummary,
         delivery_workflow_id,
     )
+    from fleetflow.interfaces import queue_of
+    from fleetflow.interfaces.webhook import WebhookActivities
 
 __all__ = ["EventDelivery", "delivery_workflow_id"]
 
@@ -56,9 +57,10 @@ class EventDelivery:
         # a failing webhook holds its queue (order) while Temporal retries with backoff;
         # there is no attempt limit here: the activity dead-letters by the delivery's own count,
         # so a database outage never turns into dead letters
-        queue, floor = TaskQueue.NOTIFICATION, 0.0
+        # runs from before the webhook queue deliver on the notification queue (recorded commands)
+        queue, floor = TaskQueue.NOTIFICATION.value, 0.0
         if workflow.patched(WEBHOOK_QUEUE_PATCH):
-            queue, floor = TaskQueue.WEBHOOK, MIN_BACKOFF_S
+            queue, floor = queue_of(WebhookActivities.deliver_pending), MIN_BACKOFF_S
         retry = RetryPolicy(
             initial_interval=timedelta(seconds=max(inp.backoff_s, floor)),
             backoff_coefficient=2.0,
@@ -68,11 +70,10 @@ class EventDelivery:
         try:
             while not self._history_full(inp):
                 self._nudged = False  # a nudge from now on means "look again"
-                progress: DeliveryProgress = await workflow.execute_activity(
-                    "notification.deliver_pending",
+                progress = await workflow.execute_activity_method(
+                    WebhookActivities.deliver_pending,
                     DeliverPending(subscription_id=inp.subscription_id),
-                    task_queue=queue.value,
-                    result_type=DeliveryProgress,
+                    task_queue=queue,
                     start_to_close_timeout=DELIVER_START_TO_CLOSE,
                     heartbeat_timeout=DELIVER_HEARTBEAT,
                     retry_policy=retry,

@@ -14,13 +14,14 @@ continue-as-new.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, NoReturn
+from typing import Any, NoReturn, TypeVar
 
 from temporalio import workflow
 from temporalio.exceptions import ApplicationError
+from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue, tenant_scoped_id
+    from fleetflow.contracts.common import DomainEvent, tenant_scoped_id
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.rollouts import (
         ACTIVE_STATES,
@@ -31,13 +32,18 @@ with workflow.unsafe.imports_passed_through():
         JobKind,
         RolloutDecision,
         RolloutInput,
-        RolloutPlan,
         RolloutProgress,
         RolloutTick,
         StopRollout,
         TickResult,
     )
+    from fleetflow.interfaces.device import DeviceActivities
+    from fleetflow.interfaces.notification import NotificationActivities
+    from workflows import calls
     from workflows.options import STEP_RETRY
+
+P = TypeVar("P")
+R = TypeVar("R")
 
 TICK = timedelta(milliseconds=250)
 ADMIN_SCOPE = "rollouts:admin"
@@ -69,7 +75,7 @@ class FirmwareRollout:
         """Plan, roll out wave by wave, and roll back if the campaign stops early."""
         p = self._p
         if p.status == "planning":
-            plan: RolloutPlan = await self._act("device.plan_rollout", inp, RolloutPlan)
+            plan = await self._act(DeviceActivities.plan_rollout, inp)
             p.waves, p.total, p.status = plan.waves, plan.total, "running"
         if p.status in ("running", "paused"):
             await self._roll_out()
@@ -151,9 +157,8 @@ class FirmwareRollout:
         p = self._p
         if p.status != "rolling_back":
             await self._act(
-                "device.stop_rollout",
+                DeviceActivities.stop_rollout,
                 StopRollout(tenant=self._inp.tenant, campaign_id=p.campaign_id, rollback=True),
-                int,
             )
             final = "cancelled" if p.status == "cancelling" else "aborted"
             p.status, p.reason = "rolling_back", f"{final}; {p.reason}"
@@ -191,8 +196,8 @@ class FirmwareRollout:
         stopped: bool = False,
     ) -> TickResult:
         policy = self._inp.request.policy
-        result: TickResult = await self._act(
-            "device.rollout_tick",
+        return await self._act(
+            DeviceActivities.rollout_tick,
             RolloutTick(
                 tenant=self._inp.tenant,
                 campaign_id=self._p.campaign_id,
@@ -207,9 +212,7 @@ class FirmwareRollout:
                 wait_ms=int(wait.total_seconds() * 1000) if wait else 0,
                 stopped=stopped,
             ),
-            TickResult,
         )
-        return result
 
     async def _record(self, tick: TickResult, kind: JobKind, seq: int) -> int:
         """Record the newly finished devices' events; returns the new cursor."""
@@ -238,15 +241,14 @@ class FirmwareRollout:
                     data={"campaign_id": self._p.campaign_id, "version": job.version, "state": job.state},
                 )
             )
-        await self._act("notification.record_events", EventBatch(events=events), int, TaskQueue.NOTIFICATION)
+        await self._act(NotificationActivities.record_events, EventBatch(events=events))
         return max(seq, through)
 
-    async def _act(self, name: str, arg: Any, result_type: type, queue: TaskQueue = TaskQueue.DEVICE) -> Any:
-        return await workflow.execute_activity(
-            name,
+    async def _act(self, activity: MethodAsyncSingleParam[Any, P, R], arg: P) -> R:
+        """Run one step of the campaign on its service's queue."""
+        return await calls.execute(
+            activity,
             arg,
-            task_queue=queue.value,
-            result_type=result_type,
             start_to_close_timeout=timedelta(minutes=1),
             retry_policy=STEP_RETRY,
         )

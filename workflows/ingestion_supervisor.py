@@ -17,8 +17,11 @@ from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import TaskQueue
-    from fleetflow.contracts.telemetry import Evaluated, Supervised, SuperviseIngestion, WindowRef
+    from fleetflow.contracts.telemetry import Supervised, SuperviseIngestion, WindowRef
+    from fleetflow.interfaces.analytics import AnalyticsActivities
+    from fleetflow.interfaces.data import DataActivities
+    from fleetflow.interfaces.notification import NotificationActivities
+    from workflows import calls
 
 CHECK_TIMEOUT = timedelta(seconds=60)
 CHECK_RETRY = RetryPolicy(initial_interval=timedelta(seconds=1), maximum_interval=timedelta(seconds=30))
@@ -35,11 +38,9 @@ class IngestionSupervisor:
     async def run(self, inp: SuperviseIngestion) -> None:
         """Check, sleep, repeat; continue as new after checks_per_run checks."""
         for _ in range(inp.checks_per_run):
-            self._last = await workflow.execute_activity(
-                "data.supervise_ingestion",
+            self._last = await calls.execute(
+                DataActivities.supervise_ingestion,
                 inp,
-                task_queue=TaskQueue.DATA.value,
-                result_type=Supervised,
                 start_to_close_timeout=CHECK_TIMEOUT,
                 retry_policy=CHECK_RETRY,
             )
@@ -56,19 +57,15 @@ class IngestionSupervisor:
     async def _finish(self, window_id: str) -> None:
         """Analyse a stored window and record its events, as its dead shard run would have."""
         ref = WindowRef(window_id=window_id, counts_only=True)
-        await workflow.execute_activity(
-            "analytics.evaluate",
+        await calls.execute(
+            AnalyticsActivities.evaluate,
             ref,
-            task_queue=TaskQueue.ANALYTICS.value,
-            result_type=Evaluated,
             start_to_close_timeout=CHECK_TIMEOUT,
             retry_policy=CHECK_RETRY,
         )
-        await workflow.execute_activity(
-            "notification.record_window_events",
+        await calls.execute(
+            NotificationActivities.record_window_events,
             ref,
-            task_queue=TaskQueue.NOTIFICATION.value,
-            result_type=int,
             start_to_close_timeout=CHECK_TIMEOUT,
             heartbeat_timeout=timedelta(seconds=10),
             retry_policy=CHECK_RETRY,

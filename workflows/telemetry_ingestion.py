@@ -17,32 +17,37 @@ rounds (a timeout is its reason) instead of holding up its shard for ever.
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from temporalio import workflow
 from temporalio.common import RetryPolicy
 from temporalio.exceptions import ActivityError, ApplicationError, TimeoutError, TimeoutType
+from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
-    from fleetflow.contracts.common import DomainEvent, TaskQueue
+    from fleetflow.contracts.common import DomainEvent
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.telemetry import (
         POISON,
         TELEMETRY_STORED,
-        BatchesQuarantined,
         ClaimWindow,
-        Evaluated,
         IngestionInput,
         IngestionProgress,
         QuarantineBatches,
         Stored,
         StoreWindow,
-        UnreadyDevices,
         Window,
         WindowRef,
-        WindowSplit,
         ingestion_id,
     )
+    from fleetflow.interfaces.analytics import AnalyticsActivities
+    from fleetflow.interfaces.data import DataActivities
+    from fleetflow.interfaces.device import DeviceActivities
+    from fleetflow.interfaces.notification import NotificationActivities
+    from workflows import calls
+
+P = TypeVar("P")
+R = TypeVar("R")
 
 # storage must not give up: an acknowledged batch is retried until it is stored
 RETRY_FOREVER = RetryPolicy(
@@ -112,8 +117,8 @@ class TelemetryIngestion:
         run_id = workflow.info().run_id
         for i in range(inp.windows_per_run):
             window_id = f"{workflow.info().workflow_id}/{run_id}/{i}"
-            window: Window = await workflow.execute_activity(
-                "data.claim_window",
+            window = await calls.execute(
+                DataActivities.claim_window,
                 ClaimWindow(
                     window_id=window_id,
                     shard=inp.shard,
@@ -122,8 +127,6 @@ class TelemetryIngestion:
                     max_wait_ms=inp.max_wait_ms,
                     max_bytes=inp.max_window_bytes,
                 ),
-                task_queue=TaskQueue.DATA.value,
-                result_type=Window,
                 start_to_close_timeout=timedelta(milliseconds=inp.max_wait_ms) + timedelta(seconds=30),
                 heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=RETRY_FOREVER,
@@ -149,7 +152,7 @@ class TelemetryIngestion:
         """Check, store, analyse a window and record its events; isolate a poison pill in it."""
         ref = WindowRef(window_id=window.window_id, counts_only=True)
         try:
-            await self._step("device.find_unready", ref, TaskQueue.DEVICE, UnreadyDevices)
+            await self._step(DeviceActivities.find_unready, ref)
             stored: Stored | str | None = await self._store(window)
         except ActivityError as err:
             reason = poison_reason(err)
@@ -164,7 +167,7 @@ class TelemetryIngestion:
             await self._isolate(window, stored)
             return
         try:
-            await self._step("analytics.evaluate", ref, TaskQueue.ANALYTICS, Evaluated)
+            await self._step(AnalyticsActivities.evaluate, ref)
         except ActivityError as err:
             # the readings are stored; the window goes without analysis rather than stop the shard
             if poison_reason(err) is None:
@@ -184,11 +187,9 @@ class TelemetryIngestion:
         while True:
             factor = 2**rounds if rounds and workflow.patched(LONE_STORE_TIMEOUT) else 1
             try:
-                result: Stored = await workflow.execute_activity(
-                    "data.store_window",
+                return await calls.execute(
+                    DataActivities.store_window,
                     request,
-                    task_queue=TaskQueue.DATA.value,
-                    result_type=Stored,
                     start_to_close_timeout=store_timeout(window, factor),
                     heartbeat_timeout=STORE_HEARTBEAT,
                     retry_policy=RetryPolicy(
@@ -198,7 +199,6 @@ class TelemetryIngestion:
                         maximum_attempts=STORE_ATTEMPTS,
                     ),
                 )
-                return result
             except ActivityError as err:
                 cause = err.cause
                 final = isinstance(cause, ApplicationError) and cause.non_retryable
@@ -218,19 +218,15 @@ class TelemetryIngestion:
     async def _isolate(self, window: Window, reason: str | None) -> None:
         """Split window in two and process each half; quarantine a lone batch that is poison."""
         if window.batches <= 1 and reason is not None:
-            quarantined: BatchesQuarantined = await self._step(
-                "data.quarantine_batches",
+            quarantined = await self._step(
+                DataActivities.quarantine_batches,
                 QuarantineBatches(window_id=window.window_id, reason=reason),
-                TaskQueue.DATA,
-                BatchesQuarantined,
             )
             await self._record(window.window_id)
             assert self._progress is not None
             self._progress.batches_quarantined += quarantined.batches
             return
-        split: WindowSplit = await self._step(
-            "data.split_window", WindowRef(window_id=window.window_id), TaskQueue.DATA, WindowSplit
-        )
+        split = await self._step(DataActivities.split_window, WindowRef(window_id=window.window_id))
         for part in split.parts:
             await self._window(part)
 
@@ -238,10 +234,8 @@ class TelemetryIngestion:
         """Record the window's events; events that cannot be recorded do not stop the shard."""
         try:
             await self._step(
-                "notification.record_window_events",
+                NotificationActivities.record_window_events,
                 WindowRef(window_id=window_id),
-                TaskQueue.NOTIFICATION,
-                int,
                 heartbeat_timeout=STORE_HEARTBEAT,
             )
         except ActivityError as err:
@@ -252,14 +246,10 @@ class TelemetryIngestion:
     async def _process(self, window: Window) -> None:
         """The window as runs recorded before WINDOW_TABLES processed it (replay only)."""
         ref = WindowRef(window_id=window.window_id)
-        unready: UnreadyDevices = await self._step(
-            "device.find_unready", ref, TaskQueue.DEVICE, UnreadyDevices
-        )
-        stored: Stored = await self._step(
-            "data.store_window",
+        unready = await self._step(DeviceActivities.find_unready, ref)
+        stored = await self._step(
+            DataActivities.store_window,
             StoreWindow(window_id=window.window_id, quarantine=unready.devices),
-            TaskQueue.DATA,
-            Stored,
             heartbeat_timeout=STORE_HEARTBEAT,
         )
         now = workflow.now()
@@ -275,14 +265,11 @@ class TelemetryIngestion:
             )
             for tenant, counts in sorted(stored.by_tenant.items())
         ]
-        evaluated: Evaluated = await self._step("analytics.evaluate", ref, TaskQueue.ANALYTICS, Evaluated)
+        evaluated = await self._step(AnalyticsActivities.evaluate, ref)
         events.extend(evaluated.events)
         for start in range(0, len(events), 1000):
             await self._step(
-                "notification.record_events",
-                EventBatch(events=events[start : start + 1000]),
-                TaskQueue.NOTIFICATION,
-                int,
+                NotificationActivities.record_events, EventBatch(events=events[start : start + 1000])
             )
         assert self._progress is not None
         self._progress.windows += 1
@@ -291,17 +278,14 @@ class TelemetryIngestion:
 
     async def _step(
         self,
-        activity: str,
-        arg: object,
-        queue: TaskQueue,
-        result_type: type,
+        activity: MethodAsyncSingleParam[Any, P, R],
+        arg: P,
         heartbeat_timeout: timedelta | None = None,
-    ) -> Any:
-        return await workflow.execute_activity(
+    ) -> R:
+        """Run one step of the window on its service's queue, retried for ever."""
+        return await calls.execute(
             activity,
             arg,
-            task_queue=queue.value,
-            result_type=result_type,
             start_to_close_timeout=STEP_TIMEOUT,
             heartbeat_timeout=heartbeat_timeout,
             retry_policy=RETRY_FOREVER,

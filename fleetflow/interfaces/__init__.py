@@ -1,11 +1,13 @@
 """The typed interface of every service, and the catalogue derived from them.
 
 Each service's activities are the methods of one interface class (`fleetflow.interfaces.<service>`):
-the activity type name, the input and the result are declared there once. Workflows call a step
-through it (`workflow.execute_activity_method(DeviceActivities.register, ...)`), so "go to
-definition" from a workflow step lands on the declaration, and the implementation in `activities/`
-is bound to the same name with `@implements(DeviceActivities.register)`. Metrics, time travel,
-`/v1/services` and the dependency graph read the catalogue below; nothing else lists names.
+the activity type name, the input and the result are declared there once (and, with `@records`,
+the domain event its completion records). Workflows call a step through it
+(`workflows.calls.execute(DeviceActivities.register, ...)`, which takes the queue from here), so
+"go to definition" from a workflow step lands on the declaration, and the implementation in
+`activities/` is bound to the same name with `@implements(DeviceActivities.register)`. Metrics,
+time travel, `/v1/services` and the dependency graph read the catalogue below; nothing else lists
+names.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.interfaces.analytics import AnalyticsActivities
-from fleetflow.interfaces.base import ServiceInterface
+from fleetflow.interfaces.base import ServiceInterface, recorded_event
 from fleetflow.interfaces.data import DataActivities
 from fleetflow.interfaces.device import DeviceActivities
 from fleetflow.interfaces.notification import NotificationActivities
@@ -46,6 +48,7 @@ class ActivityEntry:
     interface: type[ServiceInterface]
     input: type | None
     result: type | None
+    records: str | None = None  # the domain event its completion records (`@records`)
 
 
 def _definition(stub: Callable[..., Any]) -> activity._Definition:
@@ -80,6 +83,7 @@ def _entries(interface: type[ServiceInterface]) -> list[ActivityEntry]:
                 interface=interface,
                 input=arg_types[0] if arg_types else None,
                 result=defn.ret_type,
+                records=recorded_event(vars(interface)[method]),
             )
         )
     return entries

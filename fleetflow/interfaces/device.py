@@ -34,7 +34,7 @@ from fleetflow.contracts.rollouts import (
 )
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import UnreadyDevices, WindowRef
-from fleetflow.interfaces.base import ServiceInterface
+from fleetflow.interfaces.base import ServiceInterface, records
 
 
 class DeviceActivities(ServiceInterface):
@@ -45,6 +45,7 @@ class DeviceActivities(ServiceInterface):
 
     @activity.defn(name="device.provision_batch")
     @abstractmethod
+    @records("DevicesProvisioned")
     async def provision_batch(self, chunk: BulkChunk) -> BulkChunkResult:
         """Register, credential, configure and activate one slice of a bulk import.
 
@@ -55,6 +56,7 @@ class DeviceActivities(ServiceInterface):
 
     @activity.defn(name="device.deprovision_batch")
     @abstractmethod
+    @records("DevicesDeprovisioned")
     async def deprovision_batch(self, batch: DeviceBatch) -> None:
         """Compensation of `provision_batch` for the given devices of this bulk import (None: all).
 
@@ -98,36 +100,43 @@ class DeviceActivities(ServiceInterface):
 
     @activity.defn(name="device.register")
     @abstractmethod
+    @records("DeviceRegistered")
     async def register(self, request: RegisterDevice) -> None:
         """Register the device as `pending` for this onboarding (or find it already so)."""
 
     @activity.defn(name="device.mark_failed")
     @abstractmethod
+    @records("RegistrationFailed")
     async def mark_failed(self, request: DeviceTransition) -> None:
         """Compensation of `register`: this onboarding's registration becomes `failed`."""
 
     @activity.defn(name="device.issue_credential")
     @abstractmethod
+    @records("CredentialIssued")
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
         """Issue the device's credential; stored only as a hash, the token returned once."""
 
     @activity.defn(name="device.revoke_credential")
     @abstractmethod
+    @records("CredentialRevoked")
     async def revoke_credential(self, request: RevokeCredential) -> None:
         """Revoke one credential (compensation of `issue_credential`); refused at once after."""
 
     @activity.defn(name="device.store_config")
     @abstractmethod
+    @records("ConfigurationStored")
     async def store_config(self, request: StoreConfig) -> None:
         """Store the initial configuration and mark the device `provisioned`."""
 
     @activity.defn(name="device.remove_config")
     @abstractmethod
+    @records("ConfigurationRemoved")
     async def remove_config(self, request: DeviceTransition) -> None:
         """Compensation of `store_config`."""
 
     @activity.defn(name="device.activate")
     @abstractmethod
+    @records("DeviceActivated")
     async def activate(self, request: DeviceTransition) -> None:
         """The device made first contact: it becomes `active`."""
 

@@ -60,7 +60,7 @@ async def test_the_supervisor_finds_the_windows_whose_events_were_never_recorded
         BATCH_QUARANTINED,
     )
     try:
-        orphans = await DataService(pool, client)._orphans()
+        orphans = await DataService(pool, client).supervision._orphans()
         assert missing in orphans
         assert quarantined in orphans
         assert recorded not in orphans

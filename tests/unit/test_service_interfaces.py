@@ -8,6 +8,8 @@ import pytest
 
 from fleetflow.contracts.common import SERVICE_QUEUES, TaskQueue
 from fleetflow.interfaces import CATALOGUE, INTERFACES, activity_name
+from fleetflow.interfaces.data import DataActivities
+from fleetflow.interfaces.device import DeviceActivities
 from fleetflow.settings import load_settings
 from workers.registry import activities_of, service_for
 
@@ -36,3 +38,12 @@ def test_every_service_queue_has_one_interface() -> None:
 def test_activity_names_are_unique_in_the_catalogue() -> None:
     names = [e.name for e in CATALOGUE]
     assert len(names) == len(set(names))
+
+
+@pytest.mark.parametrize("interface", [DeviceActivities, DataActivities], ids=lambda i: i.service)
+def test_a_composed_service_inherits_from_its_interface_only(interface: type, tmp_path: Path) -> None:
+    """The device and data services hold their parts (bulk imports, rollout jobs, the read model;
+    window isolation, supervision) instead of inheriting them: no mixins, no diamond."""
+    settings = load_settings({"FLEETFLOW_DATA_DIR": str(tmp_path)})
+    service = service_for(interface.queue, pool=None, settings=settings)  # type: ignore[arg-type,attr-defined]
+    assert type(service).__mro__[1:] == interface.__mro__
