@@ -10,9 +10,10 @@ Three kinds:
   activity's result by `ActivityOutcomes` at the activity boundary (the service's only
   door), so the services themselves stay free of metric code;
 - HTTP request durations by route and status, which FastAPI records itself (api/app.py);
-- gauges of state (devices by status, open alerts, ingest backlog, dead letters, rollout
-  devices by state), read from PostgreSQL by `StateGauges` when /metrics of the API is
-  scraped: they describe the whole platform, so one process exports them.
+- gauges of state (devices by status, open alerts, ingest backlog, dead letters, webhook
+  circuits not closed, rollout devices by state), read from PostgreSQL by `StateGauges`
+  when /metrics of the API is scraped: they describe the whole platform, so one process
+  exports them.
 """
 
 from __future__ import annotations
@@ -181,6 +182,17 @@ STATE_GAUGES: tuple[StateGauge, ...] = (
         "Dead letters waiting for redelivery",
         None,
         "SELECT count(*) FROM notification.deliveries WHERE status = 'dead'",
+    ),
+    StateGauge(
+        "fleetflow.webhooks.circuits",
+        "{subscription}",
+        "Webhook subscriptions whose circuit is open (paused) or half-open (probe due), by state",
+        "state",
+        # both states always, so a series drops to 0 instead of disappearing
+        """SELECT s.state, count(c.subscription_id) FROM unnest(ARRAY['open', 'half_open']) s (state)
+           LEFT JOIN notification.circuits c ON s.state = CASE
+               WHEN c.state = 'open' AND c.next_probe_at <= now() THEN 'half_open' ELSE c.state END
+           GROUP BY s.state""",
     ),
     StateGauge(
         "fleetflow.rollout.devices",

@@ -66,6 +66,7 @@ def service_for(
             AddressPolicy.from_settings(settings),
             http,
             tenant_slots=settings.webhook_tenant_slots,
+            temporal=temporal,
         )
     raise ValueError(f"{queue.value} runs workflows, not a service")
 

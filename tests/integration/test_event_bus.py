@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.notifications import NotificationService
+from activities.subscriptions import Subscriptions
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliveryInput, DeliverySummary, EventBatch, delivery_workflow_id
 from fleetflow.db import Pool
@@ -343,12 +344,12 @@ async def test_secrets_are_sealed_at_rest_and_older_plain_ones_are_sealed_at_sta
             "UPDATE notification.subscriptions SET secret = $2 WHERE subscription_id = $1", sid, SECRET
         )
         keys = payload_keys(settings)
-        assert await NotificationService(pool, keys=keys).seal_stored_secrets() >= 1
+        assert await Subscriptions(pool, keys=keys).seal_stored_secrets() >= 1
         resealed = await pool.fetchval(
             "SELECT secret FROM notification.subscriptions WHERE subscription_id = $1", sid
         )
         assert resealed.startswith(SEALED) and SECRET not in resealed
-        assert await NotificationService(pool, keys=keys).seal_stored_secrets() == 0
+        assert await Subscriptions(pool, keys=keys).seal_stored_secrets() == 0
 
         await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 2))
         await eventually(hook.received, has(2))
