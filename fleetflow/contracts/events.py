@@ -4,9 +4,18 @@ from __future__ import annotations
 
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, HttpUrl, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    HttpUrl,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 from fleetflow.contracts.common import DomainEvent, Strict, TenantId
 from fleetflow.webhook_signing import secret_key
@@ -226,6 +235,15 @@ class DeliveryProgress(Strict):
     gone: bool = False  # the subscription was deleted: the workflow ends
     # the subscription's circuit is open: nothing is posted before this many seconds
     probe_in_s: float = 0.0
+
+    @model_serializer(mode="wrap")
+    def _as_before_circuits(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a closed circuit's progress is what workers from before circuits decode (they forbid
+        # unknown fields): the field travels only when the circuit is open
+        data: dict[str, Any] = handler(self)
+        if not self.probe_in_s:
+            data.pop("probe_in_s", None)
+        return data
 
 
 class DeliverySummary(Strict):
