@@ -19,6 +19,7 @@ from temporalio.common import WorkflowIDConflictPolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.testing import ActivityEnvironment
 
+from activities.circuit_breaker import CircuitPolicy
 from activities.notifications import NotificationService
 from activities.webhook_delivery import WebhookDeliveryService
 from fleetflow.contracts.common import TaskQueue
@@ -438,3 +439,22 @@ async def test_bad_circuit_settings_get_422_naming_the_field(
     response = await api.post("/v1/subscriptions", json=body, headers=auth)
     assert response.status_code == 422, response.text
     assert any(error["loc"] == loc for error in response.json()["errors"]), response.text
+
+
+async def test_a_failure_or_answer_for_a_subscription_deleted_meanwhile_is_dropped(
+    api: httpx.AsyncClient, client: Client, pool: Pool, delivery: WebhookDeliveryService
+) -> None:
+    """A delivery in flight when its subscription is deleted reports to the breaker after the
+    row (and its circuit) are gone: nothing is recorded and nothing fails."""
+    tenant, auth = new_tenant()
+    sub = await subscribe(api, auth, "https://example.com/hook", circuit_threshold=1)
+    sid = sub["subscription_id"]
+    policy = CircuitPolicy(threshold=1, probe_s=30, max_probe_s=60)
+    assert await delivery.breaker.failed(tenant, sid, policy, "HTTP 503") == 30
+    assert (await api.delete(f"/v1/subscriptions/{sid}", headers=auth)).status_code == 204
+    assert await delivery.breaker.failed(tenant, sid, policy, "HTTP 503") == 0
+    await delivery.breaker.answered(tenant, sid)
+    circuits = "SELECT count(*) FROM notification.circuits WHERE subscription_id = $1"
+    assert await pool.fetchval(circuits, sid) == 0
+    recorded = (await api.get("/v1/events", headers=auth)).json()["items"]
+    assert [e["type"] for e in recorded] == [CIRCUIT_OPENED]
