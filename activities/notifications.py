@@ -34,8 +34,6 @@ from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, W
 from fleetflow.db import Pool
 from fleetflow.interfaces import implements
 from fleetflow.interfaces.notification import NotificationActivities
-from fleetflow.payload_codec import PayloadKeys
-from fleetflow.webhook_network import AddressPolicy
 
 log = logging.getLogger(__name__)
 
@@ -138,16 +136,10 @@ class NotificationService(NotificationActivities):
 
     queue = TaskQueue.NOTIFICATION
 
-    def __init__(
-        self,
-        pool: Pool,
-        temporal: Client | None = None,
-        *,
-        keys: PayloadKeys | None = None,
-        policy: AddressPolicy | None = None,
-    ):
+    def __init__(self, pool: Pool, temporal: Client | None = None) -> None:
         self.pool = pool
-        self.subscriptions = Subscriptions(pool, temporal, keys=keys, policy=policy)
+        # only to nudge delivery workflows: no keys, no address policy needed here
+        self.subscriptions = Subscriptions(pool, temporal)
 
     @implements(NotificationActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:

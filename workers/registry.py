@@ -58,7 +58,7 @@ def service_for(
     if queue is TaskQueue.ANALYTICS:
         return AnalyticsService(pool)
     if queue is TaskQueue.NOTIFICATION:
-        return NotificationService(pool, temporal, keys=payload_keys(settings))
+        return NotificationService(pool, temporal)
     if queue is TaskQueue.WEBHOOK:
         return WebhookDeliveryService(
             pool,

@@ -32,17 +32,12 @@ After = Annotated[int | None, Query(ge=0, description="the last seq (or id) of t
 
 
 def _service(state: State) -> NotificationService:
-    # a thin view over the process's pool and Temporal client, with its keys and webhook policy
-    return NotificationService(
-        state.pool,
-        state.temporal,
-        keys=payload_keys(state.settings),
-        policy=AddressPolicy.from_settings(state.settings),
-    )
+    # the event store's read side: the process's pool
+    return NotificationService(state.pool, state.temporal)
 
 
 def _subscriptions(state: State) -> Subscriptions:
-    # the same, for the subscription routes (they need no event store)
+    # a thin view over the process's pool and Temporal client, with its keys and webhook policy
     return Subscriptions(
         state.pool,
         state.temporal,

@@ -118,18 +118,12 @@ class SubscriptionRequest(Strict):
             raise ValueError(f"{ALL_EVENTS!r} means every event type and stands alone")
         return sorted(set(value))
 
-    @field_validator("max_backoff_s")
+    @field_validator("max_backoff_s", "circuit_max_probe_s")
     @classmethod
     def _cap(cls, value: float, info: ValidationInfo) -> float:
-        if value < info.data.get("backoff_s", 0):
-            raise ValueError("must be at least backoff_s")
-        return value
-
-    @field_validator("circuit_max_probe_s")
-    @classmethod
-    def _probe_cap(cls, value: float, info: ValidationInfo) -> float:
-        if value < info.data.get("circuit_probe_s", 0):
-            raise ValueError("must be at least circuit_probe_s")
+        floor = {"max_backoff_s": "backoff_s", "circuit_max_probe_s": "circuit_probe_s"}[str(info.field_name)]
+        if value < info.data.get(floor, 0):
+            raise ValueError(f"must be at least {floor}")
         return value
 
 

@@ -292,6 +292,11 @@ async def test_delivery_loop_continues_as_new_and_keeps_order(
         ({"backoff_s": 0.1}, ["body", "backoff_s"]),  # the floor: one dead receiver, one busy slot
         ({"secret": "whsec_not base64 at all"}, ["body", "secret"]),
         ({"color": "red"}, ["body", "color"]),
+        ({"circuit_threshold": 0}, ["body", "circuit_threshold"]),
+        ({"circuit_threshold": 101}, ["body", "circuit_threshold"]),
+        ({"circuit_probe_s": 0.5}, ["body", "circuit_probe_s"]),
+        ({"circuit_probe_s": 60, "circuit_max_probe_s": 30}, ["body", "circuit_max_probe_s"]),
+        ({"circuit_max_probe_s": 86401}, ["body", "circuit_max_probe_s"]),
     ],
 )
 async def test_bad_subscriptions_get_422_naming_the_field(
