@@ -417,3 +417,25 @@ async def test_a_failure_or_answer_for_a_subscription_deleted_meanwhile_is_dropp
     assert await pool.fetchval(circuits, sid) == 0
     recorded = (await api.get("/v1/events", headers=auth)).json()["items"]
     assert [e["type"] for e in recorded] == [CIRCUIT_OPENED]
+
+
+async def test_a_probe_cut_off_by_a_crash_is_posted_again_by_the_next_call(
+    api: httpx.AsyncClient, client: Client, pool: Pool, delivery: WebhookDeliveryService
+) -> None:
+    """The worker died while posting the probe (the circuit says half-open, the next probe is
+    an hour away): the activity's retry posts the probe again instead of waiting that hour."""
+    tenant, auth = new_tenant()
+    async with Answering(answer=DOWN) as hook:
+        sub = await breaking(api, auth, hook.url)
+        sid = sub["subscription_id"]
+        await quiet(client, sub)
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 1))
+        pending, env = DeliverPending(subscription_id=sid), ActivityEnvironment()
+        assert (await env.run(delivery.deliver_pending, pending)).probe_in_s == 3600
+        await pool.execute(
+            "UPDATE notification.circuits SET state = 'half_open' WHERE subscription_id = $1", sid
+        )
+        hook.response = OK
+        assert (await env.run(delivery.deliver_pending, pending)).delivered == 1
+    assert len(hook.requests) == 2
+    assert (await view(api, auth, sid))["circuit"]["state"] == "closed"
