@@ -37,4 +37,15 @@ GAUGES: tuple[StateGauge, ...] = (
         None,
         "SELECT count(*) FROM notification.deliveries WHERE status = 'dead'",
     ),
+    StateGauge(
+        "fleetflow.webhooks.circuits",
+        "{subscription}",
+        "Webhook subscriptions whose circuit is open (paused) or half-open (probe due), by state",
+        "state",
+        # both states always, so a series drops to 0 instead of disappearing
+        """SELECT s.state, count(c.subscription_id) FROM unnest(ARRAY['open', 'half_open']) s (state)
+           LEFT JOIN notification.circuits c ON s.state = CASE
+               WHEN c.state = 'open' AND c.next_probe_at <= now() THEN 'half_open' ELSE c.state END
+           GROUP BY s.state""",
+    ),
 )

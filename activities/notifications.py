@@ -1,11 +1,12 @@
-"""The notification service: the durable event store and the event bus; owns the `notification` schema.
+"""The notification service's event store (record and retract events, read them back); the
+service owns the `notification` schema.
 
 `record_events` stores each event once (keyed by its tenant and id) and, in the same
 transaction, enqueues a delivery for every subscription of the event's tenant whose event types
-match; it then nudges those subscriptions' `EventDelivery` workflows. Each workflow
-calls `deliver_pending` (activities/webhook_delivery.py, on the `webhook` task queue), which
-POSTs its subscription's deliveries in `seq` order. The subscriptions themselves (the API's
-side) are the Subscriptions mixin (activities/subscriptions.py).
+match; it then nudges those subscriptions' `EventDelivery` workflows. The rest of the service,
+in modules of their own: the subscriptions and dead letters (activities/subscriptions.py, held
+here as `self.subscriptions`), the delivery (activities/webhook_delivery.py, on the `webhook`
+task queue) and each subscription's circuit breaker (activities/circuit_breaker.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -33,8 +35,6 @@ from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, W
 from fleetflow.db import Pool
 from fleetflow.interfaces import implements
 from fleetflow.interfaces.notification import NotificationActivities
-from fleetflow.payload_codec import PayloadKeys
-from fleetflow.webhook_network import AddressPolicy
 
 log = logging.getLogger(__name__)
 
@@ -63,24 +63,84 @@ def _row(event: DomainEvent, digest: str) -> tuple[Any, ...]:
     )
 
 
-class NotificationService(Subscriptions, NotificationActivities):
-    """Activities of the `notification` task queue and the event read model; the subscriptions
-    come from Subscriptions."""
+async def store_events(conn: Any, events: Sequence[DomainEvent]) -> tuple[int, list[str]]:
+    """Record events once each and enqueue their deliveries, inside the caller's transaction;
+    returns how many were new and the subscriptions they were queued for (to nudge after the
+    commit). An event whose id its tenant already holds for a *different* event is recorded as
+    `<event_id>#<digest>` (and logged)."""
+    if not events:
+        return 0, []
+    todo = [(e, event_digest(e)) for e in events]
+    seqs: list[int] = []
+    for _ in range(_RENAME_ROUNDS):
+        inserted = await conn.fetch(
+            """INSERT INTO notification.events (event_id, tenant, device_id, type, occurred_at,
+                   actor, source_workflow, data, digest)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                   $5::timestamptz[], $6::text[], $7::text[], $8::jsonb[], $9::text[])
+               ON CONFLICT (tenant, event_id) DO NOTHING RETURNING seq, tenant, event_id""",
+            *map(list, zip(*(_row(e, d) for e, d in todo), strict=True)),
+        )
+        seqs += [r["seq"] for r in inserted]
+        new = {(r["tenant"], r["event_id"]) for r in inserted}
+        skipped = [(e, d) for e, d in todo if (e.tenant, e.event_id) not in new]
+        todo = await _reused_ids(conn, skipped)
+        if not todo:
+            break
+    else:
+        raise ApplicationError(f"event ids still taken after renaming: {todo[0][0].event_id}")
+    queued = await conn.fetchval(
+        """WITH queued AS (
+             INSERT INTO notification.deliveries (subscription_id, event_seq)
+             SELECT s.subscription_id, e.seq FROM notification.events e
+               JOIN notification.subscriptions s ON s.tenant = e.tenant
+                AND (e.type = ANY(s.event_types) OR '*' = ANY(s.event_types))
+             WHERE e.seq = ANY($1::bigint[])
+             ON CONFLICT DO NOTHING RETURNING subscription_id)
+           SELECT array(SELECT DISTINCT subscription_id FROM queued)""",
+        seqs,
+    )
+    return len(seqs), list(queued)
+
+
+async def _reused_ids(conn: Any, skipped: list[tuple[DomainEvent, str]]) -> list[tuple[DomainEvent, str]]:
+    """Of the events not inserted, those whose id holds a different event, renamed
+    `<event_id>#<digest>`; the others were recorded before (a retry) and are done."""
+    if not skipped:
+        return []
+    rows = await conn.fetch(
+        """SELECT tenant, event_id, digest FROM notification.events
+           WHERE (tenant, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
+        [e.tenant for e, _ in skipped],
+        [e.event_id for e, _ in skipped],
+    )
+    stored = {(r["tenant"], r["event_id"]): r["digest"] for r in rows}
+    renamed = []
+    for event, digest in skipped:
+        held = stored.get((event.tenant, event.event_id))
+        if held is None or held == digest:  # a retry (or recorded before digests existed)
+            continue
+        log.warning(
+            "event id %s of tenant %s holds another event: this one is recorded as %s#%s",
+            event.event_id,
+            event.tenant,
+            event.event_id,
+            digest[:16],
+        )
+        renamed.append((event.model_copy(update={"event_id": f"{event.event_id}#{digest[:16]}"}), digest))
+    return renamed
+
+
+class NotificationService(NotificationActivities):
+    """Activities of the `notification` task queue and the event read model; it holds the
+    subscriptions (whose delivery workflows it nudges)."""
 
     queue = TaskQueue.NOTIFICATION
 
-    def __init__(
-        self,
-        pool: Pool,
-        temporal: Client | None = None,
-        *,
-        keys: PayloadKeys | None = None,
-        policy: AddressPolicy | None = None,
-    ):
+    def __init__(self, pool: Pool, temporal: Client | None = None) -> None:
         self.pool = pool
-        self.temporal = temporal
-        self._keys = keys
-        self.policy = policy or AddressPolicy()
+        # only to nudge delivery workflows: no keys, no address policy needed here
+        self.subscriptions = Subscriptions(pool, temporal)
 
     @implements(NotificationActivities.ping)
     async def ping(self, request: ProbeRequest) -> ProbeResult:
@@ -97,67 +157,10 @@ class NotificationService(Subscriptions, NotificationActivities):
         dropped: it is recorded as `<event_id>#<digest>` (and logged)."""
         if not batch.events:
             return 0
-        todo = [(e, event_digest(e)) for e in batch.events]
-        seqs: list[int] = []
         async with self.pool.acquire() as conn, conn.transaction():
-            for _ in range(_RENAME_ROUNDS):
-                inserted = await conn.fetch(
-                    """INSERT INTO notification.events (event_id, tenant, device_id, type, occurred_at,
-                           actor, source_workflow, data, digest)
-                       SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                           $5::timestamptz[], $6::text[], $7::text[], $8::jsonb[], $9::text[])
-                       ON CONFLICT (tenant, event_id) DO NOTHING RETURNING seq, tenant, event_id""",
-                    *map(list, zip(*(_row(e, d) for e, d in todo), strict=True)),
-                )
-                seqs += [r["seq"] for r in inserted]
-                new = {(r["tenant"], r["event_id"]) for r in inserted}
-                skipped = [(e, d) for e, d in todo if (e.tenant, e.event_id) not in new]
-                todo = await self._reused_ids(conn, skipped)
-                if not todo:
-                    break
-            else:
-                raise ApplicationError(f"event ids still taken after renaming: {todo[0][0].event_id}")
-            queued = await conn.fetchval(
-                """WITH queued AS (
-                     INSERT INTO notification.deliveries (subscription_id, event_seq)
-                     SELECT s.subscription_id, e.seq FROM notification.events e
-                       JOIN notification.subscriptions s ON s.tenant = e.tenant
-                        AND (e.type = ANY(s.event_types) OR '*' = ANY(s.event_types))
-                     WHERE e.seq = ANY($1::bigint[])
-                     ON CONFLICT DO NOTHING RETURNING subscription_id)
-                   SELECT array(SELECT DISTINCT subscription_id FROM queued)""",
-                seqs,
-            )
-        await self._nudge(queued)
-        return len(seqs)
-
-    @staticmethod
-    async def _reused_ids(conn: Any, skipped: list[tuple[DomainEvent, str]]) -> list[tuple[DomainEvent, str]]:
-        """Of the events not inserted, those whose id holds a different event, renamed
-        `<event_id>#<digest>`; the others were recorded before (a retry) and are done."""
-        if not skipped:
-            return []
-        rows = await conn.fetch(
-            """SELECT tenant, event_id, digest FROM notification.events
-               WHERE (tenant, event_id) IN (SELECT * FROM unnest($1::text[], $2::text[]))""",
-            [e.tenant for e, _ in skipped],
-            [e.event_id for e, _ in skipped],
-        )
-        stored = {(r["tenant"], r["event_id"]): r["digest"] for r in rows}
-        renamed = []
-        for event, digest in skipped:
-            held = stored.get((event.tenant, event.event_id))
-            if held is None or held == digest:  # a retry (or recorded before digests existed)
-                continue
-            log.warning(
-                "event id %s of tenant %s holds another event: this one is recorded as %s#%s",
-                event.event_id,
-                event.tenant,
-                event.event_id,
-                digest[:16],
-            )
-            renamed.append((event.model_copy(update={"event_id": f"{event.event_id}#{digest[:16]}"}), digest))
-        return renamed
+            new, queued = await store_events(conn, batch.events)
+        await self.subscriptions.nudge(queued)
+        return new
 
     @implements(NotificationActivities.record_window_events)
     async def record_window_events(self, ref: WindowRef) -> int:

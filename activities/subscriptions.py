@@ -1,10 +1,11 @@
 """Webhook subscriptions and dead letters of the notification service (the API's side).
 
-Part of the notification service (the `notification` schema): NotificationService inherits
-these methods. Subscriptions are written here directly (not through a workflow) so that their
-secrets never enter a Temporal history, and their secrets are stored sealed with the
-platform's payload key (`sealed:<kid>:...`), so a database dump does not hold them either.
-Each subscription's `EventDelivery` workflow is started (or woken) by `_nudge`.
+Part of the notification service (the `notification` schema): a plain class that the event
+store (NotificationService) and the webhook delivery hold, and the API uses directly.
+Subscriptions are written here directly (not through a workflow) so that their secrets never
+enter a Temporal history, and their secrets are stored sealed with the platform's payload key
+(`sealed:<kid>:...`), so a database dump does not hold them either. Each subscription's
+`EventDelivery` workflow is started (or woken) by `nudge`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from activities.circuit_breaker import CIRCUIT_COLUMNS, circuit_view
 from activities.event_rows import EVENT_COLUMNS, recorded_event
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.events import (
@@ -42,14 +44,18 @@ SECRET_PURPOSE = "webhook-secret"  # authenticated with each sealed secret
 _DELIVERY = (
     f"d.delivery_id, d.subscription_id, d.status, d.attempts, d.last_error, d.updated_at, {EVENT_COLUMNS}"
 )
-_SUBSCRIPTION = """s.subscription_id, s.tenant, s.url, s.event_types, s.max_attempts, s.backoff_s,
+_SUBSCRIPTION = f"""s.subscription_id, s.tenant, s.url, s.event_types, s.max_attempts, s.backoff_s,
     s.max_backoff_s, s.created_by, s.created_at,
+    s.circuit_threshold, s.circuit_probe_s, s.circuit_max_probe_s, {CIRCUIT_COLUMNS},
     CASE WHEN s.previous_secret_expires_at > now() THEN s.previous_secret_expires_at END
         AS rotation_overlap_until,
     (SELECT count(*) FROM notification.deliveries p
      WHERE p.subscription_id = s.subscription_id AND p.status = 'pending') AS pending,
     (SELECT count(*) FROM notification.deliveries p
      WHERE p.subscription_id = s.subscription_id AND p.status = 'dead') AS dead_letters"""
+_CIRCUIT_JOIN = (
+    "LEFT JOIN notification.circuits c ON c.tenant = s.tenant AND c.subscription_id = s.subscription_id"
+)
 
 
 class NotDeadLettered(Exception):
@@ -62,23 +68,36 @@ def _delivery(row: asyncpg.Record) -> DeliveryView:
 
 
 def _subscription(row: asyncpg.Record) -> SubscriptionView:
-    fields = {k: row[k] for k in SubscriptionView.model_fields if k != "workflow_id"}
-    return SubscriptionView(**fields, workflow_id=delivery_workflow_id(row["tenant"], row["subscription_id"]))
+    fields = {k: row[k] for k in SubscriptionView.model_fields if k not in ("workflow_id", "circuit")}
+    return SubscriptionView(
+        **fields,
+        workflow_id=delivery_workflow_id(row["tenant"], row["subscription_id"]),
+        circuit=circuit_view(row),
+    )
 
 
 class Subscriptions:
-    """The subscription administration and delivery wake-ups of NotificationService."""
+    """Subscription administration, dead letters and delivery wake-ups (the notification
+    service's; held by NotificationService and WebhookDeliveryService, used by the API)."""
 
-    pool: Pool
-    temporal: Client | None
-    _keys: PayloadKeys | None
-    policy: AddressPolicy
+    def __init__(
+        self,
+        pool: Pool,
+        temporal: Client | None = None,
+        *,
+        keys: PayloadKeys | None = None,
+        policy: AddressPolicy | None = None,
+    ) -> None:
+        self.pool = pool
+        self.temporal = temporal
+        self._keys = keys
+        self.policy = policy or AddressPolicy()
 
     @property
     def keys(self) -> PayloadKeys:
         """The payload keys that seal subscription secrets at rest."""
         if self._keys is None:
-            raise RuntimeError("this NotificationService was built without the payload keys")
+            raise RuntimeError("these Subscriptions were built without the payload keys")
         return self._keys
 
     async def seal_stored_secrets(self) -> int:
@@ -100,7 +119,7 @@ class Subscriptions:
 
     # --- waking the delivery workflows --------------------------------------------
 
-    async def _nudge(self, subscription_ids: Sequence[str]) -> None:
+    async def nudge(self, subscription_ids: Sequence[str]) -> None:
         """Wake the delivery workflows, starting any that is not running. Best effort: each
         workflow also polls on a timer, so a lost nudge only delays delivery."""
         if not subscription_ids or self.temporal is None:
@@ -115,7 +134,7 @@ class Subscriptions:
 
     async def _signal_with_start(self, row: asyncpg.Record) -> None:
         if self.temporal is None:
-            raise RuntimeError("the notification service needs a Temporal client for subscriptions")
+            raise RuntimeError("subscriptions need a Temporal client to start their deliveries")
         # subscriptions made before the floor keep their rows; their loops get the floor
         inp = DeliveryInput(
             tenant=row["tenant"],
@@ -142,10 +161,10 @@ class Subscriptions:
         await self.policy.check_url(str(request.url))
         row = await self.pool.fetchrow(
             """INSERT INTO notification.subscriptions (subscription_id, tenant, url, event_types,
-                   secret, max_attempts, backoff_s, max_backoff_s, created_by)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-               RETURNING *, 0 AS pending, 0 AS dead_letters,
-                   NULL::timestamptz AS rotation_overlap_until""",
+                   secret, max_attempts, backoff_s, max_backoff_s, created_by,
+                   circuit_threshold, circuit_probe_s, circuit_max_probe_s)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+               RETURNING *""",
             f"sub-{uuid.uuid4().hex[:20]}",
             tenant,
             str(request.url),
@@ -155,6 +174,9 @@ class Subscriptions:
             request.backoff_s,
             request.max_backoff_s,
             created_by,
+            request.circuit_threshold,
+            request.circuit_probe_s,
+            request.circuit_max_probe_s,
         )
         assert row is not None
         try:
@@ -165,14 +187,14 @@ class Subscriptions:
                 "DELETE FROM notification.subscriptions WHERE subscription_id = $1", row["subscription_id"]
             )
             raise
-        return _subscription(row)
+        return (await self.list_subscriptions(tenant, row["subscription_id"]))[0]
 
     async def list_subscriptions(
         self, tenant: str, subscription_id: str | None = None
     ) -> list[SubscriptionView]:
         """The tenant's subscriptions (or the one named), oldest first."""
         rows = await self.pool.fetch(
-            f"""SELECT {_SUBSCRIPTION} FROM notification.subscriptions s
+            f"""SELECT {_SUBSCRIPTION} FROM notification.subscriptions s {_CIRCUIT_JOIN}
                WHERE s.tenant = $1 AND ($2::text IS NULL OR s.subscription_id = $2)
                ORDER BY s.created_at, s.subscription_id""",
             tenant,
@@ -242,7 +264,7 @@ class Subscriptions:
             return None
         if subscription_id is None:
             raise NotDeadLettered(f"delivery {delivery_id} is {found[0].status}, not a dead letter")
-        await self._nudge([subscription_id])
+        await self.nudge([subscription_id])
         return found[0]
 
     async def _deliveries(

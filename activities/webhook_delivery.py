@@ -6,6 +6,10 @@
 most `webhook_tenant_slots` of a worker's slots: past that its deliveries are turned away at
 once (retried a moment later), so another tenant's deliveries find a free slot.
 
+A receiver that keeps failing opens its subscription's circuit (activities/circuit_breaker.py):
+the call then posts nothing and tells the workflow how long to wait for the probe
+(`probe_in_s`), its deliveries stay pending in order and no attempt is counted against them.
+
 Every connection goes through the address policy (fleetflow/webhook_network.py), redirects
 are not followed, at most a few KB of an answer are read and none of it is stored: a
 subscription cannot be used to read what an internal service answers. Deliveries are signed
@@ -23,11 +27,21 @@ from datetime import timedelta
 import asyncpg
 import httpx
 from temporalio import activity
+from temporalio.client import Client
 from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
+from activities.circuit_breaker import (
+    CIRCUIT_COLUMNS,
+    Admission,
+    CircuitBreaker,
+    CircuitPolicy,
+    admission,
+    receiver_down,
+)
 from activities.event_rows import EVENT_COLUMNS, recorded_event
+from activities.notifications import store_events
 from activities.probe import probe
-from activities.subscriptions import SECRET_PURPOSE
+from activities.subscriptions import SECRET_PURPOSE, Subscriptions
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.events import MIN_BACKOFF_S, DeliverPending, DeliveryProgress, RecordedEvent
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
@@ -57,6 +71,10 @@ def retry_delay(sub: asyncpg.Record, failures: int) -> timedelta:
     return timedelta(seconds=min(first * 2.0 ** min(failures - 1, 32), cap))
 
 
+def _workflow_id() -> str | None:
+    return activity.info().workflow_id if activity.in_activity() else None
+
+
 def message_id(event: RecordedEvent) -> str:
     """The `webhook-id` of an event: unique across tenants, the same on every retry."""
     return f"{event.tenant}/{event.event_id}"
@@ -74,12 +92,19 @@ class WebhookDeliveryService(WebhookActivities):
         policy: AddressPolicy | None = None,
         http: httpx.AsyncClient | None = None,
         tenant_slots: int = 4,
+        *,
+        temporal: Client | None = None,
+        post_deadline_s: float = POST_DEADLINE_S,
     ) -> None:
         self.pool = pool
         self.keys = keys
         self.policy = policy or AddressPolicy()
         self._http = http
         self.tenant_slots = tenant_slots
+        self.post_deadline_s = post_deadline_s
+        # the circuits' events go to the event store; their subscribers are nudged through temporal
+        subscriptions = Subscriptions(pool, temporal, keys=keys, policy=self.policy)
+        self.breaker = CircuitBreaker(pool, store_events, subscriptions.nudge)
         self._running: Counter[str] = Counter()  # tenant -> deliveries running in this process
 
     @property
@@ -103,16 +128,25 @@ class WebhookDeliveryService(WebhookActivities):
         with backoff) or returns when it has (its progress counted; the next call starts
         with fresh backoff). At the limit the delivery becomes a dead letter and the
         activity returns, so the queue moves on. At least once: a crash between a POST
-        and its mark sends that event again.
+        and its mark sends that event again. While the subscription's circuit is open, nothing
+        is posted and `probe_in_s` says when to call again.
         """
         sub = await self.pool.fetchrow(
-            """SELECT tenant, url, secret, max_attempts, backoff_s, max_backoff_s,
-                   CASE WHEN previous_secret_expires_at > now() THEN previous_secret END AS previous
-               FROM notification.subscriptions WHERE subscription_id = $1""",
+            f"""SELECT s.tenant, s.url, s.secret, s.max_attempts, s.backoff_s, s.max_backoff_s,
+                   s.circuit_threshold, s.circuit_probe_s, s.circuit_max_probe_s, {CIRCUIT_COLUMNS},
+                   CASE WHEN s.previous_secret_expires_at > now() THEN s.previous_secret END AS previous
+               FROM notification.subscriptions s
+               LEFT JOIN notification.circuits c
+                 ON c.tenant = s.tenant AND c.subscription_id = s.subscription_id
+               WHERE s.subscription_id = $1""",
             request.subscription_id,
         )
         if sub is None:
             return DeliveryProgress(gone=True)
+        admitted = admission(sub)
+        if admitted.wait_s:
+            # open: no POST and no slot taken; the workflow waits for the probe on a timer
+            return DeliveryProgress(probe_in_s=admitted.wait_s)
         tenant = sub["tenant"]
         if self._running[tenant] >= self.tenant_slots:
             raise ApplicationError(
@@ -123,13 +157,15 @@ class WebhookDeliveryService(WebhookActivities):
             )
         self._running[tenant] += 1
         try:
-            return await self._deliver(request, sub)
+            return await self._deliver(request, sub, admitted)
         finally:
             self._running[tenant] -= 1
             if self._running[tenant] <= 0:
                 del self._running[tenant]
 
-    async def _deliver(self, request: DeliverPending, sub: asyncpg.Record) -> DeliveryProgress:
+    async def _deliver(
+        self, request: DeliverPending, sub: asyncpg.Record, admitted: Admission
+    ) -> DeliveryProgress:
         secrets = [open_text(self.keys, sub["secret"], SECRET_PURPOSE)]
         if sub["previous"] is not None:
             secrets.append(open_text(self.keys, sub["previous"], SECRET_PURPOSE))
@@ -142,13 +178,28 @@ class WebhookDeliveryService(WebhookActivities):
         )
         progress = DeliveryProgress(more=len(rows) == request.batch_limit)
         deadline = time.monotonic() + BATCH_BUDGET_S
+        tenant, dirty, source = sub["tenant"], admitted.dirty, _workflow_id()
+        if admitted.probe and rows:
+            await self.breaker.probing(tenant, request.subscription_id)
         for row in rows:
             if time.monotonic() > deadline:
                 return progress.model_copy(update={"more": True})
             if activity.in_activity():
                 activity.heartbeat(progress.delivered)
             event = recorded_event(row)
-            error = await self._post(sub["url"], secrets, event)
+            error, answer = await self._post(sub["url"], secrets, event)
+            if error is not None and receiver_down(answer):
+                dirty = True
+                wait_s = await self.breaker.failed(
+                    tenant, request.subscription_id, CircuitPolicy.of(sub), error, source
+                )
+                if wait_s:
+                    # the circuit is open: the receiver is down, the event is not at fault
+                    await self._note(row["delivery_id"], error)
+                    return progress.model_copy(update={"more": False, "probe_in_s": wait_s})
+            elif dirty:
+                await self.breaker.answered(tenant, request.subscription_id, source)
+                dirty = False
             status = await self._mark(row["delivery_id"], error, sub["max_attempts"])
             if status == "delivered":
                 progress.delivered += 1
@@ -170,8 +221,11 @@ class WebhookDeliveryService(WebhookActivities):
             )
         return progress
 
-    async def _post(self, url: str, secrets: list[str], event: RecordedEvent) -> str | None:
-        """POST one event; None when the receiver answered 2xx, else why not (never what it said)."""
+    async def _post(
+        self, url: str, secrets: list[str], event: RecordedEvent
+    ) -> tuple[str | None, int | None]:
+        """POST one event: (None when the receiver answered 2xx, else why not (never what it
+        said); the HTTP status, None when there was no answer)."""
         body = event.model_dump_json().encode()
         headers = {
             "Content-Type": "application/json",
@@ -181,7 +235,7 @@ class WebhookDeliveryService(WebhookActivities):
         }
         try:
             async with (
-                asyncio.timeout(POST_DEADLINE_S),
+                asyncio.timeout(self.post_deadline_s),
                 self.http.stream("POST", url, content=body, headers=headers) as response,
             ):
                 read = 0
@@ -196,16 +250,25 @@ class WebhookDeliveryService(WebhookActivities):
                 # the parser quotes the answer after its reason ("illegal header line: b'...'"):
                 # the reason only, so no answer reaches the dead letter
                 why = why.split(":", 1)[0][:120]
-            return f"{type(exc).__name__}: {why}".rstrip(": ")[:500]
+            return f"{type(exc).__name__}: {why}".rstrip(": ")[:500], None
         if response.is_success:
-            return None
-        return f"HTTP {response.status_code}"
+            return None, response.status_code
+        return f"HTTP {response.status_code}", response.status_code
 
     async def _still_subscribed(self, subscription_id: str) -> bool:
         return bool(
             await self.pool.fetchval(
                 "SELECT 1 FROM notification.subscriptions WHERE subscription_id = $1", subscription_id
             )
+        )
+
+    async def _note(self, delivery_id: int, error: str) -> None:
+        """Keep why a delivery was not made, without counting an attempt (its circuit opened)."""
+        await self.pool.execute(
+            """UPDATE notification.deliveries SET last_error = $2, updated_at = now()
+               WHERE delivery_id = $1 AND status = 'pending'""",
+            delivery_id,
+            error,
         )
 
     async def _mark(self, delivery_id: int, error: str | None, max_attempts: int) -> str:

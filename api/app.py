@@ -12,7 +12,7 @@ from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
-from activities.notifications import NotificationService
+from activities.subscriptions import Subscriptions
 from api.credentials import CredentialCache
 from api.docs import self_hosted_docs
 from api.ingestion import ensure_ingestion, watch_ingestion
@@ -41,7 +41,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         pool = await create_pool(database_url(settings), size=settings.db_pool_size)
         await migrate(pool)
         # subscription secrets stored before they were sealed at rest (idempotent, usually none)
-        await NotificationService(pool, keys=payload_keys(settings)).seal_stored_secrets()
+        await Subscriptions(pool, keys=payload_keys(settings)).seal_stored_secrets()
         await ensure_ingestion(client, settings.ingest_shards)
         devices = DeviceService(pool, settings)
         credentials = CredentialCache(database_url(settings), devices.credential_active)

@@ -63,12 +63,16 @@ async def prometheus_metrics(request: Request) -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
 
+# every service's figures of state, each declared beside the tables it reads
+STATE_GAUGES = (
+    device_facade.GAUGES + analytics_facade.GAUGES + data_facade.GAUGES + notification_facade.GAUGES
+)
+
+
 def instrument(app: FastAPI) -> None:
     """Add the log context and /metrics (with the state gauges) to app."""
     global _state_gauges
     if _state_gauges is None:
-        _state_gauges = StateGauges(
-            device_facade.GAUGES + analytics_facade.GAUGES + data_facade.GAUGES + notification_facade.GAUGES
-        )
+        _state_gauges = StateGauges(STATE_GAUGES)
     app.add_middleware(RequestLogContext)
     app.include_router(router)

@@ -10,9 +10,10 @@ Three kinds:
   activity's result by `ActivityOutcomes` at the activity boundary (the service's only
   door), so the services themselves stay free of metric code;
 - HTTP request durations by route and status, which FastAPI records itself (api/app.py);
-- gauges of state (devices by status, open alerts, ingest backlog, dead letters, rollout
-  devices by state), read from PostgreSQL by `StateGauges` when /metrics of the API is
-  scraped: they describe the whole platform, so one process exports them.
+- gauges of state (devices by status, open alerts, ingest backlog, dead letters, webhook
+  circuits not closed, rollout devices by state), read from PostgreSQL by `StateGauges`
+  when /metrics of the API is scraped: they describe the whole platform, so one process
+  exports them.
 """
 
 from __future__ import annotations

@@ -498,4 +498,33 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE last_error ~ '^[A-Za-z]*ProtocolError: [^:]*:';
         """,
     ),
+    (
+        "0140_subscription_circuits",
+        """
+        -- a circuit breaker per webhook subscription: after circuit_threshold consecutive
+        -- failures of its receiver (no answer, 5xx, 408, 429) deliveries pause, events stay
+        -- pending in order, and one probe is posted at next_probe_at (a growing back-off)
+        ALTER TABLE notification.subscriptions
+            ADD COLUMN circuit_threshold integer NOT NULL DEFAULT 5,
+            ADD COLUMN circuit_probe_s double precision NOT NULL DEFAULT 30,
+            ADD COLUMN circuit_max_probe_s double precision NOT NULL DEFAULT 3600,
+            ADD CONSTRAINT subscriptions_tenant_subscription_key UNIQUE (tenant, subscription_id);
+        CREATE TABLE notification.circuits (
+            tenant               text NOT NULL,
+            subscription_id      text NOT NULL,
+            state                text NOT NULL DEFAULT 'closed'
+                                 CHECK (state IN ('closed', 'open', 'half_open')),
+            consecutive_failures integer NOT NULL DEFAULT 0,
+            failed_probes        integer NOT NULL DEFAULT 0,
+            openings             integer NOT NULL DEFAULT 0,
+            opened_at            timestamptz,
+            next_probe_at        timestamptz,
+            last_error           text,
+            updated_at           timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, subscription_id),
+            FOREIGN KEY (tenant, subscription_id)
+                REFERENCES notification.subscriptions (tenant, subscription_id) ON DELETE CASCADE
+        );
+        """,
+    ),
 ]

@@ -58,7 +58,7 @@ def service_for(
     if queue is TaskQueue.ANALYTICS:
         return AnalyticsService(pool)
     if queue is TaskQueue.NOTIFICATION:
-        return NotificationService(pool, temporal, keys=payload_keys(settings))
+        return NotificationService(pool, temporal)
     if queue is TaskQueue.WEBHOOK:
         return WebhookDeliveryService(
             pool,
@@ -66,6 +66,7 @@ def service_for(
             AddressPolicy.from_settings(settings),
             http,
             tenant_slots=settings.webhook_tenant_slots,
+            temporal=temporal,
         )
     raise ValueError(f"{queue.value} runs workflows, not a service")
 

@@ -7,7 +7,9 @@ hold the notification service's own slots) until nothing is pending, then sleeps
 timer, and continues as new before its history grows large. One loop per subscription
 is what keeps its deliveries in `seq` order; the activity's retry policy is the backoff
 of a failing webhook, and the activity dead-letters an event after the subscription's
-`max_attempts`. Deleting the subscription cancels the workflow, which then completes.
+`max_attempts`. While the subscription's circuit is open (activities/circuit_breaker.py) the
+activity posts nothing and the loop sleeps on a timer until the probe is due, nudges or not.
+Deleting the subscription cancels the workflow, which then completes.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ DELIVER_START_TO_CLOSE = timedelta(minutes=2)
 DELIVER_HEARTBEAT = timedelta(seconds=30)
 # runs started before deliveries had their own queue keep theirs (the recorded commands)
 WEBHOOK_QUEUE_PATCH = "deliveries-on-webhook-queue"
+# runs that saw an open circuit before the loop knew circuits idled as usual (the recorded commands)
+CIRCUIT_PATCH = "circuit-open-waits-for-probe"
 
 
 @workflow.defn(name=EVENT_DELIVERY_WORKFLOW)
@@ -82,7 +86,9 @@ class EventDelivery:
                 self._dead_lettered += progress.dead_lettered
                 if progress.gone:
                     return self.summary()
-                if not progress.more:
+                if progress.probe_in_s > 0 and workflow.patched(CIRCUIT_PATCH):
+                    await self._await_probe(inp, progress.probe_in_s)
+                elif not progress.more:
                     await self._idle(inp)
         except asyncio.CancelledError:
             return self.summary()  # the subscription was deleted
@@ -95,6 +101,15 @@ class EventDelivery:
         """Until nudged; the timer covers a lost nudge."""
         try:
             await workflow.wait_condition(lambda: self._nudged, timeout=timedelta(seconds=inp.idle_poll_s))
+        except TimeoutError:
+            pass
+
+    async def _await_probe(self, inp: DeliveryInput, seconds: float) -> None:
+        """Until the circuit's probe is due; nudges do not wake it (nothing may be posted before),
+        a history grown long with them does (the loop continues as new, the circuit stays in
+        its table)."""
+        try:
+            await workflow.wait_condition(lambda: self._history_full(inp), timeout=timedelta(seconds=seconds))
         except TimeoutError:
             pass
 

@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Response, status
 
 from activities.notifications import NotificationService
-from activities.subscriptions import NotDeadLettered
+from activities.subscriptions import NotDeadLettered, Subscriptions
 from api.auth import State, require
 from api.problems import conflict, invalid, not_found
 from fleetflow.contracts.events import (
@@ -32,8 +32,13 @@ After = Annotated[int | None, Query(ge=0, description="the last seq (or id) of t
 
 
 def _service(state: State) -> NotificationService:
+    # the event store's read side: the process's pool
+    return NotificationService(state.pool, state.temporal)
+
+
+def _subscriptions(state: State) -> Subscriptions:
     # a thin view over the process's pool and Temporal client, with its keys and webhook policy
-    return NotificationService(
+    return Subscriptions(
         state.pool,
         state.temporal,
         keys=payload_keys(state.settings),
@@ -42,6 +47,7 @@ def _service(state: State) -> NotificationService:
 
 
 Service = Annotated[NotificationService, Depends(_service)]
+Subs = Annotated[Subscriptions, Depends(_subscriptions)]
 
 
 @router.get("/v1/events", response_model=EventPage)
@@ -63,7 +69,7 @@ async def list_events(
 
 @router.post("/v1/subscriptions", status_code=status.HTTP_201_CREATED, response_model=SubscriptionView)
 async def create_subscription(
-    body: SubscriptionRequest, service: Service, claims: Manager, state: State
+    body: SubscriptionRequest, service: Subs, claims: Manager, state: State
 ) -> SubscriptionView:
     """Subscribe a webhook to event types (or `["*"]`); it receives events recorded from now on.
     A URL whose host is (or resolves to) a loopback, private, link-local, multicast or
@@ -78,13 +84,13 @@ async def create_subscription(
 
 
 @router.get("/v1/subscriptions", response_model=list[SubscriptionView])
-async def list_subscriptions(service: Service, claims: Manager) -> list[SubscriptionView]:
+async def list_subscriptions(service: Subs, claims: Manager) -> list[SubscriptionView]:
     """The tenant's subscriptions with their pending and dead-lettered counts (never the secret)."""
     return await service.list_subscriptions(claims.tenant)
 
 
 @router.get("/v1/subscriptions/{subscription_id}", response_model=SubscriptionView)
-async def get_subscription(subscription_id: str, service: Service, claims: Manager) -> SubscriptionView:
+async def get_subscription(subscription_id: str, service: Subs, claims: Manager) -> SubscriptionView:
     """One subscription of the tenant."""
     found = await service.list_subscriptions(claims.tenant, subscription_id)
     if not found:
@@ -94,7 +100,7 @@ async def get_subscription(subscription_id: str, service: Service, claims: Manag
 
 @router.post("/v1/subscriptions/{subscription_id}/rotate-secret", response_model=SubscriptionView)
 async def rotate_secret(
-    subscription_id: str, body: SecretRotation, service: Service, claims: Manager
+    subscription_id: str, body: SecretRotation, service: Subs, claims: Manager
 ) -> SubscriptionView:
     """Replace the signing secret; the replaced one still signs beside it for `overlap_s`, so
     receivers can switch without losing a delivery."""
@@ -105,7 +111,7 @@ async def rotate_secret(
 
 
 @router.delete("/v1/subscriptions/{subscription_id}", status_code=status.HTTP_204_NO_CONTENT)
-async def delete_subscription(subscription_id: str, service: Service, claims: Manager) -> Response:
+async def delete_subscription(subscription_id: str, service: Subs, claims: Manager) -> Response:
     """Stop delivering: the subscription, its pending deliveries and dead letters are removed."""
     if not await service.delete_subscription(claims.tenant, subscription_id):
         raise not_found(f"subscription {subscription_id!r}")
@@ -114,7 +120,7 @@ async def delete_subscription(subscription_id: str, service: Service, claims: Ma
 
 @router.get("/v1/dead-letters", response_model=DeliveryPage)
 async def dead_letters(
-    service: Service,
+    service: Subs,
     claims: Reader,
     subscription_id: Annotated[str | None, Query(max_length=64)] = None,
     after: After = None,
@@ -132,7 +138,7 @@ async def dead_letters(
     status_code=status.HTTP_202_ACCEPTED,
     response_model=DeliveryView,
 )
-async def redeliver(delivery_id: int, service: Service, claims: Manager) -> DeliveryView:
+async def redeliver(delivery_id: int, service: Subs, claims: Manager) -> DeliveryView:
     """Queue a dead letter again, in its seq place, with a fresh attempt budget."""
     try:
         delivery = await service.redeliver(claims.tenant, delivery_id)

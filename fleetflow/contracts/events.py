@@ -3,9 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated
+from enum import StrEnum
+from typing import Annotated, Any
 
-from pydantic import AfterValidator, Field, HttpUrl, StringConstraints, ValidationInfo, field_validator
+from pydantic import (
+    AfterValidator,
+    Field,
+    HttpUrl,
+    SerializerFunctionWrapHandler,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+)
 
 from fleetflow.contracts.common import DomainEvent, Strict, TenantId
 from fleetflow.webhook_signing import secret_key
@@ -22,6 +32,11 @@ DELIVERY_HISTORY_LIMIT = 2000
 MIN_BACKOFF_S = 1.0
 # how long a replaced secret still signs deliveries, by default and at most
 SECRET_OVERLAP_S, MAX_SECRET_OVERLAP_S = 86400, 7 * 86400
+
+# a subscription's circuit breaker (activities/circuit_breaker.py): its events, and defaults
+CIRCUIT_OPENED = "SubscriptionCircuitOpened"
+CIRCUIT_CLOSED = "SubscriptionCircuitClosed"
+CIRCUIT_THRESHOLD, CIRCUIT_PROBE_S, CIRCUIT_MAX_PROBE_S = 5, 30.0, 3600.0
 
 EventTypeName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z][A-Za-z0-9_.:-]{0,63})$")]
 
@@ -90,6 +105,11 @@ class SubscriptionRequest(Strict):
     max_attempts: Annotated[int, Field(ge=1, le=25)] = 5
     backoff_s: Annotated[float, Field(ge=MIN_BACKOFF_S, le=600)] = 2.0
     max_backoff_s: Annotated[float, Field(ge=MIN_BACKOFF_S, le=3600)] = 300.0
+    # consecutive receiver failures that open the circuit; the first probe's delay, doubled
+    # per failed probe up to the cap
+    circuit_threshold: Annotated[int, Field(ge=1, le=100)] = CIRCUIT_THRESHOLD
+    circuit_probe_s: Annotated[float, Field(ge=MIN_BACKOFF_S, le=3600)] = CIRCUIT_PROBE_S
+    circuit_max_probe_s: Annotated[float, Field(ge=MIN_BACKOFF_S, le=86400)] = CIRCUIT_MAX_PROBE_S
 
     @field_validator("event_types")
     @classmethod
@@ -98,12 +118,33 @@ class SubscriptionRequest(Strict):
             raise ValueError(f"{ALL_EVENTS!r} means every event type and stands alone")
         return sorted(set(value))
 
-    @field_validator("max_backoff_s")
+    @field_validator("max_backoff_s", "circuit_max_probe_s")
     @classmethod
     def _cap(cls, value: float, info: ValidationInfo) -> float:
-        if value < info.data.get("backoff_s", 0):
-            raise ValueError("must be at least backoff_s")
+        floor = {"max_backoff_s": "backoff_s", "circuit_max_probe_s": "circuit_probe_s"}[str(info.field_name)]
+        if value < info.data.get(floor, 0):
+            raise ValueError(f"must be at least {floor}")
         return value
+
+
+class CircuitState(StrEnum):
+    """`closed`: delivering; `open`: paused until `next_probe_at`; `half_open`: the next
+    delivery is the probe (it is due, or being posted)."""
+
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+class CircuitView(Strict):
+    """A subscription's circuit breaker as the API shows it."""
+
+    state: CircuitState = CircuitState.CLOSED
+    consecutive_failures: int = 0
+    opened_at: datetime | None = None
+    next_probe_at: datetime | None = None
+    # why the receiver last failed (never what it answered)
+    last_error: str | None = None
 
 
 class SubscriptionView(Strict):
@@ -123,6 +164,10 @@ class SubscriptionView(Strict):
     dead_letters: int = 0
     # until then, deliveries are signed with the replaced secret too (after a rotation)
     rotation_overlap_until: datetime | None = None
+    circuit_threshold: int = CIRCUIT_THRESHOLD
+    circuit_probe_s: float = CIRCUIT_PROBE_S
+    circuit_max_probe_s: float = CIRCUIT_MAX_PROBE_S
+    circuit: CircuitView = Field(default_factory=CircuitView)
 
 
 class SecretRotation(Strict):
@@ -182,6 +227,17 @@ class DeliveryProgress(Strict):
     dead_lettered: int = 0
     more: bool = False  # stopped early: call again at once
     gone: bool = False  # the subscription was deleted: the workflow ends
+    # the subscription's circuit is open: nothing is posted before this many seconds
+    probe_in_s: float = 0.0
+
+    @model_serializer(mode="wrap")
+    def _as_before_circuits(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        # a closed circuit's progress is what workers from before circuits decode (they forbid
+        # unknown fields): the field travels only when the circuit is open
+        data: dict[str, Any] = handler(self)
+        if not self.probe_in_s:
+            data.pop("probe_in_s", None)
+        return data
 
 
 class DeliverySummary(Strict):

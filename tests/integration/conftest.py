@@ -35,7 +35,6 @@ from fleetflow.contracts.devices import (
 from fleetflow.contracts.events import EventBatch
 from fleetflow.contracts.rollouts import RolloutTick, TickResult
 from fleetflow.db import Pool
-from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from workers.registry import service_for
 from workers.worker import build_worker
@@ -134,7 +133,7 @@ async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterat
     """One worker per queue, running for the whole session."""
     services: dict[TaskQueue, object] = {
         TaskQueue.DEVICE: FaultyDevices(pool, settings),
-        TaskQueue.NOTIFICATION: FaultyNotifications(pool, client, keys=payload_keys(settings)),
+        TaskQueue.NOTIFICATION: FaultyNotifications(pool, client),
     }
     running = []
     for queue in TaskQueue:

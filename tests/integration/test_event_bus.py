@@ -18,6 +18,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy
 
 from activities.notifications import NotificationService
+from activities.subscriptions import Subscriptions
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.events import DeliveryInput, DeliverySummary, EventBatch, delivery_workflow_id
 from fleetflow.db import Pool
@@ -291,6 +292,11 @@ async def test_delivery_loop_continues_as_new_and_keeps_order(
         ({"backoff_s": 0.1}, ["body", "backoff_s"]),  # the floor: one dead receiver, one busy slot
         ({"secret": "whsec_not base64 at all"}, ["body", "secret"]),
         ({"color": "red"}, ["body", "color"]),
+        ({"circuit_threshold": 0}, ["body", "circuit_threshold"]),
+        ({"circuit_threshold": 101}, ["body", "circuit_threshold"]),
+        ({"circuit_probe_s": 0.5}, ["body", "circuit_probe_s"]),
+        ({"circuit_probe_s": 60, "circuit_max_probe_s": 30}, ["body", "circuit_max_probe_s"]),
+        ({"circuit_max_probe_s": 86401}, ["body", "circuit_max_probe_s"]),
     ],
 )
 async def test_bad_subscriptions_get_422_naming_the_field(
@@ -343,12 +349,12 @@ async def test_secrets_are_sealed_at_rest_and_older_plain_ones_are_sealed_at_sta
             "UPDATE notification.subscriptions SET secret = $2 WHERE subscription_id = $1", sid, SECRET
         )
         keys = payload_keys(settings)
-        assert await NotificationService(pool, keys=keys).seal_stored_secrets() >= 1
+        assert await Subscriptions(pool, keys=keys).seal_stored_secrets() >= 1
         resealed = await pool.fetchval(
             "SELECT secret FROM notification.subscriptions WHERE subscription_id = $1", sid
         )
         assert resealed.startswith(SEALED) and SECRET not in resealed
-        assert await NotificationService(pool, keys=keys).seal_stored_secrets() == 0
+        assert await Subscriptions(pool, keys=keys).seal_stored_secrets() == 0
 
         await NotificationService(pool, client).record_events(probe_events(tenant, "dev-1", 2))
         await eventually(hook.received, has(2))

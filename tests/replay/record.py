@@ -475,6 +475,57 @@ async def event_delivery(s: Stack) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def event_delivery_circuit(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A delivery loop whose receiver fails three times: its circuit opens at the first failure,
+    the loop sleeps until each probe (two fail, the third closes it), the events are delivered
+    in order (the onboarding's, then the circuit's own), then the subscription is deleted."""
+    received: list[bytes] = []
+    connections: list[asyncio.StreamWriter] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(writer)
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode().lower()
+                length = int(head.partition("content-length:")[2].split("\r\n")[0] or 0)
+                received.append(await reader.readexactly(length))
+                ok = len(received) > 3
+                writer.write(
+                    b"HTTP/1.1 204 No Content\r\n\r\n"
+                    if ok
+                    else b"HTTP/1.1 503 Down\r\ncontent-length: 0\r\n\r\n"
+                )
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    body = {
+        "url": f"http://127.0.0.1:{port}/hook",
+        "event_types": ["*"],
+        "secret": "recorded-" + "s" * 16,
+        "circuit_threshold": 1,
+        "circuit_probe_s": 1,
+        "circuit_max_probe_s": 2,
+    }
+    sub = (await s.api.post("/v1/subscriptions", json=body, headers=s.headers)).json()
+    await onboarding_completed(s)
+    for _ in range(600):
+        if len(received) >= 6:  # 3 failures, the onboarding's event, opened, closed
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise RuntimeError(f"the circuit never closed: {len(received)} requests")
+    await s.api.delete(f"/v1/subscriptions/{sub['subscription_id']}", headers=s.headers)
+    handle = s.client.get_workflow_handle(sub["workflow_id"])
+    await handle.result()
+    server.close()
+    for writer in connections:
+        writer.close()
+    await server.wait_closed()
+    return handle
+
+
 async def system_check(s: Stack) -> WorkflowHandle[Any, Any]:
     report = (await s.api.get("/health", headers=s.headers)).json()
     assert report["ok"], report
@@ -500,6 +551,7 @@ SCENARIOS: dict[str, Scenario] = {
     "firmware_rollout_cancelled_at_start": firmware_rollout_cancelled_at_start,
     "device_decommission": device_decommission,
     "event_delivery": event_delivery,
+    "event_delivery_circuit": event_delivery_circuit,
 }
 
 
