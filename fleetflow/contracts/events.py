@@ -5,9 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from pydantic import AfterValidator, Field, HttpUrl, StringConstraints, ValidationInfo, field_validator
+from pydantic import AfterValidator, Field, HttpUrl, ValidationInfo, field_validator
 
-from fleetflow.contracts.common import DomainEvent, Strict, TenantId
+from fleetflow.contracts.common import Contract, DomainEvent, TenantId
+from fleetflow.contracts.limits import EventTypeName as EventTypeName
 from fleetflow.webhook_signing import secret_key
 
 DEVICE_ONBOARDED = "DeviceOnboarded"
@@ -23,21 +24,19 @@ MIN_BACKOFF_S = 1.0
 # how long a replaced secret still signs deliveries, by default and at most
 SECRET_OVERLAP_S, MAX_SECRET_OVERLAP_S = 86400, 7 * 86400
 
-EventTypeName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z][A-Za-z0-9_.:-]{0,63})$")]
-
 
 def delivery_workflow_id(tenant: str, subscription_id: str) -> str:
     """The business id of a subscription's delivery workflow."""
     return f"deliveries-{tenant}-{subscription_id}"
 
 
-class EventBatch(Strict):
+class EventBatch(Contract):
     """Input of `notification.record_events`."""
 
     events: Annotated[list[DomainEvent], Field(max_length=5000)]
 
 
-class RetractEvent(Strict):
+class RetractEvent(Contract):
     """Input of `notification.retract_event` (saga compensation of a recorded event); with the
     tenant, only that tenant's event of this id is retracted."""
 
@@ -46,7 +45,7 @@ class RetractEvent(Strict):
     tenant: TenantId | None = None
 
 
-class RetractEvents(Strict):
+class RetractEvents(Contract):
     """Input of `notification.retract_events`: the events of one type of a tenant whose ids
     start with id_prefix (one undone attempt's), only those of device_ids when given."""
 
@@ -62,13 +61,6 @@ class RecordedEvent(DomainEvent):
     seq: int
 
 
-class EventPage(Strict):
-    """`GET /v1/events`: pass `next_after` back as `after` for the next page."""
-
-    items: list[RecordedEvent]
-    next_after: int | None = None
-
-
 # --- subscriptions -------------------------------------------------------------
 
 
@@ -80,7 +72,7 @@ def _key_of(secret: str) -> str:
 WebhookSecret = Annotated[str, Field(min_length=16, max_length=256), AfterValidator(_key_of)]
 
 
-class SubscriptionRequest(Strict):
+class SubscriptionRequest(Contract):
     """Body of `POST /v1/subscriptions`; the retry fields bound how long a failing
     webhook holds its queue before an event is dead-lettered."""
 
@@ -106,7 +98,7 @@ class SubscriptionRequest(Strict):
         return value
 
 
-class SubscriptionView(Strict):
+class SubscriptionView(Contract):
     """A subscription as the API shows it (never its secret)."""
 
     subscription_id: str
@@ -125,7 +117,7 @@ class SubscriptionView(Strict):
     rotation_overlap_until: datetime | None = None
 
 
-class SecretRotation(Strict):
+class SecretRotation(Contract):
     """Body of `POST /v1/subscriptions/{id}/rotate-secret`: deliveries are signed with both the
     new and the replaced secret for `overlap_s`, then with the new one only."""
 
@@ -133,7 +125,7 @@ class SecretRotation(Strict):
     overlap_s: Annotated[int, Field(ge=0, le=MAX_SECRET_OVERLAP_S)] = SECRET_OVERLAP_S
 
 
-class DeliveryView(Strict):
+class DeliveryView(Contract):
     """One event for one subscription: `pending`, `delivered` or `dead` (a dead letter)."""
 
     delivery_id: int
@@ -145,17 +137,10 @@ class DeliveryView(Strict):
     event: RecordedEvent
 
 
-class DeliveryPage(Strict):
-    """`GET /v1/dead-letters`: pass `next_after` back as `after` for the next page."""
-
-    items: list[DeliveryView]
-    next_after: int | None = None
-
-
 # --- the delivery workflow and its activity -----------------------------------
 
 
-class DeliveryInput(Strict):
+class DeliveryInput(Contract):
     """Input of the `EventDelivery` workflow; the counters carry across continue-as-new."""
 
     tenant: TenantId
@@ -168,14 +153,14 @@ class DeliveryInput(Strict):
     dead_lettered: int = 0
 
 
-class DeliverPending(Strict):
+class DeliverPending(Contract):
     """Input of `notification.deliver_pending`."""
 
     subscription_id: str
     batch_limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
-class DeliveryProgress(Strict):
+class DeliveryProgress(Contract):
     """Result of `notification.deliver_pending`."""
 
     delivered: int = 0
@@ -184,7 +169,7 @@ class DeliveryProgress(Strict):
     gone: bool = False  # the subscription was deleted: the workflow ends
 
 
-class DeliverySummary(Strict):
+class DeliverySummary(Contract):
     """Result of `EventDelivery` once its subscription is deleted."""
 
     subscription_id: str
