@@ -4,25 +4,23 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel
+
+from fleetflow.contracts.common import Strict
 
 C = TypeVar("C", bound=BaseModel)
 
 # an unknown field in a request body is a 422 naming it; a contract (fleetflow.contracts.common.
 # Contract) ignores one instead, for rolling upgrades, so a body that extends a contract sets this
-STRICT = ConfigDict(extra="forbid")
+STRICT = Strict.model_config
 
 
-class Body(BaseModel):
+class Body(Strict):
     """A request body of the API's own: an unknown field is a 422."""
 
-    model_config = STRICT
 
-
-class View(BaseModel):
+class View(Strict):
     """An answer the API assembles (a page, an acknowledgement)."""
-
-    model_config = STRICT
 
 
 def as_contract(body: BaseModel, contract: type[C]) -> C:

@@ -1,4 +1,5 @@
-"""Bodies of `/v1/rollouts`, the devices' jobs and decommissioning."""
+"""Bodies of `/v1/rollouts` and decommissioning (a device's job report is
+fleetflow.contracts.rollouts.JobReport, shared with the MQTT gateway)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pydantic import Field
 
 from api.models.base import STRICT, Body
 from fleetflow.contracts.limits import MAX_BULK_DECOMMISSION, DeviceId, Reason
-from fleetflow.contracts.rollouts import DeviceProgress, JobKind, RolloutPolicy, RolloutRequest, RolloutTarget
+from fleetflow.contracts.rollouts import RolloutPolicy, RolloutRequest, RolloutTarget
 
 
 class RolloutTargetBody(RolloutTarget):
@@ -31,14 +32,6 @@ class RolloutBody(RolloutRequest):
     # the contract's fields, refusing unknown fields inside them too
     target: RolloutTargetBody = Field(default_factory=RolloutTargetBody)
     policy: RolloutPolicyBody = Field(default_factory=RolloutPolicyBody)
-
-
-class JobReport(Body):
-    """Body of `POST /v1/device/jobs/{campaign_id}/progress`."""
-
-    kind: JobKind = "update"
-    state: DeviceProgress
-    detail: Reason | None = None
 
 
 class DecommissionRequest(Body):

@@ -1,11 +1,11 @@
-"""Bodies and answers of `/v1/telemetry` and `/v1/rules`."""
+"""Bodies and answers of `/v1/telemetry` and `/v1/rules`. The batch is parsed as the data
+service's TelemetryBatchDict (fleetflow.contracts.telemetry); TelemetryBatch documents it."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AwareDatetime, ConfigDict, Field
-from typing_extensions import TypedDict
+from pydantic import AwareDatetime, Field
 
 from api.models.base import STRICT, Body, View
 from fleetflow.contracts.limits import MAX_BATCH_READINGS, BatchId, DeviceId, Metric, Value
@@ -26,27 +26,6 @@ class TelemetryBatch(Body):
 
     batch_id: BatchId
     readings: Annotated[list[Reading], Field(min_length=1, max_length=MAX_BATCH_READINGS)]
-
-
-class ReadingDict(TypedDict):
-    """`Reading` as a TypedDict: the same checks, validated without building model objects
-    (the ingest hot path: about 40% less CPU per reading)."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
-
-    device_id: DeviceId
-    ts: AwareDatetime
-    metric: Metric
-    value: Value
-
-
-class TelemetryBatchDict(TypedDict):
-    """`TelemetryBatch` as a TypedDict, for the ingest hot path."""
-
-    __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
-
-    batch_id: BatchId
-    readings: Annotated[list[ReadingDict], Field(min_length=1, max_length=MAX_BATCH_READINGS)]
 
 
 class TelemetryAccepted(View):

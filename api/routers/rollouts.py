@@ -19,7 +19,7 @@ from api.auth import State, actor_of, require, require_device
 from api.limits import FIRMWARE_MAX_BODY_BYTES
 from api.models.base import as_contract
 from api.models.onboardings import Decision
-from api.models.rollouts import BulkDecommissionRequest, DecommissionRequest, JobReport, RolloutBody
+from api.models.rollouts import BulkDecommissionRequest, DecommissionRequest, RolloutBody
 from api.problems import conflict, invalid, not_found, progress_or_404
 from fleetflow.contracts.common import TaskQueue, tenant_scoped_id
 from fleetflow.contracts.devices import DeviceStatus
@@ -28,6 +28,7 @@ from fleetflow.contracts.rollouts import (
     DecommissionInput,
     DecommissionProgress,
     FirmwareView,
+    JobReport,
     JobView,
     RolloutDecision,
     RolloutInput,

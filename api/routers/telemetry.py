@@ -15,7 +15,7 @@ from pydantic import TypeAdapter, ValidationError
 
 from api.auth import Bearer, State, require
 from api.models.base import as_contract
-from api.models.telemetry import RuleBody, TelemetryAccepted, TelemetryBatch, TelemetryBatchDict
+from api.models.telemetry import RuleBody, TelemetryAccepted, TelemetryBatch
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
@@ -32,6 +32,7 @@ from fleetflow.contracts.telemetry import (
     QuarantinedBatch,
     QuarantineView,
     Rule,
+    TelemetryBatchDict,
     TelemetryPoint,
     TelemetrySeries,
 )

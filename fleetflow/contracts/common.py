@@ -63,16 +63,18 @@ class Contract(BaseModel):
 
     An unknown field is ignored, not an error: during a rolling upgrade an old worker decodes
     payloads that a newer API or worker wrote with a field it does not know yet (and a history
-    recorded by a newer release replays on an older one). Strictness belongs at the edge: the
-    API's bodies (`api/models/`) refuse unknown fields with a 422.
+    recorded by a newer release replays on an older one). Strictness belongs at the edge
+    (Strict): the API's bodies (`api/models/`) refuse unknown fields with a 422.
     """
 
     model_config = ConfigDict(extra="ignore")
 
 
-# the former name of Contract (which refused unknown fields); kept so code written against it
-# still imports. New contracts subclass Contract, API bodies api.models.base.Body.
-Strict = Contract
+class Strict(BaseModel):
+    """A model of what an edge accepts: an unknown field is an error, not silently dropped (the
+    API's bodies, `api/models/`). Never a Temporal payload's base: that is Contract."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class Actor(Contract):

@@ -11,16 +11,16 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 
 from fleetflow.contracts.common import Actor, Contract, DeviceId, TenantId
-from fleetflow.contracts.limits import (
-    MAX_CONFIG_BYTES,
-    MAX_METADATA_BYTES,
-    MAX_SPEC_DEPTH,
-    MAX_TAGS,
-    DeviceTypeName,
-    FirmwareVersion,
-    Reason,
-    Tag,
-)
+
+# the limits of a device are defined in limits; they stay importable from here
+from fleetflow.contracts.limits import MAX_BULK_DEVICES as MAX_BULK_DEVICES
+from fleetflow.contracts.limits import MAX_CONFIG_BYTES as MAX_CONFIG_BYTES
+from fleetflow.contracts.limits import MAX_METADATA_BYTES as MAX_METADATA_BYTES
+from fleetflow.contracts.limits import MAX_SPEC_DEPTH as MAX_SPEC_DEPTH
+from fleetflow.contracts.limits import MAX_TAGS, Reason
+from fleetflow.contracts.limits import DeviceTypeName as DeviceTypeName
+from fleetflow.contracts.limits import FirmwareVersion as FirmwareVersion
+from fleetflow.contracts.limits import Tag as Tag
 
 
 def attempt_owner(business_id: str, run_id: str) -> str:

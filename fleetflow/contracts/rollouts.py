@@ -1,5 +1,5 @@
-"""Contracts of firmware, rollout campaigns and decommissioning. The API's bodies of these
-routes are in `api/models/rollouts.py`."""
+"""Contracts of firmware, rollout campaigns and decommissioning, and a device's job report. The
+API's bodies of these routes are in `api/models/rollouts.py`."""
 
 from __future__ import annotations
 
@@ -8,14 +8,9 @@ from typing import Annotated, Literal
 
 from pydantic import Field, model_validator
 
-from fleetflow.contracts.common import Actor, Contract, DeviceId, TenantId
-from fleetflow.contracts.limits import (
-    MAX_TARGET_DEVICES,
-    MAX_TARGET_TAGS,
-    CampaignId,
-    Reason,
-    Tag,
-)
+from fleetflow.contracts.common import Actor, Contract, DeviceId, Strict, TenantId
+from fleetflow.contracts.limits import MAX_TARGET_DEVICES, MAX_TARGET_TAGS, Reason, Tag
+from fleetflow.contracts.limits import CampaignId as CampaignId  # defined in limits
 
 JobKind = Literal["update", "rollback"]
 DeviceProgress = Literal["downloading", "installing", "succeeded", "failed"]
@@ -210,6 +205,16 @@ class JobView(Contract):
     sha256: str
     size: int
     download_url: str
+
+
+class JobReport(Strict):
+    """A device's progress on a job: the body of `POST /v1/device/jobs/{campaign_id}/progress`
+    and the payload of the MQTT gateway's job topic, so it is shared here and strict at both
+    edges (it never travels through Temporal)."""
+
+    kind: JobKind = "update"
+    state: DeviceProgress
+    detail: Reason | None = None
 
 
 class DecommissionInput(Contract):
