@@ -20,7 +20,7 @@ from typing import Any
 import jwt
 
 from api.problems import PROBLEM_JSON, problem_body
-from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
+from fleetflow.contracts.limits import MAX_BATCH_BYTES
 from fleetflow.contracts.twin import MAX_DOCUMENT_BYTES
 from fleetflow.keys import keyring
 from fleetflow.security import DEVICE_AUDIENCE, AuthError, verify_device_credential, verify_token

@@ -414,8 +414,7 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     """`fleetflow simulate`: the live progress line, then the summary; exit 0 when nothing was
     rejected, 1 otherwise. Ctrl-C ends the run early, with the summary."""
     from cli.commands import _token
-    from fleetflow.contracts.devices import MAX_BULK_DEVICES
-    from fleetflow.contracts.telemetry import MAX_BATCH_READINGS
+    from fleetflow.contracts.limits import MAX_BATCH_READINGS, MAX_BULK_DEVICES
 
     if args.devices > MAX_BULK_DEVICES:
         raise StartupError(f"--devices must be at most {MAX_BULK_DEVICES} (one bulk onboarding)")

@@ -16,26 +16,32 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities import device_facade
 from api.auth import State, actor_of, require
+from api.limits import BULK_MAX_BODY_BYTES
+from api.models.base import as_contract
+from api.models.devices import (
+    BulkAccepted,
+    BulkOnboardRequest,
+    DevicePage,
+    DeviceTypeBody,
+    OnboardDeviceBody,
+    OnboardingAccepted,
+)
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
 from fleetflow import claim_checks, config_schema
-from fleetflow.contracts.common import DEVICE_ID_PATTERN, TaskQueue
+from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
-    MAX_BULK_DEVICES,
-    BulkAccepted,
     BulkOnboardingInput,
-    BulkOnboardRequest,
-    DevicePage,
     DeviceSpec,
     DeviceStatus,
     DeviceTypeView,
     DeviceView,
     OnboardDeviceRequest,
-    OnboardingAccepted,
     OnboardingInput,
     business_id_of,
 )
+from fleetflow.contracts.limits import DEVICE_ID_PATTERN, MAX_BULK_DEVICES, NAME_MAX_CHARS
 from fleetflow.security import TokenClaims
 from fleetflow.temporal import device_search_attributes
 from fleetflow.twin_state import document_breach
@@ -47,7 +53,6 @@ Reader = Annotated[TokenClaims, Depends(require("devices:read"))]
 Writer = Annotated[TokenClaims, Depends(require("devices:write"))]
 Admin = Annotated[TokenClaims, Depends(require("admin"))]
 
-MAX_BULK_BYTES = 8 * 1024 * 1024
 # schema steps the distinct configs of one bulk import may take together (25 single validations'
 # worth): each of 10,000 devices could otherwise take a full budget of the API's event loop
 BULK_VALIDATION_STEPS = 25 * config_schema.MAX_VALIDATION_STEPS
@@ -74,7 +79,7 @@ async def _check_config(state: AppState, tenant: str, spec: DeviceSpec, loc: lis
 
 @router.post("/v1/devices", status_code=status.HTTP_202_ACCEPTED, response_model=OnboardingAccepted)
 async def onboard(
-    body: OnboardDeviceRequest, state: State, claims: Writer, response: Response
+    body: OnboardDeviceBody, state: State, claims: Writer, response: Response
 ) -> OnboardingAccepted:
     """Start the onboarding saga; the same request again returns the same run, another one 409."""
     await _check_config(state, claims.tenant, body, ["body"])
@@ -90,7 +95,12 @@ async def onboard(
     try:
         handle = await state.temporal.start_workflow(
             DeviceOnboarding.run,
-            OnboardingInput(tenant=tenant, actor=actor_of(claims), request=body, request_hash=request_hash),
+            OnboardingInput(
+                tenant=tenant,
+                actor=actor_of(claims),
+                request=as_contract(body, OnboardDeviceRequest),
+                request_hash=request_hash,
+            ),
             id=wid,
             task_queue=TaskQueue.ORCHESTRATION.value,
             id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE_FAILED_ONLY,
@@ -131,8 +141,8 @@ async def list_devices(
     state: State,
     claims: Reader,
     status_: Annotated[DeviceStatus | None, Query(alias="status")] = None,
-    device_type: Annotated[str | None, Query(alias="type", max_length=64)] = None,
-    tag: Annotated[str | None, Query(max_length=64)] = None,
+    device_type: Annotated[str | None, Query(alias="type", max_length=NAME_MAX_CHARS)] = None,
+    tag: Annotated[str | None, Query(max_length=NAME_MAX_CHARS)] = None,
     cursor: Annotated[str | None, Query(pattern=DEVICE_ID_PATTERN)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> DevicePage:
@@ -200,8 +210,8 @@ def _csv_devices(raw: bytes) -> list[dict[str, Any]]:
 async def bulk_onboard(request: Request, state: State, claims: Writer, response: Response) -> BulkAccepted:
     """Onboard up to 10,000 devices (JSON `{devices: [...]}` or CSV) in one BulkOnboarding run."""
     raw = await request.body()
-    if len(raw) > MAX_BULK_BYTES:
-        raise invalid(["body"], f"must be at most {MAX_BULK_BYTES} bytes")
+    if len(raw) > BULK_MAX_BODY_BYTES:
+        raise invalid(["body"], f"must be at most {BULK_MAX_BODY_BYTES} bytes")
     if request.headers.get("content-type", "").startswith("text/csv"):
         payload: Any = {"devices": _csv_devices(raw)}
     else:
@@ -270,7 +280,7 @@ async def device_types(state: State, claims: Reader) -> list[DeviceTypeView]:
 
 
 @router.put("/v1/device-types/{name}", response_model=DeviceTypeView)
-async def put_device_type(name: str, body: DeviceTypeView, state: State, claims: Admin) -> DeviceTypeView:
+async def put_device_type(name: str, body: DeviceTypeBody, state: State, claims: Admin) -> DeviceTypeView:
     """Create or replace the tenant's own device type (admin; a built-in one of the same name is
     hidden for this tenant only). `config_schema` is JSON Schema Draft 2020-12 (at most 32 KiB,
     self-contained, RE2 patterns); the default config must pass it and the twin's document limits."""
@@ -287,8 +297,9 @@ async def put_device_type(name: str, body: DeviceTypeView, state: State, claims:
         config_schema.validate(body.default_config, body.config_schema, "default_config")
     except config_schema.ConfigError as exc:
         raise invalid(["body", *exc.loc], exc.reason) from None
-    await state.devices.put_device_type(claims.tenant, body)
-    return body
+    device_type = as_contract(body, DeviceTypeView)
+    await state.devices.put_device_type(claims.tenant, device_type)
+    return device_type
 
 
 __all__ = ["MAX_BULK_DEVICES", "router"]

@@ -10,16 +10,11 @@ from fastapi import APIRouter, Depends, Query, Response, status
 from activities.notifications import NotificationService
 from activities.subscriptions import NotDeadLettered, Subscriptions
 from api.auth import State, require
+from api.models.base import as_contract
+from api.models.events import DeliveryPage, EventPage, SecretRotationBody, SubscriptionBody
 from api.problems import conflict, invalid, not_found
-from fleetflow.contracts.events import (
-    DeliveryPage,
-    DeliveryView,
-    EventPage,
-    EventTypeName,
-    SecretRotation,
-    SubscriptionRequest,
-    SubscriptionView,
-)
+from fleetflow.contracts.events import DeliveryView, SecretRotation, SubscriptionRequest, SubscriptionView
+from fleetflow.contracts.limits import DEVICE_ID_MAX_CHARS, EventTypeName
 from fleetflow.payload_codec import payload_keys
 from fleetflow.security import TokenClaims
 from fleetflow.webhook_network import AddressPolicy, RefusedAddress
@@ -54,7 +49,7 @@ Subs = Annotated[Subscriptions, Depends(_subscriptions)]
 async def list_events(
     service: Service,
     claims: Reader,
-    device_id: Annotated[str | None, Query(max_length=128)] = None,
+    device_id: Annotated[str | None, Query(max_length=DEVICE_ID_MAX_CHARS)] = None,
     event_type: Annotated[EventTypeName | None, Query(alias="type")] = None,
     since: Annotated[datetime | None, Query(description="occurred at or after (RFC 3339)")] = None,
     after: After = None,
@@ -69,7 +64,7 @@ async def list_events(
 
 @router.post("/v1/subscriptions", status_code=status.HTTP_201_CREATED, response_model=SubscriptionView)
 async def create_subscription(
-    body: SubscriptionRequest, service: Subs, claims: Manager, state: State
+    body: SubscriptionBody, service: Subs, claims: Manager, state: State
 ) -> SubscriptionView:
     """Subscribe a webhook to event types (or `["*"]`); it receives events recorded from now on.
     A URL whose host is (or resolves to) a loopback, private, link-local, multicast or
@@ -78,7 +73,8 @@ async def create_subscription(
     async with state.quotas.count_lock(claims.tenant, "max_subscriptions"):
         await state.quotas.check_count(claims.tenant, "max_subscriptions")
         try:
-            return await service.create_subscription(claims.tenant, claims.subject, body)
+            request = as_contract(body, SubscriptionRequest)
+            return await service.create_subscription(claims.tenant, claims.subject, request)
         except RefusedAddress as exc:
             raise invalid(["body", "url"], str(exc)) from None
 
@@ -100,11 +96,11 @@ async def get_subscription(subscription_id: str, service: Subs, claims: Manager)
 
 @router.post("/v1/subscriptions/{subscription_id}/rotate-secret", response_model=SubscriptionView)
 async def rotate_secret(
-    subscription_id: str, body: SecretRotation, service: Subs, claims: Manager
+    subscription_id: str, body: SecretRotationBody, service: Subs, claims: Manager
 ) -> SubscriptionView:
     """Replace the signing secret; the replaced one still signs beside it for `overlap_s`, so
     receivers can switch without losing a delivery."""
-    rotated = await service.rotate_secret(claims.tenant, subscription_id, body)
+    rotated = await service.rotate_secret(claims.tenant, subscription_id, as_contract(body, SecretRotation))
     if rotated is None:
         raise not_found(f"subscription {subscription_id!r}")
     return rotated

@@ -9,23 +9,20 @@ from typing import Annotated
 
 from fastapi import APIRouter, Body, Depends, HTTPException, Query, status
 from fastapi.responses import PlainTextResponse
-from pydantic import Field
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from api.auth import State, actor_of, require, require_device
+from api.models.onboardings import Contact, ContactAccepted, Decision
 from api.problems import conflict, not_found, progress_or_404
-from fleetflow.contracts.common import Strict
 from fleetflow.contracts.devices import (
-    MAX_BULK_DEVICES,
     ApprovalDecision,
     BulkProgress,
-    ContactAccepted,
     DeviceStatus,
-    FirmwareVersion,
     FirstContact,
     OnboardingProgress,
 )
+from fleetflow.contracts.limits import MAX_BULK_DEVICES
 from fleetflow.handles import handle_for
 from fleetflow.security import DeviceClaims, TokenClaims
 from workflows.bulk_onboarding import BulkOnboarding, bulk_workflow_id
@@ -36,18 +33,6 @@ Reader = Annotated[TokenClaims, Depends(require("devices:read"))]
 Writer = Annotated[TokenClaims, Depends(require("devices:write"))]
 Approver = Annotated[TokenClaims, Depends(require("devices:approve"))]
 Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
-
-
-class Decision(Strict):
-    """Body of approve / reject."""
-
-    reason: Annotated[str, Field(max_length=500)] | None = None  # as ApprovalDecision: 422, not 500
-
-
-class Contact(Strict):
-    """Body of `POST /v1/device-contact`."""
-
-    firmware_version: FirmwareVersion | None = None
 
 
 def _missing(exc: RPCError) -> bool:

@@ -16,15 +16,18 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.device_rollouts import FirmwareConflict
 from api.auth import State, actor_of, require, require_device
+from api.limits import FIRMWARE_MAX_BODY_BYTES
+from api.models.base import as_contract
+from api.models.onboardings import Decision
+from api.models.rollouts import BulkDecommissionRequest, DecommissionRequest, RolloutBody
 from api.problems import conflict, invalid, not_found, progress_or_404
 from fleetflow import claim_checks
 from fleetflow.contracts.common import TaskQueue, tenant_scoped_id
-from fleetflow.contracts.devices import DeviceStatus, DeviceTypeName, FirmwareVersion
+from fleetflow.contracts.devices import DeviceStatus
+from fleetflow.contracts.limits import DeviceTypeName, FirmwareVersion
 from fleetflow.contracts.rollouts import (
-    BulkDecommissionRequest,
     DecommissionInput,
     DecommissionProgress,
-    DecommissionRequest,
     FirmwareView,
     JobReport,
     JobView,
@@ -45,7 +48,6 @@ router = APIRouter(tags=["rollouts"])
 Admin = Annotated[TokenClaims, Depends(require("rollouts:admin"))]
 Reader = Annotated[TokenClaims, Depends(require("devices:read"))]
 Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
-MAX_FIRMWARE_BYTES = 256 * 1024 * 1024
 
 
 @router.post(
@@ -73,9 +75,9 @@ async def upload_firmware(
     image = await request.body()
     if not image:
         raise invalid(["body"], "the image is empty")
-    if len(image) > MAX_FIRMWARE_BYTES:
+    if len(image) > FIRMWARE_MAX_BODY_BYTES:
         raise HTTPException(
-            status.HTTP_413_CONTENT_TOO_LARGE, f"an image is at most {MAX_FIRMWARE_BYTES} bytes"
+            status.HTTP_413_CONTENT_TOO_LARGE, f"an image is at most {FIRMWARE_MAX_BODY_BYTES} bytes"
         )
     try:
         view, created = await state.devices.put_firmware(claims.tenant, device_type, version, image)
@@ -114,16 +116,15 @@ def _fingerprint(value: Any) -> str:
 
 
 @router.post("/v1/rollouts", status_code=status.HTTP_202_ACCEPTED)
-async def start_rollout(
-    body: RolloutRequest, state: State, claims: Admin, response: Response
-) -> dict[str, Any]:
+async def start_rollout(body: RolloutBody, state: State, claims: Admin, response: Response) -> dict[str, Any]:
     """Start a campaign; the same request again is the same campaign, another one 409."""
     view = await state.devices.firmware(claims.tenant, body.firmware_id)
     if view is None:
         raise invalid(["body", "firmware_id"], f"no firmware {body.firmware_id!r}")
     wid = rollout_id(claims.tenant, body.campaign_id)
     digest = _fingerprint(body.model_dump(mode="json"))
-    inp = RolloutInput(tenant=claims.tenant, actor=actor_of(claims), request=body)
+    request = as_contract(body, RolloutRequest)
+    inp = RolloutInput(tenant=claims.tenant, actor=actor_of(claims), request=request)
     stored = False
     if body.target.device_ids is not None:  # up to 100,000 ids: a claim check, not history
         claim_id = tenant_scoped_id("rollout-targets", claims.tenant, f"{body.campaign_id}/{digest[:32]}")
@@ -131,7 +132,9 @@ async def start_rollout(
             state.pool, claim_id, claims.tenant, "rollout-targets", body.target.device_ids
         )
         inp.targets = TargetClaim(claim_id=claim_id, count=len(body.target.device_ids))
-        inp.request = body.model_copy(update={"target": body.target.model_copy(update={"device_ids": None})})
+        inp.request = request.model_copy(
+            update={"target": request.target.model_copy(update={"device_ids": None})}
+        )
     try:
         await state.temporal.start_workflow(
             FirmwareRollout.run,
@@ -195,10 +198,10 @@ async def resume(campaign_id: str, state: State, claims: Admin) -> RolloutProgre
 
 @router.post("/v1/rollouts/{campaign_id}/cancel", response_model=RolloutProgress)
 async def cancel(
-    campaign_id: str, state: State, claims: Admin, reason: Annotated[str | None, Body(embed=True)] = None
+    campaign_id: str, state: State, claims: Admin, body: Annotated[Decision, Body()] = Decision()
 ) -> RolloutProgress:
     """Stop the campaign and roll back the devices that took the new firmware."""
-    return await _decide(campaign_id, "cancel", state, claims, reason)
+    return await _decide(campaign_id, "cancel", state, claims, body.reason)
 
 
 @router.get("/v1/device/jobs", response_model=JobView, responses={204: {"description": "no job"}})

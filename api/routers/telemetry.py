@@ -13,19 +13,23 @@ from pydantic import TypeAdapter, ValidationError
 from activities import analytics_facade, data_facade
 from activities.telemetry_accept import ConflictingBatch, StorageUnavailable, accept_batch
 from api.auth import Bearer, State, require
+from api.models.base import as_contract
+from api.models.telemetry import RuleBody, TelemetryAccepted, TelemetryBatch
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
-from fleetflow.contracts.telemetry import (
+from fleetflow.contracts.limits import (
+    DEVICE_ID_MAX_CHARS,
     FUTURE_TOLERANCE_S,
     MAX_AGE_DAYS,
     MAX_BATCH_BYTES,
+    NAME_MAX_CHARS,
+)
+from fleetflow.contracts.telemetry import (
     AlertView,
     QuarantinedBatch,
     QuarantineView,
     Rule,
-    TelemetryAccepted,
-    TelemetryBatch,
     TelemetryBatchDict,
     TelemetryPoint,
     TelemetrySeries,
@@ -161,7 +165,7 @@ async def read_telemetry(
     device_id: str,
     state: State,
     claims: Reader,
-    metric: Annotated[str | None, Query(max_length=64)] = None,
+    metric: Annotated[str | None, Query(max_length=NAME_MAX_CHARS)] = None,
     from_: Annotated[datetime | None, Query(alias="from")] = None,
     to: Annotated[datetime | None, Query()] = None,
     bucket: Annotated[
@@ -188,7 +192,9 @@ async def read_telemetry(
 
 @router.get("/v1/telemetry/quarantine", response_model=list[QuarantineView])
 async def quarantine(
-    state: State, claims: Reader, device_id: Annotated[str | None, Query(max_length=128)] = None
+    state: State,
+    claims: Reader,
+    device_id: Annotated[str | None, Query(max_length=DEVICE_ID_MAX_CHARS)] = None,
 ) -> list[QuarantineView]:
     """Readings kept aside because their device may not send (unknown, pending, decommissioned)."""
     rows = await data_facade.quarantined_readings(state.pool, claims.tenant, device_id)
@@ -204,8 +210,9 @@ async def quarantined_batches(state: State, claims: Reader) -> list[QuarantinedB
 
 
 @router.put("/v1/rules/{rule_id}", response_model=Rule)
-async def put_rule(rule_id: str, rule: Rule, state: State, claims: RuleWriter) -> Rule:
+async def put_rule(rule_id: str, body: RuleBody, state: State, claims: RuleWriter) -> Rule:
     """Create or replace an analytics rule of the caller's tenant."""
+    rule = as_contract(body, Rule)
     if rule.rule_id != rule_id:
         raise invalid(["body", "rule_id"], "must match the id in the path")
     async with state.quotas.count_lock(claims.tenant, "max_rules"):
@@ -233,7 +240,7 @@ async def alerts(
     state: State,
     claims: Reader,
     status_: Annotated[str | None, Query(alias="status", pattern="^(open|cleared)$")] = None,
-    device_id: Annotated[str | None, Query(max_length=128)] = None,
+    device_id: Annotated[str | None, Query(max_length=DEVICE_ID_MAX_CHARS)] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AlertView]:
     """Alerts, newest first."""

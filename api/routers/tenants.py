@@ -8,8 +8,9 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, HTTPException, Path, status
 
 from api.auth import Bearer, State, api_claims, require, token_of
-from fleetflow.contracts.common import TENANT_PATTERN
-from fleetflow.contracts.tenants import TenantProfile, TenantProfileView
+from api.models.tenants import TenantProfileView
+from fleetflow.contracts.limits import TENANT_PATTERN
+from fleetflow.contracts.tenants import TenantProfile
 from fleetflow.security import TokenClaims
 
 router = APIRouter(tags=["tenants"])

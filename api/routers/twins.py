@@ -13,6 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.notifications import NotificationService
 from api.auth import State, actor_of, require, require_device
+from api.models.twins import ReportedBody
 from api.openapi import body_schema
 from api.problems import invalid, not_found
 from api.time_travel import HistoryEntry, NoTwinThen, device_history, twin_as_of
@@ -22,7 +23,6 @@ from api.twin_long_poll import MAX_WAIT_S, long_poll
 from fleetflow.contracts.twin import (
     DeltaView,
     DesiredSet,
-    ReportedBody,
     ReportState,
     SetDesired,
     TwinState,

@@ -5,15 +5,14 @@ from __future__ import annotations
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field
 
-TENANT_PATTERN = r"^[a-z0-9][a-z0-9-]{0,62}$"
-DEVICE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$"
-
-TenantId = Annotated[str, StringConstraints(pattern=TENANT_PATTERN)]
-DeviceId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]
+from fleetflow.contracts.limits import DEVICE_ID_PATTERN as DEVICE_ID_PATTERN
+from fleetflow.contracts.limits import TENANT_PATTERN as TENANT_PATTERN
+from fleetflow.contracts.limits import DeviceId as DeviceId
+from fleetflow.contracts.limits import TenantId as TenantId
 
 
 def is_device_id(value: str) -> bool:
@@ -58,13 +57,27 @@ SERVICE_QUEUES: tuple[TaskQueue, ...] = (
 )
 
 
+class Contract(BaseModel):
+    """Base of every contract: what travels through Temporal (workflow and activity inputs and
+    results, signals, updates, queries, events) and what a service hands out.
+
+    An unknown field is ignored, not an error: during a rolling upgrade an old worker decodes
+    payloads that a newer API or worker wrote with a field it does not know yet (and a history
+    recorded by a newer release replays on an older one). Strictness belongs at the edge
+    (Strict): the API's bodies (`api/models/`) refuse unknown fields with a 422.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+
 class Strict(BaseModel):
-    """Base of every contract: unknown fields are an error, not silently dropped."""
+    """A model of what an edge accepts: an unknown field is an error, not silently dropped (the
+    API's bodies, `api/models/`). Never a Temporal payload's base: that is Contract."""
 
     model_config = ConfigDict(extra="forbid")
 
 
-class Actor(Strict):
+class Actor(Contract):
     """Who asked for an operation; travels into workflows for audit and checks."""
 
     subject: str
@@ -76,7 +89,7 @@ class Actor(Strict):
         return scope in self.scopes or "admin" in self.scopes
 
 
-class DomainEvent(Strict):
+class DomainEvent(Contract):
     """A fact the platform records durably and delivers to subscribers."""
 
     event_id: str

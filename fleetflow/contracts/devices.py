@@ -1,4 +1,5 @@
-"""Contracts of the device service and of onboarding (single and bulk)."""
+"""Contracts of the device service and of onboarding (single and bulk). The API's bodies and
+answers of these routes are in `api/models/devices.py` and `api/models/onboardings.py`."""
 
 from __future__ import annotations
 
@@ -7,20 +8,19 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import Field, StringConstraints, field_validator
+from pydantic import Field, field_validator
 
-from fleetflow.contracts.common import Actor, DeviceId, Strict, TenantId
+from fleetflow.contracts.common import Actor, Contract, DeviceId, TenantId
 
-MAX_METADATA_BYTES = 8192
-MAX_CONFIG_BYTES = 16384
-MAX_BULK_DEVICES = 10_000
-# nesting of metadata/config: a document deeper than ~250 levels cannot be serialised by
-# pydantic (the route answered 500), and one deeper than ~1,000 not even measured in bytes
-MAX_SPEC_DEPTH = 64
-
-DeviceTypeName = Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
-FirmwareVersion = Annotated[str, StringConstraints(pattern=r"^[0-9A-Za-z][0-9A-Za-z.+_-]{0,63}$")]
-Tag = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.:=/-]{1,64}$")]
+# the limits of a device are defined in limits; they stay importable from here
+from fleetflow.contracts.limits import MAX_BULK_DEVICES as MAX_BULK_DEVICES
+from fleetflow.contracts.limits import MAX_CONFIG_BYTES as MAX_CONFIG_BYTES
+from fleetflow.contracts.limits import MAX_METADATA_BYTES as MAX_METADATA_BYTES
+from fleetflow.contracts.limits import MAX_SPEC_DEPTH as MAX_SPEC_DEPTH
+from fleetflow.contracts.limits import MAX_TAGS, Reason
+from fleetflow.contracts.limits import DeviceTypeName as DeviceTypeName
+from fleetflow.contracts.limits import FirmwareVersion as FirmwareVersion
+from fleetflow.contracts.limits import Tag as Tag
 
 
 def attempt_owner(business_id: str, run_id: str) -> str:
@@ -63,13 +63,13 @@ class DeviceStatus(StrEnum):
     FAILED = "failed"
 
 
-class DeviceSpec(Strict):
+class DeviceSpec(Contract):
     """A device as an operator describes it for onboarding."""
 
     device_id: DeviceId
     device_type: DeviceTypeName
     firmware_version: FirmwareVersion = "0.0.0"
-    tags: Annotated[list[Tag], Field(max_length=32)] = Field(default_factory=list)
+    tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = Field(default_factory=list)
     metadata: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] | None = None
 
@@ -93,13 +93,14 @@ class DeviceSpec(Strict):
 
 
 class OnboardDeviceRequest(DeviceSpec):
-    """Body of `POST /v1/devices`."""
+    """A device to onboard and the onboarding's timeouts: the `request` of OnboardingInput (the
+    API's body is its strict form, api.models.devices.OnboardDeviceBody)."""
 
     first_contact_timeout_s: Annotated[int, Field(ge=1, le=7 * 86400)] = 600
     approval_timeout_s: Annotated[int, Field(ge=1, le=30 * 86400)] = 86400
 
 
-class DeviceTypeView(Strict):
+class DeviceTypeView(Contract):
     """A device type: its configuration schema and whether onboarding needs approval."""
 
     name: DeviceTypeName
@@ -121,7 +122,7 @@ class OnboardingStep(StrEnum):
     RECORD_EVENT = "record_event"
 
 
-class OnboardingInput(Strict):
+class OnboardingInput(Contract):
     """Input of the DeviceOnboarding workflow."""
 
     tenant: TenantId
@@ -130,7 +131,7 @@ class OnboardingInput(Strict):
     request_hash: str
 
 
-class OnboardingProgress(Strict):
+class OnboardingProgress(Contract):
     """The `progress` query of DeviceOnboarding."""
 
     workflow_id: str
@@ -145,7 +146,7 @@ class OnboardingProgress(Strict):
     credential: str | None = None
 
 
-class OnboardingResult(Strict):
+class OnboardingResult(Contract):
     """Output of a DeviceOnboarding that completed."""
 
     tenant: str
@@ -154,14 +155,14 @@ class OnboardingResult(Strict):
     credential_jti: str
 
 
-class ApprovalDecision(Strict):
+class ApprovalDecision(Contract):
     """Argument of the `approve` and `reject` updates."""
 
     actor: Actor
-    reason: Annotated[str, Field(max_length=500)] | None = None
+    reason: Reason | None = None
 
 
-class FirstContact(Strict):
+class FirstContact(Contract):
     """Signal `first_contact`: the device called in with its new credential."""
 
     jti: str
@@ -169,14 +170,14 @@ class FirstContact(Strict):
     firmware_version: FirmwareVersion | None = None
 
 
-class ValidateOnboarding(Strict):
+class ValidateOnboarding(Contract):
     """Input of `device.validate_onboarding`."""
 
     tenant: TenantId
     spec: DeviceSpec
 
 
-class ValidatedOnboarding(Strict):
+class ValidatedOnboarding(Contract):
     """The configuration to apply (type defaults merged) and whether approval is needed."""
 
     config: dict[str, Any]
@@ -185,7 +186,7 @@ class ValidatedOnboarding(Strict):
     config_schema: dict[str, Any] = Field(default_factory=dict)
 
 
-class RegisterDevice(Strict):
+class RegisterDevice(Contract):
     """Input of `device.register`."""
 
     tenant: TenantId
@@ -194,7 +195,7 @@ class RegisterDevice(Strict):
     actor: str
 
 
-class DeviceTransition(Strict):
+class DeviceTransition(Contract):
     """Input of the status-changing activities; only touches the given onboarding's device."""
 
     tenant: TenantId
@@ -205,7 +206,7 @@ class DeviceTransition(Strict):
     firmware_version: FirmwareVersion | None = None
 
 
-class IssueCredential(Strict):
+class IssueCredential(Contract):
     """Input of `device.issue_credential`; the same input gives the same credential."""
 
     tenant: TenantId
@@ -216,7 +217,7 @@ class IssueCredential(Strict):
     expires_at: datetime
 
 
-class IssuedCredential(Strict):
+class IssuedCredential(Contract):
     """A credential, returned once to whoever onboards the device."""
 
     jti: str
@@ -224,7 +225,7 @@ class IssuedCredential(Strict):
     expires_at: datetime
 
 
-class RevokeCredential(Strict):
+class RevokeCredential(Contract):
     """Input of `device.revoke_credential`."""
 
     tenant: TenantId
@@ -233,7 +234,7 @@ class RevokeCredential(Strict):
     reason: str
 
 
-class StoreConfig(Strict):
+class StoreConfig(Contract):
     """Input of `device.store_config`."""
 
     tenant: TenantId
@@ -243,7 +244,7 @@ class StoreConfig(Strict):
     actor: str
 
 
-class DeviceView(Strict):
+class DeviceView(Contract):
     """A device as the API shows it."""
 
     tenant: str
@@ -259,40 +260,10 @@ class DeviceView(Strict):
     updated_at: datetime
 
 
-class DevicePage(Strict):
-    """One page of `GET /v1/devices`."""
-
-    items: list[DeviceView]
-    next_cursor: str | None
-
-
-class OnboardingAccepted(Strict):
-    """Answer of `POST /v1/devices` (202)."""
-
-    workflow_id: str
-    run_id: str | None
-    status_url: str
-    temporal_ui_url: str
-    existing: bool = False
-
-
-class ContactAccepted(Strict):
-    """Answer of `POST /v1/device-contact`."""
-
-    device_id: str
-    status: str
-
-
 # --- bulk onboarding ---------------------------------------------------------
 
 
-class BulkOnboardRequest(Strict):
-    """Body of `POST /v1/devices:bulk` (JSON form; CSV rows become the same)."""
-
-    devices: Annotated[list[DeviceSpec], Field(min_length=1, max_length=MAX_BULK_DEVICES)]
-
-
-class BulkOnboardingInput(Strict):
+class BulkOnboardingInput(Contract):
     """Input of BulkOnboarding: a claim check on the stored device list, never the list."""
 
     tenant: TenantId
@@ -304,7 +275,7 @@ class BulkOnboardingInput(Strict):
     chunk_size: Annotated[int, Field(ge=1, le=5000)] = 500
 
 
-class BulkChunk(Strict):
+class BulkChunk(Contract):
     """Input of `device.provision_batch`: rows [offset, offset+limit) of the claim."""
 
     tenant: TenantId
@@ -317,7 +288,7 @@ class BulkChunk(Strict):
     expires_at: datetime
 
 
-class DeviceFailure(Strict):
+class DeviceFailure(Contract):
     """A device of a bulk onboarding that did not make it, and why."""
 
     index: int
@@ -325,14 +296,14 @@ class DeviceFailure(Strict):
     reason: str
 
 
-class BulkChunkResult(Strict):
+class BulkChunkResult(Contract):
     """What one batch did: the devices onboarded (with their credential jti) and the failures."""
 
     onboarded: list[str]
     failed: list[DeviceFailure]
 
 
-class DeviceBatch(Strict):
+class DeviceBatch(Contract):
     """Devices of one bulk onboarding, for batch compensation."""
 
     tenant: TenantId
@@ -344,7 +315,7 @@ class DeviceBatch(Strict):
     actor: str
 
 
-class BulkProgress(Strict):
+class BulkProgress(Contract):
     """The `progress` query of BulkOnboarding."""
 
     bulk_id: str
@@ -355,14 +326,3 @@ class BulkProgress(Strict):
     failed: int
     failures: list[DeviceFailure]
     reason: str | None = None
-
-
-class BulkAccepted(Strict):
-    """Answer of `POST /v1/devices:bulk` (202)."""
-
-    bulk_id: str
-    workflow_id: str
-    total: int
-    status_url: str
-    temporal_ui_url: str
-    existing: bool = False

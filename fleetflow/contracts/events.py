@@ -11,13 +11,13 @@ from pydantic import (
     Field,
     HttpUrl,
     SerializerFunctionWrapHandler,
-    StringConstraints,
     ValidationInfo,
     field_validator,
     model_serializer,
 )
 
-from fleetflow.contracts.common import DomainEvent, Strict, TenantId
+from fleetflow.contracts.common import Contract, DomainEvent, TenantId
+from fleetflow.contracts.limits import EventTypeName as EventTypeName
 from fleetflow.webhook_signing import secret_key
 
 DEVICE_ONBOARDED = "DeviceOnboarded"
@@ -38,21 +38,19 @@ CIRCUIT_OPENED = "SubscriptionCircuitOpened"
 CIRCUIT_CLOSED = "SubscriptionCircuitClosed"
 CIRCUIT_THRESHOLD, CIRCUIT_PROBE_S, CIRCUIT_MAX_PROBE_S = 5, 30.0, 3600.0
 
-EventTypeName = Annotated[str, StringConstraints(pattern=r"^(\*|[A-Za-z][A-Za-z0-9_.:-]{0,63})$")]
-
 
 def delivery_workflow_id(tenant: str, subscription_id: str) -> str:
     """The business id of a subscription's delivery workflow."""
     return f"deliveries-{tenant}-{subscription_id}"
 
 
-class EventBatch(Strict):
+class EventBatch(Contract):
     """Input of `notification.record_events`."""
 
     events: Annotated[list[DomainEvent], Field(max_length=5000)]
 
 
-class RetractEvent(Strict):
+class RetractEvent(Contract):
     """Input of `notification.retract_event` (saga compensation of a recorded event); with the
     tenant, only that tenant's event of this id is retracted."""
 
@@ -61,7 +59,7 @@ class RetractEvent(Strict):
     tenant: TenantId | None = None
 
 
-class RetractEvents(Strict):
+class RetractEvents(Contract):
     """Input of `notification.retract_events`: the events of one type of a tenant whose ids
     start with id_prefix (one undone attempt's), only those of device_ids when given."""
 
@@ -77,13 +75,6 @@ class RecordedEvent(DomainEvent):
     seq: int
 
 
-class EventPage(Strict):
-    """`GET /v1/events`: pass `next_after` back as `after` for the next page."""
-
-    items: list[RecordedEvent]
-    next_after: int | None = None
-
-
 # --- subscriptions -------------------------------------------------------------
 
 
@@ -95,7 +86,7 @@ def _key_of(secret: str) -> str:
 WebhookSecret = Annotated[str, Field(min_length=16, max_length=256), AfterValidator(_key_of)]
 
 
-class SubscriptionRequest(Strict):
+class SubscriptionRequest(Contract):
     """Body of `POST /v1/subscriptions`; the retry fields bound how long a failing
     webhook holds its queue before an event is dead-lettered."""
 
@@ -136,7 +127,7 @@ class CircuitState(StrEnum):
     HALF_OPEN = "half_open"
 
 
-class CircuitView(Strict):
+class CircuitView(Contract):
     """A subscription's circuit breaker as the API shows it."""
 
     state: CircuitState = CircuitState.CLOSED
@@ -147,7 +138,7 @@ class CircuitView(Strict):
     last_error: str | None = None
 
 
-class SubscriptionView(Strict):
+class SubscriptionView(Contract):
     """A subscription as the API shows it (never its secret)."""
 
     subscription_id: str
@@ -170,7 +161,7 @@ class SubscriptionView(Strict):
     circuit: CircuitView = Field(default_factory=CircuitView)
 
 
-class SecretRotation(Strict):
+class SecretRotation(Contract):
     """Body of `POST /v1/subscriptions/{id}/rotate-secret`: deliveries are signed with both the
     new and the replaced secret for `overlap_s`, then with the new one only."""
 
@@ -178,7 +169,7 @@ class SecretRotation(Strict):
     overlap_s: Annotated[int, Field(ge=0, le=MAX_SECRET_OVERLAP_S)] = SECRET_OVERLAP_S
 
 
-class DeliveryView(Strict):
+class DeliveryView(Contract):
     """One event for one subscription: `pending`, `delivered` or `dead` (a dead letter)."""
 
     delivery_id: int
@@ -190,17 +181,10 @@ class DeliveryView(Strict):
     event: RecordedEvent
 
 
-class DeliveryPage(Strict):
-    """`GET /v1/dead-letters`: pass `next_after` back as `after` for the next page."""
-
-    items: list[DeliveryView]
-    next_after: int | None = None
-
-
 # --- the delivery workflow and its activity -----------------------------------
 
 
-class DeliveryInput(Strict):
+class DeliveryInput(Contract):
     """Input of the `EventDelivery` workflow; the counters carry across continue-as-new."""
 
     tenant: TenantId
@@ -213,14 +197,14 @@ class DeliveryInput(Strict):
     dead_lettered: int = 0
 
 
-class DeliverPending(Strict):
+class DeliverPending(Contract):
     """Input of `notification.deliver_pending`."""
 
     subscription_id: str
     batch_limit: Annotated[int, Field(ge=1, le=1000)] = 100
 
 
-class DeliveryProgress(Strict):
+class DeliveryProgress(Contract):
     """Result of `notification.deliver_pending`."""
 
     delivered: int = 0
@@ -240,7 +224,7 @@ class DeliveryProgress(Strict):
         return data
 
 
-class DeliverySummary(Strict):
+class DeliverySummary(Contract):
     """Result of `EventDelivery` once its subscription is deleted."""
 
     subscription_id: str

@@ -1,16 +1,17 @@
-"""Contracts of firmware, rollout campaigns and decommissioning."""
+"""Contracts of firmware, rollout campaigns and decommissioning, and a device's job report. The
+API's bodies of these routes are in `api/models/rollouts.py`."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Annotated, Literal
 
-from pydantic import Field, StringConstraints, model_validator
+from pydantic import Field, model_validator
 
-from fleetflow.contracts.common import Actor, DeviceId, Strict, TenantId
-from fleetflow.contracts.devices import Tag
+from fleetflow.contracts.common import Actor, Contract, DeviceId, Strict, TenantId
+from fleetflow.contracts.limits import MAX_TARGET_DEVICES, MAX_TARGET_TAGS, Reason, Tag
+from fleetflow.contracts.limits import CampaignId as CampaignId  # defined in limits
 
-CampaignId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
 JobKind = Literal["update", "rollback"]
 DeviceProgress = Literal["downloading", "installing", "succeeded", "failed"]
 # a job's life: queued → offered → downloading → installing → succeeded | failed | timed_out;
@@ -25,7 +26,7 @@ DEVICE_DECOMMISSIONED = "DeviceDecommissioned"
 ROLLOUT_HISTORY_LIMIT = 4000
 
 
-class FirmwareView(Strict):
+class FirmwareView(Contract):
     """A stored firmware image."""
 
     firmware_id: str
@@ -36,14 +37,14 @@ class FirmwareView(Strict):
     uploaded_at: datetime
 
 
-class RolloutTarget(Strict):
+class RolloutTarget(Contract):
     """Which devices a campaign updates: explicit ids, or a device type with tags."""
 
-    device_ids: Annotated[list[DeviceId], Field(max_length=100_000)] | None = None
-    tags: Annotated[list[Tag], Field(max_length=16)] = Field(default_factory=list)
+    device_ids: Annotated[list[DeviceId], Field(max_length=MAX_TARGET_DEVICES)] | None = None
+    tags: Annotated[list[Tag], Field(max_length=MAX_TARGET_TAGS)] = Field(default_factory=list)
 
 
-class RolloutPolicy(Strict):
+class RolloutPolicy(Contract):
     """Waves, pace and abort criteria of a campaign."""
 
     canary: Annotated[int, Field(ge=1)] = 10
@@ -57,8 +58,9 @@ class RolloutPolicy(Strict):
     retry_limit: Annotated[int, Field(ge=0, le=10)] = 1
 
 
-class RolloutRequest(Strict):
-    """Body of `POST /v1/rollouts`."""
+class RolloutRequest(Contract):
+    """A campaign: the `request` of RolloutInput (the API's body is its strict form,
+    api.models.rollouts.RolloutBody)."""
 
     campaign_id: CampaignId
     firmware_id: str
@@ -72,14 +74,14 @@ class RolloutRequest(Strict):
         return self
 
 
-class TargetClaim(Strict):
+class TargetClaim(Contract):
     """An explicit target list stored in `fleetflow.claim_checks`: workflows carry its id and size."""
 
     claim_id: str
     count: int
 
 
-class RolloutInput(Strict):
+class RolloutInput(Contract):
     """Input of FirmwareRollout (and what it carries when it continues as new: all of its state)."""
 
     tenant: TenantId
@@ -93,7 +95,7 @@ class RolloutInput(Strict):
     history_limit: Annotated[int, Field(ge=1, le=9000)] = ROLLOUT_HISTORY_LIMIT
 
 
-class RolloutPlan(Strict):
+class RolloutPlan(Contract):
     """Output of `device.plan_rollout`: the fixed target list, split into waves."""
 
     total: int
@@ -102,7 +104,7 @@ class RolloutPlan(Strict):
     version: str
 
 
-class RolloutTick(Strict):
+class RolloutTick(Contract):
     """Input of `device.rollout_tick`: offer up to `offer` jobs of waves ≤ `wave`, expire, count."""
 
     tenant: TenantId
@@ -123,7 +125,7 @@ class RolloutTick(Strict):
     stopped: bool = False
 
 
-class JobOutcome(Strict):
+class JobOutcome(Contract):
     """A job that reached a final state."""
 
     device_id: str
@@ -132,7 +134,7 @@ class JobOutcome(Strict):
     seq: int
 
 
-class TickResult(Strict):
+class TickResult(Contract):
     """Output of `device.rollout_tick`: counts by state and the newly finished jobs."""
 
     offered: int
@@ -145,7 +147,7 @@ class TickResult(Strict):
     finished_through: int | None = None
 
 
-class StopRollout(Strict):
+class StopRollout(Contract):
     """Input of `device.stop_rollout`: cancel what has not started, queue the rollbacks."""
 
     tenant: TenantId
@@ -153,14 +155,14 @@ class StopRollout(Strict):
     rollback: bool
 
 
-class RolloutDecision(Strict):
+class RolloutDecision(Contract):
     """Argument of the pause / resume / cancel updates."""
 
     actor: Actor
-    reason: Annotated[str, Field(max_length=500)] | None = None
+    reason: Reason | None = None
 
 
-class RolloutProgress(Strict):
+class RolloutProgress(Contract):
     """Query `progress` of FirmwareRollout."""
 
     campaign_id: str
@@ -192,7 +194,7 @@ class RolloutProgress(Strict):
 RolloutInput.model_rebuild()
 
 
-class JobView(Strict):
+class JobView(Contract):
     """A device's pending job, as `GET /v1/device/jobs` shows it."""
 
     campaign_id: str
@@ -206,29 +208,16 @@ class JobView(Strict):
 
 
 class JobReport(Strict):
-    """Body of `POST /v1/device/jobs/{campaign_id}/progress`."""
+    """A device's progress on a job: the body of `POST /v1/device/jobs/{campaign_id}/progress`
+    and the payload of the MQTT gateway's job topic, so it is shared here and strict at both
+    edges (it never travels through Temporal)."""
 
     kind: JobKind = "update"
     state: DeviceProgress
-    detail: Annotated[str, Field(max_length=500)] | None = None
+    detail: Reason | None = None
 
 
-class DecommissionRequest(Strict):
-    """Body of `POST /v1/devices/{id}:decommission` (and each item of the bulk form)."""
-
-    telemetry: Literal["archive", "delete"] = "archive"
-    reason: Annotated[str, Field(max_length=500)] | None = None
-
-
-class BulkDecommissionRequest(Strict):
-    """Body of `POST /v1/devices:decommission`."""
-
-    device_ids: Annotated[list[DeviceId], Field(min_length=1, max_length=1000)]
-    telemetry: Literal["archive", "delete"] = "archive"
-    reason: Annotated[str, Field(max_length=500)] | None = None
-
-
-class DecommissionInput(Strict):
+class DecommissionInput(Contract):
     """Input of DeviceDecommission."""
 
     tenant: TenantId
@@ -238,7 +227,7 @@ class DecommissionInput(Strict):
     reason: str | None = None
 
 
-class DeviceStep(Strict):
+class DeviceStep(Contract):
     """Input of the decommission activities."""
 
     tenant: TenantId
@@ -248,7 +237,7 @@ class DeviceStep(Strict):
     reason: str | None = None
 
 
-class DecommissionProgress(Strict):
+class DecommissionProgress(Contract):
     """Query `progress` of DeviceDecommission."""
 
     device_id: str

@@ -7,16 +7,16 @@ from typing import Annotated
 
 from pydantic import Field
 
-from fleetflow.contracts.common import Strict
+from fleetflow.contracts.common import Contract
 
 
-class ProbeRequest(Strict):
+class ProbeRequest(Contract):
     """Input of each service's `ping` activity."""
 
     hold_ms: Annotated[int, Field(ge=0, le=60_000)] = 0
 
 
-class ProbeResult(Strict):
+class ProbeResult(Contract):
     """What one service says about itself."""
 
     service: str
@@ -25,7 +25,7 @@ class ProbeResult(Strict):
     database_error: str | None = None
 
 
-class SystemCheckRequest(Strict):
+class SystemCheckRequest(Contract):
     """Input of the SystemCheck workflow."""
 
     # at least 1 ms: a smaller one rounds to a zero (that is: no) activity timeout
@@ -33,7 +33,7 @@ class SystemCheckRequest(Strict):
     hold_ms: Annotated[int, Field(ge=0, le=60_000)] = 0
 
 
-class ServiceProbe(Strict):
+class ServiceProbe(Contract):
     """One service's answer (or silence) as seen by the workflow."""
 
     service: str
@@ -44,7 +44,7 @@ class ServiceProbe(Strict):
     error: str | None = None
 
 
-class SystemCheckResult(Strict):
+class SystemCheckResult(Contract):
     """Output of the SystemCheck workflow."""
 
     services: list[ServiceProbe]
@@ -56,7 +56,7 @@ class ServiceStatus(ServiceProbe):
     pollers: int | None = None
 
 
-class SystemReport(Strict):
+class SystemReport(Contract):
     """The report of `fleetflow check` and `GET /health`."""
 
     ok: bool

@@ -1,4 +1,6 @@
-"""Contracts of telemetry ingestion: the API batch, the ingestion windows, analytics rules."""
+"""Contracts of telemetry ingestion: the batch the data service accepts, the ingestion windows,
+analytics rules, and what the data service answers. The API's body and answer of
+`POST /v1/telemetry` are in `api/models/telemetry.py`."""
 
 from __future__ import annotations
 
@@ -8,25 +10,23 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, ConfigDict, Field, StringConstraints, model_validator
 from typing_extensions import TypedDict
 
-from fleetflow.contracts.common import DeviceId, DomainEvent, Strict
+from fleetflow.contracts.common import Contract, DomainEvent
 
-MAX_BATCH_READINGS = 10_000
-MAX_BATCH_BYTES = 2 * 1024 * 1024
-FUTURE_TOLERANCE_S = 300
-# the oldest `ts` accepted: a year back keeps a window within ~370 daily partitions and every
-# timestamp far inside what Python and PostgreSQL both represent
-MAX_AGE_DAYS = 366
-# |value| bound: squares times any window's count stay finite, so no aggregate (sum, var_pop,
-# the EWMA variance, z-scores, rates) can overflow
-MAX_ABS_VALUE = 1e100
+# the bounds of telemetry are defined in limits; they stay importable from here
+from fleetflow.contracts.limits import FUTURE_TOLERANCE_S as FUTURE_TOLERANCE_S
+from fleetflow.contracts.limits import MAX_ABS_VALUE as MAX_ABS_VALUE
+from fleetflow.contracts.limits import MAX_AGE_DAYS as MAX_AGE_DAYS
+from fleetflow.contracts.limits import MAX_BATCH_BYTES as MAX_BATCH_BYTES
+from fleetflow.contracts.limits import MAX_BATCH_READINGS as MAX_BATCH_READINGS
+from fleetflow.contracts.limits import BatchId as BatchId
+from fleetflow.contracts.limits import DeviceId, DeviceTypeName, RuleId
+from fleetflow.contracts.limits import Metric as Metric
+from fleetflow.contracts.limits import Value as Value
+
 # a window's payload bytes: what store_window holds in memory and its time bound scale with it
 MAX_WINDOW_BYTES = 16 * 1024 * 1024
 POISON = "PoisonWindow"  # ApplicationError type: a window step failing the same way on retry
 BUCKETS = 1024  # a batch's bucket; the shard that processes it is bucket % shards
-
-Metric = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9_.:-]{0,63}$")]
-Value = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
-BatchId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}$")]
 
 TELEMETRY_STORED = "TelemetryStored"
 ALERT_RAISED = "AlertRaised"
@@ -35,25 +35,9 @@ BATCH_QUARANTINED = "BatchQuarantined"
 ANALYSIS_FAILED = "AnalysisFailed"
 
 
-class Reading(Strict):
-    """One measurement of one device."""
-
-    device_id: DeviceId
-    ts: AwareDatetime
-    metric: Metric
-    value: Value
-
-
-class TelemetryBatch(Strict):
-    """Body of `POST /v1/telemetry`; `batch_id` makes a retry harmless."""
-
-    batch_id: BatchId
-    readings: Annotated[list[Reading], Field(min_length=1, max_length=MAX_BATCH_READINGS)]
-
-
 class ReadingDict(TypedDict):
-    """`Reading` as a TypedDict: the same checks, validated without building model objects
-    (the ingest hot path: about 40% less CPU per reading)."""
+    """A reading of an accepted batch: the checks of the API's `Reading`, validated without
+    building model objects (the ingest hot path: about 40% less CPU per reading)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
@@ -64,7 +48,7 @@ class ReadingDict(TypedDict):
 
 
 class TelemetryBatchDict(TypedDict):
-    """`TelemetryBatch` as a TypedDict, for the ingest hot path."""
+    """A batch the data service accepts, as the API validated it (strict, like its body)."""
 
     __pydantic_config__ = ConfigDict(extra="forbid")  # type: ignore[misc]
 
@@ -72,15 +56,7 @@ class TelemetryBatchDict(TypedDict):
     readings: Annotated[list[ReadingDict], Field(min_length=1, max_length=MAX_BATCH_READINGS)]
 
 
-class TelemetryAccepted(Strict):
-    """Answer of `POST /v1/telemetry` (202): the batch is durable."""
-
-    batch_id: str
-    readings: int
-    duplicate: bool = False
-
-
-class IngestionInput(Strict):
+class IngestionInput(Contract):
     """Input of TelemetryIngestion: which shard it drains, and how."""
 
     shard: Annotated[int, Field(ge=0)]
@@ -94,7 +70,7 @@ class IngestionInput(Strict):
     batches_quarantined: int = 0
 
 
-class ClaimWindow(Strict):
+class ClaimWindow(Contract):
     """Input of `data.claim_window`."""
 
     window_id: str
@@ -105,7 +81,7 @@ class ClaimWindow(Strict):
     max_bytes: int = MAX_WINDOW_BYTES
 
 
-class Window(Strict):
+class Window(Contract):
     """A set of claimed batches, processed together."""
 
     window_id: str
@@ -114,7 +90,7 @@ class Window(Strict):
     bytes: int = 0
 
 
-class Unready(Strict):
+class Unready(Contract):
     """A device whose readings are quarantined, and why."""
 
     tenant: str
@@ -122,7 +98,7 @@ class Unready(Strict):
     reason: str
 
 
-class WindowRef(Strict):
+class WindowRef(Contract):
     """Input of the window activities that need nothing but the window.
 
     counts_only: the activity keeps its lists (alerts, events) in its tables and answers counts;
@@ -133,7 +109,7 @@ class WindowRef(Strict):
     counts_only: bool = False
 
 
-class UnreadyDevices(Strict):
+class UnreadyDevices(Contract):
     """Output of `device.find_unready`: how many devices of the window may not send. They are
     kept in `device.window_unready` by window id; `devices` is only ever filled in histories
     recorded before that (it grew with the window and passed the payload limit)."""
@@ -142,7 +118,7 @@ class UnreadyDevices(Strict):
     count: int = 0
 
 
-class StoreWindow(Strict):
+class StoreWindow(Contract):
     """Input of `data.store_window`."""
 
     window_id: str
@@ -150,7 +126,7 @@ class StoreWindow(Strict):
     counts_only: bool = False
 
 
-class Stored(Strict):
+class Stored(Contract):
     """Output of `data.store_window`: readings stored and quarantined, per tenant."""
 
     window_id: str
@@ -160,7 +136,7 @@ class Stored(Strict):
     tenants: int = 0
 
 
-class Evaluated(Strict):
+class Evaluated(Contract):
     """Output of `analytics.evaluate`: how many alerts a window raised and cleared, and how many
     series could not be analysed. The events are in `analytics.window_events`; `events` is filled
     only for callers that are not counts_only (histories recorded before that)."""
@@ -171,20 +147,20 @@ class Evaluated(Strict):
     failed: int = 0
 
 
-class WindowSplit(Strict):
+class WindowSplit(Contract):
     """Output of `data.split_window`: the two halves a failing window's batches moved into."""
 
     parts: Annotated[list[Window], Field(max_length=2)]
 
 
-class QuarantineBatches(Strict):
+class QuarantineBatches(Contract):
     """Input of `data.quarantine_batches`: set a poison window's batches aside, with the reason."""
 
     window_id: str
     reason: Annotated[str, StringConstraints(max_length=2000)]
 
 
-class BatchesQuarantined(Strict):
+class BatchesQuarantined(Contract):
     """Output of `data.quarantine_batches`."""
 
     window_id: str
@@ -201,7 +177,7 @@ def ingestion_id(shard: int) -> str:
     return f"ingest-{shard}"
 
 
-class SuperviseIngestion(Strict):
+class SuperviseIngestion(Contract):
     """Input of IngestionSupervisor (`ingest-supervisor`) and `data.supervise_ingestion`."""
 
     shards: Annotated[int, Field(ge=1, le=BUCKETS)]
@@ -212,7 +188,7 @@ class SuperviseIngestion(Strict):
 MAX_ORPHANS = 20
 
 
-class Supervised(Strict):
+class Supervised(Contract):
     """Output of `data.supervise_ingestion`: shard workflows (re)started, batches reclaimed, and
     windows a dead run stored but never finished (analysis, events), for the supervisor to finish."""
 
@@ -221,7 +197,7 @@ class Supervised(Strict):
     orphans: Annotated[list[str], Field(max_length=MAX_ORPHANS)] = []
 
 
-class QuarantinedBatch(Strict):
+class QuarantinedBatch(Contract):
     """A batch set aside because storing or checking it failed the same way on every retry."""
 
     batch_id: str
@@ -230,7 +206,7 @@ class QuarantinedBatch(Strict):
     quarantined_at: datetime
 
 
-class IngestionProgress(Strict):
+class IngestionProgress(Contract):
     """Query `progress` of TelemetryIngestion."""
 
     shard: int
@@ -241,7 +217,7 @@ class IngestionProgress(Strict):
     batches_quarantined: int = 0
 
 
-class Rule(Strict):
+class Rule(Contract):
     """An analytics rule for one metric of one device type of a tenant.
 
     threshold: params `above` and/or `below`, with `clear_above` / `clear_below` for hysteresis.
@@ -249,8 +225,8 @@ class Rule(Strict):
     zscore: params `z` (raise), `clear_z`, `alpha` (EWMA weight), `min_samples`.
     """
 
-    rule_id: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")]
-    device_type: Annotated[str, StringConstraints(pattern=r"^[a-z][a-z0-9_-]{0,63}$")]
+    rule_id: RuleId
+    device_type: DeviceTypeName
     metric: Metric
     kind: Literal["threshold", "rate", "zscore"]
     params: dict[str, float]
@@ -274,7 +250,7 @@ class Rule(Strict):
         return self
 
 
-class AlertView(Strict):
+class AlertView(Contract):
     """An alert as the API shows it."""
 
     alert_id: int
@@ -289,7 +265,7 @@ class AlertView(Strict):
     cleared_value: float | None
 
 
-class QuarantineView(Strict):
+class QuarantineView(Contract):
     """Quarantined readings of one device, counted by reason."""
 
     device_id: str
@@ -298,7 +274,7 @@ class QuarantineView(Strict):
     last_ts: datetime
 
 
-class TelemetryPoint(Strict):
+class TelemetryPoint(Contract):
     """A raw reading or a time bucket's aggregate."""
 
     ts: datetime
@@ -310,7 +286,7 @@ class TelemetryPoint(Strict):
     count: int | None = None
 
 
-class TelemetrySeries(Strict):
+class TelemetrySeries(Contract):
     """Answer of `GET /v1/devices/{id}/telemetry`."""
 
     device_id: str

@@ -51,14 +51,6 @@ class TenantProfile(BaseModel):
         return defaults.model_copy(update=self.model_dump(exclude_none=True))
 
 
-class TenantProfileView(BaseModel):
-    """A tenant's profile as stored, and the limits in force."""
-
-    tenant: str
-    profile: TenantProfile
-    limits: TenantLimits
-
-
 def parse_limits(text: str) -> TenantLimits:
     """`name=value,name=value` (FLEETFLOW_QUOTAS; spaces separate too, as `str()` of the limits
     writes them) as limits over the built-in defaults; ValueError naming the bad entry."""

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from fleetflow.contracts.common import Actor, Strict, TenantId
+from fleetflow.contracts.common import Actor, Contract, TenantId
 
 # well under Temporal's 10,240-event warning; the twin continues as new past it
 TWIN_HISTORY_LIMIT = 2000
@@ -20,7 +20,7 @@ MAX_DOCUMENT_DEPTH = 10  # nesting of objects and arrays; {"a": 1} is 1 deep
 MAX_DOCUMENT_KEYS = 1000  # object members of a document, at every level
 
 
-class TwinState(Strict):
+class TwinState(Contract):
     """Everything the twin knows; carried across continue-as-new."""
 
     tenant: TenantId
@@ -35,7 +35,7 @@ class TwinState(Strict):
     end_reason: str | None = None
 
 
-class TwinInput(Strict):
+class TwinInput(Contract):
     """Input of DeviceTwin; `state` is set when it continues as new."""
 
     tenant: TenantId
@@ -48,7 +48,7 @@ class TwinInput(Strict):
     state: TwinState | None = None
 
 
-class SetDesired(Strict):
+class SetDesired(Contract):
     """Argument of the `set_desired` update: a JSON merge patch of the desired document."""
 
     actor: Actor
@@ -56,28 +56,28 @@ class SetDesired(Strict):
     expected_version: int | None = None
 
 
-class DesiredSet(Strict):
+class DesiredSet(Contract):
     """Result of `set_desired`."""
 
     version: int
     delta: dict[str, Any]
 
 
-class ReportState(Strict):
+class ReportState(Contract):
     """Signal `report`: a JSON merge patch of the reported document, from the device."""
 
     patch: dict[str, Any]
     at: datetime
 
 
-class EndTwin(Strict):
+class EndTwin(Contract):
     """Signal `end`: the device is retired; the twin completes."""
 
     reason: str
     actor: str
 
 
-class TwinView(Strict):
+class TwinView(Contract):
     """A twin as the API shows it (now, or as of a past point)."""
 
     device_id: str
@@ -93,20 +93,14 @@ class TwinView(Strict):
     run_id: str | None = None
 
 
-class ReportedBody(Strict):
-    """Body of `POST /v1/device/twin/reported`."""
-
-    reported: dict[str, Any]
-
-
-class DeltaView(Strict):
+class DeltaView(Contract):
     """Answer of `GET /v1/device/twin/delta`."""
 
     delta: dict[str, Any]
     desired_version: int
 
 
-class WaitForDelta(Strict):
+class WaitForDelta(Contract):
     """Argument of the `wait_for_delta` update: the device's long-poll, held by the twin itself."""
 
     tenant: TenantId

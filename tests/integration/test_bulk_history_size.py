@@ -16,8 +16,8 @@ import httpx
 import pytest
 from temporalio.client import Client
 
-from api.routers.devices import MAX_BULK_BYTES
-from fleetflow.contracts.devices import MAX_BULK_DEVICES
+from api.limits import BULK_MAX_BODY_BYTES as MAX_BULK_BYTES
+from fleetflow.contracts.limits import MAX_BULK_DEVICES
 from fleetflow.db import Pool
 from tests.integration.conftest import FAULTS
 from tests.integration.flows import AUTH

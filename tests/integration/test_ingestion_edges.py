@@ -19,12 +19,9 @@ from temporalio.client import Client, WorkflowExecutionStatus
 from activities import analytics
 from activities.telemetry import DataService
 from fleetflow import rules
+from fleetflow.contracts.limits import MAX_ABS_VALUE, MAX_AGE_DAYS, MAX_BATCH_BYTES, MAX_BATCH_READINGS
 from fleetflow.contracts.telemetry import (
     BUCKETS,
-    MAX_ABS_VALUE,
-    MAX_AGE_DAYS,
-    MAX_BATCH_BYTES,
-    MAX_BATCH_READINGS,
     SUPERVISOR_ID,
     ClaimWindow,
     StoreWindow,
