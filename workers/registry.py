@@ -72,13 +72,18 @@ def service_for(
 
 
 def carried_over(
-    queue: TaskQueue, pool: Pool, settings: Settings, http: httpx.AsyncClient | None = None
+    queue: TaskQueue,
+    pool: Pool,
+    settings: Settings,
+    http: httpx.AsyncClient | None = None,
+    temporal: Client | None = None,
 ) -> list[Callable[..., Any]]:
     """Activities a queue still runs for workflow runs started by older code: `EventDelivery`
     runs from before the webhook queue schedule `notification.deliver_pending` on the
-    notification queue until they continue as new (their recorded commands say so)."""
+    notification queue until they continue as new (their recorded commands say so). Like the
+    webhook queue's, it nudges the subscribers of the circuit events it records through temporal."""
     if queue is TaskQueue.NOTIFICATION:
-        delivery = service_for(TaskQueue.WEBHOOK, pool, settings, http=http)
+        delivery = service_for(TaskQueue.WEBHOOK, pool, settings, temporal, http=http)
         assert isinstance(delivery, WebhookDeliveryService)
         return [delivery.deliver_pending]
     return []

@@ -46,7 +46,7 @@ def build_worker(
     return Worker(
         client,
         task_queue=queue.value,
-        activities=activities_of(service) + carried_over(queue, pool, settings, http),
+        activities=activities_of(service) + carried_over(queue, pool, settings, http, client),
         max_concurrent_activities=slots,
         graceful_shutdown_timeout=timedelta(seconds=10),
     )

@@ -57,3 +57,7 @@ MAX_AGE_DAYS = 366
 MAX_ABS_VALUE = 1e100
 Value = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 BatchId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]  # a device id's shape
+
+# a rule's parameter (a bound, a rate, a z): finite, since the JSON parsers take 1e400 (infinity),
+# NaN and Infinity, which the rule's jsonb row cannot hold and a comparison never crosses
+RuleParam = Annotated[float, Field(allow_inf_nan=False)]

@@ -19,7 +19,7 @@ from fleetflow.contracts.limits import MAX_AGE_DAYS as MAX_AGE_DAYS
 from fleetflow.contracts.limits import MAX_BATCH_BYTES as MAX_BATCH_BYTES
 from fleetflow.contracts.limits import MAX_BATCH_READINGS as MAX_BATCH_READINGS
 from fleetflow.contracts.limits import BatchId as BatchId
-from fleetflow.contracts.limits import DeviceId, DeviceTypeName, RuleId
+from fleetflow.contracts.limits import DeviceId, DeviceTypeName, RuleId, RuleParam
 from fleetflow.contracts.limits import Metric as Metric
 from fleetflow.contracts.limits import Value as Value
 
@@ -229,7 +229,7 @@ class Rule(Contract):
     device_type: DeviceTypeName
     metric: Metric
     kind: Literal["threshold", "rate", "zscore"]
-    params: dict[str, float]
+    params: dict[str, RuleParam]
     enabled: bool = True
 
     @model_validator(mode="after")

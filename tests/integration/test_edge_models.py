@@ -82,3 +82,18 @@ async def test_a_cancel_reason_past_the_limit_is_a_422_naming_it(api: httpx.Asyn
     # at the limit, the route goes on to look for the campaign
     at_limit = await api.post("/v1/rollouts/edge-c4/cancel", json={"reason": reason[:-1]}, headers=AUTH)
     assert at_limit.status_code == 404, at_limit.text
+
+
+@pytest.mark.parametrize("bound", ["1e400", "-1e400", "NaN", "Infinity"])
+async def test_a_rule_threshold_that_is_no_finite_number_is_a_422_naming_it(
+    api: httpx.AsyncClient, bound: str
+) -> None:
+    """1e400 parses as infinity (NaN and Infinity are taken by the JSON parser too): the rule was
+    accepted and its params written as JSON PostgreSQL refuses, a 500 (a NaN bound never fires)."""
+    body = '{"rule_id": "r-inf", "device_type": "thermostat", "metric": "t", "kind": "threshold", '
+    body += f'"params": {{"above": {bound}}}}}'
+    response = await api.put(
+        "/v1/rules/r-inf", content=body, headers={**AUTH, "content-type": "application/json"}
+    )
+    assert response.status_code == 422, response.text
+    assert ["body", "params", "above"] in [e["loc"] for e in response.json()["errors"]]

@@ -13,6 +13,8 @@ from __future__ import annotations
 import ast
 import fnmatch
 import re
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,6 +34,7 @@ SERVICE_OF: tuple[tuple[str, str], ...] = (
     ("activities/subscription*.py", "notification"),
     ("activities/webhook*.py", "notification"),  # webhook deliveries: the notification service's
     ("activities/event*.py", "notification"),
+    ("activities/circuit*.py", "notification"),  # a subscription's circuit breaker
 )
 # kernel table -> the one module that reads and writes it
 KERNEL_OWNER: dict[str, str] = {
@@ -85,9 +88,79 @@ def _sql_strings(source: str) -> list[tuple[int, str]]:
     return found
 
 
-def tables_named(source: str) -> set[str]:
-    """The schema-qualified tables the module's SQL names."""
-    return {m.group(0) for _, text in _sql_strings(source) for m in _QUALIFIED.finditer(text)}
+def _tables() -> set[str]:
+    """Every table the migrations create (and the migrations' own ledger)."""
+    source = (ROOT / "fleetflow" / "migrations.py").read_text()
+    created = re.findall(r"CREATE TABLE (?:IF NOT EXISTS )?([a-z_]+\.[a-z_][a-z0-9_]*)", source)
+    return {*created, "fleetflow.schema_migrations"}
+
+
+TABLES = _tables()
+
+
+def _strings(source: str) -> list[str]:
+    """Every string literal but docstrings; an f-string's holes become `?`."""
+    tree = ast.parse(source)
+    skip = _docstrings(tree)
+    found: list[str] = []
+    inner: set[int] = set()
+    for node in ast.walk(tree):
+        if id(node) in skip:
+            continue
+        if isinstance(node, ast.JoinedStr):
+            inner.update(id(value) for value in node.values)
+            found.append("".join(str(v.value) if isinstance(v, ast.Constant) else "?" for v in node.values))
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in inner:
+            found.append(node.value)
+    return found
+
+
+@cache
+def _constants(source: str) -> dict[str, str]:
+    """The module-level names bound to a string literal (SQL pieces another module may import)."""
+    found: dict[str, str] = {}
+    for node in ast.parse(source).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else None
+        targets = node.targets if isinstance(node, ast.Assign) else [target] if target else []
+        value = node.value if isinstance(node, ast.Assign | ast.AnnAssign) else None
+        if isinstance(value, ast.Constant) and isinstance(value.value, str):
+            found.update({t.id: value.value for t in targets if isinstance(t, ast.Name)})
+    return found
+
+
+@cache
+def _project_module(name: str) -> str | None:
+    """The source of a project module (`activities.device_facade`), None for any other."""
+    path = ROOT / (name.replace(".", "/") + ".py")
+    return path.read_text() if name.split(".")[0] in SCANNED and path.is_file() else None
+
+
+def _imported_strings(source: str, read: Callable[[str], str | None]) -> list[str]:
+    """The string constants the module imports from the project's other modules: a piece of SQL
+    kept in another module's constant names its tables where it is run, here."""
+    found: list[str] = []
+    for node in ast.walk(ast.parse(source)):
+        if not isinstance(node, ast.ImportFrom) or node.module is None or node.level:
+            continue
+        other = read(node.module)
+        if other is None:
+            continue
+        constants = _constants(other)
+        found.extend(constants[alias.name] for alias in node.names if alias.name in constants)
+    return found
+
+
+def tables_named(source: str, read: Callable[[str], str | None] = _project_module) -> set[str]:
+    """The schema-qualified tables the module's SQL names: in its SQL statements, in any of its
+    strings that is an existing table's name (SQL built from pieces: `TABLE = "device.devices"`),
+    and in the string constants it imports from another module."""
+    named = {m.group(0) for _, text in _sql_strings(source) for m in _QUALIFIED.finditer(text)}
+    # a piece that is a table's name (`"device.devices"`, `"device.devices d"`), not prose about one
+    pieces = [m.group(0) for text in _strings(source) if (m := _QUALIFIED.match(text.strip()))]
+    named |= {table for table in pieces if table in TABLES}
+    imported = _imported_strings(source, read)
+    named |= {m.group(0) for text in imported for m in _QUALIFIED.finditer(text) if m.group(0) in TABLES}
+    return named
 
 
 def service_of(module: str) -> str | None:
@@ -95,13 +168,13 @@ def service_of(module: str) -> str | None:
     return next((service for pattern, service in SERVICE_OF if fnmatch.fnmatch(module, pattern)), None)
 
 
-def violations(module: str, source: str) -> list[str]:
+def violations(module: str, source: str, read: Callable[[str], str | None] = _project_module) -> list[str]:
     """What `module` (a path relative to the root) touches that is not its own."""
     if module in EXEMPT:
         return []
     own = service_of(module)
     wrong = []
-    for table in sorted(tables_named(source)):
+    for table in sorted(tables_named(source, read)):
         schema = table.split(".", 1)[0]
         if schema == "fleetflow":
             owner = KERNEL_OWNER.get(table)
@@ -153,6 +226,16 @@ async def evaluate(conn, window_id):
         "activities/analytics.py touches device.devices (device service; this module is analytics)"
     ]
     copy = 'async def f(conn): await conn.copy_records_to_table("readings", records=[], schema_name="data")'
+    pieces = 'TABLE = "device.devices"\nasync def f(conn): return await conn.fetch(f"SELECT * FROM {TABLE}")'
+    assert violations("activities/analytics.py", pieces) == [
+        "activities/analytics.py touches device.devices (device service; this module is analytics)"
+    ]
+    # a query kept in another module's constant is run by the module that imports it
+    imported = "from activities.device_reads import DEVICE_ROWS\n"
+    facade = {"activities.device_reads": 'DEVICE_ROWS = "SELECT * FROM device.devices WHERE tenant = $1"'}
+    assert violations("activities/analytics.py", imported, facade.get) == [
+        "activities/analytics.py touches device.devices (device service; this module is analytics)"
+    ]
     assert violations("activities/analytics.py", copy) == [
         "activities/analytics.py touches data.copy_target (data service; this module is analytics)"
     ]
@@ -206,6 +289,7 @@ def test_every_service_module_has_its_service() -> None:
         "activities/subscriptions.py": "notification",
         "activities/webhook_delivery.py": "notification",
         "activities/event_rows.py": "notification",
+        "activities/circuit_breaker.py": "notification",
         "activities/poison.py": None,
         "api/routers/telemetry.py": None,
     }

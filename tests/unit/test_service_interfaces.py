@@ -47,3 +47,33 @@ def test_a_composed_service_inherits_from_its_interface_only(interface: type, tm
     settings = load_settings({"FLEETFLOW_DATA_DIR": str(tmp_path)})
     service = service_for(interface.queue, pool=None, settings=settings)  # type: ignore[arg-type,attr-defined]
     assert type(service).__mro__[1:] == interface.__mro__
+
+
+async def test_the_legacy_delivery_queue_nudges_the_subscribers_of_circuit_events() -> None:
+    """`notification.deliver_pending` carried over on the notification queue (EventDelivery runs
+    from before the webhook queue) records circuit events like the webhook queue's does, and
+    must wake their subscribers' deliveries; built without the Temporal client it woke none
+    (they waited for their next poll)."""
+    from typing import Any
+
+    from fleetflow.contracts.common import TaskQueue
+    from fleetflow.settings import Settings
+    from workers.registry import carried_over
+
+    row = {"tenant": "acme", "subscription_id": "sub-1", "backoff_s": 2.0, "max_backoff_s": 300.0}
+    started: list[dict[str, Any]] = []
+
+    class Pool:
+        async def fetch(self, *_: Any) -> list[dict[str, Any]]:
+            return [row]
+
+    class Temporal:
+        async def start_workflow(self, workflow: str, arg: Any, **options: Any) -> None:
+            started.append({"workflow": workflow, **options})
+
+    (deliver,) = carried_over(TaskQueue.NOTIFICATION, Pool(), Settings(), temporal=Temporal())  # type: ignore[arg-type]
+    service = deliver.__self__  # type: ignore[attr-defined]
+    await service.breaker._nudge(["sub-1"])
+    assert [(s["workflow"], s["id"], s["start_signal"]) for s in started] == [
+        ("EventDelivery", "deliveries-acme-sub-1", "nudge")
+    ]
