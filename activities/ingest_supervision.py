@@ -108,38 +108,52 @@ class IngestionSupervision:
         """Windows of the last hour that were stored, or whose batch was quarantined, but whose
         events were never recorded, by runs that are not running (a run killed between storing
         or quarantining and recording)."""
+        # the runs first (a handful per shard and hour), then only dead runs' windows: what is
+        # read stays bounded however many windows an hour of traffic makes
+        runs = await self.pool.fetch(
+            """SELECT DISTINCT split_part(window_id, '/', 1) AS workflow_id,
+                      split_part(window_id, '/', 2) AS run_id
+               FROM (SELECT window_id FROM data.windows
+                     WHERE stored_at > now() - interval '1 hour'
+                     UNION ALL
+                     SELECT window_id FROM data.ingest_batches
+                     WHERE status = 'quarantined'
+                       AND quarantined_at > now() - interval '1 hour') recent"""
+        )
+        assert self.temporal is not None
+        dead = [r["run_id"] for r in runs if not await _running(self.temporal, r["workflow_id"], r["run_id"])]
+        if not dead:
+            return []
         # the windows that should have their events (this service's tables), then which of
-        # those events the notification service recorded (its facade): two queries in all
+        # those events the notification service recorded (its facade)
         candidates = await self.pool.fetch(
-            """SELECT window_id, split_part(window_id, '/', 1) AS workflow_id,
-                      split_part(window_id, '/', 2) AS run_id, tenant, event_id
+            """SELECT window_id, tenant, event_id
                FROM (SELECT w.window_id, w.stored_at AS at, t.tenant,
                             w.window_id || '/' || t.tenant || '/' || $1 AS event_id
                      FROM data.windows w
                      CROSS JOIN LATERAL (SELECT min(k) AS tenant FROM jsonb_object_keys(w.by_tenant) k) t
                      WHERE w.stored_at > now() - interval '1 hour' AND t.tenant IS NOT NULL
+                       AND split_part(w.window_id, '/', 2) = ANY($3::text[])
                      UNION
                      SELECT b.window_id, b.quarantined_at, b.tenant,
                             b.window_id || '/' || b.tenant || '/' || b.batch_id || '/' || $2
                      FROM data.ingest_batches b
                      WHERE b.status = 'quarantined'
-                       AND b.quarantined_at > now() - interval '1 hour') unfinished
-               ORDER BY at""",
+                       AND b.quarantined_at > now() - interval '1 hour'
+                       AND split_part(b.window_id, '/', 2) = ANY($3::text[])) unfinished
+               ORDER BY at LIMIT $4""",
             TELEMETRY_STORED,
             BATCH_QUARANTINED,
+            dead,
+            MAX_ORPHANS * 10,
         )
         recorded = await notification_facade.recorded(
             self.pool, [(c["tenant"], c["event_id"]) for c in candidates]
         )
-        rows = [c for c in candidates if (c["tenant"], c["event_id"]) not in recorded][:200]
         orphans: list[str] = []
-        alive: dict[tuple[str, str], bool] = {}
-        assert self.temporal is not None
-        for row in rows:
-            run = (row["workflow_id"], row["run_id"])
-            if run not in alive:
-                alive[run] = await _running(self.temporal, *run)
-            if not alive[run] and row["window_id"] not in orphans:  # a window may miss several
+        for row in candidates:
+            # a window may miss several events
+            if (row["tenant"], row["event_id"]) not in recorded and row["window_id"] not in orphans:
                 orphans.append(row["window_id"])
             if len(orphans) == MAX_ORPHANS:
                 break
