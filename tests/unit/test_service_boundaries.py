@@ -32,6 +32,7 @@ SERVICE_OF: tuple[tuple[str, str], ...] = (
     ("activities/subscription*.py", "notification"),
     ("activities/webhook*.py", "notification"),  # webhook deliveries: the notification service's
     ("activities/event*.py", "notification"),
+    ("activities/circuit_breaker.py", "notification"),  # webhook subscriptions' circuits
 )
 # kernel table -> the one module that reads and writes it
 KERNEL_OWNER: dict[str, str] = {
@@ -206,6 +207,7 @@ def test_every_service_module_has_its_service() -> None:
         "activities/subscriptions.py": "notification",
         "activities/webhook_delivery.py": "notification",
         "activities/event_rows.py": "notification",
+        "activities/circuit_breaker.py": "notification",
         "activities/poison.py": None,
         "api/routers/telemetry.py": None,
     }
