@@ -11,7 +11,11 @@ closes it and delivery goes on in order; another failure opens it again, the nex
 
 The state is a row of `notification.circuits` (no row: closed, no failures); each opening and
 closing is recorded, in the same transaction, as a `SubscriptionCircuitOpened` /
-`SubscriptionCircuitClosed` event of the subscription's tenant.
+`SubscriptionCircuitClosed` event of the subscription's tenant. An opening made by
+delivering a circuit event (another subscription's), and its closing, are recorded with
+`from_circuit_event` and delivered to no subscription: delivered, they could make transitions of
+their own at a receiver that fails and answers in turn, and two such subscriptions would feed
+each other events for ever.
 """
 
 from __future__ import annotations
@@ -33,6 +37,9 @@ from fleetflow.contracts.events import (
 )
 from fleetflow.db import Pool
 
+# in the data of a circuit event made by delivering one (store_events queues it for no one)
+FROM_CIRCUIT_EVENT = "from_circuit_event"
+CIRCUIT_EVENTS = frozenset({CIRCUIT_OPENED, CIRCUIT_CLOSED})
 # HTTP answers that say the receiver cannot take deliveries now (not: refuses this one)
 DOWN_STATUSES = frozenset({408, 429})
 
@@ -125,7 +132,8 @@ class CircuitBreaker:
         )
 
     async def answered(self, tenant: str, subscription_id: str, source: str | None = None) -> None:
-        """The receiver answered: failures forgotten, an open circuit closed (and recorded)."""
+        """The receiver answered: failures forgotten, an open circuit closed (and recorded, and
+        delivered when its opening was: watchers see both or neither)."""
         async with self.pool.acquire() as conn, conn.transaction():
             row = await conn.fetchrow(
                 """UPDATE notification.circuits c SET state = 'closed', consecutive_failures = 0,
@@ -140,6 +148,13 @@ class CircuitBreaker:
             )
             if row is None or row["was"] == CircuitState.CLOSED:
                 return
+            echo = await conn.fetchval(
+                """SELECT coalesce(data->>$3 = 'true', false) FROM notification.events
+                   WHERE tenant = $1 AND event_id = $2""",
+                tenant,
+                self._event_id(subscription_id, row["openings"], CIRCUIT_OPENED),
+                FROM_CIRCUIT_EVENT,
+            )
             _, queued = await self._record(
                 conn,
                 [
@@ -151,16 +166,25 @@ class CircuitBreaker:
                         row["at"],
                         source,
                         {"opened_at": row["opened_at"].isoformat()},
+                        bool(echo),
                     )
                 ],
             )
         await self._wake(queued)
 
     async def failed(
-        self, tenant: str, subscription_id: str, policy: CircuitPolicy, error: str, source: str | None = None
+        self,
+        tenant: str,
+        subscription_id: str,
+        policy: CircuitPolicy,
+        error: str,
+        source: str | None = None,
+        *,
+        echo: bool = False,
     ) -> float:
         """The receiver failed: counted; returns how long the circuit is now open for (0: it
-        stays closed). A failure at the threshold opens it (recorded); a failed probe opens
+        stays closed). A failure at the threshold opens it (recorded; `echo`: the failure was
+        to take a circuit event, the opening is recorded, not delivered); a failed probe opens
         it again for longer."""
         async with self.pool.acquire() as conn, conn.transaction():
             try:
@@ -212,6 +236,7 @@ class CircuitBreaker:
                     opened["opened_at"],
                     source,
                     data,
+                    echo,
                 )
                 _, queued = await self._record(conn, [event])
         await self._wake(queued)
@@ -222,6 +247,11 @@ class CircuitBreaker:
             await self._nudge(subscription_ids)
 
     @staticmethod
+    def _event_id(subscription_id: str, opening: int, kind: str) -> str:
+        # one id per opening of the circuit: a retry of the same transition is the same event
+        return f"circuit/{subscription_id}/{opening}/{kind}"
+
+    @staticmethod
     def _event(
         tenant: str,
         subscription_id: str,
@@ -230,10 +260,12 @@ class CircuitBreaker:
         at: datetime,
         source: str | None,
         data: dict[str, Any],
+        echo: bool,
     ) -> DomainEvent:
-        # one id per opening of the circuit: a retry of the same transition is the same event
+        if echo:
+            data = {**data, FROM_CIRCUIT_EVENT: True}
         return DomainEvent(
-            event_id=f"circuit/{subscription_id}/{opening}/{kind}",
+            event_id=CircuitBreaker._event_id(subscription_id, opening, kind),
             tenant=tenant,
             type=kind,
             occurred_at=at.astimezone(UTC),

@@ -23,13 +23,19 @@ from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
 from activities import analytics_facade, data_facade
+from activities.circuit_breaker import CIRCUIT_EVENTS, FROM_CIRCUIT_EVENT
 from activities.event_rows import EVENT_COLUMNS, recorded_event
 from activities.poison import poison_guard
 from activities.probe import probe
 from activities.subscriptions import Subscriptions
 from fleetflow import identity
 from fleetflow.contracts.common import DomainEvent, TaskQueue
-from fleetflow.contracts.events import EventBatch, RecordedEvent, RetractEvent, RetractEvents
+from fleetflow.contracts.events import (
+    EventBatch,
+    RecordedEvent,
+    RetractEvent,
+    RetractEvents,
+)
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, WindowRef
 from fleetflow.db import Pool
@@ -96,9 +102,17 @@ async def store_events(conn: Any, events: Sequence[DomainEvent]) -> tuple[int, l
                JOIN notification.subscriptions s ON s.tenant = e.tenant
                 AND (e.type = ANY(s.event_types) OR '*' = ANY(s.event_types))
              WHERE e.seq = ANY($1::bigint[])
+               -- a circuit's events are not queued behind that circuit (posted to the receiver
+               -- whose failures made them, each could open and close it again, one more pair
+               -- of events each time, for ever), nor at all when delivering a circuit event
+               -- made them (activities/circuit_breaker.py)
+               AND NOT coalesce(e.type = ANY($2::text[]) AND (e.data->>'subscription_id' = s.subscription_id
+                        OR e.data->>$3 = 'true'), false)
              ON CONFLICT DO NOTHING RETURNING subscription_id)
            SELECT array(SELECT DISTINCT subscription_id FROM queued)""",
         seqs,
+        list(CIRCUIT_EVENTS),
+        FROM_CIRCUIT_EVENT,
     )
     return len(seqs), list(queued)
 

@@ -32,6 +32,7 @@ from temporalio.exceptions import ApplicationError, ApplicationErrorCategory
 
 from activities.circuit_breaker import (
     CIRCUIT_COLUMNS,
+    CIRCUIT_EVENTS,
     Admission,
     CircuitBreaker,
     CircuitPolicy,
@@ -187,11 +188,12 @@ class WebhookDeliveryService(WebhookActivities):
             if activity.in_activity():
                 activity.heartbeat(progress.delivered)
             event = recorded_event(row)
+            echo = event.type in CIRCUIT_EVENTS  # an opening it makes is recorded, not delivered
             error, answer = await self._post(sub["url"], secrets, event)
             if error is not None and receiver_down(answer):
                 dirty = True
                 wait_s = await self.breaker.failed(
-                    tenant, request.subscription_id, CircuitPolicy.of(sub), error, source
+                    tenant, request.subscription_id, CircuitPolicy.of(sub), error, source, echo=echo
                 )
                 if wait_s:
                     # the circuit is open: the receiver is down, the event is not at fault

@@ -439,3 +439,63 @@ async def test_a_probe_cut_off_by_a_crash_is_posted_again_by_the_next_call(
         assert (await env.run(delivery.deliver_pending, pending)).delivered == 1
     assert len(hook.requests) == 2
     assert (await view(api, auth, sid))["circuit"]["state"] == "closed"
+
+
+async def test_a_subscriptions_own_circuit_events_are_not_queued_for_it(
+    api: httpx.AsyncClient, client: Client, pool: Pool, delivery: WebhookDeliveryService
+) -> None:
+    """A `*` subscription whose receiver fails and answers in turn: were its own circuit's
+    events queued for it, each would fail (opening the circuit: one more event), then be probed
+    (closing it: another), and one recorded event would feed it events for ever. A watcher
+    (another subscription) is still told both transitions."""
+    tenant, auth = new_tenant()
+    async with Answering(answer=DOWN) as hook, Receiver() as watcher:
+        sub = await breaking(api, auth, hook.url, 1, 1, 1, event_types=["*"])
+        sid = sub["subscription_id"]
+        await quiet(client, sub)
+        watching = await subscribe(api, auth, watcher.url, event_types=[CIRCUIT_OPENED, CIRCUIT_CLOSED])
+        sent = probe_events(tenant, "dev-1", 1)
+        await NotificationService(pool).record_events(sent)
+        pending, env = DeliverPending(subscription_id=sid), ActivityEnvironment()
+        assert (await env.run(delivery.deliver_pending, pending)).probe_in_s > 0
+        await make_due(pool, sid)
+        hook.response = OK
+        assert (await env.run(delivery.deliver_pending, pending)).delivered == 1
+        # the test's delivery service has no Temporal client to nudge the watcher's loop
+        await NotificationService(pool, client).subscriptions.nudge([watching["subscription_id"]])
+        await eventually(watcher.received, has(2))
+    assert await deliveries(pool, sid) == [("delivered", 1)]
+    assert (await view(api, auth, sid))["pending"] == 0
+    assert [e["type"] for e in watcher.events()] == [CIRCUIT_OPENED, CIRCUIT_CLOSED]
+
+
+async def test_a_transition_made_by_delivering_a_circuit_event_is_recorded_not_delivered(
+    api: httpx.AsyncClient, client: Client, pool: Pool, delivery: WebhookDeliveryService
+) -> None:
+    """Two subscriptions of a tenant, each told the other's transitions, at receivers that fail
+    and answer in turn: delivering one's circuit event opens and closes the other's circuit,
+    whose events, were they delivered, would do the same to the first, and so on for ever.
+    Every transition is recorded; only those made by other events are delivered."""
+    tenant, auth = new_tenant()
+    async with Answering(answer=DOWN) as first_hook, Answering(answer=DOWN) as second_hook:
+        first = await breaking(api, auth, first_hook.url, 1, 1, 1, event_types=["*"])
+        second = await breaking(
+            api, auth, second_hook.url, 1, 1, 1, event_types=[CIRCUIT_OPENED, CIRCUIT_CLOSED]
+        )
+        await quiet(client, first)
+        await quiet(client, second)
+        await NotificationService(pool).record_events(probe_events(tenant, "dev-1", 1))
+        env = ActivityEnvironment()
+        for sub, hook in ((first, first_hook), (second, second_hook)):
+            sid = sub["subscription_id"]
+            hook.response = DOWN
+            assert (
+                await env.run(delivery.deliver_pending, DeliverPending(subscription_id=sid))
+            ).probe_in_s > 0
+            await make_due(pool, sid)
+            hook.response = OK
+            await env.run(delivery.deliver_pending, DeliverPending(subscription_id=sid))
+            assert (await view(api, auth, sid))["pending"] == 0
+    assert [len(await events_of(api, auth, kind)) for kind in (CIRCUIT_OPENED, CIRCUIT_CLOSED)] == [2, 2]
+    assert await deliveries(pool, first["subscription_id"]) == [("delivered", 1)]
+    assert [e["type"] for e in second_hook.events()] == [CIRCUIT_OPENED, CIRCUIT_OPENED, CIRCUIT_CLOSED]
