@@ -37,10 +37,11 @@ def free_port() -> int:
 def bearer(
     tenant: str = "acme",
     scopes: list[str] | None = None,
-    ttl: timedelta = timedelta(minutes=10),
+    ttl: timedelta = timedelta(hours=3),
     ring: KeyRing = TEST_KEYS,
 ) -> dict[str, str]:
-    """Authorization header of an API token."""
+    """Authorization header of an API token (by default outliving a slow run of the whole suite:
+    session fixtures hold theirs from the start)."""
     token = issue_token(ring, subject="tester", tenant=tenant, scopes=scopes or sorted(SCOPES), ttl=ttl)
     return {"Authorization": f"Bearer {token}"}
 
