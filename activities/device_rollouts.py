@@ -1,27 +1,19 @@
-"""Firmware and rollout jobs of the device service: per-device job state in the `device`
-schema, driven in batches by the FirmwareRollout workflow and moved by the devices' reports."""
+"""The running of firmware campaigns in the device service: each tick of the FirmwareRollout
+workflow expires silent devices, checks the abort criteria, offers the next jobs and counts;
+a stop cancels what has not started and queues rollbacks. Planning is in
+`activities.device_rollout_plans`, the devices' reports in `activities.device_jobs`."""
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
 from datetime import datetime
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from temporalio import activity
-from temporalio.exceptions import ApplicationError
 
-from fleetflow import claim_checks
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
-    FirmwareView,
     JobOutcome,
-    JobView,
-    RolloutInput,
-    RolloutPlan,
-    RolloutPolicy,
     RolloutTick,
     StopRollout,
     TickResult,
@@ -37,167 +29,14 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 # finished jobs returned per tick: their events travel as one activity input, which stays
 # under 256 KiB even with 128-character device ids and the longest tenant and campaign ids
 FINISHED_WINDOW = 200
-# what a device may report after each state
-_NEXT = {
-    "offered": {"downloading", "installing", "succeeded", "failed"},
-    "downloading": {"downloading", "installing", "succeeded", "failed"},
-    "installing": {"installing", "succeeded", "failed"},
-}
-
-
-class FirmwareConflict(Exception):
-    """The same version of a device type was uploaded before with other content."""
-
-
-def wave_sizes(total: int, policy: RolloutPolicy) -> list[int]:
-    """Canary first, then waves growing by `growth` until every device has one."""
-    if total == 0:
-        return []
-    canary = policy.canary
-    if policy.canary_percent is not None:
-        canary = max(1, math.ceil(total * policy.canary_percent / 100))
-    sizes, left, size = [], total, min(canary, total)
-    while left > 0:
-        size = min(size, left)
-        sizes.append(size)
-        left -= size
-        size = max(size + 1, math.ceil(size * policy.growth))
-    return sizes
 
 
 class RolloutJobs:
-    """Firmware storage, rollout planning and the per-device jobs (a part of DeviceService,
+    """The ticks and stops of campaigns over their per-device jobs (a part of DeviceService,
     which serves the campaign activities through it)."""
 
-    def __init__(self, pool: Pool, firmware_dir: Path) -> None:
+    def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self.firmware_dir = firmware_dir
-
-    # --- firmware ----------------------------------------------------------------
-
-    async def put_firmware(
-        self, tenant: str, device_type: str, version: str, image: bytes
-    ) -> tuple[FirmwareView, bool]:
-        """Store an image (idempotent for the same content); FirmwareConflict for other content."""
-        digest = hashlib.sha256(image).hexdigest()
-        firmware_id = f"{device_type}-{version}"
-        existing = await self.firmware(tenant, firmware_id)
-        if existing is not None:
-            if existing.sha256 != digest:
-                raise FirmwareConflict(f"{device_type} {version} was uploaded with other content")
-            return existing, False
-        self.firmware_dir.mkdir(parents=True, exist_ok=True)
-        path = self.firmware_dir / digest
-        if not path.exists():
-            tmp = path.with_suffix(".part")
-            tmp.write_bytes(image)
-            tmp.replace(path)
-        row = await self.pool.fetchrow(
-            """INSERT INTO device.firmware (tenant, firmware_id, device_type, version, sha256, size, path)
-               VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT DO NOTHING RETURNING *""",
-            tenant,
-            firmware_id,
-            device_type,
-            version,
-            digest,
-            len(image),
-            str(path),
-        )
-        if row is None:  # a concurrent upload won: same rules
-            return await self.put_firmware(tenant, device_type, version, image)
-        return FirmwareView.model_validate({k: row[k] for k in FirmwareView.model_fields}), True
-
-    async def firmware(self, tenant: str, firmware_id: str) -> FirmwareView | None:
-        """A firmware image's metadata."""
-        row = await self.pool.fetchrow(
-            "SELECT * FROM device.firmware WHERE tenant = $1 AND firmware_id = $2", tenant, firmware_id
-        )
-        return (
-            None
-            if row is None
-            else FirmwareView.model_validate({k: row[k] for k in FirmwareView.model_fields})
-        )
-
-    async def firmware_path(self, tenant: str, firmware_id: str) -> Path | None:
-        """Where the image of a firmware is kept."""
-        path = await self.pool.fetchval(
-            "SELECT path FROM device.firmware WHERE tenant = $1 AND firmware_id = $2", tenant, firmware_id
-        )
-        return None if path is None else Path(path)
-
-    # --- campaign activities --------------------------------------------------------
-
-    async def plan_rollout(self, inp: RolloutInput) -> RolloutPlan:
-        """Fix the target list and its waves (once: a retry returns the recorded plan)."""
-        req, tenant = inp.request, inp.tenant
-        async with self.pool.acquire() as conn, conn.transaction():
-            fw = await conn.fetchrow(
-                "SELECT device_type, version FROM device.firmware WHERE tenant = $1 AND firmware_id = $2",
-                tenant,
-                req.firmware_id,
-            )
-            if fw is None:
-                raise ApplicationError(
-                    f"no firmware {req.firmware_id!r}", type="NoFirmware", non_retryable=True
-                )
-            done = await conn.fetchval(
-                "SELECT waves FROM device.rollouts WHERE tenant = $1 AND campaign_id = $2",
-                tenant,
-                req.campaign_id,
-            )
-            if done is not None:
-                return RolloutPlan(
-                    total=sum(done), waves=list(done), device_type=fw["device_type"], version=fw["version"]
-                )
-            claim_id = None if inp.targets is None else inp.targets.claim_id
-            listed = None if claim_id is None else await claim_checks.texts(conn, claim_id, tenant)
-            if claim_id is not None and listed is None:
-                # never read a missing list as "no list", which would mean every device
-                raise ApplicationError(
-                    f"the target list {claim_id} is missing", type="ClaimMissing", non_retryable=True
-                )
-            devices = await conn.fetch(
-                """SELECT device_id, firmware_version FROM device.devices
-                   WHERE tenant = $1 AND device_type = $2 AND status = 'active' AND firmware_version <> $3
-                     AND ($4::text[] IS NULL OR device_id = ANY($4)) AND tags @> $5
-                     AND ($6::text[] IS NULL OR device_id IN (SELECT unnest($6::text[])))
-                   ORDER BY device_id""",
-                tenant,
-                fw["device_type"],
-                fw["version"],
-                req.target.device_ids,
-                req.target.tags,
-                listed,
-            )
-            waves = wave_sizes(len(devices), req.policy)
-            recorded = req.model_dump(mode="json")
-            if inp.targets is not None:  # where the explicit list is kept
-                recorded["target"]["claim"] = inp.targets.model_dump()
-            numbers = [w for w, size in enumerate(waves) for _ in range(size)]
-            await conn.execute(
-                """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
-                   VALUES ($1, $2, $3, $4, $5)""",
-                tenant,
-                req.campaign_id,
-                req.firmware_id,
-                recorded,
-                waves,
-            )
-            await conn.execute(
-                """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
-                       target_version, previous_version)
-                   SELECT $1, $2, d, 'update', w, 'queued', $3, p
-                   FROM unnest($4::text[], $5::int[], $6::text[]) AS t(d, w, p)""",
-                tenant,
-                req.campaign_id,
-                fw["version"],
-                [d["device_id"] for d in devices],
-                numbers,
-                [d["firmware_version"] for d in devices],
-            )
-        return RolloutPlan(
-            total=len(devices), waves=waves, device_type=fw["device_type"], version=fw["version"]
-        )
 
     async def rollout_tick(self, tick: RolloutTick) -> TickResult:
         """Expire silent devices, check the abort criteria, offer new jobs, and count.
@@ -385,85 +224,3 @@ class RolloutJobs:
                 tenant,
                 campaign_id,
             )
-
-    # --- the device's side ------------------------------------------------------------
-
-    async def pending_job(self, tenant: str, device_id: str) -> JobView | None:
-        """The job a device should work on now (offered or in progress), if any."""
-        row = await self.pool.fetchrow(
-            """SELECT j.campaign_id, j.kind, j.state, j.target_version AS version,
-                      f.firmware_id, f.sha256, f.size
-               FROM device.rollout_jobs j
-               JOIN device.devices d USING (tenant, device_id)
-               LEFT JOIN device.firmware f ON f.tenant = j.tenant AND f.device_type = d.device_type
-                    AND f.version = j.target_version
-               WHERE j.tenant = $1 AND j.device_id = $2 AND j.state = ANY($3)
-               ORDER BY j.offered_at DESC LIMIT 1""",
-            tenant,
-            device_id,
-            list(ACTIVE_STATES),
-        )
-        if row is None:
-            return None
-        firmware_id = row["firmware_id"] or ""
-        return JobView(
-            campaign_id=row["campaign_id"],
-            kind=row["kind"],
-            state=row["state"],
-            firmware_id=firmware_id,
-            version=row["version"],
-            sha256=row["sha256"] or "",
-            size=row["size"] or 0,
-            download_url=f"/v1/device/firmware/{firmware_id}" if firmware_id else "",
-        )
-
-    async def report_job(
-        self, tenant: str, device_id: str, campaign_id: str, kind: str, state: str, detail: str | None
-    ) -> str | None:
-        """Move a device's job as it reports; on success its firmware version changes (returned)."""
-        final = state in ("succeeded", "failed")
-        async with self.pool.acquire() as conn, conn.transaction():
-            if final:
-                # a finish number is drawn before the commit: a tick (which locks this row for
-                # update) must not read a later number while this one is uncommitted, or its
-                # cursor passes this job and its event is never recorded. Locked first, before
-                # the job's row, in the order the tick takes them
-                await conn.execute(
-                    "SELECT 1 FROM device.rollouts WHERE tenant = $1 AND campaign_id = $2 FOR SHARE",
-                    tenant,
-                    campaign_id,
-                )
-            job = await conn.fetchrow(
-                """SELECT state, target_version FROM device.rollout_jobs
-                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4 FOR UPDATE""",
-                tenant,
-                campaign_id,
-                device_id,
-                kind,
-            )
-            if job is None:
-                raise LookupError(f"no {kind} job of campaign {campaign_id!r} for this device")
-            if state not in _NEXT.get(job["state"], set()):
-                raise ValueError(f"the job is {job['state']}: {state!r} is not a valid report now")
-            await conn.execute(
-                """UPDATE device.rollout_jobs SET state = $5, detail = $6, updated_at = now(),
-                       finished_seq = CASE WHEN $7 THEN nextval('device.rollout_finished_seq') END
-                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4""",
-                tenant,
-                campaign_id,
-                device_id,
-                kind,
-                state,
-                detail,
-                final,
-            )
-            if state == "succeeded":
-                await conn.execute(
-                    """UPDATE device.devices SET firmware_version = $3, updated_at = now()
-                       WHERE tenant = $1 AND device_id = $2""",
-                    tenant,
-                    device_id,
-                    job["target_version"],
-                )
-                return str(job["target_version"])
-        return None

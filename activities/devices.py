@@ -3,7 +3,8 @@
 Every write is an activity keyed by tenant + device id (and onboarding id), safe to
 retry: a repeated call finds its own earlier work and does nothing more. `DeviceService`
 implements every activity of `DeviceActivities`: the registry's here, the bulk and rollout
-ones by delegating to its parts (`BulkProvisioning`, `RolloutJobs`); the API reads through
+ones by delegating to its parts (`BulkProvisioning`, `FirmwareStore`, `RolloutPlanner`,
+`RolloutJobs`, `DeviceJobs`); the API reads through
 its read model (`DeviceReadModel`), exposed below under the names the API calls.
 """
 
@@ -11,7 +12,10 @@ from __future__ import annotations
 
 from activities import data_facade
 from activities.device_bulk import BulkProvisioning
+from activities.device_firmware import FirmwareStore
+from activities.device_jobs import DeviceJobs
 from activities.device_reads import DeviceReadModel
+from activities.device_rollout_plans import RolloutPlanner
 from activities.device_rollouts import RolloutJobs
 from activities.device_state import REUSABLE, device_room, refuse, register_device, set_status
 from activities.poison import poison_guard
@@ -62,7 +66,10 @@ class DeviceService(DeviceActivities):
         self.issuer = settings.jwt_issuer
         self.quota_defaults = settings.quotas
         self.reads = DeviceReadModel(pool)
-        self.rollouts = RolloutJobs(pool, settings.data_dir / "firmware")
+        self.firmware_store = FirmwareStore(pool, settings.data_dir / "firmware")
+        self.planner = RolloutPlanner(pool)
+        self.rollouts = RolloutJobs(pool)
+        self.device_jobs = DeviceJobs(pool)
         self.bulk = BulkProvisioning(pool, self.reads, self.keys, self.issuer, self.quota_defaults)
         # what the API asks of the device service, answered by its parts
         self.device_type = self.reads.device_type
@@ -73,11 +80,11 @@ class DeviceService(DeviceActivities):
         self.list_devices = self.reads.list_devices
         self.credential_active = self.reads.credential_active
         self.config_of = self.reads.config_of
-        self.put_firmware = self.rollouts.put_firmware
-        self.firmware = self.rollouts.firmware
-        self.firmware_path = self.rollouts.firmware_path
-        self.pending_job = self.rollouts.pending_job
-        self.report_job = self.rollouts.report_job
+        self.put_firmware = self.firmware_store.put_firmware
+        self.firmware = self.firmware_store.firmware
+        self.firmware_path = self.firmware_store.firmware_path
+        self.pending_job = self.device_jobs.pending_job
+        self.report_job = self.device_jobs.report_job
         self.bulk_credentials = self.bulk.bulk_credentials
 
     # --- activities ------------------------------------------------------------
@@ -300,12 +307,12 @@ class DeviceService(DeviceActivities):
         """Compensation of `provision_batch` for the given devices of this bulk import (None: all)."""
         await self.bulk.deprovision_batch(batch)
 
-    # --- firmware campaigns (RolloutJobs) ----------------------------------------------
+    # --- firmware campaigns (RolloutPlanner, RolloutJobs) --------------------------------
 
     @implements(DeviceActivities.plan_rollout)
     async def plan_rollout(self, inp: RolloutInput) -> RolloutPlan:
         """Fix the target list and its waves (once: a retry returns the recorded plan)."""
-        return await self.rollouts.plan_rollout(inp)
+        return await self.planner.plan_rollout(inp)
 
     @implements(DeviceActivities.rollout_tick)
     async def rollout_tick(self, tick: RolloutTick) -> TickResult:

@@ -209,7 +209,8 @@ def _run(coro: Coroutine[Any, Any, int]) -> int:
 
 
 def _graph(readme: str | None) -> int:
-    from fleetflow.dependency_graph import derive, mermaid, rewrite_readme
+    from fleetflow.dependency_graph import derive
+    from fleetflow.graph_render import mermaid, rewrite_readme
 
     graph = derive()
     if readme is None:

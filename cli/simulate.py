@@ -8,7 +8,6 @@ import asyncio
 import contextlib
 import csv
 import io
-import json
 import math
 import random
 import secrets
@@ -17,26 +16,18 @@ import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import httpx
 
+from cli.simulate_devices import IN_FLIGHT, METRICS, SimulatedDevice, drive, pause, refusal_reason
 from cli.simulate_jobs import JobStats, work_jobs
 from cli.simulate_receiver import ALERTS, Receiver
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
 
 TIMEOUT = httpx.Timeout(10.0, connect=3.0)
-IN_FLIGHT = 64  # telemetry requests at once
 ONBOARD_TIMEOUT_S = 600.0
-# metric -> (typical value, spread between devices, slow drift amplitude, noise)
-METRICS = {
-    "temperature": (21.0, 1.5, 0.8, 0.15),
-    "humidity": (45.0, 5.0, 3.0, 0.5),
-    "pressure": (1013.0, 3.0, 0.6, 0.2),
-}
-SPIKE_C = (25.0, 40.0)  # an anomaly adds this to a temperature reading: well past both rules
 
 
 @dataclass(frozen=True)
@@ -100,61 +91,6 @@ class Summary:
         )
 
 
-@dataclass
-class _Device:
-    device_id: str
-    credential: str
-    offsets: dict[str, float]
-    phase: float
-    batches: int = 0
-    acked: int = 0
-    turn: int = 0  # next metric, round robin
-
-    def batch(
-        self, n: int, start: datetime, elapsed: float, p: float, rng: random.Random
-    ) -> tuple[bytes, int]:
-        """A batch of n readings spread over the second from `start`; and its count of spikes."""
-        readings, spikes = [], 0
-        for i in range(n):
-            metric = list(METRICS)[self.turn % len(METRICS)]
-            self.turn += 1
-            base, _, drift, noise = METRICS[metric]
-            value = base + self.offsets[metric] + drift * math.sin(elapsed / 95.0 + self.phase)
-            value += rng.gauss(0.0, noise)
-            if metric == "temperature" and rng.random() < p:
-                value, spikes = value + rng.uniform(*SPIKE_C), spikes + 1
-            ts = start + timedelta(seconds=i / n)
-            readings.append(
-                {
-                    "device_id": self.device_id,
-                    "ts": ts.isoformat(),
-                    "metric": metric,
-                    "value": round(value, 2),
-                }
-            )
-        self.batches += 1
-        body = {"batch_id": f"{self.device_id}-{self.batches:06d}", "readings": readings}
-        return json.dumps(body).encode(), spikes
-
-
-async def _pause(stop: asyncio.Event, seconds: float) -> None:
-    """Sleep, unless stop is set first."""
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), max(seconds, 0.0))
-
-
-def _reason(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        # a problem (RFC 9457): `errors` names the fields, `detail` says it for a person
-        detail = body.get("errors") or body.get("detail", response.text)
-    except ValueError:
-        detail = response.text
-    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
-        detail = f"{'.'.join(str(p) for p in detail[0].get('loc', []))}: {detail[0].get('msg')}"
-    return f"{response.status_code} {str(detail)[:200]}"
-
-
 async def _call(http: httpx.AsyncClient, method: str, url: str, what: str, **kw: Any) -> httpx.Response:
     """A setup request; a transport error or refusal ends the run with one line."""
     try:
@@ -162,7 +98,7 @@ async def _call(http: httpx.AsyncClient, method: str, url: str, what: str, **kw:
     except httpx.TransportError as exc:
         raise StartupError(f"cannot reach the API at {http.base_url}: {exc or type(exc).__name__}") from None
     if response.status_code >= 400:
-        raise StartupError(f"{what} refused: {_reason(response)}")
+        raise StartupError(f"{what} refused: {refusal_reason(response)}")
     return response
 
 
@@ -183,7 +119,7 @@ async def _onboard(
     while progress["status"] in ("running", "compensating") and time.monotonic() < deadline:
         if stop.is_set():
             return {}
-        await _pause(stop, 0.3)
+        await pause(stop, 0.3)
         progress = (await _call(http, "GET", accepted["status_url"], "progress", headers=headers)).json()
     if progress["status"] != "completed" or progress.get("failed"):
         why = progress.get("failures", [{}])[0].get("reason") if progress.get("failures") else None
@@ -194,35 +130,6 @@ async def _onboard(
     if missing := [d for d in ids if d not in credentials]:
         raise StartupError(f"no credential for {len(missing)} device(s), e.g. {missing[0]}")
     return {d: credentials[d] for d in ids}
-
-
-async def _post(http: httpx.AsyncClient, device: _Device, body: bytes, n: int, summary: Summary) -> None:
-    """Send one batch as its device; a 503, a 429 or a transport error is retried with the same
-    batch id (after the 429's Retry-After)."""
-    headers = {"Authorization": f"Bearer {device.credential}", "Content-Type": "application/json"}
-    reason = ""
-    for attempt in range(3):
-        wait_s = 0.25 * 2**attempt
-        try:
-            response = await http.post("/v1/telemetry", content=body, headers=headers)
-        except httpx.TransportError as exc:
-            reason = f"{type(exc).__name__}: {exc}"[:200]
-        else:
-            if response.status_code == 202:
-                summary.acknowledged += n
-                summary.acknowledged_batches += 1
-                device.acked += n
-                return
-            reason = _reason(response)
-            if response.status_code not in (429, 503):
-                break
-            # over a tenant or device rate (429): wait as long as the API says, as a device would
-            retry_after = response.headers.get("Retry-After", "")
-            wait_s = max(wait_s, min(float(retry_after), 30.0)) if retry_after.isdigit() else wait_s
-        if attempt < 2:
-            await asyncio.sleep(wait_s)
-    summary.rejected += n
-    summary.reasons[reason] += 1
 
 
 async def _progress(summary: Summary, receiver: Receiver, out: TextIO, started: float, total: float) -> None:
@@ -244,41 +151,10 @@ async def _progress(summary: Summary, receiver: Receiver, out: TextIO, started: 
         out.flush()
 
 
-async def _drive(
-    http: httpx.AsyncClient,
-    devices: list[_Device],
-    options: Options,
-    summary: Summary,
-    rng: random.Random,
-    stop: asyncio.Event,
-) -> None:
-    """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices."""
-    gate = asyncio.Semaphore(IN_FLIGHT)
-    started = time.monotonic()
-    n = len(devices)
-
-    async def send(device: _Device, count: int, start: datetime, elapsed: float) -> None:
-        async with gate:
-            body, spikes = device.batch(count, start, elapsed, options.anomaly_rate, rng)
-            summary.sent, summary.batches = summary.sent + count, summary.batches + 1
-            summary.anomalies += spikes
-            await _post(http, device, body, count, summary)
-
-    for tick in range(math.ceil(options.duration_s)):
-        if stop.is_set() or time.monotonic() - started >= options.duration_s:
-            break
-        due = round(options.rate * min(tick + 1, options.duration_s)) - round(options.rate * tick)
-        first = (tick * (due % n)) % n  # who gets the remainder rotates, so low rates reach everyone
-        start, elapsed = datetime.now(UTC), time.monotonic() - started
-        counts = [due // n + ((i - first) % n < due % n) for i in range(n)]
-        await asyncio.gather(*(send(d, c, start, elapsed) for d, c in zip(devices, counts, strict=True) if c))
-        await _pause(stop, started + tick + 1 - time.monotonic())
-
-
 async def _settle(
     http: httpx.AsyncClient,
     headers: dict[str, str],
-    devices: list[_Device],
+    devices: list[SimulatedDevice],
     summary: Summary,
     receiver: Receiver,
     options: Options,
@@ -299,12 +175,12 @@ async def _settle(
                 return
             if sum(int(p["count"]) for p in response.json()["points"]) >= device.acked:
                 break
-            await _pause(stop, 0.5)
+            await pause(stop, 0.5)
     while time.monotonic() < deadline and not stop.is_set():
         alerted = receiver.count("AlertRaised") > 0 or summary.anomalies == 0 or summary.webhook_refused
         if alerted and time.monotonic() - receiver.last > 2.0:
             return
-        await _pause(stop, 0.25)
+        await pause(stop, 0.25)
 
 
 async def simulate(
@@ -358,11 +234,11 @@ async def simulate(
                 "it with FLEETFLOW_WEBHOOK_ALLOW_NETWORKS); alerts are not counted\n"
             )
         elif created.status_code >= 400:
-            raise StartupError(f"subscription refused: {_reason(created)}")
+            raise StartupError(f"subscription refused: {refusal_reason(created)}")
         else:
             subscription.append(str(created.json()["subscription_id"]))
         devices = [
-            _Device(
+            SimulatedDevice(
                 d,
                 c,
                 {m: rng.uniform(-s, s) for m, (_, s, _, _) in METRICS.items()},
@@ -390,7 +266,7 @@ async def simulate(
                 )
             )
             try:
-                await _drive(http, devices, options, summary, rng, stop)
+                await drive(http, devices, options, summary, rng, stop)
                 await _settle(http, headers, devices, summary, receiver, options, stop)
             finally:
                 jobs_done.set()

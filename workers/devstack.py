@@ -25,7 +25,8 @@ from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, connect, dev_server_args, ensure_search_attributes
-from workers.supervisor import Child, Supervisor, SupervisorFailed
+from workers.processes import metrics_port_of, worker_child
+from workers.supervisor import Child, Supervisor, supervise
 
 
 @dataclass(frozen=True)
@@ -55,17 +56,6 @@ def ensure_port_free(port: int, what: str, host: str = "127.0.0.1") -> None:
             sock.bind((host, port))
         except OSError:
             raise StartupError(f"port {port} is already in use ({what})") from None
-
-
-def metrics_port_of(base: int, index: int) -> int:
-    """The /metrics port of the index-th (0-based) worker process a command starts: base +
-    index (0: no endpoint). `fleetflow up` numbers its workers queue by queue in TaskQueue
-    order (orchestration, device, data, analytics, notification, webhook), N per queue."""
-    if base == 0:
-        return 0
-    if base + index > 65535:
-        raise StartupError(f"metrics port {base + index} is out of range (FLEETFLOW_METRICS_PORT={base})")
-    return base + index
 
 
 def dev_server_argv(data_dir: Path, port: int, ui_port: int, codec_endpoint: str) -> list[str]:
@@ -135,14 +125,14 @@ def up(settings: Settings, options: UpOptions) -> int:
     # a taken one is not fatal: that worker logs a warning and runs without /metrics
     ports = [metrics_port_of(settings.metrics_port, k) for k in range(len(TaskQueue) * options.workers)]
 
-    supervisor = Supervisor()
-    supervisor.install_signal_handlers()
     embedded = settings.database_url is None
     temporal_address = settings.temporal_address
     if not options.external_temporal:
         temporal_address = f"127.0.0.1:{options.temporal_port}"
     settings = settings.model_copy(update={"data_dir": data_dir, "temporal_address": temporal_address})
-    try:
+
+    def start(supervisor: Supervisor) -> bool:
+        nonlocal settings
         server = None
         if not options.external_temporal:
             argv = dev_server_argv(
@@ -154,7 +144,7 @@ def up(settings: Settings, options: UpOptions) -> int:
         asyncio.run(_prepare_database(dsn))
         asyncio.run(_wait_for_temporal(settings, server, timeout_s=60))
         if supervisor.stopping:
-            return 0
+            return False
 
         env = {
             "FLEETFLOW_DATA_DIR": str(data_dir),
@@ -164,21 +154,16 @@ def up(settings: Settings, options: UpOptions) -> int:
             "FLEETFLOW_API_HOST": settings.api_host,
             "FLEETFLOW_API_PORT": str(settings.api_port),
         }
-        cli = [sys.executable, "-m", "cli.main"]
         for q, queue in enumerate(TaskQueue):
             for i in range(options.workers):
-                argv = [*cli, "worker", "--queue", queue.value]
-                port = {"FLEETFLOW_METRICS_PORT": str(ports[q * options.workers + i])}
-                supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv, {**env, **port}, tier=1))
-        supervisor.add(Child("api", [*cli, "api"], env, tier=2))
+                supervisor.add(worker_child(queue, i, ports[q * options.workers + i], env))
+        supervisor.add(Child("api", [sys.executable, "-m", "cli.main", "api"], env, tier=2))
         _banner(settings, options)
-        supervisor.run()
-        return 0
-    except SupervisorFailed as exc:
-        print(f"fleetflow: {exc}; stopping", file=sys.stderr)
-        return 1
+        return True
+
+    try:
+        return supervise(start)
     finally:
-        supervisor.stop()
         if embedded:
             embedded_pg.stop(data_dir / "postgres")
 

@@ -4,31 +4,44 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Mapping
 
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
-from workers.devstack import metrics_port_of
-from workers.supervisor import Child, Supervisor, SupervisorFailed
-from workers.worker import run_worker
+from workers.supervisor import Child, Supervisor, supervise
+
+
+def metrics_port_of(base: int, index: int) -> int:
+    """The /metrics port of the index-th (0-based) worker process a command starts: base +
+    index (0: no endpoint). `fleetflow up` numbers its workers queue by queue in TaskQueue
+    order (orchestration, device, data, analytics, notification, webhook), N per queue."""
+    if base == 0:
+        return 0
+    if base + index > 65535:
+        raise StartupError(f"metrics port {base + index} is out of range (FLEETFLOW_METRICS_PORT={base})")
+    return base + index
+
+
+def worker_child(queue: TaskQueue, index: int, metrics_port: int, env: Mapping[str, str] = {}) -> Child:
+    """The index-th (0-based) supervised worker process of a queue, its /metrics on metrics_port."""
+    argv = [sys.executable, "-m", "cli.main", "worker", "--queue", queue.value]
+    port = {"FLEETFLOW_METRICS_PORT": str(metrics_port)}
+    return Child(f"worker-{queue.value}-{index + 1}", argv, {**env, **port}, tier=1)
 
 
 def run_workers(settings: Settings, queue: TaskQueue, processes: int) -> int:
     """One worker in this process, or `processes` supervised worker processes."""
     if processes == 1:
+        from workers.worker import run_worker  # the worker's imports only where one runs here
+
         asyncio.run(run_worker(queue, settings))
         return 0
-    supervisor = Supervisor()
-    supervisor.install_signal_handlers()
-    argv = [sys.executable, "-m", "cli.main", "worker", "--queue", queue.value]
-    try:
+
+    def start(supervisor: Supervisor) -> bool:
         for i in range(processes):
             # each process its own /metrics port: FLEETFLOW_METRICS_PORT + i
-            port = {"FLEETFLOW_METRICS_PORT": str(metrics_port_of(settings.metrics_port, i))}
-            supervisor.add(Child(f"worker-{queue.value}-{i + 1}", argv, port))
-        supervisor.run()
-        return 0
-    except SupervisorFailed as exc:
-        print(f"fleetflow: {exc}; stopping", file=sys.stderr)
-        return 1
-    finally:
-        supervisor.stop()
+            supervisor.add(worker_child(queue, i, metrics_port_of(settings.metrics_port, i)))
+        return True
+
+    return supervise(start)

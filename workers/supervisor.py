@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import FrameType
 
@@ -112,3 +113,20 @@ class Supervisor:
                 except subprocess.TimeoutExpired:
                     process.kill()
                     process.wait()
+
+
+def supervise(start: Callable[[Supervisor], bool]) -> int:
+    """Run a supervisor (stopped by SIGINT/SIGTERM) over the children `start` adds; `start`
+    returns False to end before running. 0, or 1 with one line on stderr when a child failed for
+    good; every child is stopped on the way out, whatever happened."""
+    supervisor = Supervisor()
+    supervisor.install_signal_handlers()
+    try:
+        if start(supervisor):
+            supervisor.run()
+        return 0
+    except SupervisorFailed as exc:
+        print(f"fleetflow: {exc}; stopping", file=sys.stderr)
+        return 1
+    finally:
+        supervisor.stop()

@@ -14,7 +14,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.device_rollouts import FirmwareConflict
+from activities.device_firmware import FirmwareConflict
 from api.auth import State, actor_of, require, require_device
 from api.limits import FIRMWARE_MAX_BODY_BYTES
 from api.models.base import as_contract

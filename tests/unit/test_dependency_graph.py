@@ -10,6 +10,7 @@ from temporalio import workflow
 
 from api.routers.health import service_nodes
 from cli.main import build_parser, dispatch
+from fleetflow.code_scan import scan
 from fleetflow.dependency_graph import (
     ALLOWED,
     ORCHESTRATION,
@@ -18,12 +19,8 @@ from fleetflow.dependency_graph import (
     Edge,
     check,
     derive,
-    mermaid,
-    owned_tables,
-    readme_block,
-    rewrite_readme,
-    scan,
 )
+from fleetflow.graph_render import mermaid, owned_tables, readme_block, rewrite_readme
 from fleetflow.interfaces import CATALOGUE, INTERFACES
 from workers.registry import WORKFLOWS
 

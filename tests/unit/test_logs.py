@@ -28,7 +28,7 @@ from fleetflow.logs import (
 from fleetflow.metrics import OUTCOMES
 from fleetflow.payload_codec import PayloadKeyError
 from fleetflow.settings import load_settings
-from workers.devstack import metrics_port_of
+from workers.processes import metrics_port_of
 
 
 def line(record: logging.LogRecord) -> dict[str, Any]:

@@ -1,0 +1,149 @@
+"""The simulated devices of `fleetflow simulate`: readings with a per-device offset, a slow
+drift, noise and injected temperature spikes, sent as each device with its own credential at
+the run's rate (a refused batch is retried as a device would)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from cli.simulate import Options, Summary
+
+IN_FLIGHT = 64  # telemetry requests at once
+# metric -> (typical value, spread between devices, slow drift amplitude, noise)
+METRICS = {
+    "temperature": (21.0, 1.5, 0.8, 0.15),
+    "humidity": (45.0, 5.0, 3.0, 0.5),
+    "pressure": (1013.0, 3.0, 0.6, 0.2),
+}
+SPIKE_C = (25.0, 40.0)  # an anomaly adds this to a temperature reading: well past both rules
+
+
+@dataclass
+class SimulatedDevice:
+    """One simulated device: its credential, its offsets from the typical values, its counts."""
+
+    device_id: str
+    credential: str
+    offsets: dict[str, float]
+    phase: float
+    batches: int = 0
+    acked: int = 0
+    turn: int = 0  # next metric, round robin
+
+    def batch(
+        self, n: int, start: datetime, elapsed: float, p: float, rng: random.Random
+    ) -> tuple[bytes, int]:
+        """A batch of n readings spread over the second from `start`; and its count of spikes."""
+        readings, spikes = [], 0
+        for i in range(n):
+            metric = list(METRICS)[self.turn % len(METRICS)]
+            self.turn += 1
+            base, _, drift, noise = METRICS[metric]
+            value = base + self.offsets[metric] + drift * math.sin(elapsed / 95.0 + self.phase)
+            value += rng.gauss(0.0, noise)
+            if metric == "temperature" and rng.random() < p:
+                value, spikes = value + rng.uniform(*SPIKE_C), spikes + 1
+            ts = start + timedelta(seconds=i / n)
+            readings.append(
+                {
+                    "device_id": self.device_id,
+                    "ts": ts.isoformat(),
+                    "metric": metric,
+                    "value": round(value, 2),
+                }
+            )
+        self.batches += 1
+        body = {"batch_id": f"{self.device_id}-{self.batches:06d}", "readings": readings}
+        return json.dumps(body).encode(), spikes
+
+
+async def pause(stop: asyncio.Event, seconds: float) -> None:
+    """Sleep, unless stop is set first."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), max(seconds, 0.0))
+
+
+def refusal_reason(response: httpx.Response) -> str:
+    """Why the API refused a request, in one line: status, then the first field error or the detail."""
+    try:
+        body = response.json()
+        # a problem (RFC 9457): `errors` names the fields, `detail` says it for a person
+        detail = body.get("errors") or body.get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    if isinstance(detail, list) and detail and isinstance(detail[0], dict):
+        detail = f"{'.'.join(str(p) for p in detail[0].get('loc', []))}: {detail[0].get('msg')}"
+    return f"{response.status_code} {str(detail)[:200]}"
+
+
+async def post_batch(
+    http: httpx.AsyncClient, device: SimulatedDevice, body: bytes, n: int, summary: Summary
+) -> None:
+    """Send one batch as its device; a 503, a 429 or a transport error is retried with the same
+    batch id (after the 429's Retry-After)."""
+    headers = {"Authorization": f"Bearer {device.credential}", "Content-Type": "application/json"}
+    reason = ""
+    for attempt in range(3):
+        wait_s = 0.25 * 2**attempt
+        try:
+            response = await http.post("/v1/telemetry", content=body, headers=headers)
+        except httpx.TransportError as exc:
+            reason = f"{type(exc).__name__}: {exc}"[:200]
+        else:
+            if response.status_code == 202:
+                summary.acknowledged += n
+                summary.acknowledged_batches += 1
+                device.acked += n
+                return
+            reason = refusal_reason(response)
+            if response.status_code not in (429, 503):
+                break
+            # over a tenant or device rate (429): wait as long as the API says, as a device would
+            retry_after = response.headers.get("Retry-After", "")
+            wait_s = max(wait_s, min(float(retry_after), 30.0)) if retry_after.isdigit() else wait_s
+        if attempt < 2:
+            await asyncio.sleep(wait_s)
+    summary.rejected += n
+    summary.reasons[reason] += 1
+
+
+async def drive(
+    http: httpx.AsyncClient,
+    devices: list[SimulatedDevice],
+    options: Options,
+    summary: Summary,
+    rng: random.Random,
+    stop: asyncio.Event,
+) -> None:
+    """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices."""
+    gate = asyncio.Semaphore(IN_FLIGHT)
+    started = time.monotonic()
+    n = len(devices)
+
+    async def send(device: SimulatedDevice, count: int, start: datetime, elapsed: float) -> None:
+        async with gate:
+            body, spikes = device.batch(count, start, elapsed, options.anomaly_rate, rng)
+            summary.sent, summary.batches = summary.sent + count, summary.batches + 1
+            summary.anomalies += spikes
+            await post_batch(http, device, body, count, summary)
+
+    for tick in range(math.ceil(options.duration_s)):
+        if stop.is_set() or time.monotonic() - started >= options.duration_s:
+            break
+        due = round(options.rate * min(tick + 1, options.duration_s)) - round(options.rate * tick)
+        first = (tick * (due % n)) % n  # who gets the remainder rotates, so low rates reach everyone
+        start, elapsed = datetime.now(UTC), time.monotonic() - started
+        counts = [due // n + ((i - first) % n < due % n) for i in range(n)]
+        await asyncio.gather(*(send(d, c, start, elapsed) for d, c in zip(devices, counts, strict=True) if c))
+        await pause(stop, started + tick + 1 - time.monotonic())
