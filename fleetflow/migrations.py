@@ -527,4 +527,30 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0230_alarm_lifecycle",
+        """
+        -- alarm lifecycle: a severity per rule (copied onto its alerts), acknowledge and clear
+        -- by hand; an acknowledged alert is still active, so it stays the one alert of its
+        -- device and rule (the rule neither raises a second one nor loses the clear)
+        ALTER TABLE analytics.rules ADD COLUMN severity text NOT NULL DEFAULT 'major'
+            CHECK (severity IN ('critical', 'major', 'minor', 'warning', 'info'));
+        ALTER TABLE analytics.alerts
+            ADD COLUMN severity text NOT NULL DEFAULT 'major'
+                CHECK (severity IN ('critical', 'major', 'minor', 'warning', 'info')),
+            ADD COLUMN acknowledged_at timestamptz,
+            ADD COLUMN acknowledged_by text,
+            ADD COLUMN ack_comment text,
+            ADD COLUMN cleared_by text,
+            ADD COLUMN clear_comment text,
+            ADD COLUMN action_ids text[] NOT NULL DEFAULT '{}',
+            DROP CONSTRAINT alerts_status_check,
+            ADD CONSTRAINT alerts_status_check CHECK (status IN ('open', 'acknowledged', 'cleared'));
+        DROP INDEX analytics.alerts_one_open;
+        CREATE UNIQUE INDEX alerts_one_active ON analytics.alerts (tenant, device_id, rule_id)
+            WHERE status <> 'cleared';
+        CREATE INDEX alerts_tenant_severity ON analytics.alerts (tenant, severity, alert_id);
+        CREATE INDEX alerts_tenant_device ON analytics.alerts (tenant, device_id, alert_id);
+        """,
+    ),
 ]

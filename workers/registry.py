@@ -18,6 +18,7 @@ from fleetflow.db import Pool
 from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from fleetflow.webhook_network import AddressPolicy
+from workflows.alert_lifecycle import AlertLifecycle
 from workflows.bulk_onboarding import BulkOnboarding
 from workflows.device_decommission import DeviceDecommission
 from workflows.device_onboarding import DeviceOnboarding
@@ -38,6 +39,7 @@ WORKFLOWS: Sequence[type] = (
     EventDelivery,
     FirmwareRollout,
     DeviceDecommission,
+    AlertLifecycle,
 )
 
 
