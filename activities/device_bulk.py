@@ -218,7 +218,7 @@ class BulkProvisioning:
                JOIN device.devices d USING (tenant, device_id)
                WHERE c.tenant = $1 AND split_part(d.onboarding_id, '/', 1) = $2
                  AND c.jti LIKE d.onboarding_id || ':%'
-                 AND c.revoked_at IS NULL ORDER BY c.device_id""",
+                 AND c.revoked_at IS NULL AND c.valid_until IS NULL ORDER BY c.device_id""",
             tenant,
             bulk_id,
         )

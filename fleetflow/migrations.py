@@ -553,4 +553,29 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX alerts_tenant_device ON analytics.alerts (tenant, device_id, alert_id);
         """,
     ),
+    (
+        "0230_credential_renewal",
+        """
+        -- credential renewal and rotation: a superseded credential stays valid until
+        -- valid_until (the overlap), which the credential check honours, so the end of the
+        -- overlap needs no process to be alive; lifetime and overlap per device type
+        ALTER TABLE device.device_types
+            ADD COLUMN credential_lifetime_days integer CHECK (credential_lifetime_days > 0),
+            ADD COLUMN credential_overlap_s integer CHECK (credential_overlap_s >= 0);
+        ALTER TABLE device.credentials
+            ADD COLUMN valid_until timestamptz,
+            ADD COLUMN replaced_by text;
+        -- one row per device of a rotation (or renewal): what happened to it, and its new jti
+        CREATE TABLE device.credential_rotations (
+            tenant      text NOT NULL,
+            rotation_id text NOT NULL,
+            device_id   text NOT NULL,
+            outcome     text NOT NULL CHECK (outcome IN ('rotated', 'skipped')),
+            reason      text,
+            jti         text,
+            at          timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, rotation_id, device_id)
+        );
+        """,
+    ),
 ]

@@ -20,6 +20,7 @@ from fleetflow.settings import Settings
 from fleetflow.webhook_network import AddressPolicy
 from workflows.alert_lifecycle import AlertLifecycle
 from workflows.bulk_onboarding import BulkOnboarding
+from workflows.credential_rotation import CredentialRotation
 from workflows.device_decommission import DeviceDecommission
 from workflows.device_onboarding import DeviceOnboarding
 from workflows.device_twin import DeviceTwin
@@ -40,6 +41,7 @@ WORKFLOWS: Sequence[type] = (
     FirmwareRollout,
     DeviceDecommission,
     AlertLifecycle,
+    CredentialRotation,
 )
 
 

@@ -57,3 +57,6 @@ MAX_AGE_DAYS = 366
 MAX_ABS_VALUE = 1e100
 Value = Annotated[float, Field(allow_inf_nan=False, ge=-MAX_ABS_VALUE, le=MAX_ABS_VALUE)]
 BatchId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]  # a device id's shape
+
+MAX_CREDENTIAL_LIFETIME_DAYS = 3650  # a device type's credential lifetime
+MAX_CREDENTIAL_OVERLAP_S = 90 * 86400  # how long a superseded credential stays valid at most
