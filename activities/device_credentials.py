@@ -105,18 +105,21 @@ class CredentialRotations:
         if d["status"] != DeviceStatus.ACTIVE:
             return f"device is {d['status']}"
         jti = new_jti(req.rotation_id, d["device_id"])
-        if await conn.fetchval("SELECT 1 FROM device.credentials WHERE jti = $1", jti):
-            return None  # this step ran already
+        if await conn.fetchval(
+            "SELECT 1 FROM device.credentials WHERE jti = $1 AND tenant = $2", jti, req.tenant
+        ):
+            return None  # this step (or this renewal, repeated after a lost answer) ran already
         if req.from_jti is not None:
             presented = await conn.fetchval(
                 """SELECT 1 FROM device.credentials WHERE jti = $1 AND tenant = $2 AND device_id = $3
-                     AND revoked_at IS NULL AND expires_at > now()
-                     AND (valid_until IS NULL OR valid_until > now())""",
+                     AND revoked_at IS NULL AND expires_at > now() AND valid_until IS NULL""",
                 req.from_jti,
                 req.tenant,
                 d["device_id"],
             )
             if not presented:
+                # a replaced credential (in its overlap) renews nothing: whoever still holds it
+                # would otherwise get a fresh credential and cut the operator's new one short
                 return "the presented credential is revoked, expired or replaced"
         days = d["credential_lifetime_days"] or DEFAULT_CREDENTIAL_LIFETIME_DAYS
         overlap = req.overlap_s

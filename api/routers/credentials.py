@@ -69,10 +69,11 @@ async def renew(state: State, device: Device) -> RenewedCredential:
     """A device renews the credential it authenticates with: the new one is in the answer, and
     the presented one stays valid for the device type's overlap (default 1 day), then is
     refused. Repeating the call with the same credential (an answer lost on the way) gives the
-    same new credential; a revoked, expired or already-ended credential gets 401."""
+    same new credential; a revoked, expired or already-ended credential gets 401, one replaced
+    by another renewal or an operator's rotation (still in its overlap) 409."""
     claims, _ = device
     # one renewal per presented credential: its id is the business id of the run
-    digest = hashlib.sha256(f"{claims.device_id}\0{claims.jti}".encode()).hexdigest()[:32]
+    digest = hashlib.sha256(f"{claims.tenant}\0{claims.device_id}\0{claims.jti}".encode()).hexdigest()[:32]
     request = RotateCredentials(
         tenant=claims.tenant,
         rotation_id=f"renew-{digest}",

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import jwt
 
+from fleetflow.db import Pool
 from fleetflow.security import DEVICE_AUDIENCE, issue_device_credential
 from fleetflow.settings import Settings
 from tests.integration.flows import AUTH, active_device, fleet, new_id
@@ -191,3 +192,17 @@ async def test_the_jwks_document_alone_verifies_a_device_credential(
         )["sub"]
         == device_id
     )
+
+
+async def test_a_credential_an_operator_replaced_cannot_renew_itself_a_fresh_one(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    device_id, old = await active_device(api)
+    rotated = await api.post(f"/v1/devices/{device_id}/credential:rotate", headers=AUTH)
+    new = rotated.json()["credential"]
+    assert await works(api, device_id, old)  # within the overlap (a day by default)
+    refused = await api.post(RENEW, headers=device_auth(old))
+    assert refused.status_code == 409 and "replaced" in refused.json()["detail"]
+    jti = jwt.decode(new, options={"verify_signature": False})["jti"]
+    assert await pool.fetchval("SELECT valid_until FROM device.credentials WHERE jti = $1", jti) is None
+    assert await works(api, device_id, new)
