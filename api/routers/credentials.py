@@ -172,8 +172,14 @@ async def rotation(
     )
 
 
-@router.get("/v1/credential-rotations/{rotation_id}/credentials", response_class=PlainTextResponse)
-async def rotation_credentials(rotation_id: str, state: State, claims: Writer) -> PlainTextResponse:
+class CsvResponse(PlainTextResponse):
+    """A CSV document (documented as text/csv)."""
+
+    media_type = "text/csv"
+
+
+@router.get("/v1/credential-rotations/{rotation_id}/credentials", response_class=CsvResponse)
+async def rotation_credentials(rotation_id: str, state: State, claims: Writer) -> CsvResponse:
     """CSV `device_id,credential,expires_at` of the rotation's new credentials still live."""
     if len(rotation_id) > 200 or await _status(state, claims.tenant, rotation_id) is None:
         raise not_found(f"credential rotation {rotation_id!r}")
@@ -182,7 +188,7 @@ async def rotation_credentials(rotation_id: str, state: State, claims: Writer) -
     writer.writerow(["device_id", "credential", "expires_at"])
     for device_id, token, expires_at in await state.devices.rotated_credentials(claims.tenant, rotation_id):
         writer.writerow([device_id, token, expires_at.isoformat()])
-    return PlainTextResponse(out.getvalue(), media_type="text/csv")
+    return CsvResponse(out.getvalue())
 
 
 @router.get("/.well-known/jwks.json")
