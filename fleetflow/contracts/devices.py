@@ -297,6 +297,9 @@ class BulkChunk(Contract):
     actor: str
     issued_at: datetime
     expires_at: datetime
+    # the device type's credential lifetime, where it has one, instead of expires_at (runs
+    # recorded before it was per type send False)
+    lifetime_per_type: bool = False
 
 
 class DeviceFailure(Contract):

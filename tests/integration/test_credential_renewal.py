@@ -158,6 +158,15 @@ async def test_the_credential_lifetime_comes_from_the_device_type(api: httpx.Asy
     assert lifetime(renewed) == timedelta(days=7)
     _, plain = await active_device(api)
     assert lifetime(plain) == timedelta(days=365)
+    devices = [{"device_id": new_id("bulk7"), "device_type": kind}, {"device_id": new_id("bulk365")}]
+    devices[1]["device_type"] = "thermostat"
+    bulk = (await api.post("/v1/devices:bulk", json={"devices": devices}, headers=AUTH)).json()
+    await eventually(
+        lambda: api.get(bulk["status_url"], headers=AUTH), lambda r: r.json()["status"] == "completed"
+    )
+    text = (await api.get(f"/v1/bulk-onboardings/{bulk['bulk_id']}/credentials", headers=AUTH)).text
+    made = {r["device_id"]: lifetime(r["credential"]) for r in csv.DictReader(io.StringIO(text))}
+    assert made == {devices[0]["device_id"]: timedelta(days=7), devices[1]["device_id"]: timedelta(days=365)}
     types = {t["name"]: t for t in (await api.get("/v1/device-types", headers=AUTH)).json()}
     assert types[kind]["credential_lifetime_days"] == 7
 
