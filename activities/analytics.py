@@ -17,9 +17,12 @@ from fleetflow import rules
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import (
+    ALERT_ACKNOWLEDGED,
     ALERT_CLEARED,
     ALERT_RAISED,
     ANALYSIS_FAILED,
+    AlertActed,
+    AlertAction,
     AlertView,
     Evaluated,
     Rule,
@@ -144,7 +147,7 @@ class AnalyticsService(AnalyticsActivities):
                 (a["tenant"], a["device_id"], a["rule_id"]): a["alert_id"]
                 for a in await conn.fetch(
                     "SELECT tenant, device_id, rule_id, alert_id FROM analytics.alerts "
-                    "WHERE status = 'open' AND tenant = ANY($1)",
+                    "WHERE status <> 'cleared' AND tenant = ANY($1)",
                     tenants,
                 )
             }
@@ -234,9 +237,9 @@ class AnalyticsService(AnalyticsActivities):
         if verdict.decision == "raise" and open_id is None:
             alert_id = await conn.fetchval(
                 """INSERT INTO analytics.alerts (tenant, device_id, rule_id, metric, status, raised_at,
-                       raised_value, detail)
-                   VALUES ($1, $2, $3, $4, 'open', $5, $6, $7)
-                   ON CONFLICT (tenant, device_id, rule_id) WHERE status = 'open' DO NOTHING
+                       raised_value, detail, severity)
+                   VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8)
+                   ON CONFLICT (tenant, device_id, rule_id) WHERE status <> 'cleared' DO NOTHING
                    RETURNING alert_id""",
                 tenant,
                 device_id,
@@ -245,12 +248,13 @@ class AnalyticsService(AnalyticsActivities):
                 row["last_ts"],
                 verdict.value,
                 verdict.detail,
+                rule.severity,
             )
             kind = ALERT_RAISED
         elif verdict.decision == "clear" and open_id is not None:
             alert_id = await conn.fetchval(
                 """UPDATE analytics.alerts SET status = 'cleared', cleared_at = $2, cleared_value = $3
-                   WHERE alert_id = $1 AND status = 'open' RETURNING alert_id""",
+                   WHERE alert_id = $1 AND status <> 'cleared' RETURNING alert_id""",
                 open_id,
                 row["last_ts"],
                 verdict.value,
@@ -271,6 +275,7 @@ class AnalyticsService(AnalyticsActivities):
                 "alert_id": alert_id,
                 "rule_id": rule.rule_id,
                 "metric": rule.metric,
+                "severity": rule.severity,
                 "value": verdict.value,
                 "detail": verdict.detail,
             },
@@ -281,10 +286,11 @@ class AnalyticsService(AnalyticsActivities):
     async def put_rule(self, tenant: str, rule: Rule) -> None:
         """Create or replace a rule."""
         await self.pool.execute(
-            """INSERT INTO analytics.rules (tenant, rule_id, device_type, metric, kind, params, enabled)
-               VALUES ($1, $2, $3, $4, $5, $6, $7)
+            """INSERT INTO analytics.rules (tenant, rule_id, device_type, metric, kind, params, enabled,
+                   severity)
+               VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
                ON CONFLICT (tenant, rule_id) DO UPDATE SET device_type = $3, metric = $4, kind = $5,
-                   params = $6, enabled = $7""",
+                   params = $6, enabled = $7, severity = $8""",
             tenant,
             rule.rule_id,
             rule.device_type,
@@ -292,6 +298,7 @@ class AnalyticsService(AnalyticsActivities):
             rule.kind,
             rule.params,
             rule.enabled,
+            rule.severity,
         )
 
     async def list_rules(self, tenant: str) -> list[Rule]:
@@ -309,15 +316,97 @@ class AnalyticsService(AnalyticsActivities):
         return str(result) != "DELETE 0"
 
     async def list_alerts(
-        self, tenant: str, *, status: str | None, device_id: str | None, limit: int
+        self,
+        tenant: str,
+        *,
+        status: str | None,
+        device_id: str | None,
+        limit: int,
+        severity: str | None = None,
+        before: int | None = None,
     ) -> list[AlertView]:
-        """A tenant's alerts, newest first."""
+        """A tenant's alerts, newest first; `before` pages on (alerts older than that id)."""
         rows = await self.pool.fetch(
             """SELECT * FROM analytics.alerts WHERE tenant = $1 AND ($2::text IS NULL OR status = $2)
-                 AND ($3::text IS NULL OR device_id = $3) ORDER BY alert_id DESC LIMIT $4""",
+                 AND ($3::text IS NULL OR device_id = $3) AND ($5::text IS NULL OR severity = $5)
+                 AND ($6::bigint IS NULL OR alert_id < $6)
+               ORDER BY alert_id DESC LIMIT $4""",
             tenant,
             status,
             device_id,
             limit,
+            severity,
+            before,
         )
-        return [AlertView.model_validate({k: r[k] for k in AlertView.model_fields}) for r in rows]
+        return [_alert_view(r) for r in rows]
+
+    @implements(AnalyticsActivities.act_on_alert)
+    async def act_on_alert(self, request: AlertAction) -> AlertActed:
+        """Acknowledge or clear one of the tenant's alerts by hand; the event to record with it.
+        Done once: a retry of the same action answers the same, another action on an alert
+        already acknowledged (or cleared) is a conflict."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                "SELECT * FROM analytics.alerts WHERE tenant = $1 AND alert_id = $2 FOR UPDATE",
+                request.tenant,
+                request.alert_id,
+            )
+            if row is None:
+                return AlertActed(outcome="not_found", reason=f"alert {request.alert_id} not found")
+            if request.action_id and request.action_id in row["action_ids"]:
+                return AlertActed(outcome="done", alert=_alert_view(row), event=_acted(request, row))
+            if row["status"] == "cleared":
+                return AlertActed(outcome="conflict", reason=f"alert {request.alert_id} is cleared already")
+            if request.action == "acknowledge":
+                if row["status"] == "acknowledged":
+                    return AlertActed(
+                        outcome="conflict",
+                        reason=f"alert {request.alert_id} was acknowledged by {row['acknowledged_by']}",
+                    )
+                row = await conn.fetchrow(
+                    """UPDATE analytics.alerts SET status = 'acknowledged', acknowledged_at = now(),
+                           acknowledged_by = $2, ack_comment = $3, action_ids = action_ids || $4::text
+                       WHERE alert_id = $1 RETURNING *""",
+                    request.alert_id,
+                    request.actor,
+                    request.comment,
+                    request.action_id,
+                )
+            else:
+                # an acknowledgement, if any, stays on the record (ThingsBoard's cleared+acked)
+                row = await conn.fetchrow(
+                    """UPDATE analytics.alerts SET status = 'cleared', cleared_at = now(),
+                           cleared_by = $2, clear_comment = $3, action_ids = action_ids || $4::text
+                       WHERE alert_id = $1 RETURNING *""",
+                    request.alert_id,
+                    request.actor,
+                    request.comment,
+                    request.action_id,
+                )
+        return AlertActed(outcome="done", alert=_alert_view(row), event=_acted(request, row))
+
+
+def _alert_view(row: Any) -> AlertView:
+    return AlertView.model_validate({k: row[k] for k in AlertView.model_fields})
+
+
+def _acted(request: AlertAction, row: Any) -> DomainEvent:
+    """The event of a hand acknowledgement or clearance (its id names the tenant and alert)."""
+    kind = ALERT_ACKNOWLEDGED if request.action == "acknowledge" else ALERT_CLEARED
+    at = row["acknowledged_at"] if request.action == "acknowledge" else row["cleared_at"]
+    return DomainEvent(
+        event_id=f"{request.tenant}/alerts/{request.alert_id}/{kind}/by-hand",
+        tenant=request.tenant,
+        device_id=row["device_id"],
+        type=kind,
+        occurred_at=at,
+        actor=request.actor,
+        data={
+            "alert_id": request.alert_id,
+            "rule_id": row["rule_id"],
+            "metric": row["metric"],
+            "severity": row["severity"],
+            "by_hand": True,
+            "comment": request.comment,
+        },
+    )

@@ -8,6 +8,7 @@ slice is all-or-nothing (its own savepoint).
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -119,13 +120,16 @@ class BulkProvisioning:
         if over is not None:
             return over
         jti = f"{chunk.bulk_id}:{spec.device_id}"
+        expires_at = chunk.expires_at
+        if chunk.lifetime_per_type and kind.credential_lifetime_days is not None:
+            expires_at = chunk.issued_at + timedelta(days=kind.credential_lifetime_days)
         token = issue_device_credential(
             self.keys,
             tenant=chunk.tenant,
             device_id=spec.device_id,
             jti=jti,
             issued_at=chunk.issued_at,
-            expires_at=chunk.expires_at,
+            expires_at=expires_at,
             issuer=self.issuer,
         )
         async with conn.transaction():
@@ -150,7 +154,7 @@ class BulkProvisioning:
                 spec.device_id,
                 token_hash(token),
                 chunk.issued_at,
-                chunk.expires_at,
+                expires_at,
                 kid_of(token),
             )
             await conn.execute(
@@ -218,7 +222,7 @@ class BulkProvisioning:
                JOIN device.devices d USING (tenant, device_id)
                WHERE c.tenant = $1 AND split_part(d.onboarding_id, '/', 1) = $2
                  AND c.jti LIKE d.onboarding_id || ':%'
-                 AND c.revoked_at IS NULL ORDER BY c.device_id""",
+                 AND c.revoked_at IS NULL AND c.valid_until IS NULL ORDER BY c.device_id""",
             tenant,
             bulk_id,
         )

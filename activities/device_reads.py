@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from typing import Any
 
 from fleetflow import config_schema
@@ -20,7 +21,8 @@ class DeviceReadModel:
     async def device_type(self, tenant: str, name: str) -> DeviceTypeView | None:
         """The tenant's device type of that name (its own, else the built-in one), or None."""
         row = await self.pool.fetchrow(
-            """SELECT name, config_schema, default_config, requires_approval FROM device.device_types
+            """SELECT name, config_schema, default_config, requires_approval, credential_lifetime_days,
+                   credential_overlap_s FROM device.device_types
                WHERE name = $2 AND tenant IN ('', $1) ORDER BY tenant DESC LIMIT 1""",
             tenant,
             name,
@@ -30,7 +32,8 @@ class DeviceReadModel:
     async def device_types(self, tenant: str) -> list[DeviceTypeView]:
         """Every device type the tenant sees: its own and the built-in ones it has not replaced."""
         rows = await self.pool.fetch(
-            """SELECT DISTINCT ON (name) name, config_schema, default_config, requires_approval
+            """SELECT DISTINCT ON (name) name, config_schema, default_config, requires_approval,
+                   credential_lifetime_days, credential_overlap_s
                FROM device.device_types WHERE tenant IN ('', $1) ORDER BY name, tenant DESC""",
             tenant,
         )
@@ -40,14 +43,17 @@ class DeviceReadModel:
         """Create or replace the tenant's own device type (never another tenant's)."""
         await self.pool.execute(
             """INSERT INTO device.device_types (tenant, name, config_schema, default_config,
-                   requires_approval) VALUES ($1, $2, $3, $4, $5)
+                   requires_approval, credential_lifetime_days, credential_overlap_s)
+               VALUES ($1, $2, $3, $4, $5, $6, $7)
                ON CONFLICT (tenant, name) DO UPDATE SET config_schema = $3, default_config = $4,
-                   requires_approval = $5""",
+                   requires_approval = $5, credential_lifetime_days = $6, credential_overlap_s = $7""",
             tenant,
             view.name,
             view.config_schema,
             view.default_config,
             view.requires_approval,
+            view.credential_lifetime_days,
+            view.credential_overlap_s,
         )
 
     async def resolve_config(self, tenant: str, spec: DeviceSpec) -> ValidatedOnboarding:
@@ -57,7 +63,10 @@ class DeviceReadModel:
             raise LookupError(f"unknown device type {spec.device_type!r}")
         config = config_schema.resolve(spec.config, kind.default_config, kind.config_schema)
         return ValidatedOnboarding(
-            config=config, requires_approval=kind.requires_approval, config_schema=kind.config_schema
+            config=config,
+            requires_approval=kind.requires_approval,
+            config_schema=kind.config_schema,
+            credential_lifetime_days=kind.credential_lifetime_days,
         )
 
     async def get_device(self, tenant: str, device_id: str) -> DeviceView | None:
@@ -95,17 +104,26 @@ class DeviceReadModel:
         return [DeviceView.model_validate(dict(r.items())) for r in rows]
 
     async def credential_active(self, tenant: str, device_id: str, jti: str, token: str) -> bool:
-        """True when the credential exists for that device, matches its hash and is not revoked."""
-        row = await self.pool.fetchrow(
-            """SELECT 1 FROM device.credentials
+        """True when the credential exists for that device, matches its hash and is not revoked,
+        expired or past the overlap of its renewal."""
+        return await self.credential_valid_until(tenant, device_id, jti, token) is not None
+
+    async def credential_valid_until(
+        self, tenant: str, device_id: str, jti: str, token: str
+    ) -> datetime | None:
+        """Until when the credential is good (expiry, or the end of its renewal's overlap);
+        None when it is unknown, revoked, expired or replaced for good."""
+        value: datetime | None = await self.pool.fetchval(
+            """SELECT LEAST(expires_at, COALESCE(valid_until, expires_at)) FROM device.credentials
                WHERE jti = $1 AND tenant = $2 AND device_id = $3 AND token_hash = $4
-                 AND revoked_at IS NULL AND expires_at > now()""",
+                 AND revoked_at IS NULL AND expires_at > now()
+                 AND (valid_until IS NULL OR valid_until > now())""",
             jti,
             tenant,
             device_id,
             token_hash(token),
         )
-        return row is not None
+        return value
 
     async def config_of(self, tenant: str, device_id: str) -> dict[str, Any] | None:
         """The stored configuration of a device, or None."""

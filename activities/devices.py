@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from activities import data_facade
 from activities.device_bulk import BulkProvisioning
+from activities.device_credentials import CredentialRotations
 from activities.device_firmware import FirmwareStore
 from activities.device_jobs import DeviceJobs
 from activities.device_reads import DeviceReadModel
@@ -32,6 +33,8 @@ from fleetflow.contracts.devices import (
     IssuedCredential,
     RegisterDevice,
     RevokeCredential,
+    RotateChunk,
+    RotatedChunk,
     StoreConfig,
     ValidatedOnboarding,
     ValidateOnboarding,
@@ -79,6 +82,11 @@ class DeviceService(DeviceActivities):
         self.get_device = self.reads.get_device
         self.list_devices = self.reads.list_devices
         self.credential_active = self.reads.credential_active
+        self.credential_valid_until = self.reads.credential_valid_until
+        self.credentials = CredentialRotations(pool, self.keys, self.issuer, settings.credential_overlap_s)
+        self.rotation_outcomes = self.credentials.rotation_outcomes
+        self.rotation_counts = self.credentials.rotation_counts
+        self.rotated_credentials = self.credentials.rotated_credentials
         self.config_of = self.reads.config_of
         self.put_firmware = self.firmware_store.put_firmware
         self.firmware = self.firmware_store.firmware
@@ -306,6 +314,16 @@ class DeviceService(DeviceActivities):
     async def deprovision_batch(self, batch: DeviceBatch) -> None:
         """Compensation of `provision_batch` for the given devices of this bulk import (None: all)."""
         await self.bulk.deprovision_batch(batch)
+
+    # --- credential renewal and rotation (CredentialRotations) ---------------------------
+
+    @implements(DeviceActivities.rotate_credentials)
+    async def rotate_credentials(self, chunk: RotateChunk) -> RotatedChunk:
+        """Give the next chunk of selected devices a new credential (jti
+        `<rotation id>:<device id>`, so a retry issues nothing twice); their other live
+        credentials stay valid until the overlap ends. Outcomes per device in
+        device.credential_rotations."""
+        return await self.credentials.rotate_credentials(chunk)
 
     # --- firmware campaigns (RolloutPlanner, RolloutJobs) --------------------------------
 

@@ -22,6 +22,7 @@ from api.openapi import document_problems
 from api.problems import install_problem_handlers
 from api.revocations import RevokedTokens, TokenRevocations
 from api.routers import codec, devices, events, health, onboardings, rollouts, telemetry, tenants, twins
+from api.routers import credentials as credential_routes
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
@@ -44,7 +45,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         await Subscriptions(pool, keys=payload_keys(settings)).seal_stored_secrets()
         await ensure_ingestion(client, settings.ingest_shards)
         devices = DeviceService(pool, settings)
-        credentials = CredentialCache(database_url(settings), devices.credential_active)
+        credentials = CredentialCache(database_url(settings), devices.credential_valid_until)
         await credentials.start()
         app.state.revocations = revocations = TokenRevocations(pool, database_url(settings))
         await revocations.start()
@@ -78,7 +79,18 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_problem_handlers(app)  # every error is RFC 9457 problem+json
-    routers = (health, devices, onboardings, twins, telemetry, events, rollouts, codec, tenants)
+    routers = (
+        health,
+        devices,
+        onboardings,
+        twins,
+        telemetry,
+        events,
+        rollouts,
+        codec,
+        tenants,
+        credential_routes,
+    )
     for module in routers:
         app.include_router(module.router)
     instrument(app)  # /metrics and the request's log context

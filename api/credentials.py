@@ -16,6 +16,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 
@@ -28,7 +29,9 @@ RECONNECT_S = 1.0
 
 log = logging.getLogger(__name__)
 
-Check = Callable[[str, str, str, str], Awaitable[bool]]
+# True/False, or until when the credential is good (a renewed one's overlap ends sooner than
+# the cache's TTL may: it is never trusted past that moment)
+Check = Callable[[str, str, str, str], Awaitable[bool | datetime | None]]
 
 
 class CredentialCache:
@@ -74,12 +77,16 @@ class CredentialCache:
         if cached is not None and self.listening and cached[0] == digest and cached[1] > now:
             return True
         generation = self._generation
-        ok = await self.check(tenant, device_id, jti, token)
+        answer = await self.check(tenant, device_id, jti, token)
+        ttl_s = self.ttl_s
+        if isinstance(answer, datetime):
+            ttl_s = min(ttl_s, (answer - datetime.now(UTC)).total_seconds())
+        ok = answer is not None and answer is not False
         # a revocation (or a lost listener) during the check may have made `ok` stale
-        if ok and self.listening and generation == self._generation:
+        if ok and ttl_s > 0 and self.listening and generation == self._generation:
             if len(self._entries) >= MAX_ENTRIES:
                 self._entries.clear()
-            self._entries[jti] = (digest, now + self.ttl_s)
+            self._entries[jti] = (digest, now + ttl_s)
         return ok
 
     # --- the listener ----------------------------------------------------------

@@ -11,6 +11,7 @@ retirement on their next verification.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import json
 import os
@@ -97,6 +98,11 @@ class KeyRing:
         if active_at is not None and active_at < key.retired_at:
             return key
         return None
+
+    def jwks(self) -> dict[str, Any]:
+        """The public halves of every key that still verifies (RFC 7517 JSON Web Key Set),
+        rotated-but-not-retired ones included, so others can verify fleetflow tokens."""
+        return {"keys": [public_jwk(k) for k in self.keys() if k.retired_at is None]}
 
     # --- changing --------------------------------------------------------------
 
@@ -186,6 +192,24 @@ def keyring(settings: Settings) -> KeyRing:
     if ring is None:
         ring = _RINGS[directory] = KeyRing(directory)
     return ring
+
+
+def public_jwk(key: SigningKey) -> dict[str, str]:
+    """A key's public half as a JWK (EC P-256, for ES256 signatures)."""
+    numbers = key.public_key.public_numbers()
+    return {
+        "kty": "EC",
+        "crv": "P-256",
+        "x": _b64url(numbers.x.to_bytes(32, "big")),
+        "y": _b64url(numbers.y.to_bytes(32, "big")),
+        "kid": key.kid,
+        "alg": ALGORITHM,
+        "use": "sig",
+    }
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
 def _new_key() -> SigningKey:

@@ -527,4 +527,55 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0230_alarm_lifecycle",
+        """
+        -- alarm lifecycle: a severity per rule (copied onto its alerts), acknowledge and clear
+        -- by hand; an acknowledged alert is still active, so it stays the one alert of its
+        -- device and rule (the rule neither raises a second one nor loses the clear)
+        ALTER TABLE analytics.rules ADD COLUMN severity text NOT NULL DEFAULT 'major'
+            CHECK (severity IN ('critical', 'major', 'minor', 'warning', 'info'));
+        ALTER TABLE analytics.alerts
+            ADD COLUMN severity text NOT NULL DEFAULT 'major'
+                CHECK (severity IN ('critical', 'major', 'minor', 'warning', 'info')),
+            ADD COLUMN acknowledged_at timestamptz,
+            ADD COLUMN acknowledged_by text,
+            ADD COLUMN ack_comment text,
+            ADD COLUMN cleared_by text,
+            ADD COLUMN clear_comment text,
+            ADD COLUMN action_ids text[] NOT NULL DEFAULT '{}',
+            DROP CONSTRAINT alerts_status_check,
+            ADD CONSTRAINT alerts_status_check CHECK (status IN ('open', 'acknowledged', 'cleared'));
+        DROP INDEX analytics.alerts_one_open;
+        CREATE UNIQUE INDEX alerts_one_active ON analytics.alerts (tenant, device_id, rule_id)
+            WHERE status <> 'cleared';
+        CREATE INDEX alerts_tenant_severity ON analytics.alerts (tenant, severity, alert_id);
+        CREATE INDEX alerts_tenant_device ON analytics.alerts (tenant, device_id, alert_id);
+        """,
+    ),
+    (
+        "0230_credential_renewal",
+        """
+        -- credential renewal and rotation: a superseded credential stays valid until
+        -- valid_until (the overlap), which the credential check honours, so the end of the
+        -- overlap needs no process to be alive; lifetime and overlap per device type
+        ALTER TABLE device.device_types
+            ADD COLUMN credential_lifetime_days integer CHECK (credential_lifetime_days > 0),
+            ADD COLUMN credential_overlap_s integer CHECK (credential_overlap_s >= 0);
+        ALTER TABLE device.credentials
+            ADD COLUMN valid_until timestamptz,
+            ADD COLUMN replaced_by text;
+        -- one row per device of a rotation (or renewal): what happened to it, and its new jti
+        CREATE TABLE device.credential_rotations (
+            tenant      text NOT NULL,
+            rotation_id text NOT NULL,
+            device_id   text NOT NULL,
+            outcome     text NOT NULL CHECK (outcome IN ('rotated', 'skipped')),
+            reason      text,
+            jti         text,
+            at          timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, rotation_id, device_id)
+        );
+        """,
+    ),
 ]

@@ -38,6 +38,7 @@ SCOPES: dict[str, str] = {
     "telemetry:write": "send telemetry for any device of the tenant",
     "telemetry:read": "read telemetry, quarantine counts and alerts",
     "rules:write": "create and change analytics rules",
+    "alerts:write": "acknowledge and clear alerts by hand",
     "events:read": "list domain events and dead letters",
     "rollouts:admin": "upload firmware, run, pause, resume and cancel rollouts, decommission devices",
     "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",

@@ -46,6 +46,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_WEBHOOK_ALLOW_NETWORKS": ("webhook_allow_networks", "unset: public addresses only"),
     "FLEETFLOW_WEBHOOK_SLOTS": ("webhook_slots", "32"),
     "FLEETFLOW_WEBHOOK_TENANT_SLOTS": ("webhook_tenant_slots", "4"),
+    "FLEETFLOW_CREDENTIAL_OVERLAP_S": ("credential_overlap_s", "86400"),
 }
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -89,6 +90,9 @@ class Settings(BaseModel):
     # concurrent deliveries of one webhook worker process, and of one tenant within it
     webhook_slots: Annotated[int, Field(ge=1, le=1000)] = 32
     webhook_tenant_slots: Annotated[int, Field(ge=1, le=1000)] = 4
+    # how long a renewed or rotated device credential stays valid beside its successor, unless
+    # the device type says otherwise
+    credential_overlap_s: Annotated[int, Field(ge=0, le=90 * 86400)] = 86400
 
     @field_validator("temporal_address")
     @classmethod

@@ -18,7 +18,9 @@ from fleetflow.db import Pool
 from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from fleetflow.webhook_network import AddressPolicy
+from workflows.alert_lifecycle import AlertLifecycle
 from workflows.bulk_onboarding import BulkOnboarding
+from workflows.credential_rotation import CredentialRotation
 from workflows.device_decommission import DeviceDecommission
 from workflows.device_onboarding import DeviceOnboarding
 from workflows.device_twin import DeviceTwin
@@ -38,6 +40,8 @@ WORKFLOWS: Sequence[type] = (
     EventDelivery,
     FirmwareRollout,
     DeviceDecommission,
+    AlertLifecycle,
+    CredentialRotation,
 )
 
 

@@ -40,6 +40,8 @@ with workflow.unsafe.imports_passed_through():
     from workflows.saga import COMPENSATION_RETRY, run_to_end
 
 CREDENTIAL_LIFETIME = timedelta(days=365)
+# each device's credential lives as long as its type says (runs recorded before: 365 days)
+LIFETIME_PATCH = "bulk-credential-lifetime-per-type"
 PARALLEL_SLICES = 2
 # runs started before it: the bulk id owned the devices, and a failure or cancel deprovisioned
 # while other slices were still provisioning
@@ -155,6 +157,7 @@ class BulkOnboarding:
                 actor=inp.actor.subject,
                 issued_at=issued,
                 expires_at=issued + CREDENTIAL_LIFETIME,
+                lifetime_per_type=workflow.patched(LIFETIME_PATCH),
             )
             if self._attempts:  # a stop asks the slice to roll back, and waits until it has
                 result = await calls.execute(

@@ -63,6 +63,8 @@ APPROVE_SCOPE = "devices:approve"
 # runs started before it: the workflow id owned the device (a failed device could never be
 # onboarded again), a cancel cut a step short and could interrupt compensation
 ATTEMPTS_PATCH = "onboarding-attempts"
+# the credential's lifetime comes from the device type (runs recorded before: 365 days)
+LIFETIME_PATCH = "credential-lifetime-per-type"
 
 
 class OnboardingAborted(Exception):
@@ -148,6 +150,9 @@ class DeviceOnboarding:
             self._finish(OnboardingStep.AWAIT_APPROVAL)
 
         issued = workflow.now()
+        lifetime = CREDENTIAL_LIFETIME
+        if workflow.patched(LIFETIME_PATCH) and validated.credential_lifetime_days is not None:
+            lifetime = timedelta(days=validated.credential_lifetime_days)
         jti = str(workflow.uuid4())
         revoke = RevokeCredential(
             tenant=inp.tenant, device_id=req.device_id, jti=jti, reason="onboarding undone"
@@ -162,7 +167,7 @@ class DeviceOnboarding:
                 onboarding_id=owner,
                 jti=jti,
                 issued_at=issued,
-                expires_at=issued + CREDENTIAL_LIFETIME,
+                expires_at=issued + lifetime,
             ),
         )
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AwareDatetime, Field
+from pydantic import AwareDatetime, Field, StringConstraints
 
 from api.models.base import STRICT, Body, View
 from fleetflow.contracts.limits import MAX_BATCH_READINGS, BatchId, DeviceId, Metric, Value
-from fleetflow.contracts.telemetry import Rule
+from fleetflow.contracts.telemetry import COMMENT_MAX_CHARS, Rule
 
 
 class Reading(Body):
@@ -40,3 +40,9 @@ class RuleBody(Rule):
     """Body of `PUT /v1/rules/{rule_id}`."""
 
     model_config = STRICT
+
+
+class AlertActionBody(Body):
+    """Body of `POST /v1/alerts/{alert_id}/acknowledge` and `.../clear` (optional)."""
+
+    comment: Annotated[str, StringConstraints(max_length=COMMENT_MAX_CHARS)] | None = None

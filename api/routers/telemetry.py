@@ -6,18 +6,21 @@ from collections import Counter
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Query, Request, status
+from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials
 from pydantic import TypeAdapter, ValidationError
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities import analytics_facade, data_facade
 from activities.telemetry_accept import ConflictingBatch, StorageUnavailable, accept_batch
 from api.auth import Bearer, State, require
 from api.models.base import as_contract
-from api.models.telemetry import RuleBody, TelemetryAccepted, TelemetryBatch
+from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, TelemetryBatch
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
+from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.limits import (
     DEVICE_ID_MAX_CHARS,
     FUTURE_TOLERANCE_S,
@@ -26,6 +29,8 @@ from fleetflow.contracts.limits import (
     NAME_MAX_CHARS,
 )
 from fleetflow.contracts.telemetry import (
+    SEVERITIES,
+    AlertAction,
     AlertView,
     QuarantinedBatch,
     QuarantineView,
@@ -35,10 +40,12 @@ from fleetflow.contracts.telemetry import (
     TelemetrySeries,
 )
 from fleetflow.security import AuthError, TokenClaims, verify_device_credential, verify_token
+from workflows.alert_lifecycle import AlertLifecycle, alert_action_id
 
 router = APIRouter(tags=["telemetry"])
 Reader = Annotated[TokenClaims, Depends(require("telemetry:read"))]
 RuleWriter = Annotated[TokenClaims, Depends(require("rules:write"))]
+AlertWriter = Annotated[TokenClaims, Depends(require("alerts:write"))]
 _BATCH = TypeAdapter(TelemetryBatchDict)
 MAX_ERRORS = 50
 BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
@@ -239,9 +246,69 @@ async def delete_rule(rule_id: str, state: State, claims: RuleWriter) -> None:
 async def alerts(
     state: State,
     claims: Reader,
-    status_: Annotated[str | None, Query(alias="status", pattern="^(open|cleared)$")] = None,
+    status_: Annotated[str | None, Query(alias="status", pattern="^(open|acknowledged|cleared)$")] = None,
+    severity: Annotated[str | None, Query(pattern=f"^({'|'.join(SEVERITIES)})$")] = None,
     device_id: Annotated[str | None, Query(max_length=DEVICE_ID_MAX_CHARS)] = None,
+    before: Annotated[
+        int | None, Query(ge=1, le=2**63 - 1, description="page on: alerts older than this alert_id")
+    ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AlertView]:
-    """Alerts, newest first."""
-    return await state.analytics.list_alerts(claims.tenant, status=status_, device_id=device_id, limit=limit)
+    """Alerts, newest first, by status (`open`, `acknowledged`: still active; `cleared`), severity
+    and device; the next page is `?before=<the last alert_id>`."""
+    return await state.analytics.list_alerts(
+        claims.tenant, status=status_, device_id=device_id, limit=limit, severity=severity, before=before
+    )
+
+
+AlertId = Annotated[int, Path(ge=1, le=2**63 - 1)]
+
+
+async def _act(
+    state: AppState, claims: TokenClaims, alert_id: int, action: str, body: AlertActionBody | None
+) -> AlertView:
+    """Run AlertLifecycle for one action and answer its outcome (404, 409 or the alert)."""
+    request = AlertAction(
+        tenant=claims.tenant,
+        alert_id=alert_id,
+        action="acknowledge" if action == "acknowledge" else "clear",
+        actor=claims.subject,
+        comment=None if body is None else body.comment,
+    )
+    try:
+        handle = await state.temporal.start_workflow(
+            AlertLifecycle.run,
+            request,
+            id=alert_action_id(claims.tenant, alert_id, action),
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
+        )
+    except WorkflowAlreadyStartedError:
+        raise conflict(f"alert {alert_id} is being {action}d right now") from None
+    acted = await handle.result()
+    if acted.outcome == "not_found":
+        raise not_found(f"alert {alert_id}")
+    if acted.outcome == "conflict" or acted.alert is None:
+        raise conflict(acted.reason)
+    return acted.alert
+
+
+@router.post("/v1/alerts/{alert_id}/acknowledge", response_model=AlertView)
+async def acknowledge_alert(
+    alert_id: AlertId, state: State, claims: AlertWriter, body: AlertActionBody | None = None
+) -> AlertView:
+    """Acknowledge an active alert (who, when, an optional comment): it stays the one alert of its
+    device and rule, and the rule still clears it; records `AlertAcknowledged`. 409 when it is
+    acknowledged or cleared already."""
+    return await _act(state, claims, alert_id, "acknowledge", body)
+
+
+@router.post("/v1/alerts/{alert_id}/clear", response_model=AlertView)
+async def clear_alert(
+    alert_id: AlertId, state: State, claims: AlertWriter, body: AlertActionBody | None = None
+) -> AlertView:
+    """Clear an alert by hand (who, when, an optional comment); records `AlertCleared`. If the
+    rule's condition still holds, its next window raises a new alert (ThingsBoard's lifecycle).
+    409 when it is cleared already."""
+    return await _act(state, claims, alert_id, "clear", body)

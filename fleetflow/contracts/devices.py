@@ -11,13 +11,19 @@ from typing import Annotated, Any
 from pydantic import Field, field_validator
 
 from fleetflow.contracts.common import Actor, Contract, DeviceId, TenantId
+from fleetflow.contracts.limits import (
+    MAX_BULK_DECOMMISSION,
+    MAX_CREDENTIAL_LIFETIME_DAYS,
+    MAX_CREDENTIAL_OVERLAP_S,
+    MAX_TAGS,
+    Reason,
+)
 
 # the limits of a device are defined in limits; they stay importable from here
 from fleetflow.contracts.limits import MAX_BULK_DEVICES as MAX_BULK_DEVICES
 from fleetflow.contracts.limits import MAX_CONFIG_BYTES as MAX_CONFIG_BYTES
 from fleetflow.contracts.limits import MAX_METADATA_BYTES as MAX_METADATA_BYTES
 from fleetflow.contracts.limits import MAX_SPEC_DEPTH as MAX_SPEC_DEPTH
-from fleetflow.contracts.limits import MAX_TAGS, Reason
 from fleetflow.contracts.limits import DeviceTypeName as DeviceTypeName
 from fleetflow.contracts.limits import FirmwareVersion as FirmwareVersion
 from fleetflow.contracts.limits import Tag as Tag
@@ -107,6 +113,9 @@ class DeviceTypeView(Contract):
     config_schema: dict[str, Any]
     default_config: dict[str, Any] = Field(default_factory=dict)
     requires_approval: bool = False
+    # None: the platform's defaults (365 days; settings.credential_overlap_s)
+    credential_lifetime_days: Annotated[int, Field(ge=1, le=MAX_CREDENTIAL_LIFETIME_DAYS)] | None = None
+    credential_overlap_s: Annotated[int, Field(ge=0, le=MAX_CREDENTIAL_OVERLAP_S)] | None = None
 
 
 class OnboardingStep(StrEnum):
@@ -184,6 +193,8 @@ class ValidatedOnboarding(Contract):
     requires_approval: bool
     # the device type's schema, for the twin; absent from results recorded before the twin existed
     config_schema: dict[str, Any] = Field(default_factory=dict)
+    # the device type's credential lifetime; absent from results recorded before it was per type
+    credential_lifetime_days: int | None = None
 
 
 class RegisterDevice(Contract):
@@ -286,6 +297,9 @@ class BulkChunk(Contract):
     actor: str
     issued_at: datetime
     expires_at: datetime
+    # the device type's credential lifetime, where it has one, instead of expires_at (runs
+    # recorded before it was per type send False)
+    lifetime_per_type: bool = False
 
 
 class DeviceFailure(Contract):
@@ -326,3 +340,56 @@ class BulkProgress(Contract):
     failed: int
     failures: list[DeviceFailure]
     reason: str | None = None
+
+
+DEFAULT_CREDENTIAL_LIFETIME_DAYS = 365
+
+
+class RotateCredentials(Contract):
+    """Input of CredentialRotation (id `credential-rotation-{tenant}-{rotation_id}`): give each
+    selected device a new credential; its current ones stay valid for `overlap_s` more (None:
+    the device type's overlap, else the platform's), then the check refuses them.
+
+    Selection: `device_ids`, or `device_type` and/or `tags` (every active device matching). A
+    device's renewal names the credential it presented (`from_jti`); only that device.
+    `after` and the counts carry a fleet's progress across continue-as-new.
+    """
+
+    tenant: TenantId
+    rotation_id: Annotated[str, Field(max_length=200)]
+    actor: str
+    device_ids: Annotated[list[DeviceId], Field(max_length=MAX_BULK_DECOMMISSION)] | None = None
+    device_type: DeviceTypeName | None = None
+    tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = []
+    from_jti: str | None = None
+    overlap_s: Annotated[int, Field(ge=0, le=MAX_CREDENTIAL_OVERLAP_S)] | None = None
+    issued_at: datetime | None = None  # set once by the workflow: a retried step signs the same
+    after: str = ""
+    rotated: int = 0
+    skipped: int = 0
+
+
+class RotateChunk(Contract):
+    """Input of `device.rotate_credentials`: the next `limit` selected devices after `after`."""
+
+    request: RotateCredentials
+    limit: Annotated[int, Field(ge=1, le=1000)] = 200
+
+
+class RotatedChunk(Contract):
+    """Output of `device.rotate_credentials`; per-device outcomes are in device.credential_rotations."""
+
+    rotated: int
+    skipped: int
+    last: str  # the last device id of the chunk ('' when none)
+    done: bool
+
+
+class RotationView(Contract):
+    """A credential rotation's progress and per-device outcomes (`GET /v1/credential-rotations/{id}`)."""
+
+    rotation_id: str
+    status: str
+    rotated: int
+    skipped: int
+    devices: list[dict[str, Any]]

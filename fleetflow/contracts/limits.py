@@ -61,3 +61,5 @@ BatchId = Annotated[str, StringConstraints(pattern=DEVICE_ID_PATTERN)]  # a devi
 # a rule's parameter (a bound, a rate, a z): finite, since the JSON parsers take 1e400 (infinity),
 # NaN and Infinity, which the rule's jsonb row cannot hold and a comparison never crosses
 RuleParam = Annotated[float, Field(allow_inf_nan=False)]
+MAX_CREDENTIAL_LIFETIME_DAYS = 3650  # a device type's credential lifetime
+MAX_CREDENTIAL_OVERLAP_S = 90 * 86400  # how long a superseded credential stays valid at most

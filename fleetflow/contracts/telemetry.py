@@ -31,6 +31,11 @@ BUCKETS = 1024  # a batch's bucket; the shard that processes it is bucket % shar
 TELEMETRY_STORED = "TelemetryStored"
 ALERT_RAISED = "AlertRaised"
 ALERT_CLEARED = "AlertCleared"
+ALERT_ACKNOWLEDGED = "AlertAcknowledged"
+SEVERITIES = ("critical", "major", "minor", "warning", "info")
+Severity = Literal["critical", "major", "minor", "warning", "info"]
+COMMENT_MAX_CHARS = 1000  # an acknowledgement's or clearance's comment
+AlertStatus = Literal["open", "acknowledged", "cleared"]
 BATCH_QUARANTINED = "BatchQuarantined"
 ANALYSIS_FAILED = "AnalysisFailed"
 
@@ -231,6 +236,7 @@ class Rule(Contract):
     kind: Literal["threshold", "rate", "zscore"]
     params: dict[str, RuleParam]
     enabled: bool = True
+    severity: Severity = "major"
 
     @model_validator(mode="after")
     def _params(self) -> Rule:
@@ -263,6 +269,34 @@ class AlertView(Contract):
     detail: str
     cleared_at: datetime | None
     cleared_value: float | None
+    severity: Severity = "major"
+    acknowledged_at: datetime | None = None
+    acknowledged_by: str | None = None
+    ack_comment: str | None = None
+    cleared_by: str | None = None  # None: the rule cleared it (or it is active)
+    clear_comment: str | None = None
+
+
+class AlertAction(Contract):
+    """Input of AlertLifecycle and `analytics.act_on_alert`: acknowledge or clear one alert of a
+    tenant by hand. action_id (the workflow's id and run) makes a retried step harmless."""
+
+    tenant: str
+    alert_id: int
+    action: Literal["acknowledge", "clear"]
+    actor: str
+    comment: Annotated[str, StringConstraints(max_length=COMMENT_MAX_CHARS)] | None = None
+    action_id: str = ""
+
+
+class AlertActed(Contract):
+    """Output of `analytics.act_on_alert` and AlertLifecycle: `done` with the alert and its event,
+    `not_found` (no such alert of that tenant) or `conflict` (already acknowledged / cleared)."""
+
+    outcome: Literal["done", "not_found", "conflict"]
+    reason: str = ""
+    alert: AlertView | None = None
+    event: DomainEvent | None = None
 
 
 class QuarantineView(Contract):

@@ -12,7 +12,7 @@ from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
-from fleetflow.contracts.telemetry import Evaluated, WindowRef
+from fleetflow.contracts.telemetry import AlertActed, AlertAction, Evaluated, WindowRef
 from fleetflow.interfaces.base import ServiceInterface
 
 
@@ -37,3 +37,10 @@ class AnalyticsActivities(ServiceInterface):
         cannot compute with) is skipped with an `AnalysisFailed` event instead of failing the
         whole window again.
         """
+
+    @activity.defn(name="analytics.act_on_alert")
+    @abstractmethod
+    async def act_on_alert(self, request: AlertAction) -> AlertActed:
+        """Acknowledge or clear one of the tenant's alerts by hand; the event to record with it.
+        Done once: a retry of the same action answers the same, another action on an alert
+        already acknowledged (or cleared) is a conflict."""

@@ -20,6 +20,8 @@ from fleetflow.contracts.devices import (
     IssuedCredential,
     RegisterDevice,
     RevokeCredential,
+    RotateChunk,
+    RotatedChunk,
     StoreConfig,
     ValidatedOnboarding,
     ValidateOnboarding,
@@ -166,3 +168,11 @@ class DeviceActivities(ServiceInterface):
     @abstractmethod
     async def note_retirement_problem(self, step: DeviceStep) -> None:
         """Say on the device itself that its retirement is stuck, and where."""
+
+    @activity.defn(name="device.rotate_credentials")
+    @abstractmethod
+    async def rotate_credentials(self, chunk: RotateChunk) -> RotatedChunk:
+        """Give the next chunk of selected devices a new credential (jti
+        `<rotation id>:<device id>`, so a retry issues nothing twice); their other live
+        credentials stay valid until the overlap ends. Outcomes per device in
+        device.credential_rotations."""

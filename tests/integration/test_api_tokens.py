@@ -23,7 +23,7 @@ from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from tests.support import TEST_KEYS
 
-PUBLIC = {"/livez", "/readyz", "/metrics"}
+PUBLIC = {"/livez", "/readyz", "/metrics", "/.well-known/jwks.json"}
 DEVICE_ROUTES = {"/v1/device-contact"}  # besides /v1/device/...: device credentials, not API tokens
 
 

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 
+from activities.device_reads import DeviceReadModel
 from api.credentials import TTL_S, CredentialCache
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
@@ -129,3 +130,25 @@ async def test_the_api_refuses_a_revoked_credential_before_the_cache_would_expir
         assert (await contact(api, token)).status_code == 401
         await _unrevoke(pool, jti)
         await eventually(jobs, lambda code: code in (200, 204), timeout_s=TTL_S / 2)
+
+
+async def test_a_renewed_credential_is_never_trusted_past_the_end_of_its_overlap(
+    settings: Settings, api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """The device service's real check answers until when a credential is good; with a
+    60 s cache, a credential whose overlap ends in a second is refused once it has ended,
+    though no revocation (NOTIFY) comes then."""
+    device_id, token = await active_device(api)
+    jti = await pool.fetchval("SELECT jti FROM device.credentials WHERE device_id = $1", device_id)
+    reads = DeviceReadModel(pool)
+    assert settings.database_url
+    store = CredentialCache(settings.database_url, reads.credential_valid_until, ttl_s=60)
+    await store.start()
+    try:
+        await pool.execute(
+            "UPDATE device.credentials SET valid_until = now() + interval '1 second' WHERE jti = $1", jti
+        )
+        await eventually(lambda: store.active("acme", device_id, jti, token), lambda ok: ok)
+        await eventually(lambda: store.active("acme", device_id, jti, token), lambda ok: not ok)
+    finally:
+        await store.stop()

@@ -26,7 +26,7 @@ from temporalio.client import WithStartWorkflowOperation, WorkflowFailureError, 
 from temporalio.common import WorkflowIDConflictPolicy
 
 from bench.stack import Stack, say, stack
-from fleetflow.contracts.common import Actor, TaskQueue
+from fleetflow.contracts.common import Actor, TaskQueue, tenant_scoped_id
 from fleetflow.contracts.rollouts import (
     RolloutDecision,
     RolloutInput,
@@ -533,6 +533,29 @@ async def system_check(s: Stack) -> WorkflowHandle[Any, Any]:
     return s.client.get_workflow_handle(runs[0].id)
 
 
+async def alert_lifecycle(s: Stack) -> WorkflowHandle[Any, Any]:
+    """An alert raised by a rule, then acknowledged by hand (the event recorded)."""
+    await telemetry_ingestion(s)
+    alerts = (await s.api.get("/v1/alerts", params={"status": "open"}, headers=s.headers)).json()
+    alert_id = alerts[0]["alert_id"]
+    acked = await s.api.post(f"/v1/alerts/{alert_id}/acknowledge", json={"comment": "rec"}, headers=s.headers)
+    if acked.status_code != 200:
+        raise RuntimeError(acked.text)
+    return s.client.get_workflow_handle(tenant_scoped_id("alert", "bench", f"{alert_id}-acknowledge"))
+
+
+async def credential_rotation(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A fleet of three sensors rotated by tag in one run (an outcome per device)."""
+    await _sensors(s, 3)
+    started = await s.api.post("/v1/credential-rotations", json={"device_type": "sensor"}, headers=s.headers)
+    if started.status_code != 202:
+        raise RuntimeError(started.text)
+    rotation_id = started.json()["rotation_id"]
+    handle = s.client.get_workflow_handle(tenant_scoped_id("credential-rotation", "bench", rotation_id))
+    await handle.result()
+    return handle
+
+
 SCENARIOS: dict[str, Scenario] = {
     "system_check": system_check,
     "onboarding_completed": onboarding_completed,
@@ -552,6 +575,8 @@ SCENARIOS: dict[str, Scenario] = {
     "device_decommission": device_decommission,
     "event_delivery": event_delivery,
     "event_delivery_circuit": event_delivery_circuit,
+    "alert_lifecycle": alert_lifecycle,
+    "credential_rotation": credential_rotation,
 }
 
 
