@@ -11,12 +11,14 @@ from __future__ import annotations
 
 from activities import data_facade
 from activities.device_bulk import BulkProvisioning
+from activities.device_commands import DeviceCommands
 from activities.device_reads import DeviceReadModel
 from activities.device_rollouts import RolloutJobs
 from activities.device_state import REUSABLE, device_room, refuse, register_device, set_status
 from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow import config_schema
+from fleetflow.contracts.commands import CommandState, SettleCommand
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -79,6 +81,15 @@ class DeviceService(DeviceActivities):
         self.pending_job = self.rollouts.pending_job
         self.report_job = self.rollouts.report_job
         self.bulk_credentials = self.bulk.bulk_credentials
+        self.commands = DeviceCommands(pool)
+        self.create_command = self.commands.create_command
+        self.drop_command = self.commands.drop_command
+        self.command = self.commands.command
+        self.list_commands = self.commands.list_commands
+        self.take_commands = self.commands.take_commands
+        self.answer_command = self.commands.answer_command
+        self.claim_poller = self.commands.claim_poller
+        self.release_poller = self.commands.release_poller
 
     # --- activities ------------------------------------------------------------
 
@@ -330,9 +341,15 @@ class DeviceService(DeviceActivities):
         )
         return int(str(result).split()[-1])
 
+    @implements(DeviceActivities.settle_command)
+    async def settle_command(self, settle: SettleCommand) -> CommandState:
+        """End a command as expired or timed out if it is still pending or delivered."""
+        return await self.commands.settle_command(settle)
+
     @implements(DeviceActivities.cancel_jobs)
     async def cancel_jobs(self, step: DeviceStep) -> int:
-        """Cancel the device's pending rollout jobs."""
+        """Cancel the device's pending rollout jobs and end its open commands."""
+        await self.commands.cancel_commands(step.tenant, step.device_id, "device decommissioned")
         result = await self.pool.execute(
             """UPDATE device.rollout_jobs SET state = 'cancelled', updated_at = now(),
                    detail = 'device decommissioned', finished_seq = nextval('device.rollout_finished_seq')

@@ -13,6 +13,7 @@ from temporalio.client import Client
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from activities.subscriptions import Subscriptions
+from api.command_notices import CommandNotices
 from api.credentials import CredentialCache
 from api.docs import self_hosted_docs
 from api.ingestion import ensure_ingestion, watch_ingestion
@@ -21,7 +22,18 @@ from api.observability import instrument, untraced
 from api.openapi import document_problems
 from api.problems import install_problem_handlers
 from api.revocations import RevokedTokens, TokenRevocations
-from api.routers import codec, devices, events, health, onboardings, rollouts, telemetry, tenants, twins
+from api.routers import (
+    codec,
+    commands,
+    devices,
+    events,
+    health,
+    onboardings,
+    rollouts,
+    telemetry,
+    tenants,
+    twins,
+)
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
@@ -46,6 +58,8 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         devices = DeviceService(pool, settings)
         credentials = CredentialCache(database_url(settings), devices.credential_active)
         await credentials.start()
+        notices = CommandNotices(database_url(settings))
+        await notices.start()
         app.state.revocations = revocations = TokenRevocations(pool, database_url(settings))
         await revocations.start()
         async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
@@ -57,6 +71,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
                 devices=devices,
                 analytics=AnalyticsService(pool),
                 credentials=credentials,
+                commands=notices,
             )
             # the supervisor watches the shards; this watches the supervisor
             watching = asyncio.create_task(watch_ingestion(client, settings.ingest_shards))
@@ -65,6 +80,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
             finally:
                 watching.cancel()
                 await revocations.stop()
+                await notices.stop()
                 await credentials.stop()
                 await pool.close()
 
@@ -78,7 +94,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_problem_handlers(app)  # every error is RFC 9457 problem+json
-    routers = (health, devices, onboardings, twins, telemetry, events, rollouts, codec, tenants)
+    routers = (health, devices, commands, onboardings, twins, telemetry, events, rollouts, codec, tenants)
     for module in routers:
         app.include_router(module.router)
     instrument(app)  # /metrics and the request's log context

@@ -19,6 +19,7 @@ from fleetflow.payload_codec import payload_keys
 from fleetflow.settings import Settings
 from fleetflow.webhook_network import AddressPolicy
 from workflows.bulk_onboarding import BulkOnboarding
+from workflows.device_command import DeviceCommand
 from workflows.device_decommission import DeviceDecommission
 from workflows.device_onboarding import DeviceOnboarding
 from workflows.device_twin import DeviceTwin
@@ -38,6 +39,7 @@ WORKFLOWS: Sequence[type] = (
     EventDelivery,
     FirmwareRollout,
     DeviceDecommission,
+    DeviceCommand,
 )
 
 

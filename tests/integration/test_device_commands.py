@@ -1,0 +1,226 @@
+"""Device commands (durable RPC) against the real stack: a DeviceCommand workflow per command over
+the device service's row; the device long-polls and answers; deadlines end it clearly."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+
+from tests.integration.flows import AUTH, active_device, new_id
+from tests.support import bearer, eventually
+
+GLOBEX = bearer("globex")
+
+
+def device_auth(credential: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {credential}"}
+
+
+async def send(
+    api: httpx.AsyncClient, device_id: str, auth: dict[str, str] = AUTH, **body: Any
+) -> dict[str, Any]:
+    body.setdefault("name", "reboot")
+    response = await api.post(f"/v1/devices/{device_id}/commands", json=body, headers=auth)
+    assert response.status_code == 201, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def status_of(
+    api: httpx.AsyncClient, device_id: str, command_id: str, auth: dict[str, str] = AUTH
+) -> str:
+    response = await api.get(f"/v1/devices/{device_id}/commands/{command_id}", headers=auth)
+    assert response.status_code == 200, response.text
+    return str(response.json()["status"])
+
+
+async def test_round_trip_with_a_waiting_device_and_a_waiting_caller(api: httpx.AsyncClient) -> None:
+    device_id, credential = await active_device(api)
+    poll = asyncio.create_task(
+        api.get("/v1/device/commands", params={"wait": 30}, headers=device_auth(credential))
+    )
+    await asyncio.sleep(0.3)
+    assert not poll.done()  # held: nothing to run yet
+    command = await send(api, device_id, params={"delay_s": 5, "deep": {"a": [1, 2]}}, timeout_s=30)
+    assert command["status"] == "pending" and command["workflow_id"].startswith("command-acme-")
+    handed = (await poll).json()["commands"]
+    assert [(c["command_id"], c["name"], c["params"]) for c in handed] == [
+        (command["command_id"], "reboot", {"delay_s": 5, "deep": {"a": [1, 2]}})
+    ]
+    url = f"/v1/devices/{device_id}/commands/{command['command_id']}"
+    waiting = asyncio.create_task(api.get(url, params={"wait": 30}, headers=AUTH))
+    await asyncio.sleep(0.3)
+    assert not waiting.done()
+    answered = await api.post(
+        f"/v1/device/commands/{command['command_id']}/result",
+        json={"status": "succeeded", "result": {"uptime_s": 3}},
+        headers=device_auth(credential),
+    )
+    assert answered.status_code == 200, answered.text
+    done = (await waiting).json()
+    assert done["status"] == "succeeded" and done["result"] == {"uptime_s": 3}
+    assert done["delivered_at"] and done["finished_at"]
+    # a second answer, after the terminal status, is refused
+    again = await api.post(
+        f"/v1/device/commands/{command['command_id']}/result",
+        json={"status": "failed"},
+        headers=device_auth(credential),
+    )
+    assert again.status_code == 409
+    # delivered once: the next poll finds nothing
+    assert (await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"] == []
+    page = (await api.get(f"/v1/devices/{device_id}/commands", headers=AUTH)).json()
+    assert [c["command_id"] for c in page["items"]] == [command["command_id"]]
+
+
+async def test_an_offline_device_gets_it_when_back_within_expiry(api: httpx.AsyncClient) -> None:
+    device_id, credential = await active_device(api)
+    first = await send(api, device_id, name="set_interval", params={"s": 10}, expires_s=600)
+    second = await send(api, device_id, name="diag.dump", expires_s=600)
+    await asyncio.sleep(1)
+    assert await status_of(api, device_id, first["command_id"]) == "pending"
+    handed = (await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"]
+    assert [c["command_id"] for c in handed] == [first["command_id"], second["command_id"]]
+    assert await status_of(api, device_id, first["command_id"]) == "delivered"
+
+
+async def test_never_delivered_before_expiry_is_expired(api: httpx.AsyncClient) -> None:
+    device_id, credential = await active_device(api)
+    command = await send(api, device_id, expires_s=1)
+    url = f"/v1/devices/{device_id}/commands/{command['command_id']}"
+    await eventually(lambda: api.get(url, headers=AUTH), lambda r: r.json()["status"] == "expired")
+    assert (await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"] == []
+    late = await api.post(
+        f"/v1/device/commands/{command['command_id']}/result",
+        json={"status": "succeeded"},
+        headers=device_auth(credential),
+    )
+    assert late.status_code == 409 and "expired" in late.json()["detail"]
+
+
+async def test_delivered_but_unanswered_is_timed_out_and_a_late_answer_is_409(api: httpx.AsyncClient) -> None:
+    device_id, credential = await active_device(api)
+    command = await send(api, device_id, timeout_s=1)
+    assert (
+        len((await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"]) == 1
+    )
+    url = f"/v1/devices/{device_id}/commands/{command['command_id']}"
+    done = (await api.get(url, params={"wait": 20}, headers=AUTH)).json()
+    assert done["status"] == "timed_out"
+    late = await api.post(
+        f"/v1/device/commands/{command['command_id']}/result",
+        json={"status": "succeeded"},
+        headers=device_auth(credential),
+    )
+    assert late.status_code == 409
+    assert (await api.get(url, headers=AUTH)).json()["status"] == "timed_out"
+
+
+async def test_a_second_concurrent_waiter_gets_429(api: httpx.AsyncClient) -> None:
+    device_id, credential = await active_device(api)
+    first = asyncio.create_task(
+        api.get("/v1/device/commands", params={"wait": 30}, headers=device_auth(credential))
+    )
+    await asyncio.sleep(0.3)
+    second = await api.get("/v1/device/commands", params={"wait": 30}, headers=device_auth(credential))
+    assert second.status_code == 429 and second.headers["Retry-After"] == "30"
+    await send(api, device_id)
+    assert len((await first).json()["commands"]) == 1
+    # the lease is given back: the device may poll again
+    assert (await api.get("/v1/device/commands", headers=device_auth(credential))).status_code == 200
+
+
+async def test_commands_are_scoped_to_their_tenant_and_device(api: httpx.AsyncClient) -> None:
+    device_id = new_id("cmd")
+    _, ours = await active_device(api, device_id=device_id)
+    _, theirs = await active_device(api, auth=GLOBEX, device_id=device_id)
+    other_device, other = await active_device(api)
+    command_id = "same-id"
+    await send(api, device_id, command_id=command_id, params={"who": "acme"})
+    await send(api, device_id, auth=GLOBEX, command_id=command_id, params={"who": "globex"})
+    # the other device of acme, and globex's device of the same id, never see acme's command
+    assert (await api.get("/v1/device/commands", headers=device_auth(other))).json()["commands"] == []
+    mine = (await api.get("/v1/device/commands", headers=device_auth(theirs))).json()["commands"]
+    assert [c["params"] for c in mine] == [{"who": "globex"}]
+    stolen = await api.post(
+        f"/v1/device/commands/{command_id}/result", json={"status": "succeeded"}, headers=device_auth(other)
+    )
+    assert stolen.status_code == 404
+    # globex answering its own command leaves acme's alone
+    ok = await api.post(
+        f"/v1/device/commands/{command_id}/result",
+        json={"status": "failed", "result": {"e": 1}},
+        headers=device_auth(theirs),
+    )
+    assert ok.status_code == 200
+    assert await status_of(api, device_id, command_id) == "pending"
+    assert await status_of(api, device_id, command_id, GLOBEX) == "failed"
+    # acme's operator cannot read globex's, nor command a device of another tenant's only
+    assert (
+        await api.get(f"/v1/devices/{other_device}/commands/{command_id}", headers=GLOBEX)
+    ).status_code == 404
+    refused = await api.post(f"/v1/devices/{other_device}/commands", json={"name": "reboot"}, headers=GLOBEX)
+    assert refused.status_code == 404
+    # a token without the scope
+    reader = bearer("acme", ["devices:read"])
+    assert (
+        await api.post(f"/v1/devices/{device_id}/commands", json={"name": "x"}, headers=reader)
+    ).status_code == 403
+    handed = (await api.get("/v1/device/commands", headers=device_auth(ours))).json()["commands"]
+    assert [c["params"] for c in handed] == [{"who": "acme"}]
+
+
+async def test_bad_commands_are_refused_with_the_field(api: httpx.AsyncClient) -> None:
+    device_id, credential = await active_device(api)
+    url = f"/v1/devices/{device_id}/commands"
+    deep: dict[str, Any] = {}
+    node = deep
+    for _ in range(40):
+        node["x"] = {}
+        node = node["x"]
+    cases = [
+        ({"name": "rm -rf"}, "name"),
+        ({"name": "a" * 65}, "name"),
+        ({"name": "ok", "params": {"blob": "x" * 9000}}, "params"),
+        ({"name": "ok", "params": deep}, "params"),
+        ({"name": "ok", "timeout_s": 0}, "timeout_s"),
+        ({"name": "ok", "expires_s": 10**9}, "expires_s"),
+        ({"name": "ok", "surprise": 1}, "surprise"),
+    ]
+    for body, field in cases:
+        response = await api.post(url, json=body, headers=AUTH)
+        assert response.status_code == 422, (body, response.text)
+        assert any(field in e["loc"] for e in response.json()["errors"]), response.json()
+    command = await send(api, device_id)
+    await api.get("/v1/device/commands", headers=device_auth(credential))
+    big = await api.post(
+        f"/v1/device/commands/{command['command_id']}/result",
+        json={"status": "succeeded", "result": {"blob": "x" * 20000}},
+        headers=device_auth(credential),
+    )
+    assert big.status_code == 422
+    wrong = await api.post(
+        f"/v1/device/commands/{command['command_id']}/result",
+        json={"status": "done"},
+        headers=device_auth(credential),
+    )
+    assert wrong.status_code == 422
+    assert await status_of(api, device_id, command["command_id"]) == "delivered"  # nothing accepted is lost
+    assert (
+        await api.post("/v1/devices/no-such-device/commands", json={"name": "x"}, headers=AUTH)
+    ).status_code == 404
+
+
+async def test_decommissioning_ends_pending_commands(api: httpx.AsyncClient) -> None:
+    device_id, credential = await active_device(api)
+    pending = await send(api, device_id, expires_s=600)
+    retired = await api.post(f"/v1/devices/{device_id}:decommission", json={}, headers=AUTH)
+    assert retired.status_code == 202
+    url = f"/v1/devices/{device_id}/commands/{pending['command_id']}"
+    await eventually(lambda: api.get(url, headers=AUTH), lambda r: r.json()["status"] == "cancelled")
+    assert (
+        await api.post(f"/v1/devices/{device_id}/commands", json={"name": "x"}, headers=AUTH)
+    ).status_code == 404
+    assert (await api.get("/v1/device/commands", headers=device_auth(credential))).status_code == 401
