@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
@@ -20,11 +20,23 @@ from fleetflow.contracts.commands import (
     SettleCommand,
 )
 from fleetflow.contracts.devices import DeviceStatus
+from fleetflow.contracts.rollouts import ACTIVE_STATES
 from fleetflow.db import Pool
+
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    from asyncpg.pool import PoolConnectionProxy
+
+    Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
 _VIEW = """command_id, device_id, name, params, result, timeout_s, created_at, expires_at,
            delivered_at, finished_at, campaign_id, workflow_id,
-           CASE WHEN status = 'pending' AND expires_at <= now() THEN 'expired' ELSE status END AS status"""
+           CASE WHEN status = 'pending' AND expires_at <= now() THEN 'expired'
+                WHEN status = 'delivered' AND delivered_at + make_interval(secs => timeout_s) <= now()
+                THEN 'timed_out'
+                ELSE status END AS status"""
+# a command campaign's job, offered to a device, is a command whose id names the campaign and the
+# attempt ('~' is in no command id an operator may choose)
+CAMPAIGN_SEPARATOR = "~"
 
 
 class CommandConflict(Exception):
@@ -162,10 +174,33 @@ class DeviceCommands:
         """The device's answer to a delivered command; LookupError for no such command of this
         device, CommandConflict once the command has ended (or was never delivered)."""
         async with self.pool.acquire() as conn, conn.transaction():
+            campaign_id = await conn.fetchval(
+                """SELECT campaign_id FROM device.commands
+                   WHERE tenant = $1 AND device_id = $2 AND command_id = $3""",
+                tenant,
+                device_id,
+                command_id,
+            )
+            job_open = True
+            if campaign_id is not None:
+                # the campaign's job moves with the answer, in the order a tick locks them
+                await conn.execute(
+                    "SELECT 1 FROM device.rollouts WHERE tenant = $1 AND campaign_id = $2 FOR SHARE",
+                    tenant,
+                    campaign_id,
+                )
+                job_state = await conn.fetchval(
+                    """SELECT state FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2
+                         AND device_id = $3 AND kind = 'update' FOR UPDATE""",
+                    tenant,
+                    campaign_id,
+                    device_id,
+                )
+                job_open = job_state in ACTIVE_STATES
             row = await conn.fetchrow(
                 """UPDATE device.commands SET status = $4, result = $5::jsonb, finished_at = now()
                    WHERE tenant = $1 AND device_id = $2 AND command_id = $3 AND status = 'delivered'
-                     AND delivered_at + make_interval(secs => timeout_s) > now()
+                     AND delivered_at + make_interval(secs => timeout_s) > now() AND $6
                    RETURNING """
                 + _VIEW,
                 tenant,
@@ -173,9 +208,23 @@ class DeviceCommands:
                 command_id,
                 status,
                 json.dumps(result),
+                job_open,
             )
             if row is not None:
+                if campaign_id is not None:
+                    await conn.execute(
+                        """UPDATE device.rollout_jobs SET state = $4, updated_at = now(),
+                               detail = 'command ' || $4,
+                               finished_seq = nextval('device.rollout_finished_seq')
+                           WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = 'update'""",
+                        tenant,
+                        campaign_id,
+                        device_id,
+                        status,
+                    )
                 return _view(row)
+            if not job_open:
+                raise CommandConflict(f"command {command_id!r}: its campaign's job for this device has ended")
             current = await conn.fetchrow(
                 f"""SELECT {_VIEW} FROM device.commands
                         WHERE tenant = $1 AND device_id = $2 AND command_id = $3""",
@@ -250,3 +299,36 @@ class DeviceCommands:
             device_id,
             waiter_id,
         )
+
+
+async def offer_campaign_commands(conn: Conn, tenant: str, campaign_id: str, expires_s: int) -> None:
+    """A command campaign's newly offered jobs become the devices' commands (each insert NOTIFYs
+    device_command_offered), due within the job's device timeout; a firmware campaign has none."""
+    await conn.execute(
+        """INSERT INTO device.commands (tenant, device_id, command_id, name, params, timeout_s,
+               expires_at, campaign_id, actor)
+           SELECT j.tenant, j.device_id, j.campaign_id || $4 || j.attempts, r.command->>'name',
+                  coalesce(r.command->'params', '{}'::jsonb), (r.command->>'timeout_s')::int,
+                  now() + make_interval(secs => $3), j.campaign_id, 'campaign:' || j.campaign_id
+           FROM device.rollout_jobs j
+           JOIN device.rollouts r ON r.tenant = j.tenant AND r.campaign_id = j.campaign_id
+           WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = 'update' AND j.state = 'offered'
+             AND r.command IS NOT NULL
+           ON CONFLICT (tenant, device_id, command_id) DO NOTHING""",
+        tenant,
+        campaign_id,
+        float(expires_s),
+        CAMPAIGN_SEPARATOR,
+    )
+
+
+async def end_campaign_commands(conn: Conn, tenant: str, campaign_id: str) -> None:
+    """The campaign stopped: its open commands are cancelled."""
+    await conn.execute(
+        """UPDATE device.commands SET status = 'cancelled', finished_at = now(),
+               result = jsonb_build_object('reason', 'campaign stopped')
+           WHERE tenant = $1 AND campaign_id = $2 AND status = ANY($3)""",
+        tenant,
+        campaign_id,
+        list(OPEN_STATUSES),
+    )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import math
 from datetime import datetime
 from pathlib import Path
@@ -13,9 +14,11 @@ from typing import TYPE_CHECKING
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
+from activities.device_commands import end_campaign_commands, offer_campaign_commands
 from fleetflow import claim_checks
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
+    CampaignDeviceView,
     FirmwareView,
     JobOutcome,
     JobView,
@@ -131,11 +134,17 @@ class RolloutJobs:
         """Fix the target list and its waves (once: a retry returns the recorded plan)."""
         req, tenant = inp.request, inp.tenant
         async with self.pool.acquire() as conn, conn.transaction():
-            fw = await conn.fetchrow(
-                "SELECT device_type, version FROM device.firmware WHERE tenant = $1 AND firmware_id = $2",
-                tenant,
-                req.firmware_id,
-            )
+            if req.command is not None:  # a command campaign: the command's name stands for the version
+                fw: dict[str, str] | asyncpg.Record | None = {
+                    "device_type": req.device_type or "",
+                    "version": req.command.name,
+                }
+            else:
+                fw = await conn.fetchrow(
+                    "SELECT device_type, version FROM device.firmware WHERE tenant = $1 AND firmware_id = $2",
+                    tenant,
+                    req.firmware_id,
+                )
             if fw is None:
                 raise ApplicationError(
                     f"no firmware {req.firmware_id!r}", type="NoFirmware", non_retryable=True
@@ -158,7 +167,8 @@ class RolloutJobs:
                 )
             devices = await conn.fetch(
                 """SELECT device_id, firmware_version FROM device.devices
-                   WHERE tenant = $1 AND device_type = $2 AND status = 'active' AND firmware_version <> $3
+                   WHERE tenant = $1 AND device_type = $2 AND status = 'active'
+                     AND ($7 OR firmware_version <> $3)
                      AND ($4::text[] IS NULL OR device_id = ANY($4)) AND tags @> $5
                      AND ($6::text[] IS NULL OR device_id IN (SELECT unnest($6::text[])))
                    ORDER BY device_id""",
@@ -168,6 +178,7 @@ class RolloutJobs:
                 req.target.device_ids,
                 req.target.tags,
                 listed,
+                req.command is not None,  # a command goes to every device, whatever its firmware
             )
             waves = wave_sizes(len(devices), req.policy)
             recorded = req.model_dump(mode="json")
@@ -175,13 +186,14 @@ class RolloutJobs:
                 recorded["target"]["claim"] = inp.targets.model_dump()
             numbers = [w for w, size in enumerate(waves) for _ in range(size)]
             await conn.execute(
-                """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
-                   VALUES ($1, $2, $3, $4, $5)""",
+                """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves, command)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
                 tenant,
                 req.campaign_id,
-                req.firmware_id,
+                req.firmware_id or None,
                 recorded,
                 waves,
+                None if req.command is None else req.command.model_dump(mode="json"),
             )
             await conn.execute(
                 """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,
@@ -327,7 +339,10 @@ class RolloutJobs:
             tick.wave,
             tick.offer,
         )
-        return int(str(result).split()[-1])
+        offered = int(str(result).split()[-1])
+        if offered:
+            await offer_campaign_commands(conn, tick.tenant, tick.campaign_id, tick.device_timeout_s)
+        return offered
 
     async def _wait_for_news(self, tick: RolloutTick) -> None:
         """Hold the tick until a job of the campaign finishes, or `wait_ms` passes."""
@@ -381,10 +396,41 @@ class RolloutJobs:
                           target_version
                    FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update' AND state = 'succeeded'
+                     AND NOT EXISTS (SELECT 1 FROM device.rollouts r WHERE r.tenant = $1
+                                     AND r.campaign_id = $2 AND r.command IS NOT NULL)
                    ON CONFLICT DO NOTHING""",
                 tenant,
                 campaign_id,
             )
+        await end_campaign_commands(conn, tenant, campaign_id)
+
+    async def campaign_devices(
+        self, tenant: str, campaign_id: str, limit: int, after: str | None
+    ) -> list[CampaignDeviceView]:
+        """Each device's outcome in a campaign, by device id, `limit` after `after`."""
+        rows = await self.pool.fetch(
+            """SELECT j.device_id, j.state, j.attempts, j.detail, j.updated_at,
+                      c.command_id, c.status AS command_status, c.result
+               FROM device.rollout_jobs j
+               LEFT JOIN LATERAL (
+                   SELECT command_id, status, result FROM device.commands c
+                   WHERE c.tenant = j.tenant AND c.device_id = j.device_id AND c.campaign_id = j.campaign_id
+                   ORDER BY c.created_at DESC LIMIT 1) c ON true
+               WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = 'update'
+                 AND ($4::text IS NULL OR j.device_id > $4)
+               ORDER BY j.device_id LIMIT $3""",
+            tenant,
+            campaign_id,
+            limit,
+            after,
+        )
+        views = []
+        for r in rows:
+            data = dict(r.items())
+            if isinstance(data["result"], str):
+                data["result"] = json.loads(data["result"])
+            views.append(CampaignDeviceView.model_validate(data))
+        return views
 
     # --- the device's side ------------------------------------------------------------
 
@@ -395,9 +441,10 @@ class RolloutJobs:
                       f.firmware_id, f.sha256, f.size
                FROM device.rollout_jobs j
                JOIN device.devices d USING (tenant, device_id)
+               JOIN device.rollouts r ON r.tenant = j.tenant AND r.campaign_id = j.campaign_id
                LEFT JOIN device.firmware f ON f.tenant = j.tenant AND f.device_type = d.device_type
                     AND f.version = j.target_version
-               WHERE j.tenant = $1 AND j.device_id = $2 AND j.state = ANY($3)
+               WHERE j.tenant = $1 AND j.device_id = $2 AND j.state = ANY($3) AND r.command IS NULL
                ORDER BY j.offered_at DESC LIMIT 1""",
             tenant,
             device_id,
@@ -434,8 +481,11 @@ class RolloutJobs:
                     campaign_id,
                 )
             job = await conn.fetchrow(
-                """SELECT state, target_version FROM device.rollout_jobs
-                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4 FOR UPDATE""",
+                """SELECT state, target_version FROM device.rollout_jobs j
+                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4
+                     AND NOT EXISTS (SELECT 1 FROM device.rollouts r WHERE r.tenant = $1
+                                     AND r.campaign_id = $2 AND r.command IS NOT NULL)
+                   FOR UPDATE""",
                 tenant,
                 campaign_id,
                 device_id,

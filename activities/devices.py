@@ -80,6 +80,7 @@ class DeviceService(DeviceActivities):
         self.firmware_path = self.rollouts.firmware_path
         self.pending_job = self.rollouts.pending_job
         self.report_job = self.rollouts.report_job
+        self.campaign_devices = self.rollouts.campaign_devices
         self.bulk_credentials = self.bulk.bulk_credentials
         self.commands = DeviceCommands(pool)
         self.create_command = self.commands.create_command

@@ -578,6 +578,11 @@ MIGRATIONS: list[tuple[str, str]] = [
         END $$;
         CREATE TRIGGER commands_notify AFTER INSERT OR UPDATE OF status ON device.commands
             FOR EACH ROW EXECUTE FUNCTION device.notify_command();
+        -- a command campaign runs on the rollout machinery: no firmware, the command instead;
+        -- each offer of its job is a command row (campaign_id set) the device polls and answers
+        ALTER TABLE device.rollouts ALTER COLUMN firmware_id DROP NOT NULL;
+        ALTER TABLE device.rollouts ADD COLUMN command jsonb;
+        CREATE INDEX commands_campaign ON device.commands (tenant, campaign_id) WHERE campaign_id IS NOT NULL;
         """,
     ),
 ]

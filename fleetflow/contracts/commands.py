@@ -68,6 +68,20 @@ class CommandSpec(Contract):
         return bounded_json(value, MAX_COMMAND_PARAMS_BYTES)
 
 
+class CampaignCommand(Contract):
+    """The command of a command campaign (FirmwareRollout's machinery): each targeted device
+    gets it as one of its commands, and its answer is the device's job outcome."""
+
+    name: CommandName
+    params: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: Annotated[int, Field(ge=1, le=MAX_COMMAND_TIMEOUT_S)] = 30
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, Any]) -> dict[str, Any]:
+        return bounded_json(value, MAX_COMMAND_PARAMS_BYTES)
+
+
 class CommandInput(Contract):
     """Input of DeviceCommand (id `command-{tenant}-{device_id}/{command_id}`): ids and the
     deadlines only; the name and params live in the command's row (written before the start)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 
-from tests.integration.flows import AUTH, active_device, new_id
+from tests.integration.flows import AUTH, active_device, fleet, new_id
 from tests.support import bearer, eventually
 
 GLOBEX = bearer("globex")
@@ -224,3 +224,110 @@ async def test_decommissioning_ends_pending_commands(api: httpx.AsyncClient) -> 
         await api.post(f"/v1/devices/{device_id}/commands", json={"name": "x"}, headers=AUTH)
     ).status_code == 404
     assert (await api.get("/v1/device/commands", headers=device_auth(credential))).status_code == 401
+
+
+# --- a command to many devices: a campaign on the rollout machinery ---------------------------
+
+
+async def devices_answer(
+    api: httpx.AsyncClient, creds: dict[str, str], answer: dict[str, str | None], stop: asyncio.Event
+) -> dict[str, list[str]]:
+    """Each device polls its commands and answers answer[device] (None: stays silent)."""
+    seen: dict[str, list[str]] = {}
+    while not stop.is_set():
+        for device_id, credential in creds.items():
+            if answer.get(device_id) is None:
+                continue
+            handed = (await api.get("/v1/device/commands", headers=device_auth(credential))).json()
+            for command in handed["commands"]:
+                seen.setdefault(device_id, []).append(command["name"])
+                await api.post(
+                    f"/v1/device/commands/{command['command_id']}/result",
+                    json={"status": answer[device_id], "result": {"echo": command["params"]}},
+                    headers=device_auth(credential),
+                )
+        await asyncio.sleep(0.05)
+    return seen
+
+
+def command_campaign(campaign: str, ids: list[str], **policy: Any) -> dict[str, Any]:
+    policy.setdefault("rate_per_minute", 60000)
+    return {
+        "campaign_id": campaign,
+        "device_type": "sensor",
+        "command": {"name": "calibrate", "params": {"ref": 1.5}, "timeout_s": 30},
+        "target": {"device_ids": ids},
+        "policy": policy,
+    }
+
+
+async def test_a_command_campaign_reaches_every_device_with_its_outcome(api: httpx.AsyncClient) -> None:
+    creds = await fleet(api, 6)
+    campaign = new_id("cc")
+    stop = asyncio.Event()
+    answer: dict[str, str | None] = dict.fromkeys(creds, "succeeded")
+    working = asyncio.create_task(devices_answer(api, creds, answer, stop))
+    started = await api.post(
+        "/v1/rollouts", json=command_campaign(campaign, list(creds), canary=2), headers=AUTH
+    )
+    assert started.status_code == 202, started.text
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+        60,
+    )
+    stop.set()
+    seen = await working
+    assert done.json()["counts"] == {"succeeded": 6}
+    assert seen == {d: ["calibrate"] for d in creds}  # one command each, once
+    outcomes = (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
+    assert [o["device_id"] for o in outcomes] == sorted(creds)
+    assert all(o["state"] == "succeeded" and o["result"] == {"echo": {"ref": 1.5}} for o in outcomes)
+    # the device's firmware route never offered it as a firmware job
+    credential = next(iter(creds.values()))
+    assert (await api.get("/v1/device/jobs", headers=device_auth(credential))).status_code == 204
+    events = (await api.get("/v1/events", params={"type": "DeviceCommandFinished"}, headers=AUTH)).json()
+    assert events  # recorded per device
+
+
+async def test_a_command_campaign_aborts_on_failures_and_ends_open_commands(api: httpx.AsyncClient) -> None:
+    creds = await fleet(api, 8)
+    ids = sorted(creds)
+    campaign = new_id("cc")
+    stop = asyncio.Event()
+    # the first wave (4) fails on 3 devices; the last device never answers
+    answer: dict[str, str | None] = {d: ("failed" if i < 3 else "succeeded") for i, d in enumerate(ids)}
+    answer[ids[-1]] = None
+    working = asyncio.create_task(devices_answer(api, creds, answer, stop))
+    body = command_campaign(campaign, ids, canary=4, growth=2, abort_failure_percent=50, abort_min_finished=4)
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] == "aborted",
+        60,
+    )
+    stop.set()
+    await working
+    assert done.json()["rollback_counts"] == {}  # a command has nothing to roll back
+    outcomes = {
+        o["device_id"]: o for o in (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
+    }
+    assert [outcomes[d]["state"] for d in ids[:3]] == ["failed"] * 3
+    assert all(o["state"] in ("succeeded", "failed", "cancelled") for o in outcomes.values())
+    # no command of the campaign is left open, and nobody gets one after the abort
+    assert all(o["command_status"] in (None, "succeeded", "failed", "cancelled") for o in outcomes.values())
+    silent = creds[ids[-1]]
+    assert (await api.get("/v1/device/commands", headers=device_auth(silent))).json()["commands"] == []
+
+
+async def test_a_command_campaign_is_refused_without_a_device_type_or_with_firmware(
+    api: httpx.AsyncClient,
+) -> None:
+    body = command_campaign(new_id("cc"), ["x"])
+    del body["device_type"]
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 422
+    body = command_campaign(new_id("cc"), ["x"]) | {"firmware_id": "sensor-1.0.0"}
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 422
+    body = command_campaign(new_id("cc"), ["x"]) | {"device_type": "toaster"}
+    refused = await api.post("/v1/rollouts", json=body, headers=AUTH)
+    assert refused.status_code == 422 and "device_type" in str(refused.json()["errors"])
