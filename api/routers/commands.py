@@ -17,7 +17,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError
 
-from activities.device_commands import CommandConflict
+from activities.device_commands import CAMPAIGN_SEPARATOR, CommandConflict
 from api.auth import State, actor_of, require, require_device
 from api.command_notices import CommandNotices, offered_key, settled_key
 from api.models.base import as_contract
@@ -190,17 +190,29 @@ async def _take(
                 break
             await CommandNotices.nap(notice, left)
     for command in taken:  # the runs learn it now rather than at their expiry
-        moved = CommandState(status="delivered", delivered_at=command.delivered_at)
-        await _signal(state, tenant, device_id, command.command_id, moved)
+        if command.command_id.find(CAMPAIGN_SEPARATOR) < 0:  # a campaign's job has no run of its own
+            moved = CommandState(status="delivered", delivered_at=command.delivered_at)
+            _signal(state, tenant, device_id, command.command_id, moved)
     return DeviceCommands(commands=taken)
 
 
-async def _signal(state: AppState, tenant: str, device_id: str, command_id: str, moved: CommandState) -> None:
+_SIGNALS: set[asyncio.Task[None]] = set()  # signals on their way (a reference keeps each alive)
+
+
+def _signal(state: AppState, tenant: str, device_id: str, command_id: str, moved: CommandState) -> None:
+    """Tell the command's run, in the background: the row already says it, so the device's
+    answer does not wait for Temporal, and a lost signal only ends the run at its deadline."""
     handle = state.temporal.get_workflow_handle(command_workflow_id(tenant, device_id, command_id))
-    try:
-        await handle.signal(DeviceCommand.moved, moved)
-    except RPCError:
-        pass  # the run ended (or is a campaign's): the row is the truth, its deadline reads it
+
+    async def send() -> None:
+        try:
+            await handle.signal(DeviceCommand.moved, moved)
+        except RPCError:
+            pass  # the run ended: the row is the truth, its deadline reads it
+
+    task = asyncio.create_task(send())
+    _SIGNALS.add(task)
+    task.add_done_callback(_SIGNALS.discard)
 
 
 @router.post("/v1/device/commands/{command_id}/result", response_model=CommandView)
@@ -217,5 +229,6 @@ async def answer_command(
         raise not_found(f"command {command_id!r} of this device") from None
     except CommandConflict as exc:
         raise conflict(str(exc)) from None
-    await _signal(state, claims.tenant, claims.device_id, command_id, CommandState(status=view.status))
+    if view.campaign_id is None:
+        _signal(state, claims.tenant, claims.device_id, command_id, CommandState(status=view.status))
     return view
