@@ -77,6 +77,7 @@ class DeviceCommands:
                        expires_at, workflow_id, actor)
                    SELECT tenant, device_id, $3, $4, $5::jsonb, $6, now() + make_interval(secs => $7), $8, $9
                    FROM device.devices WHERE tenant = $1 AND device_id = $2 AND status <> ALL($10)
+                   FOR SHARE  -- a retirement committing meanwhile is waited for, and seen
                    ON CONFLICT (tenant, device_id, command_id) DO NOTHING
                    RETURNING """
                 + _VIEW,
@@ -189,14 +190,17 @@ class DeviceCommands:
                     tenant,
                     campaign_id,
                 )
-                job_state = await conn.fetchval(
-                    """SELECT state FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2
+                job = await conn.fetchrow(
+                    """SELECT state, attempts FROM device.rollout_jobs WHERE tenant = $1 AND campaign_id = $2
                          AND device_id = $3 AND kind = 'update' FOR UPDATE""",
                     tenant,
                     campaign_id,
                     device_id,
                 )
-                job_open = job_state in ACTIVE_STATES
+                # only the job's current offer may move it: an answer to an earlier offer (it went
+                # silent and was offered again) must not finish the job the new one still runs
+                offer_id = f"{campaign_id}{CAMPAIGN_SEPARATOR}{job['attempts']}" if job else None
+                job_open = job is not None and job["state"] in ACTIVE_STATES and command_id == offer_id
             row = await conn.fetchrow(
                 """UPDATE device.commands SET status = $4, result = $5::jsonb, finished_at = now()
                    WHERE tenant = $1 AND device_id = $2 AND command_id = $3 AND status = 'delivered'
@@ -263,9 +267,12 @@ class DeviceCommands:
             return CommandState(status="cancelled")
         return CommandState(status=row["status"], delivered_at=row["delivered_at"])
 
-    async def cancel_commands(self, tenant: str, device_id: str, reason: str) -> int:
-        """End every open command of a device (it is being decommissioned)."""
-        result = await self.pool.execute(
+    async def cancel_commands(
+        self, tenant: str, device_id: str, reason: str, conn: Conn | None = None
+    ) -> int:
+        """End every open command of a device (it is being decommissioned), in conn's transaction
+        when given."""
+        result = await (conn or self.pool).execute(
             """UPDATE device.commands SET status = 'cancelled', finished_at = now(),
                    result = jsonb_build_object('reason', $3::text)
                WHERE tenant = $1 AND device_id = $2 AND status = ANY($4)""",
@@ -313,6 +320,7 @@ async def offer_campaign_commands(conn: Conn, tenant: str, campaign_id: str, exp
            FROM device.rollout_jobs j
            JOIN device.rollouts r ON r.tenant = j.tenant AND r.campaign_id = j.campaign_id
            WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = 'update' AND j.state = 'offered'
+             AND j.offered_at = now()  -- offered by this transaction (the tick's): now() is its start
              AND r.command IS NOT NULL
            ON CONFLICT (tenant, device_id, command_id) DO NOTHING""",
         tenant,

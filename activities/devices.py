@@ -373,6 +373,8 @@ class DeviceService(DeviceActivities):
                 actor=step.actor,
                 reason=step.reason or "decommissioned",
             )
+            # a command sent since `cancel_jobs` ends too; none can be sent after this commits
+            await self.commands.cancel_commands(step.tenant, step.device_id, "device decommissioned", conn)
 
     @implements(DeviceActivities.note_retirement_problem)
     async def note_retirement_problem(self, step: DeviceStep) -> None:

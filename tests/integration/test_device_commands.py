@@ -220,6 +220,10 @@ async def test_decommissioning_ends_pending_commands(api: httpx.AsyncClient) -> 
     assert retired.status_code == 202
     url = f"/v1/devices/{device_id}/commands/{pending['command_id']}"
     await eventually(lambda: api.get(url, headers=AUTH), lambda r: r.json()["status"] == "cancelled")
+    await eventually(
+        lambda: api.get(f"/v1/decommissions/{device_id}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+    )
     assert (
         await api.post(f"/v1/devices/{device_id}/commands", json={"name": "x"}, headers=AUTH)
     ).status_code == 404
@@ -331,3 +335,42 @@ async def test_a_command_campaign_is_refused_without_a_device_type_or_with_firmw
     body = command_campaign(new_id("cc"), ["x"]) | {"device_type": "toaster"}
     refused = await api.post("/v1/rollouts", json=body, headers=AUTH)
     assert refused.status_code == 422 and "device_type" in str(refused.json()["errors"])
+
+
+async def test_only_the_current_offer_of_a_campaign_job_moves_it(api: httpx.AsyncClient) -> None:
+    creds = await fleet(api, 1)
+    device_id, credential = next(iter(creds.items()))
+    campaign = new_id("cc")
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=1, retry_limit=1)
+    body["command"]["timeout_s"] = 60
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+
+    async def poll() -> list[dict[str, Any]]:
+        handed: list[dict[str, Any]] = (
+            await api.get("/v1/device/commands", headers=device_auth(credential))
+        ).json()["commands"]
+        return handed
+
+    first = (await eventually(poll, bool))[0]
+    assert first["command_id"] == f"{campaign}~1"
+    # silent past the device timeout: offered again, as a new command
+    second = (await eventually(poll, bool))[0]
+    assert second["command_id"] == f"{campaign}~2"
+    late = await api.post(
+        f"/v1/device/commands/{first['command_id']}/result",
+        json={"status": "failed"},
+        headers=device_auth(credential),
+    )
+    assert late.status_code == 409
+    ok = await api.post(
+        f"/v1/device/commands/{second['command_id']}/result",
+        json={"status": "succeeded"},
+        headers=device_auth(credential),
+    )
+    assert ok.status_code == 200, ok.text
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+        60,
+    )
+    assert done.json()["counts"] == {"succeeded": 1}
