@@ -4,10 +4,13 @@ the device service's row; the device long-polls and answers; deadlines end it cl
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import httpx
+from temporalio.client import Client
 
+from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device, fleet, new_id
 from tests.support import bearer, eventually
 
@@ -374,3 +377,29 @@ async def test_only_the_current_offer_of_a_campaign_job_moves_it(api: httpx.Asyn
         60,
     )
     assert done.json()["counts"] == {"succeeded": 1}
+
+
+async def test_a_new_command_notifies_its_channel_and_its_run_is_found_by_device(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    """What a push transport (the MQTT gateway) listens to, and what the Web UI searches by."""
+    device_id, _ = await active_device(api)
+    heard: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    async with pool.acquire() as conn:
+
+        def hear(_conn: object, _pid: int, _channel: str, payload: object) -> None:
+            heard.put_nowait(json.loads(str(payload)))
+
+        await conn.add_listener("device_command_offered", hear)
+        try:
+            command = await send(api, device_id)
+            notice = await asyncio.wait_for(heard.get(), 10)
+        finally:
+            await conn.remove_listener("device_command_offered", hear)
+    assert notice == {"tenant": "acme", "device_id": device_id, "command_id": command["command_id"]}
+
+    async def runs() -> list[str]:
+        query = f"DeviceId = '{device_id}' AND Operation = 'command'"
+        return [w.id async for w in client.list_workflows(query)]
+
+    assert await eventually(runs, bool) == [command["workflow_id"]]
