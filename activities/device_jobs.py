@@ -27,9 +27,10 @@ class DeviceJobs:
                       f.firmware_id, f.sha256, f.size
                FROM device.rollout_jobs j
                JOIN device.devices d USING (tenant, device_id)
+               JOIN device.rollouts r ON r.tenant = j.tenant AND r.campaign_id = j.campaign_id
                LEFT JOIN device.firmware f ON f.tenant = j.tenant AND f.device_type = d.device_type
                     AND f.version = j.target_version
-               WHERE j.tenant = $1 AND j.device_id = $2 AND j.state = ANY($3)
+               WHERE j.tenant = $1 AND j.device_id = $2 AND j.state = ANY($3) AND r.command IS NULL
                ORDER BY j.offered_at DESC LIMIT 1""",
             tenant,
             device_id,
@@ -66,8 +67,11 @@ class DeviceJobs:
                     campaign_id,
                 )
             job = await conn.fetchrow(
-                """SELECT state, target_version FROM device.rollout_jobs
-                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4 FOR UPDATE""",
+                """SELECT state, target_version FROM device.rollout_jobs j
+                   WHERE tenant = $1 AND campaign_id = $2 AND device_id = $3 AND kind = $4
+                     AND NOT EXISTS (SELECT 1 FROM device.rollouts r WHERE r.tenant = $1
+                                     AND r.campaign_id = $2 AND r.command IS NOT NULL)
+                   FOR UPDATE""",
                 tenant,
                 campaign_id,
                 device_id,

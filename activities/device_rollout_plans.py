@@ -4,12 +4,16 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 from temporalio.exceptions import ApplicationError
 
 from fleetflow import claim_checks
 from fleetflow.contracts.rollouts import RolloutInput, RolloutPlan, RolloutPolicy
 from fleetflow.db import Pool
+
+if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
+    import asyncpg
 
 
 def wave_sizes(total: int, policy: RolloutPolicy) -> list[int]:
@@ -38,11 +42,17 @@ class RolloutPlanner:
         """Fix the target list and its waves (once: a retry returns the recorded plan)."""
         req, tenant = inp.request, inp.tenant
         async with self.pool.acquire() as conn, conn.transaction():
-            fw = await conn.fetchrow(
-                "SELECT device_type, version FROM device.firmware WHERE tenant = $1 AND firmware_id = $2",
-                tenant,
-                req.firmware_id,
-            )
+            if req.command is not None:  # a command campaign: the command's name stands for the version
+                fw: dict[str, str] | asyncpg.Record | None = {
+                    "device_type": req.device_type or "",
+                    "version": req.command.name,
+                }
+            else:
+                fw = await conn.fetchrow(
+                    "SELECT device_type, version FROM device.firmware WHERE tenant = $1 AND firmware_id = $2",
+                    tenant,
+                    req.firmware_id,
+                )
             if fw is None:
                 raise ApplicationError(
                     f"no firmware {req.firmware_id!r}", type="NoFirmware", non_retryable=True
@@ -65,7 +75,8 @@ class RolloutPlanner:
                 )
             devices = await conn.fetch(
                 """SELECT device_id, firmware_version FROM device.devices
-                   WHERE tenant = $1 AND device_type = $2 AND status = 'active' AND firmware_version <> $3
+                   WHERE tenant = $1 AND device_type = $2 AND status = 'active'
+                     AND ($7 OR firmware_version <> $3)
                      AND ($4::text[] IS NULL OR device_id = ANY($4)) AND tags @> $5
                      AND ($6::text[] IS NULL OR device_id IN (SELECT unnest($6::text[])))
                    ORDER BY device_id""",
@@ -75,6 +86,7 @@ class RolloutPlanner:
                 req.target.device_ids,
                 req.target.tags,
                 listed,
+                req.command is not None,  # a command goes to every device, whatever its firmware
             )
             waves = wave_sizes(len(devices), req.policy)
             recorded = req.model_dump(mode="json")
@@ -82,13 +94,14 @@ class RolloutPlanner:
                 recorded["target"]["claim"] = inp.targets.model_dump()
             numbers = [w for w, size in enumerate(waves) for _ in range(size)]
             await conn.execute(
-                """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves)
-                   VALUES ($1, $2, $3, $4, $5)""",
+                """INSERT INTO device.rollouts (tenant, campaign_id, firmware_id, request, waves, command)
+                   VALUES ($1, $2, $3, $4, $5, $6)""",
                 tenant,
                 req.campaign_id,
-                req.firmware_id,
+                req.firmware_id or None,
                 recorded,
                 waves,
+                None if req.command is None else req.command.model_dump(mode="json"),
             )
             await conn.execute(
                 """INSERT INTO device.rollout_jobs (tenant, campaign_id, device_id, kind, wave, state,

@@ -6,13 +6,16 @@ a stop cancels what has not started and queues rollbacks. Planning is in
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
 from typing import TYPE_CHECKING
 
 from temporalio import activity
 
+from activities.device_commands import end_campaign_commands, offer_campaign_commands
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
+    CampaignDeviceView,
     JobOutcome,
     RolloutTick,
     StopRollout,
@@ -166,7 +169,10 @@ class RolloutJobs:
             tick.wave,
             tick.offer,
         )
-        return int(str(result).split()[-1])
+        offered = int(str(result).split()[-1])
+        if offered:
+            await offer_campaign_commands(conn, tick.tenant, tick.campaign_id, tick.device_timeout_s)
+        return offered
 
     async def _wait_for_news(self, tick: RolloutTick) -> None:
         """Hold the tick until a job of the campaign finishes, or `wait_ms` passes."""
@@ -220,7 +226,38 @@ class RolloutJobs:
                           target_version
                    FROM device.rollout_jobs
                    WHERE tenant = $1 AND campaign_id = $2 AND kind = 'update' AND state = 'succeeded'
+                     AND NOT EXISTS (SELECT 1 FROM device.rollouts r WHERE r.tenant = $1
+                                     AND r.campaign_id = $2 AND r.command IS NOT NULL)
                    ON CONFLICT DO NOTHING""",
                 tenant,
                 campaign_id,
             )
+        await end_campaign_commands(conn, tenant, campaign_id)
+
+    async def campaign_devices(
+        self, tenant: str, campaign_id: str, limit: int, after: str | None
+    ) -> list[CampaignDeviceView]:
+        """Each device's outcome in a campaign, by device id, `limit` after `after`."""
+        rows = await self.pool.fetch(
+            """SELECT j.device_id, j.state, j.attempts, j.detail, j.updated_at,
+                      c.command_id, c.status AS command_status, c.result
+               FROM device.rollout_jobs j
+               LEFT JOIN LATERAL (
+                   SELECT command_id, status, result FROM device.commands c
+                   WHERE c.tenant = j.tenant AND c.device_id = j.device_id AND c.campaign_id = j.campaign_id
+                   ORDER BY c.created_at DESC LIMIT 1) c ON true
+               WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = 'update'
+                 AND ($4::text IS NULL OR j.device_id > $4)
+               ORDER BY j.device_id LIMIT $3""",
+            tenant,
+            campaign_id,
+            limit,
+            after,
+        )
+        views = []
+        for r in rows:
+            data = dict(r.items())
+            if isinstance(data["result"], str):
+                data["result"] = json.loads(data["result"])
+            views.append(CampaignDeviceView.model_validate(data))
+        return views

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from activities import data_facade
 from activities.device_bulk import BulkProvisioning
+from activities.device_commands import DeviceCommands
 from activities.device_credentials import CredentialRotations
 from activities.device_firmware import FirmwareStore
 from activities.device_jobs import DeviceJobs
@@ -22,6 +23,7 @@ from activities.device_state import REUSABLE, device_room, refuse, register_devi
 from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow import config_schema
+from fleetflow.contracts.commands import CommandState, SettleCommand
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -93,7 +95,17 @@ class DeviceService(DeviceActivities):
         self.firmware_path = self.firmware_store.firmware_path
         self.pending_job = self.device_jobs.pending_job
         self.report_job = self.device_jobs.report_job
+        self.campaign_devices = self.rollouts.campaign_devices
         self.bulk_credentials = self.bulk.bulk_credentials
+        self.commands = DeviceCommands(pool)
+        self.create_command = self.commands.create_command
+        self.drop_command = self.commands.drop_command
+        self.command = self.commands.command
+        self.list_commands = self.commands.list_commands
+        self.take_commands = self.commands.take_commands
+        self.answer_command = self.commands.answer_command
+        self.claim_poller = self.commands.claim_poller
+        self.release_poller = self.commands.release_poller
 
     # --- activities ------------------------------------------------------------
 
@@ -355,9 +367,15 @@ class DeviceService(DeviceActivities):
         )
         return int(str(result).split()[-1])
 
+    @implements(DeviceActivities.settle_command)
+    async def settle_command(self, settle: SettleCommand) -> CommandState:
+        """End a command as expired or timed out if it is still pending or delivered."""
+        return await self.commands.settle_command(settle)
+
     @implements(DeviceActivities.cancel_jobs)
     async def cancel_jobs(self, step: DeviceStep) -> int:
-        """Cancel the device's pending rollout jobs."""
+        """Cancel the device's pending rollout jobs and end its open commands."""
+        await self.commands.cancel_commands(step.tenant, step.device_id, "device decommissioned")
         result = await self.pool.execute(
             """UPDATE device.rollout_jobs SET state = 'cancelled', updated_at = now(),
                    detail = 'device decommissioned', finished_seq = nextval('device.rollout_finished_seq')
@@ -380,6 +398,8 @@ class DeviceService(DeviceActivities):
                 actor=step.actor,
                 reason=step.reason or "decommissioned",
             )
+            # a command sent since `cancel_jobs` ends too; none can be sent after this commits
+            await self.commands.cancel_commands(step.tenant, step.device_id, "device decommissioned", conn)
 
     @implements(DeviceActivities.note_retirement_problem)
     async def note_retirement_problem(self, step: DeviceStep) -> None:

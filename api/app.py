@@ -13,6 +13,7 @@ from temporalio.client import Client
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from activities.subscriptions import Subscriptions
+from api.command_notices import CommandNotices
 from api.credentials import CredentialCache
 from api.docs import self_hosted_docs
 from api.ingestion import ensure_ingestion, watch_ingestion
@@ -21,7 +22,18 @@ from api.observability import instrument, untraced
 from api.openapi import document_problems
 from api.problems import install_problem_handlers
 from api.revocations import RevokedTokens, TokenRevocations
-from api.routers import codec, devices, events, health, onboardings, rollouts, telemetry, tenants, twins
+from api.routers import (
+    codec,
+    commands,
+    devices,
+    events,
+    health,
+    onboardings,
+    rollouts,
+    telemetry,
+    tenants,
+    twins,
+)
 from api.routers import credentials as credential_routes
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
@@ -47,6 +59,8 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         devices = DeviceService(pool, settings)
         credentials = CredentialCache(database_url(settings), devices.credential_valid_until)
         await credentials.start()
+        notices = CommandNotices(database_url(settings))
+        await notices.start()
         app.state.revocations = revocations = TokenRevocations(pool, database_url(settings))
         await revocations.start()
         async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
@@ -58,6 +72,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
                 devices=devices,
                 analytics=AnalyticsService(pool),
                 credentials=credentials,
+                commands=notices,
             )
             # the supervisor watches the shards; this watches the supervisor
             watching = asyncio.create_task(watch_ingestion(client, settings.ingest_shards))
@@ -66,6 +81,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
             finally:
                 watching.cancel()
                 await revocations.stop()
+                await notices.stop()
                 await credentials.stop()
                 await pool.close()
 
@@ -82,6 +98,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
     routers = (
         health,
         devices,
+        commands,
         onboardings,
         twins,
         telemetry,

@@ -10,6 +10,7 @@ from temporalio.client import Client
 
 from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
+from api.command_notices import CommandNotices
 from api.credentials import CredentialCache
 from api.quotas import Quotas
 from fleetflow.db import Pool
@@ -28,8 +29,11 @@ class AppState:
     devices: DeviceService
     analytics: AnalyticsService
     credentials: CredentialCache
+    commands: CommandNotices
     # (tenant, device id) of the twin long-polls this process holds: one per device
     twin_waiters: set[tuple[str, str]] = field(default_factory=set)
+    # (tenant, device id) of the command long-polls this process holds: one per device
+    command_waiters: set[tuple[str, str]] = field(default_factory=set)
     quotas: Quotas = field(init=False)
 
     def __post_init__(self) -> None:

@@ -26,3 +26,25 @@ class FiveActivities:
         for step in range(5):
             total += await workflow.execute_activity(noop, step, start_to_close_timeout=timedelta(seconds=10))
         return total
+
+
+@workflow.defn
+class StartAndUpdate:
+    """Started, then answered by one update, then done: the engine cost of a request that a
+    workflow holds until someone answers it (the bare shape of a device command)."""
+
+    def __init__(self) -> None:
+        self._answer: int | None = None
+
+    @workflow.run
+    async def run(self) -> int:
+        """Wait for the answer."""
+        await workflow.wait_condition(lambda: self._answer is not None)
+        assert self._answer is not None
+        return self._answer
+
+    @workflow.update
+    def answer(self, value: int) -> int:
+        """The answer."""
+        self._answer = value
+        return value

@@ -18,7 +18,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Worker
 
 from api.app import create_app
-from bench.baseline import BASELINE_QUEUE, FiveActivities, noop
+from bench.baseline import BASELINE_QUEUE, FiveActivities, StartAndUpdate, noop
 from fleetflow import embedded_pg
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.db import create_pool, migrate
@@ -84,7 +84,12 @@ async def stack(payload_keys: str | None = None) -> AsyncIterator[Stack]:
             for queue in TaskQueue
         ]
         workers.append(
-            Worker(client, task_queue=BASELINE_QUEUE, workflows=[FiveActivities], activities=[noop])
+            Worker(
+                client,
+                task_queue=BASELINE_QUEUE,
+                workflows=[FiveActivities, StartAndUpdate],
+                activities=[noop],
+            )
         )
         tasks = [asyncio.create_task(w.run()) for w in workers]
         app = create_app(settings, client)

@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--device-type", default="sensor", help="device type of the simulated devices")
     sim.add_argument(
+        "--commands",
+        type=int,
+        default=1,
+        help="commands sent to each device during the run (answered at the job rates; 0: none)",
+    )
+    sim.add_argument(
         "--job-failure-rate",
         type=_number(0, 1, strict=False),
         default=0.0,

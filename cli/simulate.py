@@ -41,6 +41,7 @@ class Options:
     device_type: str = "sensor"
     job_failure_rate: float = 0.0  # rollout jobs a device reports as failed
     job_timeout_rate: float = 0.0  # rollout jobs a device never answers
+    commands: int = 1  # commands sent to each device (answered at the job rates)
     webhook_host: str = "127.0.0.1"  # where the receiver listens; the platform must reach it
     settle_s: float = 20.0  # at most this long after sending, for storage and alert delivery
     seed: int | None = None
@@ -87,6 +88,7 @@ class Summary:
                 f"{' (not counted: the platform refused the webhook)' if self.webhook_refused else ''}",
                 *([f"  bad webhook signatures {self.bad_signatures}"] * (self.bad_signatures > 0)),
                 *([self.jobs.render()] * (self.jobs.offered > 0)),
+                *([self.jobs.render_commands()] * (self.jobs.commands_sent > 0)),
             ]
         )
 
@@ -183,6 +185,28 @@ async def _settle(
         await pause(stop, 0.25)
 
 
+async def _send_commands(
+    http: httpx.AsyncClient,
+    headers: dict[str, str],
+    devices: list[SimulatedDevice],
+    options: Options,
+    summary: Summary,
+) -> None:
+    """Send each device `options.commands` commands; the simulated devices answer them."""
+    for n in range(options.commands):
+        for device in devices:
+            body = {
+                "name": "ping",
+                "params": {"run": summary.run_id, "n": n},
+                "timeout_s": 30,
+                "expires_s": 600,
+            }
+            with contextlib.suppress(httpx.HTTPError):
+                sent = await http.post(f"/v1/devices/{device.device_id}/commands", json=body, headers=headers)
+                if sent.status_code == 201:
+                    summary.jobs.commands_sent += 1
+
+
 async def simulate(
     http: httpx.AsyncClient,
     headers: dict[str, str],
@@ -252,6 +276,7 @@ async def simulate(
         )
         started = time.monotonic()
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
+        await _send_commands(http, headers, devices, options, summary)
         if devices and not stop.is_set():
             jobs_done = asyncio.Event()
             jobs = asyncio.create_task(
@@ -304,6 +329,7 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
         args.device_type,
         job_failure_rate=args.job_failure_rate,
         job_timeout_rate=args.job_timeout_rate,
+        commands=args.commands,
     )
     headers = {"Authorization": f"Bearer {_token(settings, args.token)}"}
     stop = asyncio.Event()

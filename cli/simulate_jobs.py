@@ -1,5 +1,6 @@
-"""Simulated devices taking part in firmware rollouts: fetch the job, download the image,
-check its sha256, report progress; some fail and some stay silent, at configurable rates."""
+"""Simulated devices taking part in firmware rollouts (fetch the job, download the image,
+check its sha256, report progress) and answering their commands (`GET /v1/device/commands`, then
+the result); some fail and some stay silent, at configurable rates."""
 
 from __future__ import annotations
 
@@ -23,6 +24,11 @@ class JobStats:
     failed: int = 0
     silent: int = 0
     bad_images: int = 0
+    commands_sent: int = 0
+    commands_received: int = 0
+    commands_succeeded: int = 0
+    commands_failed: int = 0
+    commands_silent: int = 0
 
     def render(self) -> str:
         """One line for the summary."""
@@ -30,6 +36,47 @@ class JobStats:
             f"  jobs          {self.offered:,} offered: {self.succeeded:,} succeeded, "
             f"{self.failed:,} failed, {self.silent:,} left silent, {self.bad_images:,} bad images"
         )
+
+    def render_commands(self) -> str:
+        """The commands' line of the summary."""
+        return (
+            f"  commands      {self.commands_sent:,} sent, {self.commands_received:,} received: "
+            f"{self.commands_succeeded:,} succeeded, {self.commands_failed:,} failed, "
+            f"{self.commands_silent:,} left silent"
+        )
+
+
+async def _answer_commands(
+    http: httpx.AsyncClient,
+    credential: str,
+    rates: tuple[float, float],
+    rng: random.Random,
+    stats: JobStats,
+) -> None:
+    """Take the device's commands and answer each (or stay silent, at the timeout rate)."""
+    auth = {"Authorization": f"Bearer {credential}"}
+    response = await http.get("/v1/device/commands", headers=auth)
+    if response.status_code != 200:
+        return
+    failure_rate, timeout_rate = rates
+    for command in response.json()["commands"]:
+        stats.commands_received += 1
+        if rng.random() < timeout_rate:
+            stats.commands_silent += 1
+            continue
+        failed = rng.random() < failure_rate
+        body = {
+            "status": "failed" if failed else "succeeded",
+            "result": {"error": "simulated failure"} if failed else {"echo": command["params"]},
+        }
+        answered = await http.post(
+            f"/v1/device/commands/{command['command_id']}/result", json=body, headers=auth
+        )
+        if answered.status_code == 200:
+            if failed:
+                stats.commands_failed += 1
+            else:
+                stats.commands_succeeded += 1
 
 
 async def _work(
@@ -90,6 +137,7 @@ async def work_jobs(
         async with gate:
             try:
                 await _work(http, device_id, credential, (failure_rate, timeout_rate), rng, seen, stats)
+                await _answer_commands(http, credential, (failure_rate, timeout_rate), rng, stats)
             except httpx.HTTPError:
                 pass  # the next poll tries again
 

@@ -578,4 +578,62 @@ MIGRATIONS: list[tuple[str, str]] = [
         );
         """,
     ),
+    (
+        "0210_device_commands",
+        """
+        -- device commands (durable RPC): one row per command of a device, moved by its
+        -- DeviceCommand workflow (expiry, timeout), the device's poll (delivered) and its answer
+        CREATE TABLE device.commands (
+            tenant       text NOT NULL,
+            device_id    text NOT NULL,
+            command_id   text NOT NULL,
+            name         text NOT NULL,
+            params       jsonb NOT NULL DEFAULT '{}',
+            status       text NOT NULL DEFAULT 'pending' CHECK (status IN ('pending', 'delivered',
+                         'succeeded', 'failed', 'expired', 'timed_out', 'cancelled')),
+            result       jsonb,
+            timeout_s    integer NOT NULL,
+            created_at   timestamptz NOT NULL DEFAULT now(),
+            expires_at   timestamptz NOT NULL,
+            delivered_at timestamptz,
+            finished_at  timestamptz,
+            campaign_id  text,
+            workflow_id  text,
+            actor        text NOT NULL DEFAULT '',
+            PRIMARY KEY (tenant, device_id, command_id)
+        );
+        CREATE INDEX commands_open ON device.commands (tenant, device_id, created_at)
+            WHERE status IN ('pending', 'delivered');
+        CREATE INDEX commands_listing ON device.commands (tenant, device_id, created_at DESC, command_id);
+        -- the one long-poll a device may hold, across API processes: a lease
+        CREATE TABLE device.command_pollers (
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            waiter_id text NOT NULL,
+            until     timestamptz NOT NULL,
+            PRIMARY KEY (tenant, device_id)
+        );
+        -- a new command NOTIFYs device_command_offered (a long-poll, an MQTT gateway pushes it);
+        -- one that ends NOTIFYs device_command_settled (a caller waiting for the result)
+        CREATE FUNCTION device.notify_command() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF TG_OP = 'INSERT' AND NEW.status = 'pending' THEN
+                PERFORM pg_notify('device_command_offered', json_build_object(
+                    'tenant', NEW.tenant, 'device_id', NEW.device_id, 'command_id', NEW.command_id)::text);
+            ELSIF TG_OP = 'UPDATE' AND NEW.status IS DISTINCT FROM OLD.status
+                  AND NEW.status NOT IN ('pending', 'delivered') THEN
+                PERFORM pg_notify('device_command_settled', json_build_object(
+                    'tenant', NEW.tenant, 'device_id', NEW.device_id, 'command_id', NEW.command_id)::text);
+            END IF;
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER commands_notify AFTER INSERT OR UPDATE OF status ON device.commands
+            FOR EACH ROW EXECUTE FUNCTION device.notify_command();
+        -- a command campaign runs on the rollout machinery: no firmware, the command instead;
+        -- each offer of its job is a command row (campaign_id set) the device polls and answers
+        ALTER TABLE device.rollouts ALTER COLUMN firmware_id DROP NOT NULL;
+        ALTER TABLE device.rollouts ADD COLUMN command jsonb;
+        CREATE INDEX commands_campaign ON device.commands (tenant, campaign_id) WHERE campaign_id IS NOT NULL;
+        """,
+    ),
 ]

@@ -41,6 +41,7 @@ SCOPES: dict[str, str] = {
     "alerts:write": "acknowledge and clear alerts by hand",
     "events:read": "list domain events and dead letters",
     "rollouts:admin": "upload firmware, run, pause, resume and cancel rollouts, decommission devices",
+    "devices:command": "send commands to devices and read their results",
     "subscriptions:write": "manage webhook subscriptions and redeliver dead letters",
     # every tenant's payloads: for platform operators, so a tenant's admin does not include it
     "codec:decode": "decode any workflow's payloads through /codec (the Web UI's codec server)",

@@ -21,6 +21,7 @@ from fleetflow.webhook_network import AddressPolicy
 from workflows.alert_lifecycle import AlertLifecycle
 from workflows.bulk_onboarding import BulkOnboarding
 from workflows.credential_rotation import CredentialRotation
+from workflows.device_command import DeviceCommand
 from workflows.device_decommission import DeviceDecommission
 from workflows.device_onboarding import DeviceOnboarding
 from workflows.device_twin import DeviceTwin
@@ -42,6 +43,7 @@ WORKFLOWS: Sequence[type] = (
     DeviceDecommission,
     AlertLifecycle,
     CredentialRotation,
+    DeviceCommand,
 )
 
 

@@ -1,4 +1,6 @@
-"""FirmwareRollout: a campaign (id `rollout-{tenant}-{campaign_id}`).
+"""FirmwareRollout: a campaign (id `rollout-{tenant}-{campaign_id}`) of a firmware update, or of
+a command (`request.command`: each device's job is that command, answered through the device's
+command route, and nothing is rolled back).
 
 Canary wave first, then waves that grow, at a bounded rate; each wave must reach its
 success percentage before the next. Per-device job state lives in the device service's
@@ -21,6 +23,7 @@ from temporalio.exceptions import ApplicationError
 from temporalio.types import MethodAsyncSingleParam
 
 with workflow.unsafe.imports_passed_through():
+    from fleetflow.contracts.commands import DEVICE_COMMAND_FINISHED
     from fleetflow.contracts.common import DomainEvent, tenant_scoped_id
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.rollouts import (
@@ -224,8 +227,11 @@ class FirmwareRollout:
         if not tick.finished:
             return max(seq, through)
         events = []
+        command = self._inp.request.command  # a command campaign (new runs only: None before)
         for job in tick.finished:
-            if kind == "rollback":
+            if command is not None:
+                name = DEVICE_COMMAND_FINISHED
+            elif kind == "rollback":
                 name = FIRMWARE_ROLLED_BACK if job.state == "succeeded" else FIRMWARE_UPDATE_FAILED
             else:
                 name = FIRMWARE_UPDATED if job.state == "succeeded" else FIRMWARE_UPDATE_FAILED

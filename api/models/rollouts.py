@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from api.models.base import STRICT, Body
+from fleetflow.contracts.commands import CampaignCommand
 from fleetflow.contracts.limits import MAX_BULK_DECOMMISSION, DeviceId, Reason
 from fleetflow.contracts.rollouts import RolloutPolicy, RolloutRequest, RolloutTarget
 
@@ -24,6 +25,12 @@ class RolloutPolicyBody(RolloutPolicy):
     model_config = STRICT
 
 
+class CampaignCommandBody(CampaignCommand):
+    """`command` of a command campaign's body."""
+
+    model_config = STRICT
+
+
 class RolloutBody(RolloutRequest):
     """Body of `POST /v1/rollouts`; the run gets it as a RolloutRequest."""
 
@@ -32,6 +39,15 @@ class RolloutBody(RolloutRequest):
     # the contract's fields, refusing unknown fields inside them too
     target: RolloutTargetBody = Field(default_factory=RolloutTargetBody)
     policy: RolloutPolicyBody = Field(default_factory=RolloutPolicyBody)
+    command: CampaignCommandBody | None = None
+
+    @model_validator(mode="after")
+    def _firmware_or_command(self) -> RolloutBody:
+        if self.command is None and not self.firmware_id:
+            raise ValueError("firmware_id is required (or a command and its device_type)")
+        if self.command is not None and (self.firmware_id or self.device_type is None):
+            raise ValueError("a command campaign names a device_type and no firmware_id")
+        return self
 
 
 class DecommissionRequest(Body):

@@ -26,6 +26,7 @@ from fleetflow.contracts.common import TaskQueue, tenant_scoped_id
 from fleetflow.contracts.devices import DeviceStatus
 from fleetflow.contracts.limits import DeviceTypeName, FirmwareVersion
 from fleetflow.contracts.rollouts import (
+    CampaignDeviceView,
     DecommissionInput,
     DecommissionProgress,
     FirmwareView,
@@ -118,8 +119,10 @@ def _fingerprint(value: Any) -> str:
 @router.post("/v1/rollouts", status_code=status.HTTP_202_ACCEPTED)
 async def start_rollout(body: RolloutBody, state: State, claims: Admin, response: Response) -> dict[str, Any]:
     """Start a campaign; the same request again is the same campaign, another one 409."""
-    view = await state.devices.firmware(claims.tenant, body.firmware_id)
-    if view is None:
+    if body.command is not None:  # a command campaign: its devices' type must exist
+        if await state.devices.device_type(claims.tenant, body.device_type or "") is None:
+            raise invalid(["body", "device_type"], f"no device type {body.device_type!r}")
+    elif await state.devices.firmware(claims.tenant, body.firmware_id) is None:
         raise invalid(["body", "firmware_id"], f"no firmware {body.firmware_id!r}")
     wid = rollout_id(claims.tenant, body.campaign_id)
     digest = _fingerprint(body.model_dump(mode="json"))
@@ -144,7 +147,9 @@ async def start_rollout(body: RolloutBody, state: State, claims: Admin, response
             memo={"request_hash": digest},
             id_reuse_policy=WorkflowIDReusePolicy.REJECT_DUPLICATE,
             id_conflict_policy=WorkflowIDConflictPolicy.FAIL,
-            search_attributes=device_search_attributes(claims.tenant, "rollout"),
+            search_attributes=device_search_attributes(
+                claims.tenant, "rollout" if body.command is None else "command-campaign"
+            ),
         )
     except WorkflowAlreadyStartedError:
         described = await state.temporal.get_workflow_handle(wid).describe()
@@ -165,6 +170,18 @@ async def rollout_progress(campaign_id: str, state: State, claims: Reader) -> Ro
     """Counts per state, the current wave, and why it stopped if it did."""
     handle = state.temporal.get_workflow_handle(rollout_id(claims.tenant, campaign_id))
     return await progress_or_404(handle, f"campaign {campaign_id!r}", RolloutProgress)
+
+
+@router.get("/v1/rollouts/{campaign_id}/devices", response_model=list[CampaignDeviceView])
+async def rollout_devices(
+    campaign_id: str,
+    state: State,
+    claims: Reader,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+    after: Annotated[str | None, Query(max_length=128, description="the last device id seen")] = None,
+) -> list[CampaignDeviceView]:
+    """Each device's outcome, by device id (a command campaign's: the command's status and answer)."""
+    return await state.devices.campaign_devices(claims.tenant, campaign_id, limit, after)
 
 
 async def _decide(

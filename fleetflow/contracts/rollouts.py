@@ -4,12 +4,13 @@ API's bodies of these routes are in `api/models/rollouts.py`."""
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
+from fleetflow.contracts.commands import CampaignCommand
 from fleetflow.contracts.common import Actor, Contract, DeviceId, Strict, TenantId
-from fleetflow.contracts.limits import MAX_TARGET_DEVICES, MAX_TARGET_TAGS, Reason, Tag
+from fleetflow.contracts.limits import MAX_TARGET_DEVICES, MAX_TARGET_TAGS, DeviceTypeName, Reason, Tag
 from fleetflow.contracts.limits import CampaignId as CampaignId  # defined in limits
 
 JobKind = Literal["update", "rollback"]
@@ -63,9 +64,12 @@ class RolloutRequest(Contract):
     api.models.rollouts.RolloutBody)."""
 
     campaign_id: CampaignId
-    firmware_id: str
+    firmware_id: str = ""
     target: RolloutTarget = Field(default_factory=RolloutTarget)
     policy: RolloutPolicy = Field(default_factory=RolloutPolicy)
+    # a command campaign: every targeted device of device_type gets this command instead
+    command: CampaignCommand | None = None
+    device_type: DeviceTypeName | None = None
 
     @model_validator(mode="after")
     def _target(self) -> RolloutRequest:
@@ -205,6 +209,20 @@ class JobView(Contract):
     sha256: str
     size: int
     download_url: str
+
+
+class CampaignDeviceView(Contract):
+    """One device's outcome in a campaign (`GET /v1/rollouts/{id}/devices`); a command campaign's
+    shows the device's last command of it and its answer."""
+
+    device_id: str
+    state: str
+    attempts: int
+    detail: str | None = None
+    updated_at: datetime
+    command_id: str | None = None
+    command_status: str | None = None
+    result: dict[str, Any] | None = None
 
 
 class JobReport(Strict):

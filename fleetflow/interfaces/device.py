@@ -10,6 +10,7 @@ from typing import ClassVar
 
 from temporalio import activity
 
+from fleetflow.contracts.commands import CommandState, SettleCommand
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -90,6 +91,12 @@ class DeviceActivities(ServiceInterface):
         that took the new firmware. Returns how many rollbacks are queued.
         """
 
+    @activity.defn(name="device.settle_command")
+    @abstractmethod
+    async def settle_command(self, settle: SettleCommand) -> CommandState:
+        """End a command as expired or timed out if it is still pending or delivered; answers
+        where it stands (a device's answer or a decommission may have ended it first)."""
+
     @activity.defn(name="device.ping")
     @abstractmethod
     async def ping(self, request: ProbeRequest) -> ProbeResult:
@@ -157,7 +164,7 @@ class DeviceActivities(ServiceInterface):
     @activity.defn(name="device.cancel_jobs")
     @abstractmethod
     async def cancel_jobs(self, step: DeviceStep) -> int:
-        """Cancel the device's pending rollout jobs."""
+        """Cancel the device's pending rollout jobs and end its open commands."""
 
     @activity.defn(name="device.mark_decommissioned")
     @abstractmethod

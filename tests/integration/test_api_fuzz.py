@@ -139,6 +139,11 @@ def fuzz_config(headers: dict[str, str], checks: dict[str, Any]) -> schemathesis
             "operations": [
                 # a long-poll: answer at once (its bounds are tested by the twin tests)
                 {"include-name": "GET /v1/device/twin/delta", "parameters": {"query.wait": 0}},
+                {"include-name": "GET /v1/device/commands", "parameters": {"query.wait": 0}},
+                {
+                    "include-name": "GET /v1/devices/{device_id}/commands/{command_id}",
+                    "parameters": {"query.wait": 0},
+                },
                 # device types are per tenant (a PUT creates the tenant's own): one fixed name keeps
                 # the fuzzer's writes to one device type instead of one per generated name
                 {"include-name": "PUT /v1/device-types/{name}", "parameters": {"path.name": "fuzz-type"}},

@@ -46,6 +46,11 @@ async def test_simulated_devices_send_readings_that_are_stored_and_spikes_raise_
     assert summary.bad_signatures == 0
     assert f"{summary.run_id}: 5 sensor devices onboarded" in out.getvalue()
     assert "alerts" in summary.render()
+    # each simulated device was sent a command, took it and answered it
+    assert (summary.jobs.commands_sent, summary.jobs.commands_succeeded) == (5, 5), summary.render()
+    for device_id in summary.devices:
+        page = (await api.get(f"/v1/devices/{device_id}/commands", headers=AUTH)).json()
+        assert [(c["name"], c["status"]) for c in page["items"]] == [("ping", "succeeded")]
 
     # the run removes its subscription and rules
     after = {s["subscription_id"] for s in (await api.get("/v1/subscriptions", headers=AUTH)).json()}

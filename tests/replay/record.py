@@ -526,6 +526,68 @@ async def event_delivery_circuit(s: Stack) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def _command_device(s: Stack) -> tuple[str, dict[str, str]]:
+    creds = await _sensors(s, 1)
+    device_id, credential = next(iter(creds.items()))
+    return device_id, {"Authorization": f"Bearer {credential}"}
+
+
+async def device_command(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A command delivered to a waiting device and answered."""
+    device_id, auth = await _command_device(s)
+    poll = asyncio.create_task(s.api.get("/v1/device/commands", params={"wait": 30}, headers=auth))
+    await asyncio.sleep(0.2)
+    body = {"name": "reboot", "params": {"delay_s": 1}, "timeout_s": 30, "expires_s": 600}
+    sent = (await s.api.post(f"/v1/devices/{device_id}/commands", json=body, headers=s.headers)).json()
+    handed = (await poll).json()["commands"]
+    await s.api.post(
+        f"/v1/device/commands/{handed[0]['command_id']}/result",
+        json={"status": "succeeded", "result": {"ok": True}},
+        headers=auth,
+    )
+    handle = s.client.get_workflow_handle(sent["workflow_id"])
+    await handle.result()
+    return handle
+
+
+async def device_command_timed_out(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A command delivered but never answered: timed out."""
+    device_id, auth = await _command_device(s)
+    body = {"name": "reboot", "timeout_s": 1, "expires_s": 600}
+    sent = (await s.api.post(f"/v1/devices/{device_id}/commands", json=body, headers=s.headers)).json()
+    await s.api.get("/v1/device/commands", headers=auth)
+    handle = s.client.get_workflow_handle(sent["workflow_id"])
+    await handle.result()
+    return handle
+
+
+async def command_campaign(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A command to three devices on the rollout machinery: every one answers."""
+    creds = await _sensors(s, 3)
+    campaign = f"rec-cc-{uuid.uuid4().hex[:6]}"
+    body = {
+        "campaign_id": campaign,
+        "device_type": "sensor",
+        "command": {"name": "calibrate", "params": {"ref": 1}, "timeout_s": 30},
+        "target": {"device_ids": list(creds)},
+        "policy": {"canary": 1, "rate_per_minute": 60000},
+    }
+    started = (await s.api.post("/v1/rollouts", json=body, headers=s.headers)).json()
+    handle = s.client.get_workflow_handle(started["workflow_id"])
+    for _ in range(400):
+        for credential in creds.values():
+            auth = {"Authorization": f"Bearer {credential}"}
+            for command in (await s.api.get("/v1/device/commands", headers=auth)).json()["commands"]:
+                url = f"/v1/device/commands/{command['command_id']}/result"
+                await s.api.post(url, json={"status": "succeeded"}, headers=auth)
+        progress = (await s.api.get(f"/v1/rollouts/{campaign}", headers=s.headers)).json()
+        if progress["status"] in ("completed", "aborted", "cancelled"):
+            await handle.result()
+            return handle
+        await asyncio.sleep(0.05)
+    raise RuntimeError("the command campaign did not end")
+
+
 async def system_check(s: Stack) -> WorkflowHandle[Any, Any]:
     report = (await s.api.get("/health", headers=s.headers)).json()
     assert report["ok"], report
@@ -577,6 +639,9 @@ SCENARIOS: dict[str, Scenario] = {
     "event_delivery_circuit": event_delivery_circuit,
     "alert_lifecycle": alert_lifecycle,
     "credential_rotation": credential_rotation,
+    "device_command": device_command,
+    "device_command_timed_out": device_command_timed_out,
+    "command_campaign": command_campaign,
 }
 
 

@@ -1,0 +1,104 @@
+"""Wake-ups for command long-polls: each API process LISTENs on `device_command_offered` (a new
+command for a device) and `device_command_settled` (a command ended), NOTIFYed by a trigger on
+`device.commands`. A waiter still re-reads the row every RECHECK_S, so a lost notice (or a lost
+listener) costs latency, never an answer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+
+import asyncpg
+
+from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL, COMMAND_SETTLED_CHANNEL
+
+RECHECK_S = 1.0
+RECONNECT_S = 1.0
+
+log = logging.getLogger(__name__)
+
+
+class CommandNotices:
+    """The process's listener and the events of its waiters, keyed by tenant + device (+ command)."""
+
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self._conn: asyncpg.Connection[asyncpg.Record] | None = None
+        self._keeper: asyncio.Task[None] | None = None
+        self._waiters: dict[tuple[str, ...], set[asyncio.Event]] = {}
+
+    async def start(self) -> None:
+        """Listen (and keep listening across connection losses)."""
+        self._keeper = asyncio.create_task(self._keep_listening())
+
+    async def stop(self) -> None:
+        """Stop listening."""
+        if self._keeper is not None:
+            self._keeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._keeper
+        if self._conn is not None:
+            await self._conn.close()
+            self._conn = None
+
+    async def _keep_listening(self) -> None:
+        while True:
+            try:
+                if self._conn is None or self._conn.is_closed():
+                    self._conn = await asyncpg.connect(self.dsn)
+                    await self._conn.add_listener(COMMAND_OFFERED_CHANNEL, self._notice)
+                    await self._conn.add_listener(COMMAND_SETTLED_CHANNEL, self._notice)
+            except (OSError, asyncpg.PostgresError) as exc:
+                log.warning("command notices: cannot listen (%s); waiters re-read every %ss", exc, RECHECK_S)
+            await asyncio.sleep(RECONNECT_S)
+
+    def _notice(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+        try:
+            data = json.loads(str(payload))
+            tenant, device_id, command_id = (
+                str(data["tenant"]),
+                str(data["device_id"]),
+                str(data["command_id"]),
+            )
+        except (ValueError, KeyError, TypeError):
+            return
+        if channel == COMMAND_OFFERED_CHANNEL:
+            key = offered_key(tenant, device_id)
+        else:
+            key = settled_key(tenant, device_id, command_id)
+        for event in self._waiters.get(key, ()):
+            event.set()
+
+    @contextlib.contextmanager
+    def watching(self, key: tuple[str, ...]) -> Iterator[asyncio.Event]:
+        """An event set by each notice for key while the block runs: clear it, read, then wait
+        on it, and no notice between the read and the wait is missed."""
+        event = asyncio.Event()
+        self._waiters.setdefault(key, set()).add(event)
+        try:
+            yield event
+        finally:
+            waiters = self._waiters.get(key)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._waiters[key]
+
+    @staticmethod
+    async def nap(event: asyncio.Event, timeout: float) -> None:
+        """Wait for the event, at most min(timeout, RECHECK_S)."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(event.wait(), timeout=max(0.0, min(timeout, RECHECK_S)))
+
+
+def offered_key(tenant: str, device_id: str) -> tuple[str, ...]:
+    """The notices of a device's new commands."""
+    return (COMMAND_OFFERED_CHANNEL, tenant, device_id)
+
+
+def settled_key(tenant: str, device_id: str, command_id: str) -> tuple[str, ...]:
+    """The notice of a command's end."""
+    return (COMMAND_SETTLED_CHANNEL, tenant, device_id, command_id)
