@@ -25,6 +25,7 @@ from workflows.device_twin import DeviceTwin
 from workflows.event_delivery import EventDelivery
 from workflows.firmware_rollout import FirmwareRollout
 from workflows.ingestion_supervisor import IngestionSupervisor
+from workflows.retention import Retention
 from workflows.system_check import SystemCheck
 from workflows.telemetry_ingestion import TelemetryIngestion
 
@@ -38,6 +39,7 @@ WORKFLOWS: Sequence[type] = (
     EventDelivery,
     FirmwareRollout,
     DeviceDecommission,
+    Retention,
 )
 
 
