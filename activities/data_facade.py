@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
-from activities import rollups
+from activities import data_rollups
 from fleetflow.metrics import StateGauge
 
 PREFETCH = 2000
@@ -64,9 +64,9 @@ async def readings(
     """A device's readings oldest first (ts, metric, value), or with `bucket` min/max/avg/count
     per time bucket and metric: from the 1-hour or 1-minute rollups when the bucket and the
     range line up with their width (older than the raw retention, only they remain)."""
-    table = None if bucket is None else rollups.table_for(bucket, from_, to)
+    table = None if bucket is None else data_rollups.table_for(bucket, from_, to)
     if table is not None and bucket is not None:
-        return await rollups.read(
+        return await data_rollups.read(
             db, table, tenant, device_id, metric=metric, from_=from_, to=to, limit=limit, bucket=bucket
         )
     args = (tenant, device_id, metric, from_, to, limit)

@@ -22,7 +22,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client
 
-from activities import data_retention, device_facade, rollups
+from activities import data_retention, data_rollups, device_facade
 from activities.ingest_supervision import IngestionSupervision
 from activities.ingest_windows import WindowIsolation
 from activities.poison import poison_guard
@@ -103,7 +103,7 @@ class DataService(DataActivities):
             result = await conn.execute(
                 "DELETE FROM data.readings WHERE tenant = $1 AND device_id = $2", step.tenant, step.device_id
             )
-            for table, _ in rollups.TABLES:
+            for table, _ in data_rollups.TABLES:
                 await conn.execute(
                     f"DELETE FROM {table} WHERE tenant = $1 AND device_id = $2", step.tenant, step.device_id
                 )
@@ -238,7 +238,7 @@ async def _store(conn: Any, request: StoreWindow) -> Stored:
            SELECT tenant, device_id, metric, ts, value FROM incoming"""
     )
     # in this transaction, which marks the window stored: a retry adds nothing twice
-    await rollups.add_window(conn)
+    await data_rollups.add_window(conn)
     await conn.execute(
         """UPDATE data.window_stats w SET
                first_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant

@@ -48,7 +48,8 @@ async def ingest(api: httpx.AsyncClient, auth: dict[str, str], rows: list[dict[s
 async def count(pool: Pool, device_id: str, before: datetime | None = None) -> int:
     return int(
         await pool.fetchval(
-            "SELECT count(*) FROM data.readings WHERE device_id = $1 AND ($2::timestamptz IS NULL OR ts < $2)",
+            """SELECT count(*) FROM data.readings
+               WHERE device_id = $1 AND ($2::timestamptz IS NULL OR ts < $2)""",
             device_id,
             before,
         )
@@ -150,7 +151,11 @@ async def test_rollups_equal_raw_aggregates_and_a_redelivered_window_counts_once
     await DataService(pool).store_window(StoreWindow(window_id=window_id, quarantine=[]))
 
     span = {"from": start.isoformat(), "to": (start + timedelta(hours=3)).isoformat()}
-    for bucket, width in (("1h", "1 hour"), ("5m", "5 minutes"), ("1m", "1 minute")):
+    for bucket, width in (
+        ("1h", timedelta(hours=1)),
+        ("5m", timedelta(minutes=5)),
+        ("1m", timedelta(minutes=1)),
+    ):
         got = await api.get(
             f"/v1/devices/{device_id}/telemetry", params={**span, "bucket": bucket}, headers=AUTH
         )
@@ -180,7 +185,7 @@ async def test_export_streams_csv_and_ndjson_of_the_callers_tenant_only(
     device_id, _ = await active_device(api)
     start = NOW - timedelta(hours=2)
     await ingest(
-        api, AUTH, rows_at(device_id, start, [1.5, -2.0, 1e100]) + rows_at(device_id, start, [7], "a,b")
+        api, AUTH, rows_at(device_id, start, [1.5, -2.0, 1e100]) + rows_at(device_id, start, [7], "a.b")
     )
     await stored(pool, device_id, 4)
     url = f"/v1/devices/{device_id}/telemetry/export"
@@ -188,14 +193,16 @@ async def test_export_streams_csv_and_ndjson_of_the_callers_tenant_only(
     ndjson = await api.get(url, params={"format": "ndjson", "from": start.isoformat()}, headers=AUTH)
     assert ndjson.status_code == 200 and ndjson.headers["content-type"].startswith("application/x-ndjson")
     lines = [json.loads(line) for line in ndjson.text.splitlines()]
-    assert [(x["metric"], x["value"]) for x in lines] == [("a,b", 7), ("temperature", 1.5)] + [
+    assert [(x["metric"], x["value"]) for x in lines] == [
+        ("a.b", 7),
+        ("temperature", 1.5),
         ("temperature", -2.0),
         ("temperature", 1e100),
     ]
     csv = await api.get(url, params={"format": "csv"}, headers=AUTH)
     assert csv.status_code == 200 and csv.headers["content-type"].startswith("text/csv")
     assert csv.text.splitlines()[0] == "ts,metric,value"
-    assert csv.text.splitlines()[1].endswith(',"a,b",7.0') and len(csv.text.splitlines()) == 5
+    assert csv.text.splitlines()[1].endswith(",a.b,7.0") and len(csv.text.splitlines()) == 5
     # a window that holds nothing: only the header
     empty = await api.get(url, params={"format": "csv", "to": start.isoformat()}, headers=AUTH)
     assert empty.text == "ts,metric,value\n"
