@@ -533,6 +533,22 @@ async def system_check(s: Stack) -> WorkflowHandle[Any, Any]:
     return s.client.get_workflow_handle(runs[0].id)
 
 
+async def retention_scheduled(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A Retention run its schedule started (no token: proved by the schedule's description)."""
+    from fleetflow.contracts.retention import RETENTION_ID
+
+    schedule = s.client.get_schedule_handle(RETENTION_ID)  # the API applied it at start-up
+    await schedule.trigger()
+    for _ in range(600):
+        recent = (await schedule.describe()).info.recent_actions
+        if recent:
+            handle = s.client.get_workflow_handle(recent[-1].action.workflow_id)
+            await handle.result()
+            return handle
+        await asyncio.sleep(0.1)
+    raise AssertionError("the schedule started nothing")
+
+
 SCENARIOS: dict[str, Scenario] = {
     "system_check": system_check,
     "onboarding_completed": onboarding_completed,
@@ -552,6 +568,7 @@ SCENARIOS: dict[str, Scenario] = {
     "device_decommission": device_decommission,
     "event_delivery": event_delivery,
     "event_delivery_circuit": event_delivery_circuit,
+    "retention_scheduled": retention_scheduled,
 }
 
 
