@@ -103,11 +103,7 @@ async def sizes(pool: Any) -> dict[str, float]:
                       AS rollups"""
     )
     mb = 1024 * 1024
-    return {
-        "db": round(row["db"] / mb, 1),
-        "raw": round(row["raw"] / mb, 1),
-        "rollups": round(row["rollups"] / mb, 1),
-    }
+    return {k: round(float(row[k]) / mb, 1) for k in ("db", "raw", "rollups")}
 
 
 async def median_ms(s: Stack, url: str, params: dict[str, str], runs: int) -> tuple[float, int]:
