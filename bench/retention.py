@@ -29,6 +29,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from activities import data_facade
 from bench.stack import Stack, say, stack
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.retention import RetentionRequest, RetentionResult
@@ -117,6 +118,19 @@ async def median_ms(s: Stack, url: str, params: dict[str, str], runs: int) -> tu
     return round(statistics.median(times), 1), points
 
 
+async def median_facade(
+    pool: Any, device_id: str, from_: datetime, to: datetime, bucket: timedelta | None, runs: int
+) -> float:
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        await data_facade.readings(
+            pool, "bench", device_id, metric=None, from_=from_, to=to, limit=10_000, bucket=bucket
+        )
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
 async def main(days: int, interval_s: float, runs: int) -> dict[str, Any]:
     async with stack() as s:
         assert s.settings.database_url
@@ -171,6 +185,23 @@ async def main(days: int, interval_s: float, runs: int) -> dict[str, Any]:
             {"from": (now - timedelta(hours=1)).isoformat(), "to": now.isoformat(), "limit": "10000"},
             runs,
         )
+        # the same reads at the read facade (the SQL alone, no HTTP and JSON of the points), and a
+        # month of hourly buckets from the rollups beside the same month from the raw rows (a
+        # range one second off the hour cannot use the rollups)
+        facade = {
+            "year_hourly_sql_ms": await median_facade(
+                pool, yearly, year_start, now, timedelta(hours=1), runs
+            ),
+            "hour_raw_sql_ms": await median_facade(
+                pool, device_id, now - timedelta(hours=1), now, None, runs
+            ),
+            "month_hourly_rollup_sql_ms": await median_facade(
+                pool, device_id, now - timedelta(days=29), now, timedelta(hours=1), runs
+            ),
+            "month_hourly_raw_sql_ms": await median_facade(
+                pool, device_id, now - timedelta(days=29, seconds=-1), now, timedelta(hours=1), runs
+            ),
+        }
         await pool.close()
         before = before or after
         return {
@@ -190,6 +221,7 @@ async def main(days: int, interval_s: float, runs: int) -> dict[str, Any]:
             "year_hourly_points": year_points,
             "hour_raw_ms": hour_raw_ms,
             "hour_raw_points": hour_points,
+            **facade,
         }
 
 

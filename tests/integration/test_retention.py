@@ -213,3 +213,73 @@ async def test_export_streams_csv_and_ndjson_of_the_callers_tenant_only(
     assert bad.status_code == 422 and bad.json()["errors"][0]["loc"] == ["query", "format"]
     naive = await api.get(url, params={"from": "2026-01-01T00:00:00"}, headers=AUTH)
     assert naive.status_code == 422
+
+
+async def test_old_delivered_events_and_dead_letters_go_pending_ones_stay(pool: Pool, client: Client) -> None:
+    tenant = f"ev{uuid.uuid4().hex[:6]}"
+    sub = f"sub-{tenant}"
+    await pool.execute(
+        """INSERT INTO notification.subscriptions (subscription_id, tenant, url, event_types, secret,
+               max_attempts, backoff_s, max_backoff_s, created_by)
+           VALUES ($1, $2, 'http://127.0.0.1:9/', '{}', 'x', 3, 1, 1, 'test')""",
+        sub,
+        tenant,
+    )
+    old = NOW - timedelta(days=40)
+    seqs = {}
+    for name, status in (
+        ("delivered", "delivered"),
+        ("dead", "dead"),
+        ("pending", "pending"),
+        ("young", None),
+    ):
+        seqs[name] = await pool.fetchval(
+            """INSERT INTO notification.events (event_id, tenant, type, occurred_at, actor)
+               VALUES ($1, $2, 'Test', $3, 'test') RETURNING seq""",
+            f"{tenant}-{name}",
+            tenant,
+            NOW if name == "young" else old,
+        )
+        if status is not None:
+            await pool.execute(
+                """INSERT INTO notification.deliveries (subscription_id, event_seq, status, updated_at)
+                   VALUES ($1, $2, $3, $4)""",
+                sub,
+                seqs[name],
+                status,
+                old,
+            )
+    try:
+        done = await retention(client, NOW)
+        assert done.notification.events_deleted >= 2 and done.notification.dead_letters_deleted >= 1
+        left = {
+            r["event_id"]
+            for r in await pool.fetch("SELECT event_id FROM notification.events WHERE tenant = $1", tenant)
+        }
+        # an event still waiting for a delivery is kept whatever its age: nothing accepted is lost
+        assert left == {f"{tenant}-pending", f"{tenant}-young"}
+        statuses = await pool.fetch(
+            """SELECT d.status FROM notification.deliveries d WHERE d.subscription_id = $1""", sub
+        )
+        assert [r["status"] for r in statuses] == ["pending"]
+    finally:
+        await pool.execute("DELETE FROM notification.subscriptions WHERE subscription_id = $1", sub)
+        await pool.execute("DELETE FROM notification.events WHERE tenant = $1", tenant)
+
+
+async def test_export_of_the_same_device_id_in_two_tenants_shows_each_its_own(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    globex = bearer("globex")
+    device_id, _ = await active_device(api)
+    await active_device(api, auth=globex, device_id=device_id)
+    await ingest(api, AUTH, rows_at(device_id, NOW - timedelta(minutes=30), [1.0]))
+    await ingest(api, globex, rows_at(device_id, NOW - timedelta(minutes=30), [2.0, 3.0]))
+    await stored(pool, device_id, 3)
+    url = f"/v1/devices/{device_id}/telemetry/export"
+    mine = await api.get(url, params={"format": "ndjson"}, headers=AUTH)
+    theirs = await api.get(url, params={"format": "ndjson"}, headers=globex)
+    assert [json.loads(x)["value"] for x in mine.text.splitlines()] == [1.0]
+    assert [json.loads(x)["value"] for x in theirs.text.splitlines()] == [2.0, 3.0]
+    hourly = await api.get(f"/v1/devices/{device_id}/telemetry", params={"bucket": "1h"}, headers=globex)
+    assert sum(p["count"] for p in hourly.json()["points"]) == 2

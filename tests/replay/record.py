@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from temporalio.client import WithStartWorkflowOperation, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    ScheduleActionExecutionStartWorkflow,
+    WithStartWorkflowOperation,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 from temporalio.common import WorkflowIDConflictPolicy
 
 from bench.stack import Stack, say, stack
@@ -541,8 +546,9 @@ async def retention_scheduled(s: Stack) -> WorkflowHandle[Any, Any]:
     await schedule.trigger()
     for _ in range(600):
         recent = (await schedule.describe()).info.recent_actions
-        if recent:
-            handle = s.client.get_workflow_handle(recent[-1].action.workflow_id)
+        action = recent[-1].action if recent else None
+        if isinstance(action, ScheduleActionExecutionStartWorkflow):
+            handle = s.client.get_workflow_handle(action.workflow_id)
             await handle.result()
             return handle
         await asyncio.sleep(0.1)
