@@ -21,6 +21,7 @@ from fleetflow.identity import (
     _SIGN,
     _VERIFY,
     DELIVERY_GRACE,
+    HEADER,
     _token_of,
     _with_token,
     actor_mismatch,
@@ -61,6 +62,58 @@ def _message_refusal(
     return actor_mismatch(args, verdict.actor)
 
 
+def scheduled_run() -> ScheduledRun | None:
+    """This run as a schedule's (its type schedulable, `TemporalScheduledById` set), or None."""
+    info = workflow.info()
+    schedule_id = info.typed_search_attributes.get(SCHEDULED_BY)
+    if info.workflow_type not in SCHEDULABLE or not schedule_id:
+        return None
+    return ScheduledRun(
+        schedule_id=schedule_id,
+        workflow_id=info.workflow_id,
+        run_id=info.run_id,
+        workflow_type=info.workflow_type,
+    )
+
+
+async def prove_scheduled_run(run: ScheduledRun) -> ScheduledRunVerdict:
+    """`data.verify_scheduled_run` for this run: the schedule's description must list it."""
+    try:
+        return await workflow.execute_activity(
+            "data.verify_scheduled_run",
+            run,
+            task_queue="data",
+            result_type=ScheduledRunVerdict,
+            schedule_to_close_timeout=SCHEDULED_PROOF_TIMEOUT,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(milliseconds=500), maximum_interval=timedelta(seconds=5)
+            ),
+        )
+    except ActivityError as exc:
+        raise refused(f"scheduled run of {run.workflow_type} not proved: {exc.cause or exc}") from None
+
+
+class ScheduledRunProof(temporal_worker.Interceptor):
+    """For replayers without the identity interceptor (they hold no signing keys), e.g.
+    tests/replay: issues the proof step a scheduled run (one with no identity header) takes
+    before its workflow's code, so recorded scheduled runs replay."""
+
+    def workflow_interceptor_class(
+        self, input: temporal_worker.WorkflowInterceptorClassInput
+    ) -> type[temporal_worker.WorkflowInboundInterceptor]:
+        """The inbound interceptor that proves scheduled runs."""
+        return _ProvedOnReplay
+
+
+class _ProvedOnReplay(temporal_worker.WorkflowInboundInterceptor):
+    async def execute_workflow(self, input: temporal_worker.ExecuteWorkflowInput) -> Any:
+        run = scheduled_run()
+        if run is not None and HEADER not in input.headers:
+            await prove_scheduled_run(run)
+        return await super().execute_workflow(input)
+
+
 class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
     identity: ServiceIdentity | None = None
 
@@ -87,37 +140,19 @@ class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
     async def _scheduled_identity(self) -> ServiceIdentity | None:
         """The identity of a run a fleetflow schedule started (fleetflow.schedules), proved by
         the schedule's own description; None when the run is not one (refused as before)."""
-        info = workflow.info()
-        schedule_id = info.typed_search_attributes.get(SCHEDULED_BY)
-        if info.workflow_type not in SCHEDULABLE or not schedule_id:
+        run = scheduled_run()
+        if run is None:
             return None
         identity = ServiceIdentity(
-            service=f"schedule:{schedule_id}", actor=ServiceActor(subject=f"schedule:{schedule_id}")
+            service=f"schedule:{run.schedule_id}", actor=ServiceActor(subject=f"schedule:{run.schedule_id}")
         )
         self.identity = identity  # signs the proof's activity
         try:
-            proof = await workflow.execute_activity(
-                "data.verify_scheduled_run",
-                ScheduledRun(
-                    schedule_id=schedule_id,
-                    workflow_id=info.workflow_id,
-                    run_id=info.run_id,
-                    workflow_type=info.workflow_type,
-                ),
-                task_queue="data",
-                result_type=ScheduledRunVerdict,
-                schedule_to_close_timeout=SCHEDULED_PROOF_TIMEOUT,
-                start_to_close_timeout=timedelta(seconds=30),
-                retry_policy=RetryPolicy(
-                    initial_interval=timedelta(milliseconds=500), maximum_interval=timedelta(seconds=5)
-                ),
-            )
-        except ActivityError as exc:
-            raise refused(f"scheduled run of {info.workflow_type} not proved: {exc.cause or exc}") from None
+            proof = await prove_scheduled_run(run)
         finally:
             self.identity = None
         if not proof.accepted:
-            raise refused(f"scheduled run of {info.workflow_type} refused: {proof.reason}")
+            raise refused(f"scheduled run of {run.workflow_type} refused: {proof.reason}")
         return identity
 
     async def handle_signal(self, input: temporal_worker.HandleSignalInput) -> None:
