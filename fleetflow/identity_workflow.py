@@ -79,7 +79,7 @@ def scheduled_run() -> ScheduledRun | None:
 async def prove_scheduled_run(run: ScheduledRun) -> ScheduledRunVerdict:
     """`data.verify_scheduled_run` for this run: the schedule's description must list it."""
     try:
-        return await workflow.execute_activity(
+        verdict: ScheduledRunVerdict = await workflow.execute_activity(
             "data.verify_scheduled_run",
             run,
             task_queue="data",
@@ -92,6 +92,7 @@ async def prove_scheduled_run(run: ScheduledRun) -> ScheduledRunVerdict:
         )
     except ActivityError as exc:
         raise refused(f"scheduled run of {run.workflow_type} not proved: {exc.cause or exc}") from None
+    return verdict
 
 
 class ScheduledRunProof(temporal_worker.Interceptor):
