@@ -6,10 +6,14 @@ shapes its own views.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
 from typing import Any
 
+from activities import data_rollups
 from fleetflow.metrics import StateGauge
+
+PREFETCH = 2000
 
 
 async def window_stats(db: Any, window_id: str) -> list[Any]:
@@ -58,7 +62,13 @@ async def readings(
     bucket: timedelta | None = None,
 ) -> list[dict[str, Any]]:
     """A device's readings oldest first (ts, metric, value), or with `bucket` min/max/avg/count
-    per time bucket and metric."""
+    per time bucket and metric: from the 1-hour or 1-minute rollups when the bucket and the
+    range line up with their width (older than the raw retention, only they remain)."""
+    table = None if bucket is None else data_rollups.table_for(bucket, from_, to)
+    if table is not None and bucket is not None:
+        return await data_rollups.read(
+            db, table, tenant, device_id, metric=metric, from_=from_, to=to, limit=limit, bucket=bucket
+        )
     args = (tenant, device_id, metric, from_, to, limit)
     where = """tenant = $1 AND device_id = $2 AND ($3::text IS NULL OR metric = $3)
                AND ($4::timestamptz IS NULL OR ts >= $4) AND ($5::timestamptz IS NULL OR ts < $5)"""
@@ -75,6 +85,25 @@ async def readings(
             bucket,
         )
     return [dict(r.items()) for r in rows]
+
+
+async def export_readings(
+    conn: Any, tenant: str, device_id: str, from_: datetime | None, to: datetime | None
+) -> AsyncIterator[Any]:
+    """A device's raw readings (ts, metric, value) oldest first through a server-side cursor:
+    `conn` must be in a transaction; rows come PREFETCH at a time, never all at once."""
+    async for row in conn.cursor(
+        """SELECT ts, metric, value FROM data.readings
+           WHERE tenant = $1 AND device_id = $2
+             AND ($3::timestamptz IS NULL OR ts >= $3) AND ($4::timestamptz IS NULL OR ts < $4)
+           ORDER BY ts, metric""",
+        tenant,
+        device_id,
+        from_,
+        to,
+        prefetch=PREFETCH,
+    ):
+        yield row
 
 
 async def quarantined_readings(db: Any, tenant: str, device_id: str | None) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from activities import analytics_facade, data_facade
+from activities import analytics_facade, data_facade, notification_retention
 from activities.circuit_breaker import CIRCUIT_EVENTS, FROM_CIRCUIT_EVENT
 from activities.event_rows import EVENT_COLUMNS, recorded_event
 from activities.poison import poison_guard
@@ -36,6 +36,7 @@ from fleetflow.contracts.events import (
     RetractEvent,
     RetractEvents,
 )
+from fleetflow.contracts.retention import NotificationRetained, RetentionRequest
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, WindowRef
 from fleetflow.db import Pool
@@ -160,6 +161,11 @@ class NotificationService(NotificationActivities):
     async def ping(self, request: ProbeRequest) -> ProbeResult:
         """Answer the system check."""
         return await probe(self.queue, self.pool, request)
+
+    @implements(NotificationActivities.apply_retention)
+    async def apply_retention(self, request: RetentionRequest) -> NotificationRetained:
+        """Delete events past their age whose deliveries are done, and old dead letters."""
+        return await notification_retention.apply_retention(self.pool, request)
 
     # --- the event store -------------------------------------------------------
 

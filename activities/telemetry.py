@@ -22,12 +22,14 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client
 
-from activities import device_facade
+from activities import data_retention, data_rollups, device_facade
 from activities.ingest_supervision import IngestionSupervision
 from activities.ingest_windows import WindowIsolation
 from activities.poison import poison_guard
 from activities.probe import probe
+from activities.scheduled_runs import verify_scheduled_run
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.retention import DataRetained, RetentionRequest, ScheduledRun, ScheduledRunVerdict
 from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import (
@@ -101,7 +103,21 @@ class DataService(DataActivities):
             result = await conn.execute(
                 "DELETE FROM data.readings WHERE tenant = $1 AND device_id = $2", step.tenant, step.device_id
             )
+            for table, _ in data_rollups.TABLES:
+                await conn.execute(
+                    f"DELETE FROM {table} WHERE tenant = $1 AND device_id = $2", step.tenant, step.device_id
+                )
         return int(str(result).split()[-1])
+
+    @implements(DataActivities.apply_retention)
+    async def apply_retention(self, request: RetentionRequest) -> DataRetained:
+        """Drop partitions past every tenant's retention; age out the rest (data_retention)."""
+        return await data_retention.apply_retention(self.pool, request, _PARTITION_LOCK)
+
+    @implements(DataActivities.verify_scheduled_run)
+    async def verify_scheduled_run(self, run: ScheduledRun) -> ScheduledRunVerdict:
+        """Whether the named schedule recorded starting that run (fleetflow.schedules)."""
+        return await verify_scheduled_run(self.temporal, run)
 
     @implements(DataActivities.claim_window)
     async def claim_window(self, request: ClaimWindow) -> Window:
@@ -221,6 +237,8 @@ async def _store(conn: Any, request: StoreWindow) -> Stored:
         """INSERT INTO data.readings (tenant, device_id, metric, ts, value)
            SELECT tenant, device_id, metric, ts, value FROM incoming"""
     )
+    # in this transaction, which marks the window stored: a retry adds nothing twice
+    await data_rollups.add_window(conn)
     await conn.execute(
         """UPDATE data.window_stats w SET
                first_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant

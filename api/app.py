@@ -39,6 +39,7 @@ from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
 from fleetflow.payload_codec import payload_keys
+from fleetflow.schedules import apply_schedules
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
 
@@ -56,6 +57,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         # subscription secrets stored before they were sealed at rest (idempotent, usually none)
         await Subscriptions(pool, keys=payload_keys(settings)).seal_stored_secrets()
         await ensure_ingestion(client, settings.ingest_shards)
+        await apply_schedules(client)  # fleetflow.schedules: idempotent
         devices = DeviceService(pool, settings)
         credentials = CredentialCache(database_url(settings), devices.credential_valid_until)
         await credentials.start()

@@ -138,6 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     profile.add_argument("--reset", action="store_true", help="drop every override first")
 
+    schedules = commands.add_parser("schedules", help="periodic workflows (Temporal Schedules): list, apply")
+    schedules_cmd = schedules.add_subparsers(dest="schedules_command", parser_class=_Parser)
+    schedules_cmd.add_parser("apply", help="create or update every schedule (also done at start-up)")
+
     devices = commands.add_parser("devices", help="device operations")
     devices_cmd = devices.add_subparsers(dest="devices_command", required=True, parser_class=_Parser)
     imp = devices_cmd.add_parser("import", help="bulk-onboard devices from a CSV file")
@@ -278,6 +282,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from cli.tenant_commands import tenant_profile_command
 
         handlers["tenants"] = lambda: tenant_profile_command(settings, args)
+    if command == "schedules":
+        from cli.schedule_commands import schedules_command
+
+        handlers["schedules"] = lambda: schedules_command(settings, args)
     if command == "simulate":
         from cli.simulate import run_command
 

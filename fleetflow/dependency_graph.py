@@ -28,7 +28,10 @@ WAITING: frozenset[str] = frozenset({"activity", "child", "execute", "update", "
 # fails tests/unit/test_dependency_graph.py, and so does a declaration nothing derives any more
 ALLOWED: dict[tuple[str, str], str] = {
     (ORCHESTRATION, "device"): "workflows drive the device registry, credentials and rollout jobs",
-    (ORCHESTRATION, "data"): "ingestion claims, stores and splits windows; decommission retires telemetry",
+    (
+        ORCHESTRATION,
+        "data",
+    ): "ingestion claims, stores and splits windows; decommission retires telemetry; retention",
     (ORCHESTRATION, "analytics"): "ingestion evaluates the rules over each stored window",
     (ORCHESTRATION, "notification"): "workflows record (and retract) the events of what they did",
     (ORCHESTRATION, "webhook"): "EventDelivery posts a subscription's pending events",

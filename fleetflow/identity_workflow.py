@@ -13,17 +13,25 @@ from typing import Any
 from temporalio import worker as temporal_worker
 from temporalio import workflow
 from temporalio.api.common.v1 import Payload
+from temporalio.common import RetryPolicy
+from temporalio.exceptions import ActivityError
 
+from fleetflow.contracts.retention import ScheduledRun, ScheduledRunVerdict
 from fleetflow.identity import (
     _SIGN,
     _VERIFY,
     DELIVERY_GRACE,
+    HEADER,
     _token_of,
     _with_token,
     actor_mismatch,
     refused,
 )
+from fleetflow.schedules import SCHEDULABLE, SCHEDULED_BY
 from fleetflow.security import ServiceActor, ServiceCall, ServiceIdentity
+
+# how long a scheduled run waits for its schedule to record having started it
+SCHEDULED_PROOF_TIMEOUT = timedelta(minutes=2)
 
 
 def _verify_in_workflow(
@@ -54,6 +62,59 @@ def _message_refusal(
     return actor_mismatch(args, verdict.actor)
 
 
+def scheduled_run() -> ScheduledRun | None:
+    """This run as a schedule's (its type schedulable, `TemporalScheduledById` set), or None."""
+    info = workflow.info()
+    schedule_id = info.typed_search_attributes.get(SCHEDULED_BY)
+    if info.workflow_type not in SCHEDULABLE or not schedule_id:
+        return None
+    return ScheduledRun(
+        schedule_id=schedule_id,
+        workflow_id=info.workflow_id,
+        run_id=info.run_id,
+        workflow_type=info.workflow_type,
+    )
+
+
+async def prove_scheduled_run(run: ScheduledRun) -> ScheduledRunVerdict:
+    """`data.verify_scheduled_run` for this run: the schedule's description must list it."""
+    try:
+        verdict: ScheduledRunVerdict = await workflow.execute_activity(
+            "data.verify_scheduled_run",
+            run,
+            task_queue="data",
+            result_type=ScheduledRunVerdict,
+            schedule_to_close_timeout=SCHEDULED_PROOF_TIMEOUT,
+            start_to_close_timeout=timedelta(seconds=30),
+            retry_policy=RetryPolicy(
+                initial_interval=timedelta(milliseconds=500), maximum_interval=timedelta(seconds=5)
+            ),
+        )
+    except ActivityError as exc:
+        raise refused(f"scheduled run of {run.workflow_type} not proved: {exc.cause or exc}") from None
+    return verdict
+
+
+class ScheduledRunProof(temporal_worker.Interceptor):
+    """For replayers without the identity interceptor (they hold no signing keys), e.g.
+    tests/replay: issues the proof step a scheduled run (one with no identity header) takes
+    before its workflow's code, so recorded scheduled runs replay."""
+
+    def workflow_interceptor_class(
+        self, input: temporal_worker.WorkflowInterceptorClassInput
+    ) -> type[temporal_worker.WorkflowInboundInterceptor]:
+        """The inbound interceptor that proves scheduled runs."""
+        return _ProvedOnReplay
+
+
+class _ProvedOnReplay(temporal_worker.WorkflowInboundInterceptor):
+    async def execute_workflow(self, input: temporal_worker.ExecuteWorkflowInput) -> Any:
+        run = scheduled_run()
+        if run is not None and HEADER not in input.headers:
+            await prove_scheduled_run(run)
+        return await super().execute_workflow(input)
+
+
 class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
     identity: ServiceIdentity | None = None
 
@@ -70,9 +131,30 @@ class _CheckedWorkflow(temporal_worker.WorkflowInboundInterceptor):
         # (a marker before the workflow's own would also break replays without this interceptor)
         verdict = _verify_in_workflow(input.headers, info.workflow_start_time, call)
         if isinstance(verdict, str):
-            raise refused(f"workflow {info.workflow_type} started without a valid identity: {verdict}")
+            scheduled = await self._scheduled_identity()
+            if scheduled is None:
+                raise refused(f"workflow {info.workflow_type} started without a valid identity: {verdict}")
+            verdict = scheduled
         self.identity = verdict
         return await super().execute_workflow(input)
+
+    async def _scheduled_identity(self) -> ServiceIdentity | None:
+        """The identity of a run a fleetflow schedule started (fleetflow.schedules), proved by
+        the schedule's own description; None when the run is not one (refused as before)."""
+        run = scheduled_run()
+        if run is None:
+            return None
+        identity = ServiceIdentity(
+            service=f"schedule:{run.schedule_id}", actor=ServiceActor(subject=f"schedule:{run.schedule_id}")
+        )
+        self.identity = identity  # signs the proof's activity
+        try:
+            proof = await prove_scheduled_run(run)
+        finally:
+            self.identity = None
+        if not proof.accepted:
+            raise refused(f"scheduled run of {run.workflow_type} refused: {proof.reason}")
+        return identity
 
     async def handle_signal(self, input: temporal_worker.HandleSignalInput) -> None:
         reason = _message_refusal(input.headers, f"signal:{input.signal}", input.args)

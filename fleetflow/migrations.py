@@ -636,4 +636,37 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX commands_campaign ON device.commands (tenant, campaign_id) WHERE campaign_id IS NOT NULL;
         """,
     ),
+    (
+        "0220_rollups",
+        """
+        -- 1-minute and 1-hour rollups per series, maintained by store_window in its transaction
+        -- (activities/rollups.py) and kept longer than raw readings; the bucket index serves
+        -- retention's deletes
+        CREATE TABLE data.rollups_1m (
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            metric    text NOT NULL,
+            bucket    timestamptz NOT NULL,
+            n         bigint NOT NULL,
+            total     double precision NOT NULL,
+            min_value double precision NOT NULL,
+            max_value double precision NOT NULL,
+            PRIMARY KEY (tenant, device_id, metric, bucket)
+        );
+        CREATE INDEX rollups_1m_bucket ON data.rollups_1m (bucket);
+        CREATE TABLE data.rollups_1h (LIKE data.rollups_1m INCLUDING ALL);
+        CREATE INDEX rollups_1h_bucket ON data.rollups_1h (bucket);
+        -- readings stored before: their rollups, once
+        INSERT INTO data.rollups_1m
+            SELECT tenant, device_id, metric,
+                   date_bin('1 minute', ts, timestamptz '2000-01-01 00:00:00+00'),
+                   count(*), sum(value), min(value), max(value)
+            FROM data.readings GROUP BY 1, 2, 3, 4;
+        INSERT INTO data.rollups_1h
+            SELECT tenant, device_id, metric,
+                   date_bin('1 hour', ts, timestamptz '2000-01-01 00:00:00+00'),
+                   count(*), sum(value), min(value), max(value)
+            FROM data.readings GROUP BY 1, 2, 3, 4;
+        """,
+    ),
 ]

@@ -26,3 +26,14 @@ async def write_profile(pool: Pool, tenant: str, profile: TenantProfile, by: str
         profile.model_dump(exclude_none=True),
         by,
     )
+
+
+async def retention_overrides(pool: Pool | Any) -> dict[str, tuple[int | None, int | None]]:
+    """tenant -> (raw_retention_days, rollup_retention_days) of every profile that sets either."""
+    rows = await pool.fetch(
+        """SELECT tenant, (profile->>'raw_retention_days')::int AS raw,
+                  (profile->>'rollup_retention_days')::int AS rollup
+           FROM fleetflow.tenant_profiles
+           WHERE profile ? 'raw_retention_days' OR profile ? 'rollup_retention_days'"""
+    )
+    return {r["tenant"]: (r["raw"], r["rollup"]) for r in rows}

@@ -28,6 +28,7 @@ from workflows.device_twin import DeviceTwin
 from workflows.event_delivery import EventDelivery
 from workflows.firmware_rollout import FirmwareRollout
 from workflows.ingestion_supervisor import IngestionSupervisor
+from workflows.retention import Retention
 from workflows.system_check import SystemCheck
 from workflows.telemetry_ingestion import TelemetryIngestion
 
@@ -44,6 +45,7 @@ WORKFLOWS: Sequence[type] = (
     AlertLifecycle,
     CredentialRotation,
     DeviceCommand,
+    Retention,
 )
 
 

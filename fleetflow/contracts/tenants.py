@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 Rate = Annotated[int, Field(ge=0, le=1_000_000_000)]
 Count = Annotated[int, Field(ge=0, le=1_000_000_000)]
 Burst = Annotated[float, Field(ge=0.1, le=3600)]
+Days = Annotated[int, Field(ge=1, le=3650)]
 
 RATE_LIMITS = ("readings_per_s", "requests_per_s", "device_readings_per_s", "device_requests_per_s")
 COUNT_QUOTAS = ("max_devices", "max_subscriptions", "max_rules")
@@ -30,6 +31,10 @@ class TenantLimits(BaseModel):
     max_devices: Count = 100_000
     max_subscriptions: Count = 100
     max_rules: Count = 1_000
+    # how long raw readings, and their 1-minute and 1-hour rollups, are kept (the Retention
+    # schedule; fleetflow.contracts.retention)
+    raw_retention_days: Days = 30
+    rollup_retention_days: Days = 365
 
 
 class TenantProfile(BaseModel):
@@ -45,6 +50,8 @@ class TenantProfile(BaseModel):
     max_devices: Count | None = None
     max_subscriptions: Count | None = None
     max_rules: Count | None = None
+    raw_retention_days: Days | None = None
+    rollup_retention_days: Days | None = None
 
     def over(self, defaults: TenantLimits) -> TenantLimits:
         """The limits in force: defaults with this profile's values on top."""

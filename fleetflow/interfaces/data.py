@@ -11,6 +11,7 @@ from typing import ClassVar
 from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.retention import DataRetained, RetentionRequest, ScheduledRun, ScheduledRunVerdict
 from fleetflow.contracts.rollouts import DeviceStep
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import (
@@ -84,4 +85,20 @@ class DataActivities(ServiceInterface):
         heartbeat timeout, not after the whole start-to-close timeout. The window's batches
         are locked first, so a supervisor reclaiming them waits for this transaction (and then
         finds them stored) instead of handing them to another window half-way.
+        """
+
+    @activity.defn(name="data.apply_retention")
+    @abstractmethod
+    async def apply_retention(self, request: RetentionRequest) -> DataRetained:
+        """Drop the daily partitions of data.readings that every tenant's retention lets go,
+        delete the rows of tenants whose retention is shorter, and age out rollups, stored
+        ingest batches, window bookkeeping and quarantine. Idempotent.
+        """
+
+    @activity.defn(name="data.verify_scheduled_run")
+    @abstractmethod
+    async def verify_scheduled_run(self, run: ScheduledRun) -> ScheduledRunVerdict:
+        """Whether a fleetflow schedule (fleetflow.schedules) of that workflow type shows, in its
+        own description, that it started that run; retried while the schedule has not yet
+        recorded a run it just started.
         """

@@ -12,6 +12,7 @@ from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.events import EventBatch, RetractEvent, RetractEvents
+from fleetflow.contracts.retention import NotificationRetained, RetentionRequest
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import WindowRef
 from fleetflow.interfaces.base import ServiceInterface
@@ -59,4 +60,11 @@ class NotificationActivities(ServiceInterface):
     async def retract_events(self, request: RetractEvents) -> int:
         """Compensation of the events one undone attempt recorded (a bulk import's, thousands):
         one statement, by their common id prefix.
+        """
+
+    @activity.defn(name="notification.apply_retention")
+    @abstractmethod
+    async def apply_retention(self, request: RetentionRequest) -> NotificationRetained:
+        """Delete events past their age whose deliveries are all done (their deliveries go with
+        them) and dead letters past theirs. Idempotent.
         """

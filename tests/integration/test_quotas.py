@@ -188,6 +188,8 @@ async def test_only_a_platform_operator_sets_a_tenant_profile(api: httpx.AsyncCl
                 "burst_s",
                 "max_devices",
                 "max_subscriptions",
+                "raw_retention_days",
+                "rollup_retention_days",
             )
         ),
     }

@@ -22,7 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
-from temporalio.client import WithStartWorkflowOperation, WorkflowFailureError, WorkflowHandle
+from temporalio.client import (
+    ScheduleActionExecutionStartWorkflow,
+    WithStartWorkflowOperation,
+    WorkflowFailureError,
+    WorkflowHandle,
+)
 from temporalio.common import WorkflowIDConflictPolicy
 
 from bench.stack import Stack, say, stack
@@ -618,6 +623,23 @@ async def credential_rotation(s: Stack) -> WorkflowHandle[Any, Any]:
     return handle
 
 
+async def retention_scheduled(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A Retention run its schedule started (no token: proved by the schedule's description)."""
+    from fleetflow.contracts.retention import RETENTION_ID
+
+    schedule = s.client.get_schedule_handle(RETENTION_ID)  # the API applied it at start-up
+    await schedule.trigger()
+    for _ in range(600):
+        recent = (await schedule.describe()).info.recent_actions
+        action = recent[-1].action if recent else None
+        if isinstance(action, ScheduleActionExecutionStartWorkflow):
+            handle = s.client.get_workflow_handle(action.workflow_id)
+            await handle.result()
+            return handle
+        await asyncio.sleep(0.1)
+    raise AssertionError("the schedule started nothing")
+
+
 SCENARIOS: dict[str, Scenario] = {
     "system_check": system_check,
     "onboarding_completed": onboarding_completed,
@@ -642,6 +664,7 @@ SCENARIOS: dict[str, Scenario] = {
     "device_command": device_command,
     "device_command_timed_out": device_command_timed_out,
     "command_campaign": command_campaign,
+    "retention_scheduled": retention_scheduled,
 }
 
 

@@ -13,6 +13,7 @@ import pytest
 from temporalio.client import WorkflowHistory
 from temporalio.worker import Replayer
 
+from fleetflow.identity_workflow import ScheduledRunProof
 from fleetflow.payload_codec import data_converter
 from fleetflow.settings import Settings
 from fleetflow.temporal import HEADER_CODEC
@@ -36,7 +37,10 @@ def test_every_workflow_type_has_a_recorded_history() -> None:
 @pytest.mark.parametrize("path", HISTORIES, ids=[p.stem for p in HISTORIES])
 async def test_history_replays(path: Path) -> None:
     replayer = Replayer(
-        workflows=list(WORKFLOWS), data_converter=CONVERTER, header_codec_behavior=HEADER_CODEC
+        workflows=list(WORKFLOWS),
+        data_converter=CONVERTER,
+        header_codec_behavior=HEADER_CODEC,
+        interceptors=[ScheduledRunProof()],
     )
     history = WorkflowHistory.from_json(path.stem, path.read_text())
     await replayer.replay_workflow(history)

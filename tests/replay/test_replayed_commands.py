@@ -26,6 +26,7 @@ from temporalio.worker import (
 )
 from temporalio.workflow import ActivityHandle
 
+from fleetflow.identity_workflow import ScheduledRunProof
 from fleetflow.temporal import HEADER_CODEC
 from tests.replay.test_replay import CONVERTER, HISTORIES
 from workers.registry import WORKFLOWS
@@ -102,7 +103,7 @@ async def test_replay_schedules_every_activity_as_recorded(path: Path) -> None:
         workflows=list(WORKFLOWS),
         data_converter=CONVERTER,
         header_codec_behavior=HEADER_CODEC,
-        interceptors=[_Capture()],
+        interceptors=[ScheduledRunProof(), _Capture()],
         workflow_runner=UnsandboxedWorkflowRunner(),
     )
     await replayer.replay_workflow(WorkflowHistory.from_json(path.stem, path.read_text()))
