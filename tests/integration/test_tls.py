@@ -320,7 +320,10 @@ async def test_plaintext_to_a_tls_port_is_refused(proxy: Proxy) -> None:
 
 
 async def test_the_api_key_travels_as_a_bearer_token(pki: Pki, proxy: Proxy) -> None:
-    tls = {"TEMPORAL_TLS_SERVER_CA_CERT_PATH": pki.server_ca.cert, "TEMPORAL_TLS_SERVER_NAME": SERVER_NAME}
+    tls: dict[str, str | Path] = {
+        "TEMPORAL_TLS_SERVER_CA_CERT_PATH": pki.server_ca.cert,
+        "TEMPORAL_TLS_SERVER_NAME": SERVER_NAME,
+    }
     assert await _run_workflow(_env(proxy.key_port, TEMPORAL_API_KEY=API_KEY, **tls)) == "echo through TLS"
     await _refused(_env(proxy.key_port, TEMPORAL_API_KEY="not-the-key", **tls))
     await _refused(_env(proxy.key_port, **tls))
