@@ -120,6 +120,7 @@ class Pki:
     client: Pem
     stranger: Pem  # a client certificate from a CA the proxy does not trust
     expired_client: Pem
+    expired_server: Pem  # right CA and name, but past its end
 
 
 @pytest.fixture(scope="module")
@@ -135,6 +136,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
         client=make_leaf(directory, "client", client_ca, client=True),
         stranger=make_leaf(directory, "stranger", other_ca, client=True),
         expired_client=make_leaf(directory, "expired", client_ca, client=True, expired=True),
+        expired_server=make_leaf(directory, "expired-server", server_ca, dns=SERVER_NAME, expired=True),
     )
 
 
@@ -156,6 +158,7 @@ def _nginx() -> str:
 class Proxy:
     mtls_port: int  # requires a client certificate signed by client-ca
     key_port: int  # requires `authorization: Bearer API_KEY`
+    expired_port: int  # like mtls_port, with an expired server certificate
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +169,7 @@ def proxy(
     exe = _nginx()
     directory = Path(tmp_path_factory.mktemp("nginx"))
     upstream = temporal_env.client.service_client.config.target_host
-    ports = Proxy(free_port(), free_port())
+    ports = Proxy(free_port(), free_port(), free_port())
     client_ca = pki.client.cert.parent / "client-ca.crt"
     common = f"""
         ssl_certificate {pki.server.cert};
@@ -208,6 +211,14 @@ http {{
             grpc_pass grpc://{upstream};
         }}
     }}
+    server {{
+        listen 127.0.0.1:{ports.expired_port} ssl http2;
+        ssl_certificate {pki.expired_server.cert};
+        ssl_certificate_key {pki.expired_server.key};
+        ssl_client_certificate {client_ca};
+        ssl_verify_client on;
+        location / {{ grpc_pass grpc://{upstream}; }}
+    }}
 }}
 """)
     test = subprocess.run([exe, "-t", "-c", str(config)], capture_output=True, text=True, check=False)
@@ -216,6 +227,7 @@ http {{
     try:
         _wait_listening(ports.mtls_port)
         _wait_listening(ports.key_port)
+        _wait_listening(ports.expired_port)
         yield ports
     finally:
         process.terminate()
@@ -290,10 +302,11 @@ async def test_without_a_client_certificate_the_proxy_refuses(pki: Pki, proxy: P
         _mtls(pki, proxy.mtls_port, TEMPORAL_TLS_CLIENT_CERT_PATH="", TEMPORAL_TLS_CLIENT_KEY_PATH="")
     )
     assert f"127.0.0.1:{proxy.mtls_port}" in message and "TLS" in message
+    assert "400 Bad Request" in message  # nginx: "No required SSL certificate was sent"
 
 
 async def test_a_client_certificate_of_another_ca_is_refused(pki: Pki, proxy: Proxy) -> None:
-    await _refused(
+    assert "400 Bad Request" in await _refused(
         _mtls(
             pki,
             proxy.mtls_port,
@@ -304,13 +317,21 @@ async def test_a_client_certificate_of_another_ca_is_refused(pki: Pki, proxy: Pr
 
 
 async def test_a_wrong_server_name_is_refused(pki: Pki, proxy: Proxy) -> None:
-    await _refused(_mtls(pki, proxy.mtls_port, TEMPORAL_TLS_SERVER_NAME="someone-else.test"))
+    assert "NotValidForName" in await _refused(
+        _mtls(pki, proxy.mtls_port, TEMPORAL_TLS_SERVER_NAME="someone-else.test")
+    )
     # no name at all: the address (127.0.0.1) is not in the certificate either
-    await _refused(_mtls(pki, proxy.mtls_port, TEMPORAL_TLS_SERVER_NAME=""))
+    assert "NotValidForName" in await _refused(_mtls(pki, proxy.mtls_port, TEMPORAL_TLS_SERVER_NAME=""))
 
 
 async def test_a_server_certificate_of_an_untrusted_ca_is_refused(pki: Pki, proxy: Proxy) -> None:
-    await _refused(_mtls(pki, proxy.mtls_port, TEMPORAL_TLS_SERVER_CA_CERT_PATH=pki.other_ca.cert))
+    assert "UnknownIssuer" in await _refused(
+        _mtls(pki, proxy.mtls_port, TEMPORAL_TLS_SERVER_CA_CERT_PATH=pki.other_ca.cert)
+    )
+
+
+async def test_an_expired_server_certificate_is_refused(pki: Pki, proxy: Proxy) -> None:
+    assert "expired" in (await _refused(_mtls(pki, proxy.expired_port))).lower()
 
 
 async def test_plaintext_to_a_tls_port_is_refused(proxy: Proxy) -> None:
@@ -325,8 +346,8 @@ async def test_the_api_key_travels_as_a_bearer_token(pki: Pki, proxy: Proxy) -> 
         "TEMPORAL_TLS_SERVER_NAME": SERVER_NAME,
     }
     assert await _run_workflow(_env(proxy.key_port, TEMPORAL_API_KEY=API_KEY, **tls)) == "echo through TLS"
-    await _refused(_env(proxy.key_port, TEMPORAL_API_KEY="not-the-key", **tls))
-    await _refused(_env(proxy.key_port, **tls))
+    assert "403" in await _refused(_env(proxy.key_port, TEMPORAL_API_KEY="not-the-key", **tls))
+    assert "403" in await _refused(_env(proxy.key_port, **tls))
 
 
 def _startup_error(env: dict[str, str]) -> str:
