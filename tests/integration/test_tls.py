@@ -24,7 +24,7 @@ from temporalio import workflow
 from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import UnsandboxedWorkflowRunner, Worker
 
-from fleetflow.db import create_pool, select_one
+from fleetflow.db import create_pool, select_one, unverified_tls
 from fleetflow.errors import StartupError
 from fleetflow.settings import load_settings
 from fleetflow.temporal import connect
@@ -512,3 +512,30 @@ async def test_postgres_refuses_a_wrong_ca_name_or_plaintext(pki: Pki, tls_postg
         await create_pool(plain_host, size=1, timeout=10)
     with pytest.raises(StartupError, match="cannot reach PostgreSQL"):
         await create_pool(_pg_url(dsn, "sslmode=disable"), size=1, timeout=10)
+
+
+def test_unverified_postgres_tls_is_named() -> None:
+    """sslmode=prefer (the default) falls back to plaintext without a word: fleetflow says so
+    for any server not on this host, and stays quiet for verified TLS and local servers."""
+    remote = "postgresql://fleetflow:secret@db.example:5432/fleetflow"
+    for dsn in (remote, f"{remote}?sslmode=prefer", f"{remote}?sslmode=require", f"{remote}?sslmode=disable"):
+        warning = unverified_tls(dsn, env={})
+        assert warning is not None and "db.example" in warning and "secret" not in warning
+    assert "sslmode=require" in (unverified_tls(remote, env={"PGSSLMODE": "require"}) or "")
+    assert unverified_tls(f"{remote}?sslmode=verify-full&sslrootcert=/ca.pem", env={}) is None
+    assert unverified_tls(remote, env={"PGSSLMODE": "verify-full"}) is None
+    for local in (
+        "postgresql://u@localhost/db",
+        "postgresql://u@127.0.0.1:5/db",
+        "postgresql://u@[::1]:5/db",
+    ):
+        assert unverified_tls(local, env={}) is None
+    assert unverified_tls("postgresql:///db?host=/tmp/pg", env={}) is None
+
+
+async def test_create_pool_warns_before_connecting_without_verified_tls(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    with pytest.raises(StartupError):
+        await create_pool("postgresql://fleetflow@db.invalid:5432/fleetflow", size=1, timeout=5)
+    assert any("db.invalid with sslmode=prefer" in r.getMessage() for r in caplog.records)
