@@ -29,6 +29,7 @@ from fleetflow.errors import StartupError
 from fleetflow.settings import load_settings
 from fleetflow.temporal import connect
 from tests.support import TEST_KEYS_DIR, free_port
+from workers.devstack import UpOptions, up
 
 SERVER_NAME = "temporal.test"
 API_KEY = "fleetflow-test-key-" + uuid.uuid4().hex
@@ -539,3 +540,12 @@ async def test_create_pool_warns_before_connecting_without_verified_tls(
     with pytest.raises(StartupError):
         await create_pool("postgresql://fleetflow@db.invalid:5432/fleetflow", size=1, timeout=5)
     assert any("db.invalid with sslmode=prefer" in r.getMessage() for r in caplog.records)
+
+
+def test_fleetflow_up_refuses_tls_variables_for_its_own_dev_server(tmp_path: Path) -> None:
+    """Its dev server speaks plaintext: rather than a minute of failed TLS handshakes (or a
+    silent plaintext connection), one line saying what to do."""
+    settings = load_settings({"TEMPORAL_API_KEY": "k", "FLEETFLOW_DATA_DIR": str(tmp_path)})
+    with pytest.raises(StartupError, match="--external-temporal"):
+        up(settings, UpOptions())
+    assert not any(tmp_path.iterdir())  # nothing was started
