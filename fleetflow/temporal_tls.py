@@ -123,8 +123,8 @@ def _check_client_pair(cert: bytes, key: bytes, cert_var: str, key_var: str) -> 
 
 
 def load_client_options(env: Mapping[str, str]) -> TemporalClientOptions:
-    """TLS and API-key options from Temporal's environment variables in `env` (the TOML profile
-    file is not read); StartupError naming the variable when something is wrong."""
+    """TLS and API-key options from Temporal's environment variables in `env` (profile
+    files are refused); StartupError naming the variable when something is wrong."""
     flag = env.get("TEMPORAL_TLS", "").strip().lower()
     if flag and flag not in _TRUE + _FALSE:
         raise StartupError("TEMPORAL_TLS: must be true or false")
@@ -133,6 +133,12 @@ def load_client_options(env: Mapping[str, str]) -> TemporalClientOptions:
             "TEMPORAL_TLS_DISABLE_HOST_VERIFICATION: not supported; give the server's CA "
             "(TEMPORAL_TLS_SERVER_CA_CERT_PATH) and name (TEMPORAL_TLS_SERVER_NAME) instead"
         )
+    for name in ("TEMPORAL_CONFIG_FILE", "TEMPORAL_PROFILE"):
+        if env.get(name):
+            # a profile file would be ignored, or half used: refuse rather than connect otherwise
+            raise StartupError(
+                f"{name}: fleetflow reads Temporal's environment variables only, not profile files"
+            )
     try:
         profile = ClientConfigProfile.load(disable_file=True, override_env_vars=dict(env))
     except Exception as exc:  # the bridge's ConfigError: "Cannot specify both ..._PATH and ..._DATA"

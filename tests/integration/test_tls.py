@@ -394,6 +394,9 @@ def test_bad_tls_settings_are_one_line_naming_the_variable(pki: Pki, tmp_path: P
     assert "Cannot specify both" in _startup_error(
         _mtls(pki, 1, TEMPORAL_TLS_CLIENT_CERT_DATA=pki.client.cert.read_text())
     )
+    assert "TEMPORAL_CONFIG_FILE: fleetflow reads" in _startup_error(
+        _env(1, TEMPORAL_CONFIG_FILE="/etc/t.toml")
+    )
     assert "TEMPORAL_TLS_DISABLE_HOST_VERIFICATION: not supported" in _startup_error(
         _mtls(pki, 1, TEMPORAL_TLS_DISABLE_HOST_VERIFICATION="true")
     )
