@@ -15,7 +15,8 @@ RUN groupadd --system --gid 10001 fleetflow \
  && useradd --system --uid 10001 --gid fleetflow \
         --home-dir /home/fleetflow --create-home --shell /usr/sbin/nologin fleetflow \
  && install -d -o fleetflow -g fleetflow -m 0750 /var/lib/fleetflow \
- && install -d -o fleetflow -g fleetflow -m 0700 /var/lib/fleetflow/keys
+ && install -d -o fleetflow -g fleetflow -m 0700 /var/lib/fleetflow/keys \
+ && install -d -o fleetflow -g fleetflow -m 0700 /var/lib/fleetflow/data
 
 WORKDIR /app
 COPY . /app

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
+import logging
+import os
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 from opentelemetry.instrumentation.utils import suppress_instrumentation
@@ -17,6 +22,8 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     Pool = asyncpg.Pool[asyncpg.Record]
 else:
     Pool = asyncpg.Pool
+
+log = logging.getLogger(__name__)
 
 # any constant shared by every process: serialises concurrent migrators
 _MIGRATION_LOCK = 7_001_337
@@ -36,8 +43,35 @@ async def _reset(conn: asyncpg.Connection[asyncpg.Record]) -> None:
             await conn.execute(query)
 
 
+def unverified_tls(dsn: str, env: Mapping[str, str] | None = None) -> str | None:
+    """Why the connection to a server on another host is not verified TLS, or None. asyncpg's
+    default, like libpq's, is sslmode=prefer: encrypted only if the server offers it, and
+    whoever answers is believed; that fallback must not go unnoticed."""
+    parts = urlsplit(dsn)
+    query = parse_qs(parts.query)
+    host = parts.hostname or query.get("host", [""])[-1]
+    if not host or host.startswith("/") or host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass
+    source = os.environ if env is None else env
+    mode = query.get("sslmode", [source.get("PGSSLMODE") or "prefer"])[-1]
+    if mode in ("verify-ca", "verify-full"):
+        return None
+    return (
+        f"PostgreSQL at {host} with sslmode={mode}: the connection may be unencrypted and the "
+        "server is not verified; add ?sslmode=verify-full&sslrootcert=<CA file> to DATABASE_URL"
+    )
+
+
 async def create_pool(dsn: str, *, size: int = 10, timeout: float = 10.0) -> Pool:
-    """Open the process's pool; StartupError (without the password) when unreachable."""
+    """Open the process's pool; StartupError (without the password) when unreachable. A
+    warning when the server is on another host and TLS is not verified (unverified_tls)."""
+    if warning := unverified_tls(dsn):
+        log.warning(warning)
     try:
         return await asyncpg.create_pool(
             dsn,

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from fleetflow.contracts.tenants import TenantLimits, parse_limits
 from fleetflow.errors import StartupError
+from fleetflow.temporal_tls import TemporalClientOptions, load_client_options
 
 # env var -> (settings field, default shown in docs)
 ENVIRONMENT: dict[str, tuple[str, str]] = {
@@ -93,6 +94,8 @@ class Settings(BaseModel):
     # how long a renewed or rotated device credential stays valid beside its successor, unless
     # the device type says otherwise
     credential_overlap_s: Annotated[int, Field(ge=0, le=90 * 86400)] = 86400
+    # TLS / mTLS / API key of the Temporal client, from Temporal's own variables (temporal_tls.py)
+    temporal_client: TemporalClientOptions = Field(default_factory=TemporalClientOptions)
 
     @field_validator("temporal_address")
     @classmethod
@@ -198,7 +201,8 @@ def parse_networks(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Netw
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     """Read settings from the environment; raise StartupError naming the bad variable."""
     source = os.environ if env is None else env
-    values = {field: source[name] for name, (field, _) in ENVIRONMENT.items() if source.get(name)}
+    values: dict[str, object] = {f: source[n] for n, (f, _) in ENVIRONMENT.items() if source.get(n)}
+    values["temporal_client"] = load_client_options(source)
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:

@@ -110,13 +110,17 @@ def sealing_headers(client: Client) -> Client:
 
 
 async def connect(settings: Settings, *, service: str, timeout: float = 10.0) -> Client:
-    """Connect with the platform's converter (pydantic, encrypted payloads) and interceptors;
-    StartupError when unreachable."""
+    """Connect with the platform's converter (pydantic, encrypted payloads), interceptors and
+    TLS / API-key options (settings.temporal_client); StartupError when unreachable."""
+    options = settings.temporal_client
     try:
         async with asyncio.timeout(timeout):
             return await Client.connect(
                 settings.temporal_address,
                 namespace=settings.temporal_namespace,
+                tls=options.connect_tls(),
+                api_key=options.api_key,
+                rpc_metadata=options.rpc_metadata,
                 data_converter=data_converter(settings),
                 interceptors=interceptors(keyring(settings), service, settings.jwt_issuer),
                 header_codec_behavior=HEADER_CODEC,
@@ -126,7 +130,8 @@ async def connect(settings: Settings, *, service: str, timeout: float = 10.0) ->
     except (RuntimeError, OSError, TimeoutError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise StartupError(
-            f"cannot reach Temporal at {settings.temporal_address} (TEMPORAL_ADDRESS): {reason}"
+            f"cannot reach Temporal at {settings.temporal_address} (TEMPORAL_ADDRESS, "
+            f"{options.describe()}): {reason}"
         ) from None
 
 

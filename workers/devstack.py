@@ -116,6 +116,13 @@ async def _prepare_database(dsn: str) -> None:
 
 def up(settings: Settings, options: UpOptions) -> int:
     """Start and supervise everything; returns the exit status."""
+    if settings.temporal_client.tls and not options.external_temporal:
+        # the dev server started here speaks plaintext; the children would inherit the variables
+        raise StartupError(
+            "Temporal TLS or API key variables are set (TEMPORAL_TLS*, TEMPORAL_API_KEY), but "
+            "`fleetflow up` starts its own plaintext dev server: unset them, or pass "
+            "--external-temporal to use TEMPORAL_ADDRESS with them"
+        )
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     ensure_port_free(settings.api_port, "FLEETFLOW_API_PORT / --api-port", settings.api_host)

@@ -40,6 +40,19 @@ APP_ENV = {
     "TEMPORAL_UI_URL": "http://localhost:8080",
 }
 KEYS_DIR = "/var/lib/fleetflow/keys"
+DATA_DIR = "/var/lib/fleetflow/data"
+# Grafana's admin password has no default: `config` needs it (any value) to run at all
+GRAFANA_PASSWORD = "compose-test-password"
+# every piece of state, by service: the paths that must be named volumes (not the container's
+# writable layer, which a rebuild or `compose down` loses); Temporal's state is in postgresql
+STATE = {
+    "postgresql": ["/var/lib/postgresql/data"],
+    "prometheus": ["/prometheus"],
+    "grafana": ["/var/lib/grafana"],
+    "jaeger": ["/badger"],
+    "api": [KEYS_DIR, DATA_DIR],
+    **{f"worker-{queue}": [KEYS_DIR, DATA_DIR] for queue in WORKER_QUEUES},
+}
 
 # A published image with a tag (optionally a digest): `temporalio/<name>`, `postgres`, and the
 # monitoring stack's collector, Jaeger, Prometheus and Grafana.
@@ -75,8 +88,11 @@ def _docker_compose() -> str:
     return exe
 
 
-def _run_config(exe: str, *extra: str) -> subprocess.CompletedProcess[str]:
+def _run_config(exe: str, *extra: str, grafana_password: bool = True) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
+    env.pop("GRAFANA_ADMIN_PASSWORD", None)
+    if grafana_password:
+        env["GRAFANA_ADMIN_PASSWORD"] = GRAFANA_PASSWORD
     return subprocess.run(
         [exe, "-f", str(COMPOSE_FILE), "config", *extra],
         cwd=REPO,
@@ -195,7 +211,50 @@ def _exposure_problems(services: dict[str, Any]) -> list[str]:
     ui = services.get("temporal-ui")
     if ui is not None and str(_environment(ui).get("TEMPORAL_DISABLE_WRITE_ACTIONS")).lower() != "true":
         problems.append("temporal-ui: write actions (start, signal, terminate) are not disabled")
+    grafana = services.get("grafana")
+    if grafana is not None:
+        env = _environment(grafana)
+        if str(env.get("GF_AUTH_ANONYMOUS_ENABLED", "false")).lower() != "false":
+            problems.append("grafana: anonymous access is enabled")
+        if env.get("GF_SECURITY_ADMIN_PASSWORD") in (None, "", "admin"):
+            problems.append("grafana: the admin password is Grafana's default (admin)")
+        elif env.get("GF_SECURITY_ADMIN_PASSWORD") != GRAFANA_PASSWORD:
+            problems.append("grafana: the admin password is not GRAFANA_ADMIN_PASSWORD")
+        if str(env.get("GF_AUTH_DISABLE_LOGIN_FORM", "false")).lower() == "true":
+            problems.append("grafana: the login form is disabled")
     return problems
+
+
+def _state_problems(config: dict[str, Any]) -> list[str]:
+    """Every path in STATE is a named volume of the stack, and the app's data directory is it."""
+    problems: list[str] = []
+    services: dict[str, Any] = config.get("services") or {}
+    named = set((config.get("volumes") or {}).keys())
+    for name, paths in sorted(STATE.items()):
+        service = services.get(name)
+        if service is None:
+            continue  # reported as missing elsewhere
+        mounted = dict(_named_mounts(service))
+        for path in paths:
+            if mounted.get(path) not in named:
+                problems.append(
+                    f"{name}: {path} is not a named volume (its state is lost with the container)"
+                )
+        if DATA_DIR in paths and _environment(service).get("FLEETFLOW_DATA_DIR") != DATA_DIR:
+            problems.append(f"{name}: FLEETFLOW_DATA_DIR is not {DATA_DIR}")
+    return problems
+
+
+def _named_mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(target, source) of the service's volumes."""
+    mounts = []
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            mounts.append((str(volume.get("target", "")), str(volume.get("source", ""))))
+        else:
+            source, _, rest = str(volume).partition(":")
+            mounts.append((rest.split(":")[0], source))
+    return mounts
 
 
 def _problems(config: dict[str, Any]) -> list[str]:
@@ -287,6 +346,7 @@ def _problems(config: dict[str, Any]) -> list[str]:
                 problems.append(f"{name}: does not mount {file}")
 
     problems += _exposure_problems(services)
+    problems += _state_problems(config)
 
     images = {name: str(service.get("image", "")) for name, service in services.items()}
     if not any(image.startswith("postgres:") for image in images.values()):
@@ -324,6 +384,37 @@ def test_compose_config_validates() -> None:
     exe = _docker_compose()
     result = _run_config(exe, "--quiet")
     assert result.returncode == 0, f"docker-compose config failed:\n{result.stderr}"
+
+
+def test_grafana_has_no_default_password() -> None:
+    """Without GRAFANA_ADMIN_PASSWORD the stack does not start (Grafana would be admin/admin)."""
+    result = _run_config(_docker_compose(), "--quiet", grafana_password=False)
+    assert result.returncode != 0
+    assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
+
+
+def test_state_and_login_detection_catches_broken_files() -> None:
+    """What the compose file used to do: anonymous Grafana viewers with admin/admin, traces in
+    memory, firmware files in the container's writable layer."""
+    config = copy.deepcopy(_normalised_config())
+    services = config["services"]
+    assert _state_problems(config) == []
+    services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"] = "admin"
+    services["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] = "true"
+    del services["jaeger"]["volumes"]
+    services["api"]["volumes"] = [v for v in services["api"]["volumes"] if DATA_DIR not in str(v)]
+    services["worker-data"]["environment"]["FLEETFLOW_DATA_DIR"] = ".fleetflow"
+    services["prometheus"]["volumes"] = [
+        "/srv/prom:/prometheus:rw" if "/prometheus:" in str(v) and "yml" not in str(v) else v
+        for v in services["prometheus"]["volumes"]
+    ]
+    problems = "\n".join(_state_problems(config) + _exposure_problems(services))
+    assert "grafana: anonymous access is enabled" in problems
+    assert "grafana: the admin password is Grafana's default" in problems
+    assert "jaeger: /badger is not a named volume" in problems
+    assert f"api: {DATA_DIR} is not a named volume" in problems
+    assert "worker-data: FLEETFLOW_DATA_DIR is not" in problems
+    assert "prometheus: /prometheus is not a named volume" in problems
 
 
 def test_compose_services_are_well_formed() -> None:
