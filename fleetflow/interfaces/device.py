@@ -11,6 +11,7 @@ from typing import ClassVar
 from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.consistency import FinishReconciliation, ReconciledPage, ReconcilePage
 from fleetflow.contracts.devices import (
     BulkChunk,
     BulkChunkResult,
@@ -166,3 +167,16 @@ class DeviceActivities(ServiceInterface):
     @abstractmethod
     async def note_retirement_problem(self, step: DeviceStep) -> None:
         """Say on the device itself that its retirement is stuck, and where."""
+
+    @activity.defn(name="device.reconcile_devices")
+    @abstractmethod
+    async def reconcile_devices(self, page: ReconcilePage) -> ReconciledPage:
+        """Check one page of the registry (keyset by tenant, device id) against the twins and
+        credentials: start missing twins, end retired devices' twins and revoke their
+        credentials, report firmware mismatches; each finding a row of the run. Idempotent.
+        """
+
+    @activity.defn(name="device.finish_reconciliation")
+    @abstractmethod
+    async def finish_reconciliation(self, finish: FinishReconciliation) -> None:
+        """Record the run's totals (the last run GET /v1/consistency shows); idempotent."""
