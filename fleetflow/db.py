@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
@@ -72,9 +73,24 @@ async def migrate(pool: Pool) -> list[str]:
                     await conn.execute(sql)
                     await conn.execute("INSERT INTO fleetflow.schema_migrations(name) VALUES ($1)", name)
                 applied.append(name)
+            await _dashboard_login(conn, os.environ.get(DASHBOARD_PASSWORD_ENV, ""))
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied
+
+
+DASHBOARD_PASSWORD_ENV = "FLEETFLOW_DASHBOARD_DB_PASSWORD"
+DASHBOARD_ROLE = "fleetflow_dashboard"
+
+
+async def _dashboard_login(conn: Any, password: str) -> None:
+    """Let the dashboards' read-only role log in with password (set: no default credentials)."""
+    if not password:
+        return
+    statement = await conn.fetchval(
+        "SELECT format('ALTER ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)", DASHBOARD_ROLE, password
+    )
+    await conn.execute(statement)
 
 
 async def select_one(pool: Pool) -> Any:
