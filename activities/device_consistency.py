@@ -121,7 +121,12 @@ class DeviceConsistency:
                 ],
             )
         last = rows[-1]
-        return ReconciledPage(checked=len(rows), last_tenant=last["tenant"], last_device=last["device_id"])
+        return ReconciledPage(
+            checked=len(rows),
+            findings=len(findings),
+            last_tenant=last["tenant"],
+            last_device=last["device_id"],
+        )
 
     async def _running(self, rows: list[Any]) -> dict[tuple[str, str], set[str]]:
         """Which workflow types run for each device of the page (visibility, by slices)."""

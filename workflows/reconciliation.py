@@ -6,7 +6,9 @@ Each page of the registry (keyset by tenant, device id) is one `device.reconcile
 activity; the history carries the last key and counts only, and the run continues as new
 (cursor in the input) after `pages_per_run` pages or when the server suggests it, so a
 fleet of a million devices is a few hundred activities in a handful of runs. Claims of dead
-ingestion runs go back to pending through the IngestionSupervisor's own activity.
+ingestion runs go back to pending through the IngestionSupervisor's own activity. A page with
+findings has them recorded as events (ConsistencyRepaired, ConsistencyFinding) by the
+notification service, which reads them from the device facade.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from temporalio.common import RetryPolicy
 
 with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.consistency import (
+        ConsistencyEvents,
         FinishReconciliation,
         ReconcileInput,
         ReconcilePage,
@@ -26,6 +29,7 @@ with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.telemetry import SuperviseIngestion
     from fleetflow.interfaces.data import DataActivities
     from fleetflow.interfaces.device import DeviceActivities
+    from fleetflow.interfaces.notification import NotificationActivities
     from workflows import calls
 
 PAGE_TIMEOUT = timedelta(minutes=5)
@@ -61,6 +65,19 @@ class Reconciliation:
                 retry_policy=RETRY,
             )
             self._checked += page.checked
+            if page.findings and page.last_tenant is not None and page.last_device is not None:
+                await calls.execute(
+                    NotificationActivities.record_consistency_events,
+                    ConsistencyEvents(
+                        run_id=run_id,
+                        after_tenant=after_tenant,
+                        after_device=after_device,
+                        last_tenant=page.last_tenant,
+                        last_device=page.last_device,
+                    ),
+                    start_to_close_timeout=PAGE_TIMEOUT,
+                    retry_policy=RETRY,
+                )
             if page.last_tenant is None or page.last_device is None or page.checked < inp.page_size:
                 break  # the registry is done
             after_tenant, after_device, pages = page.last_tenant, page.last_device, pages + 1

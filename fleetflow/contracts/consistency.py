@@ -59,11 +59,27 @@ class ReconcilePage(Contract):
 
 
 class ReconciledPage(Contract):
-    """What one page checked; the last key read (None when the registry is done)."""
+    """What one page checked and found; the last key read (None when the registry is done)."""
 
     checked: int
+    findings: int = 0
     last_tenant: str | None = None
     last_device: str | None = None
+
+
+CONSISTENCY_FINDING = "ConsistencyFinding"  # an event per finding reported, not repaired
+CONSISTENCY_REPAIRED = "ConsistencyRepaired"  # an event per finding repaired
+
+
+class ConsistencyEvents(Contract):
+    """Input of `notification.record_consistency_events`: the findings of one checked page
+    (devices after `after_*` up to `last_*`)."""
+
+    run_id: str
+    after_tenant: str
+    after_device: str
+    last_tenant: str
+    last_device: str
 
 
 class FinishReconciliation(Contract):

@@ -3,6 +3,7 @@ started through POST /v1/consistency:run, and shown by GET /v1/consistency."""
 
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -11,7 +12,7 @@ from temporalio.client import Client, WorkflowExecutionStatus
 
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device, contact
-from tests.support import bearer
+from tests.support import bearer, eventually
 from workflows.device_twin import twin_id
 
 OPERATOR = bearer("acme", scopes=["consistency:admin", "devices:read"])
@@ -39,7 +40,9 @@ async def _findings_of(api: httpx.AsyncClient, auth: dict[str, str]) -> dict[str
     return body
 
 
-async def test_an_active_device_without_a_twin_gets_one(api: httpx.AsyncClient, client: Client) -> None:
+async def test_an_active_device_without_a_twin_gets_one(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
     device_id, _ = await active_device(api)
     twin = client.get_workflow_handle(twin_id("acme", device_id))
     await twin.terminate("test: the twin is lost")
@@ -47,6 +50,17 @@ async def test_an_active_device_without_a_twin_gets_one(api: httpx.AsyncClient, 
     assert (await twin.describe()).status == WorkflowExecutionStatus.RUNNING
     found = _finding(await _findings_of(api, AUTH), "twin_missing", device_id)
     assert found is not None and found["repaired"]
+    # an event in the store, and the gauge of the last run
+    events = await pool.fetch(
+        """SELECT type, data FROM notification.events
+           WHERE tenant = 'acme' AND device_id = $1 AND type LIKE 'Consistency%'""",
+        device_id,
+    )
+    assert [(e["type"], e["data"]["finding"]) for e in events] == [("ConsistencyRepaired", "twin_missing")]
+    metrics = await eventually(
+        lambda: api.get("/metrics"), lambda r: "fleetflow_consistency_findings" in r.text, timeout_s=20
+    )
+    assert re.search(r'fleetflow_consistency_findings\{[^}]*type="twin_missing"[^}]*\} [1-9]', metrics.text)
 
 
 async def test_a_retired_devices_twin_and_credential_are_ended(
@@ -116,3 +130,20 @@ async def test_a_tenant_sees_its_own_findings_only(api: httpx.AsyncClient, clien
     # a tenant's admin may not start a fleet-wide run
     refused = await api.post("/v1/consistency:run", headers=bearer("acme", scopes=["admin"]))
     assert refused.status_code == 403
+
+
+async def test_the_same_device_id_in_two_tenants_is_two_devices(
+    api: httpx.AsyncClient, client: Client
+) -> None:
+    device_id = f"twin-{uuid.uuid4().hex[:8]}"
+    globex = bearer("globex")
+    await active_device(api, device_id=device_id)
+    await active_device(api, device_id=device_id, auth=globex)
+    await client.get_workflow_handle(twin_id("acme", device_id)).terminate("test: acme's twin is lost")
+    await _reconcile(api, client)
+    assert _finding(await _findings_of(api, AUTH), "twin_missing", device_id) is not None
+    # globex's device of the same id kept its twin: nothing found, nothing restarted there
+    globex_reader = bearer("globex", scopes=["devices:read"])
+    assert _finding(await _findings_of(api, globex_reader), "twin_missing", device_id) is None
+    described = await client.get_workflow_handle(twin_id("globex", device_id)).describe()
+    assert described.status == WorkflowExecutionStatus.RUNNING and described.run_id is not None
