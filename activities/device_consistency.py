@@ -18,6 +18,8 @@ import asyncio
 import json
 import logging
 from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 from temporalio.client import Client
@@ -91,6 +93,7 @@ class DeviceConsistency:
             return ReconciledPage(checked=0)
         running = await self._running(rows)
         findings: list[tuple[FindingType, str, str, str]] = []
+        repairs: list[Callable[[], Awaitable[None]]] = []
         firmware_checks: list[Any] = []
         for row in rows:
             key = (row["tenant"], row["device_id"])
@@ -98,19 +101,21 @@ class DeviceConsistency:
             if any(kind in kinds for kind in BUSY_TYPES):
                 continue  # an onboarding or retirement in flight converges by itself
             if row["status"] == "active":
-                if "DeviceTwin" not in kinds:
-                    await self._start_twin(row)
+                if TWIN_WORKFLOW not in kinds:
+                    repairs.append(partial(self._start_twin, row))
                     findings.append((FindingType.TWIN_MISSING, *key, "twin started"))
                 elif not row["rolling"]:
                     firmware_checks.append(row)
             elif row["status"] in ("decommissioned", "failed"):
-                if "DeviceTwin" in kinds:
-                    await self._end_twin(*key, row["status"])
+                if TWIN_WORKFLOW in kinds:
+                    repairs.append(partial(self._end_twin, *key, row["status"]))
                     findings.append((FindingType.TWIN_OF_RETIRED, *key, f"{row['status']}: twin ended"))
                 if row["live_credential"]:
-                    await self._revoke(*key)
+                    repairs.append(partial(self._revoke, *key))
                     findings.append((FindingType.CREDENTIAL_OF_RETIRED, *key, f"{row['status']}: revoked"))
         findings += await self._firmware(firmware_checks)
+        # recorded before repairing: an attempt killed half-way has its findings kept, and the
+        # retry (which no longer sees what was repaired) repairs the rest
         if findings:
             await self.pool.executemany(
                 """INSERT INTO device.consistency_findings (run_id, type, tenant, device_id, detail, repaired)
@@ -120,12 +125,21 @@ class DeviceConsistency:
                     for kind, t, d, detail in findings
                 ],
             )
+        for repair in repairs:
+            await repair()
         last = rows[-1]
+        # what this page has recorded, by any attempt (a retry finds less to repair)
+        recorded = await self.pool.fetchval(
+            """SELECT count(*) FROM device.consistency_findings
+               WHERE run_id = $1 AND (tenant, device_id) > ($2, $3) AND (tenant, device_id) <= ($4, $5)""",
+            page.run_id,
+            page.after_tenant,
+            page.after_device,
+            last["tenant"],
+            last["device_id"],
+        )
         return ReconciledPage(
-            checked=len(rows),
-            findings=len(findings),
-            last_tenant=last["tenant"],
-            last_device=last["device_id"],
+            checked=len(rows), findings=recorded, last_tenant=last["tenant"], last_device=last["device_id"]
         )
 
     async def _running(self, rows: list[Any]) -> dict[tuple[str, str], set[str]]:
@@ -221,11 +235,12 @@ class DeviceConsistency:
                 finish.checked,
                 finish.reclaimed,
             )
-            # only the newest finished run is kept (a run still going keeps its rows)
+            # only the newest finished run is kept, and nothing of runs that never finished
+            # (cancelled, terminated) and began before this one
             await conn.execute(
-                """DELETE FROM device.consistency_findings f USING device.consistency_runs r
-                   WHERE f.run_id = r.run_id AND r.run_id <> $1 AND r.finished_at <= now()""",
+                "DELETE FROM device.consistency_findings WHERE run_id <> $1 AND found_at < $2",
                 finish.run_id,
+                finish.started_at,
             )
             await conn.execute("DELETE FROM device.consistency_runs WHERE run_id <> $1", finish.run_id)
 

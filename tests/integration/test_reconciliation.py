@@ -139,11 +139,37 @@ async def test_the_same_device_id_in_two_tenants_is_two_devices(
     globex = bearer("globex")
     await active_device(api, device_id=device_id)
     await active_device(api, device_id=device_id, auth=globex)
-    await client.get_workflow_handle(twin_id("acme", device_id)).terminate("test: acme's twin is lost")
+    acme_twin = client.get_workflow_handle(twin_id("acme", device_id))
+    kept = (await acme_twin.describe()).run_id
+    # globex's twin is lost; the operator who runs the reconciliation is of acme
+    await client.get_workflow_handle(twin_id("globex", device_id)).terminate("test: globex's twin is lost")
     await _reconcile(api, client)
-    assert _finding(await _findings_of(api, AUTH), "twin_missing", device_id) is not None
-    # globex's device of the same id kept its twin: nothing found, nothing restarted there
     globex_reader = bearer("globex", scopes=["devices:read"])
-    assert _finding(await _findings_of(api, globex_reader), "twin_missing", device_id) is None
+    assert _finding(await _findings_of(api, globex_reader), "twin_missing", device_id) is not None
+    assert (
+        _finding(await _findings_of(api, bearer("acme", scopes=["devices:read"])), "twin_missing", device_id)
+        is None
+    )
     described = await client.get_workflow_handle(twin_id("globex", device_id)).describe()
-    assert described.status == WorkflowExecutionStatus.RUNNING and described.run_id is not None
+    assert described.status == WorkflowExecutionStatus.RUNNING
+    # acme's device of the same id kept its twin, untouched
+    assert (await acme_twin.describe()).run_id == kept
+    twin = await client.get_workflow_handle(twin_id("globex", device_id)).query("get")
+    assert twin["tenant"] == "globex"
+
+
+async def test_findings_of_a_run_that_never_finished_are_forgotten(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    # a run cancelled half-way recorded a finding and never its totals
+    await pool.execute(
+        """INSERT INTO device.consistency_findings
+               (run_id, type, tenant, device_id, detail, repaired, found_at)
+           VALUES ('reconcile-cancelled', 'twin_missing', 'acme', 'ghost', 'twin started', true,
+                   now() - interval '1 hour')"""
+    )
+    await _reconcile(api, client)
+    left = await pool.fetchval(
+        "SELECT count(*) FROM device.consistency_findings WHERE run_id = 'reconcile-cancelled'"
+    )
+    assert left == 0
