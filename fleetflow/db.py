@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +14,8 @@ from opentelemetry.instrumentation.utils import suppress_instrumentation
 from fleetflow.errors import StartupError
 from fleetflow.migrations import MIGRATIONS
 from fleetflow.settings import redact_dsn
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     Pool = asyncpg.Pool[asyncpg.Record]
@@ -90,7 +93,11 @@ async def _dashboard_login(conn: Any, password: str) -> None:
     statement = await conn.fetchval(
         "SELECT format('ALTER ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)", DASHBOARD_ROLE, password
     )
-    await conn.execute(statement)
+    try:
+        await conn.execute(statement)
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedObjectError) as exc:
+        # a database user that may not manage roles: the platform runs, the dashboard cannot
+        log.warning("%s cannot log in: %s", DASHBOARD_ROLE, exc)
 
 
 async def select_one(pool: Pool) -> Any:

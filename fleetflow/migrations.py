@@ -558,14 +558,17 @@ MIGRATIONS: list[tuple[str, str]] = [
         -- Grafana's data source: a read-only role, no login until `fleetflow migrate` sets a
         -- password from FLEETFLOW_DASHBOARD_DB_PASSWORD (no default credentials); it reads the
         -- tables the Fleet dashboard charts and nothing else (no credentials, no payloads)
+        -- (a database user without CREATEROLE skips it with a warning: the platform still runs)
         DO $$ BEGIN
             IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fleetflow_dashboard') THEN
                 CREATE ROLE fleetflow_dashboard NOLOGIN;
             END IF;
+            GRANT USAGE ON SCHEMA device, data, analytics TO fleetflow_dashboard;
+            GRANT SELECT ON device.devices, device.rollouts, device.rollout_jobs, data.readings,
+                analytics.alerts TO fleetflow_dashboard;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE WARNING 'fleetflow_dashboard not created (%): the Fleet dashboard cannot log in', SQLERRM;
         END $$;
-        GRANT USAGE ON SCHEMA device, data, analytics TO fleetflow_dashboard;
-        GRANT SELECT ON device.devices, device.rollouts, device.rollout_jobs, data.readings,
-            analytics.alerts TO fleetflow_dashboard;
         """,
     ),
 ]
