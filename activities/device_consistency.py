@@ -22,10 +22,10 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any
 
-from temporalio.client import Client
+from temporalio.client import Client, WorkflowExecutionStatus
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from fleetflow import identity
 from fleetflow.contracts.common import TaskQueue, tenant_scoped_id
@@ -101,13 +101,13 @@ class DeviceConsistency:
             if any(kind in kinds for kind in BUSY_TYPES):
                 continue  # an onboarding or retirement in flight converges by itself
             if row["status"] == "active":
-                if TWIN_WORKFLOW not in kinds:
+                if TWIN_WORKFLOW not in kinds and not await self._twin_runs(*key):
                     repairs.append(partial(self._start_twin, row))
                     findings.append((FindingType.TWIN_MISSING, *key, "twin started"))
                 elif not row["rolling"]:
                     firmware_checks.append(row)
             elif row["status"] in ("decommissioned", "failed"):
-                if TWIN_WORKFLOW in kinds:
+                if TWIN_WORKFLOW in kinds and await self._twin_runs(*key):
                     repairs.append(partial(self._end_twin, *key, row["status"]))
                     findings.append((FindingType.TWIN_OF_RETIRED, *key, f"{row['status']}: twin ended"))
                 if row["live_credential"]:
@@ -163,6 +163,18 @@ class DeviceConsistency:
                     if device is not None:
                         found[(tenant, device)].add(execution.workflow_type)
         return found
+
+    async def _twin_runs(self, tenant: str, device_id: str) -> bool:
+        """What visibility said, confirmed on the twin itself: visibility lags a moment behind
+        (a twin continuing as new shows closed until its new run is indexed). Suspects only."""
+        assert self.temporal is not None
+        try:
+            described = await self.temporal.get_workflow_handle(_twin_id(tenant, device_id)).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return described.status == WorkflowExecutionStatus.RUNNING
 
     async def _start_twin(self, row: Any) -> None:
         assert self.temporal is not None

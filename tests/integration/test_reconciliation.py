@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 from temporalio.client import Client, WorkflowExecutionStatus
 
+from activities.device_consistency import DeviceConsistency
+from fleetflow.contracts.consistency import ReconcilePage
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device, contact
 from tests.support import bearer, eventually
@@ -173,3 +175,28 @@ async def test_findings_of_a_run_that_never_finished_are_forgotten(
         "SELECT count(*) FROM device.consistency_findings WHERE run_id = 'reconcile-cancelled'"
     )
     assert left == 0
+
+
+class _StaleVisibility(DeviceConsistency):
+    """Visibility that has not indexed the twins yet (it lags the twin's own state a moment,
+    e.g. while a twin continues as new): every twin looks closed, every workflow absent."""
+
+    async def _running(self, rows: list[Any]) -> dict[tuple[str, str], set[str]]:
+        return {}
+
+
+async def test_a_twin_visibility_has_not_indexed_yet_is_no_finding(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    device_id, _ = await active_device(api)
+    twin = client.get_workflow_handle(twin_id("acme", device_id))
+    before = (await twin.describe()).run_id
+    run_id = f"reconcile-stale-{uuid.uuid4().hex[:6]}"
+    checker = _StaleVisibility(pool, client)
+    # the page of this device alone: the key just before it, limit 1
+    page = await checker.reconcile_devices(
+        ReconcilePage(run_id=run_id, after_tenant="acme", after_device=device_id[:-1], limit=1)
+    )
+    assert (page.last_tenant, page.last_device) == ("acme", device_id)
+    assert page.findings == 0
+    assert (await twin.describe()).run_id == before
