@@ -156,8 +156,11 @@ async def test_the_same_device_id_in_two_tenants_is_two_devices(
     assert described.status == WorkflowExecutionStatus.RUNNING
     # acme's device of the same id kept its twin, untouched
     assert (await acme_twin.describe()).run_id == kept
-    twin = await client.get_workflow_handle(twin_id("globex", device_id)).query("get")
+    globex_twin = client.get_workflow_handle(twin_id("globex", device_id))
+    twin = await globex_twin.query("get")
     assert twin["tenant"] == "globex"
+    # its first workflow task ran (the query needed it) and took the start's identity
+    assert (await globex_twin.describe()).status == WorkflowExecutionStatus.RUNNING
 
 
 async def test_findings_of_a_run_that_never_finished_are_forgotten(
