@@ -166,10 +166,14 @@ async def reconcile(settings: Settings, args: argparse.Namespace) -> int:
             return 1
         run_id = response.json()["workflow_id"]
         print(f"started {run_id}", flush=True)
+        deadline = time.monotonic() + args.timeout
         while True:
             report = (await http.get("/v1/consistency")).json()
             if report.get("run_id") == run_id:
                 break
+            if time.monotonic() > deadline:
+                print(f"fleetflow: {run_id} has not finished; see the Web UI", file=sys.stderr)
+                return 1
             await asyncio.sleep(1.0)
     print(f"{report['devices_checked']} devices checked")
     print(f"{'finding':<24}{'count':>8}  {'':<9}sample")

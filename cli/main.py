@@ -148,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument(
         "--token", help="API token with consistency:admin (default: FLEETFLOW_TOKEN or the dev admin token)"
     )
+    rec.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait for the run")
 
     sim = commands.add_parser("simulate", help="simulated devices sending telemetry, with anomalies")
     sim.add_argument("--devices", type=_positive, required=True, help="devices to onboard (at most 10000)")
