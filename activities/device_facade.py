@@ -71,6 +71,22 @@ async def rollout_status(db: Any, unfinished: Sequence[str]) -> list[dict[str, A
     return [dict(r.items()) for r in rows]
 
 
+async def consistency_findings(
+    db: Any, run_id: str, after: tuple[str, str], last: tuple[str, str]
+) -> list[dict[str, Any]]:
+    """A run's findings of the devices after `after` up to `last` (tenant, device id): one page
+    of the registry as Reconciliation checked it."""
+    rows = await db.fetch(
+        """SELECT type, tenant, device_id, detail, repaired, found_at FROM device.consistency_findings
+           WHERE run_id = $1 AND (tenant, device_id) > ($2, $3) AND (tenant, device_id) <= ($4, $5)
+           ORDER BY tenant, device_id, type""",
+        run_id,
+        *after,
+        *last,
+    )
+    return [dict(r.items()) for r in rows]
+
+
 GAUGES: tuple[StateGauge, ...] = (
     StateGauge(
         "fleetflow.devices",
@@ -89,5 +105,14 @@ GAUGES: tuple[StateGauge, ...] = (
                          WHERE a.tenant = j.tenant AND a.campaign_id = j.campaign_id
                            AND a.state IN ('queued', 'offered', 'downloading', 'installing'))
            GROUP BY state""",
+    ),
+    StateGauge(
+        "fleetflow.consistency.findings",
+        "{finding}",
+        "Findings of the last finished Reconciliation run, by type",
+        "type",
+        """SELECT type, count(*) FROM device.consistency_findings
+           WHERE run_id = (SELECT run_id FROM device.consistency_runs ORDER BY finished_at DESC LIMIT 1)
+           GROUP BY type""",
     ),
 )

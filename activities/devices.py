@@ -10,9 +10,12 @@ its read model (`DeviceReadModel`), exposed below under the names the API calls.
 
 from __future__ import annotations
 
+from temporalio.client import Client
+
 from activities import data_facade
 from activities.device_bulk import BulkProvisioning
 from activities.device_commands import DeviceCommands
+from activities.device_consistency import DeviceConsistency
 from activities.device_credentials import CredentialRotations
 from activities.device_firmware import FirmwareStore
 from activities.device_jobs import DeviceJobs
@@ -25,6 +28,7 @@ from activities.probe import probe
 from fleetflow import config_schema
 from fleetflow.contracts.commands import CommandState, SettleCommand
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.consistency import FinishReconciliation, ReconciledPage, ReconcilePage
 from fleetflow.contracts.devices import (
     BulkChunk,
     BulkChunkResult,
@@ -65,8 +69,10 @@ class DeviceService(DeviceActivities):
 
     queue = TaskQueue.DEVICE
 
-    def __init__(self, pool: Pool, settings: Settings) -> None:
+    def __init__(self, pool: Pool, settings: Settings, temporal: Client | None = None) -> None:
         self.pool = pool
+        self.consistency = DeviceConsistency(pool, temporal)
+        self.consistency_report = self.consistency.report
         self.keys = keyring(settings)
         self.issuer = settings.jwt_issuer
         self.quota_defaults = settings.quotas
@@ -411,3 +417,15 @@ class DeviceService(DeviceActivities):
             step.device_id,
             step.reason,
         )
+
+    # --- reconciliation (activities/device_consistency.py) ----------------------------
+
+    @implements(DeviceActivities.reconcile_devices)
+    async def reconcile_devices(self, page: ReconcilePage) -> ReconciledPage:
+        """Check and repair one page of the registry."""
+        return await self.consistency.reconcile_devices(page)
+
+    @implements(DeviceActivities.finish_reconciliation)
+    async def finish_reconciliation(self, finish: FinishReconciliation) -> None:
+        """Record the run's totals."""
+        await self.consistency.finish_reconciliation(finish)

@@ -22,7 +22,7 @@ from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
 
-from activities import analytics_facade, data_facade, notification_retention
+from activities import analytics_facade, data_facade, device_facade, notification_retention
 from activities.circuit_breaker import CIRCUIT_EVENTS, FROM_CIRCUIT_EVENT
 from activities.event_rows import EVENT_COLUMNS, recorded_event
 from activities.poison import poison_guard
@@ -30,6 +30,7 @@ from activities.probe import probe
 from activities.subscriptions import Subscriptions
 from fleetflow import identity
 from fleetflow.contracts.common import DomainEvent, TaskQueue
+from fleetflow.contracts.consistency import CONSISTENCY_FINDING, CONSISTENCY_REPAIRED, ConsistencyEvents
 from fleetflow.contracts.events import (
     EventBatch,
     RecordedEvent,
@@ -236,6 +237,34 @@ class NotificationService(NotificationActivities):
             new += await self.record_events(EventBatch(events=events[start : start + 1000]))
             if activity.in_activity():
                 activity.heartbeat()
+        return new
+
+    @implements(NotificationActivities.record_consistency_events)
+    async def record_consistency_events(self, page: ConsistencyEvents) -> int:
+        """Record an event for each finding of one checked page; how many were new."""
+        source = activity.info().workflow_id if activity.in_activity() else None
+        findings = await device_facade.consistency_findings(
+            self.pool,
+            page.run_id,
+            (page.after_tenant, page.after_device),
+            (page.last_tenant, page.last_device),
+        )
+        events = [
+            DomainEvent(
+                event_id=f"{page.run_id}/{f['tenant']}/{f['device_id']}/{f['type']}",
+                tenant=f["tenant"],
+                device_id=f["device_id"],
+                type=CONSISTENCY_REPAIRED if f["repaired"] else CONSISTENCY_FINDING,
+                occurred_at=f["found_at"],
+                actor="reconciliation",
+                source_workflow=source,
+                data={"finding": f["type"], "detail": f["detail"], "run_id": page.run_id},
+            )
+            for f in findings
+        ]
+        new = 0
+        for start in range(0, len(events), 1000):
+            new += await self.record_events(EventBatch(events=events[start : start + 1000]))
         return new
 
     @implements(NotificationActivities.retract_event)

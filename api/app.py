@@ -25,6 +25,7 @@ from api.revocations import RevokedTokens, TokenRevocations
 from api.routers import (
     codec,
     commands,
+    consistency,
     devices,
     events,
     health,
@@ -109,6 +110,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         codec,
         tenants,
         credential_routes,
+        consistency,
     )
     for module in routers:
         app.include_router(module.router)

@@ -60,6 +60,11 @@ def require(scope: str) -> Callable[..., Awaitable[TokenClaims]]:
     return dependency
 
 
+def act_for_claims(claims: TokenClaims) -> None:
+    """The workflows this request starts or signals carry the caller (fleetflow.identity)."""
+    act_for(ServiceActor(subject=claims.subject, tenant=claims.tenant, scopes=claims.scopes))
+
+
 def actor_of(claims: TokenClaims) -> Actor:
     """The identity that travels into workflows."""
     return Actor(subject=claims.subject, tenant=claims.tenant, scopes=list(claims.scopes))

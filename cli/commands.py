@@ -148,3 +148,38 @@ def _bar(progress: dict[str, int | str], elapsed: float) -> None:
         f"ok {progress['onboarded']}  failed {progress['failed']}  {elapsed:.1f}s"
     )
     sys.stdout.flush()
+
+
+async def reconcile(settings: Settings, args: argparse.Namespace) -> int:
+    """`fleetflow reconcile`: run a Reconciliation now (POST /v1/consistency:run), wait for it and
+    print its findings per type (exit 1 when some were only reported, not repaired)."""
+    headers = {"Authorization": f"Bearer {_token(settings, args.token)}"}
+    async with httpx.AsyncClient(base_url=settings.api_url, timeout=60, headers=headers) as http:
+        try:
+            response = await http.post("/v1/consistency:run")
+        except httpx.HTTPError as exc:
+            raise StartupError(f"cannot reach the API at {settings.api_url}: {exc}") from None
+        if response.status_code >= 400:
+            print(f"fleetflow: reconciliation refused ({response.status_code}):", file=sys.stderr)
+            for problem in _problems(response):
+                print(f"  {problem}", file=sys.stderr)
+            return 1
+        run_id = response.json()["workflow_id"]
+        print(f"started {run_id}", flush=True)
+        deadline = time.monotonic() + args.timeout
+        while True:
+            report = (await http.get("/v1/consistency")).json()
+            if report.get("run_id") == run_id:
+                break
+            if time.monotonic() > deadline:
+                print(f"fleetflow: {run_id} has not finished; see the Web UI", file=sys.stderr)
+                return 1
+            await asyncio.sleep(1.0)
+    print(f"{report['devices_checked']} devices checked")
+    print(f"{'finding':<24}{'count':>8}  {'':<9}sample")
+    for group in report["findings"]:
+        sample = group["samples"][0] if group["samples"] else None
+        shown = f"{sample['tenant']}/{sample['device_id']}: {sample['detail']}" if sample else ""
+        action = "repaired" if group["repaired"] else "reported"
+        print(f"{group['type']:<24}{group['count']:>8}  {action:<9}{shown}")
+    return 1 if any(not g["repaired"] for g in report["findings"]) else 0

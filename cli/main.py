@@ -1,5 +1,5 @@
 """The `fleetflow` command line: up, api, worker, check, migrate, token, keys, tenants, devices,
-simulate, graph."""
+reconcile, simulate, graph."""
 
 from __future__ import annotations
 
@@ -148,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     imp.add_argument("file", help="CSV with device_id,device_type[,firmware_version,tags,config]")
     imp.add_argument("--token", help="API token (default: FLEETFLOW_TOKEN or the dev admin token)")
 
+    rec = commands.add_parser("reconcile", help="check registry, twins, credentials and ingestion claims now")
+    rec.add_argument(
+        "--token", help="API token with consistency:admin (default: FLEETFLOW_TOKEN or the dev admin token)"
+    )
+    rec.add_argument("--timeout", type=_seconds, default=3600.0, help="seconds to wait for the run")
+
     sim = commands.add_parser("simulate", help="simulated devices sending telemetry, with anomalies")
     sim.add_argument("--devices", type=_positive, required=True, help="devices to onboard (at most 10000)")
     sim.add_argument("--rate", type=_number(0), required=True, help="readings/s, in total")
@@ -277,6 +283,7 @@ def dispatch(args: argparse.Namespace) -> int:
         "status": lambda: _status(settings, args.watch),
         "token": lambda: commands.issue_token_command(settings, args),
         "devices": lambda: commands.import_devices(settings, args),
+        "reconcile": lambda: commands.reconcile(settings, args),
     }
     if command == "tenants":
         from cli.tenant_commands import tenant_profile_command

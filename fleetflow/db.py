@@ -18,6 +18,8 @@ from fleetflow.errors import StartupError
 from fleetflow.migrations import MIGRATIONS
 from fleetflow.settings import redact_dsn
 
+log = logging.getLogger(__name__)
+
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     Pool = asyncpg.Pool[asyncpg.Record]
 else:
@@ -106,9 +108,28 @@ async def migrate(pool: Pool) -> list[str]:
                     await conn.execute(sql)
                     await conn.execute("INSERT INTO fleetflow.schema_migrations(name) VALUES ($1)", name)
                 applied.append(name)
+            await _dashboard_login(conn, os.environ.get(DASHBOARD_PASSWORD_ENV, ""))
         finally:
             await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
     return applied
+
+
+DASHBOARD_PASSWORD_ENV = "FLEETFLOW_DASHBOARD_DB_PASSWORD"
+DASHBOARD_ROLE = "fleetflow_dashboard"
+
+
+async def _dashboard_login(conn: Any, password: str) -> None:
+    """Let the dashboards' read-only role log in with password (set: no default credentials)."""
+    if not password:
+        return
+    statement = await conn.fetchval(
+        "SELECT format('ALTER ROLE %I LOGIN PASSWORD %L', $1::text, $2::text)", DASHBOARD_ROLE, password
+    )
+    try:
+        await conn.execute(statement)
+    except (asyncpg.InsufficientPrivilegeError, asyncpg.UndefinedObjectError) as exc:
+        # a database user that may not manage roles: the platform runs, the dashboard cannot
+        log.warning("%s cannot log in: %s", DASHBOARD_ROLE, exc)
 
 
 async def select_one(pool: Pool) -> Any:

@@ -36,6 +36,7 @@ ALLOWED: dict[tuple[str, str], str] = {
     (ORCHESTRATION, "notification"): "workflows record (and retract) the events of what they did",
     (ORCHESTRATION, "webhook"): "EventDelivery posts a subscription's pending events",
     ("data", ORCHESTRATION): "the ingestion supervisor's activity starts missing TelemetryIngestion shards",
+    ("device", ORCHESTRATION): "reconciliation starts missing DeviceTwins and ends retired ones",
     ("notification", ORCHESTRATION): "recording events signal-with-starts each subscription's EventDelivery",
 }
 

@@ -669,4 +669,60 @@ MIGRATIONS: list[tuple[str, str]] = [
             FROM data.readings GROUP BY 1, 2, 3, 4;
         """,
     ),
+    (
+        "0250_consistency_findings",
+        """
+        -- Reconciliation's findings: one row per run, type, tenant and device (a retried page
+        -- records nothing twice); only the newest finished run is kept
+        CREATE TABLE device.consistency_findings (
+            run_id    text NOT NULL,
+            type      text NOT NULL,
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            detail    text NOT NULL,
+            repaired  boolean NOT NULL,
+            found_at  timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (run_id, type, tenant, device_id)
+        );
+        CREATE INDEX consistency_findings_tenant ON device.consistency_findings (run_id, tenant, type);
+        CREATE TABLE device.consistency_runs (
+            run_id      text PRIMARY KEY,
+            started_at  timestamptz NOT NULL,
+            finished_at timestamptz NOT NULL,
+            checked     bigint NOT NULL,
+            reclaimed   bigint NOT NULL
+        );
+        """,
+    ),
+    (
+        "0251_dashboard_reader",
+        """
+        -- Grafana's data source: a read-only role, no login until `fleetflow migrate` sets a
+        -- password from FLEETFLOW_DASHBOARD_DB_PASSWORD (no default credentials); it reads the
+        -- tables the Fleet dashboard charts and nothing else (no credentials, no payloads)
+        -- (a database user without CREATEROLE skips it with a warning: the platform still runs)
+        DO $$ BEGIN
+            IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'fleetflow_dashboard') THEN
+                CREATE ROLE fleetflow_dashboard NOLOGIN;
+            END IF;
+            GRANT USAGE ON SCHEMA device, data, analytics TO fleetflow_dashboard;
+            GRANT SELECT ON device.devices, device.rollouts, device.rollout_jobs, data.readings,
+                analytics.alerts TO fleetflow_dashboard;
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE WARNING 'fleetflow_dashboard not created (%): the Fleet dashboard cannot log in', SQLERRM;
+        END $$;
+        """,
+    ),
+    (
+        "0252_dashboard_reads_rollups",
+        """
+        -- the Fleet dashboard charts readings from the rollups (a year of hourly points answers
+        -- as fast as an hour of raw ones) and alerts by severity
+        DO $$ BEGIN
+            GRANT SELECT ON data.rollups_1m, data.rollups_1h TO fleetflow_dashboard;
+        EXCEPTION WHEN undefined_object THEN
+            RAISE WARNING 'fleetflow_dashboard does not exist: the Fleet dashboard cannot log in';
+        END $$;
+        """,
+    ),
 ]

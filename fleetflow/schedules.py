@@ -50,7 +50,9 @@ from temporalio.client import (
 from temporalio.common import SearchAttributeKey
 
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.consistency import RECONCILIATION_WORKFLOW, ReconcileInput
 from fleetflow.contracts.retention import RETENTION_ID, RetentionRequest
+from fleetflow.settings import load_settings
 
 # set by the server on every run a schedule starts
 SCHEDULED_BY = SearchAttributeKey.for_keyword("TemporalScheduledById")
@@ -68,6 +70,7 @@ class ScheduleDefinition:
     offset: timedelta = timedelta(0)
     description: str = ""
     overlap: ScheduleOverlapPolicy = field(default=ScheduleOverlapPolicy.SKIP)
+    timeout: timedelta | None = None  # the whole run, continued-as-new parts included (4 periods)
 
     def spec(self) -> ScheduleSpec:
         """The schedule's spec."""
@@ -81,7 +84,7 @@ class ScheduleDefinition:
                 self.input(),
                 id=self.id,
                 task_queue=TaskQueue.ORCHESTRATION.value,
-                execution_timeout=self.every * 4,
+                execution_timeout=self.timeout or self.every * 4,
             ),
             spec=self.spec(),
             policy=SchedulePolicy(overlap=self.overlap),
@@ -95,6 +98,16 @@ SCHEDULES: tuple[ScheduleDefinition, ...] = (
         input=RetentionRequest,
         every=timedelta(hours=1),
         description="drop readings past each tenant's retention; age out rollups, batches, events",
+    ),
+    ScheduleDefinition(
+        id="reconciliation",
+        workflow=RECONCILIATION_WORKFLOW,
+        # the shard count comes from the environment every process shares, so the worker that
+        # verifies a scheduled run computes the same input as the process that applied it
+        input=lambda: ReconcileInput(shards=load_settings().ingest_shards),
+        every=timedelta(minutes=15),
+        timeout=timedelta(hours=12),  # a large fleet takes longer than a period (SKIP holds the next)
+        description="compare registry, twins, credentials and claims; repair what is safe, report the rest",
     ),
 )
 SCHEDULABLE: frozenset[str] = frozenset(d.workflow for d in SCHEDULES)

@@ -47,6 +47,8 @@ SCOPES: dict[str, str] = {
     "codec:decode": "decode any workflow's payloads through /codec (the Web UI's codec server)",
     # every tenant's limits: for platform operators, so a tenant's admin does not include it
     "tenants:admin": "set any tenant's profile (its rate limits and quotas)",
+    # every tenant's findings and a fleet-wide run: for platform operators (admin does not include it)
+    "consistency:admin": "read every tenant's consistency findings, run a reconciliation (/v1/consistency)",
     "admin": "everything, including device types",
 }
 

@@ -28,6 +28,7 @@ from workflows.device_twin import DeviceTwin
 from workflows.event_delivery import EventDelivery
 from workflows.firmware_rollout import FirmwareRollout
 from workflows.ingestion_supervisor import IngestionSupervisor
+from workflows.reconciliation import Reconciliation
 from workflows.retention import Retention
 from workflows.system_check import SystemCheck
 from workflows.telemetry_ingestion import TelemetryIngestion
@@ -39,6 +40,7 @@ WORKFLOWS: Sequence[type] = (
     DeviceTwin,
     TelemetryIngestion,
     IngestionSupervisor,
+    Reconciliation,
     EventDelivery,
     FirmwareRollout,
     DeviceDecommission,
@@ -60,7 +62,7 @@ def service_for(
     workflows through temporal; webhook deliveries go out through http (a vetted client from
     `webhook_client`; one is made when none is given)."""
     if queue is TaskQueue.DEVICE:
-        return DeviceService(pool, settings)
+        return DeviceService(pool, settings, temporal)
     if queue is TaskQueue.DATA:
         return DataService(pool, temporal)
     if queue is TaskQueue.ANALYTICS:

@@ -12,6 +12,7 @@ from temporalio import activity
 
 from fleetflow.contracts.commands import CommandState, SettleCommand
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.consistency import FinishReconciliation, ReconciledPage, ReconcilePage
 from fleetflow.contracts.devices import (
     BulkChunk,
     BulkChunkResult,
@@ -183,3 +184,16 @@ class DeviceActivities(ServiceInterface):
         `<rotation id>:<device id>`, so a retry issues nothing twice); their other live
         credentials stay valid until the overlap ends. Outcomes per device in
         device.credential_rotations."""
+
+    @activity.defn(name="device.reconcile_devices")
+    @abstractmethod
+    async def reconcile_devices(self, page: ReconcilePage) -> ReconciledPage:
+        """Check one page of the registry (keyset by tenant, device id) against the twins and
+        credentials: start missing twins, end retired devices' twins and revoke their
+        credentials, report firmware mismatches; each finding a row of the run. Idempotent.
+        """
+
+    @activity.defn(name="device.finish_reconciliation")
+    @abstractmethod
+    async def finish_reconciliation(self, finish: FinishReconciliation) -> None:
+        """Record the run's totals (the last run GET /v1/consistency shows); idempotent."""

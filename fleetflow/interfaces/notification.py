@@ -11,6 +11,7 @@ from typing import ClassVar
 from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.consistency import ConsistencyEvents
 from fleetflow.contracts.events import EventBatch, RetractEvent, RetractEvents
 from fleetflow.contracts.retention import NotificationRetained, RetentionRequest
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
@@ -45,6 +46,14 @@ class NotificationActivities(ServiceInterface):
         them (TelemetryStored per tenant from data.windows, BatchQuarantined from the batches
         set aside, alerts from analytics.window_events), a thousand at a time; how many were new.
         Idempotent: each event id names the window and the tenant.
+        """
+
+    @activity.defn(name="notification.record_consistency_events")
+    @abstractmethod
+    async def record_consistency_events(self, page: ConsistencyEvents) -> int:
+        """Record a ConsistencyRepaired or ConsistencyFinding event for each finding of one
+        checked page of the registry (read through the device facade); how many were new.
+        Idempotent: each event id names the run, tenant, device and finding type.
         """
 
     @activity.defn(name="notification.retract_event")

@@ -132,7 +132,7 @@ class FaultyNotifications(NotificationService):
 async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterator[None]:
     """One worker per queue, running for the whole session."""
     services: dict[TaskQueue, object] = {
-        TaskQueue.DEVICE: FaultyDevices(pool, settings),
+        TaskQueue.DEVICE: FaultyDevices(pool, settings, client),
         TaskQueue.NOTIFICATION: FaultyNotifications(pool, client),
     }
     running = []

@@ -38,24 +38,25 @@ async def test_schedules_are_applied_idempotently_and_a_scheduled_run_is_accepte
     assert set(listed) == {d.id for d in SCHEDULES}
     assert listed[RETENTION_ID].spec == "every 1:00:00" and listed[RETENTION_ID].next_run_at is not None
 
-    handle = client.get_schedule_handle(RETENTION_ID)
-    before = len((await handle.describe()).info.recent_actions)
-    await handle.trigger()
+    for schedule in SCHEDULES:  # every listed workflow runs when its schedule starts it
+        handle = client.get_schedule_handle(schedule.id)
+        before = len((await handle.describe()).info.recent_actions)
+        await handle.trigger()
 
-    async def last_run() -> tuple[str, WorkflowExecutionStatus | None]:
-        recent = (await handle.describe()).info.recent_actions
-        if len(recent) <= before:
-            return "", None
-        workflow_id = getattr(recent[-1].action, "workflow_id", "")
-        return workflow_id, (await client.get_workflow_handle(workflow_id).describe()).status
+        async def last_run() -> tuple[str, WorkflowExecutionStatus | None]:
+            recent = (await handle.describe()).info.recent_actions  # noqa: B023
+            if len(recent) <= before:  # noqa: B023
+                return "", None
+            workflow_id = getattr(recent[-1].action, "workflow_id", "")
+            return workflow_id, (await client.get_workflow_handle(workflow_id).describe()).status
 
-    workflow_id, status = await eventually(
-        last_run, lambda r: r[1] not in (None, WorkflowExecutionStatus.RUNNING), timeout_s=60
-    )
-    assert workflow_id.startswith(f"{RETENTION_ID}-")
-    assert status == WorkflowExecutionStatus.COMPLETED
-    row = {r.id: r for r in await list_schedules(client)}[RETENTION_ID]
-    assert row.last_run_at is not None and row.last_result == "completed"
+        workflow_id, status = await eventually(
+            last_run, lambda r: r[1] not in (None, WorkflowExecutionStatus.RUNNING), timeout_s=60
+        )
+        assert workflow_id.startswith(f"{schedule.id}-")
+        assert status == WorkflowExecutionStatus.COMPLETED, schedule.id
+        row = {r.id: r for r in await list_schedules(client)}[schedule.id]
+        assert row.last_run_at is not None and row.last_result == "completed"
 
 
 async def test_an_unsigned_start_is_refused_even_claiming_a_schedule(client: Client, workers: None) -> None:

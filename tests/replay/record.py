@@ -593,6 +593,17 @@ async def command_campaign(s: Stack) -> WorkflowHandle[Any, Any]:
     raise RuntimeError("the command campaign did not end")
 
 
+async def reconciliation(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A run (POST /v1/consistency:run) that starts the twin an active device lost."""
+    onboarding = await onboarding_completed(s)
+    device_id = onboarding.id.removeprefix("onboard-bench-")
+    await s.client.get_workflow_handle(f"twin-bench-{device_id}").terminate("recording: a twin is lost")
+    started = (await s.api.post("/v1/consistency:run", headers=s.headers)).json()
+    handle = s.client.get_workflow_handle(started["workflow_id"])
+    await handle.result()
+    return handle
+
+
 async def system_check(s: Stack) -> WorkflowHandle[Any, Any]:
     report = (await s.api.get("/health", headers=s.headers)).json()
     assert report["ok"], report
@@ -665,6 +676,7 @@ SCENARIOS: dict[str, Scenario] = {
     "device_command_timed_out": device_command_timed_out,
     "command_campaign": command_campaign,
     "retention_scheduled": retention_scheduled,
+    "reconciliation": reconciliation,
 }
 
 

@@ -246,7 +246,7 @@ def test_services_view_keeps_called_by_and_adds_the_graph() -> None:
     assert nodes["device"].pollers == 2 and nodes["data"].pollers == 0
     assert nodes["webhook"].called_by == ["EventDelivery", "SystemCheck"]
     assert nodes[ORCHESTRATION].called_by == []
-    assert nodes[ORCHESTRATION].callers == ["data", "notification"]
+    assert nodes[ORCHESTRATION].callers == ["data", "device", "notification"]
     assert nodes["notification"].signals_or_starts == [ORCHESTRATION]
     assert nodes[ORCHESTRATION].waits_on_transitively == sorted(graph.services[1:])
     assert [q for q, n in sorted(nodes.items(), key=lambda kv: kv[1].order)] == graph.topological_order()
