@@ -93,6 +93,9 @@ class Settings(BaseModel):
     # how long a renewed or rotated device credential stays valid beside its successor, unless
     # the device type says otherwise
     credential_overlap_s: Annotated[int, Field(ge=0, le=90 * 86400)] = 86400
+    # how long a route that answers with its workflow's outcome (acknowledge, clear, renew,
+    # rotate one device) waits for it before answering 503 with a link (no worker running)
+    workflow_wait_s: Annotated[float, Field(gt=0, le=300)] = 30.0
 
     @field_validator("temporal_address")
     @classmethod

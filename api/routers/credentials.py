@@ -25,6 +25,7 @@ from api.auth import State, require, require_device
 from api.models.devices import FleetRotateBody, RenewedCredential, RotateBody, RotationAccepted
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
+from api.workflow_wait import result_within
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import RotateCredentials, RotationView
 from fleetflow.contracts.limits import DEVICE_ID_MAX_CHARS
@@ -47,7 +48,12 @@ async def _rotate(state: AppState, request: RotateCredentials) -> RotateCredenti
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
-    return await handle.result()
+    return await result_within(
+        handle,
+        state.settings.workflow_wait_s,
+        f"credential rotation {request.rotation_id}",
+        f"/v1/credential-rotations/{request.rotation_id}",
+    )
 
 
 async def _one(state: AppState, request: RotateCredentials, device_id: str) -> RenewedCredential:

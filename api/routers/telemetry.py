@@ -20,6 +20,7 @@ from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, T
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
+from api.workflow_wait import result_within
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.limits import (
     DEVICE_ID_MAX_CHARS,
@@ -286,7 +287,7 @@ async def _act(
         )
     except WorkflowAlreadyStartedError:
         raise conflict(f"alert {alert_id} is being {action}d right now") from None
-    acted = await handle.result()
+    acted = await result_within(handle, state.settings.workflow_wait_s, f"{action} of alert {alert_id}")
     if acted.outcome == "not_found":
         raise not_found(f"alert {alert_id}")
     if acted.outcome == "conflict" or acted.alert is None:
