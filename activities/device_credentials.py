@@ -13,6 +13,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from activities.device_state import refuse
+from fleetflow import claim_checks
 from fleetflow.contracts.devices import (
     DEFAULT_CREDENTIAL_LIFETIME_DAYS,
     DeviceStatus,
@@ -42,6 +44,11 @@ class CredentialRotations:
         if req.issued_at is None:
             raise ValueError("issued_at is set by the workflow")
         async with self.pool.acquire() as conn, conn.transaction():
+            device_ids = req.device_ids
+            if req.ids_claim is not None:
+                device_ids = await claim_checks.texts(conn, req.ids_claim, req.tenant)
+                if device_ids is None:
+                    raise refuse(f"the device list {req.ids_claim} is missing", "ClaimMissing")
             devices = await conn.fetch(
                 """SELECT d.device_id, d.status, d.device_type, t.credential_lifetime_days,
                           t.credential_overlap_s
@@ -58,7 +65,7 @@ class CredentialRotations:
                    FOR UPDATE OF d""",
                 req.tenant,
                 req.after,
-                req.device_ids,
+                device_ids,
                 req.device_type,
                 req.tags,
                 chunk.limit,
@@ -81,10 +88,10 @@ class CredentialRotations:
                     skipped += 1
                 else:
                     rotated += 1
-            if req.device_ids is not None:  # ids nobody has in this tenant: say so, once each
+            if device_ids is not None:  # ids nobody has in this tenant: say so, once each
                 found = {d["device_id"] for d in devices}
                 last = devices[-1]["device_id"] if len(devices) == chunk.limit else None
-                missing = [i for i in req.device_ids if i not in found and i > req.after]
+                missing = [i for i in device_ids if i not in found and i > req.after]
                 missing = [i for i in missing if last is None or i < last]
                 for device_id in missing:
                     await conn.execute(

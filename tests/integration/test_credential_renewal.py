@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import jwt
+from temporalio.client import Client
 
 from fleetflow.db import Pool
 from fleetflow.security import DEVICE_AUDIENCE, issue_device_credential
@@ -20,6 +21,7 @@ from fleetflow.settings import Settings
 from tests.integration.flows import AUTH, active_device, fleet, new_id
 from tests.integration.test_telemetry import device_auth, send
 from tests.support import TEST_KEYS, bearer, eventually
+from workflows.credential_rotation import rotation_workflow_id
 
 GLOBEX = bearer("globex")
 READ_ONLY = bearer("acme", scopes=["devices:read"])
@@ -215,3 +217,26 @@ async def test_a_credential_an_operator_replaced_cannot_renew_itself_a_fresh_one
     jti = jwt.decode(new, options={"verify_signature": False})["jti"]
     assert await pool.fetchval("SELECT valid_until FROM device.credentials WHERE jti = $1", jti) is None
     assert await works(api, device_id, new)
+
+
+HISTORY_EVENT_LIMIT = 16 * 1024  # a modest size: 1,000 ids of 128 characters are ~130 KB
+
+
+async def test_a_rotation_of_1000_ids_keeps_them_out_of_its_history(
+    api: httpx.AsyncClient, client: Client
+) -> None:
+    """The ids are stored once (a claim check): neither the run's input nor any step's carries them."""
+    real = [(await active_device(api))[0] for _ in range(2)]
+    ghost = uuid.uuid4().hex[:8]
+    ids = real + [f"ghost-{ghost}-{i:04d}-".ljust(128, "x") for i in range(998)]
+    accepted = await api.post("/v1/credential-rotations", json={"device_ids": ids}, headers=AUTH)
+    assert accepted.status_code == 202, accepted.text
+    rotation_id = accepted.json()["rotation_id"]
+    done = await eventually(
+        lambda: api.get(accepted.json()["status_url"], headers=AUTH),
+        lambda r: r.json().get("status") == "completed",
+    )
+    assert (done.json()["rotated"], done.json()["skipped"]) == (2, 998)
+    history = await client.get_workflow_handle(rotation_workflow_id("acme", rotation_id)).fetch_history()
+    largest = max(len(event.SerializeToString()) for event in history.events)
+    assert largest <= HISTORY_EVENT_LIMIT, f"an event of {largest} bytes"
