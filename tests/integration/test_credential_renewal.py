@@ -5,6 +5,7 @@ document alone verifies a device credential (PyJWT)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import uuid
@@ -18,6 +19,7 @@ from temporalio.client import Client
 from fleetflow.db import Pool
 from fleetflow.security import DEVICE_AUDIENCE, issue_device_credential
 from fleetflow.settings import Settings
+from tests.integration.conftest import ENTERED, HOLDS
 from tests.integration.flows import AUTH, active_device, fleet, new_id
 from tests.integration.test_telemetry import device_auth, send
 from tests.support import TEST_KEYS, bearer, eventually
@@ -240,3 +242,29 @@ async def test_a_rotation_of_1000_ids_keeps_them_out_of_its_history(
     history = await client.get_workflow_handle(rotation_workflow_id("acme", rotation_id)).fetch_history()
     largest = max(len(event.SerializeToString()) for event in history.events)
     assert largest <= HISTORY_EVENT_LIMIT, f"an event of {largest} bytes"
+
+
+async def test_a_credential_rotated_while_the_device_is_decommissioned_ends_with_it(
+    api: httpx.AsyncClient,
+) -> None:
+    """Decommissioning revokes the credentials first and marks the device last: an operator's
+    rotation in between (the device is still active) must not leave a decommissioned device a
+    live credential."""
+    device_id, credential = await active_device(api)
+    key = f"cancel_jobs:{device_id}"
+    HOLDS[key] = asyncio.Event()
+    try:
+        started = await api.post(f"/v1/devices/{device_id}:decommission", json={}, headers=AUTH)
+        assert started.status_code == 202, started.text
+        await eventually(lambda: asyncio.sleep(0, key in ENTERED), bool)  # credentials revoked
+        assert not await works(api, device_id, credential)
+        rotated = await api.post(f"/v1/devices/{device_id}/credential:rotate", headers=AUTH)
+        assert rotated.status_code in (200, 409), rotated.text
+    finally:
+        HOLDS.pop(key).set()
+    await eventually(
+        lambda: api.get(f"/v1/decommissions/{device_id}", headers=AUTH),
+        lambda r: r.status_code == 200 and r.json()["status"] == "completed",
+    )
+    if rotated.status_code == 200:
+        assert not await works(api, device_id, rotated.json()["credential"])
