@@ -247,7 +247,7 @@ async def delete_rule(rule_id: str, state: State, claims: RuleWriter) -> None:
 async def alerts(
     state: State,
     claims: Reader,
-    status_: Annotated[str | None, Query(alias="status", pattern="^(open|acknowledged|cleared)$")] = None,
+    status_: Annotated[str | None, Query(alias="status", pattern="^(open|acknowledged|cleared|active)$")] = None,
     severity: Annotated[str | None, Query(pattern=f"^({'|'.join(SEVERITIES)})$")] = None,
     device_id: Annotated[str | None, Query(max_length=DEVICE_ID_MAX_CHARS)] = None,
     before: Annotated[
@@ -255,8 +255,10 @@ async def alerts(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AlertView]:
-    """Alerts, newest first, by status (`open`, `acknowledged`: still active; `cleared`), severity
-    and device; the next page is `?before=<the last alert_id>`."""
+    """Alerts, newest first, by status (`open`: raised and not acknowledged yet, what the
+    `fleetflow_alerts_open` gauge and the status screen count; `acknowledged`; `active`: either
+    of them, still holding; `cleared`), severity and device; the next page is
+    `?before=<the last alert_id>`."""
     return await state.analytics.list_alerts(
         claims.tenant, status=status_, device_id=device_id, limit=limit, severity=severity, before=before
     )
