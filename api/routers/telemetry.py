@@ -247,7 +247,9 @@ async def delete_rule(rule_id: str, state: State, claims: RuleWriter) -> None:
 async def alerts(
     state: State,
     claims: Reader,
-    status_: Annotated[str | None, Query(alias="status", pattern="^(open|acknowledged|cleared|active)$")] = None,
+    status_: Annotated[
+        str | None, Query(alias="status", pattern="^(open|acknowledged|cleared|active)$")
+    ] = None,
     severity: Annotated[str | None, Query(pattern=f"^({'|'.join(SEVERITIES)})$")] = None,
     device_id: Annotated[str | None, Query(max_length=DEVICE_ID_MAX_CHARS)] = None,
     before: Annotated[
