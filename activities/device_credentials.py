@@ -3,8 +3,8 @@
 A device's new credential has the jti `<rotation id>:<device id>`, so a retried step (or a
 device repeating a renewal whose answer it lost) finds it and signs the same token again
 (ES256 signatures here are deterministic). The credentials it replaces keep working until
-`valid_until` (issue time + overlap), which the credential check honours: the end of the
-overlap needs no timer and no process to be alive. Only hashes are stored; a token is
+`valid_until` (the moment they are replaced + overlap), which the credential check honours:
+the end of the overlap needs no timer and no process to be alive. Only hashes are stored; a token is
 re-signed from its row when it is handed out.
 """
 
@@ -146,17 +146,20 @@ class CredentialRotations:
             expires_at,
             kid_of(token),
         )
-        # the others stay valid for the overlap (never longer than they would have anyway)
+        # the others stay valid for the overlap from now (never longer than they would have
+        # anyway): from the run's issued_at, a fleet's later chunks (or a step retried after
+        # an outage) would end the devices' credentials before anyone had the new ones
         await conn.execute(
             """UPDATE device.credentials
-               SET valid_until = LEAST(expires_at, COALESCE(valid_until, 'infinity'), $4::timestamptz),
+               SET valid_until = LEAST(expires_at, COALESCE(valid_until, 'infinity'),
+                                       now() + make_interval(secs => $4)),
                    replaced_by = COALESCE(replaced_by, $3)
                WHERE tenant = $1 AND device_id = $2 AND jti <> $3 AND revoked_at IS NULL
-                 AND (valid_until IS NULL OR valid_until > $4::timestamptz)""",
+                 AND (valid_until IS NULL OR valid_until > now() + make_interval(secs => $4))""",
             req.tenant,
             d["device_id"],
             jti,
-            req.issued_at + timedelta(seconds=overlap),
+            float(overlap),
         )
         return None
 

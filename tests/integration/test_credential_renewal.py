@@ -16,6 +16,8 @@ import httpx
 import jwt
 from temporalio.client import Client
 
+from activities.devices import DeviceService
+from fleetflow.contracts.devices import RotateChunk, RotateCredentials
 from fleetflow.db import Pool
 from fleetflow.security import DEVICE_AUDIENCE, issue_device_credential
 from fleetflow.settings import Settings
@@ -268,3 +270,22 @@ async def test_a_credential_rotated_while_the_device_is_decommissioned_ends_with
     )
     if rotated.status_code == 200:
         assert not await works(api, device_id, rotated.json()["credential"])
+
+
+async def test_a_late_chunk_of_a_rotation_still_leaves_the_old_credential_its_overlap(
+    api: httpx.AsyncClient, pool: Pool, settings: Settings
+) -> None:
+    """A fleet rotation's issue time is set once; a chunk that runs an hour later (a long
+    fleet, a step retried after an outage) must not end the device's credential at once."""
+    device_id, old = await active_device(api)
+    request = RotateCredentials(
+        tenant="acme",
+        rotation_id=f"rot-late-{uuid.uuid4().hex[:8]}",
+        actor="tester",
+        device_ids=[device_id],
+        overlap_s=600,
+        issued_at=datetime.now(UTC) - timedelta(hours=1),
+    )
+    done = await DeviceService(pool, settings).rotate_credentials(RotateChunk(request=request))
+    assert (done.rotated, done.skipped) == (1, 0)
+    assert await works(api, device_id, old)  # for ten more minutes
