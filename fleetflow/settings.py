@@ -47,6 +47,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_WEBHOOK_SLOTS": ("webhook_slots", "32"),
     "FLEETFLOW_WEBHOOK_TENANT_SLOTS": ("webhook_tenant_slots", "4"),
     "FLEETFLOW_CREDENTIAL_OVERLAP_S": ("credential_overlap_s", "86400"),
+    "FLEETFLOW_WORKFLOW_WAIT_S": ("workflow_wait_s", "30"),
 }
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
