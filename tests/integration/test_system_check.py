@@ -44,7 +44,7 @@ async def test_health_and_services_routes_need_system_read(api: httpx.AsyncClien
         "SystemCheck",
         "TelemetryIngestion",
     ]
-    assert by_queue["notification"]["called_by"][0] == "BulkOnboarding"
+    assert by_queue["notification"]["called_by"][:2] == ["AlertLifecycle", "BulkOnboarding"]
     assert by_queue["webhook"]["called_by"] == ["EventDelivery", "SystemCheck"]
 
 

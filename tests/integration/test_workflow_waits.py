@@ -34,6 +34,9 @@ async def workerless(settings: Settings, client: Client) -> AsyncIterator[httpx.
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://api") as http:
             yield http
+    # nothing left for a later test's worker in this namespace (test_system_check's) to run
+    async for run in lonely.list_workflows("ExecutionStatus = 'Running'"):
+        await lonely.get_workflow_handle(run.id, run_id=run.run_id).terminate("test over")
 
 
 async def test_routes_waiting_for_a_workflow_answer_503_without_a_worker(
