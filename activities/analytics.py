@@ -325,9 +325,11 @@ class AnalyticsService(AnalyticsActivities):
         severity: str | None = None,
         before: int | None = None,
     ) -> list[AlertView]:
-        """A tenant's alerts, newest first; `before` pages on (alerts older than that id)."""
+        """A tenant's alerts, newest first; `before` pages on (alerts older than that id).
+        `status` `active` is `open` or `acknowledged`."""
         rows = await self.pool.fetch(
-            """SELECT * FROM analytics.alerts WHERE tenant = $1 AND ($2::text IS NULL OR status = $2)
+            """SELECT * FROM analytics.alerts WHERE tenant = $1
+                 AND ($2::text IS NULL OR status = $2 OR ($2 = 'active' AND status <> 'cleared'))
                  AND ($3::text IS NULL OR device_id = $3) AND ($5::text IS NULL OR severity = $5)
                  AND ($6::bigint IS NULL OR alert_id < $6)
                ORDER BY alert_id DESC LIMIT $4""",

@@ -3,8 +3,8 @@
 A device's new credential has the jti `<rotation id>:<device id>`, so a retried step (or a
 device repeating a renewal whose answer it lost) finds it and signs the same token again
 (ES256 signatures here are deterministic). The credentials it replaces keep working until
-`valid_until` (issue time + overlap), which the credential check honours: the end of the
-overlap needs no timer and no process to be alive. Only hashes are stored; a token is
+`valid_until` (the moment they are replaced + overlap), which the credential check honours:
+the end of the overlap needs no timer and no process to be alive. Only hashes are stored; a token is
 re-signed from its row when it is handed out.
 """
 
@@ -13,6 +13,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+from activities.device_state import refuse
+from fleetflow import claim_checks
 from fleetflow.contracts.devices import (
     DEFAULT_CREDENTIAL_LIFETIME_DAYS,
     DeviceStatus,
@@ -42,6 +44,11 @@ class CredentialRotations:
         if req.issued_at is None:
             raise ValueError("issued_at is set by the workflow")
         async with self.pool.acquire() as conn, conn.transaction():
+            device_ids = req.device_ids
+            if req.ids_claim is not None:
+                device_ids = await claim_checks.texts(conn, req.ids_claim, req.tenant)
+                if device_ids is None:
+                    raise refuse(f"the device list {req.ids_claim} is missing", "ClaimMissing")
             devices = await conn.fetch(
                 """SELECT d.device_id, d.status, d.device_type, t.credential_lifetime_days,
                           t.credential_overlap_s
@@ -58,7 +65,7 @@ class CredentialRotations:
                    FOR UPDATE OF d""",
                 req.tenant,
                 req.after,
-                req.device_ids,
+                device_ids,
                 req.device_type,
                 req.tags,
                 chunk.limit,
@@ -81,10 +88,10 @@ class CredentialRotations:
                     skipped += 1
                 else:
                     rotated += 1
-            if req.device_ids is not None:  # ids nobody has in this tenant: say so, once each
+            if device_ids is not None:  # ids nobody has in this tenant: say so, once each
                 found = {d["device_id"] for d in devices}
                 last = devices[-1]["device_id"] if len(devices) == chunk.limit else None
-                missing = [i for i in req.device_ids if i not in found and i > req.after]
+                missing = [i for i in device_ids if i not in found and i > req.after]
                 missing = [i for i in missing if last is None or i < last]
                 for device_id in missing:
                     await conn.execute(
@@ -139,17 +146,20 @@ class CredentialRotations:
             expires_at,
             kid_of(token),
         )
-        # the others stay valid for the overlap (never longer than they would have anyway)
+        # the others stay valid for the overlap from now (never longer than they would have
+        # anyway): from the run's issued_at, a fleet's later chunks (or a step retried after
+        # an outage) would end the devices' credentials before anyone had the new ones
         await conn.execute(
             """UPDATE device.credentials
-               SET valid_until = LEAST(expires_at, COALESCE(valid_until, 'infinity'), $4::timestamptz),
+               SET valid_until = LEAST(expires_at, COALESCE(valid_until, 'infinity'),
+                                       now() + make_interval(secs => $4)),
                    replaced_by = COALESCE(replaced_by, $3)
                WHERE tenant = $1 AND device_id = $2 AND jti <> $3 AND revoked_at IS NULL
-                 AND (valid_until IS NULL OR valid_until > $4::timestamptz)""",
+                 AND (valid_until IS NULL OR valid_until > now() + make_interval(secs => $4))""",
             req.tenant,
             d["device_id"],
             jti,
-            req.issued_at + timedelta(seconds=overlap),
+            float(overlap),
         )
         return None
 

@@ -406,6 +406,15 @@ class DeviceService(DeviceActivities):
             )
             # a command sent since `cancel_jobs` ends too; none can be sent after this commits
             await self.commands.cancel_commands(step.tenant, step.device_id, "device decommissioned", conn)
+            # again, after the device row is taken: a rotation or renewal that ran since the
+            # first revocation (the device was still active) issued a credential; none issues
+            # one from now on (they take the same row and skip a device no longer active)
+            await conn.execute(
+                """UPDATE device.credentials SET revoked_at = now()
+                   WHERE tenant = $1 AND device_id = $2 AND revoked_at IS NULL""",
+                step.tenant,
+                step.device_id,
+            )
 
     @implements(DeviceActivities.note_retirement_problem)
     async def note_retirement_problem(self, step: DeviceStep) -> None:

@@ -48,6 +48,7 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_WEBHOOK_SLOTS": ("webhook_slots", "32"),
     "FLEETFLOW_WEBHOOK_TENANT_SLOTS": ("webhook_tenant_slots", "4"),
     "FLEETFLOW_CREDENTIAL_OVERLAP_S": ("credential_overlap_s", "86400"),
+    "FLEETFLOW_WORKFLOW_WAIT_S": ("workflow_wait_s", "30"),
 }
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -96,6 +97,9 @@ class Settings(BaseModel):
     credential_overlap_s: Annotated[int, Field(ge=0, le=90 * 86400)] = 86400
     # TLS / mTLS / API key of the Temporal client, from Temporal's own variables (temporal_tls.py)
     temporal_client: TemporalClientOptions = Field(default_factory=TemporalClientOptions)
+    # how long a route that answers with its workflow's outcome (acknowledge, clear, renew,
+    # rotate one device) waits for it before answering 503 with a link (no worker running)
+    workflow_wait_s: Annotated[float, Field(gt=0, le=300)] = 30.0
 
     @field_validator("temporal_address")
     @classmethod

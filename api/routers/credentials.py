@@ -25,7 +25,9 @@ from api.auth import State, require, require_device
 from api.models.devices import FleetRotateBody, RenewedCredential, RotateBody, RotationAccepted
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
-from fleetflow.contracts.common import TaskQueue
+from api.workflow_wait import result_within
+from fleetflow import claim_checks
+from fleetflow.contracts.common import TaskQueue, tenant_scoped_id
 from fleetflow.contracts.devices import RotateCredentials, RotationView
 from fleetflow.contracts.limits import DEVICE_ID_MAX_CHARS
 from fleetflow.security import DeviceClaims, TokenClaims
@@ -47,7 +49,12 @@ async def _rotate(state: AppState, request: RotateCredentials) -> RotateCredenti
         id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
         id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
     )
-    return await handle.result()
+    return await result_within(
+        handle,
+        state.settings.workflow_wait_s,
+        f"credential rotation {request.rotation_id}",
+        f"/v1/credential-rotations/{request.rotation_id}",
+    )
 
 
 async def _one(state: AppState, request: RotateCredentials, device_id: str) -> RenewedCredential:
@@ -116,21 +123,32 @@ async def rotate_fleet(body: FleetRotateBody, state: State, claims: Writer) -> R
     if body.device_ids is not None and (body.device_type is not None or body.tags):
         raise invalid(["body", "device_ids"], "either device_ids or device_type/tags, not both")
     rotation_id = f"rot-{uuid.uuid4().hex}"
+    ids_claim = None
+    if body.device_ids is not None:  # stored once: only its id travels through history
+        ids_claim = tenant_scoped_id("rotation-devices", claims.tenant, rotation_id)
+        await claim_checks.store(
+            state.pool, ids_claim, claims.tenant, "rotation-devices", sorted(set(body.device_ids))
+        )
     request = RotateCredentials(
         tenant=claims.tenant,
         rotation_id=rotation_id,
         actor=claims.subject,
-        device_ids=None if body.device_ids is None else sorted(set(body.device_ids)),
+        ids_claim=ids_claim,
         device_type=body.device_type,
         tags=body.tags,
         overlap_s=body.overlap_s,
     )
-    await state.temporal.start_workflow(
-        CredentialRotation.run,
-        request,
-        id=rotation_workflow_id(claims.tenant, rotation_id),
-        task_queue=TaskQueue.ORCHESTRATION.value,
-    )
+    try:
+        await state.temporal.start_workflow(
+            CredentialRotation.run,
+            request,
+            id=rotation_workflow_id(claims.tenant, rotation_id),
+            task_queue=TaskQueue.ORCHESTRATION.value,
+        )
+    except BaseException:
+        if ids_claim is not None:
+            await claim_checks.discard(state.pool, ids_claim, claims.tenant)
+        raise
     return RotationAccepted(rotation_id=rotation_id, status_url=f"/v1/credential-rotations/{rotation_id}")
 
 

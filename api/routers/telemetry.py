@@ -23,6 +23,7 @@ from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, T
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
+from api.workflow_wait import result_within
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.limits import (
     DEVICE_ID_MAX_CHARS,
@@ -307,7 +308,9 @@ async def delete_rule(rule_id: str, state: State, claims: RuleWriter) -> None:
 async def alerts(
     state: State,
     claims: Reader,
-    status_: Annotated[str | None, Query(alias="status", pattern="^(open|acknowledged|cleared)$")] = None,
+    status_: Annotated[
+        str | None, Query(alias="status", pattern="^(open|acknowledged|cleared|active)$")
+    ] = None,
     severity: Annotated[str | None, Query(pattern=f"^({'|'.join(SEVERITIES)})$")] = None,
     device_id: Annotated[str | None, Query(max_length=DEVICE_ID_MAX_CHARS)] = None,
     before: Annotated[
@@ -315,8 +318,10 @@ async def alerts(
     ] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> list[AlertView]:
-    """Alerts, newest first, by status (`open`, `acknowledged`: still active; `cleared`), severity
-    and device; the next page is `?before=<the last alert_id>`."""
+    """Alerts, newest first, by status (`open`: raised and not acknowledged yet, what the
+    `fleetflow_alerts_open` gauge and the status screen count; `acknowledged`; `active`: either
+    of them, still holding; `cleared`), severity and device; the next page is
+    `?before=<the last alert_id>`."""
     return await state.analytics.list_alerts(
         claims.tenant, status=status_, device_id=device_id, limit=limit, severity=severity, before=before
     )
@@ -347,7 +352,7 @@ async def _act(
         )
     except WorkflowAlreadyStartedError:
         raise conflict(f"alert {alert_id} is being {action}d right now") from None
-    acted = await handle.result()
+    acted = await result_within(handle, state.settings.workflow_wait_s, f"{action} of alert {alert_id}")
     if acted.outcome == "not_found":
         raise not_found(f"alert {alert_id}")
     if acted.outcome == "conflict" or acted.alert is None:

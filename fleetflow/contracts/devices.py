@@ -359,6 +359,9 @@ class RotateCredentials(Contract):
     rotation_id: Annotated[str, Field(max_length=200)]
     actor: str
     device_ids: Annotated[list[DeviceId], Field(max_length=MAX_BULK_DECOMMISSION)] | None = None
+    # a fleet's device ids stored once in fleetflow.claim_checks (instead of `device_ids`, which
+    # would travel in the run's input and again in every step's), read back by the activity
+    ids_claim: str | None = None
     device_type: DeviceTypeName | None = None
     tags: Annotated[list[Tag], Field(max_length=MAX_TAGS)] = []
     from_jti: str | None = None

@@ -33,7 +33,7 @@ from fleetflow.contracts.devices import (
     ValidateOnboarding,
 )
 from fleetflow.contracts.events import EventBatch
-from fleetflow.contracts.rollouts import RolloutTick, TickResult
+from fleetflow.contracts.rollouts import DeviceStep, RolloutTick, TickResult
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from workers.registry import service_for
@@ -102,6 +102,11 @@ class FaultyDevices(DeviceService):
         result = await _held(f"provision_batch:{slice_id}", super().provision_batch(chunk))
         _crash("provision_batch", slice_id)
         return result
+
+    @activity.defn(name="device.cancel_jobs")
+    async def cancel_jobs(self, step: DeviceStep) -> int:
+        # held: a decommission between revoking the credentials and marking the device
+        return await _held(f"cancel_jobs:{step.device_id}", super().cancel_jobs(step))
 
     @activity.defn(name="device.activate")
     async def activate(self, request: DeviceTransition) -> None:

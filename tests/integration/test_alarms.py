@@ -139,6 +139,8 @@ async def test_acknowledge_then_clear_by_hand_with_events(api: httpx.AsyncClient
     assert again.status_code == 409 and "acknowledged by tester" in again.json()["detail"]
     assert [a["alert_id"] for a in await s.alerts(status="acknowledged")] == [alert["alert_id"]]
     assert await s.alerts(status="open") == []
+    # `active` is what still holds: open or acknowledged, not cleared
+    assert [a["alert_id"] for a in await s.alerts(status="active")] == [alert["alert_id"]]
 
     cleared = await api.post(url + "/clear", json={"comment": "replaced the fan"}, headers=AUTH)
     assert cleared.status_code == 200, cleared.text
@@ -146,6 +148,7 @@ async def test_acknowledge_then_clear_by_hand_with_events(api: httpx.AsyncClient
     assert (c["status"], c["cleared_by"], c["clear_comment"]) == ("cleared", "tester", "replaced the fan")
     assert c["acknowledged_by"] == "tester"  # the acknowledgement stays on the record
     assert (await api.post(url + "/clear", headers=AUTH)).status_code == 409
+    assert await s.alerts(status="active") == []
     assert (await api.post(url + "/acknowledge", headers=AUTH)).status_code == 409
     missing = await api.post("/v1/alerts/999999999999/acknowledge", headers=AUTH)
     assert missing.status_code == 404

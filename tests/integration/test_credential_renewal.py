@@ -5,6 +5,7 @@ document alone verifies a device credential (PyJWT)."""
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import io
 import uuid
@@ -13,13 +14,18 @@ from typing import Any
 
 import httpx
 import jwt
+from temporalio.client import Client
 
+from activities.devices import DeviceService
+from fleetflow.contracts.devices import RotateChunk, RotateCredentials
 from fleetflow.db import Pool
 from fleetflow.security import DEVICE_AUDIENCE, issue_device_credential
 from fleetflow.settings import Settings
+from tests.integration.conftest import ENTERED, HOLDS
 from tests.integration.flows import AUTH, active_device, fleet, new_id
 from tests.integration.test_telemetry import device_auth, send
 from tests.support import TEST_KEYS, bearer, eventually
+from workflows.credential_rotation import rotation_workflow_id
 
 GLOBEX = bearer("globex")
 READ_ONLY = bearer("acme", scopes=["devices:read"])
@@ -215,3 +221,71 @@ async def test_a_credential_an_operator_replaced_cannot_renew_itself_a_fresh_one
     jti = jwt.decode(new, options={"verify_signature": False})["jti"]
     assert await pool.fetchval("SELECT valid_until FROM device.credentials WHERE jti = $1", jti) is None
     assert await works(api, device_id, new)
+
+
+HISTORY_EVENT_LIMIT = 16 * 1024  # a modest size: 1,000 ids of 128 characters are ~130 KB
+
+
+async def test_a_rotation_of_1000_ids_keeps_them_out_of_its_history(
+    api: httpx.AsyncClient, client: Client
+) -> None:
+    """The ids are stored once (a claim check): neither the run's input nor any step's carries them."""
+    real = [(await active_device(api))[0] for _ in range(2)]
+    ghost = uuid.uuid4().hex[:8]
+    ids = real + [f"ghost-{ghost}-{i:04d}-".ljust(128, "x") for i in range(998)]
+    accepted = await api.post("/v1/credential-rotations", json={"device_ids": ids}, headers=AUTH)
+    assert accepted.status_code == 202, accepted.text
+    rotation_id = accepted.json()["rotation_id"]
+    done = await eventually(
+        lambda: api.get(accepted.json()["status_url"], headers=AUTH),
+        lambda r: r.json().get("status") == "completed",
+    )
+    assert (done.json()["rotated"], done.json()["skipped"]) == (2, 998)
+    history = await client.get_workflow_handle(rotation_workflow_id("acme", rotation_id)).fetch_history()
+    largest = max(len(event.SerializeToString()) for event in history.events)
+    assert largest <= HISTORY_EVENT_LIMIT, f"an event of {largest} bytes"
+
+
+async def test_a_credential_rotated_while_the_device_is_decommissioned_ends_with_it(
+    api: httpx.AsyncClient,
+) -> None:
+    """Decommissioning revokes the credentials first and marks the device last: an operator's
+    rotation in between (the device is still active) must not leave a decommissioned device a
+    live credential."""
+    device_id, credential = await active_device(api)
+    key = f"cancel_jobs:{device_id}"
+    HOLDS[key] = asyncio.Event()
+    try:
+        started = await api.post(f"/v1/devices/{device_id}:decommission", json={}, headers=AUTH)
+        assert started.status_code == 202, started.text
+        await eventually(lambda: asyncio.sleep(0, key in ENTERED), bool)  # credentials revoked
+        assert not await works(api, device_id, credential)
+        rotated = await api.post(f"/v1/devices/{device_id}/credential:rotate", headers=AUTH)
+        assert rotated.status_code in (200, 409), rotated.text
+    finally:
+        HOLDS.pop(key).set()
+    await eventually(
+        lambda: api.get(f"/v1/decommissions/{device_id}", headers=AUTH),
+        lambda r: r.status_code == 200 and r.json()["status"] == "completed",
+    )
+    if rotated.status_code == 200:
+        assert not await works(api, device_id, rotated.json()["credential"])
+
+
+async def test_a_late_chunk_of_a_rotation_still_leaves_the_old_credential_its_overlap(
+    api: httpx.AsyncClient, pool: Pool, settings: Settings
+) -> None:
+    """A fleet rotation's issue time is set once; a chunk that runs an hour later (a long
+    fleet, a step retried after an outage) must not end the device's credential at once."""
+    device_id, old = await active_device(api)
+    request = RotateCredentials(
+        tenant="acme",
+        rotation_id=f"rot-late-{uuid.uuid4().hex[:8]}",
+        actor="tester",
+        device_ids=[device_id],
+        overlap_s=600,
+        issued_at=datetime.now(UTC) - timedelta(hours=1),
+    )
+    done = await DeviceService(pool, settings).rotate_credentials(RotateChunk(request=request))
+    assert (done.rotated, done.skipped) == (1, 0)
+    assert await works(api, device_id, old)  # for ten more minutes
