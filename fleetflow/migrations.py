@@ -498,4 +498,31 @@ MIGRATIONS: list[tuple[str, str]] = [
             WHERE last_error ~ '^[A-Za-z]*ProtocolError: [^:]*:';
         """,
     ),
+    (
+        "0160_mqtt_gateway",
+        """
+        -- the MQTT gateway: the last stored publish of each (device, packet id), so a QoS 1
+        -- publish redelivered (DUP) after a lost PUBACK is recognised and stored once
+        CREATE TABLE data.mqtt_packets (
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            packet_id integer NOT NULL,
+            digest    bytea NOT NULL,
+            batch_id  text NOT NULL,
+            PRIMARY KEY (tenant, device_id, packet_id)
+        );
+        -- whether a device holds an MQTT connection, and since when; session_id names the
+        -- connection, so an old connection's hang-up cannot mark a newer one offline
+        CREATE TABLE device.mqtt_presence (
+            tenant     text NOT NULL,
+            device_id  text NOT NULL,
+            online     boolean NOT NULL,
+            changed_at timestamptz NOT NULL,
+            session_id text NOT NULL,
+            node       text NOT NULL,
+            PRIMARY KEY (tenant, device_id)
+        );
+        CREATE INDEX mqtt_presence_node ON device.mqtt_presence (node) WHERE online;
+        """,
+    ),
 ]

@@ -13,6 +13,7 @@ from temporalio.service import RPCError, RPCStatusCode
 
 from activities.notifications import NotificationService
 from api.auth import State, actor_of, require, require_device
+from api.mqtt_presence import with_presence
 from api.openapi import body_schema
 from api.problems import invalid, not_found
 from api.time_travel import HistoryEntry, NoTwinThen, device_history, twin_as_of
@@ -62,7 +63,7 @@ async def get_twin(
     if as_of is None:
         current = await twin_state(state, claims.tenant, device_id)
         response.headers["ETag"] = f'"{current.desired_version}"'
-        return view(current, datetime.now(UTC))
+        return await with_presence(state.pool, claims.tenant, view(current, datetime.now(UTC)))
     if await state.devices.get_device(claims.tenant, device_id) is None:
         raise not_found(f"device {device_id!r}")
     wid = twin_id(claims.tenant, device_id)

@@ -1,0 +1,204 @@
+"""Telemetry publishes made durable in groups: many publishes, of many connections, go into
+`data.ingest_batches` in one transaction (group commit), and each one's PUBACK is sent only
+once that transaction has committed. The ingestion shards take them from there, as they take
+the batches of `POST /v1/telemetry`.
+
+A publish is stored once across redelivery:
+- with a `batch_id` of its own, by `(tenant, device:<id>, batch_id)`, the key HTTP uses;
+- otherwise under a fresh batch id, remembered in `data.mqtt_packets` with its packet id and
+  payload digest: a publish redelivered with DUP set (its PUBACK was lost) that matches the
+  last stored publish of that packet id is acknowledged and not stored again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import uuid
+import zlib
+from dataclasses import dataclass, field
+from enum import Enum
+
+import asyncpg
+
+from fleetflow.contracts.telemetry import BUCKETS
+from fleetflow.db import Pool
+from fleetflow.metrics import READINGS_ACCEPTED
+
+log = logging.getLogger(__name__)
+MAX_GROUP = 2000  # publishes in one transaction
+
+
+class Outcome(Enum):
+    """How a publish ended."""
+
+    STORED = "stored"
+    DUPLICATE = "duplicate"
+    CONFLICT = "conflict"  # its batch_id holds other readings already
+    UNAVAILABLE = "unavailable"  # not stored (database away): no PUBACK, the client redelivers
+
+
+@dataclass(slots=True)
+class Pending:
+    """One telemetry publish waiting for its group's commit."""
+
+    tenant: str
+    device_id: str
+    rows: list[str]  # `device_id,metric,ts,value\n` lines
+    batch_id: str | None  # the device's own batch id, or None
+    packet_id: int | None = None
+    dup: bool = False
+    payload_digest: bytes = b""
+    done: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    # filled by prepare()
+    key: str = ""
+    payload: bytes = b""
+    digest: bytes = b""
+
+    def prepare(self) -> None:
+        """The batch id, CSV payload and digest this publish is stored under."""
+        self.key = self.batch_id or f"mqtt-{uuid.uuid4().hex}"
+        prefix = f"{self.tenant},{self.key},"
+        self.payload = "".join(prefix + row for row in self.rows).encode()
+        self.digest = hashlib.sha256(self.payload).digest()
+
+    @property
+    def writer(self) -> str:
+        """The owner of the batch id: the device, as over HTTP with its credential."""
+        return f"device:{self.device_id}"
+
+
+class GroupCommitter:
+    """Commits queued publishes together: while one transaction runs, the next group gathers."""
+
+    def __init__(self, pool: Pool, max_group: int = MAX_GROUP) -> None:
+        self.pool = pool
+        self.max_group = max_group
+        self._queue: list[Pending] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.groups = 0
+        self.stored = 0
+
+    def start(self) -> None:
+        """Start committing."""
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop; what is still queued is answered UNAVAILABLE (never acknowledged)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for item in self._queue:
+            if not item.done.done():
+                item.done.set_result(Outcome.UNAVAILABLE)
+        self._queue.clear()
+
+    def submit(self, item: Pending) -> asyncio.Future[Outcome]:
+        """Queue a publish; the future resolves once its group committed (or failed)."""
+        item.prepare()
+        self._queue.append(item)
+        self._wake.set()
+        return item.done
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+                try:
+                    outcomes = await self._commit(group)
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    log.warning("telemetry group of %d not stored: %s", len(group), exc)
+                    outcomes = [Outcome.UNAVAILABLE] * len(group)
+                    await asyncio.sleep(0.2)  # the database is away: do not spin
+                self.groups += 1
+                for item, outcome in zip(group, outcomes, strict=True):
+                    if not item.done.done():
+                        item.done.set_result(outcome)
+
+    async def _commit(self, group: list[Pending]) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        async with self.pool.acquire() as conn, conn.transaction():
+            redelivered = [i for i, p in enumerate(group) if p.dup and p.batch_id is None and p.packet_id]
+            if redelivered:
+                rows = await conn.fetch(
+                    """SELECT u.i FROM unnest($1::int[], $2::text[], $3::text[], $4::int[], $5::bytea[])
+                           AS u(i, tenant, device_id, packet_id, digest)
+                       JOIN data.mqtt_packets m USING (tenant, device_id, packet_id)
+                       WHERE m.digest = u.digest""",
+                    redelivered,
+                    [group[i].tenant for i in redelivered],
+                    [group[i].device_id for i in redelivered],
+                    [group[i].packet_id for i in redelivered],
+                    [group[i].payload_digest for i in redelivered],
+                )
+                outcomes.update((r["i"], Outcome.DUPLICATE) for r in rows)
+            todo = [i for i in range(len(group)) if i not in outcomes]
+            inserted = await conn.fetch(
+                """INSERT INTO data.ingest_batches
+                       (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
+                   SELECT tenant, writer, batch_id, bucket, readings, ARRAY[device_id], payload, digest
+                   FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[],
+                               $7::bytea[], $8::bytea[])
+                       AS u(tenant, writer, batch_id, bucket, readings, device_id, payload, digest)
+                   ON CONFLICT (tenant, writer, batch_id) DO NOTHING
+                   RETURNING tenant, writer, batch_id""",
+                [group[i].tenant for i in todo],
+                [group[i].writer for i in todo],
+                [group[i].key for i in todo],
+                [zlib.crc32(group[i].device_id.encode()) % BUCKETS for i in todo],
+                [len(group[i].rows) for i in todo],
+                [group[i].device_id for i in todo],
+                [group[i].payload for i in todo],
+                [group[i].digest for i in todo],
+            )
+            new = {(r["tenant"], r["writer"], r["batch_id"]) for r in inserted}
+            taken = []
+            for i in todo:
+                p = group[i]
+                if (p.tenant, p.writer, p.key) in new:
+                    new.discard((p.tenant, p.writer, p.key))  # a second copy in this group is a duplicate
+                    outcomes[i] = Outcome.STORED
+                else:
+                    taken.append(i)
+            if taken:
+                rows = await conn.fetch(
+                    """SELECT u.i, b.digest = u.digest AS same
+                       FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::bytea[])
+                           AS u(i, tenant, writer, batch_id, digest)
+                       JOIN data.ingest_batches b USING (tenant, writer, batch_id)""",
+                    taken,
+                    [group[i].tenant for i in taken],
+                    [group[i].writer for i in taken],
+                    [group[i].key for i in taken],
+                    [group[i].digest for i in taken],
+                )
+                same = {r["i"]: r["same"] for r in rows}
+                for i in taken:
+                    outcomes[i] = Outcome.DUPLICATE if same.get(i, True) else Outcome.CONFLICT
+            remembered: dict[tuple[str, str, int], Pending] = {}
+            for i in range(len(group)):
+                p = group[i]
+                if outcomes[i] is Outcome.STORED and p.batch_id is None and p.packet_id:
+                    remembered[(p.tenant, p.device_id, p.packet_id)] = p  # the last of a key wins
+            if remembered:
+                items = list(remembered.values())
+                await conn.execute(
+                    """INSERT INTO data.mqtt_packets (tenant, device_id, packet_id, digest, batch_id)
+                       SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bytea[], $5::text[])
+                       ON CONFLICT (tenant, device_id, packet_id)
+                       DO UPDATE SET digest = EXCLUDED.digest, batch_id = EXCLUDED.batch_id""",
+                    [p.tenant for p in items],
+                    [p.device_id for p in items],
+                    [p.packet_id for p in items],
+                    [p.payload_digest for p in items],
+                    [p.key for p in items],
+                )
+        stored = sum(len(group[i].rows) for i, o in outcomes.items() if o is Outcome.STORED)
+        self.stored += stored
+        if stored:
+            READINGS_ACCEPTED.add(stored)
+        return [outcomes[i] for i in range(len(group))]

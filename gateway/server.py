@@ -1,0 +1,250 @@
+"""The MQTT gateway: fleetflow's own MQTT 3.1.1/5.0 endpoint (`fleetflow mqtt`, started by
+`fleetflow up`). Devices authenticate with their credential at CONNECT, publish telemetry
+that is durable before its PUBACK (gateway/ingest.py), and are disconnected within seconds
+of a revocation or decommissioning (the `device_credentials_revoked` NOTIFY, and a sweep).
+
+Why not a broker from PyPI: amqtt 0.12 sends PUBACK once a message is in its in-memory queue,
+before any plugin runs, and speaks 3.1.1 only; iotcore (rumqttd) keeps messages in memory and
+has no authentication hook. Either loses acknowledged readings when its process is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from temporalio.client import Client
+
+from activities.devices import DeviceService
+from activities.notifications import NotificationService
+from api.credentials import CHANNEL as REVOKED_CHANNEL
+from fleetflow.contracts.devices import DeviceStatus
+from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
+from fleetflow.db import Pool
+from fleetflow.keys import keyring
+from fleetflow.mqtt_topics import Published
+from fleetflow.payload_codec import payload_keys
+from fleetflow.security import AuthError, DeviceClaims, verify_device_credential
+from fleetflow.settings import Settings
+from gateway import codec
+from gateway.connection import Connection
+from gateway.ingest import GroupCommitter
+from gateway.presence import Presence
+
+log = logging.getLogger(__name__)
+SWEEP_S = 30.0  # every connection's credential is checked again this often (expiry, lost NOTIFYs)
+KEEP_ALIVE_CHECK_S = 1.0
+RECONNECT_S = 1.0
+CONNECTING_DEVICES = (DeviceStatus.PENDING, DeviceStatus.PROVISIONED, DeviceStatus.ACTIVE)
+
+Key = tuple[str, str]  # (tenant, device id)
+
+
+class Gateway:
+    """Connections of this process, keyed by device; their authentication and presence."""
+
+    def __init__(self, settings: Settings, pool: Pool, temporal: Client, dsn: str, node: str) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.temporal = temporal
+        self.dsn = dsn
+        self.devices = DeviceService(pool, settings)
+        self.events = NotificationService(pool, temporal, keys=payload_keys(settings))
+        self.presence = Presence(pool, self.devices, self.events, temporal, node)
+        self.committer = GroupCommitter(pool)
+        self.max_packet = MAX_BATCH_BYTES + 64 * 1024
+        self.connections: dict[Key, Connection] = {}
+        self.tokens: dict[Connection, str] = {}  # the credential each connection showed (re-checks)
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {}
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start committing, listening for revocations, watching keep-alives."""
+        self.committer.start()
+        gone = await self.presence.reset_node()
+        if gone:
+            log.info("%d devices left online by an earlier run of this node are offline", gone)
+        await self._listen()
+        self._spawn(self._keep_listening())
+        self._spawn(self._watch_keep_alive())
+        self._spawn(self._sweep())
+
+    async def stop(self) -> None:
+        """Close every connection and stop."""
+        for conn in list(self.connections.values()):
+            conn.close(codec.RC5_SERVER_UNAVAILABLE, "gateway stopping")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.committer.stop()
+        if self._listener is not None:
+            await self._listener.close()
+
+    def _spawn(self, work: Awaitable[object]) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- CONNECT ------------------------------------------------------------------
+
+    async def authenticate(
+        self, conn: Connection, connect: codec.Connect
+    ) -> tuple[int, DeviceClaims | None, bool]:
+        """(CONNACK code, the device's claims when accepted, session present)."""
+        v5 = connect.version == codec.V5
+        if connect.version not in (codec.V311, codec.V5):
+            return (codec.RC5_UNSUPPORTED_VERSION if v5 else codec.RC311_BAD_PROTOCOL), None, False
+        refused = codec.RC5_NOT_AUTHORIZED if v5 else codec.RC311_NOT_AUTHORIZED
+        if connect.password is None or connect.username is None:
+            return refused, None, False
+        try:
+            token = connect.password.decode()
+            claims = verify_device_credential(keyring(self.settings), token, self.settings.jwt_issuer)
+        except (AuthError, UnicodeDecodeError):
+            return refused, None, False
+        if connect.username != claims.device_id or connect.client_id != claims.device_id:
+            return refused, None, False
+        try:
+            if not await self.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token):
+                return refused, None, False
+            device = await self.devices.get_device(claims.tenant, claims.device_id)
+            seen = await self.pool.fetchval(
+                "SELECT 1 FROM device.mqtt_presence WHERE tenant = $1 AND device_id = $2",
+                claims.tenant,
+                claims.device_id,
+            )
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return (codec.RC5_SERVER_UNAVAILABLE if v5 else 3), None, False
+        if device is None or device.status not in CONNECTING_DEVICES:
+            return refused, None, False
+        self.tokens[conn] = token
+        return codec.RC_ACCEPTED, claims, bool(seen) and not connect.clean
+
+    async def online(self, conn: Connection) -> None:
+        """A device connected: an older connection of the same device is taken over."""
+        assert conn.claims is not None
+        key = (conn.claims.tenant, conn.claims.device_id)
+        old = self.connections.get(key)
+        self.connections[key] = conn
+        if old is not None and old is not conn:
+            old.close_reason = "taken over"
+            old.close(codec.RC5_SESSION_TAKEN_OVER, "taken over")
+        try:
+            await self.presence.connected(key[0], key[1], conn.session_id, conn.claims.jti)
+        except (OSError, asyncpg.PostgresError):
+            log.warning("online of %s/%s not written", *key, exc_info=True)
+
+    def forget(self, conn: Connection, reason: str) -> None:
+        """A connection ended: the device is offline unless a newer connection holds it."""
+        self.tokens.pop(conn, None)
+        if conn.claims is None:
+            return
+        key = (conn.claims.tenant, conn.claims.device_id)
+        if self.connections.get(key) is conn:
+            del self.connections[key]
+        self._spawn(self.presence.disconnected(key[0], key[1], conn.session_id, reason))
+
+    # --- publishes other than telemetry, and bad payloads -------------------------
+
+    def other_publish(self, conn: Connection, target: Published, payload: bytes) -> asyncio.Task[int]:
+        """Handle a twin or job publish; the task's result is the PUBACK reason code."""
+        handler = self.publish_handlers.get(target.kind.value)
+
+        async def unsupported(_c: Connection, _t: Published, _p: bytes) -> int:
+            return codec.RC5_TOPIC_NAME_INVALID
+
+        task: asyncio.Task[int] = asyncio.ensure_future((handler or unsupported)(conn, target, payload))
+        return task
+
+    def bad_payload(self, claims: DeviceClaims, reason: str) -> None:
+        """Count a payload that was not stored, with its reason, in the quarantine view."""
+        self._spawn(self._quarantine(claims.tenant, claims.device_id, reason))
+
+    async def _quarantine(self, tenant: str, device_id: str, reason: str) -> None:
+        try:
+            await self.pool.execute(
+                """INSERT INTO data.quarantined_readings
+                       (tenant, device_id, metric, ts, value, reason, batch_id, window_id)
+                   VALUES ($1, $2, '-', now(), 0, $3, 'mqtt', '')""",
+                tenant,
+                device_id,
+                f"mqtt: {reason}"[:500],
+            )
+        except (OSError, asyncpg.PostgresError):
+            log.warning("bad payload of %s/%s not counted", tenant, device_id, exc_info=True)
+
+    def subscribed(self, conn: Connection, filters: list[str]) -> None:
+        """A device subscribed to its own topics (the twin and jobs pushes hook in here)."""
+
+    # --- revocation ---------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        listener: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
+        await listener.add_listener(REVOKED_CHANNEL, self._on_revoked)
+        self._listener = listener
+
+    def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:
+        for conn in list(self.connections.values()):
+            if conn.claims is not None and conn.claims.jti == str(jti):
+                self._spawn(self._recheck([conn]))
+
+    async def _recheck(self, conns: list[Connection]) -> None:
+        for conn in conns:
+            claims, token = conn.claims, self.tokens.get(conn)
+            if claims is None or token is None:
+                continue
+            try:
+                ok = await self.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                continue  # the database is away: the next sweep looks again
+            if not ok:
+                conn.close_reason = "credential revoked"
+                conn.close(codec.RC5_NOT_AUTHORIZED, "credential revoked")
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await asyncio.sleep(RECONNECT_S)
+            if self._listener is not None and not self._listener.is_closed():
+                continue
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError):
+                continue
+            # what was revoked while nobody listened
+            self._spawn(self._recheck(list(self.connections.values())))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            await self._recheck(list(self.connections.values()))
+
+    # --- keep-alive -----------------------------------------------------------------
+
+    async def _watch_keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_CHECK_S)
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if conn.keep_alive and now - conn.last_rx > 1.5 * conn.keep_alive:
+                    conn.close_reason = "keep-alive expired"
+                    conn.close(codec.RC5_KEEP_ALIVE_TIMEOUT, "keep-alive expired")
+
+
+async def serve(gateway: Gateway, host: str, port: int) -> asyncio.Server:
+    """Listen for MQTT connections."""
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(gateway), host, port, reuse_address=True)
+    for sock in server.sockets:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return server
