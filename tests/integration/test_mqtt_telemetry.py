@@ -193,7 +193,7 @@ async def test_qos1_readings_survive_a_sigkill_of_the_gateway_once_each(
     count = 400
     try:
         assert await client.connect() == 0
-        client.client.reconnect_delay_set(0.2, 1)
+        client.client.reconnect_delay_set(1, 1)
         mids = [
             client.publish(telemetry(device_id), json.dumps({"metric": "t", "value": i}))
             for i in range(count)
