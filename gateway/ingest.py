@@ -17,7 +17,7 @@ import hashlib
 import logging
 import uuid
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 import asyncpg
@@ -28,6 +28,7 @@ from fleetflow.metrics import READINGS_ACCEPTED
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 2000  # publishes in one transaction
+CONCURRENCY = 4  # transactions in flight
 
 
 class Outcome(Enum):
@@ -50,7 +51,7 @@ class Pending:
     packet_id: int | None = None
     dup: bool = False
     payload_digest: bytes = b""
-    done: asyncio.Future[Outcome] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    done: asyncio.Future[Outcome] | None = None  # set by GroupCommitter.submit
     # filled by prepare()
     key: str = ""
     payload: bytes = b""
@@ -72,9 +73,10 @@ class Pending:
 class GroupCommitter:
     """Commits queued publishes together: while one transaction runs, the next group gathers."""
 
-    def __init__(self, pool: Pool, max_group: int = MAX_GROUP) -> None:
+    def __init__(self, pool: Pool, max_group: int = MAX_GROUP, concurrency: int = CONCURRENCY) -> None:
         self.pool = pool
         self.max_group = max_group
+        self.concurrency = concurrency
         self._queue: list[Pending] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -83,6 +85,7 @@ class GroupCommitter:
 
     def start(self) -> None:
         """Start committing."""
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> None:
@@ -91,33 +94,47 @@ class GroupCommitter:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         for item in self._queue:
-            if not item.done.done():
+            if item.done is not None and not item.done.done():
                 item.done.set_result(Outcome.UNAVAILABLE)
         self._queue.clear()
 
     def submit(self, item: Pending) -> asyncio.Future[Outcome]:
         """Queue a publish; the future resolves once its group committed (or failed)."""
         item.prepare()
+        item.done = done = self._loop.create_future()
         self._queue.append(item)
         self._wake.set()
-        return item.done
+        return done
 
     async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task[None]] = set()
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
+                # several transactions at once: one waits for its WAL flush while the next one
+                # gathers and inserts (PostgreSQL flushes concurrent commits together)
+                await slots.acquire()
                 group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
-                try:
-                    outcomes = await self._commit(group)
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-                    log.warning("telemetry group of %d not stored: %s", len(group), exc)
-                    outcomes = [Outcome.UNAVAILABLE] * len(group)
-                    await asyncio.sleep(0.2)  # the database is away: do not spin
-                self.groups += 1
-                for item, outcome in zip(group, outcomes, strict=True):
-                    if not item.done.done():
-                        item.done.set_result(outcome)
+                task = asyncio.create_task(self._commit_group(group, slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+    async def _commit_group(self, group: list[Pending], slots: asyncio.Semaphore) -> None:
+        try:
+            try:
+                outcomes = await self._commit(group)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("telemetry group of %d not stored: %s", len(group), exc)
+                outcomes = [Outcome.UNAVAILABLE] * len(group)
+                await asyncio.sleep(0.2)  # the database is away: do not spin
+            self.groups += 1
+            for item, outcome in zip(group, outcomes, strict=True):
+                if item.done is not None and not item.done.done():
+                    item.done.set_result(outcome)
+        finally:
+            slots.release()
 
     async def _commit(self, group: list[Pending]) -> list[Outcome]:
         outcomes: dict[int, Outcome] = {}

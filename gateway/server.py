@@ -27,7 +27,7 @@ from fleetflow.contracts.devices import DeviceStatus
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
 from fleetflow.db import Pool
 from fleetflow.keys import keyring
-from fleetflow.mqtt_topics import Published
+from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, Published, Topic
 from fleetflow.payload_codec import payload_keys
 from fleetflow.security import AuthError, DeviceClaims, verify_device_credential
 from fleetflow.settings import Settings
@@ -35,6 +35,7 @@ from gateway import codec
 from gateway.connection import Connection
 from gateway.ingest import GroupCommitter
 from gateway.presence import Presence
+from gateway.twin_push import TwinPush
 
 log = logging.getLogger(__name__)
 SWEEP_S = 30.0  # every connection's credential is checked again this often (expiry, lost NOTIFYs)
@@ -62,7 +63,10 @@ class Gateway:
         self.tokens: dict[Connection, str] = {}  # the credential each connection showed (re-checks)
         self._tasks: set[asyncio.Task[object]] = set()
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
-        self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {}
+        self.twin = TwinPush(temporal)
+        self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {
+            Topic.TWIN_REPORTED.value: self.twin.reported,
+        }
 
     # --- lifecycle --------------------------------------------------------------
 
@@ -183,13 +187,21 @@ class Gateway:
             log.warning("bad payload of %s/%s not counted", tenant, device_id, exc_info=True)
 
     def subscribed(self, conn: Connection, filters: list[str]) -> None:
-        """A device subscribed to its own topics (the twin and jobs pushes hook in here)."""
+        """A device subscribed to its own topics: it gets the twin's documents at once."""
+        self._spawn(self.twin.push(conn))
+
+    def _on_desired_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        tenant, _, device_id = str(payload).partition("/")
+        conn = self.connections.get((tenant, device_id))
+        if conn is not None:
+            self._spawn(self.twin.push(conn))
 
     # --- revocation ---------------------------------------------------------------
 
     async def _listen(self) -> None:
         listener: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
         await listener.add_listener(REVOKED_CHANNEL, self._on_revoked)
+        await listener.add_listener(DESIRED_CHANGED_CHANNEL, self._on_desired_changed)
         self._listener = listener
 
     def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:

@@ -29,6 +29,7 @@ from fleetflow.contracts.twin import (
     TwinState,
     TwinView,
 )
+from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL
 from fleetflow.security import DeviceClaims, TokenClaims
 from fleetflow.twin_state import change_breach, delta, document_breach, merge_patch, view
 from workflows.device_twin import DeviceTwin, twin_id
@@ -142,6 +143,10 @@ async def set_desired(
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=exc.message) from None
         raise
     response.headers["ETag"] = f'"{result.version}"'
+    # MQTT gateways push the new document to the device (fleetflow.mqtt_topics)
+    await state.pool.execute(
+        "SELECT pg_notify($1, $2)", DESIRED_CHANGED_CHANNEL, f"{claims.tenant}/{device_id}"
+    )
     return result
 
 

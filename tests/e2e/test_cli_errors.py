@@ -23,6 +23,7 @@ class Run:
     api_port: int
     temporal_port: int
     ui_port: int
+    mqtt_port: int
 
     def up_args(self, *, api_port: int | None = None) -> list[str]:
         return [
@@ -35,6 +36,8 @@ class Run:
             str(self.temporal_port),
             "--ui-port",
             str(self.ui_port),
+            "--mqtt-port",
+            str(self.mqtt_port),
         ]
 
     def marks(self) -> tuple[str, ...]:
@@ -45,7 +48,7 @@ class Run:
 @pytest.fixture
 def run(tmp_path: Path) -> Iterator[Run]:
     """A data directory and ports; afterwards, no process of this run may remain."""
-    spot = Run(tmp_path / "data", port(), temporal_port(), port())
+    spot = Run(tmp_path / "data", port(), temporal_port(), port(), port())
     yield spot
     left = wait_gone(mentioning(*spot.marks()), deadline_s=10)
     assert left == [], [cmdline(p) for p in left]
