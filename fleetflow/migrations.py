@@ -523,6 +523,14 @@ MIGRATIONS: list[tuple[str, str]] = [
             PRIMARY KEY (tenant, device_id)
         );
         CREATE INDEX mqtt_presence_node ON device.mqtt_presence (node) WHERE online;
+        -- a job offered to a device: MQTT gateways push it on the device's jobs/notify topic
+        CREATE FUNCTION device.job_offered() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('device_job_offered', NEW.tenant || '/' || NEW.device_id);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER job_offered AFTER INSERT OR UPDATE OF state ON device.rollout_jobs
+            FOR EACH ROW WHEN (NEW.state = 'offered') EXECUTE FUNCTION device.job_offered();
         """,
     ),
 ]

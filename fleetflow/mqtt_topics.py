@@ -31,6 +31,8 @@ WILDCARDS = frozenset("+#")
 # NOTIFY channel: the API tells MQTT gateways that a device's desired document changed
 # (payload `tenant/device_id`), so they push it to the device
 DESIRED_CHANGED_CHANNEL = "twin_desired_changed"
+# NOTIFY channel of the trigger on device.rollout_jobs: a job was offered to `tenant/device_id`
+JOB_OFFERED_CHANNEL = "device_job_offered"
 
 
 class Topic(StrEnum):

@@ -27,13 +27,14 @@ from fleetflow.contracts.devices import DeviceStatus
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
 from fleetflow.db import Pool
 from fleetflow.keys import keyring
-from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, Published, Topic
+from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, JOB_OFFERED_CHANNEL, Published, Topic
 from fleetflow.payload_codec import payload_keys
 from fleetflow.security import AuthError, DeviceClaims, verify_device_credential
 from fleetflow.settings import Settings
 from gateway import codec
 from gateway.connection import Connection
 from gateway.ingest import GroupCommitter
+from gateway.jobs import JobPush
 from gateway.presence import Presence
 from gateway.twin_push import TwinPush
 
@@ -64,8 +65,10 @@ class Gateway:
         self._tasks: set[asyncio.Task[object]] = set()
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
         self.twin = TwinPush(temporal)
+        self.jobs = JobPush(self.devices, temporal)
         self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {
             Topic.TWIN_REPORTED.value: self.twin.reported,
+            Topic.JOB_PROGRESS.value: self.jobs.progress,
         }
 
     # --- lifecycle --------------------------------------------------------------
@@ -187,8 +190,16 @@ class Gateway:
             log.warning("bad payload of %s/%s not counted", tenant, device_id, exc_info=True)
 
     def subscribed(self, conn: Connection, filters: list[str]) -> None:
-        """A device subscribed to its own topics: it gets the twin's documents at once."""
+        """A device subscribed to its own topics: it gets the twin's documents and its pending
+        job at once."""
         self._spawn(self.twin.push(conn))
+        self._spawn(self.jobs.push(conn))
+
+    def _on_job_offered(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        tenant, _, device_id = str(payload).partition("/")
+        conn = self.connections.get((tenant, device_id))
+        if conn is not None:
+            self._spawn(self.jobs.push(conn))
 
     def _on_desired_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         tenant, _, device_id = str(payload).partition("/")
@@ -202,6 +213,7 @@ class Gateway:
         listener: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
         await listener.add_listener(REVOKED_CHANNEL, self._on_revoked)
         await listener.add_listener(DESIRED_CHANGED_CHANNEL, self._on_desired_changed)
+        await listener.add_listener(JOB_OFFERED_CHANNEL, self._on_job_offered)
         self._listener = listener
 
     def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:

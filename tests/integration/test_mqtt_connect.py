@@ -10,7 +10,7 @@ import pytest
 
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
-from tests.integration.flows import AUTH, active_device
+from tests.integration.flows import AUTH, active_device, new_id, onboard, progress_until
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process, raw_connack_311
 from tests.support import eventually
 
@@ -116,3 +116,17 @@ async def test_keep_alive_expiry_sets_offline(api: httpx.AsyncClient, gateway: G
         await eventually(lambda: _connection(api, device_id), lambda c: c == "offline")
     finally:
         client.client.disconnect()
+
+
+async def test_first_connect_is_first_contact(api: httpx.AsyncClient, gateway: GatewayProcess) -> None:
+    device_id = new_id()
+    assert (await onboard(api, device_id)).status_code == 202
+    waiting = await progress_until(api, device_id, "awaiting_first_contact")
+    client = Device(gateway.port, device_id, waiting["credential"])
+    try:
+        assert await client.connect() == 0
+        await progress_until(api, device_id, "completed")
+    finally:
+        client.close()
+    device = (await api.get(f"/v1/devices/{device_id}", headers=AUTH)).json()
+    assert device["status"] == "active"
