@@ -14,6 +14,7 @@ import io
 import json
 import os
 import resource
+import shutil
 import time
 import uuid
 from datetime import UTC, datetime
@@ -57,7 +58,7 @@ async def connect_all(p: Platform, creds: dict[str, str], keep_alive: int = 600)
 
 
 async def mqtt_phase(
-    clients: list[LoadClient], per_message: int, seconds: float, window: int
+    clients: list[LoadClient], per_message: int, seconds: float, window: int, pace_s: float = 0.0
 ) -> dict[str, float]:
     """Every client publishes messages of per_message readings for seconds."""
     readings = [{"metric": "temp", "value": 20.5 + i} for i in range(per_message)]
@@ -66,7 +67,7 @@ async def mqtt_phase(
         c.latencies_ms.clear()
         c.acked = 0
     started = time.perf_counter()
-    await asyncio.gather(*(c.publish_for(payload, started + seconds, window) for c in clients))
+    await asyncio.gather(*(c.publish_for(payload, started + seconds, window, pace_s=pace_s) for c in clients))
     elapsed = time.perf_counter() - started
     acked = sum(c.acked for c in clients)
     latencies = [x for c in clients for x in c.latencies_ms]
@@ -80,11 +81,12 @@ async def mqtt_phase(
 
 async def http_phase(
     p: Platform, creds: dict[str, str], per_batch: int, seconds: float, senders: int
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Device credentials posting batches of per_batch readings to /v1/telemetry."""
     devices = list(creds.items())[:senders]
     acked = 0
     latencies: list[float] = []
+    refused: dict[int, int] = {}
     deadline = time.perf_counter() + seconds
 
     async def sender(http: httpx.AsyncClient, device_id: str, credential: str) -> None:
@@ -102,6 +104,8 @@ async def http_phase(
             if r.status_code == 202:
                 acked += per_batch
                 latencies.append((time.perf_counter() - sent) * 1000)
+            else:
+                refused[r.status_code] = refused.get(r.status_code, 0) + 1
 
     started = time.perf_counter()
     async with httpx.AsyncClient(base_url=p.api_url, timeout=30) as http:
@@ -111,6 +115,60 @@ async def http_phase(
         "readings_per_s": round(acked / elapsed),
         "p99_ms": round(percentile(latencies, 99), 1) if latencies else 0.0,
     }
+
+
+async def mosquitto_phase(p: Platform, creds: dict[str, str], clients: int = 4, lines: int = 20_000) -> float:
+    """messages/s of `clients` mosquitto_pub processes each publishing `lines` QoS 1 readings
+    (`-l`), as the issue measured amqtt and Mosquitto; 0 when mosquitto_pub is not installed."""
+    if shutil.which("mosquitto_pub") is None:
+        return 0.0
+    text = "".join(f'{{"metric":"t","value":{i}}}\n' for i in range(lines)).encode()
+    started = time.perf_counter()
+    procs = []
+    for device_id, credential in list(creds.items())[:clients]:
+        argv = ["mosquitto_pub", "-h", "127.0.0.1", "-p", str(p.mqtt_port), "-i", device_id, "-u", device_id]
+        argv += ["-P", credential, "-q", "1", "-l", "-t", f"tenants/{TENANT}/devices/{device_id}/telemetry"]
+        procs.append(await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE))
+    await asyncio.gather(*(proc.communicate(text) for proc in procs))
+    return round(clients * lines / (time.perf_counter() - started))
+
+
+async def delta_push_phase(
+    p: Platform, http: httpx.AsyncClient, creds: dict[str, str], devices: int
+) -> float:
+    """p99 ms from PATCH desired (sent) to the device receiving the delta, over `devices` devices."""
+    chosen = list(creds.items())[:devices]
+    clients = []
+    for device_id, credential in chosen:
+        c = LoadClient(device_id, credential, "")
+        await c.open(p.mqtt_port)
+        await c.subscribe(f"tenants/{TENANT}/devices/{device_id}/twin/delta")
+        clients.append(c)
+    latencies: list[float] = []
+
+    async def one(c: LoadClient, value: int) -> None:
+        want = f'"report_interval_s": {value}'
+        sent = time.perf_counter()
+        r = await http.patch(
+            f"/v1/devices/{c.device_id}/twin/desired", json={"report_interval_s": value}, headers=p.headers
+        )
+        r.raise_for_status()
+        while True:
+            _, payload = await asyncio.wait_for(c.next_publish(), 30)
+            if want in payload.decode():
+                latencies.append((time.perf_counter() - sent) * 1000)
+                return
+
+    # the first PATCH starts the twins of bulk-onboarded devices; then one change at a time (a
+    # burst of concurrent PATCHes would measure the queue in front of the twins instead)
+    await asyncio.gather(*(one(c, 11) for c in clients))
+    latencies.clear()
+    for value in (12, 13):
+        for c in clients:
+            await one(c, value)
+    for c in clients:
+        c.close()
+    return round(percentile(latencies, 99), 1)
 
 
 def _raise_file_limit() -> None:
@@ -181,8 +239,17 @@ async def run(devices: int, seconds: float, window: int, idle: int, http_senders
         after = _cpu(p)
         out["ten"]["cpu_s"] = {k: round(after[k] - before.get(k, 0.0), 1) for k in after}
         say(f"  {out['ten']}")
+        say("paced: 1 message/s per device ...")
+        out["paced_1_per_s"] = await mqtt_phase(clients, 1, seconds, 1, pace_s=1.0)
+        say(f"  {out['paced_1_per_s']}")
         for c in clients:
             c.close()
+        say("4 mosquitto_pub clients x 20,000 lines ...")
+        out["mosquitto_pub_4_msgs_per_s"] = await mosquitto_phase(p, creds)
+        say(f"  {out['mosquitto_pub_4_msgs_per_s']}")
+        say("delta push ...")
+        out["delta_push_p99_ms"] = await delta_push_phase(p, http, creds, 100)
+        say(f"  {out['delta_push_p99_ms']}")
         if idle:
             say(f"onboarding {idle} idle devices ...")
             idle_creds = await onboard(p, http, idle)

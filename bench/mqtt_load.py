@@ -52,8 +52,11 @@ class LoadClient:
         if connack[3] != 0:
             raise RuntimeError(f"{self.device_id}: CONNACK {connack[3]}")
 
-    async def publish_for(self, payload: bytes, until: float, window: int, measure: bool = True) -> None:
-        """Publish payload at QoS 1 until the deadline, `window` unacknowledged at most."""
+    async def publish_for(
+        self, payload: bytes, until: float, window: int, measure: bool = True, pace_s: float = 0.0
+    ) -> None:
+        """Publish payload at QoS 1 until the deadline, `window` unacknowledged at most (one
+        every pace_s seconds when given)."""
         assert self.reader is not None and self.writer is not None
         topic = _text(self.topic)
         pid = 0
@@ -73,6 +76,8 @@ class LoadClient:
         reading = asyncio.ensure_future(acks())
         try:
             while time.perf_counter() < until:
+                if pace_s:
+                    await asyncio.sleep(pace_s)
                 await free.acquire()
                 pid = pid % 65535 + 1
                 self.sent[pid] = time.perf_counter()
@@ -86,6 +91,31 @@ class LoadClient:
         finally:
             reading.cancel()
             await asyncio.gather(reading, return_exceptions=True)
+
+    async def subscribe(self, topic: str) -> None:
+        """SUBSCRIBE at QoS 0 and wait for the SUBACK."""
+        assert self.reader is not None and self.writer is not None
+        self.writer.write(packet(0x82, (1).to_bytes(2, "big") + _text(topic) + b"\x00"))
+        suback = await self.reader.readexactly(5)
+        if suback[4] == 0x80:
+            raise RuntimeError(f"{self.device_id}: subscription to {topic} refused")
+
+    async def next_publish(self) -> tuple[str, bytes]:
+        """The next QoS 0 PUBLISH the gateway sends: (topic, payload)."""
+        assert self.reader is not None
+        first = (await self.reader.readexactly(1))[0]
+        multiplier, length = 1, 0
+        while True:
+            byte = (await self.reader.readexactly(1))[0]
+            length += (byte & 0x7F) * multiplier
+            multiplier *= 128
+            if not byte & 0x80:
+                break
+        body = await self.reader.readexactly(length)
+        if first >> 4 != 3:
+            return "", b""
+        size = int.from_bytes(body[:2], "big")
+        return body[2 : 2 + size].decode(), body[2 + size :]
 
     def close(self) -> None:
         """Drop the connection."""

@@ -163,6 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sim.add_argument("--device-type", default="sensor", help="device type of the simulated devices")
     sim.add_argument(
+        "--transport",
+        choices=["http", "mqtt"],
+        default="http",
+        help="how devices send telemetry: HTTP, or MQTT QoS 1 to FLEETFLOW_MQTT_PORT",
+    )
+    sim.add_argument(
         "--job-failure-rate",
         type=_number(0, 1, strict=False),
         default=0.0,

@@ -23,15 +23,14 @@ from temporalio.client import Client
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from api.credentials import CHANNEL as REVOKED_CHANNEL
-from fleetflow.contracts.devices import DeviceStatus
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
 from fleetflow.db import Pool
-from fleetflow.keys import keyring
 from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, JOB_OFFERED_CHANNEL, Published, Topic
 from fleetflow.payload_codec import payload_keys
-from fleetflow.security import AuthError, DeviceClaims, verify_device_credential
+from fleetflow.security import DeviceClaims
 from fleetflow.settings import Settings
 from gateway import codec
+from gateway.auth import LoginUnavailable, device_login
 from gateway.connection import Connection
 from gateway.ingest import GroupCommitter
 from gateway.jobs import JobPush
@@ -42,7 +41,6 @@ log = logging.getLogger(__name__)
 SWEEP_S = 30.0  # every connection's credential is checked again this often (expiry, lost NOTIFYs)
 KEEP_ALIVE_CHECK_S = 1.0
 RECONNECT_S = 1.0
-CONNECTING_DEVICES = (DeviceStatus.PENDING, DeviceStatus.PROVISIONED, DeviceStatus.ACTIVE)
 
 Key = tuple[str, str]  # (tenant, device id)
 
@@ -111,28 +109,21 @@ class Gateway:
         if connect.version not in (codec.V311, codec.V5):
             return (codec.RC5_UNSUPPORTED_VERSION if v5 else codec.RC311_BAD_PROTOCOL), None, False
         refused = codec.RC5_NOT_AUTHORIZED if v5 else codec.RC311_NOT_AUTHORIZED
-        if connect.password is None or connect.username is None:
-            return refused, None, False
+        unavailable = codec.RC5_SERVER_UNAVAILABLE if v5 else 3
         try:
-            token = connect.password.decode()
-            claims = verify_device_credential(keyring(self.settings), token, self.settings.jwt_issuer)
-        except (AuthError, UnicodeDecodeError):
-            return refused, None, False
-        if connect.username != claims.device_id or connect.client_id != claims.device_id:
-            return refused, None, False
-        try:
-            if not await self.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token):
+            login = await device_login(
+                self.settings, self.devices, connect.client_id, connect.username, connect.password
+            )
+            if login is None:
                 return refused, None, False
-            device = await self.devices.get_device(claims.tenant, claims.device_id)
+            claims, token = login
             seen = await self.pool.fetchval(
                 "SELECT 1 FROM device.mqtt_presence WHERE tenant = $1 AND device_id = $2",
                 claims.tenant,
                 claims.device_id,
             )
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            return (codec.RC5_SERVER_UNAVAILABLE if v5 else 3), None, False
-        if device is None or device.status not in CONNECTING_DEVICES:
-            return refused, None, False
+        except (LoginUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return unavailable, None, False
         self.tokens[conn] = token
         return codec.RC_ACCEPTED, claims, bool(seen) and not connect.clean
 
