@@ -29,8 +29,11 @@ if TYPE_CHECKING:
     from gateway.server import Gateway
 
 log = logging.getLogger(__name__)
-MAX_UNACKED = 1000  # publishes awaiting their commit before the connection stops reading
+MAX_UNACKED = 1000  # publishes (of any QoS) in progress before the connection stops reading
 RESUME_AT = 100
+MAX_SUBSCRIPTIONS = 32  # filters of one connection (only its own few topics exist)
+PRE_AUTH_MAX_BYTES = 64 * 1024  # the largest packet before CONNECT is accepted
+CONNECT_TIMEOUT_S = 10.0  # a socket that has not authenticated by then is closed
 
 
 class _Ack:
@@ -65,9 +68,15 @@ class Connection(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        """Remember the transport."""
+        """Remember the transport; close it unless it authenticates soon."""
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._connect_deadline)
+
+    def _connect_deadline(self) -> None:
+        if self.claims is None and not self._closed:
+            self.close_reason = "no CONNECT in time"
+            self.close(None, "no CONNECT in time")
 
     def data_received(self, data: bytes) -> None:
         """Parse and handle every whole packet received."""
@@ -85,7 +94,8 @@ class Connection(asyncio.Protocol):
     def _drain(self) -> None:
         while not self._closed and not self._connecting:
             try:
-                found = codec.split_packet(self.buf, self.gateway.max_packet)
+                limit = self.gateway.max_packet if self.claims is not None else PRE_AUTH_MAX_BYTES
+                found = codec.split_packet(self.buf, limit)
             except codec.MalformedPacket as exc:
                 self.close(
                     codec.RC5_PACKET_TOO_LARGE if "limit" in str(exc) else codec.RC5_MALFORMED, str(exc)
@@ -160,15 +170,21 @@ class Connection(asyncio.Protocol):
         if pub.qos == 2 and self.version == codec.V5:
             self.close(codec.RC5_QOS_NOT_SUPPORTED, "QoS 2")
             return
-        ack = _Ack() if pub.qos else None
+        # every publish holds a reply slot until handled (QoS 0: an empty reply), so a flood
+        # of QoS 0 publishes meets the same backpressure as QoS 1
+        ack = _Ack()
+        self._acks.append(ack)
+        if len(self._acks) > MAX_UNACKED and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
         kind = codec.PUBREC if pub.qos == 2 else codec.PUBACK
-        if ack is not None:
-            self._acks.append(ack)
 
         def answer(reason: int) -> None:
-            if ack is not None and pub.packet_id is not None:
+            if pub.qos and pub.packet_id is not None:
                 ack.data = codec.puback(self.version, pub.packet_id, reason, kind)
-                self._flush()
+            else:
+                ack.data = b""
+            self._flush()
 
         try:
             target = publish_target(claims.tenant, claims.device_id, pub.topic)
@@ -188,6 +204,14 @@ class Connection(asyncio.Protocol):
             self.gateway.bad_payload(claims, str(exc))
             answer(codec.RC5_PAYLOAD_INVALID)
             return
+        if not self.gateway.admit_readings(claims.tenant, claims.device_id, len(readings.rows)):
+            # over the tenant's or the device's readings/s: not stored; 5.0 says so, a 3.1.1
+            # client gets no PUBACK and redelivers after reconnecting
+            if self.version == codec.V5 or not pub.qos:
+                answer(codec.RC5_QUOTA_EXCEEDED)
+            else:
+                self.close(None, "over the readings rate")
+            return
         pending = Pending(
             claims.tenant,
             claims.device_id,
@@ -198,12 +222,12 @@ class Connection(asyncio.Protocol):
             payload_digest=payload_digest(pub.payload),
         )
         done = self.gateway.committer.submit(pending)
-        if ack is None:
-            return
 
         def committed(fut: asyncio.Future[Outcome]) -> None:
             outcome = fut.result() if not fut.cancelled() else Outcome.UNAVAILABLE
-            if outcome is Outcome.UNAVAILABLE:
+            if not pub.qos:
+                answer(0)  # at most once: nothing more to say
+            elif outcome is Outcome.UNAVAILABLE:
                 # not durable: no PUBACK; the client redelivers on its next connection
                 self.close(codec.RC5_SERVER_UNAVAILABLE, "storage unavailable")
             elif outcome is Outcome.CONFLICT:
@@ -213,9 +237,6 @@ class Connection(asyncio.Protocol):
                 answer(0)
 
         done.add_done_callback(committed)
-        if len(self._acks) > MAX_UNACKED and not self._paused and self.transport is not None:
-            self._paused = True
-            self.transport.pause_reading()
 
     def _subscribe(self, sub: codec.Subscribe) -> None:
         claims = self.claims
@@ -223,8 +244,12 @@ class Connection(asyncio.Protocol):
         refused = codec.SUBACK5_NOT_AUTHORIZED if self.version == codec.V5 else codec.SUBACK311_FAILURE
         codes = []
         granted = []
+        quota = codec.RC5_QUOTA_EXCEEDED if self.version == codec.V5 else codec.SUBACK311_FAILURE
         for topic_filter, qos in sub.filters:
-            if subscription_allowed(claims.tenant, claims.device_id, topic_filter):
+            full = len(self.subscriptions) >= MAX_SUBSCRIPTIONS and topic_filter not in self.subscriptions
+            if full and subscription_allowed(claims.tenant, claims.device_id, topic_filter):
+                codes.append(quota)
+            elif subscription_allowed(claims.tenant, claims.device_id, topic_filter):
                 self.subscriptions.add(topic_filter)
                 granted.append(topic_filter)
                 codes.append(min(qos, 1))

@@ -18,11 +18,13 @@ import time
 from collections.abc import Awaitable, Callable
 
 import asyncpg
+from fastapi import HTTPException
 from temporalio.client import Client
 
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from api.credentials import CHANNEL as REVOKED_CHANNEL
+from api.quotas import Quotas
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
 from fleetflow.db import Pool
 from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, JOB_OFFERED_CHANNEL, Published, Topic
@@ -57,6 +59,7 @@ class Gateway:
         self.events = NotificationService(pool, temporal, keys=payload_keys(settings))
         self.presence = Presence(pool, self.devices, self.events, temporal, node)
         self.committer = GroupCommitter(pool)
+        self.quotas = Quotas(pool, settings.quotas)  # the tenants' and devices' readings/s, as over HTTP
         self.max_packet = MAX_BATCH_BYTES + 64 * 1024
         self.connections: dict[Key, Connection] = {}
         self.tokens: dict[Connection, str] = {}  # the credential each connection showed (re-checks)
@@ -162,6 +165,17 @@ class Gateway:
 
         task: asyncio.Task[int] = asyncio.ensure_future((handler or unsupported)(conn, target, payload))
         return task
+
+    def admit_readings(self, tenant: str, device_id: str, readings: int) -> bool:
+        """Whether the readings fit the tenant's and the device's rates (taken when they do)."""
+        limits, fresh = self.quotas.known_limits(tenant)
+        if not fresh:
+            self._spawn(self.quotas.limits(tenant))  # read again for the next publishes
+        try:
+            self.quotas.admit_readings_now(tenant, {device_id: readings}, limits)
+        except HTTPException:
+            return False
+        return True
 
     def bad_payload(self, claims: DeviceClaims, reason: str) -> None:
         """Count a payload that was not stored, with its reason, in the quarantine view."""
