@@ -137,85 +137,72 @@ class GroupCommitter:
             slots.release()
 
     async def _commit(self, group: list[Pending]) -> list[Outcome]:
-        outcomes: dict[int, Outcome] = {}
-        async with self.pool.acquire() as conn, conn.transaction():
-            redelivered = [i for i, p in enumerate(group) if p.dup and p.batch_id is None and p.packet_id]
-            if redelivered:
-                rows = await conn.fetch(
-                    """SELECT u.i FROM unnest($1::int[], $2::text[], $3::text[], $4::int[], $5::bytea[])
-                           AS u(i, tenant, device_id, packet_id, digest)
-                       JOIN data.mqtt_packets m USING (tenant, device_id, packet_id)
-                       WHERE m.digest = u.digest""",
-                    redelivered,
-                    [group[i].tenant for i in redelivered],
-                    [group[i].device_id for i in redelivered],
-                    [group[i].packet_id for i in redelivered],
-                    [group[i].payload_digest for i in redelivered],
-                )
-                outcomes.update((r["i"], Outcome.DUPLICATE) for r in rows)
-            todo = [i for i in range(len(group)) if i not in outcomes]
-            inserted = await conn.fetch(
-                """INSERT INTO data.ingest_batches
+        """Store a group in one statement (one round trip, its own transaction): the redelivered
+        duplicates found, the rest inserted, the packet ids of what was new remembered, and the
+        digest of what an existing batch id holds read back."""
+        rows = await self.pool.fetch(
+            """WITH input AS (
+                   SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::int[],
+                                        $6::int[], $7::text[], $8::bytea[], $9::bytea[], $10::int[],
+                                        $11::bytea[], $12::bool[])
+                       AS u(i, tenant, writer, batch_id, bucket, readings, device_id, payload, digest,
+                            packet_id, payload_digest, redelivered)),
+               dup AS (
+                   SELECT u.i FROM input u
+                   JOIN data.mqtt_packets m USING (tenant, device_id, packet_id)
+                   WHERE u.redelivered AND m.digest = u.payload_digest),
+               ins AS (
+                   INSERT INTO data.ingest_batches
                        (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
                    SELECT tenant, writer, batch_id, bucket, readings, ARRAY[device_id], payload, digest
-                   FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::int[], $6::text[],
-                               $7::bytea[], $8::bytea[])
-                       AS u(tenant, writer, batch_id, bucket, readings, device_id, payload, digest)
+                   FROM input WHERE i NOT IN (SELECT i FROM dup)
                    ON CONFLICT (tenant, writer, batch_id) DO NOTHING
-                   RETURNING tenant, writer, batch_id""",
-                [group[i].tenant for i in todo],
-                [group[i].writer for i in todo],
-                [group[i].key for i in todo],
-                [zlib.crc32(group[i].device_id.encode()) % BUCKETS for i in todo],
-                [len(group[i].rows) for i in todo],
-                [group[i].device_id for i in todo],
-                [group[i].payload for i in todo],
-                [group[i].digest for i in todo],
-            )
-            new = {(r["tenant"], r["writer"], r["batch_id"]) for r in inserted}
-            taken = []
-            for i in todo:
-                p = group[i]
-                if (p.tenant, p.writer, p.key) in new:
-                    new.discard((p.tenant, p.writer, p.key))  # a second copy in this group is a duplicate
-                    outcomes[i] = Outcome.STORED
-                else:
-                    taken.append(i)
-            if taken:
-                rows = await conn.fetch(
-                    """SELECT u.i, b.digest = u.digest AS same
-                       FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::bytea[])
-                           AS u(i, tenant, writer, batch_id, digest)
-                       JOIN data.ingest_batches b USING (tenant, writer, batch_id)""",
-                    taken,
-                    [group[i].tenant for i in taken],
-                    [group[i].writer for i in taken],
-                    [group[i].key for i in taken],
-                    [group[i].digest for i in taken],
-                )
-                same = {r["i"]: r["same"] for r in rows}
-                for i in taken:
-                    outcomes[i] = Outcome.DUPLICATE if same.get(i, True) else Outcome.CONFLICT
-            remembered: dict[tuple[str, str, int], Pending] = {}
-            for i in range(len(group)):
-                p = group[i]
-                if outcomes[i] is Outcome.STORED and p.batch_id is None and p.packet_id:
-                    remembered[(p.tenant, p.device_id, p.packet_id)] = p  # the last of a key wins
-            if remembered:
-                items = list(remembered.values())
-                await conn.execute(
-                    """INSERT INTO data.mqtt_packets (tenant, device_id, packet_id, digest, batch_id)
-                       SELECT * FROM unnest($1::text[], $2::text[], $3::int[], $4::bytea[], $5::text[])
-                       ON CONFLICT (tenant, device_id, packet_id)
-                       DO UPDATE SET digest = EXCLUDED.digest, batch_id = EXCLUDED.batch_id""",
-                    [p.tenant for p in items],
-                    [p.device_id for p in items],
-                    [p.packet_id for p in items],
-                    [p.payload_digest for p in items],
-                    [p.key for p in items],
-                )
-        stored = sum(len(group[i].rows) for i, o in outcomes.items() if o is Outcome.STORED)
+                   RETURNING tenant, writer, batch_id),
+               remembered AS (
+                   INSERT INTO data.mqtt_packets (tenant, device_id, packet_id, digest, batch_id)
+                   SELECT DISTINCT ON (u.tenant, u.device_id, u.packet_id)
+                          u.tenant, u.device_id, u.packet_id, u.payload_digest, u.batch_id
+                   FROM input u JOIN ins USING (tenant, writer, batch_id)
+                   WHERE u.packet_id IS NOT NULL
+                   ORDER BY u.tenant, u.device_id, u.packet_id, u.i DESC
+                   ON CONFLICT (tenant, device_id, packet_id)
+                   DO UPDATE SET digest = EXCLUDED.digest, batch_id = EXCLUDED.batch_id)
+               SELECT u.i, d.i IS NOT NULL AS dup, n.batch_id IS NOT NULL AS inserted,
+                      b.digest = u.digest AS same
+               FROM input u
+               LEFT JOIN dup d ON d.i = u.i
+               LEFT JOIN ins n USING (tenant, writer, batch_id)
+               LEFT JOIN data.ingest_batches b USING (tenant, writer, batch_id)""",
+            list(range(len(group))),
+            [p.tenant for p in group],
+            [p.writer for p in group],
+            [p.key for p in group],
+            [zlib.crc32(p.device_id.encode()) % BUCKETS for p in group],
+            [len(p.rows) for p in group],
+            [p.device_id for p in group],
+            [p.payload for p in group],
+            [p.digest for p in group],
+            # only publishes without a batch id of their own are remembered by packet id
+            [p.packet_id if p.batch_id is None and p.packet_id else None for p in group],
+            [p.payload_digest for p in group],
+            [bool(p.dup and p.batch_id is None and p.packet_id) for p in group],
+        )
+        outcomes = [Outcome.DUPLICATE] * len(group)
+        first: dict[tuple[str, str, str], bytes] = {}  # key -> digest of the copy stored
+        for r in sorted(rows, key=lambda row: int(row["i"])):
+            p = group[r["i"]]
+            key = (p.tenant, p.writer, p.key)
+            if r["dup"]:
+                continue
+            if r["inserted"] and key not in first:
+                first[key] = p.digest
+                outcomes[r["i"]] = Outcome.STORED
+            elif r["inserted"]:  # a second copy of a batch id in this group
+                outcomes[r["i"]] = Outcome.DUPLICATE if first[key] == p.digest else Outcome.CONFLICT
+            elif r["same"] is False:
+                outcomes[r["i"]] = Outcome.CONFLICT
+        stored = sum(len(p.rows) for p, o in zip(group, outcomes, strict=True) if o is Outcome.STORED)
         self.stored += stored
         if stored:
             READINGS_ACCEPTED.add(stored)
-        return [outcomes[i] for i in range(len(group))]
+        return outcomes

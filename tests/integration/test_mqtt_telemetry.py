@@ -55,6 +55,9 @@ async def test_three_payload_shapes_are_stored(
         ]
         for payload in payloads:
             assert await client.puback(client.publish(telemetry(device_id), json.dumps(payload))) == 0
+        # the batch id again with other readings: refused, nothing dropped silently or stored
+        reused = {"batch_id": "b-1", "readings": [{"metric": "t", "value": 5, "ts": now}]}
+        assert await client.puback(client.publish(telemetry(device_id), json.dumps(reused))) == 0x99
     finally:
         client.close()
     await eventually(lambda: stored(pool, device_id), lambda v: len(v) >= 4)
