@@ -25,7 +25,7 @@ import httpx
 import jwt
 
 from cli.simulate_jobs import JobStats, work_jobs
-from cli.simulate_mqtt import MqttDevice, connect_all
+from cli.simulate_mqtt import MqttDevice, connect_all, work_jobs_mqtt
 from cli.simulate_receiver import ALERTS, Receiver
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
@@ -405,22 +405,18 @@ async def simulate(
         started = time.monotonic()
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
         if devices and not stop.is_set():
-            jobs_done = asyncio.Event()
-            jobs = asyncio.create_task(
-                work_jobs(
-                    http,
-                    [(d.device_id, d.credential) for d in devices],
-                    options.job_failure_rate,
-                    options.job_timeout_rate,
-                    rng,
-                    summary.jobs,
-                    jobs_done,
-                )
-            )
             mqtt = None
             if options.transport == "mqtt":
                 tenant = str(jwt.decode(devices[0].credential, options={"verify_signature": False})["tenant"])
                 mqtt = await connect_all(credentials, tenant, options.mqtt_host, options.mqtt_port)
+            jobs_done = asyncio.Event()
+            rates = (options.job_failure_rate, options.job_timeout_rate)
+            if mqtt is not None:  # jobs pushed on jobs/notify, progress published
+                working = work_jobs_mqtt(http, mqtt, rates, rng, summary.jobs, jobs_done)
+            else:
+                fleet = [(d.device_id, d.credential) for d in devices]
+                working = work_jobs(http, fleet, *rates, rng, summary.jobs, jobs_done)
+            jobs = asyncio.create_task(working)
             try:
                 await _drive(http, devices, options, summary, rng, stop, mqtt)
                 await _settle(http, headers, devices, summary, receiver, options, stop)

@@ -147,10 +147,14 @@ class GroupCommitter:
                                         $11::bytea[], $12::bool[])
                        AS u(i, tenant, writer, batch_id, bucket, readings, device_id, payload, digest,
                             packet_id, payload_digest, redelivered)),
+               -- scalar subqueries: one index lookup per row that needs it (a join let the
+               -- planner scan the whole table for every group)
                dup AS (
                    SELECT u.i FROM input u
-                   JOIN data.mqtt_packets m USING (tenant, device_id, packet_id)
-                   WHERE u.redelivered AND m.digest = u.payload_digest),
+                   WHERE u.redelivered AND u.payload_digest = (
+                       SELECT m.digest FROM data.mqtt_packets m
+                       WHERE m.tenant = u.tenant AND m.device_id = u.device_id
+                         AND m.packet_id = u.packet_id)),
                ins AS (
                    INSERT INTO data.ingest_batches
                        (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
@@ -168,11 +172,13 @@ class GroupCommitter:
                    ON CONFLICT (tenant, device_id, packet_id)
                    DO UPDATE SET digest = EXCLUDED.digest, batch_id = EXCLUDED.batch_id)
                SELECT u.i, d.i IS NOT NULL AS dup, n.batch_id IS NOT NULL AS inserted,
-                      b.digest = u.digest AS same
+                      CASE WHEN n.batch_id IS NULL AND d.i IS NULL THEN (
+                          SELECT b.digest = u.digest FROM data.ingest_batches b
+                          WHERE b.tenant = u.tenant AND b.writer = u.writer AND b.batch_id = u.batch_id)
+                      END AS same
                FROM input u
                LEFT JOIN dup d ON d.i = u.i
-               LEFT JOIN ins n USING (tenant, writer, batch_id)
-               LEFT JOIN data.ingest_batches b USING (tenant, writer, batch_id)""",
+               LEFT JOIN ins n USING (tenant, writer, batch_id)""",
             list(range(len(group))),
             [p.tenant for p in group],
             [p.writer for p in group],
