@@ -114,6 +114,7 @@ async def http_phase(
     return {
         "readings_per_s": round(acked / elapsed),
         "p99_ms": round(percentile(latencies, 99), 1) if latencies else 0.0,
+        "refused": refused,  # by status code (429: over a rate)
     }
 
 
