@@ -1,5 +1,6 @@
 """`fleetflow up` serves MQTT: a device makes first contact by CONNECT, and its QoS 1 readings
-are stored once each across a SIGKILL of the MQTT process, which the supervisor replaces."""
+are stored once each across a SIGKILL of the MQTT process (which the supervisor replaces) and
+of the data worker."""
 
 from __future__ import annotations
 
@@ -71,6 +72,10 @@ async def test_up_serves_mqtt_and_survives_a_killed_mqtt_process(stack: Stack) -
             assert await wait_gone_async([victim]) == []
             for mid in mids:  # redelivered to the replacement the supervisor starts
                 assert await device.puback(mid, timeout=120) == 0
+            # acknowledged is durable: the data worker killed now loses none of them either
+            data_worker = stack.worker("data")
+            data_worker.send_signal(signal.SIGKILL)
+            assert await wait_gone_async([data_worker]) == []
         finally:
             device.close()
         replacement = _mqtt_process(stack)
