@@ -64,6 +64,7 @@ class Connection(asyncio.Protocol):
         self._paused = False
         self._next_pid = 0
         self.close_reason = "connection lost"
+        self.presence: asyncio.Future[object] | None = None  # the write of its online
 
     # --- asyncio.Protocol -----------------------------------------------------
 

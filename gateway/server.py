@@ -139,10 +139,23 @@ class Gateway:
         if old is not None and old is not conn:
             old.close_reason = "taken over"
             old.close(codec.RC5_SESSION_TAKEN_OVER, "taken over")
+        # kept, so the offline of a connection that ends at once is written after its online
+        conn.presence = self._spawn(self._online(conn))
+        await asyncio.shield(conn.presence)
+
+    async def _online(self, conn: Connection) -> None:
+        assert conn.claims is not None
+        tenant, device_id = conn.claims.tenant, conn.claims.device_id
         try:
-            await self.presence.connected(key[0], key[1], conn.session_id, conn.claims.jti)
-        except (OSError, asyncpg.PostgresError):
-            log.warning("online of %s/%s not written", *key, exc_info=True)
+            await self.presence.connected(tenant, device_id, conn.session_id, conn.claims.jti)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("online of %s/%s not written", tenant, device_id, exc_info=True)
+
+    async def _offline(self, conn: Connection, reason: str) -> None:
+        assert conn.claims is not None
+        if conn.presence is not None:
+            await asyncio.gather(conn.presence, return_exceptions=True)
+        await self.presence.disconnected(conn.claims.tenant, conn.claims.device_id, conn.session_id, reason)
 
     def forget(self, conn: Connection, reason: str) -> None:
         """A connection ended: the device is offline unless a newer connection holds it."""
@@ -152,7 +165,7 @@ class Gateway:
         key = (conn.claims.tenant, conn.claims.device_id)
         if self.connections.get(key) is conn:
             del self.connections[key]
-        self._spawn(self.presence.disconnected(key[0], key[1], conn.session_id, reason))
+        self._spawn(self._offline(conn, reason))
 
     # --- publishes other than telemetry, and bad payloads -------------------------
 

@@ -74,3 +74,14 @@ async def test_mosquitto_clients_publish_and_receive(
     assert await eventually(values, bool) == [21.4]
     twin = (await api.get(f"/v1/devices/{device_id}/twin", headers=AUTH)).json()
     assert twin["reported"]["target_c"] == 22
+
+    async def connection() -> str:
+        return str((await api.get(f"/v1/devices/{device_id}/twin", headers=AUTH)).json()["connection"])
+
+    # the clients' connections lasted milliseconds: each one's offline is still written after its online
+    await eventually(connection, lambda c: c == "offline")
+    rows = await pool.fetch(
+        "SELECT type FROM notification.events WHERE device_id = $1 AND type LIKE 'Device%nected'", device_id
+    )
+    kinds = [r["type"] for r in rows]
+    assert kinds.count("DeviceConnected") == kinds.count("DeviceDisconnected") == 3, kinds
