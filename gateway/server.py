@@ -63,6 +63,7 @@ class Gateway:
         self.max_packet = MAX_BATCH_BYTES + 64 * 1024
         self.connections: dict[Key, Connection] = {}
         self.tokens: dict[Connection, str] = {}  # the credential each connection showed (re-checks)
+        self.by_jti: dict[str, set[Connection]] = {}  # a revocation's NOTIFY names the jti
         self._tasks: set[asyncio.Task[object]] = set()
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
         self.twin = TwinPush(temporal)
@@ -134,6 +135,7 @@ class Gateway:
         """A device connected: an older connection of the same device is taken over."""
         assert conn.claims is not None
         key = (conn.claims.tenant, conn.claims.device_id)
+        self.by_jti.setdefault(conn.claims.jti, set()).add(conn)
         old = self.connections.get(key)
         self.connections[key] = conn
         if old is not None and old is not conn:
@@ -162,6 +164,11 @@ class Gateway:
         self.tokens.pop(conn, None)
         if conn.claims is None:
             return
+        same = self.by_jti.get(conn.claims.jti)
+        if same is not None:
+            same.discard(conn)
+            if not same:
+                del self.by_jti[conn.claims.jti]
         key = (conn.claims.tenant, conn.claims.device_id)
         if self.connections.get(key) is conn:
             del self.connections[key]
@@ -235,9 +242,9 @@ class Gateway:
         self._listener = listener
 
     def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:
-        for conn in list(self.connections.values()):
-            if conn.claims is not None and conn.claims.jti == str(jti):
-                self._spawn(self._recheck([conn]))
+        holders = self.by_jti.get(str(jti))
+        if holders:
+            self._spawn(self._recheck(list(holders)))
 
     async def _recheck(self, conns: list[Connection]) -> None:
         for conn in conns:
