@@ -21,7 +21,18 @@ from api.observability import instrument, untraced
 from api.openapi import document_problems
 from api.problems import install_problem_handlers
 from api.revocations import RevokedTokens, TokenRevocations
-from api.routers import codec, devices, events, health, onboardings, rollouts, telemetry, tenants, twins
+from api.routers import (
+    codec,
+    devices,
+    events,
+    health,
+    mqtt_hooks,
+    onboardings,
+    rollouts,
+    telemetry,
+    tenants,
+    twins,
+)
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
 from fleetflow.embedded_pg import database_url
@@ -78,7 +89,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         redoc_url=None,
     )
     install_problem_handlers(app)  # every error is RFC 9457 problem+json
-    routers = (health, devices, onboardings, twins, telemetry, events, rollouts, codec, tenants)
+    routers = (health, devices, onboardings, twins, telemetry, events, rollouts, codec, tenants, mqtt_hooks)
     for module in routers:
         app.include_router(module.router)
     instrument(app)  # /metrics and the request's log context

@@ -1,5 +1,6 @@
 """`fleetflow simulate`: devices onboarded in bulk that send readings with their own credentials
-through the HTTP API, with injected anomalies and a webhook receiver that counts the alerts."""
+through the HTTP API (or over MQTT, `--transport mqtt`), with injected anomalies and a webhook
+receiver that counts the alerts."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TextIO
 
 import httpx
+import jwt
 
 from cli.simulate_jobs import JobStats, work_jobs
+from cli.simulate_mqtt import MqttDevice, connect_all, work_jobs_mqtt
 from cli.simulate_receiver import ALERTS, Receiver
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
@@ -53,6 +56,9 @@ class Options:
     webhook_host: str = "127.0.0.1"  # where the receiver listens; the platform must reach it
     settle_s: float = 20.0  # at most this long after sending, for storage and alert delivery
     seed: int | None = None
+    transport: str = "http"  # or "mqtt": telemetry published at QoS 1 to mqtt_host:mqtt_port
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
 
 
 @dataclass
@@ -225,6 +231,23 @@ async def _post(http: httpx.AsyncClient, device: _Device, body: bytes, n: int, s
     summary.reasons[reason] += 1
 
 
+async def _publish(conn: MqttDevice, device: _Device, body: bytes, n: int, summary: Summary) -> None:
+    """Publish one batch over MQTT; a PUBACK with reason 0 acknowledges it (durable)."""
+    try:
+        code = await conn.publish(body)
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        reason = f"MQTT {type(exc).__name__}: {exc}"[:200]
+    else:
+        if code == 0:
+            summary.acknowledged += n
+            summary.acknowledged_batches += 1
+            device.acked += n
+            return
+        reason = f"MQTT PUBACK reason {code:#x}"
+    summary.rejected += n
+    summary.reasons[reason] += 1
+
+
 async def _progress(summary: Summary, receiver: Receiver, out: TextIO, started: float, total: float) -> None:
     """Refresh the progress line in place (on a terminal; elsewhere a line every 5 s) until
     cancelled; the rate is of acknowledged readings over the last few seconds."""
@@ -251,8 +274,10 @@ async def _drive(
     summary: Summary,
     rng: random.Random,
     stop: asyncio.Event,
+    mqtt: dict[str, MqttDevice] | None = None,
 ) -> None:
-    """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices."""
+    """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices
+    (over MQTT when `mqtt` holds the devices' connections)."""
     gate = asyncio.Semaphore(IN_FLIGHT)
     started = time.monotonic()
     n = len(devices)
@@ -262,7 +287,10 @@ async def _drive(
             body, spikes = device.batch(count, start, elapsed, options.anomaly_rate, rng)
             summary.sent, summary.batches = summary.sent + count, summary.batches + 1
             summary.anomalies += spikes
-            await _post(http, device, body, count, summary)
+            if mqtt is not None:
+                await _publish(mqtt[device.device_id], device, body, count, summary)
+            else:
+                await _post(http, device, body, count, summary)
 
     for tick in range(math.ceil(options.duration_s)):
         if stop.is_set() or time.monotonic() - started >= options.duration_s:
@@ -377,24 +405,26 @@ async def simulate(
         started = time.monotonic()
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
         if devices and not stop.is_set():
+            mqtt = None
+            if options.transport == "mqtt":
+                tenant = str(jwt.decode(devices[0].credential, options={"verify_signature": False})["tenant"])
+                mqtt = await connect_all(credentials, tenant, options.mqtt_host, options.mqtt_port)
             jobs_done = asyncio.Event()
-            jobs = asyncio.create_task(
-                work_jobs(
-                    http,
-                    [(d.device_id, d.credential) for d in devices],
-                    options.job_failure_rate,
-                    options.job_timeout_rate,
-                    rng,
-                    summary.jobs,
-                    jobs_done,
-                )
-            )
+            rates = (options.job_failure_rate, options.job_timeout_rate)
+            if mqtt is not None:  # jobs pushed on jobs/notify, progress published
+                working = work_jobs_mqtt(http, mqtt, rates, rng, summary.jobs, jobs_done)
+            else:
+                fleet = [(d.device_id, d.credential) for d in devices]
+                working = work_jobs(http, fleet, *rates, rng, summary.jobs, jobs_done)
+            jobs = asyncio.create_task(working)
             try:
-                await _drive(http, devices, options, summary, rng, stop)
+                await _drive(http, devices, options, summary, rng, stop, mqtt)
                 await _settle(http, headers, devices, summary, receiver, options, stop)
             finally:
                 jobs_done.set()
                 await jobs
+                for conn in (mqtt or {}).values():
+                    await conn.close()
     finally:
         summary.elapsed_s, summary.interrupted = time.monotonic() - started, stop.is_set()
         if ticker is not None:
@@ -428,6 +458,9 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
         args.device_type,
         job_failure_rate=args.job_failure_rate,
         job_timeout_rate=args.job_timeout_rate,
+        transport=args.transport,
+        mqtt_host="127.0.0.1" if settings.mqtt_host in ("0.0.0.0", "::") else settings.mqtt_host,
+        mqtt_port=settings.mqtt_port,
     )
     headers = {"Authorization": f"Bearer {_token(settings, args.token)}"}
     stop = asyncio.Event()

@@ -45,6 +45,8 @@ SCOPES: dict[str, str] = {
     "codec:decode": "decode any workflow's payloads through /codec (the Web UI's codec server)",
     # every tenant's limits: for platform operators, so a tenant's admin does not include it
     "tenants:admin": "set any tenant's profile (its rate limits and quotas)",
+    # for the MQTT broker of the compose stack: its device login and topic checks (/v1/mqtt/*)
+    "mqtt:hooks": "ask whether an MQTT device login or topic is allowed (broker hooks)",
     "admin": "everything, including device types",
 }
 

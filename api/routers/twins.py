@@ -14,6 +14,7 @@ from temporalio.service import RPCError, RPCStatusCode
 from activities.notifications import NotificationService
 from api.auth import State, actor_of, require, require_device
 from api.models.twins import ReportedBody
+from api.mqtt_presence import with_presence
 from api.openapi import body_schema
 from api.problems import invalid, not_found
 from api.time_travel import HistoryEntry, NoTwinThen, device_history, twin_as_of
@@ -28,6 +29,7 @@ from fleetflow.contracts.twin import (
     TwinState,
     TwinView,
 )
+from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL
 from fleetflow.security import DeviceClaims, TokenClaims
 from fleetflow.twin_state import change_breach, delta, document_breach, merge_patch, view
 from workflows.device_twin import DeviceTwin, twin_id
@@ -62,7 +64,7 @@ async def get_twin(
     if as_of is None:
         current = await twin_state(state, claims.tenant, device_id)
         response.headers["ETag"] = f'"{current.desired_version}"'
-        return view(current, datetime.now(UTC))
+        return await with_presence(state.pool, claims.tenant, view(current, datetime.now(UTC)))
     if await state.devices.get_device(claims.tenant, device_id) is None:
         raise not_found(f"device {device_id!r}")
     wid = twin_id(claims.tenant, device_id)
@@ -141,6 +143,10 @@ async def set_desired(
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=exc.message) from None
         raise
     response.headers["ETag"] = f'"{result.version}"'
+    # MQTT gateways push the new document to the device (fleetflow.mqtt_topics)
+    await state.pool.execute(
+        "SELECT pg_notify($1, $2)", DESIRED_CHANGED_CHANNEL, f"{claims.tenant}/{device_id}"
+    )
     return result
 
 

@@ -45,7 +45,8 @@ KEYS_DIR = "/var/lib/fleetflow/keys"
 # monitoring stack's collector, Jaeger, Prometheus and Grafana.
 _IMAGE = re.compile(
     r"^(?:docker\.io/)?(?:library/)?(?P<repo>temporalio/[a-z0-9._-]+|postgres"
-    r"|otel/opentelemetry-collector-contrib|jaegertracing/all-in-one|prom/prometheus|grafana/grafana)"
+    r"|otel/opentelemetry-collector-contrib|jaegertracing/all-in-one|prom/prometheus|grafana/grafana"
+    r"|emqx/emqx)"
     r":(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(?:@sha256:[0-9a-f]{64})?$"
 )
 # what the app containers need for traces and metrics (see deploy/prometheus/prometheus.yml)
@@ -184,13 +185,16 @@ def _open_ports(service: dict[str, Any]) -> list[str]:
 def _exposure_problems(services: dict[str, Any]) -> list[str]:
     """Temporal's frontend has no authentication (whoever reaches it can start, signal,
     terminate and read any workflow), nor do the Web UI, Prometheus and Jaeger here: only
-    the API, which checks a token on every request, may listen on every interface."""
+    the API, which checks a token on every request, and the MQTT broker, which checks every
+    device's CONNECT through the API's hooks, may listen on every interface."""
     problems: list[str] = []
     for name, service in sorted(services.items()):
         image = str(service.get("image", ""))
         if image.startswith(("temporalio/server:", "temporalio/auto-setup:")) and _published_ports(service):
             problems.append(f"{name}: publishes the Temporal frontend {_published_ports(service)}")
-        elif name != "api" and _open_ports(service):
+        elif _open_ports(service) and not (
+            name == "api" or (name == "emqx" and _open_ports(service) == ["1883"])
+        ):
             problems.append(f"{name}: publishes {_open_ports(service)} on every interface, without login")
     ui = services.get("temporal-ui")
     if ui is not None and str(_environment(ui).get("TEMPORAL_DISABLE_WRITE_ACTIONS")).lower() != "true":
