@@ -15,6 +15,9 @@ Nodes are the workflows (every one runs on the `orchestration` queue) and the se
   makes it a signal-with-start; `.signal("name")`/`.execute_update("name")` by a name only one
   workflow declares.
 
+The API and the MQTT gateway (`api/`, `gateway/`) are edge processes, not nodes: the workflows
+they start, signal or update for a client are not service edges (no service waits on them).
+
 A reference counts wherever it stands in the owner's code (a step table, a helper's argument),
 so steps passed through helpers are found without following values. A workflow module's
 references belong to the workflows it defines; an activities module's to the services whose

@@ -1,11 +1,11 @@
 """Presence of MQTT devices: CONNECT and the end of a connection (DISCONNECT, keep-alive expiry,
 a dropped socket, a revocation) set the device's connection online/offline at once, in
-`device.mqtt_presence`, and record `DeviceConnected`/`DeviceDisconnected`. The first CONNECT of
-a device awaiting first contact is its first contact (as `POST /v1/device-contact`).
+`device.mqtt_presence` (through the device service's activities/device_mqtt.py), and record
+`DeviceConnected`/`DeviceDisconnected`. The first CONNECT of a device awaiting first contact is
+its first contact (as `POST /v1/device-contact`).
 
-The twin's `connection` reads the presence row (fleetflow.mqtt_presence, in the API): an
-online row says online whatever `last_seen` says; an offline row newer than `last_seen` says
-offline.
+The twin's `connection` reads the presence row (api/mqtt_presence.py): an online row says
+online whatever `last_seen` says; an offline row newer than `last_seen` says offline.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import asyncpg
 from temporalio.client import Client
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities import device_mqtt
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from fleetflow.contracts.common import DomainEvent
@@ -61,16 +62,7 @@ class Presence:
 
     async def connected(self, tenant: str, device_id: str, session_id: str, jti: str) -> None:
         """The device is online; its first CONNECT after onboarding is its first contact."""
-        await self.pool.execute(
-            """INSERT INTO device.mqtt_presence (tenant, device_id, online, changed_at, session_id, node)
-               VALUES ($1, $2, true, now(), $3, $4)
-               ON CONFLICT (tenant, device_id) DO UPDATE SET online = true, changed_at = now(),
-                   session_id = EXCLUDED.session_id, node = EXCLUDED.node""",
-            tenant,
-            device_id,
-            session_id,
-            self.node,
-        )
+        await device_mqtt.mark_online(self.pool, tenant, device_id, session_id, self.node)
         await self._event(DEVICE_CONNECTED, tenant, device_id, session_id, {"transport": "mqtt"})
         device = await self.devices.get_device(tenant, device_id)
         if device is not None and device.status in (DeviceStatus.PENDING, DeviceStatus.PROVISIONED):
@@ -84,34 +76,21 @@ class Presence:
                     log.warning("first contact of %s/%s not signalled: %s", tenant, device_id, exc)
 
     async def disconnected(self, tenant: str, device_id: str, session_id: str, reason: str) -> None:
-        """The device's connection ended (a newer connection of the same device stays online)."""
+        """The device's connection ended: the device is offline unless a newer connection holds
+        it. Every connection's end is recorded, so each DeviceConnected has its DeviceDisconnected
+        (the end of one that a newer connection overtook, in its own write or in time, too)."""
         try:
-            changed = await self.pool.fetchval(
-                """UPDATE device.mqtt_presence SET online = false, changed_at = now()
-                   WHERE tenant = $1 AND device_id = $2 AND session_id = $3 AND online RETURNING 1""",
-                tenant,
-                device_id,
-                session_id,
-            )
+            changed = await device_mqtt.mark_offline(self.pool, tenant, device_id, session_id)
         except (OSError, asyncpg.PostgresError):
             log.warning("offline of %s/%s not written", tenant, device_id, exc_info=True)
             return
-        if changed:
-            await self._event(DEVICE_DISCONNECTED, tenant, device_id, session_id, {"reason": reason})
+        data = {"reason": reason} if changed else {"reason": reason, "device": "online (newer connection)"}
+        await self._event(DEVICE_DISCONNECTED, tenant, device_id, session_id, data)
 
     async def reset_node(self) -> int:
         """Connections a killed process of this node left online are offline now."""
-        rows = await self.pool.fetch(
-            """UPDATE device.mqtt_presence SET online = false, changed_at = now()
-               WHERE node = $1 AND online RETURNING tenant, device_id, session_id""",
-            self.node,
-        )
-        for r in rows:
-            await self._event(
-                DEVICE_DISCONNECTED,
-                r["tenant"],
-                r["device_id"],
-                r["session_id"],
-                {"reason": "gateway restarted"},
-            )
-        return len(rows)
+        ended = await device_mqtt.reset_node(self.pool, self.node)
+        for tenant, device_id, session_id in ended:
+            reason = {"reason": "gateway restarted"}
+            await self._event(DEVICE_DISCONNECTED, tenant, device_id, session_id, reason)
+        return len(ended)

@@ -21,8 +21,10 @@ import asyncpg
 from fastapi import HTTPException
 from temporalio.client import Client
 
+from activities import device_mqtt
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
+from activities.telemetry_publishes import quarantine_payload
 from api.credentials import CHANNEL as REVOKED_CHANNEL
 from api.quotas import Quotas
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
@@ -120,15 +122,11 @@ class Gateway:
             if login is None:
                 return refused, None, False
             claims, token = login
-            seen = await self.pool.fetchval(
-                "SELECT 1 FROM device.mqtt_presence WHERE tenant = $1 AND device_id = $2",
-                claims.tenant,
-                claims.device_id,
-            )
+            seen = await device_mqtt.has_presence(self.pool, claims.tenant, claims.device_id)
         except (LoginUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return unavailable, None, False
         self.tokens[conn] = token
-        return codec.RC_ACCEPTED, claims, bool(seen) and not connect.clean
+        return codec.RC_ACCEPTED, claims, seen and not connect.clean
 
     async def online(self, conn: Connection) -> None:
         """A device connected: an older connection of the same device is taken over."""
@@ -202,14 +200,7 @@ class Gateway:
 
     async def _quarantine(self, tenant: str, device_id: str, reason: str) -> None:
         try:
-            await self.pool.execute(
-                """INSERT INTO data.quarantined_readings
-                       (tenant, device_id, metric, ts, value, reason, batch_id, window_id)
-                   VALUES ($1, $2, '-', now(), 0, $3, 'mqtt', '')""",
-                tenant,
-                device_id,
-                f"mqtt: {reason}"[:500],
-            )
+            await quarantine_payload(self.pool, tenant, device_id, f"mqtt: {reason}")
         except (OSError, asyncpg.PostgresError):
             log.warning("bad payload of %s/%s not counted", tenant, device_id, exc_info=True)
 

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.device_mqtt import notify_twin_changed
 from activities.notifications import NotificationService
 from api.auth import State, actor_of, require, require_device
 from api.models.twins import ReportedBody
@@ -29,7 +30,6 @@ from fleetflow.contracts.twin import (
     TwinState,
     TwinView,
 )
-from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL
 from fleetflow.security import DeviceClaims, TokenClaims
 from fleetflow.twin_state import change_breach, delta, document_breach, merge_patch, view
 from workflows.device_twin import DeviceTwin, twin_id
@@ -143,10 +143,8 @@ async def set_desired(
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=exc.message) from None
         raise
     response.headers["ETag"] = f'"{result.version}"'
-    # MQTT gateways push the new document to the device (fleetflow.mqtt_topics)
-    await state.pool.execute(
-        "SELECT pg_notify($1, $2)", DESIRED_CHANGED_CHANNEL, f"{claims.tenant}/{device_id}"
-    )
+    # MQTT gateways push the new document to the device
+    await notify_twin_changed(state.pool, claims.tenant, device_id)
     return result
 
 

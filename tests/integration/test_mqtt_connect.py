@@ -101,9 +101,13 @@ async def test_presence_follows_connect_and_disconnect(
     await eventually(lambda: _connection(api, device_id), lambda c: c == "online")
     client.close()
     await eventually(lambda: _connection(api, device_id), lambda c: c == "offline")
-    events = (await api.get("/v1/events", params={"device_id": device_id}, headers=AUTH)).json()
-    types = [e["type"] for e in (events["items"] if isinstance(events, dict) else events)]
-    assert "DeviceConnected" in types and "DeviceDisconnected" in types
+
+    async def types() -> list[str]:
+        events = (await api.get("/v1/events", params={"device_id": device_id}, headers=AUTH)).json()
+        return [e["type"] for e in (events["items"] if isinstance(events, dict) else events)]
+
+    # the event is recorded just after the presence row is written
+    await eventually(types, lambda t: "DeviceConnected" in t and "DeviceDisconnected" in t)
 
 
 async def test_keep_alive_expiry_sets_offline(api: httpx.AsyncClient, gateway: GatewayProcess) -> None:
