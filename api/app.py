@@ -29,6 +29,7 @@ from api.routers import (
     devices,
     events,
     health,
+    mqtt_hooks,
     onboardings,
     rollouts,
     telemetry,
@@ -111,6 +112,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         tenants,
         credential_routes,
         consistency,
+        mqtt_hooks,
     )
     for module in routers:
         app.include_router(module.router)

@@ -110,6 +110,22 @@ class Quotas:
         self._profiles[tenant] = (now + PROFILE_TTL_S, limits)
         return limits
 
+    def known_limits(self, tenant: str) -> tuple[TenantLimits, bool]:
+        """The tenant's last known limits without awaiting (the defaults when none are known)
+        and whether they are fresh; a caller that cannot await refreshes them with `limits`."""
+        cached = self._profiles.get(tenant)
+        if cached is None:
+            return self.defaults, False
+        return cached[1], cached[0] > self.clock()
+
+    def admit_readings_now(self, tenant: str, per_device: Mapping[str, int], limits: TenantLimits) -> None:
+        """`admit_readings` with the limits given (from `known_limits`): no await, for the MQTT
+        gateway's per-message path; 429 (HTTPException) when over a rate."""
+        now = self.clock()
+        charges = self._charges("tenant_readings", tenant, {"": sum(per_device.values())}, limits, now)
+        charges += self._charges("device_readings", tenant, per_device, limits, now)
+        self._take(tenant, charges)
+
     async def profile(self, tenant: str) -> TenantProfile:
         """The tenant's stored overrides (empty when it has none)."""
         return await read_profile(self.pool, tenant)

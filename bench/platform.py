@@ -57,6 +57,7 @@ class Platform:
     data_dir: Path
     api_url: str
     headers: dict[str, str]
+    mqtt_port: int = 0
 
     def processes(self) -> dict[str, psutil.Process]:
         """The API and worker processes, by role (`api`, `worker-data-1`, ...)."""
@@ -65,6 +66,8 @@ class Platform:
             argv = child.cmdline()
             if "api" in argv:
                 out["api"] = child
+            elif "mqtt" in argv:
+                out["mqtt"] = child
             elif "--queue" in argv:
                 queue = argv[argv.index("--queue") + 1]
                 n = sum(1 for k in out if k.startswith(f"worker-{queue}"))
@@ -83,6 +86,9 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
     with tempfile.TemporaryDirectory(prefix="fleetflow-bench-") as tmp:
         data = Path(tmp)
         api_port, temporal_port, ui_port = _free_port(11000), _free_port(12000), _free_port(13000)
+        mqtt_port = (
+            int(env_port) if (env_port := (extra_env or {}).get("FLEETFLOW_MQTT_PORT")) else _free_port(15000)
+        )
         env = {
             k: v
             for k, v in os.environ.items()
@@ -107,6 +113,8 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
             str(temporal_port),
             "--ui-port",
             str(ui_port),
+            "--mqtt-port",
+            str(mqtt_port),
         ]
         log = (data.parent / f"{data.name}.log").open("wb")
         say(f"starting fleetflow up ({workers} worker process(es) per queue) ...")
@@ -128,7 +136,7 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
                 else:
                     raise RuntimeError("fleetflow up did not become healthy")
             token = (data / "admin-token").read_text().strip()
-            yield Platform(process, data, api_url, {"Authorization": f"Bearer {token}"})
+            yield Platform(process, data, api_url, {"Authorization": f"Bearer {token}"}, mqtt_port)
         finally:
             process.send_signal(signal.SIGINT)
             try:

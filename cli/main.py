@@ -66,6 +66,10 @@ def _port(text: str) -> int:
     return value
 
 
+def _mqtt_port(text: str) -> int:
+    return 0 if text == "0" else _port(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command line."""
     parser = _Parser(prog="fleetflow", description=__doc__)
@@ -75,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--workers", type=_positive, default=1, help="worker processes per queue")
     up.add_argument("--data-dir", help="data directory (FLEETFLOW_DATA_DIR)")
     up.add_argument("--api-port", type=_port, help="API port (FLEETFLOW_API_PORT)")
+    up.add_argument("--mqtt-port", type=_mqtt_port, help="MQTT port, 0 for none (FLEETFLOW_MQTT_PORT)")
     up.add_argument("--temporal-port", type=_port, default=7233, help="Temporal gRPC port")
     up.add_argument("--ui-port", type=_port, default=8233, help="Temporal Web UI port")
     up.add_argument(
@@ -86,6 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="run the HTTP API")
     api.add_argument("--host", help="bind address (FLEETFLOW_API_HOST)")
     api.add_argument("--port", type=_port, help="port (FLEETFLOW_API_PORT)")
+
+    mqtt = commands.add_parser("mqtt", help="run the MQTT endpoint for devices")
+    mqtt.add_argument("--host", dest="mqtt_host", help="bind address (FLEETFLOW_MQTT_HOST)")
+    mqtt.add_argument("--port", dest="mqtt_port", type=_port, help="port (FLEETFLOW_MQTT_PORT)")
 
     worker = commands.add_parser("worker", help="run workers for one task queue")
     worker.add_argument("--queue", required=True, choices=[q.value for q in TaskQueue])
@@ -172,6 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="commands sent to each device during the run (answered at the job rates; 0: none)",
     )
     sim.add_argument(
+        "--transport",
+        choices=["http", "mqtt"],
+        default="http",
+        help="how devices send telemetry: HTTP, or MQTT QoS 1 to FLEETFLOW_MQTT_PORT",
+    )
+    sim.add_argument(
         "--job-failure-rate",
         type=_number(0, 1, strict=False),
         default=0.0,
@@ -199,6 +214,10 @@ def _settings(args: argparse.Namespace) -> Settings:
         update["api_port"] = args.api_port
     if getattr(args, "port", None):
         update["api_port"] = args.port
+    if getattr(args, "mqtt_port", None) is not None:
+        update["mqtt_port"] = args.mqtt_port
+    if getattr(args, "mqtt_host", None):
+        update["mqtt_host"] = args.mqtt_host
     if getattr(args, "host", None):
         update["api_host"] = args.host
     return Settings.model_validate({**settings.model_dump(), **update}) if update else settings
@@ -262,6 +281,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from api.server import serve
 
         return _run(serve(settings))
+    if command == "mqtt":
+        from gateway.run import run_gateway
+
+        return _run(run_gateway(settings))
     if command == "keys":
         from cli.key_commands import keys_command
 

@@ -1,5 +1,6 @@
 """`fleetflow simulate`: devices onboarded in bulk that send readings with their own credentials
-through the HTTP API, with injected anomalies and a webhook receiver that counts the alerts."""
+through the HTTP API (or over MQTT, `--transport mqtt`), with injected anomalies and a webhook
+receiver that counts the alerts."""
 
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 import httpx
+import jwt
 
 from cli.simulate_devices import IN_FLIGHT, METRICS, SimulatedDevice, drive, pause, refusal_reason
 from cli.simulate_jobs import JobStats, work_jobs
+from cli.simulate_mqtt import connect_all, work_jobs_mqtt
 from cli.simulate_receiver import ALERTS, Receiver
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
@@ -45,6 +48,9 @@ class Options:
     webhook_host: str = "127.0.0.1"  # where the receiver listens; the platform must reach it
     settle_s: float = 20.0  # at most this long after sending, for storage and alert delivery
     seed: int | None = None
+    transport: str = "http"  # or "mqtt": telemetry published at QoS 1 to mqtt_host:mqtt_port
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: int = 1883
 
 
 @dataclass
@@ -278,24 +284,26 @@ async def simulate(
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
         await _send_commands(http, headers, devices, options, summary)
         if devices and not stop.is_set():
+            mqtt = None
+            if options.transport == "mqtt":
+                tenant = str(jwt.decode(devices[0].credential, options={"verify_signature": False})["tenant"])
+                mqtt = await connect_all(credentials, tenant, options.mqtt_host, options.mqtt_port)
             jobs_done = asyncio.Event()
-            jobs = asyncio.create_task(
-                work_jobs(
-                    http,
-                    [(d.device_id, d.credential) for d in devices],
-                    options.job_failure_rate,
-                    options.job_timeout_rate,
-                    rng,
-                    summary.jobs,
-                    jobs_done,
-                )
-            )
+            rates = (options.job_failure_rate, options.job_timeout_rate)
+            if mqtt is not None:  # jobs pushed on jobs/notify, progress published
+                working = work_jobs_mqtt(http, mqtt, rates, rng, summary.jobs, jobs_done)
+            else:
+                fleet = [(d.device_id, d.credential) for d in devices]
+                working = work_jobs(http, fleet, *rates, rng, summary.jobs, jobs_done)
+            jobs = asyncio.create_task(working)
             try:
-                await drive(http, devices, options, summary, rng, stop)
+                await drive(http, devices, options, summary, rng, stop, mqtt)
                 await _settle(http, headers, devices, summary, receiver, options, stop)
             finally:
                 jobs_done.set()
                 await jobs
+                for conn in (mqtt or {}).values():
+                    await conn.close()
     finally:
         summary.elapsed_s, summary.interrupted = time.monotonic() - started, stop.is_set()
         if ticker is not None:

@@ -18,6 +18,7 @@ import httpx
 
 if TYPE_CHECKING:
     from cli.simulate import Options, Summary
+    from cli.simulate_mqtt import MqttDevice
 
 IN_FLIGHT = 64  # telemetry requests at once
 # metric -> (typical value, spread between devices, slow drift amplitude, noise)
@@ -118,6 +119,25 @@ async def post_batch(
     summary.reasons[reason] += 1
 
 
+async def publish_batch(
+    conn: MqttDevice, device: SimulatedDevice, body: bytes, n: int, summary: Summary
+) -> None:
+    """Publish one batch over MQTT; a PUBACK with reason 0 acknowledges it (durable)."""
+    try:
+        code = await conn.publish(body)
+    except (ConnectionError, TimeoutError, OSError) as exc:
+        reason = f"MQTT {type(exc).__name__}: {exc}"[:200]
+    else:
+        if code == 0:
+            summary.acknowledged += n
+            summary.acknowledged_batches += 1
+            device.acked += n
+            return
+        reason = f"MQTT PUBACK reason {code:#x}"
+    summary.rejected += n
+    summary.reasons[reason] += 1
+
+
 async def drive(
     http: httpx.AsyncClient,
     devices: list[SimulatedDevice],
@@ -125,8 +145,10 @@ async def drive(
     summary: Summary,
     rng: random.Random,
     stop: asyncio.Event,
+    mqtt: dict[str, MqttDevice] | None = None,
 ) -> None:
-    """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices."""
+    """R readings/s in 1-second ticks, one batch per device per tick, spread evenly over devices
+    (over MQTT when `mqtt` holds the devices' connections)."""
     gate = asyncio.Semaphore(IN_FLIGHT)
     started = time.monotonic()
     n = len(devices)
@@ -136,7 +158,10 @@ async def drive(
             body, spikes = device.batch(count, start, elapsed, options.anomaly_rate, rng)
             summary.sent, summary.batches = summary.sent + count, summary.batches + 1
             summary.anomalies += spikes
-            await post_batch(http, device, body, count, summary)
+            if mqtt is not None:
+                await publish_batch(mqtt[device.device_id], device, body, count, summary)
+            else:
+                await post_batch(http, device, body, count, summary)
 
     for tick in range(math.ceil(options.duration_s)):
         if stop.is_set() or time.monotonic() - started >= options.duration_s:

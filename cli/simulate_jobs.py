@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 
@@ -79,6 +80,9 @@ async def _answer_commands(
                 stats.commands_succeeded += 1
 
 
+Report = Callable[[str, dict[str, Any]], Awaitable[None]]  # (campaign, progress body)
+
+
 async def _work(
     http: httpx.AsyncClient,
     device_id: str,
@@ -92,7 +96,27 @@ async def _work(
     response = await http.get("/v1/device/jobs", headers=auth)
     if response.status_code != 200:
         return
-    job = response.json()
+
+    async def report(campaign: str, body: dict[str, Any]) -> None:
+        await http.post(f"/v1/device/jobs/{campaign}/progress", json=body, headers=auth)
+
+    await handle_job(http, device_id, credential, response.json(), report, rates, rng, seen, stats)
+
+
+async def handle_job(
+    http: httpx.AsyncClient,
+    device_id: str,
+    credential: str,
+    job: dict[str, Any],
+    report: Report,
+    rates: tuple[float, float],
+    rng: random.Random,
+    seen: set[tuple[str, str, str]],
+    stats: JobStats,
+) -> None:
+    """Work on one offered job: report downloading, fetch and check the image, report installing
+    and the outcome through `report` (HTTP or MQTT); or stay silent, at the timeout rate."""
+    auth = {"Authorization": f"Bearer {credential}"}
     key = (device_id, job["campaign_id"], job["kind"])
     if key in seen:
         return  # silent on purpose, or an answer already on its way
@@ -102,16 +126,16 @@ async def _work(
     if rng.random() < timeout_rate:
         stats.silent += 1
         return
-    url = f"/v1/device/jobs/{job['campaign_id']}/progress"
-    await http.post(url, json={"kind": job["kind"], "state": "downloading"}, headers=auth)
+    campaign = job["campaign_id"]
+    await report(campaign, {"kind": job["kind"], "state": "downloading"})
     outcome, detail = ("failed", "simulated failure") if rng.random() < failure_rate else ("succeeded", None)
     if job["download_url"]:
         image = await http.get(job["download_url"], headers=auth)
         if image.status_code != 200 or hashlib.sha256(image.content).hexdigest() != job["sha256"]:
             stats.bad_images += 1
             outcome, detail = "failed", "image checksum mismatch"
-    await http.post(url, json={"kind": job["kind"], "state": "installing"}, headers=auth)
-    await http.post(url, json={"kind": job["kind"], "state": outcome, "detail": detail}, headers=auth)
+    await report(campaign, {"kind": job["kind"], "state": "installing"})
+    await report(campaign, {"kind": job["kind"], "state": outcome, "detail": detail})
     if outcome == "succeeded":
         stats.succeeded += 1
     else:

@@ -5,6 +5,9 @@ Nodes are the workflows (every one runs on the `orchestration` queue) and the se
 `activities/` by `fleetflow.code_scan` (nothing is run); `fleetflow.graph_render` draws the
 graph (Mermaid, README's block).
 
+The API and the MQTT gateway (`api/`, `gateway/`) are edge processes, not nodes: the workflows
+they start, signal or update for a client are not service edges (no service waits on them).
+
 At the service level a workflow is `orchestration`. An edge *waits* when the caller needs the
 callee's workers to answer (activity, child workflow, update, query, execute); a signal or a
 start is handed to Temporal and the caller goes on. Cycles, the transitive closure and the

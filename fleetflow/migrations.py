@@ -725,4 +725,39 @@ MIGRATIONS: list[tuple[str, str]] = [
         END $$;
         """,
     ),
+    (
+        "0160_mqtt_gateway",
+        """
+        -- the MQTT gateway: the last stored publish of each (device, packet id), so a QoS 1
+        -- publish redelivered (DUP) after a lost PUBACK is recognised and stored once
+        CREATE TABLE data.mqtt_packets (
+            tenant    text NOT NULL,
+            device_id text NOT NULL,
+            packet_id integer NOT NULL,
+            digest    bytea NOT NULL,
+            batch_id  text NOT NULL,
+            PRIMARY KEY (tenant, device_id, packet_id)
+        );
+        -- whether a device holds an MQTT connection, and since when; session_id names the
+        -- connection, so an old connection's hang-up cannot mark a newer one offline
+        CREATE TABLE device.mqtt_presence (
+            tenant     text NOT NULL,
+            device_id  text NOT NULL,
+            online     boolean NOT NULL,
+            changed_at timestamptz NOT NULL,
+            session_id text NOT NULL,
+            node       text NOT NULL,
+            PRIMARY KEY (tenant, device_id)
+        );
+        CREATE INDEX mqtt_presence_node ON device.mqtt_presence (node) WHERE online;
+        -- a job offered to a device: MQTT gateways push it on the device's jobs/notify topic
+        CREATE FUNCTION device.job_offered() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('device_job_offered', NEW.tenant || '/' || NEW.device_id);
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER job_offered AFTER INSERT OR UPDATE OF state ON device.rollout_jobs
+            FOR EACH ROW WHEN (NEW.state = 'offered') EXECUTE FUNCTION device.job_offered();
+        """,
+    ),
 ]

@@ -49,6 +49,8 @@ SCOPES: dict[str, str] = {
     "tenants:admin": "set any tenant's profile (its rate limits and quotas)",
     # every tenant's findings and a fleet-wide run: for platform operators (admin does not include it)
     "consistency:admin": "read every tenant's consistency findings, run a reconciliation (/v1/consistency)",
+    # for the MQTT broker of the compose stack: its device login and topic checks (/v1/mqtt/*)
+    "mqtt:hooks": "ask whether an MQTT device login or topic is allowed (broker hooks)",
     "admin": "everything, including device types",
 }
 

@@ -30,6 +30,8 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "TEMPORAL_UI_URL": ("temporal_ui_url", "http://127.0.0.1:8233"),
     "FLEETFLOW_API_HOST": ("api_host", "127.0.0.1"),
     "FLEETFLOW_API_PORT": ("api_port", "8000"),
+    "FLEETFLOW_MQTT_HOST": ("mqtt_host", "127.0.0.1"),
+    "FLEETFLOW_MQTT_PORT": ("mqtt_port", "1883 (0: no MQTT endpoint)"),
     "FLEETFLOW_PUBLIC_URL": ("public_url", "http://{api_host}:{api_port}"),
     "FLEETFLOW_KEYS_DIR": ("keys_dir", "$FLEETFLOW_DATA_DIR/keys"),
     "FLEETFLOW_PAYLOAD_KEYS": ("payload_keys", "unset: generated into $FLEETFLOW_KEYS_DIR"),
@@ -66,6 +68,8 @@ class Settings(BaseModel):
     temporal_ui_url: str = "http://127.0.0.1:8233"
     api_host: str = "127.0.0.1"
     api_port: Annotated[int, Field(ge=1, le=65535)] = 8000
+    mqtt_host: str = "127.0.0.1"
+    mqtt_port: Annotated[int, Field(ge=0, le=65535)] = 1883
     public_url: str | None = None
     # signing key set (ES256, with kid) and payload keys; shared by every process of a platform
     keys_dir: Path | None = None

@@ -126,6 +126,8 @@ def up(settings: Settings, options: UpOptions) -> int:
     data_dir = settings.data_dir.resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     ensure_port_free(settings.api_port, "FLEETFLOW_API_PORT / --api-port", settings.api_host)
+    if settings.mqtt_port:
+        ensure_port_free(settings.mqtt_port, "FLEETFLOW_MQTT_PORT / --mqtt-port", settings.mqtt_host)
     if not options.external_temporal:
         ensure_port_free(options.temporal_port, "--temporal-port")
         ensure_port_free(options.ui_port, "--ui-port")
@@ -165,6 +167,13 @@ def up(settings: Settings, options: UpOptions) -> int:
             for i in range(options.workers):
                 supervisor.add(worker_child(queue, i, ports[q * options.workers + i], env))
         supervisor.add(Child("api", [sys.executable, "-m", "cli.main", "api"], env, tier=2))
+        if settings.mqtt_port:
+            mqtt_env = {
+                **env,
+                "FLEETFLOW_MQTT_HOST": settings.mqtt_host,
+                "FLEETFLOW_MQTT_PORT": str(settings.mqtt_port),
+            }
+            supervisor.add(Child("mqtt", [sys.executable, "-m", "cli.main", "mqtt"], mqtt_env, tier=2))
         _banner(settings, options)
         return True
 
@@ -212,6 +221,7 @@ def banner(settings: Settings, options: UpOptions, token_file: Path) -> str:
         f"               a codec token at {api}/codec/login and turn on the UI codec setting\n"
         f"               'include cross-origin credentials'; a codec token:\n"
         f"               fleetflow token issue --tenant default --scopes codec:decode --ttl 8h)\n"
+        f"  MQTT         {_mqtt(settings)}\n"
         f"  workers      {options.workers} per queue: {', '.join(q.value for q in TaskQueue)}\n"
         f"  metrics      {api}/metrics; {_worker_metrics(settings, options)}\n"
         f"  data         {settings.data_dir}\n"
@@ -219,6 +229,14 @@ def banner(settings: Settings, options: UpOptions, token_file: Path) -> str:
         f"\n  try:  TOKEN=$(cat {shlex.quote(str(token_file))})"
         f'\n        curl -H "Authorization: Bearer $TOKEN" {api}/v1/services\n'
         "  Ctrl-C stops everything.\n"
+    )
+
+
+def _mqtt(settings: Settings) -> str:
+    if not settings.mqtt_port:
+        return "off (--mqtt-port 0)"
+    return (
+        f"mqtt://{settings.mqtt_host}:{settings.mqtt_port} (username = device id, password = its credential)"
     )
 
 

@@ -11,9 +11,11 @@ from pydantic import ValidationError
 from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.device_mqtt import notify_twin_changed
 from activities.notifications import NotificationService
 from api.auth import State, actor_of, require, require_device
 from api.models.twins import ReportedBody
+from api.mqtt_presence import with_presence
 from api.openapi import body_schema
 from api.problems import invalid, not_found
 from api.time_travel import HistoryEntry, NoTwinThen, device_history, twin_as_of
@@ -62,7 +64,7 @@ async def get_twin(
     if as_of is None:
         current = await twin_state(state, claims.tenant, device_id)
         response.headers["ETag"] = f'"{current.desired_version}"'
-        return view(current, datetime.now(UTC))
+        return await with_presence(state.pool, claims.tenant, view(current, datetime.now(UTC)))
     if await state.devices.get_device(claims.tenant, device_id) is None:
         raise not_found(f"device {device_id!r}")
     wid = twin_id(claims.tenant, device_id)
@@ -141,6 +143,8 @@ async def set_desired(
             raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS, detail=exc.message) from None
         raise
     response.headers["ETag"] = f'"{result.version}"'
+    # MQTT gateways push the new document to the device
+    await notify_twin_changed(state.pool, claims.tenant, device_id)
     return result
 
 

@@ -133,6 +133,7 @@ class Stack:
     api_port: int = 0
     temporal_port: int = 0
     ui_port: int = 0
+    mqtt_port: int = 0
     runs: int = 0
     logs: list[Path] = field(default_factory=list)
 
@@ -157,6 +158,7 @@ class Stack:
         """Start `fleetflow up` on fresh free ports (the data directory is kept)."""
         assert self.process is None or self.process.poll() is not None, "already running"
         self.api_port, self.temporal_port, self.ui_port = port(), temporal_port(), port()
+        self.mqtt_port = port()
         self.runs += 1
         out = self.log_dir / f"up-{self.runs}.out"
         err = self.log_dir / f"up-{self.runs}.err"
@@ -173,6 +175,8 @@ class Stack:
             str(self.temporal_port),
             "--ui-port",
             str(self.ui_port),
+            "--mqtt-port",
+            str(self.mqtt_port),
         ]
         with out.open("wb") as stdout, err.open("wb") as stderr:
             self.process = subprocess.Popen(

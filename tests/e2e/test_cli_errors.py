@@ -23,8 +23,9 @@ class Run:
     api_port: int
     temporal_port: int
     ui_port: int
+    mqtt_port: int
 
-    def up_args(self, *, api_port: int | None = None) -> list[str]:
+    def up_args(self, *, api_port: int | None = None, mqtt_port: int | None = None) -> list[str]:
         return [
             "up",
             "--data-dir",
@@ -35,6 +36,8 @@ class Run:
             str(self.temporal_port),
             "--ui-port",
             str(self.ui_port),
+            "--mqtt-port",
+            str(mqtt_port or self.mqtt_port),
         ]
 
     def marks(self) -> tuple[str, ...]:
@@ -45,7 +48,7 @@ class Run:
 @pytest.fixture
 def run(tmp_path: Path) -> Iterator[Run]:
     """A data directory and ports; afterwards, no process of this run may remain."""
-    spot = Run(tmp_path / "data", port(), temporal_port(), port())
+    spot = Run(tmp_path / "data", port(), temporal_port(), port(), port())
     yield spot
     left = wait_gone(mentioning(*spot.marks()), deadline_s=10)
     assert left == [], [cmdline(p) for p in left]
@@ -96,6 +99,16 @@ def test_api_port_in_use(run: Run, tmp_path: Path) -> None:
         line = assert_one_line_error(fleetflow(run.up_args(api_port=busy), tmp_path))
     assert str(busy) in line and "in use" in line, line
     assert "API" in line or "api-port" in line, line
+    assert_nothing_started(run)
+
+
+def test_mqtt_port_in_use(run: Run, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = int(taken.getsockname()[1])
+        line = assert_one_line_error(fleetflow(run.up_args(mqtt_port=busy), tmp_path))
+    assert str(busy) in line and "in use" in line and "mqtt-port" in line, line
     assert_nothing_started(run)
 
 

@@ -58,7 +58,8 @@ STATE = {
 # monitoring stack's collector, Jaeger, Prometheus and Grafana.
 _IMAGE = re.compile(
     r"^(?:docker\.io/)?(?:library/)?(?P<repo>temporalio/[a-z0-9._-]+|postgres"
-    r"|otel/opentelemetry-collector-contrib|jaegertracing/all-in-one|prom/prometheus|grafana/grafana)"
+    r"|otel/opentelemetry-collector-contrib|jaegertracing/all-in-one|prom/prometheus|grafana/grafana"
+    r"|emqx/emqx)"
     r":(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(?:@sha256:[0-9a-f]{64})?$"
 )
 # what the app containers need for traces and metrics (see deploy/prometheus/prometheus.yml)
@@ -88,11 +89,16 @@ def _docker_compose() -> str:
     return exe
 
 
-def _run_config(exe: str, *extra: str, grafana_password: bool = True) -> subprocess.CompletedProcess[str]:
+def _run_config(
+    exe: str, *extra: str, grafana_password: bool = True, emqx_password: bool = True
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("GRAFANA_ADMIN_PASSWORD", None)
+    env.pop("EMQX_DASHBOARD_PASSWORD", None)
     if grafana_password:
         env["GRAFANA_ADMIN_PASSWORD"] = GRAFANA_PASSWORD
+    if emqx_password:
+        env["EMQX_DASHBOARD_PASSWORD"] = "emqx-test-password"
     return subprocess.run(
         [exe, "-f", str(COMPOSE_FILE), "config", *extra],
         cwd=REPO,
@@ -200,13 +206,16 @@ def _open_ports(service: dict[str, Any]) -> list[str]:
 def _exposure_problems(services: dict[str, Any]) -> list[str]:
     """Temporal's frontend has no authentication (whoever reaches it can start, signal,
     terminate and read any workflow), nor do the Web UI, Prometheus and Jaeger here: only
-    the API, which checks a token on every request, may listen on every interface."""
+    the API, which checks a token on every request, and the MQTT broker, which checks every
+    device's CONNECT through the API's hooks, may listen on every interface."""
     problems: list[str] = []
     for name, service in sorted(services.items()):
         image = str(service.get("image", ""))
         if image.startswith(("temporalio/server:", "temporalio/auto-setup:")) and _published_ports(service):
             problems.append(f"{name}: publishes the Temporal frontend {_published_ports(service)}")
-        elif name != "api" and _open_ports(service):
+        elif _open_ports(service) and not (
+            name == "api" or (name == "emqx" and _open_ports(service) == ["1883"])
+        ):
             problems.append(f"{name}: publishes {_open_ports(service)} on every interface, without login")
     ui = services.get("temporal-ui")
     if ui is not None and str(_environment(ui).get("TEMPORAL_DISABLE_WRITE_ACTIONS")).lower() != "true":
@@ -391,6 +400,13 @@ def test_grafana_has_no_default_password() -> None:
     result = _run_config(_docker_compose(), "--quiet", grafana_password=False)
     assert result.returncode != 0
     assert "GRAFANA_ADMIN_PASSWORD" in result.stderr
+
+
+def test_the_emqx_dashboard_has_no_default_password() -> None:
+    """Without EMQX_DASHBOARD_PASSWORD the stack does not start (EMQX's default is admin/public)."""
+    result = _run_config(_docker_compose(), "--quiet", emqx_password=False)
+    assert result.returncode != 0
+    assert "EMQX_DASHBOARD_PASSWORD" in result.stderr
 
 
 def test_state_and_login_detection_catches_broken_files() -> None:

@@ -1,0 +1,74 @@
+"""The device service's side of MQTT: the presence of devices' MQTT connections
+(`device.mqtt_presence`, one row per device: online, the session holding it, the node serving
+it), and the NOTIFY that tells the MQTT processes a device's twin changed.
+
+The MQTT processes (gateway/) write presence through these functions; the API reads it for the
+twin's `connection`. `db` is a pool or a connection of the caller's.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL
+
+
+async def mark_online(db: Any, tenant: str, device_id: str, session_id: str, node: str) -> None:
+    """The device's session `session_id` on `node` holds it now."""
+    await db.execute(
+        """INSERT INTO device.mqtt_presence (tenant, device_id, online, changed_at, session_id, node)
+           VALUES ($1, $2, true, now(), $3, $4)
+           ON CONFLICT (tenant, device_id) DO UPDATE SET online = true, changed_at = now(),
+               session_id = EXCLUDED.session_id, node = EXCLUDED.node""",
+        tenant,
+        device_id,
+        session_id,
+        node,
+    )
+
+
+async def mark_offline(db: Any, tenant: str, device_id: str, session_id: str) -> bool:
+    """The session ended: True when it held the device (a newer session stays online)."""
+    changed = await db.fetchval(
+        """UPDATE device.mqtt_presence SET online = false, changed_at = now()
+           WHERE tenant = $1 AND device_id = $2 AND session_id = $3 AND online RETURNING 1""",
+        tenant,
+        device_id,
+        session_id,
+    )
+    return changed is not None
+
+
+async def reset_node(db: Any, node: str) -> list[tuple[str, str, str]]:
+    """Every session `node` left online is offline: (tenant, device id, session id) of each."""
+    rows = await db.fetch(
+        """UPDATE device.mqtt_presence SET online = false, changed_at = now()
+           WHERE node = $1 AND online RETURNING tenant, device_id, session_id""",
+        node,
+    )
+    return [(r["tenant"], r["device_id"], r["session_id"]) for r in rows]
+
+
+async def has_presence(db: Any, tenant: str, device_id: str) -> bool:
+    """Whether the device ever connected over MQTT (its session may be resumed)."""
+    seen = await db.fetchval(
+        "SELECT 1 FROM device.mqtt_presence WHERE tenant = $1 AND device_id = $2", tenant, device_id
+    )
+    return seen is not None
+
+
+async def presence(db: Any, tenant: str, device_id: str) -> tuple[bool, datetime] | None:
+    """(online, changed_at) of the device's MQTT presence; None when it never connected."""
+    row = await db.fetchrow(
+        "SELECT online, changed_at FROM device.mqtt_presence WHERE tenant = $1 AND device_id = $2",
+        tenant,
+        device_id,
+    )
+    return None if row is None else (bool(row["online"]), row["changed_at"])
+
+
+async def notify_twin_changed(db: Any, tenant: str, device_id: str) -> None:
+    """Tell the MQTT processes the device's twin changed (they push its desired document and
+    delta to the device's connection, wherever it is)."""
+    await db.execute("SELECT pg_notify($1, $2)", DESIRED_CHANGED_CHANNEL, f"{tenant}/{device_id}")

@@ -1,0 +1,1 @@
+"""fleetflow's MQTT endpoint for devices (`fleetflow mqtt`)."""

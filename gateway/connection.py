@@ -1,0 +1,299 @@
+"""One device's MQTT connection: reads packets, answers them in order, and hands CONNECT,
+telemetry and the rest to the gateway (gateway/server.py). An asyncio Protocol, not streams:
+a publish costs no task and no await of its own, only its share of a group commit."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING
+
+from fleetflow.mqtt_topics import (
+    BadPayload,
+    Refusal,
+    Topic,
+    parse_telemetry,
+    payload_digest,
+    publish_target,
+    subscription_allowed,
+)
+from fleetflow.security import DeviceClaims
+from gateway import codec
+from gateway.ingest import Outcome, Pending
+
+if TYPE_CHECKING:
+    from gateway.server import Gateway
+
+log = logging.getLogger(__name__)
+MAX_UNACKED = 1000  # publishes (of any QoS) in progress before the connection stops reading
+RESUME_AT = 100
+MAX_SUBSCRIPTIONS = 32  # filters of one connection (only its own few topics exist)
+PRE_AUTH_MAX_BYTES = 64 * 1024  # the largest packet before CONNECT is accepted
+CONNECT_TIMEOUT_S = 10.0  # a socket that has not authenticated by then is closed
+
+
+class _Ack:
+    """A reply slot: replies go out in the order their packets came in."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | None = None) -> None:
+        self.data = data
+
+
+class Connection(asyncio.Protocol):
+    """An MQTT connection of one device."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.Transport | None = None
+        self.buf = bytearray()
+        self.version = codec.V311
+        self.claims: DeviceClaims | None = None
+        self.session_id = uuid.uuid4().hex[:16]
+        self.keep_alive = 0
+        self.last_rx = time.monotonic()
+        self.subscriptions: set[str] = set()
+        self._connecting = False
+        self._closed = False
+        self._acks: deque[_Ack] = deque()
+        self._paused = False
+        self._next_pid = 0
+        self.close_reason = "connection lost"
+        self.presence: asyncio.Future[object] | None = None  # the write of its online
+
+    # --- asyncio.Protocol -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Remember the transport; close it unless it authenticates soon."""
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._connect_deadline)
+
+    def _connect_deadline(self) -> None:
+        if self.claims is None and not self._closed:
+            self.close_reason = "no CONNECT in time"
+            self.close(None, "no CONNECT in time")
+
+    def data_received(self, data: bytes) -> None:
+        """Parse and handle every whole packet received."""
+        self.last_rx = time.monotonic()
+        self.buf += data
+        self._drain()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The socket closed: the device is offline (when it had connected)."""
+        self._closed = True
+        self.gateway.forget(self, self.close_reason)
+
+    # --- packets ----------------------------------------------------------------
+
+    def _drain(self) -> None:
+        while not self._closed and not self._connecting:
+            try:
+                limit = self.gateway.max_packet if self.claims is not None else PRE_AUTH_MAX_BYTES
+                found = codec.split_packet(self.buf, limit)
+            except codec.MalformedPacket as exc:
+                self.close(
+                    codec.RC5_PACKET_TOO_LARGE if "limit" in str(exc) else codec.RC5_MALFORMED, str(exc)
+                )
+                return
+            if found is None:
+                return
+            kind, flags, start, end = found
+            body = bytes(self.buf[start:end])
+            del self.buf[:end]
+            try:
+                self._handle(kind, flags, body)
+            except codec.MalformedPacket as exc:
+                self.close(codec.RC5_MALFORMED, str(exc))
+                return
+
+    def _handle(self, kind: int, flags: int, body: bytes) -> None:
+        if self.claims is None:
+            if kind != codec.CONNECT:
+                raise codec.MalformedPacket("first packet is not CONNECT")
+            connect = codec.parse_connect(body)
+            self.version = connect.version if connect.version == codec.V5 else codec.V311
+            self.keep_alive = connect.keep_alive
+            self._connecting = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+            asyncio.get_running_loop().create_task(self._connect(connect))
+            return
+        if kind == codec.PUBLISH:
+            self._publish(codec.parse_publish(flags, body, self.version))
+        elif kind == codec.PUBACK or kind == codec.PUBCOMP:
+            pass  # the device acknowledged a push: nothing is redelivered by the gateway
+        elif kind == codec.PUBREL:
+            self._reply(codec.puback(self.version, codec.parse_packet_id(body), kind=codec.PUBCOMP))
+        elif kind == codec.PUBREC:
+            self._reply(codec.pubrel(codec.parse_packet_id(body)))
+        elif kind == codec.SUBSCRIBE:
+            self._subscribe(codec.parse_subscribe(body, self.version))
+        elif kind == codec.UNSUBSCRIBE:
+            unsub = codec.parse_unsubscribe(body, self.version)
+            self.subscriptions.difference_update(unsub.filters)
+            self._reply(codec.unsuback(self.version, unsub.packet_id, len(unsub.filters)))
+        elif kind == codec.PINGREQ:
+            self._reply(codec.pingresp())
+        elif kind == codec.DISCONNECT:
+            self.close_reason = "disconnected"
+            self.close(None, "disconnected")
+        elif kind == codec.CONNECT:
+            raise codec.MalformedPacket("second CONNECT")
+        else:
+            raise codec.MalformedPacket(f"packet type {kind} from a client")
+
+    async def _connect(self, connect: codec.Connect) -> None:
+        code, claims, present = await self.gateway.authenticate(self, connect)
+        if self._closed:
+            return
+        self.write(codec.connack(self.version, code, present, self.gateway.max_packet))
+        if claims is None:
+            self.close_reason = "refused"
+            self.close(None, "refused")
+            return
+        self.claims = claims
+        self._connecting = False
+        assert self.transport is not None
+        self.transport.resume_reading()
+        await self.gateway.online(self)
+        self._drain()
+
+    def _publish(self, pub: codec.Publish) -> None:
+        claims = self.claims
+        assert claims is not None
+        if pub.qos == 2 and self.version == codec.V5:
+            self.close(codec.RC5_QOS_NOT_SUPPORTED, "QoS 2")
+            return
+        # every publish holds a reply slot until handled (QoS 0: an empty reply), so a flood
+        # of QoS 0 publishes meets the same backpressure as QoS 1
+        ack = _Ack()
+        self._acks.append(ack)
+        if len(self._acks) > MAX_UNACKED and not self._paused and self.transport is not None:
+            self._paused = True
+            self.transport.pause_reading()
+        kind = codec.PUBREC if pub.qos == 2 else codec.PUBACK
+
+        def answer(reason: int) -> None:
+            if pub.qos and pub.packet_id is not None:
+                ack.data = codec.puback(self.version, pub.packet_id, reason, kind)
+            else:
+                ack.data = b""
+            self._flush()
+
+        try:
+            target = publish_target(claims.tenant, claims.device_id, pub.topic)
+        except Refusal as exc:
+            # 3.1.1 has no refusal in PUBACK: the publish is acknowledged and dropped
+            answer(codec.RC5_NOT_AUTHORIZED if exc.outside else codec.RC5_TOPIC_NAME_INVALID)
+            return
+        if target.kind is not Topic.TELEMETRY:
+            task = self.gateway.other_publish(self, target, pub.payload)
+            task.add_done_callback(
+                lambda t: answer(t.result() if not t.cancelled() else codec.RC5_UNSPECIFIED)
+            )
+            return
+        try:
+            readings = parse_telemetry(pub.payload, claims.device_id, datetime.now(UTC))
+        except BadPayload as exc:
+            self.gateway.bad_payload(claims, str(exc))
+            answer(codec.RC5_PAYLOAD_INVALID)
+            return
+        if not self.gateway.admit_readings(claims.tenant, claims.device_id, len(readings.rows)):
+            # over the tenant's or the device's readings/s: not stored; 5.0 says so, a 3.1.1
+            # client gets no PUBACK and redelivers after reconnecting
+            if self.version == codec.V5 or not pub.qos:
+                answer(codec.RC5_QUOTA_EXCEEDED)
+            else:
+                self.close(None, "over the readings rate")
+            return
+        pending = Pending(
+            claims.tenant,
+            claims.device_id,
+            readings.rows,
+            readings.batch_id,
+            packet_id=pub.packet_id,
+            dup=pub.dup,
+            payload_digest=payload_digest(pub.payload),
+        )
+        done = self.gateway.committer.submit(pending)
+
+        def committed(fut: asyncio.Future[Outcome]) -> None:
+            outcome = fut.result() if not fut.cancelled() else Outcome.UNAVAILABLE
+            if not pub.qos:
+                answer(0)  # at most once: nothing more to say
+            elif outcome is Outcome.UNAVAILABLE:
+                # not durable: no PUBACK; the client redelivers on its next connection
+                self.close(codec.RC5_SERVER_UNAVAILABLE, "storage unavailable")
+            elif outcome is Outcome.CONFLICT:
+                self.gateway.bad_payload(claims, "batch_id reused with other readings")
+                answer(codec.RC5_PAYLOAD_INVALID)
+            else:
+                answer(0)
+
+        done.add_done_callback(committed)
+
+    def _subscribe(self, sub: codec.Subscribe) -> None:
+        claims = self.claims
+        assert claims is not None
+        refused = codec.SUBACK5_NOT_AUTHORIZED if self.version == codec.V5 else codec.SUBACK311_FAILURE
+        codes = []
+        granted = []
+        quota = codec.RC5_QUOTA_EXCEEDED if self.version == codec.V5 else codec.SUBACK311_FAILURE
+        for topic_filter, qos in sub.filters:
+            full = len(self.subscriptions) >= MAX_SUBSCRIPTIONS and topic_filter not in self.subscriptions
+            if full and subscription_allowed(claims.tenant, claims.device_id, topic_filter):
+                codes.append(quota)
+            elif subscription_allowed(claims.tenant, claims.device_id, topic_filter):
+                self.subscriptions.add(topic_filter)
+                granted.append(topic_filter)
+                codes.append(min(qos, 1))
+            else:
+                codes.append(refused)
+        self._reply(codec.suback(self.version, sub.packet_id, codes))
+        if granted:
+            self.gateway.subscribed(self, granted)
+
+    # --- writing ----------------------------------------------------------------
+
+    def _reply(self, data: bytes) -> None:
+        self._acks.append(_Ack(data))
+        self._flush()
+
+    def _flush(self) -> None:
+        out = []
+        while self._acks and self._acks[0].data is not None:
+            data = self._acks.popleft().data
+            assert data is not None
+            out.append(data)
+        if out:
+            self.write(b"".join(out))
+        if self._paused and len(self._acks) < RESUME_AT and self.transport is not None and not self._closed:
+            self._paused = False
+            self.transport.resume_reading()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes unless the connection is closed."""
+        if data and not self._closed and self.transport is not None:
+            self.transport.write(data)
+
+    def push(self, topic: str, payload: bytes, retain: bool = False) -> None:
+        """Publish to the device (QoS 0) when one of its subscriptions matches."""
+        self.write(codec.publish(self.version, topic, payload, 0, 0, retain))
+
+    def close(self, reason: int | None, why: str) -> None:
+        """End the connection (5.0: with a DISCONNECT carrying reason, when given)."""
+        if self._closed or self.transport is None:
+            return
+        if self.close_reason == "connection lost":
+            self.close_reason = why
+        if reason is not None and self.claims is not None:
+            self.write(codec.disconnect(self.version, reason))
+        self._closed = True
+        self.transport.close()

@@ -1,0 +1,97 @@
+"""Telemetry publishes made durable in groups: the gateway gathers the publishes of many
+connections and hands each group to the data service's accept path
+(activities/telemetry_publishes.py: one statement, one transaction); each publish's PUBACK is
+sent only once that transaction has committed. The ingestion shards take them from there, as
+they take the batches of `POST /v1/telemetry`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import asyncpg
+
+from activities.telemetry_publishes import Outcome, Publish, accept_publishes
+from fleetflow.db import Pool
+
+log = logging.getLogger(__name__)
+MAX_GROUP = 2000  # publishes in one transaction
+CONCURRENCY = 4  # transactions in flight
+
+Pending = Publish  # one telemetry publish waiting for its group's commit
+Queued = tuple[Publish, "asyncio.Future[Outcome]"]
+__all__ = ["CONCURRENCY", "MAX_GROUP", "GroupCommitter", "Outcome", "Pending"]
+
+
+class GroupCommitter:
+    """Commits queued publishes together: while one transaction runs, the next group gathers."""
+
+    def __init__(self, pool: Pool, max_group: int = MAX_GROUP, concurrency: int = CONCURRENCY) -> None:
+        self.pool = pool
+        self.max_group = max_group
+        self.concurrency = concurrency
+        self._queue: list[Queued] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.groups = 0
+        self.stored = 0
+
+    def start(self) -> None:
+        """Start committing."""
+        self._loop = asyncio.get_running_loop()
+        self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> None:
+        """Stop; what is still queued is answered UNAVAILABLE (never acknowledged)."""
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        for _, done in self._queue:
+            if not done.done():
+                done.set_result(Outcome.UNAVAILABLE)
+        self._queue.clear()
+
+    def submit(self, item: Pending) -> asyncio.Future[Outcome]:
+        """Queue a publish; the future resolves once its group committed (or failed)."""
+        item.prepare()
+        done: asyncio.Future[Outcome] = self._loop.create_future()
+        self._queue.append((item, done))
+        self._wake.set()
+        return done
+
+    async def _run(self) -> None:
+        slots = asyncio.Semaphore(self.concurrency)
+        running: set[asyncio.Task[None]] = set()
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._queue:
+                # several transactions at once: one waits for its WAL flush while the next one
+                # gathers and inserts (PostgreSQL flushes concurrent commits together)
+                await slots.acquire()
+                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+                task = asyncio.create_task(self._commit_group(group, slots))
+                running.add(task)
+                task.add_done_callback(running.discard)
+
+    async def _commit_group(self, queued: list[Queued], slots: asyncio.Semaphore) -> None:
+        group = [item for item, _ in queued]
+        try:
+            try:
+                outcomes = await self._commit(group)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                log.warning("telemetry group of %d not stored: %s", len(group), exc)
+                outcomes = [Outcome.UNAVAILABLE] * len(group)
+                await asyncio.sleep(0.2)  # the database is away: do not spin
+            self.groups += 1
+            for (_, done), outcome in zip(queued, outcomes, strict=True):
+                if not done.done():
+                    done.set_result(outcome)
+        finally:
+            slots.release()
+
+    async def _commit(self, group: list[Pending]) -> list[Outcome]:
+        outcomes = await accept_publishes(self.pool, group)
+        self.stored += sum(len(p.rows) for p, o in zip(group, outcomes, strict=True) if o is Outcome.STORED)
+        return outcomes

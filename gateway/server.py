@@ -1,0 +1,289 @@
+"""The MQTT gateway: fleetflow's own MQTT 3.1.1/5.0 endpoint (`fleetflow mqtt`, started by
+`fleetflow up`). Devices authenticate with their credential at CONNECT, publish telemetry
+that is durable before its PUBACK (gateway/ingest.py), and are disconnected within seconds
+of a revocation or decommissioning (the `device_credentials_revoked` NOTIFY, and a sweep).
+
+Why not a broker from PyPI: amqtt 0.12 sends PUBACK once a message is in its in-memory queue,
+before any plugin runs, and speaks 3.1.1 only; iotcore (rumqttd) keeps messages in memory and
+has no authentication hook. Either loses acknowledged readings when its process is killed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from fastapi import HTTPException
+from temporalio.client import Client
+
+from activities import device_mqtt
+from activities.devices import DeviceService
+from activities.notifications import NotificationService
+from activities.telemetry_publishes import quarantine_payload
+from api.credentials import CHANNEL as REVOKED_CHANNEL
+from api.quotas import Quotas
+from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
+from fleetflow.db import Pool
+from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, JOB_OFFERED_CHANNEL, Published, Topic
+from fleetflow.security import DeviceClaims
+from fleetflow.settings import Settings
+from gateway import codec
+from gateway.auth import LoginUnavailable, device_login
+from gateway.connection import Connection
+from gateway.ingest import GroupCommitter
+from gateway.jobs import JobPush
+from gateway.presence import Presence
+from gateway.twin_push import TwinPush
+
+log = logging.getLogger(__name__)
+SWEEP_S = 30.0  # every connection's credential is checked again this often (expiry, lost NOTIFYs)
+KEEP_ALIVE_CHECK_S = 1.0
+RECONNECT_S = 1.0
+
+Key = tuple[str, str]  # (tenant, device id)
+
+
+class Gateway:
+    """Connections of this process, keyed by device; their authentication and presence."""
+
+    def __init__(self, settings: Settings, pool: Pool, temporal: Client, dsn: str, node: str) -> None:
+        self.settings = settings
+        self.pool = pool
+        self.temporal = temporal
+        self.dsn = dsn
+        self.devices = DeviceService(pool, settings)
+        self.events = NotificationService(pool, temporal)
+        self.presence = Presence(pool, self.devices, self.events, temporal, node)
+        self.committer = GroupCommitter(pool)
+        self.quotas = Quotas(pool, settings.quotas)  # the tenants' and devices' readings/s, as over HTTP
+        self.max_packet = MAX_BATCH_BYTES + 64 * 1024
+        self.connections: dict[Key, Connection] = {}
+        self.tokens: dict[Connection, str] = {}  # the credential each connection showed (re-checks)
+        self.by_jti: dict[str, set[Connection]] = {}  # a revocation's NOTIFY names the jti
+        self._tasks: set[asyncio.Task[object]] = set()
+        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self.twin = TwinPush(temporal)
+        self.jobs = JobPush(self.devices, temporal)
+        self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {
+            Topic.TWIN_REPORTED.value: self.twin.reported,
+            Topic.JOB_PROGRESS.value: self.jobs.progress,
+        }
+
+    # --- lifecycle --------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start committing, listening for revocations, watching keep-alives."""
+        self.committer.start()
+        gone = await self.presence.reset_node()
+        if gone:
+            log.info("%d devices left online by an earlier run of this node are offline", gone)
+        await self._listen()
+        self._spawn(self._keep_listening())
+        self._spawn(self._watch_keep_alive())
+        self._spawn(self._sweep())
+
+    async def stop(self) -> None:
+        """Close every connection and stop."""
+        for conn in list(self.connections.values()):
+            conn.close(codec.RC5_SERVER_UNAVAILABLE, "gateway stopping")
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.committer.stop()
+        if self._listener is not None:
+            await self._listener.close()
+
+    def _spawn(self, work: Awaitable[object]) -> asyncio.Task[object]:
+        task: asyncio.Task[object] = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    # --- CONNECT ------------------------------------------------------------------
+
+    async def authenticate(
+        self, conn: Connection, connect: codec.Connect
+    ) -> tuple[int, DeviceClaims | None, bool]:
+        """(CONNACK code, the device's claims when accepted, session present)."""
+        v5 = connect.version == codec.V5
+        if connect.version not in (codec.V311, codec.V5):
+            return (codec.RC5_UNSUPPORTED_VERSION if v5 else codec.RC311_BAD_PROTOCOL), None, False
+        refused = codec.RC5_NOT_AUTHORIZED if v5 else codec.RC311_NOT_AUTHORIZED
+        unavailable = codec.RC5_SERVER_UNAVAILABLE if v5 else 3
+        try:
+            login = await device_login(
+                self.settings, self.devices, connect.client_id, connect.username, connect.password
+            )
+            if login is None:
+                return refused, None, False
+            claims, token = login
+            seen = await device_mqtt.has_presence(self.pool, claims.tenant, claims.device_id)
+        except (LoginUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return unavailable, None, False
+        self.tokens[conn] = token
+        return codec.RC_ACCEPTED, claims, seen and not connect.clean
+
+    async def online(self, conn: Connection) -> None:
+        """A device connected: an older connection of the same device is taken over."""
+        assert conn.claims is not None
+        key = (conn.claims.tenant, conn.claims.device_id)
+        self.by_jti.setdefault(conn.claims.jti, set()).add(conn)
+        old = self.connections.get(key)
+        self.connections[key] = conn
+        if old is not None and old is not conn:
+            old.close_reason = "taken over"
+            old.close(codec.RC5_SESSION_TAKEN_OVER, "taken over")
+        # kept, so the offline of a connection that ends at once is written after its online
+        conn.presence = self._spawn(self._online(conn))
+        await asyncio.shield(conn.presence)
+
+    async def _online(self, conn: Connection) -> None:
+        assert conn.claims is not None
+        tenant, device_id = conn.claims.tenant, conn.claims.device_id
+        try:
+            await self.presence.connected(tenant, device_id, conn.session_id, conn.claims.jti)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            log.warning("online of %s/%s not written", tenant, device_id, exc_info=True)
+
+    async def _offline(self, conn: Connection, reason: str) -> None:
+        assert conn.claims is not None
+        if conn.presence is not None:
+            await asyncio.gather(conn.presence, return_exceptions=True)
+        await self.presence.disconnected(conn.claims.tenant, conn.claims.device_id, conn.session_id, reason)
+
+    def forget(self, conn: Connection, reason: str) -> None:
+        """A connection ended: the device is offline unless a newer connection holds it."""
+        self.tokens.pop(conn, None)
+        if conn.claims is None:
+            return
+        same = self.by_jti.get(conn.claims.jti)
+        if same is not None:
+            same.discard(conn)
+            if not same:
+                del self.by_jti[conn.claims.jti]
+        key = (conn.claims.tenant, conn.claims.device_id)
+        if self.connections.get(key) is conn:
+            del self.connections[key]
+        self._spawn(self._offline(conn, reason))
+
+    # --- publishes other than telemetry, and bad payloads -------------------------
+
+    def other_publish(self, conn: Connection, target: Published, payload: bytes) -> asyncio.Task[int]:
+        """Handle a twin or job publish; the task's result is the PUBACK reason code."""
+        handler = self.publish_handlers.get(target.kind.value)
+
+        async def unsupported(_c: Connection, _t: Published, _p: bytes) -> int:
+            return codec.RC5_TOPIC_NAME_INVALID
+
+        task: asyncio.Task[int] = asyncio.ensure_future((handler or unsupported)(conn, target, payload))
+        return task
+
+    def admit_readings(self, tenant: str, device_id: str, readings: int) -> bool:
+        """Whether the readings fit the tenant's and the device's rates (taken when they do)."""
+        limits, fresh = self.quotas.known_limits(tenant)
+        if not fresh:
+            self._spawn(self.quotas.limits(tenant))  # read again for the next publishes
+        try:
+            self.quotas.admit_readings_now(tenant, {device_id: readings}, limits)
+        except HTTPException:
+            return False
+        return True
+
+    def bad_payload(self, claims: DeviceClaims, reason: str) -> None:
+        """Count a payload that was not stored, with its reason, in the quarantine view."""
+        self._spawn(self._quarantine(claims.tenant, claims.device_id, reason))
+
+    async def _quarantine(self, tenant: str, device_id: str, reason: str) -> None:
+        try:
+            await quarantine_payload(self.pool, tenant, device_id, f"mqtt: {reason}")
+        except (OSError, asyncpg.PostgresError):
+            log.warning("bad payload of %s/%s not counted", tenant, device_id, exc_info=True)
+
+    def subscribed(self, conn: Connection, filters: list[str]) -> None:
+        """A device subscribed to its own topics: it gets the twin's documents and its pending
+        job at once."""
+        self._spawn(self.twin.push(conn))
+        self._spawn(self.jobs.push(conn))
+
+    def _on_job_offered(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        tenant, _, device_id = str(payload).partition("/")
+        conn = self.connections.get((tenant, device_id))
+        if conn is not None:
+            self._spawn(self.jobs.push(conn))
+
+    def _on_desired_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        tenant, _, device_id = str(payload).partition("/")
+        conn = self.connections.get((tenant, device_id))
+        if conn is not None:
+            self._spawn(self.twin.push(conn))
+
+    # --- revocation ---------------------------------------------------------------
+
+    async def _listen(self) -> None:
+        listener: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
+        await listener.add_listener(REVOKED_CHANNEL, self._on_revoked)
+        await listener.add_listener(DESIRED_CHANGED_CHANNEL, self._on_desired_changed)
+        await listener.add_listener(JOB_OFFERED_CHANNEL, self._on_job_offered)
+        self._listener = listener
+
+    def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:
+        holders = self.by_jti.get(str(jti))
+        if holders:
+            self._spawn(self._recheck(list(holders)))
+
+    async def _recheck(self, conns: list[Connection]) -> None:
+        for conn in conns:
+            claims, token = conn.claims, self.tokens.get(conn)
+            if claims is None or token is None:
+                continue
+            try:
+                ok = await self.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token)
+            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                continue  # the database is away: the next sweep looks again
+            if not ok:
+                conn.close_reason = "credential revoked"
+                conn.close(codec.RC5_NOT_AUTHORIZED, "credential revoked")
+
+    async def _keep_listening(self) -> None:
+        while True:
+            await asyncio.sleep(RECONNECT_S)
+            if self._listener is not None and not self._listener.is_closed():
+                continue
+            try:
+                await self._listen()
+            except (OSError, asyncpg.PostgresError):
+                continue
+            # what was revoked while nobody listened
+            self._spawn(self._recheck(list(self.connections.values())))
+
+    async def _sweep(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            await self._recheck(list(self.connections.values()))
+
+    # --- keep-alive -----------------------------------------------------------------
+
+    async def _watch_keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(KEEP_ALIVE_CHECK_S)
+            now = time.monotonic()
+            for conn in list(self.connections.values()):
+                if conn.keep_alive and now - conn.last_rx > 1.5 * conn.keep_alive:
+                    conn.close_reason = "keep-alive expired"
+                    conn.close(codec.RC5_KEEP_ALIVE_TIMEOUT, "keep-alive expired")
+
+
+async def serve(gateway: Gateway, host: str, port: int) -> asyncio.Server:
+    """Listen for MQTT connections."""
+    await gateway.start()
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: Connection(gateway), host, port, reuse_address=True)
+    for sock in server.sockets:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return server
