@@ -58,7 +58,16 @@ async def apply_retention(pool: Pool, request: RetentionRequest, partition_lock:
     defaults = TenantLimits()
     stored = await retention_overrides(pool)
     raw = {t: r for t, (r, _) in stored.items() if r is not None}
-    kept_rollups = {t: r for t, (_, r) in stored.items() if r is not None}
+    # rollups kept at least as long as the raw rows: an aligned bucketed read answers from the
+    # rollups only, so rollups gone before the raw rows would read as no data at all
+    kept_rollups = {
+        t: max(
+            defaults.rollup_retention_days if roll is None else roll,
+            defaults.raw_retention_days if r is None else r,
+        )
+        for t, (r, roll) in stored.items()
+    }
+    rollup_default = max(defaults.rollup_retention_days, defaults.raw_retention_days)
     longest = max([defaults.raw_retention_days, *raw.values()])
     horizon = now - timedelta(days=longest)
     result = DataRetained()
@@ -77,7 +86,7 @@ async def apply_retention(pool: Pool, request: RetentionRequest, partition_lock:
                 horizon,
             )
         )
-    for days, tenants, is_default in _groups(kept_rollups, defaults.rollup_retention_days):
+    for days, tenants, is_default in _groups(kept_rollups, rollup_default):
         cutoff = now - timedelta(days=days)
         for table in ("data.rollups_1m", "data.rollups_1h"):
             result.rollups_deleted += _count(
@@ -90,6 +99,16 @@ async def apply_retention(pool: Pool, request: RetentionRequest, partition_lock:
     batches_cutoff = now - timedelta(days=BATCH_RETENTION_DAYS)
     dead_cutoff = now - timedelta(days=DEAD_LETTER_RETENTION_DAYS)
     async with pool.acquire() as conn, conn.transaction():
+        # the readable rows of a poison-pill batch: their window is never stored (no
+        # data.windows row), so they go with their batch, before it
+        result.quarantined_deleted = _count(
+            await conn.execute(
+                """DELETE FROM data.quarantined_readings q USING data.ingest_batches b
+                   WHERE b.status = 'quarantined' AND b.quarantined_at < $1 AND q.tenant = b.tenant
+                     AND q.batch_id = b.batch_id AND q.window_id = b.window_id""",
+                dead_cutoff,
+            )
+        )
         result.batches_deleted = _count(
             await conn.execute(
                 """DELETE FROM data.ingest_batches
@@ -99,7 +118,7 @@ async def apply_retention(pool: Pool, request: RetentionRequest, partition_lock:
                 dead_cutoff,
             )
         )
-        result.quarantined_deleted = _count(
+        result.quarantined_deleted += _count(
             await conn.execute(
                 """DELETE FROM data.quarantined_readings q USING data.windows w
                    WHERE q.window_id = w.window_id AND w.stored_at < $1""",

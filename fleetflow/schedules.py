@@ -18,7 +18,9 @@ valid token is accepted only when all of this holds, checked before the workflow
   whose workflow is this one;
 - `data.verify_scheduled_run` (an activity: it needs the network) describes that schedule and
   finds this exact workflow id and run id among the runs the schedule itself recorded starting,
-  and the schedule's action starts this type with the input SCHEDULES defines.
+  the schedule's action starts this type with the input SCHEDULES defines, and the run's own
+  history starts with that input (the action may have been changed for one trigger and put
+  back before the proof reads it).
 
 So a forged search attribute is worthless (the schedule never recorded the run), and the worst
 a holder of raw Temporal access could do through a schedule is run a listed workflow with its

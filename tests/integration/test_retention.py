@@ -283,3 +283,58 @@ async def test_export_of_the_same_device_id_in_two_tenants_shows_each_its_own(
     assert [json.loads(x)["value"] for x in theirs.text.splitlines()] == [2.0, 3.0]
     hourly = await api.get(f"/v1/devices/{device_id}/telemetry", params={"bucket": "1h"}, headers=globex)
     assert sum(p["count"] for p in hourly.json()["points"]) == 2
+
+
+async def test_rollups_are_kept_as_long_as_the_raw_rows_whatever_the_profile_says(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    """A profile with rollups shorter than its raw retention: an hour-aligned read (answered
+    from the rollups only) still sees the raw rows it keeps."""
+    tenant = f"roll{uuid.uuid4().hex[:6]}"
+    auth = bearer(tenant)
+    put = await api.put(f"/v1/tenants/{tenant}/profile", json={"rollup_retention_days": 3}, headers=AUTH)
+    assert put.status_code == 200, put.text
+    device_id, _ = await active_device(api, auth=auth)
+    ten_days = NOW.replace(minute=0) - timedelta(days=10)
+    await ingest(api, auth, rows_at(device_id, ten_days, [1, 2, 3]))
+    await stored(pool, device_id, 3)
+
+    await retention(client, NOW)
+    assert await count(pool, device_id) == 3  # 10 days: within the raw 30
+    hourly = await api.get(
+        f"/v1/devices/{device_id}/telemetry",
+        params={"bucket": "1h", "from": ten_days.isoformat(), "to": NOW.replace(minute=0).isoformat()},
+        headers=auth,
+    )
+    assert hourly.status_code == 200
+    assert sum(p["count"] for p in hourly.json()["points"]) == 3
+
+
+async def test_readings_of_an_old_poison_pill_batch_go_with_it(
+    pool: Pool, client: Client, workers: None
+) -> None:
+    """A quarantined (poison-pill) batch's readable rows are kept under its window, which is
+    never stored: they age out with the batch rather than staying for ever."""
+    tenant = f"pp{uuid.uuid4().hex[:6]}"
+    window_id = f"w-{tenant}/a"
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, status,
+               window_id, reason, quarantined_at)
+           VALUES ($1, 'b1', 0, 1, '{d1}', 'quarantined', $2, 'poison', $3)""",
+        tenant,
+        window_id,
+        NOW - timedelta(days=40),
+    )
+    await pool.execute(
+        """INSERT INTO data.quarantined_readings VALUES ($1, 'd1', 'temperature', $2, 1.0, 'poison',
+               'b1', $3)""",
+        tenant,
+        NOW - timedelta(days=40),
+        window_id,
+    )
+    done = await retention(client, NOW)
+    assert done.data.quarantined_deleted >= 1
+    assert (
+        await pool.fetchval("SELECT count(*) FROM data.quarantined_readings WHERE tenant = $1", tenant) == 0
+    )
+    assert await pool.fetchval("SELECT count(*) FROM data.ingest_batches WHERE tenant = $1", tenant) == 0

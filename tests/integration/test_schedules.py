@@ -4,16 +4,25 @@ through the search attribute) is still refused."""
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
+from datetime import UTC, datetime
 
 import pytest
-from temporalio.client import Client, WorkflowExecutionStatus, WorkflowFailureError
+from temporalio.client import (
+    Client,
+    ScheduleActionExecutionStartWorkflow,
+    ScheduleOverlapPolicy,
+    WorkflowExecutionStatus,
+    WorkflowFailureError,
+)
 from temporalio.common import SearchAttributePair, TypedSearchAttributes
 from temporalio.service import RPCError
 
+from activities.scheduled_runs import verify_scheduled_run
 from fleetflow.contracts.common import TaskQueue
-from fleetflow.contracts.retention import RETENTION_ID, RetentionRequest
-from fleetflow.schedules import SCHEDULED_BY, SCHEDULES, apply_schedules, list_schedules
+from fleetflow.contracts.retention import RETENTION_ID, RetentionRequest, ScheduledRun
+from fleetflow.schedules import SCHEDULED_BY, SCHEDULES, apply_schedules, definition, list_schedules
 from tests.support import TEST_KEYS, eventually
 from workflows.retention import Retention
 
@@ -85,3 +94,49 @@ async def test_an_unsigned_start_is_refused_even_claiming_a_schedule(client: Cli
     with pytest.raises(WorkflowFailureError) as forged_refused:
         await handle.result()
     assert "service identity refused" in str(forged_refused.value.cause)
+
+
+async def test_a_run_triggered_with_another_input_is_not_proved_after_the_action_is_put_back(
+    client: Client, workers: None
+) -> None:
+    """A holder of Temporal access updates the schedule's action (here a harmless `now`; a far
+    future one would delete every tenant's data), triggers it and restores the action before
+    the proof reads it: the run was recorded by the schedule, but its own input is not the
+    defined one, so it is not accepted as the schedule's."""
+    TEST_KEYS.signing_key()
+    defined = definition(RETENTION_ID)
+    assert defined is not None
+    harmless = dataclasses.replace(
+        defined, input=lambda: RetentionRequest(now=datetime(2000, 1, 1, tzinfo=UTC))
+    )
+    await apply_schedules(client, [harmless])
+    handle = client.get_schedule_handle(RETENTION_ID)
+    try:
+        before = {a.action.workflow_id for a in (await handle.describe()).info.recent_actions}  # type: ignore[attr-defined]
+        await handle.trigger(overlap=ScheduleOverlapPolicy.ALLOW_ALL)
+
+        async def new_action() -> list[ScheduleActionExecutionStartWorkflow]:
+            actions = [a.action for a in (await handle.describe()).info.recent_actions]
+            return [
+                a
+                for a in actions
+                if isinstance(a, ScheduleActionExecutionStartWorkflow) and a.workflow_id not in before
+            ]
+
+        started = (await eventually(new_action, bool, timeout_s=60))[0]
+    finally:
+        await apply_schedules(client)  # the action back as defined
+    run = ScheduledRun(
+        schedule_id=RETENTION_ID,
+        workflow_id=started.workflow_id,
+        run_id=started.first_execution_run_id,
+        workflow_type="Retention",
+    )
+    verdict = await verify_scheduled_run(client, run)
+    assert not verdict.accepted and "input" in verdict.reason
+
+    # a run reusing the id the schedule recorded (another run id) is refused at once, not
+    # retried as "not recorded yet" until the proof times out
+    reused = run.model_copy(update={"run_id": str(uuid.uuid4())})
+    verdict = await verify_scheduled_run(client, reused)
+    assert not verdict.accepted and "another run" in verdict.reason
