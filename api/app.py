@@ -39,6 +39,7 @@ from api.routers import (
 from api.routers import credentials as credential_routes
 from api.state import AppState
 from fleetflow.db import create_pool, migrate
+from fleetflow.dependency_graph import derive
 from fleetflow.embedded_pg import database_url
 from fleetflow.payload_codec import payload_keys
 from fleetflow.schedules import apply_schedules
@@ -60,6 +61,10 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         await Subscriptions(pool, keys=payload_keys(settings)).seal_stored_secrets()
         await ensure_ingestion(client, settings.ingest_shards)
         await apply_schedules(client)  # fleetflow.schedules: idempotent
+        # /v1/services' graph, parsed from the code (~0.1 s) here, before any request: parsing in
+        # a thread beside another thread's `ast` use trips CPython 3.11's "AST constructor
+        # recursion depth mismatch" (gh-106905)
+        derive()
         devices = DeviceService(pool, settings)
         credentials = CredentialCache(database_url(settings), devices.credential_valid_until)
         await credentials.start()

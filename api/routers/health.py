@@ -204,5 +204,4 @@ async def services(
         counts[queue.value] = await pollers(
             state.temporal, queue.value, workflows=queue is TaskQueue.ORCHESTRATION
         )
-    # parsed once per process (about 0.1 s), off the event loop
-    return service_nodes(await asyncio.to_thread(derive), counts)
+    return service_nodes(derive(), counts)  # parsed at the API's start-up (cached)
