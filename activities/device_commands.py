@@ -34,6 +34,17 @@ _VIEW = """command_id, device_id, name, params, result, timeout_s, created_at, e
                 WHEN status = 'delivered' AND delivered_at + make_interval(secs => timeout_s) <= now()
                 THEN 'timed_out'
                 ELSE status END AS status"""
+# a cancel (decommission, campaign stop) of an open row: one already past its deadline reads as
+# expired / timed out (_VIEW), and keeps that terminal status rather than turning into another
+_CANCEL_OPEN = """status = CASE
+                      WHEN status = 'pending' AND expires_at <= now() THEN 'expired'
+                      WHEN status = 'delivered' AND delivered_at + make_interval(secs => timeout_s) <= now()
+                      THEN 'timed_out' ELSE 'cancelled' END,
+                  result = CASE WHEN status = 'pending' AND expires_at <= now()
+                                  OR status = 'delivered'
+                                     AND delivered_at + make_interval(secs => timeout_s) <= now()
+                           THEN result ELSE jsonb_build_object('reason', $3::text) END,
+                  finished_at = now()"""
 # a command campaign's job, offered to a device, is a command whose id names the campaign and the
 # attempt ('~' is in no command id an operator may choose)
 CAMPAIGN_SEPARATOR = "~"
@@ -271,11 +282,11 @@ class DeviceCommands:
         self, tenant: str, device_id: str, reason: str, conn: Conn | None = None
     ) -> int:
         """End every open command of a device (it is being decommissioned), in conn's transaction
-        when given."""
+        when given; one already past its deadline keeps the status it reads as."""
         result = await (conn or self.pool).execute(
-            """UPDATE device.commands SET status = 'cancelled', finished_at = now(),
-                   result = jsonb_build_object('reason', $3::text)
-               WHERE tenant = $1 AND device_id = $2 AND status = ANY($4)""",
+            "UPDATE device.commands SET "
+            + _CANCEL_OPEN
+            + " WHERE tenant = $1 AND device_id = $2 AND status = ANY($4)",
             tenant,
             device_id,
             reason,
@@ -333,10 +344,11 @@ async def offer_campaign_commands(conn: Conn, tenant: str, campaign_id: str, exp
 async def end_campaign_commands(conn: Conn, tenant: str, campaign_id: str) -> None:
     """The campaign stopped: its open commands are cancelled."""
     await conn.execute(
-        """UPDATE device.commands SET status = 'cancelled', finished_at = now(),
-               result = jsonb_build_object('reason', 'campaign stopped')
-           WHERE tenant = $1 AND campaign_id = $2 AND status = ANY($3)""",
+        "UPDATE device.commands SET "
+        + _CANCEL_OPEN
+        + " WHERE tenant = $1 AND campaign_id = $2 AND status = ANY($4)",
         tenant,
         campaign_id,
+        "campaign stopped",
         list(OPEN_STATUSES),
     )

@@ -403,3 +403,34 @@ async def test_a_new_command_notifies_its_channel_and_its_run_is_found_by_device
         return [w.id async for w in client.list_workflows(query)]
 
     assert await eventually(runs, bool) == [command["workflow_id"]]
+
+
+async def test_a_command_past_its_deadline_keeps_its_status_when_the_device_is_retired(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """The API died between writing the row and starting its run: the row reads as expired once
+    past expires_s, and a decommission does not turn that terminal status into `cancelled`."""
+    from activities.device_commands import DeviceCommands
+    from fleetflow.contracts.commands import CommandSpec
+
+    device_id, _credential = await active_device(api)
+    rows = DeviceCommands(pool)
+    orphan = await rows.create_command(
+        "acme", device_id, new_id("orphan"), CommandSpec(name="reboot", expires_s=1), "none", "test"
+    )
+    assert orphan is not None and orphan.status == "pending"
+    url = f"/v1/devices/{device_id}/commands/{orphan.command_id}"
+    await eventually(lambda: api.get(url, headers=AUTH), lambda r: r.json()["status"] == "expired")
+    retired = await api.post(f"/v1/devices/{device_id}:decommission", json={}, headers=AUTH)
+    assert retired.status_code == 202
+    await eventually(
+        lambda: api.get(f"/v1/decommissions/{device_id}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+    )
+    assert await status_of(api, device_id, orphan.command_id) == "expired"
+    stored = await pool.fetchval(
+        "SELECT status FROM device.commands WHERE tenant = 'acme' AND device_id = $1 AND command_id = $2",
+        device_id,
+        orphan.command_id,
+    )
+    assert stored == "expired"  # stored, not only read as: the row is terminal
