@@ -153,20 +153,39 @@ class DeviceCommands:
 
     async def take_commands(self, tenant: str, device_id: str, limit: int) -> list[DeviceCommandView]:
         """Deliver the device's pending commands, oldest first: each is delivered once, and
-        its answer is due within its timeout from now."""
-        rows = await self.pool.fetch(
-            """WITH pick AS (
-                   SELECT command_id FROM device.commands
-                   WHERE tenant = $1 AND device_id = $2 AND status = 'pending' AND expires_at > now()
-                   ORDER BY created_at, command_id LIMIT $3 FOR UPDATE SKIP LOCKED)
-               UPDATE device.commands c SET status = 'delivered', delivered_at = now()
-               FROM pick WHERE c.tenant = $1 AND c.device_id = $2 AND c.command_id = pick.command_id
-               RETURNING c.command_id, c.name, c.params, c.timeout_s, c.expires_at, c.created_at,
-                         c.delivered_at""",
-            tenant,
-            device_id,
-            limit,
-        )
+        its answer is due within its timeout from now. A campaign's job hears of it as the
+        device's first report: its device timeout counts from the delivery, not the offer."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """WITH pick AS (
+                       SELECT command_id FROM device.commands
+                       WHERE tenant = $1 AND device_id = $2 AND status = 'pending' AND expires_at > now()
+                       ORDER BY created_at, command_id LIMIT $3 FOR UPDATE SKIP LOCKED)
+                   UPDATE device.commands c SET status = 'delivered', delivered_at = now()
+                   FROM pick WHERE c.tenant = $1 AND c.device_id = $2 AND c.command_id = pick.command_id
+                   RETURNING c.command_id, c.name, c.params, c.timeout_s, c.expires_at, c.created_at,
+                             c.delivered_at, c.campaign_id""",
+                tenant,
+                device_id,
+                limit,
+            )
+            offers = [r["command_id"] for r in rows if r["campaign_id"] is not None]
+            if offers:
+                # only the job's current offer; a job a tick holds is skipped (no lock-order wait)
+                await conn.execute(
+                    """WITH j AS (
+                           SELECT campaign_id FROM device.rollout_jobs
+                           WHERE tenant = $1 AND device_id = $2 AND kind = 'update' AND state = 'offered'
+                             AND campaign_id || $4 || attempts = ANY($3::text[])
+                           FOR UPDATE SKIP LOCKED)
+                       UPDATE device.rollout_jobs r SET updated_at = now(), detail = 'command delivered'
+                       FROM j WHERE r.tenant = $1 AND r.device_id = $2 AND r.kind = 'update'
+                         AND r.campaign_id = j.campaign_id""",
+                    tenant,
+                    device_id,
+                    offers,
+                    CAMPAIGN_SEPARATOR,
+                )
         rows = sorted(rows, key=lambda r: (r["created_at"], r["command_id"]))
         return [
             DeviceCommandView(

@@ -434,3 +434,42 @@ async def test_a_command_past_its_deadline_keeps_its_status_when_the_device_is_r
         orphan.command_id,
     )
     assert stored == "expired"  # stored, not only read as: the row is terminal
+
+
+async def test_a_campaign_command_taken_late_in_its_offer_gets_the_device_timeout_from_delivery(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """A device back just before its offer's device timeout takes the command: its answer, in
+    time after the delivery, is the job's outcome; the job is not offered (run) a second time."""
+    creds = await fleet(api, 1)
+    device_id, credential = next(iter(creds.items()))
+    campaign = new_id("cc")
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=30, retry_limit=3)
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+    job = (
+        "SELECT state FROM device.rollout_jobs WHERE tenant = 'acme' AND campaign_id = $1 AND device_id = $2"
+    )
+    await eventually(lambda: pool.fetchval(job, campaign, device_id), lambda s: s == "offered")
+    # offered 28 s ago: the device was away for most of its device timeout
+    await pool.execute(
+        """UPDATE device.rollout_jobs SET updated_at = updated_at - interval '28 s',
+               offered_at = offered_at - interval '28 s'
+           WHERE tenant = 'acme' AND campaign_id = $1 AND device_id = $2""",
+        campaign,
+        device_id,
+    )
+    handed = (await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"]
+    assert [c["command_id"] for c in handed] == [f"{campaign}~1"]
+    await asyncio.sleep(4)  # the command runs a few seconds; the campaign ticks meanwhile
+    answered = await api.post(
+        f"/v1/device/commands/{campaign}~1/result",
+        json={"status": "succeeded"},
+        headers=device_auth(credential),
+    )
+    assert answered.status_code == 200, answered.text
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+        60,
+    )
+    assert done.json()["counts"] == {"succeeded": 1}
