@@ -19,7 +19,7 @@ from temporalio.service import RPCError
 
 from activities.device_commands import CAMPAIGN_SEPARATOR, CommandConflict
 from api.auth import State, actor_of, require, require_device
-from api.command_notices import CommandNotices, offered_key, settled_key
+from api.command_notices import offered_key, settled_key
 from api.models.base import as_contract
 from api.models.commands import CommandBody, CommandPage, CommandResultBody, DeviceCommands
 from api.problems import conflict, invalid, not_found
@@ -139,7 +139,7 @@ async def _until_settled(
             left = deadline - loop.time()
             if view.status in TERMINAL_STATUSES or left <= 0:
                 return view
-            await CommandNotices.nap(notice, left)
+            await state.commands.nap(notice, left)
 
 
 def _busy(wait: int) -> HTTPException:
@@ -188,7 +188,7 @@ async def _take(
             left = deadline - loop.time()
             if taken or left <= 0:
                 break
-            await CommandNotices.nap(notice, left)
+            await state.commands.nap(notice, left)
     for command in taken:  # the runs learn it now rather than at their expiry
         if command.command_id.find(CAMPAIGN_SEPARATOR) < 0:  # a campaign's job has no run of its own
             moved = CommandState(status="delivered", delivered_at=command.delivered_at)

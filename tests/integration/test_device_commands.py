@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from temporalio.client import Client
 
 from fleetflow.db import Pool
@@ -473,3 +474,37 @@ async def test_a_campaign_command_taken_late_in_its_offer_gets_the_device_timeou
         60,
     )
     assert done.json()["counts"] == {"succeeded": 1}
+
+
+async def test_a_held_long_poll_does_not_read_the_database_every_second(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process listens for new commands: a device's held poll reads its commands when it
+    starts, on a notice and when its wait ends, not once a second (10,000 held polls would be
+    10,000 queries a second)."""
+    device_id, credential = await active_device(api)
+    transport = api._transport
+    assert isinstance(transport, httpx.ASGITransport)
+    state = transport.app.state.fleetflow  # type: ignore[attr-defined]
+    await eventually(lambda: asyncio.sleep(0.1, state.commands.listening), bool)
+    takes = 0
+    take = state.devices.take_commands
+
+    async def counted(*args: Any) -> Any:
+        nonlocal takes
+        takes += 1
+        return await take(*args)
+
+    monkeypatch.setattr(state.devices, "take_commands", counted)
+    answer = await api.get("/v1/device/commands", params={"wait": 5}, headers=device_auth(credential))
+    assert answer.status_code == 200 and answer.json()["commands"] == []
+    assert takes <= 2
+    # and a command sent meanwhile still wakes it at once (its notice), well before the wait ends
+    poll = asyncio.create_task(
+        api.get("/v1/device/commands", params={"wait": 60}, headers=device_auth(credential))
+    )
+    await asyncio.sleep(0.3)
+    command = await send(api, device_id)
+    handed = (await poll).json()["commands"]
+    assert [c["command_id"] for c in handed] == [command["command_id"]]
+    assert takes <= 4
