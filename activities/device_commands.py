@@ -28,12 +28,18 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 
     Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-_VIEW = """command_id, device_id, name, params, result, timeout_s, created_at, expires_at,
-           delivered_at, finished_at, campaign_id, workflow_id,
-           CASE WHEN status = 'pending' AND expires_at <= now() THEN 'expired'
+# a row's status as read: one past its deadline is expired / timed out before (or without: a
+# campaign's command has no run) a settle stores it
+READ_STATUS = """CASE WHEN status = 'pending' AND expires_at <= now() THEN 'expired'
                 WHEN status = 'delivered' AND delivered_at + make_interval(secs => timeout_s) <= now()
                 THEN 'timed_out'
-                ELSE status END AS status"""
+                ELSE status END"""
+_VIEW = (
+    """command_id, device_id, name, params, result, timeout_s, created_at, expires_at,
+           delivered_at, finished_at, campaign_id, workflow_id, """
+    + READ_STATUS
+    + " AS status"
+)
 # a cancel (decommission, campaign stop) of an open row: one already past its deadline reads as
 # expired / timed out (_VIEW), and keeps that terminal status rather than turning into another
 _CANCEL_OPEN = """status = CASE

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from temporalio import activity
 
-from activities.device_commands import end_campaign_commands, offer_campaign_commands
+from activities.device_commands import READ_STATUS, end_campaign_commands, offer_campaign_commands
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
     CampaignDeviceView,
@@ -243,7 +243,9 @@ class RolloutJobs:
                       c.command_id, c.status AS command_status, c.result
                FROM device.rollout_jobs j
                LEFT JOIN LATERAL (
-                   SELECT command_id, status, result FROM device.commands c
+                   SELECT command_id, """
+            + READ_STATUS
+            + """ AS status, result FROM device.commands c
                    WHERE c.tenant = j.tenant AND c.device_id = j.device_id AND c.campaign_id = j.campaign_id
                    ORDER BY c.created_at DESC LIMIT 1) c ON true
                WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = 'update'

@@ -508,3 +508,39 @@ async def test_a_held_long_poll_does_not_read_the_database_every_second(
     handed = (await poll).json()["commands"]
     assert [c["command_id"] for c in handed] == [command["command_id"]]
     assert takes <= 4
+
+
+async def test_a_campaign_device_view_shows_its_command_timed_out_as_the_command_does(
+    api: httpx.AsyncClient,
+) -> None:
+    """A campaign's command has no run of its own to store its timeout: the campaign's device view
+    reads its status as the command's own view does, not `delivered` for ever."""
+    creds = await fleet(api, 1)
+    device_id, credential = next(iter(creds.items()))
+    campaign = new_id("cc")
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=600)
+    body["command"]["timeout_s"] = 1
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+
+    async def poll() -> list[dict[str, Any]]:
+        handed: list[dict[str, Any]] = (
+            await api.get("/v1/device/commands", headers=device_auth(credential))
+        ).json()["commands"]
+        return handed
+
+    taken = (await eventually(poll, bool))[0]
+    assert taken["command_id"] == f"{campaign}~1"
+    await eventually(
+        lambda: api.get(f"/v1/devices/{device_id}/commands/{taken['command_id']}", headers=AUTH),
+        lambda r: r.json()["status"] == "timed_out",
+    )
+    view = (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
+    assert [(d["command_id"], d["command_status"]) for d in view] == [(taken["command_id"], "timed_out")]
+    # the campaign stops: a command already past its deadline keeps that status (not cancelled)
+    assert (await api.post(f"/v1/rollouts/{campaign}/cancel", headers=AUTH)).status_code == 200
+    await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] in ("cancelled", "aborted"),
+        60,
+    )
+    assert await status_of(api, device_id, taken["command_id"]) == "timed_out"
