@@ -162,6 +162,20 @@ class DeviceCommands:
         its answer is due within its timeout from now. A campaign's job hears of it as the
         device's first report: its device timeout counts from the delivery, not the offer."""
         async with self.pool.acquire() as conn, conn.transaction():
+            # the device's rows past their deadline store the status they read as: a campaign's
+            # command, or one whose run never started (the API died after writing it), has no
+            # run to settle it
+            await conn.execute(
+                "UPDATE device.commands SET status = "
+                + READ_STATUS
+                + """, finished_at = now()
+                   WHERE tenant = $1 AND device_id = $2 AND status = ANY($3) AND """
+                + READ_STATUS
+                + " <> status",
+                tenant,
+                device_id,
+                list(OPEN_STATUSES),
+            )
             rows = await conn.fetch(
                 """WITH pick AS (
                        SELECT command_id FROM device.commands

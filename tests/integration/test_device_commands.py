@@ -544,3 +544,28 @@ async def test_a_campaign_device_view_shows_its_command_timed_out_as_the_command
         60,
     )
     assert await status_of(api, device_id, taken["command_id"]) == "timed_out"
+
+
+async def test_a_command_without_a_run_stores_its_expiry_when_the_device_polls(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """The API died between writing the row and starting its run: no run will settle it, and
+    the device's next poll stores the status it reads as (and notifies a waiting caller)."""
+    from activities.device_commands import DeviceCommands
+    from fleetflow.contracts.commands import CommandSpec
+
+    device_id, credential = await active_device(api)
+    orphan = await DeviceCommands(pool).create_command(
+        "acme", device_id, new_id("orphan"), CommandSpec(name="reboot", expires_s=1), "none", "test"
+    )
+    assert orphan is not None
+    url = f"/v1/devices/{device_id}/commands/{orphan.command_id}"
+    await eventually(lambda: api.get(url, headers=AUTH), lambda r: r.json()["status"] == "expired")
+    assert (await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"] == []
+    stored = await pool.fetchrow(
+        """SELECT status, finished_at FROM device.commands
+           WHERE tenant = 'acme' AND device_id = $1 AND command_id = $2""",
+        device_id,
+        orphan.command_id,
+    )
+    assert stored is not None and stored["status"] == "expired" and stored["finished_at"] is not None
