@@ -106,11 +106,16 @@ class CommandNotices:
                 if not waiters:
                     del self._waiters[key]
 
-    async def nap(self, event: asyncio.Event, timeout: float) -> None:
-        """Wait for the event, at most timeout and the recheck interval (longer while listening)."""
-        recheck = LISTENING_RECHECK_S if self.listening else RECHECK_S
+    @property
+    def recheck_s(self) -> float:
+        """How long a waiter may go without re-reading its row (longer while listening)."""
+        return LISTENING_RECHECK_S if self.listening else RECHECK_S
+
+    @staticmethod
+    async def nap(event: asyncio.Event, timeout: float) -> None:
+        """Wait for the event, at most timeout."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=max(0.0, min(timeout, recheck)))
+            await asyncio.wait_for(event.wait(), timeout=max(0.0, timeout))
 
 
 def offered_key(tenant: str, device_id: str) -> tuple[str, ...]:
