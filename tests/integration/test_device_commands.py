@@ -510,7 +510,7 @@ async def test_a_held_long_poll_does_not_read_the_database_every_second(
     assert takes <= 4
 
 
-async def test_a_campaign_device_view_shows_its_command_timed_out_as_the_command_does(
+async def test_a_campaign_device_view_shows_its_command_timed_out_once_the_campaign_ends(
     api: httpx.AsyncClient,
 ) -> None:
     """A campaign's command has no run of its own to store its timeout: the campaign's device view
@@ -518,7 +518,7 @@ async def test_a_campaign_device_view_shows_its_command_timed_out_as_the_command
     creds = await fleet(api, 1)
     device_id, credential = next(iter(creds.items()))
     campaign = new_id("cc")
-    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=600)
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=600, retry_limit=0)
     body["command"]["timeout_s"] = 1
     assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
 
@@ -534,16 +534,13 @@ async def test_a_campaign_device_view_shows_its_command_timed_out_as_the_command
         lambda: api.get(f"/v1/devices/{device_id}/commands/{taken['command_id']}", headers=AUTH),
         lambda r: r.json()["status"] == "timed_out",
     )
-    view = (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
-    assert [(d["command_id"], d["command_status"]) for d in view] == [(taken["command_id"], "timed_out")]
-    # the campaign stops: a command already past its deadline keeps that status (not cancelled)
-    assert (await api.post(f"/v1/rollouts/{campaign}/cancel", headers=AUTH)).status_code == 200
     await eventually(
         lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
-        lambda r: r.json()["status"] in ("cancelled", "aborted"),
+        lambda r: r.json()["status"] in ("completed", "aborted"),
         60,
     )
-    assert await status_of(api, device_id, taken["command_id"]) == "timed_out"
+    view = (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
+    assert [(d["command_id"], d["command_status"]) for d in view] == [(taken["command_id"], "timed_out")]
 
 
 async def test_a_command_without_a_run_stores_its_expiry_when_the_device_polls(
@@ -569,3 +566,30 @@ async def test_a_command_without_a_run_stores_its_expiry_when_the_device_polls(
         orphan.command_id,
     )
     assert stored is not None and stored["status"] == "expired" and stored["finished_at"] is not None
+
+
+async def test_a_campaign_job_ends_when_its_command_times_out_not_at_the_device_timeout(
+    api: httpx.AsyncClient,
+) -> None:
+    """The device took the command and went silent: once the command has timed out no answer can
+    move the job, and the campaign does not wait out a 10-minute device timeout for it."""
+    creds = await fleet(api, 1)
+    device_id, credential = next(iter(creds.items()))
+    campaign = new_id("cc")
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=600, retry_limit=0)
+    body["command"]["timeout_s"] = 1
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+
+    async def poll() -> list[dict[str, Any]]:
+        handed: list[dict[str, Any]] = (
+            await api.get("/v1/device/commands", headers=device_auth(credential))
+        ).json()["commands"]
+        return handed
+
+    assert (await eventually(poll, bool))[0]["command_id"] == f"{campaign}~1"
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] in ("completed", "aborted"),
+        60,
+    )
+    assert done.json()["counts"] == {"timed_out": 1}
