@@ -28,12 +28,29 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 
     Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-_VIEW = """command_id, device_id, name, params, result, timeout_s, created_at, expires_at,
-           delivered_at, finished_at, campaign_id, workflow_id,
-           CASE WHEN status = 'pending' AND expires_at <= now() THEN 'expired'
+# a row's status as read: one past its deadline is expired / timed out before (or without: a
+# campaign's command has no run) a settle stores it
+READ_STATUS = """CASE WHEN status = 'pending' AND expires_at <= now() THEN 'expired'
                 WHEN status = 'delivered' AND delivered_at + make_interval(secs => timeout_s) <= now()
                 THEN 'timed_out'
-                ELSE status END AS status"""
+                ELSE status END"""
+_VIEW = (
+    """command_id, device_id, name, params, result, timeout_s, created_at, expires_at,
+           delivered_at, finished_at, campaign_id, workflow_id, """
+    + READ_STATUS
+    + " AS status"
+)
+# a cancel (decommission, campaign stop) of an open row: one already past its deadline reads as
+# expired / timed out (_VIEW), and keeps that terminal status rather than turning into another
+_CANCEL_OPEN = """status = CASE
+                      WHEN status = 'pending' AND expires_at <= now() THEN 'expired'
+                      WHEN status = 'delivered' AND delivered_at + make_interval(secs => timeout_s) <= now()
+                      THEN 'timed_out' ELSE 'cancelled' END,
+                  result = CASE WHEN status = 'pending' AND expires_at <= now()
+                                  OR status = 'delivered'
+                                     AND delivered_at + make_interval(secs => timeout_s) <= now()
+                           THEN result ELSE jsonb_build_object('reason', $3::text) END,
+                  finished_at = now()"""
 # a command campaign's job, offered to a device, is a command whose id names the campaign and the
 # attempt ('~' is in no command id an operator may choose)
 CAMPAIGN_SEPARATOR = "~"
@@ -142,20 +159,53 @@ class DeviceCommands:
 
     async def take_commands(self, tenant: str, device_id: str, limit: int) -> list[DeviceCommandView]:
         """Deliver the device's pending commands, oldest first: each is delivered once, and
-        its answer is due within its timeout from now."""
-        rows = await self.pool.fetch(
-            """WITH pick AS (
-                   SELECT command_id FROM device.commands
-                   WHERE tenant = $1 AND device_id = $2 AND status = 'pending' AND expires_at > now()
-                   ORDER BY created_at, command_id LIMIT $3 FOR UPDATE SKIP LOCKED)
-               UPDATE device.commands c SET status = 'delivered', delivered_at = now()
-               FROM pick WHERE c.tenant = $1 AND c.device_id = $2 AND c.command_id = pick.command_id
-               RETURNING c.command_id, c.name, c.params, c.timeout_s, c.expires_at, c.created_at,
-                         c.delivered_at""",
-            tenant,
-            device_id,
-            limit,
-        )
+        its answer is due within its timeout from now. A campaign's job hears of it as the
+        device's first report: its device timeout counts from the delivery, not the offer."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            # the device's rows past their deadline store the status they read as: a campaign's
+            # command, or one whose run never started (the API died after writing it), has no
+            # run to settle it
+            await conn.execute(
+                "UPDATE device.commands SET status = "
+                + READ_STATUS
+                + """, finished_at = now()
+                   WHERE tenant = $1 AND device_id = $2 AND status = ANY($3) AND """
+                + READ_STATUS
+                + " <> status",
+                tenant,
+                device_id,
+                list(OPEN_STATUSES),
+            )
+            rows = await conn.fetch(
+                """WITH pick AS (
+                       SELECT command_id FROM device.commands
+                       WHERE tenant = $1 AND device_id = $2 AND status = 'pending' AND expires_at > now()
+                       ORDER BY created_at, command_id LIMIT $3 FOR UPDATE SKIP LOCKED)
+                   UPDATE device.commands c SET status = 'delivered', delivered_at = now()
+                   FROM pick WHERE c.tenant = $1 AND c.device_id = $2 AND c.command_id = pick.command_id
+                   RETURNING c.command_id, c.name, c.params, c.timeout_s, c.expires_at, c.created_at,
+                             c.delivered_at, c.campaign_id""",
+                tenant,
+                device_id,
+                limit,
+            )
+            offers = [r["command_id"] for r in rows if r["campaign_id"] is not None]
+            if offers:
+                # only the job's current offer; a job a tick holds is skipped (no lock-order wait)
+                await conn.execute(
+                    """WITH j AS (
+                           SELECT campaign_id FROM device.rollout_jobs
+                           WHERE tenant = $1 AND device_id = $2 AND kind = 'update' AND state = 'offered'
+                             AND campaign_id || $4 || attempts = ANY($3::text[])
+                           FOR UPDATE SKIP LOCKED)
+                       UPDATE device.rollout_jobs r SET updated_at = now(), detail = 'command delivered'
+                       FROM j WHERE r.tenant = $1 AND r.device_id = $2 AND r.kind = 'update'
+                         AND r.campaign_id = j.campaign_id""",
+                    tenant,
+                    device_id,
+                    offers,
+                    CAMPAIGN_SEPARATOR,
+                )
         rows = sorted(rows, key=lambda r: (r["created_at"], r["command_id"]))
         return [
             DeviceCommandView(
@@ -271,11 +321,11 @@ class DeviceCommands:
         self, tenant: str, device_id: str, reason: str, conn: Conn | None = None
     ) -> int:
         """End every open command of a device (it is being decommissioned), in conn's transaction
-        when given."""
+        when given; one already past its deadline keeps the status it reads as."""
         result = await (conn or self.pool).execute(
-            """UPDATE device.commands SET status = 'cancelled', finished_at = now(),
-                   result = jsonb_build_object('reason', $3::text)
-               WHERE tenant = $1 AND device_id = $2 AND status = ANY($4)""",
+            "UPDATE device.commands SET "
+            + _CANCEL_OPEN
+            + " WHERE tenant = $1 AND device_id = $2 AND status = ANY($4)",
             tenant,
             device_id,
             reason,
@@ -333,10 +383,11 @@ async def offer_campaign_commands(conn: Conn, tenant: str, campaign_id: str, exp
 async def end_campaign_commands(conn: Conn, tenant: str, campaign_id: str) -> None:
     """The campaign stopped: its open commands are cancelled."""
     await conn.execute(
-        """UPDATE device.commands SET status = 'cancelled', finished_at = now(),
-               result = jsonb_build_object('reason', 'campaign stopped')
-           WHERE tenant = $1 AND campaign_id = $2 AND status = ANY($3)""",
+        "UPDATE device.commands SET "
+        + _CANCEL_OPEN
+        + " WHERE tenant = $1 AND campaign_id = $2 AND status = ANY($4)",
         tenant,
         campaign_id,
+        "campaign stopped",
         list(OPEN_STATUSES),
     )

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from temporalio import activity
 
-from activities.device_commands import end_campaign_commands, offer_campaign_commands
+from activities.device_commands import READ_STATUS, end_campaign_commands, offer_campaign_commands
 from fleetflow.contracts.rollouts import (
     ACTIVE_STATES,
     CampaignDeviceView,
@@ -61,13 +61,21 @@ class RolloutJobs:
             )
             repeat = last is not None and last["last_tick_key"] == tick_key
             await conn.execute(
-                """UPDATE device.rollout_jobs SET
+                """UPDATE device.rollout_jobs j SET
                        state = CASE WHEN attempts <= $5 AND NOT $7 THEN 'queued' ELSE 'timed_out' END,
                        finished_seq = CASE WHEN attempts <= $5 AND NOT $7 THEN NULL
                                            ELSE nextval('device.rollout_finished_seq') END,
                        detail = 'no report within the device timeout', updated_at = now()
-                   WHERE tenant = $1 AND campaign_id = $2 AND kind = $3 AND state = ANY($6)
-                     AND updated_at < now() - make_interval(secs => $4)""",
+                   WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = $3 AND j.state = ANY($6)
+                     AND (j.updated_at < now() - make_interval(secs => $4)
+                          -- a command campaign's current offer past its own deadline: no answer
+                          -- can move the job any more, so it need not wait out the device timeout
+                          OR EXISTS (SELECT 1 FROM device.commands c
+                                     WHERE c.tenant = j.tenant AND c.device_id = j.device_id
+                                       AND c.command_id = j.campaign_id || '~' || j.attempts
+                                       AND """
+                + READ_STATUS
+                + """ IN ('expired', 'timed_out')))""",
                 *key,
                 tick.device_timeout_s,
                 tick.retry_limit,
@@ -243,7 +251,9 @@ class RolloutJobs:
                       c.command_id, c.status AS command_status, c.result
                FROM device.rollout_jobs j
                LEFT JOIN LATERAL (
-                   SELECT command_id, status, result FROM device.commands c
+                   SELECT command_id, """
+            + READ_STATUS
+            + """ AS status, result FROM device.commands c
                    WHERE c.tenant = j.tenant AND c.device_id = j.device_id AND c.campaign_id = j.campaign_id
                    ORDER BY c.created_at DESC LIMIT 1) c ON true
                WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = 'update'

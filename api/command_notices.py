@@ -1,7 +1,9 @@
 """Wake-ups for command long-polls: each API process LISTENs on `device_command_offered` (a new
 command for a device) and `device_command_settled` (a command ended), NOTIFYed by a trigger on
-`device.commands`. A waiter still re-reads the row every RECHECK_S, so a lost notice (or a lost
-listener) costs latency, never an answer."""
+`device.commands`. While the listener is up a notice is not lost, so a waiter re-reads only every
+LISTENING_RECHECK_S (a held long-poll is not one query a second per device); every waiter is woken
+to re-read when the listener is lost or back (notices meanwhile are gone), and re-reads every
+RECHECK_S while it is down: a lost listener costs latency, never an answer."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import asyncpg
 from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL, COMMAND_SETTLED_CHANNEL
 
 RECHECK_S = 1.0
+LISTENING_RECHECK_S = 15.0
 RECONNECT_S = 1.0
 
 log = logging.getLogger(__name__)
@@ -29,6 +32,7 @@ class CommandNotices:
         self._conn: asyncpg.Connection[asyncpg.Record] | None = None
         self._keeper: asyncio.Task[None] | None = None
         self._waiters: dict[tuple[str, ...], set[asyncio.Event]] = {}
+        self._listening = False
 
     async def start(self) -> None:
         """Listen (and keep listening across connection losses)."""
@@ -44,13 +48,28 @@ class CommandNotices:
             await self._conn.close()
             self._conn = None
 
+    @property
+    def listening(self) -> bool:
+        """True while the listener is connected (and its notices arrive)."""
+        return self._listening and self._conn is not None and not self._conn.is_closed()
+
+    def _wake_all(self) -> None:
+        for events in self._waiters.values():
+            for event in events:
+                event.set()
+
     async def _keep_listening(self) -> None:
         while True:
             try:
                 if self._conn is None or self._conn.is_closed():
+                    if self._listening:
+                        self._listening = False
+                        self._wake_all()  # they nap RECHECK_S from now on
                     self._conn = await asyncpg.connect(self.dsn)
                     await self._conn.add_listener(COMMAND_OFFERED_CHANNEL, self._notice)
                     await self._conn.add_listener(COMMAND_SETTLED_CHANNEL, self._notice)
+                    self._listening = True
+                    self._wake_all()  # a notice sent while nobody listened is gone: re-read
             except (OSError, asyncpg.PostgresError) as exc:
                 log.warning("command notices: cannot listen (%s); waiters re-read every %ss", exc, RECHECK_S)
             await asyncio.sleep(RECONNECT_S)
@@ -87,11 +106,16 @@ class CommandNotices:
                 if not waiters:
                     del self._waiters[key]
 
+    @property
+    def recheck_s(self) -> float:
+        """How long a waiter may go without re-reading its row (longer while listening)."""
+        return LISTENING_RECHECK_S if self.listening else RECHECK_S
+
     @staticmethod
     async def nap(event: asyncio.Event, timeout: float) -> None:
-        """Wait for the event, at most min(timeout, RECHECK_S)."""
+        """Wait for the event, at most timeout."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout=max(0.0, min(timeout, RECHECK_S)))
+            await asyncio.wait_for(event.wait(), timeout=max(0.0, timeout))
 
 
 def offered_key(tenant: str, device_id: str) -> tuple[str, ...]:

@@ -43,6 +43,7 @@ Device = Annotated[tuple[DeviceClaims, str], Depends(require_device)]
 Wait = Annotated[int, Query(ge=0, le=MAX_COMMAND_WAIT_S, description="seconds to wait")]
 MAX_DELIVERED = 10  # commands handed to a device per poll
 POLL_GRACE_S = 10  # a long-poll's lease outlives its wait by this much (a crashed process's lapses)
+HANGUP_CHECK_S = 1.0  # how often a held long-poll looks whether its device hung up
 
 
 @router.post(
@@ -139,7 +140,7 @@ async def _until_settled(
             left = deadline - loop.time()
             if view.status in TERMINAL_STATUSES or left <= 0:
                 return view
-            await CommandNotices.nap(notice, left)
+            await CommandNotices.nap(notice, min(left, state.commands.recheck_s))
 
 
 def _busy(wait: int) -> HTTPException:
@@ -179,16 +180,20 @@ async def _take(
 ) -> DeviceCommands | Response:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    read_at = loop.time()  # read at once
     with state.commands.watching(offered_key(tenant, device_id)) as notice:
         while True:
-            notice.clear()
             if wait and await http.is_disconnected():
                 return Response(status_code=499)  # nobody to hand a command to: leave it pending
-            taken = await state.devices.take_commands(tenant, device_id, MAX_DELIVERED)
-            left = deadline - loop.time()
-            if taken or left <= 0:
-                break
-            await CommandNotices.nap(notice, left)
+            if notice.is_set() or loop.time() >= read_at:
+                notice.clear()
+                taken = await state.devices.take_commands(tenant, device_id, MAX_DELIVERED)
+                if taken or loop.time() >= deadline:
+                    break
+                read_at = min(loop.time() + state.commands.recheck_s, deadline)
+            # the hang-up is checked every HANGUP_CHECK_S (no query), so the device's next
+            # poll finds its lease free; the rows only on a notice or at read_at
+            await CommandNotices.nap(notice, min(read_at - loop.time(), HANGUP_CHECK_S))
     for command in taken:  # the runs learn it now rather than at their expiry
         if command.command_id.find(CAMPAIGN_SEPARATOR) < 0:  # a campaign's job has no run of its own
             moved = CommandState(status="delivered", delivered_at=command.delivered_at)

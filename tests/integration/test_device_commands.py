@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 import httpx
+import pytest
 from temporalio.client import Client
 
 from fleetflow.db import Pool
@@ -403,3 +404,192 @@ async def test_a_new_command_notifies_its_channel_and_its_run_is_found_by_device
         return [w.id async for w in client.list_workflows(query)]
 
     assert await eventually(runs, bool) == [command["workflow_id"]]
+
+
+async def test_a_command_past_its_deadline_keeps_its_status_when_the_device_is_retired(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """The API died between writing the row and starting its run: the row reads as expired once
+    past expires_s, and a decommission does not turn that terminal status into `cancelled`."""
+    from activities.device_commands import DeviceCommands
+    from fleetflow.contracts.commands import CommandSpec
+
+    device_id, _credential = await active_device(api)
+    rows = DeviceCommands(pool)
+    orphan = await rows.create_command(
+        "acme", device_id, new_id("orphan"), CommandSpec(name="reboot", expires_s=1), "none", "test"
+    )
+    assert orphan is not None and orphan.status == "pending"
+    url = f"/v1/devices/{device_id}/commands/{orphan.command_id}"
+    await eventually(lambda: api.get(url, headers=AUTH), lambda r: r.json()["status"] == "expired")
+    retired = await api.post(f"/v1/devices/{device_id}:decommission", json={}, headers=AUTH)
+    assert retired.status_code == 202
+    await eventually(
+        lambda: api.get(f"/v1/decommissions/{device_id}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+    )
+    assert await status_of(api, device_id, orphan.command_id) == "expired"
+    stored = await pool.fetchval(
+        "SELECT status FROM device.commands WHERE tenant = 'acme' AND device_id = $1 AND command_id = $2",
+        device_id,
+        orphan.command_id,
+    )
+    assert stored == "expired"  # stored, not only read as: the row is terminal
+
+
+async def test_a_campaign_command_taken_late_in_its_offer_gets_the_device_timeout_from_delivery(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """A device back just before its offer's device timeout takes the command: its answer, in
+    time after the delivery, is the job's outcome; the job is not offered (run) a second time."""
+    creds = await fleet(api, 1)
+    device_id, credential = next(iter(creds.items()))
+    campaign = new_id("cc")
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=30, retry_limit=3)
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+    job = (
+        "SELECT state FROM device.rollout_jobs WHERE tenant = 'acme' AND campaign_id = $1 AND device_id = $2"
+    )
+    await eventually(lambda: pool.fetchval(job, campaign, device_id), lambda s: s == "offered")
+    # offered 28 s ago: the device was away for most of its device timeout
+    await pool.execute(
+        """UPDATE device.rollout_jobs SET updated_at = updated_at - interval '28 s',
+               offered_at = offered_at - interval '28 s'
+           WHERE tenant = 'acme' AND campaign_id = $1 AND device_id = $2""",
+        campaign,
+        device_id,
+    )
+    handed = (await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"]
+    assert [c["command_id"] for c in handed] == [f"{campaign}~1"]
+    await asyncio.sleep(4)  # the command runs a few seconds; the campaign ticks meanwhile
+    answered = await api.post(
+        f"/v1/device/commands/{campaign}~1/result",
+        json={"status": "succeeded"},
+        headers=device_auth(credential),
+    )
+    assert answered.status_code == 200, answered.text
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+        60,
+    )
+    assert done.json()["counts"] == {"succeeded": 1}
+
+
+async def test_a_held_long_poll_does_not_read_the_database_every_second(
+    api: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process listens for new commands: a device's held poll reads its commands when it
+    starts, on a notice and when its wait ends, not once a second (10,000 held polls would be
+    10,000 queries a second)."""
+    device_id, credential = await active_device(api)
+    transport = api._transport
+    assert isinstance(transport, httpx.ASGITransport)
+    state = transport.app.state.fleetflow  # type: ignore[attr-defined]
+    await eventually(lambda: asyncio.sleep(0.1, state.commands.listening), bool)
+    takes = 0
+    take = state.devices.take_commands
+
+    async def counted(*args: Any) -> Any:
+        nonlocal takes
+        takes += 1
+        return await take(*args)
+
+    monkeypatch.setattr(state.devices, "take_commands", counted)
+    answer = await api.get("/v1/device/commands", params={"wait": 5}, headers=device_auth(credential))
+    assert answer.status_code == 200 and answer.json()["commands"] == []
+    assert takes <= 2
+    # and a command sent meanwhile still wakes it at once (its notice), well before the wait ends
+    poll = asyncio.create_task(
+        api.get("/v1/device/commands", params={"wait": 60}, headers=device_auth(credential))
+    )
+    await asyncio.sleep(0.3)
+    command = await send(api, device_id)
+    handed = (await poll).json()["commands"]
+    assert [c["command_id"] for c in handed] == [command["command_id"]]
+    assert takes <= 4
+
+
+async def test_a_campaign_device_view_shows_its_command_timed_out_once_the_campaign_ends(
+    api: httpx.AsyncClient,
+) -> None:
+    """A campaign's command has no run of its own to store its timeout: the campaign's device view
+    reads its status as the command's own view does, not `delivered` for ever."""
+    creds = await fleet(api, 1)
+    device_id, credential = next(iter(creds.items()))
+    campaign = new_id("cc")
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=600, retry_limit=0)
+    body["command"]["timeout_s"] = 1
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+
+    async def poll() -> list[dict[str, Any]]:
+        handed: list[dict[str, Any]] = (
+            await api.get("/v1/device/commands", headers=device_auth(credential))
+        ).json()["commands"]
+        return handed
+
+    taken = (await eventually(poll, bool))[0]
+    assert taken["command_id"] == f"{campaign}~1"
+    await eventually(
+        lambda: api.get(f"/v1/devices/{device_id}/commands/{taken['command_id']}", headers=AUTH),
+        lambda r: r.json()["status"] == "timed_out",
+    )
+    await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] in ("completed", "aborted"),
+        60,
+    )
+    view = (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
+    assert [(d["command_id"], d["command_status"]) for d in view] == [(taken["command_id"], "timed_out")]
+
+
+async def test_a_command_without_a_run_stores_its_expiry_when_the_device_polls(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """The API died between writing the row and starting its run: no run will settle it, and
+    the device's next poll stores the status it reads as (and notifies a waiting caller)."""
+    from activities.device_commands import DeviceCommands
+    from fleetflow.contracts.commands import CommandSpec
+
+    device_id, credential = await active_device(api)
+    orphan = await DeviceCommands(pool).create_command(
+        "acme", device_id, new_id("orphan"), CommandSpec(name="reboot", expires_s=1), "none", "test"
+    )
+    assert orphan is not None
+    url = f"/v1/devices/{device_id}/commands/{orphan.command_id}"
+    await eventually(lambda: api.get(url, headers=AUTH), lambda r: r.json()["status"] == "expired")
+    assert (await api.get("/v1/device/commands", headers=device_auth(credential))).json()["commands"] == []
+    stored = await pool.fetchrow(
+        """SELECT status, finished_at FROM device.commands
+           WHERE tenant = 'acme' AND device_id = $1 AND command_id = $2""",
+        device_id,
+        orphan.command_id,
+    )
+    assert stored is not None and stored["status"] == "expired" and stored["finished_at"] is not None
+
+
+async def test_a_campaign_job_ends_when_its_command_times_out_not_at_the_device_timeout(
+    api: httpx.AsyncClient,
+) -> None:
+    """The device took the command and went silent: once the command has timed out no answer can
+    move the job, and the campaign does not wait out a 10-minute device timeout for it."""
+    creds = await fleet(api, 1)
+    device_id, credential = next(iter(creds.items()))
+    campaign = new_id("cc")
+    body = command_campaign(campaign, [device_id], canary=1, device_timeout_s=600, retry_limit=0)
+    body["command"]["timeout_s"] = 1
+    assert (await api.post("/v1/rollouts", json=body, headers=AUTH)).status_code == 202
+
+    async def poll() -> list[dict[str, Any]]:
+        handed: list[dict[str, Any]] = (
+            await api.get("/v1/device/commands", headers=device_auth(credential))
+        ).json()["commands"]
+        return handed
+
+    assert (await eventually(poll, bool))[0]["command_id"] == f"{campaign}~1"
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] in ("completed", "aborted"),
+        60,
+    )
+    assert done.json()["counts"] == {"timed_out": 1}
