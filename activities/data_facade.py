@@ -88,10 +88,13 @@ async def readings(
 
 
 async def export_readings(
-    conn: Any, tenant: str, device_id: str, from_: datetime | None, to: datetime | None
+    conn: Any, tenant: str, device_id: str, from_: datetime | None, to: datetime | None, idle_s: int = 30
 ) -> AsyncIterator[Any]:
     """A device's raw readings (ts, metric, value) oldest first through a server-side cursor:
-    `conn` must be in a transaction; rows come PREFETCH at a time, never all at once."""
+    `conn` must be in a transaction; rows come PREFETCH at a time, never all at once. A reader
+    that stops asking for rows for `idle_s` has its transaction ended by the server (it would
+    hold its connection, and block retention's DROP of the partitions read, for ever)."""
+    await conn.execute(f"SET LOCAL idle_in_transaction_session_timeout = '{int(idle_s)}s'")
     async for row in conn.cursor(
         """SELECT ts, metric, value FROM data.readings
            WHERE tenant = $1 AND device_id = $2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -17,7 +18,9 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities import analytics_facade, data_facade
 from activities.telemetry_accept import ConflictingBatch, StorageUnavailable, accept_batch
+from api import export_slots
 from api.auth import Bearer, State, require
+from api.export_slots import EXPORTS
 from api.models.base import as_contract
 from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, TelemetryBatch
 from api.openapi import body_schema
@@ -226,23 +229,13 @@ async def export_telemetry(
         if value is not None and value.tzinfo is None:
             raise invalid(["query", name], "needs a time zone (e.g. Z)")
     tenant = claims.tenant
+    slot = EXPORTS.take(tenant)  # 429 when the tenant's (or this process's) exports are all running
 
     async def body() -> AsyncIterator[bytes]:
-        async with state.pool.acquire() as conn, conn.transaction(readonly=True):
-            if format == "csv":
-                yield b"ts,metric,value\n"
-            chunk: list[str] = []
-            async for r in data_facade.export_readings(conn, tenant, device_id, from_, to):
-                ts = r["ts"].isoformat()
-                if format == "csv":
-                    chunk.append(f"{ts},{_csv_field(r['metric'])},{r['value']!r}\n")
-                else:
-                    chunk.append(json.dumps({"ts": ts, "metric": r["metric"], "value": r["value"]}) + "\n")
-                if len(chunk) >= EXPORT_CHUNK:
-                    yield "".join(chunk).encode()
-                    chunk = []
-            if chunk:
-                yield "".join(chunk).encode()
+        deadline = time.monotonic() + export_slots.DEADLINE_S
+        with EXPORTS.held(tenant, slot):
+            async for chunk in _export_rows(state, tenant, device_id, from_, to, format, deadline):
+                yield chunk
 
     filename = f"{device_id}.{format}"
     return StreamingResponse(
@@ -250,6 +243,40 @@ async def export_telemetry(
         media_type=EXPORT_TYPES[format],
         headers={"Content-Disposition": f'attachment; filename="{filename}"'},
     )
+
+
+async def _export_rows(
+    state: AppState,
+    tenant: str,
+    device_id: str,
+    from_: datetime | None,
+    to: datetime | None,
+    format: str,
+    deadline: float,
+) -> AsyncIterator[bytes]:
+    async with state.pool.acquire() as conn, conn.transaction(readonly=True):
+        if format == "csv":
+            yield b"ts,metric,value\n"
+        chunk: list[str] = []
+        rows = data_facade.export_readings(conn, tenant, device_id, from_, to, idle_s=export_slots.IDLE_S)
+        async for r in rows:
+            ts = r["ts"].isoformat()
+            if format == "csv":
+                chunk.append(f"{ts},{_csv_field(r['metric'])},{r['value']!r}\n")
+            else:
+                chunk.append(json.dumps({"ts": ts, "metric": r["metric"], "value": r["value"]}) + "\n")
+            if len(chunk) >= EXPORT_CHUNK:
+                if time.monotonic() > deadline:
+                    # cut off: the response ends unfinished, which the client sees as an error
+                    raise ExportCutOff(f"export of {device_id} passed {export_slots.DEADLINE_S:g} s")
+                yield "".join(chunk).encode()
+                chunk = []
+        if chunk:
+            yield "".join(chunk).encode()
+
+
+class ExportCutOff(Exception):
+    """An export ran past its deadline (its client reads too slowly, or the range is too large)."""
 
 
 def _csv_field(text: str) -> str:

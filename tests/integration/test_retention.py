@@ -4,6 +4,8 @@ equal to the raw aggregates (a redelivered window counted once), export formats 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -12,6 +14,7 @@ from typing import Any
 import httpx
 from temporalio.client import Client
 
+from activities import data_facade
 from activities.telemetry import DataService
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.retention import RetentionRequest, RetentionResult
@@ -338,3 +341,28 @@ async def test_readings_of_an_old_poison_pill_batch_go_with_it(
         await pool.fetchval("SELECT count(*) FROM data.quarantined_readings WHERE tenant = $1", tenant) == 0
     )
     assert await pool.fetchval("SELECT count(*) FROM data.ingest_batches WHERE tenant = $1", tenant) == 0
+
+
+async def test_an_export_whose_reader_stalls_has_its_transaction_ended_by_the_server(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """A client that stops reading must not hold a connection and a transaction (and with them
+    retention's DROP of the partitions read) for ever: the server ends the idle transaction."""
+    device_id, _ = await active_device(api)
+    await ingest(api, AUTH, rows_at(device_id, NOW - timedelta(minutes=20), [float(v) for v in range(5)]))
+    await stored(pool, device_id, 5)
+    conn = await pool.acquire()
+    pid = conn.get_server_pid()
+    transaction = conn.transaction(readonly=True)
+    await transaction.start()
+    try:
+        rows = data_facade.export_readings(conn, "acme", device_id, None, None, idle_s=1)
+        await anext(rows)
+        await asyncio.sleep(2.5)  # the reader stalls
+        sessions = await pool.fetchval("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", pid)
+        assert sessions == 0, "the stalled export's session still holds its transaction"
+    finally:
+        with contextlib.suppress(Exception):
+            await transaction.rollback()
+        with contextlib.suppress(Exception):
+            await pool.release(conn)
