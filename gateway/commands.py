@@ -98,25 +98,24 @@ class CommandPush:
         except LookupError:
             return RC5_NO_MATCHING
         except CommandConflict:
-            return await self._repeated(tenant, device_id, command_id, body)
+            view = None
         except _UNAVAILABLE:
             # not stored: no PUBACK, so the device sends its answer again on its next connection
             conn.close(codec.RC5_SERVER_UNAVAILABLE, "storage unavailable")
             return codec.RC5_UNSPECIFIED
+        if view is None:
+            # the command has ended: accepted when this is the answer already stored (a
+            # redelivery whose PUBACK was lost), refused otherwise
+            try:
+                stored = await self.devices.command(tenant, device_id, command_id)
+            except _UNAVAILABLE:
+                conn.close(codec.RC5_SERVER_UNAVAILABLE, "storage unavailable")
+                return codec.RC5_UNSPECIFIED
+            same = stored is not None and (stored.status, stored.result) == (body.status, body.result)
+            return 0 if same else RC5_REFUSED
         if view.campaign_id is None:
             self._signal(tenant, device_id, command_id, CommandState(status=view.status))
         return 0
-
-    async def _repeated(self, tenant: str, device_id: str, command_id: str, body: CommandResultBody) -> int:
-        """An answer to an ended command: accepted when it is the answer already stored (a
-        redelivery whose PUBACK was lost), refused otherwise."""
-        try:
-            view = await self.devices.command(tenant, device_id, command_id)
-        except _UNAVAILABLE:
-            return RC5_REFUSED
-        if view is not None and (view.status, view.result) == (body.status, body.result):
-            return 0
-        return RC5_REFUSED
 
     def _signal(self, tenant: str, device_id: str, command_id: str, moved: CommandState) -> None:
         """Tell the command's run, in the background (the row already says it; a lost signal

@@ -14,7 +14,7 @@ import pytest
 
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
-from tests.integration.flows import AUTH, fleet
+from tests.integration.flows import AUTH, fleet, new_id
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.support import eventually
 
@@ -185,3 +185,37 @@ async def test_push_and_http_poll_never_deliver_the_same_command(
         device.close()
     delivered = by_http + by_mqtt
     assert sorted(delivered) == sorted(c["command_id"] for c in sent)
+
+
+async def test_a_command_campaign_reaches_a_connected_device_over_mqtt(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    device = Device(gateway.port, device_id, credential)
+    campaign = new_id("cc")
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(base(device_id)) == [1]
+        body = {
+            "campaign_id": campaign,
+            "device_type": "sensor",
+            "command": {"name": "calibrate", "params": {"ref": 1.5}, "timeout_s": 30},
+            "target": {"device_ids": [device_id]},
+            "policy": {"rate_per_minute": 60000},
+        }
+        started = await api.post("/v1/rollouts", json=body, headers=AUTH)
+        assert started.status_code == 202, started.text
+        _, doc = await pushed(device)
+        assert doc["name"] == "calibrate" and doc["command_id"].startswith(campaign)
+        result = {"status": "succeeded", "result": {"echo": doc["params"]}}
+        assert await answer(device, device_id, doc["command_id"], result) == 0
+    finally:
+        device.close()
+    done = await eventually(
+        lambda: api.get(f"/v1/rollouts/{campaign}", headers=AUTH),
+        lambda r: r.json()["status"] == "completed",
+        60,
+    )
+    assert done.json()["counts"] == {"succeeded": 1}
+    outcomes = (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
+    assert [(o["state"], o["result"]) for o in outcomes] == [("succeeded", {"echo": {"ref": 1.5}})]
