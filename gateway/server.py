@@ -272,6 +272,8 @@ class Gateway:
                 continue
             # what was revoked while nobody listened
             self._spawn(self._recheck(list(self.connections.values())))
+            for conn in list(self.connections.values()):  # commands offered while nobody listened
+                self._spawn(self.commands.push(conn))
 
     async def _sweep(self) -> None:
         while True:
