@@ -33,6 +33,8 @@ WILDCARDS = frozenset("+#")
 DESIRED_CHANGED_CHANNEL = "twin_desired_changed"
 # NOTIFY channel of the trigger on device.rollout_jobs: a job was offered to `tenant/device_id`
 JOB_OFFERED_CHANNEL = "device_job_offered"
+# a command id in a result topic: the API's CommandId characters, and '~' of a campaign's commands
+_COMMAND_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:~-]{0,255}$")
 
 
 class Topic(StrEnum):
@@ -44,10 +46,12 @@ class Topic(StrEnum):
     TWIN_DELTA = "twin/delta"
     JOBS_NOTIFY = "jobs/notify"
     JOB_PROGRESS = "jobs/{campaign}/progress"
+    COMMANDS = "commands"
+    COMMAND_RESULT = "commands/{command_id}/result"
 
 
-PUBLISHABLE = (Topic.TELEMETRY, Topic.TWIN_REPORTED, Topic.JOB_PROGRESS)
-SUBSCRIBABLE = (Topic.TWIN_DESIRED, Topic.TWIN_DELTA, Topic.JOBS_NOTIFY)
+PUBLISHABLE = (Topic.TELEMETRY, Topic.TWIN_REPORTED, Topic.JOB_PROGRESS, Topic.COMMAND_RESULT)
+SUBSCRIBABLE = (Topic.TWIN_DESIRED, Topic.TWIN_DELTA, Topic.JOBS_NOTIFY, Topic.COMMANDS)
 
 
 def prefix(tenant: str, device_id: str) -> str:
@@ -55,17 +59,20 @@ def prefix(tenant: str, device_id: str) -> str:
     return f"tenants/{tenant}/devices/{device_id}/"
 
 
-def topic(tenant: str, device_id: str, kind: Topic, campaign: str = "") -> str:
+def topic(tenant: str, device_id: str, kind: Topic, campaign: str = "", command_id: str = "") -> str:
     """The full topic of kind for one device."""
-    return prefix(tenant, device_id) + kind.value.replace("{campaign}", campaign)
+    name = kind.value.replace("{campaign}", campaign).replace("{command_id}", command_id)
+    return prefix(tenant, device_id) + name
 
 
 @dataclass(frozen=True, slots=True)
 class Published:
-    """What a publish topic names: its kind, and the campaign of a job progress."""
+    """What a publish topic names: its kind, the campaign of a job progress, the command of a
+    command result."""
 
     kind: Topic
     campaign: str = ""
+    command_id: str = ""
 
 
 class Refusal(Exception):
@@ -89,6 +96,10 @@ def publish_target(tenant: str, device_id: str, name: str) -> Published:
     parts = rest.split("/")
     if len(parts) == 3 and parts[0] == "jobs" and parts[2] == "progress" and parts[1]:
         return Published(Topic.JOB_PROGRESS, parts[1])
+    if len(parts) == 3 and parts[0] == "commands" and parts[2] == "result":
+        if _COMMAND_ID.fullmatch(parts[1]) is None:
+            raise Refusal(f"not a command id: {parts[1][:64]!r}", outside=False)
+        return Published(Topic.COMMAND_RESULT, command_id=parts[1])
     raise Refusal(f"no such device topic: {rest!r}", outside=False)
 
 

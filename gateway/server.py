@@ -27,6 +27,7 @@ from activities.notifications import NotificationService
 from activities.telemetry_publishes import quarantine_payload
 from api.credentials import CHANNEL as REVOKED_CHANNEL
 from api.quotas import Quotas
+from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
 from fleetflow.db import Pool
 from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, JOB_OFFERED_CHANNEL, Published, Topic
@@ -34,6 +35,7 @@ from fleetflow.security import DeviceClaims
 from fleetflow.settings import Settings
 from gateway import codec
 from gateway.auth import LoginUnavailable, device_login
+from gateway.commands import CommandPush, offered_device
 from gateway.connection import Connection
 from gateway.ingest import GroupCommitter
 from gateway.jobs import JobPush
@@ -69,9 +71,11 @@ class Gateway:
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
         self.twin = TwinPush(temporal)
         self.jobs = JobPush(self.devices, temporal)
+        self.commands = CommandPush(self.devices, temporal)
         self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {
             Topic.TWIN_REPORTED.value: self.twin.reported,
             Topic.JOB_PROGRESS.value: self.jobs.progress,
+            Topic.COMMAND_RESULT.value: self.commands.result,
         }
 
     # --- lifecycle --------------------------------------------------------------
@@ -209,6 +213,13 @@ class Gateway:
         job at once."""
         self._spawn(self.twin.push(conn))
         self._spawn(self.jobs.push(conn))
+        self._spawn(self.commands.push(conn))
+
+    def _on_command_offered(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        key = offered_device(payload)
+        conn = self.connections.get(key) if key is not None else None
+        if conn is not None:
+            self._spawn(self.commands.push(conn))
 
     def _on_job_offered(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
         tenant, _, device_id = str(payload).partition("/")
@@ -229,6 +240,7 @@ class Gateway:
         await listener.add_listener(REVOKED_CHANNEL, self._on_revoked)
         await listener.add_listener(DESIRED_CHANGED_CHANNEL, self._on_desired_changed)
         await listener.add_listener(JOB_OFFERED_CHANNEL, self._on_job_offered)
+        await listener.add_listener(COMMAND_OFFERED_CHANNEL, self._on_command_offered)
         self._listener = listener
 
     def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:
@@ -260,6 +272,8 @@ class Gateway:
                 continue
             # what was revoked while nobody listened
             self._spawn(self._recheck(list(self.connections.values())))
+            for conn in list(self.connections.values()):  # commands offered while nobody listened
+                self._spawn(self.commands.push(conn))
 
     async def _sweep(self) -> None:
         while True:

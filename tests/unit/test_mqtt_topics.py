@@ -15,6 +15,7 @@ from fleetflow.mqtt_topics import (
     parse_telemetry,
     publish_target,
     subscription_allowed,
+    topic,
 )
 from gateway import codec
 
@@ -39,6 +40,27 @@ def test_publish_targets() -> None:
     with pytest.raises(Refusal) as unknown:
         publish_target("acme", "th-1", OWN + "jobs//progress")
     assert not unknown.value.outside
+
+
+def test_command_topics() -> None:
+    answer = publish_target("acme", "th-1", OWN + "commands/cmd-1/result")
+    assert (answer.kind, answer.command_id) == (Topic.COMMAND_RESULT, "cmd-1")
+    campaign = publish_target("acme", "th-1", OWN + "commands/c-1~2/result")
+    assert campaign.command_id == "c-1~2"
+    assert topic("acme", "th-1", Topic.COMMANDS) == OWN + "commands"
+    assert subscription_allowed("acme", "th-1", OWN + "commands")
+    # another device's commands: neither its push nor its answers
+    assert not subscription_allowed("acme", "th-1", "tenants/acme/devices/th-2/commands")
+    assert not subscription_allowed("acme", "th-1", "tenants/acme/devices/+/commands")
+    with pytest.raises(Refusal) as other:
+        publish_target("acme", "th-1", "tenants/acme/devices/th-2/commands/cmd-1/result")
+    assert other.value.outside
+    with pytest.raises(Refusal) as other_tenant:
+        publish_target("acme", "th-1", "tenants/globex/devices/th-1/commands/cmd-1/result")
+    assert other_tenant.value.outside
+    for bad in ("commands//result", "commands/+/result", "commands/cmd-1", "commands", "commands/-x/result"):
+        with pytest.raises(Refusal):
+            publish_target("acme", "th-1", OWN + bad)
 
 
 def test_subscriptions_stay_under_the_own_prefix() -> None:

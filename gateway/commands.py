@@ -1,0 +1,133 @@
+"""Device commands over MQTT: a device subscribed to its `commands` topic gets each pending
+command pushed when it is offered (the `device_command_offered` NOTIFY of the trigger on
+device.commands) and at SUBSCRIBE, taken exactly as `GET /v1/device/commands` takes it (one
+atomic take: a command goes to the HTTP poll or to the push, never both). The device answers on
+`commands/{command_id}/result` as `POST /v1/device/commands/{command_id}/result` does."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import weakref
+from typing import TYPE_CHECKING
+
+import asyncpg
+from pydantic import ValidationError
+from temporalio.client import Client
+from temporalio.service import RPCError
+
+from activities.device_commands import CAMPAIGN_SEPARATOR, CommandConflict
+from activities.devices import DeviceService
+from api.models.commands import CommandResultBody
+from fleetflow.contracts.commands import CommandState
+from fleetflow.mqtt_topics import Published, Topic, filter_matches, topic
+from gateway import codec
+from workflows.device_command import DeviceCommand, command_workflow_id
+
+if TYPE_CHECKING:
+    from gateway.connection import Connection
+
+log = logging.getLogger(__name__)
+TAKE_AT_ONCE = 10  # commands taken per statement (the HTTP poll's MAX_DELIVERED)
+MAX_TAKES = 10  # statements per push: a device with more pending gets the rest on the next offer
+RC5_NO_MATCHING = 0x10  # "no matching subscribers": an answer to no command of this device
+RC5_REFUSED = codec.RC5_UNSPECIFIED  # 0x80: the command has ended (HTTP 409: late, or answered)
+_UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+
+
+def offered_device(payload: object) -> tuple[str, str] | None:
+    """(tenant, device id) of a `device_command_offered` NOTIFY payload; None when malformed."""
+    try:
+        data = json.loads(str(payload))
+        return str(data["tenant"]), str(data["device_id"])
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+class CommandPush:
+    """Pushes a device's pending commands; takes its answers."""
+
+    def __init__(self, devices: DeviceService, temporal: Client) -> None:
+        self.devices = devices
+        self.temporal = temporal
+        self._signals: set[asyncio.Task[None]] = set()
+        # one push of a connection at a time, so its commands go out oldest first
+        self._locks: weakref.WeakKeyDictionary[Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+    async def push(self, conn: Connection) -> None:
+        """Take and send the device's pending commands when it subscribed to `commands`."""
+        claims = conn.claims
+        if claims is None:
+            return
+        name = topic(claims.tenant, claims.device_id, Topic.COMMANDS)
+        if not any(filter_matches(f, name) for f in conn.subscriptions):
+            return
+        tenant, device_id = claims.tenant, claims.device_id
+        lock = self._locks.setdefault(conn, asyncio.Lock())
+        async with lock:
+            for _ in range(MAX_TAKES):
+                if conn.transport is None or conn.transport.is_closing():
+                    return  # not taken: the next connection (or an HTTP poll) gets them
+                try:
+                    taken = await self.devices.take_commands(tenant, device_id, TAKE_AT_ONCE)
+                except _UNAVAILABLE:
+                    log.warning(
+                        "commands of %s/%s not pushed", claims.tenant, claims.device_id, exc_info=True
+                    )
+                    return  # still pending: the next offer, SUBSCRIBE or poll takes them
+                for command in taken:
+                    conn.push(name, command.model_dump_json().encode())
+                    if CAMPAIGN_SEPARATOR not in command.command_id:  # a campaign's has no run
+                        moved = CommandState(status="delivered", delivered_at=command.delivered_at)
+                        self._signal(tenant, device_id, command.command_id, moved)
+                if len(taken) < TAKE_AT_ONCE:
+                    return
+
+    async def result(self, conn: Connection, target: Published, payload: bytes) -> int:
+        """A `commands/{command_id}/result` publish; the PUBACK reason code."""
+        claims = conn.claims
+        assert claims is not None
+        try:
+            body = CommandResultBody.model_validate_json(payload)
+        except (ValidationError, ValueError, RecursionError):
+            return codec.RC5_PAYLOAD_INVALID
+        tenant, device_id, command_id = claims.tenant, claims.device_id, target.command_id
+        try:
+            view = await self.devices.answer_command(tenant, device_id, command_id, body.status, body.result)
+        except LookupError:
+            return RC5_NO_MATCHING
+        except CommandConflict:
+            view = None
+        except _UNAVAILABLE:
+            # not stored: no PUBACK, so the device sends its answer again on its next connection
+            conn.close(codec.RC5_SERVER_UNAVAILABLE, "storage unavailable")
+            return codec.RC5_UNSPECIFIED
+        if view is None:
+            # the command has ended: accepted when this is the answer already stored (a
+            # redelivery whose PUBACK was lost), refused otherwise
+            try:
+                stored = await self.devices.command(tenant, device_id, command_id)
+            except _UNAVAILABLE:
+                conn.close(codec.RC5_SERVER_UNAVAILABLE, "storage unavailable")
+                return codec.RC5_UNSPECIFIED
+            same = stored is not None and (stored.status, stored.result) == (body.status, body.result)
+            return 0 if same else RC5_REFUSED
+        if view.campaign_id is None:
+            self._signal(tenant, device_id, command_id, CommandState(status=view.status))
+        return 0
+
+    def _signal(self, tenant: str, device_id: str, command_id: str, moved: CommandState) -> None:
+        """Tell the command's run, in the background (the row already says it; a lost signal
+        only ends the run at its deadline), as the HTTP routes do."""
+        handle = self.temporal.get_workflow_handle(command_workflow_id(tenant, device_id, command_id))
+
+        async def send() -> None:
+            try:
+                await handle.signal(DeviceCommand.moved, moved)
+            except RPCError:
+                pass  # the run ended: the row is the truth
+
+        task = asyncio.ensure_future(send())
+        self._signals.add(task)
+        task.add_done_callback(self._signals.discard)
