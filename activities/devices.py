@@ -72,6 +72,7 @@ class DeviceService(DeviceActivities):
         self.get_device = self.reads.get_device
         self.list_devices = self.reads.list_devices
         self.credential_active = self.reads.credential_active
+        self.credentials_active = self.reads.credentials_active
         self.config_of = self.reads.config_of
         self.put_firmware = self.rollouts.put_firmware
         self.firmware = self.rollouts.firmware

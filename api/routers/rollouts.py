@@ -14,6 +14,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
+from activities.device_mqtt import notify_twin_changed
 from activities.device_rollouts import FirmwareConflict
 from api.auth import State, actor_of, require, require_device
 from api.limits import FIRMWARE_MAX_BODY_BYTES
@@ -234,6 +235,8 @@ async def device_job_progress(
             )
         except RPCError:
             pass  # no twin yet: it will start from the registry, which has the new version
+        else:
+            await notify_twin_changed(state.pool, claims.tenant, claims.device_id, reported=True)
     return {"state": body.state}
 
 

@@ -8,14 +8,16 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from activities.devices import DeviceService
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.integration.flows import AUTH, active_device, new_id, onboard, progress_until
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process, raw_connack_311
-from tests.support import eventually
+from tests.support import bearer, eventually
 
 NOT_AUTHORIZED_5 = 0x87
 NOT_AUTHORIZED_311 = 5
+SESSION_TAKEN_OVER_5 = 0x8E
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +136,53 @@ async def test_first_connect_is_first_contact(api: httpx.AsyncClient, gateway: G
         client.close()
     device = (await api.get(f"/v1/devices/{device_id}", headers=AUTH)).json()
     assert device["status"] == "active"
+
+
+async def test_the_sweep_checks_every_credential_in_one_query(
+    api: httpx.AsyncClient, gateway: GatewayProcess, pool: Pool, settings: Settings
+) -> None:
+    """The gateway's periodic re-check asks once for all its connections: each answer is the
+    credential's own, also for the same device id in two tenants."""
+    device_id = new_id()
+    _, acme = await active_device(api, device_id=device_id, auth=bearer("acme"))
+    _, globex = await active_device(api, device_id=device_id, auth=bearer("globex"))
+    jtis = {
+        r["tenant"]: r["jti"]
+        for r in await pool.fetch(
+            "SELECT tenant, jti FROM device.credentials WHERE device_id = $1", device_id
+        )
+    }
+    await pool.execute("UPDATE device.credentials SET revoked_at = now() WHERE jti = $1", jtis["globex"])
+    devices = DeviceService(pool, settings)
+    held = [
+        ("acme", device_id, jtis["acme"], acme),
+        ("globex", device_id, jtis["globex"], globex),  # revoked
+        ("globex", device_id, jtis["acme"], acme),  # acme's credential shown as globex's
+        ("acme", device_id, jtis["acme"], globex),  # another token under acme's jti
+    ]
+    assert await devices.credentials_active(held) == [True, False, False, False]
+    assert await devices.credentials_active([]) == []
+
+
+async def test_a_connection_to_another_gateway_takes_the_device_over(
+    api: httpx.AsyncClient, gateway: GatewayProcess, settings: Settings
+) -> None:
+    """Two MQTT processes, one device: its newer connection closes the older one (5.0: reason
+    0x8E), as a second CONNECT to the same process does, and the device stays online."""
+    other = GatewayProcess(settings)
+    other.start()
+    device_id, token = await active_device(api)
+    first = Device(gateway.port, device_id, token)
+    first.client.reconnect_delay_set(60, 120)  # no reconnect during the test (it would take it back)
+    second = Device(other.port, device_id, token)
+    try:
+        assert await first.connect() == 0
+        await eventually(lambda: _connection(api, device_id), lambda c: c == "online")
+        assert await second.connect() == 0
+        assert await first.next_disconnect(timeout=30) == SESSION_TAKEN_OVER_5
+        assert second.disconnects.empty()
+        assert await _connection(api, device_id) == "online"
+    finally:
+        first.close()
+        second.close()
+        other.stop()
