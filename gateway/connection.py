@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from fleetflow.mqtt_topics import (
     BadPayload,
+    Published,
     Refusal,
     Topic,
     parse_telemetry,
@@ -68,6 +69,7 @@ class Connection(asyncio.Protocol):
         self.close_reason = "connection lost"
         self.presence: asyncio.Future[object] | None = None  # the write of its online
         self.last_delta = b""  # the twin/delta document pushed last
+        self.will: tuple[Published, bytes] | None = None  # published when the connection ends unclean
 
     # --- asyncio.Protocol -----------------------------------------------------
 
@@ -156,6 +158,17 @@ class Connection(asyncio.Protocol):
         code, claims, present = await self.gateway.authenticate(self, connect)
         if self._closed:
             return
+        if claims is not None and connect.has_will:
+            try:  # a will only to the device's own topics
+                self.will = (
+                    publish_target(claims.tenant, claims.device_id, connect.will_topic),
+                    connect.will_payload,
+                )
+            except Refusal:
+                code, claims = (
+                    (codec.RC5_NOT_AUTHORIZED if self.version == codec.V5 else codec.RC311_NOT_AUTHORIZED),
+                    None,
+                )
         self.write(codec.connack(self.version, code, present, self.gateway.max_packet))
         if claims is None:
             self.close_reason = "refused"

@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 from fastapi import HTTPException
@@ -34,15 +35,17 @@ from fleetflow.mqtt_topics import (
     JOB_OFFERED_CHANNEL,
     REPORTED_CHANGED_CHANNEL,
     SESSION_TAKEN_CHANNEL,
+    BadPayload,
     Published,
     Topic,
+    parse_telemetry,
 )
 from fleetflow.security import DeviceClaims
 from fleetflow.settings import Settings
 from gateway import codec
 from gateway.auth import LoginUnavailable, device_login
 from gateway.connection import Connection
-from gateway.ingest import GroupCommitter
+from gateway.ingest import GroupCommitter, Pending
 from gateway.jobs import JobPush
 from gateway.presence import Presence
 from gateway.twin_push import TwinPush
@@ -50,6 +53,8 @@ from gateway.twin_push import TwinPush
 log = logging.getLogger(__name__)
 SWEEP_S = 30.0  # every connection's credential is checked again this often (expiry, lost NOTIFYs)
 KEEP_ALIVE_CHECK_S = 1.0
+# ends after which no last will is published: the device said goodbye, or lost its right to speak
+CLEAN_ENDS = frozenset({"disconnected", "refused", "credential revoked", "taken over", "gateway stopping"})
 RECHECK_CHUNK = 5000  # connections whose credentials one query checks
 RECONNECT_S = 1.0
 
@@ -177,7 +182,26 @@ class Gateway:
         key = (conn.claims.tenant, conn.claims.device_id)
         if self.connections.get(key) is conn:
             del self.connections[key]
+        if conn.will is not None and reason not in CLEAN_ENDS:
+            self._publish_will(conn, *conn.will)
         self._spawn(self._offline(conn, reason))
+
+    def _publish_will(self, conn: Connection, target: Published, payload: bytes) -> None:
+        """The device's last will, as if it had published it (telemetry stored, a twin report
+        or job progress handled); a will that is no valid publish is counted, not stored."""
+        claims = conn.claims
+        assert claims is not None
+        if target.kind is not Topic.TELEMETRY:
+            self.other_publish(conn, target, payload)
+            return
+        try:
+            readings = parse_telemetry(payload, claims.device_id, datetime.now(UTC))
+        except BadPayload as exc:
+            self.bad_payload(claims, f"last will: {exc}")
+            return
+        if self.admit_readings(claims.tenant, claims.device_id, len(readings.rows)):
+            pending = Pending(claims.tenant, claims.device_id, readings.rows, readings.batch_id)
+            self.committer.submit(pending)
 
     # --- publishes other than telemetry, and bad payloads -------------------------
 

@@ -3,6 +3,8 @@ the connection; a revocation disconnects a connected device."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
@@ -186,3 +188,42 @@ async def test_a_connection_to_another_gateway_takes_the_device_over(
         first.close()
         second.close()
         other.stop()
+
+
+async def test_the_last_will_is_published_when_the_connection_ends_unclean(
+    api: httpx.AsyncClient, gateway: GatewayProcess, pool: Pool
+) -> None:
+    """A will on the device's own telemetry topic is stored when its keep-alive expires, not
+    after a DISCONNECT; a will on another device's topic refuses the CONNECT."""
+    device_id, token = await active_device(api)
+    topic = f"tenants/acme/devices/{device_id}/telemetry"
+    silent = Device(gateway.port, device_id, token, keep_alive=1)
+    silent.client.will_set(topic, json.dumps({"metric": "will", "value": 1}), qos=1)
+    assert await silent.connect() == 0
+    silent.client.loop_stop()  # silent: no PINGREQ, socket left open
+    try:
+
+        async def wills() -> list[float]:
+            rows = await pool.fetch(
+                "SELECT value FROM data.readings WHERE device_id = $1 AND metric = 'will'", device_id
+            )
+            return [r["value"] for r in rows]
+
+        assert await eventually(wills, bool) == [1.0]
+    finally:
+        silent.client.disconnect()
+    polite = Device(gateway.port, device_id, token)
+    polite.client.will_set(topic, json.dumps({"metric": "will", "value": 2}), qos=1)
+    assert await polite.connect() == 0
+    polite.close()  # DISCONNECT: no will
+    other, _ = await active_device(api)
+    intruder = Device(gateway.port, device_id, token)
+    intruder.client.will_set(f"tenants/acme/devices/{other}/telemetry", '{"metric": "will", "value": 3}')
+    try:
+        assert await intruder.connect() == NOT_AUTHORIZED_5
+    finally:
+        intruder.close()
+    await asyncio.sleep(3)
+    assert await wills() == [1.0]
+    other_rows = await pool.fetch("SELECT 1 FROM data.readings WHERE device_id = $1", other)
+    assert other_rows == []
