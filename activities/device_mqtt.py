@@ -11,20 +11,25 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL
+from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, REPORTED_CHANGED_CHANNEL, SESSION_TAKEN_CHANNEL
 
 
 async def mark_online(db: Any, tenant: str, device_id: str, session_id: str, node: str) -> None:
-    """The device's session `session_id` on `node` holds it now."""
+    """The device's session `session_id` on `node` holds it now; every MQTT process is told
+    (SESSION_TAKEN_CHANNEL, sent at commit), so one holding an older connection closes it."""
     await db.execute(
-        """INSERT INTO device.mqtt_presence (tenant, device_id, online, changed_at, session_id, node)
-           VALUES ($1, $2, true, now(), $3, $4)
-           ON CONFLICT (tenant, device_id) DO UPDATE SET online = true, changed_at = now(),
-               session_id = EXCLUDED.session_id, node = EXCLUDED.node""",
+        """WITH held AS (
+               INSERT INTO device.mqtt_presence (tenant, device_id, online, changed_at, session_id, node)
+               VALUES ($1, $2, true, now(), $3, $4)
+               ON CONFLICT (tenant, device_id) DO UPDATE SET online = true, changed_at = now(),
+                   session_id = EXCLUDED.session_id, node = EXCLUDED.node
+               RETURNING 1)
+           SELECT pg_notify($5, $3 || ' ' || $1 || '/' || $2) FROM held""",
         tenant,
         device_id,
         session_id,
         node,
+        SESSION_TAKEN_CHANNEL,
     )
 
 
@@ -58,6 +63,14 @@ async def has_presence(db: Any, tenant: str, device_id: str) -> bool:
     return seen is not None
 
 
+async def session_of(db: Any, tenant: str, device_id: str) -> str | None:
+    """The session that took the device last (online or not); None when it never connected."""
+    held: str | None = await db.fetchval(
+        "SELECT session_id FROM device.mqtt_presence WHERE tenant = $1 AND device_id = $2", tenant, device_id
+    )
+    return held
+
+
 async def presence(db: Any, tenant: str, device_id: str) -> tuple[bool, datetime] | None:
     """(online, changed_at) of the device's MQTT presence; None when it never connected."""
     row = await db.fetchrow(
@@ -68,7 +81,9 @@ async def presence(db: Any, tenant: str, device_id: str) -> tuple[bool, datetime
     return None if row is None else (bool(row["online"]), row["changed_at"])
 
 
-async def notify_twin_changed(db: Any, tenant: str, device_id: str) -> None:
+async def notify_twin_changed(db: Any, tenant: str, device_id: str, reported: bool = False) -> None:
     """Tell the MQTT processes the device's twin changed (they push its desired document and
-    delta to the device's connection, wherever it is)."""
-    await db.execute("SELECT pg_notify($1, $2)", DESIRED_CHANGED_CHANNEL, f"{tenant}/{device_id}")
+    delta to the device's connection, wherever it is; after a change of reported, the delta
+    when it changed)."""
+    channel = REPORTED_CHANGED_CHANNEL if reported else DESIRED_CHANGED_CHANNEL
+    await db.execute("SELECT pg_notify($1, $2)", channel, f"{tenant}/{device_id}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -124,6 +125,24 @@ class DeviceReadModel:
             token_hash(token),
         )
         return value
+
+    async def credentials_active(self, held: Sequence[tuple[str, str, str, str]]) -> list[bool]:
+        """`credential_active` of many (tenant, device id, jti, credential) in one query, in order."""
+        if not held:
+            return []
+        rows = await self.pool.fetch(
+            """SELECT u.i FROM unnest($1::text[], $2::text[], $3::text[], $4::text[])
+                   WITH ORDINALITY AS u(tenant, device_id, jti, token_hash, i)
+               JOIN device.credentials c ON c.jti = u.jti AND c.tenant = u.tenant
+                   AND c.device_id = u.device_id AND c.token_hash = u.token_hash
+               WHERE c.revoked_at IS NULL AND c.expires_at > now()""",
+            [h[0] for h in held],
+            [h[1] for h in held],
+            [h[2] for h in held],
+            [token_hash(h[3]) for h in held],
+        )
+        active = {int(r["i"]) - 1 for r in rows}
+        return [i in active for i in range(len(held))]
 
     async def config_of(self, tenant: str, device_id: str) -> dict[str, Any] | None:
         """The stored configuration of a device, or None."""

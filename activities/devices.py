@@ -95,6 +95,7 @@ class DeviceService(DeviceActivities):
         self.rotation_outcomes = self.credentials.rotation_outcomes
         self.rotation_counts = self.credentials.rotation_counts
         self.rotated_credentials = self.credentials.rotated_credentials
+        self.credentials_active = self.reads.credentials_active
         self.config_of = self.reads.config_of
         self.put_firmware = self.firmware_store.put_firmware
         self.firmware = self.firmware_store.firmware

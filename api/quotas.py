@@ -126,6 +126,18 @@ class Quotas:
         charges += self._charges("device_readings", tenant, per_device, limits, now)
         self._take(tenant, charges)
 
+    def admit_message_now(self, tenant: str, device_id: str, readings: int, limits: TenantLimits) -> None:
+        """An MQTT publish of a device, with the limits given (from `known_limits`): one request
+        of the tenant and of the device (as an HTTP request is) and its readings, all or nothing;
+        no await; 429 (HTTPException) when over a rate."""
+        now = self.clock()
+        charges = self._charges("tenant_requests", tenant, {"": 1}, limits, now)
+        charges += self._charges("device_requests", tenant, {device_id: 1}, limits, now)
+        if readings:
+            charges += self._charges("tenant_readings", tenant, {"": readings}, limits, now)
+            charges += self._charges("device_readings", tenant, {device_id: readings}, limits, now)
+        self._take(tenant, charges)
+
     async def profile(self, tenant: str) -> TenantProfile:
         """The tenant's stored overrides (empty when it has none)."""
         return await read_profile(self.pool, tenant)

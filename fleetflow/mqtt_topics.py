@@ -31,6 +31,11 @@ WILDCARDS = frozenset("+#")
 # NOTIFY channel: the API tells MQTT gateways that a device's desired document changed
 # (payload `tenant/device_id`), so they push it to the device
 DESIRED_CHANGED_CHANNEL = "twin_desired_changed"
+# NOTIFY channel: a device's reported document changed (its delta may have), payload as above
+REPORTED_CHANGED_CHANNEL = "twin_reported_changed"
+# NOTIFY channel: a session took a device (payload `session_id tenant/device_id`): any other
+# connection of the device, on any MQTT process, is closed (taken over)
+SESSION_TAKEN_CHANNEL = "mqtt_session_taken"
 # NOTIFY channel of the trigger on device.rollout_jobs: a job was offered to `tenant/device_id`
 JOB_OFFERED_CHANNEL = "device_job_offered"
 # a command id in a result topic: the API's CommandId characters, and '~' of a campaign's commands

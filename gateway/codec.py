@@ -47,7 +47,7 @@ class MalformedPacket(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Connect:
-    """A CONNECT packet (will and its properties are read past, not kept)."""
+    """A CONNECT packet (the will's properties are read past, not kept)."""
 
     version: int
     client_id: str
@@ -56,6 +56,8 @@ class Connect:
     clean: bool
     keep_alive: int
     has_will: bool = False
+    will_topic: str = ""
+    will_payload: bytes = b""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,14 +179,18 @@ def parse_connect(body: bytes) -> Connect:
         r.skip_properties()
     client_id = r.text()
     has_will = bool(flags & 0x04)
+    will_topic, will_payload = "", b""
     if has_will:
         if version == V5:
             r.skip_properties()
-        r.text()
-        r.binary()
+        will_topic = r.text()
+        will_payload = r.binary()
     username = r.text() if flags & 0x80 else None
     password = r.binary() if flags & 0x40 else None
-    return Connect(version, client_id, username, password, bool(flags & 0x02), keep_alive, has_will)
+    clean = bool(flags & 0x02)
+    return Connect(
+        version, client_id, username, password, clean, keep_alive, has_will, will_topic, will_payload
+    )
 
 
 def parse_publish(flags: int, body: bytes, version: int) -> Publish:

@@ -9,11 +9,13 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from fleetflow.mqtt_topics import (
     BadPayload,
+    Published,
     Refusal,
     Topic,
     parse_telemetry,
@@ -60,11 +62,14 @@ class Connection(asyncio.Protocol):
         self.subscriptions: set[str] = set()
         self._connecting = False
         self._closed = False
+        self._ending = False  # reads nothing more; closed once the replies owed are written
         self._acks: deque[_Ack] = deque()
         self._paused = False
         self._next_pid = 0
         self.close_reason = "connection lost"
         self.presence: asyncio.Future[object] | None = None  # the write of its online
+        self.last_delta = b""  # the twin/delta document pushed last
+        self.will: tuple[Published, bytes] | None = None  # published when the connection ends unclean
 
     # --- asyncio.Protocol -----------------------------------------------------
 
@@ -93,7 +98,7 @@ class Connection(asyncio.Protocol):
     # --- packets ----------------------------------------------------------------
 
     def _drain(self) -> None:
-        while not self._closed and not self._connecting:
+        while not self._closed and not self._connecting and not self._ending:
             try:
                 limit = self.gateway.max_packet if self.claims is not None else PRE_AUTH_MAX_BYTES
                 found = codec.split_packet(self.buf, limit)
@@ -153,6 +158,17 @@ class Connection(asyncio.Protocol):
         code, claims, present = await self.gateway.authenticate(self, connect)
         if self._closed:
             return
+        if claims is not None and connect.has_will:
+            try:  # a will only to the device's own topics
+                self.will = (
+                    publish_target(claims.tenant, claims.device_id, connect.will_topic),
+                    connect.will_payload,
+                )
+            except Refusal:
+                code, claims = (
+                    (codec.RC5_NOT_AUTHORIZED if self.version == codec.V5 else codec.RC311_NOT_AUTHORIZED),
+                    None,
+                )
         self.write(codec.connack(self.version, code, present, self.gateway.max_packet))
         if claims is None:
             self.close_reason = "refused"
@@ -194,6 +210,9 @@ class Connection(asyncio.Protocol):
             answer(codec.RC5_NOT_AUTHORIZED if exc.outside else codec.RC5_TOPIC_NAME_INVALID)
             return
         if target.kind is not Topic.TELEMETRY:
+            if not self.gateway.admit_readings(claims.tenant, claims.device_id, 0):
+                self._over_rate(pub.qos, answer)
+                return
             task = self.gateway.other_publish(self, target, pub.payload)
             task.add_done_callback(
                 lambda t: answer(t.result() if not t.cancelled() else codec.RC5_UNSPECIFIED)
@@ -206,12 +225,7 @@ class Connection(asyncio.Protocol):
             answer(codec.RC5_PAYLOAD_INVALID)
             return
         if not self.gateway.admit_readings(claims.tenant, claims.device_id, len(readings.rows)):
-            # over the tenant's or the device's readings/s: not stored; 5.0 says so, a 3.1.1
-            # client gets no PUBACK and redelivers after reconnecting
-            if self.version == codec.V5 or not pub.qos:
-                answer(codec.RC5_QUOTA_EXCEEDED)
-            else:
-                self.close(None, "over the readings rate")
+            self._over_rate(pub.qos, answer)
             return
         pending = Pending(
             claims.tenant,
@@ -238,6 +252,21 @@ class Connection(asyncio.Protocol):
                 answer(0)
 
         done.add_done_callback(committed)
+
+    def _over_rate(self, qos: int, answer: Callable[[int], None]) -> None:
+        # over the tenant's or the device's requests/s or readings/s: not handled; 5.0 says so
+        if self.version == codec.V5 or not qos:
+            answer(codec.RC5_QUOTA_EXCEEDED)
+            return
+        # 3.1.1 has no refusal: no PUBACK for this one (the client redelivers it after
+        # reconnecting) and the connection ends, but only once the publishes before it are
+        # answered: closing at once dropped the PUBACKs of stored ones, the client sent them
+        # again, over the rate again, and never got further
+        self._ending = True
+        if self.transport is not None:
+            self.transport.pause_reading()
+        self._acks[-1].data = b""  # this publish's slot: nothing to answer
+        self._flush()
 
     def _subscribe(self, sub: codec.Subscribe) -> None:
         claims = self.claims
@@ -274,7 +303,11 @@ class Connection(asyncio.Protocol):
             out.append(data)
         if out:
             self.write(b"".join(out))
-        if self._paused and len(self._acks) < RESUME_AT and self.transport is not None and not self._closed:
+        if self._ending and not self._acks:
+            self.close(None, "over the request or readings rate")
+            return
+        stopped = self._closed or self._ending
+        if self._paused and len(self._acks) < RESUME_AT and self.transport is not None and not stopped:
             self._paused = False
             self.transport.resume_reading()
 

@@ -13,9 +13,11 @@ from pydantic import ValidationError
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from activities.device_mqtt import notify_twin_changed
 from activities.devices import DeviceService
 from fleetflow.contracts.rollouts import JobReport
 from fleetflow.contracts.twin import ReportState
+from fleetflow.db import Pool
 from fleetflow.mqtt_topics import Published, Topic, filter_matches, topic
 from gateway import codec
 from workflows.device_twin import DeviceTwin, twin_id
@@ -31,8 +33,9 @@ RC5_CONFLICT = 0x83  # "implementation specific error": the move is not allowed 
 class JobPush:
     """Pushes a device's pending job; takes its progress publishes."""
 
-    def __init__(self, devices: DeviceService, temporal: Client) -> None:
+    def __init__(self, devices: DeviceService, temporal: Client, pool: Pool) -> None:
         self.devices = devices
+        self.pool = pool
         self.temporal = temporal
 
     async def push(self, conn: Connection) -> None:
@@ -70,4 +73,6 @@ class JobPush:
                 await twin.signal(DeviceTwin.report, ReportState(patch=patch, at=datetime.now(UTC)))
             except RPCError:
                 pass  # no twin yet: it starts from the registry, which has the new version
+            else:
+                await notify_twin_changed(self.pool, claims.tenant, claims.device_id, reported=True)
         return 0

@@ -16,6 +16,7 @@ import logging
 import socket
 import time
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
 
 import asyncpg
 from fastapi import HTTPException
@@ -30,14 +31,23 @@ from api.quotas import Quotas
 from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
 from fleetflow.db import Pool
-from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, JOB_OFFERED_CHANNEL, Published, Topic
+from fleetflow.mqtt_topics import (
+    DESIRED_CHANGED_CHANNEL,
+    JOB_OFFERED_CHANNEL,
+    REPORTED_CHANGED_CHANNEL,
+    SESSION_TAKEN_CHANNEL,
+    BadPayload,
+    Published,
+    Topic,
+    parse_telemetry,
+)
 from fleetflow.security import DeviceClaims
 from fleetflow.settings import Settings
 from gateway import codec
 from gateway.auth import LoginUnavailable, device_login
 from gateway.commands import CommandPush, offered_device
 from gateway.connection import Connection
-from gateway.ingest import GroupCommitter
+from gateway.ingest import GroupCommitter, Pending
 from gateway.jobs import JobPush
 from gateway.presence import Presence
 from gateway.twin_push import TwinPush
@@ -45,6 +55,9 @@ from gateway.twin_push import TwinPush
 log = logging.getLogger(__name__)
 SWEEP_S = 30.0  # every connection's credential is checked again this often (expiry, lost NOTIFYs)
 KEEP_ALIVE_CHECK_S = 1.0
+# ends after which no last will is published: the device said goodbye, or lost its right to speak
+CLEAN_ENDS = frozenset({"disconnected", "refused", "credential revoked", "taken over", "gateway stopping"})
+RECHECK_CHUNK = 5000  # connections whose credentials one query checks
 RECONNECT_S = 1.0
 
 Key = tuple[str, str]  # (tenant, device id)
@@ -69,8 +82,8 @@ class Gateway:
         self.by_jti: dict[str, set[Connection]] = {}  # a revocation's NOTIFY names the jti
         self._tasks: set[asyncio.Task[object]] = set()
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
-        self.twin = TwinPush(temporal)
-        self.jobs = JobPush(self.devices, temporal)
+        self.twin = TwinPush(temporal, pool)
+        self.jobs = JobPush(self.devices, temporal, pool)
         self.commands = CommandPush(self.devices, temporal)
         self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {
             Topic.TWIN_REPORTED.value: self.twin.reported,
@@ -173,7 +186,26 @@ class Gateway:
         key = (conn.claims.tenant, conn.claims.device_id)
         if self.connections.get(key) is conn:
             del self.connections[key]
+        if conn.will is not None and reason not in CLEAN_ENDS:
+            self._publish_will(conn, *conn.will)
         self._spawn(self._offline(conn, reason))
+
+    def _publish_will(self, conn: Connection, target: Published, payload: bytes) -> None:
+        """The device's last will, as if it had published it (telemetry stored, a twin report
+        or job progress handled); a will that is no valid publish is counted, not stored."""
+        claims = conn.claims
+        assert claims is not None
+        if target.kind is not Topic.TELEMETRY:
+            self.other_publish(conn, target, payload)
+            return
+        try:
+            readings = parse_telemetry(payload, claims.device_id, datetime.now(UTC))
+        except BadPayload as exc:
+            self.bad_payload(claims, f"last will: {exc}")
+            return
+        if self.admit_readings(claims.tenant, claims.device_id, len(readings.rows)):
+            pending = Pending(claims.tenant, claims.device_id, readings.rows, readings.batch_id)
+            self.committer.submit(pending)
 
     # --- publishes other than telemetry, and bad payloads -------------------------
 
@@ -188,12 +220,13 @@ class Gateway:
         return task
 
     def admit_readings(self, tenant: str, device_id: str, readings: int) -> bool:
-        """Whether the readings fit the tenant's and the device's rates (taken when they do)."""
+        """Whether a publish (one request, as over HTTP) and its readings fit the tenant's and
+        the device's rates (taken when they do)."""
         limits, fresh = self.quotas.known_limits(tenant)
         if not fresh:
             self._spawn(self.quotas.limits(tenant))  # read again for the next publishes
         try:
-            self.quotas.admit_readings_now(tenant, {device_id: readings}, limits)
+            self.quotas.admit_message_now(tenant, device_id, readings, limits)
         except HTTPException:
             return False
         return True
@@ -233,12 +266,43 @@ class Gateway:
         if conn is not None:
             self._spawn(self.twin.push(conn))
 
+    def _on_reported_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        tenant, _, device_id = str(payload).partition("/")
+        conn = self.connections.get((tenant, device_id))
+        if conn is not None:
+            self._spawn(self.twin.push(conn, (Topic.TWIN_DELTA,)))
+
+    def _on_session_taken(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+        """A connection of the device (here or on another MQTT process) took it: an older one
+        held here is closed, as a second CONNECT to this process closes the first."""
+        session_id, _, key = str(payload).partition(" ")
+        tenant, _, device_id = key.partition("/")
+        conn = self.connections.get((tenant, device_id))
+        if conn is not None and conn.session_id != session_id:
+            self._spawn(self._taken_over(conn))
+
+    async def _taken_over(self, conn: Connection) -> None:
+        # the presence row names the session that took the device last: two connections
+        # arriving together on two processes agree on it, whatever order their NOTIFYs come in
+        assert conn.claims is not None
+        if conn.presence is not None:
+            await asyncio.gather(conn.presence, return_exceptions=True)
+        try:
+            holder = await device_mqtt.session_of(self.pool, conn.claims.tenant, conn.claims.device_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            return
+        if holder is not None and holder != conn.session_id:
+            conn.close_reason = "taken over"
+            conn.close(codec.RC5_SESSION_TAKEN_OVER, "taken over")
+
     # --- revocation ---------------------------------------------------------------
 
     async def _listen(self) -> None:
         listener: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
         await listener.add_listener(REVOKED_CHANNEL, self._on_revoked)
         await listener.add_listener(DESIRED_CHANGED_CHANNEL, self._on_desired_changed)
+        await listener.add_listener(REPORTED_CHANGED_CHANNEL, self._on_reported_changed)
+        await listener.add_listener(SESSION_TAKEN_CHANNEL, self._on_session_taken)
         await listener.add_listener(JOB_OFFERED_CHANNEL, self._on_job_offered)
         await listener.add_listener(COMMAND_OFFERED_CHANNEL, self._on_command_offered)
         self._listener = listener
@@ -249,17 +313,21 @@ class Gateway:
             self._spawn(self._recheck(list(holders)))
 
     async def _recheck(self, conns: list[Connection]) -> None:
-        for conn in conns:
-            claims, token = conn.claims, self.tokens.get(conn)
-            if claims is None or token is None:
-                continue
+        """Close the connections whose credential is no longer active: one query per
+        RECHECK_CHUNK connections, not one per connection."""
+        held = [(c, c.claims, t) for c in conns if c.claims is not None and (t := self.tokens.get(c))]
+        for start in range(0, len(held), RECHECK_CHUNK):
+            chunk = held[start : start + RECHECK_CHUNK]
             try:
-                ok = await self.devices.credential_active(claims.tenant, claims.device_id, claims.jti, token)
+                active = await self.devices.credentials_active(
+                    [(claims.tenant, claims.device_id, claims.jti, token) for _, claims, token in chunk]
+                )
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                continue  # the database is away: the next sweep looks again
-            if not ok:
-                conn.close_reason = "credential revoked"
-                conn.close(codec.RC5_NOT_AUTHORIZED, "credential revoked")
+                return  # the database is away: the next sweep looks again
+            for (conn, _, _), ok in zip(chunk, active, strict=True):
+                if not ok:
+                    conn.close_reason = "credential revoked"
+                    conn.close(codec.RC5_NOT_AUTHORIZED, "credential revoked")
 
     async def _keep_listening(self) -> None:
         while True:

@@ -4,8 +4,9 @@ at SUBSCRIBE and on every change) and `twin/delta` (pushed on every change), and
 
 A change of desired reaches the gateway as a NOTIFY on `twin_desired_changed` (payload
 `tenant/device_id`), sent by the API once the twin accepted the update; the gateway asks the
-twin for its state and pushes it. A device that was away gets the desired document when it
-subscribes again.
+twin for its state and pushes it. A change of reported (over HTTP or MQTT) is a NOTIFY on
+`twin_reported_changed`: the delta is pushed when it changed. A device that was away gets the
+desired document when it subscribes again.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from typing import TYPE_CHECKING, Any
 from temporalio.client import Client
 from temporalio.service import RPCError
 
+from activities.device_mqtt import notify_twin_changed
 from fleetflow.contracts.twin import ReportState, TwinState
+from fleetflow.db import Pool
 from fleetflow.mqtt_topics import Published, Topic, filter_matches, topic
 from fleetflow.twin_state import change_breach, delta, document_breach, merge_patch
 from gateway import codec
@@ -33,8 +36,9 @@ log = logging.getLogger(__name__)
 class TwinPush:
     """Pushes twin documents to subscribed connections; takes reported publishes."""
 
-    def __init__(self, temporal: Client) -> None:
+    def __init__(self, temporal: Client, pool: Pool) -> None:
         self.temporal = temporal
+        self.pool = pool
 
     async def _state(self, tenant: str, device_id: str) -> TwinState | None:
         try:
@@ -65,7 +69,11 @@ class TwinPush:
                 conn.push(name, json.dumps(doc).encode(), retain=True)
             else:
                 doc = {"delta": delta(state.desired, state.reported), "version": state.desired_version}
-                conn.push(name, json.dumps(doc).encode())
+                body = json.dumps(doc).encode()
+                if kinds == (Topic.TWIN_DELTA,) and body == conn.last_delta:
+                    continue  # a change of reported that left the delta as it was
+                conn.last_delta = body
+                conn.push(name, body)
 
     @staticmethod
     def _subscribed(conn: Connection, name: str) -> bool:
@@ -93,4 +101,6 @@ class TwinPush:
         except RPCError as exc:
             log.warning("report of %s/%s not delivered: %s", claims.tenant, claims.device_id, exc)
             return codec.RC5_UNSPECIFIED
+        # every connection of the device (on any gateway) gets the delta, if it changed
+        await notify_twin_changed(self.pool, claims.tenant, claims.device_id, reported=True)
         return 0

@@ -15,6 +15,7 @@ from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
 from activities.device_firmware import FirmwareConflict
+from activities.device_mqtt import notify_twin_changed
 from api.auth import State, actor_of, require, require_device
 from api.limits import FIRMWARE_MAX_BODY_BYTES
 from api.models.base import as_contract
@@ -251,6 +252,8 @@ async def device_job_progress(
             )
         except RPCError:
             pass  # no twin yet: it will start from the registry, which has the new version
+        else:
+            await notify_twin_changed(state.pool, claims.tenant, claims.device_id, reported=True)
     return {"state": body.state}
 
 

@@ -187,6 +187,8 @@ async def report(request: Request, state: State, device: Device) -> DeltaView:
         return result
 
     current = await on_twin(state, claims.tenant, claims.device_id, send)
+    # the device's MQTT connection (if any) gets its new delta
+    await notify_twin_changed(state.pool, claims.tenant, claims.device_id, reported=True)
     return DeltaView(delta=delta(current.desired, current.reported), desired_version=current.desired_version)
 
 

@@ -3,19 +3,23 @@ the connection; a revocation disconnects a connected device."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
+from activities.devices import DeviceService
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.integration.flows import AUTH, active_device, new_id, onboard, progress_until
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process, raw_connack_311
-from tests.support import eventually
+from tests.support import bearer, eventually
 
 NOT_AUTHORIZED_5 = 0x87
 NOT_AUTHORIZED_311 = 5
+SESSION_TAKEN_OVER_5 = 0x8E
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,92 @@ async def test_first_connect_is_first_contact(api: httpx.AsyncClient, gateway: G
         client.close()
     device = (await api.get(f"/v1/devices/{device_id}", headers=AUTH)).json()
     assert device["status"] == "active"
+
+
+async def test_the_sweep_checks_every_credential_in_one_query(
+    api: httpx.AsyncClient, gateway: GatewayProcess, pool: Pool, settings: Settings
+) -> None:
+    """The gateway's periodic re-check asks once for all its connections: each answer is the
+    credential's own, also for the same device id in two tenants."""
+    device_id = new_id()
+    _, acme = await active_device(api, device_id=device_id, auth=bearer("acme"))
+    _, globex = await active_device(api, device_id=device_id, auth=bearer("globex"))
+    jtis = {
+        r["tenant"]: r["jti"]
+        for r in await pool.fetch(
+            "SELECT tenant, jti FROM device.credentials WHERE device_id = $1", device_id
+        )
+    }
+    await pool.execute("UPDATE device.credentials SET revoked_at = now() WHERE jti = $1", jtis["globex"])
+    devices = DeviceService(pool, settings)
+    held = [
+        ("acme", device_id, jtis["acme"], acme),
+        ("globex", device_id, jtis["globex"], globex),  # revoked
+        ("globex", device_id, jtis["acme"], acme),  # acme's credential shown as globex's
+        ("acme", device_id, jtis["acme"], globex),  # another token under acme's jti
+    ]
+    assert await devices.credentials_active(held) == [True, False, False, False]
+    assert await devices.credentials_active([]) == []
+
+
+async def test_a_connection_to_another_gateway_takes_the_device_over(
+    api: httpx.AsyncClient, gateway: GatewayProcess, settings: Settings
+) -> None:
+    """Two MQTT processes, one device: its newer connection closes the older one (5.0: reason
+    0x8E), as a second CONNECT to the same process does, and the device stays online."""
+    other = GatewayProcess(settings)
+    other.start()
+    device_id, token = await active_device(api)
+    first = Device(gateway.port, device_id, token)
+    first.client.reconnect_delay_set(60, 120)  # no reconnect during the test (it would take it back)
+    second = Device(other.port, device_id, token)
+    try:
+        assert await first.connect() == 0
+        await eventually(lambda: _connection(api, device_id), lambda c: c == "online")
+        assert await second.connect() == 0
+        assert await first.next_disconnect(timeout=30) == SESSION_TAKEN_OVER_5
+        assert second.disconnects.empty()
+        assert await _connection(api, device_id) == "online"
+    finally:
+        first.close()
+        second.close()
+        other.stop()
+
+
+async def test_the_last_will_is_published_when_the_connection_ends_unclean(
+    api: httpx.AsyncClient, gateway: GatewayProcess, pool: Pool
+) -> None:
+    """A will on the device's own telemetry topic is stored when its keep-alive expires, not
+    after a DISCONNECT; a will on another device's topic refuses the CONNECT."""
+    device_id, token = await active_device(api)
+    topic = f"tenants/acme/devices/{device_id}/telemetry"
+    silent = Device(gateway.port, device_id, token, keep_alive=1)
+    silent.client.will_set(topic, json.dumps({"metric": "will", "value": 1}), qos=1)
+    assert await silent.connect() == 0
+    silent.client.loop_stop()  # silent: no PINGREQ, socket left open
+    try:
+
+        async def wills() -> list[float]:
+            rows = await pool.fetch(
+                "SELECT value FROM data.readings WHERE device_id = $1 AND metric = 'will'", device_id
+            )
+            return [r["value"] for r in rows]
+
+        assert await eventually(wills, bool) == [1.0]
+    finally:
+        silent.client.disconnect()
+    polite = Device(gateway.port, device_id, token)
+    polite.client.will_set(topic, json.dumps({"metric": "will", "value": 2}), qos=1)
+    assert await polite.connect() == 0
+    polite.close()  # DISCONNECT: no will
+    other, _ = await active_device(api)
+    intruder = Device(gateway.port, device_id, token)
+    intruder.client.will_set(f"tenants/acme/devices/{other}/telemetry", '{"metric": "will", "value": 3}')
+    try:
+        assert await intruder.connect() == NOT_AUTHORIZED_5
+    finally:
+        intruder.close()
+    await asyncio.sleep(3)
+    assert await wills() == [1.0]
+    other_rows = await pool.fetch("SELECT 1 FROM data.readings WHERE device_id = $1", other)
+    assert other_rows == []

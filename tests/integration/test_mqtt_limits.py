@@ -100,3 +100,26 @@ async def test_a_large_packet_before_connect_closes_the_socket(gateway: GatewayP
         assert await asyncio.wait_for(reader.read(), 30) == b""
     finally:
         writer.close()
+
+
+async def test_every_publish_counts_against_the_device_requests_rate(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    """An MQTT message is a request of the device, as an HTTP request is: twin reports too."""
+    tenant = f"q{uuid.uuid4().hex[:8]}"
+    operator = bearer(tenant)
+    limits = {"device_requests_per_s": 1, "burst_s": 1}
+    r = await api.put(f"/v1/tenants/{tenant}/profile", json=limits, headers=operator)
+    assert r.status_code == 200, r.text
+    device_id, token = await active_device(api, auth=operator)
+    device = Device(gateway.port, device_id, token)
+    try:
+        assert await device.connect() == 0
+        topic = f"tenants/{tenant}/devices/{device_id}/twin/reported"
+        # the first one has the gateway read the tenant's limits; the next ones come at once
+        await device.puback(device.publish(topic, json.dumps({"n": 0})))
+        mids = [device.publish(topic, json.dumps({"n": i})) for i in range(1, 11)]
+        codes = [await device.puback(mid) for mid in mids]
+        assert QUOTA_EXCEEDED in codes, codes
+    finally:
+        device.close()

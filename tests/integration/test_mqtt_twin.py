@@ -66,3 +66,40 @@ async def test_desired_is_retained_and_changes_are_pushed(
         assert await device.puback(bad) == 0x99
     finally:
         device.close()
+
+
+async def test_a_change_of_reported_pushes_the_new_delta(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    """The delta changes when reported does (over HTTP or MQTT): it is pushed then too, and not
+    when a report leaves it as it was."""
+    device_id, token = await active_device(api)
+    base = f"tenants/acme/devices/{device_id}/twin"
+    r = await api.patch(
+        f"/v1/devices/{device_id}/twin/desired", json={"target_c": 10, "mode": "heat"}, headers=AUTH
+    )
+    assert r.status_code == 200, r.text
+    device = Device(gateway.port, device_id, token)
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(f"{base}/delta") == [1]
+        first = await _message(device, f"{base}/delta")
+        assert first["delta"]["target_c"] == 10 and first["delta"]["mode"] == "heat"
+        # reported over HTTP (the device's credential): the delta shrinks and is pushed
+        r = await api.post(
+            "/v1/device/twin/reported",
+            json={"reported": {"target_c": 10}},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert r.status_code == 202, r.text
+        pushed = (await _message(device, f"{base}/delta"))["delta"]
+        assert "target_c" not in pushed and pushed["mode"] == "heat"
+        # a report that does not change the delta pushes nothing; one over MQTT that does, does
+        assert await device.puback(device.publish(f"{base}/reported", json.dumps({"other": 1}))) == 0
+        assert await device.puback(device.publish(f"{base}/reported", json.dumps({"mode": "heat"}))) == 0
+        # the next push is this one's (the report of "other" pushed nothing)
+        assert (await _message(device, f"{base}/delta"))["delta"] == {
+            k: v for k, v in pushed.items() if k != "mode"
+        }
+    finally:
+        device.close()
