@@ -312,6 +312,14 @@ class DeviceConsistency:
             )
             for r in rows
         ]
+        checked = run["checked"]
+        if tenant is not None:
+            # the run's count is the whole fleet's, every tenant's devices: a tenant sees its own
+            checked = await self.pool.fetchval(
+                "SELECT count(*) FROM device.devices WHERE tenant = $1 AND created_at <= $2",
+                tenant,
+                run["finished_at"],
+            )
         if tenant is None and run["reclaimed"]:
             counts.append(
                 FindingCount(type=FindingType.CLAIM_OF_DEAD_RUN, count=run["reclaimed"], repaired=True)
@@ -320,7 +328,7 @@ class DeviceConsistency:
             run_id=run["run_id"],
             started_at=run["started_at"],
             finished_at=run["finished_at"],
-            devices_checked=run["checked"],
+            devices_checked=checked,
             findings=counts,
         )
 

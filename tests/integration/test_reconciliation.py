@@ -263,3 +263,15 @@ async def test_a_credential_issued_by_an_onboarding_taking_over_meanwhile_stays_
         device_id,
     )
     assert live >= 1
+
+
+async def test_a_tenant_sees_the_count_of_its_own_devices_checked_not_the_fleets(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    await active_device(api)  # acme's devices are none of globex's business
+    await _reconcile(api, client)
+    report = await _findings_of(api, bearer("globex", scopes=["devices:read"]))
+    own = await pool.fetchval("SELECT count(*) FROM device.devices WHERE tenant = 'globex'")
+    assert report["devices_checked"] <= own
+    everyone = await _findings_of(api, OPERATOR)
+    assert everyone["devices_checked"] > own
