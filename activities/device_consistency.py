@@ -178,6 +178,15 @@ class DeviceConsistency:
 
     async def _start_twin(self, row: Any) -> None:
         assert self.temporal is not None
+        # a decommissioning that began after the page was read (visibility had not shown it)
+        # may have ended the twin already: no twin for a device no longer active
+        status = await self.pool.fetchval(
+            "SELECT status FROM device.devices WHERE tenant = $1 AND device_id = $2",
+            row["tenant"],
+            row["device_id"],
+        )
+        if status != "active":
+            return
         await self.temporal.start_workflow(
             TWIN_WORKFLOW,
             TwinInput(

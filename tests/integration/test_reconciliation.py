@@ -275,3 +275,31 @@ async def test_a_tenant_sees_the_count_of_its_own_devices_checked_not_the_fleets
     assert report["devices_checked"] <= own
     everyone = await _findings_of(api, OPERATOR)
     assert everyone["devices_checked"] > own
+
+
+class _RetiredMeanwhile(DeviceConsistency):
+    """A decommissioning ends the device (and its twin) after the page was read, before
+    visibility shows it."""
+
+    async def _running(self, rows: list[Any]) -> dict[tuple[str, str], set[str]]:
+        for row in rows:
+            await self.pool.execute(
+                "UPDATE device.devices SET status = 'decommissioned' WHERE tenant = $1 AND device_id = $2",
+                row["tenant"],
+                row["device_id"],
+            )
+        return {}
+
+
+async def test_no_twin_is_started_for_a_device_decommissioned_meanwhile(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    device_id, _ = await active_device(api)
+    twin = client.get_workflow_handle(twin_id("acme", device_id))
+    await twin.terminate("test: the decommissioning ended it")
+    checker = _RetiredMeanwhile(pool, client)
+    run_id = f"reconcile-retired-{uuid.uuid4().hex[:6]}"
+    await checker.reconcile_devices(
+        ReconcilePage(run_id=run_id, after_tenant="acme", after_device=device_id[:-1], limit=1)
+    )
+    assert (await twin.describe()).status != WorkflowExecutionStatus.RUNNING
