@@ -219,6 +219,16 @@ class DeviceCommands:
             for r in rows
         ]
 
+    async def release_commands(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
+        """Give back commands taken for a connection that ended before they were sent: pending
+        again (unless answered or ended meanwhile), for the next connection or poll."""
+        await self.pool.executemany(
+            """UPDATE device.commands SET status = 'pending', delivered_at = NULL
+               WHERE tenant = $1 AND device_id = $2 AND command_id = $3 AND status = 'delivered'
+                 AND delivered_at = $4""",
+            [(tenant, device_id, c.command_id, c.delivered_at) for c in taken],
+        )
+
     async def answer_command(
         self, tenant: str, device_id: str, command_id: str, status: str, result: dict[str, Any]
     ) -> CommandView:

@@ -178,6 +178,15 @@ class DeviceConsistency:
 
     async def _start_twin(self, row: Any) -> None:
         assert self.temporal is not None
+        # a decommissioning that began after the page was read (visibility had not shown it)
+        # may have ended the twin already: no twin for a device no longer active
+        status = await self.pool.fetchval(
+            "SELECT status FROM device.devices WHERE tenant = $1 AND device_id = $2",
+            row["tenant"],
+            row["device_id"],
+        )
+        if status != "active":
+            return
         await self.temporal.start_workflow(
             TWIN_WORKFLOW,
             TwinInput(
@@ -206,9 +215,15 @@ class DeviceConsistency:
             log.info("twin of %s/%s already gone: %s", tenant, device_id, exc.message)
 
     async def _revoke(self, tenant: str, device_id: str) -> None:
+        # only while the device is still retired: an onboarding that took the failed device
+        # over after the page was read (visibility had not shown it yet) issued a credential
+        # of its own, which must stay live (it is committed after the status change)
         await self.pool.execute(
             """UPDATE device.credentials SET revoked_at = now()
-               WHERE tenant = $1 AND device_id = $2 AND revoked_at IS NULL""",
+               WHERE tenant = $1 AND device_id = $2 AND revoked_at IS NULL
+                 AND EXISTS (SELECT 1 FROM device.devices d
+                             WHERE d.tenant = $1 AND d.device_id = $2
+                               AND d.status IN ('decommissioned', 'failed'))""",
             tenant,
             device_id,
         )
@@ -238,6 +253,14 @@ class DeviceConsistency:
 
     async def finish_reconciliation(self, finish: FinishReconciliation) -> None:
         """Record the run's totals and forget the findings of earlier runs; idempotent."""
+        # a run still going (a run by hand overlapping the schedule's) keeps its findings:
+        # it began before this one, yet its report is still to come
+        others = await self.pool.fetch(
+            "SELECT DISTINCT run_id FROM device.consistency_findings WHERE run_id <> $1 AND found_at < $2",
+            finish.run_id,
+            finish.started_at,
+        )
+        running = [r["run_id"] for r in others if await self._still_running(r["run_id"])]
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 """INSERT INTO device.consistency_runs (run_id, started_at, finished_at, checked, reclaimed)
@@ -250,11 +273,25 @@ class DeviceConsistency:
             # only the newest finished run is kept, and nothing of runs that never finished
             # (cancelled, terminated) and began before this one
             await conn.execute(
-                "DELETE FROM device.consistency_findings WHERE run_id <> $1 AND found_at < $2",
+                """DELETE FROM device.consistency_findings
+                   WHERE run_id <> $1 AND found_at < $2 AND run_id <> ALL($3::text[])""",
                 finish.run_id,
                 finish.started_at,
+                running,
             )
             await conn.execute("DELETE FROM device.consistency_runs WHERE run_id <> $1", finish.run_id)
+
+    async def _still_running(self, run_id: str) -> bool:
+        """Whether the Reconciliation of this id (its workflow id) is still going."""
+        if self.temporal is None:
+            return False
+        try:
+            described = await self.temporal.get_workflow_handle(run_id).describe()
+        except RPCError as exc:
+            if exc.status == RPCStatusCode.NOT_FOUND:
+                return False
+            raise
+        return described.status == WorkflowExecutionStatus.RUNNING
 
     async def report(self, tenant: str | None) -> ConsistencyReport:
         """The last finished run's findings: one tenant's, or every tenant's (tenant None)."""
@@ -284,6 +321,14 @@ class DeviceConsistency:
             )
             for r in rows
         ]
+        checked = run["checked"]
+        if tenant is not None:
+            # the run's count is the whole fleet's, every tenant's devices: a tenant sees its own
+            checked = await self.pool.fetchval(
+                "SELECT count(*) FROM device.devices WHERE tenant = $1 AND created_at <= $2",
+                tenant,
+                run["finished_at"],
+            )
         if tenant is None and run["reclaimed"]:
             counts.append(
                 FindingCount(type=FindingType.CLAIM_OF_DEAD_RUN, count=run["reclaimed"], repaired=True)
@@ -292,7 +337,7 @@ class DeviceConsistency:
             run_id=run["run_id"],
             started_at=run["started_at"],
             finished_at=run["finished_at"],
-            devices_checked=run["checked"],
+            devices_checked=checked,
             findings=counts,
         )
 

@@ -110,6 +110,7 @@ class DeviceService(DeviceActivities):
         self.command = self.commands.command
         self.list_commands = self.commands.list_commands
         self.take_commands = self.commands.take_commands
+        self.release_commands = self.commands.release_commands
         self.answer_command = self.commands.answer_command
         self.claim_poller = self.commands.claim_poller
         self.release_poller = self.commands.release_poller

@@ -20,7 +20,7 @@ from temporalio.service import RPCError
 from activities.device_commands import CAMPAIGN_SEPARATOR, CommandConflict
 from activities.devices import DeviceService
 from api.models.commands import CommandResultBody
-from fleetflow.contracts.commands import CommandState
+from fleetflow.contracts.commands import CommandState, DeviceCommandView
 from fleetflow.mqtt_topics import Published, Topic, filter_matches, topic
 from gateway import codec
 from workflows.device_command import DeviceCommand, command_workflow_id
@@ -76,6 +76,11 @@ class CommandPush:
                         "commands of %s/%s not pushed", claims.tenant, claims.device_id, exc_info=True
                     )
                     return  # still pending: the next offer, SUBSCRIBE or poll takes them
+                if taken and (conn.transport is None or conn.transport.is_closing()):
+                    # the connection ended during the take (taken over by another gateway,
+                    # say): a QoS 0 publish to it would be lost, the commands given back
+                    await self._release(tenant, device_id, taken)
+                    return
                 for command in taken:
                     conn.push(name, command.model_dump_json().encode())
                     if CAMPAIGN_SEPARATOR not in command.command_id:  # a campaign's has no run
@@ -83,6 +88,12 @@ class CommandPush:
                         self._signal(tenant, device_id, command.command_id, moved)
                 if len(taken) < TAKE_AT_ONCE:
                     return
+
+    async def _release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
+        try:
+            await self.devices.release_commands(tenant, device_id, taken)
+        except _UNAVAILABLE:
+            log.warning("commands of %s/%s taken and not pushed", tenant, device_id, exc_info=True)
 
     async def result(self, conn: Connection, target: Published, payload: bytes) -> int:
         """A `commands/{command_id}/result` publish; the PUBACK reason code."""

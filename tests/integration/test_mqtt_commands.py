@@ -7,13 +7,18 @@ import asyncio
 import json
 import queue
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import pytest
+from temporalio.client import Client
 
+from activities.devices import DeviceService
+from fleetflow.contracts.commands import DeviceCommandView
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
+from gateway.commands import CommandPush
 from tests.integration.flows import AUTH, fleet, new_id
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.support import eventually
@@ -219,3 +224,47 @@ async def test_a_command_campaign_reaches_a_connected_device_over_mqtt(
     assert done.json()["counts"] == {"succeeded": 1}
     outcomes = (await api.get(f"/v1/rollouts/{campaign}/devices", headers=AUTH)).json()
     assert [(o["state"], o["result"]) for o in outcomes] == [("succeeded", {"echo": {"ref": 1.5}})]
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.closing = False
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+
+class _Connection:
+    """A device's connection that another gateway takes over while its commands are taken."""
+
+    def __init__(self, tenant: str, device_id: str) -> None:
+        self.claims = SimpleNamespace(tenant=tenant, device_id=device_id)
+        self.subscriptions = {f"tenants/{tenant}/devices/{device_id}/#"}
+        self.transport = _Transport()
+        self.sent: list[str] = []
+
+    def push(self, topic: str, payload: bytes) -> None:
+        if not self.transport.closing:
+            self.sent.append(topic)
+
+
+async def test_commands_taken_while_the_connection_is_taken_over_stay_pending(
+    api: httpx.AsyncClient, pool: Pool, settings: Settings, client: Client
+) -> None:
+    device_id = next(iter((await fleet(api, 1)).keys()))
+    command = await send(api, device_id)
+    conn = _Connection("acme", device_id)
+
+    devices = DeviceService(pool, settings, client)
+    take = devices.take_commands
+
+    async def taken_over(tenant: str, device_id: str, limit: int) -> list[DeviceCommandView]:
+        taken = await take(tenant, device_id, limit)
+        conn.transport.closing = True  # the takeover closes it during the take
+        return taken
+
+    devices.take_commands = taken_over
+    await CommandPush(devices, client).push(conn)  # type: ignore[arg-type]
+    assert conn.sent == []
+    # the next connection (or an HTTP poll) gets it
+    assert (await command_of(api, device_id, command["command_id"]))["status"] == "pending"

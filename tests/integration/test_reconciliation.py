@@ -11,7 +11,7 @@ import httpx
 from temporalio.client import Client, WorkflowExecutionStatus
 
 from activities.device_consistency import DeviceConsistency
-from fleetflow.contracts.consistency import ReconcilePage
+from fleetflow.contracts.consistency import FinishReconciliation, ReconcilePage
 from fleetflow.db import Pool
 from tests.integration.flows import AUTH, active_device, contact
 from tests.support import bearer, eventually
@@ -203,3 +203,103 @@ async def test_a_twin_visibility_has_not_indexed_yet_is_no_finding(
     assert (page.last_tenant, page.last_device) == ("acme", device_id)
     assert page.findings == 0
     assert (await twin.describe()).run_id == before
+
+
+async def test_a_run_still_going_keeps_its_findings_when_an_overlapping_run_finishes(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    # a run by hand began before the schedule's run and is still going when the schedule's
+    # run finishes; any running workflow stands for it (an active device's twin)
+    device_id, _ = await active_device(api)
+    still_going = twin_id("acme", device_id)
+    await pool.execute(
+        """INSERT INTO device.consistency_findings
+               (run_id, type, tenant, device_id, detail, repaired, found_at)
+           VALUES ($1, 'twin_missing', 'acme', $2, 'twin started', true, now() - interval '1 minute')""",
+        still_going,
+        device_id,
+    )
+    finished = f"reconcile-overlap-{uuid.uuid4().hex[:6]}"
+    checker = DeviceConsistency(pool, client)
+    now = await pool.fetchval("SELECT now()")
+    await checker.finish_reconciliation(
+        FinishReconciliation(run_id=finished, started_at=now, checked=0, reclaimed=0)
+    )
+    left = await pool.fetchval(
+        "SELECT count(*) FROM device.consistency_findings WHERE run_id = $1", still_going
+    )
+    assert left == 1
+
+
+class _TakenOverMeanwhile(DeviceConsistency):
+    """An onboarding takes the failed device over (and issues its credential) after the page
+    was read, before visibility shows it."""
+
+    async def _running(self, rows: list[Any]) -> dict[tuple[str, str], set[str]]:
+        for row in rows:
+            await self.pool.execute(
+                "UPDATE device.devices SET status = 'active' WHERE tenant = $1 AND device_id = $2",
+                row["tenant"],
+                row["device_id"],
+            )
+        return {}
+
+
+async def test_a_credential_issued_by_an_onboarding_taking_over_meanwhile_stays_live(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    device_id, _ = await active_device(api)
+    await pool.execute(
+        "UPDATE device.devices SET status = 'failed' WHERE tenant = 'acme' AND device_id = $1", device_id
+    )
+    checker = _TakenOverMeanwhile(pool, client)
+    run_id = f"reconcile-takeover-{uuid.uuid4().hex[:6]}"
+    await checker.reconcile_devices(
+        ReconcilePage(run_id=run_id, after_tenant="acme", after_device=device_id[:-1], limit=1)
+    )
+    live = await pool.fetchval(
+        """SELECT count(*) FROM device.credentials
+           WHERE tenant = 'acme' AND device_id = $1 AND revoked_at IS NULL""",
+        device_id,
+    )
+    assert live >= 1
+
+
+async def test_a_tenant_sees_the_count_of_its_own_devices_checked_not_the_fleets(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    await active_device(api)  # acme's devices are none of globex's business
+    await _reconcile(api, client)
+    report = await _findings_of(api, bearer("globex", scopes=["devices:read"]))
+    own = await pool.fetchval("SELECT count(*) FROM device.devices WHERE tenant = 'globex'")
+    assert report["devices_checked"] <= own
+    everyone = await _findings_of(api, OPERATOR)
+    assert everyone["devices_checked"] > own
+
+
+class _RetiredMeanwhile(DeviceConsistency):
+    """A decommissioning ends the device (and its twin) after the page was read, before
+    visibility shows it."""
+
+    async def _running(self, rows: list[Any]) -> dict[tuple[str, str], set[str]]:
+        for row in rows:
+            await self.pool.execute(
+                "UPDATE device.devices SET status = 'decommissioned' WHERE tenant = $1 AND device_id = $2",
+                row["tenant"],
+                row["device_id"],
+            )
+        return {}
+
+
+async def test_no_twin_is_started_for_a_device_decommissioned_meanwhile(
+    api: httpx.AsyncClient, client: Client, pool: Pool
+) -> None:
+    device_id, _ = await active_device(api)
+    twin = client.get_workflow_handle(twin_id("acme", device_id))
+    await twin.terminate("test: the decommissioning ended it")
+    checker = _RetiredMeanwhile(pool, client)
+    run_id = f"reconcile-retired-{uuid.uuid4().hex[:6]}"
+    await checker.reconcile_devices(
+        ReconcilePage(run_id=run_id, after_tenant="acme", after_device=device_id[:-1], limit=1)
+    )
+    assert (await twin.describe()).status != WorkflowExecutionStatus.RUNNING
