@@ -384,9 +384,9 @@ async def test_data_worker_killed_loses_nothing_and_stores_nothing_twice(
 async def stop_and_check_nothing_survives(stack: Stack) -> None:
     """SIGINT the supervisor: exit 0, no descendant and no postmaster left, no traceback on the way."""
     before = stack.descendants()
-    # one worker per task queue (the webhook queue included) and the API
+    # one worker per task queue (the webhook queue included), the API and the MQTT endpoint
     workers = [p for p in before if "cli.main" in cmdline(p)]
-    assert len(workers) == len(TaskQueue) + 1, [cmdline(p) for p in before]
+    assert len(workers) == len(TaskQueue) + 2, [cmdline(p) for p in before]
     pm = postmaster(stack.pgdata)
     assert pm is not None and alive(pm)
     pm_children = pm.children(recursive=True)

@@ -358,7 +358,8 @@ async def stop_and_check_nothing_survives(stack: Stack) -> None:
     before = stack.descendants()
     lines = [cmdline(p) for p in before]
     assert any("start-dev" in line for line in lines), lines
-    assert len([line for line in lines if "cli.main" in line]) == len(QUEUES) + 1, lines
+    # one worker per task queue, the API and the MQTT endpoint
+    assert len([line for line in lines if "cli.main" in line]) == len(QUEUES) + 2, lines
     pm = postmaster(stack.pgdata)
     assert pm is not None and alive(pm)
     pm_children = pm.children(recursive=True)
