@@ -41,6 +41,7 @@ async def test_health_and_services_routes_need_system_read(api: httpx.AsyncClien
     assert by_queue["data"]["called_by"] == [
         "DeviceDecommission",
         "IngestionSupervisor",
+        "Reconciliation",
         "Retention",
         "SystemCheck",
         "TelemetryIngestion",
