@@ -5,7 +5,8 @@ credentials; part of the device service (it owns the `device` schema, findings i
 One page of the registry per call, keyset by (tenant, device_id). Repairs: an active device
 without a running twin gets one; a decommissioned or failed device's running twin is ended and
 its live credentials revoked. A firmware version the twin reports that differs from the
-registry's is reported, not repaired: the registry's version changes only when a rollout job
+registry's is reported, not repaired (the twin's ReportedFirmware search attribute says which
+twins to ask; only those are queried): the registry's version changes only when a rollout job
 succeeds (its audit trail), so a device flashed by hand is for an operator to look at. Devices
 with an onboarding, decommissioning or rollout job in flight are left alone (they converge).
 Every finding is one row of `device.consistency_findings` keyed by run, type, tenant and
@@ -42,7 +43,7 @@ from fleetflow.contracts.consistency import (
 )
 from fleetflow.contracts.twin import EndTwin, TwinInput, TwinState
 from fleetflow.db import Pool
-from fleetflow.temporal import DEVICE_ID, device_search_attributes
+from fleetflow.temporal import DEVICE_ID, REPORTED_FIRMWARE, device_search_attributes
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ class DeviceConsistency:
         rows = await self.pool.fetch(PAGE_SQL, page.after_tenant, page.after_device, page.limit)
         if not rows:
             return ReconciledPage(checked=0)
-        running = await self._running(rows)
+        running, firmware = await self._running(rows)
         findings: list[tuple[FindingType, str, str, str]] = []
         repairs: list[Callable[[], Awaitable[None]]] = []
         firmware_checks: list[Any] = []
@@ -104,8 +105,8 @@ class DeviceConsistency:
                 if TWIN_WORKFLOW not in kinds and not await self._twin_runs(*key):
                     repairs.append(partial(self._start_twin, row))
                     findings.append((FindingType.TWIN_MISSING, *key, "twin started"))
-                elif not row["rolling"]:
-                    firmware_checks.append(row)
+                elif not row["rolling"] and firmware.get(key) != row["firmware_version"]:
+                    firmware_checks.append(row)  # a suspect: the twin itself is asked
             elif row["status"] in ("decommissioned", "failed"):
                 if TWIN_WORKFLOW in kinds and await self._twin_runs(*key):
                     repairs.append(partial(self._end_twin, *key, row["status"]))
@@ -142,13 +143,17 @@ class DeviceConsistency:
             checked=len(rows), findings=recorded, last_tenant=last["tenant"], last_device=last["device_id"]
         )
 
-    async def _running(self, rows: list[Any]) -> dict[tuple[str, str], set[str]]:
-        """Which workflow types run for each device of the page (visibility, by slices)."""
+    async def _running(
+        self, rows: list[Any]
+    ) -> tuple[dict[tuple[str, str], set[str]], dict[tuple[str, str], str]]:
+        """Which workflow types run for each device of the page, and the firmware version its
+        twin reports (visibility, by slices; a twin without the attribute is not in the second)."""
         assert self.temporal is not None
         by_tenant: dict[str, list[str]] = defaultdict(list)
         for row in rows:
             by_tenant[row["tenant"]].append(row["device_id"])
         found: dict[tuple[str, str], set[str]] = defaultdict(set)
+        firmware: dict[tuple[str, str], str] = {}
         types = ", ".join(f"'{t}'" for t in ("DeviceTwin", *BUSY_TYPES))
         for tenant, ids in by_tenant.items():
             for start in range(0, len(ids), VISIBILITY_SLICE):
@@ -162,7 +167,10 @@ class DeviceConsistency:
                     device = execution.typed_search_attributes.get(DEVICE_ID)
                     if device is not None:
                         found[(tenant, device)].add(execution.workflow_type)
-        return found
+                        reported = execution.typed_search_attributes.get(REPORTED_FIRMWARE)
+                        if execution.workflow_type == TWIN_WORKFLOW and reported is not None:
+                            firmware[(tenant, device)] = reported
+        return found, firmware
 
     async def _twin_runs(self, tenant: str, device_id: str) -> bool:
         """What visibility said, confirmed on the twin itself: visibility lags a moment behind

@@ -53,7 +53,10 @@ def dev_server_args() -> list[str]:
 DEVICE_ID = SearchAttributeKey.for_keyword("DeviceId")
 TENANT_ID = SearchAttributeKey.for_keyword("TenantId")
 OPERATION = SearchAttributeKey.for_keyword("Operation")
-SEARCH_ATTRIBUTES = (DEVICE_ID, TENANT_ID, OPERATION)
+# the firmware version a twin's device reports, so reconciliation compares it with the
+# registry from the same visibility listing that finds the twins (no query per device)
+REPORTED_FIRMWARE = SearchAttributeKey.for_keyword("ReportedFirmware")
+SEARCH_ATTRIBUTES = (DEVICE_ID, TENANT_ID, OPERATION, REPORTED_FIRMWARE)
 
 # Workflows that run for ever and serve everyone (a shard's ingestion, a subscription's
 # deliveries) do not join the trace of whoever happened to start them: that trace would
@@ -136,7 +139,7 @@ async def connect(settings: Settings, *, service: str, timeout: float = 10.0) ->
 
 
 async def ensure_search_attributes(client: Client) -> None:
-    """Register DeviceId, TenantId and Operation (Keyword) where missing."""
+    """Register fleetflow's search attributes (SEARCH_ATTRIBUTES, all Keyword) where missing."""
     listed = await client.operator_service.list_search_attributes(
         ListSearchAttributesRequest(namespace=client.namespace)
     )

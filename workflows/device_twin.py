@@ -30,6 +30,7 @@ with workflow.unsafe.imports_passed_through():
         TwinState,
         WaitForDelta,
     )
+    from fleetflow.temporal import REPORTED_FIRMWARE
     from fleetflow.twin_state import change_breach, delta, merge_patch
 
 WRITE_SCOPE = "devices:write"
@@ -37,6 +38,9 @@ WRITE_SCOPE = "devices:write"
 LEAN_CONTINUE_AS_NEW = "twin-continue-as-new-state-only"
 # a report that would take the twin past its limits is dropped (the API refuses it first)
 REPORT_LIMITS = "twin-report-limits"
+# the reported firmware version is a search attribute (reconciliation reads it from visibility)
+FIRMWARE_ATTRIBUTE = "twin-reported-firmware-attribute"
+FIRMWARE_ATTRIBUTE_MAX = 128  # longer (or not a string): no attribute, reconciliation asks the twin
 
 
 def twin_id(tenant: str, device_id: str) -> str:
@@ -68,6 +72,7 @@ class DeviceTwin:
     async def run(self, inp: TwinInput) -> TwinState:
         """Live until ended; continue as new, carrying the state, before the history grows large."""
         state = self._current()
+        self._publish_firmware()
         await workflow.wait_condition(lambda: state.ended or self._history_full(inp))
         self._closing = True  # a waiting long-poll answers now, so the handlers can finish
         await workflow.wait_condition(workflow.all_handlers_finished)
@@ -81,6 +86,18 @@ class DeviceTwin:
     def _history_full(self, inp: TwinInput) -> bool:
         info = workflow.info()
         return info.get_current_history_length() >= inp.history_limit or info.is_continue_as_new_suggested()
+
+    def _publish_firmware(self) -> None:
+        """Keep the ReportedFirmware search attribute equal to the reported firmware version
+        (a run continued as new inherits it, so only a change costs an event)."""
+        if not workflow.patched(FIRMWARE_ATTRIBUTE):
+            return
+        reported = self._current().reported.get("firmware_version")
+        value = reported if isinstance(reported, str) and len(reported) <= FIRMWARE_ATTRIBUTE_MAX else None
+        if workflow.info().typed_search_attributes.get(REPORTED_FIRMWARE) == value:
+            return
+        update = REPORTED_FIRMWARE.value_set(value) if value is not None else REPORTED_FIRMWARE.value_unset()
+        workflow.upsert_search_attributes([update])
 
     def _current(self) -> TwinState:
         assert self._state is not None
@@ -175,6 +192,8 @@ class DeviceTwin:
         else:
             state.reported = reported
             state.reported_version += 1
+            if "firmware_version" in report.patch:
+                self._publish_firmware()
         if state.last_seen is None or report.at > state.last_seen:
             state.last_seen = report.at
 

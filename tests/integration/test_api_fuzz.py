@@ -230,6 +230,11 @@ def fuzz(url: str, headers: dict[str, str], path_regex: str | None = None) -> li
 async def device_credential(api_url: str) -> str:
     """The credential of an active device of the fuzzed tenant."""
     async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
+        # the fuzzer may have set this tenant's profile (1 request/s, no devices): back to defaults
+        reset = await http.put(
+            f"/v1/tenants/{TENANT}/profile", json={}, headers=bearer("platform", ["tenants:admin"])
+        )
+        assert reset.status_code == 200, reset.text
         _, credential = await active_device(http, auth=bearer(TENANT))
     return credential
 

@@ -266,24 +266,27 @@ async def test_a_batch_spanning_the_whole_accepted_range_is_stored_and_older_is_
 
 
 async def test_a_window_is_capped_in_bytes_as_well_as_readings(pool: Pool) -> None:
-    # bucket -1 belongs to no running shard (-1 % n is never a shard), so only this test claims it
+    # a bucket of its own: -p % n is never a running shard's (p is prime, larger than any n),
+    # -p % (p + 1) = -p is the shard this test claims, and no other test uses it
     tag = uuid.uuid4().hex[:8]
+    bucket = -1_000_003
     ts = datetime.now(UTC).isoformat()
     big = "".join(f"acme,{tag},{'d' * 100},m,{ts},1.0\n" for _ in range(5000)).encode()  # ~0.6 MB
     for n in range(3):
         await pool.execute(
             """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
-               VALUES ('acme', $1, -1, 5000, ARRAY['x'], $2)""",
+               VALUES ('acme', $1, $3, 5000, ARRAY['x'], $2)""",
             f"{tag}-{n}",
             big,
+            bucket,
         )
     service = DataService(pool)
     windows = []
     for n in range(3):
         request = ClaimWindow(
             window_id=f"{tag}/{n}",
-            shard=-1,
-            shards=3,
+            shard=bucket,
+            shards=-bucket + 1,
             max_readings=1_000_000,
             max_wait_ms=10,
             max_bytes=len(big) * 2 - 1,

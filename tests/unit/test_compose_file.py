@@ -32,7 +32,7 @@ TIMEOUT_S = 60
 
 # every task queue has its worker service: a queue added without one fails here
 WORKER_QUEUES = tuple(q.value for q in TaskQueue)
-SEARCH_ATTRIBUTES = ("DeviceId", "TenantId", "Operation")
+SEARCH_ATTRIBUTES = ("DeviceId", "TenantId", "Operation", "ReportedFirmware")
 APP_ENV = {
     "DATABASE_URL": "postgresql://fleetflow:fleetflow@postgresql:5432/fleetflow",
     "TEMPORAL_ADDRESS": "temporal:7233",
