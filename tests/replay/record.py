@@ -78,7 +78,10 @@ async def device_twin(s: Stack) -> WorkflowHandle[Any, Any]:
         if version % 10 == 0:
             report = {"patch": {"target_c": 10 + version % 20}, "at": "2026-01-01T00:00:00Z"}
             await handle.signal("report", report)
-    await handle.signal("end", {"reason": "recorded", "actor": "recorder"})
+        if version == 25:  # a new firmware version reported: the ReportedFirmware attribute follows
+            report = {"patch": {"firmware_version": "2.0.0"}, "at": "2026-01-01T00:00:00Z"}
+            await handle.signal("report", report)
+    await handle.signal("end", {"reason": "recorded", "actor": "bench"})
     await handle.result()
     return handle
 
