@@ -167,13 +167,16 @@ class FirmwareStore:
 
     async def sweep_abandoned(self, older_than_s: float = ABANDONED_AFTER_S) -> int:
         """Remove uploads that stopped writing long ago (killed client or API process)."""
+        # claimed first ('deleting'): an upload finishing now cannot complete a blob whose bytes
+        # are going; a sweep killed midway leaves 'deleting' rows the next one takes up
         rows = await self.pool.fetch(
-            """SELECT tenant, blob_id FROM device.firmware_blobs
-               WHERE state = 'uploading' AND touched_at < now() - make_interval(secs => $1)""",
+            """UPDATE device.firmware_blobs SET state = 'deleting'
+               WHERE state = 'deleting'
+                  OR (state = 'uploading' AND touched_at < now() - make_interval(secs => $1))
+               RETURNING tenant, blob_id""",
             older_than_s,
         )
         for row in rows:
-            # the blob row goes last: a sweep killed midway is taken up by the next one
             try:
                 await self._drop(row["tenant"], row["blob_id"])
             except Exception:

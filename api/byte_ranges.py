@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-_RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
+# at most 18 digits a side: past any image size, and never an int() of a huge string (a header
+# of 5,000 digits would raise in int(), a 500)
+_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
 
 
 class Unsatisfiable(Exception):

@@ -770,7 +770,8 @@ MIGRATIONS: list[tuple[str, str]] = [
             tenant     text NOT NULL,
             blob_id    text NOT NULL,
             store      text NOT NULL,
-            state      text NOT NULL DEFAULT 'uploading' CHECK (state IN ('uploading', 'complete')),
+            state      text NOT NULL DEFAULT 'uploading'
+                           CHECK (state IN ('uploading', 'complete', 'deleting')),
             size       bigint NOT NULL DEFAULT 0,
             sha256     text,
             upload_ref text,
