@@ -242,3 +242,36 @@ async def test_an_upload_killed_midway_is_swept(
     assert await store.sweep_abandoned() >= 1
     assert await _leftovers(pool) == (0, 0)
     assert await store.firmware("acme", f"sensor-{version}") is None
+
+
+async def test_an_image_an_earlier_version_kept_on_disk_moves_into_the_store(
+    pool: Pool, api: httpx.AsyncClient, tmp_path: Path
+) -> None:
+    """A row of the disk-era layout (path, no blob) is served from its file, then imported."""
+    image = os.urandom(CHUNK_BYTES + 10)
+    digest = hashlib.sha256(image).hexdigest()
+    path = tmp_path / "firmware" / digest
+    path.parent.mkdir()
+    path.write_bytes(image)
+    version = f"1.{uuid.uuid4().int % 100000}.0"
+    await pool.execute(
+        """INSERT INTO device.firmware (tenant, firmware_id, device_type, version, sha256, size, path)
+           VALUES ('acme', $1, 'sensor', $2, $3, $4, $5)""",
+        f"sensor-{version}",
+        version,
+        digest,
+        len(image),
+        str(path),
+    )
+    store = FirmwareStore(pool)
+
+    async def read(start: int, end: int) -> bytes:
+        body = await store.firmware_bytes("acme", f"sensor-{version}", start, end)
+        assert body is not None
+        return b"".join([piece async for piece in body])
+
+    assert await read(5, CHUNK_BYTES + 3) == image[5 : CHUNK_BYTES + 3]  # from the file
+    assert await store.import_local_images() >= 1
+    path.unlink()  # the disk is gone (another host, a rebuilt container): the store has it
+    assert await read(0, len(image)) == image
+    assert await store.import_local_images() == 0
