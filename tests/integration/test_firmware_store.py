@@ -275,3 +275,39 @@ async def test_an_image_an_earlier_version_kept_on_disk_moves_into_the_store(
     path.unlink()  # the disk is gone (another host, a rebuilt container): the store has it
     assert await read(0, len(image)) == image
     assert await store.import_local_images() == 0
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The process's resident-set high-water mark (VmHWM), in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+async def test_a_large_upload_never_sits_whole_in_the_api_memory(
+    api: httpx.AsyncClient, other_host: OtherHost
+) -> None:
+    """64 MiB through the other host's API: its peak memory grows by far less than the image
+    (a body read whole, as before, raised it by the image's size at least)."""
+    if not Path("/proc/self/status").exists():
+        pytest.skip("no /proc to read the API process's peak memory from")
+    assert other_host.process is not None
+    size_mib = 64
+    piece = os.urandom(CHUNK_BYTES)
+    digest = hashlib.sha256(piece * size_mib).hexdigest()
+
+    async def body() -> AsyncIterator[bytes]:
+        for _ in range(size_mib):
+            yield piece
+
+    before = _peak_rss_mib(other_host.process.pid)
+    version = f"2.{uuid.uuid4().int % 100000}.0"
+    async with httpx.AsyncClient(base_url=other_host.url, headers=AUTH, timeout=600) as b:
+        params = {"device_type": "sensor", "version": version}
+        stored = await b.post("/v1/firmware", params=params, content=body())
+    assert stored.status_code == 201, stored.text
+    assert stored.json()["sha256"] == digest and stored.json()["size"] == size_mib * CHUNK_BYTES
+    grown = _peak_rss_mib(other_host.process.pid) - before
+    print(f"peak RSS of the API grew by {grown:.1f} MiB for a {size_mib} MiB upload")
+    assert grown < size_mib / 2
