@@ -18,6 +18,7 @@ from activities.device_commands import DeviceCommands
 from activities.device_consistency import DeviceConsistency
 from activities.device_credentials import CredentialRotations
 from activities.device_firmware import FirmwareStore
+from activities.device_firmware_settings import firmware_blobs
 from activities.device_jobs import DeviceJobs
 from activities.device_reads import DeviceReadModel
 from activities.device_rollout_plans import RolloutPlanner
@@ -77,7 +78,7 @@ class DeviceService(DeviceActivities):
         self.issuer = settings.jwt_issuer
         self.quota_defaults = settings.quotas
         self.reads = DeviceReadModel(pool)
-        self.firmware_store = FirmwareStore(pool, settings.data_dir / "firmware")
+        self.firmware_store = FirmwareStore(pool, firmware_blobs(pool, settings))
         self.planner = RolloutPlanner(pool)
         self.rollouts = RolloutJobs(pool)
         self.device_jobs = DeviceJobs(pool)
@@ -99,7 +100,7 @@ class DeviceService(DeviceActivities):
         self.config_of = self.reads.config_of
         self.put_firmware = self.firmware_store.put_firmware
         self.firmware = self.firmware_store.firmware
-        self.firmware_path = self.firmware_store.firmware_path
+        self.firmware_bytes = self.firmware_store.firmware_bytes
         self.pending_job = self.device_jobs.pending_job
         self.report_job = self.device_jobs.report_job
         self.campaign_devices = self.rollouts.campaign_devices

@@ -760,4 +760,40 @@ MIGRATIONS: list[tuple[str, str]] = [
             FOR EACH ROW WHEN (NEW.state = 'offered') EXECUTE FUNCTION device.job_offered();
         """,
     ),
+    (
+        "0360_firmware_blobs",
+        """
+        -- firmware image bytes shared by every API host (activities/device_firmware_blobs.py):
+        -- one blob per upload, registered from its first byte so a killed upload is found and
+        -- removed; with the PostgreSQL store its bytes are 1 MiB rows of firmware_chunks
+        CREATE TABLE device.firmware_blobs (
+            tenant     text NOT NULL,
+            blob_id    text NOT NULL,
+            store      text NOT NULL,
+            state      text NOT NULL DEFAULT 'uploading'
+                           CHECK (state IN ('uploading', 'complete', 'deleting')),
+            size       bigint NOT NULL DEFAULT 0,
+            sha256     text,
+            upload_ref text,
+            touched_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (tenant, blob_id)
+        );
+        CREATE INDEX firmware_blobs_uploading ON device.firmware_blobs (touched_at)
+            WHERE state = 'uploading';
+        CREATE TABLE device.firmware_chunks (
+            tenant  text NOT NULL,
+            blob_id text NOT NULL,
+            seq     integer NOT NULL,
+            data    bytea NOT NULL,
+            PRIMARY KEY (tenant, blob_id, seq),
+            FOREIGN KEY (tenant, blob_id) REFERENCES device.firmware_blobs ON DELETE CASCADE
+        );
+        -- images are compressed already; uncompressed out-of-line storage makes substring() of
+        -- a range read fetch only the bytes it needs
+        ALTER TABLE device.firmware_chunks ALTER COLUMN data SET STORAGE EXTERNAL;
+        -- path: where an earlier version kept the file (imported into the store at API start)
+        ALTER TABLE device.firmware ADD COLUMN blob_id text;
+        ALTER TABLE device.firmware ALTER COLUMN path DROP NOT NULL;
+        """,
+    ),
 ]

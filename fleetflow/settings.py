@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 from urllib.parse import urlsplit, urlunsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from fleetflow.contracts.tenants import TenantLimits, parse_limits
 from fleetflow.errors import StartupError
@@ -51,6 +51,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_WEBHOOK_TENANT_SLOTS": ("webhook_tenant_slots", "4"),
     "FLEETFLOW_CREDENTIAL_OVERLAP_S": ("credential_overlap_s", "86400"),
     "FLEETFLOW_WORKFLOW_WAIT_S": ("workflow_wait_s", "30"),
+    "FLEETFLOW_FIRMWARE_S3_URL": ("firmware_s3_url", "unset: firmware images in PostgreSQL"),
+    "FLEETFLOW_FIRMWARE_S3_BUCKET": ("firmware_s3_bucket", "fleetflow-firmware"),
+    "FLEETFLOW_FIRMWARE_S3_ACCESS_KEY": ("firmware_s3_access_key", "required with the URL"),
+    "FLEETFLOW_FIRMWARE_S3_SECRET_KEY": ("firmware_s3_secret_key", "required with the URL"),
+    "FLEETFLOW_FIRMWARE_S3_REGION": ("firmware_s3_region", "us-east-1"),
 }
 
 _ADDRESS = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -104,6 +109,31 @@ class Settings(BaseModel):
     # how long a route that answers with its workflow's outcome (acknowledge, clear, renew,
     # rotate one device) waits for it before answering 503 with a link (no worker running)
     workflow_wait_s: Annotated[float, Field(gt=0, le=300)] = 30.0
+    # firmware images in an S3-compatible bucket (path-style URL, e.g. http://minio:9000) shared
+    # by every API host; unset: in PostgreSQL (activities/device_firmware_blobs.py)
+    firmware_s3_url: str | None = None
+    firmware_s3_bucket: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")] = (
+        "fleetflow-firmware"
+    )
+    firmware_s3_access_key: str | None = None
+    firmware_s3_secret_key: str | None = None
+    firmware_s3_region: str = "us-east-1"
+
+    @field_validator("firmware_s3_url")
+    @classmethod
+    def _s3_url(cls, value: str | None) -> str | None:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("must be an http:// or https:// URL")
+        return value or None
+
+    @model_validator(mode="after")
+    def _s3_keys(self) -> Settings:
+        if self.firmware_s3_url and not (self.firmware_s3_access_key and self.firmware_s3_secret_key):
+            raise ValueError(
+                "FLEETFLOW_FIRMWARE_S3_URL needs FLEETFLOW_FIRMWARE_S3_ACCESS_KEY and"
+                " FLEETFLOW_FIRMWARE_S3_SECRET_KEY"
+            )
+        return self
 
     @field_validator("temporal_address")
     @classmethod

@@ -7,16 +7,17 @@ import json
 from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Depends, HTTPException, Query, Request, Response, status
-from fastapi.responses import FileResponse
+from fastapi import APIRouter, Body, Depends, Header, HTTPException, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
 from temporalio.client import WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.device_firmware import FirmwareConflict
+from activities.device_firmware import FirmwareConflict, FirmwareEmpty, FirmwareTooLarge
 from activities.device_mqtt import notify_twin_changed
 from api.auth import State, actor_of, require, require_device
+from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds
 from api.limits import FIRMWARE_MAX_BODY_BYTES
 from api.models.base import as_contract
 from api.models.onboardings import Decision
@@ -74,15 +75,16 @@ async def upload_firmware(
     """Upload an image (the raw body) for a device type; the same version with other content is 409."""
     if await state.devices.device_type(claims.tenant, device_type) is None:
         raise invalid(["query", "device_type"], f"unknown device type {device_type!r}")
-    image = await request.body()
-    if not image:
-        raise invalid(["body"], "the image is empty")
-    if len(image) > FIRMWARE_MAX_BODY_BYTES:
+    try:  # streamed into the store a chunk at a time: never the whole image in memory
+        view, created = await state.devices.put_firmware(
+            claims.tenant, device_type, version, request.stream(), FIRMWARE_MAX_BODY_BYTES
+        )
+    except FirmwareEmpty:
+        raise invalid(["body"], "the image is empty") from None
+    except FirmwareTooLarge:
         raise HTTPException(
             status.HTTP_413_CONTENT_TOO_LARGE, f"an image is at most {FIRMWARE_MAX_BODY_BYTES} bytes"
-        )
-    try:
-        view, created = await state.devices.put_firmware(claims.tenant, device_type, version, image)
+        ) from None
     except FirmwareConflict as exc:
         raise conflict(str(exc)) from None
     if not created:
@@ -99,17 +101,54 @@ async def firmware(firmware_id: str, state: State, claims: Reader) -> FirmwareVi
     return view
 
 
-@router.get("/v1/device/firmware/{firmware_id}", response_class=FileResponse)
-async def download_firmware(firmware_id: str, state: State, device: Device) -> FileResponse:
-    """The image for the calling device (HTTP range requests supported, for resumable downloads)."""
+@router.get(
+    "/v1/device/firmware/{firmware_id}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {}}},
+        206: {"description": "the range asked for"},
+        304: {"description": "If-None-Match names the image's ETag"},
+        416: {"description": "the range starts past the end"},
+    },
+)
+async def download_firmware(
+    firmware_id: str,
+    state: State,
+    device: Device,
+    range_: Annotated[str | None, Header(alias="range")] = None,
+    if_range: Annotated[str | None, Header()] = None,
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    """The image for the calling device, from the shared store (`Range`, `If-Range` and the
+    image's ETag supported, for resumable downloads)."""
     claims, _ = device
     view = await state.devices.firmware(claims.tenant, firmware_id)
     own = await state.devices.get_device(claims.tenant, claims.device_id)
-    path = await state.devices.firmware_path(claims.tenant, firmware_id)
-    if view is None or own is None or own.device_type != view.device_type or path is None:
+    if view is None or own is None or own.device_type != view.device_type:
         raise not_found(f"firmware {firmware_id!r}")
-    return FileResponse(
-        path, media_type="application/octet-stream", headers={"X-Firmware-Sha256": view.sha256}
+    etag = f'"{view.sha256}"'  # the content's digest: the same on every host
+    headers = {"ETag": etag, "Accept-Ranges": "bytes", "X-Firmware-Sha256": view.sha256}
+    if if_none_match is not None and etag in (t.strip() for t in if_none_match.split(",")):
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    try:
+        asked = byte_range(range_, view.size) if if_range_holds(if_range, etag) else None
+    except Unsatisfiable:
+        return Response(
+            status_code=status.HTTP_416_RANGE_NOT_SATISFIABLE,
+            headers={**headers, "Content-Range": f"bytes */{view.size}"},
+        )
+    start, end = asked or (0, view.size)
+    body = await state.devices.firmware_bytes(claims.tenant, firmware_id, start, end)
+    if body is None:
+        raise not_found(f"firmware {firmware_id!r}")
+    headers["Content-Length"] = str(end - start)
+    if asked is not None:
+        headers["Content-Range"] = f"bytes {start}-{end - 1}/{view.size}"
+    return StreamingResponse(
+        body,
+        status_code=status.HTTP_206_PARTIAL_CONTENT if asked else status.HTTP_200_OK,
+        media_type="application/octet-stream",
+        headers=headers,
     )
 
 

@@ -43,6 +43,13 @@ KEYS_DIR = "/var/lib/fleetflow/keys"
 DATA_DIR = "/var/lib/fleetflow/data"
 # Grafana's admin password has no default: `config` needs it (any value) to run at all
 GRAFANA_PASSWORD = "compose-test-password"
+MINIO_PASSWORD = "minio-test-password"  # MinIO's root password (and the API's S3 secret key)
+# the firmware images' object store: what every app container is configured with
+FIRMWARE_S3_ENV = {
+    "FLEETFLOW_FIRMWARE_S3_URL": "http://minio:9000",
+    "FLEETFLOW_FIRMWARE_S3_BUCKET": "fleetflow-firmware",
+    "FLEETFLOW_FIRMWARE_S3_SECRET_KEY": MINIO_PASSWORD,
+}
 # every piece of state, by service: the paths that must be named volumes (not the container's
 # writable layer, which a rebuild or `compose down` loses); Temporal's state is in postgresql
 STATE = {
@@ -50,6 +57,7 @@ STATE = {
     "prometheus": ["/prometheus"],
     "grafana": ["/var/lib/grafana"],
     "jaeger": ["/badger"],
+    "minio": ["/data"],
     "api": [KEYS_DIR, DATA_DIR],
     **{f"worker-{queue}": [KEYS_DIR, DATA_DIR] for queue in WORKER_QUEUES},
 }
@@ -59,7 +67,7 @@ STATE = {
 _IMAGE = re.compile(
     r"^(?:docker\.io/)?(?:library/)?(?P<repo>temporalio/[a-z0-9._-]+|postgres"
     r"|otel/opentelemetry-collector-contrib|jaegertracing/all-in-one|prom/prometheus|grafana/grafana"
-    r"|emqx/emqx)"
+    r"|emqx/emqx|minio/minio|minio/mc)"
     r":(?P<tag>[A-Za-z0-9_][A-Za-z0-9_.-]{0,127})(?:@sha256:[0-9a-f]{64})?$"
 )
 # what the app containers need for traces and metrics (see deploy/prometheus/prometheus.yml)
@@ -90,15 +98,22 @@ def _docker_compose() -> str:
 
 
 def _run_config(
-    exe: str, *extra: str, grafana_password: bool = True, emqx_password: bool = True
+    exe: str,
+    *extra: str,
+    grafana_password: bool = True,
+    emqx_password: bool = True,
+    minio_password: bool = True,
 ) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ)
     env.pop("GRAFANA_ADMIN_PASSWORD", None)
     env.pop("EMQX_DASHBOARD_PASSWORD", None)
+    env.pop("MINIO_ROOT_PASSWORD", None)
     if grafana_password:
         env["GRAFANA_ADMIN_PASSWORD"] = GRAFANA_PASSWORD
     if emqx_password:
         env["EMQX_DASHBOARD_PASSWORD"] = "emqx-test-password"
+    if minio_password:
+        env["MINIO_ROOT_PASSWORD"] = MINIO_PASSWORD
     return subprocess.run(
         [exe, "-f", str(COMPOSE_FILE), "config", *extra],
         cwd=REPO,
@@ -356,6 +371,7 @@ def _problems(config: dict[str, Any]) -> list[str]:
 
     problems += _exposure_problems(services)
     problems += _state_problems(config)
+    problems += _firmware_store_problems(services)
 
     images = {name: str(service.get("image", "")) for name, service in services.items()}
     if not any(image.startswith("postgres:") for image in images.values()):
@@ -370,6 +386,40 @@ def _problems(config: dict[str, Any]) -> list[str]:
     for attribute in SEARCH_ATTRIBUTES:
         if not any("search-attribute create" in script and attribute in script for script in registrars):
             problems.append(f"no admin-tools service registers search attribute {attribute}")
+    return problems
+
+
+def _firmware_store_problems(services: dict[str, Any]) -> list[str]:
+    """Every API and worker container uses the minio bucket (so a second API replica serves the
+    images the first stored); MinIO publishes nothing and has the password of the environment,
+    and the one-shot bucket service makes the bucket they name."""
+    problems: list[str] = []
+    minio = services.get("minio")
+    if minio is None:
+        return ["minio: missing"]
+    if _published_ports(minio):
+        problems.append(f"minio: publishes {_published_ports(minio)}")
+    env = _environment(minio)
+    if env.get("MINIO_ROOT_PASSWORD") != MINIO_PASSWORD:
+        problems.append("minio: MINIO_ROOT_PASSWORD is not the environment's MINIO_ROOT_PASSWORD")
+    if "server" not in _command(minio):
+        problems.append(f"minio: command {_command(minio)} does not run the server")
+    bucket = services.get("minio-bucket")
+    script = "" if bucket is None else " ".join(str(p) for p in _as_list(bucket) + _command(bucket))
+    if "mc mb --ignore-existing store/fleetflow-firmware" not in script:
+        problems.append("minio-bucket: does not make the fleetflow-firmware bucket")
+    for name in ["api", *(f"worker-{queue}" for queue in WORKER_QUEUES)]:
+        if name not in services:
+            continue
+        app_env = _environment(services[name])
+        for key, value in FIRMWARE_S3_ENV.items():
+            if app_env.get(key) != value:
+                problems.append(f"{name}: {key} is not {value!r}")
+        if app_env.get("FLEETFLOW_FIRMWARE_S3_ACCESS_KEY") != env.get("MINIO_ROOT_USER"):
+            problems.append(f"{name}: FLEETFLOW_FIRMWARE_S3_ACCESS_KEY is not MinIO's user")
+        waits = services[name].get("depends_on") or {}
+        if "minio-bucket" not in waits:
+            problems.append(f"{name}: does not wait for the minio-bucket service")
     return problems
 
 
@@ -407,6 +457,29 @@ def test_the_emqx_dashboard_has_no_default_password() -> None:
     result = _run_config(_docker_compose(), "--quiet", emqx_password=False)
     assert result.returncode != 0
     assert "EMQX_DASHBOARD_PASSWORD" in result.stderr
+
+
+def test_minio_has_no_default_password() -> None:
+    """Without MINIO_ROOT_PASSWORD the stack does not start (MinIO's default is minioadmin)."""
+    result = _run_config(_docker_compose(), "--quiet", minio_password=False)
+    assert result.returncode != 0
+    assert "MINIO_ROOT_PASSWORD" in result.stderr
+
+
+def test_firmware_store_detection_catches_broken_files() -> None:
+    """A published MinIO, an API on its local disk, a worker with the wrong bucket."""
+    config = copy.deepcopy(_normalised_config())
+    services = config["services"]
+    assert _firmware_store_problems(services) == []
+    services["minio"]["ports"] = ["9000:9000"]
+    del services["api"]["environment"]["FLEETFLOW_FIRMWARE_S3_URL"]
+    services["worker-device"]["environment"]["FLEETFLOW_FIRMWARE_S3_BUCKET"] = "other"
+    del services["minio"]["volumes"]
+    problems = "\n".join(_firmware_store_problems(services) + _state_problems(config))
+    assert "minio: publishes" in problems
+    assert "api: FLEETFLOW_FIRMWARE_S3_URL is not" in problems
+    assert "worker-device: FLEETFLOW_FIRMWARE_S3_BUCKET is not" in problems
+    assert "minio: /data is not a named volume" in problems
 
 
 def test_state_and_login_detection_catches_broken_files() -> None:
