@@ -11,7 +11,10 @@ Counts (devices, subscriptions, rules) are checked when one is created: 403 nami
 as Kubernetes' ResourceQuota and ThingsBoard's tenant profiles answer; waiting does not help.
 
 Limits are the platform defaults (`FLEETFLOW_QUOTAS`) under the tenant's profile
-(fleetflow.tenant_profiles), read at most every PROFILE_TTL_S per tenant.
+(fleetflow.tenant_profiles), read at most every PROFILE_TTL_S per tenant. A process that
+listens (`listen`: the `tenant_profile_changed` NOTIFY of a trigger) drops a tenant's entry the
+moment any process changes its profile, and keeps entries PROFILE_LISTENING_TTL_S meanwhile;
+every entry is read again when its listener is lost or back (a notice may have been missed).
 """
 
 from __future__ import annotations
@@ -31,11 +34,13 @@ from activities import analytics_facade, device_facade, notification_facade
 from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.metrics import REQUESTS_THROTTLED
-from fleetflow.tenant_profiles import read_profile, write_profile
+from fleetflow.pg_listener import PgListener
+from fleetflow.tenant_profiles import PROFILE_CHANGED_CHANNEL, read_profile, write_profile
 
 log = logging.getLogger("fleetflow.quotas")
 
-PROFILE_TTL_S = 5.0
+PROFILE_TTL_S = 5.0  # while nobody listens for profile changes
+PROFILE_LISTENING_TTL_S = 300.0  # while the notifications keep entries fresh (a safety net)
 # device buckets past this are dropped, idle (full) ones first: a full bucket is a new one. The
 # tenants' own buckets are kept apart, so no sender can evict its tenant's debt by sending for
 # many made-up device ids
@@ -89,15 +94,40 @@ class Quotas:
         self._tenant_buckets: dict[tuple[str, str, str], TokenBucket] = {}
         self._buckets: dict[tuple[str, str, str], TokenBucket] = {}  # per device
         self._count_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._listener: PgListener | None = None
+        self._generation = 0  # bumped by every profile change heard and every listener reset
+
+    async def listen(self, listener: PgListener) -> None:
+        """Drop a tenant's limits when any process changes its profile (the listener is the
+        process's shared one; its owner starts and stops it)."""
+        self._listener = listener
+        listener.on_reset(self._on_reset)
+        await listener.subscribe(PROFILE_CHANGED_CHANNEL, self._on_changed)
+
+    def _on_changed(self, _channel: str, tenant: str) -> None:
+        self._generation += 1
+        self._profiles.pop(tenant, None)
+
+    def _on_reset(self, _listening: bool) -> None:
+        self._generation += 1
+        # stale, not gone: read again on next use, and still the last known if the database is away
+        for tenant, (_, limits) in list(self._profiles.items()):
+            self._profiles[tenant] = (0.0, limits)
+
+    @property
+    def _ttl_s(self) -> float:
+        listening = self._listener is not None and self._listener.listening
+        return PROFILE_LISTENING_TTL_S if listening else PROFILE_TTL_S
 
     # --- limits -----------------------------------------------------------------------------
 
     async def limits(self, tenant: str) -> TenantLimits:
-        """The tenant's limits in force (cached for PROFILE_TTL_S)."""
+        """The tenant's limits in force (cached, see the module docstring)."""
         now = self.clock()
         cached = self._profiles.get(tenant)
         if cached is not None and cached[0] > now:
             return cached[1]
+        generation = self._generation
         try:
             profile = await self.profile(tenant)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -107,7 +137,9 @@ class Quotas:
             self._profiles[tenant] = (now + PROFILE_TTL_S, limits)  # tried again after the TTL
             return limits
         limits = profile.over(self.defaults)
-        self._profiles[tenant] = (now + PROFILE_TTL_S, limits)
+        # a change heard during the read may postdate it: used once, read again next time
+        fresh = generation == self._generation
+        self._profiles[tenant] = (now + self._ttl_s if fresh else 0.0, limits)
         return limits
 
     def known_limits(self, tenant: str) -> tuple[TenantLimits, bool]:
@@ -143,7 +175,8 @@ class Quotas:
         return await read_profile(self.pool, tenant)
 
     async def set_profile(self, tenant: str, profile: TenantProfile, by: str) -> TenantLimits:
-        """Store the tenant's overrides; this process applies them at once, others within the TTL."""
+        """Store the tenant's overrides; this process applies them at once, the others when
+        the NOTIFY reaches them (within PROFILE_TTL_S when they do not listen)."""
         await write_profile(self.pool, tenant, profile, by)
         self._profiles.pop(tenant, None)
         return await self.limits(tenant)
