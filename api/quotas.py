@@ -1,8 +1,12 @@
 """Tenant and device limits, enforced in the API process before anything is accepted.
 
-Rates are token buckets held in this process (so with N API processes a tenant gets up to N
-times its rates; the README says so): per tenant, requests/s and readings/s; per device,
-requests/s and readings/s. A bucket holds `rate * burst_s` tokens; a request that costs more
+Rates are token buckets held in this process: per tenant, requests/s and readings/s; per device,
+requests/s and readings/s. With N API processes (`fleetflow api --processes N` sets
+FLEETFLOW_API_PROCESSES; set it to the total behind a load balancer) each process holds 1/N of
+a tenant's rates: its devices' connections spread over the processes, so together they admit
+the tenant's rate, without a database round trip per request. A device's own rates stay whole
+in each process: its requests on one connection all reach one process.
+A bucket holds `rate * burst_s` tokens; a request that costs more
 than the bucket holds (a 10,000-reading batch of a device allowed 100/s) waits for a full
 bucket and then leaves it in debt, so the average rate holds for any batch size. A refused
 request takes nothing from the buckets that refused it and is answered 429 with `Retry-After`.
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -39,6 +44,7 @@ from fleetflow.tenant_profiles import PROFILE_CHANGED_CHANNEL, read_profile, wri
 
 log = logging.getLogger("fleetflow.quotas")
 
+PROCESSES_ENV = "FLEETFLOW_API_PROCESSES"
 PROFILE_TTL_S = 5.0  # while nobody listens for profile changes
 PROFILE_LISTENING_TTL_S = 300.0  # while the notifications keep entries fresh (a safety net)
 # device buckets past this are dropped, idle (full) ones first: a full bucket is a new one. The
@@ -85,9 +91,14 @@ class Quotas:
     """The limits of every tenant as this API process enforces them."""
 
     def __init__(
-        self, pool: Pool, defaults: TenantLimits, clock: Callable[[], float] = time.monotonic
+        self,
+        pool: Pool,
+        defaults: TenantLimits,
+        clock: Callable[[], float] = time.monotonic,
+        processes: int = 1,
     ) -> None:
         self.pool = pool
+        self.processes = max(1, processes)  # the API processes sharing each tenant's rates
         self.defaults = defaults
         self.clock = clock
         self._profiles: dict[str, tuple[float, TenantLimits]] = {}
@@ -208,8 +219,10 @@ class Quotas:
         rate = int(getattr(limits, RATE_OF[reason]))
         if rate <= 0:  # unlimited
             return []
-        capacity = max(1.0, rate * limits.burst_s)
         per_device = reason.startswith("device")
+        # a tenant's rate is shared by the API processes: this one holds its part
+        held = float(rate) if per_device else rate / self.processes
+        capacity = max(1.0, held * limits.burst_s)
         buckets = self._buckets if per_device else self._tenant_buckets
         if per_device and len(buckets) + len(costs) > MAX_BUCKETS:
             # before the lookups: a sweep among them dropped the buckets already looked up for
@@ -221,11 +234,11 @@ class Quotas:
             key = (reason, tenant, device)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = TokenBucket(rate, capacity, capacity, now)
+                bucket = buckets[key] = TokenBucket(held, capacity, capacity, now)
             else:
                 bucket.refill(now)
-                if bucket.rate != rate or bucket.capacity != capacity:  # the profile changed
-                    bucket.rate, bucket.capacity, bucket.level = rate, capacity, min(bucket.level, capacity)
+                if bucket.rate != held or bucket.capacity != capacity:  # the profile changed
+                    bucket.rate, bucket.capacity, bucket.level = held, capacity, min(bucket.level, capacity)
             charges.append(_Charge(reason, bucket, cost, rate))
         return charges
 
@@ -306,3 +319,11 @@ def quota_exceeded(quota: str, what: str, limit: int, current: int, adding: int)
             f"{adding} more would pass it (remove some, or ask for a larger tenant profile)"
         ),
     )
+
+
+def api_processes() -> int:
+    """How many API processes share the tenants' rates (FLEETFLOW_API_PROCESSES, default 1)."""
+    try:
+        return max(1, int(os.environ.get(PROCESSES_ENV, "1")))
+    except ValueError:
+        return 1
