@@ -26,6 +26,7 @@ BACKOFF_S = 0.5  # first wait before reconnecting; doubled each failure up to MA
 MAX_BACKOFF_S = 10.0
 PING_S = 15.0  # a silent connection is asked `SELECT 1` this often
 PING_TIMEOUT_S = 10.0
+APPLICATION_NAME = "fleetflow-listen"
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,15 @@ class PgListener:
     """The process's LISTEN connection: channel -> callbacks, reconnected with backoff."""
 
     def __init__(
-        self, dsn: str, *, backoff_s: float = BACKOFF_S, max_backoff_s: float = MAX_BACKOFF_S
+        self,
+        dsn: str,
+        *,
+        backoff_s: float = BACKOFF_S,
+        max_backoff_s: float = MAX_BACKOFF_S,
+        name: str = APPLICATION_NAME,
     ) -> None:
         self.dsn = dsn
+        self.name = name  # its application_name in pg_stat_activity
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self._channels: dict[str, list[Notice]] = {}
@@ -96,7 +103,9 @@ class PgListener:
     # --- the connection ---------------------------------------------------------------
 
     async def _connect(self) -> None:
-        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn, timeout=PING_TIMEOUT_S)
+        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(
+            self.dsn, timeout=PING_TIMEOUT_S, server_settings={"application_name": self.name}
+        )
         try:
             for channel in list(self._channels):
                 await conn.add_listener(channel, self._dispatch)
