@@ -107,8 +107,13 @@ class PgListener:
             self.dsn, timeout=PING_TIMEOUT_S, server_settings={"application_name": self.name}
         )
         try:
-            for channel in list(self._channels):
-                await conn.add_listener(channel, self._dispatch)
+            # until none is left: a channel subscribed during an await here must be heard too
+            # (subscribe skips the LISTEN while no connection is set)
+            heard: set[str] = set()
+            while pending := [c for c in self._channels if c not in heard]:
+                for channel in pending:
+                    await conn.add_listener(channel, self._dispatch)
+                    heard.add(channel)
         except BaseException:
             await conn.close()
             raise

@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
+from typing import Any
 
+import asyncpg
 import pytest
 
 from api.command_notices import CommandNotices
@@ -95,3 +97,25 @@ async def test_a_profile_changed_by_one_process_reaches_the_others_cached_limits
     finally:
         for listening in listeners:
             await listening.stop()
+
+
+async def test_a_channel_subscribed_while_the_connection_is_being_made_is_heard(
+    listener: PgListener, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    heard: list[str] = []
+    first = f"ff_a_{os.urandom(4).hex()}"
+    late = f"ff_b_{os.urandom(4).hex()}"
+    await listener.subscribe(first, lambda _channel, payload: heard.append(payload))
+    add_listener = asyncpg.Connection.add_listener
+
+    async def subscribing_meanwhile(conn: asyncpg.Connection[Any], channel: str, callback: Any) -> None:
+        # another part of the process subscribes while the LISTENs of the new connection run
+        if channel == first:
+            await listener.subscribe(late, lambda _channel, payload: heard.append(payload))
+        await add_listener(conn, channel, callback)
+
+    monkeypatch.setattr(asyncpg.Connection, "add_listener", subscribing_meanwhile)
+    await listener.start()
+    monkeypatch.undo()
+    await pool.execute(f"NOTIFY {late}, 'late'")
+    await eventually(lambda: asyncio.sleep(0, heard), lambda seen: seen == ["late"], timeout_s=30)
