@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -16,6 +17,7 @@ from api.command_notices import CommandNotices
 from api.credentials import CredentialCache
 from api.quotas import Quotas
 from api.revocations import TokenRevocations
+from fleetflow import pg_listener
 from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.embedded_pg import database_url
@@ -119,3 +121,29 @@ async def test_a_channel_subscribed_while_the_connection_is_being_made_is_heard(
     monkeypatch.undo()
     await pool.execute(f"NOTIFY {late}, 'late'")
     await eventually(lambda: asyncio.sleep(0, heard), lambda seen: seen == ["late"], timeout_s=30)
+
+
+async def test_a_connection_that_stops_answering_is_replaced_and_subscribers_reset(
+    listener: PgListener, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host whose link is cut sends no RST: the listener's ping notices the silence."""
+    monkeypatch.setattr(pg_listener, "PING_S", 0.2)
+    monkeypatch.setattr(pg_listener, "PING_TIMEOUT_S", 1.0)
+    resets: list[bool] = []
+    listener.on_reset(resets.append)
+    await listener.subscribe(f"ff_c_{os.urandom(4).hex()}", lambda _channel, _payload: None)
+    await listener.start()
+    backend = await pool.fetchval(
+        "SELECT pid FROM pg_stat_activity WHERE application_name = $1", listener.name
+    )
+    os.kill(backend, signal.SIGSTOP)  # the server side goes silent, the socket stays open
+    try:
+        await eventually(
+            lambda: asyncio.sleep(0, resets), lambda seen: seen[-2:] == [False, True], timeout_s=30
+        )
+    finally:
+        os.kill(backend, signal.SIGCONT)
+    assert listener.listening
+    assert listener.connects == 2
+    # the silent one was let go (its backend ends once it runs again and finds the socket closed)
+    await eventually(lambda: _backends(pool, listener.name), lambda n: n == 1, timeout_s=30)
