@@ -117,11 +117,15 @@ class Quotas:
 
     def _on_changed(self, _channel: str, tenant: str) -> None:
         self._generation += 1
-        self._profiles.pop(tenant, None)
+        cached = self._profiles.get(tenant)
+        if cached is not None:
+            # stale, not gone: read again on next use; until then (the MQTT gateway's publishes,
+            # which cannot await) the last known limits hold, not the platform defaults
+            self._profiles[tenant] = (0.0, cached[1])
 
     def _on_reset(self, _listening: bool) -> None:
         self._generation += 1
-        # stale, not gone: read again on next use, and still the last known if the database is away
+        # stale, not gone (as above), and still the last known if the database is away
         for tenant, (_, limits) in list(self._profiles.items()):
             self._profiles[tenant] = (0.0, limits)
 

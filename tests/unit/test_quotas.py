@@ -189,3 +189,17 @@ def test_the_process_count_comes_from_the_environment(monkeypatch: pytest.Monkey
     assert quotas_module.api_processes() == 3
     monkeypatch.setenv("FLEETFLOW_API_PROCESSES", "nonsense")
     assert quotas_module.api_processes() == 1
+
+
+async def test_a_profile_change_heard_keeps_the_last_known_limits_until_they_are_read_again() -> None:
+    """The MQTT gateway admits a publish with `known_limits` (no await): after a change is
+    heard it must not fall back to the platform defaults (a tenant allowed more would be refused)."""
+    clock = Clock()
+    q = StoredProfiles(TenantLimits(readings_per_s=100), clock, {"acme": TenantProfile(readings_per_s=5000)})
+    assert (await q.limits("acme")).readings_per_s == 5000
+    q.profiles["acme"] = TenantProfile(readings_per_s=6000)
+    q._on_changed("tenant_profile_changed", "acme")
+    limits, fresh = q.known_limits("acme")
+    assert limits.readings_per_s == 5000 and not fresh  # the last known, to be read again
+    assert (await q.limits("acme")).readings_per_s == 6000
+    assert q.known_limits("acme")[1]
