@@ -71,6 +71,12 @@ def run_api(settings: Settings, processes: int) -> int:
 
         return asyncio.run(serve(settings))
 
+    from workers.devstack import ensure_port_free
+
+    # SO_REUSEPORT would let the processes share the port with another stack's that set it
+    # too (another `fleetflow api --processes`): requests split between two platforms
+    ensure_port_free(settings.api_port, "FLEETFLOW_API_PORT / --port", settings.api_host)
+
     def start(supervisor: Supervisor) -> bool:
         for child in api_children(settings, processes):
             supervisor.add(child)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -173,3 +174,24 @@ async def test_processes_2_serves_one_port_from_two_processes_and_replaces_a_dea
             assert now & serving  # the survivor kept serving
     finally:
         await _stop(process, log)
+
+
+async def test_processes_2_refuses_a_port_another_process_shares(settings: Settings, tmp_path: Path) -> None:
+    """Another stack's process listening with SO_REUSEPORT would otherwise take half the
+    connections of this one's port."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        log = tmp_path / "api.log"
+        process = _start(settings, port, log, "--processes", "2")
+        try:
+            code = await asyncio.to_thread(process.wait, START_DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            code = None
+        finally:
+            if process.poll() is None:
+                await _stop(process, log)
+    assert code is not None and code != 0
+    assert f"port {port} is already in use" in log.read_text()
