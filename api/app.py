@@ -42,6 +42,7 @@ from fleetflow.db import create_pool, migrate
 from fleetflow.dependency_graph import derive
 from fleetflow.embedded_pg import database_url
 from fleetflow.payload_codec import payload_keys
+from fleetflow.pg_listener import PgListener
 from fleetflow.schedules import apply_schedules
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
@@ -69,11 +70,13 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
         # images an earlier version kept on this host's disk go to the shared store (usually none)
         await devices.firmware_store.import_local_images()
         await devices.firmware_store.sweep_abandoned()
-        credentials = CredentialCache(database_url(settings), devices.credential_valid_until)
+        # the process's one LISTEN connection: revocations, command notices, profile changes
+        listener = PgListener(database_url(settings))
+        credentials = CredentialCache(listener, devices.credential_valid_until)
         await credentials.start()
-        notices = CommandNotices(database_url(settings))
+        notices = CommandNotices(listener)
         await notices.start()
-        app.state.revocations = revocations = TokenRevocations(pool, database_url(settings))
+        app.state.revocations = revocations = TokenRevocations(pool, listener)
         await revocations.start()
         async with httpx.AsyncClient(timeout=OUTBOUND_TIMEOUT) as http:
             app.state.fleetflow = AppState(
@@ -86,6 +89,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
                 credentials=credentials,
                 commands=notices,
             )
+            await app.state.fleetflow.quotas.listen(listener)
             # the supervisor watches the shards; this watches the supervisor
             watching = asyncio.create_task(watch_ingestion(client, settings.ingest_shards))
             try:

@@ -1,82 +1,64 @@
-"""Wake-ups for command long-polls: each API process LISTENs on `device_command_offered` (a new
-command for a device) and `device_command_settled` (a command ended), NOTIFYed by a trigger on
-`device.commands`. While the listener is up a notice is not lost, so a waiter re-reads only every
-LISTENING_RECHECK_S (a held long-poll is not one query a second per device); every waiter is woken
-to re-read when the listener is lost or back (notices meanwhile are gone), and re-reads every
-RECHECK_S while it is down: a lost listener costs latency, never an answer."""
+"""Wake-ups for command long-polls: each API process LISTENs (on its one shared connection,
+fleetflow/pg_listener.py) on `device_command_offered` (a new command for a device) and
+`device_command_settled` (a command ended), NOTIFYed by a trigger on `device.commands`. While
+the listener is up a notice is not lost, so a waiter re-reads only every LISTENING_RECHECK_S (a
+held long-poll is not one query a second per device); every waiter is woken to re-read when the
+listener is lost or back (notices meanwhile are gone), and re-reads every RECHECK_S while it is
+down: a lost listener costs latency, never an answer."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import Iterator
 
-import asyncpg
-
 from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL, COMMAND_SETTLED_CHANNEL
+from fleetflow.pg_listener import PgListener
 
 RECHECK_S = 1.0
 LISTENING_RECHECK_S = 15.0
-RECONNECT_S = 1.0
-
-log = logging.getLogger(__name__)
 
 
 class CommandNotices:
-    """The process's listener and the events of its waiters, keyed by tenant + device (+ command)."""
+    """The process's waiters, keyed by tenant + device (+ command), woken by its listener."""
 
-    def __init__(self, dsn: str) -> None:
-        self.dsn = dsn
-        self._conn: asyncpg.Connection[asyncpg.Record] | None = None
-        self._keeper: asyncio.Task[None] | None = None
+    def __init__(self, listener: PgListener | str) -> None:
+        # the process's shared listener, or a DSN: a listener of its own
+        self.listener = listener if isinstance(listener, PgListener) else PgListener(listener)
         self._waiters: dict[tuple[str, ...], set[asyncio.Event]] = {}
-        self._listening = False
+        self._subscribed = False
 
     async def start(self) -> None:
         """Listen (and keep listening across connection losses)."""
-        self._keeper = asyncio.create_task(self._keep_listening())
+        if not self._subscribed:
+            self._subscribed = True
+            self.listener.on_reset(self._on_reset)
+            await self.listener.subscribe(COMMAND_OFFERED_CHANNEL, self._notice)
+            await self.listener.subscribe(COMMAND_SETTLED_CHANNEL, self._notice)
+        await self.listener.start()
 
     async def stop(self) -> None:
         """Stop listening."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        await self.listener.stop()
 
     @property
     def listening(self) -> bool:
         """True while the listener is connected (and its notices arrive)."""
-        return self._listening and self._conn is not None and not self._conn.is_closed()
+        return self.listener.listening
 
     def _wake_all(self) -> None:
         for events in self._waiters.values():
             for event in events:
                 event.set()
 
-    async def _keep_listening(self) -> None:
-        while True:
-            try:
-                if self._conn is None or self._conn.is_closed():
-                    if self._listening:
-                        self._listening = False
-                        self._wake_all()  # they nap RECHECK_S from now on
-                    self._conn = await asyncpg.connect(self.dsn)
-                    await self._conn.add_listener(COMMAND_OFFERED_CHANNEL, self._notice)
-                    await self._conn.add_listener(COMMAND_SETTLED_CHANNEL, self._notice)
-                    self._listening = True
-                    self._wake_all()  # a notice sent while nobody listened is gone: re-read
-            except (OSError, asyncpg.PostgresError) as exc:
-                log.warning("command notices: cannot listen (%s); waiters re-read every %ss", exc, RECHECK_S)
-            await asyncio.sleep(RECONNECT_S)
+    def _on_reset(self, _listening: bool) -> None:
+        # lost: they nap RECHECK_S from now on; back: a notice sent while nobody listened is gone
+        self._wake_all()
 
-    def _notice(self, _conn: object, _pid: int, channel: str, payload: object) -> None:
+    def _notice(self, channel: str, payload: str) -> None:
         try:
-            data = json.loads(str(payload))
+            data = json.loads(payload)
             tenant, device_id, command_id = (
                 str(data["tenant"]),
                 str(data["device_id"]),

@@ -2,7 +2,8 @@
 
 A positive check is kept for a few seconds. Every revocation (the device service's UPDATE of
 `device.credentials`, whoever makes it) fires a PostgreSQL NOTIFY from a trigger; each API
-process LISTENs and drops the entry at once. Two rules close the gaps:
+process LISTENs (on its one shared connection, fleetflow/pg_listener.py) and drops the entry
+at once. Two rules close the gaps:
 
 - a check that was in flight when any revocation arrived is not cached (its answer may
   predate the revocation);
@@ -11,23 +12,16 @@ process LISTENs and drops the entry at once. Two rules close the gaps:
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import logging
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 
-import asyncpg
-
+from fleetflow.pg_listener import PgListener
 from fleetflow.security import token_hash
 
 CHANNEL = "device_credentials_revoked"
 TTL_S = 5.0
 MAX_ENTRIES = 100_000
-RECONNECT_S = 1.0
-
-log = logging.getLogger(__name__)
 
 # True/False, or until when the credential is good (a renewed one's overlap ends sooner than
 # the cache's TTL may: it is never trusted past that moment)
@@ -37,36 +31,43 @@ Check = Callable[[str, str, str, str], Awaitable[bool | datetime | None]]
 class CredentialCache:
     """Positive credential checks of one API process."""
 
-    def __init__(self, dsn: str, check: Check, ttl_s: float = TTL_S, channel: str = CHANNEL) -> None:
-        self.dsn = dsn
+    def __init__(
+        self, listener: PgListener | str, check: Check, ttl_s: float = TTL_S, channel: str = CHANNEL
+    ) -> None:
+        # the process's shared listener, or a DSN: a listener of its own
+        self.listener = listener if isinstance(listener, PgListener) else PgListener(listener)
         self.check = check
         self.ttl_s = ttl_s
         self.channel = channel  # its NOTIFY payload is the key to drop (`active`'s jti)
         self._entries: dict[str, tuple[str, float]] = {}  # jti -> (token hash, valid until)
         self._generation = 0  # bumped by every revocation and every loss of the listener
-        self._conn: asyncpg.Connection[asyncpg.Record] | None = None
-        self._keeper: asyncio.Task[None] | None = None
-        self._lost = asyncio.Event()
+        self._subscribed = False
+
+    @property
+    def dsn(self) -> str:
+        """The database the listener connects to."""
+        return self.listener.dsn
+
+    @dsn.setter
+    def dsn(self, value: str) -> None:
+        self.listener.dsn = value
 
     @property
     def listening(self) -> bool:
         """True while revocations reach this process."""
-        return self._conn is not None and not self._conn.is_closed()
+        return self.listener.listening
 
     async def start(self) -> None:
         """Listen for revocations (and keep listening across connection losses)."""
-        await self._listen()
-        self._keeper = asyncio.create_task(self._keep_listening())
+        if not self._subscribed:
+            self._subscribed = True
+            self.listener.on_reset(self._on_reset)
+            await self.listener.subscribe(self.channel, self._on_revoked)
+        await self.listener.start()
 
     async def stop(self) -> None:
         """Stop listening; nothing is cached afterwards."""
-        if self._keeper is not None:
-            self._keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._keeper
-        if self._conn is not None:
-            await self._conn.close()
-            self._conn = None
+        await self.listener.stop()
         self._forget()
 
     async def active(self, tenant: str, device_id: str, jti: str, token: str) -> bool:
@@ -95,30 +96,10 @@ class CredentialCache:
         self._generation += 1
         self._entries.clear()
 
-    def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:
+    def _on_revoked(self, _channel: str, jti: str) -> None:
         self._generation += 1
-        self._entries.pop(str(jti), None)
+        self._entries.pop(jti, None)
 
-    def _on_lost(self, _conn: object) -> None:
+    def _on_reset(self, _listening: bool) -> None:
+        # lost: nothing cached is trusted; back: whatever was revoked while nobody listened
         self._forget()
-        self._lost.set()
-
-    async def _listen(self) -> None:
-        conn: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
-        conn.add_termination_listener(self._on_lost)
-        await conn.add_listener(self.channel, self._on_revoked)
-        self._conn = conn
-        self._forget()  # whatever was revoked while nobody listened
-
-    async def _keep_listening(self) -> None:
-        while True:
-            await self._lost.wait()
-            self._lost.clear()
-            self._conn = None
-            while self._conn is None:
-                try:
-                    await self._listen()
-                    log.info("credential revocations are heard again")
-                except (OSError, asyncpg.PostgresError) as exc:
-                    log.warning("cannot listen for credential revocations (%s); checking every request", exc)
-                    await asyncio.sleep(RECONNECT_S)

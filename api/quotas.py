@@ -1,8 +1,12 @@
 """Tenant and device limits, enforced in the API process before anything is accepted.
 
-Rates are token buckets held in this process (so with N API processes a tenant gets up to N
-times its rates; the README says so): per tenant, requests/s and readings/s; per device,
-requests/s and readings/s. A bucket holds `rate * burst_s` tokens; a request that costs more
+Rates are token buckets held in this process: per tenant, requests/s and readings/s; per device,
+requests/s and readings/s. With N API processes (`fleetflow api --processes N` sets
+FLEETFLOW_API_PROCESSES; set it to the total behind a load balancer) each process holds 1/N of
+a tenant's rates: its devices' connections spread over the processes, so together they admit
+the tenant's rate, without a database round trip per request. A device's own rates stay whole
+in each process: its requests on one connection all reach one process.
+A bucket holds `rate * burst_s` tokens; a request that costs more
 than the bucket holds (a 10,000-reading batch of a device allowed 100/s) waits for a full
 bucket and then leaves it in debt, so the average rate holds for any batch size. A refused
 request takes nothing from the buckets that refused it and is answered 429 with `Retry-After`.
@@ -11,7 +15,10 @@ Counts (devices, subscriptions, rules) are checked when one is created: 403 nami
 as Kubernetes' ResourceQuota and ThingsBoard's tenant profiles answer; waiting does not help.
 
 Limits are the platform defaults (`FLEETFLOW_QUOTAS`) under the tenant's profile
-(fleetflow.tenant_profiles), read at most every PROFILE_TTL_S per tenant.
+(fleetflow.tenant_profiles), read at most every PROFILE_TTL_S per tenant. A process that
+listens (`listen`: the `tenant_profile_changed` NOTIFY of a trigger) drops a tenant's entry the
+moment any process changes its profile, and keeps entries PROFILE_LISTENING_TTL_S meanwhile;
+every entry is read again when its listener is lost or back (a notice may have been missed).
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -31,11 +39,14 @@ from activities import analytics_facade, device_facade, notification_facade
 from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.metrics import REQUESTS_THROTTLED
-from fleetflow.tenant_profiles import read_profile, write_profile
+from fleetflow.pg_listener import PgListener
+from fleetflow.tenant_profiles import PROFILE_CHANGED_CHANNEL, read_profile, write_profile
 
 log = logging.getLogger("fleetflow.quotas")
 
-PROFILE_TTL_S = 5.0
+PROCESSES_ENV = "FLEETFLOW_API_PROCESSES"
+PROFILE_TTL_S = 5.0  # while nobody listens for profile changes
+PROFILE_LISTENING_TTL_S = 300.0  # while the notifications keep entries fresh (a safety net)
 # device buckets past this are dropped, idle (full) ones first: a full bucket is a new one. The
 # tenants' own buckets are kept apart, so no sender can evict its tenant's debt by sending for
 # many made-up device ids
@@ -80,24 +91,58 @@ class Quotas:
     """The limits of every tenant as this API process enforces them."""
 
     def __init__(
-        self, pool: Pool, defaults: TenantLimits, clock: Callable[[], float] = time.monotonic
+        self,
+        pool: Pool,
+        defaults: TenantLimits,
+        clock: Callable[[], float] = time.monotonic,
+        processes: int = 1,
     ) -> None:
         self.pool = pool
+        self.processes = max(1, processes)  # the API processes sharing each tenant's rates
         self.defaults = defaults
         self.clock = clock
         self._profiles: dict[str, tuple[float, TenantLimits]] = {}
         self._tenant_buckets: dict[tuple[str, str, str], TokenBucket] = {}
         self._buckets: dict[tuple[str, str, str], TokenBucket] = {}  # per device
         self._count_locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._listener: PgListener | None = None
+        self._generation = 0  # bumped by every profile change heard and every listener reset
+
+    async def listen(self, listener: PgListener) -> None:
+        """Drop a tenant's limits when any process changes its profile (the listener is the
+        process's shared one; its owner starts and stops it)."""
+        self._listener = listener
+        listener.on_reset(self._on_reset)
+        await listener.subscribe(PROFILE_CHANGED_CHANNEL, self._on_changed)
+
+    def _on_changed(self, _channel: str, tenant: str) -> None:
+        self._generation += 1
+        cached = self._profiles.get(tenant)
+        if cached is not None:
+            # stale, not gone: read again on next use; until then (the MQTT gateway's publishes,
+            # which cannot await) the last known limits hold, not the platform defaults
+            self._profiles[tenant] = (0.0, cached[1])
+
+    def _on_reset(self, _listening: bool) -> None:
+        self._generation += 1
+        # stale, not gone (as above), and still the last known if the database is away
+        for tenant, (_, limits) in list(self._profiles.items()):
+            self._profiles[tenant] = (0.0, limits)
+
+    @property
+    def _ttl_s(self) -> float:
+        listening = self._listener is not None and self._listener.listening
+        return PROFILE_LISTENING_TTL_S if listening else PROFILE_TTL_S
 
     # --- limits -----------------------------------------------------------------------------
 
     async def limits(self, tenant: str) -> TenantLimits:
-        """The tenant's limits in force (cached for PROFILE_TTL_S)."""
+        """The tenant's limits in force (cached, see the module docstring)."""
         now = self.clock()
         cached = self._profiles.get(tenant)
         if cached is not None and cached[0] > now:
             return cached[1]
+        generation = self._generation
         try:
             profile = await self.profile(tenant)
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
@@ -107,7 +152,9 @@ class Quotas:
             self._profiles[tenant] = (now + PROFILE_TTL_S, limits)  # tried again after the TTL
             return limits
         limits = profile.over(self.defaults)
-        self._profiles[tenant] = (now + PROFILE_TTL_S, limits)
+        # a change heard during the read may postdate it: used once, read again next time
+        fresh = generation == self._generation
+        self._profiles[tenant] = (now + self._ttl_s if fresh else 0.0, limits)
         return limits
 
     def known_limits(self, tenant: str) -> tuple[TenantLimits, bool]:
@@ -143,7 +190,8 @@ class Quotas:
         return await read_profile(self.pool, tenant)
 
     async def set_profile(self, tenant: str, profile: TenantProfile, by: str) -> TenantLimits:
-        """Store the tenant's overrides; this process applies them at once, others within the TTL."""
+        """Store the tenant's overrides; this process applies them at once, the others when
+        the NOTIFY reaches them (within PROFILE_TTL_S when they do not listen)."""
         await write_profile(self.pool, tenant, profile, by)
         self._profiles.pop(tenant, None)
         return await self.limits(tenant)
@@ -175,8 +223,10 @@ class Quotas:
         rate = int(getattr(limits, RATE_OF[reason]))
         if rate <= 0:  # unlimited
             return []
-        capacity = max(1.0, rate * limits.burst_s)
         per_device = reason.startswith("device")
+        # a tenant's rate is shared by the API processes: this one holds its part
+        held = float(rate) if per_device else rate / self.processes
+        capacity = max(1.0, held * limits.burst_s)
         buckets = self._buckets if per_device else self._tenant_buckets
         if per_device and len(buckets) + len(costs) > MAX_BUCKETS:
             # before the lookups: a sweep among them dropped the buckets already looked up for
@@ -188,11 +238,11 @@ class Quotas:
             key = (reason, tenant, device)
             bucket = buckets.get(key)
             if bucket is None:
-                bucket = buckets[key] = TokenBucket(rate, capacity, capacity, now)
+                bucket = buckets[key] = TokenBucket(held, capacity, capacity, now)
             else:
                 bucket.refill(now)
-                if bucket.rate != rate or bucket.capacity != capacity:  # the profile changed
-                    bucket.rate, bucket.capacity, bucket.level = rate, capacity, min(bucket.level, capacity)
+                if bucket.rate != held or bucket.capacity != capacity:  # the profile changed
+                    bucket.rate, bucket.capacity, bucket.level = held, capacity, min(bucket.level, capacity)
             charges.append(_Charge(reason, bucket, cost, rate))
         return charges
 
@@ -273,3 +323,11 @@ def quota_exceeded(quota: str, what: str, limit: int, current: int, adding: int)
             f"{adding} more would pass it (remove some, or ask for a larger tenant profile)"
         ),
     )
+
+
+def api_processes() -> int:
+    """How many API processes share the tenants' rates (FLEETFLOW_API_PROCESSES, default 1)."""
+    try:
+        return max(1, int(os.environ.get(PROCESSES_ENV, "1")))
+    except ValueError:
+        return 1

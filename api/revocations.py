@@ -24,6 +24,7 @@ from api.limits import ASGIApp, Receive, Scope, Send
 from api.problems import PROBLEM_JSON, problem_body
 from fleetflow.db import Pool
 from fleetflow.keys import keyring
+from fleetflow.pg_listener import PgListener
 from fleetflow.security import AuthError, TokenClaims, verify_token
 from fleetflow.settings import Settings
 
@@ -56,9 +57,9 @@ async def revoke(pool: Pool, tenant: str, jti: str, expires: datetime | None, re
 class TokenRevocations:
     """Whether an API token is revoked, cached briefly per (tenant, jti)."""
 
-    def __init__(self, pool: Pool, dsn: str) -> None:
+    def __init__(self, pool: Pool, listener: PgListener | str) -> None:
         self.pool = pool
-        self.cache = CredentialCache(dsn, self._not_revoked, channel=CHANNEL)
+        self.cache = CredentialCache(listener, self._not_revoked, channel=CHANNEL)
 
     async def start(self) -> None:
         """Listen for revocations."""

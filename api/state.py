@@ -12,7 +12,7 @@ from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from api.command_notices import CommandNotices
 from api.credentials import CredentialCache
-from api.quotas import Quotas
+from api.quotas import Quotas, api_processes
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing, keyring
 from fleetflow.settings import Settings
@@ -37,7 +37,7 @@ class AppState:
     quotas: Quotas = field(init=False)
 
     def __post_init__(self) -> None:
-        self.quotas = Quotas(self.pool, self.settings.quotas)
+        self.quotas = Quotas(self.pool, self.settings.quotas, processes=api_processes())
 
     @property
     def keys(self) -> KeyRing:

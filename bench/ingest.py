@@ -174,6 +174,7 @@ async def run(
     shards: int,
     rate: float,
     tracing: float | None = None,
+    api_processes: int = 1,
 ) -> dict[str, Any]:
     """Drive the platform for `seconds` and measure; `tracing` is the sample ratio (None: off)."""
     hooks = Webhooks()
@@ -186,7 +187,8 @@ async def run(
         await sink.start()
         env["OTEL_EXPORTER_OTLP_ENDPOINT"] = f"http://127.0.0.1:{sink.port}"
         env["FLEETFLOW_TRACE_SAMPLE_RATIO"] = str(tracing)
-    async with platform(workers, env) as p, httpx.AsyncClient(base_url=p.api_url, timeout=30) as http:
+    running = platform(workers, env, api_processes)
+    async with running as p, httpx.AsyncClient(base_url=p.api_url, timeout=30) as http:
         dsn = p.database_url()
         say("raw asyncpg COPY baseline ...")
         copy_rate = await raw_copy_rate(dsn)
@@ -291,6 +293,8 @@ async def run(
     sustained = stored / wall
     return {
         "readings_per_s": round(sustained),
+        "acked_readings_per_s": round(acked / seconds),
+        "api_processes": api_processes,
         "raw_copy_rows_per_s": round(copy_rate),
         "ratio_vs_copy": round(sustained / copy_rate, 3),
         "acked_readings": acked,

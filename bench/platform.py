@@ -81,8 +81,11 @@ class Platform:
 
 
 @asynccontextmanager
-async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) -> AsyncIterator[Platform]:
-    """Start `fleetflow up`, wait for /health, stop it with SIGINT afterwards."""
+async def platform(
+    workers: int = 1, extra_env: dict[str, str] | None = None, api_processes: int = 1
+) -> AsyncIterator[Platform]:
+    """Start `fleetflow up` (with `api_processes` API processes), wait for /health, stop it with
+    SIGINT afterwards."""
     with tempfile.TemporaryDirectory(prefix="fleetflow-bench-") as tmp:
         data = Path(tmp)
         api_port, temporal_port, ui_port = _free_port(11000), _free_port(12000), _free_port(13000)
@@ -115,6 +118,8 @@ async def platform(workers: int = 1, extra_env: dict[str, str] | None = None) ->
             str(ui_port),
             "--mqtt-port",
             str(mqtt_port),
+            "--api-processes",
+            str(api_processes),
         ]
         log = (data.parent / f"{data.name}.log").open("wb")
         say(f"starting fleetflow up ({workers} worker process(es) per queue) ...")

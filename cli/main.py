@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run the whole platform on this machine")
     up.add_argument("--workers", type=_positive, default=1, help="worker processes per queue")
+    up.add_argument("--api-processes", type=_positive, default=1, help="API processes on the API port")
     up.add_argument("--data-dir", help="data directory (FLEETFLOW_DATA_DIR)")
     up.add_argument("--api-port", type=_port, help="API port (FLEETFLOW_API_PORT)")
     up.add_argument("--mqtt-port", type=_mqtt_port, help="MQTT port, 0 for none (FLEETFLOW_MQTT_PORT)")
@@ -91,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     api = commands.add_parser("api", help="run the HTTP API")
     api.add_argument("--host", help="bind address (FLEETFLOW_API_HOST)")
     api.add_argument("--port", type=_port, help="port (FLEETFLOW_API_PORT)")
+    api.add_argument("--processes", type=_positive, default=1, help="API processes sharing the port")
 
     mqtt = commands.add_parser("mqtt", help="run the MQTT endpoint for devices")
     mqtt.add_argument("--host", dest="mqtt_host", help="bind address (FLEETFLOW_MQTT_HOST)")
@@ -275,12 +277,14 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return up(
             settings,
-            UpOptions(args.workers, args.temporal_port, args.ui_port, args.external_temporal),
+            UpOptions(
+                args.workers, args.temporal_port, args.ui_port, args.external_temporal, args.api_processes
+            ),
         )
     if command == "api":
-        from api.server import serve
+        from workers.processes import run_api
 
-        return _run(serve(settings))
+        return run_api(settings, args.processes)
     if command == "mqtt":
         from gateway.run import run_gateway
 

@@ -796,4 +796,18 @@ MIGRATIONS: list[tuple[str, str]] = [
         ALTER TABLE device.firmware ALTER COLUMN path DROP NOT NULL;
         """,
     ),
+    (
+        "0350_tenant_profile_notify",
+        """
+        -- every API and MQTT process caches tenant limits: a changed profile NOTIFYs them all
+        -- (payload: the tenant), whoever wrote it
+        CREATE FUNCTION fleetflow.tenant_profile_changed() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('tenant_profile_changed', coalesce(NEW.tenant, OLD.tenant));
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER tenant_profile_changed AFTER INSERT OR UPDATE OR DELETE ON fleetflow.tenant_profiles
+            FOR EACH ROW EXECUTE FUNCTION fleetflow.tenant_profile_changed();
+        """,
+    ),
 ]

@@ -9,6 +9,9 @@ from typing import Any
 from fleetflow.contracts.tenants import TenantProfile
 from fleetflow.db import Pool
 
+# NOTIFYed (payload: the tenant) by a trigger on every change of a profile (migration 0350)
+PROFILE_CHANGED_CHANNEL = "tenant_profile_changed"
+
 
 async def read_profile(pool: Pool | Any, tenant: str) -> TenantProfile:
     """The tenant's stored overrides (empty when it has none); pool may be a connection."""

@@ -41,6 +41,7 @@ from fleetflow.mqtt_topics import (
     Topic,
     parse_telemetry,
 )
+from fleetflow.pg_listener import PgListener
 from fleetflow.security import DeviceClaims
 from fleetflow.settings import Settings
 from gateway import codec
@@ -58,7 +59,6 @@ KEEP_ALIVE_CHECK_S = 1.0
 # ends after which no last will is published: the device said goodbye, or lost its right to speak
 CLEAN_ENDS = frozenset({"disconnected", "refused", "credential revoked", "taken over", "gateway stopping"})
 RECHECK_CHUNK = 5000  # connections whose credentials one query checks
-RECONNECT_S = 1.0
 
 Key = tuple[str, str]  # (tenant, device id)
 
@@ -81,7 +81,7 @@ class Gateway:
         self.tokens: dict[Connection, str] = {}  # the credential each connection showed (re-checks)
         self.by_jti: dict[str, set[Connection]] = {}  # a revocation's NOTIFY names the jti
         self._tasks: set[asyncio.Task[object]] = set()
-        self._listener: asyncpg.Connection[asyncpg.Record] | None = None
+        self.listener = PgListener(dsn)  # the process's one LISTEN connection
         self.twin = TwinPush(temporal, pool)
         self.jobs = JobPush(self.devices, temporal, pool)
         self.commands = CommandPush(self.devices, temporal)
@@ -100,7 +100,6 @@ class Gateway:
         if gone:
             log.info("%d devices left online by an earlier run of this node are offline", gone)
         await self._listen()
-        self._spawn(self._keep_listening())
         self._spawn(self._watch_keep_alive())
         self._spawn(self._sweep())
 
@@ -112,8 +111,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.committer.stop()
-        if self._listener is not None:
-            await self._listener.close()
+        await self.listener.stop()
 
     def _spawn(self, work: Awaitable[object]) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.ensure_future(work)
@@ -248,31 +246,31 @@ class Gateway:
         self._spawn(self.jobs.push(conn))
         self._spawn(self.commands.push(conn))
 
-    def _on_command_offered(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    def _on_command_offered(self, _channel: str, payload: str) -> None:
         key = offered_device(payload)
         conn = self.connections.get(key) if key is not None else None
         if conn is not None:
             self._spawn(self.commands.push(conn))
 
-    def _on_job_offered(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    def _on_job_offered(self, _channel: str, payload: str) -> None:
         tenant, _, device_id = str(payload).partition("/")
         conn = self.connections.get((tenant, device_id))
         if conn is not None:
             self._spawn(self.jobs.push(conn))
 
-    def _on_desired_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    def _on_desired_changed(self, _channel: str, payload: str) -> None:
         tenant, _, device_id = str(payload).partition("/")
         conn = self.connections.get((tenant, device_id))
         if conn is not None:
             self._spawn(self.twin.push(conn))
 
-    def _on_reported_changed(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    def _on_reported_changed(self, _channel: str, payload: str) -> None:
         tenant, _, device_id = str(payload).partition("/")
         conn = self.connections.get((tenant, device_id))
         if conn is not None:
             self._spawn(self.twin.push(conn, (Topic.TWIN_DELTA,)))
 
-    def _on_session_taken(self, _conn: object, _pid: int, _channel: str, payload: object) -> None:
+    def _on_session_taken(self, _channel: str, payload: str) -> None:
         """A connection of the device (here or on another MQTT process) took it: an older one
         held here is closed, as a second CONNECT to this process closes the first."""
         session_id, _, key = str(payload).partition(" ")
@@ -298,16 +296,18 @@ class Gateway:
     # --- revocation ---------------------------------------------------------------
 
     async def _listen(self) -> None:
-        listener: asyncpg.Connection[asyncpg.Record] = await asyncpg.connect(self.dsn)
-        await listener.add_listener(REVOKED_CHANNEL, self._on_revoked)
-        await listener.add_listener(DESIRED_CHANGED_CHANNEL, self._on_desired_changed)
-        await listener.add_listener(REPORTED_CHANGED_CHANNEL, self._on_reported_changed)
-        await listener.add_listener(SESSION_TAKEN_CHANNEL, self._on_session_taken)
-        await listener.add_listener(JOB_OFFERED_CHANNEL, self._on_job_offered)
-        await listener.add_listener(COMMAND_OFFERED_CHANNEL, self._on_command_offered)
-        self._listener = listener
+        listener = self.listener
+        await listener.subscribe(REVOKED_CHANNEL, self._on_revoked)
+        await listener.subscribe(DESIRED_CHANGED_CHANNEL, self._on_desired_changed)
+        await listener.subscribe(REPORTED_CHANGED_CHANNEL, self._on_reported_changed)
+        await listener.subscribe(SESSION_TAKEN_CHANNEL, self._on_session_taken)
+        await listener.subscribe(JOB_OFFERED_CHANNEL, self._on_job_offered)
+        await listener.subscribe(COMMAND_OFFERED_CHANNEL, self._on_command_offered)
+        await self.quotas.listen(listener)  # a tenant's changed profile applies at once
+        listener.on_reset(self._on_listener_reset)
+        await listener.start()
 
-    def _on_revoked(self, _conn: object, _pid: int, _channel: str, jti: object) -> None:
+    def _on_revoked(self, _channel: str, jti: str) -> None:
         holders = self.by_jti.get(str(jti))
         if holders:
             self._spawn(self._recheck(list(holders)))
@@ -329,19 +329,13 @@ class Gateway:
                     conn.close_reason = "credential revoked"
                     conn.close(codec.RC5_NOT_AUTHORIZED, "credential revoked")
 
-    async def _keep_listening(self) -> None:
-        while True:
-            await asyncio.sleep(RECONNECT_S)
-            if self._listener is not None and not self._listener.is_closed():
-                continue
-            try:
-                await self._listen()
-            except (OSError, asyncpg.PostgresError):
-                continue
-            # what was revoked while nobody listened
-            self._spawn(self._recheck(list(self.connections.values())))
-            for conn in list(self.connections.values()):  # commands offered while nobody listened
-                self._spawn(self.commands.push(conn))
+    def _on_listener_reset(self, listening: bool) -> None:
+        if not listening or not self.connections:
+            return
+        # back after a loss: what was revoked, and commands offered, while nobody listened
+        self._spawn(self._recheck(list(self.connections.values())))
+        for conn in list(self.connections.values()):
+            self._spawn(self.commands.push(conn))
 
     async def _sweep(self) -> None:
         while True:

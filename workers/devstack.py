@@ -25,7 +25,7 @@ from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, connect, dev_server_args, ensure_search_attributes
-from workers.processes import metrics_port_of, worker_child
+from workers.processes import api_children, metrics_port_of, worker_child
 from workers.supervisor import Child, Supervisor, supervise
 
 
@@ -37,6 +37,7 @@ class UpOptions:
     temporal_port: int = 7233
     ui_port: int = 8233
     external_temporal: bool = False
+    api_processes: int = 1
 
 
 def temporal_binary() -> str:
@@ -166,7 +167,8 @@ def up(settings: Settings, options: UpOptions) -> int:
         for q, queue in enumerate(TaskQueue):
             for i in range(options.workers):
                 supervisor.add(worker_child(queue, i, ports[q * options.workers + i], env))
-        supervisor.add(Child("api", [sys.executable, "-m", "cli.main", "api"], env, tier=2))
+        for child in api_children(settings, options.api_processes, env):
+            supervisor.add(child)
         if settings.mqtt_port:
             mqtt_env = {
                 **env,

@@ -1,4 +1,4 @@
-"""Worker processes: one in this process, or several under a supervisor."""
+"""Worker and API processes: one in this process, or several under a supervisor."""
 
 from __future__ import annotations
 
@@ -42,6 +42,44 @@ def run_workers(settings: Settings, queue: TaskQueue, processes: int) -> int:
         for i in range(processes):
             # each process its own /metrics port: FLEETFLOW_METRICS_PORT + i
             supervisor.add(worker_child(queue, i, metrics_port_of(settings.metrics_port, i)))
+        return True
+
+    return supervise(start)
+
+
+def api_children(settings: Settings, processes: int, base_env: Mapping[str, str] = {}) -> list[Child]:
+    """The supervised processes of `fleetflow api --processes N` (and `fleetflow up
+    --api-processes N`): all on the API port (SO_REUSEPORT: the kernel spreads connections over
+    them), each knowing how many share the tenants' rates (api/quotas.py)."""
+    env = {
+        **base_env,
+        "FLEETFLOW_API_HOST": settings.api_host,
+        "FLEETFLOW_API_PORT": str(settings.api_port),
+        "FLEETFLOW_API_REUSE_PORT": "1" if processes > 1 else "0",  # api/server.py
+        "FLEETFLOW_API_PROCESSES": str(processes),  # api/quotas.py
+    }
+    argv = [sys.executable, "-m", "cli.main", "api"]
+    if processes == 1:
+        return [Child("api", argv, env, tier=2)]
+    return [Child(f"api-{i + 1}", argv, env, tier=2) for i in range(processes)]
+
+
+def run_api(settings: Settings, processes: int) -> int:
+    """The API in this process, or `processes` supervised API processes on one port."""
+    if processes == 1:
+        from api.server import serve  # the API's imports only where one runs here
+
+        return asyncio.run(serve(settings))
+
+    from workers.devstack import ensure_port_free
+
+    # SO_REUSEPORT would let the processes share the port with another stack's that set it
+    # too (another `fleetflow api --processes`): requests split between two platforms
+    ensure_port_free(settings.api_port, "FLEETFLOW_API_PORT / --port", settings.api_host)
+
+    def start(supervisor: Supervisor) -> bool:
+        for child in api_children(settings, processes):
+            supervisor.add(child)
         return True
 
     return supervise(start)

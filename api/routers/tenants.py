@@ -54,7 +54,7 @@ async def put_profile(
     tenant: TenantPath, body: TenantProfile, state: State, claims: Operator
 ) -> TenantProfileView:
     """Replace a tenant's profile (tenants:admin): the fields given override the platform
-    defaults, the ones left out follow them; `{}` resets. This API process applies it at once,
-    the others within 5 s."""
+    defaults, the ones left out follow them; `{}` resets. Every API and MQTT process applies it
+    at once (a PostgreSQL notification)."""
     await state.quotas.set_profile(tenant, body, claims.subject)
     return await _view(state, tenant)

@@ -100,7 +100,10 @@ async def test_without_the_listener_nothing_is_trusted_from_the_cache(
     device_id, jti, token = credential
     assert await store.active("acme", device_id, jti, token)
     dsn, store.dsn = store.dsn, "postgresql://nobody@127.0.0.1:1/none"  # reconnecting fails for now
-    await pool.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN%'")
+    await pool.execute(
+        """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+           WHERE query LIKE 'LISTEN%' OR application_name = 'fleetflow-listen'"""
+    )
     await eventually(lambda: asyncio.sleep(0, store.listening), lambda up: not up, timeout_s=5)
     calls = check.calls
     for _ in range(3):

@@ -168,3 +168,38 @@ async def test_an_unreadable_profile_keeps_the_last_known_limits_and_is_tried_ag
     clock.now += quotas_module.PROFILE_TTL_S + 1
     await q.limits("acme")
     assert reads == 3
+
+
+async def test_with_two_api_processes_each_holds_half_of_a_tenants_rate_and_all_of_a_devices() -> None:
+    clock = Clock()
+    q = StoredProfiles(TenantLimits(requests_per_s=10, device_requests_per_s=4, burst_s=2), clock, {})
+    q.processes = 2  # as FLEETFLOW_API_PROCESSES=2 sets it
+    for i in range(10):  # the tenant's bucket here holds 10 of its 20
+        await q.admit_request("acme", f"d{i % 5}")
+    error = await refused(q.admit_request("acme", "d9"))
+    assert "requests/s" in str(error.detail)
+    clock.now += 1000
+    for _ in range(8):  # one device's bucket is whole: 4/s for 2 s
+        await q.admit_request("globex", "d1")
+    await refused(q.admit_request("globex", "d1"))
+
+
+def test_the_process_count_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEETFLOW_API_PROCESSES", "3")
+    assert quotas_module.api_processes() == 3
+    monkeypatch.setenv("FLEETFLOW_API_PROCESSES", "nonsense")
+    assert quotas_module.api_processes() == 1
+
+
+async def test_a_profile_change_heard_keeps_the_last_known_limits_until_they_are_read_again() -> None:
+    """The MQTT gateway admits a publish with `known_limits` (no await): after a change is
+    heard it must not fall back to the platform defaults (a tenant allowed more would be refused)."""
+    clock = Clock()
+    q = StoredProfiles(TenantLimits(readings_per_s=100), clock, {"acme": TenantProfile(readings_per_s=5000)})
+    assert (await q.limits("acme")).readings_per_s == 5000
+    q.profiles["acme"] = TenantProfile(readings_per_s=6000)
+    q._on_changed("tenant_profile_changed", "acme")
+    limits, fresh = q.known_limits("acme")
+    assert limits.readings_per_s == 5000 and not fresh  # the last known, to be read again
+    assert (await q.limits("acme")).readings_per_s == 6000
+    assert q.known_limits("acme")[1]
