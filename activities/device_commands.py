@@ -221,13 +221,29 @@ class DeviceCommands:
 
     async def release_commands(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
         """Give back commands taken for a connection that ended before they were sent: pending
-        again (unless answered or ended meanwhile), for the next connection or poll."""
-        await self.pool.executemany(
-            """UPDATE device.commands SET status = 'pending', delivered_at = NULL
-               WHERE tenant = $1 AND device_id = $2 AND command_id = $3 AND status = 'delivered'
-                 AND delivered_at = $4""",
-            [(tenant, device_id, c.command_id, c.delivered_at) for c in taken],
-        )
+        again (unless answered or ended meanwhile), for the next connection or poll, which the
+        `device_command_offered` NOTIFY wakes (a gateway holding the device's newer connection,
+        a long poll)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            released = await conn.fetch(
+                """UPDATE device.commands c SET status = 'pending', delivered_at = NULL
+                   FROM unnest($3::text[], $4::timestamptz[]) AS t(command_id, delivered_at)
+                   WHERE c.tenant = $1 AND c.device_id = $2 AND c.command_id = t.command_id
+                     AND c.status = 'delivered' AND c.delivered_at = t.delivered_at
+                   RETURNING c.command_id""",
+                tenant,
+                device_id,
+                [c.command_id for c in taken],
+                [c.delivered_at for c in taken],
+            )
+            if released:
+                await conn.execute(
+                    """SELECT pg_notify('device_command_offered', json_build_object(
+                           'tenant', $1::text, 'device_id', $2::text, 'command_id', $3::text)::text)""",
+                    tenant,
+                    device_id,
+                    released[0]["command_id"],
+                )
 
     async def answer_command(
         self, tenant: str, device_id: str, command_id: str, status: str, result: dict[str, Any]

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -30,6 +31,8 @@ class GatewayProcess:
     settings: Settings
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # more settings (the TLS listener's)
+    wait_port: int | None = None  # the port that says it listens (default: port)
 
     def start(self) -> None:
         """Start it and wait until it accepts connections."""
@@ -41,6 +44,7 @@ class GatewayProcess:
             FLEETFLOW_DATA_DIR=str(self.settings.data_dir),
             FLEETFLOW_MQTT_PORT=str(self.port),
             FLEETFLOW_LOG_FORMAT="text",
+            **self.env,
         )
         argv = [*pdeathsig_prefix(), sys.executable, "-m", "cli.main", "mqtt"]
         self.process = subprocess.Popen(argv, env=env)
@@ -52,7 +56,7 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"fleetflow mqtt exited with {self.process.returncode}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", self.wait_port or self.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.2)
@@ -99,6 +103,7 @@ class Device:
         keep_alive: int = 60,
         client_id: str | None = None,
         username: str | None = None,
+        ca: Path | None = None,
     ) -> None:
         self.port = port
         self.keep_alive = keep_alive
@@ -113,6 +118,8 @@ class Device:
             **kwargs,
         )
         self.client.username_pw_set(device_id if username is None else username, password)
+        if ca is not None:  # MQTT over TLS, trusting that CA only
+            self.client.tls_set(ca_certs=str(ca))
         self.connacks: queue.Queue[int] = queue.Queue()
         self.disconnects: queue.Queue[int] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
@@ -208,3 +215,74 @@ async def raw_connack_311(port: int, client_id: str, username: str, password: st
         return connack[3]
     finally:
         writer.close()
+
+
+@dataclass(frozen=True)
+class MadeCA:
+    """A certificate authority made for a test, and a certificate for 127.0.0.1 it signed."""
+
+    ca: Path  # PEM certificate of the CA
+    cert: Path  # PEM certificate of the server (or a client)
+    key: Path  # its PEM private key
+
+
+def make_ca(directory: Path, name: str = "fleetflow test CA") -> MadeCA:
+    """A fresh CA and a certificate for localhost/127.0.0.1 it signed, written into directory."""
+    import ipaddress
+    from datetime import UTC, datetime, timedelta
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.now(UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    made = MadeCA(directory / "ca.pem", directory / "cert.pem", directory / "key.pem")
+    made.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    made.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    made.key.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return made
