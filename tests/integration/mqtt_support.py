@@ -20,6 +20,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetflow.settings import Settings
+from gateway import codec
 from tests.e2e.stack import clean_env, pdeathsig_prefix
 from tests.support import TEST_KEYS_DIR, free_port
 
@@ -286,3 +287,87 @@ def make_ca(directory: Path, name: str = "fleetflow test CA") -> MadeCA:
         )
     )
     return made
+
+
+class RawDevice:
+    """An MQTT client on a bare socket that acknowledges nothing unless told: what paho cannot
+    be made to do (keep a QoS 1 publish unacknowledged). Packets read with gateway/codec.py."""
+
+    def __init__(self, port: int, device_id: str, password: str, *, receive_maximum: int | None = None):
+        self.port = port
+        self.device_id = device_id
+        self.password = password
+        self.receive_maximum = receive_maximum
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.buf = bytearray()
+
+    @staticmethod
+    def _text(value: str) -> bytes:
+        raw = value.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
+    @staticmethod
+    def _packet(first: int, body: bytes) -> bytes:
+        length, encoded = len(body), bytearray()
+        while True:
+            byte, length = length % 128, length // 128
+            encoded.append(byte | (0x80 if length else 0))
+            if not length:
+                return bytes([first]) + bytes(encoded) + body
+
+    async def connect(self) -> int:
+        """CONNECT (5.0, clean start, Receive Maximum when given); the CONNACK reason code."""
+        props = (
+            b"" if self.receive_maximum is None else bytes([0x21]) + self.receive_maximum.to_bytes(2, "big")
+        )
+        body = self._text("MQTT") + bytes([5, 0xC2]) + (60).to_bytes(2, "big")
+        body += bytes([len(props)]) + props
+        body += self._text(self.device_id) + self._text(self.device_id) + self._text(self.password)
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(self._packet(0x10, body))
+        kind, _flags, packet = await self.next_packet()
+        assert kind == codec.CONNACK, kind
+        return packet[1]
+
+    async def subscribe(self, topic: str, qos: int = 1) -> list[int]:
+        """SUBSCRIBE one filter; the SUBACK codes."""
+        assert self.writer is not None
+        self.writer.write(
+            self._packet(0x82, (1).to_bytes(2, "big") + b"\x00" + self._text(topic) + bytes([qos]))
+        )
+        kind, _flags, packet = await self.next_packet()
+        assert kind == codec.SUBACK, kind
+        return list(packet[3:])
+
+    async def next_packet(self, timeout: float = 60) -> tuple[int, int, bytes]:
+        """(type, flags, body) of the next packet from the gateway."""
+        assert self.reader is not None
+        while True:
+            found = codec.split_packet(self.buf, 1 << 24)
+            if found is not None:
+                kind, flags, start, end = found
+                body = bytes(self.buf[start:end])
+                del self.buf[:end]
+                return kind, flags, body
+            chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not chunk:
+                raise ConnectionError("closed by the gateway")
+            self.buf += chunk
+
+    async def next_publish(self, timeout: float = 60) -> codec.Publish:
+        """The next PUBLISH (other packets skipped); not acknowledged."""
+        while True:
+            kind, flags, body = await self.next_packet(timeout)
+            if kind == codec.PUBLISH:
+                return codec.parse_publish(flags, body, codec.V5)
+
+    def puback(self, packet_id: int) -> None:
+        """Acknowledge one publish."""
+        assert self.writer is not None
+        self.writer.write(self._packet(0x40, packet_id.to_bytes(2, "big")))
+
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT (as a connection that dies)."""
+        if self.writer is not None:
+            self.writer.close()
