@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import queue
 import shutil
 import socket
 import ssl
@@ -17,8 +18,9 @@ import pytest
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.integration.flows import active_device
-from tests.integration.mqtt_support import Device, GatewayProcess, MadeCA, make_ca
+from tests.integration.mqtt_support import Device, GatewayProcess
 from tests.support import eventually, free_port
+from tests.tls_support import MadeCA, make_ca
 
 NOT_AUTHORIZED = 0x87
 
@@ -136,3 +138,41 @@ async def test_plaintext_client_on_the_tls_port_gets_no_connack(
     finally:
         writer.close()
     assert not answer.startswith(b"\x20")  # no CONNACK: at most a TLS alert, then closed
+
+
+async def test_client_ca_requires_a_client_certificate_besides_the_credential(
+    api: httpx.AsyncClient, settings: Settings, ca: MadeCA, tls_dir: Path
+) -> None:
+    clients = make_ca(tls_dir / "clients", "device CA")  # signs the devices' certificates
+    port = free_port()
+    env = {
+        "FLEETFLOW_MQTT_TLS_PORT": str(port),
+        "FLEETFLOW_MQTT_TLS_CERT": str(ca.cert),
+        "FLEETFLOW_MQTT_TLS_KEY": str(ca.key),
+        "FLEETFLOW_MQTT_TLS_CA": str(clients.ca),
+    }
+    gateway = GatewayProcess(settings, port=0, env=env, wait_port=port)
+    await asyncio.to_thread(gateway.start)
+    try:
+        device_id, credential = await active_device(api)
+        without = Device(port, device_id, credential, ca=ca.ca)
+        try:  # no client certificate: the handshake (or the first read after it) fails
+            with pytest.raises((ssl.SSLError, OSError, TimeoutError, queue.Empty)):
+                await without.connect(timeout=10)
+        finally:
+            without.close()
+        mine = (clients.cert, clients.key)
+        device = Device(port, device_id, credential, ca=ca.ca, client_cert=mine)
+        try:
+            assert await device.connect() == 0
+        finally:
+            device.close()
+        wrong = Device(
+            port, device_id, "not-the-credential", ca=ca.ca, client_cert=(clients.cert, clients.key)
+        )
+        try:  # a certificate alone does not log in
+            assert await wrong.connect() == NOT_AUTHORIZED
+        finally:
+            wrong.close()
+    finally:
+        await asyncio.to_thread(gateway.stop)
