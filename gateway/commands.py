@@ -50,9 +50,10 @@ def offered_device(payload: object) -> tuple[str, str] | None:
 class CommandPush:
     """Pushes a device's pending commands; takes its answers."""
 
-    def __init__(self, devices: DeviceService, temporal: Client) -> None:
+    def __init__(self, devices: DeviceService, temporal: Client, node: str | None = None) -> None:
         self.devices = devices
         self.temporal = temporal
+        self.node = node  # names this process on the commands it awaits a PUBACK for
         self._signals: set[asyncio.Future[None]] = set()  # signals and give-backs under way
         # one push of a connection at a time, so its commands go out oldest first
         self._locks: weakref.WeakKeyDictionary[Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -79,7 +80,10 @@ class CommandPush:
                     conn.on_room = self._wake
                     return
                 try:
-                    taken = await self.devices.take_commands(tenant, device_id, room)
+                    # at QoS 1 the row names this process until the PUBACK: if it is killed
+                    # before, its next start gives the command back (release_node)
+                    pushed_by = self.node if qos == 1 else None
+                    taken = await self.devices.take_commands(tenant, device_id, room, pushed_by)
                 except _UNAVAILABLE:
                     log.warning(
                         "commands of %s/%s not pushed", claims.tenant, claims.device_id, exc_info=True
@@ -96,7 +100,7 @@ class CommandPush:
                     conn.push(
                         name,
                         command.model_dump_json().encode(),
-                        on_ack=functools.partial(self._delivered, tenant, device_id, command),
+                        on_ack=functools.partial(self._delivered, tenant, device_id, command, qos == 1),
                         on_lost=functools.partial(self._give_back, tenant, device_id, command),
                     )
                 if len(taken) < room:
@@ -105,10 +109,26 @@ class CommandPush:
     def _wake(self, conn: Connection) -> None:
         self._spawn(self.push(conn))
 
-    def _delivered(self, tenant: str, device_id: str, command: DeviceCommandView) -> None:
+    async def release_node(self) -> int:
+        """At start: give back the commands a killed earlier run of this node pushed and did not
+        see acknowledged."""
+        if self.node is None:
+            return 0
+        count: int = await self.devices.release_node_commands(self.node)
+        return count
+
+    def _delivered(self, tenant: str, device_id: str, command: DeviceCommandView, acked: bool) -> None:
+        if acked and self.node is not None:
+            self._spawn(self._acknowledged(tenant, device_id, command.command_id))
         if CAMPAIGN_SEPARATOR not in command.command_id:  # a campaign's has no run
             moved = CommandState(status="delivered", delivered_at=command.delivered_at)
             self._signal(tenant, device_id, command.command_id, moved)
+
+    async def _acknowledged(self, tenant: str, device_id: str, command_id: str) -> None:
+        try:
+            await self.devices.acknowledged_commands(tenant, device_id, [command_id])
+        except _UNAVAILABLE:  # a restart of this node would push it once more: at least once
+            log.warning("PUBACK of command %s/%s/%s not recorded", tenant, device_id, command_id)
 
     def _give_back(self, tenant: str, device_id: str, command: DeviceCommandView) -> None:
         self._spawn(self._release(tenant, device_id, [command]))

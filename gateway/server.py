@@ -85,7 +85,7 @@ class Gateway:
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
         self.twin = TwinPush(temporal, pool)
         self.jobs = JobPush(self.devices, temporal, pool)
-        self.commands = CommandPush(self.devices, temporal)
+        self.commands = CommandPush(self.devices, temporal, node)
         self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {
             Topic.TWIN_REPORTED.value: self.twin.reported,
             Topic.JOB_PROGRESS.value: self.jobs.progress,
@@ -100,6 +100,9 @@ class Gateway:
         gone = await self.presence.reset_node()
         if gone:
             log.info("%d devices left online by an earlier run of this node are offline", gone)
+        given_back = await self.commands.release_node()
+        if given_back:
+            log.info("%d commands an earlier run of this node pushed without PUBACK: pending", given_back)
         await self._listen()
         self._spawn(self._keep_listening())
         self._spawn(self._watch_keep_alive())

@@ -264,8 +264,10 @@ async def test_commands_taken_while_the_connection_is_taken_over_stay_pending(
     devices = DeviceService(pool, settings, client)
     take = devices.take_commands
 
-    async def taken_over(tenant: str, device_id: str, limit: int) -> list[DeviceCommandView]:
-        taken = await take(tenant, device_id, limit)
+    async def taken_over(
+        tenant: str, device_id: str, limit: int, pushed_by: str | None = None
+    ) -> list[DeviceCommandView]:
+        taken = await take(tenant, device_id, limit, pushed_by)
         conn.transport.closing = True  # the takeover closes it during the take
         return taken
 
@@ -354,3 +356,39 @@ async def test_unacknowledged_pushes_are_capped_by_the_receive_maximum(
         return [str((await command_of(api, device_id, c))["status"]) for c in sent]
 
     assert await eventually(statuses, lambda s: s == ["delivered", "pending", "pending"])
+
+
+async def test_command_in_flight_when_the_gateway_is_killed_is_given_back_at_its_restart(
+    api: httpx.AsyncClient, settings: Settings, pool: Pool
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    gateway = GatewayProcess(settings)
+    await asyncio.to_thread(gateway.start)
+    try:
+        raw = RawDevice(gateway.port, device_id, credential)
+        assert await raw.connect() == 0
+        assert await raw.subscribe(base(device_id), qos=1) == [1]
+        command_id = (await send(api, device_id))["command_id"]
+        assert json.loads((await raw.next_publish()).payload)["command_id"] == command_id
+        await asyncio.to_thread(gateway.kill)  # before the PUBACK: nothing of it cleans up
+        raw.drop()
+        assert (await command_of(api, device_id, command_id))["status"] == "delivered"
+        await asyncio.to_thread(gateway.start)  # the same node (host and port) starts again
+        assert (await command_of(api, device_id, command_id))["status"] == "pending"
+        device = Device(gateway.port, device_id, credential)
+        try:
+            assert await device.connect() == 0
+            assert await device.subscribe(base(device_id), qos=1) == [1]
+            assert (await pushed(device))[1]["command_id"] == command_id
+
+            async def pushed_by() -> object:
+                query = "SELECT pushed_by FROM device.commands WHERE device_id = $1 AND command_id = $2"
+                return await pool.fetchval(query, device_id, command_id)
+
+            # acknowledged: a later restart gives nothing back
+            assert await eventually(pushed_by, lambda by: by is None) is None
+        finally:
+            device.close()
+    finally:
+        await asyncio.to_thread(gateway.stop)
+    assert (await command_of(api, device_id, command_id))["status"] == "delivered"
