@@ -392,3 +392,44 @@ async def test_command_in_flight_when_the_gateway_is_killed_is_given_back_at_its
     finally:
         await asyncio.to_thread(gateway.stop)
     assert (await command_of(api, device_id, command_id))["status"] == "delivered"
+
+
+async def test_command_unacknowledged_on_a_connection_taken_over_goes_to_the_new_one(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    raw = RawDevice(gateway.port, device_id, credential)
+    assert await raw.connect() == 0
+    assert await raw.subscribe(base(device_id), qos=1) == [1]
+    command_id = (await send(api, device_id))["command_id"]
+    assert json.loads((await raw.next_publish()).payload)["command_id"] == command_id
+    # the device comes back on a new connection (a new network, say) while the old one
+    # still holds the push: the takeover gives it back, and the new connection gets it
+    device = Device(gateway.port, device_id, credential)
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(base(device_id), qos=1) == [1]
+        assert (await pushed(device))[1]["command_id"] == command_id
+        with pytest.raises(queue.Empty):  # once
+            device.messages.get(True, 2)
+    finally:
+        device.close()
+        raw.drop()
+
+
+async def test_commands_unacknowledged_when_the_gateway_stops_are_pending_again(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    gateway = GatewayProcess(settings)
+    await asyncio.to_thread(gateway.start)
+    try:
+        raw = RawDevice(gateway.port, device_id, credential)
+        assert await raw.connect() == 0
+        assert await raw.subscribe(base(device_id), qos=1) == [1]
+        command_id = (await send(api, device_id))["command_id"]
+        assert json.loads((await raw.next_publish()).payload)["command_id"] == command_id
+    finally:
+        await asyncio.to_thread(gateway.stop)  # SIGTERM: a clean stop, no restart after it
+    raw.drop()
+    assert (await command_of(api, device_id, command_id))["status"] == "pending"
