@@ -157,10 +157,13 @@ class DeviceCommands:
         )
         return [_view(row) for row in rows]
 
-    async def take_commands(self, tenant: str, device_id: str, limit: int) -> list[DeviceCommandView]:
+    async def take_commands(
+        self, tenant: str, device_id: str, limit: int, pushed_by: str | None = None
+    ) -> list[DeviceCommandView]:
         """Deliver the device's pending commands, oldest first: each is delivered once, and
         its answer is due within its timeout from now. A campaign's job hears of it as the
-        device's first report: its device timeout counts from the delivery, not the offer."""
+        device's first report: its device timeout counts from the delivery, not the offer.
+        pushed_by names the MQTT process that awaits the device's PUBACK for them."""
         async with self.pool.acquire() as conn, conn.transaction():
             # the device's rows past their deadline store the status they read as: a campaign's
             # command, or one whose run never started (the API died after writing it), has no
@@ -181,13 +184,14 @@ class DeviceCommands:
                        SELECT command_id FROM device.commands
                        WHERE tenant = $1 AND device_id = $2 AND status = 'pending' AND expires_at > now()
                        ORDER BY created_at, command_id LIMIT $3 FOR UPDATE SKIP LOCKED)
-                   UPDATE device.commands c SET status = 'delivered', delivered_at = now()
+                   UPDATE device.commands c SET status = 'delivered', delivered_at = now(), pushed_by = $4
                    FROM pick WHERE c.tenant = $1 AND c.device_id = $2 AND c.command_id = pick.command_id
                    RETURNING c.command_id, c.name, c.params, c.timeout_s, c.expires_at, c.created_at,
                              c.delivered_at, c.campaign_id""",
                 tenant,
                 device_id,
                 limit,
+                pushed_by,
             )
             offers = [r["command_id"] for r in rows if r["campaign_id"] is not None]
             if offers:
@@ -221,13 +225,49 @@ class DeviceCommands:
 
     async def release_commands(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
         """Give back commands taken for a connection that ended before they were sent: pending
-        again (unless answered or ended meanwhile), for the next connection or poll."""
-        await self.pool.executemany(
-            """UPDATE device.commands SET status = 'pending', delivered_at = NULL
-               WHERE tenant = $1 AND device_id = $2 AND command_id = $3 AND status = 'delivered'
-                 AND delivered_at = $4""",
-            [(tenant, device_id, c.command_id, c.delivered_at) for c in taken],
+        again (unless answered or ended meanwhile), for the next connection or poll, which the
+        `device_command_offered` NOTIFY wakes (a gateway holding the device's newer connection,
+        a long poll)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            released = await conn.fetch(
+                """UPDATE device.commands c SET status = 'pending', delivered_at = NULL, pushed_by = NULL
+                   FROM unnest($3::text[], $4::timestamptz[]) AS t(command_id, delivered_at)
+                   WHERE c.tenant = $1 AND c.device_id = $2 AND c.command_id = t.command_id
+                     AND c.status = 'delivered' AND c.delivered_at = t.delivered_at
+                   RETURNING c.command_id""",
+                tenant,
+                device_id,
+                [c.command_id for c in taken],
+                [c.delivered_at for c in taken],
+            )
+            if released:
+                await _offered(conn, tenant, device_id, released[0]["command_id"])
+
+    async def acknowledged_commands(self, tenant: str, device_id: str, command_ids: list[str]) -> None:
+        """The device acknowledged these pushes (MQTT PUBACK): no restart gives them back."""
+        await self.pool.execute(
+            """UPDATE device.commands SET pushed_by = NULL
+               WHERE tenant = $1 AND device_id = $2 AND command_id = ANY($3::text[])
+                 AND pushed_by IS NOT NULL""",
+            tenant,
+            device_id,
+            command_ids,
         )
+
+    async def release_node_commands(self, node: str) -> int:
+        """Give back the commands an MQTT process of node pushed and a kill stopped it from
+        seeing acknowledged (it starts again): pending, the devices' next connection gets them."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            rows = await conn.fetch(
+                """UPDATE device.commands SET status = 'pending', delivered_at = NULL, pushed_by = NULL
+                   WHERE pushed_by = $1 AND status = 'delivered'
+                   RETURNING tenant, device_id, command_id""",
+                node,
+            )
+            first = {(r["tenant"], r["device_id"]): r["command_id"] for r in rows}
+            for (tenant, device_id), command_id in first.items():
+                await _offered(conn, tenant, device_id, command_id)
+        return len(rows)
 
     async def answer_command(
         self, tenant: str, device_id: str, command_id: str, status: str, result: dict[str, Any]
@@ -400,4 +440,16 @@ async def end_campaign_commands(conn: Conn, tenant: str, campaign_id: str) -> No
         campaign_id,
         "campaign stopped",
         list(OPEN_STATUSES),
+    )
+
+
+async def _offered(conn: Conn, tenant: str, device_id: str, command_id: str) -> None:
+    """NOTIFY `device_command_offered` for a command pending again (as its trigger does for a new
+    one): a gateway holding the device, or its long poll, takes it."""
+    await conn.execute(
+        """SELECT pg_notify('device_command_offered', json_build_object(
+               'tenant', $1::text, 'device_id', $2::text, 'command_id', $3::text)::text)""",
+        tenant,
+        device_id,
+        command_id,
     )

@@ -112,6 +112,8 @@ class DeviceService(DeviceActivities):
         self.list_commands = self.commands.list_commands
         self.take_commands = self.commands.take_commands
         self.release_commands = self.commands.release_commands
+        self.acknowledged_commands = self.commands.acknowledged_commands
+        self.release_node_commands = self.commands.release_node_commands
         self.answer_command = self.commands.answer_command
         self.claim_poller = self.commands.claim_poller
         self.release_poller = self.commands.release_poller

@@ -13,6 +13,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, NoReturn
 
+from pydantic import ValidationError
+
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings, load_settings
@@ -81,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", help="data directory (FLEETFLOW_DATA_DIR)")
     up.add_argument("--api-port", type=_port, help="API port (FLEETFLOW_API_PORT)")
     up.add_argument("--mqtt-port", type=_mqtt_port, help="MQTT port, 0 for none (FLEETFLOW_MQTT_PORT)")
+    up.add_argument(
+        "--mqtt-tls-port",
+        type=_port,
+        help="MQTT over TLS port, served when FLEETFLOW_MQTT_TLS_CERT/KEY are set (FLEETFLOW_MQTT_TLS_PORT)",
+    )
     up.add_argument("--temporal-port", type=_port, default=7233, help="Temporal gRPC port")
     up.add_argument("--ui-port", type=_port, default=8233, help="Temporal Web UI port")
     up.add_argument(
@@ -96,7 +103,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     mqtt = commands.add_parser("mqtt", help="run the MQTT endpoint for devices")
     mqtt.add_argument("--host", dest="mqtt_host", help="bind address (FLEETFLOW_MQTT_HOST)")
-    mqtt.add_argument("--port", dest="mqtt_port", type=_port, help="port (FLEETFLOW_MQTT_PORT)")
+    mqtt.add_argument(
+        "--port", dest="mqtt_port", type=_mqtt_port, help="port, 0 for TLS only (FLEETFLOW_MQTT_PORT)"
+    )
+    mqtt.add_argument(
+        "--tls-port", dest="mqtt_tls_port", type=_port, help="TLS port (FLEETFLOW_MQTT_TLS_PORT)"
+    )
 
     worker = commands.add_parser("worker", help="run workers for one task queue")
     worker.add_argument("--queue", required=True, choices=[q.value for q in TaskQueue])
@@ -218,11 +230,21 @@ def _settings(args: argparse.Namespace) -> Settings:
         update["api_port"] = args.port
     if getattr(args, "mqtt_port", None) is not None:
         update["mqtt_port"] = args.mqtt_port
+    if getattr(args, "mqtt_tls_port", None):
+        update["mqtt_tls_port"] = args.mqtt_tls_port
     if getattr(args, "mqtt_host", None):
         update["mqtt_host"] = args.mqtt_host
     if getattr(args, "host", None):
         update["api_host"] = args.host
-    return Settings.model_validate({**settings.model_dump(), **update}) if update else settings
+    if not update:
+        return settings
+    try:
+        return Settings.model_validate({**settings.model_dump(), **update})
+    except ValidationError as exc:  # a flag that clashes with a setting (the same two ports, say)
+        first = exc.errors()[0]
+        where = ".".join(map(str, first["loc"]))
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise StartupError(f"{where}: {message}" if where else message) from None
 
 
 def _seconds(text: str) -> float:

@@ -810,4 +810,13 @@ MIGRATIONS: list[tuple[str, str]] = [
             FOR EACH ROW EXECUTE FUNCTION fleetflow.tenant_profile_changed();
         """,
     ),
+    (
+        "0340_command_pushes",
+        """
+        -- the MQTT process (node) that pushed a command at QoS 1 and awaits the device's PUBACK:
+        -- when that process is killed, its next start gives the command back (pending again)
+        ALTER TABLE device.commands ADD COLUMN pushed_by text;
+        CREATE INDEX commands_pushed_by ON device.commands (pushed_by) WHERE pushed_by IS NOT NULL;
+        """,
+    ),
 ]

@@ -31,7 +31,11 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_API_HOST": ("api_host", "127.0.0.1"),
     "FLEETFLOW_API_PORT": ("api_port", "8000"),
     "FLEETFLOW_MQTT_HOST": ("mqtt_host", "127.0.0.1"),
-    "FLEETFLOW_MQTT_PORT": ("mqtt_port", "1883 (0: no MQTT endpoint)"),
+    "FLEETFLOW_MQTT_PORT": ("mqtt_port", "1883 (0: no plain MQTT listener)"),
+    "FLEETFLOW_MQTT_TLS_PORT": ("mqtt_tls_port", "8883 (served when the certificate and key are set)"),
+    "FLEETFLOW_MQTT_TLS_CERT": ("mqtt_tls_cert", "unset: no MQTT over TLS (PEM certificate chain)"),
+    "FLEETFLOW_MQTT_TLS_KEY": ("mqtt_tls_key", "unset (PEM private key of the certificate)"),
+    "FLEETFLOW_MQTT_TLS_CA": ("mqtt_tls_ca", "unset: no client certificate asked (PEM CA bundle)"),
     "FLEETFLOW_PUBLIC_URL": ("public_url", "http://{api_host}:{api_port}"),
     "FLEETFLOW_KEYS_DIR": ("keys_dir", "$FLEETFLOW_DATA_DIR/keys"),
     "FLEETFLOW_PAYLOAD_KEYS": ("payload_keys", "unset: generated into $FLEETFLOW_KEYS_DIR"),
@@ -75,6 +79,12 @@ class Settings(BaseModel):
     api_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     mqtt_host: str = "127.0.0.1"
     mqtt_port: Annotated[int, Field(ge=0, le=65535)] = 1883
+    # MQTT over TLS on a second port, served when a certificate and its key are set; a CA bundle
+    # makes a client certificate signed by it required too (the credential still logs in)
+    mqtt_tls_port: Annotated[int, Field(ge=1, le=65535)] = 8883
+    mqtt_tls_cert: Path | None = None
+    mqtt_tls_key: Path | None = None
+    mqtt_tls_ca: Path | None = None
     public_url: str | None = None
     # signing key set (ES256, with kid) and payload keys; shared by every process of a platform
     keys_dir: Path | None = None
@@ -188,6 +198,26 @@ class Settings(BaseModel):
     def _format(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
 
+    @model_validator(mode="after")
+    def _mqtt_tls(self) -> Settings:
+        if (self.mqtt_tls_cert is None) != (self.mqtt_tls_key is None):
+            raise ValueError("FLEETFLOW_MQTT_TLS_CERT and FLEETFLOW_MQTT_TLS_KEY: set both or neither")
+        if self.mqtt_tls_ca is not None and self.mqtt_tls_cert is None:
+            raise ValueError("FLEETFLOW_MQTT_TLS_CA needs FLEETFLOW_MQTT_TLS_CERT and FLEETFLOW_MQTT_TLS_KEY")
+        if self.mqtt_tls and self.mqtt_port == self.mqtt_tls_port:
+            raise ValueError("FLEETFLOW_MQTT_PORT and FLEETFLOW_MQTT_TLS_PORT must differ")
+        return self
+
+    @property
+    def mqtt_tls(self) -> bool:
+        """Whether MQTT over TLS is served (a certificate and its key are set)."""
+        return self.mqtt_tls_cert is not None
+
+    @property
+    def mqtt_on(self) -> bool:
+        """Whether the MQTT endpoint runs at all (plain, TLS or both listeners)."""
+        return bool(self.mqtt_port) or self.mqtt_tls
+
     @property
     def api_url(self) -> str:
         """Where clients reach the API."""
@@ -246,7 +276,9 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
     except ValidationError as exc:
         names = {field: name for name, (field, _) in ENVIRONMENT.items()}
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
+        if not first["loc"]:  # a rule across settings: its message names them
+            raise StartupError(str(first["msg"]).removeprefix("Value error, ")) from None
+        field = str(first["loc"][0])
         raise StartupError(f"{names.get(field, field)}: {first['msg']}") from None
 
 

@@ -58,6 +58,7 @@ class Connect:
     has_will: bool = False
     will_topic: str = ""
     will_payload: bytes = b""
+    receive_maximum: int = 65535  # 5.0: QoS 1 publishes the client takes unacknowledged at once
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +117,13 @@ def split_packet(buf: bytes | bytearray, max_size: int) -> tuple[int, int, int, 
     return buf[0] >> 4, buf[0] & 0x0F, pos, end
 
 
+# CONNECT's property identifiers by the size of their value (5.0, 3.1.2.11)
+_BYTE_PROPS = frozenset({0x17, 0x19})  # request problem / response information
+_U16_PROPS = frozenset({0x21, 0x22})  # receive maximum, topic alias maximum
+_U32_PROPS = frozenset({0x11, 0x27})  # session expiry interval, maximum packet size
+_BINARY_PROPS = frozenset({0x15, 0x16})  # authentication method (string) and data
+
+
 class _Reader:
     def __init__(self, data: bytes) -> None:
         self.data = data
@@ -157,6 +165,31 @@ class _Reader:
     def skip_properties(self) -> None:
         self.take(self.varint())
 
+    def receive_maximum(self) -> int:
+        """The Receive Maximum among CONNECT properties (65535 when absent); the rest skipped."""
+        props = _Reader(self.take(self.varint()))
+        found = 65535
+        while props.pos < len(props.data):
+            ident = props.varint()
+            if ident in _BYTE_PROPS:
+                props.byte()
+            elif ident in _U16_PROPS:
+                value = props.u16()
+                if ident == 0x21:
+                    if value == 0:
+                        raise MalformedPacket("receive maximum of 0")
+                    found = value
+            elif ident in _U32_PROPS:
+                props.take(4)
+            elif ident in _BINARY_PROPS:
+                props.binary()
+            elif ident == 0x26:  # user property: a string pair
+                props.binary()
+                props.binary()
+            else:
+                raise MalformedPacket(f"property {ident:#x} in CONNECT")
+        return found
+
     def rest(self) -> bytes:
         chunk = self.data[self.pos :]
         self.pos = len(self.data)
@@ -175,8 +208,7 @@ def parse_connect(body: bytes) -> Connect:
     if flags & 0x01:
         raise MalformedPacket("reserved connect flag set")
     keep_alive = r.u16()
-    if version == V5:
-        r.skip_properties()
+    receive_maximum = r.receive_maximum() if version == V5 else 65535
     client_id = r.text()
     has_will = bool(flags & 0x04)
     will_topic, will_payload = "", b""
@@ -189,7 +221,16 @@ def parse_connect(body: bytes) -> Connect:
     password = r.binary() if flags & 0x40 else None
     clean = bool(flags & 0x02)
     return Connect(
-        version, client_id, username, password, clean, keep_alive, has_will, will_topic, will_payload
+        version,
+        client_id,
+        username,
+        password,
+        clean,
+        keep_alive,
+        has_will,
+        will_topic,
+        will_payload,
+        receive_maximum,
     )
 
 

@@ -7,9 +7,11 @@ atomic take: a command goes to the HTTP poll or to the push, never both). The de
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import weakref
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -48,10 +50,11 @@ def offered_device(payload: object) -> tuple[str, str] | None:
 class CommandPush:
     """Pushes a device's pending commands; takes its answers."""
 
-    def __init__(self, devices: DeviceService, temporal: Client) -> None:
+    def __init__(self, devices: DeviceService, temporal: Client, node: str | None = None) -> None:
         self.devices = devices
         self.temporal = temporal
-        self._signals: set[asyncio.Task[None]] = set()
+        self.node = node  # names this process on the commands it awaits a PUBACK for
+        self._signals: set[asyncio.Future[None]] = set()  # signals and give-backs under way
         # one push of a connection at a time, so its commands go out oldest first
         self._locks: weakref.WeakKeyDictionary[Connection, asyncio.Lock] = weakref.WeakKeyDictionary()
 
@@ -69,8 +72,18 @@ class CommandPush:
             for _ in range(MAX_TAKES):
                 if conn.transport is None or conn.transport.is_closing():
                     return  # not taken: the next connection (or an HTTP poll) gets them
+                qos = conn.qos_for(name)
+                room = TAKE_AT_ONCE if qos == 0 else min(TAKE_AT_ONCE, conn.room())
+                if not room:
+                    # QoS 1 and the device has not acknowledged enough yet: the rest stay
+                    # pending (an HTTP poll may take them) until a PUBACK makes room
+                    conn.on_room = self._wake
+                    return
                 try:
-                    taken = await self.devices.take_commands(tenant, device_id, TAKE_AT_ONCE)
+                    # at QoS 1 the row names this process until the PUBACK: if it is killed
+                    # before, its next start gives the command back (release_node)
+                    pushed_by = self.node if qos == 1 else None
+                    taken = await self.devices.take_commands(tenant, device_id, room, pushed_by)
                 except _UNAVAILABLE:
                     log.warning(
                         "commands of %s/%s not pushed", claims.tenant, claims.device_id, exc_info=True
@@ -78,16 +91,57 @@ class CommandPush:
                     return  # still pending: the next offer, SUBSCRIBE or poll takes them
                 if taken and (conn.transport is None or conn.transport.is_closing()):
                     # the connection ended during the take (taken over by another gateway,
-                    # say): a QoS 0 publish to it would be lost, the commands given back
+                    # say): a publish to it would be lost, the commands given back
                     await self._release(tenant, device_id, taken)
                     return
                 for command in taken:
-                    conn.push(name, command.model_dump_json().encode())
-                    if CAMPAIGN_SEPARATOR not in command.command_id:  # a campaign's has no run
-                        moved = CommandState(status="delivered", delivered_at=command.delivered_at)
-                        self._signal(tenant, device_id, command.command_id, moved)
-                if len(taken) < TAKE_AT_ONCE:
+                    # QoS 0: delivered once written; QoS 1: once the device's PUBACK came, and
+                    # given back if the connection ends before it (the next one gets it again)
+                    conn.push(
+                        name,
+                        command.model_dump_json().encode(),
+                        on_ack=functools.partial(self._delivered, tenant, device_id, command, qos == 1),
+                        on_lost=functools.partial(self._give_back, tenant, device_id, command),
+                    )
+                if len(taken) < room:
                     return
+
+    def _wake(self, conn: Connection) -> None:
+        self._spawn(self.push(conn))
+
+    async def release_node(self) -> int:
+        """At start: give back the commands a killed earlier run of this node pushed and did not
+        see acknowledged."""
+        if self.node is None:
+            return 0
+        count: int = await self.devices.release_node_commands(self.node)
+        return count
+
+    def _delivered(self, tenant: str, device_id: str, command: DeviceCommandView, acked: bool) -> None:
+        if acked and self.node is not None:
+            self._spawn(self._acknowledged(tenant, device_id, command.command_id))
+        if CAMPAIGN_SEPARATOR not in command.command_id:  # a campaign's has no run
+            moved = CommandState(status="delivered", delivered_at=command.delivered_at)
+            self._signal(tenant, device_id, command.command_id, moved)
+
+    async def _acknowledged(self, tenant: str, device_id: str, command_id: str) -> None:
+        try:
+            await self.devices.acknowledged_commands(tenant, device_id, [command_id])
+        except _UNAVAILABLE:  # a restart of this node would push it once more: at least once
+            log.warning("PUBACK of command %s/%s/%s not recorded", tenant, device_id, command_id)
+
+    def _give_back(self, tenant: str, device_id: str, command: DeviceCommandView) -> None:
+        self._spawn(self._release(tenant, device_id, [command]))
+
+    def _spawn(self, work: Coroutine[object, object, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._signals.add(task)
+        task.add_done_callback(self._signals.discard)
+
+    async def drain(self) -> None:
+        """Wait for the signals and give-backs under way (the gateway stops)."""
+        while self._signals:
+            await asyncio.gather(*list(self._signals), return_exceptions=True)
 
     async def _release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
         try:
@@ -139,6 +193,4 @@ class CommandPush:
             except RPCError:
                 pass  # the run ended: the row is the truth
 
-        task = asyncio.ensure_future(send())
-        self._signals.add(task)
-        task.add_done_callback(self._signals.discard)
+        self._spawn(send())

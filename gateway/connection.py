@@ -18,6 +18,7 @@ from fleetflow.mqtt_topics import (
     Published,
     Refusal,
     Topic,
+    filter_matches,
     parse_telemetry,
     payload_digest,
     publish_target,
@@ -36,6 +37,18 @@ RESUME_AT = 100
 MAX_SUBSCRIPTIONS = 32  # filters of one connection (only its own few topics exist)
 PRE_AUTH_MAX_BYTES = 64 * 1024  # the largest packet before CONNECT is accepted
 CONNECT_TIMEOUT_S = 10.0  # a socket that has not authenticated by then is closed
+MAX_INFLIGHT = 20  # QoS 1 pushes awaiting the device's PUBACK (fewer when its 5.0 CONNECT says so)
+
+
+class _Push:
+    """A QoS 1 push awaiting its PUBACK: on_ack when it comes, on_lost when the connection
+    ends first (a command is given back)."""
+
+    __slots__ = ("on_ack", "on_lost")
+
+    def __init__(self, on_ack: Callable[[], None] | None, on_lost: Callable[[], None] | None) -> None:
+        self.on_ack = on_ack
+        self.on_lost = on_lost
 
 
 class _Ack:
@@ -59,7 +72,14 @@ class Connection(asyncio.Protocol):
         self.session_id = uuid.uuid4().hex[:16]
         self.keep_alive = 0
         self.last_rx = time.monotonic()
-        self.subscriptions: set[str] = set()
+        self.subscriptions: dict[str, int] = {}  # filter -> granted QoS
+        self.receive_maximum = MAX_INFLIGHT
+        self._inflight: dict[int, _Push] = {}  # packet id -> QoS 1 push awaiting its PUBACK
+        # QoS 1 pushes waiting for room, one per topic: a newer document of a topic (the twin's
+        # versioned desired and delta, the pending job) replaces the one not yet sent
+        self._waiting: dict[str, tuple[bytes, bool]] = {}
+        # called once when a PUBACK makes room (set by a push that found none: commands wait)
+        self.on_room: Callable[[Connection], None] | None = None
         self._connecting = False
         self._closed = False
         self._ending = False  # reads nothing more; closed once the replies owed are written
@@ -93,6 +113,7 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         """The socket closed: the device is offline (when it had connected)."""
         self._closed = True
+        self.give_back()
         self.gateway.forget(self, self.close_reason)
 
     # --- packets ----------------------------------------------------------------
@@ -125,6 +146,7 @@ class Connection(asyncio.Protocol):
             connect = codec.parse_connect(body)
             self.version = connect.version if connect.version == codec.V5 else codec.V311
             self.keep_alive = connect.keep_alive
+            self.receive_maximum = min(MAX_INFLIGHT, connect.receive_maximum)
             self._connecting = True
             assert self.transport is not None
             self.transport.pause_reading()
@@ -132,8 +154,10 @@ class Connection(asyncio.Protocol):
             return
         if kind == codec.PUBLISH:
             self._publish(codec.parse_publish(flags, body, self.version))
-        elif kind == codec.PUBACK or kind == codec.PUBCOMP:
-            pass  # the device acknowledged a push: nothing is redelivered by the gateway
+        elif kind == codec.PUBACK:
+            self._acked(codec.parse_packet_id(body))
+        elif kind == codec.PUBCOMP:
+            pass  # the gateway sends no QoS 2: nothing to complete
         elif kind == codec.PUBREL:
             self._reply(codec.puback(self.version, codec.parse_packet_id(body), kind=codec.PUBCOMP))
         elif kind == codec.PUBREC:
@@ -142,7 +166,8 @@ class Connection(asyncio.Protocol):
             self._subscribe(codec.parse_subscribe(body, self.version))
         elif kind == codec.UNSUBSCRIBE:
             unsub = codec.parse_unsubscribe(body, self.version)
-            self.subscriptions.difference_update(unsub.filters)
+            for name in unsub.filters:
+                self.subscriptions.pop(name, None)
             self._reply(codec.unsuback(self.version, unsub.packet_id, len(unsub.filters)))
         elif kind == codec.PINGREQ:
             self._reply(codec.pingresp())
@@ -280,7 +305,7 @@ class Connection(asyncio.Protocol):
             if full and subscription_allowed(claims.tenant, claims.device_id, topic_filter):
                 codes.append(quota)
             elif subscription_allowed(claims.tenant, claims.device_id, topic_filter):
-                self.subscriptions.add(topic_filter)
+                self.subscriptions[topic_filter] = min(qos, 1)
                 granted.append(topic_filter)
                 codes.append(min(qos, 1))
             else:
@@ -316,9 +341,80 @@ class Connection(asyncio.Protocol):
         if data and not self._closed and self.transport is not None:
             self.transport.write(data)
 
-    def push(self, topic: str, payload: bytes, retain: bool = False) -> None:
-        """Publish to the device (QoS 0) when one of its subscriptions matches."""
-        self.write(codec.publish(self.version, topic, payload, 0, 0, retain))
+    def qos_for(self, topic: str) -> int:
+        """The QoS a push to topic goes out with: the highest its matching subscriptions were
+        granted (at most 1); -1 when none matches."""
+        return max((q for f, q in self.subscriptions.items() if filter_matches(f, topic)), default=-1)
+
+    def room(self) -> int:
+        """QoS 1 pushes that may go out now, before a PUBACK frees room."""
+        return max(0, self.receive_maximum - len(self._inflight))
+
+    def push(
+        self,
+        topic: str,
+        payload: bytes,
+        retain: bool = False,
+        *,
+        on_ack: Callable[[], None] | None = None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        """Publish to the device with the QoS its subscription was granted (none matching:
+        nothing sent). At QoS 1 the push is kept until its PUBACK: on_ack then, on_lost if the
+        connection ends first; at QoS 0 on_ack is called once it is written. Past the room for
+        unacknowledged pushes a push without on_lost waits, the newest per topic; one with
+        on_lost (a command: the caller asks `room()` first) is given back at once."""
+        qos = self.qos_for(topic)
+        if qos < 0 or self._closed or self.transport is None:
+            if on_lost is not None:
+                on_lost()
+            return
+        if qos == 0:
+            self.write(codec.publish(self.version, topic, payload, 0, 0, retain))
+            if on_ack is not None:
+                on_ack()
+            return
+        if not self.room():
+            if on_lost is not None:
+                on_lost()
+            else:
+                self._waiting.pop(topic, None)  # the newest goes last, after the older topics
+                self._waiting[topic] = (payload, retain)
+            return
+        self._send(topic, payload, retain, _Push(on_ack, on_lost))
+
+    def _send(self, topic: str, payload: bytes, retain: bool, push: _Push) -> None:
+        packet_id = self._next_pid
+        while True:
+            packet_id = packet_id % 65535 + 1
+            if packet_id not in self._inflight:
+                break
+        self._next_pid = packet_id
+        self._inflight[packet_id] = push
+        self.write(codec.publish(self.version, topic, payload, 1, packet_id, retain))
+
+    def _acked(self, packet_id: int) -> None:
+        push = self._inflight.pop(packet_id, None)
+        if push is None:
+            return  # no push of ours (a duplicate PUBACK): nothing to do
+        if push.on_ack is not None:
+            push.on_ack()
+        while self._waiting and self.room():
+            topic = next(iter(self._waiting))
+            payload, retain = self._waiting.pop(topic)
+            if self.qos_for(topic) >= 0:  # still subscribed
+                self._send(topic, payload, retain, _Push(None, None))
+        if self.room() and self.on_room is not None:
+            wake, self.on_room = self.on_room, None
+            wake(self)
+
+    def give_back(self) -> None:
+        """The connection ended: every push not acknowledged is given back (once)."""
+        lost, self._inflight = self._inflight, {}
+        self._waiting.clear()
+        for push in lost.values():
+            if push.on_lost is not None:
+                push.on_lost()
 
     def close(self, reason: int | None, why: str) -> None:
         """End the connection (5.0: with a DISCONNECT carrying reason, when given)."""

@@ -11,34 +11,48 @@ import socket
 from fleetflow import observability
 from fleetflow.db import create_pool
 from fleetflow.embedded_pg import database_url
+from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
-from gateway.server import Gateway, serve
+from gateway.server import Gateway, listen
+from gateway.tls import server_context
 
 log = logging.getLogger(__name__)
 
 
 async def run_gateway(settings: Settings) -> int:
-    """Serve MQTT on FLEETFLOW_MQTT_HOST:FLEETFLOW_MQTT_PORT until a stop signal."""
+    """Serve MQTT on FLEETFLOW_MQTT_HOST:FLEETFLOW_MQTT_PORT (and over TLS on
+    FLEETFLOW_MQTT_TLS_PORT when a certificate is set) until a stop signal."""
+    tls = server_context(settings)  # a bad certificate or key: one line, before anything starts
+    if not settings.mqtt_on:
+        raise StartupError("no MQTT listener: FLEETFLOW_MQTT_PORT is 0 and no TLS certificate is set")
     observability.setup("fleetflow-mqtt", settings)
     client = await connect(settings, service="mqtt")
     dsn = database_url(settings)
     pool = await create_pool(dsn, size=settings.db_pool_size)
-    node = f"{socket.gethostname()}:{settings.mqtt_port}"
+    node = f"{socket.gethostname()}:{settings.mqtt_port or settings.mqtt_tls_port}"
     gateway = Gateway(settings, pool, client, dsn, node)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    server = await serve(gateway, settings.mqtt_host, settings.mqtt_port)
-    log.info("MQTT on %s:%d", settings.mqtt_host, settings.mqtt_port)
+    await gateway.start()
+    servers = []
     try:
+        if settings.mqtt_port:
+            servers.append(await listen(gateway, settings.mqtt_host, settings.mqtt_port))
+            log.info("MQTT on %s:%d", settings.mqtt_host, settings.mqtt_port)
+        if tls is not None:
+            servers.append(await listen(gateway, settings.mqtt_host, settings.mqtt_tls_port, tls))
+            log.info("MQTT over TLS on %s:%d", settings.mqtt_host, settings.mqtt_tls_port)
         await stop.wait()
     finally:
-        server.close()
+        for server in servers:
+            server.close()
         await gateway.stop()
-        with contextlib.suppress(Exception):
-            await server.wait_closed()
+        for server in servers:
+            with contextlib.suppress(Exception):
+                await server.wait_closed()
         await pool.close()
         observability.shutdown()
     return 0

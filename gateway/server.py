@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -47,7 +48,7 @@ from fleetflow.settings import Settings
 from gateway import codec
 from gateway.auth import LoginUnavailable, device_login
 from gateway.commands import CommandPush, offered_device
-from gateway.connection import Connection
+from gateway.connection import CONNECT_TIMEOUT_S, Connection
 from gateway.ingest import GroupCommitter, Pending
 from gateway.jobs import JobPush
 from gateway.presence import Presence
@@ -84,7 +85,7 @@ class Gateway:
         self.listener = PgListener(dsn)  # the process's one LISTEN connection
         self.twin = TwinPush(temporal, pool)
         self.jobs = JobPush(self.devices, temporal, pool)
-        self.commands = CommandPush(self.devices, temporal)
+        self.commands = CommandPush(self.devices, temporal, node)
         self.publish_handlers: dict[str, Callable[[Connection, Published, bytes], Awaitable[int]]] = {
             Topic.TWIN_REPORTED.value: self.twin.reported,
             Topic.JOB_PROGRESS.value: self.jobs.progress,
@@ -99,6 +100,9 @@ class Gateway:
         gone = await self.presence.reset_node()
         if gone:
             log.info("%d devices left online by an earlier run of this node are offline", gone)
+        given_back = await self.commands.release_node()
+        if given_back:
+            log.info("%d commands an earlier run of this node pushed without PUBACK: pending", given_back)
         await self._listen()
         self._spawn(self._watch_keep_alive())
         self._spawn(self._sweep())
@@ -107,6 +111,8 @@ class Gateway:
         """Close every connection and stop."""
         for conn in list(self.connections.values()):
             conn.close(codec.RC5_SERVER_UNAVAILABLE, "gateway stopping")
+            conn.give_back()  # commands pushed and not acknowledged: pending again, now
+        await self.commands.drain()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -355,10 +361,23 @@ class Gateway:
 
 
 async def serve(gateway: Gateway, host: str, port: int) -> asyncio.Server:
-    """Listen for MQTT connections."""
+    """Start the gateway and listen for plain MQTT connections."""
     await gateway.start()
+    return await listen(gateway, host, port)
+
+
+async def listen(gateway: Gateway, host: str, port: int, tls: ssl.SSLContext | None = None) -> asyncio.Server:
+    """A listener of the (started) gateway: plain MQTT, or MQTT over TLS with tls. A TLS
+    handshake has the same CONNECT deadline as the rest of the login."""
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(gateway), host, port, reuse_address=True)
+    server = await loop.create_server(
+        lambda: Connection(gateway),
+        host,
+        port,
+        reuse_address=True,
+        ssl=tls,
+        ssl_handshake_timeout=CONNECT_TIMEOUT_S if tls is not None else None,
+    )
     for sock in server.sockets:
         with contextlib.suppress(OSError):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)

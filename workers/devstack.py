@@ -25,6 +25,7 @@ from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, connect, dev_server_args, ensure_search_attributes
+from gateway.tls import server_context
 from workers.processes import api_children, metrics_port_of, worker_child
 from workers.supervisor import Child, Supervisor, supervise
 
@@ -129,6 +130,9 @@ def up(settings: Settings, options: UpOptions) -> int:
     ensure_port_free(settings.api_port, "FLEETFLOW_API_PORT / --api-port", settings.api_host)
     if settings.mqtt_port:
         ensure_port_free(settings.mqtt_port, "FLEETFLOW_MQTT_PORT / --mqtt-port", settings.mqtt_host)
+    if server_context(settings) is not None:  # a certificate or key that cannot be loaded: one line now
+        tls_port = settings.mqtt_tls_port
+        ensure_port_free(tls_port, "FLEETFLOW_MQTT_TLS_PORT / --mqtt-tls-port", settings.mqtt_host)
     if not options.external_temporal:
         ensure_port_free(options.temporal_port, "--temporal-port")
         ensure_port_free(options.ui_port, "--ui-port")
@@ -169,11 +173,12 @@ def up(settings: Settings, options: UpOptions) -> int:
                 supervisor.add(worker_child(queue, i, ports[q * options.workers + i], env))
         for child in api_children(settings, options.api_processes, env):
             supervisor.add(child)
-        if settings.mqtt_port:
+        if settings.mqtt_on:
             mqtt_env = {
                 **env,
                 "FLEETFLOW_MQTT_HOST": settings.mqtt_host,
                 "FLEETFLOW_MQTT_PORT": str(settings.mqtt_port),
+                "FLEETFLOW_MQTT_TLS_PORT": str(settings.mqtt_tls_port),
             }
             supervisor.add(Child("mqtt", [sys.executable, "-m", "cli.main", "mqtt"], mqtt_env, tier=2))
         _banner(settings, options)
@@ -235,11 +240,12 @@ def banner(settings: Settings, options: UpOptions, token_file: Path) -> str:
 
 
 def _mqtt(settings: Settings) -> str:
-    if not settings.mqtt_port:
+    if not settings.mqtt_on:
         return "off (--mqtt-port 0)"
-    return (
-        f"mqtt://{settings.mqtt_host}:{settings.mqtt_port} (username = device id, password = its credential)"
-    )
+    urls = [f"mqtt://{settings.mqtt_host}:{settings.mqtt_port}"] if settings.mqtt_port else []
+    if settings.mqtt_tls:
+        urls.append(f"mqtts://{settings.mqtt_host}:{settings.mqtt_tls_port}")
+    return f"{' and '.join(urls)} (username = device id, password = its credential)"
 
 
 def _banner(settings: Settings, options: UpOptions) -> None:

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -19,6 +20,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fleetflow.settings import Settings
+from gateway import codec
 from tests.e2e.stack import clean_env, pdeathsig_prefix
 from tests.support import TEST_KEYS_DIR, free_port
 
@@ -30,6 +32,8 @@ class GatewayProcess:
     settings: Settings
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    env: dict[str, str] = field(default_factory=dict)  # more settings (the TLS listener's)
+    wait_port: int | None = None  # the port that says it listens (default: port)
 
     def start(self) -> None:
         """Start it and wait until it accepts connections."""
@@ -41,6 +45,7 @@ class GatewayProcess:
             FLEETFLOW_DATA_DIR=str(self.settings.data_dir),
             FLEETFLOW_MQTT_PORT=str(self.port),
             FLEETFLOW_LOG_FORMAT="text",
+            **self.env,
         )
         argv = [*pdeathsig_prefix(), sys.executable, "-m", "cli.main", "mqtt"]
         self.process = subprocess.Popen(argv, env=env)
@@ -52,7 +57,7 @@ class GatewayProcess:
             if self.process.poll() is not None:
                 raise RuntimeError(f"fleetflow mqtt exited with {self.process.returncode}")
             try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                socket.create_connection(("127.0.0.1", self.wait_port or self.port), timeout=1).close()
                 return
             except OSError:
                 time.sleep(0.2)
@@ -99,6 +104,8 @@ class Device:
         keep_alive: int = 60,
         client_id: str | None = None,
         username: str | None = None,
+        ca: Path | None = None,
+        client_cert: tuple[Path, Path] | None = None,
     ) -> None:
         self.port = port
         self.keep_alive = keep_alive
@@ -113,6 +120,13 @@ class Device:
             **kwargs,
         )
         self.client.username_pw_set(device_id if username is None else username, password)
+        if ca is not None:  # MQTT over TLS, trusting that CA only
+            cert, key = client_cert if client_cert is not None else (None, None)
+            self.client.tls_set(
+                ca_certs=str(ca),
+                certfile=None if cert is None else str(cert),
+                keyfile=None if key is None else str(key),
+            )
         self.connacks: queue.Queue[int] = queue.Queue()
         self.disconnects: queue.Queue[int] = queue.Queue()
         self.subacks: queue.Queue[list[int]] = queue.Queue()
@@ -208,3 +222,87 @@ async def raw_connack_311(port: int, client_id: str, username: str, password: st
         return connack[3]
     finally:
         writer.close()
+
+
+class RawDevice:
+    """An MQTT client on a bare socket that acknowledges nothing unless told: what paho cannot
+    be made to do (keep a QoS 1 publish unacknowledged). Packets read with gateway/codec.py."""
+
+    def __init__(self, port: int, device_id: str, password: str, *, receive_maximum: int | None = None):
+        self.port = port
+        self.device_id = device_id
+        self.password = password
+        self.receive_maximum = receive_maximum
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.buf = bytearray()
+
+    @staticmethod
+    def _text(value: str) -> bytes:
+        raw = value.encode()
+        return len(raw).to_bytes(2, "big") + raw
+
+    @staticmethod
+    def _packet(first: int, body: bytes) -> bytes:
+        length, encoded = len(body), bytearray()
+        while True:
+            byte, length = length % 128, length // 128
+            encoded.append(byte | (0x80 if length else 0))
+            if not length:
+                return bytes([first]) + bytes(encoded) + body
+
+    async def connect(self) -> int:
+        """CONNECT (5.0, clean start, Receive Maximum when given); the CONNACK reason code."""
+        props = (
+            b"" if self.receive_maximum is None else bytes([0x21]) + self.receive_maximum.to_bytes(2, "big")
+        )
+        body = self._text("MQTT") + bytes([5, 0xC2]) + (60).to_bytes(2, "big")
+        body += bytes([len(props)]) + props
+        body += self._text(self.device_id) + self._text(self.device_id) + self._text(self.password)
+        self.reader, self.writer = await asyncio.open_connection("127.0.0.1", self.port)
+        self.writer.write(self._packet(0x10, body))
+        kind, _flags, packet = await self.next_packet()
+        assert kind == codec.CONNACK, kind
+        return packet[1]
+
+    async def subscribe(self, topic: str, qos: int = 1) -> list[int]:
+        """SUBSCRIBE one filter; the SUBACK codes."""
+        assert self.writer is not None
+        self.writer.write(
+            self._packet(0x82, (1).to_bytes(2, "big") + b"\x00" + self._text(topic) + bytes([qos]))
+        )
+        kind, _flags, packet = await self.next_packet()
+        assert kind == codec.SUBACK, kind
+        return list(packet[3:])
+
+    async def next_packet(self, timeout: float = 60) -> tuple[int, int, bytes]:
+        """(type, flags, body) of the next packet from the gateway."""
+        assert self.reader is not None
+        while True:
+            found = codec.split_packet(self.buf, 1 << 24)
+            if found is not None:
+                kind, flags, start, end = found
+                body = bytes(self.buf[start:end])
+                del self.buf[:end]
+                return kind, flags, body
+            chunk = await asyncio.wait_for(self.reader.read(65536), timeout)
+            if not chunk:
+                raise ConnectionError("closed by the gateway")
+            self.buf += chunk
+
+    async def next_publish(self, timeout: float = 60) -> codec.Publish:
+        """The next PUBLISH (other packets skipped); not acknowledged."""
+        while True:
+            kind, flags, body = await self.next_packet(timeout)
+            if kind == codec.PUBLISH:
+                return codec.parse_publish(flags, body, codec.V5)
+
+    def puback(self, packet_id: int) -> None:
+        """Acknowledge one publish."""
+        assert self.writer is not None
+        self.writer.write(self._packet(0x40, packet_id.to_bytes(2, "big")))
+
+    def drop(self) -> None:
+        """Close the socket without DISCONNECT (as a connection that dies)."""
+        if self.writer is not None:
+            self.writer.close()

@@ -20,7 +20,7 @@ from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from gateway.commands import CommandPush
 from tests.integration.flows import AUTH, fleet, new_id
-from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
+from tests.integration.mqtt_support import Device, GatewayProcess, RawDevice, gateway_process
 from tests.support import eventually
 
 NOT_AUTHORIZED = 0x87
@@ -239,11 +239,17 @@ class _Connection:
 
     def __init__(self, tenant: str, device_id: str) -> None:
         self.claims = SimpleNamespace(tenant=tenant, device_id=device_id)
-        self.subscriptions = {f"tenants/{tenant}/devices/{device_id}/#"}
+        self.subscriptions = {f"tenants/{tenant}/devices/{device_id}/#": 1}
         self.transport = _Transport()
         self.sent: list[str] = []
 
-    def push(self, topic: str, payload: bytes) -> None:
+    def qos_for(self, topic: str) -> int:
+        return 1
+
+    def room(self) -> int:
+        return 20
+
+    def push(self, topic: str, payload: bytes, retain: bool = False, **callbacks: Any) -> None:
         if not self.transport.closing:
             self.sent.append(topic)
 
@@ -258,8 +264,10 @@ async def test_commands_taken_while_the_connection_is_taken_over_stay_pending(
     devices = DeviceService(pool, settings, client)
     take = devices.take_commands
 
-    async def taken_over(tenant: str, device_id: str, limit: int) -> list[DeviceCommandView]:
-        taken = await take(tenant, device_id, limit)
+    async def taken_over(
+        tenant: str, device_id: str, limit: int, pushed_by: str | None = None
+    ) -> list[DeviceCommandView]:
+        taken = await take(tenant, device_id, limit, pushed_by)
         conn.transport.closing = True  # the takeover closes it during the take
         return taken
 
@@ -268,3 +276,160 @@ async def test_commands_taken_while_the_connection_is_taken_over_stay_pending(
     assert conn.sent == []
     # the next connection (or an HTTP poll) gets it
     assert (await command_of(api, device_id, command["command_id"]))["status"] == "pending"
+
+
+async def test_command_is_pushed_at_qos_1_and_delivered_once_acknowledged(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    device = Device(gateway.port, device_id, credential)
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(base(device_id), qos=1) == [1]
+        command = await send(api, device_id)
+        message = await asyncio.to_thread(device.messages.get, True, 60)
+        assert message.qos == 1  # the subscription's QoS: kept by the gateway until the PUBACK
+        assert json.loads(message.payload)["command_id"] == command["command_id"]
+        assert (await command_of(api, device_id, command["command_id"]))["status"] == "delivered"
+    finally:
+        device.close()
+
+
+async def test_command_not_acknowledged_before_the_connection_dies_is_delivered_again_once(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    raw = RawDevice(gateway.port, device_id, credential)
+    assert await raw.connect() == 0
+    assert await raw.subscribe(base(device_id), qos=1) == [1]
+    command = await send(api, device_id)
+    command_id = command["command_id"]
+    pushed_once = await raw.next_publish()
+    assert pushed_once.qos == 1 and pushed_once.packet_id
+    assert json.loads(pushed_once.payload)["command_id"] == command_id
+    raw.drop()  # no PUBACK: the device may never have seen it
+
+    async def status() -> str:
+        return str((await command_of(api, device_id, command_id))["status"])
+
+    assert await eventually(status, lambda s: s == "pending") == "pending"  # given back
+    device = Device(gateway.port, device_id, credential)
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(base(device_id), qos=1) == [1]
+        name, doc = await pushed(device)
+        assert name == base(device_id) and doc["command_id"] == command_id
+        assert await status() == "delivered"
+        assert await answer(device, device_id, command_id, {"status": "succeeded"}) == 0
+        with pytest.raises(queue.Empty):  # once: not pushed again
+            device.messages.get(True, 2)
+    finally:
+        device.close()
+    assert await status() == "succeeded"
+
+
+async def test_unacknowledged_pushes_are_capped_by_the_receive_maximum(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    sent = [(await send(api, device_id, name=f"c{i}"))["command_id"] for i in range(3)]
+    raw = RawDevice(gateway.port, device_id, credential, receive_maximum=2)
+    try:
+        assert await raw.connect() == 0
+        assert await raw.subscribe(base(device_id), qos=1) == [1]
+        first, second = await raw.next_publish(), await raw.next_publish()
+        got = [json.loads(p.payload)["command_id"] for p in (first, second)]
+        assert got == sent[:2]
+        # the third waits for room, pending (an HTTP poll could still take it)
+        assert (await command_of(api, device_id, sent[2]))["status"] == "pending"
+        with pytest.raises(TimeoutError):
+            await raw.next_publish(timeout=2)
+        assert first.packet_id is not None
+        raw.puback(first.packet_id)
+        third = await raw.next_publish()
+        assert json.loads(third.payload)["command_id"] == sent[2]
+    finally:
+        raw.drop()
+    # the two never acknowledged are pending again; the acknowledged one is delivered
+
+    async def statuses() -> list[str]:
+        return [str((await command_of(api, device_id, c))["status"]) for c in sent]
+
+    assert await eventually(statuses, lambda s: s == ["delivered", "pending", "pending"])
+
+
+async def test_command_in_flight_when_the_gateway_is_killed_is_given_back_at_its_restart(
+    api: httpx.AsyncClient, settings: Settings, pool: Pool
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    gateway = GatewayProcess(settings)
+    await asyncio.to_thread(gateway.start)
+    try:
+        raw = RawDevice(gateway.port, device_id, credential)
+        assert await raw.connect() == 0
+        assert await raw.subscribe(base(device_id), qos=1) == [1]
+        command_id = (await send(api, device_id))["command_id"]
+        assert json.loads((await raw.next_publish()).payload)["command_id"] == command_id
+        await asyncio.to_thread(gateway.kill)  # before the PUBACK: nothing of it cleans up
+        raw.drop()
+        assert (await command_of(api, device_id, command_id))["status"] == "delivered"
+        await asyncio.to_thread(gateway.start)  # the same node (host and port) starts again
+        assert (await command_of(api, device_id, command_id))["status"] == "pending"
+        device = Device(gateway.port, device_id, credential)
+        try:
+            assert await device.connect() == 0
+            assert await device.subscribe(base(device_id), qos=1) == [1]
+            assert (await pushed(device))[1]["command_id"] == command_id
+
+            async def pushed_by() -> object:
+                query = "SELECT pushed_by FROM device.commands WHERE device_id = $1 AND command_id = $2"
+                return await pool.fetchval(query, device_id, command_id)
+
+            # acknowledged: a later restart gives nothing back
+            assert await eventually(pushed_by, lambda by: by is None) is None
+        finally:
+            device.close()
+    finally:
+        await asyncio.to_thread(gateway.stop)
+    assert (await command_of(api, device_id, command_id))["status"] == "delivered"
+
+
+async def test_command_unacknowledged_on_a_connection_taken_over_goes_to_the_new_one(
+    api: httpx.AsyncClient, gateway: GatewayProcess
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    raw = RawDevice(gateway.port, device_id, credential)
+    assert await raw.connect() == 0
+    assert await raw.subscribe(base(device_id), qos=1) == [1]
+    command_id = (await send(api, device_id))["command_id"]
+    assert json.loads((await raw.next_publish()).payload)["command_id"] == command_id
+    # the device comes back on a new connection (a new network, say) while the old one
+    # still holds the push: the takeover gives it back, and the new connection gets it
+    device = Device(gateway.port, device_id, credential)
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(base(device_id), qos=1) == [1]
+        assert (await pushed(device))[1]["command_id"] == command_id
+        with pytest.raises(queue.Empty):  # once
+            device.messages.get(True, 2)
+    finally:
+        device.close()
+        raw.drop()
+
+
+async def test_commands_unacknowledged_when_the_gateway_stops_are_pending_again(
+    api: httpx.AsyncClient, settings: Settings
+) -> None:
+    device_id, credential = next(iter((await fleet(api, 1)).items()))
+    gateway = GatewayProcess(settings)
+    await asyncio.to_thread(gateway.start)
+    try:
+        raw = RawDevice(gateway.port, device_id, credential)
+        assert await raw.connect() == 0
+        assert await raw.subscribe(base(device_id), qos=1) == [1]
+        command_id = (await send(api, device_id))["command_id"]
+        assert json.loads((await raw.next_publish()).payload)["command_id"] == command_id
+    finally:
+        await asyncio.to_thread(gateway.stop)  # SIGTERM: a clean stop, no restart after it
+    raw.drop()
+    assert (await command_of(api, device_id, command_id))["status"] == "pending"
