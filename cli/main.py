@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     mqtt.add_argument("--host", dest="mqtt_host", help="bind address (FLEETFLOW_MQTT_HOST)")
     mqtt.add_argument("--port", dest="mqtt_port", type=_port, help="port (FLEETFLOW_MQTT_PORT)")
 
+    commands.add_parser(
+        "mqtt-bridge",
+        help="bridge an external MQTT broker (EMQX) to fleetflow (FLEETFLOW_MQTT_BROKER_URL)",
+    )
+
     worker = commands.add_parser("worker", help="run workers for one task queue")
     worker.add_argument("--queue", required=True, choices=[q.value for q in TaskQueue])
     worker.add_argument("--processes", type=_positive, default=1, help="worker processes")
@@ -285,6 +290,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from gateway.run import run_gateway
 
         return _run(run_gateway(settings))
+    if command == "mqtt-bridge":
+        from gateway.run import run_bridge
+
+        return _run(run_bridge(settings))
     if command == "keys":
         from cli.key_commands import keys_command
 

@@ -32,6 +32,18 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_API_PORT": ("api_port", "8000"),
     "FLEETFLOW_MQTT_HOST": ("mqtt_host", "127.0.0.1"),
     "FLEETFLOW_MQTT_PORT": ("mqtt_port", "1883 (0: no MQTT endpoint)"),
+    "FLEETFLOW_MQTT_BROKER_URL": (
+        "mqtt_broker_url",
+        "unset: `fleetflow mqtt-bridge` needs it (mqtt://host:1883)",
+    ),
+    "FLEETFLOW_MQTT_BRIDGE_TOKEN": (
+        "mqtt_bridge_token",
+        "unset: an API token with mqtt:bridge (the bridge's password)",
+    ),
+    "FLEETFLOW_MQTT_BRIDGE_ID": ("mqtt_bridge_id", "fleetflow-bridge-{hostname}"),
+    "FLEETFLOW_EMQX_API_URL": ("emqx_api_url", "unset: revoked devices are not kicked from the broker"),
+    "FLEETFLOW_EMQX_API_KEY": ("emqx_api_key", "unset"),
+    "FLEETFLOW_EMQX_API_SECRET": ("emqx_api_secret", "unset"),
     "FLEETFLOW_PUBLIC_URL": ("public_url", "http://{api_host}:{api_port}"),
     "FLEETFLOW_KEYS_DIR": ("keys_dir", "$FLEETFLOW_DATA_DIR/keys"),
     "FLEETFLOW_PAYLOAD_KEYS": ("payload_keys", "unset: generated into $FLEETFLOW_KEYS_DIR"),
@@ -70,6 +82,14 @@ class Settings(BaseModel):
     api_port: Annotated[int, Field(ge=1, le=65535)] = 8000
     mqtt_host: str = "127.0.0.1"
     mqtt_port: Annotated[int, Field(ge=0, le=65535)] = 1883
+    # `fleetflow mqtt-bridge`: the external broker (EMQX), the bridge's login and MQTT client
+    # id (stable per process: its persistent session), and EMQX's REST API for kicking devices
+    mqtt_broker_url: str | None = None
+    mqtt_bridge_token: str | None = None
+    mqtt_bridge_id: str | None = None
+    emqx_api_url: str | None = None
+    emqx_api_key: str | None = None
+    emqx_api_secret: str | None = None
     public_url: str | None = None
     # signing key set (ES256, with kid) and payload keys; shared by every process of a platform
     keys_dir: Path | None = None

@@ -83,11 +83,19 @@ class CommandPush:
                     return
                 for command in taken:
                     conn.push(name, command.model_dump_json().encode())
-                    if CAMPAIGN_SEPARATOR not in command.command_id:  # a campaign's has no run
-                        moved = CommandState(status="delivered", delivered_at=command.delivered_at)
-                        self._signal(tenant, device_id, command.command_id, moved)
+                    self.delivered(tenant, device_id, command)
                 if len(taken) < TAKE_AT_ONCE:
                     return
+
+    def delivered(self, tenant: str, device_id: str, command: DeviceCommandView) -> None:
+        """Tell the command's run it was sent to the device (a campaign's command has none)."""
+        if CAMPAIGN_SEPARATOR not in command.command_id:
+            moved = CommandState(status="delivered", delivered_at=command.delivered_at)
+            self._signal(tenant, device_id, command.command_id, moved)
+
+    async def release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
+        """Give back taken commands that were not sent (pending again)."""
+        await self._release(tenant, device_id, taken)
 
     async def _release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
         try:
