@@ -6,12 +6,14 @@ also across a SIGKILL of a bridge; pushes reach the device through the broker.""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import shutil
 import subprocess
 import sys
 import threading
 from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +67,13 @@ class BridgeProcess:
 
     def start(self) -> None:
         assert self.settings.database_url
-        extra = {"FLEETFLOW_EMQX_API_URL": self.emqx_url} if self.emqx_url else {}
+        extra = {}
+        if self.emqx_url:
+            extra = {
+                "FLEETFLOW_EMQX_API_URL": self.emqx_url,
+                "FLEETFLOW_EMQX_API_KEY": "bridge-key",
+                "FLEETFLOW_EMQX_API_SECRET": "bridge-secret",
+            }
         env = clean_env(
             DATABASE_URL=self.settings.database_url,
             TEMPORAL_ADDRESS=self.settings.temporal_address,
@@ -116,9 +124,42 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         running.stop()
 
 
+class EmqxApi:
+    """A small HTTP server standing in for EMQX's REST API: records the kicks it is asked for."""
+
+    def __init__(self) -> None:
+        self.kicks: list[tuple[str, str]] = []  # (path, Authorization header)
+        kicks = self.kicks
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_DELETE(self) -> None:
+                kicks.append((self.path, self.headers.get("Authorization", "")))
+                self.send_response(204)
+                self.end_headers()
+
+            def log_message(self, *_args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-async def bridges(settings: Settings, pool: Pool, broker: Broker) -> Any:
-    pair = [BridgeProcess(settings, broker, f"bridge-test-{i}") for i in (0, 1)]
+def emqx_api() -> Iterator[EmqxApi]:
+    api = EmqxApi()
+    try:
+        yield api
+    finally:
+        api.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+async def bridges(settings: Settings, pool: Pool, broker: Broker, emqx_api: EmqxApi) -> Any:
+    # one bridge kicks revoked devices (one is enough; more would only repeat the kick)
+    pair = [
+        BridgeProcess(settings, broker, f"bridge-test-{i}", emqx_api.url if i == 0 else "") for i in (0, 1)
+    ]
     for bridge in pair:
         bridge.start()
     try:
@@ -264,3 +305,18 @@ async def test_a_command_sent_before_the_subscription_comes_at_subscribe(
         assert json.loads(message.payload)["command_id"] == command_id
     finally:
         device.close()
+
+
+async def test_a_revoked_credential_kicks_the_device_from_the_broker(
+    api: httpx.AsyncClient, bridges: list[BridgeProcess], emqx_api: EmqxApi, pool: Pool
+) -> None:
+    device_id, _ = await active_device(api)
+    other_id, _ = await active_device(api)
+    await pool.execute("UPDATE device.credentials SET revoked_at = now() WHERE device_id = $1", device_id)
+    basic = "Basic " + base64.b64encode(b"bridge-key:bridge-secret").decode()
+    await eventually(lambda: _kicks(emqx_api), lambda k: (f"/api/v5/clients/{device_id}", basic) in k)
+    assert not any(other_id in path for path, _ in emqx_api.kicks)
+
+
+async def _kicks(emqx_api: EmqxApi) -> list[tuple[str, str]]:
+    return list(emqx_api.kicks)
