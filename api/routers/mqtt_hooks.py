@@ -29,7 +29,7 @@ from fleetflow.contracts.common import Strict
 from fleetflow.mqtt_topics import Refusal, filter_matches, publish_target, subscription_allowed
 from fleetflow.security import AuthError, TokenClaims, verify_token
 from gateway.auth import LoginUnavailable, device_login
-from gateway.bridge import BRIDGE_USERNAME, PUSHED, SUBSCRIPTIONS
+from gateway.bridge import BRIDGE_USERNAME, PUSHED, SHARE_GROUP, SUBSCRIPTIONS
 from gateway.emqx_events import BrokerEvent, record_event
 
 router = APIRouter(tags=["mqtt"])
@@ -101,7 +101,8 @@ def bridge_allowed(action: str, name: str) -> bool:
     """A bridge subscribes to the shared subscriptions of the bridges, publishes to the topics
     devices subscribe to."""
     if action == "subscribe":
-        return name in SUBSCRIPTIONS
+        # EMQX versions differ on whether a shared subscription's check names `$share/group/`
+        return name in SUBSCRIPTIONS or f"$share/{SHARE_GROUP}/{name}" in SUBSCRIPTIONS
     if action == "publish":
         return "+" not in name and "#" not in name and any(filter_matches(f, name) for f in BRIDGE_PUBLISHES)
     return False
