@@ -57,9 +57,9 @@ async def record_event(pool: Pool, devices: DeviceService, temporal: Client, eve
         return  # not a device (a bridge, or a login this hook never allowed)
     presence = Presence(pool, devices, NotificationService(pool, temporal), temporal, NODE)
     try:
+        if await devices.get_device(tenant, device_id) is None:
+            return  # no such device of that tenant: no presence row, no NOTIFY for it
         if event.event == "client.connected" and event.connected_at is not None:
-            if await devices.get_device(tenant, device_id) is None:
-                return  # no such device of that tenant: no presence row for it
             session_id = f"emqx-{event.connected_at}"
             await presence.connected(tenant, device_id, session_id, event.jti or "")
         elif event.event == "client.disconnected" and event.disconnected_at is not None:
