@@ -74,8 +74,11 @@ class BridgeProcess:
                 "FLEETFLOW_EMQX_API_KEY": "bridge-key",
                 "FLEETFLOW_EMQX_API_SECRET": "bridge-secret",
             }
+        # its database sessions carry its client id, so a test can see them wait
+        dsn = self.settings.database_url
+        dsn += ("&" if "?" in dsn else "?") + f"application_name={self.client_id}"
         env = clean_env(
-            DATABASE_URL=self.settings.database_url,
+            DATABASE_URL=dsn,
             TEMPORAL_ADDRESS=self.settings.temporal_address,
             FLEETFLOW_KEYS_DIR=str(TEST_KEYS_DIR),
             FLEETFLOW_DATA_DIR=str(self.settings.data_dir),
@@ -218,22 +221,40 @@ async def test_a_killed_bridge_loses_no_acknowledged_reading(
     ids = [(await active_device(api))[0] for _ in range(2)]
     devices = [Device(broker.port, device_id, "-") for device_id in ids]
     victim = bridges[0]
+
+    async def victim_waits() -> int:
+        return int(
+            await pool.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                   WHERE application_name = $1 AND wait_event_type = 'Lock'""",
+                victim.client_id,
+            )
+        )
+
     try:
         for device in devices:
             assert await device.connect() == 0
-        first = [publish_all(d, i, range(0, 150)) for d, i in zip(devices, ids, strict=True)]
-        stream = asyncio.gather(*first)
-        # in the middle of the stream: some of its readings are in the victim's hands, unacked
-        await eventually(lambda: stored(pool, ids), lambda got: len(got) >= 20, 120)
-        victim.kill()
-        await stream
-        await asyncio.gather(*(publish_all(d, i, range(150, 200)) for d, i in zip(devices, ids, strict=True)))
+        async with pool.acquire() as holder:
+            # the bridges' commits wait: what they received is in their hands, not stored
+            held = holder.transaction()
+            await held.start()
+            try:
+                await holder.execute("LOCK TABLE data.ingest_batches IN SHARE ROW EXCLUSIVE MODE")
+                # every reading acknowledged to its device by the broker
+                await asyncio.gather(
+                    *(publish_all(d, i, range(100)) for d, i in zip(devices, ids, strict=True))
+                )
+                await eventually(victim_waits, lambda n: n > 0, 120)
+                victim.kill()
+            finally:
+                await held.rollback()
+        await asyncio.gather(*(publish_all(d, i, range(100, 150)) for d, i in zip(devices, ids, strict=True)))
     finally:
         for device in devices:
             device.close()
     victim.start()  # same client id: its persistent session, and what the broker kept for it
     await victim.started()
-    want = sorted((i, float(v)) for i in ids for v in range(200))
+    want = sorted((i, float(v)) for i in ids for v in range(150))
     await eventually(lambda: stored(pool, ids), lambda got: len(got) >= len(want), 120)
     await asyncio.sleep(1)
     assert await stored(pool, ids) == want
