@@ -90,6 +90,7 @@ RC_NO_SUBSCRIBERS = 0x10
 KICK_TIMEOUT_S = 5.0
 DELTAS_REMEMBERED = 10_000
 PUBACK_TIMEOUT_S = 30.0
+MAX_HANDLING = 5000  # device publishes in hand at once
 _UNAVAILABLE = (OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
@@ -215,6 +216,7 @@ class Bridge:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
         self._connected = asyncio.Event()
+        self._handling = threading.BoundedSemaphore(MAX_HANDLING)
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True
         )
@@ -282,6 +284,9 @@ class Bridge:
         log.info("bridge %s disconnected: %s", self.client_id, rc)
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        # backpressure: past MAX_HANDLING publishes in hand, paho's thread waits (QoS 0 ones
+        # have no receive maximum to bound them)
+        self._handling.acquire()
         self._loop.call_soon_threadsafe(self._spawn, self._received(msg))
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:
@@ -297,19 +302,28 @@ class Bridge:
     async def _received(self, msg: paho.MQTTMessage) -> None:
         """Handle a device's publish; acknowledge it once done (kept unacknowledged, so the
         broker keeps it for this session, while the database cannot take it)."""
-        where = device_topic(msg.topic)
-        if where is None:  # the broker's ACL hook let through no such topic: nothing to keep
-            self._ack(msg)
-            return
-        tenant, device_id, target = where
-        while True:
-            try:
-                if await self._handle(msg, tenant, device_id, target):
+        try:
+            where = device_topic(msg.topic)
+            if where is None:  # the broker's ACL hook let through no such topic: nothing to keep
+                self._ack(msg)
+                return
+            tenant, device_id, target = where
+            while True:
+                try:
+                    if await self._handle(msg, tenant, device_id, target):
+                        self._ack(msg)
+                        return
+                except _UNAVAILABLE as exc:
+                    log.warning("publish of %s/%s not handled: %s", tenant, device_id, exc)
+                except Exception:
+                    # not the database being away: retrying would hold it (and a slot of the
+                    # broker's receive maximum) for ever
+                    log.exception("publish of %s/%s to %s dropped", tenant, device_id, msg.topic)
                     self._ack(msg)
                     return
-            except _UNAVAILABLE as exc:
-                log.warning("publish of %s/%s not handled: %s", tenant, device_id, exc)
-            await asyncio.sleep(RETRY_S)
+                await asyncio.sleep(RETRY_S)
+        finally:
+            self._handling.release()
 
     async def _handle(self, msg: paho.MQTTMessage, tenant: str, device_id: str, target: Published) -> bool:
         """Whether the publish is done with (stored, or refused for good)."""
@@ -349,11 +363,12 @@ class Bridge:
 
     async def publish(self, name: str, payload: bytes, retain: bool = False) -> int:
         """Publish at QoS 1 and wait for the broker's PUBACK; its reason code."""
-        await self._connected.wait()
-        info = self.client.publish(name, payload, qos=1, retain=retain)
-        if info.rc != paho.MQTT_ERR_SUCCESS:
-            return codec.RC5_UNSPECIFIED
-        return await asyncio.wait_for(self._publishes.expect(info.mid, self._loop), PUBACK_TIMEOUT_S)
+        async with asyncio.timeout(PUBACK_TIMEOUT_S):
+            await self._connected.wait()
+            info = self.client.publish(name, payload, qos=1, retain=retain)
+            if info.rc != paho.MQTT_ERR_SUCCESS:
+                return codec.RC5_UNSPECIFIED
+            return await self._publishes.expect(info.mid, self._loop)
 
     async def push_twin(self, tenant: str, device_id: str, desired_changed: bool) -> None:
         """twin/desired (retained) and twin/delta after a change of desired; after a change of
@@ -384,6 +399,8 @@ class Bridge:
         them; one the broker has no subscriber for is given back, pending."""
         name = topic(tenant, device_id, Topic.COMMANDS)
         for _ in range(MAX_TAKES):
+            if not self._connected.is_set():
+                return  # not taken: pending for the next offer, subscription or poll
             taken = await self.devices.take_commands(tenant, device_id, TAKE_AT_ONCE)
             for i, command in enumerate(taken):
                 try:
