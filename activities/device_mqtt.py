@@ -8,10 +8,18 @@ twin's `connection`. `db` is a pool or a connection of the caller's.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
-from fleetflow.mqtt_topics import DESIRED_CHANGED_CHANNEL, REPORTED_CHANGED_CHANNEL, SESSION_TAKEN_CHANNEL
+from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL
+from fleetflow.mqtt_topics import (
+    DESIRED_CHANGED_CHANNEL,
+    JOB_OFFERED_CHANNEL,
+    REPORTED_CHANGED_CHANNEL,
+    SESSION_TAKEN_CHANNEL,
+    Topic,
+)
 
 
 async def mark_online(db: Any, tenant: str, device_id: str, session_id: str, node: str) -> None:
@@ -87,3 +95,40 @@ async def notify_twin_changed(db: Any, tenant: str, device_id: str, reported: bo
     when it changed)."""
     channel = REPORTED_CHANGED_CHANNEL if reported else DESIRED_CHANGED_CHANNEL
     await db.execute("SELECT pg_notify($1, $2)", channel, f"{tenant}/{device_id}")
+
+
+async def mark_offline_before(db: Any, tenant: str, device_id: str, at_ms: int) -> str | None:
+    """A broker (EMQX) says the device disconnected at `at_ms`: its session is offline unless
+    it connected after that (`emqx-{connected_at}` names it). The session ended, or None."""
+    ended: str | None = await db.fetchval(
+        """UPDATE device.mqtt_presence SET online = false, changed_at = now()
+           WHERE tenant = $1 AND device_id = $2 AND online AND session_id ~ '^emqx-[0-9]{1,18}$'
+             AND substr(session_id, 6)::bigint <= $3
+           RETURNING session_id""",
+        tenant,
+        device_id,
+        at_ms,
+    )
+    return ended
+
+
+async def revoked_device(db: Any, jti: str) -> tuple[str, str] | None:
+    """(tenant, device id) of a credential that is revoked or expired; None otherwise."""
+    row = await db.fetchrow(
+        """SELECT tenant, device_id FROM device.credentials
+           WHERE jti = $1 AND (revoked_at IS NOT NULL OR expires_at <= now())""",
+        jti,
+    )
+    return None if row is None else (row["tenant"], row["device_id"])
+
+
+async def notify_subscribed(db: Any, tenant: str, device_id: str, kind: Topic) -> None:
+    """A device subscribed (at a broker) to one of its topics: the MQTT processes push it what
+    that topic holds now (desired and delta, its pending job, its pending commands)."""
+    if kind in (Topic.TWIN_DESIRED, Topic.TWIN_DELTA):
+        await notify_twin_changed(db, tenant, device_id)
+    elif kind is Topic.JOBS_NOTIFY:
+        await db.execute("SELECT pg_notify($1, $2)", JOB_OFFERED_CHANNEL, f"{tenant}/{device_id}")
+    elif kind is Topic.COMMANDS:
+        payload = json.dumps({"tenant": tenant, "device_id": device_id})
+        await db.execute("SELECT pg_notify($1, $2)", COMMAND_OFFERED_CHANNEL, payload)

@@ -110,6 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--tls-port", dest="mqtt_tls_port", type=_port, help="TLS port (FLEETFLOW_MQTT_TLS_PORT)"
     )
 
+    commands.add_parser(
+        "mqtt-bridge",
+        help="bridge an external MQTT broker (EMQX) to fleetflow (FLEETFLOW_MQTT_BROKER_URL)",
+    )
+
     worker = commands.add_parser("worker", help="run workers for one task queue")
     worker.add_argument("--queue", required=True, choices=[q.value for q in TaskQueue])
     worker.add_argument("--processes", type=_positive, default=1, help="worker processes")
@@ -311,6 +316,10 @@ def dispatch(args: argparse.Namespace) -> int:
         from gateway.run import run_gateway
 
         return _run(run_gateway(settings))
+    if command == "mqtt-bridge":
+        from gateway.run import run_bridge
+
+        return _run(run_bridge(settings))
     if command == "keys":
         from cli.key_commands import keys_command
 

@@ -51,6 +51,8 @@ SCOPES: dict[str, str] = {
     "consistency:admin": "read every tenant's consistency findings, run a reconciliation (/v1/consistency)",
     # for the MQTT broker of the compose stack: its device login and topic checks (/v1/mqtt/*)
     "mqtt:hooks": "ask whether an MQTT device login or topic is allowed (broker hooks)",
+    # every tenant's device traffic: for `fleetflow mqtt-bridge` (admin does not include it)
+    "mqtt:bridge": "log in to the MQTT broker as a fleetflow bridge (shared subscriptions, pushes)",
     "admin": "everything, including device types",
 }
 

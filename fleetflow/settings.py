@@ -36,6 +36,18 @@ ENVIRONMENT: dict[str, tuple[str, str]] = {
     "FLEETFLOW_MQTT_TLS_CERT": ("mqtt_tls_cert", "unset: no MQTT over TLS (PEM certificate chain)"),
     "FLEETFLOW_MQTT_TLS_KEY": ("mqtt_tls_key", "unset (PEM private key of the certificate)"),
     "FLEETFLOW_MQTT_TLS_CA": ("mqtt_tls_ca", "unset: no client certificate asked (PEM CA bundle)"),
+    "FLEETFLOW_MQTT_BROKER_URL": (
+        "mqtt_broker_url",
+        "unset: `fleetflow mqtt-bridge` needs it (mqtt://host:1883)",
+    ),
+    "FLEETFLOW_MQTT_BRIDGE_TOKEN": (
+        "mqtt_bridge_token",
+        "unset: an API token with mqtt:bridge (the bridge's password)",
+    ),
+    "FLEETFLOW_MQTT_BRIDGE_ID": ("mqtt_bridge_id", "fleetflow-bridge-{hostname}"),
+    "FLEETFLOW_EMQX_API_URL": ("emqx_api_url", "unset: revoked devices are not kicked from the broker"),
+    "FLEETFLOW_EMQX_API_KEY": ("emqx_api_key", "unset"),
+    "FLEETFLOW_EMQX_API_SECRET": ("emqx_api_secret", "unset"),
     "FLEETFLOW_PUBLIC_URL": ("public_url", "http://{api_host}:{api_port}"),
     "FLEETFLOW_KEYS_DIR": ("keys_dir", "$FLEETFLOW_DATA_DIR/keys"),
     "FLEETFLOW_PAYLOAD_KEYS": ("payload_keys", "unset: generated into $FLEETFLOW_KEYS_DIR"),
@@ -85,6 +97,14 @@ class Settings(BaseModel):
     mqtt_tls_cert: Path | None = None
     mqtt_tls_key: Path | None = None
     mqtt_tls_ca: Path | None = None
+    # `fleetflow mqtt-bridge`: the external broker (EMQX), the bridge's login and MQTT client
+    # id (stable per process: its persistent session), and EMQX's REST API for kicking devices
+    mqtt_broker_url: str | None = None
+    mqtt_bridge_token: str | None = None
+    mqtt_bridge_id: str | None = None
+    emqx_api_url: str | None = None
+    emqx_api_key: str | None = None
+    emqx_api_secret: str | None = None
     public_url: str | None = None
     # signing key set (ES256, with kid) and payload keys; shared by every process of a platform
     keys_dir: Path | None = None

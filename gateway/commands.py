@@ -143,6 +143,15 @@ class CommandPush:
         while self._signals:
             await asyncio.gather(*list(self._signals), return_exceptions=True)
 
+    def delivered(self, tenant: str, device_id: str, command: DeviceCommandView) -> None:
+        """Tell the command's run it was sent to the device (a bridge's push, acknowledged by the
+        broker; a campaign's command has no run)."""
+        self._delivered(tenant, device_id, command, acked=False)
+
+    async def release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
+        """Give back taken commands that were not sent (pending again)."""
+        await self._release(tenant, device_id, taken)
+
     async def _release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
         try:
             await self.devices.release_commands(tenant, device_id, taken)

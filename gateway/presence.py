@@ -87,6 +87,13 @@ class Presence:
         data = {"reason": reason} if changed else {"reason": reason, "device": "online (newer connection)"}
         await self._event(DEVICE_DISCONNECTED, tenant, device_id, session_id, data)
 
+    async def disconnected_before(self, tenant: str, device_id: str, at_ms: int, reason: str) -> None:
+        """A broker's `client.disconnected` event: the session that held the device, if it
+        connected before at_ms, has ended (a later connection stays online)."""
+        session_id = await device_mqtt.mark_offline_before(self.pool, tenant, device_id, at_ms)
+        if session_id is not None:
+            await self._event(DEVICE_DISCONNECTED, tenant, device_id, session_id, {"reason": reason})
+
     async def reset_node(self) -> int:
         """Connections a killed process of this node left online are offline now."""
         ended = await device_mqtt.reset_node(self.pool, self.node)

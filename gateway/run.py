@@ -56,3 +56,30 @@ async def run_gateway(settings: Settings) -> int:
         await pool.close()
         observability.shutdown()
     return 0
+
+
+async def run_bridge(settings: Settings) -> int:
+    """Bridge an external broker (FLEETFLOW_MQTT_BROKER_URL) to fleetflow until a stop signal."""
+    from gateway.bridge import Bridge, bridge_client_id
+
+    if not settings.mqtt_broker_url or not settings.mqtt_bridge_token:
+        log.error("fleetflow mqtt-bridge needs FLEETFLOW_MQTT_BROKER_URL and FLEETFLOW_MQTT_BRIDGE_TOKEN")
+        return 2
+    observability.setup("fleetflow-mqtt-bridge", settings)
+    client = await connect(settings, service="mqtt-bridge")
+    dsn = database_url(settings)
+    pool = await create_pool(dsn, size=settings.db_pool_size)
+    bridge = Bridge(settings, pool, client, dsn, bridge_client_id(settings), settings.mqtt_bridge_token)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await bridge.start()
+    log.info("bridging %s as %s", settings.mqtt_broker_url, bridge.client_id)
+    try:
+        await stop.wait()
+    finally:
+        await bridge.stop()
+        await pool.close()
+        observability.shutdown()
+    return 0

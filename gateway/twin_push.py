@@ -59,21 +59,28 @@ class TwinPush:
         wanted = [k for k in kinds if self._subscribed(conn, topic(claims.tenant, claims.device_id, k))]
         if not wanted:
             return
-        state = await self._state(claims.tenant, claims.device_id)
-        if state is None:
+        docs = await self.documents(claims.tenant, claims.device_id)
+        if docs is None:
             return
+        desired, body = docs
         for kind in wanted:
             name = topic(claims.tenant, claims.device_id, kind)
             if kind is Topic.TWIN_DESIRED:
-                doc: dict[str, Any] = {"desired": state.desired, "version": state.desired_version}
-                conn.push(name, json.dumps(doc).encode(), retain=True)
+                conn.push(name, desired, retain=True)
             else:
-                doc = {"delta": delta(state.desired, state.reported), "version": state.desired_version}
-                body = json.dumps(doc).encode()
                 if kinds == (Topic.TWIN_DELTA,) and body == conn.last_delta:
                     continue  # a change of reported that left the delta as it was
                 conn.last_delta = body
                 conn.push(name, body)
+
+    async def documents(self, tenant: str, device_id: str) -> tuple[bytes, bytes] | None:
+        """The `twin/desired` and `twin/delta` payloads of the device's twin; None: no twin."""
+        state = await self._state(tenant, device_id)
+        if state is None:
+            return None
+        desired: dict[str, Any] = {"desired": state.desired, "version": state.desired_version}
+        doc = {"delta": delta(state.desired, state.reported), "version": state.desired_version}
+        return json.dumps(desired).encode(), json.dumps(doc).encode()
 
     @staticmethod
     def _subscribed(conn: Connection, name: str) -> bool:

@@ -6,6 +6,15 @@ Answers follow EMQX's HTTP authentication and authorization contract: 200 with
 `{"result": "allow" | "deny"}`; a login that is allowed carries `client_attrs.tenant`, which
 the authorization request sends back (`${client_attrs.tenant}`), so a device id alone (unique
 only within its tenant) never decides.
+
+A `fleetflow mqtt-bridge` logs in as username `fleetflow-bridge` with an API token holding
+`mqtt:bridge` (which `admin` does not include) as its password; it gets `client_attrs.role =
+bridge` and may subscribe to the devices' publishes through the bridges' shared subscriptions
+and publish what fleetflow pushes to devices, nothing else.
+
+`POST /v1/mqtt/events` takes EMQX's client.connected / client.disconnected / session.subscribed
+events (a rule with an HTTP action): presence as the embedded gateway records it, and a
+subscription makes the bridges push what the topic holds now.
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ from pydantic import Field
 
 from api.auth import State, require
 from fleetflow.contracts.common import Strict
-from fleetflow.mqtt_topics import Refusal, publish_target, subscription_allowed
-from fleetflow.security import TokenClaims
+from fleetflow.mqtt_topics import Refusal, filter_matches, publish_target, subscription_allowed
+from fleetflow.security import AuthError, TokenClaims, verify_token
 from gateway.auth import LoginUnavailable, device_login
+from gateway.bridge import BRIDGE_USERNAME, PUSHED, SHARE_GROUP, SUBSCRIPTIONS
+from gateway.emqx_events import BrokerEvent, record_event
 
 router = APIRouter(tags=["mqtt"])
 Hook = Annotated[TokenClaims, Depends(require("mqtt:hooks"))]
@@ -41,6 +52,7 @@ class AclRequest(Strict):
     username: Text
     topic: Text
     action: Literal["publish", "subscribe", "all"]
+    role: Text = ""  # `${client_attrs.role}`: "bridge" for a fleetflow bridge
 
 
 class HookAnswer(Strict):
@@ -56,7 +68,10 @@ DENY = HookAnswer(result="deny")
 
 @router.post("/v1/mqtt/auth", response_model=HookAnswer, response_model_exclude_defaults=True)
 async def mqtt_auth(body: AuthRequest, state: State, _hook: Hook) -> HookAnswer:
-    """Allow a device's CONNECT when its credential would be accepted over HTTP."""
+    """Allow a device's CONNECT when its credential would be accepted over HTTP (or a
+    bridge's, with a token holding mqtt:bridge)."""
+    if body.username == BRIDGE_USERNAME:
+        return _bridge_login(state, body)
     try:
         login = await device_login(
             state.settings, state.devices, body.clientid, body.username, body.password.encode()
@@ -66,12 +81,38 @@ async def mqtt_auth(body: AuthRequest, state: State, _hook: Hook) -> HookAnswer:
     if login is None:
         return DENY
     claims, _ = login
-    return HookAnswer(result="allow", client_attrs={"tenant": claims.tenant})
+    return HookAnswer(result="allow", client_attrs={"tenant": claims.tenant, "jti": claims.jti})
+
+
+def _bridge_login(state: State, body: AuthRequest) -> HookAnswer:
+    try:
+        claims = verify_token(state.keys, body.password, state.settings.jwt_issuer)
+    except AuthError:
+        return DENY
+    if "mqtt:bridge" not in claims.scopes:
+        return DENY
+    return HookAnswer(result="allow", client_attrs={"role": "bridge"})
+
+
+BRIDGE_PUBLISHES = tuple(f"tenants/+/devices/+/{kind.value}" for kind in PUSHED)
+
+
+def bridge_allowed(action: str, name: str) -> bool:
+    """A bridge subscribes to the shared subscriptions of the bridges, publishes to the topics
+    devices subscribe to."""
+    if action == "subscribe":
+        # EMQX versions differ on whether a shared subscription's check names `$share/group/`
+        return name in SUBSCRIPTIONS or f"$share/{SHARE_GROUP}/{name}" in SUBSCRIPTIONS
+    if action == "publish":
+        return "+" not in name and "#" not in name and any(filter_matches(f, name) for f in BRIDGE_PUBLISHES)
+    return False
 
 
 @router.post("/v1/mqtt/acl", response_model=HookAnswer, response_model_exclude_defaults=True)
 async def mqtt_acl(body: AclRequest, _hook: Hook) -> HookAnswer:
     """Allow a device's publish or subscribe under its own prefix only."""
+    if body.role == "bridge" and body.username == BRIDGE_USERNAME:
+        return HookAnswer(result="allow") if bridge_allowed(body.action, body.topic) else DENY
     if not body.tenant or not body.username:
         return DENY
     if body.action == "subscribe":
@@ -83,3 +124,12 @@ async def mqtt_acl(body: AclRequest, _hook: Hook) -> HookAnswer:
         except Refusal:
             allowed = False
     return HookAnswer(result="allow") if allowed else DENY
+
+
+@router.post("/v1/mqtt/events", status_code=status.HTTP_204_NO_CONTENT)
+async def mqtt_events(body: BrokerEvent, state: State, _hook: Hook) -> None:
+    """Record a device's connection, disconnection or subscription at the broker."""
+    try:
+        await record_event(state.pool, state.devices, state.temporal, body)
+    except LoginUnavailable:
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "cannot record the event") from None

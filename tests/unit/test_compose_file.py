@@ -112,6 +112,7 @@ def _run_config(
         env["GRAFANA_ADMIN_PASSWORD"] = GRAFANA_PASSWORD
     if emqx_password:
         env["EMQX_DASHBOARD_PASSWORD"] = "emqx-test-password"
+        env["EMQX_BRIDGE_API_SECRET"] = "emqx-bridge-test-secret"
     if minio_password:
         env["MINIO_ROOT_PASSWORD"] = MINIO_PASSWORD
     return subprocess.run(
@@ -589,3 +590,28 @@ def test_compose_temporal_gets_the_platform_dynamic_config() -> None:
     temporal = _normalised_config()["services"]["temporal"]
     mounted = _volume_sources(temporal)
     assert str(REPO / "deploy" / "temporal-dynamicconfig.yaml") in mounted, mounted
+
+
+def test_mqtt_bridges_scale_behind_emqx() -> None:
+    """`--scale mqtt-bridge=N` works (no container_name, no host ports); the bridges reach EMQX
+    and its REST API; EMQX sends presence events to the API, tells the ACL hook a bridge's
+    role, and has the bridges' API key."""
+    services = _normalised_config()["services"]
+    bridge = services["mqtt-bridge"]
+    assert "container_name" not in bridge and not _published_ports(bridge)
+    assert list(bridge["command"]) == ["fleetflow", "mqtt-bridge"]
+    env = _environment(bridge)
+    assert env["FLEETFLOW_MQTT_BROKER_URL"] == "mqtt://emqx:1883"
+    assert env["FLEETFLOW_EMQX_API_URL"] == "http://emqx:18083"
+    assert env["FLEETFLOW_EMQX_API_KEY"] == "fleetflow-bridge"
+    assert env["FLEETFLOW_EMQX_API_SECRET"] == "emqx-bridge-test-secret"
+    emqx = _environment(services["emqx"])
+    assert "client_attrs.role" in emqx["EMQX_AUTHORIZATION__SOURCES__1__BODY"]
+    assert emqx["EMQX_ACTIONS__HTTP__FLEETFLOW_EVENTS__PARAMETERS__PATH"] == "/v1/mqtt/events"
+    rule = emqx["EMQX_RULE_ENGINE__RULES__FLEETFLOW_EVENTS__SQL"]
+    for event in ("client_connected", "client_disconnected", "session_subscribed"):
+        assert f'"$events/{event}"' in rule.replace("$$", "$")
+    assert "client_attrs.tenant AS tenant" in rule
+    assert emqx["EMQX_API_KEY__BOOTSTRAP_FILE"].startswith("/opt/emqx/etc/fleetflow/")
+    assert "emqx-api-key" in _volume_sources(services["emqx"])
+    assert "emqx-api-key" in _volume_sources(services["emqx-api-key"])
