@@ -80,6 +80,12 @@ class Published:
     command_id: str = ""
 
 
+# plain strings: an enum member's `.value` is a descriptor call, on every publish
+_TELEMETRY = str(Topic.TELEMETRY.value)
+_TWIN_REPORTED = str(Topic.TWIN_REPORTED.value)
+_TELEMETRY_TARGET = Published(Topic.TELEMETRY)
+
+
 class Refusal(Exception):
     """A topic the device may not use; `outside` when it is not under the device's prefix."""
 
@@ -94,9 +100,9 @@ def publish_target(tenant: str, device_id: str, name: str) -> Published:
     if not name.startswith(own) or "+" in name or "#" in name:
         raise Refusal(f"a device publishes under {own} only", outside=True)
     rest = name[len(own) :]
-    if rest == Topic.TELEMETRY.value:
-        return Published(Topic.TELEMETRY)
-    if rest == Topic.TWIN_REPORTED.value:
+    if rest == _TELEMETRY:
+        return _TELEMETRY_TARGET
+    if rest == _TWIN_REPORTED:
         return Published(Topic.TWIN_REPORTED)
     parts = rest.split("/")
     if len(parts) == 3 and parts[0] == "jobs" and parts[2] == "progress" and parts[1]:

@@ -65,6 +65,7 @@ class Connection(asyncio.Protocol):
         self._ending = False  # reads nothing more; closed once the replies owed are written
         self._acks: deque[_Ack] = deque()
         self._paused = False
+        self._flush_scheduled = False
         self._next_pid = 0
         self.close_reason = "connection lost"
         self.presence: asyncio.Future[object] | None = None  # the write of its online
@@ -201,7 +202,7 @@ class Connection(asyncio.Protocol):
                 ack.data = codec.puback(self.version, pub.packet_id, reason, kind)
             else:
                 ack.data = b""
-            self._flush()
+            self._flush_soon()
 
         try:
             target = publish_target(claims.tenant, claims.device_id, pub.topic)
@@ -293,6 +294,17 @@ class Connection(asyncio.Protocol):
 
     def _reply(self, data: bytes) -> None:
         self._acks.append(_Ack(data))
+        self._flush()
+
+    def _flush_soon(self) -> None:
+        # the PUBACKs a group commit answers reach their connections in one loop pass: one
+        # write (one send) per connection and pass rather than one per publish
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_scheduled_now)
+
+    def _flush_scheduled_now(self) -> None:
+        self._flush_scheduled = False
         self._flush()
 
     def _flush(self) -> None:
