@@ -11,7 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fleetflow.mqtt_topics import (
     BadPayload,
@@ -76,8 +76,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Remember the transport; close it unless it authenticates soon."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport, but not necessarily an asyncio.Transport subclass (uvloop's TCP
+        # transport is not one)
+        self.transport = cast(asyncio.Transport, transport)
         asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._connect_deadline)
 
     def _connect_deadline(self) -> None:
