@@ -98,6 +98,8 @@ class GroupCommitter:
             slots.release()
 
     async def _commit(self, group: list[Pending]) -> list[Outcome]:
+        while self._idle and self._idle[-1].is_closed():  # the server went away meanwhile
+            await self.pool.release(self._idle.pop())
         conn = self._idle.pop() if self._idle else await self.pool.acquire()
         try:
             outcomes = await accept_publishes(conn, group)
