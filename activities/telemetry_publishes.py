@@ -19,6 +19,9 @@ import zlib
 from dataclasses import dataclass
 from enum import Enum
 
+from asyncpg import Record
+from asyncpg.pool import PoolConnectionProxy
+
 from fleetflow.contracts.telemetry import BUCKETS
 from fleetflow.db import Pool
 from fleetflow.metrics import READINGS_ACCEPTED
@@ -102,10 +105,11 @@ _ACCEPT = """WITH input AS (
    LEFT JOIN ins n USING (tenant, writer, batch_id)"""
 
 
-async def accept_publishes(pool: Pool, group: list[Publish]) -> list[Outcome]:
+async def accept_publishes(pool: Pool | PoolConnectionProxy[Record], group: list[Publish]) -> list[Outcome]:
     """Store a group of prepared publishes in one statement (one round trip, its own
     transaction): the redelivered duplicates found, the rest inserted, the packet ids of what was
-    new remembered, and the digest of what an existing batch id holds read back. One outcome per
+    new remembered, and the digest of what an existing batch id holds read back (pool: or a
+    connection the caller holds). One outcome per
     publish, in order; raises the driver's error when nothing was stored."""
     rows = await pool.fetch(
         _ACCEPT,

@@ -11,7 +11,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from fleetflow.mqtt_topics import (
     BadPayload,
@@ -85,6 +85,7 @@ class Connection(asyncio.Protocol):
         self._ending = False  # reads nothing more; closed once the replies owed are written
         self._acks: deque[_Ack] = deque()
         self._paused = False
+        self._flush_scheduled = False
         self._next_pid = 0
         self.close_reason = "connection lost"
         self.presence: asyncio.Future[object] | None = None  # the write of its online
@@ -95,8 +96,9 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         """Remember the transport; close it unless it authenticates soon."""
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # a stream transport, but not necessarily an asyncio.Transport subclass (uvloop's TCP
+        # transport is not one)
+        self.transport = cast(asyncio.Transport, transport)
         asyncio.get_running_loop().call_later(CONNECT_TIMEOUT_S, self._connect_deadline)
 
     def _connect_deadline(self) -> None:
@@ -226,7 +228,7 @@ class Connection(asyncio.Protocol):
                 ack.data = codec.puback(self.version, pub.packet_id, reason, kind)
             else:
                 ack.data = b""
-            self._flush()
+            self._flush_soon()
 
         try:
             target = publish_target(claims.tenant, claims.device_id, pub.topic)
@@ -318,6 +320,17 @@ class Connection(asyncio.Protocol):
 
     def _reply(self, data: bytes) -> None:
         self._acks.append(_Ack(data))
+        self._flush()
+
+    def _flush_soon(self) -> None:
+        # the PUBACKs a group commit answers reach their connections in one loop pass: one
+        # write (one send) per connection and pass rather than one per publish
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_scheduled_now)
+
+    def _flush_scheduled_now(self) -> None:
+        self._flush_scheduled = False
         self._flush()
 
     def _flush(self) -> None:

@@ -34,6 +34,9 @@ class GroupCommitter:
         self._queue: list[Queued] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # connections kept between groups: handing one back to the pool costs a reset
+        # statement (a round trip) per group
+        self._idle: list[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]] = []
         self.groups = 0
         self.stored = 0
 
@@ -51,6 +54,9 @@ class GroupCommitter:
             if not done.done():
                 done.set_result(Outcome.UNAVAILABLE)
         self._queue.clear()
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await self.pool.release(conn)
 
     def submit(self, item: Pending) -> asyncio.Future[Outcome]:
         """Queue a publish; the future resolves once its group committed (or failed)."""
@@ -92,6 +98,14 @@ class GroupCommitter:
             slots.release()
 
     async def _commit(self, group: list[Pending]) -> list[Outcome]:
-        outcomes = await accept_publishes(self.pool, group)
+        while self._idle and self._idle[-1].is_closed():  # the server went away meanwhile
+            await self.pool.release(self._idle.pop())
+        conn = self._idle.pop() if self._idle else await self.pool.acquire()
+        try:
+            outcomes = await accept_publishes(conn, group)
+        except BaseException:
+            await self.pool.release(conn)  # the pool resets it, or drops a broken one
+            raise
+        self._idle.append(conn)
         self.stored += sum(len(p.rows) for p, o in zip(group, outcomes, strict=True) if o is Outcome.STORED)
         return outcomes

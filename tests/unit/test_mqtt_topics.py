@@ -103,6 +103,7 @@ def test_telemetry_shapes() -> None:
         (b"[" * 100_000 + b"]" * 100_000, "invalid JSON"),  # deeper than the parser goes
         (b'{"metric": "t", "value": NaN}', "not finite"),
         (b'{"metric": "t", "value": 1e101}', "out of range"),
+        (b'{"metric": "t", "value": 1' + b"0" * 120 + b"}", "out of range"),  # past 64 bits
         (b'{"metric": "t", "value": true}', "not a number"),
         (b'{"metric": "1t", "value": 1}', "metric"),
         (b'{"metric": "t", "value": 1, "extra": 1}', "unknown field"),
@@ -119,6 +120,13 @@ def test_bad_telemetry_names_its_reason(payload: bytes, reason: str) -> None:
     with pytest.raises(BadPayload) as bad:
         parse_telemetry(payload, "th-1", NOW)
     assert reason in str(bad.value)
+
+
+def test_payloads_the_fast_parser_refuses_read_as_before() -> None:
+    # orjson refuses these; the json fallback reads them as the gateway always did
+    assert parse_telemetry('{"metric": "t", "value": 1}'.encode("utf-16"), "th-1", NOW).rows
+    with pytest.raises(BadPayload, match="metric"):  # a lone surrogate: not a metric name
+        parse_telemetry(b'{"metric": "t\\ud800", "value": 1}', "th-1", NOW)
 
 
 def test_packets() -> None:
