@@ -22,7 +22,15 @@ from typing import Any, TextIO
 import httpx
 import jwt
 
-from cli.simulate_devices import IN_FLIGHT, METRICS, SimulatedDevice, drive, pause, refusal_reason
+from cli.simulate_devices import (
+    IN_FLIGHT,
+    METRICS,
+    SimulatedDevice,
+    batch_period,
+    drive,
+    pause,
+    refusal_reason,
+)
 from cli.simulate_jobs import JobStats, work_jobs
 from cli.simulate_mqtt import connect_all, work_jobs_mqtt
 from cli.simulate_receiver import ALERTS, Receiver
@@ -73,6 +81,19 @@ class Summary:
     jobs: JobStats = field(default_factory=JobStats)
     elapsed_s: float = 0.0
     interrupted: bool = False
+    sending_s: float = 0.0  # from the first batch to the last sent
+    behind_s: float = 0.0  # of it, waiting for answers (slower than the rate asked)
+
+    def render_rate(self) -> str:
+        """The rate reached while sending, and whether the run fell behind the one asked."""
+        reached = self.sent / self.sending_s
+        line = f"  rate          {reached:,.0f} readings/s sent and answered over {self.sending_s:.1f} s"
+        if self.behind_s >= 1.0:
+            line += (
+                f"; {self.behind_s:.1f} s waiting for answers (the platform, or this process,"
+                " is slower than the rate asked)"
+            )
+        return line
 
     @property
     def exit_code(self) -> int:
@@ -87,6 +108,7 @@ class Summary:
                 f"{' (interrupted)' if self.interrupted else ''}",
                 f"  sent          {self.sent:,} readings in {self.batches:,} batches",
                 f"  acknowledged  {self.acknowledged:,} readings in {self.acknowledged_batches:,} batches",
+                *([self.render_rate()] * (self.sending_s > 0)),
                 f"  rejected      {self.rejected:,} readings",
                 *(f"    {n:,} batch(es): {reason}" for reason, n in self.reasons.most_common()),
                 f"  anomalies     {self.anomalies:,} injected (temperature spikes)",
@@ -276,9 +298,11 @@ async def simulate(
             )
             for d, c in credentials.items()
         ]
+        period = batch_period(len(devices), options.rate)
         out.write(
             f"{summary.run_id}: {len(devices)} {options.device_type} devices onboarded; sending "
-            f"{options.rate:g} readings/s for {options.duration_s:g} s\n"
+            f"{options.rate:g} readings/s for {options.duration_s:g} s, a batch per device every "
+            f"{period:.2g} s ({len(devices) / period:,.0f} requests/s)\n"
         )
         started = time.monotonic()
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
