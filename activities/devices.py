@@ -10,7 +10,9 @@ its read model (`DeviceReadModel`), exposed below under the names the API calls.
 
 from __future__ import annotations
 
+from temporalio import activity
 from temporalio.client import Client
+from temporalio.exceptions import ApplicationError
 
 from activities import data_facade
 from activities.device_bulk import BulkProvisioning
@@ -38,6 +40,7 @@ from fleetflow.contracts.devices import (
     DeviceTransition,
     IssueCredential,
     IssuedCredential,
+    OnboardingStep,
     RegisterDevice,
     RevokeCredential,
     RotateChunk,
@@ -176,6 +179,22 @@ class DeviceService(DeviceActivities):
             )
             if not taken:  # registered by a concurrent onboarding (a bulk import) since it was read
                 raise refuse(f"device {spec.device_id!r} is already registered", "DeviceExists")
+
+    @implements(DeviceActivities.validate_and_register)
+    async def validate_and_register(self, request: RegisterDevice) -> ValidatedOnboarding:
+        """`validate_onboarding` then `register`; a first attempt refused at validation says so."""
+        try:
+            validated = await self.validate_onboarding(
+                ValidateOnboarding(tenant=request.tenant, spec=request.spec)
+            )
+        except ApplicationError as exc:
+            if activity.info().attempt > 1:
+                raise  # an earlier attempt may have registered: the undo must run
+            raise ApplicationError(
+                exc.message, OnboardingStep.VALIDATE.value, type=exc.type, non_retryable=exc.non_retryable
+            ) from exc
+        await self.register(request)
+        return validated
 
     @implements(DeviceActivities.mark_failed)
     async def mark_failed(self, request: DeviceTransition) -> None:

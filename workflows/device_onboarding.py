@@ -53,7 +53,7 @@ with workflow.unsafe.imports_passed_through():
         STEP_SCHEDULE_TO_CLOSE,
         STEP_START_TO_CLOSE,
     )
-    from workflows.saga import COMPENSATION_RETRY, Saga, finish_then_cancel
+    from workflows.saga import COMPENSATION_RETRY, Saga, finish_then_cancel, run_to_end
 
 P = TypeVar("P")
 R = TypeVar("R")
@@ -65,6 +65,9 @@ APPROVE_SCOPE = "devices:approve"
 ATTEMPTS_PATCH = "onboarding-attempts"
 # the credential's lifetime comes from the device type (runs recorded before: 365 days)
 LIFETIME_PATCH = "credential-lifetime-per-type"
+# fewer workflow tasks on the hot path: validate and register in one activity, the twin start and
+# the `DeviceOnboarded` event in one task (runs recorded before: one task per step)
+MERGED_STEPS_PATCH = "onboarding-merged-steps"
 
 
 class OnboardingAborted(Exception):
@@ -94,6 +97,7 @@ class DeviceOnboarding:
         self._credential: IssuedCredential | None = None
         self._attempts = False  # ATTEMPTS_PATCH
         self._owner = ""
+        self._merged = False  # MERGED_STEPS_PATCH
 
     @workflow.run
     async def run(self, inp: OnboardingInput) -> OnboardingResult:
@@ -101,6 +105,7 @@ class DeviceOnboarding:
         self._tenant, self._device_id = inp.tenant, inp.request.device_id
         info = workflow.info()
         self._attempts = workflow.patched(ATTEMPTS_PATCH)
+        self._merged = self._attempts and workflow.patched(MERGED_STEPS_PATCH)
         # the device rows this run writes are owned by this attempt, not by the device's workflow
         # id: a later attempt (after a failure, rejection or cancel) must not take them for its own
         wid, first_run = info.workflow_id, info.first_execution_run_id
@@ -122,23 +127,17 @@ class DeviceOnboarding:
             tenant=inp.tenant, device_id=req.device_id, onboarding_id=owner, actor=actor
         )
 
-        validated = await self._run_step(
-            OnboardingStep.VALIDATE,
-            DeviceActivities.validate_onboarding,
-            ValidateOnboarding(tenant=inp.tenant, spec=req),
-        )
-
-        self._saga.add(
-            "mark_registration_failed",
-            lambda: self._undo(
-                DeviceActivities.mark_failed, change.model_copy(update={"reason": self._reason})
-            ),
-        )
-        await self._run_step(
-            OnboardingStep.REGISTER,
-            DeviceActivities.register,
-            RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=owner, actor=actor),
-        )
+        register = RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=owner, actor=actor)
+        if self._merged:
+            validated = await self._validate_and_register(register, change)
+        else:
+            validated = await self._run_step(
+                OnboardingStep.VALIDATE,
+                DeviceActivities.validate_onboarding,
+                ValidateOnboarding(tenant=inp.tenant, spec=req),
+            )
+            self._add_mark_failed(change)
+            await self._run_step(OnboardingStep.REGISTER, DeviceActivities.register, register)
 
         if validated.requires_approval:
             self._begin(OnboardingStep.AWAIT_APPROVAL, "awaiting_approval")
@@ -196,7 +195,7 @@ class DeviceOnboarding:
             change.model_copy(update={"firmware_version": contact.firmware_version}),
         )
 
-        if workflow.patched("start-device-twin"):
+        if not self._merged and workflow.patched("start-device-twin"):
             self._saga.add("end_twin", lambda: self._end_twin(inp))
             if self._attempts:  # a cancel waits for the start, so end_twin finds the twin
                 await finish_then_cancel(self._start_twin(inp, validated), forward=False)
@@ -213,15 +212,18 @@ class DeviceOnboarding:
             source_workflow=wid,
             data={"device_type": req.device_type, "credential_jti": jti},
         )
-        self._saga.add(
-            "retract_event",
-            lambda: self._undo(NotificationActivities.retract_event, RetractEvent(event_id=event.event_id)),
-        )
-        await self._run_step(
-            OnboardingStep.RECORD_EVENT,
-            NotificationActivities.record_events,
-            EventBatch(events=[event]),
-        )
+        retract = RetractEvent(event_id=event.event_id)
+        if self._merged:
+            self._saga.add("end_twin", lambda: self._end_twin(inp))
+            self._saga.add("retract_event", lambda: self._undo(NotificationActivities.retract_event, retract))
+            await self._twin_and_event(inp, validated, EventBatch(events=[event]))
+        else:
+            self._saga.add("retract_event", lambda: self._undo(NotificationActivities.retract_event, retract))
+            await self._run_step(
+                OnboardingStep.RECORD_EVENT,
+                NotificationActivities.record_events,
+                EventBatch(events=[event]),
+            )
 
         self._status, self._step, self._credential = "completed", None, None
         return OnboardingResult(
@@ -232,6 +234,62 @@ class DeviceOnboarding:
         )
 
     # --- steps and compensation ------------------------------------------------
+
+    def _add_mark_failed(self, change: DeviceTransition) -> None:
+        self._saga.add(
+            "mark_registration_failed",
+            lambda: self._undo(
+                DeviceActivities.mark_failed, change.model_copy(update={"reason": self._reason})
+            ),
+        )
+
+    async def _validate_and_register(
+        self, register: RegisterDevice, change: DeviceTransition
+    ) -> ValidatedOnboarding:
+        """Validation and registration in one activity task (MERGED_STEPS_PATCH).
+
+        The registration's undo is registered first, as for any step; a first attempt refused
+        at validation (detail "validate") registered nothing, so its undo is dropped again.
+        """
+        self._add_mark_failed(change)
+        try:
+            validated = await self._run_step(
+                OnboardingStep.VALIDATE, DeviceActivities.validate_and_register, register
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.details[:1] == (OnboardingStep.VALIDATE.value,):
+                self._saga.discard("mark_registration_failed")
+            else:
+                self._step = OnboardingStep.REGISTER  # the reason names the step that failed
+            raise
+        self._completed.append(OnboardingStep.REGISTER)
+        return validated
+
+    async def _twin_and_event(
+        self, inp: OnboardingInput, validated: ValidatedOnboarding, events: EventBatch
+    ) -> None:
+        """Start the twin and record `DeviceOnboarded` in the same workflow task (MERGED_STEPS_PATCH).
+
+        Both undos are registered before. A cancel asks the recording to stop, never the twin's
+        start, and waits for both outcomes, so the undo finds whatever either did.
+        """
+        twin = asyncio.ensure_future(self._start_twin(inp, validated))
+        record = asyncio.ensure_future(
+            self._run_step(OnboardingStep.RECORD_EVENT, NotificationActivities.record_events, events)
+        )
+
+        async def both() -> None:
+            for outcome in await asyncio.gather(twin, record, return_exceptions=True):
+                if isinstance(outcome, BaseException):
+                    raise outcome
+
+        pair = asyncio.ensure_future(both())
+        if await run_to_end(pair, on_cancel=record.cancel):
+            if not pair.cancelled():
+                pair.exception()  # retrieved: the cancel decides the outcome
+            raise asyncio.CancelledError
+        pair.result()
 
     async def _start_twin(self, inp: OnboardingInput, validated: ValidatedOnboarding) -> None:
         """Start the device's twin; it outlives this workflow (ABANDON)."""

@@ -71,6 +71,13 @@ class Saga:
         """Register the undo of the step about to run."""
         self._undo.append((name, undo))
 
+    def discard(self, name: str) -> None:
+        """Drop the last registered undo called name: its step is known to have done nothing."""
+        for i in range(len(self._undo) - 1, -1, -1):
+            if self._undo[i][0] == name:
+                del self._undo[i]
+                return
+
     async def compensate(self, *, shielded: bool = True) -> list[str]:
         """Run every registered undo, last first; returns their names in run order.
 

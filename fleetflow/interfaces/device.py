@@ -114,6 +114,16 @@ class DeviceActivities(ServiceInterface):
     async def register(self, request: RegisterDevice) -> None:
         """Register the device as `pending` for this onboarding (or find it already so)."""
 
+    @activity.defn(name="device.validate_and_register")
+    @abstractmethod
+    @records("DeviceRegistered")
+    async def validate_and_register(self, request: RegisterDevice) -> ValidatedOnboarding:
+        """`validate_onboarding` then `register`, in one activity task (one round trip fewer).
+
+        A refusal of the validation on the first attempt carries the detail "validate":
+        nothing was registered (the workflow skips the undo of the registration).
+        """
+
     @activity.defn(name="device.mark_failed")
     @abstractmethod
     @records("RegistrationFailed")

@@ -80,6 +80,11 @@ class FaultyDevices(DeviceService):
     async def register(self, request: RegisterDevice) -> None:
         await _held(f"register:{request.spec.device_id}", super().register(request))
         _crash("register", request.spec.device_id)
+        if FAULTS.get(request.spec.device_id) == "register_lost":
+            # committed, then the attempt is lost (a worker killed before it reported); the
+            # retry's validation then refuses (the device type changed meanwhile)
+            FAULTS[request.spec.device_id] = "validate"
+            raise ApplicationError("attempt lost after the registration committed")
 
     @activity.defn(name="device.issue_credential")
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:

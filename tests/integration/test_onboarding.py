@@ -8,6 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
+from temporalio.api.enums.v1 import EventType
 from temporalio.client import Client
 
 from fleetflow.db import Pool
@@ -74,6 +75,42 @@ async def test_happy_path_activates_device_with_one_credential(api: httpx.AsyncC
         "SELECT to_status FROM device.status_changes WHERE device_id = $1 ORDER BY id", device_id
     )
     assert [r["to_status"] for r in history] == ["pending", "provisioned", "active"]
+
+
+async def test_the_hot_path_takes_fewer_workflow_tasks(api: httpx.AsyncClient, client: Client) -> None:
+    device_id = new_id("fast")
+    accepted = await onboard(api, device_id)
+    waiting = await progress_until(api, device_id, "awaiting_first_contact")
+    assert (await contact(api, waiting["credential"])).status_code == 202
+    await progress_until(api, device_id, "completed")
+    handle = client.get_workflow_handle(accepted.json()["workflow_id"])
+    events = (await handle.fetch_history()).events
+    kinds = [e.event_type for e in events]
+    scheduled = [
+        e.activity_task_scheduled_event_attributes.activity_type.name
+        for e in events
+        if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    ]
+    # validation and registration are one activity task
+    assert scheduled[:2] == ["device.validate_and_register", "device.issue_credential"]
+    # the twin's start and DeviceOnboarded's recording are commands of one workflow task
+    child = kinds.index(EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
+    assert kinds[child + 1] == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    assert scheduled[-1] == "notification.record_events"
+
+
+async def test_a_retry_refused_at_validation_still_undoes_the_registration(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # validation and registration are one activity: a refusal of a retry's validation may
+    # follow a registration the lost attempt committed, so its undo must run
+    device_id = new_id("lost")
+    FAULTS[device_id] = "register_lost"
+    assert (await onboard(api, device_id)).status_code == 202
+    failed = await progress_until(api, device_id, "failed")
+    assert "injected failure at validate" in failed["reason"]
+    assert failed["compensations"] == ["mark_registration_failed"]
+    assert (await leftovers(pool, device_id))["status"] == "failed"
 
 
 async def test_repeated_request_returns_the_same_run_and_a_different_one_conflicts(

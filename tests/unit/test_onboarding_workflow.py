@@ -62,6 +62,13 @@ async def register(request: RegisterDevice) -> None:
     await step("register")
 
 
+@activity.defn(name="device.validate_and_register")
+async def validate_and_register(request: RegisterDevice) -> ValidatedOnboarding:
+    validated = await validate(ValidateOnboarding(tenant=request.tenant, spec=request.spec))
+    await register(request)
+    return validated
+
+
 @activity.defn(name="device.issue_credential")
 async def issue(request: IssueCredential) -> IssuedCredential:
     CALLS.append("issue_credential")
@@ -119,6 +126,7 @@ async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
     device_activities: list[Callable[..., Any]] = [
         validate,
         register,
+        validate_and_register,
         issue,
         store,
         mark_failed,
