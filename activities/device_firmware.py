@@ -151,12 +151,33 @@ class FirmwareStore:
         return view, False
 
     async def _drop(self, tenant: str, blob_id: str) -> None:
-        row = await self.pool.fetchrow(
-            "SELECT store, upload_ref FROM device.firmware_blobs WHERE tenant = $1 AND blob_id = $2",
-            tenant,
-            blob_id,
-        )
-        if row is not None and row["store"] in self.readers:
+        """Remove a blob that no image refers to (one that an image refers to stays whole)."""
+        # under the blob row's lock: a commit naming this blob (which locks the row too) either
+        # landed before (then it is referred to, and kept) or fails after (it is 'deleting').
+        # An upload cancelled after its commit reached the server (the reply lost) must not
+        # delete the bytes of the image it just stored.
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT store, upload_ref FROM device.firmware_blobs
+                   WHERE tenant = $1 AND blob_id = $2 FOR UPDATE""",
+                tenant,
+                blob_id,
+            )
+            if row is None:
+                return
+            used = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM device.firmware WHERE tenant = $1 AND blob_id = $2)",
+                tenant,
+                blob_id,
+            )
+            if used:
+                return
+            await conn.execute(
+                "UPDATE device.firmware_blobs SET state = 'deleting' WHERE tenant = $1 AND blob_id = $2",
+                tenant,
+                blob_id,
+            )
+        if row["store"] in self.readers:
             await self.readers[row["store"]].delete(tenant, blob_id, row["upload_ref"])
         await self.pool.execute(
             """DELETE FROM device.firmware_blobs WHERE tenant = $1 AND blob_id = $2
@@ -232,13 +253,15 @@ class FirmwareStore:
                 if digest != row["sha256"]:
                     raise ValueError(f"{path}: content does not match its sha256")
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await conn.execute(
+                    completed = await conn.fetchval(
                         """UPDATE device.firmware_blobs SET state = 'complete', sha256 = $3
-                           WHERE tenant = $1 AND blob_id = $2""",
+                           WHERE tenant = $1 AND blob_id = $2 AND state = 'uploading' RETURNING true""",
                         tenant,
                         blob_id,
                         digest,
                     )
+                    if not completed:  # a sweep took it for abandoned: never refer to it
+                        raise LookupError(f"upload {blob_id} was abandoned")
                     taken = await conn.fetchval(
                         """UPDATE device.firmware SET blob_id = $3
                            WHERE tenant = $1 AND firmware_id = $2 AND blob_id IS NULL RETURNING true""",

@@ -18,6 +18,7 @@ import pytest
 
 from activities.device_firmware import FirmwareStore, FirmwareTooLarge
 from activities.device_firmware_blobs import CHUNK_BYTES
+from fleetflow.contracts.rollouts import FirmwareView
 from fleetflow.db import Pool
 from fleetflow.settings import ENVIRONMENT, Settings
 from tests.e2e.stack import FLEETFLOW, clean_env, pdeathsig_prefix
@@ -183,6 +184,33 @@ async def test_an_image_over_the_limit_leaves_nothing(pool: Pool, api: httpx.Asy
         await store.put_firmware("acme", "sensor", "big-1", _pieces(IMAGE), 2 * CHUNK_BYTES)
     assert await _leftovers(pool) == before
     assert await store.firmware("acme", "sensor-big-1") is None
+
+
+class _ReplyLost(FirmwareStore):
+    """The commit of an upload reaches the server, then its task is cancelled (the client went
+    away while the COMMIT's reply was on its way)."""
+
+    async def _commit(
+        self, tenant: str, device_type: str, version: str, blob_id: str, digest: str, size: int
+    ) -> tuple[FirmwareView, bool]:
+        await super()._commit(tenant, device_type, version, blob_id, digest, size)
+        raise asyncio.CancelledError
+
+
+async def test_an_upload_cancelled_after_its_commit_keeps_the_stored_image(
+    pool: Pool, api: httpx.AsyncClient
+) -> None:
+    """The image is stored (its metadata says so): its bytes must stay readable, whatever the
+    uploading task does next (its clean-up used to delete the bytes of the stored image)."""
+    version = f"4.{uuid.uuid4().int % 100000}.0"
+    with pytest.raises(asyncio.CancelledError):
+        await _ReplyLost(pool).put_firmware("acme", "sensor", version, _pieces(IMAGE), len(IMAGE))
+    store = FirmwareStore(pool)
+    view = await store.firmware("acme", f"sensor-{version}")
+    assert view is not None and view.size == len(IMAGE)
+    body = await store.firmware_bytes("acme", f"sensor-{version}", 0, len(IMAGE))
+    assert body is not None
+    assert b"".join([piece async for piece in body]) == IMAGE
 
 
 async def test_the_same_version_again_keeps_one_copy(pool: Pool, api: httpx.AsyncClient) -> None:
