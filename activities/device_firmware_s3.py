@@ -20,6 +20,8 @@ from fleetflow.sigv4 import EMPTY_SHA256, canonical_query, sign, uri_encode
 
 PART_BYTES = 8 * 1024 * 1024  # S3 wants parts of at least 5 MiB but the last
 _UPLOAD_ID = re.compile(rb"<UploadId>([^<]+)</UploadId>")
+_UPLOAD = re.compile(rb"<Upload>(.*?)</Upload>", re.DOTALL)  # Key and UploadId in either order
+_KEY = re.compile(rb"<Key>([^<]*)</Key>")
 
 
 @dataclass(frozen=True)
@@ -111,9 +113,21 @@ class S3Blobs:
 
     async def delete(self, tenant: str, blob_id: str, upload_ref: str | None) -> None:
         key = self.key(tenant, blob_id)
-        if upload_ref:
-            await self._send(self._request("DELETE", key, query={"uploadId": upload_ref}), ok=(200, 204, 404))
+        # no upload_ref: the process may have died between CreateMultipartUpload and recording
+        # its id; the bucket lists it (its parts would otherwise be kept, and billed, for ever)
+        for upload_id in [upload_ref] if upload_ref else await self._uploads_of(key):
+            await self._send(self._request("DELETE", key, query={"uploadId": upload_id}), ok=(200, 204, 404))
         await self._send(self._request("DELETE", key), ok=(200, 204, 404))
+
+    async def _uploads_of(self, key: str) -> list[str]:
+        """The unfinished multipart uploads of exactly this key."""
+        listed = await self._send(self._request("GET", "", query={"uploads": "", "prefix": key}))
+        found = []
+        for upload in _UPLOAD.findall(listed.content):
+            named, upload_id = _KEY.search(upload), _UPLOAD_ID.search(upload)
+            if named is not None and upload_id is not None and named.group(1).decode() == key:
+                found.append(upload_id.group(1).decode())
+        return found
 
 
 class _PartWriter:
