@@ -130,6 +130,9 @@ async def test_an_image_uploaded_on_one_host_downloads_whole_and_resumed_on_anot
         stale = await b.get(url, headers={"Range": f"bytes={cut}-", "If-Range": '"0000"'})
         assert stale.status_code == 200 and stale.content == IMAGE
         assert (await b.get(url, headers={"If-None-Match": etag})).status_code == 304
+        # If-None-Match compares weakly, and `*` names any image (RFC 9110 §13.1.2)
+        for held in (f"W/{etag}", "*", f'"0000", {etag}'):
+            assert (await b.get(url, headers={"If-None-Match": held})).status_code == 304, held
         past = await b.get(url, headers={"Range": f"bytes={len(IMAGE)}-"})
         assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(IMAGE)}"
         overlong = await b.get(url, headers={"Range": f"bytes={len(IMAGE) - 3}-{len(IMAGE) + 100}"})

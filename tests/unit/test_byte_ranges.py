@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds
+from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds, none_match
 
 
 @pytest.mark.parametrize(
@@ -38,3 +38,19 @@ def test_if_range_compares_strongly() -> None:
     assert if_range_holds('"abc"', '"abc"')
     assert not if_range_holds('W/"abc"', '"abc"')
     assert not if_range_holds("Sat, 01 Jan 2000 00:00:00 GMT", '"abc"')  # a date: the whole image
+
+
+@pytest.mark.parametrize(
+    ("header", "matches"),
+    [
+        (None, False),
+        ('"abc"', True),
+        ('"other", "abc"', True),
+        ('W/"abc"', True),  # If-None-Match compares weakly
+        ("*", True),  # any current image
+        ('"other"', False),
+        ('"abcd"', False),
+    ],
+)
+def test_if_none_match_compares_weakly_and_star_matches(header: str | None, matches: bool) -> None:
+    assert none_match(header, '"abc"') is matches
