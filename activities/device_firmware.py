@@ -146,6 +146,12 @@ class FirmwareStore:
         # the version exists (or a concurrent upload just won): this blob is not needed
         await self._drop(tenant, blob_id)
         view = await self.firmware(tenant, firmware_id)
+        if view is not None and (view.device_type, view.version) != (device_type, version):
+            # `a-b` 1.0 and `a` b-1.0 name one id: never answer with the other type's image
+            raise FirmwareConflict(
+                f"firmware id {firmware_id!r} is taken by {view.device_type} {view.version}; "
+                f"choose another version for {device_type}"
+            )
         if view is None or view.sha256 != digest:
             raise FirmwareConflict(f"{device_type} {version} was uploaded with other content")
         return view, False

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from activities.device_firmware import FirmwareStore, FirmwareTooLarge
+from activities.device_firmware import FirmwareConflict, FirmwareStore, FirmwareTooLarge
 from activities.device_firmware_blobs import CHUNK_BYTES
 from fleetflow.contracts.rollouts import FirmwareView
 from fleetflow.db import Pool
@@ -214,6 +214,22 @@ async def test_an_upload_cancelled_after_its_commit_keeps_the_stored_image(
     body = await store.firmware_bytes("acme", f"sensor-{version}", 0, len(IMAGE))
     assert body is not None
     assert b"".join([piece async for piece in body]) == IMAGE
+
+
+async def test_a_firmware_id_two_device_types_spell_alike_is_not_shared(pool: Pool) -> None:
+    """`cam-pro` 1.0 and `cam` pro-1.0 both make the id `cam-pro-1.0`: the second upload is a
+    conflict naming the first, not an answer with the other type's image (same content: 200
+    with device_type cam-pro, which no `cam` device could download)."""
+    store = FirmwareStore(pool)
+    version = f"{uuid.uuid4().int % 100000}.0"
+    image = os.urandom(1000)
+    view, created = await store.put_firmware("acme", "cam-pro", version, _pieces(image), len(image))
+    assert created and view.device_type == "cam-pro"
+    before = await _leftovers(pool)
+    for content in (image, image[:-1]):
+        with pytest.raises(FirmwareConflict, match="taken by cam-pro"):
+            await store.put_firmware("acme", "cam", f"pro-{version}", _pieces(content), len(content))
+    assert await _leftovers(pool) == before
 
 
 async def test_the_same_version_again_keeps_one_copy(pool: Pool, api: httpx.AsyncClient) -> None:
