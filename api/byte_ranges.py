@@ -6,7 +6,7 @@ import re
 
 # at most 18 digits a side: past any image size, and never an int() of a huge string (a header
 # of 5,000 digits would raise in int(), a 500)
-_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
+_RANGE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$", re.IGNORECASE)  # units: any case
 
 
 class Unsatisfiable(Exception):

@@ -12,6 +12,7 @@ from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds, none_matc
     [
         (None, None),
         ("bytes=0-9", (0, 10)),
+        ("Bytes=0-9", (0, 10)),  # a range unit is case-insensitive (RFC 9110 §14.1)
         ("bytes=5-", (5, 100)),
         ("bytes=-10", (90, 100)),
         ("bytes=-1000", (0, 100)),
