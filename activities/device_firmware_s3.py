@@ -106,8 +106,16 @@ class S3Blobs:
             if response.status_code not in (200, 206):
                 await response.aread()
                 raise S3Error(f"GET {request.url.path}: {response.status_code}")
+            # 200: a store that ignored the Range sends the whole object; cut [start, end) from
+            # it, or a resumed download would get the image's first bytes at its offset
+            position = start if response.status_code == 206 else 0
             async for data in response.aiter_bytes():
-                yield data
+                piece = data[max(0, start - position) : max(0, end - position)]
+                position += len(data)
+                if piece:
+                    yield piece
+                if position >= end:
+                    break
         finally:
             await response.aclose()
 
