@@ -35,6 +35,10 @@ class FirmwareEmpty(Exception):
     """An image of no bytes."""
 
 
+class FirmwareAbandoned(LookupError):
+    """The upload stalled so long that a sweep took it for dead and removed it."""
+
+
 class FirmwareStore:
     """Firmware storage (a part of DeviceService, which the API asks through it)."""
 
@@ -85,14 +89,20 @@ class FirmwareStore:
             if size > max_bytes:
                 raise FirmwareTooLarge(f"an image is at most {max_bytes} bytes")
             hasher.update(data)
-            await writer.write(data)
+            try:
+                await writer.write(data)
+            except asyncpg.ForeignKeyViolationError:  # its blob row is gone: swept
+                raise FirmwareAbandoned(f"upload {blob_id} was abandoned") from None
             unreported += len(data)
             if unreported >= CHUNK_BYTES:
                 await self._touch(tenant, blob_id, unreported, writer.upload_ref)
                 unreported = 0
         if size == 0:
             raise FirmwareEmpty("the image is empty")
-        await writer.finish()
+        try:
+            await writer.finish()
+        except asyncpg.ForeignKeyViolationError:
+            raise FirmwareAbandoned(f"upload {blob_id} was abandoned") from None
         return hasher.hexdigest(), size
 
     async def _touch(self, tenant: str, blob_id: str, added: int, upload_ref: str | None) -> None:
@@ -106,7 +116,7 @@ class FirmwareStore:
             upload_ref,
         )
         if not alive:  # a sweep took this upload for dead and removed it
-            raise LookupError(f"upload {blob_id} was abandoned")
+            raise FirmwareAbandoned(f"upload {blob_id} was abandoned")
 
     async def _commit(
         self, tenant: str, device_type: str, version: str, blob_id: str, digest: str, size: int
@@ -128,7 +138,7 @@ class FirmwareStore:
                     digest,
                 )
                 if not completed:
-                    raise LookupError(f"upload {blob_id} was abandoned")
+                    raise FirmwareAbandoned(f"upload {blob_id} was abandoned")
                 row = await conn.fetchrow(
                     """INSERT INTO device.firmware
                            (tenant, firmware_id, device_type, version, sha256, size, blob_id)
@@ -267,7 +277,7 @@ class FirmwareStore:
                         digest,
                     )
                     if not completed:  # a sweep took it for abandoned: never refer to it
-                        raise LookupError(f"upload {blob_id} was abandoned")
+                        raise FirmwareAbandoned(f"upload {blob_id} was abandoned")
                     taken = await conn.fetchval(
                         """UPDATE device.firmware SET blob_id = $3
                            WHERE tenant = $1 AND firmware_id = $2 AND blob_id IS NULL RETURNING true""",

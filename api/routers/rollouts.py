@@ -14,7 +14,7 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.device_firmware import FirmwareConflict, FirmwareEmpty, FirmwareTooLarge
+from activities.device_firmware import FirmwareAbandoned, FirmwareConflict, FirmwareEmpty, FirmwareTooLarge
 from activities.device_mqtt import notify_twin_changed
 from api.auth import State, actor_of, require, require_device
 from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds, none_match
@@ -87,6 +87,11 @@ async def upload_firmware(
         ) from None
     except FirmwareConflict as exc:
         raise conflict(str(exc)) from None
+    except FirmwareAbandoned:  # nothing of it is kept: the whole image again
+        raise HTTPException(
+            status.HTTP_408_REQUEST_TIMEOUT,
+            "the upload stalled too long and was discarded; send the image again",
+        ) from None
     if not created:
         response.status_code = status.HTTP_200_OK
     return view

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from activities.device_firmware import FirmwareConflict, FirmwareStore, FirmwareTooLarge
+from activities.device_firmware import FirmwareAbandoned, FirmwareConflict, FirmwareStore, FirmwareTooLarge
 from activities.device_firmware_blobs import CHUNK_BYTES
 from fleetflow.contracts.rollouts import FirmwareView
 from fleetflow.db import Pool
@@ -230,6 +230,35 @@ async def test_a_firmware_id_two_device_types_spell_alike_is_not_shared(pool: Po
         with pytest.raises(FirmwareConflict, match="taken by cam-pro"):
             await store.put_firmware("acme", "cam", f"pro-{version}", _pieces(content), len(content))
     assert await _leftovers(pool) == before
+
+
+async def test_an_upload_swept_while_stalled_fails_as_abandoned(pool: Pool) -> None:
+    """A client stalls past the sweep's threshold, then sends on: its upload is refused as
+    abandoned (a 408 over HTTP), not a database error (a 500), and nothing of it stays."""
+    store = FirmwareStore(pool)
+    version = f"3.{uuid.uuid4().int % 100000}.0"
+    stalled, resume = asyncio.Event(), asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield IMAGE[: CHUNK_BYTES + 1]
+        stalled.set()
+        await resume.wait()
+        yield IMAGE[CHUNK_BYTES + 1 :]
+
+    uploading = asyncio.create_task(store.put_firmware("acme", "sensor", version, stalls(), len(IMAGE)))
+    await stalled.wait()
+    blob = await pool.fetchval(
+        """UPDATE device.firmware_blobs SET touched_at = now() - interval '1 hour'
+           WHERE tenant = 'acme' AND state = 'uploading' AND touched_at > now() - interval '1 minute'
+           RETURNING blob_id"""
+    )
+    assert blob is not None
+    assert await store.sweep_abandoned() >= 1
+    resume.set()
+    with pytest.raises(FirmwareAbandoned):
+        await uploading
+    assert await pool.fetchval("SELECT count(*) FROM device.firmware_chunks WHERE blob_id = $1", blob) == 0
+    assert await store.firmware("acme", f"sensor-{version}") is None
 
 
 async def test_the_same_version_again_keeps_one_copy(pool: Pool, api: httpx.AsyncClient) -> None:
