@@ -35,6 +35,10 @@ class FirmwareEmpty(Exception):
     """An image of no bytes."""
 
 
+class FirmwareAbandoned(LookupError):
+    """The upload stalled so long that a sweep took it for dead and removed it."""
+
+
 class FirmwareStore:
     """Firmware storage (a part of DeviceService, which the API asks through it)."""
 
@@ -85,14 +89,20 @@ class FirmwareStore:
             if size > max_bytes:
                 raise FirmwareTooLarge(f"an image is at most {max_bytes} bytes")
             hasher.update(data)
-            await writer.write(data)
+            try:
+                await writer.write(data)
+            except asyncpg.ForeignKeyViolationError:  # its blob row is gone: swept
+                raise FirmwareAbandoned(f"upload {blob_id} was abandoned") from None
             unreported += len(data)
             if unreported >= CHUNK_BYTES:
                 await self._touch(tenant, blob_id, unreported, writer.upload_ref)
                 unreported = 0
         if size == 0:
             raise FirmwareEmpty("the image is empty")
-        await writer.finish()
+        try:
+            await writer.finish()
+        except asyncpg.ForeignKeyViolationError:
+            raise FirmwareAbandoned(f"upload {blob_id} was abandoned") from None
         return hasher.hexdigest(), size
 
     async def _touch(self, tenant: str, blob_id: str, added: int, upload_ref: str | None) -> None:
@@ -106,7 +116,7 @@ class FirmwareStore:
             upload_ref,
         )
         if not alive:  # a sweep took this upload for dead and removed it
-            raise LookupError(f"upload {blob_id} was abandoned")
+            raise FirmwareAbandoned(f"upload {blob_id} was abandoned")
 
     async def _commit(
         self, tenant: str, device_type: str, version: str, blob_id: str, digest: str, size: int
@@ -128,7 +138,7 @@ class FirmwareStore:
                     digest,
                 )
                 if not completed:
-                    raise LookupError(f"upload {blob_id} was abandoned")
+                    raise FirmwareAbandoned(f"upload {blob_id} was abandoned")
                 row = await conn.fetchrow(
                     """INSERT INTO device.firmware
                            (tenant, firmware_id, device_type, version, sha256, size, blob_id)
@@ -146,17 +156,44 @@ class FirmwareStore:
         # the version exists (or a concurrent upload just won): this blob is not needed
         await self._drop(tenant, blob_id)
         view = await self.firmware(tenant, firmware_id)
+        if view is not None and (view.device_type, view.version) != (device_type, version):
+            # `a-b` 1.0 and `a` b-1.0 name one id: never answer with the other type's image
+            raise FirmwareConflict(
+                f"firmware id {firmware_id!r} is taken by {view.device_type} {view.version}; "
+                f"choose another version for {device_type}"
+            )
         if view is None or view.sha256 != digest:
             raise FirmwareConflict(f"{device_type} {version} was uploaded with other content")
         return view, False
 
     async def _drop(self, tenant: str, blob_id: str) -> None:
-        row = await self.pool.fetchrow(
-            "SELECT store, upload_ref FROM device.firmware_blobs WHERE tenant = $1 AND blob_id = $2",
-            tenant,
-            blob_id,
-        )
-        if row is not None and row["store"] in self.readers:
+        """Remove a blob that no image refers to (one that an image refers to stays whole)."""
+        # under the blob row's lock: a commit naming this blob (which locks the row too) either
+        # landed before (then it is referred to, and kept) or fails after (it is 'deleting').
+        # An upload cancelled after its commit reached the server (the reply lost) must not
+        # delete the bytes of the image it just stored.
+        async with self.pool.acquire() as conn, conn.transaction():
+            row = await conn.fetchrow(
+                """SELECT store, upload_ref FROM device.firmware_blobs
+                   WHERE tenant = $1 AND blob_id = $2 FOR UPDATE""",
+                tenant,
+                blob_id,
+            )
+            if row is None:
+                return
+            used = await conn.fetchval(
+                "SELECT EXISTS (SELECT 1 FROM device.firmware WHERE tenant = $1 AND blob_id = $2)",
+                tenant,
+                blob_id,
+            )
+            if used:
+                return
+            await conn.execute(
+                "UPDATE device.firmware_blobs SET state = 'deleting' WHERE tenant = $1 AND blob_id = $2",
+                tenant,
+                blob_id,
+            )
+        if row["store"] in self.readers:
             await self.readers[row["store"]].delete(tenant, blob_id, row["upload_ref"])
         await self.pool.execute(
             """DELETE FROM device.firmware_blobs WHERE tenant = $1 AND blob_id = $2
@@ -232,13 +269,15 @@ class FirmwareStore:
                 if digest != row["sha256"]:
                     raise ValueError(f"{path}: content does not match its sha256")
                 async with self.pool.acquire() as conn, conn.transaction():
-                    await conn.execute(
+                    completed = await conn.fetchval(
                         """UPDATE device.firmware_blobs SET state = 'complete', sha256 = $3
-                           WHERE tenant = $1 AND blob_id = $2""",
+                           WHERE tenant = $1 AND blob_id = $2 AND state = 'uploading' RETURNING true""",
                         tenant,
                         blob_id,
                         digest,
                     )
+                    if not completed:  # a sweep took it for abandoned: never refer to it
+                        raise FirmwareAbandoned(f"upload {blob_id} was abandoned")
                     taken = await conn.fetchval(
                         """UPDATE device.firmware SET blob_id = $3
                            WHERE tenant = $1 AND firmware_id = $2 AND blob_id IS NULL RETURNING true""",

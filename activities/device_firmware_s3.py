@@ -20,6 +20,8 @@ from fleetflow.sigv4 import EMPTY_SHA256, canonical_query, sign, uri_encode
 
 PART_BYTES = 8 * 1024 * 1024  # S3 wants parts of at least 5 MiB but the last
 _UPLOAD_ID = re.compile(rb"<UploadId>([^<]+)</UploadId>")
+_UPLOAD = re.compile(rb"<Upload>(.*?)</Upload>", re.DOTALL)  # Key and UploadId in either order
+_KEY = re.compile(rb"<Key>([^<]*)</Key>")
 
 
 @dataclass(frozen=True)
@@ -104,16 +106,36 @@ class S3Blobs:
             if response.status_code not in (200, 206):
                 await response.aread()
                 raise S3Error(f"GET {request.url.path}: {response.status_code}")
+            # 200: a store that ignored the Range sends the whole object; cut [start, end) from
+            # it, or a resumed download would get the image's first bytes at its offset
+            position = start if response.status_code == 206 else 0
             async for data in response.aiter_bytes():
-                yield data
+                piece = data[max(0, start - position) : max(0, end - position)]
+                position += len(data)
+                if piece:
+                    yield piece
+                if position >= end:
+                    break
         finally:
             await response.aclose()
 
     async def delete(self, tenant: str, blob_id: str, upload_ref: str | None) -> None:
         key = self.key(tenant, blob_id)
-        if upload_ref:
-            await self._send(self._request("DELETE", key, query={"uploadId": upload_ref}), ok=(200, 204, 404))
+        # no upload_ref: the process may have died between CreateMultipartUpload and recording
+        # its id; the bucket lists it (its parts would otherwise be kept, and billed, for ever)
+        for upload_id in [upload_ref] if upload_ref else await self._uploads_of(key):
+            await self._send(self._request("DELETE", key, query={"uploadId": upload_id}), ok=(200, 204, 404))
         await self._send(self._request("DELETE", key), ok=(200, 204, 404))
+
+    async def _uploads_of(self, key: str) -> list[str]:
+        """The unfinished multipart uploads of exactly this key."""
+        listed = await self._send(self._request("GET", "", query={"uploads": "", "prefix": key}))
+        found = []
+        for upload in _UPLOAD.findall(listed.content):
+            named, upload_id = _KEY.search(upload), _UPLOAD_ID.search(upload)
+            if named is not None and upload_id is not None and named.group(1).decode() == key:
+                found.append(upload_id.group(1).decode())
+        return found
 
 
 class _PartWriter:

@@ -6,7 +6,7 @@ import re
 
 # at most 18 digits a side: past any image size, and never an int() of a huge string (a header
 # of 5,000 digits would raise in int(), a 500)
-_RANGE = re.compile(r"^bytes=(\d{0,18})-(\d{0,18})$")
+_RANGE = re.compile(r"^bytes=([0-9]{0,18})-([0-9]{0,18})$", re.IGNORECASE)  # units: any case
 
 
 class Unsatisfiable(Exception):
@@ -42,3 +42,12 @@ def byte_range(header: str | None, size: int) -> tuple[int, int] | None:
 def if_range_holds(if_range: str | None, etag: str) -> bool:
     """Whether a `Range` applies: no `If-Range`, or one naming the current (strong) ETag."""
     return if_range is None or if_range.strip() == etag
+
+
+def none_match(if_none_match: str | None, etag: str) -> bool:
+    """Whether `If-None-Match` names the current representation (then 304): `*`, or one of
+    its tags by weak comparison (RFC 9110 §13.1.2: `W/"x"` matches `"x"`)."""
+    if if_none_match is None:
+        return False
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag.removeprefix("W/") in (t.removeprefix("W/") for t in tags)

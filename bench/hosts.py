@@ -7,8 +7,8 @@ decommission are in flight; then every process of B is SIGKILLed at once and its
 
 Figures: readings acknowledged vs stored (must be equal), the onboarding, rollout and
 decommission runs in flight at the loss and how many finished (on C: B is gone), and the
-seconds from the loss until readings are stored at 90 % of the rate before it again (2 s
-windows). The last line of stdout is the JSON of the figures.
+seconds from the loss until readings are stored at 90 % of the rate before it again and
+stay there to the load's end (2 s windows). The last line of stdout is the JSON of the figures.
 """
 
 from __future__ import annotations
@@ -149,12 +149,22 @@ def _rate(samples: list[tuple[float, int]], start: float, end: float) -> float:
     return (inside[-1][1] - inside[0][1]) / (inside[-1][0] - inside[0][0])
 
 
-def _recovery(samples: list[tuple[float, int]], lost_at: float, before: float) -> float | None:
-    """Seconds from the loss to the first 2 s window storing at RECOVERED of `before`."""
+def _recovery(samples: list[tuple[float, int]], lost_at: float, before: float, until: float) -> float | None:
+    """Seconds from the loss to the 2 s window from which on every one, up to `until` (the
+    load's end), stores at RECOVERED of `before`; None if none does. (The first good window
+    alone is not recovery: a burst, then the lost host's work stalled until its timeouts.)"""
+    threshold = RECOVERED * before
+    if threshold <= 0:
+        return None
+    recovered_at = None
     for at, _ in samples:
-        if at >= lost_at and _rate(samples, at, at + 2.0) >= RECOVERED * before > 0:
-            return at - lost_at
-    return None
+        if not lost_at <= at <= until - 2.0:
+            continue
+        if _rate(samples, at, at + 2.0) >= threshold:
+            recovered_at = at if recovered_at is None else recovered_at
+        else:
+            recovered_at = None
+    return None if recovered_at is None else recovered_at - lost_at
 
 
 async def _in_flight(client: Client) -> list[tuple[str, str]]:
@@ -329,7 +339,9 @@ async def _load_and_loss(
             figures.workflows_finished_on_c += 1
         else:
             figures.unfinished.append(f"{workflow_id}: {status.name if status else '?'}")
-    recovery = _recovery(samples, lost_at, figures.stored_per_s_before_loss)
+    # the load's end, a little early: `sending_since` lags the first reading by up to a poll
+    load_ends = sending_since + duration_s - 3.0
+    recovery = _recovery(samples, lost_at, figures.stored_per_s_before_loss, load_ends)
     figures.recovery_s = None if recovery is None else round(recovery, 1)
     return figures
 

@@ -8,6 +8,7 @@ Everything made here is removed by `close`, processes first.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import random
@@ -88,6 +89,10 @@ class Host:
             except ProcessLookupError:
                 pass
         for process in self.processes:
+            # also the ones not (yet) in the namespace: `ip netns exec` before its setns()
+            if process.poll() is None:
+                process.kill()
+        for process in self.processes:
             try:
                 process.wait(timeout=10)
             except subprocess.TimeoutExpired:
@@ -144,13 +149,25 @@ class TestHosts:
         return killed
 
     def close(self) -> None:
-        """Kill every process in the hosts, remove the namespaces, links and bridge."""
-        for host in self.hosts.values():
-            host.kill_all()
-        deadline = time.monotonic() + 10
-        while any(h.pids() for h in self.hosts.values()) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        for host in self.hosts.values():
-            _ip("link", "del", host.link, check=False)
-            _ip("netns", "del", host.namespace, check=False)
-        _ip("link", "del", self.bridge, check=False)
+        """Kill every process in the hosts, remove the namespaces, links and bridge: every step
+        is tried whatever an earlier one raised (a stuck `ip`, a second Ctrl-C while waiting)."""
+        try:
+            for host in self.hosts.values():
+                with contextlib.suppress(Exception):
+                    host.kill_all()
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                try:
+                    if not any(h.pids() for h in self.hosts.values()):
+                        break
+                except Exception:
+                    break  # cannot tell: remove what can be removed
+                time.sleep(0.1)
+        finally:
+            for host in self.hosts.values():
+                with contextlib.suppress(Exception):
+                    _ip("link", "del", host.link, check=False)
+                with contextlib.suppress(Exception):
+                    _ip("netns", "del", host.namespace, check=False)
+            with contextlib.suppress(Exception):
+                _ip("link", "del", self.bridge, check=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections.abc import Mapping
 
@@ -10,6 +11,8 @@ from fleetflow.contracts.common import TaskQueue
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
 from workers.supervisor import Child, Supervisor, supervise
+
+API_PROCESSES_ENV = "FLEETFLOW_API_PROCESSES"  # read by api/quotas.py (not imported: no API here)
 
 
 def metrics_port_of(base: int, index: int) -> int:
@@ -47,16 +50,27 @@ def run_workers(settings: Settings, queue: TaskQueue, processes: int) -> int:
     return supervise(start)
 
 
+def declared_api_processes(base_env: Mapping[str, str] = {}) -> int:
+    """The API processes sharing the tenants' rates that the environment declares (1: none)."""
+    value = base_env.get(API_PROCESSES_ENV) or os.environ.get(API_PROCESSES_ENV) or "1"
+    try:
+        return max(1, int(value))
+    except ValueError:
+        return 1
+
+
 def api_children(settings: Settings, processes: int, base_env: Mapping[str, str] = {}) -> list[Child]:
     """The supervised processes of `fleetflow api --processes N` (and `fleetflow up
     --api-processes N`): all on the API port (SO_REUSEPORT: the kernel spreads connections over
-    them), each knowing how many share the tenants' rates (api/quotas.py)."""
+    them), each knowing how many share the tenants' rates (api/quotas.py): N, or the total
+    FLEETFLOW_API_PROCESSES already declares when larger (N processes on each of several hosts
+    behind one balancer: each must hold 1/total, not 1/N, of a tenant's rates)."""
     env = {
         **base_env,
         "FLEETFLOW_API_HOST": settings.api_host,
         "FLEETFLOW_API_PORT": str(settings.api_port),
         "FLEETFLOW_API_REUSE_PORT": "1" if processes > 1 else "0",  # api/server.py
-        "FLEETFLOW_API_PROCESSES": str(processes),  # api/quotas.py
+        API_PROCESSES_ENV: str(max(processes, declared_api_processes(base_env))),  # api/quotas.py
     }
     argv = [sys.executable, "-m", "cli.main", "api"]
     if processes == 1:

@@ -14,10 +14,10 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 from temporalio.service import RPCError, RPCStatusCode
 
-from activities.device_firmware import FirmwareConflict, FirmwareEmpty, FirmwareTooLarge
+from activities.device_firmware import FirmwareAbandoned, FirmwareConflict, FirmwareEmpty, FirmwareTooLarge
 from activities.device_mqtt import notify_twin_changed
 from api.auth import State, actor_of, require, require_device
-from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds
+from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds, none_match
 from api.limits import FIRMWARE_MAX_BODY_BYTES
 from api.models.base import as_contract
 from api.models.onboardings import Decision
@@ -87,6 +87,11 @@ async def upload_firmware(
         ) from None
     except FirmwareConflict as exc:
         raise conflict(str(exc)) from None
+    except FirmwareAbandoned:  # nothing of it is kept: the whole image again
+        raise HTTPException(
+            status.HTTP_408_REQUEST_TIMEOUT,
+            "the upload stalled too long and was discarded; send the image again",
+        ) from None
     if not created:
         response.status_code = status.HTTP_200_OK
     return view
@@ -128,7 +133,7 @@ async def download_firmware(
         raise not_found(f"firmware {firmware_id!r}")
     etag = f'"{view.sha256}"'  # the content's digest: the same on every host
     headers = {"ETag": etag, "Accept-Ranges": "bytes", "X-Firmware-Sha256": view.sha256}
-    if if_none_match is not None and etag in (t.strip() for t in if_none_match.split(",")):
+    if none_match(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     try:
         asked = byte_range(range_, view.size) if if_range_holds(if_range, etag) else None

@@ -138,6 +138,33 @@ async def test_an_abandoned_s3_upload_is_aborted(pool: Pool, s3_url: str) -> Non
     assert await pool.fetchval("SELECT count(*) FROM device.firmware_blobs WHERE tenant = $1", tenant) == 0
 
 
+async def test_an_upload_killed_before_its_upload_id_was_recorded_is_aborted(pool: Pool, s3_url: str) -> None:
+    """The process dies right after CreateMultipartUpload, before the upload id reaches its
+    blob row: the sweep still finds and aborts that multipart upload (its parts are not kept)."""
+    blobs = _blobs(s3_url)
+    store = FirmwareStore(pool, blobs)
+    tenant = f"s3-{uuid.uuid4().hex[:6]}"
+    await pool.execute(
+        "INSERT INTO device.firmware_blobs (tenant, blob_id, store) VALUES ($1, 'early-death', 's3')", tenant
+    )
+    writer = await blobs.writer(tenant, "early-death")  # the upload exists in the bucket only
+    await writer.write(IMAGE[: PART_BYTES + 1])  # a part is stored too
+    assert await _open_uploads_of(blobs, tenant) == 1
+    await pool.execute(
+        """UPDATE device.firmware_blobs SET touched_at = now() - interval '1 hour'
+           WHERE tenant = $1 AND blob_id = 'early-death'""",
+        tenant,
+    )
+    assert await store.sweep_abandoned() >= 1
+    assert await _open_uploads_of(blobs, tenant) == 0
+    assert await pool.fetchval("SELECT count(*) FROM device.firmware_blobs WHERE tenant = $1", tenant) == 0
+
+
+async def _open_uploads_of(blobs: S3Blobs, tenant: str) -> int:
+    listed = await blobs.http.send(blobs._request("GET", "", query={"uploads": ""}))
+    return listed.text.count(f"<Key>firmware/{tenant}/")
+
+
 async def test_an_api_configured_for_s3_serves_ranges_from_the_bucket(
     api: httpx.AsyncClient, settings: Settings, s3_url: str, tmp_path: Path, pool: Pool
 ) -> None:

@@ -16,8 +16,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from activities.device_firmware import FirmwareStore, FirmwareTooLarge
+from activities.device_firmware import FirmwareAbandoned, FirmwareConflict, FirmwareStore, FirmwareTooLarge
 from activities.device_firmware_blobs import CHUNK_BYTES
+from fleetflow.contracts.rollouts import FirmwareView
 from fleetflow.db import Pool
 from fleetflow.settings import ENVIRONMENT, Settings
 from tests.e2e.stack import FLEETFLOW, clean_env, pdeathsig_prefix
@@ -129,6 +130,9 @@ async def test_an_image_uploaded_on_one_host_downloads_whole_and_resumed_on_anot
         stale = await b.get(url, headers={"Range": f"bytes={cut}-", "If-Range": '"0000"'})
         assert stale.status_code == 200 and stale.content == IMAGE
         assert (await b.get(url, headers={"If-None-Match": etag})).status_code == 304
+        # If-None-Match compares weakly, and `*` names any image (RFC 9110 §13.1.2)
+        for held in (f"W/{etag}", "*", f'"0000", {etag}'):
+            assert (await b.get(url, headers={"If-None-Match": held})).status_code == 304, held
         past = await b.get(url, headers={"Range": f"bytes={len(IMAGE)}-"})
         assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{len(IMAGE)}"
         overlong = await b.get(url, headers={"Range": f"bytes={len(IMAGE) - 3}-{len(IMAGE) + 100}"})
@@ -183,6 +187,78 @@ async def test_an_image_over_the_limit_leaves_nothing(pool: Pool, api: httpx.Asy
         await store.put_firmware("acme", "sensor", "big-1", _pieces(IMAGE), 2 * CHUNK_BYTES)
     assert await _leftovers(pool) == before
     assert await store.firmware("acme", "sensor-big-1") is None
+
+
+class _ReplyLost(FirmwareStore):
+    """The commit of an upload reaches the server, then its task is cancelled (the client went
+    away while the COMMIT's reply was on its way)."""
+
+    async def _commit(
+        self, tenant: str, device_type: str, version: str, blob_id: str, digest: str, size: int
+    ) -> tuple[FirmwareView, bool]:
+        await super()._commit(tenant, device_type, version, blob_id, digest, size)
+        raise asyncio.CancelledError
+
+
+async def test_an_upload_cancelled_after_its_commit_keeps_the_stored_image(
+    pool: Pool, api: httpx.AsyncClient
+) -> None:
+    """The image is stored (its metadata says so): its bytes must stay readable, whatever the
+    uploading task does next (its clean-up used to delete the bytes of the stored image)."""
+    version = f"4.{uuid.uuid4().int % 100000}.0"
+    with pytest.raises(asyncio.CancelledError):
+        await _ReplyLost(pool).put_firmware("acme", "sensor", version, _pieces(IMAGE), len(IMAGE))
+    store = FirmwareStore(pool)
+    view = await store.firmware("acme", f"sensor-{version}")
+    assert view is not None and view.size == len(IMAGE)
+    body = await store.firmware_bytes("acme", f"sensor-{version}", 0, len(IMAGE))
+    assert body is not None
+    assert b"".join([piece async for piece in body]) == IMAGE
+
+
+async def test_a_firmware_id_two_device_types_spell_alike_is_not_shared(pool: Pool) -> None:
+    """`cam-pro` 1.0 and `cam` pro-1.0 both make the id `cam-pro-1.0`: the second upload is a
+    conflict naming the first, not an answer with the other type's image (same content: 200
+    with device_type cam-pro, which no `cam` device could download)."""
+    store = FirmwareStore(pool)
+    version = f"{uuid.uuid4().int % 100000}.0"
+    image = os.urandom(1000)
+    view, created = await store.put_firmware("acme", "cam-pro", version, _pieces(image), len(image))
+    assert created and view.device_type == "cam-pro"
+    before = await _leftovers(pool)
+    for content in (image, image[:-1]):
+        with pytest.raises(FirmwareConflict, match="taken by cam-pro"):
+            await store.put_firmware("acme", "cam", f"pro-{version}", _pieces(content), len(content))
+    assert await _leftovers(pool) == before
+
+
+async def test_an_upload_swept_while_stalled_fails_as_abandoned(pool: Pool) -> None:
+    """A client stalls past the sweep's threshold, then sends on: its upload is refused as
+    abandoned (a 408 over HTTP), not a database error (a 500), and nothing of it stays."""
+    store = FirmwareStore(pool)
+    version = f"3.{uuid.uuid4().int % 100000}.0"
+    stalled, resume = asyncio.Event(), asyncio.Event()
+
+    async def stalls() -> AsyncIterator[bytes]:
+        yield IMAGE[: CHUNK_BYTES + 1]
+        stalled.set()
+        await resume.wait()
+        yield IMAGE[CHUNK_BYTES + 1 :]
+
+    uploading = asyncio.create_task(store.put_firmware("acme", "sensor", version, stalls(), len(IMAGE)))
+    await stalled.wait()
+    blob = await pool.fetchval(
+        """UPDATE device.firmware_blobs SET touched_at = now() - interval '1 hour'
+           WHERE tenant = 'acme' AND state = 'uploading' AND touched_at > now() - interval '1 minute'
+           RETURNING blob_id"""
+    )
+    assert blob is not None
+    assert await store.sweep_abandoned() >= 1
+    resume.set()
+    with pytest.raises(FirmwareAbandoned):
+        await uploading
+    assert await pool.fetchval("SELECT count(*) FROM device.firmware_chunks WHERE blob_id = $1", blob) == 0
+    assert await store.firmware("acme", f"sensor-{version}") is None
 
 
 async def test_the_same_version_again_keeps_one_copy(pool: Pool, api: httpx.AsyncClient) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds
+from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds, none_match
 
 
 @pytest.mark.parametrize(
@@ -12,6 +12,7 @@ from api.byte_ranges import Unsatisfiable, byte_range, if_range_holds
     [
         (None, None),
         ("bytes=0-9", (0, 10)),
+        ("Bytes=0-9", (0, 10)),  # a range unit is case-insensitive (RFC 9110 §14.1)
         ("bytes=5-", (5, 100)),
         ("bytes=-10", (90, 100)),
         ("bytes=-1000", (0, 100)),
@@ -38,3 +39,19 @@ def test_if_range_compares_strongly() -> None:
     assert if_range_holds('"abc"', '"abc"')
     assert not if_range_holds('W/"abc"', '"abc"')
     assert not if_range_holds("Sat, 01 Jan 2000 00:00:00 GMT", '"abc"')  # a date: the whole image
+
+
+@pytest.mark.parametrize(
+    ("header", "matches"),
+    [
+        (None, False),
+        ('"abc"', True),
+        ('"other", "abc"', True),
+        ('W/"abc"', True),  # If-None-Match compares weakly
+        ("*", True),  # any current image
+        ('"other"', False),
+        ('"abcd"', False),
+    ],
+)
+def test_if_none_match_compares_weakly_and_star_matches(header: str | None, matches: bool) -> None:
+    assert none_match(header, '"abc"') is matches
