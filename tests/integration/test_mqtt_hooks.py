@@ -132,3 +132,24 @@ async def test_events_hook_records_presence_at_the_broker(api: httpx.AsyncClient
     no_scope = bearer("acme", scopes=["devices:read"])
     bad = await api.post("/v1/mqtt/events", json={**device, "event": "client.connected"}, headers=no_scope)
     assert bad.status_code == 403
+
+
+async def test_a_tenant_admin_token_is_no_broker(api: httpx.AsyncClient) -> None:
+    # the hooks decide for every tenant: with acme's admin token, /v1/mqtt/events would set
+    # globex's devices online or offline and /v1/mqtt/auth would test any credential
+    admin = bearer("acme", scopes=["admin"])
+    bodies = {
+        "/v1/mqtt/auth": {"clientid": "d-1", "username": "d-1", "password": "x"},
+        "/v1/mqtt/acl": {"tenant": "globex", "username": "d-1", "topic": "t", "action": "publish"},
+        "/v1/mqtt/events": {
+            "event": "client.connected",
+            "clientid": "d-1",
+            "username": "d-1",
+            "tenant": "globex",
+            "connected_at": 1,
+        },
+    }
+    for path, body in bodies.items():
+        r = await api.post(path, json=body, headers=admin)
+        assert r.status_code == 403, (path, r.text)
+        assert "mqtt:hooks" in r.json()["detail"]
