@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+from activities.devices import DeviceService
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.e2e.stack import clean_env, pdeathsig_prefix
@@ -128,13 +129,23 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 class EmqxApi:
-    """A small HTTP server standing in for EMQX's REST API: records the kicks it is asked for."""
+    """A small HTTP server standing in for EMQX's REST API: records the kicks it is asked for;
+    every client it is asked about is connected, an acme device (its `client_attrs.tenant`)."""
 
     def __init__(self) -> None:
         self.kicks: list[tuple[str, str]] = []  # (path, Authorization header)
         kicks = self.kicks
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                client_id = self.path.rsplit("/", 1)[1]
+                body = json.dumps({"clientid": client_id, "client_attrs": {"tenant": "acme"}}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_DELETE(self) -> None:
                 kicks.append((self.path, self.headers.get("Authorization", "")))
                 self.send_response(204)
@@ -326,6 +337,45 @@ async def test_a_command_sent_before_the_subscription_comes_at_subscribe(
         assert json.loads(message.payload)["command_id"] == command_id
     finally:
         device.close()
+
+
+async def test_a_command_a_killed_bridge_took_comes_when_it_runs_again(
+    api: httpx.AsyncClient, bridges: list[BridgeProcess], broker: Broker, settings: Settings, pool: Pool
+) -> None:
+    """A bridge killed between taking a command and the broker's PUBACK: the row names it
+    (pushed_by), and its next run, with the same client id, gives it back and it is pushed."""
+    device_id, _ = await active_device(api)
+    sent = await api.post(f"/v1/devices/{device_id}/commands", json={"name": "reboot"}, headers=AUTH)
+    assert sent.status_code == 201, sent.text
+    command_id = sent.json()["command_id"]
+    devices = DeviceService(pool, settings)
+    # no subscriber yet: the running bridges give it back (PUBACK 0x10); take it as the killed
+    # bridge did, for a device that is subscribed by the time it would have been published
+    killed = BridgeProcess(settings, broker, "bridge-killed")
+
+    async def take() -> list[str]:
+        taken = await devices.take_commands("acme", device_id, 10, f"bridge:{killed.client_id}")
+        return [c.command_id for c in taken]
+
+    await eventually(take, lambda ids: ids == [command_id])
+    device = Device(broker.port, device_id, "-")
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(f"{base(device_id)}/commands") == [1]
+        killed.start()
+        await killed.started()
+        message = await asyncio.to_thread(device.messages.get, True, 60)
+        assert json.loads(message.payload)["command_id"] == command_id
+        # the broker's PUBACK: the row no longer names a bridge (no later restart pushes it again)
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT pushed_by FROM device.commands WHERE tenant = 'acme' AND command_id = $1", command_id
+            ),
+            lambda by: by is None,
+        )
+    finally:
+        device.close()
+        killed.stop()
 
 
 async def test_a_revoked_credential_kicks_the_device_from_the_broker(
