@@ -439,12 +439,16 @@ class Bridge:
                 return  # not taken: pending for the next offer, subscription or poll
             taken = await self.devices.take_commands(tenant, device_id, TAKE_AT_ONCE, self.node)
             for i, command in enumerate(taken):
+                timed_out = False
                 try:
                     code = await self.publish(name, command.model_dump_json().encode())
                 except TimeoutError:
-                    code = codec.RC5_UNSPECIFIED
+                    code, timed_out = codec.RC5_UNSPECIFIED, True
                 if code >= RC_NO_SUBSCRIBERS:  # 0x10 no subscriber, 0x80+ refused: not sent
-                    await self.commands.release(tenant, device_id, taken[i:])
+                    # offered again only after a timeout: for no subscriber or a refusal the
+                    # offer's NOTIFY would bring them straight back here, round and round; the
+                    # device's subscription (the broker's session.subscribed event) offers them
+                    await self.commands.release(tenant, device_id, taken[i:], offer=timed_out)
                     return
                 self.commands.delivered(tenant, device_id, command, acknowledged=True)
             if len(taken) < TAKE_AT_ONCE:

@@ -151,13 +151,17 @@ class CommandPush:
         node (no restart of it gives the command back)."""
         self._delivered(tenant, device_id, command, acked=acknowledged)
 
-    async def release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
-        """Give back taken commands that were not sent (pending again)."""
-        await self._release(tenant, device_id, taken)
+    async def release(
+        self, tenant: str, device_id: str, taken: list[DeviceCommandView], offer: bool = True
+    ) -> None:
+        """Give back taken commands that were not sent (pending again; offer: NOTIFY it)."""
+        await self._release(tenant, device_id, taken, offer)
 
-    async def _release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
+    async def _release(
+        self, tenant: str, device_id: str, taken: list[DeviceCommandView], offer: bool = True
+    ) -> None:
         try:
-            await self.devices.release_commands(tenant, device_id, taken)
+            await self.devices.release_commands(tenant, device_id, taken, offer)
         except _UNAVAILABLE:
             log.warning("commands of %s/%s taken and not pushed", tenant, device_id, exc_info=True)
 

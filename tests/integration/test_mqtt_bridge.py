@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
@@ -337,6 +338,50 @@ async def test_a_command_sent_before_the_subscription_comes_at_subscribe(
         assert json.loads(message.payload)["command_id"] == command_id
     finally:
         device.close()
+
+
+async def test_a_command_nobody_subscribed_to_is_not_offered_round_and_round(
+    api: httpx.AsyncClient, bridges: list[BridgeProcess], broker: Broker, settings: Settings
+) -> None:
+    """The broker has no subscriber for it (PUBACK 0x10): the command is given back pending
+    without a new offer, which brought it straight back to the bridges, for ever (190 offers in
+    3 s, each a take, a publish and a give-back), until the device subscribes."""
+    device_id, _ = await active_device(api)
+    offers: list[str] = []
+    listener = await asyncpg.connect(settings.database_url)
+    await listener.add_listener(
+        "device_command_offered", lambda *a: offers.append(str(a[3])) if device_id in str(a[3]) else None
+    )
+    other_id, _ = await active_device(api)
+    other = Device(broker.port, other_id, "-")
+    device = Device(broker.port, device_id, "-")
+    try:
+        sent = await api.post(f"/v1/devices/{device_id}/commands", json={"name": "reboot"}, headers=AUTH)
+        assert sent.status_code == 201, sent.text
+        # a barrier: a later command of a subscribed device, pushed by the same bridges
+        assert await other.connect() == 0
+        assert await other.subscribe(f"{base(other_id)}/commands") == [1]
+        later = await api.post(f"/v1/devices/{other_id}/commands", json={"name": "ping"}, headers=AUTH)
+        assert later.status_code == 201, later.text
+        await asyncio.to_thread(other.messages.get, True, 60)
+        assert len(offers) == 1, offers  # its own offer only
+        # still pending: the device's subscription brings it
+        assert await device.connect() == 0
+        assert await device.subscribe(f"{base(device_id)}/commands") == [1]
+        event = {
+            "event": "session.subscribed",
+            "clientid": device_id,
+            "username": device_id,
+            "tenant": "acme",
+            "topic": f"{base(device_id)}/commands",
+        }
+        assert (await api.post("/v1/mqtt/events", json=event, headers=HOOK)).status_code == 204
+        message = await asyncio.to_thread(device.messages.get, True, 60)
+        assert json.loads(message.payload)["command_id"] == sent.json()["command_id"]
+    finally:
+        device.close()
+        other.close()
+        await listener.close()
 
 
 async def test_a_command_a_killed_bridge_took_comes_when_it_runs_again(
