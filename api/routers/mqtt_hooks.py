@@ -19,6 +19,7 @@ subscription makes the bridges push what the topic holds now.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, HTTPException, status
@@ -30,8 +31,9 @@ from fleetflow.mqtt_topics import Refusal, filter_matches, publish_target, subsc
 from fleetflow.security import AuthError, TokenClaims, verify_token
 from gateway.auth import LoginUnavailable, device_login
 from gateway.bridge import BRIDGE_USERNAME, PUSHED, SHARE_GROUP, SUBSCRIPTIONS
-from gateway.emqx_events import BrokerEvent, record_event
+from gateway.emqx_events import BrokerEvent, client_id_free, record_event
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["mqtt"])
 HOOK_SCOPE = "mqtt:hooks"
 
@@ -90,6 +92,13 @@ async def mqtt_auth(body: AuthRequest, state: State, _hook: Hook) -> HookAnswer:
         login = await device_login(
             state.settings, state.devices, body.clientid, body.username, body.password.encode()
         )
+        if login is not None and not await client_id_free(state.pool, login[0].tenant, login[0].device_id):
+            log.warning(
+                "MQTT login of %s/%s refused: another tenant's device holds that client id",
+                login[0].tenant,
+                login[0].device_id,
+            )
+            return DENY
     except LoginUnavailable:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check the credential") from None
     if login is None:

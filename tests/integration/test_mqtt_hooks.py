@@ -3,6 +3,8 @@ authorizes devices with: the embedded gateway's rules, behind the `mqtt:hooks` s
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 
 from fleetflow.db import Pool
@@ -153,3 +155,32 @@ async def test_a_tenant_admin_token_is_no_broker(api: httpx.AsyncClient) -> None
         r = await api.post(path, json=body, headers=admin)
         assert r.status_code == 403, (path, r.text)
         assert "mqtt:hooks" in r.json()["detail"]
+
+
+async def test_a_client_id_at_the_broker_stays_with_the_tenant_whose_device_used_it_first(
+    api: httpx.AsyncClient,
+) -> None:
+    # EMQX's client id is the device id: a second tenant's device of that id logging in would
+    # take the first one's session over (its subscriptions, its queued commands) and kick it
+    device_id = f"same-{uuid.uuid4().hex[:8]}"
+    _, acme = await active_device(api, device_id=device_id, auth=bearer("acme"))
+    _, globex = await active_device(api, device_id=device_id, auth=bearer("globex"))
+
+    async def login(password: str) -> str:
+        body = {"clientid": device_id, "username": device_id, "password": password}
+        r = await api.post("/v1/mqtt/auth", json=body, headers=HOOK)
+        assert r.status_code == 200, r.text
+        return str(r.json()["result"])
+
+    assert await login(acme) == "allow"
+    connected = {"event": "client.connected", "clientid": device_id, "username": device_id}
+    r = await api.post(
+        "/v1/mqtt/events", json={**connected, "tenant": "acme", "connected_at": 1}, headers=HOOK
+    )
+    assert r.status_code == 204, r.text
+    assert await login(globex) == "deny"
+    # also once acme's device is offline (its session, with its subscriptions, outlives it)
+    gone = {**connected, "event": "client.disconnected", "tenant": "acme", "disconnected_at": 2}
+    assert (await api.post("/v1/mqtt/events", json=gone, headers=HOOK)).status_code == 204
+    assert await login(globex) == "deny"
+    assert await login(acme) == "allow"
