@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, status
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import Field
 
 from api.auth import Bearer, State, api_claims, token_of
+from api.revocations import TokenRevocations
 from fleetflow.contracts.common import Strict
 from fleetflow.mqtt_topics import Refusal, filter_matches, publish_target, subscription_allowed
 from fleetflow.security import AuthError, TokenClaims, verify_token
@@ -83,11 +85,11 @@ DENY = HookAnswer(result="deny")
 
 
 @router.post("/v1/mqtt/auth", response_model=HookAnswer, response_model_exclude_defaults=True)
-async def mqtt_auth(body: AuthRequest, state: State, _hook: Hook) -> HookAnswer:
+async def mqtt_auth(body: AuthRequest, state: State, request: Request, _hook: Hook) -> HookAnswer:
     """Allow a device's CONNECT when its credential would be accepted over HTTP (or a
     bridge's, with a token holding mqtt:bridge)."""
     if body.username == BRIDGE_USERNAME:
-        return _bridge_login(state, body)
+        return await _bridge_login(state, request, body)
     try:
         login = await device_login(
             state.settings, state.devices, body.clientid, body.username, body.password.encode()
@@ -107,13 +109,20 @@ async def mqtt_auth(body: AuthRequest, state: State, _hook: Hook) -> HookAnswer:
     return HookAnswer(result="allow", client_attrs={"tenant": claims.tenant, "jti": claims.jti})
 
 
-def _bridge_login(state: State, body: AuthRequest) -> HookAnswer:
+async def _bridge_login(state: State, request: Request, body: AuthRequest) -> HookAnswer:
     try:
         claims = verify_token(state.keys, body.password, state.settings.jwt_issuer)
     except AuthError:
         return DENY
     if "mqtt:bridge" not in claims.scopes:
         return DENY
+    # the token comes in the body, where the revoked-token middleware does not look
+    revocations: TokenRevocations | None = getattr(request.app.state, "revocations", None)
+    try:
+        if revocations is None or await revocations.revoked(claims, body.password):
+            return DENY
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check the token") from None
     return HookAnswer(result="allow", client_attrs={"role": "bridge"})
 
 

@@ -7,10 +7,13 @@ import uuid
 
 import httpx
 
+from api.revocations import revoke
 from fleetflow.db import Pool
+from fleetflow.security import verify_token
+from fleetflow.settings import Settings
 from gateway.bridge import BRIDGE_USERNAME, SUBSCRIPTIONS
 from tests.integration.flows import AUTH, active_device
-from tests.support import bearer, eventually
+from tests.support import TEST_KEYS, bearer, eventually
 
 HOOK = bearer("platform", scopes=["mqtt:hooks"])
 
@@ -184,3 +187,19 @@ async def test_a_client_id_at_the_broker_stays_with_the_tenant_whose_device_used
     assert (await api.post("/v1/mqtt/events", json=gone, headers=HOOK)).status_code == 204
     assert await login(globex) == "deny"
     assert await login(acme) == "allow"
+
+
+async def test_a_revoked_bridge_token_is_no_bridge(
+    api: httpx.AsyncClient, pool: Pool, settings: Settings
+) -> None:
+    # the bridge's token is the password in the body: the revoked-token middleware never sees it
+    token = _token(["mqtt:bridge"])
+    body = {"clientid": "fleetflow-bridge-1", "username": BRIDGE_USERNAME, "password": token}
+    assert (await api.post("/v1/mqtt/auth", json=body, headers=HOOK)).json()["result"] == "allow"
+    claims = verify_token(TEST_KEYS, token, settings.jwt_issuer)
+    await revoke(pool, claims.tenant, claims.jti, claims.expires_at, "leaked")
+
+    async def login() -> object:
+        return (await api.post("/v1/mqtt/auth", json=body, headers=HOOK)).json()
+
+    await eventually(login, lambda answer: answer == {"result": "deny"})
