@@ -155,16 +155,18 @@ class EmqxKick:
     basic auth with an API key and its secret); 404 (not connected) counts as done.
 
     The client id is the device id, unique only within its tenant: before the DELETE, the
-    client's `client_attrs.tenant` (set by the auth hook at its login, GET
-    /api/v5/clients/{clientid}) must name the revoked credential's tenant, so the revocation of
-    one tenant's device never disconnects another tenant's device of that id."""
+    client's `client_attrs` (set by the auth hook at its login, GET /api/v5/clients/{clientid})
+    must name the revoked credential's tenant (and jti), so the revocation of one tenant's device
+    never disconnects another tenant's device of that id (nor a device that logged in again
+    with another credential)."""
 
     def __init__(self, base_url: str, key: str, secret: str) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = httpx.AsyncClient(auth=(key, secret), timeout=KICK_TIMEOUT_S)
 
-    async def kick(self, tenant: str, client_id: str) -> bool:
-        """True when the tenant's client is gone from the broker (or was never there)."""
+    async def kick(self, tenant: str, client_id: str, jti: str | None = None) -> bool:
+        """True when the tenant's client is gone from the broker (or was never there); with jti,
+        only a client logged in with that credential is kicked (the device may hold another)."""
         url = f"{self.base_url}/api/v5/clients/{quote(client_id, safe='')}"
         try:
             found = await self.http.get(url)
@@ -178,6 +180,8 @@ class EmqxKick:
                 # another tenant's device of that id (or a client this hook never let in)
                 log.info("kick of %s/%s: the client connected is not that tenant's", tenant, client_id)
                 return True
+            if jti is not None and attrs.get("jti") != jti:
+                return True  # connected with another credential, still good
             answer = await self.http.delete(url)
         except (httpx.HTTPError, ValueError, AttributeError) as exc:
             log.warning("kick of %s failed: %s", client_id, exc)
@@ -461,7 +465,7 @@ class Bridge:
             return
         device = await device_mqtt.revoked_device(self.pool, jti)
         if device is not None:
-            await self.kicker.kick(*device)
+            await self.kicker.kick(*device, jti=jti)
 
     async def _quietly(self, what: str, work: Awaitable[None]) -> None:
         try:

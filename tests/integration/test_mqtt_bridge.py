@@ -131,16 +131,19 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 class EmqxApi:
     """A small HTTP server standing in for EMQX's REST API: records the kicks it is asked for;
-    every client it is asked about is connected, an acme device (its `client_attrs.tenant`)."""
+    every client it is asked about is connected, an acme device (its `client_attrs.tenant`)
+    logged in with the credential `jtis` names."""
 
     def __init__(self) -> None:
         self.kicks: list[tuple[str, str]] = []  # (path, Authorization header)
-        kicks = self.kicks
+        self.jtis: dict[str, str] = {}  # client id -> the jti it logged in with
+        kicks, jtis = self.kicks, self.jtis
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 client_id = self.path.rsplit("/", 1)[1]
-                body = json.dumps({"clientid": client_id, "client_attrs": {"tenant": "acme"}}).encode()
+                attrs = {"tenant": "acme", "jti": jtis.get(client_id, "")}
+                body = json.dumps({"clientid": client_id, "client_attrs": attrs}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -428,6 +431,10 @@ async def test_a_revoked_credential_kicks_the_device_from_the_broker(
 ) -> None:
     device_id, _ = await active_device(api)
     other_id, _ = await active_device(api)
+    emqx_api.jtis[device_id] = await pool.fetchval(
+        "SELECT jti FROM device.credentials WHERE tenant = 'acme' AND device_id = $1 AND revoked_at IS NULL",
+        device_id,
+    )
     await pool.execute("UPDATE device.credentials SET revoked_at = now() WHERE device_id = $1", device_id)
     basic = "Basic " + base64.b64encode(b"bridge-key:bridge-secret").decode()
     await eventually(lambda: _kicks(emqx_api), lambda k: (f"/api/v5/clients/{device_id}", basic) in k)

@@ -19,19 +19,19 @@ class Emqx:
     """Connected clients (client id -> tenant attribute) and the DELETEs asked for."""
 
     def __init__(self) -> None:
-        self.clients: dict[str, str] = {}
+        self.clients: dict[str, dict[str, str]] = {}  # client id -> its client_attrs
         self.deleted: list[str] = []
         emqx = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 client_id = self.path.rsplit("/", 1)[1]
-                tenant = emqx.clients.get(client_id)
-                if tenant is None:
+                attrs = emqx.clients.get(client_id)
+                if attrs is None:
                     self.send_response(404)
                     self.end_headers()
                     return
-                body = json.dumps({"clientid": client_id, "client_attrs": {"tenant": tenant}}).encode()
+                body = json.dumps({"clientid": client_id, "client_attrs": attrs}).encode()
                 self.send_response(200)
                 self.send_header("content-type", "application/json")
                 self.send_header("content-length", str(len(body)))
@@ -65,7 +65,7 @@ def emqx() -> Iterator[Emqx]:
 async def test_the_revocation_of_one_tenants_device_leaves_another_tenants_device_of_that_id(
     emqx: Emqx,
 ) -> None:
-    emqx.clients["th-1"] = "globex"  # globex's th-1 is the one connected at the broker
+    emqx.clients["th-1"] = {"tenant": "globex", "jti": "j-1"}  # globex's th-1 is connected
     kicker = EmqxKick(emqx.url, "key", "secret")
     try:
         assert await kicker.kick("acme", "th-1")  # acme's th-1 is not connected: nothing to do
@@ -73,6 +73,18 @@ async def test_the_revocation_of_one_tenants_device_leaves_another_tenants_devic
         assert await kicker.kick("globex", "th-1")
         assert emqx.deleted == ["th-1"]
         assert await kicker.kick("globex", "th-1")  # gone (404): done, no second DELETE
+        assert emqx.deleted == ["th-1"]
+    finally:
+        await kicker.close()
+
+
+async def test_a_device_logged_in_with_another_credential_is_not_kicked(emqx: Emqx) -> None:
+    emqx.clients["th-1"] = {"tenant": "acme", "jti": "j-new"}  # rotated: logged in again with j-new
+    kicker = EmqxKick(emqx.url, "key", "secret")
+    try:
+        assert await kicker.kick("acme", "th-1", jti="j-old")
+        assert emqx.deleted == []
+        assert await kicker.kick("acme", "th-1", jti="j-new")
         assert emqx.deleted == ["th-1"]
     finally:
         await kicker.close()
