@@ -223,11 +223,14 @@ class DeviceCommands:
             for r in rows
         ]
 
-    async def release_commands(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
+    async def release_commands(
+        self, tenant: str, device_id: str, taken: list[DeviceCommandView], offer: bool = True
+    ) -> None:
         """Give back commands taken for a connection that ended before they were sent: pending
         again (unless answered or ended meanwhile), for the next connection or poll, which the
         `device_command_offered` NOTIFY wakes (a gateway holding the device's newer connection,
-        a long poll)."""
+        a long poll). offer=False: no NOTIFY (a broker that has no subscriber for them would be
+        offered them again at once, for ever; its subscription event offers them)."""
         async with self.pool.acquire() as conn, conn.transaction():
             released = await conn.fetch(
                 """UPDATE device.commands c SET status = 'pending', delivered_at = NULL, pushed_by = NULL
@@ -240,7 +243,7 @@ class DeviceCommands:
                 [c.command_id for c in taken],
                 [c.delivered_at for c in taken],
             )
-            if released:
+            if released and offer:
                 await _offered(conn, tenant, device_id, released[0]["command_id"])
 
     async def acknowledged_commands(self, tenant: str, device_id: str, command_ids: list[str]) -> None:

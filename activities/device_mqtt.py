@@ -89,6 +89,19 @@ async def presence(db: Any, tenant: str, device_id: str) -> tuple[bool, datetime
     return None if row is None else (bool(row["online"]), row["changed_at"])
 
 
+async def other_tenant_at(db: Any, tenant: str, device_id: str, node: str) -> str | None:
+    """Another tenant whose device of this id has connected through `node` (a broker whose
+    client ids are device ids: the id is that tenant's there), or None."""
+    other: str | None = await db.fetchval(
+        """SELECT tenant FROM device.mqtt_presence WHERE device_id = $1 AND node = $2 AND tenant <> $3
+           LIMIT 1""",
+        device_id,
+        node,
+        tenant,
+    )
+    return other
+
+
 async def notify_twin_changed(db: Any, tenant: str, device_id: str, reported: bool = False) -> None:
     """Tell the MQTT processes the device's twin changed (they push its desired document and
     delta to the device's connection, wherever it is; after a change of reported, the delta

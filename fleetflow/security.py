@@ -49,7 +49,8 @@ SCOPES: dict[str, str] = {
     "tenants:admin": "set any tenant's profile (its rate limits and quotas)",
     # every tenant's findings and a fleet-wide run: for platform operators (admin does not include it)
     "consistency:admin": "read every tenant's consistency findings, run a reconciliation (/v1/consistency)",
-    # for the MQTT broker of the compose stack: its device login and topic checks (/v1/mqtt/*)
+    # for the MQTT broker of the compose stack: its device login and topic checks (/v1/mqtt/*);
+    # every tenant's devices, so a tenant's admin does not include it
     "mqtt:hooks": "ask whether an MQTT device login or topic is allowed (broker hooks)",
     # every tenant's device traffic: for `fleetflow mqtt-bridge` (admin does not include it)
     "mqtt:bridge": "log in to the MQTT broker as a fleetflow bridge (shared subscriptions, pushes)",

@@ -152,18 +152,38 @@ class _Publishes:
 
 class EmqxKick:
     """Disconnects a client through EMQX's REST API (`DELETE /api/v5/clients/{clientid}`, HTTP
-    basic auth with an API key and its secret); 404 (not connected) counts as done."""
+    basic auth with an API key and its secret); 404 (not connected) counts as done.
+
+    The client id is the device id, unique only within its tenant: before the DELETE, the
+    client's `client_attrs` (set by the auth hook at its login, GET /api/v5/clients/{clientid})
+    must name the revoked credential's tenant (and jti), so the revocation of one tenant's device
+    never disconnects another tenant's device of that id (nor a device that logged in again
+    with another credential)."""
 
     def __init__(self, base_url: str, key: str, secret: str) -> None:
         self.base_url = base_url.rstrip("/")
         self.http = httpx.AsyncClient(auth=(key, secret), timeout=KICK_TIMEOUT_S)
 
-    async def kick(self, client_id: str) -> bool:
-        """True when the client is gone from the broker."""
+    async def kick(self, tenant: str, client_id: str, jti: str | None = None) -> bool:
+        """True when the tenant's client is gone from the broker (or was never there); with jti,
+        only a client logged in with that credential is kicked (the device may hold another)."""
         url = f"{self.base_url}/api/v5/clients/{quote(client_id, safe='')}"
         try:
+            found = await self.http.get(url)
+            if found.status_code == 404:
+                return True
+            if found.status_code != 200:
+                log.warning("kick of %s: EMQX answered %d", client_id, found.status_code)
+                return False
+            attrs = found.json().get("client_attrs") or {}
+            if attrs.get("tenant") != tenant:
+                # another tenant's device of that id (or a client this hook never let in)
+                log.info("kick of %s/%s: the client connected is not that tenant's", tenant, client_id)
+                return True
+            if jti is not None and attrs.get("jti") != jti:
+                return True  # connected with another credential, still good
             answer = await self.http.delete(url)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, ValueError, AttributeError) as exc:
             log.warning("kick of %s failed: %s", client_id, exc)
             return False
         if answer.status_code in (200, 204, 404):
@@ -199,7 +219,10 @@ class Bridge:
         self.committer = GroupCommitter(pool)
         self.twin = TwinPush(temporal, pool)
         self.jobs = JobPush(self.devices, temporal, pool)
-        self.commands = CommandPush(self.devices, temporal)
+        # the commands this bridge took name it until the broker's PUBACK: a bridge killed in
+        # between gives them back when it runs again (the same client id, so the same node)
+        self.node = f"bridge:{client_id}"
+        self.commands = CommandPush(self.devices, temporal, self.node)
         self.kicker = (
             EmqxKick(settings.emqx_api_url, settings.emqx_api_key or "", settings.emqx_api_secret or "")
             if settings.emqx_api_url
@@ -241,6 +264,22 @@ class Bridge:
         props.ReceiveMaximum = RECEIVE_MAXIMUM
         self.client.connect_async(self.host, self.port, keepalive=30, clean_start=False, properties=props)
         self.client.loop_start()
+        self._spawn(self._release_taken())
+
+    async def _release_taken(self) -> None:
+        """Once connected (so the NOTIFY it sends finds a bridge to push them): give back the
+        commands an earlier run of this bridge took and did not see the broker accept."""
+        await self._connected.wait()
+        while True:
+            try:
+                given_back = await self.commands.release_node()
+            except _UNAVAILABLE as exc:
+                log.warning("commands of an earlier run not given back yet: %s", exc)
+                await asyncio.sleep(RETRY_S)
+                continue
+            if given_back:
+                log.info("%d commands an earlier run of this bridge took without PUBACK: pending", given_back)
+            return
 
     async def connected(self) -> None:
         """Wait until the broker accepted the bridge and its subscriptions were sent."""
@@ -253,6 +292,7 @@ class Bridge:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.commands.drain()  # the PUBACKs recorded, so a restart pushes none of them again
         await self.committer.stop()
         if self._listener is not None:
             await self._listener.close()
@@ -401,16 +441,20 @@ class Bridge:
         for _ in range(MAX_TAKES):
             if not self._connected.is_set():
                 return  # not taken: pending for the next offer, subscription or poll
-            taken = await self.devices.take_commands(tenant, device_id, TAKE_AT_ONCE)
+            taken = await self.devices.take_commands(tenant, device_id, TAKE_AT_ONCE, self.node)
             for i, command in enumerate(taken):
+                timed_out = False
                 try:
                     code = await self.publish(name, command.model_dump_json().encode())
                 except TimeoutError:
-                    code = codec.RC5_UNSPECIFIED
+                    code, timed_out = codec.RC5_UNSPECIFIED, True
                 if code >= RC_NO_SUBSCRIBERS:  # 0x10 no subscriber, 0x80+ refused: not sent
-                    await self.commands.release(tenant, device_id, taken[i:])
+                    # offered again only after a timeout: for no subscriber or a refusal the
+                    # offer's NOTIFY would bring them straight back here, round and round; the
+                    # device's subscription (the broker's session.subscribed event) offers them
+                    await self.commands.release(tenant, device_id, taken[i:], offer=timed_out)
                     return
-                self.commands.delivered(tenant, device_id, command)
+                self.commands.delivered(tenant, device_id, command, acknowledged=True)
             if len(taken) < TAKE_AT_ONCE:
                 return
 
@@ -421,7 +465,7 @@ class Bridge:
             return
         device = await device_mqtt.revoked_device(self.pool, jti)
         if device is not None:
-            await self.kicker.kick(device[1])
+            await self.kicker.kick(*device, jti=jti)
 
     async def _quietly(self, what: str, work: Awaitable[None]) -> None:
         try:

@@ -143,18 +143,25 @@ class CommandPush:
         while self._signals:
             await asyncio.gather(*list(self._signals), return_exceptions=True)
 
-    def delivered(self, tenant: str, device_id: str, command: DeviceCommandView) -> None:
+    def delivered(
+        self, tenant: str, device_id: str, command: DeviceCommandView, acknowledged: bool = False
+    ) -> None:
         """Tell the command's run it was sent to the device (a bridge's push, acknowledged by the
-        broker; a campaign's command has no run)."""
-        self._delivered(tenant, device_id, command, acked=False)
+        broker; a campaign's command has no run); acknowledged: the push no longer names this
+        node (no restart of it gives the command back)."""
+        self._delivered(tenant, device_id, command, acked=acknowledged)
 
-    async def release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
-        """Give back taken commands that were not sent (pending again)."""
-        await self._release(tenant, device_id, taken)
+    async def release(
+        self, tenant: str, device_id: str, taken: list[DeviceCommandView], offer: bool = True
+    ) -> None:
+        """Give back taken commands that were not sent (pending again; offer: NOTIFY it)."""
+        await self._release(tenant, device_id, taken, offer)
 
-    async def _release(self, tenant: str, device_id: str, taken: list[DeviceCommandView]) -> None:
+    async def _release(
+        self, tenant: str, device_id: str, taken: list[DeviceCommandView], offer: bool = True
+    ) -> None:
         try:
-            await self.devices.release_commands(tenant, device_id, taken)
+            await self.devices.release_commands(tenant, device_id, taken, offer)
         except _UNAVAILABLE:
             log.warning("commands of %s/%s taken and not pushed", tenant, device_id, exc_info=True)
 

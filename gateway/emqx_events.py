@@ -50,6 +50,18 @@ class BrokerEvent(Strict):
         return None if value in ("undefined", "") else value
 
 
+async def client_id_free(pool: Pool, tenant: str, device_id: str) -> bool:
+    """Whether the tenant's device may use its id as its client id at the broker: not when
+    another tenant's device of that id has connected there. A client id names one session at
+    the broker, whoever logs in with it: a second tenant's device would take the first's
+    session over, with its subscriptions (that tenant's commands, twin and jobs) and the
+    messages queued for it, and disconnect it. LoginUnavailable when the database is away."""
+    try:
+        return await device_mqtt.other_tenant_at(pool, tenant, device_id, NODE) is None
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        raise LoginUnavailable(str(exc)) from None
+
+
 async def record_event(pool: Pool, devices: DeviceService, temporal: Client, event: BrokerEvent) -> None:
     """Record one broker event; LoginUnavailable when the database is away (the broker retries)."""
     tenant, device_id = event.tenant, event.username

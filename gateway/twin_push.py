@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from temporalio.client import Client
-from temporalio.service import RPCError
+from temporalio.service import RPCError, RPCStatusCode
 
 from activities.device_mqtt import notify_twin_changed
 from fleetflow.contracts.twin import ReportState, TwinState
@@ -31,6 +31,18 @@ if TYPE_CHECKING:
     from gateway.connection import Connection
 
 log = logging.getLogger(__name__)
+
+
+# Temporal's answers that say it could not take the call now (not: no such twin)
+TEMPORAL_AWAY = frozenset(
+    {
+        RPCStatusCode.UNAVAILABLE,
+        RPCStatusCode.DEADLINE_EXCEEDED,
+        RPCStatusCode.RESOURCE_EXHAUSTED,
+        RPCStatusCode.CANCELLED,
+        RPCStatusCode.ABORTED,
+    }
+)
 
 
 class TwinPush:
@@ -107,6 +119,11 @@ class TwinPush:
             await handle.signal(DeviceTwin.report, ReportState(patch=doc, at=datetime.now(UTC)))
         except RPCError as exc:
             log.warning("report of %s/%s not delivered: %s", claims.tenant, claims.device_id, exc)
+            if exc.status in TEMPORAL_AWAY:
+                # not recorded, and it may be once Temporal is back: no PUBACK (the connection
+                # ends; the device, or the broker's session of a bridge, sends it again), not
+                # an answer that 3.1.1 (no failure code) and a broker's device take as done
+                conn.close(codec.RC5_SERVER_UNAVAILABLE, "temporal unavailable")
             return codec.RC5_UNSPECIFIED
         # every connection of the device (on any gateway) gets the delta, if it changed
         await notify_twin_changed(self.pool, claims.tenant, claims.device_id, reported=True)

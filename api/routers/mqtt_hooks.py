@@ -19,21 +19,39 @@ subscription makes the bridges push what the topic holds now.
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, HTTPException, status
+import asyncpg
+from fastapi import APIRouter, Depends, HTTPException, Request, status
 from pydantic import Field
 
-from api.auth import State, require
+from api.auth import Bearer, State, api_claims, token_of
+from api.revocations import TokenRevocations
 from fleetflow.contracts.common import Strict
 from fleetflow.mqtt_topics import Refusal, filter_matches, publish_target, subscription_allowed
 from fleetflow.security import AuthError, TokenClaims, verify_token
 from gateway.auth import LoginUnavailable, device_login
 from gateway.bridge import BRIDGE_USERNAME, PUSHED, SHARE_GROUP, SUBSCRIPTIONS
-from gateway.emqx_events import BrokerEvent, record_event
+from gateway.emqx_events import BrokerEvent, client_id_free, record_event
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["mqtt"])
-Hook = Annotated[TokenClaims, Depends(require("mqtt:hooks"))]
+HOOK_SCOPE = "mqtt:hooks"
+
+
+async def _broker(state: State, credentials: Bearer) -> TokenClaims:
+    """A token holding mqtt:hooks itself: a tenant's `admin` does not include it (the hooks
+    decide for every tenant's devices; with them one tenant could set another's devices
+    online or offline, or test credentials)."""
+    claims = api_claims(state, token_of(credentials))
+    if HOOK_SCOPE not in claims.scopes:
+        detail = f"this needs the {HOOK_SCOPE!r} scope itself (admin does not include it)"
+        raise HTTPException(status.HTTP_403_FORBIDDEN, detail=detail)
+    return claims
+
+
+Hook = Annotated[TokenClaims, Depends(_broker)]
 Text = Annotated[str, Field(max_length=8192)]
 
 
@@ -67,15 +85,22 @@ DENY = HookAnswer(result="deny")
 
 
 @router.post("/v1/mqtt/auth", response_model=HookAnswer, response_model_exclude_defaults=True)
-async def mqtt_auth(body: AuthRequest, state: State, _hook: Hook) -> HookAnswer:
+async def mqtt_auth(body: AuthRequest, state: State, request: Request, _hook: Hook) -> HookAnswer:
     """Allow a device's CONNECT when its credential would be accepted over HTTP (or a
     bridge's, with a token holding mqtt:bridge)."""
     if body.username == BRIDGE_USERNAME:
-        return _bridge_login(state, body)
+        return await _bridge_login(state, request, body)
     try:
         login = await device_login(
             state.settings, state.devices, body.clientid, body.username, body.password.encode()
         )
+        if login is not None and not await client_id_free(state.pool, login[0].tenant, login[0].device_id):
+            log.warning(
+                "MQTT login of %s/%s refused: another tenant's device holds that client id",
+                login[0].tenant,
+                login[0].device_id,
+            )
+            return DENY
     except LoginUnavailable:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check the credential") from None
     if login is None:
@@ -84,13 +109,20 @@ async def mqtt_auth(body: AuthRequest, state: State, _hook: Hook) -> HookAnswer:
     return HookAnswer(result="allow", client_attrs={"tenant": claims.tenant, "jti": claims.jti})
 
 
-def _bridge_login(state: State, body: AuthRequest) -> HookAnswer:
+async def _bridge_login(state: State, request: Request, body: AuthRequest) -> HookAnswer:
     try:
         claims = verify_token(state.keys, body.password, state.settings.jwt_issuer)
     except AuthError:
         return DENY
     if "mqtt:bridge" not in claims.scopes:
         return DENY
+    # the token comes in the body, where the revoked-token middleware does not look
+    revocations: TokenRevocations | None = getattr(request.app.state, "revocations", None)
+    try:
+        if revocations is None or await revocations.revoked(claims, body.password):
+            return DENY
+    except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "cannot check the token") from None
     return HookAnswer(result="allow", client_attrs={"role": "bridge"})
 
 

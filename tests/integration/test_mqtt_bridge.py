@@ -17,9 +17,11 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
+from activities.devices import DeviceService
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.e2e.stack import clean_env, pdeathsig_prefix
@@ -128,13 +130,26 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
 
 
 class EmqxApi:
-    """A small HTTP server standing in for EMQX's REST API: records the kicks it is asked for."""
+    """A small HTTP server standing in for EMQX's REST API: records the kicks it is asked for;
+    every client it is asked about is connected, an acme device (its `client_attrs.tenant`)
+    logged in with the credential `jtis` names."""
 
     def __init__(self) -> None:
         self.kicks: list[tuple[str, str]] = []  # (path, Authorization header)
-        kicks = self.kicks
+        self.jtis: dict[str, str] = {}  # client id -> the jti it logged in with
+        kicks, jtis = self.kicks, self.jtis
 
         class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                client_id = self.path.rsplit("/", 1)[1]
+                attrs = {"tenant": "acme", "jti": jtis.get(client_id, "")}
+                body = json.dumps({"clientid": client_id, "client_attrs": attrs}).encode()
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
             def do_DELETE(self) -> None:
                 kicks.append((self.path, self.headers.get("Authorization", "")))
                 self.send_response(204)
@@ -328,11 +343,98 @@ async def test_a_command_sent_before_the_subscription_comes_at_subscribe(
         device.close()
 
 
+async def test_a_command_nobody_subscribed_to_is_not_offered_round_and_round(
+    api: httpx.AsyncClient, bridges: list[BridgeProcess], broker: Broker, settings: Settings
+) -> None:
+    """The broker has no subscriber for it (PUBACK 0x10): the command is given back pending
+    without a new offer, which brought it straight back to the bridges, for ever (190 offers in
+    3 s, each a take, a publish and a give-back), until the device subscribes."""
+    device_id, _ = await active_device(api)
+    offers: list[str] = []
+    listener = await asyncpg.connect(settings.database_url)
+    await listener.add_listener(
+        "device_command_offered", lambda *a: offers.append(str(a[3])) if device_id in str(a[3]) else None
+    )
+    other_id, _ = await active_device(api)
+    other = Device(broker.port, other_id, "-")
+    device = Device(broker.port, device_id, "-")
+    try:
+        sent = await api.post(f"/v1/devices/{device_id}/commands", json={"name": "reboot"}, headers=AUTH)
+        assert sent.status_code == 201, sent.text
+        # a barrier: a later command of a subscribed device, pushed by the same bridges
+        assert await other.connect() == 0
+        assert await other.subscribe(f"{base(other_id)}/commands") == [1]
+        later = await api.post(f"/v1/devices/{other_id}/commands", json={"name": "ping"}, headers=AUTH)
+        assert later.status_code == 201, later.text
+        await asyncio.to_thread(other.messages.get, True, 60)
+        assert len(offers) == 1, offers  # its own offer only
+        # still pending: the device's subscription brings it
+        assert await device.connect() == 0
+        assert await device.subscribe(f"{base(device_id)}/commands") == [1]
+        event = {
+            "event": "session.subscribed",
+            "clientid": device_id,
+            "username": device_id,
+            "tenant": "acme",
+            "topic": f"{base(device_id)}/commands",
+        }
+        assert (await api.post("/v1/mqtt/events", json=event, headers=HOOK)).status_code == 204
+        message = await asyncio.to_thread(device.messages.get, True, 60)
+        assert json.loads(message.payload)["command_id"] == sent.json()["command_id"]
+    finally:
+        device.close()
+        other.close()
+        await listener.close()
+
+
+async def test_a_command_a_killed_bridge_took_comes_when_it_runs_again(
+    api: httpx.AsyncClient, bridges: list[BridgeProcess], broker: Broker, settings: Settings, pool: Pool
+) -> None:
+    """A bridge killed between taking a command and the broker's PUBACK: the row names it
+    (pushed_by), and its next run, with the same client id, gives it back and it is pushed."""
+    device_id, _ = await active_device(api)
+    sent = await api.post(f"/v1/devices/{device_id}/commands", json={"name": "reboot"}, headers=AUTH)
+    assert sent.status_code == 201, sent.text
+    command_id = sent.json()["command_id"]
+    devices = DeviceService(pool, settings)
+    # no subscriber yet: the running bridges give it back (PUBACK 0x10); take it as the killed
+    # bridge did, for a device that is subscribed by the time it would have been published
+    killed = BridgeProcess(settings, broker, "bridge-killed")
+
+    async def take() -> list[str]:
+        taken = await devices.take_commands("acme", device_id, 10, f"bridge:{killed.client_id}")
+        return [c.command_id for c in taken]
+
+    await eventually(take, lambda ids: ids == [command_id])
+    device = Device(broker.port, device_id, "-")
+    try:
+        assert await device.connect() == 0
+        assert await device.subscribe(f"{base(device_id)}/commands") == [1]
+        killed.start()
+        await killed.started()
+        message = await asyncio.to_thread(device.messages.get, True, 60)
+        assert json.loads(message.payload)["command_id"] == command_id
+        # the broker's PUBACK: the row no longer names a bridge (no later restart pushes it again)
+        await eventually(
+            lambda: pool.fetchval(
+                "SELECT pushed_by FROM device.commands WHERE tenant = 'acme' AND command_id = $1", command_id
+            ),
+            lambda by: by is None,
+        )
+    finally:
+        device.close()
+        killed.stop()
+
+
 async def test_a_revoked_credential_kicks_the_device_from_the_broker(
     api: httpx.AsyncClient, bridges: list[BridgeProcess], emqx_api: EmqxApi, pool: Pool
 ) -> None:
     device_id, _ = await active_device(api)
     other_id, _ = await active_device(api)
+    emqx_api.jtis[device_id] = await pool.fetchval(
+        "SELECT jti FROM device.credentials WHERE tenant = 'acme' AND device_id = $1 AND revoked_at IS NULL",
+        device_id,
+    )
     await pool.execute("UPDATE device.credentials SET revoked_at = now() WHERE device_id = $1", device_id)
     basic = "Basic " + base64.b64encode(b"bridge-key:bridge-secret").decode()
     await eventually(lambda: _kicks(emqx_api), lambda k: (f"/api/v5/clients/{device_id}", basic) in k)

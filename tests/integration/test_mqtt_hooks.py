@@ -3,12 +3,17 @@ authorizes devices with: the embedded gateway's rules, behind the `mqtt:hooks` s
 
 from __future__ import annotations
 
+import uuid
+
 import httpx
 
+from api.revocations import revoke
 from fleetflow.db import Pool
+from fleetflow.security import verify_token
+from fleetflow.settings import Settings
 from gateway.bridge import BRIDGE_USERNAME, SUBSCRIPTIONS
 from tests.integration.flows import AUTH, active_device
-from tests.support import bearer, eventually
+from tests.support import TEST_KEYS, bearer, eventually
 
 HOOK = bearer("platform", scopes=["mqtt:hooks"])
 
@@ -132,3 +137,69 @@ async def test_events_hook_records_presence_at_the_broker(api: httpx.AsyncClient
     no_scope = bearer("acme", scopes=["devices:read"])
     bad = await api.post("/v1/mqtt/events", json={**device, "event": "client.connected"}, headers=no_scope)
     assert bad.status_code == 403
+
+
+async def test_a_tenant_admin_token_is_no_broker(api: httpx.AsyncClient) -> None:
+    # the hooks decide for every tenant: with acme's admin token, /v1/mqtt/events would set
+    # globex's devices online or offline and /v1/mqtt/auth would test any credential
+    admin = bearer("acme", scopes=["admin"])
+    bodies = {
+        "/v1/mqtt/auth": {"clientid": "d-1", "username": "d-1", "password": "x"},
+        "/v1/mqtt/acl": {"tenant": "globex", "username": "d-1", "topic": "t", "action": "publish"},
+        "/v1/mqtt/events": {
+            "event": "client.connected",
+            "clientid": "d-1",
+            "username": "d-1",
+            "tenant": "globex",
+            "connected_at": 1,
+        },
+    }
+    for path, body in bodies.items():
+        r = await api.post(path, json=body, headers=admin)
+        assert r.status_code == 403, (path, r.text)
+        assert "mqtt:hooks" in r.json()["detail"]
+
+
+async def test_a_client_id_at_the_broker_stays_with_the_tenant_whose_device_used_it_first(
+    api: httpx.AsyncClient,
+) -> None:
+    # EMQX's client id is the device id: a second tenant's device of that id logging in would
+    # take the first one's session over (its subscriptions, its queued commands) and kick it
+    device_id = f"same-{uuid.uuid4().hex[:8]}"
+    _, acme = await active_device(api, device_id=device_id, auth=bearer("acme"))
+    _, globex = await active_device(api, device_id=device_id, auth=bearer("globex"))
+
+    async def login(password: str) -> str:
+        body = {"clientid": device_id, "username": device_id, "password": password}
+        r = await api.post("/v1/mqtt/auth", json=body, headers=HOOK)
+        assert r.status_code == 200, r.text
+        return str(r.json()["result"])
+
+    assert await login(acme) == "allow"
+    connected = {"event": "client.connected", "clientid": device_id, "username": device_id}
+    r = await api.post(
+        "/v1/mqtt/events", json={**connected, "tenant": "acme", "connected_at": 1}, headers=HOOK
+    )
+    assert r.status_code == 204, r.text
+    assert await login(globex) == "deny"
+    # also once acme's device is offline (its session, with its subscriptions, outlives it)
+    gone = {**connected, "event": "client.disconnected", "tenant": "acme", "disconnected_at": 2}
+    assert (await api.post("/v1/mqtt/events", json=gone, headers=HOOK)).status_code == 204
+    assert await login(globex) == "deny"
+    assert await login(acme) == "allow"
+
+
+async def test_a_revoked_bridge_token_is_no_bridge(
+    api: httpx.AsyncClient, pool: Pool, settings: Settings
+) -> None:
+    # the bridge's token is the password in the body: the revoked-token middleware never sees it
+    token = _token(["mqtt:bridge"])
+    body = {"clientid": "fleetflow-bridge-1", "username": BRIDGE_USERNAME, "password": token}
+    assert (await api.post("/v1/mqtt/auth", json=body, headers=HOOK)).json()["result"] == "allow"
+    claims = verify_token(TEST_KEYS, token, settings.jwt_issuer)
+    await revoke(pool, claims.tenant, claims.jti, claims.expires_at, "leaked")
+
+    async def login() -> object:
+        return (await api.post("/v1/mqtt/auth", json=body, headers=HOOK)).json()
+
+    await eventually(login, lambda answer: answer == {"result": "deny"})
