@@ -80,9 +80,8 @@ async def test_a_huge_anonymous_body_is_refused_before_it_is_read(server: str) -
     assert b'"status": 413' in body and str(1 * MIB).encode() in body
 
 
-async def test_a_huge_chunked_body_is_cut_off(server: str) -> None:
-    """No Content-Length: the server stops reading just past the limit and answers 413."""
-    port = int(server.rsplit(":", 1)[1])
+async def _send_huge_chunked_body(port: int) -> tuple[int, dict[str, str], bytes, int]:
+    """POST a 64 MiB chunked body; the answer, and how much was sent when it came."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"POST /v1/devices HTTP/1.1\r\nHost: api\r\nTransfer-Encoding: chunked\r\n\r\n")
     chunk = b"%x\r\n%s\r\n" % (65536, b" " * 65536)
@@ -106,6 +105,21 @@ async def test_a_huge_chunked_body_is_cut_off(server: str) -> None:
         sender.cancel()
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             await sender
+    return status, headers, body, sent
+
+
+async def test_a_huge_chunked_body_is_cut_off(server: str) -> None:
+    """No Content-Length: the server stops reading just past the limit and answers 413."""
+    port = int(server.rsplit(":", 1)[1])
+    for attempt in range(3):
+        try:
+            status, headers, body, sent = await _send_huge_chunked_body(port)
+            break
+        except ConnectionResetError:
+            # the server closes with our unread bytes in its buffer, so its kernel sends RST,
+            # which may reach this one before the 413 is read (TCP, not the API): send again
+            if attempt == 2:
+                raise
     assert status == 413, body
     assert headers["content-type"] == "application/problem+json"
     assert sent < 64 * MIB  # the rest was never read (before: all of it, then a 422)

@@ -35,6 +35,9 @@ from tests.integration.flows import active_device
 from tests.support import bearer, free_port
 
 TENANT = "fuzz"  # every resource the fuzzer creates belongs to this tenant
+# the device fuzz's own tenant: the fuzz with every scope may set its tenant's profile, device
+# types (approval required, say) or rules in any way, and the device fuzz must still onboard
+DEVICE_TENANT = "fuzz-device"
 SEED = 20260601
 # examples generated per operation (FUZZ_N overrides it for a deeper run)
 MAX_EXAMPLES = int(os.environ.get("FUZZ_N", "4"))
@@ -228,14 +231,14 @@ def fuzz(url: str, headers: dict[str, str], path_regex: str | None = None) -> li
 
 @pytest.fixture(scope="module")
 async def device_credential(api_url: str) -> str:
-    """The credential of an active device of the fuzzed tenant."""
-    async with httpx.AsyncClient(base_url=api_url, timeout=30) as http:
-        # the fuzzer may have set this tenant's profile (1 request/s, no devices): back to defaults
+    """The credential of an active device of a tenant the other fuzz left alone."""
+    async with httpx.AsyncClient(base_url=api_url, timeout=60) as http:
+        # tenants:admin reaches any tenant's profile: back to the defaults, whatever was set
         reset = await http.put(
-            f"/v1/tenants/{TENANT}/profile", json={}, headers=bearer("platform", ["tenants:admin"])
+            f"/v1/tenants/{DEVICE_TENANT}/profile", json={}, headers=bearer("platform", ["tenants:admin"])
         )
         assert reset.status_code == 200, reset.text
-        _, credential = await active_device(http, auth=bearer(TENANT))
+        _, credential = await active_device(http, auth=bearer(DEVICE_TENANT))
     return credential
 
 
