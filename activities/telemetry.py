@@ -54,6 +54,86 @@ from fleetflow.interfaces.data import DataActivities
 POLL_S = 0.025
 HEARTBEAT_S = 1.0  # the SDK sends at most one per 0.8 x the step's heartbeat timeout
 _PARTITION_LOCK = 7_001_338
+# with hashtext(window_id): held by a window's store to its commit, tried by a claim that adds to
+# the window, so no batch joins a window whose store has begun (a late attempt of claim_window)
+_WINDOW_LOCK = 7_001_339
+
+# the window's first claim: the oldest pending batches of the shard, unless the window has some
+# already (a retry); `closed` is always false (no store can have begun: the window is unknown)
+_CLAIM = """WITH mine AS (
+       SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings,
+              coalesce(sum(octet_length(payload)), 0) AS bytes
+       FROM data.ingest_batches WHERE window_id = $1),
+   oldest AS (
+       SELECT tenant, writer, batch_id, readings, received_at,
+              coalesce(octet_length(payload), 0) AS bytes FROM data.ingest_batches
+       WHERE status = 'pending' AND bucket % $3 = $2
+         AND NOT EXISTS (SELECT 1 FROM mine WHERE batches > 0)
+       ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
+   candidates AS (
+       SELECT tenant, writer, batch_id,
+              sum(readings) OVER w AS running, sum(bytes) OVER w AS running_bytes
+       FROM oldest WINDOW w AS (ORDER BY received_at, tenant, writer, batch_id)),
+   picked AS (
+       SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
+       JOIN candidates c USING (tenant, writer, batch_id)
+       WHERE (c.running <= $4 AND c.running_bytes <= $5)
+          OR c.running = (SELECT min(running) FROM candidates)
+       FOR UPDATE OF b SKIP LOCKED),
+   claimed AS (
+       UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
+       FROM picked p WHERE b.tenant = p.tenant AND b.writer = p.writer
+         AND b.batch_id = p.batch_id
+         AND b.status = 'pending'
+       RETURNING b.readings, coalesce(octet_length(b.payload), 0) AS bytes)
+   SELECT (SELECT batches FROM mine) + (SELECT count(*) FROM claimed) AS batches,
+          (SELECT readings FROM mine) + (SELECT coalesce(sum(readings), 0) FROM claimed)
+              AS readings,
+          (SELECT bytes FROM mine) + (SELECT coalesce(sum(bytes), 0) FROM claimed)
+              AS bytes,
+          false AS closed"""
+
+# adding to a window that has batches: the shard's oldest pending ones that fit beside them.
+# Only while every batch of the window is still claimed and unlocked (no store has begun or
+# finished: a store locks them, and FOR SHARE rereads a row a store changed meanwhile) and the
+# window's lock is free; otherwise `closed`, and the window is returned as it is
+_FILL = """WITH mine AS (
+       SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings,
+              coalesce(sum(octet_length(payload)), 0) AS bytes
+       FROM data.ingest_batches WHERE window_id = $1),
+   held AS (
+       SELECT batch_id FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'
+       FOR SHARE SKIP LOCKED),
+   open AS (
+       SELECT (SELECT count(*) FROM held) = (SELECT batches FROM mine)
+              AND pg_try_advisory_xact_lock($6, hashtext($1)) AS ok),
+   oldest AS (
+       SELECT tenant, writer, batch_id, readings, received_at,
+              coalesce(octet_length(payload), 0) AS bytes FROM data.ingest_batches
+       WHERE status = 'pending' AND bucket % $3 = $2 AND (SELECT ok FROM open)
+       ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
+   candidates AS (
+       SELECT tenant, writer, batch_id,
+              sum(readings) OVER w AS running, sum(bytes) OVER w AS running_bytes
+       FROM oldest WINDOW w AS (ORDER BY received_at, tenant, writer, batch_id)),
+   picked AS (
+       SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
+       JOIN candidates c USING (tenant, writer, batch_id)
+       WHERE c.running + (SELECT readings FROM mine) <= $4
+         AND c.running_bytes + (SELECT bytes FROM mine) <= $5
+       FOR UPDATE OF b SKIP LOCKED),
+   claimed AS (
+       UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
+       FROM picked p WHERE b.tenant = p.tenant AND b.writer = p.writer
+         AND b.batch_id = p.batch_id
+         AND b.status = 'pending'
+       RETURNING b.readings, coalesce(octet_length(b.payload), 0) AS bytes)
+   SELECT (SELECT batches FROM mine) + (SELECT count(*) FROM claimed) AS batches,
+          (SELECT readings FROM mine) + (SELECT coalesce(sum(readings), 0) FROM claimed)
+              AS readings,
+          (SELECT bytes FROM mine) + (SELECT coalesce(sum(bytes), 0) FROM claimed)
+              AS bytes,
+          NOT (SELECT ok FROM open) AS closed"""
 
 
 class DataService(DataActivities):
@@ -124,58 +204,51 @@ class DataService(DataActivities):
         """Claim pending batches of this shard (oldest first, up to max_readings and max_bytes;
         at least one batch whatever its size).
 
-        Returns as soon as there is something, or empty after max_wait_ms; a retry
-        returns what this window already claimed.
+        Waits up to max_wait_ms for a first batch; then, while the window holds fewer than its
+        fill target of readings, keeps claiming the shard's batches into it for up to fill_ms
+        (under load the first claim reaches the target: no wait). Empty after max_wait_ms; a
+        retry returns what this window already claimed (and may add to it the same way).
         """
-        deadline = asyncio.get_running_loop().time() + request.max_wait_ms / 1000
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + request.max_wait_ms / 1000
+        filled_by: float | None = None  # the first claim's time + fill_ms
         while True:
-            row = await self.pool.fetchrow(
-                """WITH mine AS (
-                       SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings,
-                              coalesce(sum(octet_length(payload)), 0) AS bytes
-                       FROM data.ingest_batches WHERE window_id = $1),
-                   oldest AS (
-                       SELECT tenant, writer, batch_id, readings, received_at,
-                              coalesce(octet_length(payload), 0) AS bytes FROM data.ingest_batches
-                       WHERE status = 'pending' AND bucket % $3 = $2
-                         AND NOT EXISTS (SELECT 1 FROM mine WHERE batches > 0)
-                       ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
-                   candidates AS (
-                       SELECT tenant, writer, batch_id,
-                              sum(readings) OVER w AS running, sum(bytes) OVER w AS running_bytes
-                       FROM oldest WINDOW w AS (ORDER BY received_at, tenant, writer, batch_id)),
-                   picked AS (
-                       SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
-                       JOIN candidates c USING (tenant, writer, batch_id)
-                       WHERE (c.running <= $4 AND c.running_bytes <= $5)
-                          OR c.running = (SELECT min(running) FROM candidates)
-                       FOR UPDATE OF b SKIP LOCKED),
-                   claimed AS (
-                       UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
-                       FROM picked p WHERE b.tenant = p.tenant AND b.writer = p.writer
-                         AND b.batch_id = p.batch_id
-                         AND b.status = 'pending'
-                       RETURNING b.readings, coalesce(octet_length(b.payload), 0) AS bytes)
-                   SELECT (SELECT batches FROM mine) + (SELECT count(*) FROM claimed) AS batches,
-                          (SELECT readings FROM mine) + (SELECT coalesce(sum(readings), 0) FROM claimed)
-                              AS readings,
-                          (SELECT bytes FROM mine) + (SELECT coalesce(sum(bytes), 0) FROM claimed)
-                              AS bytes""",
-                request.window_id,
-                request.shard,
-                request.shards,
-                request.max_readings,
-                request.max_bytes,
-            )
-            assert row is not None
-            if row["batches"] or asyncio.get_running_loop().time() >= deadline:
-                return Window(
-                    window_id=request.window_id,
-                    batches=row["batches"],
-                    readings=row["readings"],
-                    bytes=row["bytes"],
+            if filled_by is None:
+                row = await self.pool.fetchrow(
+                    _CLAIM,
+                    request.window_id,
+                    request.shard,
+                    request.shards,
+                    request.max_readings,
+                    request.max_bytes,
                 )
-            activity.heartbeat()
+            else:
+                row = await self.pool.fetchrow(
+                    _FILL,
+                    request.window_id,
+                    request.shard,
+                    request.shards,
+                    request.max_readings,
+                    request.max_bytes,
+                    _WINDOW_LOCK,
+                )
+            assert row is not None
+            batches, readings, size = row["batches"], row["readings"], row["bytes"]
+            window = Window(window_id=request.window_id, batches=batches, readings=readings, bytes=size)
+            now = loop.time()
+            if window.batches:
+                filled_by = now + request.fill_ms / 1000 if filled_by is None else filled_by
+                if (
+                    window.readings >= request.fill_target()
+                    or window.bytes >= request.max_bytes
+                    or now >= filled_by
+                    or row["closed"]
+                ):
+                    return window
+            elif now >= deadline:
+                return window
+            if activity.in_activity():
+                activity.heartbeat()
             await asyncio.sleep(POLL_S)
 
     @implements(DataActivities.store_window)
@@ -201,6 +274,8 @@ class DataService(DataActivities):
 
 async def _store(conn: Any, request: StoreWindow) -> Stored:
     """store_window's transaction."""
+    # to the commit: a late claim_window attempt adds no batch to the window from here on
+    await conn.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _WINDOW_LOCK, request.window_id)
     done = await conn.fetchrow("SELECT * FROM data.windows WHERE window_id = $1", request.window_id)
     if done is not None:
         return _stored(request, done["stored"], done["quarantined"], done["by_tenant"])

@@ -5,6 +5,7 @@ rate into the same PostgreSQL measured in the same run.
     python -m bench.ingest [--seconds S] [--senders N] [--batch N] [--workers N]
     python -m bench.ingest --tracing 0.01            # traced, 1% of traces sampled
     python -m bench.ingest --tracing-overhead 0.01   # off, then on: tracing_overhead_ratio
+    python -m bench.ingest --engine-work             # tasks per 1,000 readings at 500/s and --rate
 
 With tracing on, every process exports over OTLP/HTTP to a local sink that reads and drops
 each export (no collector here), so the export cost is paid as in production.
@@ -27,6 +28,7 @@ import asyncpg
 import httpx
 import psutil
 
+from bench import engine_work
 from bench.platform import Platform, platform
 from bench.stack import percentile, say
 
@@ -262,6 +264,10 @@ async def run(
 
         say(f"sending for {seconds:.0f} s: {senders} senders, {batch_size} readings a batch ...")
         procs = p.processes()
+        metrics = engine_work.metrics_urls(procs)
+        await asyncio.sleep(1.5)  # the setup's tasks reach the counters (exported each second)
+        tasks_before = await engine_work.tasks(http, metrics)
+        windows_before = await _windows(dsn)
         cpu_before = _cpu_s(procs)
         started = time.perf_counter()
         sampling = asyncio.create_task(sampler())
@@ -284,6 +290,8 @@ async def run(
         finally:
             await conn.close()
         await asyncio.sleep(2)  # last webhooks
+        tasks = await engine_work.tasks(http, metrics) - tasks_before
+        windows, shard_count = await _windows(dsn, windows_before[0])
     alert_latencies = []
     for received, event in hooks.received:
         if event.get("type") == "AlertRaised":
@@ -311,9 +319,49 @@ async def run(
         **{f"cpu_s_{k}": round(v, 1) for k, v in sorted(cpu_by_process.items())},
         "otlp_exports": sink.exports,
         "otlp_export_kib": round(sink.bytes / 1024),
+        # workflow tasks + activity executions of every worker, from the SDK's counters
+        "temporal_tasks": tasks,
+        "temporal_tasks_per_1k_readings": round(tasks * 1000 / stored, 2) if stored else None,
+        "windows_per_s_per_shard": round(windows / wall / max(shard_count, 1), 2),
+        "readings_per_window": round(stored / windows, 1) if windows else None,
         "drain_s": round(wall - seconds, 1),
         "wall_s": round(wall, 1),
         **{f"rss_mb_{k}": round(v) for k, v in sorted(rss.items())},
+    }
+
+
+async def _windows(dsn: str, since: int = 0) -> tuple[int, int]:
+    """Windows stored after the first `since` (by count) and the shards that stored them."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        row = await conn.fetchrow(
+            """SELECT count(*) AS n, count(DISTINCT split_part(window_id, '/', 1)) AS shards
+               FROM (SELECT window_id FROM data.windows ORDER BY stored_at OFFSET $1) w""",
+            since,
+        )
+        assert row is not None
+        return int(row["n"]), int(row["shards"])
+    finally:
+        await conn.close()
+
+
+def engine_work_at_two_rates(
+    seconds: float, senders: int, batch_size: int, workers: int, shards: int, rate: float
+) -> dict[str, Any]:
+    """Tasks per 1,000 readings at a trickle (500 readings/s in batches of 25) and at `rate`."""
+    low = asyncio.run(run(seconds, senders, 25, workers, shards, 500))
+    high = asyncio.run(run(seconds, senders, batch_size, workers, shards, rate))
+    per_1k_low, per_1k_high = low["temporal_tasks_per_1k_readings"], high["temporal_tasks_per_1k_readings"]
+    return {
+        "temporal_tasks_per_1k_readings_at_500": per_1k_low,
+        f"temporal_tasks_per_1k_readings_at_{rate:.0f}": per_1k_high,
+        "temporal_tasks_ratio_low_vs_high": round(per_1k_low / per_1k_high, 1) if per_1k_high else None,
+        "windows_per_s_per_shard_at_500": low["windows_per_s_per_shard"],
+        "readings_per_window_at_500": low["readings_per_window"],
+        f"windows_per_s_per_shard_at_{rate:.0f}": high["windows_per_s_per_shard"],
+        "alert_p99_ms_at_500": low["alert_p99_ms"],
+        f"alert_p99_ms_at_{rate:.0f}": high["alert_p99_ms"],
+        "runs": {"low": low, "high": high},
     }
 
 
@@ -362,9 +410,16 @@ if __name__ == "__main__":
         help="run with tracing off, then on at RATIO, and print tracing_overhead_ratio",
     )
     parser.add_argument("--repeat", type=int, default=1, help="off/on pairs for --tracing-overhead")
+    parser.add_argument(
+        "--engine-work",
+        action="store_true",
+        help="run at 500 readings/s, then at --rate: temporal_tasks_per_1k_readings of each, their ratio",
+    )
     args = parser.parse_args()
     common = (args.seconds, args.senders, args.batch, args.workers, args.shards, args.rate)
-    if args.tracing_overhead is None:
+    if args.engine_work:
+        figures = engine_work_at_two_rates(*common)
+    elif args.tracing_overhead is None:
         figures = asyncio.run(run(*common, tracing=args.tracing))
     else:
         figures = tracing_overhead(common, args.tracing_overhead, args.repeat)

@@ -25,6 +25,11 @@ from fleetflow.contracts.limits import Value as Value
 
 # a window's payload bytes: what store_window holds in memory and its time bound scale with it
 MAX_WINDOW_BYTES = 16 * 1024 * 1024
+# a window that holds fewer readings than its fill target keeps claiming its shard's batches
+# for up to FILL_MS after its first claim: at a trickle a shard runs a few full windows a
+# second, not one per batch; under load the first claim already reaches the target
+FILL_MS = 500
+FILL_SHARE = 50  # the default fill target: max_readings / FILL_SHARE (1,000 of 50,000)
 POISON = "PoisonWindow"  # ApplicationError type: a window step failing the same way on retry
 BUCKETS = 1024  # a batch's bucket; the shard that processes it is bucket % shards
 
@@ -84,6 +89,14 @@ class ClaimWindow(Contract):
     max_readings: int
     max_wait_ms: int
     max_bytes: int = MAX_WINDOW_BYTES
+    # defaults, so that the inputs of runs started before them mean the same: 0 is
+    # max_readings / FILL_SHARE; fill_ms 0 returns after the first claim, as it used to
+    fill_readings: Annotated[int, Field(ge=0)] = 0
+    fill_ms: Annotated[int, Field(ge=0, le=10_000)] = FILL_MS  # well within the claim's time bound
+
+    def fill_target(self) -> int:
+        """Readings at which the window stops waiting to fill."""
+        return min(self.fill_readings or max(1, self.max_readings // FILL_SHARE), self.max_readings)
 
 
 class Window(Contract):

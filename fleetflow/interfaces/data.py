@@ -72,8 +72,9 @@ class DataActivities(ServiceInterface):
         """Claim pending batches of this shard (oldest first, up to max_readings and max_bytes;
         at least one batch whatever its size).
 
-        Returns as soon as there is something, or empty after max_wait_ms; a retry
-        returns what this window already claimed.
+        Waits up to max_wait_ms for a first batch, then up to fill_ms for the window to reach
+        its fill target; empty after max_wait_ms; a retry returns what this window already
+        claimed (and may add to it).
         """
 
     @activity.defn(name="data.store_window")

@@ -1,0 +1,125 @@
+"""A window waits briefly to fill: at a trickle, one claim gathers the batches that arrive
+while it waits (fewer windows, fewer Temporal tasks per reading); at its fill target, or when
+the window's store has begun, it returns at once."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime
+
+from activities.telemetry import _WINDOW_LOCK, DataService
+from fleetflow.contracts.telemetry import ClaimWindow
+from fleetflow.db import Pool
+from tests.support import eventually
+
+# each test a bucket of its own: -p % n is never a running shard's (p is prime, larger than any
+# n), -p % (p + 1) = -p is the shard the test claims, and no other test uses it
+LONG = 10_000  # fill_ms no test waits out: the window returns on reaching its target
+
+
+async def _pending(pool: Pool, tag: str, n: int, bucket: int, readings: int = 10) -> None:
+    ts = datetime.now(UTC).isoformat()
+    payload = "".join(f"acme,{tag}-{n},fill-device,m,{ts},{i}.0\n" for i in range(readings)).encode()
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+           VALUES ('acme', $1, $2, $3, ARRAY['fill-device'], $4)""",
+        f"{tag}-{n}",
+        bucket,
+        readings,
+        payload,
+    )
+
+
+def _claim(window_id: str, bucket: int, fill_readings: int, fill_ms: int = LONG) -> ClaimWindow:
+    return ClaimWindow(
+        window_id=window_id,
+        shard=bucket,
+        shards=-bucket + 1,
+        max_readings=50_000,
+        max_wait_ms=LONG,
+        fill_readings=fill_readings,
+        fill_ms=fill_ms,
+    )
+
+
+async def _claimed(pool: Pool, window_id: str) -> int:
+    query = "SELECT count(*) FROM data.ingest_batches WHERE window_id = $1"
+    return int(await pool.fetchval(query, window_id))
+
+
+async def _until_claimed(pool: Pool, window_id: str, batches: int) -> None:
+    await eventually(lambda: _claimed(pool, window_id), lambda c: c == batches)
+
+
+async def _cleanup(pool: Pool, tag: str) -> None:
+    await pool.execute("DELETE FROM data.ingest_batches WHERE batch_id LIKE $1", f"{tag}-%")
+
+
+async def test_a_trickle_of_batches_is_gathered_into_one_window(pool: Pool) -> None:
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_033
+    service = DataService(pool)
+    window_id = f"{tag}/0"
+    await _pending(pool, tag, 0, bucket)
+    # five batches of 10 readings fill the window: it waits for the four that trickle in
+    claim = asyncio.create_task(service.claim_window(_claim(window_id, bucket, fill_readings=50)))
+    try:
+        for n in range(1, 5):
+            await _until_claimed(pool, window_id, n)
+            await asyncio.sleep(0.1)
+            await _pending(pool, tag, n, bucket)
+        window = await claim
+        assert (window.batches, window.readings) == (5, 50)
+        # a retry returns what the window holds, and may add to it the same way
+        retry = asyncio.create_task(service.claim_window(_claim(window_id, bucket, fill_readings=60)))
+        await _pending(pool, tag, 5, bucket)
+        assert (await retry).batches == 6
+        assert await _claimed(pool, window_id) == 6
+    finally:
+        claim.cancel()
+        await _cleanup(pool, tag)
+
+
+async def test_a_window_at_its_fill_target_returns_at_once(pool: Pool) -> None:
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_037
+    service = DataService(pool)
+    window_id = f"{tag}/0"
+    for n in range(3):
+        await _pending(pool, tag, n, bucket)
+    claim = asyncio.create_task(service.claim_window(_claim(window_id, bucket, fill_readings=30)))
+    try:
+        await _until_claimed(pool, window_id, 3)
+        # a window that waited to fill would take this batch too
+        await _pending(pool, tag, 3, bucket)
+        window = await claim
+        assert (window.batches, window.readings) == (3, 30)
+        assert await _claimed(pool, window_id) == 3
+    finally:
+        claim.cancel()
+        await _cleanup(pool, tag)
+
+
+async def test_no_batch_joins_a_window_whose_store_has_begun(pool: Pool) -> None:
+    # a late attempt of claim_window (its worker slow, the activity retried elsewhere and the
+    # window already storing) must not add batches the store does not copy
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_039
+    service = DataService(pool)
+    window_id = f"{tag}/0"
+    await _pending(pool, tag, 0, bucket)
+    first = await service.claim_window(_claim(window_id, bucket, fill_readings=10))
+    assert first.batches == 1
+    await _pending(pool, tag, 1, bucket)
+    async with pool.acquire() as store:
+        storing = store.transaction()
+        await storing.start()
+        # what store_window takes first, to its commit
+        await store.execute("SELECT pg_advisory_xact_lock($1, hashtext($2))", _WINDOW_LOCK, window_id)
+        try:
+            late = await service.claim_window(_claim(window_id, bucket, fill_readings=100))
+        finally:
+            await storing.rollback()
+    try:
+        assert late.batches == 1
+        assert await _claimed(pool, window_id) == 1
+    finally:
+        await _cleanup(pool, tag)
