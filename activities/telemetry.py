@@ -58,27 +58,32 @@ _PARTITION_LOCK = 7_001_338
 # the window, so no batch joins a window whose store has begun (a late attempt of claim_window)
 _WINDOW_LOCK = 7_001_339
 
-# the window's first claim: the oldest pending batches of the shard, unless the window has some
-# already (a retry); `closed` is always false (no store can have begun: the window is unknown)
-_CLAIM = """WITH mine AS (
+# the window's batches so far (a retry's, or a filling window's)
+_MINE = """mine AS (
        SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings,
               coalesce(sum(octet_length(payload)), 0) AS bytes
-       FROM data.ingest_batches WHERE window_id = $1),
-   oldest AS (
+       FROM data.ingest_batches WHERE window_id = $1)"""
+
+
+def _oldest_pending(condition: str) -> str:
+    """The shard's oldest pending batches (while `condition` holds), with running totals."""
+    return f"""oldest AS (
        SELECT tenant, writer, batch_id, readings, received_at,
               coalesce(octet_length(payload), 0) AS bytes FROM data.ingest_batches
-       WHERE status = 'pending' AND bucket % $3 = $2
-         AND NOT EXISTS (SELECT 1 FROM mine WHERE batches > 0)
+       WHERE status = 'pending' AND bucket % $3 = $2 AND {condition}
        ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
    candidates AS (
        SELECT tenant, writer, batch_id,
               sum(readings) OVER w AS running, sum(bytes) OVER w AS running_bytes
-       FROM oldest WINDOW w AS (ORDER BY received_at, tenant, writer, batch_id)),
-   picked AS (
+       FROM oldest WINDOW w AS (ORDER BY received_at, tenant, writer, batch_id))"""
+
+
+def _claim_picked(picked: str, closed: str) -> str:
+    """Claim the candidates `picked` selects into the window; its totals, and `closed`."""
+    return f"""picked AS (
        SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
        JOIN candidates c USING (tenant, writer, batch_id)
-       WHERE (c.running <= $4 AND c.running_bytes <= $5)
-          OR c.running = (SELECT min(running) FROM candidates)
+       WHERE {picked}
        FOR UPDATE OF b SKIP LOCKED),
    claimed AS (
        UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
@@ -91,49 +96,44 @@ _CLAIM = """WITH mine AS (
               AS readings,
           (SELECT bytes FROM mine) + (SELECT coalesce(sum(bytes), 0) FROM claimed)
               AS bytes,
-          false AS closed"""
+          {closed} AS closed"""
+
+
+# the window's first claim: the oldest pending batches of the shard, unless the window has some
+# already (a retry); `closed` is always false (no store can have begun: the window is unknown)
+_CLAIM = ",\n   ".join(
+    (
+        f"WITH {_MINE}",
+        _oldest_pending("NOT EXISTS (SELECT 1 FROM mine WHERE batches > 0)"),
+        _claim_picked(
+            "(c.running <= $4 AND c.running_bytes <= $5)"
+            " OR c.running = (SELECT min(running) FROM candidates)",
+            "false",
+        ),
+    )
+)
 
 # adding to a window that has batches: the shard's oldest pending ones that fit beside them.
 # Only while every batch of the window is still claimed and unlocked (no store has begun or
 # finished: a store locks them, and FOR SHARE rereads a row a store changed meanwhile) and the
 # window's lock is free; otherwise `closed`, and the window is returned as it is
-_FILL = """WITH mine AS (
-       SELECT count(*) AS batches, coalesce(sum(readings), 0) AS readings,
-              coalesce(sum(octet_length(payload)), 0) AS bytes
-       FROM data.ingest_batches WHERE window_id = $1),
-   held AS (
+_FILL = ",\n   ".join(
+    (
+        f"WITH {_MINE}",
+        """held AS (
        SELECT batch_id FROM data.ingest_batches WHERE window_id = $1 AND status = 'claimed'
-       FOR SHARE SKIP LOCKED),
-   open AS (
+       FOR SHARE SKIP LOCKED)""",
+        """open AS (
        SELECT (SELECT count(*) FROM held) = (SELECT batches FROM mine)
-              AND pg_try_advisory_xact_lock($6, hashtext($1)) AS ok),
-   oldest AS (
-       SELECT tenant, writer, batch_id, readings, received_at,
-              coalesce(octet_length(payload), 0) AS bytes FROM data.ingest_batches
-       WHERE status = 'pending' AND bucket % $3 = $2 AND (SELECT ok FROM open)
-       ORDER BY received_at, tenant, writer, batch_id LIMIT 2000),
-   candidates AS (
-       SELECT tenant, writer, batch_id,
-              sum(readings) OVER w AS running, sum(bytes) OVER w AS running_bytes
-       FROM oldest WINDOW w AS (ORDER BY received_at, tenant, writer, batch_id)),
-   picked AS (
-       SELECT b.tenant, b.writer, b.batch_id FROM data.ingest_batches b
-       JOIN candidates c USING (tenant, writer, batch_id)
-       WHERE c.running + (SELECT readings FROM mine) <= $4
-         AND c.running_bytes + (SELECT bytes FROM mine) <= $5
-       FOR UPDATE OF b SKIP LOCKED),
-   claimed AS (
-       UPDATE data.ingest_batches b SET status = 'claimed', window_id = $1
-       FROM picked p WHERE b.tenant = p.tenant AND b.writer = p.writer
-         AND b.batch_id = p.batch_id
-         AND b.status = 'pending'
-       RETURNING b.readings, coalesce(octet_length(b.payload), 0) AS bytes)
-   SELECT (SELECT batches FROM mine) + (SELECT count(*) FROM claimed) AS batches,
-          (SELECT readings FROM mine) + (SELECT coalesce(sum(readings), 0) FROM claimed)
-              AS readings,
-          (SELECT bytes FROM mine) + (SELECT coalesce(sum(bytes), 0) FROM claimed)
-              AS bytes,
-          NOT (SELECT ok FROM open) AS closed"""
+              AND pg_try_advisory_xact_lock($6, hashtext($1)) AS ok)""",
+        _oldest_pending("(SELECT ok FROM open)"),
+        _claim_picked(
+            "c.running + (SELECT readings FROM mine) <= $4"
+            " AND c.running_bytes + (SELECT bytes FROM mine) <= $5",
+            "NOT (SELECT ok FROM open)",
+        ),
+    )
+)
 
 
 class DataService(DataActivities):
