@@ -8,20 +8,8 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
-
-def _text(value: str) -> bytes:
-    raw = value.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def packet(first: int, body: bytes) -> bytes:
-    """A packet with its remaining length."""
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first]) + bytes(encoded) + body
+from gateway.codec import packet
+from gateway.codec import text as _text
 
 
 def connect_packet(device_id: str, password: str, keep_alive: int = 600) -> bytes:

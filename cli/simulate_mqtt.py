@@ -15,22 +15,10 @@ import httpx
 
 from cli.simulate_jobs import JobStats, handle_job
 from fleetflow.errors import StartupError
+from gateway.codec import packet as _packet
+from gateway.codec import text as _text
 
 PUBACK_TIMEOUT_S = 30.0
-
-
-def _text(value: str) -> bytes:
-    raw = value.encode()
-    return len(raw).to_bytes(2, "big") + raw
-
-
-def _packet(first: int, body: bytes) -> bytes:
-    length, encoded = len(body), bytearray()
-    while True:
-        byte, length = length % 128, length // 128
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes([first]) + bytes(encoded) + body
 
 
 def _varint_size(data: bytes, at: int) -> int:

@@ -292,11 +292,17 @@ def _varint(n: int) -> bytes:
 
 
 def _packet(kind: int, flags: int, body: bytes) -> bytes:
-    return bytes([kind << 4 | flags]) + _varint(len(body)) + body
+    return packet(kind << 4 | flags, body)
 
 
-def _text(value: str) -> bytes:
-    raw = value.encode()
+def packet(first: int, body: bytes) -> bytes:
+    """A packet from its first byte (type and flags) and its body (the length put between)."""
+    return bytes([first]) + _varint(len(body)) + body
+
+
+def text(value: str | bytes) -> bytes:
+    """A length-prefixed UTF-8 string (or bytes) of the protocol."""
+    raw = value.encode() if isinstance(value, str) else value
     return struct.pack("!H", len(raw)) + raw
 
 
@@ -356,7 +362,7 @@ def publish(
     version: int, topic: str, payload: bytes, qos: int = 0, packet_id: int = 0, retain: bool = False
 ) -> bytes:
     """A PUBLISH from the gateway to a device."""
-    body = _text(topic)
+    body = text(topic)
     if qos:
         body += struct.pack("!H", packet_id)
     if version == V5:

@@ -237,19 +237,8 @@ class RawDevice:
         self.writer: asyncio.StreamWriter | None = None
         self.buf = bytearray()
 
-    @staticmethod
-    def _text(value: str) -> bytes:
-        raw = value.encode()
-        return len(raw).to_bytes(2, "big") + raw
-
-    @staticmethod
-    def _packet(first: int, body: bytes) -> bytes:
-        length, encoded = len(body), bytearray()
-        while True:
-            byte, length = length % 128, length // 128
-            encoded.append(byte | (0x80 if length else 0))
-            if not length:
-                return bytes([first]) + bytes(encoded) + body
+    _text = staticmethod(codec.text)
+    _packet = staticmethod(codec.packet)
 
     async def connect(self) -> int:
         """CONNECT (5.0, clean start, Receive Maximum when given); the CONNACK reason code."""

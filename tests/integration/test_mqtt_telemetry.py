@@ -14,6 +14,7 @@ import pytest
 
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
+from gateway import codec
 from tests.integration.flows import AUTH, active_device
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.support import eventually
@@ -146,18 +147,7 @@ async def _raw_publish(port: int, device_id: str, token: str, pid: int, payload:
     """CONNECT (3.1.1, persistent session) and one QoS 1 PUBLISH; returns what came back before
     the socket is dropped (the PUBACK, when it was waited for)."""
 
-    def text(value: str | bytes) -> bytes:
-        raw = value.encode() if isinstance(value, str) else value
-        return len(raw).to_bytes(2, "big") + raw
-
-    def packet(first: int, body: bytes) -> bytes:
-        length, encoded = len(body), bytearray()
-        while True:
-            byte, length = length % 128, length // 128
-            encoded.append(byte | (0x80 if length else 0))
-            if not length:
-                return bytes([first]) + bytes(encoded) + body
-
+    text, packet = codec.text, codec.packet
     connect = text("MQTT") + bytes([4, 0xC0]) + (60).to_bytes(2, "big") + text(device_id) * 2 + text(token)
     publish = text(telemetry(device_id)) + pid.to_bytes(2, "big") + payload
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
