@@ -15,6 +15,7 @@ from typing import Any
 import asyncpg
 
 from activities.poison import is_transient
+from activities.telemetry_publishes import GROUPED_WRITER
 from fleetflow.contracts.telemetry import (
     BatchesQuarantined,
     QuarantineBatches,
@@ -77,8 +78,13 @@ class WindowIsolation:
 
     async def quarantine_batches(self, request: QuarantineBatches) -> BatchesQuarantined:
         """Set the window's claimed batches aside with the reason; their readings that can be
-        read show in the quarantine view under that reason. Idempotent."""
+        read show in the quarantine view under that reason. Idempotent.
+
+        A row of many devices' MQTT publishes (telemetry_publishes) is not set aside whole: it
+        goes back to the shard as one pending row per device, and the next windows isolate the
+        device whose readings fail."""
         async with self.pool.acquire() as conn, conn.transaction():
+            await _give_back_by_device(conn, request)
             batches = await conn.fetch(
                 """UPDATE data.ingest_batches SET status = 'quarantined', reason = $2, quarantined_at = now()
                    WHERE window_id = $1 AND status = 'claimed' RETURNING tenant, batch_id, payload""",
@@ -96,6 +102,56 @@ class WindowIsolation:
         BATCHES_QUARANTINED.add(len(batches))
         return BatchesQuarantined(
             window_id=request.window_id, batches=total["batches"], readings=total["readings"]
+        )
+
+
+async def _give_back_by_device(conn: Any, request: QuarantineBatches) -> None:
+    """Split the window's claimed rows of grouped MQTT publishes into pending rows of one device
+    each (the row's bucket, so its shard, and its age kept: they come first again); the grouped
+    row is marked stored, its payload dropped, the reason kept."""
+    grouped = await conn.fetch(
+        """SELECT tenant, batch_id, bucket, received_at, payload FROM data.ingest_batches
+           WHERE window_id = $1 AND status = 'claimed' AND writer = $2 AND cardinality(device_ids) > 1
+           FOR UPDATE""",
+        request.window_id,
+        GROUPED_WRITER,
+    )
+    if not grouped:
+        return
+    await conn.execute(
+        """UPDATE data.ingest_batches SET status = 'stored', stored_at = now(), payload = NULL,
+                  reason = 'given back by device: ' || $3
+           WHERE window_id = $1 AND status = 'claimed' AND writer = $2 AND cardinality(device_ids) > 1""",
+        request.window_id,
+        GROUPED_WRITER,
+        request.reason,
+    )
+    for row in grouped:
+        lines: dict[bytes, list[bytes]] = {}
+        for line in (row["payload"] or b"").splitlines(keepends=True):
+            fields = line.split(b",", 3)  # tenant,publish id,device id,...: ids hold no comma
+            lines.setdefault(fields[2] if len(fields) > 3 else b"-", []).append(line)
+        devices = [d.decode(errors="replace") for d in lines]
+        await conn.execute(
+            """INSERT INTO data.ingest_batches
+                   (tenant, writer, batch_id, bucket, readings, device_ids, payload, received_at)
+               SELECT $1, $2, $3 || '/' || u.device_id, $4, u.readings, ARRAY[u.device_id], u.payload, $5
+               FROM unnest($6::text[], $7::int[], $8::bytea[]) AS u(device_id, readings, payload)
+               ON CONFLICT (tenant, writer, batch_id) DO NOTHING""",
+            row["tenant"],
+            GROUPED_WRITER,
+            row["batch_id"],
+            row["bucket"],
+            row["received_at"],
+            devices,
+            [len(v) for v in lines.values()],
+            [b"".join(v) for v in lines.values()],
+        )
+        log.warning(
+            "grouped batch %s of %d devices given back by device: %s",
+            row["batch_id"],
+            len(devices),
+            request.reason,
         )
 
 

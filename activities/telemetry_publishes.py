@@ -4,11 +4,21 @@ commit), in the CSV form of `POST /v1/telemetry`'s batches (activities/telemetry
 The MQTT processes (gateway/, the EMQX bridge) gather the groups and acknowledge each publish
 once its group committed; nothing here knows MQTT packets.
 
+The publishes of a group without a `batch_id` of their own become one row per tenant and
+ingestion shard (writer `mqtt`, a fresh batch id; `device_ids` lists their devices), their CSV
+lines one after the other, each line naming its own publish's id: a row per publish cost the
+accept path and every step of the ingestion shards (claim, store, mark stored) a row each.
+A device's publishes always land on its own shard (as its HTTP batches do), so its windows stay
+in order. A grouped row that turns out to be a poison pill is given back to the shards as one
+row per device (activities/ingest_windows.py), so only the device whose readings fail is set
+aside.
+
 A publish is stored once across redelivery:
 - with a `batch_id` of its own, by `(tenant, device:<id>, batch_id)`, the key HTTP uses;
-- otherwise under a fresh batch id, remembered in `data.mqtt_packets` with its packet id and
+- otherwise under a fresh id, remembered in `data.mqtt_packets` with its packet id and
   payload digest: a publish redelivered with DUP set (its PUBACK was lost) that matches the
-  last stored publish of that packet id is acknowledged and not stored again.
+  last stored publish of that packet id (in the table, or earlier in the same group) is
+  acknowledged and not stored again.
 """
 
 from __future__ import annotations
@@ -16,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import uuid
 import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from enum import Enum
 
@@ -25,6 +37,9 @@ from asyncpg.pool import PoolConnectionProxy
 from fleetflow.contracts.telemetry import BUCKETS
 from fleetflow.db import Pool
 from fleetflow.metrics import READINGS_ACCEPTED
+
+# the writer of the rows that gather the publishes without a batch id of one group commit
+GROUPED_WRITER = "mqtt"
 
 
 class Outcome(Enum):
@@ -53,98 +68,200 @@ class Publish:
     digest: bytes = b""
 
     def prepare(self) -> None:
-        """The batch id, CSV payload and digest this publish is stored under."""
+        """The id, CSV payload (and, for a batch id of its own, digest) it is stored under."""
         self.key = self.batch_id or f"mqtt-{uuid.uuid4().hex}"
         prefix = f"{self.tenant},{self.key},"
         self.payload = "".join(prefix + row for row in self.rows).encode()
-        self.digest = hashlib.sha256(self.payload).digest()
+        if self.batch_id is not None:  # only a batch id of its own is compared on its return
+            self.digest = hashlib.sha256(self.payload).digest()
 
     @property
     def writer(self) -> str:
         """The owner of the batch id: the device, as over HTTP with its credential."""
         return f"device:{self.device_id}"
 
+    @property
+    def remembered(self) -> bool:
+        """Whether it is remembered by packet id (no batch id of its own, QoS 1)."""
+        return self.batch_id is None and bool(self.packet_id)
 
-_ACCEPT = """WITH input AS (
+
+# one round trip: the publishes with a batch id of their own inserted one row each (unless the
+# id is there: its digest read back), the others' grouped rows, their packet ids remembered
+_ACCEPT = """WITH own AS (
        SELECT * FROM unnest($1::int[], $2::text[], $3::text[], $4::text[], $5::int[],
-                            $6::int[], $7::text[], $8::bytea[], $9::bytea[], $10::int[],
-                            $11::bytea[], $12::bool[])
-           AS u(i, tenant, writer, batch_id, bucket, readings, device_id, payload, digest,
-                packet_id, payload_digest, redelivered)),
-   -- scalar subqueries: one index lookup per row that needs it (a join let the
-   -- planner scan the whole table for every group)
-   dup AS (
-       SELECT u.i FROM input u
-       WHERE u.redelivered AND u.payload_digest = (
-           SELECT m.digest FROM data.mqtt_packets m
-           WHERE m.tenant = u.tenant AND m.device_id = u.device_id
-             AND m.packet_id = u.packet_id)),
+                            $6::int[], $7::text[], $8::bytea[], $9::bytea[])
+           AS u(i, tenant, writer, batch_id, bucket, readings, device_id, payload, digest)),
    ins AS (
        INSERT INTO data.ingest_batches
            (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
        SELECT tenant, writer, batch_id, bucket, readings, ARRAY[device_id], payload, digest
-       FROM input WHERE i NOT IN (SELECT i FROM dup)
+       FROM own
        ON CONFLICT (tenant, writer, batch_id) DO NOTHING
        RETURNING tenant, writer, batch_id),
+   grouped AS (
+       INSERT INTO data.ingest_batches
+           (tenant, writer, batch_id, bucket, readings, device_ids, payload)
+       SELECT g.tenant, $10, g.batch_id, g.bucket, g.readings,
+              ARRAY(SELECT d.device_id FROM unnest($16::int[], $17::text[]) AS d(n, device_id)
+                    WHERE d.n = g.n),
+              g.payload
+       FROM unnest($11::int[], $12::text[], $13::text[], $14::int[], $15::int[], $18::bytea[])
+           AS g(n, tenant, batch_id, bucket, readings, payload)),
    remembered AS (
        INSERT INTO data.mqtt_packets (tenant, device_id, packet_id, digest, batch_id)
-       SELECT DISTINCT ON (u.tenant, u.device_id, u.packet_id)
-              u.tenant, u.device_id, u.packet_id, u.payload_digest, u.batch_id
-       FROM input u JOIN ins USING (tenant, writer, batch_id)
-       WHERE u.packet_id IS NOT NULL
-       ORDER BY u.tenant, u.device_id, u.packet_id, u.i DESC
+       SELECT * FROM unnest($19::text[], $20::text[], $21::int[], $22::bytea[], $23::text[])
        ON CONFLICT (tenant, device_id, packet_id)
        DO UPDATE SET digest = EXCLUDED.digest, batch_id = EXCLUDED.batch_id)
-   SELECT u.i, d.i IS NOT NULL AS dup, n.batch_id IS NOT NULL AS inserted,
-          CASE WHEN n.batch_id IS NULL AND d.i IS NULL THEN (
-              SELECT b.digest = u.digest FROM data.ingest_batches b
-              WHERE b.tenant = u.tenant AND b.writer = u.writer AND b.batch_id = u.batch_id)
+   SELECT o.i, n.batch_id IS NOT NULL AS inserted,
+          CASE WHEN n.batch_id IS NULL THEN (
+              SELECT b.digest = o.digest FROM data.ingest_batches b
+              WHERE b.tenant = o.tenant AND b.writer = o.writer AND b.batch_id = o.batch_id)
           END AS same
-   FROM input u
-   LEFT JOIN dup d ON d.i = u.i
-   LEFT JOIN ins n USING (tenant, writer, batch_id)"""
+   FROM own o LEFT JOIN ins n USING (tenant, writer, batch_id)"""
+
+# the redelivered publishes whose packet id last stored the same payload
+_REDELIVERED = """SELECT u.i FROM unnest($1::int[], $2::text[], $3::text[], $4::int[], $5::bytea[])
+       AS u(i, tenant, device_id, packet_id, digest)
+   JOIN data.mqtt_packets m USING (tenant, device_id, packet_id)
+   WHERE m.digest = u.digest"""
 
 
-async def accept_publishes(pool: Pool | PoolConnectionProxy[Record], group: list[Publish]) -> list[Outcome]:
-    """Store a group of prepared publishes in one statement (one round trip, its own
-    transaction): the redelivered duplicates found, the rest inserted, the packet ids of what was
-    new remembered, and the digest of what an existing batch id holds read back (pool: or a
-    connection the caller holds). One outcome per
-    publish, in order; raises the driver's error when nothing was stored."""
-    rows = await pool.fetch(
-        _ACCEPT,
-        list(range(len(group))),
-        [p.tenant for p in group],
-        [p.writer for p in group],
-        [p.key for p in group],
-        [zlib.crc32(p.device_id.encode()) % BUCKETS for p in group],
-        [len(p.rows) for p in group],
-        [p.device_id for p in group],
-        [p.payload for p in group],
-        [p.digest for p in group],
-        # only publishes without a batch id of their own are remembered by packet id
-        [p.packet_id if p.batch_id is None and p.packet_id else None for p in group],
-        [p.payload_digest for p in group],
-        [bool(p.dup and p.batch_id is None and p.packet_id) for p in group],
-    )
-    outcomes = [Outcome.DUPLICATE] * len(group)
+def _duplicates_in_group(group: list[Publish]) -> set[int]:
+    """The redelivered publishes whose original is earlier in the same group."""
+    seen: dict[tuple[str, str, int | None], bytes] = {}
+    found: set[int] = set()
+    for i, p in enumerate(group):
+        if not p.remembered:
+            continue
+        packet = (p.tenant, p.device_id, p.packet_id)
+        if p.dup and seen.get(packet) == p.payload_digest:
+            found.add(i)
+        else:
+            seen[packet] = p.payload_digest
+    return found
+
+
+@asynccontextmanager
+async def _transaction(
+    db: Pool | PoolConnectionProxy[Record], needed: bool
+) -> AsyncIterator[Pool | PoolConnectionProxy[Record]]:
+    """A connection in a transaction when needed (two statements), else db as it is."""
+    if not needed:
+        yield db
+        return
+    if isinstance(db, PoolConnectionProxy):
+        async with db.transaction():
+            yield db
+        return
+    async with db.acquire() as conn, conn.transaction():
+        yield conn
+
+
+async def accept_publishes(
+    db: Pool | PoolConnectionProxy[Record], group: list[Publish], *, shards: int
+) -> list[Outcome]:
+    """Store a group of prepared publishes in one transaction (one round trip unless some are
+    redelivered): the redelivered duplicates found, the rest inserted (those without a batch
+    id of their own in one row per tenant and shard, of `shards`), the packet ids of what was
+    new remembered, and the digest of what an existing batch id holds read back (db: a pool
+    or a connection the caller holds). One outcome per publish, in order; raises the driver's
+    error when nothing was stored."""
+    outcomes = [Outcome.STORED] * len(group)
+    duplicates = _duplicates_in_group(group)
+    redelivered = [i for i, p in enumerate(group) if p.dup and p.remembered and i not in duplicates]
+    async with _transaction(db, bool(redelivered)) as conn:
+        if redelivered:
+            found = await conn.fetch(
+                _REDELIVERED,
+                redelivered,
+                [group[i].tenant for i in redelivered],
+                [group[i].device_id for i in redelivered],
+                [group[i].packet_id for i in redelivered],
+                [group[i].payload_digest for i in redelivered],
+            )
+            duplicates.update(int(r["i"]) for r in found)
+        own = [i for i, p in enumerate(group) if p.batch_id is not None]
+        rows = await conn.fetch(_ACCEPT, *_own_args(group, own), *_grouped_args(group, duplicates, shards))
+    for i in duplicates:
+        outcomes[i] = Outcome.DUPLICATE
     first: dict[tuple[str, str, str], bytes] = {}  # key -> digest of the copy stored
     for r in sorted(rows, key=lambda row: int(row["i"])):
-        p = group[r["i"]]
+        i = int(r["i"])
+        p = group[i]
         key = (p.tenant, p.writer, p.key)
-        if r["dup"]:
-            continue
         if r["inserted"] and key not in first:
             first[key] = p.digest
-            outcomes[r["i"]] = Outcome.STORED
         elif r["inserted"]:  # a second copy of a batch id in this group
-            outcomes[r["i"]] = Outcome.DUPLICATE if first[key] == p.digest else Outcome.CONFLICT
-        elif r["same"] is False:
-            outcomes[r["i"]] = Outcome.CONFLICT
+            outcomes[i] = Outcome.DUPLICATE if first[key] == p.digest else Outcome.CONFLICT
+        else:
+            outcomes[i] = Outcome.CONFLICT if r["same"] is False else Outcome.DUPLICATE
     stored = sum(len(p.rows) for p, o in zip(group, outcomes, strict=True) if o is Outcome.STORED)
     if stored:
         READINGS_ACCEPTED.add(stored)
     return outcomes
+
+
+def _bucket(device_id: str) -> int:
+    return zlib.crc32(device_id.encode()) % BUCKETS
+
+
+def _own_args(group: list[Publish], own: list[int]) -> list[object]:
+    """The statement's arguments $1-$9: the publishes with a batch id of their own."""
+    return [
+        own,
+        [group[i].tenant for i in own],
+        [group[i].writer for i in own],
+        [group[i].key for i in own],
+        [_bucket(group[i].device_id) for i in own],
+        [len(group[i].rows) for i in own],
+        [group[i].device_id for i in own],
+        [group[i].payload for i in own],
+        [group[i].digest for i in own],
+    ]
+
+
+def _grouped_args(group: list[Publish], duplicates: set[int], shards: int) -> list[object]:
+    """The statement's arguments $10-$23: the grouped rows (one per tenant and shard), their
+    devices, and the packet ids to remember (the last of each packet id in the group)."""
+    rows: dict[tuple[str, int], int] = {}  # (tenant, shard) -> row number
+    readings: list[int] = []
+    payloads: list[list[bytes]] = []
+    devices: list[dict[str, None]] = []
+    packets: dict[tuple[str, str, int], Publish] = {}
+    for i, p in enumerate(group):
+        if p.batch_id is not None or i in duplicates:
+            continue
+        # a device's publishes stay on its shard (bucket % shards): its windows keep their order
+        n = rows.setdefault((p.tenant, _bucket(p.device_id) % shards), len(rows))
+        if n == len(readings):
+            readings.append(0)
+            payloads.append([])
+            devices.append({})
+        readings[n] += len(p.rows)
+        payloads[n].append(p.payload)
+        devices[n][p.device_id] = None
+        if p.remembered:
+            assert p.packet_id is not None
+            packets[(p.tenant, p.device_id, p.packet_id)] = p
+    keys = list(rows)
+    members = [(n, d) for n in range(len(keys)) for d in devices[n]]
+    return [
+        GROUPED_WRITER,
+        list(range(len(keys))),
+        [tenant for tenant, _ in keys],
+        [f"mqtt-group-{uuid.uuid4().hex}" for _ in keys],
+        [shard for _, shard in keys],  # the row's bucket: its shard, for any number of shards
+        readings,
+        [n for n, _ in members],
+        [d for _, d in members],
+        [b"".join(parts) for parts in payloads],
+        [t for t, _, _ in packets],
+        [d for _, d, _ in packets],
+        [pid for _, _, pid in packets],
+        [p.payload_digest for p in packets.values()],
+        [p.key for p in packets.values()],
+    ]
 
 
 async def quarantine_payload(pool: Pool, tenant: str, device_id: str, reason: str) -> None:

@@ -216,7 +216,7 @@ class Bridge:
         # packets of one device never stand for each other
         self.packet_base = (zlib.crc32(client_id.encode()) % 32_000 + 1) * 65_536
         self.devices = DeviceService(pool, settings)
-        self.committer = GroupCommitter(pool)
+        self.committer = GroupCommitter(pool, settings.ingest_shards)
         self.twin = TwinPush(temporal, pool)
         self.jobs = JobPush(self.devices, temporal, pool)
         # the commands this bridge took name it until the broker's PUBACK: a bridge killed in

@@ -27,8 +27,11 @@ __all__ = ["CONCURRENCY", "MAX_GROUP", "GroupCommitter", "Outcome", "Pending"]
 class GroupCommitter:
     """Commits queued publishes together: while one transaction runs, the next group gathers."""
 
-    def __init__(self, pool: Pool, max_group: int = MAX_GROUP, concurrency: int = CONCURRENCY) -> None:
+    def __init__(
+        self, pool: Pool, shards: int, max_group: int = MAX_GROUP, concurrency: int = CONCURRENCY
+    ) -> None:
         self.pool = pool
+        self.shards = shards  # the ingestion shards (settings.ingest_shards): a row for each
         self.max_group = max_group
         self.concurrency = concurrency
         self._queue: list[Queued] = []
@@ -102,7 +105,7 @@ class GroupCommitter:
             await self.pool.release(self._idle.pop())
         conn = self._idle.pop() if self._idle else await self.pool.acquire()
         try:
-            outcomes = await accept_publishes(conn, group)
+            outcomes = await accept_publishes(conn, group, shards=self.shards)
         except BaseException:
             await self.pool.release(conn)  # the pool resets it, or drops a broken one
             raise

@@ -75,7 +75,7 @@ class Gateway:
         self.devices = DeviceService(pool, settings)
         self.events = NotificationService(pool, temporal)
         self.presence = Presence(pool, self.devices, self.events, temporal, node)
-        self.committer = GroupCommitter(pool)
+        self.committer = GroupCommitter(pool, settings.ingest_shards)
         self.quotas = Quotas(pool, settings.quotas)  # the tenants' and devices' readings/s, as over HTTP
         self.max_packet = MAX_BATCH_BYTES + 64 * 1024
         self.connections: dict[Key, Connection] = {}
