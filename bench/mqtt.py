@@ -67,7 +67,16 @@ async def mqtt_phase(
         c.latencies_ms.clear()
         c.acked = 0
     started = time.perf_counter()
-    await asyncio.gather(*(c.publish_for(payload, started + seconds, window, pace_s=pace_s) for c in clients))
+    # paced: the devices' phases spread over the period, as a fleet's are (all in step, each
+    # second began with a burst of every device's publish at once, and the PUBACK tail measured
+    # that burst, this process's own included)
+    until = started + seconds
+    offsets = [pace_s * i / len(clients) for i in range(len(clients))]
+    runs = [
+        c.publish_for(payload, until, window, pace_s=pace_s, offset_s=o)
+        for c, o in zip(clients, offsets, strict=True)
+    ]
+    await asyncio.gather(*runs)
     elapsed = time.perf_counter() - started
     acked = sum(c.acked for c in clients)
     latencies = [x for c in clients for x in c.latencies_ms]

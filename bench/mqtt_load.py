@@ -41,10 +41,16 @@ class LoadClient:
             raise RuntimeError(f"{self.device_id}: CONNACK {connack[3]}")
 
     async def publish_for(
-        self, payload: bytes, until: float, window: int, measure: bool = True, pace_s: float = 0.0
+        self,
+        payload: bytes,
+        until: float,
+        window: int,
+        measure: bool = True,
+        pace_s: float = 0.0,
+        offset_s: float = 0.0,
     ) -> None:
         """Publish payload at QoS 1 until the deadline, `window` unacknowledged at most (one
-        every pace_s seconds when given)."""
+        every pace_s seconds when given, the first offset_s after the start)."""
         assert self.reader is not None and self.writer is not None
         topic = _text(self.topic)
         pid = 0
@@ -63,6 +69,7 @@ class LoadClient:
 
         reading = asyncio.ensure_future(acks())
         try:
+            await asyncio.sleep(offset_s)
             while time.perf_counter() < until:
                 if pace_s:
                     await asyncio.sleep(pace_s)
