@@ -34,7 +34,7 @@ from enum import Enum
 from asyncpg import Record
 from asyncpg.pool import PoolConnectionProxy
 
-from fleetflow.contracts.telemetry import BUCKETS
+from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_BYTES, MAX_BATCH_READINGS
 from fleetflow.db import Pool
 from fleetflow.metrics import READINGS_ACCEPTED
 
@@ -222,10 +222,13 @@ def _own_args(group: list[Publish], own: list[int]) -> list[object]:
 
 
 def _grouped_args(group: list[Publish], duplicates: set[int], shards: int) -> list[object]:
-    """The statement's arguments $10-$23: the grouped rows (one per tenant and shard), their
-    devices, and the packet ids to remember (the last of each packet id in the group)."""
-    rows: dict[tuple[str, int], int] = {}  # (tenant, shard) -> row number
+    """The statement's arguments $10-$23: the grouped rows (one per tenant and shard, more when
+    they would outgrow an HTTP batch), their devices, and the packet ids to remember (the last
+    of each packet id in the group)."""
+    rows: dict[tuple[str, int], int] = {}  # (tenant, shard) -> number of its row being filled
+    keys: list[tuple[str, int]] = []  # (tenant, shard) of each row
     readings: list[int] = []
+    sizes: list[int] = []
     payloads: list[list[bytes]] = []
     devices: list[dict[str, None]] = []
     packets: dict[tuple[str, str, int], Publish] = {}
@@ -233,24 +236,32 @@ def _grouped_args(group: list[Publish], duplicates: set[int], shards: int) -> li
         if p.batch_id is not None or i in duplicates:
             continue
         # a device's publishes stay on its shard (bucket % shards): its windows keep their order
-        n = rows.setdefault((p.tenant, _bucket(p.device_id) % shards), len(rows))
-        if n == len(readings):
+        shard = (p.tenant, _bucket(p.device_id) % shards)
+        n = rows.get(shard)
+        if n is None or (
+            # no row larger than an HTTP batch: the windows are sized for those
+            readings[n] + len(p.rows) > MAX_BATCH_READINGS or sizes[n] + len(p.payload) > MAX_BATCH_BYTES
+        ):
+            n = rows[shard] = len(keys)
+            keys.append(shard)
             readings.append(0)
+            sizes.append(0)
             payloads.append([])
             devices.append({})
         readings[n] += len(p.rows)
+        sizes[n] += len(p.payload)
         payloads[n].append(p.payload)
         devices[n][p.device_id] = None
         if p.remembered:
             assert p.packet_id is not None
             packets[(p.tenant, p.device_id, p.packet_id)] = p
-    keys = list(rows)
     members = [(n, d) for n in range(len(keys)) for d in devices[n]]
+    group_id = uuid.uuid4().hex  # its rows' ids sort in the order of their publishes
     return [
         GROUPED_WRITER,
         list(range(len(keys))),
         [tenant for tenant, _ in keys],
-        [f"mqtt-group-{uuid.uuid4().hex}" for _ in keys],
+        [f"mqtt-group-{group_id}-{n:04d}" for n in range(len(keys))],
         [shard for _, shard in keys],  # the row's bucket: its shard, for any number of shards
         readings,
         [n for n, _ in members],

@@ -17,6 +17,7 @@ from fleetflow.db import Pool
 
 log = logging.getLogger(__name__)
 MAX_GROUP = 2000  # publishes in one transaction
+MAX_GROUP_BYTES = 64 * 1024 * 1024  # and their CSV bytes (PostgreSQL takes no message over 1 GB)
 CONCURRENCY = 4  # transactions in flight
 
 Pending = Publish  # one telemetry publish waiting for its group's commit
@@ -79,7 +80,13 @@ class GroupCommitter:
                 # several transactions at once: one waits for its WAL flush while the next one
                 # gathers and inserts (PostgreSQL flushes concurrent commits together)
                 await slots.acquire()
-                group, self._queue = self._queue[: self.max_group], self._queue[self.max_group :]
+                size, count = 0, 0
+                for item, _ in self._queue[: self.max_group]:
+                    size += len(item.payload)
+                    if count and size > MAX_GROUP_BYTES:
+                        break
+                    count += 1
+                group, self._queue = self._queue[:count], self._queue[count:]
                 task = asyncio.create_task(self._commit_group(group, slots))
                 running.add(task)
                 task.add_done_callback(running.discard)

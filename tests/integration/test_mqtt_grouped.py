@@ -14,7 +14,7 @@ from functools import partial
 import httpx
 
 from activities.telemetry_publishes import GROUPED_WRITER, Outcome, Publish, accept_publishes
-from fleetflow.contracts.telemetry import BUCKETS
+from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_READINGS
 from fleetflow.db import Pool
 from fleetflow.mqtt_topics import parse_telemetry, payload_digest
 from tests.integration.flows import active_device
@@ -81,6 +81,23 @@ async def test_a_group_is_a_row_per_tenant_and_shard_and_each_reading_keeps_its_
     # globex has no such device: its reading is set aside under globex, not mixed with acme's
     assert await eventually(lambda: quarantined(pool, "globex", shared), lambda v: len(v) >= 1) == [99.0]
     assert await quarantined(pool, "acme", shared) == []
+
+
+async def test_a_grouped_row_is_no_larger_than_an_http_batch(api: httpx.AsyncClient, pool: Pool) -> None:
+    device_id, _ = await active_device(api)
+    ts = datetime.now(UTC).isoformat()
+    big = [f"{device_id},t,{ts},{i}.0\n" for i in range(MAX_BATCH_READINGS * 3 // 5)]
+    group = [Publish("acme", device_id, big, None, packet_id) for packet_id in (1, 2)]
+    for p in group:
+        p.prepare()
+    assert await accept_publishes(pool, group, shards=SHARDS) == [Outcome.STORED] * 2
+    rows = await pool.fetch(
+        """SELECT readings FROM data.ingest_batches WHERE writer = $1 AND device_ids = $2::text[]
+           ORDER BY batch_id""",
+        GROUPED_WRITER,
+        [device_id],
+    )
+    assert [r["readings"] for r in rows] == [len(big), len(big)]
 
 
 async def test_a_redelivered_copy_in_the_same_group_or_a_later_one_is_stored_once(
