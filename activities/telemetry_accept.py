@@ -13,7 +13,7 @@ import zlib
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from operator import methodcaller
+from operator import attrgetter, methodcaller
 
 import asyncpg
 import msgspec
@@ -24,6 +24,7 @@ from fleetflow.metrics import READINGS_ACCEPTED
 
 _ENCODER = msgspec.json.Encoder()
 _IN_UTC = methodcaller("astimezone", UTC)
+_TZINFO = attrgetter("tzinfo")
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +86,8 @@ def csv_payload(tenant: str, batch: ReadingColumns) -> bytes:
 
     ts in UTC: ISO 8601 offsets up to ±23:59 (and sub-minute ones) are valid, but PostgreSQL
     reads only ±15:59, and a batch it cannot read is a poison pill for its whole window."""
-    rows = _ENCODER.encode(
-        list(zip(batch.device_ids, batch.metrics, map(_IN_UTC, batch.ts), batch.values, strict=True))
-    )
+    in_utc = batch.ts if set(map(_TZINFO, batch.ts)) == {UTC} else map(_IN_UTC, batch.ts)
+    rows = _ENCODER.encode(list(zip(batch.device_ids, batch.metrics, in_utc, batch.values, strict=True)))
     prefix = f"\n{tenant},{batch.batch_id},".encode()
     return prefix[1:] + rows[2:-2].replace(b'"', b"").replace(b"],[", prefix) + b"\n"
 
