@@ -17,6 +17,7 @@ from pydantic import TypeAdapter, ValidationError
 from activities.telemetry_accept import ReadingColumns, _digests_before, csv_payload
 from api.telemetry_body import _fast, parse_batch
 from fleetflow.contracts.telemetry import TelemetryBatchDict
+from fleetflow.mqtt_topics import parse_telemetry
 
 REFERENCE = TypeAdapter(TelemetryBatchDict)
 GOOD = {"device_id": "dev-1", "ts": "2026-12-06T07:52:52.123Z", "metric": "temp", "value": 20.5}
@@ -244,3 +245,16 @@ def test_a_batch_stored_by_an_earlier_release_or_over_mqtt_is_recognised() -> No
         hashlib.sha256(in_utc.encode()).digest(),
         hashlib.sha256(as_sent.encode()).digest(),
     )
+
+
+@pytest.mark.parametrize("value", [20.5, 4, -0.0, 1e16, 5e-05, 1e100, 0.1 + 0.2])
+def test_a_reading_sent_over_mqtt_is_stored_as_the_same_reading_over_http(value: float) -> None:
+    # one digest for one batch id whichever way it came: a retry over the other is a duplicate
+    now = datetime(2026, 12, 6, 8, tzinfo=UTC)
+    for ts in ("2026-12-06T07:52:52.5+01:00", "2026-12-06T07:52:52Z"):
+        reading = {"device_id": "th-1", "metric": "t", "value": value, "ts": ts}
+        over_mqtt = parse_telemetry(
+            json.dumps({"batch_id": "b-1", "readings": [reading]}).encode(), "th-1", now
+        )
+        over_http = csv_payload("acme", parse_batch(body(reading))).decode()
+        assert over_http == f"acme,b-1,{over_mqtt.rows[0]}"
