@@ -258,3 +258,10 @@ def test_a_reading_sent_over_mqtt_is_stored_as_the_same_reading_over_http(value:
         )
         over_http = csv_payload("acme", parse_batch(body(reading))).decode()
         assert over_http == f"acme,b-1,{over_mqtt.rows[0]}"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e400", "-1e400", "1e101"])
+def test_a_value_that_is_not_finite_or_out_of_bounds_is_named(value: str) -> None:
+    with pytest.raises(ValidationError) as exc:
+        parse_batch(raw_body(value=value))
+    assert [e["loc"] for e in exc.value.errors()] == [("readings", 0, "value")]
