@@ -389,27 +389,30 @@ async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
     # the request's own list and what device.find_unready noted (the device service's facade)
     unready = [(u.tenant, u.device_id, u.reason) for u in request.quarantine]
     unready += await device_facade.window_unready(conn, request.window_id)
-    await conn.execute(
-        """CREATE TEMP TABLE unready ON COMMIT DROP AS
-           SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])
-               AS u(tenant, device_id, reason)""",
-        [u[0] for u in unready],
-        [u[1] for u in unready],
-        [u[2] for u in unready],
-    )
     now = datetime.now(UTC)
     # a day of grace on the oldest: a batch may wait a little before it is stored
     oldest = now - timedelta(days=MAX_AGE_DAYS + 1)
     latest = now + timedelta(seconds=FUTURE_TOLERANCE_S)
-    counts: dict[str, int] = {}
-    for rows in (
-        await conn.fetch(
-            f"""WITH moved AS (
-                   DELETE FROM incoming i USING unready u
-                   WHERE u.tenant = i.tenant AND u.device_id = i.device_id
-                   RETURNING i.*, u.reason){_KEEP}""",
-            request.window_id,
-        ),
+    passes = []
+    if unready:  # most windows have none: the join would still scan every row of `incoming`
+        await conn.execute(
+            """CREATE TEMP TABLE unready ON COMMIT DROP AS
+               SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])
+                   AS u(tenant, device_id, reason)""",
+            [u[0] for u in unready],
+            [u[1] for u in unready],
+            [u[2] for u in unready],
+        )
+        passes.append(
+            await conn.fetch(
+                f"""WITH moved AS (
+                       DELETE FROM incoming i USING unready u
+                       WHERE u.tenant = i.tenant AND u.device_id = i.device_id
+                       RETURNING i.*, u.reason){_KEEP}""",
+                request.window_id,
+            )
+        )
+    passes.append(
         await conn.fetch(
             f"""WITH moved AS (
                    DELETE FROM incoming i
@@ -421,8 +424,10 @@ async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
             MAX_ABS_VALUE,
             f"ts out of bounds (at most {MAX_AGE_DAYS} days old, {FUTURE_TOLERANCE_S} s ahead)",
             f"value out of bounds (|value| at most {MAX_ABS_VALUE:g})",
-        ),
-    ):
+        )
+    )
+    counts: dict[str, int] = {}
+    for rows in passes:
         for r in rows:
             counts[r["tenant"]] = counts.get(r["tenant"], 0) + int(r["n"])
     return counts

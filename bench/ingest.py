@@ -6,6 +6,7 @@ rate into the same PostgreSQL measured in the same run.
     python -m bench.ingest --tracing 0.01            # traced, 1% of traces sampled
     python -m bench.ingest --tracing-overhead 0.01   # off, then on: tracing_overhead_ratio
     python -m bench.ingest --engine-work             # tasks per 1,000 readings at 500/s and --rate
+    python -m bench.ingest --rate 0 --api-processes 2 --profile /tmp/prof   # py-spy profiles
 
 With tracing on, every process exports over OTLP/HTTP to a local sink that reads and drops
 each export (no collector here), so the export cost is paid as in production.
@@ -22,13 +23,14 @@ import sys
 import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import asyncpg
 import httpx
 import psutil
 
-from bench import engine_work
+from bench import engine_work, profile
 from bench.platform import Platform, platform
 from bench.stack import percentile, say
 
@@ -177,8 +179,10 @@ async def run(
     rate: float,
     tracing: float | None = None,
     api_processes: int = 1,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Drive the platform for `seconds` and measure; `tracing` is the sample ratio (None: off)."""
+    """Drive the platform for `seconds` and measure; `tracing` is the sample ratio (None: off);
+    with `profile_dir`, the API and data worker processes are sampled by py-spy while sending."""
     hooks = Webhooks()
     await hooks.start()
     env = {"FLEETFLOW_INGEST_SHARDS": str(shards)} if shards else {}
@@ -271,7 +275,12 @@ async def run(
         cpu_before = _cpu_s(procs)
         started = time.perf_counter()
         sampling = asyncio.create_task(sampler())
+        spies = (
+            [] if profile_dir is None else profile.start(procs, ("api", "worker-data"), seconds, profile_dir)
+        )
         await asyncio.gather(*(sender(k) for k in range(senders)), alerter(), progress())
+        for spy in spies:
+            await asyncio.to_thread(spy.wait)
         say("waiting for every acknowledged reading to be stored and analysed ...")
         conn = await asyncpg.connect(dsn)
         try:
@@ -327,6 +336,12 @@ async def run(
         "drain_s": round(wall - seconds, 1),
         "wall_s": round(wall, 1),
         **{f"rss_mb_{k}": round(v) for k, v in sorted(rss.items())},
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        **(
+            {}
+            if profile_dir is None
+            else {f"profile_{f.stem}": profile.summary(f) for f in sorted(profile_dir.glob("*.txt"))}
+        ),
     }
 
 
@@ -402,6 +417,10 @@ if __name__ == "__main__":
     parser.add_argument("--batch", type=int, default=5000)
     parser.add_argument("--workers", type=int, default=1, help="worker processes per queue")
     parser.add_argument("--shards", type=int, default=0, help="FLEETFLOW_INGEST_SHARDS (0: default)")
+    parser.add_argument("--api-processes", type=int, default=1, help="fleetflow up --api-processes")
+    parser.add_argument(
+        "--profile", type=Path, metavar="DIR", help="py-spy the API and data workers while sending, into DIR"
+    )
     parser.add_argument("--tracing", type=float, metavar="RATIO", help="trace, sampling RATIO (e.g. 0.01)")
     parser.add_argument(
         "--tracing-overhead",
@@ -420,7 +439,9 @@ if __name__ == "__main__":
     if args.engine_work:
         figures = engine_work_at_two_rates(*common)
     elif args.tracing_overhead is None:
-        figures = asyncio.run(run(*common, tracing=args.tracing))
+        figures = asyncio.run(
+            run(*common, tracing=args.tracing, api_processes=args.api_processes, profile_dir=args.profile)
+        )
     else:
         figures = tracing_overhead(common, args.tracing_overhead, args.repeat)
     for name, value in figures.items():

@@ -62,16 +62,19 @@ class Platform:
     def processes(self) -> dict[str, psutil.Process]:
         """The API and worker processes, by role (`api`, `worker-data-1`, ...)."""
         out: dict[str, psutil.Process] = {}
+        apis = []
         for child in psutil.Process(self.process.pid).children():
             argv = child.cmdline()
             if "api" in argv:
-                out["api"] = child
+                apis.append(child)
             elif "mqtt" in argv:
                 out["mqtt"] = child
             elif "--queue" in argv:
                 queue = argv[argv.index("--queue") + 1]
                 n = sum(1 for k in out if k.startswith(f"worker-{queue}"))
                 out[f"worker-{queue}-{n + 1}"] = child
+        # `api`, or `api-1`, `api-2`, ... with --api-processes (each counted, none hiding another)
+        out.update({"api": apis[0]} if len(apis) == 1 else {f"api-{i + 1}": a for i, a in enumerate(apis)})
         return out
 
     def database_url(self) -> str:

@@ -16,6 +16,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
+import msgspec
 import orjson
 from pydantic import TypeAdapter, ValidationError
 
@@ -199,8 +200,23 @@ def _reading(item: Any, device_id: str, now: datetime, now_text: str, ts_require
     elif ts_required:
         raise BadPayload(f"{where}.ts: required in a batch")
     else:
-        return f"{device_id},{metric},{now_text},{value!r}\n"
-    return f"{device_id},{metric},{ts.astimezone(UTC).isoformat()},{value!r}\n"
+        return f"{device_id},{metric},{now_text},{_number(value)}\n"
+    return f"{device_id},{metric},{_utc_text(ts)},{_number(value)}\n"
+
+
+# the rows are written as the HTTP path writes its batches' (activities/telemetry_accept.py,
+# msgspec's JSON forms), so a batch id sent over both with the same readings has one digest
+_JSON = msgspec.json.Encoder()
+
+
+def _number(value: float) -> str:
+    """value as msgspec writes it (the shortest repr; `1e16` where repr writes `1e+16`)."""
+    return _JSON.encode(value).decode()
+
+
+def _utc_text(ts: datetime) -> str:
+    """ts in UTC as msgspec writes it: isoformat with `Z` for `+00:00`."""
+    return ts.astimezone(UTC).isoformat().removesuffix("+00:00") + "Z"
 
 
 def parse_telemetry(payload: bytes, device_id: str, now: datetime) -> Readings:
@@ -236,7 +252,7 @@ def parse_telemetry(payload: bytes, device_id: str, now: datetime) -> Readings:
         raise BadPayload(f"{where or 'readings'}: at least one reading")
     if len(items) > MAX_BATCH_READINGS:
         raise BadPayload(f"more than {MAX_BATCH_READINGS} readings")
-    now_text = now.astimezone(UTC).isoformat()  # once per payload, not per reading
+    now_text = _utc_text(now)  # once per payload, not per reading
     rows = [
         _reading(
             item, device_id, now, now_text, ts_required, f"{where}[{i}]" if where != "reading" else where

@@ -12,12 +12,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, HTTPException, Path, Query, Request, status
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
-from pydantic import TypeAdapter, ValidationError
+from pydantic import ValidationError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities import analytics_facade, data_facade
-from activities.telemetry_accept import ConflictingBatch, StorageUnavailable, accept_batch
+from activities.telemetry_accept import ConflictingBatch, ReadingColumns, StorageUnavailable, accept_batch
 from api import export_slots
 from api.auth import Bearer, State, require
 from api.export_slots import EXPORTS
@@ -26,6 +26,7 @@ from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, T
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
+from api.telemetry_body import parse_batch
 from api.workflow_wait import result_within
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.limits import (
@@ -42,7 +43,6 @@ from fleetflow.contracts.telemetry import (
     QuarantinedBatch,
     QuarantineView,
     Rule,
-    TelemetryBatchDict,
     TelemetryPoint,
     TelemetrySeries,
 )
@@ -53,7 +53,6 @@ router = APIRouter(tags=["telemetry"])
 Reader = Annotated[TokenClaims, Depends(require("telemetry:read"))]
 RuleWriter = Annotated[TokenClaims, Depends(require("rules:write"))]
 AlertWriter = Annotated[TokenClaims, Depends(require("alerts:write"))]
-_BATCH = TypeAdapter(TelemetryBatchDict)
 MAX_ERRORS = 50
 BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
@@ -123,35 +122,18 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     if len(raw) > MAX_BATCH_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a batch is at most {MAX_BATCH_BYTES} bytes")
     try:
-        batch = _BATCH.validate_json(raw)
+        batch = parse_batch(raw)  # columns, no object per reading (api/telemetry_body.py)
     except ValidationError as exc:
         raise _problems(exc) from None
     latest = datetime.now(UTC) + timedelta(seconds=FUTURE_TOLERANCE_S)
     oldest = latest - timedelta(days=MAX_AGE_DAYS, seconds=FUTURE_TOLERANCE_S)
-    errors: list[dict[str, Any]] = []
-    devices: Counter[str] = Counter()
-    for i, r in enumerate(batch["readings"]):
-        if r["ts"] > latest:
-            errors.append(
-                {
-                    "loc": ["body", "readings", i, "ts"],
-                    "msg": "more than 5 minutes in the future",
-                    "type": "value_error",
-                }
-            )
-        elif r["ts"] < oldest:
-            too_old = f"more than {MAX_AGE_DAYS} days old (oldest: {oldest.isoformat()})"
-            errors.append({"loc": ["body", "readings", i, "ts"], "msg": too_old, "type": "value_error"})
-        if device_id is not None and r["device_id"] != device_id:
-            errors.append(
-                {
-                    "loc": ["body", "readings", i, "device_id"],
-                    "msg": "a device credential may only send its own readings",
-                    "type": "value_error",
-                }
-            )
-        devices[r["device_id"]] += 1
-    if errors:
+    devices = Counter(batch.device_ids)
+    if (
+        max(batch.ts) > latest
+        or min(batch.ts) < oldest
+        or (device_id is not None and (len(devices) > 1 or device_id not in devices))
+    ):
+        errors = _reading_errors(batch, device_id, latest, oldest)
         status_code = 403 if device_id is not None and any("own" in e["msg"] for e in errors) else 422
         raise HTTPException(status_code, detail=errors[:MAX_ERRORS])
     await state.quotas.admit_readings(tenant, devices)  # 429 over the tenant's or a device's rate
@@ -166,12 +148,42 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     except ConflictingBatch:
         # an id reused for other readings: dropping them silently would lose data
         raise conflict(
-            f"batch_id {batch['batch_id']!r} was already accepted from this sender with other "
+            f"batch_id {batch.batch_id!r} was already accepted from this sender with other "
             "readings; send new readings under a new batch_id"
         ) from None
     return TelemetryAccepted(
-        batch_id=batch["batch_id"], readings=accepted.readings, duplicate=accepted.duplicate
+        batch_id=batch.batch_id, readings=accepted.readings, duplicate=accepted.duplicate
     )
+
+
+def _reading_errors(
+    batch: ReadingColumns, device_id: str | None, latest: datetime, oldest: datetime
+) -> list[dict[str, Any]]:
+    """The readings' errors: ts out of bounds, another device's reading under a device credential."""
+    errors: list[dict[str, Any]] = []
+    for i, (ts, sender) in enumerate(zip(batch.ts, batch.device_ids, strict=True)):
+        if ts > latest:
+            errors.append(
+                {
+                    "loc": ["body", "readings", i, "ts"],
+                    "msg": "more than 5 minutes in the future",
+                    "type": "value_error",
+                }
+            )
+        elif ts < oldest:
+            too_old = f"more than {MAX_AGE_DAYS} days old (oldest: {oldest.isoformat()})"
+            errors.append({"loc": ["body", "readings", i, "ts"], "msg": too_old, "type": "value_error"})
+        if device_id is not None and sender != device_id:
+            errors.append(
+                {
+                    "loc": ["body", "readings", i, "device_id"],
+                    "msg": "a device credential may only send its own readings",
+                    "type": "value_error",
+                }
+            )
+        if len(errors) >= MAX_ERRORS:
+            break
+    return errors
 
 
 @router.get("/v1/devices/{device_id}/telemetry", response_model=TelemetrySeries)

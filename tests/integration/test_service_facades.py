@@ -3,6 +3,7 @@ cross-schema query must answer as the query did."""
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from datetime import UTC, datetime
 
@@ -153,3 +154,30 @@ async def test_the_accept_path_stores_a_batch_once_per_tenant_and_sender(pool: P
         assert rows[0]["payload"].decode().startswith(f"{tenants[0]},b{tag},d1,temp,")
     finally:
         await pool.execute("DELETE FROM data.ingest_batches WHERE tenant = ANY($1)", list(tenants))
+
+
+async def test_a_batch_accepted_before_the_columns_parse_is_a_duplicate_when_repeated(pool: Pool) -> None:
+    # batches stored by the release before (its CSV: isoformat, repr) under their digest, pending
+    # when the API is upgraded: the same readings again are a duplicate, other readings a conflict
+    tag = uuid.uuid4().hex[:10]
+    tenant, at = f"a{tag}", datetime(2026, 12, 6, 8, 0, 0, 500000, tzinfo=UTC)
+    batch = _BATCH.validate_python(
+        {"batch_id": f"b{tag}", "readings": [{"device_id": "d1", "ts": at, "metric": "temp", "value": 1e-05}]}
+    )
+    before = f"{tenant},b{tag},d1,temp,{at.isoformat()},{1e-05!r}\n".encode()
+    try:
+        await pool.execute(
+            """INSERT INTO data.ingest_batches
+                   (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
+               VALUES ($1, 'device:d1', $2, 0, 1, ARRAY['d1'], $3, $4)""",
+            tenant,
+            f"b{tag}",
+            before,
+            hashlib.sha256(before).digest(),
+        )
+        assert await accept_batch(pool, tenant, "device:d1", batch, ["d1"]) == Accepted(1, duplicate=True)
+        batch["readings"][0]["value"] = 2e-05
+        with pytest.raises(ConflictingBatch):
+            await accept_batch(pool, tenant, "device:d1", batch, ["d1"])
+    finally:
+        await pool.execute("DELETE FROM data.ingest_batches WHERE tenant = $1", tenant)

@@ -88,10 +88,11 @@ def test_filter_matching() -> None:
 
 def test_telemetry_shapes() -> None:
     one = parse_telemetry(b'{"metric": "t", "value": 1}', "th-1", NOW)
-    assert one.batch_id is None and one.rows == [f"th-1,t,{NOW.isoformat()},1.0\n"]
+    utc = NOW.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    assert one.batch_id is None and one.rows == [f"th-1,t,{utc},1.0\n"]
     ts = (NOW - timedelta(minutes=1)).isoformat()
     many = parse_telemetry(json.dumps([{"metric": "t", "value": 2, "ts": ts}]).encode(), "th-1", NOW)
-    assert many.rows == [f"th-1,t,{ts},2.0\n"]
+    assert many.rows == [f"th-1,t,{ts.replace('+00:00', 'Z')},2.0\n"]
     batch = {"batch_id": "b-1", "readings": [{"device_id": "th-1", "metric": "t", "value": 3, "ts": ts}]}
     assert parse_telemetry(json.dumps(batch).encode(), "th-1", NOW).batch_id == "b-1"
 
