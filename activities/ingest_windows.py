@@ -1,4 +1,7 @@
-"""Isolating poison pills: a window whose step keeps failing is split in two, again and
+"""Windows of the data service: whether a filling window holds a reading an alert waits on,
+and isolating poison pills.
+
+Isolating poison pills: a window whose step keeps failing is split in two, again and
 again, until the batch that fails is alone; that batch is set aside (status
 `quarantined`, the error as its reason, payload kept) and its shard goes on.
 
@@ -10,10 +13,12 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 from typing import Any
 
 import asyncpg
 
+from activities import analytics_facade
 from activities.poison import is_transient
 from fleetflow.contracts.telemetry import (
     BatchesQuarantined,
@@ -26,6 +31,42 @@ from fleetflow.db import Pool
 from fleetflow.metrics import BATCHES_QUARANTINED
 
 log = logging.getLogger(__name__)
+
+# how long a claim trusts the rules it read: a rule made since waits at most this for a window
+# to close early on its readings (before that its readings wait the full fill, never longer)
+WATCHED_TTL_S = 1.0
+
+# a claimed batch holding a reading of a metric its tenant has a rule on: the payload is CSV
+# (tenant, batch_id, device_id, metric, ts, value), so `,metric,` is in it. A quoted metric is
+# not found (its window waits the full fill); a device id equal to a metric closes one early:
+# either changes when the window is processed, never what is stored or analysed
+_HOLDS_WATCHED = """SELECT EXISTS (
+       SELECT 1 FROM data.ingest_batches b
+       JOIN unnest($2::text[], $3::text[]) AS w(tenant, metric) ON b.tenant = w.tenant
+       WHERE b.window_id = $1 AND b.status = 'claimed'
+         AND position(convert_to(',' || w.metric || ',', 'UTF8') IN b.payload) > 0)"""
+
+
+class WatchedReadings:
+    """Whether a window holds a reading some enabled rule of its tenant looks at (an alert
+    may wait on the window); the rules are read through the analytics facade, at most once
+    a WATCHED_TTL_S."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+        self._watched: tuple[list[str], list[str]] = ([], [])
+        self._read_at = float("-inf")
+
+    async def in_window(self, window_id: str) -> bool:
+        """True when one of the window's claimed batches holds a watched (tenant, metric)."""
+        if time.monotonic() - self._read_at >= WATCHED_TTL_S:
+            pairs = await analytics_facade.watched_metrics(self.pool)
+            self._watched = ([t for t, _ in pairs], [m for _, m in pairs])
+            self._read_at = time.monotonic()
+        tenants, metrics = self._watched
+        if not tenants:
+            return False
+        return bool(await self.pool.fetchval(_HOLDS_WATCHED, window_id, tenants, metrics))
 
 
 def half_ids(window_id: str) -> tuple[str, str]:

@@ -28,6 +28,7 @@ with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import DomainEvent
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.telemetry import (
+        IDLE_FILL_MS,
         POISON,
         TELEMETRY_STORED,
         ClaimWindow,
@@ -69,6 +70,9 @@ WINDOW_TABLES = "window-tables"
 # patch: a lone batch that keeps outliving its (doubling) store bound is quarantined, not retried
 # for ever while its shard, and every tenant on it, waits
 LONE_STORE_TIMEOUT = "lone-store-timeout"
+# patch: a window waits up to IDLE_FILL_MS to fill at a trickle (fewer windows, fewer tasks per
+# reading) unless it holds a reading a rule watches: that one is processed at once (alerts)
+ADAPTIVE_FILL = "adaptive-fill"
 # rounds of STORE_ATTEMPTS a lone batch gets, its bound doubling each round, before quarantine
 LONE_STORE_ROUNDS = 3
 
@@ -117,16 +121,19 @@ class TelemetryIngestion:
         run_id = workflow.info().run_id
         for i in range(inp.windows_per_run):
             window_id = f"{workflow.info().workflow_id}/{run_id}/{i}"
+            claim = ClaimWindow(
+                window_id=window_id,
+                shard=inp.shard,
+                shards=inp.shards,
+                max_readings=inp.max_window_readings,
+                max_wait_ms=inp.max_wait_ms,
+                max_bytes=inp.max_window_bytes,
+            )
+            if workflow.patched(ADAPTIVE_FILL):
+                claim = claim.model_copy(update={"fill_ms": IDLE_FILL_MS, "watched_fill_ms": 0})
             window = await calls.execute(
                 DataActivities.claim_window,
-                ClaimWindow(
-                    window_id=window_id,
-                    shard=inp.shard,
-                    shards=inp.shards,
-                    max_readings=inp.max_window_readings,
-                    max_wait_ms=inp.max_wait_ms,
-                    max_bytes=inp.max_window_bytes,
-                ),
+                claim,
                 start_to_close_timeout=timedelta(milliseconds=inp.max_wait_ms) + timedelta(seconds=30),
                 heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=RETRY_FOREVER,
