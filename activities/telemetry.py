@@ -22,7 +22,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client
 
-from activities import data_retention, data_rollups, device_facade
+from activities import data_facade, data_retention, data_rollups, device_facade
 from activities.ingest_supervision import IngestionSupervision
 from activities.ingest_windows import WatchedReadings, WindowIsolation
 from activities.poison import poison_guard
@@ -259,7 +259,9 @@ class DataService(DataActivities):
                     or now >= filled_by
                     or row["closed"]
                 ):
-                    return window
+                    senders = await data_facade.window_devices(self.pool, request.window_id)
+                    unready = await device_facade.count_unready(self.pool, senders)
+                    return window.model_copy(update={"unready": unready})
             elif now >= deadline:
                 return window
             if activity.in_activity():

@@ -112,6 +112,9 @@ class Window(Contract):
     batches: int
     readings: int
     bytes: int = 0
+    # of the window's devices, how many may not send, as its claim saw them (None: not looked
+    # at - a split's halves, or a claim before this); 0 lets the workflow skip find_unready
+    unready: int | None = None
 
 
 class Unready(Contract):

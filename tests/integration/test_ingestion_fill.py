@@ -199,3 +199,37 @@ async def test_another_tenants_rule_does_not_stop_a_window_filling(pool: Pool) -
         claim.cancel()
         await _cleanup(pool, tag)
         await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", other)
+
+
+async def test_a_claim_counts_the_devices_of_its_window_that_may_not_send(pool: Pool) -> None:
+    # 0 lets the workflow skip the device check; a device unknown, or known but not active (in
+    # the tenant that sent, whatever another tenant holds under the same id), must count
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_117
+    tenant, other = f"ready-{tag}", f"other-{tag}"
+    service = DataService(pool)
+    await pool.execute(
+        """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, status,
+               onboarding_id)
+           VALUES ($1, 'fill-device', 'sensor', '1.0', 'active', $3),
+                  ($2, 'fill-device', 'sensor', '1.0', 'active', $3),
+                  ($2, 'idle-device', 'sensor', '1.0', 'active', $3),
+                  ($1, 'idle-device', 'sensor', '1.0', 'provisioned', $3)""",
+        tenant,
+        other,
+        f"onboard-{tag}",
+    )
+    try:
+        await _pending_as(pool, tenant, tag, 0, bucket, "temp")
+        ready = await service.claim_window(_claim(f"{tag}/0", bucket, fill_readings=10))
+        assert (ready.batches, ready.unready) == (1, 0)
+        await _pending_as(pool, tenant, tag, 1, bucket, "temp")
+        await pool.execute(
+            """UPDATE data.ingest_batches SET device_ids = ARRAY['fill-device', 'idle-device', 'ghost']
+               WHERE batch_id = $1""",
+            f"{tag}-1",
+        )
+        unready = await service.claim_window(_claim(f"{tag}/1", bucket, fill_readings=10))
+        assert (unready.batches, unready.unready) == (1, 2)
+    finally:
+        await _cleanup(pool, tag)
+        await pool.execute("DELETE FROM device.devices WHERE tenant = ANY($1)", [tenant, other])
