@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import io
 import logging
-import time
 from typing import Any
 
 import asyncpg
@@ -32,10 +31,6 @@ from fleetflow.metrics import BATCHES_QUARANTINED
 
 log = logging.getLogger(__name__)
 
-# how long a claim trusts the rules it read: a rule made since waits at most this for a window
-# to close early on its readings (before that its readings wait the full fill, never longer)
-WATCHED_TTL_S = 1.0
-
 # a claimed batch holding a reading of a metric its tenant has a rule on: the payload is CSV
 # (tenant, batch_id, device_id, metric, ts, value), so `,metric,` is in it. A quoted metric is
 # not found (its window waits the full fill); a device id equal to a metric closes one early:
@@ -49,24 +44,25 @@ _HOLDS_WATCHED = """SELECT EXISTS (
 
 class WatchedReadings:
     """Whether a window holds a reading some enabled rule of its tenant looks at (an alert
-    may wait on the window); the rules are read through the analytics facade, at most once
-    a WATCHED_TTL_S."""
+    may wait on the window). The rules of the window's tenants only, read through the
+    analytics facade each time: no cache to go stale, nothing that grows with the tenants."""
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
-        self._watched: tuple[list[str], list[str]] = ([], [])
-        self._read_at = float("-inf")
 
     async def in_window(self, window_id: str) -> bool:
         """True when one of the window's claimed batches holds a watched (tenant, metric)."""
-        if time.monotonic() - self._read_at >= WATCHED_TTL_S:
-            pairs = await analytics_facade.watched_metrics(self.pool)
-            self._watched = ([t for t, _ in pairs], [m for _, m in pairs])
-            self._read_at = time.monotonic()
-        tenants, metrics = self._watched
-        if not tenants:
+        tenants = [
+            r["tenant"]
+            for r in await self.pool.fetch(
+                "SELECT DISTINCT tenant FROM data.ingest_batches WHERE window_id = $1", window_id
+            )
+        ]
+        watched = await analytics_facade.watched_metrics(self.pool, tenants)
+        if not watched:
             return False
-        return bool(await self.pool.fetchval(_HOLDS_WATCHED, window_id, tenants, metrics))
+        pairs = ([t for t, _ in watched], [m for _, m in watched])
+        return bool(await self.pool.fetchval(_HOLDS_WATCHED, window_id, *pairs))
 
 
 def half_ids(window_id: str) -> tuple[str, str]:
