@@ -125,7 +125,10 @@ async def record(ref: WindowRef) -> int:
 
 
 async def run_windows(
-    env: WorkflowEnvironment, *windows: list[str], runner: WorkflowRunner | None = None
+    env: WorkflowEnvironment,
+    *windows: list[str],
+    runner: WorkflowRunner | None = None,
+    windows_per_run: int = 200,
 ) -> list[str]:
     """Run a shard over the given windows (each a list of batch names); what it stored and
     quarantined, in order."""
@@ -154,7 +157,7 @@ async def run_windows(
         with pytest.raises(WorkflowFailureError):  # the stub's claim ends the run
             await env.client.execute_workflow(
                 TelemetryIngestion.run,
-                IngestionInput(shard=0, shards=1),
+                IngestionInput(shard=0, shards=1, windows_per_run=windows_per_run),
                 id=f"ingest-test-{uuid.uuid4()}",
                 task_queue=TaskQueue.ORCHESTRATION.value,
             )
@@ -227,3 +230,12 @@ async def test_the_next_window_is_stored_while_the_last_one_is_analysed_in_order
     assert [name for name, _ in ANALYSED] == ["b1", "b2", "b3"]
     first_done_after = ANALYSED[0][1]
     assert first_done_after[:2] == ["store b1", "store b2"]
+
+
+async def test_every_window_is_analysed_before_the_shard_continues_as_new(
+    env: WorkflowEnvironment,
+) -> None:
+    # the last window of a run is stored, then the run ends: its analysis (still going on
+    # beside the next claim) must not be left behind by continue-as-new
+    await run_windows(env, ["b1"], ["b2"], ["b3"], windows_per_run=2)
+    assert [name for name, _ in ANALYSED] == ["b1", "b2", "b3"]
