@@ -210,7 +210,8 @@ class DataService(DataActivities):
         (under load the first claim reaches the target: no wait). With watched_fill_ms set, a
         window that holds a reading a rule watches waits at most that long instead (an alert
         waits on it). Empty after max_wait_ms; a retry returns what this window already
-        claimed (and may add to it the same way).
+        claimed (and may add to it the same way). `unready` counts the window's devices that
+        may not send, by the device facade (0: the workflow skips find_unready).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.max_wait_ms / 1000
