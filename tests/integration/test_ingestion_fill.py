@@ -8,9 +8,12 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
+from pydantic import TypeAdapter
+
 from activities.analytics import AnalyticsService
 from activities.telemetry import _WINDOW_LOCK, DataService
-from fleetflow.contracts.telemetry import ClaimWindow, Rule
+from activities.telemetry_accept import _lines
+from fleetflow.contracts.telemetry import ClaimWindow, Rule, TelemetryBatchDict
 from fleetflow.db import Pool
 from tests.support import eventually
 
@@ -131,8 +134,12 @@ async def _watched_claim(window_id: str, bucket: int, fill_readings: int) -> Cla
 
 
 async def _pending_as(pool: Pool, tenant: str, tag: str, n: int, bucket: int, metric: str) -> None:
-    ts = datetime.now(UTC).isoformat()
-    payload = "".join(f"{tenant},{tag}-{n},fill-device,{metric},{ts},{i}.0\n" for i in range(10)).encode()
+    # the payload as the accept path writes it: a change of its format must keep watched
+    # readings found (or this test fails)
+    ts = datetime.now(UTC)
+    rows = [{"device_id": "fill-device", "ts": ts, "metric": metric, "value": float(i)} for i in range(10)]
+    batch = TypeAdapter(TelemetryBatchDict).validate_python({"batch_id": f"{tag}-{n}", "readings": rows})
+    payload = "".join(_lines(tenant, batch)).encode()
     await pool.execute(
         """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
            VALUES ($1, $2, $3, 10, ARRAY['fill-device'], $4)""",
