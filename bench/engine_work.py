@@ -38,7 +38,7 @@ def task_count(text: str) -> int:
     return round(total)
 
 
-async def tasks(http: httpx.AsyncClient, urls: list[str], attempts: int = 60) -> int:
+async def tasks(http: httpx.AsyncClient, urls: list[str], attempts: int = 20) -> int:
     """Tasks executed so far by the workers at urls (the SDK exports its counters each second).
     A worker whose /metrics is not listening yet (a slow start on a busy machine) is asked
     again, every half second, up to `attempts` times."""
