@@ -25,6 +25,15 @@ async def rule_exists(db: Any, tenant: str, rule_id: str) -> bool:
     )
 
 
+async def watched_metrics(db: Any, tenants: list[str]) -> list[tuple[str, str]]:
+    """(tenant, metric) of the tenants' enabled rules: readings a rule may raise or clear an
+    alert on (a claim stops waiting for its window to fill when it holds one)."""
+    rows = await db.fetch(
+        "SELECT DISTINCT tenant, metric FROM analytics.rules WHERE enabled AND tenant = ANY($1)", tenants
+    )
+    return [(r["tenant"], r["metric"]) for r in rows]
+
+
 async def window_events(db: Any, window_id: str) -> list[dict[str, Any]]:
     """The events `analytics.evaluate` made of a window (as JSON), by tenant and event id."""
     rows = await db.fetch(

@@ -45,6 +45,23 @@ async def device_types(db: Any, series: Sequence[tuple[str, str]]) -> dict[tuple
     return {(r["tenant"], r["device_id"]): r["device_type"] for r in rows}
 
 
+async def count_unready(db: Any, senders: Sequence[tuple[str, str]]) -> int:
+    """How many of `senders` (tenant, device id) may not send: unknown, or not active (what
+    `device.find_unready` notes for a window)."""
+    if not senders:
+        return 0
+    tenants, device_ids = (list(column) for column in zip(*senders, strict=True))
+    return int(
+        await db.fetchval(
+            """SELECT count(*) FROM unnest($1::text[], $2::text[]) AS w(tenant, device_id)
+               LEFT JOIN device.devices d USING (tenant, device_id)
+               WHERE d.status IS DISTINCT FROM 'active'""",
+            tenants,
+            device_ids,
+        )
+    )
+
+
 async def window_unready(db: Any, window_id: str) -> list[tuple[str, str, str]]:
     """(tenant, device id, reason) of a telemetry window's devices that may not send, as
     `device.find_unready` noted them."""

@@ -1,4 +1,7 @@
-"""Isolating poison pills: a window whose step keeps failing is split in two, again and
+"""Windows of the data service: whether a filling window holds a reading an alert waits on,
+and isolating poison pills.
+
+Isolating poison pills: a window whose step keeps failing is split in two, again and
 again, until the batch that fails is alone; that batch is set aside (status
 `quarantined`, the error as its reason, payload kept) and its shard goes on.
 
@@ -14,6 +17,7 @@ from typing import Any
 
 import asyncpg
 
+from activities import analytics_facade
 from activities.poison import is_transient
 from activities.telemetry_publishes import GROUPED_WRITER
 from fleetflow.contracts.telemetry import (
@@ -27,6 +31,39 @@ from fleetflow.db import Pool
 from fleetflow.metrics import BATCHES_QUARANTINED
 
 log = logging.getLogger(__name__)
+
+# a claimed batch holding a reading of a metric its tenant has a rule on: the payload is CSV
+# (tenant, batch_id, device_id, metric, ts, value), so `,metric,` is in it. A quoted metric is
+# not found (its window waits the full fill); a device id equal to a metric closes one early:
+# either changes when the window is processed, never what is stored or analysed
+_HOLDS_WATCHED = """SELECT EXISTS (
+       SELECT 1 FROM data.ingest_batches b
+       JOIN unnest($2::text[], $3::text[]) AS w(tenant, metric) ON b.tenant = w.tenant
+       WHERE b.window_id = $1 AND b.status = 'claimed'
+         AND position(convert_to(',' || w.metric || ',', 'UTF8') IN b.payload) > 0)"""
+
+
+class WatchedReadings:
+    """Whether a window holds a reading some enabled rule of its tenant looks at (an alert
+    may wait on the window). The rules of the window's tenants only, read through the
+    analytics facade each time: no cache to go stale, nothing that grows with the tenants."""
+
+    def __init__(self, pool: Pool) -> None:
+        self.pool = pool
+
+    async def in_window(self, window_id: str) -> bool:
+        """True when one of the window's claimed batches holds a watched (tenant, metric)."""
+        tenants = [
+            r["tenant"]
+            for r in await self.pool.fetch(
+                "SELECT DISTINCT tenant FROM data.ingest_batches WHERE window_id = $1", window_id
+            )
+        ]
+        watched = await analytics_facade.watched_metrics(self.pool, tenants)
+        if not watched:
+            return False
+        pairs = ([t for t, _ in watched], [m for _, m in watched])
+        return bool(await self.pool.fetchval(_HOLDS_WATCHED, window_id, *pairs))
 
 
 def half_ids(window_id: str) -> tuple[str, str]:

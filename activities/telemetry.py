@@ -22,9 +22,9 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client
 
-from activities import data_retention, data_rollups, device_facade
+from activities import data_facade, data_retention, data_rollups, device_facade
 from activities.ingest_supervision import IngestionSupervision
-from activities.ingest_windows import WindowIsolation
+from activities.ingest_windows import WatchedReadings, WindowIsolation
 from activities.poison import poison_guard
 from activities.probe import probe
 from activities.scheduled_runs import verify_scheduled_run
@@ -147,6 +147,7 @@ class DataService(DataActivities):
         self.pool = pool
         self.temporal = temporal
         self.isolation = WindowIsolation(pool)
+        self.watched = WatchedReadings(pool)
         self.supervision = IngestionSupervision(pool, temporal)
 
     @implements(DataActivities.supervise_ingestion)
@@ -206,12 +207,17 @@ class DataService(DataActivities):
 
         Waits up to max_wait_ms for a first batch; then, while the window holds fewer than its
         fill target of readings, keeps claiming the shard's batches into it for up to fill_ms
-        (under load the first claim reaches the target: no wait). Empty after max_wait_ms; a
-        retry returns what this window already claimed (and may add to it the same way).
+        (under load the first claim reaches the target: no wait). With watched_fill_ms set, a
+        window that holds a reading a rule watches waits at most that long instead (an alert
+        waits on it). Empty after max_wait_ms; a retry returns what this window already
+        claimed (and may add to it the same way). `unready` counts the window's devices that
+        may not send, by the device facade (0: the workflow skips find_unready).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.max_wait_ms / 1000
         filled_by: float | None = None  # the first claim's time + fill_ms
+        first_at = 0.0
+        checked = 0  # batches of the window looked at for a watched reading
         while True:
             if filled_by is None:
                 row = await self.pool.fetchrow(
@@ -237,14 +243,26 @@ class DataService(DataActivities):
             window = Window(window_id=request.window_id, batches=batches, readings=readings, bytes=size)
             now = loop.time()
             if window.batches:
-                filled_by = now + request.fill_ms / 1000 if filled_by is None else filled_by
+                if filled_by is None:
+                    filled_by, first_at = now + request.fill_ms / 1000, now
+                if (
+                    request.watched_fill_ms is not None
+                    and window.batches > checked
+                    and window.readings < request.fill_target()
+                ):
+                    checked = window.batches
+                    if await self.watched.in_window(request.window_id):
+                        filled_by = min(filled_by, first_at + request.watched_fill_ms / 1000)
+                        now = loop.time()
                 if (
                     window.readings >= request.fill_target()
                     or window.bytes >= request.max_bytes
                     or now >= filled_by
                     or row["closed"]
                 ):
-                    return window
+                    senders = await data_facade.window_devices(self.pool, request.window_id)
+                    unready = await device_facade.count_unready(self.pool, senders)
+                    return window.model_copy(update={"unready": unready})
             elif now >= deadline:
                 return window
             if activity.in_activity():

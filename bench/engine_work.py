@@ -7,6 +7,8 @@ process of the platform (each serves /metrics on its own FLEETFLOW_METRICS_PORT)
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import psutil
 
@@ -36,9 +38,18 @@ def task_count(text: str) -> int:
     return round(total)
 
 
-async def tasks(http: httpx.AsyncClient, urls: list[str]) -> int:
-    """Tasks executed so far by the workers at urls (the SDK exports its counters each second)."""
+async def tasks(http: httpx.AsyncClient, urls: list[str], attempts: int = 20) -> int:
+    """Tasks executed so far by the workers at urls (the SDK exports its counters each second).
+    A worker whose /metrics is not listening yet (a slow start on a busy machine) is asked
+    again, every half second, up to `attempts` times."""
     total = 0
     for url in urls:
-        total += task_count((await http.get(url)).text)
+        for attempt in range(attempts):
+            try:
+                total += task_count((await http.get(url)).text)
+                break
+            except httpx.ConnectError:
+                if attempt == attempts - 1:
+                    raise
+                await asyncio.sleep(0.5)
     return total

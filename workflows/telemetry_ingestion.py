@@ -1,5 +1,10 @@
 """TelemetryIngestion: drains one shard of acknowledged batches, a window at a time
 (id `ingest-{shard}`): claim → device check → store → analyse → record the window's events.
+The device check is skipped when the claim saw every device of the window allowed to send.
+A stored window is analysed and its events recorded while the next one is claimed and
+stored; analyses run one at a time, in window order, and all are done before continue-as-new.
+At a trickle a window waits up to IDLE_FILL_MS to fill, unless it holds a reading a rule
+watches: an alert may wait on that one, so it goes at once.
 
 One workflow per shard runs for ever, continuing as new every few hundred windows (or
 when the server suggests it). A window is capped in readings and bytes and the workflow
@@ -16,6 +21,7 @@ rounds (a timeout is its reason) instead of holding up its shard for ever.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -28,6 +34,7 @@ with workflow.unsafe.imports_passed_through():
     from fleetflow.contracts.common import DomainEvent
     from fleetflow.contracts.events import EventBatch
     from fleetflow.contracts.telemetry import (
+        IDLE_FILL_MS,
         POISON,
         TELEMETRY_STORED,
         ClaimWindow,
@@ -69,6 +76,16 @@ WINDOW_TABLES = "window-tables"
 # patch: a lone batch that keeps outliving its (doubling) store bound is quarantined, not retried
 # for ever while its shard, and every tenant on it, waits
 LONE_STORE_TIMEOUT = "lone-store-timeout"
+# patch: a window waits up to IDLE_FILL_MS to fill at a trickle (fewer windows, fewer tasks per
+# reading) unless it holds a reading a rule watches: that one is processed at once (alerts)
+ADAPTIVE_FILL = "adaptive-fill"
+# patch: a window whose claim saw every device of it allowed to send skips find_unready (the
+# store has nothing to quarantine for it): two tasks fewer a window
+SKIP_READY_CHECK = "skip-ready-check"
+# patch: a stored window is analysed and its events recorded while the next window is claimed
+# and stored (analyses still one at a time, in window order): an alert waits for the store in
+# progress, not for the analysis and recording of the window before its own
+PIPELINED = "pipelined-analysis"
 # rounds of STORE_ATTEMPTS a lone batch gets, its bound doubling each round, before quarantine
 LONE_STORE_ROUNDS = 3
 
@@ -102,6 +119,7 @@ class TelemetryIngestion:
 
     def __init__(self) -> None:
         self._progress: IngestionProgress | None = None
+        self._tail: asyncio.Task[None] | None = None  # the last stored window's analysis
 
     @workflow.run
     async def run(self, inp: IngestionInput) -> None:
@@ -117,27 +135,35 @@ class TelemetryIngestion:
         run_id = workflow.info().run_id
         for i in range(inp.windows_per_run):
             window_id = f"{workflow.info().workflow_id}/{run_id}/{i}"
+            claim = ClaimWindow(
+                window_id=window_id,
+                shard=inp.shard,
+                shards=inp.shards,
+                max_readings=inp.max_window_readings,
+                max_wait_ms=inp.max_wait_ms,
+                max_bytes=inp.max_window_bytes,
+            )
+            if workflow.patched(ADAPTIVE_FILL):
+                claim = claim.model_copy(update={"fill_ms": IDLE_FILL_MS, "watched_fill_ms": 0})
             window = await calls.execute(
                 DataActivities.claim_window,
-                ClaimWindow(
-                    window_id=window_id,
-                    shard=inp.shard,
-                    shards=inp.shards,
-                    max_readings=inp.max_window_readings,
-                    max_wait_ms=inp.max_wait_ms,
-                    max_bytes=inp.max_window_bytes,
-                ),
+                claim,
                 start_to_close_timeout=timedelta(milliseconds=inp.max_wait_ms) + timedelta(seconds=30),
                 heartbeat_timeout=timedelta(seconds=10),
                 retry_policy=RETRY_FOREVER,
             )
             if window.batches:
-                if workflow.patched(WINDOW_TABLES):
-                    await self._window(window)
-                else:
+                if not workflow.patched(WINDOW_TABLES):
                     await self._process(window)
+                elif workflow.patched(PIPELINED):
+                    stored = await self._checked_and_stored(window)
+                    if stored is not None:
+                        self._tail = asyncio.create_task(self._analyse_after(self._tail, window, stored))
+                else:
+                    await self._window(window)
             if workflow.info().is_continue_as_new_suggested():
                 break
+        await self._drain()  # every window analysed and counted before the state moves on
         workflow.continue_as_new(
             inp.model_copy(
                 update={
@@ -150,22 +176,49 @@ class TelemetryIngestion:
 
     async def _window(self, window: Window) -> None:
         """Check, store, analyse a window and record its events; isolate a poison pill in it."""
+        stored = await self._checked_and_stored(window)
+        if stored is not None:
+            await self._analyse(window, stored)
+
+    async def _checked_and_stored(self, window: Window) -> Stored | None:
+        """Check the window's devices and store it; None when it was isolated instead (split,
+        each part processed whole, or its lone batch quarantined)."""
         ref = WindowRef(window_id=window.window_id, counts_only=True)
         try:
-            await self._step(DeviceActivities.find_unready, ref)
+            if not (window.unready == 0 and workflow.patched(SKIP_READY_CHECK)):
+                await self._step(DeviceActivities.find_unready, ref)
             stored: Stored | str | None = await self._store(window)
         except ActivityError as err:
             reason = poison_reason(err)
             if reason is None:
                 raise
             await self._isolate(window, reason)
-            return
+            return None
         if stored is None:  # too slow as a whole: split, each half with its own time bound
             await self._isolate(window, None)
-            return
+            return None
         if isinstance(stored, str):  # a lone batch too slow whatever its bound: set aside
             await self._isolate(window, stored)
-            return
+            return None
+        return stored
+
+    async def _analyse_after(
+        self, previous: asyncio.Task[None] | None, window: Window, stored: Stored
+    ) -> None:
+        """Analyse the stored window once the window before it is analysed (series state and
+        alerts move in window order)."""
+        if previous is not None:
+            await previous
+        await self._analyse(window, stored)
+
+    async def _drain(self) -> None:
+        """Wait for the analysis of the last stored window, if any is going on."""
+        if self._tail is not None:
+            await self._tail
+
+    async def _analyse(self, window: Window, stored: Stored) -> None:
+        """Evaluate the rules over the stored window and record its events; count it."""
+        ref = WindowRef(window_id=window.window_id, counts_only=True)
         try:
             await self._step(AnalyticsActivities.evaluate, ref)
         except ActivityError as err:
@@ -217,6 +270,7 @@ class TelemetryIngestion:
 
     async def _isolate(self, window: Window, reason: str | None) -> None:
         """Split window in two and process each half; quarantine a lone batch that is poison."""
+        await self._drain()  # the halves are analysed after the windows stored before them
         if window.batches <= 1 and reason is not None:
             quarantined = await self._step(
                 DataActivities.quarantine_batches,

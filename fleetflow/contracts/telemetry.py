@@ -29,6 +29,9 @@ MAX_WINDOW_BYTES = 16 * 1024 * 1024
 # for up to FILL_MS after its first claim: at a trickle a shard runs a few full windows a
 # second, not one per batch; under load the first claim already reaches the target
 FILL_MS = 500
+# with adaptive fill (the workflow's ADAPTIVE_FILL patch) a window nothing waits on fills for
+# up to IDLE_FILL_MS at a trickle; one holding a reading a rule watches returns at once
+IDLE_FILL_MS = 3000
 FILL_SHARE = 50  # the default fill target: max_readings / FILL_SHARE (1,000 of 50,000)
 POISON = "PoisonWindow"  # ApplicationError type: a window step failing the same way on retry
 BUCKETS = 1024  # a batch's bucket; the shard that processes it is bucket % shards
@@ -93,6 +96,9 @@ class ClaimWindow(Contract):
     # max_readings / FILL_SHARE; fill_ms 0 returns after the first claim, as it used to
     fill_readings: Annotated[int, Field(ge=0)] = 0
     fill_ms: Annotated[int, Field(ge=0, le=10_000)] = FILL_MS  # well within the claim's time bound
+    # set: a window holding a reading of a metric its tenant has an enabled rule on waits at most
+    # this long to fill (an alert waits on it); None: every window waits fill_ms, as it used to
+    watched_fill_ms: Annotated[int, Field(ge=0, le=10_000)] | None = None
 
     def fill_target(self) -> int:
         """Readings at which the window stops waiting to fill."""
@@ -106,6 +112,9 @@ class Window(Contract):
     batches: int
     readings: int
     bytes: int = 0
+    # of the window's devices, how many may not send, as its claim saw them (None: not looked
+    # at - a split's halves, or a claim before this); 0 lets the workflow skip find_unready
+    unready: int | None = None
 
 
 class Unready(Contract):

@@ -8,8 +8,12 @@ import asyncio
 import uuid
 from datetime import UTC, datetime
 
+from pydantic import TypeAdapter
+
+from activities.analytics import AnalyticsService
 from activities.telemetry import _WINDOW_LOCK, DataService
-from fleetflow.contracts.telemetry import ClaimWindow
+from activities.telemetry_accept import ReadingColumns, csv_payload
+from fleetflow.contracts.telemetry import ClaimWindow, Rule, TelemetryBatchDict
 from fleetflow.db import Pool
 from tests.support import eventually
 
@@ -123,3 +127,116 @@ async def test_no_batch_joins_a_window_whose_store_has_begun(pool: Pool) -> None
         assert await _claimed(pool, window_id) == 1
     finally:
         await _cleanup(pool, tag)
+
+
+async def _watched_claim(window_id: str, bucket: int, fill_readings: int) -> ClaimWindow:
+    return _claim(window_id, bucket, fill_readings).model_copy(update={"watched_fill_ms": 0})
+
+
+async def _pending_as(pool: Pool, tenant: str, tag: str, n: int, bucket: int, metric: str) -> None:
+    # the payload as the accept path writes it: a change of its format must keep watched
+    # readings found (or this test fails)
+    ts = datetime.now(UTC)
+    rows = [{"device_id": "fill-device", "ts": ts, "metric": metric, "value": float(i)} for i in range(10)]
+    batch = TypeAdapter(TelemetryBatchDict).validate_python({"batch_id": f"{tag}-{n}", "readings": rows})
+    payload = csv_payload(tenant, ReadingColumns.of(batch))
+    await pool.execute(
+        """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
+           VALUES ($1, $2, $3, 10, ARRAY['fill-device'], $4)""",
+        tenant,
+        f"{tag}-{n}",
+        bucket,
+        payload,
+    )
+
+
+async def _rule(pool: Pool, tenant: str, metric: str) -> None:
+    rule = Rule(
+        rule_id=f"hot-{metric}",
+        device_type="sensor",
+        metric=metric,
+        kind="threshold",
+        params={"above": 100},
+    )
+    await AnalyticsService(pool).put_rule(tenant, rule)
+
+
+async def test_a_window_holding_a_watched_reading_stops_filling(pool: Pool) -> None:
+    # an alert waits on a reading a rule looks at: its window is processed at once, not after
+    # the fill wait a trickle of readings nobody watches gets
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_081
+    tenant = f"watch-{tag}"
+    await _rule(pool, tenant, "temp")
+    service = DataService(pool)
+    window_id = f"{tag}/0"
+    await _pending_as(pool, tenant, tag, 0, bucket, "humidity")
+    claim = asyncio.create_task(service.claim_window(await _watched_claim(window_id, bucket, 1000)))
+    try:
+        await _until_claimed(pool, window_id, 1)
+        await asyncio.sleep(0.1)
+        await _pending_as(pool, tenant, tag, 1, bucket, "temp")
+        await _until_claimed(pool, window_id, 2)
+        # a window still filling would take this one too
+        await _pending_as(pool, tenant, tag, 2, bucket, "humidity")
+        window = await claim
+        assert (window.batches, window.readings) == (2, 20)
+        assert await _claimed(pool, window_id) == 2
+    finally:
+        claim.cancel()
+        await _cleanup(pool, tag)
+        await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", tenant)
+
+
+async def test_another_tenants_rule_does_not_stop_a_window_filling(pool: Pool) -> None:
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_099
+    tenant, other = f"watch-{tag}", f"other-{tag}"
+    await _rule(pool, other, "temp")
+    service = DataService(pool)
+    window_id = f"{tag}/0"
+    await _pending_as(pool, tenant, tag, 0, bucket, "temp")
+    claim = asyncio.create_task(service.claim_window(await _watched_claim(window_id, bucket, 30)))
+    try:
+        for n in (1, 2):
+            await _until_claimed(pool, window_id, n)
+            await asyncio.sleep(0.1)
+            await _pending_as(pool, tenant, tag, n, bucket, "temp")
+        window = await claim  # at its fill target, as without any rule
+        assert (window.batches, window.readings) == (3, 30)
+    finally:
+        claim.cancel()
+        await _cleanup(pool, tag)
+        await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", other)
+
+
+async def test_a_claim_counts_the_devices_of_its_window_that_may_not_send(pool: Pool) -> None:
+    # 0 lets the workflow skip the device check; a device unknown, or known but not active (in
+    # the tenant that sent, whatever another tenant holds under the same id), must count
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_117
+    tenant, other = f"ready-{tag}", f"other-{tag}"
+    service = DataService(pool)
+    await pool.execute(
+        """INSERT INTO device.devices (tenant, device_id, device_type, firmware_version, status,
+               onboarding_id)
+           VALUES ($1, 'fill-device', 'sensor', '1.0', 'active', $3),
+                  ($2, 'fill-device', 'sensor', '1.0', 'active', $3),
+                  ($2, 'idle-device', 'sensor', '1.0', 'active', $3),
+                  ($1, 'idle-device', 'sensor', '1.0', 'provisioned', $3)""",
+        tenant,
+        other,
+        f"onboard-{tag}",
+    )
+    try:
+        await _pending_as(pool, tenant, tag, 0, bucket, "temp")
+        ready = await service.claim_window(_claim(f"{tag}/0", bucket, fill_readings=10))
+        assert (ready.batches, ready.unready) == (1, 0)
+        await _pending_as(pool, tenant, tag, 1, bucket, "temp")
+        await pool.execute(
+            """UPDATE data.ingest_batches SET device_ids = ARRAY['fill-device', 'idle-device', 'ghost']
+               WHERE batch_id = $1""",
+            f"{tag}-1",
+        )
+        unready = await service.claim_window(_claim(f"{tag}/1", bucket, fill_readings=10))
+        assert (unready.batches, unready.unready) == (1, 2)
+    finally:
+        await _cleanup(pool, tag)
+        await pool.execute("DELETE FROM device.devices WHERE tenant = ANY($1)", [tenant, other])

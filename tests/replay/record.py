@@ -165,6 +165,36 @@ async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
     raise RuntimeError("no ingestion window was processed")
 
 
+async def telemetry_ingestion_ready(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A shard whose window holds only active devices (its claim says so: no device check)
+    and a watched reading (the window goes at once) that raises an alert."""
+    onboarding = await onboarding_completed(s)
+    device_id = onboarding.id.removeprefix("onboard-bench-")
+    rule = {
+        "rule_id": "rec-hot",
+        "device_type": "thermostat",
+        "metric": "t",
+        "kind": "threshold",
+        "params": {"above": 30},
+    }
+    await s.api.put("/v1/rules/rec-hot", json=rule, headers=s.headers)
+    now = datetime.now(UTC)
+    rows = [{"device_id": device_id, "ts": now.isoformat(), "metric": "t", "value": v} for v in (20.0, 35.0)]
+    await s.api.post("/v1/telemetry", json={"batch_id": "rec-ready", "readings": rows}, headers=s.headers)
+    for _ in range(300):
+        if (await s.api.get("/v1/alerts", params={"device_id": device_id}, headers=s.headers)).json():
+            break
+        await asyncio.sleep(0.05)
+    await asyncio.sleep(1)  # let the window's events be recorded
+    runs = [w async for w in s.client.list_workflows("WorkflowType = 'TelemetryIngestion'")]
+    for run in runs:
+        handle = s.client.get_workflow_handle(run.id, run_id=run.run_id)
+        progress = await handle.query("progress")
+        if progress and progress["windows"]:
+            return handle
+    raise RuntimeError("no ingestion window was processed")
+
+
 async def telemetry_poison(s: Stack) -> WorkflowHandle[Any, Any]:
     """A shard that splits a window around a batch COPY cannot read, quarantines that batch
     and stores the others (the batches are written as an older API acknowledged them)."""
@@ -665,6 +695,7 @@ SCENARIOS: dict[str, Scenario] = {
     "device_twin": device_twin,
     "device_twin_waits": device_twin_waits,
     "telemetry_ingestion": telemetry_ingestion,
+    "telemetry_ingestion_ready": telemetry_ingestion_ready,
     "telemetry_poison": telemetry_poison,
     "ingestion_supervisor": ingestion_supervisor,
     "firmware_rollout": firmware_rollout,

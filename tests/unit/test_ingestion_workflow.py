@@ -47,9 +47,20 @@ def _window(window_id: str) -> Window:
     return Window(window_id=window_id, batches=len(batches), readings=len(batches), bytes=0)
 
 
+# windows stored or quarantined, and windows whose events were recorded: the run ends when
+# every window it took is recorded (its analysis may still be going on after the last claim)
+FINISHED: list[int] = [0]
+RECORDED: list[str] = []
+
+
 @activity.defn(name="data.claim_window")
 async def claim(request: ClaimWindow) -> Window:
     if not CLAIMS:
+        for _ in range(300):
+            if len(RECORDED) >= FINISHED[0]:
+                break
+            activity.heartbeat()
+            await asyncio.sleep(0.1)
         raise ApplicationError("no more windows: end of the test", non_retryable=True)
     WINDOWS[request.window_id] = CLAIMS.pop(0)
     return _window(request.window_id)
@@ -70,6 +81,7 @@ async def store(request: StoreWindow) -> Stored:
         while True:  # heartbeating, so only the start-to-close bound ends it
             activity.heartbeat()
             await asyncio.sleep(0.1)
+    FINISHED[0] += 1
     return Stored(window_id=request.window_id, stored=1000 * len(batches), quarantined=0)
 
 
@@ -84,25 +96,46 @@ async def split(ref: WindowRef) -> WindowSplit:
 @activity.defn(name="data.quarantine_batches")
 async def quarantine(request: QuarantineBatches) -> BatchesQuarantined:
     CALLS.append(f"quarantine {'+'.join(WINDOWS[request.window_id])}: {request.reason}")
+    FINISHED[0] += 1
     return BatchesQuarantined(window_id=request.window_id, batches=1, readings=1000)
+
+
+# windows analysed, in order, each with the stores done before its analysis ended; with
+# HOLD_ANALYSIS the first window's analysis waits (a while) for the next window's store
+ANALYSED: list[tuple[str, list[str]]] = []
+HOLD_ANALYSIS: list[bool] = [False]
 
 
 @activity.defn(name="analytics.evaluate")
 async def evaluate(ref: WindowRef) -> Evaluated:
+    if HOLD_ANALYSIS[0] and not ANALYSED:
+        for _ in range(100):
+            if len(CALLS) > 1:
+                break
+            activity.heartbeat()
+            await asyncio.sleep(0.1)
+    ANALYSED.append(("+".join(WINDOWS[ref.window_id]), list(CALLS)))
     return Evaluated()
 
 
 @activity.defn(name="notification.record_window_events")
 async def record(ref: WindowRef) -> int:
+    RECORDED.append(ref.window_id)
     return 0
 
 
 async def run_windows(
-    env: WorkflowEnvironment, *windows: list[str], runner: WorkflowRunner | None = None
+    env: WorkflowEnvironment,
+    *windows: list[str],
+    runner: WorkflowRunner | None = None,
+    windows_per_run: int = 200,
 ) -> list[str]:
     """Run a shard over the given windows (each a list of batch names); what it stored and
     quarantined, in order."""
     CALLS.clear()
+    ANALYSED.clear()
+    RECORDED.clear()
+    FINISHED[0] = 0
     CLAIMS[:] = [list(w) for w in windows]
     queues: dict[TaskQueue, list[Any]] = {
         TaskQueue.DATA: [claim, store, split, quarantine],
@@ -124,7 +157,7 @@ async def run_windows(
         with pytest.raises(WorkflowFailureError):  # the stub's claim ends the run
             await env.client.execute_workflow(
                 TelemetryIngestion.run,
-                IngestionInput(shard=0, shards=1),
+                IngestionInput(shard=0, shards=1, windows_per_run=windows_per_run),
                 id=f"ingest-test-{uuid.uuid4()}",
                 task_queue=TaskQueue.ORCHESTRATION.value,
             )
@@ -182,3 +215,27 @@ async def test_a_lone_batch_that_keeps_outliving_its_bound_is_quarantined_and_th
     assert len(stores) == ingestion.STORE_ATTEMPTS * ingestion.LONE_STORE_ROUNDS
     assert calls[len(stores)].startswith("quarantine stuck: store timed out")
     assert calls[len(stores) + 1 :] == ["store b2"]
+
+
+async def test_the_next_window_is_stored_while_the_last_one_is_analysed_in_order(
+    env: WorkflowEnvironment,
+) -> None:
+    # an alert waits for the store in progress, not for the analysis of the window before its
+    # own; the analyses still run one at a time, in window order
+    HOLD_ANALYSIS[0] = True
+    try:
+        await run_windows(env, ["b1"], ["b2"], ["b3"])
+    finally:
+        HOLD_ANALYSIS[0] = False
+    assert [name for name, _ in ANALYSED] == ["b1", "b2", "b3"]
+    first_done_after = ANALYSED[0][1]
+    assert first_done_after[:2] == ["store b1", "store b2"]
+
+
+async def test_every_window_is_analysed_before_the_shard_continues_as_new(
+    env: WorkflowEnvironment,
+) -> None:
+    # the last window of a run is stored, then the run ends: its analysis (still going on
+    # beside the next claim) must not be left behind by continue-as-new
+    await run_windows(env, ["b1"], ["b2"], ["b3"], windows_per_run=2)
+    assert [name for name, _ in ANALYSED] == ["b1", "b2", "b3"]
