@@ -29,8 +29,10 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 
     Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-# finished jobs returned per tick: their events travel as one activity input, which stays
-# under 256 KiB even with 128-character device ids and the longest tenant and campaign ids
+# finished jobs returned per tick unless the tick asks for more: runs started before
+# `finished_limit` record them as one activity input, which stays under 256 KiB even with
+# 128-character device ids and the longest tenant and campaign ids (newer runs record them
+# 200 an activity)
 FINISHED_WINDOW = 200
 
 
@@ -116,7 +118,7 @@ class RolloutJobs:
                    ORDER BY finished_seq LIMIT $5""",
                 *key,
                 tick.finished_after,
-                FINISHED_WINDOW,
+                tick.finished_limit or FINISHED_WINDOW,
             )
         counts: dict[str, int] = {}
         wave_counts: dict[str, int] = {}
