@@ -181,13 +181,12 @@ class DeviceOnboarding:
         if self._together:
             # independent writes of the same registration: both undos are registered first
             self._saga.add("remove_config", lambda: self._undo(DeviceActivities.remove_config, change))
-            issuing = self._start_step(DeviceActivities.issue_credential, credential)
+            issuing = self._issue(self._start_step(DeviceActivities.issue_credential, credential))
             storing = self._start_step(DeviceActivities.store_config, config)
-            issued_credential, _ = await self._together_steps(
+            await self._together_steps(
                 (OnboardingStep.ISSUE_CREDENTIAL, issuing, True),
                 (OnboardingStep.STORE_CONFIG, storing, True),
             )
-            self._credential = issued_credential
         else:
             self._credential = await self._run_step(
                 OnboardingStep.ISSUE_CREDENTIAL, DeviceActivities.issue_credential, credential
@@ -377,6 +376,11 @@ class DeviceOnboarding:
             retry_policy=STEP_RETRY,
             cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
         )
+
+    async def _issue(self, issuing: Awaitable[IssuedCredential]) -> None:
+        """The credential is shown (progress query) as soon as it is issued: the device may call
+        in while its configuration is still being stored."""
+        self._credential = await issuing
 
     async def _together_steps(self, *steps: tuple[OnboardingStep | None, Awaitable[Any], bool]) -> list[Any]:
         """Run independent steps at once (TOGETHER_PATCH); their results, in order.
