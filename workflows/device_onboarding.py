@@ -69,8 +69,8 @@ LIFETIME_PATCH = "credential-lifetime-per-type"
 # fewer workflow tasks on the hot path: validate and register in one activity, the twin start and
 # the `DeviceOnboarded` event in one task (runs recorded before: one task per step)
 MERGED_STEPS_PATCH = "onboarding-merged-steps"
-# fewer round trips: the credential and the configuration in one workflow task, and activation,
-# the twin start and `DeviceOnboarded` in one task (runs recorded before: one after the other)
+# fewer round trips: the credential and the configuration in one workflow task (runs recorded
+# before: one after the other)
 TOGETHER_PATCH = "onboarding-steps-together"
 
 
@@ -201,8 +201,9 @@ class DeviceOnboarding:
         assert contact is not None
 
         activation = change.model_copy(update={"firmware_version": contact.firmware_version})
-        if not self._together:
-            await self._run_step(OnboardingStep.ACTIVATE, DeviceActivities.activate, activation)
+        # before DeviceOnboarded, even with TOGETHER_PATCH: a webhook already sent for a device
+        # whose activation then failed (decommissioned meanwhile) could not be taken back
+        await self._run_step(OnboardingStep.ACTIVATE, DeviceActivities.activate, activation)
 
         if not self._merged and workflow.patched("start-device-twin"):
             self._saga.add("end_twin", lambda: self._end_twin(inp))
@@ -222,21 +223,7 @@ class DeviceOnboarding:
             data={"device_type": req.device_type, "credential_jti": jti},
         )
         retract = RetractEvent(event_id=event.event_id)
-        if self._together:
-            # activation's undo is the registration's (mark_failed takes an active device back);
-            # a failed activation retracts the event and ends the twin, as a failed twin start does
-            self._saga.add("end_twin", lambda: self._end_twin(inp))
-            self._saga.add("retract_event", lambda: self._undo(NotificationActivities.retract_event, retract))
-            await self._together_steps(
-                (OnboardingStep.ACTIVATE, self._start_step(DeviceActivities.activate, activation), True),
-                (None, self._start_twin(inp, validated), False),
-                (
-                    OnboardingStep.RECORD_EVENT,
-                    self._start_step(NotificationActivities.record_events, EventBatch(events=[event])),
-                    True,
-                ),
-            )
-        elif self._merged:
+        if self._merged:
             self._saga.add("end_twin", lambda: self._end_twin(inp))
             self._saga.add("retract_event", lambda: self._undo(NotificationActivities.retract_event, retract))
             await self._twin_and_event(inp, validated, EventBatch(events=[event]))
