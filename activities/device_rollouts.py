@@ -29,8 +29,10 @@ if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
 
     Conn = asyncpg.Connection[asyncpg.Record] | PoolConnectionProxy[asyncpg.Record]
 
-# finished jobs returned per tick: their events travel as one activity input, which stays
-# under 256 KiB even with 128-character device ids and the longest tenant and campaign ids
+# finished jobs returned per tick unless the tick asks for more: runs started before
+# `finished_limit` record them as one activity input, which stays under 256 KiB even with
+# 128-character device ids and the longest tenant and campaign ids (newer runs record them
+# 200 an activity)
 FINISHED_WINDOW = 200
 
 
@@ -116,7 +118,7 @@ class RolloutJobs:
                    ORDER BY finished_seq LIMIT $5""",
                 *key,
                 tick.finished_after,
-                FINISHED_WINDOW,
+                tick.finished_limit or FINISHED_WINDOW,
             )
         counts: dict[str, int] = {}
         wave_counts: dict[str, int] = {}
@@ -159,7 +161,9 @@ class RolloutJobs:
     async def _offer(conn: Conn, tick: RolloutTick) -> int:
         """Offer up to `tick.offer` queued jobs of waves up to `tick.wave`; how many were."""
         # the pick is materialized: as a joined subquery it was rescanned per row, and each
-        # rescan skipped the rows just offered and picked the next, offering the whole wave
+        # rescan skipped the rows just offered and picked the next, offering the whole wave.
+        # It is matched as one array (primary-key lookups): joined, the planner rescanned the
+        # campaign's jobs for each picked row (21 s to offer a wave of 6,400 of 10,000)
         result = await conn.execute(
             """WITH pick AS MATERIALIZED (
                    SELECT device_id FROM device.rollout_jobs
@@ -168,9 +172,8 @@ class RolloutJobs:
                    ORDER BY wave, device_id LIMIT $5 FOR UPDATE SKIP LOCKED)
                UPDATE device.rollout_jobs j SET state = 'offered', offered_at = now(),
                    updated_at = now(), attempts = attempts + 1
-               FROM pick
                WHERE j.tenant = $1 AND j.campaign_id = $2 AND j.kind = $3
-                 AND j.device_id = pick.device_id""",
+                 AND j.device_id = ANY(ARRAY(SELECT device_id FROM pick))""",
             tick.tenant,
             tick.campaign_id,
             tick.kind,

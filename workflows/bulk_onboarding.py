@@ -56,6 +56,8 @@ FAILURE_REASON = 200  # as device.provision_batch cuts its own
 PROVISION_HEARTBEAT = timedelta(seconds=20)
 # runs started before it: undoing devices left their DeviceOnboarded events recorded
 RETRACT_PATCH = "bulk-onboarding-retract-events"
+# runs started before it recorded a slice's event batches one after the other
+EVENTS_AT_ONCE_PATCH = "bulk-onboarding-events-at-once"
 
 
 def bulk_workflow_id(tenant: str, bulk_id: str) -> str:
@@ -182,11 +184,28 @@ class BulkOnboarding:
             if self._stopping:
                 return  # finished despite the stop: undone with the rest
             if result.onboarded and self._attempts:
-                for i in range(0, len(result.onboarded), EVENTS_PER_ACTIVITY):
-                    await self._record_events(inp, result.onboarded[i : i + EVENTS_PER_ACTIVITY], now)
+                batches = [
+                    result.onboarded[i : i + EVENTS_PER_ACTIVITY]
+                    for i in range(0, len(result.onboarded), EVENTS_PER_ACTIVITY)
+                ]
+                if workflow.patched(EVENTS_AT_ONCE_PATCH):
+                    await self._record_all(inp, batches, now)
+                else:
+                    for batch in batches:
+                        await self._record_events(inp, batch, now)
             elif result.onboarded:
                 await self._record_events(inp, result.onboarded, now)
             self._processed += chunk.limit
+
+    async def _record_all(self, inp: BulkOnboardingInput, batches: list[list[str]], at: datetime) -> None:
+        """Record a slice's event batches at once (EVENTS_AT_ONCE_PATCH). Every batch's outcome is
+        known before this returns or raises: a stop waits for them all before the undo."""
+        outcomes = await asyncio.gather(
+            *(self._record_events(inp, batch, at) for batch in batches), return_exceptions=True
+        )
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     async def _record_events(self, inp: BulkOnboardingInput, device_ids: list[str], at: datetime) -> None:
         events = [

@@ -12,6 +12,7 @@ flight to end before the undo, and the undo finishes whatever arrives meanwhile.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from datetime import timedelta
 from typing import Any, TypeVar
 
@@ -68,6 +69,9 @@ LIFETIME_PATCH = "credential-lifetime-per-type"
 # fewer workflow tasks on the hot path: validate and register in one activity, the twin start and
 # the `DeviceOnboarded` event in one task (runs recorded before: one task per step)
 MERGED_STEPS_PATCH = "onboarding-merged-steps"
+# fewer round trips: the credential and the configuration in one workflow task (runs recorded
+# before: one after the other)
+TOGETHER_PATCH = "onboarding-steps-together"
 
 
 class OnboardingAborted(Exception):
@@ -98,6 +102,7 @@ class DeviceOnboarding:
         self._attempts = False  # ATTEMPTS_PATCH
         self._owner = ""
         self._merged = False  # MERGED_STEPS_PATCH
+        self._together = False  # TOGETHER_PATCH
 
     @workflow.run
     async def run(self, inp: OnboardingInput) -> OnboardingResult:
@@ -106,6 +111,7 @@ class DeviceOnboarding:
         info = workflow.info()
         self._attempts = workflow.patched(ATTEMPTS_PATCH)
         self._merged = self._attempts and workflow.patched(MERGED_STEPS_PATCH)
+        self._together = self._merged and workflow.patched(TOGETHER_PATCH)
         # the device rows this run writes are owned by this attempt, not by the device's workflow
         # id: a later attempt (after a failure, rejection or cancel) must not take them for its own
         wid, first_run = info.workflow_id, info.first_execution_run_id
@@ -157,31 +163,36 @@ class DeviceOnboarding:
             tenant=inp.tenant, device_id=req.device_id, jti=jti, reason="onboarding undone"
         )
         self._saga.add("revoke_credential", lambda: self._undo(DeviceActivities.revoke_credential, revoke))
-        self._credential = await self._run_step(
-            OnboardingStep.ISSUE_CREDENTIAL,
-            DeviceActivities.issue_credential,
-            IssueCredential(
-                tenant=inp.tenant,
-                device_id=req.device_id,
-                onboarding_id=owner,
-                jti=jti,
-                issued_at=issued,
-                expires_at=issued + lifetime,
-            ),
+        credential = IssueCredential(
+            tenant=inp.tenant,
+            device_id=req.device_id,
+            onboarding_id=owner,
+            jti=jti,
+            issued_at=issued,
+            expires_at=issued + lifetime,
         )
-
-        self._saga.add("remove_config", lambda: self._undo(DeviceActivities.remove_config, change))
-        await self._run_step(
-            OnboardingStep.STORE_CONFIG,
-            DeviceActivities.store_config,
-            StoreConfig(
-                tenant=inp.tenant,
-                device_id=req.device_id,
-                onboarding_id=owner,
-                config=validated.config,
-                actor=actor,
-            ),
+        config = StoreConfig(
+            tenant=inp.tenant,
+            device_id=req.device_id,
+            onboarding_id=owner,
+            config=validated.config,
+            actor=actor,
         )
+        if self._together:
+            # independent writes of the same registration: both undos are registered first
+            self._saga.add("remove_config", lambda: self._undo(DeviceActivities.remove_config, change))
+            issuing = self._issue(self._start_step(DeviceActivities.issue_credential, credential))
+            storing = self._start_step(DeviceActivities.store_config, config)
+            await self._together_steps(
+                (OnboardingStep.ISSUE_CREDENTIAL, issuing, True),
+                (OnboardingStep.STORE_CONFIG, storing, True),
+            )
+        else:
+            self._credential = await self._run_step(
+                OnboardingStep.ISSUE_CREDENTIAL, DeviceActivities.issue_credential, credential
+            )
+            self._saga.add("remove_config", lambda: self._undo(DeviceActivities.remove_config, change))
+            await self._run_step(OnboardingStep.STORE_CONFIG, DeviceActivities.store_config, config)
 
         self._begin(OnboardingStep.AWAIT_FIRST_CONTACT, "awaiting_first_contact")
         await self._wait(lambda: self._contact is not None, req.first_contact_timeout_s, "first contact")
@@ -189,11 +200,10 @@ class DeviceOnboarding:
         contact = self._contact
         assert contact is not None
 
-        await self._run_step(
-            OnboardingStep.ACTIVATE,
-            DeviceActivities.activate,
-            change.model_copy(update={"firmware_version": contact.firmware_version}),
-        )
+        activation = change.model_copy(update={"firmware_version": contact.firmware_version})
+        # before DeviceOnboarded, even with TOGETHER_PATCH: a webhook already sent for a device
+        # whose activation then failed (decommissioned meanwhile) could not be taken back
+        await self._run_step(OnboardingStep.ACTIVATE, DeviceActivities.activate, activation)
 
         if not self._merged and workflow.patched("start-device-twin"):
             self._saga.add("end_twin", lambda: self._end_twin(inp))
@@ -331,16 +341,7 @@ class DeviceOnboarding:
         if self._attempts:
             # a cancel asks the step to stop and waits for its outcome: a commit that lands
             # after the undo ran would leave a registration or a live credential behind
-            result = await finish_then_cancel(
-                calls.start(
-                    activity,
-                    arg,
-                    start_to_close_timeout=STEP_START_TO_CLOSE,
-                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
-                    retry_policy=STEP_RETRY,
-                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
-                )
-            )
+            result = await finish_then_cancel(self._start_step(activity, arg))
         else:
             result = await calls.execute(
                 activity,
@@ -351,6 +352,54 @@ class DeviceOnboarding:
             )
         self._finish(step)
         return result
+
+    def _start_step(self, activity: MethodAsyncSingleParam[Any, P, R], arg: P) -> Awaitable[R]:
+        """Start one forward step on its service's queue; a cancel of it waits for its outcome."""
+        return calls.start(
+            activity,
+            arg,
+            start_to_close_timeout=STEP_START_TO_CLOSE,
+            schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+            retry_policy=STEP_RETRY,
+            cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+        )
+
+    async def _issue(self, issuing: Awaitable[IssuedCredential]) -> None:
+        """The credential is shown (progress query) as soon as it is issued: the device may call
+        in while its configuration is still being stored."""
+        self._credential = await issuing
+
+    async def _together_steps(self, *steps: tuple[OnboardingStep | None, Awaitable[Any], bool]) -> list[Any]:
+        """Run independent steps at once (TOGETHER_PATCH); their results, in order.
+
+        Each entry is (step, started work, whether a cancel asks it to stop). Every outcome is
+        known before this returns or raises: a failure or a cancel waits for the other steps, so
+        the undo finds whatever they did. The first failure in order is raised, naming its step.
+        """
+        self._begin(next(step for step, _, _ in steps if step is not None))
+        tasks = [asyncio.ensure_future(work) for _, work, _ in steps]
+
+        def stop() -> None:
+            for (_, _, stoppable), task in zip(steps, tasks, strict=True):
+                if stoppable:
+                    task.cancel()
+
+        every = asyncio.ensure_future(workflow.wait(tasks))
+        cancelled = await run_to_end(every, on_cancel=stop)
+        failures = [None if t.cancelled() else t.exception() for t in tasks]  # all retrieved
+        if cancelled:
+            raise asyncio.CancelledError
+        for (step, _, _), task, failure in zip(steps, tasks, failures, strict=True):
+            if task.cancelled():
+                raise asyncio.CancelledError
+            if failure is not None:
+                self._step = step or self._step
+                raise failure
+        for step, _, _ in steps:
+            if step is not None:
+                self._completed.append(step)
+        self._step, self._status = None, "running"
+        return [t.result() for t in tasks]
 
     async def _wait(self, done: Any, timeout_s: int, what: str) -> None:
         try:

@@ -127,6 +127,8 @@ class RolloutTick(Contract):
     # the campaign stopped: queued and offered jobs are cancelled, silent ones time out (never
     # offered again), and every update that succeeded, even after the stop, gets its rollback
     stopped: bool = False
+    # finished jobs to return (None: 200, what runs started before it record in one activity)
+    finished_limit: Annotated[int, Field(ge=1, le=1000)] | None = None
 
 
 class JobOutcome(Contract):

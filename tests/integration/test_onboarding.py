@@ -85,17 +85,26 @@ async def test_the_hot_path_takes_fewer_workflow_tasks(api: httpx.AsyncClient, c
     await progress_until(api, device_id, "completed")
     handle = client.get_workflow_handle(accepted.json()["workflow_id"])
     events = (await handle.fetch_history()).events
-    kinds = [e.event_type for e in events]
     scheduled = [
         e.activity_task_scheduled_event_attributes.activity_type.name
         for e in events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
     # validation and registration are one activity task
-    assert scheduled[:2] == ["device.validate_and_register", "device.issue_credential"]
-    # the twin's start and DeviceOnboarded's recording are commands of one workflow task
-    child = kinds.index(EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED)
-    assert kinds[child + 1] == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+    assert scheduled[:3] == ["device.validate_and_register", "device.issue_credential", "device.store_config"]
+    # the credential and the configuration are commands of one workflow task; so are the twin's
+    # start and DeviceOnboarded's recording, after activation (no event for a failed activation)
+    task_of: dict[str, int] = {}
+    task = 0
+    for e in events:
+        if e.event_type == EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED:
+            task += 1
+        elif e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED:
+            task_of[e.activity_task_scheduled_event_attributes.activity_type.name] = task
+        elif e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED:
+            task_of["twin"] = task
+    assert task_of["device.issue_credential"] == task_of["device.store_config"]
+    assert task_of["device.activate"] < task_of["twin"] == task_of["notification.record_events"]
     assert scheduled[-1] == "notification.record_events"
 
 
@@ -132,8 +141,10 @@ async def test_repeated_request_returns_the_same_run_and_a_different_one_conflic
 EXPECTED_UNDO = {
     "validate": [],
     "register": ["mark_registration_failed"],
-    "issue_credential": ["revoke_credential", "mark_registration_failed"],
+    # the credential and the configuration run at once: either failing undoes both
+    "issue_credential": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "store_config": ["remove_config", "revoke_credential", "mark_registration_failed"],
+    # activation runs alone, before the twin and DeviceOnboarded: nothing of those to undo
     "activate": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "record_event": [
         "retract_event",

@@ -71,7 +71,7 @@ async def validate_and_register(request: RegisterDevice) -> ValidatedOnboarding:
 
 @activity.defn(name="device.issue_credential")
 async def issue(request: IssueCredential) -> IssuedCredential:
-    CALLS.append("issue_credential")
+    await step("issue_credential")
     return IssuedCredential(jti=request.jti, token="t", expires_at=request.expires_at)
 
 
@@ -244,14 +244,38 @@ async def test_a_cancel_does_not_interrupt_compensation(
 async def test_first_contact_timeout_undoes_everything_in_reverse(env: WorkflowEnvironment) -> None:
     reason = await run_onboarding(env, first_contact_timeout_s=900)
     assert reason == "no first contact within 900 s"
-    assert CALLS == [
-        "validate",
-        "register",
-        "issue_credential",
-        "store_config",
+    assert CALLS[:2] == ["validate", "register"]
+    assert sorted(CALLS[2:4]) == ["issue_credential", "store_config"]  # run at once
+    assert CALLS[4:] == [
         "undo:remove_config",
         "undo:revoke_credential",
         "undo:mark_failed:no first contact within 900 s",
+    ]
+
+
+async def test_a_failed_step_waits_for_the_step_beside_it_before_the_undo(
+    env: WorkflowEnvironment, gates: dict[str, asyncio.Event]
+) -> None:
+    """The credential and the configuration run at once: when one fails, the undo waits until
+    the other has finished, so a credential issued after the failure is still revoked."""
+    gates["issue_credential"] = asyncio.Event()
+    FAIL_AT.add("store_config")
+    async with workers(env):
+        handle = await start(env)
+        await until_called("store_config")
+        await asyncio.sleep(0.3)  # the failure reaches the workflow
+        assert not [c for c in CALLS if c.startswith("undo:")]  # the credential is still running
+        gates["issue_credential"].set()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    cause = failure.value.cause
+    assert isinstance(cause, ApplicationError)
+    assert cause.message == "store_config failed: injected failure at store_config"
+    assert CALLS.index("issue_credential") < CALLS.index("undo:remove_config")
+    assert CALLS[-3:] == [
+        "undo:remove_config",
+        "undo:revoke_credential",
+        "undo:mark_failed:store_config failed: injected failure at store_config",
     ]
 
 
