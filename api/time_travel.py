@@ -179,7 +179,7 @@ class NoTwinThen(LookupError):
 
 # a history that ends in one of these never changes again
 _CLOSING = frozenset([*CLOSE_EVENTS, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW])
-CLOSED_RUN_CACHE_BYTES = 64 * 1024 * 1024
+CLOSED_RUN_CACHE_BYTES = 32 * 1024 * 1024  # serialized; a 2,000-event twin run is ~2.5 MB
 RunKey = tuple[str, str, str, str]  # namespace, tenant, workflow id, run id
 
 
