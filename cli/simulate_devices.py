@@ -184,7 +184,8 @@ async def drive(
         group = devices[tick % groups :: groups]
         m = len(group)
         first = ((tick // groups) * (due % m)) % m  # who gets the remainder rotates
-        start, elapsed = datetime.now(UTC), time.monotonic() - started
+        # a batch holds the readings its device took since its last one: the period up to now
+        start, elapsed = datetime.now(UTC) - timedelta(seconds=schedule.period_s), time.monotonic() - started
         counts = [due // m + ((i - first) % m < due % m) for i in range(m)]
         sends = [send(d, c, start, elapsed) for d, c in zip(group, counts, strict=True) if c]
         outstanding.append(asyncio.gather(*sends))
