@@ -236,6 +236,25 @@ async def run_events(
     return history.events
 
 
+def history_until(
+    events: Sequence[HistoryEvent], at: datetime | None = None, event_id: int | None = None
+) -> list[HistoryEvent]:
+    """The run's history up to a time or an event: a prefix, cut at the first event past it.
+
+    Not a filter by time: signals that arrive while a workflow task runs are written after its
+    completion with their earlier arrival time, and a history that keeps them but not the
+    completion is one the replayer refuses (its poller died and the request hung).
+    """
+    prefix: list[HistoryEvent] = []
+    for e in events:
+        if event_id is not None and e.event_id > event_id:
+            break
+        if at is not None and e.event_time.ToDatetime(tzinfo=UTC) > at:
+            break
+        prefix.append(e)
+    return prefix
+
+
 async def twin_as_of(
     client: Client,
     tenant: str,
@@ -263,12 +282,7 @@ async def twin_as_of(
     if not runs:
         raise NoTwinThen(f"no run of {workflow_id} at that point")
     run = runs[-1]
-    events = [
-        e
-        for e in await run_events(client, tenant, workflow_id, run.run_id, histories)
-        if (event_id is None or e.event_id <= event_id)
-        and (at is None or e.event_time.ToDatetime(tzinfo=at.tzinfo) <= at)
-    ]
+    events = history_until(await run_events(client, tenant, workflow_id, run.run_id, histories), at, event_id)
     if not events:  # event 0, or a time before the run's first event
         raise NoTwinThen(f"no event of {workflow_id} at that point")
     last_time = events[-1].event_time.ToDatetime(tzinfo=run.start_time.tzinfo)

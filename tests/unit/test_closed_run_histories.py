@@ -51,3 +51,30 @@ def test_least_recently_used_runs_leave_past_the_byte_bound() -> None:
     small = ClosedRunHistories(max_bytes=size - 1)
     small.put(("default", "acme", "w", "r"), one)  # larger than the whole cache: not kept
     assert len(small) == 0 and small.size == 0
+
+
+def test_a_history_as_of_a_time_is_a_prefix_even_when_event_times_go_back() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from api.time_travel import history_until
+
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    kinds_and_seconds = [
+        (EventType.EVENT_TYPE_WORKFLOW_EXECUTION_STARTED, 0),
+        (EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 0),
+        (EventType.EVENT_TYPE_WORKFLOW_TASK_STARTED, 1),
+        (EventType.EVENT_TYPE_WORKFLOW_TASK_COMPLETED, 5),
+        # a signal that arrived while the task ran: written after its completion, stamped before it
+        (EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED, 3),
+        (EventType.EVENT_TYPE_WORKFLOW_TASK_SCHEDULED, 5),
+    ]
+    events = []
+    for i, (kind, seconds) in enumerate(kinds_and_seconds, start=1):
+        event = HistoryEvent(event_id=i, event_type=kind)
+        event.event_time.FromDatetime(t0 + timedelta(seconds=seconds))
+        events.append(event)
+    # at t0 + 4 s the task's completion had not happened: the history ends at its start, and the
+    # signal stamped 3 s (after the completion in the history) is not in it
+    assert [e.event_id for e in history_until(events, at=t0 + timedelta(seconds=4))] == [1, 2, 3]
+    assert [e.event_id for e in history_until(events, at=t0 + timedelta(seconds=5))] == [1, 2, 3, 4, 5, 6]
+    assert [e.event_id for e in history_until(events, event_id=4)] == [1, 2, 3, 4]
