@@ -3,6 +3,8 @@ state at any past point, rebuilt by replaying the twin's history with the real w
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -175,6 +177,84 @@ class NoTwinThen(LookupError):
     """The twin did not exist at that point."""
 
 
+# a history that ends in one of these never changes again
+_CLOSING = frozenset([*CLOSE_EVENTS, EventType.EVENT_TYPE_WORKFLOW_EXECUTION_CONTINUED_AS_NEW])
+CLOSED_RUN_CACHE_BYTES = 32 * 1024 * 1024  # serialized; a 2,000-event twin run is ~2.5 MB
+RunKey = tuple[str, str, str, str]  # namespace, tenant, workflow id, run id
+
+
+class ClosedRunHistories:
+    """The parsed histories of closed runs, least recently used first out past `max_bytes` (their
+    serialized size). A closed run's history never changes, so an entry is never stale; each API
+    process holds its own. Only reached after the tenant's own list query named the run, and the
+    key names the tenant too."""
+
+    def __init__(self, max_bytes: int = CLOSED_RUN_CACHE_BYTES) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._runs: OrderedDict[RunKey, tuple[Sequence[HistoryEvent], int]] = OrderedDict()
+
+    def get(self, key: RunKey) -> Sequence[HistoryEvent] | None:
+        """The cached events of a closed run, or None."""
+        found = self._runs.get(key)
+        if found is None:
+            return None
+        self._runs.move_to_end(key)
+        return found[0]
+
+    def put(self, key: RunKey, events: Sequence[HistoryEvent]) -> None:
+        """Keep `events` if they are a closed run's whole history (they end in a close event)."""
+        if not events or events[-1].event_type not in _CLOSING or key in self._runs:
+            return
+        size = sum(e.ByteSize() for e in events)
+        if size > self.max_bytes:
+            return
+        self._runs[key] = (tuple(events), size)
+        self.size += size
+        while self.size > self.max_bytes:
+            _, (_, dropped) = self._runs.popitem(last=False)
+            self.size -= dropped
+
+    def __len__(self) -> int:
+        return len(self._runs)
+
+
+CLOSED_RUNS = ClosedRunHistories()
+
+
+async def run_events(
+    client: Client, tenant: str, workflow_id: str, run_id: str, histories: ClosedRunHistories
+) -> Sequence[HistoryEvent]:
+    """A run's events: from `histories` when it is a closed run fetched before, else from Temporal
+    (and kept there when the run is closed)."""
+    key = (client.namespace, tenant, workflow_id, run_id)
+    cached = histories.get(key)
+    if cached is not None:
+        return cached
+    history = await client.get_workflow_handle(workflow_id, run_id=run_id).fetch_history()
+    histories.put(key, history.events)
+    return history.events
+
+
+def history_until(
+    events: Sequence[HistoryEvent], at: datetime | None = None, event_id: int | None = None
+) -> list[HistoryEvent]:
+    """The run's history up to a time or an event: a prefix, cut at the first event past it.
+
+    Not a filter by time: signals that arrive while a workflow task runs are written after its
+    completion with their earlier arrival time, and a history that keeps them but not the
+    completion is one the replayer refuses (its poller died and the request hung).
+    """
+    prefix: list[HistoryEvent] = []
+    for e in events:
+        if event_id is not None and e.event_id > event_id:
+            break
+        if at is not None and e.event_time.ToDatetime(tzinfo=UTC) > at:
+            break
+        prefix.append(e)
+    return prefix
+
+
 async def twin_as_of(
     client: Client,
     tenant: str,
@@ -183,11 +263,12 @@ async def twin_as_of(
     at: datetime | None = None,
     run_id: str | None = None,
     event_id: int | None = None,
+    histories: ClosedRunHistories = CLOSED_RUNS,
 ) -> tuple[TwinState, str, datetime]:
     """The twin's state as of a time, or an event of a run (default: the latest run).
 
     Returns the state, the run it came from and the time of the last event applied; only runs
-    of `tenant` are considered.
+    of `tenant` are considered. Closed runs' histories are fetched once per process (`histories`).
     """
     query = f"WorkflowId = {_literal(workflow_id)} AND TenantId = {_literal(tenant)}"
     runs = sorted(
@@ -201,13 +282,7 @@ async def twin_as_of(
     if not runs:
         raise NoTwinThen(f"no run of {workflow_id} at that point")
     run = runs[-1]
-    history = await client.get_workflow_handle(workflow_id, run_id=run.run_id).fetch_history()
-    events = [
-        e
-        for e in history.events
-        if (event_id is None or e.event_id <= event_id)
-        and (at is None or e.event_time.ToDatetime(tzinfo=at.tzinfo) <= at)
-    ]
+    events = history_until(await run_events(client, tenant, workflow_id, run.run_id, histories), at, event_id)
     if not events:  # event 0, or a time before the run's first event
         raise NoTwinThen(f"no event of {workflow_id} at that point")
     last_time = events[-1].event_time.ToDatetime(tzinfo=run.start_time.tzinfo)

@@ -26,14 +26,15 @@ from cli.simulate_devices import (
     IN_FLIGHT,
     METRICS,
     SimulatedDevice,
-    batch_period,
     drive,
     pause,
     refusal_reason,
 )
-from cli.simulate_jobs import JobStats, work_jobs
+from cli.simulate_jobs import JOB_IN_FLIGHT, JobStats, work_jobs
 from cli.simulate_mqtt import connect_all, work_jobs_mqtt
+from cli.simulate_plan import plan
 from cli.simulate_receiver import ALERTS, Receiver
+from fleetflow.contracts.tenants import TenantLimits
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
 
@@ -83,11 +84,13 @@ class Summary:
     interrupted: bool = False
     sending_s: float = 0.0  # from the first batch to the last sent
     behind_s: float = 0.0  # of it, waiting for answers (slower than the rate asked)
+    asked: float = 0.0  # readings/s asked
 
     def render_rate(self) -> str:
         """The rate reached while sending, and whether the run fell behind the one asked."""
         reached = self.sent / self.sending_s
-        line = f"  rate          {reached:,.0f} readings/s sent and answered over {self.sending_s:.1f} s"
+        of = f" of {self.asked:,.0f} asked" if self.asked else ""
+        line = f"  rate          {reached:,.0f} readings/s{of} sent and answered over {self.sending_s:.1f} s"
         if self.behind_s >= 1.0:
             line += (
                 f"; {self.behind_s:.1f} s waiting for answers (the platform, or this process,"
@@ -160,6 +163,19 @@ async def _onboard(
     if missing := [d for d in ids if d not in credentials]:
         raise StartupError(f"no credential for {len(missing)} device(s), e.g. {missing[0]}")
     return {d: credentials[d] for d in ids}
+
+
+async def _limits(http: httpx.AsyncClient, headers: dict[str, str]) -> TenantLimits | None:
+    """The caller's tenant's limits in force (GET /v1/quotas), or None when they cannot be read."""
+    try:
+        response = await http.get("/v1/quotas", headers=headers)
+        if response.status_code != 200:
+            return None
+        given = response.json()["limits"]
+        # only the fields this version knows: a newer API may name more
+        return TenantLimits.model_validate({k: v for k, v in given.items() if k in TenantLimits.model_fields})
+    except (httpx.HTTPError, ValueError, KeyError, TypeError):
+        return None
 
 
 async def _progress(summary: Summary, receiver: Receiver, out: TextIO, started: float, total: float) -> None:
@@ -298,11 +314,17 @@ async def simulate(
             )
             for d, c in credentials.items()
         ]
-        period = batch_period(len(devices), options.rate)
+        limits = await _limits(http, headers)
+        schedule = plan(len(devices), options.rate, limits)
+        summary.asked = options.rate
         out.write(
             f"{summary.run_id}: {len(devices)} {options.device_type} devices onboarded; sending "
-            f"{options.rate:g} readings/s for {options.duration_s:g} s, a batch per device every "
-            f"{period:.2g} s ({len(devices) / period:,.0f} requests/s)\n"
+            f"{options.rate:g} readings/s for {options.duration_s:g} s, {schedule.describe()}\n"
+            + (
+                "  (the tenant's rate limits are unknown: GET /v1/quotas was refused)\n"
+                if limits is None
+                else ""
+            )
         )
         started = time.monotonic()
         ticker = asyncio.create_task(_progress(summary, receiver, out, started, options.duration_s))
@@ -321,7 +343,7 @@ async def simulate(
                 working = work_jobs(http, fleet, *rates, rng, summary.jobs, jobs_done)
             jobs = asyncio.create_task(working)
             try:
-                await drive(http, devices, options, summary, rng, stop, mqtt)
+                await drive(http, devices, options, summary, rng, stop, mqtt, schedule)
                 await _settle(http, headers, devices, summary, receiver, options, stop)
             finally:
                 jobs_done.set()
@@ -367,7 +389,10 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
+    # telemetry's IN_FLIGHT and the job polls' JOB_IN_FLIGHT each get their connections: a request
+    # queued in httpx's pool costs CPU at every request that completes
+    size = IN_FLIGHT + JOB_IN_FLIGHT
+    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     try:
         async with httpx.AsyncClient(base_url=settings.api_url, timeout=TIMEOUT, limits=limits) as http:
             summary = await simulate(http, headers, options, sys.stdout, stop)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import math
 import random
 import time
@@ -16,14 +15,17 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import httpx
+import orjson
+
+from cli.simulate_plan import Plan, plan, slots
 
 if TYPE_CHECKING:
     from cli.simulate import Options, Summary
     from cli.simulate_mqtt import MqttDevice
 
 IN_FLIGHT = 64  # telemetry requests at once
-REQUESTS_PER_S = 200  # batches a second this process sends at most (see batch_period)
-BACKLOG_TICKS = 2  # ticks whose answers may still be outstanding before the run waits
+BACKLOG_TICKS = 2  # ticks whose answers may still be outstanding before the run waits ...
+BACKLOG_S = 2.0  # ... or this many seconds of ticks, when ticks are shorter
 # metric -> (typical value, spread between devices, slow drift amplitude, noise)
 METRICS = {
     "temperature": (21.0, 1.5, 0.8, 0.15),
@@ -69,7 +71,7 @@ class SimulatedDevice:
             )
         self.batches += 1
         body = {"batch_id": f"{self.device_id}-{self.batches:06d}", "readings": readings}
-        return json.dumps(body).encode(), spikes
+        return orjson.dumps(body), spikes
 
 
 async def pause(stop: asyncio.Event, seconds: float) -> None:
@@ -141,19 +143,6 @@ async def publish_batch(
     summary.reasons[reason] += 1
 
 
-def batch_period(devices: int, rate: float) -> float:
-    """Seconds between two batches of one device: 1 s, longer when the devices are many, so this
-    process sends at most REQUESTS_PER_S batches a second (each request costs it 1-2 ms of CPU:
-    500 devices a batch a second each took 73 % of a core and reached ~600 of 3,000 readings/s),
-    and never more than MAX_BATCH_READINGS readings in a batch."""
-    from fleetflow.contracts.limits import MAX_BATCH_READINGS
-
-    period = max(1.0, devices / REQUESTS_PER_S)
-    if rate > 0:
-        period = min(period, MAX_BATCH_READINGS * devices / rate)
-    return max(period, 0.05)
-
-
 async def drive(
     http: httpx.AsyncClient,
     devices: list[SimulatedDevice],
@@ -162,20 +151,25 @@ async def drive(
     rng: random.Random,
     stop: asyncio.Event,
     mqtt: dict[str, MqttDevice] | None = None,
+    schedule: Plan | None = None,
 ) -> None:
-    """R readings/s in ticks of `batch_period`, one batch per device per tick, spread evenly over
-    devices (over MQTT when `mqtt` holds the devices' connections). A tick does not wait for
-    the previous one's answers, but at most BACKLOG_TICKS are outstanding: past that the run
-    waits (the platform or this process is slower than the rate asked) and counts it."""
+    """R readings/s as `schedule` (default: plan(devices, R)) says: each device a batch every
+    period_s, the devices split into groups that send in turn every tick, so the requests are
+    spread evenly (over MQTT when `mqtt` holds the devices' connections). A tick does not wait
+    for the previous ones' answers, but at most BACKLOG_S of them are outstanding: past that the
+    run waits (the platform or this process is slower than the rate asked) and counts it."""
     gate = asyncio.Semaphore(IN_FLIGHT)
     started = time.monotonic()
     n = len(devices)
-    period = batch_period(n, options.rate)
+    schedule = schedule or plan(n, options.rate)
+    groups = slots(schedule)
+    tick_s = schedule.period_s / groups
+    backlog = max(BACKLOG_TICKS, math.ceil(BACKLOG_S / tick_s))
     outstanding: deque[asyncio.Future[list[None]]] = deque()
 
     async def send(device: SimulatedDevice, count: int, start: datetime, elapsed: float) -> None:
         async with gate:
-            body, spikes = device.batch(count, start, elapsed, options.anomaly_rate, rng, period)
+            body, spikes = device.batch(count, start, elapsed, options.anomaly_rate, rng, schedule.period_s)
             summary.sent, summary.batches = summary.sent + count, summary.batches + 1
             summary.anomalies += spikes
             if mqtt is not None:
@@ -184,20 +178,23 @@ async def drive(
                 await post_batch(http, device, body, count, summary)
 
     tick = 0
-    while not stop.is_set() and tick * period < options.duration_s:
-        begin, end = tick * period, min((tick + 1) * period, options.duration_s)
+    while not stop.is_set() and tick * tick_s < options.duration_s:
+        begin, end = tick * tick_s, min((tick + 1) * tick_s, options.duration_s)
         due = round(options.rate * end) - round(options.rate * begin)
-        first = (tick * (due % n)) % n  # who gets the remainder rotates, so low rates reach everyone
-        start, elapsed = datetime.now(UTC), time.monotonic() - started
-        counts = [due // n + ((i - first) % n < due % n) for i in range(n)]
-        sends = [send(d, c, start, elapsed) for d, c in zip(devices, counts, strict=True) if c]
+        group = devices[tick % groups :: groups]
+        m = len(group)
+        first = ((tick // groups) * (due % m)) % m  # who gets the remainder rotates
+        # a batch holds the readings its device took since its last one: the period up to now
+        start, elapsed = datetime.now(UTC) - timedelta(seconds=schedule.period_s), time.monotonic() - started
+        counts = [due // m + ((i - first) % m < due % m) for i in range(m)]
+        sends = [send(d, c, start, elapsed) for d, c in zip(group, counts, strict=True) if c]
         outstanding.append(asyncio.gather(*sends))
-        while len(outstanding) > BACKLOG_TICKS or (outstanding and outstanding[0].done()):
+        while len(outstanding) > backlog or (outstanding and outstanding[0].done()):
             if not outstanding[0].done():
                 summary.behind_s += await _waited(outstanding[0])
             outstanding.popleft().result()
         tick += 1
-        await pause(stop, started + tick * period - time.monotonic())
+        await pause(stop, started + tick * tick_s - time.monotonic())
     for pending in outstanding:
         await pending
     summary.sending_s = time.monotonic() - started

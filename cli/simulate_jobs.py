@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import random
+import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,10 @@ from typing import Any
 import httpx
 
 POLL_S = 2.0
+JOB_IN_FLIGHT = 32  # job and command polls at once
+# polls a second at most (two a device: jobs, commands), so a large fleet's polls do not crowd
+# out its telemetry: 500 devices polled every 2 s took more of this process than the readings
+JOB_REQUESTS_PER_S = 25.0
 
 
 @dataclass
@@ -150,9 +155,10 @@ async def work_jobs(
     rng: random.Random,
     stats: JobStats,
     stop: asyncio.Event,
-    in_flight: int = 32,
+    in_flight: int = JOB_IN_FLIGHT,
 ) -> None:
-    """Poll every device's job every few seconds until stop; devices is (id, credential) pairs."""
+    """Poll every device's job every POLL_S seconds, or slower so that the polls stay within
+    JOB_REQUESTS_PER_S, until stop; devices is (id, credential) pairs."""
     fleet = list(devices)
     gate = asyncio.Semaphore(in_flight)
     seen: set[tuple[str, str, str]] = set()
@@ -165,9 +171,11 @@ async def work_jobs(
             except httpx.HTTPError:
                 pass  # the next poll tries again
 
+    cycle_s = max(POLL_S, 2 * len(fleet) / JOB_REQUESTS_PER_S)
     while not stop.is_set():
+        began = time.monotonic()
         await asyncio.gather(*(one(d, c) for d, c in fleet))
         try:
-            await asyncio.wait_for(stop.wait(), POLL_S)
+            await asyncio.wait_for(stop.wait(), max(POLL_S / 4, cycle_s - (time.monotonic() - began)))
         except TimeoutError:
             pass

@@ -121,3 +121,19 @@ async def test_a_simulated_device_over_its_rate_waits_as_the_429_says_and_loses_
     summary = await simulate(api, bearer(tenant), options, io.StringIO())
     assert (summary.rejected, dict(summary.reasons)) == (0, {}), summary.render()
     assert summary.acknowledged == summary.sent == 120
+
+
+async def test_a_rate_past_the_tenants_readings_quota_is_named_at_start_and_the_rate_reached_at_the_end(
+    api: httpx.AsyncClient,
+) -> None:
+    tenant = f"simr-{free_port()}"
+    platform = bearer("platform", ["tenants:admin"])
+    profile = {"readings_per_s": 30}
+    assert (await api.put(f"/v1/tenants/{tenant}/profile", json=profile, headers=platform)).status_code == 200
+    out = io.StringIO()
+    options = Options(devices=2, rate=40, duration_s=1, settle_s=1, seed=5, commands=0)
+    summary = await simulate(api, bearer(tenant), options, out)
+    start = out.getvalue()
+    assert "can reach at most 30 of 40 readings/s" in start, start
+    assert "the tenant's readings_per_s quota is 30" in start, start
+    assert "readings/s of 40 asked" in summary.render()
