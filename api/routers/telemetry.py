@@ -128,14 +128,11 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     latest = datetime.now(UTC) + timedelta(seconds=FUTURE_TOLERANCE_S)
     oldest = latest - timedelta(days=MAX_AGE_DAYS, seconds=FUTURE_TOLERANCE_S)
     devices = Counter(batch.device_ids)
-    if (
-        max(batch.ts) > latest
-        or min(batch.ts) < oldest
-        or (device_id is not None and (len(devices) > 1 or device_id not in devices))
-    ):
+    foreign = device_id is not None and (len(devices) > 1 or device_id not in devices)
+    if max(batch.ts) > latest or min(batch.ts) < oldest or foreign:
         errors = _reading_errors(batch, device_id, latest, oldest)
-        status_code = 403 if device_id is not None and any("own" in e["msg"] for e in errors) else 422
-        raise HTTPException(status_code, detail=errors[:MAX_ERRORS])
+        # 403 for another device's reading anywhere in the batch, also past the errors shown
+        raise HTTPException(403 if foreign else 422, detail=errors[:MAX_ERRORS])
     await state.quotas.admit_readings(tenant, devices)  # 429 over the tenant's or a device's rate
     try:  # the data service's accept path: durable before the 202
         accepted = await accept_batch(state.pool, tenant, writer, batch, devices)
