@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from activities.telemetry_accept import ReadingColumns, _digests_before, csv_payload
+from activities.telemetry_accept import ReadingColumns, csv_payload, digests_before
 from api.telemetry_body import _fast, parse_batch
 from fleetflow.contracts.telemetry import TelemetryBatchDict
 from fleetflow.mqtt_topics import parse_telemetry
@@ -241,7 +241,7 @@ def test_a_batch_stored_by_an_earlier_release_or_over_mqtt_is_recognised() -> No
     rows = list(zip(batch.device_ids, batch.metrics, batch.ts, batch.values, strict=True))
     in_utc = "".join(f"{prefix}{d},{m},{t.astimezone(UTC).isoformat()},{v!r}\n" for d, m, t, v in rows)
     as_sent = "".join(f"{prefix}{d},{m},{t.isoformat()},{v!r}\n" for d, m, t, v in rows)
-    assert _digests_before("t", batch) == (
+    assert digests_before("t", batch) == (
         hashlib.sha256(in_utc.encode()).digest(),
         hashlib.sha256(as_sent.encode()).digest(),
     )
