@@ -26,7 +26,7 @@ from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, T
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
-from api.telemetry_body import parse_batch
+from api.telemetry_body import first_errors, parse_batch
 from api.workflow_wait import result_within
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.limits import (
@@ -92,7 +92,8 @@ async def _sender(
 
 def _problems(exc: ValidationError) -> HTTPException:
     errors = [
-        {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:MAX_ERRORS]
+        {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in first_errors(exc, MAX_ERRORS)
     ]
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
 
