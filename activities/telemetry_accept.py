@@ -92,7 +92,7 @@ def csv_payload(tenant: str, batch: ReadingColumns) -> bytes:
     return prefix[1:] + rows[2:-2].replace(b'"', b"").replace(b"],[", prefix) + b"\n"
 
 
-def _digests_before(tenant: str, batch: ReadingColumns) -> tuple[bytes, bytes]:
+def digests_before(tenant: str, batch: ReadingColumns) -> tuple[bytes, bytes]:
     """The digests earlier releases stored for this batch (and MQTT stores): of the CSV lines
     with `datetime.isoformat()` and `repr(value)`, in UTC, and with each ts's offset as sent.
     A batch accepted then (or over MQTT) and repeated now is a duplicate, not a conflict."""
@@ -156,7 +156,7 @@ async def accept_batch(
         inserted is None
         and stored is not None
         and stored != digest
-        and stored not in _digests_before(tenant, columns)
+        and stored not in digests_before(tenant, columns)
     ):
         # an id reused for other readings: dropping them silently would lose data
         raise ConflictingBatch(columns.batch_id)

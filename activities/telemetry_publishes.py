@@ -29,11 +29,13 @@ import zlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from enum import Enum
 
 from asyncpg import Record
 from asyncpg.pool import PoolConnectionProxy
 
+from activities.telemetry_accept import ReadingColumns, digests_before
 from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_BYTES, MAX_BATCH_READINGS
 from fleetflow.db import Pool
 from fleetflow.metrics import READINGS_ACCEPTED
@@ -75,6 +77,22 @@ class Publish:
         if self.batch_id is not None:  # only a batch id of its own is compared on its return
             self.digest = hashlib.sha256(self.payload).digest()
 
+    def same_readings(self, stored: bytes) -> bool:
+        """Whether `stored`, the digest its batch id holds, is of these readings: in the form
+        written now, or the one releases before wrote (isoformat, repr) for a batch stored then
+        and published again since (its PUBACK lost), as the HTTP accept path checks too."""
+        if stored == self.digest:
+            return True
+        rows = [row.rstrip("\n").split(",") for row in self.rows]  # device,metric,ts,value
+        columns = ReadingColumns(
+            self.key,
+            [r[0] for r in rows],
+            [datetime.fromisoformat(r[2]) for r in rows],
+            [r[1] for r in rows],
+            [float(r[3]) for r in rows],
+        )
+        return stored in digests_before(self.tenant, columns)
+
     @property
     def writer(self) -> str:
         """The owner of the batch id: the device, as over HTTP with its credential."""
@@ -115,9 +133,9 @@ _ACCEPT = """WITH own AS (
        DO UPDATE SET digest = EXCLUDED.digest, batch_id = EXCLUDED.batch_id)
    SELECT o.i, n.batch_id IS NOT NULL AS inserted,
           CASE WHEN n.batch_id IS NULL THEN (
-              SELECT b.digest = o.digest FROM data.ingest_batches b
+              SELECT b.digest FROM data.ingest_batches b
               WHERE b.tenant = o.tenant AND b.writer = o.writer AND b.batch_id = o.batch_id)
-          END AS same
+          END AS stored
    FROM own o LEFT JOIN ins n USING (tenant, writer, batch_id)"""
 
 # the redelivered publishes whose packet id last stored the same payload; a scalar subquery:
@@ -196,8 +214,10 @@ async def accept_publishes(
             first[key] = p.digest
         elif r["inserted"]:  # a second copy of a batch id in this group
             outcomes[i] = Outcome.DUPLICATE if first[key] == p.digest else Outcome.CONFLICT
+        elif r["stored"] is not None and not p.same_readings(r["stored"]):
+            outcomes[i] = Outcome.CONFLICT
         else:
-            outcomes[i] = Outcome.CONFLICT if r["same"] is False else Outcome.DUPLICATE
+            outcomes[i] = Outcome.DUPLICATE
     stored = sum(len(p.rows) for p, o in zip(group, outcomes, strict=True) if o is Outcome.STORED)
     if stored:
         READINGS_ACCEPTED.add(stored)

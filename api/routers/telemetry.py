@@ -26,7 +26,7 @@ from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, T
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
 from api.state import AppState
-from api.telemetry_body import parse_batch
+from api.telemetry_body import first_errors, parse_batch
 from api.workflow_wait import result_within
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.limits import (
@@ -92,7 +92,8 @@ async def _sender(
 
 def _problems(exc: ValidationError) -> HTTPException:
     errors = [
-        {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:MAX_ERRORS]
+        {"loc": ["body", *e["loc"]], "msg": e["msg"], "type": e["type"]}
+        for e in first_errors(exc, MAX_ERRORS)
     ]
     return HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, detail=errors)
 
@@ -128,14 +129,11 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     latest = datetime.now(UTC) + timedelta(seconds=FUTURE_TOLERANCE_S)
     oldest = latest - timedelta(days=MAX_AGE_DAYS, seconds=FUTURE_TOLERANCE_S)
     devices = Counter(batch.device_ids)
-    if (
-        max(batch.ts) > latest
-        or min(batch.ts) < oldest
-        or (device_id is not None and (len(devices) > 1 or device_id not in devices))
-    ):
+    foreign = device_id is not None and (len(devices) > 1 or device_id not in devices)
+    if max(batch.ts) > latest or min(batch.ts) < oldest or foreign:
         errors = _reading_errors(batch, device_id, latest, oldest)
-        status_code = 403 if device_id is not None and any("own" in e["msg"] for e in errors) else 422
-        raise HTTPException(status_code, detail=errors[:MAX_ERRORS])
+        # 403 for another device's reading anywhere in the batch, also past the errors shown
+        raise HTTPException(403 if foreign else 422, detail=errors[:MAX_ERRORS])
     await state.quotas.admit_readings(tenant, devices)  # 429 over the tenant's or a device's rate
     try:  # the data service's accept path: durable before the 202
         accepted = await accept_batch(state.pool, tenant, writer, batch, devices)

@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
 
 import httpx
 import pytest
@@ -64,6 +65,44 @@ async def test_three_payload_shapes_are_stored(
     await eventually(lambda: stored(pool, device_id), lambda v: len(v) >= 4)
     await asyncio.sleep(1)
     assert await stored(pool, device_id) == [1.0, 2.0, 3.0, 4.0]
+
+
+async def test_a_batch_id_sent_over_http_and_mqtt_with_the_same_readings_is_stored_once(
+    api: httpx.AsyncClient, gateway: GatewayProcess, pool: Pool
+) -> None:
+    # a device's retry over the other transport (the same credential, so the same batch id
+    # owner): a duplicate whichever came first; other readings under the id are refused on both
+    device_id, token = await active_device(api)
+    at = datetime.now(UTC).replace(microsecond=250000) - timedelta(minutes=1)
+    local = at.astimezone(timezone(timedelta(hours=1))).isoformat()
+
+    def batch(batch_id: str, value: float) -> dict[str, Any]:
+        readings = [
+            {"device_id": device_id, "metric": "t", "value": value, "ts": local},
+            {"device_id": device_id, "metric": "h", "value": 1e16, "ts": at.isoformat()},
+        ]
+        return {"batch_id": batch_id, "readings": readings}
+
+    async def over_http(body: dict[str, Any]) -> httpx.Response:
+        return await api.post("/v1/telemetry", json=body, headers={"Authorization": f"Bearer {token}"})
+
+    client = Device(gateway.port, device_id, token)
+    try:
+        assert await client.connect() == 0
+        first = await over_http(batch("h-1", 4))
+        assert (first.status_code, first.json()["duplicate"]) == (202, False)
+        assert await client.puback(client.publish(telemetry(device_id), json.dumps(batch("h-1", 4)))) == 0
+        assert await client.puback(client.publish(telemetry(device_id), json.dumps(batch("m-1", 0.3)))) == 0
+        again = await over_http(batch("m-1", 0.3))
+        assert (again.status_code, again.json()["duplicate"]) == (202, True)
+        other = batch("h-1", 5)
+        assert await client.puback(client.publish(telemetry(device_id), json.dumps(other))) == PAYLOAD_INVALID
+        assert (await over_http(batch("m-1", 0.4))).status_code == 409
+    finally:
+        client.close()
+    await eventually(lambda: stored(pool, device_id), lambda v: len(v) >= 4)
+    await asyncio.sleep(1)
+    assert await stored(pool, device_id) == [0.3, 4.0, 1e16, 1e16]
 
 
 async def test_a_device_is_confined_to_its_own_topics(

@@ -4,6 +4,7 @@ cross-schema query must answer as the query did."""
 from __future__ import annotations
 
 import hashlib
+import json
 import uuid
 from datetime import UTC, datetime
 
@@ -14,9 +15,11 @@ from temporalio.client import Client
 from activities.analytics import AnalyticsService
 from activities.telemetry import DataService
 from activities.telemetry_accept import Accepted, ConflictingBatch, accept_batch
+from activities.telemetry_publishes import Outcome, Publish, accept_publishes
 from cli.status import _SECTIONS, _section
 from fleetflow.contracts.telemetry import BATCH_QUARANTINED, TELEMETRY_STORED, TelemetryBatchDict
 from fleetflow.db import Pool
+from fleetflow.mqtt_topics import parse_telemetry
 
 _BATCH = TypeAdapter(TelemetryBatchDict)
 
@@ -179,5 +182,37 @@ async def test_a_batch_accepted_before_the_columns_parse_is_a_duplicate_when_rep
         batch["readings"][0]["value"] = 2e-05
         with pytest.raises(ConflictingBatch):
             await accept_batch(pool, tenant, "device:d1", batch, ["d1"])
+    finally:
+        await pool.execute("DELETE FROM data.ingest_batches WHERE tenant = $1", tenant)
+
+
+async def test_a_batch_accepted_before_the_upgrade_is_a_duplicate_when_published_again(pool: Pool) -> None:
+    # a batch id stored by the release before (over MQTT, or over HTTP with the device's
+    # credential: the same CSV, isoformat and repr) whose PUBACK was lost: the device publishes
+    # it again after the upgrade; the same readings are a duplicate, other readings a conflict
+    tag = uuid.uuid4().hex[:10]
+    tenant, at = f"a{tag}", datetime(2026, 12, 6, 8, 0, 0, 500000, tzinfo=UTC)
+    before = f"{tenant},b{tag},d1,temp,{at.isoformat()},{1e16!r}\n".encode()
+
+    def again(value: float) -> Publish:
+        reading = {"metric": "temp", "value": value, "ts": at.isoformat()}
+        payload = json.dumps({"batch_id": f"b{tag}", "readings": [reading]}).encode()
+        readings = parse_telemetry(payload, "d1", at)
+        publish = Publish(tenant, "d1", readings.rows, readings.batch_id, 1)
+        publish.prepare()
+        return publish
+
+    try:
+        await pool.execute(
+            """INSERT INTO data.ingest_batches
+                   (tenant, writer, batch_id, bucket, readings, device_ids, payload, digest)
+               VALUES ($1, 'device:d1', $2, 0, 1, ARRAY['d1'], $3, $4)""",
+            tenant,
+            f"b{tag}",
+            before,
+            hashlib.sha256(before).digest(),
+        )
+        assert await accept_publishes(pool, [again(1e16)], shards=1) == [Outcome.DUPLICATE]
+        assert await accept_publishes(pool, [again(2e16)], shards=1) == [Outcome.CONFLICT]
     finally:
         await pool.execute("DELETE FROM data.ingest_batches WHERE tenant = $1", tenant)

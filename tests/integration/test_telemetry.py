@@ -108,6 +108,12 @@ async def test_readings_are_stored_once_and_alerts_raise_and_clear_with_hysteres
     assert [p["value"] for p in raw["points"]] == [20, 21, 22]
 
 
+def future(device_id: str, n: int) -> list[dict[str, Any]]:
+    """n readings 10 minutes ahead (each refused)."""
+    ahead = (datetime.now(UTC) + timedelta(minutes=10)).isoformat()
+    return [{**r, "ts": ahead} for r in readings(device_id, [1.0] * n)]
+
+
 BAD = [
     (lambda d: readings(d, [1.0, float("nan")]), ["body", "readings", 1, "value"], 422),
     (lambda d: readings(d, [1.0, float("inf")]), ["body", "readings", 1, "value"], 422),
@@ -120,6 +126,8 @@ BAD = [
     (lambda d: [{**readings(d, [1.0])[0], "ts": "2026-01-01T00:00:00"}], ["body", "readings", 0, "ts"], 422),
     (lambda d: [], ["body", "readings"], 422),
     (lambda d: readings(d, [1.0]) + readings("other", [2.0]), ["body", "readings", 1, "device_id"], 403),
+    # another device's reading past the 50 errors shown: still a credential sending for another
+    (lambda d: future(d, 50) + readings("other", [2.0]), ["body", "readings", 0, "ts"], 403),
 ]
 
 

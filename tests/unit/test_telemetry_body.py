@@ -8,14 +8,15 @@ import csv
 import hashlib
 import io
 import json
+import tracemalloc
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from activities.telemetry_accept import ReadingColumns, _digests_before, csv_payload
-from api.telemetry_body import _fast, parse_batch
+from activities.telemetry_accept import ReadingColumns, csv_payload, digests_before
+from api.telemetry_body import _fast, first_errors, parse_batch
 from fleetflow.contracts.telemetry import TelemetryBatchDict
 from fleetflow.mqtt_topics import parse_telemetry
 
@@ -241,7 +242,7 @@ def test_a_batch_stored_by_an_earlier_release_or_over_mqtt_is_recognised() -> No
     rows = list(zip(batch.device_ids, batch.metrics, batch.ts, batch.values, strict=True))
     in_utc = "".join(f"{prefix}{d},{m},{t.astimezone(UTC).isoformat()},{v!r}\n" for d, m, t, v in rows)
     as_sent = "".join(f"{prefix}{d},{m},{t.isoformat()},{v!r}\n" for d, m, t, v in rows)
-    assert _digests_before("t", batch) == (
+    assert digests_before("t", batch) == (
         hashlib.sha256(in_utc.encode()).digest(),
         hashlib.sha256(as_sent.encode()).digest(),
     )
@@ -265,3 +266,40 @@ def test_a_value_that_is_not_finite_or_out_of_bounds_is_named(value: str) -> Non
     with pytest.raises(ValidationError) as exc:
         parse_batch(raw_body(value=value))
     assert [e["loc"] for e in exc.value.errors()] == [("readings", 0, "value")]
+
+
+REFUSED = [
+    body(with_(ts="yesterday"), GOOD, with_(value="NaN"), with_(metric="9x"), with_(device_id="")),
+    body(*[with_(device_id=f"-{i}", metric=f"{i}") for i in range(40)], batch_id="-b"),
+    # keys whose text spells an entry separator of the errors' JSON, escaped and not
+    b'{"batch_id": "b-1", "readings": [{"a\\"},{\\"type\\":": 1, "},{\\"type\\":": 2, "}]": 3}]}',
+    b'{"batch_id": "b-1", "x": 1, "readings": [{"\\u007d,{\\"type\\":": 1}], "y": [1, {"a": 2}]}',
+    b'{"readings": [' + b", ".join([b'{"k": 0, "value": "x"}'] * 60) + b"]}",
+    b"{",
+]
+
+
+@pytest.mark.parametrize("raw", REFUSED)
+@pytest.mark.parametrize("n", [1, 3, 50])
+def test_the_first_errors_are_the_references_first_errors(raw: bytes, n: int) -> None:
+    with pytest.raises(ValidationError) as exc:
+        parse_batch(raw)
+    want = [{"type": e["type"], "loc": list(e["loc"]), "msg": e["msg"]} for e in exc.value.errors()[:n]]
+    assert first_errors(exc.value, n) == want
+
+
+def test_a_body_of_many_unknown_keys_is_refused_without_a_dict_per_error() -> None:
+    # ~150,000 errors in a 2 MiB body: errors() built every one (~120 MB, seconds of the API's
+    # event loop) to show 50 of them
+    raw = b'{"batch_id": "b-1", "readings": [{' + b", ".join(b'"k%d": 0' % i for i in range(150_000)) + b"}]}"
+    assert len(raw) <= 2 * 1024 * 1024
+    with pytest.raises(ValidationError) as exc:
+        parse_batch(raw)
+    tracemalloc.start()
+    try:
+        errors = first_errors(exc.value, 50)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(errors) == 50 and ["readings", 0, "k0"] in [e["loc"] for e in errors]
+    assert peak < 48 * 1024 * 1024
