@@ -5,6 +5,7 @@ publish in a grouped row sets aside its own device's readings only."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 import zlib
@@ -164,3 +165,40 @@ async def test_a_poison_publish_in_a_grouped_row_sets_aside_its_own_device_only(
     }
     listed = (await api.get("/v1/telemetry/quarantined-batches", headers=bearer("acme"))).json()
     assert [b["readings"] for b in listed if b["batch_id"] == f"{group_id}/{sick}"] == [1]
+
+
+async def test_a_copy_redelivered_while_its_original_commits_in_another_group_is_stored_once(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """The device's connection dropped while the group holding its publish was committing (up
+    to 4 groups are in flight; another gateway process may hold the new connection): the DUP
+    copy's group waits for that commit and finds the original, instead of storing it twice."""
+    device_id, _ = await active_device(api)
+    first = publish("acme", device_id, 5.0, 9)
+    copy = publish("acme", device_id, 5.0, 9, dup=True)
+    async with pool.acquire() as conn:
+        outer = conn.transaction()
+        await outer.start()
+        # the first group's statement ran; its commit has not happened yet
+        assert await accept_publishes(conn, [first], shards=SHARDS) == [Outcome.STORED]
+        second = asyncio.ensure_future(accept_publishes(pool, [copy], shards=SHARDS))
+
+        async def settled() -> bool:  # done, or blocked by the first group's uncommitted row
+            blocked = await pool.fetchval(
+                """SELECT count(*) FROM pg_stat_activity
+                   WHERE wait_event_type = 'Lock' AND datname = current_database()"""
+            )
+            return second.done() or blocked > 0
+
+        try:
+            await eventually(settled, bool)
+        finally:
+            await outer.commit()
+    assert await second == [Outcome.DUPLICATE]
+    assert await eventually(lambda: values(pool, "acme", device_id), lambda v: len(v) >= 1) == [5.0]
+    rows = await pool.fetchval(
+        "SELECT count(*) FROM data.ingest_batches WHERE writer = $1 AND device_ids = $2::text[]",
+        GROUPED_WRITER,
+        [device_id],
+    )
+    assert rows == 1
