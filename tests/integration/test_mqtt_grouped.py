@@ -202,3 +202,31 @@ async def test_a_copy_redelivered_while_its_original_commits_in_another_group_is
         [device_id],
     )
     assert rows == 1
+
+
+async def test_each_grouped_row_lists_exactly_the_devices_of_its_lines(pool: Pool) -> None:
+    """Many tenants and shards in one group: every row's device_ids (what the unready check and
+    the poison give-back go by) are the devices its CSV lines name, no more, no fewer."""
+    tenants = [f"many-{uuid.uuid4().hex[:6]}-{t}" for t in range(5)]
+    group = [publish(t, f"d-{d}", float(d), 1 + d) for t in tenants for d in range(40)]
+    group += [publish(t, f"d-{d}", float(d), 100 + d) for t in tenants[:2] for d in range(0, 40, 3)]
+    async with pool.acquire() as conn:
+        outer = conn.transaction()
+        await outer.start()  # rolled back: these tenants exist nowhere
+        try:
+            assert await accept_publishes(conn, group, shards=8) == [Outcome.STORED] * len(group)
+            rows = await conn.fetch(
+                """SELECT tenant, device_ids, payload FROM data.ingest_batches
+                   WHERE writer = $1 AND tenant = ANY($2::text[])""",
+                GROUPED_WRITER,
+                tenants,
+            )
+        finally:
+            await outer.rollback()
+    assert len(rows) == len({(p.tenant, zlib.crc32(p.device_id.encode()) % BUCKETS % 8) for p in group})
+    for r in rows:
+        named = [line.split(b",")[2].decode() for line in r["payload"].splitlines()]
+        assert r["device_ids"] == list(dict.fromkeys(named))
+    assert sorted((r["tenant"], d) for r in rows for d in r["device_ids"]) == sorted(
+        {(p.tenant, p.device_id) for p in group}
+    )
