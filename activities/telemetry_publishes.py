@@ -196,7 +196,11 @@ async def accept_publishes(
                 if group[i].payload_digest  # never the empty digest of a packet id just inserted
                 and last.get(_packet(group[i])) == group[i].payload_digest
             )
-        own = [i for i, p in enumerate(group) if p.batch_id is not None]
+        # in key order, as the packet ids: two groups take the same keys in the same order
+        own = sorted(
+            (i for i, p in enumerate(group) if p.batch_id is not None),
+            key=lambda i: (group[i].tenant, group[i].writer, group[i].key),
+        )
         rows = await conn.fetch(_ACCEPT, *_own_args(group, own), *_grouped_args(group, duplicates, shards))
     for i in duplicates:
         outcomes[i] = Outcome.DUPLICATE

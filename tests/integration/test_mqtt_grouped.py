@@ -18,6 +18,7 @@ from activities.telemetry_publishes import GROUPED_WRITER, Outcome, Publish, acc
 from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_READINGS
 from fleetflow.db import Pool
 from fleetflow.mqtt_topics import parse_telemetry, payload_digest
+from gateway.ingest import GroupCommitter
 from tests.integration.flows import active_device
 from tests.support import bearer, eventually
 
@@ -230,3 +231,44 @@ async def test_each_grouped_row_lists_exactly_the_devices_of_its_lines(pool: Poo
     assert sorted((r["tenant"], d) for r in rows for d in r["device_ids"]) == sorted(
         {(p.tenant, p.device_id) for p in group}
     )
+
+
+async def test_a_group_caught_in_a_deadlock_is_committed_again_not_refused(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """Two transactions taking the same device's packet ids (or batch ids) in opposite orders
+    deadlock, and PostgreSQL aborts one. When that is a group commit, its publishes (of every
+    tenant in it) are committed again, not answered unavailable: a device sending its packet
+    ids in a crafted order would otherwise close the other tenants' connections."""
+    device_id, _ = await active_device(api)
+    committer = GroupCommitter(pool, SHARDS)
+    committer.start()
+    first, second = publish("acme", device_id, 1.0, 1), publish("acme", device_id, 2.0, 2)
+    async with pool.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        try:
+            await other.execute("SET LOCAL deadlock_timeout = '10min'")  # the group is the victim
+            remember = """INSERT INTO data.mqtt_packets (tenant, device_id, packet_id, digest, batch_id)
+                          VALUES ('acme', $1, $2, '\\x00', 'x') ON CONFLICT DO NOTHING"""
+            await other.execute(remember, device_id, 2)  # holds packet id 2
+            done = asyncio.gather(committer.submit(first), committer.submit(second))
+
+            async def group_waits() -> bool:
+                blocked = await pool.fetchval(
+                    """SELECT count(*) FROM pg_stat_activity
+                       WHERE wait_event_type = 'Lock' AND datname = current_database()"""
+                )
+                return bool(blocked)
+
+            await eventually(group_waits, bool)  # holding packet id 1, waiting for 2
+            await other.execute(remember, device_id, 1)  # the deadlock: the group is aborted
+            await tx.rollback()
+        except BaseException:
+            await tx.rollback()
+            raise
+    try:
+        assert list(await done) == [Outcome.STORED, Outcome.STORED]
+    finally:
+        await committer.stop()
+    assert await eventually(lambda: values(pool, "acme", device_id), lambda v: len(v) >= 2) == [1.0, 2.0]
