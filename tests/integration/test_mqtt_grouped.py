@@ -11,6 +11,7 @@ import uuid
 import zlib
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import httpx
 
@@ -52,6 +53,16 @@ async def quarantined(pool: Pool, tenant: str, device_id: str) -> list[float]:
         device_id,
     )
     return [r["value"] for r in rows]
+
+
+async def blocked_by(pool: Pool, holder: Any) -> bool:
+    """Whether a session waits for a lock that holder's transaction holds."""
+    pid = holder.get_server_pid()
+    return bool(
+        await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
+        )
+    )
 
 
 async def test_a_group_is_a_row_per_tenant_and_shard_and_each_reading_keeps_its_tenant_and_device(
@@ -185,11 +196,7 @@ async def test_a_copy_redelivered_while_its_original_commits_in_another_group_is
         second = asyncio.ensure_future(accept_publishes(pool, [copy], shards=SHARDS))
 
         async def settled() -> bool:  # done, or blocked by the first group's uncommitted row
-            blocked = await pool.fetchval(
-                """SELECT count(*) FROM pg_stat_activity
-                   WHERE wait_event_type = 'Lock' AND datname = current_database()"""
-            )
-            return second.done() or blocked > 0
+            return second.done() or await blocked_by(pool, conn)
 
         try:
             await eventually(settled, bool)
@@ -254,14 +261,7 @@ async def test_a_group_caught_in_a_deadlock_is_committed_again_not_refused(
             await other.execute(remember, device_id, 2)  # holds packet id 2
             done = asyncio.gather(committer.submit(first), committer.submit(second))
 
-            async def group_waits() -> bool:
-                blocked = await pool.fetchval(
-                    """SELECT count(*) FROM pg_stat_activity
-                       WHERE wait_event_type = 'Lock' AND datname = current_database()"""
-                )
-                return bool(blocked)
-
-            await eventually(group_waits, bool)  # holding packet id 1, waiting for 2
+            await eventually(lambda: blocked_by(pool, other), bool)  # holding packet id 1, waiting for 2
             await other.execute(remember, device_id, 1)  # the deadlock: the group is aborted
             await tx.rollback()
         except BaseException:
