@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 MAX_GROUP = 2000  # publishes in one transaction
 MAX_GROUP_BYTES = 64 * 1024 * 1024  # and their CSV bytes (PostgreSQL takes no message over 1 GB)
 CONCURRENCY = 4  # transactions in flight
+ROLLBACK_ATTEMPTS = 5  # of a group rolled back by PostgreSQL (deadlock, serialization failure)
 
 Pending = Publish  # one telemetry publish waiting for its group's commit
 Queued = tuple[Publish, "asyncio.Future[Outcome]"]
@@ -108,14 +109,25 @@ class GroupCommitter:
             slots.release()
 
     async def _commit(self, group: list[Pending]) -> list[Outcome]:
-        while self._idle and self._idle[-1].is_closed():  # the server went away meanwhile
-            await self.pool.release(self._idle.pop())
-        conn = self._idle.pop() if self._idle else await self.pool.acquire()
-        try:
-            outcomes = await accept_publishes(conn, group, shards=self.shards)
-        except BaseException:
-            await self.pool.release(conn)  # the pool resets it, or drops a broken one
-            raise
+        for attempt in range(1, ROLLBACK_ATTEMPTS + 1):
+            while self._idle and self._idle[-1].is_closed():  # the server went away meanwhile
+                await self.pool.release(self._idle.pop())
+            conn = self._idle.pop() if self._idle else await self.pool.acquire()
+            try:
+                outcomes = await accept_publishes(conn, group, shards=self.shards)
+            except asyncpg.exceptions.TransactionRollbackError:
+                # a deadlock with another group (a device's packet or batch ids taken in the
+                # opposite order): nothing was stored; again, or every connection of the group
+                # (of any tenant) was closed unacknowledged, as if the database were away
+                await self.pool.release(conn)
+                if attempt == ROLLBACK_ATTEMPTS:
+                    raise
+                log.info("telemetry group of %d rolled back, committing it again", len(group))
+                continue
+            except BaseException:
+                await self.pool.release(conn)  # the pool resets it, or drops a broken one
+                raise
+            break
         self._idle.append(conn)
         self.stored += sum(len(p.rows) for p, o in zip(group, outcomes, strict=True) if o is Outcome.STORED)
         return outcomes

@@ -5,11 +5,13 @@ publish in a grouped row sets aside its own device's readings only."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 import zlib
 from datetime import UTC, datetime
 from functools import partial
+from typing import Any
 
 import httpx
 
@@ -17,6 +19,7 @@ from activities.telemetry_publishes import GROUPED_WRITER, Outcome, Publish, acc
 from fleetflow.contracts.telemetry import BUCKETS, MAX_BATCH_READINGS
 from fleetflow.db import Pool
 from fleetflow.mqtt_topics import parse_telemetry, payload_digest
+from gateway.ingest import GroupCommitter
 from tests.integration.flows import active_device
 from tests.support import bearer, eventually
 
@@ -50,6 +53,16 @@ async def quarantined(pool: Pool, tenant: str, device_id: str) -> list[float]:
         device_id,
     )
     return [r["value"] for r in rows]
+
+
+async def blocked_by(pool: Pool, holder: Any) -> bool:
+    """Whether a session waits for a lock that holder's transaction holds."""
+    pid = holder.get_server_pid()
+    return bool(
+        await pool.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
+        )
+    )
 
 
 async def test_a_group_is_a_row_per_tenant_and_shard_and_each_reading_keeps_its_tenant_and_device(
@@ -164,3 +177,98 @@ async def test_a_poison_publish_in_a_grouped_row_sets_aside_its_own_device_only(
     }
     listed = (await api.get("/v1/telemetry/quarantined-batches", headers=bearer("acme"))).json()
     assert [b["readings"] for b in listed if b["batch_id"] == f"{group_id}/{sick}"] == [1]
+
+
+async def test_a_copy_redelivered_while_its_original_commits_in_another_group_is_stored_once(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """The device's connection dropped while the group holding its publish was committing (up
+    to 4 groups are in flight; another gateway process may hold the new connection): the DUP
+    copy's group waits for that commit and finds the original, instead of storing it twice."""
+    device_id, _ = await active_device(api)
+    first = publish("acme", device_id, 5.0, 9)
+    copy = publish("acme", device_id, 5.0, 9, dup=True)
+    async with pool.acquire() as conn:
+        outer = conn.transaction()
+        await outer.start()
+        # the first group's statement ran; its commit has not happened yet
+        assert await accept_publishes(conn, [first], shards=SHARDS) == [Outcome.STORED]
+        second = asyncio.ensure_future(accept_publishes(pool, [copy], shards=SHARDS))
+
+        async def settled() -> bool:  # done, or blocked by the first group's uncommitted row
+            return second.done() or await blocked_by(pool, conn)
+
+        try:
+            await eventually(settled, bool)
+        finally:
+            await outer.commit()
+    assert await second == [Outcome.DUPLICATE]
+    assert await eventually(lambda: values(pool, "acme", device_id), lambda v: len(v) >= 1) == [5.0]
+    rows = await pool.fetchval(
+        "SELECT count(*) FROM data.ingest_batches WHERE writer = $1 AND device_ids = $2::text[]",
+        GROUPED_WRITER,
+        [device_id],
+    )
+    assert rows == 1
+
+
+async def test_each_grouped_row_lists_exactly_the_devices_of_its_lines(pool: Pool) -> None:
+    """Many tenants and shards in one group: every row's device_ids (what the unready check and
+    the poison give-back go by) are the devices its CSV lines name, no more, no fewer."""
+    tenants = [f"many-{uuid.uuid4().hex[:6]}-{t}" for t in range(5)]
+    group = [publish(t, f"d-{d}", float(d), 1 + d) for t in tenants for d in range(40)]
+    group += [publish(t, f"d-{d}", float(d), 100 + d) for t in tenants[:2] for d in range(0, 40, 3)]
+    async with pool.acquire() as conn:
+        outer = conn.transaction()
+        await outer.start()  # rolled back: these tenants exist nowhere
+        try:
+            assert await accept_publishes(conn, group, shards=8) == [Outcome.STORED] * len(group)
+            rows = await conn.fetch(
+                """SELECT tenant, device_ids, payload FROM data.ingest_batches
+                   WHERE writer = $1 AND tenant = ANY($2::text[])""",
+                GROUPED_WRITER,
+                tenants,
+            )
+        finally:
+            await outer.rollback()
+    assert len(rows) == len({(p.tenant, zlib.crc32(p.device_id.encode()) % BUCKETS % 8) for p in group})
+    for r in rows:
+        named = [line.split(b",")[2].decode() for line in r["payload"].splitlines()]
+        assert r["device_ids"] == list(dict.fromkeys(named))
+    assert sorted((r["tenant"], d) for r in rows for d in r["device_ids"]) == sorted(
+        {(p.tenant, p.device_id) for p in group}
+    )
+
+
+async def test_a_group_caught_in_a_deadlock_is_committed_again_not_refused(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    """Two transactions taking the same device's packet ids (or batch ids) in opposite orders
+    deadlock, and PostgreSQL aborts one. When that is a group commit, its publishes (of every
+    tenant in it) are committed again, not answered unavailable: a device sending its packet
+    ids in a crafted order would otherwise close the other tenants' connections."""
+    device_id, _ = await active_device(api)
+    committer = GroupCommitter(pool, SHARDS)
+    committer.start()
+    first, second = publish("acme", device_id, 1.0, 1), publish("acme", device_id, 2.0, 2)
+    async with pool.acquire() as other:
+        tx = other.transaction()
+        await tx.start()
+        try:
+            await other.execute("SET LOCAL deadlock_timeout = '10min'")  # the group is the victim
+            remember = """INSERT INTO data.mqtt_packets (tenant, device_id, packet_id, digest, batch_id)
+                          VALUES ('acme', $1, $2, '\\x00', 'x') ON CONFLICT DO NOTHING"""
+            await other.execute(remember, device_id, 2)  # holds packet id 2
+            done = asyncio.gather(committer.submit(first), committer.submit(second))
+
+            await eventually(lambda: blocked_by(pool, other), bool)  # holding packet id 1, waiting for 2
+            await other.execute(remember, device_id, 1)  # the deadlock: the group is aborted
+            await tx.rollback()
+        except BaseException:
+            await tx.rollback()
+            raise
+    try:
+        assert list(await done) == [Outcome.STORED, Outcome.STORED]
+    finally:
+        await committer.stop()
+    assert await eventually(lambda: values(pool, "acme", device_id), lambda v: len(v) >= 2) == [1.0, 2.0]
