@@ -1,7 +1,8 @@
 """`python -m bench.mqtt`: devices publishing QoS 1 telemetry over MQTT to `fleetflow up`.
 
 Figures: readings_per_s with single-reading and with 10-reading messages (each message
-acknowledged only once durable), puback_p99_ms, the HTTP path's rates from the same run, and
+acknowledged only once durable), puback_p99_ms (paced: 1 message/s per device, spread over the
+second; saturated_puback_p99_ms beside it), the HTTP path's rates from the same run, and
 rss_mb of the MQTT process holding `--idle` idle connections. Prints one JSON line.
 """
 
@@ -280,7 +281,10 @@ async def run(
                 c.close()
     out["readings_per_s_single"] = out["single"]["readings_per_s"]
     out["readings_per_s_ten"] = out["ten"]["readings_per_s"]
-    out["puback_p99_ms"] = max(out["single"]["puback_p99_ms"], out["ten"]["puback_p99_ms"])
+    # the latency figure is the paced phase's: saturated, a PUBACK waits behind the devices'
+    # whole in-flight window (devices x window / rate, Little's law), which the client chooses
+    out["puback_p99_ms"] = out["paced_1_per_s"]["puback_p99_ms"]
+    out["saturated_puback_p99_ms"] = max(out["single"]["puback_p99_ms"], out["ten"]["puback_p99_ms"])
     return out
 
 
