@@ -287,3 +287,27 @@ async def test_approval_timeout_issues_no_credential(env: WorkflowEnvironment) -
         NEEDS_APPROVAL["value"] = False
     assert reason == "no approval within 3600 s"
     assert CALLS == ["validate", "register", "undo:mark_failed:no approval within 3600 s"]
+
+
+async def test_a_cancel_right_after_a_failed_step_still_waits_for_the_step_beside_it(
+    env: WorkflowEnvironment, gates: dict[str, asyncio.Event]
+) -> None:
+    """The configuration failed and the credential is still being issued when the cancel comes:
+    the undo still waits for the credential, so it is revoked, not left live."""
+    gates["issue_credential"] = asyncio.Event()
+    FAIL_AT.add("store_config")
+    async with workers(env):
+        handle = await start(env)
+        await until_called("store_config")
+        await cancel_and_settle(handle)
+        assert not [c for c in CALLS if c.startswith("undo:")]  # the credential is still running
+        gates["issue_credential"].set()
+        with pytest.raises(WorkflowFailureError) as failure:
+            await handle.result()
+    assert isinstance(failure.value.cause, CancelledError)
+    assert CALLS.index("issue_credential") < CALLS.index("undo:remove_config")
+    assert CALLS[-3:] == [
+        "undo:remove_config",
+        "undo:revoke_credential",
+        "undo:mark_failed:onboarding cancelled by an operator",
+    ]
