@@ -33,14 +33,20 @@ from fleetflow.metrics import BATCHES_QUARANTINED
 log = logging.getLogger(__name__)
 
 # a claimed batch holding a reading of a metric its tenant has a rule on: the payload is CSV
-# (tenant, batch_id, device_id, metric, ts, value), so `,metric,` is in it. A quoted metric is
-# not found (its window waits the full fill); a device id equal to a metric closes one early:
-# either changes when the window is processed, never what is stored or analysed
-_HOLDS_WATCHED = """SELECT EXISTS (
-       SELECT 1 FROM data.ingest_batches b
-       JOIN unnest($2::text[], $3::text[]) AS w(tenant, metric) ON b.tenant = w.tenant
-       WHERE b.window_id = $1 AND b.status = 'claimed'
-         AND position(convert_to(',' || w.metric || ',', 'UTF8') IN b.payload) > 0)"""
+# (tenant, batch_id, device_id, metric, ts, value) and no field can hold a comma (see
+# telemetry_accept.csv_payload), so a line's fourth field is its metric. The window's metrics
+# are read once (one pass over its payloads, as escaped text: no byte makes the claim fail)
+# and joined with the rules' by hash. A search of each payload for each watched metric took
+# ~0.3 s a check for a tenant at its rule quota (1,000) with a 1,000-reading batch, on every
+# shard its batches reach, as often as the window grows. A device or batch id equal to a
+# metric is not a reading of it
+_HOLDS_WATCHED = """WITH held AS MATERIALIZED (
+       SELECT DISTINCT b.tenant, split_part(line, ',', 4) AS metric
+       FROM data.ingest_batches b
+       CROSS JOIN LATERAL string_to_table(encode(b.payload, 'escape'), E'\\n') AS line
+       WHERE b.window_id = $1 AND b.status = 'claimed' AND b.tenant = ANY($2::text[]))
+   SELECT EXISTS (SELECT 1 FROM held
+       JOIN unnest($2::text[], $3::text[]) AS w(tenant, metric) USING (tenant, metric))"""
 
 
 class WatchedReadings:
