@@ -256,3 +256,25 @@ async def test_an_analysis_that_lags_holds_up_the_window_after_next(
         HOLD_ANALYSIS[0], HOLD_UNTIL_CALLS[0] = False, 2
     assert [name for name, _ in ANALYSED] == ["b1", "b2", "b3", "b4", "b5"]
     assert ANALYSED[0][1] == ["store b1", "store b2"]
+
+
+async def test_a_poison_window_waits_for_the_analysis_before_it_then_is_split_in_order(
+    env: WorkflowEnvironment,
+) -> None:
+    # the first window's analysis is still going on when the next window's store fails as
+    # poison: the halves are stored and analysed after it, the poison batch set aside
+    HOLD_ANALYSIS[0] = True
+    try:
+        calls = await run_windows(env, ["b1"], ["b2", "bad"], ["b4"])
+    finally:
+        HOLD_ANALYSIS[0] = False
+    assert [name for name, _ in ANALYSED] == ["b1", "b2", "b4"]
+    assert ANALYSED[0][1] == ["store b1", "store b2+bad"]
+    assert [c.split(":")[0] for c in calls] == [
+        "store b1",
+        "store b2+bad",
+        "store b2",
+        "store bad",
+        "quarantine bad",
+        "store b4",
+    ]
