@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fleetflow.metrics import StateGauge
@@ -25,13 +26,21 @@ async def rule_exists(db: Any, tenant: str, rule_id: str) -> bool:
     )
 
 
-async def watched_metrics(db: Any, tenants: list[str]) -> list[tuple[str, str]]:
-    """(tenant, metric) of the tenants' enabled rules: readings a rule may raise or clear an
-    alert on (a claim stops waiting for its window to fill when it holds one)."""
-    rows = await db.fetch(
-        "SELECT DISTINCT tenant, metric FROM analytics.rules WHERE enabled AND tenant = ANY($1)", tenants
+async def watches_any(db: Any, readings: Sequence[tuple[str, str]]) -> bool:
+    """Whether an enabled rule looks at one of `readings` (tenant, metric): a rule may raise or
+    clear an alert on it (a claim stops waiting for its window to fill). One index probe a pair
+    (analytics.rules_watched), whatever the number of rules."""
+    if not readings:
+        return False
+    tenants, metrics = (list(column) for column in zip(*readings, strict=True))
+    return bool(
+        await db.fetchval(
+            """SELECT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS h(tenant, metric)
+                   JOIN analytics.rules r USING (tenant, metric) WHERE r.enabled)""",
+            tenants,
+            metrics,
+        )
     )
-    return [(r["tenant"], r["metric"]) for r in rows]
 
 
 async def window_events(db: Any, window_id: str) -> list[dict[str, Any]]:

@@ -819,4 +819,12 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX commands_pushed_by ON device.commands (pushed_by) WHERE pushed_by IS NOT NULL;
         """,
     ),
+    (
+        "0470_rules_watched",
+        """
+        -- a filling window asks whether a rule looks at the (tenant, metric) of its readings:
+        -- one probe a pair, however many rules the tenants have
+        CREATE INDEX rules_watched ON analytics.rules (tenant, metric) WHERE enabled;
+        """,
+    ),
 ]

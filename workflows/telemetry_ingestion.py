@@ -86,6 +86,11 @@ SKIP_READY_CHECK = "skip-ready-check"
 # and stored (analyses still one at a time, in window order): an alert waits for the store in
 # progress, not for the analysis and recording of the window before its own
 PIPELINED = "pipelined-analysis"
+# patch: at most one analysis beside the next window's claim and store: a window stored while
+# the analysis before it still runs waits for it before the next claim, so a slow or absent
+# analytics service holds the shard up (its batches wait unclaimed, the next window takes them
+# all) instead of a backlog of up to windows_per_run stored windows whose alerts all wait
+PIPELINE_DEPTH_ONE = "pipelined-analysis-depth-one"
 # rounds of STORE_ATTEMPTS a lone batch gets, its bound doubling each round, before quarantine
 LONE_STORE_ROUNDS = 3
 
@@ -158,6 +163,8 @@ class TelemetryIngestion:
                 elif workflow.patched(PIPELINED):
                     stored = await self._checked_and_stored(window)
                     if stored is not None:
+                        if workflow.patched(PIPELINE_DEPTH_ONE):
+                            await self._drain()
                         self._tail = asyncio.create_task(self._analyse_after(self._tail, window, stored))
                 else:
                     await self._window(window)

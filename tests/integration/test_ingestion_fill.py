@@ -14,6 +14,7 @@ from activities.analytics import AnalyticsService
 from activities.telemetry import _WINDOW_LOCK, DataService
 from activities.telemetry_accept import ReadingColumns, csv_payload
 from fleetflow.contracts.telemetry import ClaimWindow, Rule, TelemetryBatchDict
+from fleetflow.contracts.tenants import TenantLimits
 from fleetflow.db import Pool
 from tests.support import eventually
 
@@ -133,20 +134,23 @@ async def _watched_claim(window_id: str, bucket: int, fill_readings: int) -> Cla
     return _claim(window_id, bucket, fill_readings).model_copy(update={"watched_fill_ms": 0})
 
 
-async def _pending_as(pool: Pool, tenant: str, tag: str, n: int, bucket: int, metric: str) -> None:
+async def _pending_as(
+    pool: Pool, tenant: str, tag: str, n: int, bucket: int, metric: str, device_id: str = "fill-device"
+) -> None:
     # the payload as the accept path writes it: a change of its format must keep watched
     # readings found (or this test fails)
     ts = datetime.now(UTC)
-    rows = [{"device_id": "fill-device", "ts": ts, "metric": metric, "value": float(i)} for i in range(10)]
+    rows = [{"device_id": device_id, "ts": ts, "metric": metric, "value": float(i)} for i in range(10)]
     batch = TypeAdapter(TelemetryBatchDict).validate_python({"batch_id": f"{tag}-{n}", "readings": rows})
     payload = csv_payload(tenant, ReadingColumns.of(batch))
     await pool.execute(
         """INSERT INTO data.ingest_batches (tenant, batch_id, bucket, readings, device_ids, payload)
-           VALUES ($1, $2, $3, 10, ARRAY['fill-device'], $4)""",
+           VALUES ($1, $2, $3, 10, ARRAY[$5], $4)""",
         tenant,
         f"{tag}-{n}",
         bucket,
         payload,
+        device_id,
     )
 
 
@@ -206,6 +210,57 @@ async def test_another_tenants_rule_does_not_stop_a_window_filling(pool: Pool) -
         claim.cancel()
         await _cleanup(pool, tag)
         await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", other)
+
+
+async def test_a_device_named_like_a_watched_metric_does_not_stop_a_window_filling(pool: Pool) -> None:
+    # only a reading of the metric closes the window early: a device (or batch) id that spells
+    # a watched metric is no reading of it (the check reads the metric field, not any `,m,`)
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_121
+    tenant = f"watch-{tag}"
+    await _rule(pool, tenant, "temp")
+    service = DataService(pool)
+    window_id = f"{tag}/0"
+    await _pending_as(pool, tenant, tag, 0, bucket, "humidity", device_id="temp")
+    claim = asyncio.create_task(service.claim_window(await _watched_claim(window_id, bucket, 30)))
+    try:
+        for n in (1, 2):
+            await _until_claimed(pool, window_id, n)
+            await asyncio.sleep(0.1)
+            await _pending_as(pool, tenant, tag, n, bucket, "humidity", device_id="temp")
+        window = await claim  # at its fill target, as without any rule
+        assert (window.batches, window.readings) == (3, 30)
+    finally:
+        claim.cancel()
+        await _cleanup(pool, tag)
+        await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", tenant)
+
+
+async def test_a_watched_reading_is_found_among_a_tenants_rule_quota(pool: Pool) -> None:
+    # a tenant at its rule quota (1,000 metrics watched): the window still closes on the one
+    # reading of a watched metric among readings nobody watches
+    tag, bucket = uuid.uuid4().hex[:8], -1_000_127
+    tenant = f"watch-{tag}"
+    metrics = [f"m{i:04d}-" + "x" * 58 for i in range(TenantLimits().max_rules)]
+    await pool.executemany(
+        """INSERT INTO analytics.rules (tenant, rule_id, device_type, metric, kind, params)
+           VALUES ($1, $2, 'sensor', $3, 'threshold', '{"above": 100}')""",
+        [(tenant, f"r{i}", m) for i, m in enumerate(metrics)],
+    )
+    service = DataService(pool)
+    window_id = f"{tag}/0"
+    await _pending_as(pool, tenant, tag, 0, bucket, "humidity")
+    claim = asyncio.create_task(service.claim_window(await _watched_claim(window_id, bucket, 1000)))
+    try:
+        await _until_claimed(pool, window_id, 1)
+        await asyncio.sleep(0.1)
+        await _pending_as(pool, tenant, tag, 1, bucket, metrics[-1])
+        await _until_claimed(pool, window_id, 2)
+        window = await claim
+        assert (window.batches, window.readings) == (2, 20)
+    finally:
+        claim.cancel()
+        await _cleanup(pool, tag)
+        await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", tenant)
 
 
 async def test_a_claim_counts_the_devices_of_its_window_that_may_not_send(pool: Pool) -> None:

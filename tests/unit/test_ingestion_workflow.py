@@ -102,15 +102,17 @@ async def quarantine(request: QuarantineBatches) -> BatchesQuarantined:
 
 # windows analysed, in order, each with the stores done before its analysis ended; with
 # HOLD_ANALYSIS the first window's analysis waits (a while) for the next window's store
+# (for HOLD_UNTIL_CALLS stores, when set)
 ANALYSED: list[tuple[str, list[str]]] = []
 HOLD_ANALYSIS: list[bool] = [False]
+HOLD_UNTIL_CALLS: list[int] = [2]
 
 
 @activity.defn(name="analytics.evaluate")
 async def evaluate(ref: WindowRef) -> Evaluated:
     if HOLD_ANALYSIS[0] and not ANALYSED:
         for _ in range(100):
-            if len(CALLS) > 1:
+            if len(CALLS) >= HOLD_UNTIL_CALLS[0]:
                 break
             activity.heartbeat()
             await asyncio.sleep(0.1)
@@ -239,3 +241,40 @@ async def test_every_window_is_analysed_before_the_shard_continues_as_new(
     # beside the next claim) must not be left behind by continue-as-new
     await run_windows(env, ["b1"], ["b2"], ["b3"], windows_per_run=2)
     assert [name for name, _ in ANALYSED] == ["b1", "b2", "b3"]
+
+
+async def test_an_analysis_that_lags_holds_up_the_window_after_next(
+    env: WorkflowEnvironment,
+) -> None:
+    # one analysis beside the next window's claim and store, not a backlog: while analytics is
+    # slow or away the shard waits with its batches unclaimed (the next window takes them all)
+    # instead of storing window after window whose alerts all wait on the lagging analysis
+    HOLD_ANALYSIS[0], HOLD_UNTIL_CALLS[0] = True, 4
+    try:
+        await run_windows(env, ["b1"], ["b2"], ["b3"], ["b4"], ["b5"])
+    finally:
+        HOLD_ANALYSIS[0], HOLD_UNTIL_CALLS[0] = False, 2
+    assert [name for name, _ in ANALYSED] == ["b1", "b2", "b3", "b4", "b5"]
+    assert ANALYSED[0][1] == ["store b1", "store b2"]
+
+
+async def test_a_poison_window_waits_for_the_analysis_before_it_then_is_split_in_order(
+    env: WorkflowEnvironment,
+) -> None:
+    # the first window's analysis is still going on when the next window's store fails as
+    # poison: the halves are stored and analysed after it, the poison batch set aside
+    HOLD_ANALYSIS[0] = True
+    try:
+        calls = await run_windows(env, ["b1"], ["b2", "bad"], ["b4"])
+    finally:
+        HOLD_ANALYSIS[0] = False
+    assert [name for name, _ in ANALYSED] == ["b1", "b2", "b4"]
+    assert ANALYSED[0][1] == ["store b1", "store b2+bad"]
+    assert [c.split(":")[0] for c in calls] == [
+        "store b1",
+        "store b2+bad",
+        "store b2",
+        "store bad",
+        "quarantine bad",
+        "store b4",
+    ]
