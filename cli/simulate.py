@@ -22,6 +22,7 @@ from typing import Any, TextIO
 import httpx
 import jwt
 
+from cli.http_lanes import LaneTransport
 from cli.simulate_devices import (
     IN_FLIGHT,
     METRICS,
@@ -365,6 +366,15 @@ async def simulate(
     return summary
 
 
+def simulator_client(api_url: str) -> httpx.AsyncClient:
+    """The simulator's HTTP client: telemetry's IN_FLIGHT and the job polls' JOB_IN_FLIGHT each get
+    a connection, each in a pool of its own (cli/http_lanes.py): one pool of them all took this
+    process's CPU, and its rate was what that CPU could send, not what the platform answers."""
+    return httpx.AsyncClient(
+        base_url=api_url, timeout=TIMEOUT, transport=LaneTransport(IN_FLIGHT + JOB_IN_FLIGHT)
+    )
+
+
 async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     """`fleetflow simulate`: the live progress line, then the summary; exit 0 when nothing was
     rejected, 1 otherwise. Ctrl-C ends the run early, with the summary."""
@@ -389,12 +399,8 @@ async def run_command(settings: Settings, args: argparse.Namespace) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    # telemetry's IN_FLIGHT and the job polls' JOB_IN_FLIGHT each get their connections: a request
-    # queued in httpx's pool costs CPU at every request that completes
-    size = IN_FLIGHT + JOB_IN_FLIGHT
-    limits = httpx.Limits(max_connections=size, max_keepalive_connections=size)
     try:
-        async with httpx.AsyncClient(base_url=settings.api_url, timeout=TIMEOUT, limits=limits) as http:
+        async with simulator_client(settings.api_url) as http:
             summary = await simulate(http, headers, options, sys.stdout, stop)
     finally:
         loop.remove_signal_handler(signal.SIGINT)
