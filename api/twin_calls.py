@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from fastapi import HTTPException, status
-from temporalio.client import WorkflowHandle, WorkflowUpdateFailedError
+from temporalio.client import RPCTimeoutOrCancelledError, WorkflowHandle, WorkflowUpdateFailedError
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import ApplicationError
 from temporalio.service import RPCError, RPCStatusCode
@@ -22,6 +22,10 @@ from fleetflow.twin_state import Breach
 from workflows.device_twin import DeviceTwin, twin_id
 
 T = TypeVar("T")
+# the twin cannot take the call for now (its workflow task failed and is being retried, the
+# server is away): 503 with Retry-After, not a 500; the call was refused, nothing changed
+REFUSED_FOR_NOW = {RPCStatusCode.UNAVAILABLE, RPCStatusCode.FAILED_PRECONDITION}
+RETRY_AFTER_S = 1
 
 
 async def start_twin(state: AppState, tenant: str, device_id: str) -> None:
@@ -56,15 +60,37 @@ async def on_twin(
     device_id: str,
     action: Callable[[WorkflowHandle[Any, Any]], Awaitable[T]],
 ) -> T:
-    """Run action on the device's twin, starting the twin first if the device has none."""
+    """Run action on the device's twin, starting the twin first if the device has none; 503
+    (Retry-After) while the twin cannot answer."""
     handle = state.temporal.get_workflow_handle(twin_id(tenant, device_id))
     try:
+        try:
+            return await action(handle)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+        await start_twin(state, tenant, device_id)
         return await action(handle)
+    except RPCTimeoutOrCancelledError:
+        raise _unavailable(
+            "it did not answer in time: a change may still be applied, read its version first"
+        ) from None
     except RPCError as exc:
-        if exc.status != RPCStatusCode.NOT_FOUND:
+        if exc.status == RPCStatusCode.DEADLINE_EXCEEDED:
+            raise _unavailable(
+                "it did not answer in time: a change may still be applied, read its version first"
+            ) from None
+        if exc.status not in REFUSED_FOR_NOW:
             raise
-    await start_twin(state, tenant, device_id)
-    return await action(handle)
+        raise _unavailable(f"{exc.message}; nothing was changed") from None
+
+
+def _unavailable(reason: str) -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        detail=f"the device's twin cannot answer right now ({reason}); retry",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 async def twin_state(state: AppState, tenant: str, device_id: str) -> TwinState:
