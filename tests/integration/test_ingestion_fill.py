@@ -165,6 +165,25 @@ async def _rule(pool: Pool, tenant: str, metric: str) -> None:
     await AnalyticsService(pool).put_rule(tenant, rule)
 
 
+async def _fill_past_unwatched(
+    pool: Pool, tenant: str, tag: str, bucket: int, metric: str, device_id: str = "fill-device"
+) -> tuple[int, int]:
+    """(batches, readings) of a window whose three batches of 10 all arrive while it fills (fill
+    target 30): what a window gathers when nothing in it closes it early."""
+    window_id = f"{tag}/0"
+    await _pending_as(pool, tenant, tag, 0, bucket, metric, device_id=device_id)
+    claim = asyncio.create_task(DataService(pool).claim_window(await _watched_claim(window_id, bucket, 30)))
+    try:
+        for n in (1, 2):
+            await _until_claimed(pool, window_id, n)
+            await asyncio.sleep(0.1)
+            await _pending_as(pool, tenant, tag, n, bucket, metric, device_id=device_id)
+        window = await claim
+        return window.batches, window.readings
+    finally:
+        claim.cancel()
+
+
 async def test_a_window_holding_a_watched_reading_stops_filling(pool: Pool) -> None:
     # an alert waits on a reading a rule looks at: its window is processed at once, not after
     # the fill wait a trickle of readings nobody watches gets
@@ -195,19 +214,10 @@ async def test_another_tenants_rule_does_not_stop_a_window_filling(pool: Pool) -
     tag, bucket = uuid.uuid4().hex[:8], -1_000_099
     tenant, other = f"watch-{tag}", f"other-{tag}"
     await _rule(pool, other, "temp")
-    service = DataService(pool)
-    window_id = f"{tag}/0"
-    await _pending_as(pool, tenant, tag, 0, bucket, "temp")
-    claim = asyncio.create_task(service.claim_window(await _watched_claim(window_id, bucket, 30)))
     try:
-        for n in (1, 2):
-            await _until_claimed(pool, window_id, n)
-            await asyncio.sleep(0.1)
-            await _pending_as(pool, tenant, tag, n, bucket, "temp")
-        window = await claim  # at its fill target, as without any rule
-        assert (window.batches, window.readings) == (3, 30)
+        # at its fill target, as without any rule
+        assert await _fill_past_unwatched(pool, tenant, tag, bucket, "temp") == (3, 30)
     finally:
-        claim.cancel()
         await _cleanup(pool, tag)
         await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", other)
 
@@ -218,19 +228,10 @@ async def test_a_device_named_like_a_watched_metric_does_not_stop_a_window_filli
     tag, bucket = uuid.uuid4().hex[:8], -1_000_121
     tenant = f"watch-{tag}"
     await _rule(pool, tenant, "temp")
-    service = DataService(pool)
-    window_id = f"{tag}/0"
-    await _pending_as(pool, tenant, tag, 0, bucket, "humidity", device_id="temp")
-    claim = asyncio.create_task(service.claim_window(await _watched_claim(window_id, bucket, 30)))
     try:
-        for n in (1, 2):
-            await _until_claimed(pool, window_id, n)
-            await asyncio.sleep(0.1)
-            await _pending_as(pool, tenant, tag, n, bucket, "humidity", device_id="temp")
-        window = await claim  # at its fill target, as without any rule
-        assert (window.batches, window.readings) == (3, 30)
+        # at its fill target, as without any rule
+        assert await _fill_past_unwatched(pool, tenant, tag, bucket, "humidity", device_id="temp") == (3, 30)
     finally:
-        claim.cancel()
         await _cleanup(pool, tag)
         await pool.execute("DELETE FROM analytics.rules WHERE tenant = $1", tenant)
 
