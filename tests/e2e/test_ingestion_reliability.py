@@ -178,6 +178,7 @@ class Sender:
     acked: dict[str, int] = field(default_factory=dict)  # batch_id -> readings acknowledged
     unacked: dict[str, bytes] = field(default_factory=dict)  # batch_id -> body, to send again
     refused: int = 0  # 503 answers
+    throttled: int = 0  # 429 answers (sent again after Retry-After)
     broken: int = 0  # transport errors
     unexpected: list[str] = field(default_factory=list)
     duplicates: list[str] = field(default_factory=list)  # acknowledged as already accepted
@@ -204,11 +205,18 @@ class Sender:
     async def post(self, batch_id: str, body: bytes) -> bool:
         """One attempt; True when acknowledged (recorded in acked)."""
         headers = {**self.headers, "content-type": "application/json"}
-        try:
-            response = await self.http.post("/v1/telemetry", content=body, headers=headers)
-        except httpx.HTTPError:
-            self.broken += 1
-            return False
+        while True:
+            try:
+                response = await self.http.post("/v1/telemetry", content=body, headers=headers)
+            except httpx.HTTPError:
+                self.broken += 1
+                return False
+            if response.status_code != 429:
+                break
+            # over the tenant's readings/s (the senders go as fast as they are answered): as a
+            # client should, the same batch again after Retry-After; nothing was accepted
+            self.throttled += 1
+            await asyncio.sleep(float(response.headers.get("retry-after", "1")))
         if response.status_code == 503:
             self.refused += 1
             return False
