@@ -132,10 +132,8 @@ async def device_twin_waits(s: Stack) -> WorkflowHandle[Any, Any]:
     return s.client.get_workflow_handle(wid, run_id=first.first_execution_run_id)
 
 
-async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
-    """A shard that stores a window (with a quarantined device) and raises an alert."""
-    onboarding = await onboarding_completed(s)
-    device_id = onboarding.id.removeprefix("onboard-bench-")
+async def _put_hot_rule(s: Stack) -> None:
+    """The rule the ingestion scenarios' readings raise an alert on (t above 30)."""
     rule = {
         "rule_id": "rec-hot",
         "device_type": "thermostat",
@@ -144,6 +142,13 @@ async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
         "params": {"above": 30},
     }
     await s.api.put("/v1/rules/rec-hot", json=rule, headers=s.headers)
+
+
+async def telemetry_ingestion(s: Stack) -> WorkflowHandle[Any, Any]:
+    """A shard that stores a window (with a quarantined device) and raises an alert."""
+    onboarding = await onboarding_completed(s)
+    device_id = onboarding.id.removeprefix("onboard-bench-")
+    await _put_hot_rule(s)
     now = datetime.now(UTC)
     rows = [
         {"device_id": d, "ts": now.isoformat(), "metric": "t", "value": v}
@@ -170,14 +175,7 @@ async def telemetry_ingestion_ready(s: Stack) -> WorkflowHandle[Any, Any]:
     and a watched reading (the window goes at once) that raises an alert."""
     onboarding = await onboarding_completed(s)
     device_id = onboarding.id.removeprefix("onboard-bench-")
-    rule = {
-        "rule_id": "rec-hot",
-        "device_type": "thermostat",
-        "metric": "t",
-        "kind": "threshold",
-        "params": {"above": 30},
-    }
-    await s.api.put("/v1/rules/rec-hot", json=rule, headers=s.headers)
+    await _put_hot_rule(s)
     now = datetime.now(UTC)
     rows = [{"device_id": device_id, "ts": now.isoformat(), "metric": "t", "value": v} for v in (20.0, 35.0)]
     await s.api.post("/v1/telemetry", json={"batch_id": "rec-ready", "readings": rows}, headers=s.headers)
