@@ -24,6 +24,7 @@ from fleetflow.contracts.telemetry import (
     AlertActed,
     AlertAction,
     AlertView,
+    EarlyRaise,
     Evaluated,
     Rule,
     WindowRef,
@@ -205,6 +206,83 @@ class AnalyticsService(AnalyticsActivities):
             )
         return _evaluated(ref, events)
 
+    @implements(AnalyticsActivities.raise_early)
+    async def raise_early(self, request: EarlyRaise) -> int:
+        """Raise the alert of one device and threshold rule for a reading that crossed it when
+        its batch was accepted, unless the device or rule no longer allows it or an alert of
+        theirs still holds; its event goes to analytics.window_events under the request's
+        window_id (the notification service records it). How many events: 0 or 1. Done once.
+
+        The window that stores the reading finds the alert open and raises nothing again."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            done = await conn.fetchval(
+                "SELECT 1 FROM analytics.windows WHERE window_id = $1", request.window_id
+            )
+            if done is not None:
+                return int(
+                    await conn.fetchval(
+                        "SELECT count(*) FROM analytics.window_events WHERE window_id = $1",
+                        request.window_id,
+                    )
+                )
+            event = await self._early_event(conn, request)
+            if event is not None:
+                await conn.execute(
+                    """INSERT INTO analytics.window_events (window_id, tenant, event_id, event)
+                       VALUES ($1, $2, $3, $4)""",
+                    request.window_id,
+                    event.tenant,
+                    event.event_id,
+                    event.model_dump(mode="json"),
+                )
+            await conn.execute(
+                "INSERT INTO analytics.windows (window_id, events) VALUES ($1, '[]')", request.window_id
+            )
+        return 0 if event is None else 1
+
+    async def _early_event(self, conn: Any, request: EarlyRaise) -> DomainEvent | None:
+        """The AlertRaised event of request, if the rule (still enabled, a threshold on the
+        device's type) raises on its reading and the device may send; None otherwise."""
+        device = (request.tenant, request.device_id)
+        types = await device_facade.device_types(conn, [device])
+        if device not in types or await device_facade.count_unready(conn, [device]):
+            return None  # its window quarantines the reading: no rule sees it
+        row = await conn.fetchrow(
+            """SELECT * FROM analytics.rules WHERE tenant = $1 AND rule_id = $2 AND enabled
+                 AND kind = 'threshold'""",
+            request.tenant,
+            request.rule_id,
+        )
+        if row is None:
+            return None
+        rule = Rule.model_validate({k: row[k] for k in Rule.model_fields})
+        if rule.device_type != types[device]:
+            return None
+        seen = await conn.fetchval(
+            "SELECT last_ts FROM analytics.series WHERE tenant = $1 AND device_id = $2 AND metric = $3",
+            request.tenant,
+            request.device_id,
+            rule.metric,
+        )
+        if seen is not None and _aware(seen) >= request.ts:
+            return None  # the windows got there first: what they decided stands
+        reading = rules.WindowStats(
+            n=1,
+            mean=request.value,
+            var=0.0,
+            min_value=request.value,
+            max_value=request.value,
+            first_ts=request.ts,
+            first_value=request.value,
+            last_ts=request.ts,
+            last_value=request.value,
+        )
+        verdict = rules.evaluate(rule, reading, None)
+        if verdict.decision != "raise":
+            return None
+        series = {"tenant": request.tenant, "device_id": request.device_id, "last_ts": request.ts}
+        return await self._apply(conn, request.window_id, series, rule, verdict, None)
+
     async def _window_series(self, conn: Any, window_id: str) -> list[_Series]:
         """The window's aggregates (data service) of registered devices, with their device type
         (device service) and the series' prior state: three queries whatever the number of
@@ -253,8 +331,11 @@ class AnalyticsService(AnalyticsActivities):
             kind = ALERT_RAISED
         elif verdict.decision == "clear" and open_id is not None:
             alert_id = await conn.fetchval(
+                # not by readings older than the one that raised it (raised as its batch was
+                # accepted, before the windows still waiting with older readings were stored)
                 """UPDATE analytics.alerts SET status = 'cleared', cleared_at = $2, cleared_value = $3
-                   WHERE alert_id = $1 AND status <> 'cleared' RETURNING alert_id""",
+                   WHERE alert_id = $1 AND status <> 'cleared' AND raised_at <= $2
+                   RETURNING alert_id""",
                 open_id,
                 row["last_ts"],
                 verdict.value,

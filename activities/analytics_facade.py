@@ -43,6 +43,29 @@ async def watches_any(db: Any, readings: Sequence[tuple[str, str]]) -> bool:
     )
 
 
+async def threshold_rules(db: Any, tenant: str) -> list[dict[str, Any]]:
+    """The tenant's enabled threshold rules (rule_id, device_type, metric, params): what a batch
+    is checked against when it is accepted (an alert raised before its window is stored)."""
+    rows = await db.fetch(
+        """SELECT rule_id, device_type, metric, params FROM analytics.rules
+           WHERE tenant = $1 AND enabled AND kind = 'threshold'""",
+        tenant,
+    )
+    return [dict(r) for r in rows]
+
+
+async def open_alert_keys(db: Any, tenant: str, device_ids: Sequence[str]) -> set[tuple[str, str]]:
+    """(device id, rule id) of the tenant's alerts still holding (open or acknowledged) among
+    `device_ids`: no alert is raised again for them."""
+    rows = await db.fetch(
+        """SELECT device_id, rule_id FROM analytics.alerts
+           WHERE tenant = $1 AND device_id = ANY($2) AND status <> 'cleared'""",
+        tenant,
+        list(device_ids),
+    )
+    return {(r["device_id"], r["rule_id"]) for r in rows}
+
+
 async def window_events(db: Any, window_id: str) -> list[dict[str, Any]]:
     """The events `analytics.evaluate` made of a window (as JSON), by tenant and event id."""
     rows = await db.fetch(

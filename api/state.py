@@ -12,6 +12,7 @@ from activities.analytics import AnalyticsService
 from activities.devices import DeviceService
 from api.command_notices import CommandNotices
 from api.credentials import CredentialCache
+from api.early_alerts import EarlyAlerts
 from api.quotas import Quotas, api_processes
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing, keyring
@@ -35,9 +36,11 @@ class AppState:
     # (tenant, device id) of the command long-polls this process holds: one per device
     command_waiters: set[tuple[str, str]] = field(default_factory=set)
     quotas: Quotas = field(init=False)
+    early_alerts: EarlyAlerts = field(init=False)
 
     def __post_init__(self) -> None:
         self.quotas = Quotas(self.pool, self.settings.quotas, processes=api_processes())
+        self.early_alerts = EarlyAlerts(self.pool, self.temporal)
 
     @property
     def keys(self) -> KeyRing:

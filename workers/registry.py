@@ -32,6 +32,7 @@ from workflows.reconciliation import Reconciliation
 from workflows.retention import Retention
 from workflows.system_check import SystemCheck
 from workflows.telemetry_ingestion import TelemetryIngestion
+from workflows.threshold_alert import ThresholdAlert
 
 WORKFLOWS: Sequence[type] = (
     SystemCheck,
@@ -48,6 +49,7 @@ WORKFLOWS: Sequence[type] = (
     CredentialRotation,
     DeviceCommand,
     Retention,
+    ThresholdAlert,
 )
 
 

@@ -149,6 +149,8 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
             f"batch_id {batch.batch_id!r} was already accepted from this sender with other "
             "readings; send new readings under a new batch_id"
         ) from None
+    if not accepted.duplicate:  # a reading crossing a threshold raises its alert now, not in its window
+        await state.early_alerts.check(tenant, batch, writer.removeprefix("token:"))
     return TelemetryAccepted(
         batch_id=batch.batch_id, readings=accepted.readings, duplicate=accepted.duplicate
     )
@@ -325,6 +327,7 @@ async def put_rule(rule_id: str, body: RuleBody, state: State, claims: RuleWrite
         if not await analytics_facade.rule_exists(state.pool, claims.tenant, rule_id):
             await state.quotas.check_count(claims.tenant, "max_rules")  # 403 at the rule quota
         await state.analytics.put_rule(claims.tenant, rule)
+    state.early_alerts.forget(claims.tenant)  # this process's accepts see the rule at once
     return rule
 
 
@@ -339,6 +342,7 @@ async def delete_rule(rule_id: str, state: State, claims: RuleWriter) -> None:
     """Remove a rule; its open alerts stay until cleared by hand."""
     if not await state.analytics.delete_rule(claims.tenant, rule_id):
         raise not_found(f"rule {rule_id!r}")
+    state.early_alerts.forget(claims.tenant)
 
 
 @router.get("/v1/alerts", response_model=list[AlertView])

@@ -321,6 +321,20 @@ class AlertActed(Contract):
     event: DomainEvent | None = None
 
 
+class EarlyRaise(Contract):
+    """Input of ThresholdAlert and `analytics.raise_early`: one reading of a device that crossed
+    a threshold rule when its batch was accepted (the batch's extreme for that rule), so the
+    alert is raised without waiting for the reading's window to be stored. window_id (the
+    workflow's id and run) keys the step's events, so a retry records nothing twice."""
+
+    tenant: str
+    device_id: str
+    rule_id: str
+    ts: datetime
+    value: float
+    window_id: str = ""
+
+
 class QuarantineView(Contract):
     """Quarantined readings of one device, counted by reason."""
 

@@ -12,7 +12,7 @@ from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
-from fleetflow.contracts.telemetry import AlertActed, AlertAction, Evaluated, WindowRef
+from fleetflow.contracts.telemetry import AlertActed, AlertAction, EarlyRaise, Evaluated, WindowRef
 from fleetflow.interfaces.base import ServiceInterface
 
 
@@ -44,3 +44,11 @@ class AnalyticsActivities(ServiceInterface):
         """Acknowledge or clear one of the tenant's alerts by hand; the event to record with it.
         Done once: a retry of the same action answers the same, another action on an alert
         already acknowledged (or cleared) is a conflict."""
+
+    @activity.defn(name="analytics.raise_early")
+    @abstractmethod
+    async def raise_early(self, request: EarlyRaise) -> int:
+        """Raise the alert of one device and threshold rule for a reading that crossed it when
+        its batch was accepted, unless the device or rule no longer allows it or an alert of
+        theirs still holds; its event goes to analytics.window_events under the request's
+        window_id (the notification service records it). How many events: 0 or 1. Done once."""

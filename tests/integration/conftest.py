@@ -19,6 +19,7 @@ from temporalio.exceptions import ApplicationError
 
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
+from activities.telemetry import DataService
 from api.app import create_app
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
@@ -34,6 +35,7 @@ from fleetflow.contracts.devices import (
 )
 from fleetflow.contracts.events import EventBatch
 from fleetflow.contracts.rollouts import DeviceStep, RolloutTick, TickResult
+from fleetflow.contracts.telemetry import Stored, StoreWindow
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from workers.registry import service_for
@@ -127,6 +129,14 @@ class FaultyDevices(DeviceService):
         return result
 
 
+class HeldData(DataService):
+    """The real data service; HOLDS["store_window"] holds every window's store (a backlog)."""
+
+    @activity.defn(name="data.store_window")
+    async def store_window(self, request: StoreWindow) -> Stored:
+        return await _held("store_window", super().store_window(request))
+
+
 class FaultyNotifications(NotificationService):
     """The real notification service; FAULTS makes recording fail after it committed."""
 
@@ -144,6 +154,7 @@ async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterat
     services: dict[TaskQueue, object] = {
         TaskQueue.DEVICE: FaultyDevices(pool, settings, client),
         TaskQueue.NOTIFICATION: FaultyNotifications(pool, client),
+        TaskQueue.DATA: HeldData(pool, client),
     }
     running = []
     for queue in TaskQueue:

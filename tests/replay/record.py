@@ -653,6 +653,16 @@ async def alert_lifecycle(s: Stack) -> WorkflowHandle[Any, Any]:
     return s.client.get_workflow_handle(tenant_scoped_id("alert", "bench", f"{alert_id}-acknowledge"))
 
 
+async def threshold_alert(s: Stack) -> WorkflowHandle[Any, Any]:
+    """An alert raised as its reading was accepted (the ingestion scenario's 35 above 30)."""
+    await telemetry_ingestion(s)
+    runs = [w async for w in s.client.list_workflows("WorkflowType = 'ThresholdAlert'")]
+    handle = s.client.get_workflow_handle(runs[0].id, run_id=runs[0].run_id)
+    if await handle.result() != 1:
+        raise RuntimeError("the early alert recorded no event")
+    return handle
+
+
 async def credential_rotation(s: Stack) -> WorkflowHandle[Any, Any]:
     """A fleet of three sensors rotated by tag in one run (an outcome per device)."""
     await _sensors(s, 3)
@@ -703,6 +713,7 @@ SCENARIOS: dict[str, Scenario] = {
     "event_delivery": event_delivery,
     "event_delivery_circuit": event_delivery_circuit,
     "alert_lifecycle": alert_lifecycle,
+    "threshold_alert": threshold_alert,
     "credential_rotation": credential_rotation,
     "device_command": device_command,
     "device_command_timed_out": device_command_timed_out,

@@ -1,0 +1,164 @@
+"""Threshold rules checked as a batch is accepted, so an alert does not wait for its window.
+
+A window is stored behind its shard's backlog (seconds at saturation, a window or two at any
+load); a threshold rule needs nothing of the series' past, so a reading that crosses one is
+known to raise as soon as it is accepted. For such a reading, while no alert of that device
+and rule holds, the API starts ThresholdAlert (workflows/threshold_alert.py) before it answers
+202: the alert is raised durably, whatever becomes of the API. The window that stores the
+reading finds the alert open and raises nothing again (one alert per device and rule).
+
+Best effort on top of the windows: a rule is seen here up to RULES_TTL_S after it changes (at
+once by the API process that changed it), at most EARLY_PER_BATCH alerts a batch start early,
+and a failure here only leaves the alert to the window; none of it can fail the acceptance of
+the batch, and only a batch with a crossing reading waits for the starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import datetime
+
+from temporalio.client import Client
+from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
+
+from activities import analytics_facade, device_facade
+from activities.telemetry_accept import ReadingColumns
+from fleetflow.contracts.common import TaskQueue
+from fleetflow.contracts.telemetry import EarlyRaise
+from fleetflow.db import Pool
+from fleetflow.identity import acting_for
+from fleetflow.security import ServiceActor
+from fleetflow.temporal import device_search_attributes
+from workflows.threshold_alert import ThresholdAlert, threshold_alert_id
+
+log = logging.getLogger(__name__)
+
+RULES_TTL_S = 1.0  # how long a tenant's threshold rules are kept in this process
+MAX_TENANTS = 10_000  # tenants whose rules this process keeps (least recently used go)
+EARLY_PER_BATCH = 50  # alerts one batch may start early; the windows raise the rest
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """One enabled threshold rule of a tenant, as the check needs it."""
+
+    rule_id: str
+    device_type: str
+    above: float | None
+    below: float | None
+
+
+@dataclass
+class _Extremes:
+    """The highest and lowest reading of one device's metric in a batch, with their times."""
+
+    high: float
+    high_ts: datetime
+    low: float
+    low_ts: datetime
+
+
+Crossing = tuple[datetime, float]  # the ts and value of the reading that raises
+
+
+def crossings(batch: ReadingColumns, rules: dict[str, list[Threshold]]) -> dict[tuple[str, str], Crossing]:
+    """(device id, rule id) -> the reading of the batch that raises that rule for that device (the
+    highest above `above`, else the lowest below `below`, as a window's max and min would); the
+    device's type is not checked here."""
+    extremes: dict[tuple[str, str], _Extremes] = {}
+    readings = zip(batch.device_ids, batch.metrics, batch.ts, batch.values, strict=True)
+    for device_id, metric, ts, value in readings:
+        if metric not in rules:
+            continue
+        seen = extremes.get((device_id, metric))
+        if seen is None:
+            extremes[(device_id, metric)] = _Extremes(value, ts, value, ts)
+            continue
+        if value > seen.high:
+            seen.high, seen.high_ts = value, ts
+        if value < seen.low:
+            seen.low, seen.low_ts = value, ts
+    found: dict[tuple[str, str], Crossing] = {}
+    for (device_id, metric), e in extremes.items():
+        for rule in rules[metric]:
+            if rule.above is not None and e.high > rule.above:
+                found[(device_id, rule.rule_id)] = (e.high_ts, e.high)
+            elif rule.below is not None and e.low < rule.below:
+                found[(device_id, rule.rule_id)] = (e.low_ts, e.low)
+    return found
+
+
+class EarlyAlerts:
+    """The API process's check of accepted batches against its tenants' threshold rules."""
+
+    def __init__(self, pool: Pool, temporal: Client) -> None:
+        self.pool, self.temporal = pool, temporal
+        self._rules: OrderedDict[str, tuple[float, dict[str, list[Threshold]]]] = OrderedDict()
+
+    async def rules_of(self, tenant: str) -> dict[str, list[Threshold]]:
+        """metric -> the tenant's enabled threshold rules on it (kept RULES_TTL_S)."""
+        now = time.monotonic()
+        kept = self._rules.get(tenant)
+        if kept is not None and kept[0] > now:
+            self._rules.move_to_end(tenant)
+            return kept[1]
+        by_metric: dict[str, list[Threshold]] = {}
+        for r in await analytics_facade.threshold_rules(self.pool, tenant):
+            params = r["params"]
+            by_metric.setdefault(r["metric"], []).append(
+                Threshold(r["rule_id"], r["device_type"], params.get("above"), params.get("below"))
+            )
+        self._rules[tenant] = (now + RULES_TTL_S, by_metric)
+        self._rules.move_to_end(tenant)
+        while len(self._rules) > MAX_TENANTS:
+            self._rules.popitem(last=False)
+        return by_metric
+
+    def forget(self, tenant: str) -> None:
+        """Drop the tenant's rules (they changed): the next check reads them again."""
+        self._rules.pop(tenant, None)
+
+    async def check(self, tenant: str, batch: ReadingColumns, subject: str) -> int:
+        """Start ThresholdAlert for each reading of the accepted batch that raises a rule of its
+        device's type while no alert of theirs holds, as the batch's sender `subject` of tenant;
+        how many started. Never raises."""
+        try:
+            with acting_for(ServiceActor(subject=subject, tenant=tenant)):
+                return await self._check(tenant, batch)
+        except Exception as exc:  # the batch is accepted: its window raises the alert instead
+            log.warning("early alert check of %s/%s failed: %s", tenant, batch.batch_id, exc)
+            return 0
+
+    async def _check(self, tenant: str, batch: ReadingColumns) -> int:
+        rules = await self.rules_of(tenant)
+        if not rules or rules.keys().isdisjoint(batch.metrics):
+            return 0
+        found = crossings(batch, rules)
+        if not found:
+            return 0
+        devices = sorted({device_id for device_id, _ in found})
+        types = await device_facade.device_types(self.pool, [(tenant, d) for d in devices])
+        holding = await analytics_facade.open_alert_keys(self.pool, tenant, devices)
+        type_of_rule = {rule.rule_id: rule.device_type for by_rule in rules.values() for rule in by_rule}
+        starts = [
+            EarlyRaise(tenant=tenant, device_id=device_id, rule_id=rule_id, ts=ts, value=value)
+            for (device_id, rule_id), (ts, value) in sorted(found.items())
+            if (device_id, rule_id) not in holding and types.get((tenant, device_id)) == type_of_rule[rule_id]
+        ][:EARLY_PER_BATCH]
+        await asyncio.gather(*(self._start(raise_) for raise_ in starts))
+        return len(starts)
+
+    async def _start(self, inp: EarlyRaise) -> None:
+        await self.temporal.start_workflow(
+            ThresholdAlert.run,
+            inp,
+            id=threshold_alert_id(inp.tenant, inp.device_id, inp.rule_id),
+            task_queue=TaskQueue.ORCHESTRATION.value,
+            id_reuse_policy=WorkflowIDReusePolicy.ALLOW_DUPLICATE,
+            id_conflict_policy=WorkflowIDConflictPolicy.USE_EXISTING,
+            search_attributes=device_search_attributes(inp.tenant, "alert", inp.device_id),
+        )

@@ -1,0 +1,158 @@
+"""Threshold alerts raised as their reading is accepted (api/early_alerts.py,
+workflows/threshold_alert.py): before the reading's window is stored, once per device and rule,
+for active devices of the rule's type only, tenants apart; and an older window never clears an
+alert a newer reading raised."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from datetime import timedelta
+
+import httpx
+import pytest
+
+from activities.analytics import AnalyticsService
+from fleetflow.contracts.telemetry import EarlyRaise
+from fleetflow.db import Pool
+from tests.integration.conftest import ENTERED, FINISHED, HOLDS
+from tests.integration.flows import AUTH, new_id
+from tests.integration.test_alarms import GLOBEX, START, Sensor
+from tests.integration.test_telemetry import send
+from tests.support import eventually
+
+
+@pytest.fixture
+async def backlog() -> AsyncIterator[asyncio.Event]:
+    """Every window's store waits (a shard backed up) until the test sets the event."""
+    gate = HOLDS["store_window"] = asyncio.Event()
+    ENTERED.discard("store_window")
+    try:
+        yield gate
+    finally:
+        gate.set()
+        HOLDS.pop("store_window", None)
+        FINISHED.discard("store_window")
+
+
+async def _send(s: Sensor, *values: float, auth: dict[str, str] | None = None) -> None:
+    """values as one batch of s's device, each a second after the last one sent."""
+    rows = [
+        {
+            "device_id": s.device_id,
+            "ts": (START + timedelta(seconds=s.sent + i)).isoformat(),
+            "metric": s.metric,
+            "value": v,
+        }
+        for i, v in enumerate(values)
+    ]
+    answer = await send(s.api, auth or s.me, rows)
+    assert answer.status_code == 202, answer.text
+    s.sent += len(values)
+
+
+async def _store_waits() -> bool:
+    return "store_window" in ENTERED
+
+
+async def _pending(pool: Pool, device_id: str) -> int:
+    return int(
+        await pool.fetchval(
+            "SELECT count(*) FROM data.ingest_batches WHERE $1 = ANY(device_ids) AND status <> 'stored'",
+            device_id,
+        )
+    )
+
+
+async def test_a_reading_crossing_a_threshold_raises_its_alert_while_its_window_waits(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    await _send(s, 20, 35, 22)  # the highest crossing reading raises
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    assert (alert["status"], alert["raised_value"]) == ("open", 35)
+    [(kind, actor, data)] = await eventually(s.events, lambda e: len(e) == 1)
+    assert (kind, actor, data["value"]) == ("AlertRaised", "analytics", 35)
+    assert data["alert_id"] == alert["alert_id"]
+    assert await _pending(pool, s.device_id) == 1  # its window is not stored yet
+    await _send(s, 36)  # the alert holds: nothing raised again
+    backlog.set()
+    await eventually(s._analysed, lambda n: n >= 4)
+    [still] = await s.alerts()
+    assert (still["alert_id"], still["status"]) == (alert["alert_id"], "open")
+    assert [k for k, _, _ in await s.events()] == ["AlertRaised"]  # the windows raised nothing again
+
+
+async def test_an_older_window_does_not_clear_an_alert_a_newer_reading_raised(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    await _send(s, 20)  # in the limits, but older than what follows
+    await eventually(_store_waits, bool)  # its window is claimed: the next one is another
+    await _send(s, 35)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    backlog.set()
+    await eventually(s._analysed, lambda n: n >= 2)
+    [still] = await s.alerts()
+    assert (still["alert_id"], still["status"]) == (alert["alert_id"], "open")
+    await s.window(25)  # newer readings in the limits clear it, as ever
+    [cleared] = await s.alerts()
+    assert (cleared["status"], cleared["cleared_value"]) == ("cleared", 25)
+    events = await eventually(s.events, lambda e: len(e) == 2)
+    assert [k for k, _, _ in events] == ["AlertRaised", "AlertCleared"]
+
+
+async def test_no_early_alert_for_another_type_an_unknown_device_or_a_disabled_rule(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    ghost = Sensor(api, pool)
+    ghost.metric, ghost.device_id = s.metric, new_id("ghost")  # never onboarded
+    await _send(ghost, 99, auth=AUTH)
+    rule = f"/v1/rules/r-{s.metric}"
+    body = (await api.get("/v1/rules", headers=AUTH)).json()
+    [mine] = [r for r in body if r["rule_id"] == f"r-{s.metric}"]
+    other_type = await api.put(rule, json={**mine, "device_type": "camera"}, headers=AUTH)
+    assert other_type.status_code == 200
+    await _send(s, 40)
+    await api.put(rule, json={**mine, "enabled": False}, headers=AUTH)
+    await _send(s, 41)
+    backlog.set()
+    await eventually(s._analysed, lambda n: n >= 2)
+    assert await s.alerts() == [] and await ghost.alerts() == []
+    assert await s.events() == []
+
+
+async def test_two_tenants_with_the_same_device_and_rule_ids_raise_their_own_alert(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    device_id = new_id("same")
+    ours = await Sensor(api, pool).start(device_id=device_id)
+    theirs = Sensor(api, pool, GLOBEX)
+    theirs.metric = ours.metric
+    await theirs.start(device_id=device_id)
+    await _send(ours, 35)
+    [mine] = await eventually(ours.alerts, lambda a: len(a) == 1)
+    await _send(theirs, 36)
+    [their] = await eventually(theirs.alerts, lambda a: len(a) == 1)
+    assert mine["alert_id"] != their["alert_id"] and (mine["raised_value"], their["raised_value"]) == (35, 36)
+
+
+async def test_an_early_raise_after_the_windows_saw_a_later_reading_raises_nothing(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    s = await Sensor(api, pool).start()
+    await s.window(35)
+    await eventually(s.alerts, lambda a: len(a) == 1)
+    await s.window(25)  # cleared by the windows
+    late = EarlyRaise(
+        tenant="acme",
+        device_id=s.device_id,
+        rule_id=f"r-{s.metric}",
+        ts=START,  # the 35, whose early raise came after both windows (a slow start)
+        value=35,
+        window_id=f"test-{new_id()}",
+    )
+    assert await AnalyticsService(pool).raise_early(late) == 0
+    assert [a["status"] for a in await s.alerts()] == ["cleared"]
+    assert await AnalyticsService(pool).raise_early(late) == 0  # and a retry of it
