@@ -118,6 +118,33 @@ class EarlyAlerts:
             self._rules.popitem(last=False)
         return by_metric
 
+    async def check_rows(self, tenant: str, device_id: str, rows: list[str]) -> int:
+        """check() for an MQTT publish of a device: its `device_id,metric,ts,value` CSV rows."""
+        try:
+            rules = await self.rules_of(tenant)
+        except Exception as exc:
+            log.warning("early alert check of a publish of %s/%s failed: %s", tenant, device_id, exc)
+            return 0
+        if not rules:
+            return 0
+        watched = [row.split(",") for row in rows if row.split(",", 2)[1] in rules]
+        if not watched:
+            return 0
+        batch = ReadingColumns(
+            "",
+            [w[0] for w in watched],
+            [datetime.fromisoformat(w[2]) for w in watched],
+            [w[1] for w in watched],
+            [float(w[3]) for w in watched],
+        )
+        return await self.check(tenant, batch, f"device:{device_id}")
+
+    def may_watch(self, tenant: str) -> bool:
+        """False when this process knows, fresh, that the tenant has no threshold rule (no
+        check needed); True otherwise."""
+        kept = self._rules.get(tenant)
+        return kept is None or kept[0] <= time.monotonic() or bool(kept[1])
+
     def forget(self, tenant: str) -> None:
         """Drop the tenant's rules (they changed): the next check reads them again."""
         self._rules.pop(tenant, None)

@@ -267,6 +267,8 @@ class Connection(asyncio.Protocol):
 
         def committed(fut: asyncio.Future[Outcome]) -> None:
             outcome = fut.result() if not fut.cancelled() else Outcome.UNAVAILABLE
+            if outcome is Outcome.STORED:
+                self.gateway.stored(pending)
             if not pub.qos:
                 answer(0)  # at most once: nothing more to say
             elif outcome is Outcome.UNAVAILABLE:

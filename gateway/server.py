@@ -28,6 +28,7 @@ from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from activities.telemetry_publishes import quarantine_payload
 from api.credentials import CHANNEL as REVOKED_CHANNEL
+from api.early_alerts import EarlyAlerts
 from api.quotas import Quotas
 from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL
 from fleetflow.contracts.telemetry import MAX_BATCH_BYTES
@@ -76,6 +77,7 @@ class Gateway:
         self.events = NotificationService(pool, temporal)
         self.presence = Presence(pool, self.devices, self.events, temporal, node)
         self.committer = GroupCommitter(pool, settings.ingest_shards)
+        self.early_alerts = EarlyAlerts(pool, temporal)
         self.quotas = Quotas(pool, settings.quotas)  # the tenants' and devices' readings/s, as over HTTP
         self.max_packet = MAX_BATCH_BYTES + 64 * 1024
         self.connections: dict[Key, Connection] = {}
@@ -211,6 +213,12 @@ class Gateway:
         if self.admit_readings(claims.tenant, claims.device_id, len(readings.rows)):
             pending = Pending(claims.tenant, claims.device_id, readings.rows, readings.batch_id)
             self.committer.submit(pending)
+
+    def stored(self, pending: Pending) -> None:
+        """A telemetry publish is stored: a reading of it crossing a threshold rule raises its
+        alert now (api/early_alerts.py), not once its window is stored."""
+        if self.early_alerts.may_watch(pending.tenant):
+            self._spawn(self.early_alerts.check_rows(pending.tenant, pending.device_id, pending.rows))
 
     # --- publishes other than telemetry, and bad payloads -------------------------
 

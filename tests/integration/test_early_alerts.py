@@ -6,7 +6,8 @@ alert a newer reading raised."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 
 import httpx
@@ -15,11 +16,18 @@ import pytest
 from activities.analytics import AnalyticsService
 from fleetflow.contracts.telemetry import EarlyRaise
 from fleetflow.db import Pool
+from fleetflow.settings import Settings
 from tests.integration.conftest import ENTERED, FINISHED, HOLDS
 from tests.integration.flows import AUTH, new_id
+from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.integration.test_alarms import GLOBEX, START, Sensor
 from tests.integration.test_telemetry import send
 from tests.support import eventually
+
+
+@pytest.fixture(scope="module")
+def gateway(settings: Settings, pool: Pool) -> Iterator[GatewayProcess]:
+    yield from gateway_process(settings)
 
 
 @pytest.fixture
@@ -156,3 +164,21 @@ async def test_an_early_raise_after_the_windows_saw_a_later_reading_raises_nothi
     assert await AnalyticsService(pool).raise_early(late) == 0
     assert [a["status"] for a in await s.alerts()] == ["cleared"]
     assert await AnalyticsService(pool).raise_early(late) == 0  # and a retry of it
+
+
+async def test_a_reading_published_over_mqtt_raises_its_alert_while_its_window_waits(
+    api: httpx.AsyncClient, pool: Pool, gateway: GatewayProcess, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    token = s.me["Authorization"].removeprefix("Bearer ")
+    client = Device(gateway.port, s.device_id, token)
+    try:
+        assert await client.connect() == 0
+        reading = {"metric": s.metric, "value": 33, "ts": START.isoformat()}
+        topic = f"tenants/acme/devices/{s.device_id}/telemetry"
+        assert await client.puback(client.publish(topic, json.dumps(reading))) == 0
+    finally:
+        client.close()
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    assert (alert["status"], alert["raised_value"]) == ("open", 33)
+    assert await _pending(pool, s.device_id) == 1
