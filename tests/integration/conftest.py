@@ -27,6 +27,8 @@ from fleetflow.contracts.devices import (
     DeviceTransition,
     IssueCredential,
     IssuedCredential,
+    ProvisionDevice,
+    ProvisionedDevice,
     RegisterDevice,
     StoreConfig,
     ValidatedOnboarding,
@@ -96,6 +98,23 @@ class FaultyDevices(DeviceService):
     async def store_config(self, request: StoreConfig) -> None:
         await super().store_config(request)
         _crash("store_config", request.device_id)
+
+    @activity.defn(name="device.provision_device")
+    async def provision_device(self, request: ProvisionDevice) -> ProvisionedDevice:
+        device_id = request.spec.device_id
+        result = await _held(f"provision_device:{device_id}", super().provision_device(request))
+        # its writes are one transaction: a step's fault is a commit whose report is lost
+        done: tuple[str, ...] = ("register", "provision_device")
+        if result.credential is not None:  # not only registered (its type needs approval)
+            done += ("issue_credential", "store_config")
+        for step in done:
+            _crash(step, device_id)
+        if FAULTS.get(device_id) in ("register_lost", "provision_lost"):
+            # committed, then the attempt is lost (a worker killed before it reported); the
+            # retry finds the commit ("provision_lost") or is refused at validation
+            FAULTS[device_id] = "validate" if FAULTS[device_id] == "register_lost" else "done"
+            raise ApplicationError("attempt lost after the provisioning committed")
+        return result
 
     @activity.defn(name="device.mark_failed")
     async def mark_failed(self, request: DeviceTransition) -> None:
