@@ -20,6 +20,7 @@ from temporalio.exceptions import ApplicationError
 from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from api.app import create_app
+from fleetflow import claim_checks
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -34,7 +35,7 @@ from fleetflow.contracts.devices import (
     ValidatedOnboarding,
     ValidateOnboarding,
 )
-from fleetflow.contracts.events import EventBatch
+from fleetflow.contracts.events import BulkOnboardedEvents, EventBatch
 from fleetflow.contracts.rollouts import DeviceStep, RolloutTick, TickResult
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
@@ -154,6 +155,14 @@ class FaultyNotifications(NotificationService):
         count = await super().record_events(batch)
         for event in batch.events:
             _crash("record_event", event.device_id)
+        return count
+
+    @activity.defn(name="notification.record_bulk_onboarded")
+    async def record_bulk_onboarded(self, ref: BulkOnboardedEvents) -> int:
+        count = await super().record_bulk_onboarded(ref)
+        rows = await claim_checks.array_slice(self.pool, ref.claim_id, ref.tenant, ref.offset, ref.limit)
+        for row in rows or []:
+            _crash("record_event", row["device_id"])
         return count
 
 
