@@ -1,8 +1,9 @@
 """BulkOnboarding: up to 10,000 devices in batched activities, not one workflow each.
 
 The device list travels as a claim check; each slice is provisioned in one activity
-(per-device all-or-nothing), then its `DeviceOnboarded` events are recorded. A slice
-whose events cannot be recorded is deprovisioned. When a slice fails or the run is
+(per-device all-or-nothing), then its `DeviceOnboarded` events are recorded by one activity
+that reads the slice's devices itself (no event in the history) while the next slice
+provisions. A slice whose events cannot be recorded is deprovisioned. When a slice fails or the run is
 cancelled, no slice starts any more, the running ones are asked to stop (the activity
 heartbeats and rolls back) and waited for, and only then is everything deprovisioned and
 its `DeviceOnboarded` events retracted, shielded from a further cancel. The progress query
