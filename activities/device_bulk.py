@@ -29,7 +29,7 @@ from fleetflow.contracts.devices import (
 from fleetflow.contracts.tenants import TenantLimits
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing
-from fleetflow.security import issue_device_credential, kid_of, token_hash
+from fleetflow.security import issue_device_credential, token_hash
 
 if TYPE_CHECKING:  # asyncpg's classes are generic only in its stubs
     from asyncpg.pool import PoolConnectionProxy
@@ -58,6 +58,7 @@ class _SlicePlan:
     outcomes: list[str | None] = field(default_factory=list)
     devices: list[dict[str, Any]] = field(default_factory=list)
     new: set[str] = field(default_factory=set)
+    kid: str = ""  # the key that signs the slice's credentials
 
 
 class BulkProvisioning:
@@ -124,7 +125,8 @@ class BulkProvisioning:
     ) -> _SlicePlan:
         """What the slice writes: each device's refusal (None: it goes ahead) and the rows of those
         that go ahead, decided in memory from the rows read under the tenant's quota lock."""
-        plan = _SlicePlan()
+        # one key signs the whole slice: its kid is known, not parsed back out of each token
+        plan = _SlicePlan(kid=self.keys.signing_key().kid)
         # a config shared by many devices is checked once (one validation may take up to 20,000
         # schema steps; a slice of 1,000 devices must not take 1,000 of them)
         resolved: dict[str, dict[str, Any] | str] = {}
@@ -177,6 +179,7 @@ class BulkProvisioning:
             issued_at=chunk.issued_at,
             expires_at=expires_at,
             issuer=self.issuer,
+            kid=plan.kid,
         )
         plan.new.add(spec.device_id)
         plan.devices.append(
@@ -191,7 +194,7 @@ class BulkProvisioning:
                 "config": config,
                 "jti": jti,
                 "token_hash": token_hash(token),
-                "kid": kid_of(token),
+                "kid": plan.kid,
                 "expires_at": expires_at.isoformat(),
             }
         )

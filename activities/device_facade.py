@@ -30,6 +30,19 @@ async def count_registered(db: Any, tenant: str, device_ids: Sequence[str]) -> i
     )
 
 
+async def activated_by(db: Any, tenant: str, owner: str, device_ids: Sequence[str]) -> list[str]:
+    """Those of `device_ids` the onboarding attempt `owner` holds `active` (a bulk slice's)."""
+    rows = await db.fetch(
+        """SELECT device_id FROM device.devices
+           WHERE tenant = $1 AND onboarding_id = $2 AND status = 'active' AND device_id = ANY($3)
+           ORDER BY device_id""",
+        tenant,
+        owner,
+        list(device_ids),
+    )
+    return [r["device_id"] for r in rows]
+
+
 async def device_types(db: Any, series: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
     """(tenant, device id) -> device type, for the registered devices among `series`."""
     if not series:

@@ -10,6 +10,8 @@ its read model (`DeviceReadModel`), exposed below under the names the API calls.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from temporalio import activity
 from temporalio.client import Client
 from temporalio.exceptions import ApplicationError
@@ -22,10 +24,11 @@ from activities.device_credentials import CredentialRotations
 from activities.device_firmware import FirmwareStore
 from activities.device_firmware_settings import firmware_blobs
 from activities.device_jobs import DeviceJobs
+from activities.device_onboarding_steps import issue_credential_on, register_on, store_config_on
 from activities.device_reads import DeviceReadModel
 from activities.device_rollout_plans import RolloutPlanner
 from activities.device_rollouts import RolloutJobs
-from activities.device_state import REUSABLE, device_room, refuse, register_device, set_status
+from activities.device_state import refuse, set_status
 from activities.poison import poison_guard
 from activities.probe import probe
 from fleetflow import config_schema
@@ -41,6 +44,8 @@ from fleetflow.contracts.devices import (
     IssueCredential,
     IssuedCredential,
     OnboardingStep,
+    ProvisionDevice,
+    ProvisionedDevice,
     RegisterDevice,
     RevokeCredential,
     RotateChunk,
@@ -48,7 +53,6 @@ from fleetflow.contracts.devices import (
     StoreConfig,
     ValidatedOnboarding,
     ValidateOnboarding,
-    business_id_of,
 )
 from fleetflow.contracts.rollouts import (
     DeviceStep,
@@ -64,7 +68,6 @@ from fleetflow.db import Pool
 from fleetflow.interfaces import implements
 from fleetflow.interfaces.device import DeviceActivities
 from fleetflow.keys import keyring
-from fleetflow.security import issue_device_credential, kid_of, token_hash
 from fleetflow.settings import Settings
 
 
@@ -140,61 +143,70 @@ class DeviceService(DeviceActivities):
     @implements(DeviceActivities.register)
     async def register(self, request: RegisterDevice) -> None:
         """Register the device as `pending` for this onboarding (or find it already so)."""
-        spec = request.spec
         async with self.pool.acquire() as conn, conn.transaction():
-            current = await conn.fetchrow(
-                """SELECT status, onboarding_id FROM device.devices
-                   WHERE tenant = $1 AND device_id = $2 FOR UPDATE""",
-                request.tenant,
-                spec.device_id,
-            )
-            if current is not None and current["onboarding_id"] == request.onboarding_id:
-                return  # a retry of this very step
-            if (
-                current is not None
-                and current["status"] not in REUSABLE
-                and not (
-                    # an earlier attempt of this same onboarding: its run is closed (two runs of one
-                    # workflow id never overlap), e.g. terminated before it could compensate
-                    business_id_of(current["onboarding_id"]) == business_id_of(request.onboarding_id)
-                    and current["status"] in (DeviceStatus.PENDING, DeviceStatus.PROVISIONED)
-                )
-            ):
-                raise refuse(
-                    f"device {spec.device_id!r} is already registered ({current['status']})",
-                    "DeviceExists",
-                )
-            over = (await device_room(conn, request.tenant, self.quota_defaults)).take()
-            if over is not None:
-                raise refuse(over, "QuotaExceeded")
-            taken = await register_device(
-                conn,
-                request.tenant,
-                spec,
-                DeviceStatus.PENDING,
-                onboarding_id=request.onboarding_id,
-                actor=request.actor,
-                from_status=current["status"] if current else None,
-                from_owner=current["onboarding_id"] if current else None,
-            )
-            if not taken:  # registered by a concurrent onboarding (a bulk import) since it was read
-                raise refuse(f"device {spec.device_id!r} is already registered", "DeviceExists")
+            await register_on(conn, request, self.quota_defaults)
 
     @implements(DeviceActivities.validate_and_register)
     async def validate_and_register(self, request: RegisterDevice) -> ValidatedOnboarding:
         """`validate_onboarding` then `register`; a first attempt refused at validation says so."""
+        validated = await self._validated(request)
+        await self.register(request)
+        return validated
+
+    async def _validated(self, request: RegisterDevice) -> ValidatedOnboarding:
+        """`validate_onboarding` of a merged step: a refusal of its first attempt carries the
+        detail "validate" (nothing was written, the workflow drops the undos)."""
         try:
-            validated = await self.validate_onboarding(
+            return await self.validate_onboarding(
                 ValidateOnboarding(tenant=request.tenant, spec=request.spec)
             )
         except ApplicationError as exc:
             if activity.info().attempt > 1:
-                raise  # an earlier attempt may have registered: the undo must run
+                raise  # an earlier attempt may have written: the undo must run
             raise ApplicationError(
                 exc.message, OnboardingStep.VALIDATE.value, type=exc.type, non_retryable=exc.non_retryable
             ) from exc
-        await self.register(request)
-        return validated
+
+    @implements(DeviceActivities.provision_device)
+    async def provision_device(self, request: ProvisionDevice) -> ProvisionedDevice:
+        """Validate, then register, issue the credential and store the configuration in one
+        transaction (only register when the type needs approval). All or nothing: a failure
+        commits none of it, and a retry after a commit finds it and returns the same credential."""
+        register = RegisterDevice(
+            tenant=request.tenant, spec=request.spec, onboarding_id=request.onboarding_id, actor=request.actor
+        )
+        validated = await self._validated(register)
+        async with self.pool.acquire() as conn, conn.transaction():
+            await register_on(conn, register, self.quota_defaults)
+            if validated.requires_approval:
+                return ProvisionedDevice(validated=validated)
+            expires_at = request.expires_at
+            if validated.credential_lifetime_days is not None:
+                expires_at = request.issued_at + timedelta(days=validated.credential_lifetime_days)
+            credential = await issue_credential_on(
+                conn,
+                IssueCredential(
+                    tenant=request.tenant,
+                    device_id=request.spec.device_id,
+                    onboarding_id=request.onboarding_id,
+                    jti=request.jti,
+                    issued_at=request.issued_at,
+                    expires_at=expires_at,
+                ),
+                self.keys,
+                self.issuer,
+            )
+            await store_config_on(
+                conn,
+                StoreConfig(
+                    tenant=request.tenant,
+                    device_id=request.spec.device_id,
+                    onboarding_id=request.onboarding_id,
+                    config=validated.config,
+                    actor=request.actor,
+                ),
+            )
+        return ProvisionedDevice(validated=validated, credential=credential)
 
     @implements(DeviceActivities.mark_failed)
     async def mark_failed(self, request: DeviceTransition) -> None:
@@ -215,41 +227,7 @@ class DeviceService(DeviceActivities):
     async def issue_credential(self, request: IssueCredential) -> IssuedCredential:
         """Issue the device's credential; stored only as a hash, the token returned once."""
         async with self.pool.acquire() as conn, conn.transaction():
-            # a retry signs with the key the first attempt used: the same token, the same hash
-            kid = await conn.fetchval("SELECT kid FROM device.credentials WHERE jti = $1", request.jti)
-            token = issue_device_credential(
-                self.keys,
-                tenant=request.tenant,
-                device_id=request.device_id,
-                jti=request.jti,
-                issued_at=request.issued_at,
-                expires_at=request.expires_at,
-                issuer=self.issuer,
-                kid=kid,
-            )
-            owner = await conn.fetchrow(
-                """SELECT onboarding_id, status FROM device.devices
-                   WHERE tenant = $1 AND device_id = $2 FOR SHARE""",
-                request.tenant,
-                request.device_id,
-            )
-            if owner is None or owner["onboarding_id"] != request.onboarding_id:
-                raise refuse("device registration belongs to another onboarding", "DeviceExists")
-            if owner["status"] == DeviceStatus.FAILED:  # this attempt was undone already
-                raise refuse("device registration was undone", "BadTransition")
-            await conn.execute(
-                """INSERT INTO device.credentials (jti, tenant, device_id, token_hash, issued_at,
-                       expires_at, kid)
-                   VALUES ($1, $2, $3, $4, $5, $6, $7) ON CONFLICT (jti) DO NOTHING""",
-                request.jti,
-                request.tenant,
-                request.device_id,
-                token_hash(token),
-                request.issued_at,
-                request.expires_at,
-                kid_of(token),
-            )
-        return IssuedCredential(jti=request.jti, token=token, expires_at=request.expires_at)
+            return await issue_credential_on(conn, request, self.keys, self.issuer)
 
     @implements(DeviceActivities.revoke_credential)
     async def revoke_credential(self, request: RevokeCredential) -> None:
@@ -266,23 +244,7 @@ class DeviceService(DeviceActivities):
     async def store_config(self, request: StoreConfig) -> None:
         """Store the initial configuration and mark the device `provisioned`."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                """INSERT INTO device.configurations (tenant, device_id, config)
-                   VALUES ($1, $2, $3)
-                   ON CONFLICT (tenant, device_id) DO UPDATE SET config = $3, updated_at = now()""",
-                request.tenant,
-                request.device_id,
-                request.config,
-            )
-            await set_status(
-                conn,
-                request.tenant,
-                request.device_id,
-                DeviceStatus.PROVISIONED,
-                actor=request.actor,
-                onboarding_id=request.onboarding_id,
-                only_from=(DeviceStatus.PENDING,),
-            )
+            await store_config_on(conn, request)
 
     @implements(DeviceActivities.remove_config)
     async def remove_config(self, request: DeviceTransition) -> None:

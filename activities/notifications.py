@@ -28,10 +28,12 @@ from activities.event_rows import EVENT_COLUMNS, recorded_event
 from activities.poison import poison_guard
 from activities.probe import probe
 from activities.subscriptions import Subscriptions
-from fleetflow import identity
+from fleetflow import claim_checks, identity
 from fleetflow.contracts.common import DomainEvent, TaskQueue
 from fleetflow.contracts.consistency import CONSISTENCY_FINDING, CONSISTENCY_REPAIRED, ConsistencyEvents
 from fleetflow.contracts.events import (
+    DEVICE_ONBOARDED,
+    BulkOnboardedEvents,
     EventBatch,
     RecordedEvent,
     RetractEvent,
@@ -180,6 +182,35 @@ class NotificationService(NotificationActivities):
             return 0
         async with self.pool.acquire() as conn, conn.transaction():
             new, queued = await store_events(conn, batch.events)
+        await self.subscriptions.nudge(queued)
+        return new
+
+    @implements(NotificationActivities.record_bulk_onboarded)
+    async def record_bulk_onboarded(self, ref: BulkOnboardedEvents) -> int:
+        """Record `DeviceOnboarded` for the devices of one bulk slice its attempt activated, read
+        from the claim and the device facade; how many were new. Idempotent."""
+        rows = await claim_checks.array_slice(self.pool, ref.claim_id, ref.tenant, ref.offset, ref.limit)
+        if rows is None:
+            raise ApplicationError(f"claim {ref.claim_id} not found", type="ClaimMissing", non_retryable=True)
+        ids = [str(row["device_id"]) for row in rows if isinstance(row, dict) and "device_id" in row]
+        activated = await device_facade.activated_by(self.pool, ref.tenant, ref.owner, ids)
+        events = [
+            DomainEvent(
+                event_id=f"{ref.event_key}/{device_id}/{DEVICE_ONBOARDED}",
+                tenant=ref.tenant,
+                device_id=device_id,
+                type=DEVICE_ONBOARDED,
+                occurred_at=ref.occurred_at,
+                actor=ref.actor,
+                source_workflow=ref.source_workflow,
+                data={"bulk_id": ref.bulk_id},
+            )
+            for device_id in activated
+        ]
+        if not events:
+            return 0
+        async with self.pool.acquire() as conn, conn.transaction():
+            new, queued = await store_events(conn, events)
         await self.subscriptions.nudge(queued)
         return new
 

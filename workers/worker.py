@@ -19,6 +19,7 @@ from fleetflow.settings import Settings
 from fleetflow.temporal import connect
 from fleetflow.webhook_network import AddressPolicy, webhook_client
 from workers.registry import WORKFLOWS, activities_of, carried_over, service_for
+from workers.workflow_code import cache_project_code
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ def build_worker(
 ) -> Worker:
     """A worker for queue: workflows on `orchestration`, the owning service's activities elsewhere."""
     if queue is TaskQueue.ORCHESTRATION:
+        cache_project_code()  # the sandbox imports a workflow's module for each run it starts
         return Worker(
             client,
             task_queue=queue.value,

@@ -1,8 +1,9 @@
 """BulkOnboarding: up to 10,000 devices in batched activities, not one workflow each.
 
 The device list travels as a claim check; each slice is provisioned in one activity
-(per-device all-or-nothing), then its `DeviceOnboarded` events are recorded. A slice
-whose events cannot be recorded is deprovisioned. When a slice fails or the run is
+(per-device all-or-nothing), then its `DeviceOnboarded` events are recorded by one activity
+that reads the slice's devices itself (no event in the history) while the next slice
+provisions. A slice whose events cannot be recorded is deprovisioned. When a slice fails or the run is
 cancelled, no slice starts any more, the running ones are asked to stop (the activity
 heartbeats and rolls back) and waited for, and only then is everything deprovisioned and
 its `DeviceOnboarded` events retracted, shielded from a further cancel. The progress query
@@ -28,7 +29,7 @@ with workflow.unsafe.imports_passed_through():
         DeviceFailure,
         attempt_owner,
     )
-    from fleetflow.contracts.events import DEVICE_ONBOARDED, EventBatch, RetractEvents
+    from fleetflow.contracts.events import DEVICE_ONBOARDED, BulkOnboardedEvents, EventBatch, RetractEvents
     from fleetflow.interfaces.device import DeviceActivities
     from fleetflow.interfaces.notification import NotificationActivities
     from workflows import calls
@@ -58,6 +59,10 @@ PROVISION_HEARTBEAT = timedelta(seconds=20)
 RETRACT_PATCH = "bulk-onboarding-retract-events"
 # runs started before it recorded a slice's event batches one after the other
 EVENTS_AT_ONCE_PATCH = "bulk-onboarding-events-at-once"
+# runs started before it carried each DeviceOnboarded event through the history (200 a task) and
+# kept their slice's place until its events were recorded: now one activity a slice reads the
+# devices it records (no event in the history) while the next slice provisions
+EVENTS_BY_REF_PATCH = "bulk-onboarding-events-by-ref"
 
 
 def bulk_workflow_id(tenant: str, bulk_id: str) -> str:
@@ -80,12 +85,14 @@ class BulkOnboarding:
         self._owner = ""
         self._event_key = ""
         self._stopping = False
+        self._by_ref = False  # EVENTS_BY_REF_PATCH
 
     @workflow.run
     async def run(self, inp: BulkOnboardingInput) -> BulkProgress:
         """Provision every slice; returns the final counts and the first failures."""
         self._input = inp
         self._attempts = workflow.patched(ATTEMPTS_PATCH)
+        self._by_ref = self._attempts and workflow.patched(EVENTS_BY_REF_PATCH)
         # devices and credentials are owned by this attempt: a new run of the same bulk id (after
         # a failure or cancel) must not take the earlier run's undone devices for its own
         info = workflow.info()
@@ -143,24 +150,82 @@ class BulkOnboarding:
         await self._undo_all(inp, reason, "failed")
         raise ApplicationError(reason, type="BulkOnboardingFailed", non_retryable=True)
 
-    async def _slice(
+    def _chunk(self, inp: BulkOnboardingInput, offset: int, issued: datetime) -> BulkChunk:
+        return BulkChunk(
+            tenant=inp.tenant,
+            bulk_id=self._owner,
+            claim_id=inp.claim_id,
+            offset=offset,
+            limit=min(inp.chunk_size, inp.total - offset),
+            actor=inp.actor.subject,
+            issued_at=issued,
+            expires_at=issued + CREDENTIAL_LIFETIME,
+            lifetime_per_type=workflow.patched(LIFETIME_PATCH),
+        )
+
+    async def _slice_by_ref(
         self, inp: BulkOnboardingInput, offset: int, issued: datetime, gate: asyncio.Semaphore
     ) -> None:
+        """One slice (EVENTS_BY_REF_PATCH): provisioned in its place, its events recorded after."""
         async with gate:
             if self._stopping:
                 return
             now = workflow.now()
-            chunk = BulkChunk(
-                tenant=inp.tenant,
-                bulk_id=self._owner,
-                claim_id=inp.claim_id,
-                offset=offset,
-                limit=min(inp.chunk_size, inp.total - offset),
-                actor=inp.actor.subject,
-                issued_at=issued,
-                expires_at=issued + CREDENTIAL_LIFETIME,
-                lifetime_per_type=workflow.patched(LIFETIME_PATCH),
+            chunk = self._chunk(inp, offset, issued)
+            # a stop asks the slice to roll back, and waits until it has
+            result = await calls.execute(
+                DeviceActivities.provision_batch,
+                chunk,
+                start_to_close_timeout=timedelta(minutes=2),
+                schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+                retry_policy=STEP_RETRY,
+                heartbeat_timeout=PROVISION_HEARTBEAT,
+                cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
             )
+            self._onboarded.extend(result.onboarded)
+            self._failures.extend(result.failed)
+        # the next slice provisions meanwhile; a stop waits for this recording like any step
+        if self._stopping:
+            return  # finished despite the stop: undone with the rest
+        if result.onboarded:
+            ref = BulkOnboardedEvents(
+                tenant=inp.tenant,
+                claim_id=inp.claim_id,
+                offset=chunk.offset,
+                limit=chunk.limit,
+                owner=self._owner,
+                event_key=self._event_key,
+                bulk_id=inp.bulk_id,
+                actor=inp.actor.subject,
+                source_workflow=workflow.info().workflow_id,
+                occurred_at=now,
+            )
+            try:
+                await calls.execute(
+                    NotificationActivities.record_bulk_onboarded,
+                    ref,
+                    start_to_close_timeout=timedelta(minutes=1),
+                    schedule_to_close_timeout=STEP_SCHEDULE_TO_CLOSE,
+                    retry_policy=STEP_RETRY,
+                    cancellation_type=ActivityCancellationType.WAIT_CANCELLATION_COMPLETED,
+                )
+            except ActivityError as exc:
+                if self._stopping:
+                    raise  # the whole import is undone
+                await self._drop(inp, result.onboarded, exc)
+        self._processed += chunk.limit
+
+    async def _slice(
+        self, inp: BulkOnboardingInput, offset: int, issued: datetime, gate: asyncio.Semaphore
+    ) -> None:
+        if self._by_ref:
+            await self._slice_by_ref(inp, offset, issued, gate)
+            return
+        async with gate:
+            if self._stopping:
+                return
+            now = workflow.now()
+            chunk = self._chunk(inp, offset, issued)
             if self._attempts:  # a stop asks the slice to roll back, and waits until it has
                 result = await calls.execute(
                     DeviceActivities.provision_batch,
@@ -238,15 +303,18 @@ class BulkOnboarding:
         except ActivityError as exc:
             if self._stopping:
                 raise  # the whole import is undone
-            # the devices of this slice are undone one by one and reported as failed
-            reason = f"event not recorded: {exc.cause or exc}"
-            await self._deprovision(inp, device_ids, reason)
-            if self._attempts and workflow.patched(RETRACT_PATCH):  # some may have been recorded
-                await self._retract(inp, device_ids)
-            gone = set(device_ids)
-            self._onboarded = [d for d in self._onboarded if d not in gone]
-            cut = reason[:FAILURE_REASON]  # the progress query pages failures of a bounded size
-            self._failures.extend(DeviceFailure(index=-1, device_id=d, reason=cut) for d in device_ids)
+            await self._drop(inp, device_ids, exc)
+
+    async def _drop(self, inp: BulkOnboardingInput, device_ids: list[str], exc: ActivityError) -> None:
+        """The devices whose events could not be recorded are undone and reported as failed."""
+        reason = f"event not recorded: {exc.cause or exc}"
+        await self._deprovision(inp, device_ids, reason)
+        if self._attempts and workflow.patched(RETRACT_PATCH):  # some may have been recorded
+            await self._retract(inp, device_ids)
+        gone = set(device_ids)
+        self._onboarded = [d for d in self._onboarded if d not in gone]
+        cut = reason[:FAILURE_REASON]  # the progress query pages failures of a bounded size
+        self._failures.extend(DeviceFailure(index=-1, device_id=d, reason=cut) for d in device_ids)
 
     async def _deprovision(self, inp: BulkOnboardingInput, device_ids: list[str] | None, reason: str) -> None:
         await calls.execute(

@@ -2,7 +2,8 @@
 
 validate → register → [approval] → issue credential → store configuration →
 wait for first contact → activate → record `DeviceOnboarded`. Any failure,
-rejection, timeout or cancellation undoes what was done, in reverse.
+rejection, timeout or cancellation undoes what was done, in reverse. Without approval, the
+steps up to the configuration are one activity (one transaction of the device service).
 
 Each run is one attempt and owns what it writes (`<workflow id>/<first run id>`), so a
 device can be onboarded again after a failed attempt. A cancel waits for the step in
@@ -34,6 +35,8 @@ with workflow.unsafe.imports_passed_through():
         OnboardingProgress,
         OnboardingResult,
         OnboardingStep,
+        ProvisionDevice,
+        ProvisionedDevice,
         RegisterDevice,
         RevokeCredential,
         StoreConfig,
@@ -72,6 +75,10 @@ MERGED_STEPS_PATCH = "onboarding-merged-steps"
 # fewer round trips: the credential and the configuration in one workflow task (runs recorded
 # before: one after the other)
 TOGETHER_PATCH = "onboarding-steps-together"
+# one activity task to the credential: validation, registration, credential and configuration in
+# one transaction of the device service when the type needs no approval (runs recorded before:
+# validate_and_register, then the credential and the configuration together)
+ONE_STEP_PATCH = "onboarding-one-step-provision"
 
 
 class OnboardingAborted(Exception):
@@ -103,6 +110,7 @@ class DeviceOnboarding:
         self._owner = ""
         self._merged = False  # MERGED_STEPS_PATCH
         self._together = False  # TOGETHER_PATCH
+        self._one_step = False  # ONE_STEP_PATCH
 
     @workflow.run
     async def run(self, inp: OnboardingInput) -> OnboardingResult:
@@ -112,6 +120,7 @@ class DeviceOnboarding:
         self._attempts = workflow.patched(ATTEMPTS_PATCH)
         self._merged = self._attempts and workflow.patched(MERGED_STEPS_PATCH)
         self._together = self._merged and workflow.patched(TOGETHER_PATCH)
+        self._one_step = self._together and workflow.patched(ONE_STEP_PATCH)
         # the device rows this run writes are owned by this attempt, not by the device's workflow
         # id: a later attempt (after a failure, rejection or cancel) must not take them for its own
         wid, first_run = info.workflow_id, info.first_execution_run_id
@@ -128,13 +137,17 @@ class DeviceOnboarding:
 
     async def _forward(self, inp: OnboardingInput) -> OnboardingResult:
         req, actor = inp.request, inp.actor.subject
-        wid, owner = workflow.info().workflow_id, self._owner
+        owner = self._owner
         change = DeviceTransition(
             tenant=inp.tenant, device_id=req.device_id, onboarding_id=owner, actor=actor
         )
 
         register = RegisterDevice(tenant=inp.tenant, spec=req, onboarding_id=owner, actor=actor)
-        if self._merged:
+        provisioned: ProvisionedDevice | None = None
+        if self._one_step:
+            provisioned = await self._provision(inp, register, change)
+            validated = provisioned.validated
+        elif self._merged:
             validated = await self._validate_and_register(register, change)
         else:
             validated = await self._run_step(
@@ -154,6 +167,17 @@ class DeviceOnboarding:
                 )
             self._finish(OnboardingStep.AWAIT_APPROVAL)
 
+        if provisioned is not None and provisioned.credential is not None:
+            jti = provisioned.credential.jti
+        else:
+            jti = await self._issue_and_store(inp, validated, change)
+        return await self._after_provisioning(inp, validated, change, jti)
+
+    async def _issue_and_store(
+        self, inp: OnboardingInput, validated: ValidatedOnboarding, change: DeviceTransition
+    ) -> str:
+        """The credential and the configuration, as steps of their own; the credential's jti."""
+        req, actor, owner = inp.request, inp.actor.subject, self._owner
         issued = workflow.now()
         lifetime = CREDENTIAL_LIFETIME
         if workflow.patched(LIFETIME_PATCH) and validated.credential_lifetime_days is not None:
@@ -193,7 +217,13 @@ class DeviceOnboarding:
             )
             self._saga.add("remove_config", lambda: self._undo(DeviceActivities.remove_config, change))
             await self._run_step(OnboardingStep.STORE_CONFIG, DeviceActivities.store_config, config)
+        return jti
 
+    async def _after_provisioning(
+        self, inp: OnboardingInput, validated: ValidatedOnboarding, change: DeviceTransition, jti: str
+    ) -> OnboardingResult:
+        """First contact, activation, the twin and `DeviceOnboarded`."""
+        req, actor, wid = inp.request, inp.actor.subject, workflow.info().workflow_id
         self._begin(OnboardingStep.AWAIT_FIRST_CONTACT, "awaiting_first_contact")
         await self._wait(lambda: self._contact is not None, req.first_contact_timeout_s, "first contact")
         self._finish(OnboardingStep.AWAIT_FIRST_CONTACT)
@@ -275,6 +305,55 @@ class DeviceOnboarding:
             raise
         self._completed.append(OnboardingStep.REGISTER)
         return validated
+
+    async def _provision(
+        self, inp: OnboardingInput, register: RegisterDevice, change: DeviceTransition
+    ) -> ProvisionedDevice:
+        """Validation, registration, credential and configuration in one activity (ONE_STEP_PATCH).
+
+        The undos of all three writes are registered first (a commit can be followed by a lost
+        report); a first attempt refused at validation (detail "validate") wrote nothing, so they
+        are dropped again, and so are those of the credential and the configuration when the type
+        needs approval (then only the registration was written; both come after the approval).
+        """
+        req = inp.request
+        issued = workflow.now()
+        jti = str(workflow.uuid4())
+        revoke = RevokeCredential(
+            tenant=inp.tenant, device_id=req.device_id, jti=jti, reason="onboarding undone"
+        )
+        self._add_mark_failed(change)
+        self._saga.add("revoke_credential", lambda: self._undo(DeviceActivities.revoke_credential, revoke))
+        self._saga.add("remove_config", lambda: self._undo(DeviceActivities.remove_config, change))
+        step = ProvisionDevice(
+            tenant=inp.tenant,
+            spec=req,
+            onboarding_id=register.onboarding_id,
+            actor=register.actor,
+            jti=jti,
+            issued_at=issued,
+            expires_at=issued + CREDENTIAL_LIFETIME,
+        )
+        try:
+            provisioned = await self._run_step(
+                OnboardingStep.VALIDATE, DeviceActivities.provision_device, step
+            )
+        except ActivityError as exc:
+            cause = exc.cause
+            if isinstance(cause, ApplicationError) and cause.details[:1] == (OnboardingStep.VALIDATE.value,):
+                for name in ("remove_config", "revoke_credential", "mark_registration_failed"):
+                    self._saga.discard(name)
+            else:
+                self._step = OnboardingStep.REGISTER  # the reason names the step that failed
+            raise
+        self._completed.append(OnboardingStep.REGISTER)
+        if provisioned.credential is None:
+            self._saga.discard("remove_config")
+            self._saga.discard("revoke_credential")
+        else:
+            self._credential = provisioned.credential
+            self._completed += [OnboardingStep.ISSUE_CREDENTIAL, OnboardingStep.STORE_CONFIG]
+        return provisioned
 
     async def _twin_and_event(
         self, inp: OnboardingInput, validated: ValidatedOnboarding, events: EventBatch

@@ -255,6 +255,28 @@ class StoreConfig(Contract):
     actor: str
 
 
+class ProvisionDevice(Contract):
+    """Input of `device.provision_device`: validate, register and, when the type needs no approval,
+    issue the credential `jti` and store the configuration, in one transaction."""
+
+    tenant: TenantId
+    spec: DeviceSpec
+    onboarding_id: str
+    actor: str
+    jti: str
+    issued_at: datetime
+    # the lifetime when the device type names none
+    expires_at: datetime
+
+
+class ProvisionedDevice(Contract):
+    """Result of `device.provision_device`; `credential` is None when the type needs approval
+    (then only the registration was written)."""
+
+    validated: ValidatedOnboarding
+    credential: IssuedCredential | None = None
+
+
 class DeviceView(Contract):
     """A device as the API shows it."""
 

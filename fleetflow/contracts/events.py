@@ -69,6 +69,23 @@ class RetractEvents(Contract):
     device_ids: list[str] | None = None
 
 
+class BulkOnboardedEvents(Contract):
+    """Input of `notification.record_bulk_onboarded`: a `DeviceOnboarded` event for each device
+    of rows [offset, offset+limit) of a bulk import's claim that the attempt `owner` activated.
+    Ids only: the devices are read from the device service, not carried in the history."""
+
+    tenant: TenantId
+    claim_id: str
+    offset: Annotated[int, Field(ge=0)]
+    limit: Annotated[int, Field(ge=0, le=10_000)]
+    owner: str  # the onboarding id of the devices (the bulk attempt)
+    event_key: str  # each event id is `<event_key>/<device id>/DeviceOnboarded`
+    bulk_id: str
+    actor: str
+    source_workflow: str
+    occurred_at: datetime
+
+
 class RecordedEvent(DomainEvent):
     """An event as stored: `seq` is its place in the tenant's recorded order."""
 

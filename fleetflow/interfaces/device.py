@@ -20,6 +20,8 @@ from fleetflow.contracts.devices import (
     DeviceTransition,
     IssueCredential,
     IssuedCredential,
+    ProvisionDevice,
+    ProvisionedDevice,
     RegisterDevice,
     RevokeCredential,
     RotateChunk,
@@ -122,6 +124,17 @@ class DeviceActivities(ServiceInterface):
 
         A refusal of the validation on the first attempt carries the detail "validate":
         nothing was registered (the workflow skips the undo of the registration).
+        """
+
+    @activity.defn(name="device.provision_device")
+    @abstractmethod
+    @records("DeviceProvisioned")
+    async def provision_device(self, request: ProvisionDevice) -> ProvisionedDevice:
+        """`validate_and_register`, then (type needs no approval) `issue_credential` and
+        `store_config`, the writes in one transaction: one activity task for all four.
+
+        A refusal of the validation on the first attempt carries the detail "validate" (nothing
+        written); a retry finds its own earlier commit and returns the same credential.
         """
 
     @activity.defn(name="device.mark_failed")

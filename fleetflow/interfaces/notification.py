@@ -12,7 +12,7 @@ from temporalio import activity
 
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.consistency import ConsistencyEvents
-from fleetflow.contracts.events import EventBatch, RetractEvent, RetractEvents
+from fleetflow.contracts.events import BulkOnboardedEvents, EventBatch, RetractEvent, RetractEvents
 from fleetflow.contracts.retention import NotificationRetained, RetentionRequest
 from fleetflow.contracts.system import ProbeRequest, ProbeResult
 from fleetflow.contracts.telemetry import WindowRef
@@ -46,6 +46,14 @@ class NotificationActivities(ServiceInterface):
         them (TelemetryStored per tenant from data.windows, BatchQuarantined from the batches
         set aside, alerts from analytics.window_events), a thousand at a time; how many were new.
         Idempotent: each event id names the window and the tenant.
+        """
+
+    @activity.defn(name="notification.record_bulk_onboarded")
+    @abstractmethod
+    async def record_bulk_onboarded(self, ref: BulkOnboardedEvents) -> int:
+        """Record `DeviceOnboarded` for the devices of one bulk slice its attempt activated, read
+        from the claim and the device facade (one statement each); how many were new.
+        Idempotent: each event id names the attempt and the device.
         """
 
     @activity.defn(name="notification.record_consistency_events")

@@ -21,6 +21,7 @@ from activities.devices import DeviceService
 from activities.notifications import NotificationService
 from activities.telemetry import DataService
 from api.app import create_app
+from fleetflow import claim_checks
 from fleetflow.contracts.common import TaskQueue
 from fleetflow.contracts.devices import (
     BulkChunk,
@@ -28,12 +29,14 @@ from fleetflow.contracts.devices import (
     DeviceTransition,
     IssueCredential,
     IssuedCredential,
+    ProvisionDevice,
+    ProvisionedDevice,
     RegisterDevice,
     StoreConfig,
     ValidatedOnboarding,
     ValidateOnboarding,
 )
-from fleetflow.contracts.events import EventBatch
+from fleetflow.contracts.events import BulkOnboardedEvents, EventBatch
 from fleetflow.contracts.rollouts import DeviceStep, RolloutTick, TickResult
 from fleetflow.contracts.telemetry import Stored, StoreWindow
 from fleetflow.db import Pool
@@ -99,6 +102,23 @@ class FaultyDevices(DeviceService):
         await super().store_config(request)
         _crash("store_config", request.device_id)
 
+    @activity.defn(name="device.provision_device")
+    async def provision_device(self, request: ProvisionDevice) -> ProvisionedDevice:
+        device_id = request.spec.device_id
+        result = await _held(f"provision_device:{device_id}", super().provision_device(request))
+        # its writes are one transaction: a step's fault is a commit whose report is lost
+        done: tuple[str, ...] = ("register", "provision_device")
+        if result.credential is not None:  # not only registered (its type needs approval)
+            done += ("issue_credential", "store_config")
+        for step in done:
+            _crash(step, device_id)
+        if FAULTS.get(device_id) in ("register_lost", "provision_lost"):
+            # committed, then the attempt is lost (a worker killed before it reported); the
+            # retry finds the commit ("provision_lost") or is refused at validation
+            FAULTS[device_id] = "validate" if FAULTS[device_id] == "register_lost" else "done"
+            raise ApplicationError("attempt lost after the provisioning committed")
+        return result
+
     @activity.defn(name="device.mark_failed")
     async def mark_failed(self, request: DeviceTransition) -> None:
         await _held(f"mark_failed:{request.device_id}", super().mark_failed(request))
@@ -145,6 +165,14 @@ class FaultyNotifications(NotificationService):
         count = await super().record_events(batch)
         for event in batch.events:
             _crash("record_event", event.device_id)
+        return count
+
+    @activity.defn(name="notification.record_bulk_onboarded")
+    async def record_bulk_onboarded(self, ref: BulkOnboardedEvents) -> int:
+        count = await super().record_bulk_onboarded(ref)
+        rows = await claim_checks.array_slice(self.pool, ref.claim_id, ref.tenant, ref.offset, ref.limit)
+        for row in rows or []:
+            _crash("record_event", row["device_id"])
         return count
 
 

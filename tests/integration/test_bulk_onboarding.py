@@ -8,6 +8,8 @@ import uuid
 from typing import Any
 
 import httpx
+from temporalio.api.enums.v1 import EventType
+from temporalio.client import Client
 
 from fleetflow.db import Pool
 from tests.support import bearer, eventually
@@ -143,3 +145,42 @@ async def test_deeply_nested_metadata_or_config_is_refused_with_the_field(api: h
         bulk = await api.post("/v1/devices:bulk", json={"devices": [{**spec, field: deep}]}, headers=AUTH)
         assert bulk.status_code == 422, bulk.text
         assert bulk.json()["errors"][0]["loc"] == ["body", "devices", 0, field]
+
+
+async def test_bulk_events_are_read_by_the_notification_service_not_carried_in_the_history(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    # two tenants import the same device ids: each tenant's events name its own devices only
+    prefix = f"ref-{uuid.uuid4().hex[:6]}"
+    runs = {}
+    for tenant in ("acme", "globex"):
+        auth = bearer(tenant)
+        accepted = await api.post("/v1/devices:bulk", json={"devices": devices(prefix, 7)}, headers=auth)
+        assert accepted.status_code == 202, accepted.text
+        bulk_id = accepted.json()["bulk_id"]
+
+        async def probe(bulk_id: str = bulk_id, auth: dict[str, str] = auth) -> dict[str, Any]:
+            body: dict[str, Any] = (await api.get(f"/v1/bulk-onboardings/{bulk_id}", headers=auth)).json()
+            return body
+
+        done = await eventually(probe, lambda p: p.get("status") in ("completed", "failed"), 60)
+        assert (done["status"], done["onboarded"]) == ("completed", 7)
+        runs[tenant] = accepted.json()["workflow_id"]
+    for tenant, workflow_id in runs.items():
+        recorded = await pool.fetch(
+            """SELECT tenant, device_id, event_id FROM notification.events
+               WHERE source_workflow = $1 AND type = 'DeviceOnboarded' ORDER BY device_id""",
+            workflow_id,
+        )
+        assert [(r["tenant"], r["device_id"]) for r in recorded] == [
+            (tenant, d["device_id"]) for d in devices(prefix, 7)
+        ]
+        assert all(r["event_id"].startswith(f"{workflow_id}/") for r in recorded)
+        history = await client.get_workflow_handle(workflow_id).fetch_history()
+        scheduled = [
+            e.activity_task_scheduled_event_attributes.activity_type.name
+            for e in history.events
+            if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
+        ]
+        # one activity a slice reads the devices it records: no event is an input in the history
+        assert scheduled == ["device.provision_batch", "notification.record_bulk_onboarded"]

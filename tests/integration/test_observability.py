@@ -32,8 +32,9 @@ from tests.integration.test_event_bus import onboard as onboard_to_the_end
 from tests.integration.test_telemetry import device_auth, readings, send, stored
 from tests.support import SpanRecorder, bearer, eventually, free_port
 
-# validate and register are one activity since the `onboarding-merged-steps` patch
-DEVICE_STEPS = ("validate_and_register", "issue_credential", "store_config", "activate")
+# validation, registration, credential and configuration are one activity since the
+# `onboarding-one-step-provision` patch
+DEVICE_STEPS = ("provision_device", "activate")
 
 
 @pytest.fixture
@@ -134,7 +135,7 @@ async def test_one_onboarding_is_one_trace_down_to_the_sql(
         ran = tree.one(f"RunActivity:device.{step}", trace_id)
         assert tree.parent(scheduled) is start and tree.parent(ran) is scheduled
         assert tree.sql(ran), f"no asyncpg span under {ran.name}"
-    register = tree.one("RunActivity:device.validate_and_register", trace_id)
+    register = tree.one("RunActivity:device.provision_device", trace_id)
     assert any(s.startswith("INSERT INTO device.devices") for s in tree.sql(register))
     # the device's first contact (another request) reaches the same run as a signal
     assert tree.parent(tree.one("HandleSignal:first_contact", trace_id)) is start

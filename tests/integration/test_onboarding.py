@@ -90,10 +90,9 @@ async def test_the_hot_path_takes_fewer_workflow_tasks(api: httpx.AsyncClient, c
         for e in events
         if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_SCHEDULED
     ]
-    # validation and registration are one activity task
-    assert scheduled[:3] == ["device.validate_and_register", "device.issue_credential", "device.store_config"]
-    # the credential and the configuration are commands of one workflow task; so are the twin's
-    # start and DeviceOnboarded's recording, after activation (no event for a failed activation)
+    # validation, registration, credential and configuration are one activity task (one
+    # transaction); activation runs alone, then the twin's start and DeviceOnboarded's recording
+    assert scheduled == ["device.provision_device", "device.activate", "notification.record_events"]
     task_of: dict[str, int] = {}
     task = 0
     for e in events:
@@ -103,9 +102,54 @@ async def test_the_hot_path_takes_fewer_workflow_tasks(api: httpx.AsyncClient, c
             task_of[e.activity_task_scheduled_event_attributes.activity_type.name] = task
         elif e.event_type == EventType.EVENT_TYPE_START_CHILD_WORKFLOW_EXECUTION_INITIATED:
             task_of["twin"] = task
-    assert task_of["device.issue_credential"] == task_of["device.store_config"]
+        elif e.event_type == EventType.EVENT_TYPE_WORKFLOW_EXECUTION_SIGNALED:
+            task_of["contact"] = task
+    # the credential is out after the second workflow task: the one that saw it issued
+    assert task_of["contact"] <= 2
     assert task_of["device.activate"] < task_of["twin"] == task_of["notification.record_events"]
-    assert scheduled[-1] == "notification.record_events"
+
+
+async def test_a_lost_report_of_the_provisioning_is_found_by_its_retry(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    # the one transaction committed, then its attempt was lost: the retry finds its own
+    # registration, credential and configuration, and the device ends with one of each
+    device_id = new_id("again")
+    FAULTS[device_id] = "provision_lost"
+    accepted = await onboard(api, device_id)
+    assert accepted.status_code == 202
+    waiting = await progress_until(api, device_id, "awaiting_first_contact")
+    events = (await client.get_workflow_handle(accepted.json()["workflow_id"]).fetch_history()).events
+    started = [e for e in events if e.event_type == EventType.EVENT_TYPE_ACTIVITY_TASK_STARTED]
+    assert started[0].activity_task_started_event_attributes.attempt == 2  # the retry's
+    assert waiting["completed_steps"] == ["validate", "register", "issue_credential", "store_config"]
+    assert (await contact(api, waiting["credential"])).status_code == 202
+    await progress_until(api, device_id, "completed")
+    assert await leftovers(pool, device_id) == {
+        "status": "active",
+        "live_credentials": 1,
+        "credentials": 1,
+        "config": 1,
+        "events": 1,
+    }
+
+
+async def test_an_approved_device_undoes_its_credential_and_configuration_once(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # a type that needs approval is only registered by the first step: the undos of the
+    # credential and configuration it did not write are dropped, those of the later steps run
+    device_id = new_id("gw")
+    FAULTS[device_id] = "store_config"
+    body = {"device_id": device_id, "device_type": "gateway", "config": {"site": "oslo"}}
+    assert (await api.post("/v1/devices", json=body, headers=AUTH)).status_code == 202
+    await progress_until(api, device_id, "awaiting_approval")
+    assert (await api.post(f"/v1/onboardings/{device_id}/approve", json={}, headers=AUTH)).status_code == 200
+    failed = await progress_until(api, device_id, "failed")
+    assert "injected failure at store_config" in failed["reason"]
+    assert failed["compensations"] == ["remove_config", "revoke_credential", "mark_registration_failed"]
+    left = await leftovers(pool, device_id)
+    assert (left["status"], left["live_credentials"], left["config"]) == ("failed", 0, 0)
 
 
 async def test_a_retry_refused_at_validation_still_undoes_the_registration(
@@ -118,7 +162,8 @@ async def test_a_retry_refused_at_validation_still_undoes_the_registration(
     assert (await onboard(api, device_id)).status_code == 202
     failed = await progress_until(api, device_id, "failed")
     assert "injected failure at validate" in failed["reason"]
-    assert failed["compensations"] == ["mark_registration_failed"]
+    assert failed["compensations"] == ["remove_config", "revoke_credential", "mark_registration_failed"]
+    assert (await leftovers(pool, device_id))["live_credentials"] == 0
     assert (await leftovers(pool, device_id))["status"] == "failed"
 
 
@@ -140,8 +185,10 @@ async def test_repeated_request_returns_the_same_run_and_a_different_one_conflic
 
 EXPECTED_UNDO = {
     "validate": [],
-    "register": ["mark_registration_failed"],
-    # the credential and the configuration run at once: either failing undoes both
+    # registration, credential and configuration are one transaction: a failure after it
+    # (here: its commit, then a lost report) undoes all three
+    "register": ["remove_config", "revoke_credential", "mark_registration_failed"],
+    "provision_device": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "issue_credential": ["remove_config", "revoke_credential", "mark_registration_failed"],
     "store_config": ["remove_config", "revoke_credential", "mark_registration_failed"],
     # activation runs alone, before the twin and DeviceOnboarded: nothing of those to undo

@@ -143,7 +143,8 @@ async def test_a_device_whose_run_was_terminated_is_onboarded_again(
 # --- a cancel while a step is in flight (item 6) ---------------------------------------
 
 
-@pytest.mark.parametrize("step", ["register", "issue_credential"])
+# the registration, credential and configuration are one step (`provision_device`)
+@pytest.mark.parametrize("step", ["provision_device"])
 async def test_a_cancel_during_a_step_leaves_nothing_behind(
     step: str, api: httpx.AsyncClient, client: Client, pool: Pool, holds: dict[str, asyncio.Event]
 ) -> None:

@@ -21,11 +21,14 @@ from temporalio.worker import Worker
 
 from fleetflow.contracts.common import Actor, TaskQueue
 from fleetflow.contracts.devices import (
+    ApprovalDecision,
     DeviceTransition,
     IssueCredential,
     IssuedCredential,
     OnboardDeviceRequest,
     OnboardingInput,
+    ProvisionDevice,
+    ProvisionedDevice,
     RegisterDevice,
     RevokeCredential,
     StoreConfig,
@@ -67,6 +70,22 @@ async def validate_and_register(request: RegisterDevice) -> ValidatedOnboarding:
     validated = await validate(ValidateOnboarding(tenant=request.tenant, spec=request.spec))
     await register(request)
     return validated
+
+
+@activity.defn(name="device.provision_device")
+async def provision(request: ProvisionDevice) -> ProvisionedDevice:
+    """The one transaction: validate, register, then (no approval) credential and configuration;
+    a failure at a step (FAIL_AT) fails it."""
+    register_step = RegisterDevice(
+        tenant=request.tenant, spec=request.spec, onboarding_id=request.onboarding_id, actor=request.actor
+    )
+    validated = await validate_and_register(register_step)
+    if validated.requires_approval:
+        return ProvisionedDevice(validated=validated)
+    await step("issue_credential")
+    await step("store_config")
+    credential = IssuedCredential(jti=request.jti, token="t", expires_at=request.expires_at)
+    return ProvisionedDevice(validated=validated, credential=credential)
 
 
 @activity.defn(name="device.issue_credential")
@@ -127,6 +146,7 @@ async def workers(env: WorkflowEnvironment) -> AsyncIterator[None]:
         validate,
         register,
         validate_and_register,
+        provision,
         issue,
         store,
         mark_failed,
@@ -187,6 +207,17 @@ async def cancel_and_settle(handle: WorkflowHandle[Any, Any]) -> None:
     raise AssertionError("the cancel was never handled")
 
 
+async def approve(handle: WorkflowHandle[Any, Any]) -> None:
+    """Approve once the run awaits approval: its credential and configuration are steps of their
+    own then, run at once."""
+    for _ in range(600):
+        if (await handle.query(DeviceOnboarding.progress)).status == "awaiting_approval":
+            break
+        await asyncio.sleep(0.01)
+    approver = Actor(subject="op", tenant="acme", scopes=["devices:approve"])
+    await handle.execute_update(DeviceOnboarding.approve, ApprovalDecision(actor=approver))
+
+
 @pytest.fixture
 def gates() -> Iterator[dict[str, asyncio.Event]]:
     yield GATES
@@ -210,11 +241,16 @@ async def test_cancel_during_a_step_waits_for_it_then_undoes_it(
         with pytest.raises(WorkflowFailureError) as failure:
             await handle.result()
     assert isinstance(failure.value.cause, CancelledError)
-    # the registration committed after the cancel is undone, not left pending
+    # the step committed after the cancel (registration, credential, configuration) is undone,
+    # not left pending
     assert CALLS == [
         "validate",
         "register:start",
         "register",
+        "issue_credential",
+        "store_config",
+        "undo:remove_config",
+        "undo:revoke_credential",
         "undo:mark_failed:onboarding cancelled by an operator",
     ]
 
@@ -237,15 +273,15 @@ async def test_a_cancel_does_not_interrupt_compensation(
         "undo:remove_config",
         "undo:revoke_credential:start",
         "undo:revoke_credential",
-        "undo:mark_failed:store_config failed: injected failure at store_config",
+        # one transaction: its failure is named after the registration it carries
+        "undo:mark_failed:register failed: injected failure at store_config",
     ]
 
 
 async def test_first_contact_timeout_undoes_everything_in_reverse(env: WorkflowEnvironment) -> None:
     reason = await run_onboarding(env, first_contact_timeout_s=900)
     assert reason == "no first contact within 900 s"
-    assert CALLS[:2] == ["validate", "register"]
-    assert sorted(CALLS[2:4]) == ["issue_credential", "store_config"]  # run at once
+    assert CALLS[:4] == ["validate", "register", "issue_credential", "store_config"]  # one step
     assert CALLS[4:] == [
         "undo:remove_config",
         "undo:revoke_credential",
@@ -256,12 +292,15 @@ async def test_first_contact_timeout_undoes_everything_in_reverse(env: WorkflowE
 async def test_a_failed_step_waits_for_the_step_beside_it_before_the_undo(
     env: WorkflowEnvironment, gates: dict[str, asyncio.Event]
 ) -> None:
-    """The credential and the configuration run at once: when one fails, the undo waits until
-    the other has finished, so a credential issued after the failure is still revoked."""
+    """After an approval the credential and the configuration run at once: when one fails, the
+    undo waits until the other has finished, so a credential issued after the failure is still
+    revoked."""
     gates["issue_credential"] = asyncio.Event()
     FAIL_AT.add("store_config")
+    NEEDS_APPROVAL["value"] = True
     async with workers(env):
         handle = await start(env)
+        await approve(handle)
         await until_called("store_config")
         await asyncio.sleep(0.3)  # the failure reaches the workflow
         assert not [c for c in CALLS if c.startswith("undo:")]  # the credential is still running
@@ -296,8 +335,10 @@ async def test_a_cancel_right_after_a_failed_step_still_waits_for_the_step_besid
     the undo still waits for the credential, so it is revoked, not left live."""
     gates["issue_credential"] = asyncio.Event()
     FAIL_AT.add("store_config")
+    NEEDS_APPROVAL["value"] = True
     async with workers(env):
         handle = await start(env)
+        await approve(handle)
         await until_called("store_config")
         await cancel_and_settle(handle)
         assert not [c for c in CALLS if c.startswith("undo:")]  # the credential is still running
