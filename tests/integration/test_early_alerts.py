@@ -182,3 +182,33 @@ async def test_a_reading_published_over_mqtt_raises_its_alert_while_its_window_w
     [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
     assert (alert["status"], alert["raised_value"]) == ("open", 33)
     assert await _pending(pool, s.device_id) == 1
+
+
+async def test_a_device_whose_clock_jumped_back_still_clears_its_alert(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    s = await Sensor(api, pool).start()
+    s.sent = 600  # ten minutes on: the device's clock runs ahead
+    await _send(s, 35)
+    await eventually(s._analysed, lambda n: n >= 1)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    s.sent = 0  # its clock is set right: its next readings are older than the one that raised
+    await _send(s, 25)
+    await eventually(s._analysed, lambda n: n >= 2)
+    [cleared] = await eventually(s.alerts, lambda a: a[0]["status"] == "cleared")
+    assert (cleared["alert_id"], cleared["cleared_value"]) == (alert["alert_id"], 25)
+
+
+async def test_a_reading_whose_early_alert_was_cleared_by_hand_does_not_raise_it_again_in_its_window(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    await _send(s, 35)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    cleared = await api.post(f"/v1/alerts/{alert['alert_id']}/clear", json={}, headers=AUTH)
+    assert cleared.status_code == 200, cleared.text
+    backlog.set()
+    await eventually(s._analysed, lambda n: n >= 1)
+    assert [a["status"] for a in await s.alerts()] == ["cleared"]  # its window saw the same 35
+    await s.window(36)  # a later reading crossing again raises a new one, as ever
+    assert [a["status"] for a in await s.alerts()] == ["open", "cleared"]
