@@ -54,14 +54,16 @@ async def threshold_rules(db: Any, tenant: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def open_alert_keys(db: Any, tenant: str, device_ids: Sequence[str]) -> set[tuple[str, str]]:
-    """(device id, rule id) of the tenant's alerts still holding (open or acknowledged) among
-    `device_ids`: no alert is raised again for them."""
+async def open_alert_keys(db: Any, tenant: str, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Those of the tenant's (device id, rule id) `pairs` whose alert still holds (open or
+    acknowledged): no alert is raised again for them."""
     rows = await db.fetch(
-        """SELECT device_id, rule_id FROM analytics.alerts
-           WHERE tenant = $1 AND device_id = ANY($2) AND status <> 'cleared'""",
+        """SELECT a.device_id, a.rule_id FROM unnest($2::text[], $3::text[]) AS k(device_id, rule_id)
+           JOIN analytics.alerts a ON a.tenant = $1 AND a.device_id = k.device_id
+             AND a.rule_id = k.rule_id AND a.status <> 'cleared'""",
         tenant,
-        list(device_ids),
+        [d for d, _ in pairs],
+        [r for _, r in pairs],
     )
     return {(r["device_id"], r["rule_id"]) for r in rows}
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -38,8 +40,12 @@ from workflows.threshold_alert import ThresholdAlert, threshold_alert_id
 log = logging.getLogger(__name__)
 
 RULES_TTL_S = 1.0  # how long a tenant's threshold rules are kept in this process
-MAX_TENANTS = 10_000  # tenants whose rules this process keeps (least recently used go)
+MAX_TENANTS = 10_000  # tenants whose rules this process keeps (least recently read go)
+MAX_CACHED_RULES = 200_000  # rules this process keeps, all tenants together
 EARLY_PER_BATCH = 50  # alerts one batch may start early; the windows raise the rest
+# (device, rule) pairs of one batch looked at: a 10,000-reading batch over 10,000 devices, each
+# crossing a tenant's 1,000 rules, would be 10 million (seconds of the event loop, gigabytes)
+MAX_CANDIDATES = 20 * EARLY_PER_BATCH
 
 
 @dataclass(frozen=True)
@@ -48,8 +54,43 @@ class Threshold:
 
     rule_id: str
     device_type: str
+    metric: str
     above: float | None
     below: float | None
+
+
+@dataclass(frozen=True)
+class MetricRules:
+    """One metric's threshold rules, sorted by bound so that the rules a reading crosses are
+    found by bisection, not by a comparison with each rule."""
+
+    above: list[Threshold]  # the rules with `above`, by it
+    aboves: list[float]
+    below: list[Threshold]  # the rules with `below`, by it
+    belows: list[float]
+    device_types: dict[str, str]  # rule id -> device type
+
+
+Rules = dict[str, MetricRules]  # metric -> its rules
+
+
+def index_rules(thresholds: Iterable[Threshold]) -> Rules:
+    """The rules by metric, each metric's sorted by bound."""
+    by_metric: dict[str, list[Threshold]] = {}
+    for t in thresholds:
+        by_metric.setdefault(t.metric, []).append(t)
+    indexed: Rules = {}
+    for metric, ts in by_metric.items():
+        above = sorted((t for t in ts if t.above is not None), key=lambda t: t.above or 0.0)
+        below = sorted((t for t in ts if t.below is not None), key=lambda t: t.below or 0.0)
+        indexed[metric] = MetricRules(
+            above,
+            [t.above for t in above if t.above is not None],
+            below,
+            [t.below for t in below if t.below is not None],
+            {t.rule_id: t.device_type for t in ts},
+        )
+    return indexed
 
 
 @dataclass
@@ -65,10 +106,12 @@ class _Extremes:
 Crossing = tuple[datetime, float]  # the ts and value of the reading that raises
 
 
-def crossings(batch: ReadingColumns, rules: dict[str, list[Threshold]]) -> dict[tuple[str, str], Crossing]:
+def crossings(
+    batch: ReadingColumns, rules: Rules, limit: int = MAX_CANDIDATES
+) -> dict[tuple[str, str], Crossing]:
     """(device id, rule id) -> the reading of the batch that raises that rule for that device (the
-    highest above `above`, else the lowest below `below`, as a window's max and min would); the
-    device's type is not checked here."""
+    highest above `above`, else the lowest below `below`, as a window's max and min would), at
+    most `limit` of them; the device's type is not checked here."""
     extremes: dict[tuple[str, str], _Extremes] = {}
     readings = zip(batch.device_ids, batch.metrics, batch.ts, batch.values, strict=True)
     for device_id, metric, ts, value in readings:
@@ -84,11 +127,15 @@ def crossings(batch: ReadingColumns, rules: dict[str, list[Threshold]]) -> dict[
             seen.low, seen.low_ts = value, ts
     found: dict[tuple[str, str], Crossing] = {}
     for (device_id, metric), e in extremes.items():
-        for rule in rules[metric]:
-            if rule.above is not None and e.high > rule.above:
-                found[(device_id, rule.rule_id)] = (e.high_ts, e.high)
-            elif rule.below is not None and e.low < rule.below:
-                found[(device_id, rule.rule_id)] = (e.low_ts, e.low)
+        m = rules[metric]
+        for i in range(bisect_left(m.aboves, e.high)):  # above < high
+            found[(device_id, m.above[i].rule_id)] = (e.high_ts, e.high)
+            if len(found) >= limit:
+                return found
+        for i in range(bisect_right(m.belows, e.low), len(m.below)):  # below > low
+            found.setdefault((device_id, m.below[i].rule_id), (e.low_ts, e.low))
+            if len(found) >= limit:
+                return found
     return found
 
 
@@ -97,26 +144,48 @@ class EarlyAlerts:
 
     def __init__(self, pool: Pool, temporal: Client) -> None:
         self.pool, self.temporal = pool, temporal
-        self._rules: OrderedDict[str, tuple[float, dict[str, list[Threshold]]]] = OrderedDict()
+        # tenant -> (when it expires, its rules), in order of expiry
+        self._rules: OrderedDict[str, tuple[float, Rules]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._cached = 0
 
-    async def rules_of(self, tenant: str) -> dict[str, list[Threshold]]:
+    async def rules_of(self, tenant: str) -> Rules:
         """metric -> the tenant's enabled threshold rules on it (kept RULES_TTL_S)."""
         now = time.monotonic()
         kept = self._rules.get(tenant)
         if kept is not None and kept[0] > now:
-            self._rules.move_to_end(tenant)
             return kept[1]
-        by_metric: dict[str, list[Threshold]] = {}
-        for r in await analytics_facade.threshold_rules(self.pool, tenant):
-            params = r["params"]
-            by_metric.setdefault(r["metric"], []).append(
-                Threshold(r["rule_id"], r["device_type"], params.get("above"), params.get("below"))
+        rows = await analytics_facade.threshold_rules(self.pool, tenant)
+        rules = index_rules(
+            Threshold(
+                r["rule_id"],
+                r["device_type"],
+                r["metric"],
+                r["params"].get("above"),
+                r["params"].get("below"),
             )
-        self._rules[tenant] = (now + RULES_TTL_S, by_metric)
-        self._rules.move_to_end(tenant)
-        while len(self._rules) > MAX_TENANTS:
-            self._rules.popitem(last=False)
-        return by_metric
+            for r in rows
+        )
+        self._forget(tenant)
+        self._rules[tenant] = (now + RULES_TTL_S, rules)
+        self._sizes[tenant] = len(rows)
+        self._cached += len(rows)
+        # in order of expiry: what expired, then the oldest, go (an expired entry serves nothing)
+        while self._rules:
+            oldest, (expires, _) = next(iter(self._rules.items()))
+            if expires > now and len(self._rules) <= MAX_TENANTS and self._cached <= MAX_CACHED_RULES:
+                break
+            self._forget(oldest)
+        return rules
+
+    def _forget(self, tenant: str) -> None:
+        self._rules.pop(tenant, None)
+        self._cached -= self._sizes.pop(tenant, 0)
+
+    @property
+    def cached_rules(self) -> int:
+        """How many rules this process keeps, all tenants together."""
+        return self._cached
 
     async def check_rows(self, tenant: str, device_id: str, rows: list[str]) -> int:
         """check() for an MQTT publish of a device: its `device_id,metric,ts,value` CSV rows."""
@@ -147,7 +216,7 @@ class EarlyAlerts:
 
     def forget(self, tenant: str) -> None:
         """Drop the tenant's rules (they changed): the next check reads them again."""
-        self._rules.pop(tenant, None)
+        self._forget(tenant)
 
     async def check(self, tenant: str, batch: ReadingColumns, subject: str) -> int:
         """Start ThresholdAlert for each reading of the accepted batch that raises a rule of its
@@ -169,8 +238,10 @@ class EarlyAlerts:
             return 0
         devices = sorted({device_id for device_id, _ in found})
         types = await device_facade.device_types(self.pool, [(tenant, d) for d in devices])
-        holding = await analytics_facade.open_alert_keys(self.pool, tenant, devices)
-        type_of_rule = {rule.rule_id: rule.device_type for by_rule in rules.values() for rule in by_rule}
+        holding = await analytics_facade.open_alert_keys(self.pool, tenant, list(found))
+        type_of_rule = {
+            rule_id: t for by_rule in rules.values() for rule_id, t in by_rule.device_types.items()
+        }
         starts = [
             EarlyRaise(tenant=tenant, device_id=device_id, rule_id=rule_id, ts=ts, value=value)
             for (device_id, rule_id), (ts, value) in sorted(found.items())

@@ -1,0 +1,99 @@
+"""api/early_alerts.py `crossings`: which readings of an accepted batch raise a threshold rule,
+and what a batch may cost (10,000 readings, a tenant's 1,000 rules on their metric)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from temporalio.client import Client
+
+from activities.telemetry_accept import ReadingColumns
+from api import early_alerts
+from api.early_alerts import MAX_CANDIDATES, EarlyAlerts, Threshold, crossings, index_rules
+from fleetflow.db import Pool
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _batch(devices: int, values: list[float], metric: str = "temp") -> ReadingColumns:
+    n = devices * len(values)
+    return ReadingColumns(
+        "b",
+        [f"d{i % devices}" for i in range(n)],
+        [T0 + timedelta(seconds=i) for i in range(n)],
+        [metric] * n,
+        [values[i // devices] for i in range(n)],
+    )
+
+
+class Counting(float):
+    """A rule bound that counts the comparisons made with it."""
+
+    made = 0
+
+    def __lt__(self, other: object) -> bool:
+        Counting.made += 1
+        return float(self) < other  # type: ignore[operator]
+
+    def __gt__(self, other: object) -> bool:
+        Counting.made += 1
+        return float(self) > other  # type: ignore[operator]
+
+
+def test_the_highest_reading_above_else_the_lowest_below_raises() -> None:
+    rules = index_rules(
+        [
+            Threshold("hot", "sensor", "temp", 30.0, None),
+            Threshold("band", "sensor", "temp", 40.0, 0.0),
+            Threshold("cold", "sensor", "temp", None, 5.0),
+            Threshold("other", "sensor", "rpm", 1.0, None),
+        ]
+    )
+    found = crossings(_batch(1, [20.0, 35.0, -1.0, 33.0]), rules)
+    assert found == {
+        ("d0", "hot"): (T0 + timedelta(seconds=1), 35.0),
+        ("d0", "band"): (T0 + timedelta(seconds=2), -1.0),
+        ("d0", "cold"): (T0 + timedelta(seconds=2), -1.0),
+    }
+    assert crossings(_batch(1, [20.0, 21.0]), rules) == {}
+
+
+def test_a_batch_of_many_devices_crossing_many_rules_yields_a_bounded_number_of_candidates() -> None:
+    rules = index_rules([Threshold(f"r{k}", "sensor", "temp", float(k), None) for k in range(1000)])
+    found = crossings(_batch(10_000, [5_000.0]), rules)  # each of 10,000 devices crosses all 1,000
+    assert len(found) == MAX_CANDIDATES
+
+
+def test_rules_a_batch_does_not_cross_cost_no_comparison_each() -> None:
+    rules = index_rules(
+        [Threshold(f"r{k}", "sensor", "temp", Counting(1e6 + k), Counting(-1e6 - k)) for k in range(1000)]
+    )
+    Counting.made = 0
+    assert crossings(_batch(1000, [20.0]), rules) == {}
+    assert Counting.made <= 1000 * 2 * 12  # two binary searches a device, not one test per rule
+
+
+class _RulesDb:
+    """A pool answering each tenant's threshold rules: 1,000 a tenant."""
+
+    async def fetch(self, query: str, tenant: str) -> list[dict[str, Any]]:
+        return [
+            {"rule_id": f"r{k}", "device_type": "sensor", "metric": "temp", "params": {"above": 1.0}}
+            for k in range(1000)
+        ]
+
+
+async def test_rules_of_tenants_no_longer_checking_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(early_alerts, "time", SimpleNamespace(monotonic=lambda: now[0]))  # its clock only
+    alerts = EarlyAlerts(cast(Pool, _RulesDb()), cast(Client, None))
+    for t in range(300):  # 300 tenants, each once
+        await alerts.rules_of(f"t{t}")
+    assert alerts.cached_rules <= early_alerts.MAX_CACHED_RULES
+    now[0] += 2 * early_alerts.RULES_TTL_S
+    await alerts.rules_of("t-new")  # what expired goes
+    assert alerts.cached_rules == 1000
+    assert alerts.may_watch("t-new")  # it has rules: checked
