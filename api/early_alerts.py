@@ -237,7 +237,8 @@ class EarlyAlerts:
         if not found:
             return 0
         devices = sorted({device_id for device_id, _ in found})
-        types = await device_facade.device_types(self.pool, [(tenant, d) for d in devices])
+        # active devices only: another's readings are quarantined, its start would raise nothing
+        types = await device_facade.active_device_types(self.pool, [(tenant, d) for d in devices])
         holding = await analytics_facade.open_alert_keys(self.pool, tenant, list(found))
         type_of_rule = {
             rule_id: t for by_rule in rules.values() for rule_id, t in by_rule.device_types.items()

@@ -12,17 +12,20 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from temporalio.client import Client
+from temporalio.service import RPCError
 
 from activities.analytics import AnalyticsService
 from fleetflow.contracts.telemetry import EarlyRaise
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.integration.conftest import ENTERED, FINISHED, HOLDS
-from tests.integration.flows import AUTH, new_id
+from tests.integration.flows import AUTH, new_id, onboard, progress_until
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.integration.test_alarms import GLOBEX, START, Sensor
 from tests.integration.test_telemetry import send
 from tests.support import eventually
+from workflows.threshold_alert import threshold_alert_id
 
 
 @pytest.fixture(scope="module")
@@ -212,3 +215,19 @@ async def test_a_reading_whose_early_alert_was_cleared_by_hand_does_not_raise_it
     assert [a["status"] for a in await s.alerts()] == ["cleared"]  # its window saw the same 35
     await s.window(36)  # a later reading crossing again raises a new one, as ever
     assert [a["status"] for a in await s.alerts()] == ["open", "cleared"]
+
+
+async def test_a_device_not_yet_active_starts_no_early_alert(
+    api: httpx.AsyncClient, pool: Pool, client: Client, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    waiting = Sensor(api, pool)
+    waiting.metric, waiting.device_id = s.metric, new_id("waiting")
+    assert (await onboard(api, waiting.device_id)).status_code == 202
+    await progress_until(api, waiting.device_id, "awaiting_first_contact")  # its readings are quarantined
+    await _send(waiting, 99, auth=AUTH)
+    await _send(s, 35)  # a batch after it: its start is not behind the other's
+    await eventually(s.alerts, lambda a: len(a) == 1)
+    raise_id = threshold_alert_id("acme", waiting.device_id, f"r-{s.metric}")
+    with pytest.raises(RPCError):  # no workflow started that could raise nothing
+        await client.get_workflow_handle(raise_id).describe()
