@@ -16,6 +16,7 @@ from temporalio.client import Client
 from temporalio.service import RPCError
 
 from activities.analytics import AnalyticsService
+from api.early_alerts import EarlyAlerts
 from fleetflow.contracts.telemetry import EarlyRaise
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
@@ -231,3 +232,18 @@ async def test_a_device_not_yet_active_starts_no_early_alert(
     raise_id = threshold_alert_id("acme", waiting.device_id, f"r-{s.metric}")
     with pytest.raises(RPCError):  # no workflow started that could raise nothing
         await client.get_workflow_handle(raise_id).describe()
+
+
+async def test_the_window_raises_the_alert_when_the_api_died_before_its_early_start(
+    api: httpx.AsyncClient, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def died(*_: object) -> int:
+        return 0  # the batch committed, the process ended before it started ThresholdAlert
+
+    monkeypatch.setattr(EarlyAlerts, "check", died)
+    s = await Sensor(api, pool).start()
+    await s.window(20, 35, 22)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    assert (alert["status"], alert["raised_value"]) == ("open", 35)
+    [(kind, _, data)] = await eventually(s.events, lambda e: len(e) == 1)
+    assert (kind, data["alert_id"]) == ("AlertRaised", alert["alert_id"])
