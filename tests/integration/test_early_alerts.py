@@ -13,12 +13,16 @@ from datetime import timedelta
 import httpx
 import pytest
 from temporalio.client import Client
+from temporalio.converter import PayloadConverter
 from temporalio.service import RPCError
 
 from activities.analytics import AnalyticsService
 from api.early_alerts import EarlyAlerts
 from fleetflow.contracts.telemetry import EarlyRaise
 from fleetflow.db import Pool
+from fleetflow.identity import HEADER
+from fleetflow.keys import keyring
+from fleetflow.security import verify_service_token
 from fleetflow.settings import Settings
 from tests.integration.conftest import ENTERED, FINISHED, HOLDS
 from tests.integration.flows import AUTH, new_id, onboard, progress_until
@@ -171,21 +175,36 @@ async def test_an_early_raise_after_the_windows_saw_a_later_reading_raises_nothi
 
 
 async def test_a_reading_published_over_mqtt_raises_its_alert_while_its_window_waits(
-    api: httpx.AsyncClient, pool: Pool, gateway: GatewayProcess, backlog: asyncio.Event
+    api: httpx.AsyncClient,
+    pool: Pool,
+    client: Client,
+    settings: Settings,
+    gateway: GatewayProcess,
+    backlog: asyncio.Event,
 ) -> None:
     s = await Sensor(api, pool).start()
     token = s.me["Authorization"].removeprefix("Bearer ")
-    client = Device(gateway.port, s.device_id, token)
+    device = Device(gateway.port, s.device_id, token)
     try:
-        assert await client.connect() == 0
+        assert await device.connect() == 0
         reading = {"metric": s.metric, "value": 33, "ts": START.isoformat()}
         topic = f"tenants/acme/devices/{s.device_id}/telemetry"
-        assert await client.puback(client.publish(topic, json.dumps(reading))) == 0
+        assert await device.puback(device.publish(topic, json.dumps(reading))) == 0
     finally:
-        client.close()
+        device.close()
     [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
     assert (alert["status"], alert["raised_value"]) == ("open", 33)
     assert await _pending(pool, s.device_id) == 1
+    # the gateway's start (a task of its own) acts for the publishing device, in its tenant
+    history = await client.get_workflow_handle(
+        threshold_alert_id("acme", s.device_id, f"r-{s.metric}")
+    ).fetch_history()
+    header = history.events[0].workflow_execution_started_event_attributes.header.fields[HEADER]
+    codec = client.data_converter.payload_codec
+    [opened] = await codec.decode([header]) if codec is not None else [header]
+    token = PayloadConverter.default.from_payloads([opened])[0]
+    actor = verify_service_token(keyring(settings), token, settings.jwt_issuer).actor
+    assert (actor.subject, actor.tenant) == (f"device:{s.device_id}", "acme")
 
 
 async def test_a_device_whose_clock_jumped_back_still_clears_its_alert(
