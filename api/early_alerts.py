@@ -10,7 +10,8 @@ reading finds the alert open and raises nothing again (one alert per device and 
 Best effort on top of the windows: a rule is seen here up to RULES_TTL_S after it changes (at
 once by the API process that changed it), at most EARLY_PER_BATCH alerts a batch start early,
 and a failure here only leaves the alert to the window; none of it can fail the acceptance of
-the batch, and only a batch with a crossing reading waits for the starts.
+the batch, and only a batch with a crossing reading waits for the starts (at most
+EARLY_START_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ EARLY_PER_BATCH = 50  # alerts one batch may start early; the windows raise the 
 # (device, rule) pairs of one batch looked at: a 10,000-reading batch over 10,000 devices, each
 # crossing a tenant's 1,000 rules, would be 10 million (seconds of the event loop, gigabytes)
 MAX_CANDIDATES = 20 * EARLY_PER_BATCH
+# how long a crossing batch's 202 waits for its starts: its readings are committed, and the
+# window raises whatever did not start (the SDK alone retries an unavailable frontend ~10 s)
+EARLY_START_TIMEOUT_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,8 @@ class EarlyAlerts:
             for (device_id, rule_id), (ts, value) in sorted(found.items())
             if (device_id, rule_id) not in holding and types.get((tenant, device_id)) == type_of_rule[rule_id]
         ][:EARLY_PER_BATCH]
-        await asyncio.gather(*(self._start(raise_) for raise_ in starts))
+        async with asyncio.timeout(EARLY_START_TIMEOUT_S):
+            await asyncio.gather(*(self._start(raise_) for raise_ in starts))
         return len(starts)
 
     async def _start(self, inp: EarlyRaise) -> None:

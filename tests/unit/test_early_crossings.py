@@ -3,6 +3,7 @@ and what a batch may cost (10,000 readings, a tenant's 1,000 rules on their metr
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -97,3 +98,28 @@ async def test_rules_of_tenants_no_longer_checking_are_not_kept(monkeypatch: pyt
     await alerts.rules_of("t-new")  # what expired goes
     assert alerts.cached_rules == 1000
     assert alerts.may_watch("t-new")  # it has rules: checked
+
+
+class _Db:
+    """A pool answering the early check's reads: one rule, one active sensor, no alert holding."""
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "analytics.rules" in query:
+            return [{"rule_id": "hot", "device_type": "sensor", "metric": "temp", "params": {"above": 30.0}}]
+        if "device.devices" in query:
+            return [{"tenant": "acme", "device_id": "d0", "device_type": "sensor"}]
+        return []
+
+
+class _Unanswering:
+    """A Temporal frontend that takes a start and never answers it."""
+
+    async def start_workflow(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_unanswered_start_does_not_hold_the_batchs_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(early_alerts, "EARLY_START_TIMEOUT_S", 0.01)
+    alerts = EarlyAlerts(cast(Pool, _Db()), cast(Client, _Unanswering()))
+    # the readings are committed: the window raises the alert; the 202 does not wait for Temporal
+    assert await asyncio.wait_for(alerts.check("acme", _batch(1, [35.0]), "tester"), 60) == 0
