@@ -266,3 +266,21 @@ async def test_the_window_raises_the_alert_when_the_api_died_before_its_early_st
     assert (alert["status"], alert["raised_value"]) == ("open", 35)
     [(kind, _, data)] = await eventually(s.events, lambda e: len(e) == 1)
     assert (kind, data["alert_id"]) == ("AlertRaised", alert["alert_id"])
+
+
+async def test_an_early_raise_whose_rule_became_a_rate_or_was_deleted_raises_nothing(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    s = await Sensor(api, pool).start()
+    rule = f"/v1/rules/r-{s.metric}"
+    [mine] = [r for r in (await api.get("/v1/rules", headers=AUTH)).json() if r["rule_id"] == f"r-{s.metric}"]
+    in_flight = EarlyRaise(
+        tenant="acme", device_id=s.device_id, rule_id=f"r-{s.metric}", ts=START, value=35, window_id=""
+    )
+    rate = {**mine, "kind": "rate", "params": {"max_per_s": 1}}
+    assert (await api.put(rule, json=rate, headers=AUTH)).status_code == 200
+    analytics = AnalyticsService(pool)
+    assert await analytics.raise_early(in_flight.model_copy(update={"window_id": f"t-{new_id()}"})) == 0
+    assert (await api.delete(rule, headers=AUTH)).status_code == 204
+    assert await analytics.raise_early(in_flight.model_copy(update={"window_id": f"t-{new_id()}"})) == 0
+    assert await s.alerts() == []
