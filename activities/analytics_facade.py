@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from fleetflow.metrics import StateGauge
@@ -66,6 +67,21 @@ async def open_alert_keys(db: Any, tenant: str, pairs: Sequence[tuple[str, str]]
         [r for _, r in pairs],
     )
     return {(r["device_id"], r["rule_id"]) for r in rows}
+
+
+async def series_seen(
+    db: Any, tenant: str, series: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], datetime]:
+    """(device id, metric) -> the latest reading time the windows analysed, for those of the
+    tenant's `series` they have seen."""
+    rows = await db.fetch(
+        """SELECT s.device_id, s.metric, s.last_ts FROM unnest($2::text[], $3::text[]) AS k(device_id, metric)
+           JOIN analytics.series s ON s.tenant = $1 AND s.device_id = k.device_id AND s.metric = k.metric""",
+        tenant,
+        [d for d, _ in series],
+        [m for _, m in series],
+    )
+    return {(r["device_id"], r["metric"]): r["last_ts"] for r in rows}
 
 
 async def window_events(db: Any, window_id: str) -> list[dict[str, Any]]:

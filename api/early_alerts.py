@@ -23,7 +23,7 @@ from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -73,6 +73,7 @@ class MetricRules:
     below: list[Threshold]  # the rules with `below`, by it
     belows: list[float]
     device_types: dict[str, str]  # rule id -> device type
+    metric: str
 
 
 Rules = dict[str, MetricRules]  # metric -> its rules
@@ -93,6 +94,7 @@ def index_rules(thresholds: Iterable[Threshold]) -> Rules:
             below,
             [t.below for t in below if t.below is not None],
             {t.rule_id: t.device_type for t in ts},
+            metric,
         )
     return indexed
 
@@ -141,6 +143,11 @@ def crossings(
             if len(found) >= limit:
                 return found
     return found
+
+
+def _before(seen: datetime | None, ts: datetime) -> bool:
+    """Whether the windows' latest reading of a series (None: none yet) is older than ts."""
+    return seen is None or (seen if seen.tzinfo is not None else seen.replace(tzinfo=UTC)) < ts
 
 
 class EarlyAlerts:
@@ -244,13 +251,18 @@ class EarlyAlerts:
         # active devices only: another's readings are quarantined, its start would raise nothing
         types = await device_facade.active_device_types(self.pool, [(tenant, d) for d in devices])
         holding = await analytics_facade.open_alert_keys(self.pool, tenant, list(found))
-        type_of_rule = {
-            rule_id: t for by_rule in rules.values() for rule_id, t in by_rule.device_types.items()
-        }
+        type_of_rule = {rule: t for m in rules.values() for rule, t in m.device_types.items()}
+        metric_of_rule = {rule: m.metric for m in rules.values() for rule in m.device_types}
+        # a reading no newer than what the windows analysed is theirs (raise_early refuses it)
+        seen = await analytics_facade.series_seen(
+            self.pool, tenant, sorted({(d, metric_of_rule[r]) for d, r in found})
+        )
         starts = [
             EarlyRaise(tenant=tenant, device_id=device_id, rule_id=rule_id, ts=ts, value=value)
             for (device_id, rule_id), (ts, value) in sorted(found.items())
-            if (device_id, rule_id) not in holding and types.get((tenant, device_id)) == type_of_rule[rule_id]
+            if (device_id, rule_id) not in holding
+            and types.get((tenant, device_id)) == type_of_rule[rule_id]
+            and _before(seen.get((device_id, metric_of_rule[rule_id])), ts)
         ][:EARLY_PER_BATCH]
         async with asyncio.timeout(EARLY_START_TIMEOUT_S):
             await asyncio.gather(*(self._start(raise_) for raise_ in starts))

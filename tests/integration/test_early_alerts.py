@@ -284,3 +284,19 @@ async def test_an_early_raise_whose_rule_became_a_rate_or_was_deleted_raises_not
     assert (await api.delete(rule, headers=AUTH)).status_code == 204
     assert await analytics.raise_early(in_flight.model_copy(update={"window_id": f"t-{new_id()}"})) == 0
     assert await s.alerts() == []
+
+
+async def test_a_crossing_reading_older_than_what_the_windows_saw_starts_no_early_alert(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    s = await Sensor(api, pool).start()
+    s.sent = 60
+    await _send(s, 20)
+    await eventually(s._analysed, lambda n: n >= 1)
+    s.sent = 0  # a late reading, a minute older than the one its windows analysed
+    await _send(s, 35)
+    raise_id = threshold_alert_id("acme", s.device_id, f"r-{s.metric}")
+    with pytest.raises(RPCError):  # raise_early would refuse it: no workflow started for nothing
+        await client.get_workflow_handle(raise_id).describe()
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)  # its window raises it, as ever
+    assert alert["raised_value"] == 35
