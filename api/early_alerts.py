@@ -50,6 +50,10 @@ MAX_CANDIDATES = 20 * EARLY_PER_BATCH
 # how long a crossing batch's 202 waits for its starts: its readings are committed, and the
 # window raises whatever did not start (the SDK alone retries an unavailable frontend ~10 s)
 EARLY_START_TIMEOUT_S = 2.0
+# a tenant's early starts, per process: each is a workflow, where a window raises its alerts in
+# one activity; in an alert storm (every device hot at once) the windows raise the rest
+EARLY_PER_TENANT_S = 10
+EARLY_BURST = 2 * EARLY_PER_BATCH
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,7 @@ class EarlyAlerts:
         self._rules: OrderedDict[str, tuple[float, Rules]] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._cached = 0
+        self._budgets: dict[str, tuple[float, float]] = {}  # tenant -> (starts left, when)
 
     async def rules_of(self, tenant: str) -> Rules:
         """metric -> the tenant's enabled threshold rules on it (kept RULES_TTL_S)."""
@@ -257,16 +262,29 @@ class EarlyAlerts:
         seen = await analytics_facade.series_seen(
             self.pool, tenant, sorted({(d, metric_of_rule[r]) for d, r in found})
         )
-        starts = [
+        due = [
             EarlyRaise(tenant=tenant, device_id=device_id, rule_id=rule_id, ts=ts, value=value)
             for (device_id, rule_id), (ts, value) in sorted(found.items())
             if (device_id, rule_id) not in holding
             and types.get((tenant, device_id)) == type_of_rule[rule_id]
             and _before(seen.get((device_id, metric_of_rule[rule_id])), ts)
-        ][:EARLY_PER_BATCH]
+        ]
+        starts = due[: self._take(tenant, min(len(due), EARLY_PER_BATCH))] if due else []
         async with asyncio.timeout(EARLY_START_TIMEOUT_S):
             await asyncio.gather(*(self._start(raise_) for raise_ in starts))
         return len(starts)
+
+    def _take(self, tenant: str, wanted: int) -> int:
+        """How many of `wanted` starts the tenant's budget (EARLY_PER_TENANT_S, up to
+        EARLY_BURST) allows now; taken from it."""
+        now = time.monotonic()
+        left, at = self._budgets.get(tenant, (float(EARLY_BURST), now))
+        left = min(float(EARLY_BURST), left + (now - at) * EARLY_PER_TENANT_S)
+        taken = min(wanted, int(left))
+        if tenant not in self._budgets and len(self._budgets) >= MAX_TENANTS:
+            self._budgets.clear()  # bounded: a tenant forgotten starts with a full budget
+        self._budgets[tenant] = (left - taken, now)
+        return taken
 
     async def _start(self, inp: EarlyRaise) -> None:
         await self.temporal.start_workflow(

@@ -123,3 +123,46 @@ async def test_an_unanswered_start_does_not_hold_the_batchs_answer(monkeypatch: 
     alerts = EarlyAlerts(cast(Pool, _Db()), cast(Client, _Unanswering()))
     # the readings are committed: the window raises the alert; the 202 does not wait for Temporal
     assert await asyncio.wait_for(alerts.check("acme", _batch(1, [35.0]), "tester"), 60) == 0
+
+
+class _Fleet:
+    """A pool answering the early check's reads: one rule, 1,000 active sensors, none holding."""
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "analytics.rules" in query:
+            return [{"rule_id": "hot", "device_type": "sensor", "metric": "temp", "params": {"above": 30.0}}]
+        if "device.devices" in query:
+            return [
+                {"tenant": t, "device_id": d, "device_type": "sensor"} for t, d in zip(*args, strict=True)
+            ]
+        return []
+
+
+class _Starts:
+    """A Temporal frontend that counts the starts it takes."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def start_workflow(self, *args: Any, id: str, **kwargs: Any) -> None:
+        self.ids.append(id)
+
+
+async def test_a_tenants_alert_storm_starts_early_alerts_at_a_bounded_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(early_alerts, "time", SimpleNamespace(monotonic=lambda: now[0]))  # its clock only
+    temporal = _Starts()
+    alerts = EarlyAlerts(cast(Pool, _Fleet()), cast(Client, temporal))
+    storm = _batch(1000, [35.0])  # all 1,000 devices hot at once, batch after batch
+    started = [await alerts.check("acme", storm, "tester") for _ in range(10)]
+    assert sum(started) == early_alerts.EARLY_BURST  # the windows raise the others
+    now[0] += 1.0
+    assert await alerts.check("acme", storm, "tester") == early_alerts.EARLY_PER_TENANT_S
+    assert await alerts.check("globex", storm, "tester") > 0  # another tenant's are its own
+    now[0] += 1.0
+    calm = _batch(1000, [20.0])
+    assert [await alerts.check("acme", calm, "tester") for _ in range(5)] == [0] * 5
+    one = _batch(1, [35.0])  # the calm batches took nothing of the budget
+    assert [await alerts.check("acme", one, "tester") for _ in range(10)] == [1] * 10
