@@ -252,6 +252,25 @@ class EarlyAlerts:
         found = crossings(batch, rules)
         if not found:
             return 0
+        # taken before the reads, so a tenant past its budget costs no query (an alert storm
+        # over MQTT checks each publish in a task of its own); what is not started goes back
+        granted = self._take(tenant, min(len(found), EARLY_PER_BATCH))
+        if not granted:
+            return 0
+        starts: list[EarlyRaise] = []
+        try:
+            starts = (await self._due(tenant, rules, found))[:granted]
+            async with asyncio.timeout(EARLY_START_TIMEOUT_S):
+                await asyncio.gather(*(self._start(raise_) for raise_ in starts))
+        finally:
+            self._give_back(tenant, granted - len(starts))
+        return len(starts)
+
+    async def _due(
+        self, tenant: str, rules: Rules, found: dict[tuple[str, str], Crossing]
+    ) -> list[EarlyRaise]:
+        """The crossings whose early raise would raise: an active device of the rule's type, no
+        alert of theirs holding, a reading newer than what the windows analysed."""
         devices = sorted({device_id for device_id, _ in found})
         # active devices only: another's readings are quarantined, its start would raise nothing
         types = await device_facade.active_device_types(self.pool, [(tenant, d) for d in devices])
@@ -262,17 +281,13 @@ class EarlyAlerts:
         seen = await analytics_facade.series_seen(
             self.pool, tenant, sorted({(d, metric_of_rule[r]) for d, r in found})
         )
-        due = [
+        return [
             EarlyRaise(tenant=tenant, device_id=device_id, rule_id=rule_id, ts=ts, value=value)
             for (device_id, rule_id), (ts, value) in sorted(found.items())
             if (device_id, rule_id) not in holding
             and types.get((tenant, device_id)) == type_of_rule[rule_id]
             and _before(seen.get((device_id, metric_of_rule[rule_id])), ts)
         ]
-        starts = due[: self._take(tenant, min(len(due), EARLY_PER_BATCH))] if due else []
-        async with asyncio.timeout(EARLY_START_TIMEOUT_S):
-            await asyncio.gather(*(self._start(raise_) for raise_ in starts))
-        return len(starts)
 
     def _take(self, tenant: str, wanted: int) -> int:
         """How many of `wanted` starts the tenant's budget (EARLY_PER_TENANT_S, up to
@@ -285,6 +300,11 @@ class EarlyAlerts:
             self._budgets.clear()  # bounded: a tenant forgotten starts with a full budget
         self._budgets[tenant] = (left - taken, now)
         return taken
+
+    def _give_back(self, tenant: str, unused: int) -> None:
+        if unused > 0 and tenant in self._budgets:
+            left, at = self._budgets[tenant]
+            self._budgets[tenant] = (min(float(EARLY_BURST), left + unused), at)
 
     async def _start(self, inp: EarlyRaise) -> None:
         await self.temporal.start_workflow(

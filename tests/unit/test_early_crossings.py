@@ -128,7 +128,10 @@ async def test_an_unanswered_start_does_not_hold_the_batchs_answer(monkeypatch: 
 class _Fleet:
     """A pool answering the early check's reads: one rule, 1,000 active sensors, none holding."""
 
+    reads = 0
+
     async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        self.reads += 1
         if "analytics.rules" in query:
             return [{"rule_id": "hot", "device_type": "sensor", "metric": "temp", "params": {"above": 30.0}}]
         if "device.devices" in query:
@@ -153,11 +156,14 @@ async def test_a_tenants_alert_storm_starts_early_alerts_at_a_bounded_rate(
 ) -> None:
     now = [0.0]
     monkeypatch.setattr(early_alerts, "time", SimpleNamespace(monotonic=lambda: now[0]))  # its clock only
-    temporal = _Starts()
-    alerts = EarlyAlerts(cast(Pool, _Fleet()), cast(Client, temporal))
+    temporal, db = _Starts(), _Fleet()
+    alerts = EarlyAlerts(cast(Pool, db), cast(Client, temporal))
     storm = _batch(1000, [35.0])  # all 1,000 devices hot at once, batch after batch
     started = [await alerts.check("acme", storm, "tester") for _ in range(10)]
     assert sum(started) == early_alerts.EARLY_BURST  # the windows raise the others
+    reads = db.reads
+    assert await alerts.check("acme", storm, "tester") == 0
+    assert db.reads == reads  # past its budget, a tenant's batch costs no query
     now[0] += 1.0
     assert await alerts.check("acme", storm, "tester") == early_alerts.EARLY_PER_TENANT_S
     assert await alerts.check("globex", storm, "tester") > 0  # another tenant's are its own
