@@ -163,6 +163,7 @@ class EarlyAlerts:
         self._rules: OrderedDict[str, tuple[float, Rules]] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._cached = 0
+        self._loading: dict[str, asyncio.Future[Rules]] = {}  # tenant -> its rules being read
         self._budgets: dict[str, tuple[float, float]] = {}  # tenant -> (starts left, when)
 
     async def rules_of(self, tenant: str) -> Rules:
@@ -171,6 +172,20 @@ class EarlyAlerts:
         kept = self._rules.get(tenant)
         if kept is not None and kept[0] > now:
             return kept[1]
+        # one read a tenant at a time: the batches (publishes) arriving meanwhile wait for it
+        loading = self._loading.get(tenant)
+        if loading is None:
+            loading = self._loading[tenant] = asyncio.ensure_future(self._load(tenant, now))
+            loading.add_done_callback(lambda done: self._loaded(tenant, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, tenant: str, done: asyncio.Future[Rules]) -> None:
+        if self._loading.get(tenant) is done:
+            del self._loading[tenant]
+        if not done.cancelled():
+            done.exception()  # retrieved: each waiter got it already
+
+    async def _load(self, tenant: str, now: float) -> Rules:
         rows = await analytics_facade.threshold_rules(self.pool, tenant)
         rules = index_rules(
             Threshold(
@@ -233,6 +248,7 @@ class EarlyAlerts:
     def forget(self, tenant: str) -> None:
         """Drop the tenant's rules (they changed): the next check reads them again."""
         self._forget(tenant)
+        self._loading.pop(tenant, None)  # a read begun before the change is not waited for
 
     async def check(self, tenant: str, batch: ReadingColumns, subject: str) -> int:
         """Start ThresholdAlert for each reading of the accepted batch that raises a rule of its

@@ -172,3 +172,25 @@ async def test_a_tenants_alert_storm_starts_early_alerts_at_a_bounded_rate(
     assert [await alerts.check("acme", calm, "tester") for _ in range(5)] == [0] * 5
     one = _batch(1, [35.0])  # the calm batches took nothing of the budget
     assert [await alerts.check("acme", one, "tester") for _ in range(10)] == [1] * 10
+
+
+class _SlowRulesDb(_RulesDb):
+    """_RulesDb answering once `gate` is set, counting the reads."""
+
+    def __init__(self) -> None:
+        self.gate, self.reads = asyncio.Event(), 0
+
+    async def fetch(self, query: str, tenant: str) -> list[dict[str, Any]]:
+        self.reads += 1
+        await self.gate.wait()
+        return await super().fetch(query, tenant)
+
+
+async def test_batches_arriving_while_a_tenants_rules_are_read_wait_for_that_one_read() -> None:
+    db = _SlowRulesDb()
+    alerts = EarlyAlerts(cast(Pool, db), cast(Client, None))
+    waiting = [asyncio.ensure_future(alerts.rules_of("acme")) for _ in range(100)]
+    await asyncio.sleep(0)
+    db.gate.set()
+    answers = await asyncio.gather(*waiting)
+    assert db.reads == 1 and all(len(a["temp"].above) == 1000 for a in answers)
