@@ -168,7 +168,9 @@ class AnalyticsService(AnalyticsActivities):
                     continue
                 for rule, verdict in verdicts:
                     key = (row["tenant"], row["device_id"], rule.rule_id)
-                    event = await self._apply(conn, ref.window_id, row, rule, verdict, open_alerts.get(key))
+                    event = await self._apply(
+                        conn, ref.window_id, row, rule, verdict, open_alerts.get(key), seen=row["s_last_ts"]
+                    )
                     if event is not None:
                         events.append(event)
                 series_rows.append(
@@ -281,7 +283,7 @@ class AnalyticsService(AnalyticsActivities):
         if verdict.decision != "raise":
             return None
         series = {"tenant": request.tenant, "device_id": request.device_id, "last_ts": request.ts}
-        return await self._apply(conn, request.window_id, series, rule, verdict, None)
+        return await self._apply(conn, request.window_id, series, rule, verdict, None, seen=request.ts)
 
     async def _window_series(self, conn: Any, window_id: str) -> list[_Series]:
         """The window's aggregates (data service) of registered devices, with their device type
@@ -308,15 +310,30 @@ class AnalyticsService(AnalyticsActivities):
         ]
 
     async def _apply(
-        self, conn: Any, window_id: str, row: Any, rule: Rule, verdict: rules.Verdict, open_id: int | None
+        self,
+        conn: Any,
+        window_id: str,
+        row: Any,
+        rule: Rule,
+        verdict: rules.Verdict,
+        open_id: int | None,
+        *,
+        seen: datetime | None,
     ) -> DomainEvent | None:
-        """Open or clear the alert of (device, rule) as the verdict says; the event, if any."""
+        """Open or clear the alert of (device, rule) as the verdict says; the event, if any.
+        `seen`: the series' latest reading the windows had analysed before row (None: none)."""
         tenant, device_id = row["tenant"], row["device_id"]
         if verdict.decision == "raise" and open_id is None:
             alert_id = await conn.fetchval(
+                # not again for a reading the early path raised already (its alert, raised ahead
+                # of the windows from a reading of this window, was cleared by hand meanwhile)
                 """INSERT INTO analytics.alerts (tenant, device_id, rule_id, metric, status, raised_at,
                        raised_value, detail, severity)
-                   VALUES ($1, $2, $3, $4, 'open', $5, $6, $7, $8)
+                   SELECT $1::text, $2::text, $3::text, $4::text, 'open', $5::timestamptz,
+                       $6::float8, $7::text, $8::text
+                   WHERE NOT EXISTS (SELECT 1 FROM analytics.alerts WHERE tenant = $1
+                       AND device_id = $2 AND rule_id = $3 AND raised_at <= $5
+                       AND raised_at > coalesce($9::timestamptz, '-infinity'))
                    ON CONFLICT (tenant, device_id, rule_id) WHERE status <> 'cleared' DO NOTHING
                    RETURNING alert_id""",
                 tenant,
@@ -327,18 +344,23 @@ class AnalyticsService(AnalyticsActivities):
                 verdict.value,
                 verdict.detail,
                 rule.severity,
+                seen,
             )
             kind = ALERT_RAISED
         elif verdict.decision == "clear" and open_id is not None:
             alert_id = await conn.fetchval(
-                # not by readings older than the one that raised it (raised as its batch was
-                # accepted, before the windows still waiting with older readings were stored)
+                # not by a window older than the reading that raised it while the windows have
+                # not reached that reading yet (raised as its batch was accepted, ahead of the
+                # windows still waiting with older readings); once they have, any window clears
+                # it, as ever (a device whose clock was set back, late readings)
                 """UPDATE analytics.alerts SET status = 'cleared', cleared_at = $2, cleared_value = $3
-                   WHERE alert_id = $1 AND status <> 'cleared' AND raised_at <= $2
+                   WHERE alert_id = $1 AND status <> 'cleared'
+                     AND (raised_at <= $2 OR raised_at <= $4::timestamptz)
                    RETURNING alert_id""",
                 open_id,
                 row["last_ts"],
                 verdict.value,
+                seen,
             )
             kind = ALERT_CLEARED
         else:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any
 
 from fleetflow.metrics import StateGauge
@@ -54,16 +55,33 @@ async def threshold_rules(db: Any, tenant: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-async def open_alert_keys(db: Any, tenant: str, device_ids: Sequence[str]) -> set[tuple[str, str]]:
-    """(device id, rule id) of the tenant's alerts still holding (open or acknowledged) among
-    `device_ids`: no alert is raised again for them."""
+async def open_alert_keys(db: Any, tenant: str, pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+    """Those of the tenant's (device id, rule id) `pairs` whose alert still holds (open or
+    acknowledged): no alert is raised again for them."""
     rows = await db.fetch(
-        """SELECT device_id, rule_id FROM analytics.alerts
-           WHERE tenant = $1 AND device_id = ANY($2) AND status <> 'cleared'""",
+        """SELECT a.device_id, a.rule_id FROM unnest($2::text[], $3::text[]) AS k(device_id, rule_id)
+           JOIN analytics.alerts a ON a.tenant = $1 AND a.device_id = k.device_id
+             AND a.rule_id = k.rule_id AND a.status <> 'cleared'""",
         tenant,
-        list(device_ids),
+        [d for d, _ in pairs],
+        [r for _, r in pairs],
     )
     return {(r["device_id"], r["rule_id"]) for r in rows}
+
+
+async def series_seen(
+    db: Any, tenant: str, series: Sequence[tuple[str, str]]
+) -> dict[tuple[str, str], datetime]:
+    """(device id, metric) -> the latest reading time the windows analysed, for those of the
+    tenant's `series` they have seen."""
+    rows = await db.fetch(
+        """SELECT s.device_id, s.metric, s.last_ts FROM unnest($2::text[], $3::text[]) AS k(device_id, metric)
+           JOIN analytics.series s ON s.tenant = $1 AND s.device_id = k.device_id AND s.metric = k.metric""",
+        tenant,
+        [d for d, _ in series],
+        [m for _, m in series],
+    )
+    return {(r["device_id"], r["metric"]): r["last_ts"] for r in rows}
 
 
 async def window_events(db: Any, window_id: str) -> list[dict[str, Any]]:

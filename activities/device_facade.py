@@ -58,6 +58,22 @@ async def device_types(db: Any, series: Sequence[tuple[str, str]]) -> dict[tuple
     return {(r["tenant"], r["device_id"]): r["device_type"] for r in rows}
 
 
+async def active_device_types(db: Any, devices: Sequence[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """(tenant, device id) -> device type, for the active devices among `devices` (those whose
+    readings the windows do not quarantine)."""
+    if not devices:
+        return {}
+    tenants, device_ids = (list(column) for column in zip(*devices, strict=True))
+    rows = await db.fetch(
+        """SELECT d.tenant, d.device_id, d.device_type
+           FROM (SELECT DISTINCT * FROM unnest($1::text[], $2::text[]) AS u(tenant, device_id)) u
+           JOIN device.devices d USING (tenant, device_id) WHERE d.status = 'active'""",
+        tenants,
+        device_ids,
+    )
+    return {(r["tenant"], r["device_id"]): r["device_type"] for r in rows}
+
+
 async def count_unready(db: Any, senders: Sequence[tuple[str, str]]) -> int:
     """How many of `senders` (tenant, device id) may not send: unknown, or not active (what
     `device.find_unready` notes for a window)."""

@@ -10,7 +10,8 @@ reading finds the alert open and raises nothing again (one alert per device and 
 Best effort on top of the windows: a rule is seen here up to RULES_TTL_S after it changes (at
 once by the API process that changed it), at most EARLY_PER_BATCH alerts a batch start early,
 and a failure here only leaves the alert to the window; none of it can fail the acceptance of
-the batch, and only a batch with a crossing reading waits for the starts.
+the batch, and only a batch with a crossing reading waits for the starts (at most
+EARLY_START_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -18,9 +19,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from bisect import bisect_left, bisect_right
 from collections import OrderedDict
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from temporalio.client import Client
 from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
@@ -38,8 +41,19 @@ from workflows.threshold_alert import ThresholdAlert, threshold_alert_id
 log = logging.getLogger(__name__)
 
 RULES_TTL_S = 1.0  # how long a tenant's threshold rules are kept in this process
-MAX_TENANTS = 10_000  # tenants whose rules this process keeps (least recently used go)
+MAX_TENANTS = 10_000  # tenants whose rules this process keeps (least recently read go)
+MAX_CACHED_RULES = 200_000  # rules this process keeps, all tenants together
 EARLY_PER_BATCH = 50  # alerts one batch may start early; the windows raise the rest
+# (device, rule) pairs of one batch looked at: a 10,000-reading batch over 10,000 devices, each
+# crossing a tenant's 1,000 rules, would be 10 million (seconds of the event loop, gigabytes)
+MAX_CANDIDATES = 20 * EARLY_PER_BATCH
+# how long a crossing batch's 202 waits for its starts: its readings are committed, and the
+# window raises whatever did not start (the SDK alone retries an unavailable frontend ~10 s)
+EARLY_START_TIMEOUT_S = 2.0
+# a tenant's early starts, per process: each is a workflow, where a window raises its alerts in
+# one activity; in an alert storm (every device hot at once) the windows raise the rest
+EARLY_PER_TENANT_S = 10
+EARLY_BURST = 2 * EARLY_PER_BATCH
 
 
 @dataclass(frozen=True)
@@ -48,8 +62,45 @@ class Threshold:
 
     rule_id: str
     device_type: str
+    metric: str
     above: float | None
     below: float | None
+
+
+@dataclass(frozen=True)
+class MetricRules:
+    """One metric's threshold rules, sorted by bound so that the rules a reading crosses are
+    found by bisection, not by a comparison with each rule."""
+
+    above: list[Threshold]  # the rules with `above`, by it
+    aboves: list[float]
+    below: list[Threshold]  # the rules with `below`, by it
+    belows: list[float]
+    device_types: dict[str, str]  # rule id -> device type
+    metric: str
+
+
+Rules = dict[str, MetricRules]  # metric -> its rules
+
+
+def index_rules(thresholds: Iterable[Threshold]) -> Rules:
+    """The rules by metric, each metric's sorted by bound."""
+    by_metric: dict[str, list[Threshold]] = {}
+    for t in thresholds:
+        by_metric.setdefault(t.metric, []).append(t)
+    indexed: Rules = {}
+    for metric, ts in by_metric.items():
+        above = sorted((t for t in ts if t.above is not None), key=lambda t: t.above or 0.0)
+        below = sorted((t for t in ts if t.below is not None), key=lambda t: t.below or 0.0)
+        indexed[metric] = MetricRules(
+            above,
+            [t.above for t in above if t.above is not None],
+            below,
+            [t.below for t in below if t.below is not None],
+            {t.rule_id: t.device_type for t in ts},
+            metric,
+        )
+    return indexed
 
 
 @dataclass
@@ -65,10 +116,12 @@ class _Extremes:
 Crossing = tuple[datetime, float]  # the ts and value of the reading that raises
 
 
-def crossings(batch: ReadingColumns, rules: dict[str, list[Threshold]]) -> dict[tuple[str, str], Crossing]:
+def crossings(
+    batch: ReadingColumns, rules: Rules, limit: int = MAX_CANDIDATES
+) -> dict[tuple[str, str], Crossing]:
     """(device id, rule id) -> the reading of the batch that raises that rule for that device (the
-    highest above `above`, else the lowest below `below`, as a window's max and min would); the
-    device's type is not checked here."""
+    highest above `above`, else the lowest below `below`, as a window's max and min would), at
+    most `limit` of them; the device's type is not checked here."""
     extremes: dict[tuple[str, str], _Extremes] = {}
     readings = zip(batch.device_ids, batch.metrics, batch.ts, batch.values, strict=True)
     for device_id, metric, ts, value in readings:
@@ -84,12 +137,21 @@ def crossings(batch: ReadingColumns, rules: dict[str, list[Threshold]]) -> dict[
             seen.low, seen.low_ts = value, ts
     found: dict[tuple[str, str], Crossing] = {}
     for (device_id, metric), e in extremes.items():
-        for rule in rules[metric]:
-            if rule.above is not None and e.high > rule.above:
-                found[(device_id, rule.rule_id)] = (e.high_ts, e.high)
-            elif rule.below is not None and e.low < rule.below:
-                found[(device_id, rule.rule_id)] = (e.low_ts, e.low)
+        m = rules[metric]
+        for i in range(bisect_left(m.aboves, e.high)):  # above < high
+            found[(device_id, m.above[i].rule_id)] = (e.high_ts, e.high)
+            if len(found) >= limit:
+                return found
+        for i in range(bisect_right(m.belows, e.low), len(m.below)):  # below > low
+            found.setdefault((device_id, m.below[i].rule_id), (e.low_ts, e.low))
+            if len(found) >= limit:
+                return found
     return found
+
+
+def _before(seen: datetime | None, ts: datetime) -> bool:
+    """Whether the windows' latest reading of a series (None: none yet) is older than ts."""
+    return seen is None or (seen if seen.tzinfo is not None else seen.replace(tzinfo=UTC)) < ts
 
 
 class EarlyAlerts:
@@ -97,26 +159,64 @@ class EarlyAlerts:
 
     def __init__(self, pool: Pool, temporal: Client) -> None:
         self.pool, self.temporal = pool, temporal
-        self._rules: OrderedDict[str, tuple[float, dict[str, list[Threshold]]]] = OrderedDict()
+        # tenant -> (when it expires, its rules), in order of expiry
+        self._rules: OrderedDict[str, tuple[float, Rules]] = OrderedDict()
+        self._sizes: dict[str, int] = {}
+        self._cached = 0
+        self._loading: dict[str, asyncio.Future[Rules]] = {}  # tenant -> its rules being read
+        self._budgets: dict[str, tuple[float, float]] = {}  # tenant -> (starts left, when)
 
-    async def rules_of(self, tenant: str) -> dict[str, list[Threshold]]:
+    async def rules_of(self, tenant: str) -> Rules:
         """metric -> the tenant's enabled threshold rules on it (kept RULES_TTL_S)."""
         now = time.monotonic()
         kept = self._rules.get(tenant)
         if kept is not None and kept[0] > now:
-            self._rules.move_to_end(tenant)
             return kept[1]
-        by_metric: dict[str, list[Threshold]] = {}
-        for r in await analytics_facade.threshold_rules(self.pool, tenant):
-            params = r["params"]
-            by_metric.setdefault(r["metric"], []).append(
-                Threshold(r["rule_id"], r["device_type"], params.get("above"), params.get("below"))
+        # one read a tenant at a time: the batches (publishes) arriving meanwhile wait for it
+        loading = self._loading.get(tenant)
+        if loading is None:
+            loading = self._loading[tenant] = asyncio.ensure_future(self._load(tenant, now))
+            loading.add_done_callback(lambda done: self._loaded(tenant, done))
+        return await asyncio.shield(loading)
+
+    def _loaded(self, tenant: str, done: asyncio.Future[Rules]) -> None:
+        if self._loading.get(tenant) is done:
+            del self._loading[tenant]
+        if not done.cancelled():
+            done.exception()  # retrieved: each waiter got it already
+
+    async def _load(self, tenant: str, now: float) -> Rules:
+        rows = await analytics_facade.threshold_rules(self.pool, tenant)
+        rules = index_rules(
+            Threshold(
+                r["rule_id"],
+                r["device_type"],
+                r["metric"],
+                r["params"].get("above"),
+                r["params"].get("below"),
             )
-        self._rules[tenant] = (now + RULES_TTL_S, by_metric)
-        self._rules.move_to_end(tenant)
-        while len(self._rules) > MAX_TENANTS:
-            self._rules.popitem(last=False)
-        return by_metric
+            for r in rows
+        )
+        self._forget(tenant)
+        self._rules[tenant] = (now + RULES_TTL_S, rules)
+        self._sizes[tenant] = len(rows)
+        self._cached += len(rows)
+        # in order of expiry: what expired, then the oldest, go (an expired entry serves nothing)
+        while self._rules:
+            oldest, (expires, _) = next(iter(self._rules.items()))
+            if expires > now and len(self._rules) <= MAX_TENANTS and self._cached <= MAX_CACHED_RULES:
+                break
+            self._forget(oldest)
+        return rules
+
+    def _forget(self, tenant: str) -> None:
+        self._rules.pop(tenant, None)
+        self._cached -= self._sizes.pop(tenant, 0)
+
+    @property
+    def cached_rules(self) -> int:
+        """How many rules this process keeps, all tenants together."""
+        return self._cached
 
     async def check_rows(self, tenant: str, device_id: str, rows: list[str]) -> int:
         """check() for an MQTT publish of a device: its `device_id,metric,ts,value` CSV rows."""
@@ -147,7 +247,8 @@ class EarlyAlerts:
 
     def forget(self, tenant: str) -> None:
         """Drop the tenant's rules (they changed): the next check reads them again."""
-        self._rules.pop(tenant, None)
+        self._forget(tenant)
+        self._loading.pop(tenant, None)  # a read begun before the change is not waited for
 
     async def check(self, tenant: str, batch: ReadingColumns, subject: str) -> int:
         """Start ThresholdAlert for each reading of the accepted batch that raises a rule of its
@@ -167,17 +268,59 @@ class EarlyAlerts:
         found = crossings(batch, rules)
         if not found:
             return 0
+        # taken before the reads, so a tenant past its budget costs no query (an alert storm
+        # over MQTT checks each publish in a task of its own); what is not started goes back
+        granted = self._take(tenant, min(len(found), EARLY_PER_BATCH))
+        if not granted:
+            return 0
+        starts: list[EarlyRaise] = []
+        try:
+            starts = (await self._due(tenant, rules, found))[:granted]
+            async with asyncio.timeout(EARLY_START_TIMEOUT_S):
+                await asyncio.gather(*(self._start(raise_) for raise_ in starts))
+        finally:
+            self._give_back(tenant, granted - len(starts))
+        return len(starts)
+
+    async def _due(
+        self, tenant: str, rules: Rules, found: dict[tuple[str, str], Crossing]
+    ) -> list[EarlyRaise]:
+        """The crossings whose early raise would raise: an active device of the rule's type, no
+        alert of theirs holding, a reading newer than what the windows analysed."""
         devices = sorted({device_id for device_id, _ in found})
-        types = await device_facade.device_types(self.pool, [(tenant, d) for d in devices])
-        holding = await analytics_facade.open_alert_keys(self.pool, tenant, devices)
-        type_of_rule = {rule.rule_id: rule.device_type for by_rule in rules.values() for rule in by_rule}
-        starts = [
+        # active devices only: another's readings are quarantined, its start would raise nothing
+        types = await device_facade.active_device_types(self.pool, [(tenant, d) for d in devices])
+        holding = await analytics_facade.open_alert_keys(self.pool, tenant, list(found))
+        type_of_rule = {rule: t for m in rules.values() for rule, t in m.device_types.items()}
+        metric_of_rule = {rule: m.metric for m in rules.values() for rule in m.device_types}
+        # a reading no newer than what the windows analysed is theirs (raise_early refuses it)
+        seen = await analytics_facade.series_seen(
+            self.pool, tenant, sorted({(d, metric_of_rule[r]) for d, r in found})
+        )
+        return [
             EarlyRaise(tenant=tenant, device_id=device_id, rule_id=rule_id, ts=ts, value=value)
             for (device_id, rule_id), (ts, value) in sorted(found.items())
-            if (device_id, rule_id) not in holding and types.get((tenant, device_id)) == type_of_rule[rule_id]
-        ][:EARLY_PER_BATCH]
-        await asyncio.gather(*(self._start(raise_) for raise_ in starts))
-        return len(starts)
+            if (device_id, rule_id) not in holding
+            and types.get((tenant, device_id)) == type_of_rule[rule_id]
+            and _before(seen.get((device_id, metric_of_rule[rule_id])), ts)
+        ]
+
+    def _take(self, tenant: str, wanted: int) -> int:
+        """How many of `wanted` starts the tenant's budget (EARLY_PER_TENANT_S, up to
+        EARLY_BURST) allows now; taken from it."""
+        now = time.monotonic()
+        left, at = self._budgets.get(tenant, (float(EARLY_BURST), now))
+        left = min(float(EARLY_BURST), left + (now - at) * EARLY_PER_TENANT_S)
+        taken = min(wanted, int(left))
+        if tenant not in self._budgets and len(self._budgets) >= MAX_TENANTS:
+            self._budgets.clear()  # bounded: a tenant forgotten starts with a full budget
+        self._budgets[tenant] = (left - taken, now)
+        return taken
+
+    def _give_back(self, tenant: str, unused: int) -> None:
+        if unused > 0 and tenant in self._budgets:
+            left, at = self._budgets[tenant]
+            self._budgets[tenant] = (min(float(EARLY_BURST), left + unused), at)
 
     async def _start(self, inp: EarlyRaise) -> None:
         await self.temporal.start_workflow(

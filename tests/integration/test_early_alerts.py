@@ -12,17 +12,25 @@ from datetime import timedelta
 
 import httpx
 import pytest
+from temporalio.client import Client
+from temporalio.converter import PayloadConverter
+from temporalio.service import RPCError
 
 from activities.analytics import AnalyticsService
+from api.early_alerts import EarlyAlerts
 from fleetflow.contracts.telemetry import EarlyRaise
 from fleetflow.db import Pool
+from fleetflow.identity import HEADER
+from fleetflow.keys import keyring
+from fleetflow.security import verify_service_token
 from fleetflow.settings import Settings
 from tests.integration.conftest import ENTERED, FINISHED, HOLDS
-from tests.integration.flows import AUTH, new_id
+from tests.integration.flows import AUTH, new_id, onboard, progress_until
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.integration.test_alarms import GLOBEX, START, Sensor
 from tests.integration.test_telemetry import send
 from tests.support import eventually
+from workflows.threshold_alert import threshold_alert_id
 
 
 @pytest.fixture(scope="module")
@@ -167,18 +175,128 @@ async def test_an_early_raise_after_the_windows_saw_a_later_reading_raises_nothi
 
 
 async def test_a_reading_published_over_mqtt_raises_its_alert_while_its_window_waits(
-    api: httpx.AsyncClient, pool: Pool, gateway: GatewayProcess, backlog: asyncio.Event
+    api: httpx.AsyncClient,
+    pool: Pool,
+    client: Client,
+    settings: Settings,
+    gateway: GatewayProcess,
+    backlog: asyncio.Event,
 ) -> None:
     s = await Sensor(api, pool).start()
     token = s.me["Authorization"].removeprefix("Bearer ")
-    client = Device(gateway.port, s.device_id, token)
+    device = Device(gateway.port, s.device_id, token)
     try:
-        assert await client.connect() == 0
+        assert await device.connect() == 0
         reading = {"metric": s.metric, "value": 33, "ts": START.isoformat()}
         topic = f"tenants/acme/devices/{s.device_id}/telemetry"
-        assert await client.puback(client.publish(topic, json.dumps(reading))) == 0
+        assert await device.puback(device.publish(topic, json.dumps(reading))) == 0
     finally:
-        client.close()
+        device.close()
     [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
     assert (alert["status"], alert["raised_value"]) == ("open", 33)
     assert await _pending(pool, s.device_id) == 1
+    # the gateway's start (a task of its own) acts for the publishing device, in its tenant
+    history = await client.get_workflow_handle(
+        threshold_alert_id("acme", s.device_id, f"r-{s.metric}")
+    ).fetch_history()
+    header = history.events[0].workflow_execution_started_event_attributes.header.fields[HEADER]
+    codec = client.data_converter.payload_codec
+    [opened] = await codec.decode([header]) if codec is not None else [header]
+    token = PayloadConverter.default.from_payloads([opened])[0]
+    actor = verify_service_token(keyring(settings), token, settings.jwt_issuer).actor
+    assert (actor.subject, actor.tenant) == (f"device:{s.device_id}", "acme")
+
+
+async def test_a_device_whose_clock_jumped_back_still_clears_its_alert(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    s = await Sensor(api, pool).start()
+    s.sent = 600  # ten minutes on: the device's clock runs ahead
+    await _send(s, 35)
+    await eventually(s._analysed, lambda n: n >= 1)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    s.sent = 0  # its clock is set right: its next readings are older than the one that raised
+    await _send(s, 25)
+    await eventually(s._analysed, lambda n: n >= 2)
+    [cleared] = await eventually(s.alerts, lambda a: a[0]["status"] == "cleared")
+    assert (cleared["alert_id"], cleared["cleared_value"]) == (alert["alert_id"], 25)
+
+
+async def test_a_reading_whose_early_alert_was_cleared_by_hand_does_not_raise_it_again_in_its_window(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    await _send(s, 35)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    cleared = await api.post(f"/v1/alerts/{alert['alert_id']}/clear", json={}, headers=AUTH)
+    assert cleared.status_code == 200, cleared.text
+    backlog.set()
+    await eventually(s._analysed, lambda n: n >= 1)
+    assert [a["status"] for a in await s.alerts()] == ["cleared"]  # its window saw the same 35
+    await s.window(36)  # a later reading crossing again raises a new one, as ever
+    assert [a["status"] for a in await s.alerts()] == ["open", "cleared"]
+
+
+async def test_a_device_not_yet_active_starts_no_early_alert(
+    api: httpx.AsyncClient, pool: Pool, client: Client, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    waiting = Sensor(api, pool)
+    waiting.metric, waiting.device_id = s.metric, new_id("waiting")
+    assert (await onboard(api, waiting.device_id)).status_code == 202
+    await progress_until(api, waiting.device_id, "awaiting_first_contact")  # its readings are quarantined
+    await _send(waiting, 99, auth=AUTH)
+    await _send(s, 35)  # a batch after it: its start is not behind the other's
+    await eventually(s.alerts, lambda a: len(a) == 1)
+    raise_id = threshold_alert_id("acme", waiting.device_id, f"r-{s.metric}")
+    with pytest.raises(RPCError):  # no workflow started that could raise nothing
+        await client.get_workflow_handle(raise_id).describe()
+
+
+async def test_the_window_raises_the_alert_when_the_api_died_before_its_early_start(
+    api: httpx.AsyncClient, pool: Pool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def died(*_: object) -> int:
+        return 0  # the batch committed, the process ended before it started ThresholdAlert
+
+    monkeypatch.setattr(EarlyAlerts, "check", died)
+    s = await Sensor(api, pool).start()
+    await s.window(20, 35, 22)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    assert (alert["status"], alert["raised_value"]) == ("open", 35)
+    [(kind, _, data)] = await eventually(s.events, lambda e: len(e) == 1)
+    assert (kind, data["alert_id"]) == ("AlertRaised", alert["alert_id"])
+
+
+async def test_an_early_raise_whose_rule_became_a_rate_or_was_deleted_raises_nothing(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    s = await Sensor(api, pool).start()
+    rule = f"/v1/rules/r-{s.metric}"
+    [mine] = [r for r in (await api.get("/v1/rules", headers=AUTH)).json() if r["rule_id"] == f"r-{s.metric}"]
+    in_flight = EarlyRaise(
+        tenant="acme", device_id=s.device_id, rule_id=f"r-{s.metric}", ts=START, value=35, window_id=""
+    )
+    rate = {**mine, "kind": "rate", "params": {"max_per_s": 1}}
+    assert (await api.put(rule, json=rate, headers=AUTH)).status_code == 200
+    analytics = AnalyticsService(pool)
+    assert await analytics.raise_early(in_flight.model_copy(update={"window_id": f"t-{new_id()}"})) == 0
+    assert (await api.delete(rule, headers=AUTH)).status_code == 204
+    assert await analytics.raise_early(in_flight.model_copy(update={"window_id": f"t-{new_id()}"})) == 0
+    assert await s.alerts() == []
+
+
+async def test_a_crossing_reading_older_than_what_the_windows_saw_starts_no_early_alert(
+    api: httpx.AsyncClient, pool: Pool, client: Client
+) -> None:
+    s = await Sensor(api, pool).start()
+    s.sent = 60
+    await _send(s, 20)
+    await eventually(s._analysed, lambda n: n >= 1)
+    s.sent = 0  # a late reading, a minute older than the one its windows analysed
+    await _send(s, 35)
+    raise_id = threshold_alert_id("acme", s.device_id, f"r-{s.metric}")
+    with pytest.raises(RPCError):  # raise_early would refuse it: no workflow started for nothing
+        await client.get_workflow_handle(raise_id).describe()
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)  # its window raises it, as ever
+    assert alert["raised_value"] == 35

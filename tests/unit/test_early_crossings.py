@@ -1,0 +1,196 @@
+"""api/early_alerts.py `crossings`: which readings of an accepted batch raise a threshold rule,
+and what a batch may cost (10,000 readings, a tenant's 1,000 rules on their metric)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+from temporalio.client import Client
+
+from activities.telemetry_accept import ReadingColumns
+from api import early_alerts
+from api.early_alerts import MAX_CANDIDATES, EarlyAlerts, Threshold, crossings, index_rules
+from fleetflow.db import Pool
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def _batch(devices: int, values: list[float], metric: str = "temp") -> ReadingColumns:
+    n = devices * len(values)
+    return ReadingColumns(
+        "b",
+        [f"d{i % devices}" for i in range(n)],
+        [T0 + timedelta(seconds=i) for i in range(n)],
+        [metric] * n,
+        [values[i // devices] for i in range(n)],
+    )
+
+
+class Counting(float):
+    """A rule bound that counts the comparisons made with it."""
+
+    made = 0
+
+    def __lt__(self, other: object) -> bool:
+        Counting.made += 1
+        return float(self) < other  # type: ignore[operator]
+
+    def __gt__(self, other: object) -> bool:
+        Counting.made += 1
+        return float(self) > other  # type: ignore[operator]
+
+
+def test_the_highest_reading_above_else_the_lowest_below_raises() -> None:
+    rules = index_rules(
+        [
+            Threshold("hot", "sensor", "temp", 30.0, None),
+            Threshold("band", "sensor", "temp", 40.0, 0.0),
+            Threshold("cold", "sensor", "temp", None, 5.0),
+            Threshold("other", "sensor", "rpm", 1.0, None),
+        ]
+    )
+    found = crossings(_batch(1, [20.0, 35.0, -1.0, 33.0]), rules)
+    assert found == {
+        ("d0", "hot"): (T0 + timedelta(seconds=1), 35.0),
+        ("d0", "band"): (T0 + timedelta(seconds=2), -1.0),
+        ("d0", "cold"): (T0 + timedelta(seconds=2), -1.0),
+    }
+    assert crossings(_batch(1, [20.0, 21.0]), rules) == {}
+
+
+def test_a_batch_of_many_devices_crossing_many_rules_yields_a_bounded_number_of_candidates() -> None:
+    rules = index_rules([Threshold(f"r{k}", "sensor", "temp", float(k), None) for k in range(1000)])
+    found = crossings(_batch(10_000, [5_000.0]), rules)  # each of 10,000 devices crosses all 1,000
+    assert len(found) == MAX_CANDIDATES
+
+
+def test_rules_a_batch_does_not_cross_cost_no_comparison_each() -> None:
+    rules = index_rules(
+        [Threshold(f"r{k}", "sensor", "temp", Counting(1e6 + k), Counting(-1e6 - k)) for k in range(1000)]
+    )
+    Counting.made = 0
+    assert crossings(_batch(1000, [20.0]), rules) == {}
+    assert Counting.made <= 1000 * 2 * 12  # two binary searches a device, not one test per rule
+
+
+class _RulesDb:
+    """A pool answering each tenant's threshold rules: 1,000 a tenant."""
+
+    async def fetch(self, query: str, tenant: str) -> list[dict[str, Any]]:
+        return [
+            {"rule_id": f"r{k}", "device_type": "sensor", "metric": "temp", "params": {"above": 1.0}}
+            for k in range(1000)
+        ]
+
+
+async def test_rules_of_tenants_no_longer_checking_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    now = [0.0]
+    monkeypatch.setattr(early_alerts, "time", SimpleNamespace(monotonic=lambda: now[0]))  # its clock only
+    alerts = EarlyAlerts(cast(Pool, _RulesDb()), cast(Client, None))
+    for t in range(300):  # 300 tenants, each once
+        await alerts.rules_of(f"t{t}")
+    assert alerts.cached_rules <= early_alerts.MAX_CACHED_RULES
+    now[0] += 2 * early_alerts.RULES_TTL_S
+    await alerts.rules_of("t-new")  # what expired goes
+    assert alerts.cached_rules == 1000
+    assert alerts.may_watch("t-new")  # it has rules: checked
+
+
+class _Db:
+    """A pool answering the early check's reads: one rule, one active sensor, no alert holding."""
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "analytics.rules" in query:
+            return [{"rule_id": "hot", "device_type": "sensor", "metric": "temp", "params": {"above": 30.0}}]
+        if "device.devices" in query:
+            return [{"tenant": "acme", "device_id": "d0", "device_type": "sensor"}]
+        return []
+
+
+class _Unanswering:
+    """A Temporal frontend that takes a start and never answers it."""
+
+    async def start_workflow(self, *args: Any, **kwargs: Any) -> None:
+        await asyncio.Event().wait()
+
+
+async def test_an_unanswered_start_does_not_hold_the_batchs_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(early_alerts, "EARLY_START_TIMEOUT_S", 0.01)
+    alerts = EarlyAlerts(cast(Pool, _Db()), cast(Client, _Unanswering()))
+    # the readings are committed: the window raises the alert; the 202 does not wait for Temporal
+    assert await asyncio.wait_for(alerts.check("acme", _batch(1, [35.0]), "tester"), 60) == 0
+
+
+class _Fleet:
+    """A pool answering the early check's reads: one rule, 1,000 active sensors, none holding."""
+
+    reads = 0
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        self.reads += 1
+        if "analytics.rules" in query:
+            return [{"rule_id": "hot", "device_type": "sensor", "metric": "temp", "params": {"above": 30.0}}]
+        if "device.devices" in query:
+            return [
+                {"tenant": t, "device_id": d, "device_type": "sensor"} for t, d in zip(*args, strict=True)
+            ]
+        return []
+
+
+class _Starts:
+    """A Temporal frontend that counts the starts it takes."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+
+    async def start_workflow(self, *args: Any, id: str, **kwargs: Any) -> None:
+        self.ids.append(id)
+
+
+async def test_a_tenants_alert_storm_starts_early_alerts_at_a_bounded_rate(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(early_alerts, "time", SimpleNamespace(monotonic=lambda: now[0]))  # its clock only
+    temporal, db = _Starts(), _Fleet()
+    alerts = EarlyAlerts(cast(Pool, db), cast(Client, temporal))
+    storm = _batch(1000, [35.0])  # all 1,000 devices hot at once, batch after batch
+    started = [await alerts.check("acme", storm, "tester") for _ in range(10)]
+    assert sum(started) == early_alerts.EARLY_BURST  # the windows raise the others
+    reads = db.reads
+    assert await alerts.check("acme", storm, "tester") == 0
+    assert db.reads == reads  # past its budget, a tenant's batch costs no query
+    now[0] += 1.0
+    assert await alerts.check("acme", storm, "tester") == early_alerts.EARLY_PER_TENANT_S
+    assert await alerts.check("globex", storm, "tester") > 0  # another tenant's are its own
+    now[0] += 1.0
+    calm = _batch(1000, [20.0])
+    assert [await alerts.check("acme", calm, "tester") for _ in range(5)] == [0] * 5
+    one = _batch(1, [35.0])  # the calm batches took nothing of the budget
+    assert [await alerts.check("acme", one, "tester") for _ in range(10)] == [1] * 10
+
+
+class _SlowRulesDb(_RulesDb):
+    """_RulesDb answering once `gate` is set, counting the reads."""
+
+    def __init__(self) -> None:
+        self.gate, self.reads = asyncio.Event(), 0
+
+    async def fetch(self, query: str, tenant: str) -> list[dict[str, Any]]:
+        self.reads += 1
+        await self.gate.wait()
+        return await super().fetch(query, tenant)
+
+
+async def test_batches_arriving_while_a_tenants_rules_are_read_wait_for_that_one_read() -> None:
+    db = _SlowRulesDb()
+    alerts = EarlyAlerts(cast(Pool, db), cast(Client, None))
+    waiting = [asyncio.ensure_future(alerts.rules_of("acme")) for _ in range(100)]
+    await asyncio.sleep(0)
+    db.gate.set()
+    answers = await asyncio.gather(*waiting)
+    assert db.reads == 1 and all(len(a["temp"].above) == 1000 for a in answers)
