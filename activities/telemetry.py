@@ -314,22 +314,21 @@ async def _store(conn: Any, request: StoreWindow) -> Stored:
     quarantined = await _quarantine_unready(conn, request)
     # one pass over the rows for every aggregate; it counts the rows outside the bounds too,
     # and most windows have none: only then a second pass moves them out
-    if await data_window_groups.group(conn, *bounds, MAX_ABS_VALUE):
+    grouped = await data_window_groups.group(conn, *bounds, MAX_ABS_VALUE)
+    if grouped["out_of_bounds"]:
         for tenant, count in (await _quarantine_out_of_bounds(conn, request, *bounds)).items():
             quarantined[tenant] = quarantined.get(tenant, 0) + count
         await data_window_groups.drop_out_of_bounds(conn)
-    per_tenant = await data_window_groups.add_stats(conn, request.window_id)
-    if per_tenant:
-        await _check_partitions(conn, min(r["first"] for r in per_tenant), max(r["last"] for r in per_tenant))
+    if grouped["first"] is not None:
+        await _check_partitions(conn, grouped["first"], grouped["last"])
     await conn.execute(
         """INSERT INTO data.readings (tenant, device_id, metric, ts, value)
            SELECT tenant, device_id, metric, ts, value FROM incoming"""
     )
     # in this transaction, which marks the window stored: a retry adds nothing twice
+    per_tenant = await data_window_groups.add_stats(conn, request.window_id)
     await data_rollups.add_window(conn)
-    by_tenant: dict[str, dict[str, int]] = {
-        r["tenant"]: {"stored": int(r["stored"]), "quarantined": 0} for r in per_tenant
-    }
+    by_tenant: dict[str, dict[str, int]] = {t: {"stored": n, "quarantined": 0} for t, n in per_tenant.items()}
     for tenant, count in quarantined.items():
         by_tenant.setdefault(tenant, {"stored": 0, "quarantined": 0})["quarantined"] = count
     stored = sum(t["stored"] for t in by_tenant.values())
