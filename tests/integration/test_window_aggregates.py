@@ -8,6 +8,7 @@ transaction, `_store`), so no shard or supervisor can claim or reclaim them half
 
 from __future__ import annotations
 
+import math
 import random
 import statistics
 import uuid
@@ -225,3 +226,22 @@ async def test_a_window_of_readings_all_out_of_bounds_stores_nothing_and_quarant
         await pool.fetchval("SELECT count(*) FROM data.quarantined_readings WHERE window_id = $1", window_id)
         == 5
     )
+
+
+async def test_values_at_the_bound_are_stored_and_just_past_it_quarantined(pool: Pool) -> None:
+    device = f"agg-{uuid.uuid4().hex[:8]}"
+    at = NOW - timedelta(minutes=30)
+    edge = [
+        ("acme", device, "edge", at + timedelta(seconds=i), v)
+        for i, v in enumerate((MAX_ABS_VALUE, -MAX_ABS_VALUE))
+    ]
+    past = math.nextafter(MAX_ABS_VALUE, math.inf)
+    lines = "".join(f"acme,BATCH,{device},edge,{at.isoformat()},{v!r}\n" for v in (past, -past))
+    window_id = f"test-aggregates/{uuid.uuid4().hex}/1"
+    stored = await _store(pool, window_id, edge, {"acme": lines.encode()})
+    assert (stored.stored, stored.quarantined) == (2, 2)
+    row = await pool.fetchrow("SELECT * FROM data.window_stats WHERE window_id = $1", window_id)
+    assert row is not None
+    assert (row["n"], row["min_value"], row["max_value"]) == (2, -MAX_ABS_VALUE, MAX_ABS_VALUE)
+    assert (row["first_value"], row["last_value"]) == (MAX_ABS_VALUE, -MAX_ABS_VALUE)
+    assert row["var"] == pytest.approx(MAX_ABS_VALUE**2)
