@@ -409,7 +409,7 @@ async def _quarantine_out_of_bounds(
     conn: Any, request: StoreWindow, oldest: datetime, latest: datetime
 ) -> dict[str, int]:
     """Move out of `incoming` into quarantine the rows outside the bounds, with the bound as
-    the reason (the test is data_window_groups' `bad`); counts per tenant."""
+    the reason (data_window_groups' `bad` is the same test); counts per tenant."""
     return _counts(
         await conn.fetch(
             f"""WITH moved AS (
