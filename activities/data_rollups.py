@@ -1,8 +1,9 @@
 """1-minute and 1-hour rollups of data.readings (count, sum, min, max per series and bucket),
 kept longer than the raw readings (a tenant's `rollup_retention_days`).
 
-`add_window` runs inside store_window's transaction, after the window's readings are in
-data.readings: the window is marked stored in the same transaction, so a retried or redelivered
+`add_window` runs inside store_window's transaction, from the window's 1-minute groups
+(activities/data_window_groups.py; an hour's bucket is the union of its minutes', by the same
+origin): the window is marked stored in the same transaction, so a retried or redelivered
 window (found stored) adds nothing twice. Rows are upserted in key order, so two shards adding
 to the same buckets wait for each other instead of deadlocking. `read` answers a bucketed read
 from them when the bucket and the range line up with a rollup's width.
@@ -22,14 +23,15 @@ TABLES: tuple[tuple[str, timedelta], ...] = (
 )
 
 
-async def add_window(conn: Any, source: str = "incoming") -> None:
-    """Add the rows of `source` (the window's stored readings) to every rollup."""
+async def add_window(conn: Any, groups: str = "window_groups") -> None:
+    """Add the window's readings to every rollup, from `groups`: one row per series and
+    1-minute bucket (n, total, min_value, max_value), a bucket of every rollup's width."""
     for table, width in TABLES:
         await conn.execute(
             f"""INSERT INTO {table} AS r (tenant, device_id, metric, bucket, n, total, min_value, max_value)
-                SELECT tenant, device_id, metric, date_bin($1, ts, {ORIGIN}), count(*), sum(value),
-                       min(value), max(value)
-                FROM {source} GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
+                SELECT tenant, device_id, metric, date_bin($1, bucket, {ORIGIN}), sum(n), sum(total),
+                       min(min_value), max(max_value)
+                FROM {groups} GROUP BY 1, 2, 3, 4 ORDER BY 1, 2, 3, 4
                 ON CONFLICT (tenant, device_id, metric, bucket) DO UPDATE SET
                     n = r.n + excluded.n, total = r.total + excluded.total,
                     min_value = least(r.min_value, excluded.min_value),

@@ -22,7 +22,7 @@ from typing import Any
 from temporalio import activity
 from temporalio.client import Client
 
-from activities import data_facade, data_retention, data_rollups, device_facade
+from activities import data_facade, data_retention, data_rollups, data_window_groups, device_facade
 from activities.ingest_supervision import IngestionSupervision
 from activities.ingest_windows import WatchedReadings, WindowIsolation
 from activities.poison import poison_guard
@@ -308,49 +308,27 @@ async def _store(conn: Any, request: StoreWindow) -> Stored:
     )
     source = io.BytesIO(b"".join(r["payload"] for r in payloads))
     await conn.copy_to_table("incoming", source=source, format="csv")
-    quarantined = await _quarantine(conn, request)
-    # one cheap pass for the analytics aggregates; first and last values are looked up
-    # by index once the rows are in data.readings (a sort per series would cost more)
-    await conn.execute(
-        """INSERT INTO data.window_stats
-           SELECT $1, tenant, device_id, metric, count(*), avg(value),
-                  coalesce(var_pop(value), 0), min(value), max(value),
-                  min(ts), 'NaN', max(ts), 'NaN'
-           FROM incoming GROUP BY tenant, device_id, metric""",
-        request.window_id,
-    )
-    span = await conn.fetchrow(
-        """SELECT min(first_ts)::date AS first, max(last_ts)::date AS last
-           FROM data.window_stats WHERE window_id = $1""",
-        request.window_id,
-    )
-    if span is not None and span["first"] is not None:
-        await _check_partitions(conn, span["first"], span["last"])
+    now = datetime.now(UTC)
+    # a day of grace on the oldest: a batch may wait a little before it is stored
+    bounds = (now - timedelta(days=MAX_AGE_DAYS + 1), now + timedelta(seconds=FUTURE_TOLERANCE_S))
+    quarantined = await _quarantine_unready(conn, request)
+    # one pass over the rows for every aggregate; it counts the rows outside the bounds too,
+    # and most windows have none: only then a second pass moves them out
+    grouped = await data_window_groups.group(conn, *bounds, MAX_ABS_VALUE)
+    if grouped["out_of_bounds"]:
+        for tenant, count in (await _quarantine_out_of_bounds(conn, request, *bounds)).items():
+            quarantined[tenant] = quarantined.get(tenant, 0) + count
+        await data_window_groups.drop_out_of_bounds(conn)
+    if grouped["first"] is not None:
+        await _check_partitions(conn, grouped["first"], grouped["last"])
     await conn.execute(
         """INSERT INTO data.readings (tenant, device_id, metric, ts, value)
            SELECT tenant, device_id, metric, ts, value FROM incoming"""
     )
     # in this transaction, which marks the window stored: a retry adds nothing twice
+    per_tenant = await data_window_groups.add_stats(conn, request.window_id)
     await data_rollups.add_window(conn)
-    await conn.execute(
-        """UPDATE data.window_stats w SET
-               first_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
-                   AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.first_ts
-                   LIMIT 1),
-               last_value = (SELECT r.value FROM data.readings r WHERE r.tenant = w.tenant
-                   AND r.device_id = w.device_id AND r.metric = w.metric AND r.ts = w.last_ts
-                   LIMIT 1)
-           WHERE w.window_id = $1""",
-        request.window_id,
-    )
-    by_tenant: dict[str, dict[str, int]] = {
-        r["tenant"]: {"stored": int(r["stored"]), "quarantined": 0}
-        for r in await conn.fetch(
-            """SELECT tenant, sum(n) AS stored FROM data.window_stats
-               WHERE window_id = $1 GROUP BY tenant""",
-            request.window_id,
-        )
-    }
+    by_tenant: dict[str, dict[str, int]] = {t: {"stored": n, "quarantined": 0} for t, n in per_tenant.items()}
     for tenant, count in quarantined.items():
         by_tenant.setdefault(tenant, {"stored": 0, "quarantined": 0})["quarantined"] = count
     stored = sum(t["stored"] for t in by_tenant.values())
@@ -400,37 +378,39 @@ async def _heartbeating() -> AsyncIterator[None]:
         task.cancel()
 
 
-async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
+async def _quarantine_unready(conn: Any, request: StoreWindow) -> dict[str, int]:
     """Move out of `incoming` into quarantine the rows of devices that may not send (listed
-    in device.window_unready by `device.find_unready`) and the rows outside the bounds;
-    counts per tenant."""
+    in device.window_unready by `device.find_unready`); counts per tenant."""
     # the request's own list and what device.find_unready noted (the device service's facade)
     unready = [(u.tenant, u.device_id, u.reason) for u in request.quarantine]
     unready += await device_facade.window_unready(conn, request.window_id)
-    now = datetime.now(UTC)
-    # a day of grace on the oldest: a batch may wait a little before it is stored
-    oldest = now - timedelta(days=MAX_AGE_DAYS + 1)
-    latest = now + timedelta(seconds=FUTURE_TOLERANCE_S)
-    passes = []
-    if unready:  # most windows have none: the join would still scan every row of `incoming`
-        await conn.execute(
-            """CREATE TEMP TABLE unready ON COMMIT DROP AS
-               SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])
-                   AS u(tenant, device_id, reason)""",
-            [u[0] for u in unready],
-            [u[1] for u in unready],
-            [u[2] for u in unready],
+    if not unready:  # most windows have none: the join would still scan every row of `incoming`
+        return {}
+    await conn.execute(
+        """CREATE TEMP TABLE unready ON COMMIT DROP AS
+           SELECT DISTINCT * FROM unnest($1::text[], $2::text[], $3::text[])
+               AS u(tenant, device_id, reason)""",
+        [u[0] for u in unready],
+        [u[1] for u in unready],
+        [u[2] for u in unready],
+    )
+    return _counts(
+        await conn.fetch(
+            f"""WITH moved AS (
+                   DELETE FROM incoming i USING unready u
+                   WHERE u.tenant = i.tenant AND u.device_id = i.device_id
+                   RETURNING i.*, u.reason){_KEEP}""",
+            request.window_id,
         )
-        passes.append(
-            await conn.fetch(
-                f"""WITH moved AS (
-                       DELETE FROM incoming i USING unready u
-                       WHERE u.tenant = i.tenant AND u.device_id = i.device_id
-                       RETURNING i.*, u.reason){_KEEP}""",
-                request.window_id,
-            )
-        )
-    passes.append(
+    )
+
+
+async def _quarantine_out_of_bounds(
+    conn: Any, request: StoreWindow, oldest: datetime, latest: datetime
+) -> dict[str, int]:
+    """Move out of `incoming` into quarantine the rows outside the bounds, with the bound as
+    the reason (data_window_groups' `bad` is the same test); counts per tenant."""
+    return _counts(
         await conn.fetch(
             f"""WITH moved AS (
                    DELETE FROM incoming i
@@ -444,11 +424,11 @@ async def _quarantine(conn: Any, request: StoreWindow) -> dict[str, int]:
             f"value out of bounds (|value| at most {MAX_ABS_VALUE:g})",
         )
     )
-    counts: dict[str, int] = {}
-    for rows in passes:
-        for r in rows:
-            counts[r["tenant"]] = counts.get(r["tenant"], 0) + int(r["n"])
-    return counts
+
+
+def _counts(rows: list[Any]) -> dict[str, int]:
+    """{tenant: n} of a quarantine pass's rows."""
+    return {r["tenant"]: int(r["n"]) for r in rows}
 
 
 _KEEP = """,
