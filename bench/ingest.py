@@ -275,9 +275,7 @@ async def run(
         cpu_before = _cpu_s(procs)
         started = time.perf_counter()
         sampling = asyncio.create_task(sampler())
-        spies = (
-            [] if profile_dir is None else profile.start(procs, ("api", "worker-data"), seconds, profile_dir)
-        )
+        spies = [] if profile_dir is None else profile.start(procs, ("api", "worker-"), seconds, profile_dir)
         await asyncio.gather(*(sender(k) for k in range(senders)), alerter(), progress())
         for spy in spies:
             await asyncio.to_thread(spy.wait)
