@@ -13,6 +13,7 @@ as the reason.
 from __future__ import annotations
 
 import asyncio
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, timedelta
@@ -305,11 +306,8 @@ async def _store(conn: Any, request: StoreWindow) -> Stored:
            ORDER BY tenant, batch_id FOR UPDATE""",
         request.window_id,
     )
-    # a buffer goes to the server as it is; a file (BytesIO) is read in 512 KiB chunks, each
-    # through the thread pool (and bytes alone would be taken for a path)
-    source = memoryview(b"".join([r["payload"] for r in payloads]))
-    if source:  # nothing to copy (an empty buffer would go as an empty CopyData message)
-        await conn.copy_to_table("incoming", source=source, format="csv")
+    source = io.BytesIO(b"".join(r["payload"] for r in payloads))
+    await conn.copy_to_table("incoming", source=source, format="csv")
     quarantined = await _quarantine(conn, request)
     # one cheap pass for the analytics aggregates; first and last values are looked up
     # by index once the rows are in data.readings (a sort per series would cost more)
