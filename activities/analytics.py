@@ -88,6 +88,15 @@ def _analysis_failed(window_id: str, row: Any, exc: BaseException) -> DomainEven
     )
 
 
+def _rolled(row: _Series) -> rules.StateTuple:
+    """rules.update of a series' prior state by its window, read straight off the records."""
+    w, p = row.stats, row.prior
+    last = (w["n"], w["mean"], w["var"], _aware(w["last_ts"]), w["last_value"])
+    if p is None:
+        return last
+    return rules.updated((p["n"], p["mean"], p["var"], _aware(p["last_ts"]), p["last_value"]), last)
+
+
 class _Series:
     """A window's row of one series read as one mapping: the aggregates by their names, the
     device type as `device_type`, the prior state as `s_<name>` (None for a new series)."""
@@ -156,8 +165,18 @@ class AnalyticsService(AnalyticsActivities):
             series_rows = []
             isolate = in_last_resort()
             for row in rows:
+                w, tenant = row.stats, row.stats["tenant"]
+                series_rules = by_series.get((tenant, row.device_type, w["metric"]))
+                if not series_rules:
+                    # most series: no rule to evaluate, only the state to roll on, on tuples
+                    try:
+                        series_rows.append((tenant, w["device_id"], w["metric"], *_rolled(row)))
+                    except (ArithmeticError, TypeError, ValueError) as exc:
+                        if not isolate:
+                            raise
+                        events.append(_analysis_failed(ref.window_id, row, exc))
+                    continue
                 window, prior = _stats(row), _prior(row)
-                series_rules = by_series.get((row["tenant"], row["device_type"], row["metric"]), [])
                 try:
                     verdicts = [(rule, rules.evaluate(rule, window, prior)) for rule in series_rules]
                     state = rules.update(prior, window)

@@ -23,13 +23,25 @@ from api.credentials import CredentialCache
 from api.limits import ASGIApp, Receive, Scope, Send
 from api.problems import PROBLEM_JSON, problem_body
 from fleetflow.db import Pool
-from fleetflow.keys import keyring
+from fleetflow.keys import KeyRing, keyring
 from fleetflow.pg_listener import PgListener
 from fleetflow.security import AuthError, TokenClaims, verify_token
 from fleetflow.settings import Settings
 
 CHANNEL = "api_tokens_revoked"
 CODEC_COOKIE = "fleetflow_codec"  # api/routers/codec.py's session cookie
+
+
+# the scope key under which RevokedTokens leaves the claims of the API tokens it verified (and
+# found not revoked), so a route verifying the same token again does not pay a second signature
+VERIFIED_TOKENS = "fleetflow.verified_tokens"
+
+
+def verified_token(scope: Scope, ring: KeyRing, token: str, issuer: str) -> TokenClaims:
+    """verify_token(ring, token, issuer), answered from the request's scope when RevokedTokens
+    verified this token (with the process's key ring and issuer) for this request already."""
+    claims: TokenClaims | None = scope.get(VERIFIED_TOKENS, {}).get(token)
+    return claims if claims is not None else verify_token(ring, token, issuer)
 
 
 def revocation_key(tenant: str, jti: str) -> str:
@@ -145,4 +157,5 @@ class RevokedTokens:
                     if revoked:
                         await _refuse(scope, send, 401, "token revoked", (b"www-authenticate", b"Bearer"))
                         return
+                    scope.setdefault(VERIFIED_TOKENS, {})[token] = claims
         await self.app(scope, receive, send)

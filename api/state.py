@@ -53,7 +53,8 @@ class AppState:
         return f"{base}/{workflow_id}/{run_id}/history" if run_id else f"{base}/{workflow_id}"
 
 
-def get_state(request: Request) -> AppState:
-    """FastAPI dependency: the process's AppState."""
+async def get_state(request: Request) -> AppState:
+    """FastAPI dependency: the process's AppState (async: a sync dependency costs each request a
+    hop through the thread pool)."""
     state: AppState = request.app.state.fleetflow
     return state

@@ -186,7 +186,7 @@ async def run(
     profile_dir: Path | None = None,
 ) -> dict[str, Any]:
     """Drive the platform for `seconds` and measure; `tracing` is the sample ratio (None: off);
-    with `profile_dir`, the API and data worker processes are sampled by py-spy while sending."""
+    with `profile_dir`, the API and every worker process are sampled by py-spy while sending."""
     hooks = Webhooks()
     await hooks.start()
     env = {"FLEETFLOW_INGEST_SHARDS": str(shards)} if shards else {}
@@ -281,9 +281,7 @@ async def run(
         cpu_before = _cpu_s(procs)
         started = time.perf_counter()
         sampling = asyncio.create_task(sampler())
-        spies = (
-            [] if profile_dir is None else profile.start(procs, ("api", "worker-data"), seconds, profile_dir)
-        )
+        spies = [] if profile_dir is None else profile.start(procs, ("api", "worker-"), seconds, profile_dir)
         await asyncio.gather(*(sender(k) for k in range(senders)), alerter(), progress())
         for spy in spies:
             await asyncio.to_thread(spy.wait)
@@ -441,7 +439,7 @@ if __name__ == "__main__":
     parser.add_argument("--shards", type=int, default=0, help="FLEETFLOW_INGEST_SHARDS (0: default)")
     parser.add_argument("--api-processes", type=int, default=1, help="fleetflow up --api-processes")
     parser.add_argument(
-        "--profile", type=Path, metavar="DIR", help="py-spy the API and data workers while sending, into DIR"
+        "--profile", type=Path, metavar="DIR", help="py-spy the API and the workers while sending, into DIR"
     )
     parser.add_argument("--tracing", type=float, metavar="RATIO", help="trace, sampling RATIO (e.g. 0.01)")
     parser.add_argument(

@@ -108,14 +108,31 @@ def update(prior: SeriesState | None, w: WindowStats, alpha: float = EWMA_ALPHA)
     """The series' rolling mean and variance (EWMA over readings) after the window."""
     if prior is None:
         return SeriesState(n=w.n, mean=w.mean, var=w.var, last_ts=w.last_ts, last_value=w.last_value)
-    a = 1 - (1 - alpha) ** w.n
-    mean = (1 - a) * prior.mean + a * w.mean
-    var = (1 - a) * (prior.var + a * (w.mean - prior.mean) ** 2) + a * w.var
-    newer = w.last_ts >= prior.last_ts
     return SeriesState(
-        n=prior.n + w.n,
-        mean=mean,
-        var=var,
-        last_ts=w.last_ts if newer else prior.last_ts,
-        last_value=w.last_value if newer else prior.last_value,
+        *updated(
+            (prior.n, prior.mean, prior.var, prior.last_ts, prior.last_value),
+            (w.n, w.mean, w.var, w.last_ts, w.last_value),
+            alpha,
+        )
+    )
+
+
+StateTuple = tuple[int, float, float, datetime, float]  # (n, mean, var, last_ts, last_value)
+
+
+def updated(prior: StateTuple, w: StateTuple, alpha: float = EWMA_ALPHA) -> StateTuple:
+    """`update` on plain tuples, prior state and window's (n, mean, var, last_ts, last_value):
+    what the analytics service runs for each series no rule watches, without an object each."""
+    p_n, p_mean, p_var, p_last_ts, p_last_value = prior
+    n, w_mean, w_var, last_ts, last_value = w
+    a = 1 - (1 - alpha) ** n
+    mean = (1 - a) * p_mean + a * w_mean
+    var = (1 - a) * (p_var + a * (w_mean - p_mean) ** 2) + a * w_var
+    newer = last_ts >= p_last_ts
+    return (
+        p_n + n,
+        mean,
+        var,
+        last_ts if newer else p_last_ts,
+        last_value if newer else p_last_value,
     )

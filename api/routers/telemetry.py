@@ -25,6 +25,7 @@ from api.models.base import as_contract
 from api.models.telemetry import AlertActionBody, RuleBody, TelemetryAccepted, TelemetryBatch
 from api.openapi import body_schema
 from api.problems import conflict, invalid, not_found
+from api.revocations import verified_token
 from api.state import AppState
 from api.telemetry_body import first_errors, parse_batch
 from api.workflow_wait import result_within
@@ -46,7 +47,7 @@ from fleetflow.contracts.telemetry import (
     TelemetryPoint,
     TelemetrySeries,
 )
-from fleetflow.security import AuthError, TokenClaims, verify_device_credential, verify_token
+from fleetflow.security import AuthError, TokenClaims, verify_device_credential
 from workflows.alert_lifecycle import AlertLifecycle, alert_action_id
 
 router = APIRouter(tags=["telemetry"])
@@ -58,7 +59,7 @@ BUCKET_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}
 
 
 async def _sender(
-    state: AppState, credentials: HTTPAuthorizationCredentials | None
+    request: Request, state: AppState, credentials: HTTPAuthorizationCredentials | None
 ) -> tuple[str, str | None, str]:
     """(tenant, device id, writer): a device credential may send for itself only, an operator
     for any device. The writer names the batch ids' owner: `device:<id>` for a device
@@ -70,7 +71,7 @@ async def _sender(
     token = credentials.credentials
     ring, issuer = state.keys, state.settings.jwt_issuer
     try:
-        claims = verify_token(ring, token, issuer)
+        claims = verified_token(request.scope, ring, token, issuer)
     except AuthError as api_error:
         try:
             device = verify_device_credential(ring, token, issuer)
@@ -118,7 +119,7 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
     5 minutes ahead; |value| at most 1e100; the tenant's and each device's readings/s and
     requests/s (429 with Retry-After).
     """
-    tenant, device_id, writer = await _sender(state, credentials)
+    tenant, device_id, writer = await _sender(request, state, credentials)
     raw = await request.body()
     if len(raw) > MAX_BATCH_BYTES:
         raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a batch is at most {MAX_BATCH_BYTES} bytes")
