@@ -62,7 +62,8 @@ def test_an_edited_module_is_compiled_again(
     source.write_text("VALUE = 2\n")
     os.utime(source, ns=(source.stat().st_atime_ns, source.stat().st_mtime_ns + 1_000_000))
     assert fresh("edited_pkg.mod").VALUE == 2
-    assert len(compiles) == 2
+    # the package's __init__ too when a worker of this session put the finder in place already
+    assert [Path(p).name for p in compiles if Path(p).name == "mod.py"] == ["mod.py", "mod.py"]
 
 
 def test_modules_outside_the_project_are_left_to_python(compiles: list[str]) -> None:
