@@ -76,15 +76,20 @@ async def issue_credential_on(
     conn: Conn, request: IssueCredential, keys: KeyRing, issuer: str
 ) -> IssuedCredential:
     """Issue the device's credential; stored only as a hash, the token returned once."""
-    # a retry signs with the key the first attempt used: the same token, the same hash
-    kid = await conn.fetchval("SELECT kid FROM device.credentials WHERE jti = $1", request.jti)
+    # a retry signs with the key and the expiry the first attempt used: the same token, the
+    # same hash (provision_device reads the expiry from the device type, which may have changed)
+    earlier = await conn.fetchrow(
+        "SELECT kid, expires_at FROM device.credentials WHERE jti = $1", request.jti
+    )
+    kid = earlier["kid"] if earlier is not None else None
+    expires_at = earlier["expires_at"] if earlier is not None else request.expires_at
     token = issue_device_credential(
         keys,
         tenant=request.tenant,
         device_id=request.device_id,
         jti=request.jti,
         issued_at=request.issued_at,
-        expires_at=request.expires_at,
+        expires_at=expires_at,
         issuer=issuer,
         kid=kid,
     )
@@ -107,10 +112,21 @@ async def issue_credential_on(
         request.device_id,
         token_hash(token),
         request.issued_at,
-        request.expires_at,
+        expires_at,
         kid_of(token),
     )
-    return IssuedCredential(jti=request.jti, token=token, expires_at=request.expires_at)
+    return IssuedCredential(jti=request.jti, token=token, expires_at=expires_at)
+
+
+async def credential_issued(conn: Conn, tenant: str, device_id: str, jti: str) -> bool:
+    """Whether the credential `jti` of the device was issued already (by an earlier attempt)."""
+    found = await conn.fetchval(
+        "SELECT 1 FROM device.credentials WHERE jti = $1 AND tenant = $2 AND device_id = $3",
+        jti,
+        tenant,
+        device_id,
+    )
+    return found is not None
 
 
 async def store_config_on(conn: Conn, request: StoreConfig) -> None:

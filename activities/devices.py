@@ -24,7 +24,12 @@ from activities.device_credentials import CredentialRotations
 from activities.device_firmware import FirmwareStore
 from activities.device_firmware_settings import firmware_blobs
 from activities.device_jobs import DeviceJobs
-from activities.device_onboarding_steps import issue_credential_on, register_on, store_config_on
+from activities.device_onboarding_steps import (
+    credential_issued,
+    issue_credential_on,
+    register_on,
+    store_config_on,
+)
 from activities.device_reads import DeviceReadModel
 from activities.device_rollout_plans import RolloutPlanner
 from activities.device_rollouts import RolloutJobs
@@ -179,7 +184,12 @@ class DeviceService(DeviceActivities):
         async with self.pool.acquire() as conn, conn.transaction():
             await register_on(conn, register, self.quota_defaults)
             if validated.requires_approval:
-                return ProvisionedDevice(validated=validated)
+                if not await credential_issued(conn, request.tenant, request.spec.device_id, request.jti):
+                    return ProvisionedDevice(validated=validated)
+                # an earlier attempt committed it all (the type needed no approval then) and its
+                # report was lost: that decision stands, and the workflow learns of the credential
+                # (else it would never revoke it, nor wait for an approval with it out)
+                validated = validated.model_copy(update={"requires_approval": False})
             expires_at = request.expires_at
             if validated.credential_lifetime_days is not None:
                 expires_at = request.issued_at + timedelta(days=validated.credential_lifetime_days)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import httpx
 import pytest
@@ -45,6 +45,9 @@ from workers.registry import service_for
 from workers.worker import build_worker
 
 FAULTS: dict[str, str] = {}  # device id -> step that fails after doing its work
+# device id -> columns of its (tenant "acme") device type changed right after its one-step
+# provisioning committed, before the retry of its lost report (with FAULTS "provision_lost")
+RETYPE: dict[str, dict[str, Any]] = {}
 TICK_FAULTS: set[str] = set()  # campaign ids whose next offering tick fails after committing
 # "<step>:<device id>" (bulk: "provision_batch:<claim id>:<offset>") -> the step waits for it
 # before doing anything; ENTERED says which steps are waiting
@@ -116,6 +119,12 @@ class FaultyDevices(DeviceService):
             # committed, then the attempt is lost (a worker killed before it reported); the
             # retry finds the commit ("provision_lost") or is refused at validation
             FAULTS[device_id] = "validate" if FAULTS[device_id] == "register_lost" else "done"
+            for column, value in RETYPE.pop(device_id, {}).items():
+                await self.pool.execute(
+                    f"UPDATE device.device_types SET {column} = $1 WHERE tenant = 'acme' AND name = $2",
+                    value,
+                    request.spec.device_type,
+                )
             raise ApplicationError("attempt lost after the provisioning committed")
         return result
 

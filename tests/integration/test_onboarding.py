@@ -13,7 +13,7 @@ from temporalio.client import Client
 
 from fleetflow.db import Pool
 from fleetflow.keys import KeyRing
-from tests.integration.conftest import FAULTS
+from tests.integration.conftest import FAULTS, RETYPE
 from tests.integration.flows import AUTH, contact, new_id, onboard, progress_until
 from tests.support import bearer, eventually
 
@@ -132,6 +132,50 @@ async def test_a_lost_report_of_the_provisioning_is_found_by_its_retry(
         "config": 1,
         "events": 1,
     }
+
+
+async def _own_type(api: httpx.AsyncClient, **settings: Any) -> str:
+    name = f"own-{uuid.uuid4().hex[:6]}"
+    body = {"name": name, "config_schema": {"type": "object"}, **settings}
+    put = await api.put(f"/v1/device-types/{name}", json=body, headers=AUTH)
+    assert put.status_code == 200, put.text
+    return name
+
+
+async def test_a_lost_provisioning_keeps_its_credential_when_the_type_needs_approval_since(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # the one transaction issued the credential (no approval then); the type needs approval by
+    # the retry: the retry must not hide the committed credential (the workflow would never
+    # revoke it, a live credential nobody knows of)
+    kind = await _own_type(api, requires_approval=False)
+    device_id = new_id("retyped")
+    FAULTS[device_id] = "provision_lost"
+    RETYPE[device_id] = {"requires_approval": True}
+    body = {"device_id": device_id, "device_type": kind, "config": {}}
+    assert (await api.post("/v1/devices", json=body, headers=AUTH)).status_code == 202
+    waiting = await progress_until(api, device_id, "awaiting_first_contact", "awaiting_approval")
+    assert waiting["status"] == "awaiting_first_contact"
+    assert (await contact(api, waiting["credential"])).status_code == 202
+    await progress_until(api, device_id, "completed")
+    left = await leftovers(pool, device_id)
+    assert (left["status"], left["live_credentials"], left["credentials"]) == ("active", 1, 1)
+
+
+async def test_a_lost_provisioning_returns_the_credential_it_stored_when_the_lifetime_changed(
+    api: httpx.AsyncClient, pool: Pool
+) -> None:
+    # the retry returns the token whose hash the first attempt stored, not one re-signed with
+    # the type's new lifetime (a token the API would refuse)
+    kind = await _own_type(api, credential_lifetime_days=30)
+    device_id = new_id("relife")
+    FAULTS[device_id] = "provision_lost"
+    RETYPE[device_id] = {"credential_lifetime_days": 5}
+    body = {"device_id": device_id, "device_type": kind, "config": {}}
+    assert (await api.post("/v1/devices", json=body, headers=AUTH)).status_code == 202
+    waiting = await progress_until(api, device_id, "awaiting_first_contact")
+    assert (await contact(api, waiting["credential"])).status_code == 202
+    await progress_until(api, device_id, "completed")
 
 
 async def test_an_approved_device_undoes_its_credential_and_configuration_once(
