@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Iterator
-from datetime import timedelta
 
 import httpx
 import pytest
@@ -28,7 +27,6 @@ from tests.integration.conftest import ENTERED, FINISHED, HOLDS
 from tests.integration.flows import AUTH, new_id, onboard, progress_until
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.integration.test_alarms import GLOBEX, START, Sensor
-from tests.integration.test_telemetry import send
 from tests.support import eventually
 from workflows.threshold_alert import threshold_alert_id
 
@@ -51,22 +49,6 @@ async def backlog() -> AsyncIterator[asyncio.Event]:
         FINISHED.discard("store_window")
 
 
-async def _send(s: Sensor, *values: float, auth: dict[str, str] | None = None) -> None:
-    """values as one batch of s's device, each a second after the last one sent."""
-    rows = [
-        {
-            "device_id": s.device_id,
-            "ts": (START + timedelta(seconds=s.sent + i)).isoformat(),
-            "metric": s.metric,
-            "value": v,
-        }
-        for i, v in enumerate(values)
-    ]
-    answer = await send(s.api, auth or s.me, rows)
-    assert answer.status_code == 202, answer.text
-    s.sent += len(values)
-
-
 async def _store_waits() -> bool:
     return "store_window" in ENTERED
 
@@ -84,14 +66,14 @@ async def test_a_reading_crossing_a_threshold_raises_its_alert_while_its_window_
     api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
 ) -> None:
     s = await Sensor(api, pool).start()
-    await _send(s, 20, 35, 22)  # the highest crossing reading raises
+    await s.send(20, 35, 22)  # the highest crossing reading raises
     [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
     assert (alert["status"], alert["raised_value"]) == ("open", 35)
     [(kind, actor, data)] = await eventually(s.events, lambda e: len(e) == 1)
     assert (kind, actor, data["value"]) == ("AlertRaised", "analytics", 35)
     assert data["alert_id"] == alert["alert_id"]
     assert await _pending(pool, s.device_id) == 1  # its window is not stored yet
-    await _send(s, 36)  # the alert holds: nothing raised again
+    await s.send(36)  # the alert holds: nothing raised again
     backlog.set()
     await eventually(s._analysed, lambda n: n >= 4)
     [still] = await s.alerts()
@@ -103,9 +85,9 @@ async def test_an_older_window_does_not_clear_an_alert_a_newer_reading_raised(
     api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
 ) -> None:
     s = await Sensor(api, pool).start()
-    await _send(s, 20)  # in the limits, but older than what follows
+    await s.send(20)  # in the limits, but older than what follows
     await eventually(_store_waits, bool)  # its window is claimed: the next one is another
-    await _send(s, 35)
+    await s.send(35)
     [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
     backlog.set()
     await eventually(s._analysed, lambda n: n >= 2)
@@ -124,15 +106,15 @@ async def test_no_early_alert_for_another_type_an_unknown_device_or_a_disabled_r
     s = await Sensor(api, pool).start()
     ghost = Sensor(api, pool)
     ghost.metric, ghost.device_id = s.metric, new_id("ghost")  # never onboarded
-    await _send(ghost, 99, auth=AUTH)
+    await ghost.send(99, auth=AUTH)
     rule = f"/v1/rules/r-{s.metric}"
     body = (await api.get("/v1/rules", headers=AUTH)).json()
     [mine] = [r for r in body if r["rule_id"] == f"r-{s.metric}"]
     other_type = await api.put(rule, json={**mine, "device_type": "camera"}, headers=AUTH)
     assert other_type.status_code == 200
-    await _send(s, 40)
+    await s.send(40)
     await api.put(rule, json={**mine, "enabled": False}, headers=AUTH)
-    await _send(s, 41)
+    await s.send(41)
     backlog.set()
     await eventually(s._analysed, lambda n: n >= 2)
     assert await s.alerts() == [] and await ghost.alerts() == []
@@ -147,9 +129,9 @@ async def test_two_tenants_with_the_same_device_and_rule_ids_raise_their_own_ale
     theirs = Sensor(api, pool, GLOBEX)
     theirs.metric = ours.metric
     await theirs.start(device_id=device_id)
-    await _send(ours, 35)
+    await ours.send(35)
     [mine] = await eventually(ours.alerts, lambda a: len(a) == 1)
-    await _send(theirs, 36)
+    await theirs.send(36)
     [their] = await eventually(theirs.alerts, lambda a: len(a) == 1)
     assert mine["alert_id"] != their["alert_id"] and (mine["raised_value"], their["raised_value"]) == (35, 36)
 
@@ -212,11 +194,11 @@ async def test_a_device_whose_clock_jumped_back_still_clears_its_alert(
 ) -> None:
     s = await Sensor(api, pool).start()
     s.sent = 600  # ten minutes on: the device's clock runs ahead
-    await _send(s, 35)
+    await s.send(35)
     await eventually(s._analysed, lambda n: n >= 1)
     [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
     s.sent = 0  # its clock is set right: its next readings are older than the one that raised
-    await _send(s, 25)
+    await s.send(25)
     await eventually(s._analysed, lambda n: n >= 2)
     [cleared] = await eventually(s.alerts, lambda a: a[0]["status"] == "cleared")
     assert (cleared["alert_id"], cleared["cleared_value"]) == (alert["alert_id"], 25)
@@ -226,7 +208,7 @@ async def test_a_reading_whose_early_alert_was_cleared_by_hand_does_not_raise_it
     api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
 ) -> None:
     s = await Sensor(api, pool).start()
-    await _send(s, 35)
+    await s.send(35)
     [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
     cleared = await api.post(f"/v1/alerts/{alert['alert_id']}/clear", json={}, headers=AUTH)
     assert cleared.status_code == 200, cleared.text
@@ -245,8 +227,8 @@ async def test_a_device_not_yet_active_starts_no_early_alert(
     waiting.metric, waiting.device_id = s.metric, new_id("waiting")
     assert (await onboard(api, waiting.device_id)).status_code == 202
     await progress_until(api, waiting.device_id, "awaiting_first_contact")  # its readings are quarantined
-    await _send(waiting, 99, auth=AUTH)
-    await _send(s, 35)  # a batch after it: its start is not behind the other's
+    await waiting.send(99, auth=AUTH)
+    await s.send(35)  # a batch after it: its start is not behind the other's
     await eventually(s.alerts, lambda a: len(a) == 1)
     raise_id = threshold_alert_id("acme", waiting.device_id, f"r-{s.metric}")
     with pytest.raises(RPCError):  # no workflow started that could raise nothing
@@ -291,10 +273,10 @@ async def test_a_crossing_reading_older_than_what_the_windows_saw_starts_no_earl
 ) -> None:
     s = await Sensor(api, pool).start()
     s.sent = 60
-    await _send(s, 20)
+    await s.send(20)
     await eventually(s._analysed, lambda n: n >= 1)
     s.sent = 0  # a late reading, a minute older than the one its windows analysed
-    await _send(s, 35)
+    await s.send(35)
     raise_id = threshold_alert_id("acme", s.device_id, f"r-{s.metric}")
     with pytest.raises(RPCError):  # raise_early would refuse it: no workflow started for nothing
         await client.get_workflow_handle(raise_id).describe()
