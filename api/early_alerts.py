@@ -54,6 +54,13 @@ EARLY_START_TIMEOUT_S = 2.0
 # one activity; in an alert storm (every device hot at once) the windows raise the rest
 EARLY_PER_TENANT_S = 10
 EARLY_BURST = 2 * EARLY_PER_BATCH
+# a (device, rule) found not to start (its alert holds, the device is not of the rule's type or
+# not active, the windows are ahead) or started is not looked at again for this long: a device
+# staying hot crossed its rule in every batch (publish), and each such check cost three queries,
+# the budget given back (nothing started); an alert cleared and crossed again meanwhile is
+# raised by its window
+NOT_DUE_S = 10.0
+MAX_NOT_DUE = 100_000  # such pairs this process keeps, all tenants together
 
 
 @dataclass(frozen=True)
@@ -165,6 +172,9 @@ class EarlyAlerts:
         self._cached = 0
         self._loading: dict[str, asyncio.Future[Rules]] = {}  # tenant -> its rules being read
         self._budgets: dict[str, tuple[float, float]] = {}  # tenant -> (starts left, when)
+        # (tenant, device id, rule id) -> until when it is not looked at, in order of expiry
+        self._not_due: OrderedDict[tuple[str, str, str], float] = OrderedDict()
+        self._generation: dict[str, int] = {}  # tenant -> its rule changes seen by this process
 
     async def rules_of(self, tenant: str) -> Rules:
         """metric -> the tenant's enabled threshold rules on it (kept RULES_TTL_S)."""
@@ -175,7 +185,8 @@ class EarlyAlerts:
         # one read a tenant at a time: the batches (publishes) arriving meanwhile wait for it
         loading = self._loading.get(tenant)
         if loading is None:
-            loading = self._loading[tenant] = asyncio.ensure_future(self._load(tenant, now))
+            read = self._load(tenant, now, self._generation.get(tenant, 0))
+            loading = self._loading[tenant] = asyncio.ensure_future(read)
             loading.add_done_callback(lambda done: self._loaded(tenant, done))
         return await asyncio.shield(loading)
 
@@ -185,7 +196,7 @@ class EarlyAlerts:
         if not done.cancelled():
             done.exception()  # retrieved: each waiter got it already
 
-    async def _load(self, tenant: str, now: float) -> Rules:
+    async def _load(self, tenant: str, now: float, generation: int) -> Rules:
         rows = await analytics_facade.threshold_rules(self.pool, tenant)
         rules = index_rules(
             Threshold(
@@ -197,6 +208,8 @@ class EarlyAlerts:
             )
             for r in rows
         )
+        if self._generation.get(tenant, 0) != generation:
+            return rules  # read before the rules changed: its waiters take it, no later check
         self._forget(tenant)
         self._rules[tenant] = (now + RULES_TTL_S, rules)
         self._sizes[tenant] = len(rows)
@@ -249,6 +262,12 @@ class EarlyAlerts:
         """Drop the tenant's rules (they changed): the next check reads them again."""
         self._forget(tenant)
         self._loading.pop(tenant, None)  # a read begun before the change is not waited for
+        # nor kept when it ends after the change (it has the rules as they were)
+        if tenant not in self._generation and len(self._generation) >= MAX_TENANTS:
+            self._generation.clear()
+        self._generation[tenant] = self._generation.get(tenant, 0) + 1
+        for key in [k for k in self._not_due if k[0] == tenant]:  # e.g. a rule of another type now
+            del self._not_due[key]
 
     async def check(self, tenant: str, batch: ReadingColumns, subject: str) -> int:
         """Start ThresholdAlert for each reading of the accepted batch that raises a rule of its
@@ -265,7 +284,7 @@ class EarlyAlerts:
         rules = await self.rules_of(tenant)
         if not rules or rules.keys().isdisjoint(batch.metrics):
             return 0
-        found = crossings(batch, rules)
+        found = self._worth_a_look(tenant, crossings(batch, rules))
         if not found:
             return 0
         # taken before the reads, so a tenant past its budget costs no query (an alert storm
@@ -275,12 +294,33 @@ class EarlyAlerts:
             return 0
         starts: list[EarlyRaise] = []
         try:
-            starts = (await self._due(tenant, rules, found))[:granted]
+            due = await self._due(tenant, rules, found)
+            starts = due[:granted]
+            # what was looked at rests, but for what is due and waits for the budget
+            waiting = {(r.device_id, r.rule_id) for r in due[granted:]}
+            self._rest(tenant, [pair for pair in found if pair not in waiting])
             async with asyncio.timeout(EARLY_START_TIMEOUT_S):
                 await asyncio.gather(*(self._start(raise_) for raise_ in starts))
         finally:
             self._give_back(tenant, granted - len(starts))
         return len(starts)
+
+    def _worth_a_look(
+        self, tenant: str, found: dict[tuple[str, str], Crossing]
+    ) -> dict[tuple[str, str], Crossing]:
+        """found but the pairs looked at less than NOT_DUE_S ago."""
+        now = time.monotonic()
+        while self._not_due and next(iter(self._not_due.values())) <= now:
+            self._not_due.popitem(last=False)
+        return {pair: c for pair, c in found.items() if (tenant, *pair) not in self._not_due}
+
+    def _rest(self, tenant: str, pairs: Iterable[tuple[str, str]]) -> None:
+        until = time.monotonic() + NOT_DUE_S
+        for device_id, rule_id in pairs:
+            self._not_due[(tenant, device_id, rule_id)] = until
+            self._not_due.move_to_end((tenant, device_id, rule_id))
+        while len(self._not_due) > MAX_NOT_DUE:
+            self._not_due.popitem(last=False)
 
     async def _due(
         self, tenant: str, rules: Rules, found: dict[tuple[str, str], Crossing]

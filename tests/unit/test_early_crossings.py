@@ -170,8 +170,9 @@ async def test_a_tenants_alert_storm_starts_early_alerts_at_a_bounded_rate(
     now[0] += 1.0
     calm = _batch(1000, [20.0])
     assert [await alerts.check("acme", calm, "tester") for _ in range(5)] == [0] * 5
-    one = _batch(1, [35.0])  # the calm batches took nothing of the budget
-    assert [await alerts.check("acme", one, "tester") for _ in range(10)] == [1] * 10
+    # the calm batches took nothing of the budget
+    ones = [ReadingColumns("b", [f"x{i}"], [T0], ["temp"], [35.0]) for i in range(10)]
+    assert [await alerts.check("acme", one, "tester") for one in ones] == [1] * 10
 
 
 class _SlowRulesDb(_RulesDb):
@@ -194,3 +195,63 @@ async def test_batches_arriving_while_a_tenants_rules_are_read_wait_for_that_one
     db.gate.set()
     answers = await asyncio.gather(*waiting)
     assert db.reads == 1 and all(len(a["temp"].above) == 1000 for a in answers)
+
+
+class _Holding(_Fleet):
+    """_Fleet where each device's alert of the rule holds already."""
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "analytics.alerts" in query:
+            self.reads += 1
+            return [{"device_id": d, "rule_id": r} for d, r in zip(args[1], args[2], strict=True)]
+        return await super().fetch(query, *args)
+
+
+async def test_a_device_staying_hot_while_its_alert_holds_costs_no_query_a_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [0.0]
+    monkeypatch.setattr(early_alerts, "time", SimpleNamespace(monotonic=lambda: now[0]))  # its clock only
+    db = _Holding()
+    alerts = EarlyAlerts(cast(Pool, db), cast(Client, _Starts()))
+    hot = _batch(1, [35.0])
+    assert await alerts.check("acme", hot, "tester") == 0  # looked at: its alert holds
+    reads = db.reads
+    for _ in range(100):  # publish after publish of the device, still hot, within the rules' TTL
+        assert await alerts.check("acme", hot, "tester") == 0
+    assert db.reads == reads
+    other = ReadingColumns("b", ["d9"], [T0], ["temp"], [35.0])
+    assert await alerts.check("acme", other, "tester") == 0
+    assert db.reads > reads  # another device's crossing is looked at
+    reads = db.reads
+    assert await alerts.check("globex", hot, "tester") == 0
+    assert db.reads > reads  # and another tenant's same device and rule
+    now[0] += early_alerts.NOT_DUE_S
+    reads = db.reads
+    assert await alerts.check("acme", hot, "tester") == 0
+    assert db.reads > reads  # looked at again after a while (its alert may have cleared)
+
+
+class _ChangingRulesDb(_SlowRulesDb):
+    """_SlowRulesDb answering one rule above `bound` (as it was when the read began)."""
+
+    bound = 30.0
+
+    async def fetch(self, query: str, tenant: str) -> list[dict[str, Any]]:
+        self.reads, bound = self.reads + 1, self.bound
+        await self.gate.wait()
+        return [{"rule_id": "r", "device_type": "sensor", "metric": "temp", "params": {"above": bound}}]
+
+
+async def test_a_rule_read_begun_before_the_rules_changed_is_not_kept_after() -> None:
+    db = _ChangingRulesDb()
+    alerts = EarlyAlerts(cast(Pool, db), cast(Client, None))
+    before = asyncio.ensure_future(alerts.rules_of("acme"))
+    for _ in range(10):  # its read gets under way
+        await asyncio.sleep(0)
+    assert db.reads == 1
+    db.bound = 50.0
+    alerts.forget("acme")  # the rule changed (PUT /v1/rules/r in this process)
+    db.gate.set()
+    assert (await before)["temp"].aboves == [30.0]  # begun before: as it was
+    assert (await alerts.rules_of("acme"))["temp"].aboves == [50.0]
