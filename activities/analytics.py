@@ -114,6 +114,21 @@ class _Series:
         return self.stats[key]
 
 
+# a window's raise: not again for a reading the early path raised already (its alert, raised
+# ahead of the windows from a reading of this window, was cleared by hand meanwhile); the
+# guard reads that rule's alerts of the device by index (alerts_rule_raised), not each alert
+# the device ever had
+RAISE_SQL = """INSERT INTO analytics.alerts (tenant, device_id, rule_id, metric, status, raised_at,
+       raised_value, detail, severity)
+   SELECT $1::text, $2::text, $3::text, $4::text, 'open', $5::timestamptz,
+       $6::float8, $7::text, $8::text
+   WHERE NOT EXISTS (SELECT 1 FROM analytics.alerts WHERE tenant = $1
+       AND device_id = $2 AND rule_id = $3 AND raised_at <= $5
+       AND raised_at > coalesce($9::timestamptz, '-infinity'))
+   ON CONFLICT (tenant, device_id, rule_id) WHERE status <> 'cleared' DO NOTHING
+   RETURNING alert_id"""
+
+
 class AnalyticsService(AnalyticsActivities):
     """Activities of the `analytics` task queue, and the rules and alerts read model."""
 
@@ -344,17 +359,7 @@ class AnalyticsService(AnalyticsActivities):
         tenant, device_id = row["tenant"], row["device_id"]
         if verdict.decision == "raise" and open_id is None:
             alert_id = await conn.fetchval(
-                # not again for a reading the early path raised already (its alert, raised ahead
-                # of the windows from a reading of this window, was cleared by hand meanwhile)
-                """INSERT INTO analytics.alerts (tenant, device_id, rule_id, metric, status, raised_at,
-                       raised_value, detail, severity)
-                   SELECT $1::text, $2::text, $3::text, $4::text, 'open', $5::timestamptz,
-                       $6::float8, $7::text, $8::text
-                   WHERE NOT EXISTS (SELECT 1 FROM analytics.alerts WHERE tenant = $1
-                       AND device_id = $2 AND rule_id = $3 AND raised_at <= $5
-                       AND raised_at > coalesce($9::timestamptz, '-infinity'))
-                   ON CONFLICT (tenant, device_id, rule_id) WHERE status <> 'cleared' DO NOTHING
-                   RETURNING alert_id""",
+                RAISE_SQL,
                 tenant,
                 device_id,
                 rule.rule_id,

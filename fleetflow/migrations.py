@@ -827,4 +827,13 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX rules_watched ON analytics.rules (tenant, metric) WHERE enabled;
         """,
     ),
+    (
+        "0480_alerts_rule_raised",
+        """
+        -- a window's raise looks for an alert of the device and rule raised in the window's span
+        -- (one the early path raised and a hand cleared): by index, not by reading every alert
+        -- the device ever had (no alert is purged; a flapping device has thousands)
+        CREATE INDEX alerts_rule_raised ON analytics.alerts (tenant, device_id, rule_id, raised_at);
+        """,
+    ),
 ]
