@@ -47,8 +47,9 @@ EARLY_PER_BATCH = 50  # alerts one batch may start early; the windows raise the 
 # (device, rule) pairs of one batch looked at: a 10,000-reading batch over 10,000 devices, each
 # crossing a tenant's 1,000 rules, would be 10 million (seconds of the event loop, gigabytes)
 MAX_CANDIDATES = 20 * EARLY_PER_BATCH
-# how long a crossing batch's 202 waits for its starts: its readings are committed, and the
-# window raises whatever did not start (the SDK alone retries an unavailable frontend ~10 s)
+# how long a batch's 202 waits for its check, the reads and the starts: its readings are
+# committed, and the window raises whatever did not start (the SDK alone retries an unavailable
+# frontend ~10 s; a read waits up to the pool's 10 s for a connection, then its 60 s)
 EARLY_START_TIMEOUT_S = 2.0
 # a tenant's early starts, per process: each is a workflow, where a window raises its alerts in
 # one activity; in an alert storm (every device hot at once) the windows raise the rest
@@ -275,7 +276,8 @@ class EarlyAlerts:
         how many started. Never raises."""
         try:
             with acting_for(ServiceActor(subject=subject, tenant=tenant)):
-                return await self._check(tenant, batch)
+                async with asyncio.timeout(EARLY_START_TIMEOUT_S):
+                    return await self._check(tenant, batch)
         except Exception as exc:  # the batch is accepted: its window raises the alert instead
             log.warning("early alert check of %s/%s failed: %s", tenant, batch.batch_id, exc)
             return 0
@@ -299,8 +301,7 @@ class EarlyAlerts:
             # what was looked at rests, but for what is due and waits for the budget
             waiting = {(r.device_id, r.rule_id) for r in due[granted:]}
             self._rest(tenant, [pair for pair in found if pair not in waiting])
-            async with asyncio.timeout(EARLY_START_TIMEOUT_S):
-                await asyncio.gather(*(self._start(raise_) for raise_ in starts))
+            await asyncio.gather(*(self._start(raise_) for raise_ in starts))
         finally:
             self._give_back(tenant, granted - len(starts))
         return len(starts)

@@ -255,3 +255,20 @@ async def test_a_rule_read_begun_before_the_rules_changed_is_not_kept_after() ->
     db.gate.set()
     assert (await before)["temp"].aboves == [30.0]  # begun before: as it was
     assert (await alerts.rules_of("acme"))["temp"].aboves == [50.0]
+
+
+class _Stuck(_Db):
+    """_Db whose alert reads wait for a connection that never comes (a pool taken)."""
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        if "analytics.alerts" in query:
+            await asyncio.Event().wait()
+        return await super().fetch(query, *args)
+
+
+async def test_an_unanswered_read_does_not_hold_the_batchs_answer(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(early_alerts, "EARLY_START_TIMEOUT_S", 0.01)
+    temporal = _Starts()
+    alerts = EarlyAlerts(cast(Pool, _Stuck()), cast(Client, temporal))
+    assert await asyncio.wait_for(alerts.check("acme", _batch(1, [35.0]), "tester"), 60) == 0
+    assert alerts._take("acme", early_alerts.EARLY_BURST) == early_alerts.EARLY_BURST  # all given back
