@@ -235,22 +235,25 @@ class EarlyAlerts:
     async def check_rows(self, tenant: str, device_id: str, rows: list[str]) -> int:
         """check() for an MQTT publish of a device: its `device_id,metric,ts,value` CSV rows."""
         try:
-            rules = await self.rules_of(tenant)
+            # bounded as check() is: each publish of the tenant waits for its rules' one read,
+            # and a read waiting for a connection held a task a publish, piling up meanwhile
+            async with asyncio.timeout(EARLY_START_TIMEOUT_S):
+                rules = await self.rules_of(tenant)
+            if not rules:
+                return 0
+            watched = [row.split(",") for row in rows if row.split(",", 2)[1] in rules]
+            if not watched:
+                return 0
+            batch = ReadingColumns(
+                "",
+                [w[0] for w in watched],
+                [datetime.fromisoformat(w[2]) for w in watched],
+                [w[1] for w in watched],
+                [float(w[3]) for w in watched],
+            )
         except Exception as exc:
             log.warning("early alert check of a publish of %s/%s failed: %s", tenant, device_id, exc)
             return 0
-        if not rules:
-            return 0
-        watched = [row.split(",") for row in rows if row.split(",", 2)[1] in rules]
-        if not watched:
-            return 0
-        batch = ReadingColumns(
-            "",
-            [w[0] for w in watched],
-            [datetime.fromisoformat(w[2]) for w in watched],
-            [w[1] for w in watched],
-            [float(w[3]) for w in watched],
-        )
         return await self.check(tenant, batch, f"device:{device_id}")
 
     def may_watch(self, tenant: str) -> bool:

@@ -272,3 +272,19 @@ async def test_an_unanswered_read_does_not_hold_the_batchs_answer(monkeypatch: p
     alerts = EarlyAlerts(cast(Pool, _Stuck()), cast(Client, temporal))
     assert await asyncio.wait_for(alerts.check("acme", _batch(1, [35.0]), "tester"), 60) == 0
     assert alerts._take("acme", early_alerts.EARLY_BURST) == early_alerts.EARLY_BURST  # all given back
+
+
+class _StuckRules(_Db):
+    """_Db whose rule read waits for a connection that never comes."""
+
+    async def fetch(self, query: str, *args: Any) -> list[dict[str, Any]]:
+        await asyncio.Event().wait()
+        return []
+
+
+async def test_a_publish_checked_while_the_rules_read_hangs_ends(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(early_alerts, "EARLY_START_TIMEOUT_S", 0.01)
+    alerts = EarlyAlerts(cast(Pool, _StuckRules()), cast(Client, _Starts()))
+    row = f"d0,temp,{T0.isoformat()},35\n"
+    # the gateway's task of the publish ends (a task a publish piled up while the read waited)
+    assert await asyncio.wait_for(alerts.check_rows("acme", "d0", [row]), 60) == 0
