@@ -315,3 +315,24 @@ async def test_a_window_raise_does_not_read_every_alert_its_device_ever_had(pool
             [explained] = json.loads(raw) if isinstance(raw, str) else raw
             raise _Rollback
     assert _removed(explained["Plan"]) < 100  # the rule's alerts in the window's span only
+
+
+async def test_an_early_alert_acknowledged_then_cleared_by_its_rule_is_raised_anew_by_a_later_window(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    s = await Sensor(api, pool).start()
+    await s.send(35)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    acked = await api.post(f"/v1/alerts/{alert['alert_id']}/acknowledge", json={}, headers=AUTH)
+    assert acked.status_code == 200, acked.text
+    backlog.set()
+    await eventually(s._analysed, lambda n: n >= 1)
+    await s.window(25)  # cleared by its rule
+    # crossing again within seconds: the early check leaves that device and rule alone a while
+    # (it looked at them), and the window raises the new alert
+    await s.window(36)
+    [new, old] = await s.alerts()
+    assert (old["alert_id"], old["status"]) == (alert["alert_id"], "cleared")
+    assert (new["status"], new["raised_value"]) == ("open", 36)
+    kinds = await eventually(s.events, lambda e: len(e) == 4)
+    assert [k for k, _, _ in kinds] == ["AlertRaised", "AlertAcknowledged", "AlertCleared", "AlertRaised"]
