@@ -10,8 +10,8 @@ reading finds the alert open and raises nothing again (one alert per device and 
 Best effort on top of the windows: a rule is seen here up to RULES_TTL_S after it changes (at
 once by the API process that changed it), at most EARLY_PER_BATCH alerts a batch start early,
 and a failure here only leaves the alert to the window; none of it can fail the acceptance of
-the batch, and only a batch with a crossing reading waits for the starts (at most
-EARLY_START_TIMEOUT_S).
+the batch, a batch waits for its check at most EARLY_START_TIMEOUT_S, and a (device, rule)
+looked at is left alone NOT_DUE_S.
 """
 
 from __future__ import annotations
