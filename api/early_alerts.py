@@ -256,11 +256,14 @@ class EarlyAlerts:
             return 0
         return await self.check(tenant, batch, f"device:{device_id}")
 
-    def may_watch(self, tenant: str) -> bool:
-        """False when this process knows, fresh, that the tenant has no threshold rule (no
-        check needed); True otherwise."""
+    def may_watch(self, tenant: str, metrics: Iterable[str] | None = None) -> bool:
+        """False when this process knows, fresh, that the tenant has no threshold rule on any of
+        `metrics` (none at all, when not given): no check needed; True otherwise."""
         kept = self._rules.get(tenant)
-        return kept is None or kept[0] <= time.monotonic() or bool(kept[1])
+        if kept is None or kept[0] <= time.monotonic():
+            return True
+        rules = kept[1]
+        return bool(rules) and (metrics is None or not rules.keys().isdisjoint(metrics))
 
     def forget(self, tenant: str) -> None:
         """Drop the tenant's rules (they changed): the next check reads them again."""

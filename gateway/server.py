@@ -217,7 +217,9 @@ class Gateway:
     def stored(self, pending: Pending) -> None:
         """A telemetry publish is stored: a reading of it crossing a threshold rule raises its
         alert now (api/early_alerts.py), not once its window is stored."""
-        if self.early_alerts.may_watch(pending.tenant):
+        # decided here while the tenant's rules are known: no task for a publish they do not watch
+        metrics = (row.split(",", 2)[1] for row in pending.rows)
+        if self.early_alerts.may_watch(pending.tenant, metrics):
             self._spawn(self.early_alerts.check_rows(pending.tenant, pending.device_id, pending.rows))
 
     # --- publishes other than telemetry, and bad payloads -------------------------

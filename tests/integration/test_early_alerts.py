@@ -54,6 +54,18 @@ class _Rollback(Exception):
     pass
 
 
+async def _raised_early_then(s: Sensor, action: str, backlog: asyncio.Event) -> dict[str, Any]:
+    """A 35 raises s's alert early, `action` is taken on it by hand, then its window is stored
+    and analysed; the alert as it was raised."""
+    await s.send(35)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    acted = await s.api.post(f"/v1/alerts/{alert['alert_id']}/{action}", json={}, headers=AUTH)
+    assert acted.status_code == 200, acted.text
+    backlog.set()
+    await eventually(s._analysed, lambda n: n >= 1)
+    return alert
+
+
 async def _store_waits() -> bool:
     return "store_window" in ENTERED
 
@@ -213,12 +225,7 @@ async def test_a_reading_whose_early_alert_was_cleared_by_hand_does_not_raise_it
     api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
 ) -> None:
     s = await Sensor(api, pool).start()
-    await s.send(35)
-    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
-    cleared = await api.post(f"/v1/alerts/{alert['alert_id']}/clear", json={}, headers=AUTH)
-    assert cleared.status_code == 200, cleared.text
-    backlog.set()
-    await eventually(s._analysed, lambda n: n >= 1)
+    await _raised_early_then(s, "clear", backlog)
     assert [a["status"] for a in await s.alerts()] == ["cleared"]  # its window saw the same 35
     await s.window(36)  # a later reading crossing again raises a new one, as ever
     assert [a["status"] for a in await s.alerts()] == ["open", "cleared"]
@@ -321,12 +328,7 @@ async def test_an_early_alert_acknowledged_then_cleared_by_its_rule_is_raised_an
     api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
 ) -> None:
     s = await Sensor(api, pool).start()
-    await s.send(35)
-    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
-    acked = await api.post(f"/v1/alerts/{alert['alert_id']}/acknowledge", json={}, headers=AUTH)
-    assert acked.status_code == 200, acked.text
-    backlog.set()
-    await eventually(s._analysed, lambda n: n >= 1)
+    alert = await _raised_early_then(s, "acknowledge", backlog)
     await s.window(25)  # cleared by its rule
     # crossing again within seconds: the early check leaves that device and rule alone a while
     # (it looked at them), and the window raises the new alert

@@ -98,6 +98,8 @@ async def test_rules_of_tenants_no_longer_checking_are_not_kept(monkeypatch: pyt
     await alerts.rules_of("t-new")  # what expired goes
     assert alerts.cached_rules == 1000
     assert alerts.may_watch("t-new")  # it has rules: checked
+    assert alerts.may_watch("t-new", ["humidity", "temp"])  # a publish with a watched metric
+    assert not alerts.may_watch("t-new", iter(["humidity"]))  # none watched: no task for it
 
 
 class _Db:
