@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
-from collections.abc import AsyncIterator, Iterator
+import sys
+import threading
+from collections.abc import AsyncIterator, Generator, Iterator
 from pathlib import Path
 
 import pytest
@@ -16,6 +20,43 @@ from fleetflow.payload_codec import data_converter
 from fleetflow.settings import Settings
 from fleetflow.temporal import SEARCH_ATTRIBUTES, dev_server_args, interceptors, sealing_headers
 from tests.support import TEMPORAL_CLI, TEST_KEYS, TEST_KEYS_DIR, SpanRecorder, free_port
+
+_SESSION_LOOP: list[asyncio.AbstractEventLoop] = []
+TEARDOWN_DUMP_AFTER_S = 60.0
+
+
+def _dump_tasks(loop: asyncio.AbstractEventLoop) -> None:
+    out = io.StringIO()
+    for task in asyncio.all_tasks(loop):
+        print(f"--- {task.get_name()}", file=out)
+        awaiting: object = task.get_coro()
+        while awaiting is not None:  # the whole chain of awaits, not only the task's own frame
+            frame = getattr(awaiting, "cr_frame", None) or getattr(awaiting, "ag_frame", None)
+            if frame is None:
+                print(f"  waits for {awaiting!r}", file=out)
+                break
+            print(f"  {frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}", file=out)
+            awaiting = getattr(awaiting, "cr_await", None) or getattr(awaiting, "ag_await", None)
+    print(f"session teardown still waiting; the loop's tasks:\n{out.getvalue()}", file=sys.stderr)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(
+    item: pytest.Item, nextitem: pytest.Item | None
+) -> Generator[None, object, object]:
+    """The last test's teardown stops the session's servers and workers: when that hangs, say
+    which tasks of the event loop it waits for (pytest-timeout's dump shows only idle threads)."""
+    timer = None
+    if nextitem is None and _SESSION_LOOP:
+        loop = _SESSION_LOOP[0]
+        timer = threading.Timer(TEARDOWN_DUMP_AFTER_S, loop.call_soon_threadsafe, (_dump_tasks, loop))
+        timer.daemon = True
+        timer.start()
+    try:
+        return (yield)
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 @pytest.fixture(scope="session")
@@ -41,6 +82,7 @@ async def telemetry() -> AsyncIterator[SpanRecorder]:
     """Logs, metrics and tracing of this process set up as a fleetflow process does, with
     every span sampled; the recorder keeps the spans of the tests that ask for them."""
     recorder = SpanRecorder()
+    _SESSION_LOOP.append(asyncio.get_running_loop())
     observability.setup("fleetflow-tests", Settings(), exporter=recorder)
     async with observability.temporal_metrics():
         yield recorder
