@@ -28,16 +28,19 @@ async def rule_exists(db: Any, tenant: str, rule_id: str) -> bool:
 
 
 async def watches_any(db: Any, readings: Sequence[tuple[str, str]]) -> bool:
-    """Whether an enabled rule looks at one of `readings` (tenant, metric): a rule may raise or
-    clear an alert on it (a claim stops waiting for its window to fill). One index probe a pair
-    (analytics.rules_watched), whatever the number of rules."""
+    """Whether an enabled rule that only a stored window can raise (rate, zscore: they weigh
+    the series' past) looks at one of `readings` (tenant, metric): its alert waits on that
+    window (a claim stops waiting for it to fill). A threshold rule's alert is raised as its
+    reading is accepted (api/early_alerts.py), and its clear may wait for the fill. One index
+    probe a pair (analytics.rules_window_watched), whatever the number of rules."""
     if not readings:
         return False
     tenants, metrics = (list(column) for column in zip(*readings, strict=True))
     return bool(
         await db.fetchval(
             """SELECT EXISTS (SELECT 1 FROM unnest($1::text[], $2::text[]) AS h(tenant, metric)
-                   JOIN analytics.rules r USING (tenant, metric) WHERE r.enabled)""",
+                   JOIN analytics.rules r USING (tenant, metric)
+                   WHERE r.enabled AND r.kind <> 'threshold')""",
             tenants,
             metrics,
         )

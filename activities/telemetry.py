@@ -208,10 +208,11 @@ class DataService(DataActivities):
         Waits up to max_wait_ms for a first batch; then, while the window holds fewer than its
         fill target of readings, keeps claiming the shard's batches into it for up to fill_ms
         (under load the first claim reaches the target: no wait). With watched_fill_ms set, a
-        window that holds a reading a rule watches waits at most that long instead (an alert
-        waits on it). Empty after max_wait_ms; a retry returns what this window already
-        claimed (and may add to it the same way). `unready` counts the window's devices that
-        may not send, by the device facade (0: the workflow skips find_unready).
+        window that holds a reading a rate or zscore rule watches waits at most that long
+        instead (an alert waits on it; a threshold rule's is raised on accept). Empty after
+        max_wait_ms; a retry returns what this window already claimed (and may add to it the
+        same way). `unready` counts the window's devices that may not send, by the device
+        facade (0: the workflow skips find_unready).
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + request.max_wait_ms / 1000

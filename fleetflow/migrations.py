@@ -836,4 +836,14 @@ MIGRATIONS: list[tuple[str, str]] = [
         CREATE INDEX alerts_rule_raised ON analytics.alerts (tenant, device_id, rule_id, raised_at);
         """,
     ),
+    (
+        "0490_rules_window_watched",
+        """
+        -- a filling window stops early only for a rule that only a window can raise (rate,
+        -- zscore): one probe a pair still, past a tenant's threshold rules on the same metric
+        CREATE INDEX rules_window_watched ON analytics.rules (tenant, metric)
+            WHERE enabled AND kind <> 'threshold';
+        DROP INDEX analytics.rules_watched;
+        """,
+    ),
 ]

@@ -3,8 +3,9 @@
 The device check is skipped when the claim saw every device of the window allowed to send.
 A stored window is analysed and its events recorded while the next one is claimed and
 stored; analyses run one at a time, in window order, and all are done before continue-as-new.
-At a trickle a window waits up to IDLE_FILL_MS to fill, unless it holds a reading a rule
-watches: an alert may wait on that one, so it goes at once.
+At a trickle a window waits up to IDLE_FILL_MS to fill, unless it holds a reading a rate or
+zscore rule watches: an alert may wait on that one, so it goes at once (a threshold rule's
+alert is raised as its reading is accepted, api/early_alerts.py).
 
 One workflow per shard runs for ever, continuing as new every few hundred windows (or
 when the server suggests it). A window is capped in readings and bytes and the workflow
@@ -77,7 +78,8 @@ WINDOW_TABLES = "window-tables"
 # for ever while its shard, and every tenant on it, waits
 LONE_STORE_TIMEOUT = "lone-store-timeout"
 # patch: a window waits up to IDLE_FILL_MS to fill at a trickle (fewer windows, fewer tasks per
-# reading) unless it holds a reading a rule watches: that one is processed at once (alerts)
+# reading) unless it holds a reading a rule watches: that one is processed at once (alerts;
+# which rules is the claim's to say, activities/analytics_facade.py watches_any)
 ADAPTIVE_FILL = "adaptive-fill"
 # patch: a window whose claim saw every device of it allowed to send skips find_unready (the
 # store has nothing to quarantine for it): two tasks fewer a window

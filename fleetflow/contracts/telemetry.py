@@ -30,7 +30,8 @@ MAX_WINDOW_BYTES = 16 * 1024 * 1024
 # second, not one per batch; under load the first claim already reaches the target
 FILL_MS = 500
 # with adaptive fill (the workflow's ADAPTIVE_FILL patch) a window nothing waits on fills for
-# up to IDLE_FILL_MS at a trickle; one holding a reading a rule watches returns at once
+# up to IDLE_FILL_MS at a trickle; one holding a reading a rate or zscore rule watches returns
+# at once (a threshold rule's alert does not wait on windows: api/early_alerts.py)
 IDLE_FILL_MS = 3000
 FILL_SHARE = 50  # the default fill target: max_readings / FILL_SHARE (1,000 of 50,000)
 POISON = "PoisonWindow"  # ApplicationError type: a window step failing the same way on retry
@@ -96,8 +97,8 @@ class ClaimWindow(Contract):
     # max_readings / FILL_SHARE; fill_ms 0 returns after the first claim, as it used to
     fill_readings: Annotated[int, Field(ge=0)] = 0
     fill_ms: Annotated[int, Field(ge=0, le=10_000)] = FILL_MS  # well within the claim's time bound
-    # set: a window holding a reading of a metric its tenant has an enabled rule on waits at most
-    # this long to fill (an alert waits on it); None: every window waits fill_ms, as it used to
+    # set: a window holding a reading of a metric its tenant has an enabled rate or zscore rule on
+    # waits at most this long to fill (an alert waits on it); None: every window waits fill_ms
     watched_fill_ms: Annotated[int, Field(ge=0, le=10_000)] | None = None
 
     def fill_target(self) -> int:

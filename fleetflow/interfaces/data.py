@@ -73,8 +73,8 @@ class DataActivities(ServiceInterface):
         at least one batch whatever its size).
 
         Waits up to max_wait_ms for a first batch, then up to fill_ms for the window to reach
-        its fill target (at most watched_fill_ms, when set, once it holds a reading a rule of
-        its tenant watches); empty after max_wait_ms; a retry returns what this window already
+        its fill target (at most watched_fill_ms, when set, once it holds a reading a rate or
+        zscore rule of its tenant watches); empty after max_wait_ms; a retry returns what this window already
         claimed (and may add to it). `unready` counts the window's devices that may not send.
         """
 
