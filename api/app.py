@@ -38,7 +38,7 @@ from api.routers import (
 )
 from api.routers import credentials as credential_routes
 from api.state import AppState
-from fleetflow.db import create_pool, migrate
+from fleetflow.db import close_pool, create_pool, migrate
 from fleetflow.dependency_graph import derive
 from fleetflow.embedded_pg import database_url
 from fleetflow.payload_codec import payload_keys
@@ -99,7 +99,7 @@ def create_app(settings: Settings, temporal: Client | None = None) -> FastAPI:
                 await revocations.stop()
                 await notices.stop()
                 await credentials.stop()
-                await pool.close()
+                await close_pool(pool)
 
     app = FastAPI(
         title="fleetflow",

@@ -89,6 +89,20 @@ async def create_pool(dsn: str, *, size: int = 10, timeout: float = 10.0) -> Poo
         raise StartupError(f"cannot reach PostgreSQL at {redact_dsn(dsn)}: {reason}") from None
 
 
+CLOSE_TIMEOUT_S = 10.0
+
+
+async def close_pool(pool: Pool, timeout_s: float = CLOSE_TIMEOUT_S) -> None:
+    """Close the pool once its connections are released, for at most timeout_s; then close
+    them anyway: a task that never gives its connection back must not hold the process's
+    shutdown for ever (asyncpg's close waits for every connection)."""
+    try:
+        await asyncio.wait_for(pool.close(), timeout_s)
+    except TimeoutError:
+        log.warning("pool connections still in use after %g s at shutdown: closed anyway", timeout_s)
+        pool.terminate()
+
+
 async def migrate(pool: Pool) -> list[str]:
     """Apply pending migrations (one schema per service); safe to call from many processes."""
     applied: list[str] = []

@@ -10,7 +10,7 @@ import signal
 import socket
 
 from fleetflow import observability
-from fleetflow.db import create_pool
+from fleetflow.db import close_pool, create_pool
 from fleetflow.embedded_pg import database_url
 from fleetflow.errors import StartupError
 from fleetflow.settings import Settings
@@ -59,7 +59,7 @@ async def run_gateway(settings: Settings) -> int:
         for server in servers:
             with contextlib.suppress(Exception):
                 await server.wait_closed()
-        await pool.close()
+        await close_pool(pool)
         observability.shutdown()
     return 0
 
@@ -86,6 +86,6 @@ async def run_bridge(settings: Settings) -> int:
         await stop.wait()
     finally:
         await bridge.stop()
-        await pool.close()
+        await close_pool(pool)
         observability.shutdown()
     return 0

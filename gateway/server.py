@@ -146,7 +146,12 @@ class Gateway:
             if login is None:
                 return refused, None, False
             claims, token = login
-            seen = await device_mqtt.has_presence(self.pool, claims.tenant, claims.device_id)
+            # the tenant's limits known before its first publish, which cannot await them (a
+            # tenant new to this gateway had its publishes admitted at the default rates)
+            seen, _ = await asyncio.gather(
+                device_mqtt.has_presence(self.pool, claims.tenant, claims.device_id),
+                self.quotas.limits(claims.tenant),
+            )
         except (LoginUnavailable, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
             return unavailable, None, False
         self.tokens[conn] = token

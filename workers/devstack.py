@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fleetflow import embedded_pg
 from fleetflow.contracts.common import TaskQueue
-from fleetflow.db import create_pool, migrate
+from fleetflow.db import close_pool, create_pool, migrate
 from fleetflow.errors import StartupError
 from fleetflow.keys import keyring
 from fleetflow.security import SCOPES, issue_token
@@ -113,7 +113,7 @@ async def _prepare_database(dsn: str) -> None:
     try:
         await migrate(pool)
     finally:
-        await pool.close()
+        await close_pool(pool)
 
 
 def up(settings: Settings, options: UpOptions) -> int:

@@ -13,7 +13,7 @@ from temporalio.worker import Worker
 
 from fleetflow import observability
 from fleetflow.contracts.common import TaskQueue
-from fleetflow.db import Pool, create_pool, migrate
+from fleetflow.db import Pool, close_pool, create_pool, migrate
 from fleetflow.embedded_pg import database_url
 from fleetflow.settings import Settings
 from fleetflow.temporal import connect
@@ -84,7 +84,7 @@ async def run_worker(queue: TaskQueue, settings: Settings) -> None:
             await stop.wait()
     finally:
         if pool is not None:
-            await pool.close()
+            await close_pool(pool)
         if metrics_server is not None:
             metrics_server.shutdown()
         observability.shutdown()
