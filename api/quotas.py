@@ -15,7 +15,8 @@ Counts (devices, subscriptions, rules) are checked when one is created: 403 nami
 as Kubernetes' ResourceQuota and ThingsBoard's tenant profiles answer; waiting does not help.
 
 Limits are the platform defaults (`FLEETFLOW_QUOTAS`) under the tenant's profile
-(fleetflow.tenant_profiles), read at most every PROFILE_TTL_S per tenant. A process that
+(fleetflow.tenant_profiles), read at most every PROFILE_TTL_S per tenant, one read a tenant at
+a time (callers arriving meanwhile wait for it). A process that
 listens (`listen`: the `tenant_profile_changed` NOTIFY of a trigger) drops a tenant's entry the
 moment any process changes its profile, and keeps entries PROFILE_LISTENING_TTL_S meanwhile;
 every entry is read again when its listener is lost or back (a notice may have been missed).
@@ -107,6 +108,7 @@ class Quotas:
         self._count_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._listener: PgListener | None = None
         self._generation = 0  # bumped by every profile change heard and every listener reset
+        self._reading: dict[str, asyncio.Future[TenantLimits]] = {}  # tenant -> its limits being read
 
     async def listen(self, listener: PgListener) -> None:
         """Drop a tenant's limits when any process changes its profile (the listener is the
@@ -117,6 +119,7 @@ class Quotas:
 
     def _on_changed(self, _channel: str, tenant: str) -> None:
         self._generation += 1
+        self._reading.pop(tenant, None)  # a read begun before the change is not joined
         cached = self._profiles.get(tenant)
         if cached is not None:
             # stale, not gone: read again on next use; until then (the MQTT gateway's publishes,
@@ -125,6 +128,7 @@ class Quotas:
 
     def _on_reset(self, _listening: bool) -> None:
         self._generation += 1
+        self._reading.clear()
         # stale, not gone (as above), and still the last known if the database is away
         for tenant, (_, limits) in list(self._profiles.items()):
             self._profiles[tenant] = (0.0, limits)
@@ -138,10 +142,27 @@ class Quotas:
 
     async def limits(self, tenant: str) -> TenantLimits:
         """The tenant's limits in force (cached, see the module docstring)."""
+        cached = self._profiles.get(tenant)
+        if cached is not None and cached[0] > self.clock():
+            return cached[1]
+        # one read a tenant at a time: the callers arriving meanwhile wait for it (a reconnect
+        # storm of a tenant's devices, each CONNECT awaiting its limits, read them once, not
+        # once a device, beside the group commit's connections)
+        reading = self._reading.get(tenant)
+        if reading is None:
+            reading = self._reading[tenant] = asyncio.ensure_future(self._read_limits(tenant))
+            reading.add_done_callback(lambda done: self._read(tenant, done))
+        return await asyncio.shield(reading)
+
+    def _read(self, tenant: str, done: asyncio.Future[TenantLimits]) -> None:
+        if self._reading.get(tenant) is done:
+            del self._reading[tenant]
+        if not done.cancelled():
+            done.exception()  # retrieved: each waiter got it already
+
+    async def _read_limits(self, tenant: str) -> TenantLimits:
         now = self.clock()
         cached = self._profiles.get(tenant)
-        if cached is not None and cached[0] > now:
-            return cached[1]
         generation = self._generation
         try:
             profile = await self.profile(tenant)
@@ -154,7 +175,10 @@ class Quotas:
         limits = profile.over(self.defaults)
         # a change heard during the read may postdate it: used once, read again next time
         fresh = generation == self._generation
-        self._profiles[tenant] = (now + self._ttl_s if fresh else 0.0, limits)
+        if fresh:
+            self._profiles[tenant] = (now + self._ttl_s, limits)
+        elif self._profiles.get(tenant) is cached:  # nothing newer known meanwhile
+            self._profiles[tenant] = (0.0, limits)
         return limits
 
     def known_limits(self, tenant: str) -> tuple[TenantLimits, bool]:
@@ -194,6 +218,8 @@ class Quotas:
         the NOTIFY reaches them (within PROFILE_TTL_S when they do not listen)."""
         await write_profile(self.pool, tenant, profile, by)
         self._profiles.pop(tenant, None)
+        self._generation += 1  # a read begun before the write is neither joined nor kept
+        self._reading.pop(tenant, None)
         return await self.limits(tenant)
 
     # --- rates ------------------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from fastapi import HTTPException
 
@@ -203,3 +205,47 @@ async def test_a_profile_change_heard_keeps_the_last_known_limits_until_they_are
     assert limits.readings_per_s == 5000 and not fresh  # the last known, to be read again
     assert (await q.limits("acme")).readings_per_s == 6000
     assert q.known_limits("acme")[1]
+
+
+class GatedProfiles(StoredProfiles):
+    """StoredProfiles whose reads wait for `opened` and are counted."""
+
+    def __init__(self, defaults: TenantLimits, clock: Clock, profiles: dict[str, TenantProfile]) -> None:
+        super().__init__(defaults, clock, profiles)
+        self.opened = asyncio.Event()
+        self.began = asyncio.Event()
+        self.reads = 0
+
+    async def profile(self, tenant: str) -> TenantProfile:
+        self.reads += 1
+        self.began.set()
+        stored = await super().profile(tenant)  # as the row was when the read began
+        await self.opened.wait()
+        return stored
+
+
+async def test_a_connect_storm_of_a_tenants_devices_reads_its_limits_once() -> None:
+    """Every MQTT CONNECT awaits its tenant's limits: a thousand devices of a tenant the
+    gateway does not know yet (a gateway restart) read its profile once, not once a device."""
+    q = GatedProfiles(TenantLimits(readings_per_s=100), Clock(), {"acme": TenantProfile(readings_per_s=7)})
+    storm = [asyncio.ensure_future(q.limits("acme")) for _ in range(1000)]
+    await asyncio.sleep(0)
+    q.opened.set()
+    assert {limits.readings_per_s for limits in await asyncio.gather(*storm)} == {7}
+    assert q.reads == 1
+    assert q.known_limits("acme") == (TenantLimits(readings_per_s=7), True)
+
+
+async def test_a_read_begun_before_a_profile_change_is_not_what_the_change_answers() -> None:
+    q = GatedProfiles(TenantLimits(readings_per_s=100), Clock(), {"acme": TenantProfile(readings_per_s=7)})
+    before = asyncio.ensure_future(q.limits("acme"))
+    await q.began.wait()
+    q.profiles["acme"] = TenantProfile(readings_per_s=9)
+    q._on_changed("tenant_profile_changed", "acme")  # heard while the first read waits
+    after = asyncio.ensure_future(q.limits("acme"))
+    for _ in range(10):  # its read begins (or it joins the first one)
+        await asyncio.sleep(0)
+    q.opened.set()
+    assert (await after).readings_per_s == 9 and q.reads == 2  # not the read begun before
+    assert (await before).readings_per_s == 7
+    assert q.known_limits("acme") == (TenantLimits(readings_per_s=9), True)  # not overwritten
