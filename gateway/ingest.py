@@ -20,6 +20,8 @@ MAX_GROUP = 2000  # publishes in one transaction
 MAX_GROUP_BYTES = 64 * 1024 * 1024  # and their CSV bytes (PostgreSQL takes no message over 1 GB)
 CONCURRENCY = 4  # transactions in flight
 ROLLBACK_ATTEMPTS = 5  # of a group rolled back by PostgreSQL (deadlock, serialization failure)
+# how long stop() waits for the groups being committed; then they are cancelled (unacknowledged)
+STOP_WAIT_S = 10.0
 
 Pending = Publish  # one telemetry publish waiting for its group's commit
 Queued = tuple[Publish, "asyncio.Future[Outcome]"]
@@ -39,6 +41,7 @@ class GroupCommitter:
         self._queue: list[Queued] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._running: set[asyncio.Task[None]] = set()  # the groups being committed
         # connections kept between groups: handing one back to the pool costs a reset
         # statement (a round trip) per group
         self._idle: list[asyncpg.pool.PoolConnectionProxy[asyncpg.Record]] = []
@@ -50,11 +53,19 @@ class GroupCommitter:
         self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run())
 
-    async def stop(self) -> None:
-        """Stop; what is still queued is answered UNAVAILABLE (never acknowledged)."""
+    async def stop(self, wait_s: float = STOP_WAIT_S) -> None:
+        """Stop; the groups being committed end first (cancelled, unacknowledged, after wait_s),
+        what is still queued is answered UNAVAILABLE (never acknowledged), and every connection
+        goes back to the pool (a group ending after stop kept its connection: the pool's close
+        waited for it)."""
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        if self._running:
+            _, late = await asyncio.wait(set(self._running), timeout=wait_s)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*late, return_exceptions=True)
         for _, done in self._queue:
             if not done.done():
                 done.set_result(Outcome.UNAVAILABLE)
@@ -73,7 +84,7 @@ class GroupCommitter:
 
     async def _run(self) -> None:
         slots = asyncio.Semaphore(self.concurrency)
-        running: set[asyncio.Task[None]] = set()
+        running = self._running
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -106,6 +117,9 @@ class GroupCommitter:
                 if not done.done():
                     done.set_result(outcome)
         finally:
+            for _, done in queued:  # cancelled at stop: answered, never acknowledged
+                if not done.done():
+                    done.set_result(Outcome.UNAVAILABLE)
             slots.release()
 
     async def _commit(self, group: list[Pending]) -> list[Outcome]:
