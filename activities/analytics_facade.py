@@ -31,8 +31,9 @@ async def watches_any(db: Any, readings: Sequence[tuple[str, str]]) -> bool:
     """Whether an enabled rule that only a stored window can raise (rate, zscore: they weigh
     the series' past) looks at one of `readings` (tenant, metric): its alert waits on that
     window (a claim stops waiting for it to fill). A threshold rule's alert is raised as its
-    reading is accepted (api/early_alerts.py), and its clear may wait for the fill. One index
-    probe a pair (analytics.rules_window_watched), whatever the number of rules."""
+    reading is accepted (api/early_alerts.py); its clear, and an alert the early path leaves
+    to the windows, may wait for the fill (README: "Windows wait to fill"). One index probe a
+    pair (analytics.rules_window_watched), whatever the number of rules."""
     if not readings:
         return False
     tenants, metrics = (list(column) for column in zip(*readings, strict=True))
