@@ -40,6 +40,16 @@ def _dump_tasks(loop: asyncio.AbstractEventLoop) -> None:
     print(f"session teardown still waiting; the loop's tasks:\n{out.getvalue()}", file=sys.stderr)
 
 
+def arm_task_dump(loop: asyncio.AbstractEventLoop, after_s: float) -> threading.Timer:
+    """Print loop's tasks after after_s unless cancelled. From the timer's own thread: a
+    teardown may hang with the loop blocked or not running at all (a synchronous finalizer,
+    between two fixtures' run_until_complete), where a callback scheduled on it never runs."""
+    timer = threading.Timer(after_s, _dump_tasks, (loop,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_teardown(
     item: pytest.Item, nextitem: pytest.Item | None
@@ -48,10 +58,7 @@ def pytest_runtest_teardown(
     which tasks of the event loop it waits for (pytest-timeout's dump shows only idle threads)."""
     timer = None
     if nextitem is None and _SESSION_LOOP:
-        loop = _SESSION_LOOP[0]
-        timer = threading.Timer(TEARDOWN_DUMP_AFTER_S, loop.call_soon_threadsafe, (_dump_tasks, loop))
-        timer.daemon = True
-        timer.start()
+        timer = arm_task_dump(_SESSION_LOOP[0], TEARDOWN_DUMP_AFTER_S)
     try:
         return (yield)
     finally:
