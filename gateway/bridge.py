@@ -50,6 +50,7 @@ from activities import device_mqtt
 from activities.devices import DeviceService
 from activities.telemetry_publishes import quarantine_payload
 from api.credentials import CHANNEL as REVOKED_CHANNEL
+from api.early_alerts import EarlyAlerts
 from fleetflow.contracts.commands import COMMAND_OFFERED_CHANNEL
 from fleetflow.db import Pool
 from fleetflow.mqtt_topics import (
@@ -217,6 +218,7 @@ class Bridge:
         self.packet_base = (zlib.crc32(client_id.encode()) % 32_000 + 1) * 65_536
         self.devices = DeviceService(pool, settings)
         self.committer = GroupCommitter(pool, settings.ingest_shards)
+        self.early_alerts = EarlyAlerts(pool, temporal)
         self.twin = TwinPush(temporal, pool)
         self.jobs = JobPush(self.devices, temporal, pool)
         # the commands this bridge took name it until the broker's PUBACK: a bridge killed in
@@ -389,6 +391,12 @@ class Bridge:
             payload_digest=hashlib.sha256(self.client_id.encode() + b"\0" + msg.payload).digest(),
         )
         outcome = await self.committer.submit(pending)
+        if outcome is Outcome.STORED:
+            # a threshold rule's alert is raised now, as the gateway's is (api/early_alerts.py):
+            # its window does not stop filling for it
+            metrics = (row.split(",", 2)[1] for row in pending.rows)
+            if self.early_alerts.may_watch(tenant, metrics):
+                self._spawn(self.early_alerts.check_rows(tenant, device_id, pending.rows))
         if outcome is Outcome.UNAVAILABLE:
             # the commit may have happened: the retry is checked as a redelivery
             msg.dup = True

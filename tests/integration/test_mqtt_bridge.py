@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,8 +25,10 @@ from activities.devices import DeviceService
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.e2e.stack import clean_env, pdeathsig_prefix
+from tests.integration.conftest import ENTERED, FINISHED, HOLDS
 from tests.integration.flows import AUTH, active_device
 from tests.integration.mqtt_support import Device
+from tests.integration.test_alarms import START, Sensor
 from tests.support import TEST_KEYS_DIR, bearer, eventually, free_port
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if Path(p).exists()), None)
@@ -443,3 +445,37 @@ async def test_a_revoked_credential_kicks_the_device_from_the_broker(
 
 async def _kicks(emqx_api: EmqxApi) -> list[tuple[str, str]]:
     return list(emqx_api.kicks)
+
+
+@pytest.fixture
+async def backlog() -> AsyncIterator[asyncio.Event]:
+    """Every window's store waits (a shard backed up) until the test sets the event."""
+    gate = HOLDS["store_window"] = asyncio.Event()
+    ENTERED.discard("store_window")
+    try:
+        yield gate
+    finally:
+        gate.set()
+        HOLDS.pop("store_window", None)
+        FINISHED.discard("store_window")
+
+
+async def test_a_reading_bridged_from_the_broker_raises_its_threshold_alert_while_its_window_waits(
+    api: httpx.AsyncClient, bridges: list[BridgeProcess], broker: Broker, pool: Pool, backlog: asyncio.Event
+) -> None:
+    # as through the embedded gateway (api/early_alerts.py): a threshold rule's reading does
+    # not cut its window's fill short, so its alert must not wait for that window
+    s = await Sensor(api, pool).start()
+    device = Device(broker.port, s.device_id, "-")
+    try:
+        assert await device.connect() == 0
+        reading = {"metric": s.metric, "value": 33, "ts": START.isoformat()}
+        assert await device.puback(device.publish(f"{base(s.device_id)}/telemetry", json.dumps(reading))) == 0
+    finally:
+        device.close()
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1, 60)
+    assert (alert["status"], alert["raised_value"]) == ("open", 33)
+    stored_readings = await pool.fetchval(
+        "SELECT count(*) FROM data.readings WHERE tenant = 'acme' AND device_id = $1", s.device_id
+    )
+    assert stored_readings == 0  # its window is not stored yet
