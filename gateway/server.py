@@ -50,7 +50,7 @@ from gateway import codec
 from gateway.auth import LoginUnavailable, device_login
 from gateway.commands import CommandPush, offered_device
 from gateway.connection import CONNECT_TIMEOUT_S, Connection
-from gateway.ingest import GroupCommitter, Pending
+from gateway.ingest import GroupCommitter, Outcome, Pending
 from gateway.jobs import JobPush
 from gateway.presence import Presence
 from gateway.twin_push import TwinPush
@@ -217,7 +217,14 @@ class Gateway:
             return
         if self.admit_readings(claims.tenant, claims.device_id, len(readings.rows)):
             pending = Pending(claims.tenant, claims.device_id, readings.rows, readings.batch_id)
-            self.committer.submit(pending)
+            done = self.committer.submit(pending)
+
+            def committed(fut: asyncio.Future[Outcome]) -> None:
+                # checked as any stored publish is: its threshold alert does not wait for its window
+                if not fut.cancelled() and fut.result() is Outcome.STORED:
+                    self.stored(pending)
+
+            done.add_done_callback(committed)
 
     def stored(self, pending: Pending) -> None:
         """A telemetry publish is stored: a reading of it crossing a threshold rule raises its

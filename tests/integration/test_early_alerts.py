@@ -338,3 +338,22 @@ async def test_an_early_alert_acknowledged_then_cleared_by_its_rule_is_raised_an
     assert (new["status"], new["raised_value"]) == ("open", 36)
     kinds = await eventually(s.events, lambda e: len(e) == 4)
     assert [k for k, _, _ in kinds] == ["AlertRaised", "AlertAcknowledged", "AlertCleared", "AlertRaised"]
+
+
+async def test_a_last_will_crossing_a_threshold_raises_its_alert_while_its_window_waits(
+    api: httpx.AsyncClient, pool: Pool, gateway: GatewayProcess, backlog: asyncio.Event
+) -> None:
+    # the gateway publishes the will as if the device had (gateway/server.py _publish_will)
+    s = await Sensor(api, pool).start()
+    token = s.me["Authorization"].removeprefix("Bearer ")
+    silent = Device(gateway.port, s.device_id, token, keep_alive=1)
+    will = {"metric": s.metric, "value": 34, "ts": START.isoformat()}
+    silent.client.will_set(f"tenants/acme/devices/{s.device_id}/telemetry", json.dumps(will), qos=1)
+    assert await silent.connect() == 0
+    silent.client.loop_stop()  # silent: its keep-alive expires, the will is published
+    try:
+        [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    finally:
+        silent.client.disconnect()
+    assert (alert["status"], alert["raised_value"]) == ("open", 34)
+    assert await _pending(pool, s.device_id) == 1  # its window is not stored yet
