@@ -280,26 +280,26 @@ class AnalyticsService(AnalyticsActivities):
         """The AlertRaised event of request, if the rule (still enabled, a threshold on the
         device's type) raises on its reading and the device may send; None otherwise."""
         device = (request.tenant, request.device_id)
-        types = await device_facade.device_types(conn, [device])
-        if device not in types or await device_facade.count_unready(conn, [device]):
-            return None  # its window quarantines the reading: no rule sees it
+        # an active device only: another's window quarantines the reading, no rule sees it
+        types = await device_facade.active_device_types(conn, [device])
+        if device not in types:
+            return None
+        # the rule and how far the windows got on its series, in one round trip
         row = await conn.fetchrow(
-            """SELECT * FROM analytics.rules WHERE tenant = $1 AND rule_id = $2 AND enabled
-                 AND kind = 'threshold'""",
+            """SELECT r.*, s.last_ts AS seen FROM analytics.rules r
+               LEFT JOIN analytics.series s
+                 ON s.tenant = r.tenant AND s.device_id = $3 AND s.metric = r.metric
+               WHERE r.tenant = $1 AND r.rule_id = $2 AND r.enabled AND r.kind = 'threshold'""",
             request.tenant,
             request.rule_id,
+            request.device_id,
         )
         if row is None:
             return None
         rule = Rule.model_validate({k: row[k] for k in Rule.model_fields})
         if rule.device_type != types[device]:
             return None
-        seen = await conn.fetchval(
-            "SELECT last_ts FROM analytics.series WHERE tenant = $1 AND device_id = $2 AND metric = $3",
-            request.tenant,
-            request.device_id,
-            rule.metric,
-        )
+        seen = row["seen"]
         if seen is not None and _aware(seen) >= request.ts:
             return None  # the windows got there first: what they decided stands
         reading = rules.WindowStats(

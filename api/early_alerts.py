@@ -335,14 +335,16 @@ class EarlyAlerts:
         """The crossings whose early raise would raise: an active device of the rule's type, no
         alert of theirs holding, a reading newer than what the windows analysed."""
         devices = sorted({device_id for device_id, _ in found})
-        # active devices only: another's readings are quarantined, its start would raise nothing
-        types = await device_facade.active_device_types(self.pool, [(tenant, d) for d in devices])
-        holding = await analytics_facade.open_alert_keys(self.pool, tenant, list(found))
         type_of_rule = {rule: t for m in rules.values() for rule, t in m.device_types.items()}
         metric_of_rule = {rule: m.metric for m in rules.values() for rule in m.device_types}
-        # a reading no newer than what the windows analysed is theirs (raise_early refuses it)
-        seen = await analytics_facade.series_seen(
-            self.pool, tenant, sorted({(d, metric_of_rule[r]) for d, r in found})
+        series = sorted({(d, metric_of_rule[r]) for d, r in found})
+        # at once, each on a connection of its own: they hold the batch's 202 (and the alert)
+        types, holding, seen = await asyncio.gather(
+            # active devices only: another's readings are quarantined, its start raises nothing
+            device_facade.active_device_types(self.pool, [(tenant, d) for d in devices]),
+            analytics_facade.open_alert_keys(self.pool, tenant, list(found)),
+            # a reading no newer than what the windows analysed is theirs (raise_early refuses it)
+            analytics_facade.series_seen(self.pool, tenant, series),
         )
         return [
             EarlyRaise(tenant=tenant, device_id=device_id, rule_id=rule_id, ts=ts, value=value)
