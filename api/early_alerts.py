@@ -22,7 +22,7 @@ import time
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from temporalio.client import Client
@@ -162,6 +162,16 @@ def _before(seen: datetime | None, ts: datetime) -> bool:
     return seen is None or (seen if seen.tzinfo is not None else seen.replace(tzinfo=UTC)) < ts
 
 
+@dataclass(frozen=True)
+class Plan:
+    """What an early check found due for an accepted batch: the raises to start, and the
+    (device, rule) pairs it looked at (which rest NOT_DUE_S)."""
+
+    tenant: str
+    starts: list[EarlyRaise] = field(default_factory=list)
+    rested: list[tuple[str, str]] = field(default_factory=list)
+
+
 class EarlyAlerts:
     """The API process's check of accepted batches against its tenants' threshold rules."""
 
@@ -280,37 +290,77 @@ class EarlyAlerts:
         """Start ThresholdAlert for each reading of the accepted batch that raises a rule of its
         device's type while no alert of theirs holds, as the batch's sender `subject` of tenant;
         how many started. Never raises."""
-        try:
-            with acting_for(ServiceActor(subject=subject, tenant=tenant)):
-                async with asyncio.timeout(EARLY_START_TIMEOUT_S):
-                    return await self._check(tenant, batch)
-        except Exception as exc:  # the batch is accepted: its window raises the alert instead
-            log.warning("early alert check of %s/%s failed: %s", tenant, batch.batch_id, exc)
-            return 0
+        return await self.finish(self.begin(tenant, batch), subject)
 
-    async def _check(self, tenant: str, batch: ReadingColumns) -> int:
+    def begin(self, tenant: str, batch: ReadingColumns) -> asyncio.Future[Plan]:
+        """The check's reads, begun while the batch is being accepted (its 202 then waits for
+        the slower of the two, not for both in turn); then `finish` once the batch is accepted
+        or `abandon` when it is not. Bounded in time; never fails."""
+        if not self.may_watch(tenant, batch.metrics):  # most batches: no task, no read
+            nothing = asyncio.get_running_loop().create_future()
+            nothing.set_result(Plan(tenant))
+            return nothing
+        return asyncio.ensure_future(self._bounded_plan(tenant, batch))
+
+    async def finish(self, planning: asyncio.Future[Plan], subject: str) -> int:
+        """Start what `begin` found due, as the batch's sender `subject`; how many started."""
+        plan = await planning
+        if not plan.starts:
+            return 0
+        try:
+            with acting_for(ServiceActor(subject=subject, tenant=plan.tenant)):
+                async with asyncio.timeout(EARLY_START_TIMEOUT_S):
+                    await asyncio.gather(*(self._start(raise_) for raise_ in plan.starts))
+        except Exception as exc:  # the batch is accepted: its window raises the alert instead
+            log.warning("early alert start of %s failed: %s", plan.tenant, exc)
+            return 0
+        return len(plan.starts)
+
+    def abandon(self, planning: asyncio.Future[Plan]) -> None:
+        """The batch was not accepted, or was a duplicate (checked when first accepted): nothing
+        starts, the budget goes back and its pairs do not rest."""
+        planning.cancel()  # cancelled while reading, the plan gives back what it took
+        planning.add_done_callback(self._unplanned)
+
+    def _unplanned(self, planning: asyncio.Future[Plan]) -> None:
+        if planning.cancelled():
+            return
+        plan = planning.result()
+        self._give_back(plan.tenant, len(plan.starts))
+        for device_id, rule_id in plan.rested:
+            self._not_due.pop((plan.tenant, device_id, rule_id), None)
+
+    async def _bounded_plan(self, tenant: str, batch: ReadingColumns) -> Plan:
+        try:
+            async with asyncio.timeout(EARLY_START_TIMEOUT_S):
+                return await self._plan(tenant, batch)
+        except Exception as exc:  # the batch's window raises the alert instead
+            log.warning("early alert check of %s/%s failed: %s", tenant, batch.batch_id, exc)
+            return Plan(tenant)
+
+    async def _plan(self, tenant: str, batch: ReadingColumns) -> Plan:
         rules = await self.rules_of(tenant)
         if not rules or rules.keys().isdisjoint(batch.metrics):
-            return 0
+            return Plan(tenant)
         found = self._worth_a_look(tenant, crossings(batch, rules))
         if not found:
-            return 0
+            return Plan(tenant)
         # taken before the reads, so a tenant past its budget costs no query (an alert storm
         # over MQTT checks each publish in a task of its own); what is not started goes back
         granted = self._take(tenant, min(len(found), EARLY_PER_BATCH))
         if not granted:
-            return 0
+            return Plan(tenant)
         starts: list[EarlyRaise] = []
         try:
             due = await self._due(tenant, rules, found)
             starts = due[:granted]
-            # what was looked at rests, but for what is due and waits for the budget
-            waiting = {(r.device_id, r.rule_id) for r in due[granted:]}
-            self._rest(tenant, [pair for pair in found if pair not in waiting])
-            await asyncio.gather(*(self._start(raise_) for raise_ in starts))
         finally:
             self._give_back(tenant, granted - len(starts))
-        return len(starts)
+        # what was looked at rests, but for what is due and waits for the budget
+        waiting = {(r.device_id, r.rule_id) for r in due[granted:]}
+        rested = [pair for pair in found if pair not in waiting]
+        self._rest(tenant, rested)
+        return Plan(tenant, starts, rested)
 
     def _worth_a_look(
         self, tenant: str, found: dict[tuple[str, str], Crossing]

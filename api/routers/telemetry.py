@@ -17,7 +17,13 @@ from temporalio.common import WorkflowIDConflictPolicy, WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
 from activities import analytics_facade, data_facade
-from activities.telemetry_accept import ConflictingBatch, ReadingColumns, StorageUnavailable, accept_batch
+from activities.telemetry_accept import (
+    Accepted,
+    ConflictingBatch,
+    ReadingColumns,
+    StorageUnavailable,
+    accept_batch,
+)
 from api import export_slots
 from api.auth import Bearer, State, require
 from api.export_slots import EXPORTS
@@ -136,8 +142,29 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
         # 403 for another device's reading anywhere in the batch, also past the errors shown
         raise HTTPException(403 if foreign else 422, detail=errors[:MAX_ERRORS])
     await state.quotas.admit_readings(tenant, devices)  # 429 over the tenant's or a device's rate
-    try:  # the data service's accept path: durable before the 202
-        accepted = await accept_batch(state.pool, tenant, writer, batch, devices)
+    # a reading crossing a threshold raises its alert now, not in its window: the check's reads
+    # go beside the accept, its starts once the batch is durable
+    planning = state.early_alerts.begin(tenant, batch)
+    try:
+        accepted = await _accept(state, tenant, writer, batch, devices)
+    except BaseException:
+        state.early_alerts.abandon(planning)
+        raise
+    if accepted.duplicate:
+        state.early_alerts.abandon(planning)
+    else:
+        await state.early_alerts.finish(planning, writer.removeprefix("token:"))
+    return TelemetryAccepted(
+        batch_id=batch.batch_id, readings=accepted.readings, duplicate=accepted.duplicate
+    )
+
+
+async def _accept(
+    state: AppState, tenant: str, writer: str, batch: ReadingColumns, devices: Counter[str]
+) -> Accepted:
+    """The data service's accept path: durable before the 202; 503 or 409 when it is not."""
+    try:
+        return await accept_batch(state.pool, tenant, writer, batch, devices)
     except StorageUnavailable as exc:
         raise HTTPException(
             status.HTTP_503_SERVICE_UNAVAILABLE,
@@ -150,11 +177,6 @@ async def ingest(request: Request, state: State, credentials: Bearer) -> Telemet
             f"batch_id {batch.batch_id!r} was already accepted from this sender with other "
             "readings; send new readings under a new batch_id"
         ) from None
-    if not accepted.duplicate:  # a reading crossing a threshold raises its alert now, not in its window
-        await state.early_alerts.check(tenant, batch, writer.removeprefix("token:"))
-    return TelemetryAccepted(
-        batch_id=batch.batch_id, readings=accepted.readings, duplicate=accepted.duplicate
-    )
 
 
 def _reading_errors(

@@ -357,3 +357,25 @@ async def test_a_last_will_crossing_a_threshold_raises_its_alert_while_its_windo
         silent.client.disconnect()
     assert (alert["status"], alert["raised_value"]) == ("open", 34)
     assert await _pending(pool, s.device_id) == 1  # its window is not stored yet
+
+
+async def test_a_refused_batch_starts_no_early_alert_and_leaves_the_next_crossing_its_own(
+    api: httpx.AsyncClient, pool: Pool, backlog: asyncio.Event
+) -> None:
+    # the check's reads run beside the accept: a batch the accept refuses (409: its id was
+    # used for other readings) starts nothing, and what it looked at does not rest, so the
+    # sender's next crossing reading still raises its alert at once
+    s = await Sensor(api, pool).start()
+
+    async def post(batch_id: str, value: float) -> int:
+        reading = {"device_id": s.device_id, "ts": START.isoformat(), "metric": s.metric, "value": value}
+        body = {"batch_id": batch_id, "readings": [reading]}
+        return (await api.post("/v1/telemetry", json=body, headers=s.me)).status_code
+
+    assert await post("b-1", 20) == 202
+    assert await post("b-1", 35) == 409  # the same id, other readings: refused
+    assert await s.alerts() == []
+    s.sent = 1
+    await s.send(36)
+    [alert] = await eventually(s.alerts, lambda a: len(a) == 1)
+    assert (alert["raised_value"], await _pending(pool, s.device_id)) == (36, 2)  # no window yet

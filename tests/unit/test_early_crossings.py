@@ -290,3 +290,34 @@ async def test_a_publish_checked_while_the_rules_read_hangs_ends(monkeypatch: py
     row = f"d0,temp,{T0.isoformat()},35\n"
     # the gateway's task of the publish ends (a task a publish piled up while the read waited)
     assert await asyncio.wait_for(alerts.check_rows("acme", "d0", [row]), 60) == 0
+
+
+async def test_a_batch_refused_after_its_check_read_starts_nothing_and_leaves_its_pairs_due() -> None:
+    # the check's reads run beside the batch's accept: the accept refuses the batch (409, 503)
+    # after they ended; nothing starts, the budget is whole again, and the sender's next
+    # crossing reading of the device is looked at (not resting as if it had been checked)
+    temporal = _Starts()
+    alerts = EarlyAlerts(cast(Pool, _Db()), cast(Client, temporal))
+    planning = alerts.begin("acme", _batch(1, [35.0]))
+    plan = await planning  # read while the accept ran
+    assert [r.device_id for r in plan.starts] == ["d0"]
+    alerts.abandon(planning)
+    await asyncio.sleep(0)  # its done callback
+    assert temporal.ids == []
+    assert alerts._take("acme", early_alerts.EARLY_BURST) == early_alerts.EARLY_BURST
+    alerts._give_back("acme", early_alerts.EARLY_BURST)
+    assert await alerts.check("acme", _batch(1, [36.0]), "tester") == 1
+    assert len(temporal.ids) == 1
+
+
+async def test_a_batch_refused_while_its_check_reads_gives_the_budget_back() -> None:
+    temporal = _Starts()
+    alerts = EarlyAlerts(cast(Pool, _Stuck()), cast(Client, temporal))  # its alert read hangs
+    planning = alerts.begin("acme", _batch(1, [35.0]))
+    for _ in range(10):  # its reads get under way
+        await asyncio.sleep(0)
+    alerts.abandon(planning)
+    with pytest.raises(asyncio.CancelledError):
+        await planning
+    assert temporal.ids == []
+    assert alerts._take("acme", early_alerts.EARLY_BURST) == early_alerts.EARLY_BURST
