@@ -291,15 +291,22 @@ class Bridge:
         """Disconnect (the session stays on the broker) and stop."""
         self.client.disconnect()
         self.client.loop_stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._end_tasks()
         await self.commands.drain()  # the PUBACKs recorded, so a restart pushes none of them again
         await self.committer.stop()
+        # begun after the first round: a message paho's thread handed over before it stopped
+        # (it waited on a committer that takes nothing more, retrying for ever), an early check
+        await self._end_tasks()
         if self._listener is not None:
             await self._listener.close()
         if self.kicker is not None:
             await self.kicker.close()
+
+    async def _end_tasks(self) -> None:
+        while self._tasks:  # a task ending may start another
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(work)
