@@ -169,6 +169,11 @@ class Quotas:
         except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             # the limits must not take the API down with the database: last known, else defaults
             log.warning("tenant profile of %s unreadable (%s); using the last known limits", tenant, exc)
+            latest = self._profiles.get(tenant)
+            if latest is not cached and latest is not None:
+                # a read begun after a change ended first: what it read stays in force, not
+                # the last known from before the change
+                return latest[1]
             limits = cached[1] if cached is not None else self.defaults
             self._profiles[tenant] = (now + PROFILE_TTL_S, limits)  # tried again after the TTL
             return limits

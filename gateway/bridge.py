@@ -242,6 +242,7 @@ class Bridge:
         self._listener: asyncpg.Connection[asyncpg.Record] | None = None
         self._connected = asyncio.Event()
         self._handling = threading.BoundedSemaphore(MAX_HANDLING)
+        self._stopping = threading.Event()  # paho's thread no longer waits for room
         self.client = paho.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5, manual_ack=True
         )
@@ -289,17 +290,25 @@ class Bridge:
 
     async def stop(self) -> None:
         """Disconnect (the session stays on the broker) and stop."""
+        self._stopping.set()  # before loop_stop joins paho's thread: it may wait for room
         self.client.disconnect()
         self.client.loop_stop()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._end_tasks()
         await self.commands.drain()  # the PUBACKs recorded, so a restart pushes none of them again
         await self.committer.stop()
+        # begun after the first round: a message paho's thread handed over before it stopped
+        # (it waited on a committer that takes nothing more, retrying for ever), an early check
+        await self._end_tasks()
         if self._listener is not None:
             await self._listener.close()
         if self.kicker is not None:
             await self.kicker.close()
+
+    async def _end_tasks(self) -> None:
+        while self._tasks:  # a task ending may start another
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         task: asyncio.Task[Any] = asyncio.ensure_future(work)
@@ -328,7 +337,11 @@ class Bridge:
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         # backpressure: past MAX_HANDLING publishes in hand, paho's thread waits (QoS 0 ones
         # have no receive maximum to bound them)
-        self._handling.acquire()
+        while not self._handling.acquire(timeout=RETRY_S):
+            if self._stopping.is_set():
+                # stop joins this thread, and the loop that would make room waits for that:
+                # not handed over, not acknowledged (a QoS 1 one the broker's session keeps)
+                return
         self._loop.call_soon_threadsafe(self._spawn, self._received(msg))
 
     def _on_publish(self, _c: paho.Client, _u: Any, mid: int, rc: ReasonCode, _p: Any) -> None:

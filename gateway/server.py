@@ -116,11 +116,17 @@ class Gateway:
             conn.close(codec.RC5_SERVER_UNAVAILABLE, "gateway stopping")
             conn.give_back()  # commands pushed and not acknowledged: pending again, now
         await self.commands.drain()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._end_tasks()
         await self.committer.stop()
+        # the groups ending while it waited started their publishes' early alert checks
+        await self._end_tasks()
         await self.listener.stop()
+
+    async def _end_tasks(self) -> None:
+        while self._tasks:  # a task ending may start another (a presence write, a check)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     def _spawn(self, work: Awaitable[object]) -> asyncio.Task[object]:
         task: asyncio.Task[object] = asyncio.ensure_future(work)

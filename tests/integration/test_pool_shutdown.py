@@ -6,13 +6,22 @@ from __future__ import annotations
 import asyncio
 import json
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
+
+from temporalio.client import Client
 
 from activities.telemetry_publishes import Outcome, Publish
 from fleetflow.db import Pool, close_pool, create_pool, migrate
-from fleetflow.mqtt_topics import parse_telemetry, payload_digest
+from fleetflow.mqtt_topics import parse_telemetry, payload_digest, publish_target
+from fleetflow.security import DeviceClaims
+from fleetflow.settings import Settings
+from gateway.connection import Connection
 from gateway.ingest import GroupCommitter
+from gateway.server import Gateway
 from tests.support import eventually
 
 
@@ -94,3 +103,62 @@ async def _blocked_by(pool: Pool, holder: Any) -> bool:
             "SELECT count(*) FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid))", pid
         )
     )
+
+
+async def test_the_gateways_stop_leaves_no_task_of_a_group_that_ended_while_it_waited(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A group committed while the gateway's stop waits for it has its publishes' early alert
+    checks started (a last will here): they are ended with the gateway's other tasks, not left
+    running past its stop, holding pool connections the pool's close then waits for."""
+    pool = await create_pool(pg_dsn, size=3)
+    tenant = f"stop-{uuid.uuid4().hex[:8]}"
+    gateway = Gateway(Settings(keys_dir=tmp_path), pool, cast(Client, None), pg_dsn, "test-node")
+    checks: list[str] = []
+
+    async def check_rows(tenant: str, device_id: str, rows: list[str]) -> int:
+        checks.append(device_id)
+        await asyncio.Event().wait()  # a check still reading or starting when stop returns
+        return 0
+
+    gateway.early_alerts.check_rows = check_rows  # type: ignore[method-assign]
+    try:
+        await migrate(pool)
+        gateway.committer.start()
+        claims = DeviceClaims(tenant=tenant, device_id="d1", jti="j1")
+        reading = {"metric": "t", "value": 1.0, "ts": datetime.now(UTC).isoformat()}
+        will = json.dumps({"batch_id": "b1", "readings": [reading]})
+        conn = cast(Connection, SimpleNamespace(claims=claims))
+        async with pool.acquire() as other:
+            holding = other.transaction()
+            await holding.start()
+            try:  # holds the will's batch id: its group waits for this transaction
+                await other.execute(
+                    """INSERT INTO data.ingest_batches
+                           (tenant, writer, batch_id, bucket, readings, device_ids)
+                       VALUES ($1, 'device:d1', 'b1', 0, 1, ARRAY['d1'])""",
+                    tenant,
+                )
+                target = publish_target(tenant, "d1", f"tenants/{tenant}/devices/d1/telemetry")
+                gateway._publish_will(conn, target, will.encode())
+                await eventually(lambda: _blocked_by(pool, other), bool)
+                stopping = asyncio.ensure_future(gateway.stop())
+                await eventually(
+                    _async(lambda: gateway.committer._task is not None and gateway.committer._task.done()),
+                    bool,
+                )
+            finally:
+                await holding.rollback()  # the group commits while stop waits for it
+        await stopping
+        assert checks == ["d1"]  # the will was stored, and its check started
+        assert all(task.done() for task in gateway._tasks)
+    finally:
+        await pool.execute("DELETE FROM data.ingest_batches WHERE tenant = $1", tenant)
+        await close_pool(pool)
+
+
+def _async(probe: Callable[[], bool]) -> Callable[[], Awaitable[bool]]:
+    async def probed() -> bool:
+        return probe()
+
+    return probed

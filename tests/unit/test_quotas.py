@@ -249,3 +249,42 @@ async def test_a_read_begun_before_a_profile_change_is_not_what_the_change_answe
     assert (await after).readings_per_s == 9 and q.reads == 2  # not the read begun before
     assert (await before).readings_per_s == 7
     assert q.known_limits("acme") == (TenantLimits(readings_per_s=9), True)  # not overwritten
+
+
+class FailingFirstRead(GatedProfiles):
+    """GatedProfiles whose next read, once `fail_next` is set, fails (the database away for it)."""
+
+    fail_next = False
+    failing = asyncio.Event()  # when the failing read ends
+
+    async def profile(self, tenant: str) -> TenantProfile:
+        failing, self.fail_next = self.fail_next, False
+        stored = await super().profile(tenant)
+        if failing:
+            await self.failing.wait()
+            raise ConnectionResetError("connection lost")
+        return stored
+
+
+async def test_a_read_begun_before_a_profile_change_that_fails_keeps_no_older_limits() -> None:
+    """The read begun before a change fails after the read begun after it succeeded: the
+    limits read after the change stay in force, not the last known from before it."""
+    clock = Clock()
+    q = FailingFirstRead(TenantLimits(readings_per_s=100), clock, {"acme": TenantProfile(readings_per_s=7)})
+    q.opened.set()
+    assert (await q.limits("acme")).readings_per_s == 7  # known, then expired
+    clock.now += 1000
+    q.opened, q.fail_next, q.failing = asyncio.Event(), True, asyncio.Event()
+    q.began.clear()
+    before = asyncio.ensure_future(q.limits("acme"))
+    await q.began.wait()
+    q.profiles["acme"] = TenantProfile(readings_per_s=9)
+    q._on_changed("tenant_profile_changed", "acme")
+    after = asyncio.ensure_future(q.limits("acme"))
+    for _ in range(10):
+        await asyncio.sleep(0)
+    q.opened.set()
+    assert (await after).readings_per_s == 9  # read after the change, before the first ends
+    q.failing.set()
+    await before
+    assert q.known_limits("acme") == (TenantLimits(readings_per_s=9), True)
