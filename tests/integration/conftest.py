@@ -8,6 +8,7 @@ hardest case for the saga: the step happened, yet the workflow sees a failure.
 from __future__ import annotations
 
 import asyncio
+import warnings
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 
@@ -185,6 +186,9 @@ class FaultyNotifications(NotificationService):
         return count
 
 
+WORKERS_STOP_S = 60.0
+
+
 @pytest.fixture(scope="session")
 async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterator[None]:
     """One worker per queue, running for the whole session."""
@@ -201,8 +205,16 @@ async def workers(client: Client, pool: Pool, settings: Settings) -> AsyncIterat
         running.append(build_worker(client, queue, pool, settings, service))
     tasks = [asyncio.create_task(w.run()) for w in running]
     yield
-    await asyncio.gather(*(w.shutdown() for w in running))
-    await asyncio.gather(*tasks, return_exceptions=True)
+    try:
+        await asyncio.wait_for(asyncio.gather(*(w.shutdown() for w in running)), WORKERS_STOP_S)
+    except TimeoutError:
+        # seen in CI, about one session in three: the orchestration worker's workflow poll
+        # (the SDK's Rust core) never returns its shutdown, with nothing of ours running; the
+        # dev server's stop, next, ends that poll
+        warnings.warn(f"a session worker did not stop within {WORKERS_STOP_S:g} s", stacklevel=1)
+        for task in tasks:
+            task.cancel()
+    await asyncio.wait(tasks, timeout=WORKERS_STOP_S)
 
 
 @pytest.fixture(scope="session")
