@@ -159,6 +159,19 @@ class FaultyDevices(DeviceService):
         return result
 
 
+@pytest.fixture
+async def backlog() -> AsyncIterator[asyncio.Event]:
+    """Every window's store waits (a shard backed up) until the test sets the event."""
+    gate = HOLDS["store_window"] = asyncio.Event()
+    ENTERED.discard("store_window")
+    try:
+        yield gate
+    finally:
+        gate.set()
+        HOLDS.pop("store_window", None)
+        FINISHED.discard("store_window")
+
+
 class HeldData(DataService):
     """The real data service; HOLDS["store_window"] holds every window's store (a backlog)."""
 

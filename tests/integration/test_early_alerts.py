@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -24,7 +24,7 @@ from fleetflow.identity import HEADER
 from fleetflow.keys import keyring
 from fleetflow.security import verify_service_token
 from fleetflow.settings import Settings
-from tests.integration.conftest import ENTERED, FINISHED, HOLDS
+from tests.integration.conftest import ENTERED
 from tests.integration.flows import AUTH, new_id, onboard, progress_until
 from tests.integration.mqtt_support import Device, GatewayProcess, gateway_process
 from tests.integration.test_alarms import GLOBEX, START, Sensor
@@ -35,19 +35,6 @@ from workflows.threshold_alert import threshold_alert_id
 @pytest.fixture(scope="module")
 def gateway(settings: Settings, pool: Pool) -> Iterator[GatewayProcess]:
     yield from gateway_process(settings)
-
-
-@pytest.fixture
-async def backlog() -> AsyncIterator[asyncio.Event]:
-    """Every window's store waits (a shard backed up) until the test sets the event."""
-    gate = HOLDS["store_window"] = asyncio.Event()
-    ENTERED.discard("store_window")
-    try:
-        yield gate
-    finally:
-        gate.set()
-        HOLDS.pop("store_window", None)
-        FINISHED.discard("store_window")
 
 
 class _Rollback(Exception):

@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,6 @@ from activities.devices import DeviceService
 from fleetflow.db import Pool
 from fleetflow.settings import Settings
 from tests.e2e.stack import clean_env, pdeathsig_prefix
-from tests.integration.conftest import ENTERED, FINISHED, HOLDS
 from tests.integration.flows import AUTH, active_device
 from tests.integration.mqtt_support import Device
 from tests.integration.test_alarms import START, Sensor
@@ -445,19 +444,6 @@ async def test_a_revoked_credential_kicks_the_device_from_the_broker(
 
 async def _kicks(emqx_api: EmqxApi) -> list[tuple[str, str]]:
     return list(emqx_api.kicks)
-
-
-@pytest.fixture
-async def backlog() -> AsyncIterator[asyncio.Event]:
-    """Every window's store waits (a shard backed up) until the test sets the event."""
-    gate = HOLDS["store_window"] = asyncio.Event()
-    ENTERED.discard("store_window")
-    try:
-        yield gate
-    finally:
-        gate.set()
-        HOLDS.pop("store_window", None)
-        FINISHED.discard("store_window")
 
 
 async def test_a_reading_bridged_from_the_broker_raises_its_threshold_alert_while_its_window_waits(
