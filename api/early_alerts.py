@@ -35,6 +35,7 @@ from fleetflow.contracts.telemetry import EarlyRaise
 from fleetflow.db import Pool
 from fleetflow.identity import acting_for
 from fleetflow.security import ServiceActor
+from fleetflow.single_flight import SingleFlight
 from fleetflow.temporal import device_search_attributes
 from workflows.threshold_alert import ThresholdAlert, threshold_alert_id
 
@@ -181,7 +182,7 @@ class EarlyAlerts:
         self._rules: OrderedDict[str, tuple[float, Rules]] = OrderedDict()
         self._sizes: dict[str, int] = {}
         self._cached = 0
-        self._loading: dict[str, asyncio.Future[Rules]] = {}  # tenant -> its rules being read
+        self._loading: SingleFlight[str, Rules] = SingleFlight()  # tenant -> its rules being read
         self._budgets: dict[str, tuple[float, float]] = {}  # tenant -> (starts left, when)
         # (tenant, device id, rule id) -> until when it is not looked at, in order of expiry
         self._not_due: OrderedDict[tuple[str, str, str], float] = OrderedDict()
@@ -194,18 +195,8 @@ class EarlyAlerts:
         if kept is not None and kept[0] > now:
             return kept[1]
         # one read a tenant at a time: the batches (publishes) arriving meanwhile wait for it
-        loading = self._loading.get(tenant)
-        if loading is None:
-            read = self._load(tenant, now, self._generation.get(tenant, 0))
-            loading = self._loading[tenant] = asyncio.ensure_future(read)
-            loading.add_done_callback(lambda done: self._loaded(tenant, done))
-        return await asyncio.shield(loading)
-
-    def _loaded(self, tenant: str, done: asyncio.Future[Rules]) -> None:
-        if self._loading.get(tenant) is done:
-            del self._loading[tenant]
-        if not done.cancelled():
-            done.exception()  # retrieved: each waiter got it already
+        generation = self._generation.get(tenant, 0)
+        return await self._loading.run(tenant, lambda: self._load(tenant, now, generation))
 
     async def _load(self, tenant: str, now: float, generation: int) -> Rules:
         rows = await analytics_facade.threshold_rules(self.pool, tenant)
@@ -278,7 +269,7 @@ class EarlyAlerts:
     def forget(self, tenant: str) -> None:
         """Drop the tenant's rules (they changed): the next check reads them again."""
         self._forget(tenant)
-        self._loading.pop(tenant, None)  # a read begun before the change is not waited for
+        self._loading.forget(tenant)  # a read begun before the change is not waited for
         # nor kept when it ends after the change (it has the rules as they were)
         if tenant not in self._generation and len(self._generation) >= MAX_TENANTS:
             self._generation.clear()

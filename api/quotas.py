@@ -41,6 +41,7 @@ from fleetflow.contracts.tenants import TenantLimits, TenantProfile
 from fleetflow.db import Pool
 from fleetflow.metrics import REQUESTS_THROTTLED
 from fleetflow.pg_listener import PgListener
+from fleetflow.single_flight import SingleFlight
 from fleetflow.tenant_profiles import PROFILE_CHANGED_CHANNEL, read_profile, write_profile
 
 log = logging.getLogger("fleetflow.quotas")
@@ -108,7 +109,7 @@ class Quotas:
         self._count_locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._listener: PgListener | None = None
         self._generation = 0  # bumped by every profile change heard and every listener reset
-        self._reading: dict[str, asyncio.Future[TenantLimits]] = {}  # tenant -> its limits being read
+        self._reading: SingleFlight[str, TenantLimits] = SingleFlight()  # tenant -> its limits being read
 
     async def listen(self, listener: PgListener) -> None:
         """Drop a tenant's limits when any process changes its profile (the listener is the
@@ -119,7 +120,7 @@ class Quotas:
 
     def _on_changed(self, _channel: str, tenant: str) -> None:
         self._generation += 1
-        self._reading.pop(tenant, None)  # a read begun before the change is not joined
+        self._reading.forget(tenant)  # a read begun before the change is not joined
         cached = self._profiles.get(tenant)
         if cached is not None:
             # stale, not gone: read again on next use; until then (the MQTT gateway's publishes,
@@ -128,7 +129,7 @@ class Quotas:
 
     def _on_reset(self, _listening: bool) -> None:
         self._generation += 1
-        self._reading.clear()
+        self._reading.forget_all()
         # stale, not gone (as above), and still the last known if the database is away
         for tenant, (_, limits) in list(self._profiles.items()):
             self._profiles[tenant] = (0.0, limits)
@@ -148,17 +149,7 @@ class Quotas:
         # one read a tenant at a time: the callers arriving meanwhile wait for it (a reconnect
         # storm of a tenant's devices, each CONNECT awaiting its limits, read them once, not
         # once a device, beside the group commit's connections)
-        reading = self._reading.get(tenant)
-        if reading is None:
-            reading = self._reading[tenant] = asyncio.ensure_future(self._read_limits(tenant))
-            reading.add_done_callback(lambda done: self._read(tenant, done))
-        return await asyncio.shield(reading)
-
-    def _read(self, tenant: str, done: asyncio.Future[TenantLimits]) -> None:
-        if self._reading.get(tenant) is done:
-            del self._reading[tenant]
-        if not done.cancelled():
-            done.exception()  # retrieved: each waiter got it already
+        return await self._reading.run(tenant, lambda: self._read_limits(tenant))
 
     async def _read_limits(self, tenant: str) -> TenantLimits:
         now = self.clock()
@@ -224,7 +215,7 @@ class Quotas:
         await write_profile(self.pool, tenant, profile, by)
         self._profiles.pop(tenant, None)
         self._generation += 1  # a read begun before the write is neither joined nor kept
-        self._reading.pop(tenant, None)
+        self._reading.forget(tenant)
         return await self.limits(tenant)
 
     # --- rates ------------------------------------------------------------------------------
